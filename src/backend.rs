@@ -1,0 +1,321 @@
+//! [`BlockBackend`], the device-facing root of a node tree (QEMU's
+//! `BlockBackend`).
+
+use std::future::poll_fn;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Weak};
+use std::task::Poll;
+
+use crossbeam_utils::CachePadded;
+
+use crate::error::{Error, Result};
+use crate::graph::cell::GraphCell;
+use crate::graph::edge::{Perm, Permissions};
+use crate::graph::node::NodeInner;
+use crate::graph::GraphInner;
+use crate::proof::{IoCx, IoRef, NodeRef, ReadGuard};
+use crate::sync::WaitList;
+
+/// How a backend uses its root node.
+#[derive(Debug, Clone, Copy)]
+pub struct BackendOptions {
+    /// What the backend takes and shares on its root (default: an exclusive
+    /// writer, [`Permissions::EXCLUSIVE_WRITER`]).
+    pub perms: Permissions,
+    /// Keep this backend on its node when the node is replaced or a filter
+    /// or overlay is inserted above it (QEMU's `stay_at_node`, used by block
+    /// jobs' own users). Default `false`: the backend follows.
+    pub stay_at_node: bool,
+}
+
+impl Default for BackendOptions {
+    fn default() -> Self {
+        BackendOptions {
+            perms: Permissions::EXCLUSIVE_WRITER,
+            stay_at_node: false,
+        }
+    }
+}
+
+impl BackendOptions {
+    /// Options with `perms`, following the node otherwise.
+    pub fn with_perms(perms: Permissions) -> Self {
+        BackendOptions {
+            perms,
+            ..Default::default()
+        }
+    }
+}
+
+pub(crate) struct BackendInner {
+    pub(crate) name: String,
+    pub(crate) root: GraphCell<Option<Arc<NodeInner>>>,
+    pub(crate) perms: Permissions,
+    pub(crate) stay_at_node: bool,
+    pub(crate) graph: Weak<GraphInner>,
+    /// Requests past the drain gate and not finished yet.
+    pub(crate) in_flight: CachePadded<AtomicUsize>,
+    /// Drain sections covering this backend (main loop only changes it).
+    pub(crate) quiesce: AtomicU32,
+    /// Raised while `quiesce > 0`: new requests queue.
+    pub(crate) quiesced: AtomicBool,
+    /// Requests queued while quiesced.
+    pub(crate) resume: WaitList,
+    /// Drains waiting for `in_flight` to reach zero.
+    pub(crate) idle: WaitList,
+    pub(crate) in_graph: AtomicBool,
+    completed: AtomicU64,
+    queued: AtomicU64,
+}
+
+impl BackendInner {
+    pub(crate) fn new(
+        name: &str,
+        graph: &Arc<GraphInner>,
+        options: BackendOptions,
+        root: Arc<NodeInner>,
+    ) -> Arc<Self> {
+        Arc::new(BackendInner {
+            name: name.to_owned(),
+            root: GraphCell::new(Some(root)),
+            perms: options.perms,
+            stay_at_node: options.stay_at_node,
+            graph: Arc::downgrade(graph),
+            in_flight: CachePadded::new(AtomicUsize::new(0)),
+            quiesce: AtomicU32::new(0),
+            quiesced: AtomicBool::new(false),
+            resume: WaitList::default(),
+            idle: WaitList::default(),
+            in_graph: AtomicBool::new(false),
+            completed: AtomicU64::new(0),
+            queued: AtomicU64::new(0),
+        })
+    }
+}
+
+/// The device-facing root of a node tree: byte-addressed async I/O.
+///
+/// A device model (virtio-blk, NVMe, an NBD export) holds one. Each request
+/// takes the graph read lock once, from the calling task's [`IoCx`], and
+/// passes the proof down the whole driver stack. Requests may come from
+/// several I/O threads at once (multiqueue).
+///
+/// While a drain section covers the backend, new requests queue (without
+/// holding the read lock) and resume when the last section ends; requests
+/// already in flight complete, and the drain waits for them.
+///
+/// Requests are checked before they reach a driver: past the end of the
+/// device is [`Error::OutOfRange`], not a multiple of the root's request
+/// alignment is [`Error::Misaligned`], a write through a backend that did not
+/// take [`Perm::WRITE`] is [`Error::ReadOnly`].
+///
+/// Cloning gives another handle to the same backend.
+///
+/// # Examples
+///
+/// ```
+/// use blockgraph::{BackendOptions, MainLoop, drivers::MemoryDriver};
+///
+/// let main = MainLoop::new()?;
+/// let blk = main.run(|bql| bql.write(|w| {
+///     let disk = w.add_node("disk", MemoryDriver::new(1 << 16), &[])?;
+///     w.add_backend("vda", &disk, BackendOptions::default())
+/// }))?;
+/// let io = main.new_io_thread("io0")?;
+/// let data = io.spawn(move |mut cx| async move {
+///     blk.write(&mut cx, 4096, &[7u8; 512]).await?;
+///     let mut buf = vec![0u8; 512];
+///     blk.read(&mut cx, 4096, &mut buf).await?;
+///     Ok::<_, blockgraph::Error>(buf)
+/// }).join()?;
+/// assert!(data.iter().all(|&b| b == 7));
+/// # drop(io); main.shutdown();
+/// # Ok::<(), blockgraph::Error>(())
+/// ```
+#[derive(Clone)]
+pub struct BlockBackend {
+    pub(crate) inner: Arc<BackendInner>,
+}
+
+/// One request past the drain gate; leaving wakes a waiting drain.
+struct InFlight<'a>(&'a BackendInner);
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        let before = self.0.in_flight.fetch_sub(1, Ordering::SeqCst);
+        if before == 1 && self.0.quiesced.load(Ordering::SeqCst) {
+            self.0.idle.wake_all();
+        }
+    }
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Access {
+    Read,
+    Write,
+    Other,
+}
+
+impl BlockBackend {
+    /// The backend's name.
+    pub fn name(&self) -> &str {
+        &self.inner.name
+    }
+
+    /// Requests currently past the drain gate.
+    pub fn in_flight(&self) -> usize {
+        self.inner.in_flight.load(Ordering::SeqCst)
+    }
+
+    /// Whether a drain section covers the backend (new requests queue).
+    pub fn is_quiesced(&self) -> bool {
+        self.inner.quiesced.load(Ordering::SeqCst)
+    }
+
+    /// Requests completed (successfully or not) since the backend was made.
+    pub fn completed_requests(&self) -> u64 {
+        self.inner.completed.load(Ordering::Relaxed)
+    }
+
+    /// How many times a request had to queue because the backend was
+    /// quiesced.
+    pub fn queued_requests(&self) -> u64 {
+        self.inner.queued.load(Ordering::Relaxed)
+    }
+
+    /// Whether two handles are the same backend.
+    pub fn ptr_eq(&self, other: &BlockBackend) -> bool {
+        Arc::ptr_eq(&self.inner, &other.inner)
+    }
+
+    /// Enters the drain gate under `guard`: counts the request in flight
+    /// unless the backend is quiesced.
+    fn try_start(&self, _guard: &ReadGuard<'_>) -> Option<InFlight<'_>> {
+        let b = &*self.inner;
+        b.in_flight.fetch_add(1, Ordering::SeqCst);
+        let started = InFlight(b);
+        if b.quiesced.load(Ordering::SeqCst) {
+            drop(started);
+            b.queued.fetch_add(1, Ordering::Relaxed);
+            return None;
+        }
+        Some(started)
+    }
+
+    async fn wait_until_resumed(&self) {
+        let b = &*self.inner;
+        poll_fn(|cx| {
+            b.resume.register(cx.waker());
+            if b.quiesced.load(Ordering::SeqCst) {
+                Poll::Pending
+            } else {
+                Poll::Ready(())
+            }
+        })
+        .await
+    }
+
+    fn root<'r>(&'r self, _guard: &'r ReadGuard<'_>) -> Result<IoRef<'r>> {
+        // SAFETY: the guard holds the read lock for 'r.
+        let root = unsafe { self.inner.root.get() };
+        match root {
+            // SAFETY: same proof, same lifetime.
+            Some(node) => Ok(unsafe { NodeRef::new(node) }),
+            None => Err(Error::NoMedium(self.inner.name.clone())),
+        }
+    }
+
+    async fn check(&self, root: IoRef<'_>, access: Access, offset: u64, len: u64) -> Result<()> {
+        if access == Access::Write && !self.inner.perms.take.contains(Perm::WRITE) {
+            return Err(Error::ReadOnly(self.inner.name.clone()));
+        }
+        if access != Access::Other {
+            let alignment = root.request_alignment().max(1);
+            if offset % u64::from(alignment) != 0 || len % u64::from(alignment) != 0 {
+                return Err(Error::Misaligned {
+                    offset,
+                    len,
+                    alignment,
+                });
+            }
+            let size = root.length().await?;
+            if offset.checked_add(len).is_none_or(|end| end > size) {
+                return Err(Error::OutOfRange { offset, len, size });
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Runs one request: read lock, drain gate, checks, then `$body` with the
+/// root node bound to `$root`.
+macro_rules! request {
+    ($self:ident, $cx:ident, $access:expr, $offset:expr, $len:expr, |$root:ident| $body:expr) => {{
+        loop {
+            let guard = $cx.read().await;
+            let Some(_in_flight) = $self.try_start(&guard) else {
+                drop(guard);
+                $self.wait_until_resumed().await;
+                continue;
+            };
+            let result = async {
+                let $root = $self.root(&guard)?;
+                $self.check($root, $access, $offset, $len).await?;
+                $body.await
+            }
+            .await;
+            $self.inner.completed.fetch_add(1, Ordering::Relaxed);
+            break result;
+        }
+    }};
+}
+
+impl BlockBackend {
+    /// Reads `buf.len()` bytes at `offset`.
+    ///
+    /// `cx` is borrowed mutably: the caller cannot already hold a read guard
+    /// (the request takes it itself, after the drain gate, so a queued
+    /// request never holds the lock a writer waits for).
+    pub async fn read(&self, cx: &mut IoCx, offset: u64, buf: &mut [u8]) -> Result<()> {
+        let len = buf.len() as u64;
+        request!(self, cx, Access::Read, offset, len, |root| root
+            .read(offset, buf))
+    }
+
+    /// Writes `buf` at `offset`.
+    pub async fn write(&self, cx: &mut IoCx, offset: u64, buf: &[u8]) -> Result<()> {
+        let len = buf.len() as u64;
+        request!(self, cx, Access::Write, offset, len, |root| root
+            .write(offset, buf))
+    }
+
+    /// Makes `len` bytes at `offset` read as zeroes.
+    pub async fn write_zeroes(&self, cx: &mut IoCx, offset: u64, len: u64) -> Result<()> {
+        request!(self, cx, Access::Write, offset, len, |root| root
+            .write_zeroes(offset, len))
+    }
+
+    /// Discards `len` bytes at `offset`.
+    pub async fn discard(&self, cx: &mut IoCx, offset: u64, len: u64) -> Result<()> {
+        request!(self, cx, Access::Write, offset, len, |root| root
+            .discard(offset, len))
+    }
+
+    /// Makes completed writes durable.
+    pub async fn flush(&self, cx: &mut IoCx) -> Result<()> {
+        request!(self, cx, Access::Other, 0, 0, |root| root.flush())
+    }
+
+    /// The size of the device in bytes.
+    pub async fn length(&self, cx: &mut IoCx) -> Result<u64> {
+        request!(self, cx, Access::Other, 0, 0, |root| root.length())
+    }
+}
+
+impl std::fmt::Debug for BlockBackend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BlockBackend")
+            .field("name", &self.inner.name)
+            .finish()
+    }
+}

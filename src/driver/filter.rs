@@ -1,0 +1,113 @@
+//! A pass-through filter: the simplest node with a child.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use crate::driver::{require_child, BlockDriver, BlockStatus, IoFuture};
+use crate::graph::edge::{ChildRole, Perm, Permissions};
+use crate::proof::IoRef;
+
+/// Passes every request to its `Filtered` child unchanged and counts them.
+///
+/// The skeleton of every filter (throttle, copy-on-read, a mirror's filter
+/// node). By default it takes on its child exactly what its own users take;
+/// [`PassthroughFilter::exclusive_writer`] makes it take write permission
+/// and share only reads, like a block job that must own the writes to a
+/// node.
+#[derive(Debug, Default)]
+pub struct PassthroughFilter {
+    exclusive_writer: bool,
+    requests: AtomicU64,
+}
+
+impl PassthroughFilter {
+    /// A filter that takes what its users take.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// A filter that takes write permission on its child and lets others
+    /// only read.
+    pub fn exclusive_writer() -> Self {
+        PassthroughFilter {
+            exclusive_writer: true,
+            ..Self::default()
+        }
+    }
+
+    /// Requests this node has passed down.
+    pub fn requests(&self) -> u64 {
+        self.requests.load(Ordering::Relaxed)
+    }
+
+    fn child<'a>(&self, node: IoRef<'a>) -> crate::Result<IoRef<'a>> {
+        self.requests.fetch_add(1, Ordering::Relaxed);
+        require_child(node, ChildRole::Filtered)
+    }
+}
+
+impl BlockDriver for PassthroughFilter {
+    fn format_name(&self) -> &'static str {
+        "filter"
+    }
+
+    fn describe(&self) -> String {
+        if self.exclusive_writer {
+            "filter (exclusive writer)".to_owned()
+        } else {
+            "filter".to_owned()
+        }
+    }
+
+    fn child_permissions(&self, role: ChildRole, users: Permissions) -> Permissions {
+        match (role, self.exclusive_writer) {
+            (ChildRole::Filtered, true) => Permissions {
+                take: users.take | Perm::CONSISTENT_READ | Perm::WRITE,
+                share: Perm::CONSISTENT_READ,
+            },
+            (ChildRole::Filtered, false) => users,
+            _ => Permissions::UNRESTRICTED,
+        }
+    }
+
+    fn length<'a>(&'a self, node: IoRef<'a>) -> IoFuture<'a, u64> {
+        Box::pin(async move { require_child(node, ChildRole::Filtered)?.length().await })
+    }
+
+    fn request_alignment(&self, node: IoRef<'_>) -> u32 {
+        node.child(ChildRole::Filtered)
+            .map_or(1, |child| child.request_alignment())
+    }
+
+    fn read<'a>(&'a self, node: IoRef<'a>, offset: u64, buf: &'a mut [u8]) -> IoFuture<'a, ()> {
+        Box::pin(async move { self.child(node)?.read(offset, buf).await })
+    }
+
+    fn write<'a>(&'a self, node: IoRef<'a>, offset: u64, buf: &'a [u8]) -> IoFuture<'a, ()> {
+        Box::pin(async move { self.child(node)?.write(offset, buf).await })
+    }
+
+    fn write_zeroes<'a>(&'a self, node: IoRef<'a>, offset: u64, len: u64) -> IoFuture<'a, ()> {
+        Box::pin(async move { self.child(node)?.write_zeroes(offset, len).await })
+    }
+
+    fn discard<'a>(&'a self, node: IoRef<'a>, offset: u64, len: u64) -> IoFuture<'a, ()> {
+        Box::pin(async move { self.child(node)?.discard(offset, len).await })
+    }
+
+    fn flush<'a>(&'a self, node: IoRef<'a>) -> IoFuture<'a, ()> {
+        Box::pin(async move { self.child(node)?.flush().await })
+    }
+
+    fn block_status<'a>(
+        &'a self,
+        node: IoRef<'a>,
+        offset: u64,
+        len: u64,
+    ) -> IoFuture<'a, (BlockStatus, u64)> {
+        Box::pin(async move {
+            require_child(node, ChildRole::Filtered)?
+                .block_status(offset, len)
+                .await
+        })
+    }
+}

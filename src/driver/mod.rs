@@ -1,0 +1,205 @@
+//! The driver interface ([`BlockDriver`]) and the built-in drivers.
+//!
+//! A driver's callbacks carry the proof their context requires. I/O
+//! callbacks get an [`IoRef`] of their own node: the graph is read-locked
+//! for the whole request, and the driver reaches its children with
+//! [`NodeRef::child`](crate::NodeRef::child) and issues I/O on them with the
+//! same proof, never re-locking. Main-loop callbacks get a [`GsRef`]: they
+//! can look at the graph but cannot issue I/O (that needs an `IoRef`) and
+//! cannot change the graph (that needs a `GraphWriter`).
+
+mod filter;
+mod memory;
+mod null;
+
+use std::any::Any;
+use std::future::Future;
+use std::pin::Pin;
+
+use crate::error::{Error, Result};
+use crate::graph::edge::{ChildRole, Perm, Permissions};
+use crate::proof::{GsRef, IoRef};
+
+pub use filter::PassthroughFilter;
+pub use memory::MemoryDriver;
+pub use null::NullDriver;
+
+/// The future an I/O callback returns. `Send`, so requests can run on
+/// multi-thread runtimes too.
+pub type IoFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T>> + Send + 'a>>;
+
+/// What [`BlockDriver::block_status`] found at an offset.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum BlockStatus {
+    /// Data stored in this node.
+    Data,
+    /// Reads as zeroes, whatever is below.
+    Zero,
+    /// Not stored here: reads come from the backing node (or zeroes).
+    Unallocated,
+}
+
+/// A block driver: what a node *is* (QEMU's `BlockDriver`).
+///
+/// Implement the three required I/O callbacks; everything else has a
+/// default. The proof each callback receives says what it may do; see the
+/// [module docs](self).
+///
+/// # Examples
+///
+/// A filter that counts reads and passes everything down:
+///
+/// ```
+/// use std::sync::atomic::{AtomicU64, Ordering};
+/// use blockgraph::{BlockDriver, ChildRole, Error, IoFuture, IoRef, Result};
+///
+/// #[derive(Default)]
+/// struct CountingFilter { reads: AtomicU64 }
+///
+/// fn filtered<'a>(node: IoRef<'a>) -> Result<IoRef<'a>> {
+///     node.child(ChildRole::Filtered)
+///         .ok_or_else(|| Error::NoSuchChild { node: node.name().into(), role: ChildRole::Filtered })
+/// }
+///
+/// impl BlockDriver for CountingFilter {
+///     fn format_name(&self) -> &'static str { "counting" }
+///     fn length<'a>(&'a self, node: IoRef<'a>) -> IoFuture<'a, u64> {
+///         Box::pin(async move { filtered(node)?.length().await })
+///     }
+///     fn read<'a>(&'a self, node: IoRef<'a>, offset: u64, buf: &'a mut [u8]) -> IoFuture<'a, ()> {
+///         self.reads.fetch_add(1, Ordering::Relaxed);
+///         Box::pin(async move { filtered(node)?.read(offset, buf).await })
+///     }
+///     fn write<'a>(&'a self, node: IoRef<'a>, offset: u64, buf: &'a [u8]) -> IoFuture<'a, ()> {
+///         Box::pin(async move { filtered(node)?.write(offset, buf).await })
+///     }
+/// }
+/// ```
+pub trait BlockDriver: Any + Send + Sync {
+    /// The format name (`"qcow2"`, `"raw"`, …), shown in dumps and errors.
+    fn format_name(&self) -> &'static str;
+
+    /// A one-line description for graph dumps (default: the format name).
+    fn describe(&self) -> String {
+        self.format_name().to_owned()
+    }
+
+    // ---- main-loop callbacks -------------------------------------------
+
+    /// Called when the node joins the graph, inside the write section, with
+    /// its children attached. An error aborts the whole mutation.
+    fn open(&self, node: GsRef<'_>) -> Result<()> {
+        let _ = node;
+        Ok(())
+    }
+
+    /// Called when the node leaves the graph.
+    fn close(&self, node: GsRef<'_>) {
+        let _ = node;
+    }
+
+    /// Applies new options to a drained node (QEMU's `bdrv_reopen`).
+    fn reopen(&self, node: GsRef<'_>, options: &[(&str, &str)]) -> Result<()> {
+        let _ = (node, options);
+        Err(Error::Unsupported {
+            driver: self.format_name(),
+            operation: "reopen",
+        })
+    }
+
+    /// What this node takes and shares on its `role` child, given what its
+    /// own users take and share (QEMU's `bdrv_child_perm`).
+    ///
+    /// The default passes the users' needs through to `File`, `Data` and
+    /// `Filtered` children, and takes a consistent read on a `Backing` child
+    /// while letting nobody else write or resize it.
+    fn child_permissions(&self, role: ChildRole, users: Permissions) -> Permissions {
+        match role {
+            ChildRole::Backing => Permissions {
+                take: Perm::CONSISTENT_READ,
+                share: Perm::CONSISTENT_READ | Perm::WRITE_UNCHANGED,
+            },
+            _ => users,
+        }
+    }
+
+    /// The first drain section covering the node began.
+    fn drained_begin(&self, node: GsRef<'_>) {
+        let _ = node;
+    }
+
+    /// The last drain section covering the node ended.
+    fn drained_end(&self, node: GsRef<'_>) {
+        let _ = node;
+    }
+
+    // ---- I/O callbacks ---------------------------------------------------
+
+    /// Alignment in bytes that every request's offset and length must have.
+    /// Filters and formats whose requests go to a child should report
+    /// at least the child's alignment.
+    fn request_alignment(&self, node: IoRef<'_>) -> u32 {
+        let _ = node;
+        1
+    }
+
+    /// The node's size in bytes.
+    fn length<'a>(&'a self, node: IoRef<'a>) -> IoFuture<'a, u64>;
+
+    /// Reads `buf.len()` bytes at `offset`.
+    fn read<'a>(&'a self, node: IoRef<'a>, offset: u64, buf: &'a mut [u8]) -> IoFuture<'a, ()>;
+
+    /// Writes `buf` at `offset`.
+    fn write<'a>(&'a self, node: IoRef<'a>, offset: u64, buf: &'a [u8]) -> IoFuture<'a, ()>;
+
+    /// Makes `len` bytes at `offset` read as zeroes (default: writes zero
+    /// buffers).
+    fn write_zeroes<'a>(&'a self, node: IoRef<'a>, offset: u64, len: u64) -> IoFuture<'a, ()> {
+        Box::pin(async move {
+            const CHUNK: u64 = 64 * 1024;
+            let zeroes = vec![0u8; len.min(CHUNK) as usize];
+            let mut done = 0;
+            while done < len {
+                let n = (len - done).min(CHUNK);
+                self.write(node, offset + done, &zeroes[..n as usize])
+                    .await?;
+                done += n;
+            }
+            Ok(())
+        })
+    }
+
+    /// Drops `len` bytes at `offset` (default: does nothing, which is
+    /// always allowed).
+    fn discard<'a>(&'a self, node: IoRef<'a>, offset: u64, len: u64) -> IoFuture<'a, ()> {
+        let _ = (node, offset, len);
+        Box::pin(async { Ok(()) })
+    }
+
+    /// Makes completed writes durable (default: nothing to do).
+    fn flush<'a>(&'a self, node: IoRef<'a>) -> IoFuture<'a, ()> {
+        let _ = node;
+        Box::pin(async { Ok(()) })
+    }
+
+    /// What is stored at `offset` and for how many bytes (at most `len`)
+    /// the answer holds (default: data, for the whole range).
+    fn block_status<'a>(
+        &'a self,
+        node: IoRef<'a>,
+        offset: u64,
+        len: u64,
+    ) -> IoFuture<'a, (BlockStatus, u64)> {
+        let _ = (node, offset);
+        Box::pin(async move { Ok((BlockStatus::Data, len)) })
+    }
+}
+
+/// The `role` child of `node`, or [`Error::NoSuchChild`].
+pub fn require_child(node: IoRef<'_>, role: ChildRole) -> Result<IoRef<'_>> {
+    node.child(role).ok_or_else(|| Error::NoSuchChild {
+        node: node.name().to_owned(),
+        role,
+    })
+}

@@ -1,0 +1,119 @@
+//! The one error type every fallible operation returns.
+
+use std::io;
+
+/// A specialised `Result` whose error is [`Error`].
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Everything that can go wrong in the block graph.
+///
+/// Each variant carries enough context (node names, offsets, permissions) for
+/// the message to make sense without a debugger.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// The host or a driver reported an I/O error.
+    #[error("I/O error: {0}")]
+    Io(#[from] io::Error),
+
+    /// A request reaches past the end of the device.
+    #[error("request at offset {offset} with length {len} is outside the {size}-byte device")]
+    OutOfRange {
+        /// Byte offset of the request.
+        offset: u64,
+        /// Length of the request in bytes.
+        len: u64,
+        /// Size of the device in bytes.
+        size: u64,
+    },
+
+    /// A request does not respect the node's request alignment.
+    #[error("request at offset {offset} with length {len} is not aligned to {alignment} bytes")]
+    Misaligned {
+        /// Byte offset of the request.
+        offset: u64,
+        /// Length of the request in bytes.
+        len: u64,
+        /// Required alignment in bytes.
+        alignment: u32,
+    },
+
+    /// Two users of a node want permissions that exclude each other.
+    #[error("permission conflict on node '{node}': {detail}")]
+    PermissionConflict {
+        /// The node where the conflict appears.
+        node: String,
+        /// Which parent takes what the other does not share.
+        detail: String,
+    },
+
+    /// The change would make a node its own ancestor.
+    #[error("graph change rejected: making '{child}' a child of '{parent}' would create a cycle")]
+    Cycle {
+        /// The would-be parent.
+        parent: String,
+        /// The would-be child.
+        child: String,
+    },
+
+    /// A node or backend with this name already exists.
+    #[error("a node or backend named '{0}' already exists")]
+    DuplicateName(String),
+
+    /// A name is empty or contains characters a name may not contain.
+    #[error(
+        "invalid name '{0}': names are 1-127 characters of [A-Za-z0-9_.-] and start with a letter"
+    )]
+    InvalidName(String),
+
+    /// No node with this name is in the graph.
+    #[error("no node named '{0}'")]
+    NodeNotFound(String),
+
+    /// The node is no longer part of the graph.
+    #[error("node '{0}' has been removed from the graph")]
+    NodeRemoved(String),
+
+    /// The node still has parents, so it cannot be removed.
+    #[error("node '{node}' is still used by {parents}")]
+    HasParents {
+        /// The node that cannot go.
+        node: String,
+        /// Who still uses it.
+        parents: String,
+    },
+
+    /// The node has no child with this role.
+    #[error("node '{node}' has no {role} child")]
+    NoSuchChild {
+        /// The parent node.
+        node: String,
+        /// The missing role.
+        role: crate::ChildRole,
+    },
+
+    /// The backend has no node attached (its medium was removed).
+    #[error("backend '{0}' has no medium")]
+    NoMedium(String),
+
+    /// A write was issued through a read-only user.
+    #[error("'{0}' is read-only")]
+    ReadOnly(String),
+
+    /// The driver does not implement this operation.
+    #[error("driver '{driver}' does not support {operation}")]
+    Unsupported {
+        /// The driver's format name.
+        driver: &'static str,
+        /// What was asked.
+        operation: &'static str,
+    },
+
+    /// An argument is outside what the operation accepts.
+    #[error("invalid argument: {0}")]
+    InvalidArgument(String),
+
+    /// The main loop or I/O thread serving this request has shut down.
+    #[error("the {0} has shut down")]
+    ShutDown(&'static str),
+}

@@ -1,0 +1,148 @@
+//! The graph: nodes, edges, permissions, and the transactions that change
+//! them.
+
+pub(crate) mod cell;
+mod dot;
+pub(crate) mod edge;
+mod mutation;
+pub(crate) mod node;
+pub(crate) mod permission;
+
+use std::collections::BTreeMap;
+use std::marker::PhantomData;
+use std::sync::atomic::AtomicU64;
+use std::sync::Arc;
+use std::thread::ThreadId;
+
+use crate::backend::BackendInner;
+use crate::proof::{NodeRef, Proof};
+use crate::sync::GraphLock;
+use cell::{GraphCell, MainCell};
+use edge::Permissions;
+use node::NodeInner;
+
+/// Everything the graph is made of. One per [`crate::MainLoop`].
+pub(crate) struct GraphInner {
+    pub(crate) lock: GraphLock,
+    pub(crate) nodes: GraphCell<Vec<Arc<NodeInner>>>,
+    pub(crate) backends: GraphCell<Vec<Arc<BackendInner>>>,
+    pub(crate) main: MainCell<MainState>,
+    pub(crate) mutations: AtomicU64,
+}
+
+/// Main-loop-only bookkeeping.
+#[derive(Default)]
+pub(crate) struct MainState {
+    pub(crate) sections: BTreeMap<u64, Section>,
+    pub(crate) next_section: u64,
+}
+
+/// One drain section: exactly the nodes and backends it quiesced, so that
+/// ending it undoes exactly that, whatever the graph looks like by then.
+#[derive(Default)]
+pub(crate) struct Section {
+    pub(crate) nodes: Vec<Arc<NodeInner>>,
+    pub(crate) backends: Vec<Arc<BackendInner>>,
+    /// The wait for requests in flight has completed.
+    pub(crate) waited: bool,
+}
+
+impl GraphInner {
+    pub(crate) fn new(main_thread: ThreadId) -> Self {
+        GraphInner {
+            lock: GraphLock::default(),
+            nodes: GraphCell::new(Vec::new()),
+            backends: GraphCell::new(Vec::new()),
+            main: MainCell::new(main_thread, MainState::default()),
+            mutations: AtomicU64::new(0),
+        }
+    }
+}
+
+/// The whole graph seen under a proof `P` (from [`crate::Bql::graph`],
+/// [`crate::ReadGuard::graph`] or [`crate::GraphWriter::graph`]).
+pub struct GraphView<'a, P: Proof> {
+    graph: &'a GraphInner,
+    _proof: PhantomData<P>,
+}
+
+impl<P: Proof> Clone for GraphView<'_, P> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+impl<P: Proof> Copy for GraphView<'_, P> {}
+
+impl<'a, P: Proof> GraphView<'a, P> {
+    /// # Safety
+    ///
+    /// The graph must not change during `'a`, by the rule `P` stands for.
+    pub(crate) unsafe fn new(graph: &'a GraphInner) -> Self {
+        GraphView {
+            graph,
+            _proof: PhantomData,
+        }
+    }
+
+    /// Every node, in the order they were added.
+    pub fn nodes(&self) -> impl ExactSizeIterator<Item = NodeRef<'a, P>> + 'a {
+        // SAFETY: by `P`, the graph does not change during 'a.
+        let nodes = unsafe { self.graph.nodes.get() };
+        // SAFETY: same proof, same lifetime.
+        nodes.iter().map(|n| unsafe { NodeRef::new(n) })
+    }
+
+    /// The node named `name`.
+    pub fn node(&self, name: &str) -> Option<NodeRef<'a, P>> {
+        self.nodes().find(|n| n.name() == name)
+    }
+
+    /// Every backend, in the order they were added.
+    pub fn backends(&self) -> impl ExactSizeIterator<Item = BackendRef<'a, P>> + 'a {
+        // SAFETY: by `P`, the graph does not change during 'a.
+        let backends = unsafe { self.graph.backends.get() };
+        backends.iter().map(|b| BackendRef {
+            inner: b,
+            _proof: PhantomData,
+        })
+    }
+
+    /// Number of graph mutations committed so far.
+    pub fn mutation_count(&self) -> u64 {
+        self.graph
+            .mutations
+            .load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// The graph in Graphviz DOT: nodes with their drivers, edges with roles
+    /// and permissions, backends as boxes.
+    pub fn to_dot(&self) -> String {
+        dot::render(*self)
+    }
+}
+
+/// A backend seen under a proof.
+pub struct BackendRef<'a, P: Proof> {
+    inner: &'a Arc<BackendInner>,
+    _proof: PhantomData<P>,
+}
+
+impl<'a, P: Proof> BackendRef<'a, P> {
+    /// The backend's name.
+    pub fn name(&self) -> &'a str {
+        &self.inner.name
+    }
+
+    /// The node the backend sends requests to, if it has one.
+    pub fn root(&self) -> Option<NodeRef<'a, P>> {
+        // SAFETY: by `P`, the graph does not change during 'a.
+        let root = unsafe { self.inner.root.get() };
+        // SAFETY: same proof, same lifetime.
+        root.as_ref().map(|r| unsafe { NodeRef::new(r) })
+    }
+
+    /// What the backend takes and shares on its root.
+    pub fn permissions(&self) -> Permissions {
+        self.inner.perms
+    }
+}

@@ -1,0 +1,144 @@
+//! [`Bql`], the main-loop token (QEMU's Big QEMU Lock).
+
+use std::future::Future;
+use std::marker::PhantomData;
+use std::sync::Arc;
+
+use crate::drain;
+use crate::graph::node::{NodeHandle, NodeInner};
+use crate::graph::{GraphInner, GraphView};
+use crate::proof::{Drained, GlobalState, GraphWriter, GsRef};
+use crate::runtime::MainLoop;
+
+/// Proof that the code holding it runs on the main loop and that nothing
+/// else on the main loop runs at the same time (QEMU's BQL).
+///
+/// A `Bql` is never owned by user code: the main loop lends `&mut Bql` to a
+/// synchronous closure ([`MainLoop::run`], [`MainCx::bql`](crate::MainCx::bql)).
+/// Because the closure is synchronous, nothing borrowed from the `Bql` can be
+/// held across an `.await`, where other main-loop code could change the
+/// graph.
+///
+/// * `&Bql` gives read access to the graph ([`Bql::graph`], [`NodeHandle::gs`]):
+///   [`GsRef`]s.
+/// * `&mut Bql` is needed for everything that may change the graph or wait:
+///   [`Bql::write`], [`Bql::drain`], [`Bql::block_on`]. So no `GsRef` can be
+///   alive across a mutation or a nested wait (a compile error, not a bug).
+///
+/// `!Send` and `!Sync`; it cannot be created in safe code.
+///
+/// # Examples
+///
+/// ```
+/// use blockgraph::{MainLoop, drivers::MemoryDriver};
+///
+/// let main = MainLoop::new()?;
+/// main.run(|bql| -> blockgraph::Result<()> {
+///     bql.write(|w| w.add_node("disk0", MemoryDriver::new(4096), &[]))?;
+///     let node = bql.graph().node("disk0").expect("just added");
+///     assert_eq!(node.driver_name(), "memory");
+///     Ok(())
+/// })?;
+/// # main.shutdown();
+/// # Ok::<(), blockgraph::Error>(())
+/// ```
+pub struct Bql {
+    pub(crate) graph: Arc<GraphInner>,
+    pub(crate) main: MainLoop,
+    _not_send: PhantomData<*mut ()>,
+}
+
+static_assertions::assert_not_impl_any!(Bql: Send, Sync);
+
+impl Bql {
+    /// # Safety
+    ///
+    /// Called on the main-loop thread of `main`, and the result is only lent
+    /// out as `&mut Bql` to synchronous code, one borrow at a time (checked by
+    /// [`crate::runtime::BqlScope`]).
+    pub(crate) unsafe fn new(graph: Arc<GraphInner>, main: MainLoop) -> Self {
+        Bql {
+            graph,
+            main,
+            _not_send: PhantomData,
+        }
+    }
+
+    /// The graph, for reading.
+    pub fn graph(&self) -> GraphView<'_, GlobalState> {
+        // SAFETY: `&self` is a `&Bql` borrow: main-loop thread, and no
+        // mutation can start while it lives.
+        unsafe { GraphView::new(&self.graph) }
+    }
+
+    /// Shortcut for `self.graph().node(name)`.
+    pub fn node(&self, name: &str) -> Option<GsRef<'_>> {
+        self.graph().node(name)
+    }
+
+    /// A handle to the main loop, to create I/O threads or spawn tasks.
+    pub fn main_loop(&self) -> &MainLoop {
+        &self.main
+    }
+
+    /// Drains `node`: stops new requests reaching it, waits for the ones in
+    /// flight and returns the proof. The section ends when the [`Drained`] is
+    /// dropped.
+    ///
+    /// This is a synchronous wait on the main-loop thread, so it needs the
+    /// `Bql` exclusively: no `GsRef` may be alive across it. Other main-loop
+    /// tasks do not run during the wait; the requests it waits for run on
+    /// I/O threads and never need the main loop. Async main-loop code should
+    /// use [`MainCx::drain`](crate::MainCx::drain) instead.
+    ///
+    /// # Panics
+    ///
+    /// If `node` belongs to another main loop's graph.
+    pub fn drain<'g>(&mut self, node: &'g NodeHandle) -> Drained<'g> {
+        self.check_graph(&node.0);
+        let drained = Drained::new(drain::begin(&self.graph, &node.0));
+        futures::executor::block_on(drain::wait(drained.state()));
+        drain::finish_wait(drained.state());
+        drained
+    }
+
+    /// Runs `f` inside a write section: waits until no reader is inside the
+    /// graph, then lets `f` change it. Readers that arrive meanwhile queue and
+    /// resume when the section ends.
+    ///
+    /// Synchronous wait, hence `&mut self`: no `GsRef` survives a mutation.
+    /// Async main-loop code should use [`MainCx::write`](crate::MainCx::write).
+    pub fn write<R>(&mut self, f: impl FnOnce(&mut GraphWriter<'_>) -> R) -> R {
+        let held = crate::proof::graph_writer::WriteLockHeld::announce(&self.graph);
+        futures::executor::block_on(held.readers_gone());
+        // SAFETY: the writer flag is up and every reader has left; we are on
+        // the main-loop thread and `&mut self` excludes every `GsRef`.
+        let mut writer = unsafe { GraphWriter::new(&self.graph) };
+        f(&mut writer)
+    }
+
+    /// The nested event loop: runs `future` to completion on the main-loop
+    /// thread (QEMU's `AIO_WAIT_WHILE`, `bdrv_poll_co`).
+    ///
+    /// It needs the `Bql` exclusively, so no proof or guard borrowed from it
+    /// can be alive while it runs. Other main-loop tasks are *not* polled
+    /// meanwhile, so `future` must not wait for one of them (it may wait for
+    /// I/O threads; that is what it is for).
+    pub fn block_on<F: Future>(&mut self, future: F) -> F::Output {
+        futures::executor::block_on(future)
+    }
+
+    pub(crate) fn check_graph(&self, node: &NodeInner) {
+        assert!(
+            std::ptr::eq(node.graph.as_ptr(), Arc::as_ptr(&self.graph)),
+            "blockgraph: node '{}' belongs to another main loop's graph",
+            node.name
+        );
+    }
+}
+
+impl std::fmt::Debug for Bql {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Bql").finish_non_exhaustive()
+    }
+}

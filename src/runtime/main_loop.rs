@@ -1,0 +1,303 @@
+//! [`MainLoop`], the thread that owns the graph (QEMU's main loop).
+
+use std::future::Future;
+use std::io;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{mpsc as std_mpsc, Arc, Mutex};
+use std::thread::{self, JoinHandle};
+
+use tokio::sync::{mpsc, oneshot};
+
+use super::task::{run_and_send, TaskHandle};
+use super::{set_thread_role, thread_role, BqlScope, IoThread, ThreadRole};
+use crate::error::{Error, Result};
+use crate::graph::GraphInner;
+use crate::proof::{Bql, IoContext, MainCx};
+
+type LocalFuture = Pin<Box<dyn Future<Output = ()>>>;
+
+enum Job {
+    Run(Box<dyn FnOnce(&mut Bql) + Send>),
+    Spawn(Box<dyn FnOnce(MainCx) -> LocalFuture + Send>),
+    Shutdown,
+}
+
+struct Shared {
+    jobs: mpsc::UnboundedSender<Job>,
+    graph: Arc<GraphInner>,
+    thread: Mutex<Option<JoinHandle<()>>>,
+    next_context: AtomicU64,
+}
+
+/// The main loop: a thread running a single-threaded executor that owns the
+/// graph, and the only place graph writes start.
+///
+/// The handle is cheap to clone and `Send + Sync`. Synchronous main-loop code
+/// runs through [`MainLoop::run`] (like a QMP command), async main-loop code
+/// through [`MainLoop::spawn`] (like a block job's coroutine). Both get the
+/// [`Bql`] only inside synchronous closures.
+///
+/// The loop runs until [`MainLoop::shutdown`], which removes every backend
+/// and node (closing their drivers) and stops the thread.
+///
+/// # Examples
+///
+/// ```
+/// use blockgraph::{MainLoop, drivers::NullDriver};
+///
+/// let main = MainLoop::new()?;
+/// main.run(|bql| bql.write(|w| w.add_node("null0", NullDriver::new(1 << 30), &[])))?;
+/// let names = main.run(|bql| bql.graph().nodes().map(|n| n.name().to_owned()).collect::<Vec<_>>());
+/// assert_eq!(names, ["null0"]);
+/// main.shutdown();
+/// # Ok::<(), blockgraph::Error>(())
+/// ```
+#[derive(Clone)]
+pub struct MainLoop {
+    shared: Arc<Shared>,
+}
+
+impl MainLoop {
+    /// Starts the main-loop thread.
+    pub fn new() -> Result<MainLoop> {
+        let (jobs_tx, jobs_rx) = mpsc::unbounded_channel();
+        let (init_tx, init_rx) = std_mpsc::channel::<MainLoop>();
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()?;
+        let thread = thread::Builder::new()
+            .name("blockgraph-main".into())
+            .spawn(move || {
+                let Ok(main) = init_rx.recv() else { return };
+                set_thread_role(ThreadRole::Main);
+                let local = tokio::task::LocalSet::new();
+                local.block_on(&runtime, serve(main, jobs_rx));
+            })?;
+        let graph = Arc::new(GraphInner::new(thread.thread().id()));
+        let main = MainLoop {
+            shared: Arc::new(Shared {
+                jobs: jobs_tx,
+                graph,
+                thread: Mutex::new(Some(thread)),
+                next_context: AtomicU64::new(0),
+            }),
+        };
+        init_tx
+            .send(main.clone())
+            .map_err(|_| io::Error::other("main-loop thread exited during start-up"))?;
+        Ok(main)
+    }
+
+    /// Runs `f` on the main loop with the [`Bql`] and returns its result,
+    /// blocking the calling thread until then.
+    ///
+    /// # Panics
+    ///
+    /// If `f` panics (the panic is resumed here), if the main loop has shut
+    /// down, or if called on the main-loop thread (it would wait for itself:
+    /// use the `Bql` you have) or on an I/O thread (it would stall that
+    /// thread's requests: use [`IoCx::run_on_main_loop`](crate::IoCx::run_on_main_loop)).
+    pub fn run<F, R>(&self, f: F) -> R
+    where
+        F: FnOnce(&mut Bql) -> R + Send + 'static,
+        R: Send + 'static,
+    {
+        match thread_role() {
+            ThreadRole::Main => panic!(
+                "blockgraph: MainLoop::run called on the main-loop thread; use the Bql you already have"
+            ),
+            ThreadRole::Io => panic!(
+                "blockgraph: MainLoop::run called on an I/O thread; use IoCx::run_on_main_loop"
+            ),
+            ThreadRole::Other => {}
+        }
+        let (tx, rx) = oneshot::channel();
+        let job = Job::Run(Box::new(move |bql| {
+            let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(bql)));
+            let _ = tx.send(outcome);
+        }));
+        if self.shared.jobs.send(job).is_err() {
+            panic!("blockgraph: the main loop has shut down");
+        }
+        TaskHandle { rx }.join()
+    }
+
+    /// Queues `f` to run on the main loop; the future resolves to its result.
+    pub(crate) fn submit_run<F, R>(&self, f: F) -> impl Future<Output = Result<R>> + use<F, R>
+    where
+        F: FnOnce(&mut Bql) -> R + Send + 'static,
+        R: Send + 'static,
+    {
+        let (tx, rx) = oneshot::channel();
+        let sent = self
+            .shared
+            .jobs
+            .send(Job::Run(Box::new(move |bql| {
+                let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(bql)));
+                let _ = tx.send(outcome);
+            })))
+            .is_ok();
+        async move {
+            if !sent {
+                return Err(Error::ShutDown("main loop"));
+            }
+            match rx.await {
+                Ok(Ok(value)) => Ok(value),
+                Ok(Err(panic)) => std::panic::resume_unwind(panic),
+                Err(_) => Err(Error::ShutDown("main loop")),
+            }
+        }
+    }
+
+    /// Spawns an async task on the main loop. `f` receives the task's
+    /// [`MainCx`]; the future it returns may hold `!Send` values (it never
+    /// leaves the main-loop thread).
+    ///
+    /// # Panics
+    ///
+    /// If the main loop has shut down, or if called on an I/O thread (a
+    /// request that awaited main-loop work could deadlock a drain: use
+    /// [`IoCx::run_on_main_loop`](crate::IoCx::run_on_main_loop)).
+    pub fn spawn<F, Fut, T>(&self, f: F) -> TaskHandle<T>
+    where
+        F: FnOnce(MainCx) -> Fut + Send + 'static,
+        Fut: Future<Output = T> + 'static,
+        T: Send + 'static,
+    {
+        assert!(
+            thread_role() != ThreadRole::Io,
+            "blockgraph: MainLoop::spawn called on an I/O thread; use IoCx::run_on_main_loop"
+        );
+        let (tx, rx) = oneshot::channel();
+        let job = Job::Spawn(Box::new(move |cx| Box::pin(run_and_send(f(cx), tx))));
+        if self.shared.jobs.send(job).is_err() {
+            panic!("blockgraph: the main loop has shut down");
+        }
+        TaskHandle { rx }
+    }
+
+    /// Starts an I/O thread with its own executor and [`IoContext`].
+    pub fn new_io_thread(&self, name: &str) -> Result<IoThread> {
+        IoThread::start(name, self.new_io_context(name))
+    }
+
+    /// Creates an [`IoContext`] for an executor the embedder runs itself (a
+    /// multi-thread tokio runtime, say). Tasks there get their
+    /// [`IoCx`](crate::IoCx) from [`IoContext::task_handle`].
+    pub fn new_io_context(&self, name: &str) -> IoContext {
+        let n = self.shared.next_context.fetch_add(1, Ordering::Relaxed);
+        let name = if name.is_empty() {
+            format!("ctx{n}")
+        } else {
+            name.to_owned()
+        };
+        IoContext::new(name, self.shared.graph.clone(), self.clone())
+    }
+
+    /// Contexts the graph lock's writer still counts readers in: live
+    /// contexts, and removed ones that still have handles or readers.
+    pub fn lock_contexts(&self) -> usize {
+        self.shared.graph.lock.shard_count()
+    }
+
+    /// Readers inside the graph right now, over all contexts.
+    pub fn readers_inside(&self) -> usize {
+        self.shared.graph.lock.total_readers()
+    }
+
+    /// Whether a writer is waiting for, or inside, a write section.
+    pub fn writer_active(&self) -> bool {
+        self.shared.graph.lock.writer_active()
+    }
+
+    /// Removes every backend and node (closing their drivers) and stops the
+    /// main-loop thread; tasks still running on it are dropped. Waits for the
+    /// thread unless called on it. Idempotent.
+    pub fn shutdown(&self) {
+        let _ = self.shared.jobs.send(Job::Shutdown);
+        if thread_role() != ThreadRole::Main {
+            let handle = self
+                .shared
+                .thread
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .take();
+            if let Some(handle) = handle {
+                let _ = handle.join();
+            }
+        }
+    }
+}
+
+impl std::fmt::Debug for MainLoop {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MainLoop").finish_non_exhaustive()
+    }
+}
+
+async fn serve(main: MainLoop, mut jobs: mpsc::UnboundedReceiver<Job>) {
+    let graph = main.shared.graph.clone();
+    // SAFETY: this is the main-loop thread of `graph`, and the `Bql` is only
+    // lent to one synchronous closure at a time (under `BqlScope`).
+    let mut bql = unsafe { Bql::new(graph.clone(), main.clone()) };
+    while let Some(job) = jobs.recv().await {
+        match job {
+            Job::Run(f) => {
+                let _scope = BqlScope::enter();
+                f(&mut bql);
+            }
+            Job::Spawn(f) => {
+                // SAFETY: as above; the task's `MainCx` lends it only to
+                // synchronous closures, under `BqlScope`.
+                let cx = MainCx::new(unsafe { Bql::new(graph.clone(), main.clone()) });
+                tokio::task::spawn_local(f(cx));
+            }
+            Job::Shutdown => break,
+        }
+    }
+    teardown(&mut bql);
+    drop(bql);
+    // `main` (and with it the job sender's `Shared`) may be the last handle;
+    // drop it before the runtime goes so nothing outlives the loop.
+    drop(main);
+}
+
+/// Removes every backend and node, breaking the parent/child `Arc` cycles.
+fn teardown(bql: &mut Bql) {
+    let _scope = BqlScope::enter();
+    bql.write(|w| {
+        // SAFETY: inside the write section, main-loop thread, no reference
+        // into the graph alive.
+        unsafe { clear_graph(w.graph) };
+    });
+}
+
+/// # Safety
+///
+/// Write section on the main-loop thread, no reference into the graph alive.
+unsafe fn clear_graph(graph: &GraphInner) {
+    // SAFETY: by the caller's contract.
+    let backends = std::mem::take(unsafe { graph.backends.get_mut() });
+    for b in &backends {
+        b.in_graph.store(false, Ordering::Release);
+        // SAFETY: as above.
+        unsafe { *b.root.get_mut() = None };
+    }
+    // SAFETY: as above.
+    let nodes = std::mem::take(unsafe { graph.nodes.get_mut() });
+    for n in &nodes {
+        if n.in_graph.swap(false, Ordering::AcqRel) {
+            // SAFETY: as above; `close` only gets a read-only view.
+            let gs = unsafe { crate::proof::NodeRef::new(n) };
+            n.driver.close(gs);
+        }
+    }
+    for n in &nodes {
+        // SAFETY: as above.
+        unsafe {
+            n.children.get_mut().clear();
+            n.parents.get_mut().clear();
+        }
+    }
+}
