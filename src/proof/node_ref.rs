@@ -213,15 +213,26 @@ impl<'a, P: Proof> NodeRef<'a, P> {
 }
 
 /// I/O: needs an [`IoRef`].
-impl<'a, P: IoProof> NodeRef<'a, P> {
-    fn io(&self) -> IoRef<'a> {
+///
+/// The `P: IoProof` bound sits on each method, not on the `impl`: a bound on
+/// a method fails with E0277 and shows `IoProof`'s `on_unimplemented`
+/// message, while a bound on the `impl` only gives E0599 ("method exists but
+/// its trait bounds were not satisfied"), which never names the proof.
+impl<'a, P: Proof> NodeRef<'a, P> {
+    fn io(&self) -> IoRef<'a>
+    where
+        P: IoProof,
+    {
         NodeRef {
             node: self.node,
             _proof: PhantomData,
         }
     }
 
-    fn enter(&self) -> &'a dyn BlockDriver {
+    fn enter(&self) -> &'a dyn BlockDriver
+    where
+        P: IoProof,
+    {
         debug_assert_eq!(
             self.node.drained.load(Ordering::SeqCst),
             0,
@@ -234,6 +245,7 @@ impl<'a, P: IoProof> NodeRef<'a, P> {
     /// Reads `buf.len()` bytes at `offset`.
     pub fn read<'b>(&self, offset: u64, buf: &'b mut [u8]) -> IoFuture<'b, ()>
     where
+        P: IoProof,
         'a: 'b,
     {
         self.enter().read(self.io(), offset, buf)
@@ -242,54 +254,81 @@ impl<'a, P: IoProof> NodeRef<'a, P> {
     /// Writes `buf` at `offset`.
     pub fn write<'b>(&self, offset: u64, buf: &'b [u8]) -> IoFuture<'b, ()>
     where
+        P: IoProof,
         'a: 'b,
     {
         self.enter().write(self.io(), offset, buf)
     }
 
     /// Makes `len` bytes at `offset` read as zeroes.
-    pub fn write_zeroes(&self, offset: u64, len: u64) -> IoFuture<'a, ()> {
+    pub fn write_zeroes(&self, offset: u64, len: u64) -> IoFuture<'a, ()>
+    where
+        P: IoProof,
+    {
         self.enter().write_zeroes(self.io(), offset, len)
     }
 
     /// Tells the node that `len` bytes at `offset` are no longer needed.
-    pub fn discard(&self, offset: u64, len: u64) -> IoFuture<'a, ()> {
+    pub fn discard(&self, offset: u64, len: u64) -> IoFuture<'a, ()>
+    where
+        P: IoProof,
+    {
         self.enter().discard(self.io(), offset, len)
     }
 
     /// Makes completed writes durable.
-    pub fn flush(&self) -> IoFuture<'a, ()> {
+    pub fn flush(&self) -> IoFuture<'a, ()>
+    where
+        P: IoProof,
+    {
         self.enter().flush(self.io())
     }
 
     /// What is stored at `offset`, and for how many bytes the answer holds.
-    pub fn block_status(&self, offset: u64, len: u64) -> IoFuture<'a, (BlockStatus, u64)> {
+    pub fn block_status(&self, offset: u64, len: u64) -> IoFuture<'a, (BlockStatus, u64)>
+    where
+        P: IoProof,
+    {
         self.enter().block_status(self.io(), offset, len)
     }
 
     /// The node's size in bytes.
-    pub fn length(&self) -> IoFuture<'a, u64> {
+    pub fn length(&self) -> IoFuture<'a, u64>
+    where
+        P: IoProof,
+    {
         self.enter().length(self.io())
     }
 
     /// The alignment, in bytes, every request to this node must have.
-    pub fn request_alignment(&self) -> u32 {
+    pub fn request_alignment(&self) -> u32
+    where
+        P: IoProof,
+    {
         self.node.driver.request_alignment(self.io())
     }
 }
 
 /// Main-loop-only: needs a [`GsRef`].
-impl<'a, P: MainLoopProof> NodeRef<'a, P> {
+///
+/// `P: MainLoopProof` is on each method for the same reason as above.
+impl<'a, P: Proof> NodeRef<'a, P> {
     /// A refcounted handle to the node (QEMU's `bdrv_ref()`, which is
     /// global-state code too): handles decide node lifetime, and only the
     /// main loop manages that.
-    pub fn to_handle(&self) -> NodeHandle {
+    pub fn to_handle(&self) -> NodeHandle
+    where
+        P: MainLoopProof,
+    {
         NodeHandle(self.node.clone())
     }
 
     /// How many drain sections cover the node right now (QEMU's
     /// `quiesce_counter`), counting sections still waiting for requests.
-    pub fn drain_count(&self) -> u32 {
+    pub fn drain_count(&self) -> u32
+    where
+        P: MainLoopProof,
+    {
         self.node.quiesce.load(Ordering::SeqCst)
     }
 }
