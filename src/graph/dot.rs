@@ -5,8 +5,13 @@ use std::fmt::Write;
 use crate::graph::GraphView;
 use crate::proof::Proof;
 
+/// A DOT string literal whose lines are separated by DOT's `\n` escape.
 fn quote(s: &str) -> String {
-    format!("\"{}\"", s.replace('\\', "\\\\").replace('"', "\\\""))
+    let escaped: Vec<String> = s
+        .lines()
+        .map(|line| line.replace('\\', "\\\\").replace('"', "\\\""))
+        .collect();
+    format!("\"{}\"", escaped.join("\\n"))
 }
 
 pub(crate) fn render<P: Proof>(view: GraphView<'_, P>) -> String {
