@@ -113,6 +113,17 @@ pub enum Error {
     #[error("invalid argument: {0}")]
     InvalidArgument(String),
 
+    /// Another user (in this or another process) holds the image file in a
+    /// way this open excludes (QEMU's `locking=on`: two writers, or a
+    /// writer and a reader that does not share writes).
+    #[error("failed to lock '{path}': {detail}")]
+    Locked {
+        /// The image file.
+        path: String,
+        /// Which permission conflicts, and how to get past it.
+        detail: String,
+    },
+
     /// The main loop or I/O thread serving this request has shut down.
     #[error("the {0} has shut down")]
     ShutDown(&'static str),

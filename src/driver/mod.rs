@@ -8,9 +8,11 @@
 //! can look at the graph but cannot issue I/O (that needs an `IoRef`) and
 //! cannot change the graph (that needs a `GraphWriter`).
 
+mod file;
 mod filter;
 mod memory;
 mod null;
+mod range_lock;
 
 use std::any::Any;
 use std::future::Future;
@@ -20,6 +22,7 @@ use crate::error::{Error, Result};
 use crate::graph::edge::{ChildRole, Perm, Permissions};
 use crate::proof::{GsRef, IoRef};
 
+pub use file::{FileDriver, FileOptions};
 pub use filter::PassthroughFilter;
 pub use memory::MemoryDriver;
 pub use null::NullDriver;
