@@ -75,7 +75,7 @@ pub use runtime::{IoThread, MainLoop, TaskHandle};
 /// The built-in drivers.
 pub mod drivers {
     pub use crate::driver::{MemoryDriver, NullDriver, PassthroughFilter};
-    pub use crate::driver::{FileDriver, FileOptions};
+    pub use crate::driver::{FileDriver, FileOptions, RawDriver};
 }
 
 /// Zero cost: proofs are at most one pointer wide.

@@ -793,7 +793,6 @@ fn lock_image(file: &File, path: &Path, options: &FileOptions) -> Result<bool> {
         let bit = bit as i64;
         let who = |byte| -> Result<bool> {
             ofd_lock(fd, byte, libc::F_WRLCK as libc::c_short, libc::F_OFD_GETLK)
-                .map(|held_by_other| held_by_other)
                 .map_err(|e| path_error(path, "cannot test locks on", e))
         };
         if take.contains(*perm) && who(LOCK_SHARED_BASE + bit)? {

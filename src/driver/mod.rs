@@ -13,6 +13,7 @@ mod filter;
 mod memory;
 mod null;
 mod range_lock;
+mod raw;
 
 use std::any::Any;
 use std::future::Future;
@@ -26,6 +27,7 @@ pub use file::{FileDriver, FileOptions};
 pub use filter::PassthroughFilter;
 pub use memory::MemoryDriver;
 pub use null::NullDriver;
+pub use raw::RawDriver;
 
 /// The future an I/O callback returns. `Send`, so requests can run on
 /// multi-thread runtimes too.
