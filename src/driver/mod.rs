@@ -14,6 +14,7 @@ mod memory;
 mod null;
 mod range_lock;
 mod raw;
+mod throttle;
 
 use std::any::Any;
 use std::future::Future;
@@ -28,6 +29,7 @@ pub use filter::PassthroughFilter;
 pub use memory::MemoryDriver;
 pub use null::NullDriver;
 pub use raw::RawDriver;
+pub use throttle::{ThrottleConfig, ThrottleDriver, ThrottleGroup, ThrottleLimit};
 
 /// The future an I/O callback returns. `Send`, so requests can run on
 /// multi-thread runtimes too.
