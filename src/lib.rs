@@ -76,6 +76,7 @@ pub use runtime::{IoThread, MainLoop, TaskHandle};
 pub mod drivers {
     pub use crate::driver::{MemoryDriver, NullDriver, PassthroughFilter};
     pub use crate::driver::{FileDriver, FileOptions, RawDriver};
+    pub use crate::driver::CopyOnRead;
     pub use crate::driver::{ThrottleConfig, ThrottleDriver, ThrottleGroup, ThrottleLimit};
 }
 

@@ -8,6 +8,7 @@
 //! can look at the graph but cannot issue I/O (that needs an `IoRef`) and
 //! cannot change the graph (that needs a `GraphWriter`).
 
+mod copy_on_read;
 mod file;
 mod filter;
 mod memory;
@@ -24,6 +25,7 @@ use crate::error::{Error, Result};
 use crate::graph::edge::{ChildRole, Perm, Permissions};
 use crate::proof::{GsRef, IoRef};
 
+pub use copy_on_read::CopyOnRead;
 pub use file::{FileDriver, FileOptions};
 pub use filter::PassthroughFilter;
 pub use memory::MemoryDriver;
