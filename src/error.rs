@@ -109,6 +109,38 @@ pub enum Error {
         operation: &'static str,
     },
 
+    /// An image file is malformed, corrupt or hostile (bad header field,
+    /// table outside the file, reserved bits set, …).
+    #[error("invalid {format} image: {reason}")]
+    InvalidImage {
+        /// The image format (`"qcow2"`).
+        format: &'static str,
+        /// What is wrong, with the offending values.
+        reason: String,
+    },
+
+    /// An image uses a feature this implementation does not support
+    /// (encryption, external data files, unknown incompatible features…).
+    #[error("{format} image uses {feature}, which is not supported")]
+    UnsupportedImage {
+        /// The image format (`"qcow2"`).
+        format: &'static str,
+        /// The feature, as specific as the image lets us name it.
+        feature: String,
+    },
+
+    /// A backing file name was refused by the embedder's backing policy, or
+    /// the backing chain is too deep or loops.
+    #[error("backing file '{backing}' of '{image}' refused: {reason}")]
+    BackingRefused {
+        /// The image naming the backing file.
+        image: String,
+        /// The backing file name as stored in the image.
+        backing: String,
+        /// Why it was refused.
+        reason: String,
+    },
+
     /// An argument is outside what the operation accepts.
     #[error("invalid argument: {0}")]
     InvalidArgument(String),

@@ -13,6 +13,7 @@ mod file;
 mod filter;
 mod memory;
 mod null;
+pub mod qcow2;
 mod range_lock;
 mod raw;
 mod throttle;
@@ -30,6 +31,7 @@ pub use file::{FileDriver, FileOptions};
 pub use filter::PassthroughFilter;
 pub use memory::MemoryDriver;
 pub use null::NullDriver;
+pub use qcow2::{Qcow2Driver, Qcow2Options};
 pub use raw::RawDriver;
 pub use throttle::{ThrottleConfig, ThrottleDriver, ThrottleGroup, ThrottleLimit};
 

@@ -1,0 +1,239 @@
+//! Consistency check (like `qemu-img check`): walk every table, count the
+//! references to each host cluster, and compare with the refcounts.
+
+use crate::error::Result;
+use crate::proof::IoRef;
+
+use super::entry::{decode_l1, decode_l2, decode_rt, rc_get, Entry, COPIED};
+use super::header::invalid;
+use super::meta::Meta;
+use super::Qcow2Limits;
+
+/// Most messages a report keeps.
+const MAX_MESSAGES: usize = 100;
+
+/// What [`Qcow2Driver::check`](super::Qcow2Driver::check) found.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct CheckReport {
+    /// Errors: refcounts lower than the references, wrong copied flags,
+    /// invalid table entries.
+    pub corruptions: u64,
+    /// Clusters whose refcount is higher than their references.
+    pub leaks: u64,
+    /// How many corruptions were repaired.
+    pub repaired_corruptions: u64,
+    /// How many leaks were repaired.
+    pub repaired_leaks: u64,
+    /// Guest clusters allocated in this image.
+    pub allocated_clusters: u64,
+    /// End of the last host cluster in use (as `qemu-img check` reports
+    /// "Image end offset").
+    pub image_end_offset: u64,
+    /// Human-readable findings (the first hundred).
+    pub messages: Vec<String>,
+}
+
+impl CheckReport {
+    /// Whether nothing is wrong (or everything found was repaired).
+    pub fn is_clean(&self) -> bool {
+        self.corruptions == self.repaired_corruptions && self.leaks == self.repaired_leaks
+    }
+
+    fn note(&mut self, msg: String) {
+        if self.messages.len() < MAX_MESSAGES {
+            self.messages.push(msg);
+        }
+    }
+}
+
+/// Reference counts computed from the tables, one per host cluster.
+struct Refs {
+    counts: Vec<u32>,
+    limit: u64,
+}
+
+impl Refs {
+    fn add(&mut self, first: u64, n: u64) -> Result<()> {
+        let end = first
+            .checked_add(n)
+            .filter(|&e| e <= self.limit)
+            .ok_or_else(|| {
+                invalid(format!(
+                    "cluster index {first}+{n} exceeds the check limit of {} clusters",
+                    self.limit
+                ))
+            })?;
+        if end as usize > self.counts.len() {
+            self.counts.resize(end as usize, 0);
+        }
+        for c in first..end {
+            let r = &mut self.counts[c as usize];
+            *r = r.saturating_add(1);
+        }
+        Ok(())
+    }
+
+    fn get(&self, c: u64) -> u64 {
+        self.counts.get(c as usize).map_or(0, |&r| u64::from(r))
+    }
+}
+
+pub(crate) async fn check_meta(
+    m: &mut Meta,
+    file: IoRef<'_>,
+    repair: bool,
+    limits: &Qcow2Limits,
+) -> Result<CheckReport> {
+    let g = m.geo;
+    let cs = g.cs;
+    let mut r = CheckReport::default();
+    let mut refs = Refs {
+        counts: Vec::new(),
+        limit: limits.max_check_clusters,
+    };
+
+    // Fixed metadata.
+    refs.add(0, 1)?;
+    refs.add(m.l1_offset / cs, (m.l1.len() as u64 * 8).div_ceil(cs))?;
+    refs.add(m.rt_offset / cs, (m.rt.len() as u64 * 8).div_ceil(cs))?;
+    for ti in 0..m.rt.len() {
+        match decode_rt(&g, m.rt[ti], m.file_len) {
+            Ok(Some(off)) => refs.add(off / cs, 1)?,
+            Ok(None) => {}
+            Err(e) => {
+                r.corruptions += 1;
+                r.note(format!("refcount table entry {ti}: {e}"));
+            }
+        }
+    }
+
+    // Mapping tables.
+    let mut l2_tables: Vec<(usize, u64)> = Vec::new();
+    for l1i in 0..m.l1.len() {
+        match decode_l1(&g, m.l1[l1i], m.file_len) {
+            Ok(Some(off)) => {
+                refs.add(off / cs, 1)?;
+                l2_tables.push((l1i, off));
+            }
+            Ok(None) => {}
+            Err(e) => {
+                r.corruptions += 1;
+                r.note(format!("L1 entry {l1i}: {e}"));
+            }
+        }
+    }
+    for &(l1i, off) in &l2_tables {
+        let s = m.l2_slot(file, off).await?;
+        for (idx, &raw) in m.l2.get(s).table.iter().enumerate() {
+            match decode_l2(&g, raw) {
+                Ok(e) => {
+                    if let Some((c, n)) = e.host_clusters(&g) {
+                        refs.add(c, n)?;
+                    }
+                    if matches!(e, Entry::Data { .. } | Entry::Compressed { .. }) {
+                        r.allocated_clusters += 1;
+                    }
+                }
+                Err(e) => {
+                    r.corruptions += 1;
+                    r.note(format!(
+                        "L2 entry {idx} of the table for L1 entry {l1i} at {off:#x}: {e}"
+                    ));
+                }
+            }
+        }
+    }
+
+    // Compare with the refcounts, block by block.
+    let rbe = g.rb_entries;
+    let blocks = (m.rt.len() as u64).max((refs.counts.len() as u64).div_ceil(rbe));
+    let mut last_used = 0u64;
+    let mut fixes: Vec<(u64, u64)> = Vec::new();
+    for ti in 0..blocks {
+        let block = match m
+            .rt
+            .get(ti as usize)
+            .map(|&raw| decode_rt(&g, raw, m.file_len))
+        {
+            Some(Ok(Some(off))) => Some(m.read_block(file, off).await?),
+            _ => None,
+        };
+        let base = ti * rbe;
+        if block.is_none() && base >= refs.counts.len() as u64 {
+            continue;
+        }
+        for i in 0..rbe {
+            let c = base + i;
+            let rc = block
+                .as_ref()
+                .map_or(0, |b| rc_get(b, g.refcount_order, i as usize));
+            let want = refs.get(c);
+            if rc == want {
+                if rc > 0 {
+                    last_used = c + 1;
+                }
+                continue;
+            }
+            last_used = c + 1;
+            if rc > want {
+                r.leaks += 1;
+                if want == 0 {
+                    r.note(format!("leaked cluster {c} (refcount {rc})"));
+                } else {
+                    r.note(format!("cluster {c}: refcount {rc}, references {want}"));
+                }
+                if repair {
+                    fixes.push((c, want));
+                    r.repaired_leaks += 1;
+                }
+            } else {
+                r.corruptions += 1;
+                r.note(format!("cluster {c}: refcount {rc} but {want} references"));
+                if repair && block.is_some() {
+                    fixes.push((c, want));
+                    r.repaired_corruptions += 1;
+                }
+            }
+        }
+    }
+    for (c, v) in fixes {
+        m.set_refcount(file, c, v).await?;
+        if v == 0 && c < m.free_hint {
+            m.free_hint = c;
+        }
+    }
+    r.image_end_offset = last_used * cs;
+
+    // Copied flags: set exactly when the refcount is one.
+    for &(l1i, off) in &l2_tables {
+        let rc = m.refcount(file, off / cs).await?;
+        if (m.l1[l1i] & COPIED != 0) != (rc == 1) {
+            r.corruptions += 1;
+            r.note(format!(
+                "L1 entry {l1i}: copied flag does not match refcount {rc} of its L2 table"
+            ));
+        }
+        let s = m.l2_slot(file, off).await?;
+        let table = m.l2.get(s).table.clone();
+        for (idx, raw) in table.into_iter().enumerate() {
+            let (host, copied) = match decode_l2(&g, raw) {
+                Ok(Entry::Data { host, copied })
+                | Ok(Entry::Zero {
+                    host: Some(host),
+                    copied,
+                }) => (host, copied),
+                _ => continue,
+            };
+            let rc = m.refcount(file, host / cs).await?;
+            if copied != (rc == 1) {
+                r.corruptions += 1;
+                r.note(format!(
+                    "L2 entry {idx} for L1 entry {l1i}: copied flag does not match refcount {rc} of cluster {:#x}",
+                    host
+                ));
+            }
+        }
+    }
+    Ok(r)
+}
