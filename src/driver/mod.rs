@@ -9,6 +9,7 @@
 //! cannot change the graph (that needs a `GraphWriter`).
 
 mod copy_on_read;
+mod fault;
 mod file;
 mod filter;
 mod memory;
@@ -27,6 +28,7 @@ use crate::graph::edge::{ChildRole, Perm, Permissions};
 use crate::proof::{GsRef, IoRef};
 
 pub use copy_on_read::CopyOnRead;
+pub use fault::{FaultAction, FaultController, FaultInjector, FaultOp, FaultRule, RuleId};
 pub use file::{FileDriver, FileOptions};
 pub use filter::PassthroughFilter;
 pub use memory::MemoryDriver;
