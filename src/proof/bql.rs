@@ -45,7 +45,7 @@ use crate::runtime::MainLoop;
 pub struct Bql {
     pub(crate) graph: Arc<GraphInner>,
     pub(crate) main: MainLoop,
-    _not_send: PhantomData<*mut ()>,
+    _not_send: super::NotSend,
 }
 
 static_assertions::assert_not_impl_any!(Bql: Send, Sync);

@@ -40,7 +40,7 @@ use crate::graph::GraphInner;
 pub struct Drained<'g> {
     state: Box<DrainedState>,
     _borrow: PhantomData<&'g NodeHandle>,
-    _not_send: PhantomData<*const ()>,
+    _not_send: super::NotSend,
 }
 
 static_assertions::assert_not_impl_any!(Drained<'static>: Send, Sync);

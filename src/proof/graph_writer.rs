@@ -23,7 +23,7 @@ use crate::proof::{GlobalState, GsRef};
 /// `!Send`; cannot be created in safe code.
 pub struct GraphWriter<'w> {
     pub(crate) graph: &'w Arc<GraphInner>,
-    _not_send: PhantomData<*mut ()>,
+    _not_send: super::NotSend,
 }
 
 static_assertions::assert_not_impl_any!(GraphWriter<'static>: Send, Sync);

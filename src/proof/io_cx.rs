@@ -17,7 +17,12 @@ use crate::sync::ReaderShard;
 /// `AioContext`, as far as the lock is concerned).
 ///
 /// An [`IoThread`](crate::IoThread) owns one; embedders that run their own
-/// runtimes can make more with [`MainLoop::new_io_context`]. Cheap to clone.
+/// runtimes can make more with [`MainLoop::new_io_context`] and start tasks
+/// on them with [`IoContext::spawn_on`]. Cheap to clone.
+///
+/// Tasks get their [`IoCx`] only from a spawner (`IoThread::spawn`,
+/// `IoContext::spawn_on`), one per task: a task cannot mint a second handle
+/// and take a second, nested read lock with it.
 /// The context stops counting for the writer once the last clone and the
 /// last [`IoCx`] made from it are gone; readers still inside keep it
 /// counted, so removing a context never loses a reader.
@@ -51,12 +56,41 @@ impl IoContext {
         &self.inner.name
     }
 
-    /// A handle for one task running on this context.
+    /// Spawns a task on an embedder's tokio runtime (multi-thread or not),
+    /// counted in this context. `f` receives the task's own [`IoCx`].
     ///
-    /// Each task that issues I/O needs its own: the read guard borrows it
-    /// mutably, which is what makes a second, nested read lock in the same
-    /// task a compile error.
-    pub fn task_handle(&self) -> IoCx {
+    /// The future must be `Send` (it may migrate between worker threads; its
+    /// read guards release the counter they took wherever they are dropped).
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use blockgraph::{MainLoop, drivers::NullDriver};
+    ///
+    /// let main = MainLoop::new()?;
+    /// let disk = main.run(|bql| bql.write(|w| w.add_node("null0", NullDriver::new(4096), &[])))?;
+    /// let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).build()?;
+    /// let ctx = main.new_io_context("embedder");
+    /// let task = ctx.spawn_on(runtime.handle(), move |mut cx| async move {
+    ///     let guard = cx.read().await;
+    ///     disk.io(&guard).length().await
+    /// });
+    /// assert_eq!(runtime.block_on(task).expect("task panicked")?, 4096);
+    /// # main.shutdown();
+    /// # Ok::<(), blockgraph::Error>(())
+    /// ```
+    pub fn spawn_on<F, Fut, T>(&self, runtime: &tokio::runtime::Handle, f: F) -> tokio::task::JoinHandle<T>
+    where
+        F: FnOnce(IoCx) -> Fut,
+        Fut: Future<Output = T> + Send + 'static,
+        T: Send + 'static,
+    {
+        runtime.spawn(f(self.task_handle()))
+    }
+
+    /// A handle for one task running on this context. Crate-private: handing
+    /// out handles freely would let one task hold two and nest read locks.
+    pub(crate) fn task_handle(&self) -> IoCx {
         IoCx {
             shard: self.inner.shard.clone(),
             graph: self.inner.graph.clone(),
@@ -123,11 +157,13 @@ impl IoCx {
     /// # Ok::<(), blockgraph::Error>(())
     /// ```
     pub fn read(&mut self) -> ReadFuture<'_> {
+        debug_assert_not_main_loop();
         ReadFuture { cx: Some(self) }
     }
 
     /// Takes the read lock if no writer is active, without waiting.
     pub fn try_read(&mut self) -> Option<ReadGuard<'_>> {
+        debug_assert_not_main_loop();
         if self.graph.lock.try_read(&self.shard) {
             Some(ReadGuard { cx: self })
         } else {
@@ -158,6 +194,18 @@ impl IoCx {
             reply.await
         }
     }
+}
+
+/// The main loop never takes the read lock (it reads the graph through
+/// `GsRef`s); a read guard held there would make its own write section or
+/// drain wait for itself. An `IoCx` is `Send`, so only a run-time check can
+/// catch one moved onto the main-loop thread.
+#[inline]
+fn debug_assert_not_main_loop() {
+    debug_assert!(
+        crate::runtime::thread_role() != crate::runtime::ThreadRole::Main,
+        "blockgraph: the read lock was taken on the main-loop thread; main-loop code reads the graph through GsRef"
+    );
 }
 
 impl std::fmt::Debug for IoCx {
@@ -194,8 +242,10 @@ impl<'cx> Future for ReadFuture<'cx> {
 ///
 /// [`IoRef`]s borrow it, so none outlives the lock. Released on drop, on
 /// whichever thread that happens. One pointer wide. Leaking it with
-/// `mem::forget` is memory-safe: the count stays up and writers wait forever,
-/// but nothing is freed under a reader.
+/// `mem::forget` is memory-safe: every `IoRef` borrowed from it has ended
+/// before it can be moved into `forget`. The leaked count keeps writers out
+/// for as long as its context lives; once the context and every `IoCx` of it
+/// are gone, the writer stops counting that context.
 #[must_use = "the read lock is released as soon as the guard is dropped"]
 pub struct ReadGuard<'cx> {
     cx: &'cx mut IoCx,

@@ -27,3 +27,12 @@ pub use node_ref::{
 };
 
 pub(crate) use drained::DrainedState;
+
+/// Makes a type `!Send` and `!Sync` with a name that says why: a field of
+/// type `PhantomData<dyn MainLoopThreadOnly>` puts "`dyn MainLoopThreadOnly`
+/// cannot be sent between threads safely" at the top of the compile error
+/// when a main-loop proof is moved to another thread.
+pub(crate) trait MainLoopThreadOnly {}
+
+/// The marker field itself.
+pub(crate) type NotSend = std::marker::PhantomData<dyn MainLoopThreadOnly>;

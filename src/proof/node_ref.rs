@@ -41,7 +41,7 @@ pub trait IoProof: Proof {}
 /// `!Send` and `!Sync`: main-loop proofs never leave the main-loop thread.
 #[derive(Debug, Clone, Copy)]
 pub struct GlobalState {
-    _not_send: PhantomData<*const ()>,
+    _not_send: super::NotSend,
 }
 
 /// Marker for node references obtained under a read guard (see [`IoRef`]).

@@ -183,8 +183,8 @@ impl MainLoop {
     }
 
     /// Creates an [`IoContext`] for an executor the embedder runs itself (a
-    /// multi-thread tokio runtime, say). Tasks there get their
-    /// [`IoCx`](crate::IoCx) from [`IoContext::task_handle`].
+    /// multi-thread tokio runtime, say). Tasks are started there with
+    /// [`IoContext::spawn_on`], each with its own [`IoCx`](crate::IoCx).
     pub fn new_io_context(&self, name: &str) -> IoContext {
         let n = self.shared.next_context.fetch_add(1, Ordering::Relaxed);
         let name = if name.is_empty() {

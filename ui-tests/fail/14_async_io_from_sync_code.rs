@@ -1,26 +1,21 @@
 // Rule 14: calling async I/O from synchronous code without going through the
 // main-loop entry point (`Bql::block_on`, the one nested event loop).
 //
-// Violation: a synchronous main-loop closure awaits a backend read directly.
-// Expected: error[E0728]: `await` is only allowed inside `async` functions
-// and blocks: synchronous main-loop code gets I/O results only through
-// `bql.block_on(..)`, which needs the `Bql` exclusively.
-use blockgraph::{drivers::MemoryDriver, BackendOptions, MainLoop};
+// Violation: a synchronous main-loop closure drives the disk's I/O itself,
+// on the `GsRef` it has, with an executor of its own.
+// Expected: error[E0277]: I/O needs an `IoRef`: synchronous main-loop code
+// holds no read lock (and can get no `IoCx`); it submits I/O to an I/O
+// thread and waits with `bql.block_on(..)`, which needs the `Bql`
+// exclusively (see ui-tests/pass/14_sync_code_uses_block_on.rs).
+use blockgraph::{drivers::MemoryDriver, MainLoop};
 
 fn main() {
     let main = MainLoop::new().unwrap();
-    let blk = main
-        .run(|bql| {
-            bql.write(|w| {
-                let disk = w.add_node("disk", MemoryDriver::new(4096), &[])?;
-                w.add_backend("vda", &disk, BackendOptions::default())
-            })
-        })
-        .unwrap();
-    let ctx = main.new_io_context("sync");
-    let len = main.run(move |_bql| {
-        let mut cx = ctx.task_handle();
-        blk.length(&mut cx).await
+    let len = main.run(|bql| {
+        bql.write(|w| w.add_node("disk", MemoryDriver::new(4096), &[]))
+            .unwrap();
+        let disk = bql.node("disk").unwrap();
+        futures::executor::block_on(disk.length())
     });
     assert_eq!(len.unwrap(), 4096);
     main.shutdown();

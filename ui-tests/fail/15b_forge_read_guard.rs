@@ -8,8 +8,14 @@ use blockgraph::{MainLoop, ReadGuard};
 
 fn main() {
     let main = MainLoop::new().unwrap();
-    let mut cx = main.new_io_context("ctx").task_handle();
-    let guard = ReadGuard { cx: &mut cx };
-    assert_eq!(guard.graph().nodes().count(), 0);
+    let io = main.new_io_thread("io0").unwrap();
+    let nodes = io
+        .spawn(|mut cx| async move {
+            let guard = ReadGuard { cx: &mut cx };
+            guard.graph().nodes().count()
+        })
+        .join();
+    assert_eq!(nodes, 0);
+    drop(io);
     main.shutdown();
 }
