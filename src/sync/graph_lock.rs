@@ -2,22 +2,67 @@
 //!
 //! # Protocol
 //!
-//! Every I/O context owns a [`ReaderShard`]: one cache-padded counter of
-//! readers inside the graph on that context. A reader bumps only its own
-//! shard and then checks the single writer flag; no shared cache line is
-//! written on the fast path. The writer raises the flag and waits until the
-//! sum over all shards is zero.
+//! Every I/O context owns a [`ReaderShard`]: counters of the readers inside
+//! the graph through that context, on cache lines of their own. A reader
+//! bumps only its own shard and then checks the single writer flag; no
+//! shared cache line is written on the fast path. The writer raises the flag
+//! and waits until the sum over all shards is zero.
 //!
-//! The two sides form a Dekker pair: the reader does *increment, then load the
-//! flag*, the writer does *store the flag, then load the counters*. All four
-//! accesses are `SeqCst`, so in the single total order at least one side sees
-//! the other: either the reader sees the flag (and backs off) or the writer
-//! sees the count (and waits). The increment is a locked read-modify-write,
-//! which is also the full barrier the pattern needs on x86; no separate
-//! `fence(SeqCst)` (an `mfence`) is ever issued.
+//! The two sides form a Dekker pair: the reader does *update its counter,
+//! then load the flag*, the writer does *store the flag, then load the
+//! counters*. With a StoreLoad barrier on both sides at least one sees the
+//! other: either the reader sees the flag (and backs off) or the writer sees
+//! the count (and waits). How the reader's barrier is paid for is the
+//! [`FenceMode`]:
 //!
-//! A reader leaving decrements its shard and, if that took the shard to zero
-//! while the flag is up, wakes the writer. The writer registers its waker
+//! * **Asymmetric** (Linux `membarrier`, the default where the kernel grants
+//!   it): the reader's barrier is a compiler fence; the writer, after raising
+//!   the flag, calls `membarrier(MEMBARRIER_CMD_PRIVATE_EXPEDITED)`, which
+//!   runs a full barrier on every CPU currently running one of our threads.
+//!   For any reader, that barrier lands somewhere in its program order: if
+//!   it lands before the reader's flag load, the load comes after the
+//!   writer's flag store and sees it; if it lands after the flag load, it is
+//!   also after the counter store (the compiler fence keeps program order),
+//!   which is then visible to every counter load the writer makes after
+//!   `membarrier` returns. Either way one side sees the other, exactly as if
+//!   the compiler fence had been a full fence.
+//! * **Symmetric** (fallback, or forced with `BLOCKGRAPH_LOCK_FENCE=symmetric`):
+//!   the counter update is one `SeqCst` read-modify-write (`lock xadd` on
+//!   x86, itself the StoreLoad barrier) and all four accesses are `SeqCst`,
+//!   so the single total order of `SeqCst` operations puts the reader's flag
+//!   load after the writer's flag store or the writer's counter load after
+//!   the reader's update. No `fence(SeqCst)` (an `mfence`) is ever issued.
+//!
+//! # Who may write a counter without a locked instruction
+//!
+//! A plain load-and-store increment is only atomic if no other thread writes
+//! the same word meanwhile. A context's tasks may run on several threads
+//! (an embedder's multi-thread runtime) and a guard may be dropped on a
+//! thread other than the one that took it. So each shard has two counters:
+//!
+//! * `owned`, written *only* by the shard's owner thread, with a plain
+//!   `Relaxed` load and store: a single writer, so no update is lost; other
+//!   threads only load it. The owner is the first thread that takes a read
+//!   lock through the shard in asymmetric mode (claimed once with a
+//!   compare-exchange; thread ids are never reused, so a dead owner's counter
+//!   is simply never written again). An I/O thread's context is owned by
+//!   that thread.
+//! * `foreign`, updated with a `SeqCst` read-modify-write by every other
+//!   thread (and by everyone in symmetric mode).
+//!
+//! A guard taken on the owner thread and dropped elsewhere adds one to
+//! `owned` and subtracts one from `foreign` (wrapping): only the *sum* of a
+//! shard's words, and of all shards, is the number of readers inside. That
+//! sum is never short while the writer waits: every reader that entered made
+//! its increment visible to the writer (the Dekker argument above), so each
+//! reader contributes one, or zero once its decrement is visible too; a
+//! reader that arrives after the flag backs off on the *same* word it
+//! incremented (same thread), contributing zero or one. No read order of the
+//! two words can therefore produce a false zero.
+//!
+//! A reader leaving updates the counter it is allowed to (by the thread it
+//! is on), orders that before a load of the flag the same way as entering,
+//! and wakes the writer if the flag is up. The writer registers its waker
 //! *before* summing, so a decrement it did not see is followed by a wake-up
 //! it will get: no lost wake-up. Readers that find the flag up park their
 //! waker in a queue under a mutex and re-check the flag under that mutex; the
@@ -37,26 +82,95 @@ use std::task::{Context, Poll, Waker};
 
 use crossbeam_utils::CachePadded;
 
-use super::primitives::{Arc, AtomicBool, AtomicUsize, AtomicWaker, Mutex, Ordering};
+use super::membarrier::{self, FenceMode};
+use super::primitives::{
+    register_waker, seq_cst_point, thread_id, Arc, AtomicBool, AtomicU64, AtomicUsize, AtomicWaker,
+    Mutex, Ordering,
+};
 
-/// One I/O context's reader counter, on a cache line of its own.
-#[derive(Debug, Default)]
+/// The owner thread's half of a shard: one cache line only it writes.
+#[derive(Debug)]
+struct OwnedCounter {
+    /// [`thread_id`] of the thread allowed to write `count`; 0 = unclaimed.
+    owner: AtomicU64,
+    /// Readers that entered minus readers that left on the owner thread
+    /// (wrapping: may be "negative" when guards migrate away).
+    count: AtomicUsize,
+}
+
+/// One I/O context's reader counters (see the module documentation).
+#[derive(Debug)]
 pub(crate) struct ReaderShard {
-    readers: CachePadded<AtomicUsize>,
+    owned: CachePadded<OwnedCounter>,
+    /// Readers that entered minus readers that left on any other thread
+    /// (wrapping).
+    foreign: CachePadded<AtomicUsize>,
 }
 
 impl ReaderShard {
+    fn new() -> Self {
+        ReaderShard {
+            owned: CachePadded::new(OwnedCounter {
+                owner: AtomicU64::new(0),
+                count: AtomicUsize::new(0),
+            }),
+            foreign: CachePadded::new(AtomicUsize::new(0)),
+        }
+    }
+
     /// Number of readers currently inside the graph through this shard.
+    ///
+    /// A snapshot for diagnostics: exact whenever no guard of this shard is
+    /// being taken or dropped on another thread meanwhile; a racing
+    /// migration can make the two words momentarily disagree, shown as 0.
     pub(crate) fn readers(&self) -> usize {
-        self.readers.load(Ordering::SeqCst)
+        let sum = self.raw_sum();
+        if (sum as isize) < 0 {
+            0
+        } else {
+            sum
+        }
+    }
+
+    /// `owned + foreign`, wrapping.
+    fn raw_sum(&self) -> usize {
+        let foreign = self.foreign.load(Ordering::SeqCst);
+        let owned = self.owned.count.load(Ordering::SeqCst);
+        owned.wrapping_add(foreign)
+    }
+
+    /// `(owned, foreign)` counter words, for tests.
+    #[cfg(all(test, not(loom)))]
+    pub(crate) fn words(&self) -> (usize, usize) {
+        (
+            self.owned.count.load(Ordering::SeqCst),
+            self.foreign.load(Ordering::SeqCst),
+        )
+    }
+
+    /// Claims the shard for the calling thread if nobody has.
+    #[cold]
+    fn claim(&self, me: u64) -> bool {
+        // Relaxed: `count` is still 0 and was published with the shard;
+        // nothing else is handed over with ownership.
+        match self
+            .owned
+            .owner
+            .compare_exchange(0, me, Ordering::Relaxed, Ordering::Relaxed)
+        {
+            Ok(_) => true,
+            Err(owner) => owner == me,
+        }
     }
 }
 
 /// The graph lock shared by the main loop and every I/O context.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub(crate) struct GraphLock {
     /// Raised while a writer is waiting or inside. Readers only ever load it.
     writer_active: CachePadded<AtomicBool>,
+    /// How readers order their counter update before their flag load.
+    mode: FenceMode,
     /// Nesting depth of write sections. Only the main-loop thread changes it.
     writers: AtomicUsize,
     /// The (single, main-loop) writer waiting for readers to leave.
@@ -67,11 +181,46 @@ pub(crate) struct GraphLock {
     shards: Mutex<Vec<Arc<ReaderShard>>>,
 }
 
+impl Default for GraphLock {
+    /// A lock in the mode [`FenceMode::detect`] picks (the
+    /// `BLOCKGRAPH_LOCK_FENCE` override, else membarrier where available).
+    fn default() -> Self {
+        GraphLock::with_mode(FenceMode::detect())
+    }
+}
+
 impl GraphLock {
+    /// A lock in `mode`.
+    ///
+    /// [`FenceMode::Asymmetric`] is only sound once membarrier registration
+    /// succeeded ([`membarrier::asymmetric_available`]); outside loom models
+    /// a request for it without that falls back to symmetric.
+    pub(crate) fn with_mode(mode: FenceMode) -> Self {
+        #[cfg(not(loom))]
+        let mode = match mode {
+            FenceMode::Asymmetric if !membarrier::asymmetric_available() => FenceMode::Symmetric,
+            m => m,
+        };
+        GraphLock {
+            writer_active: CachePadded::new(AtomicBool::new(false)),
+            mode,
+            writers: AtomicUsize::new(0),
+            writer_waker: AtomicWaker::new(),
+            queued_readers: Mutex::new(Vec::new()),
+            shards: Mutex::new(Vec::new()),
+        }
+    }
+
+    /// The fence mode this lock runs in.
+    #[cfg_attr(not(test), allow(dead_code))] // tests; no public accessor yet
+    pub(crate) fn mode(&self) -> FenceMode {
+        self.mode
+    }
+
     /// Creates a shard for a new I/O context and registers it with the
     /// writer.
     pub(crate) fn new_shard(&self) -> Arc<ReaderShard> {
-        let shard = Arc::new(ReaderShard::default());
+        let shard = Arc::new(ReaderShard::new());
         lock(&self.shards).push(shard.clone());
         shard
     }
@@ -83,25 +232,65 @@ impl GraphLock {
         shards.len()
     }
 
+    /// Whether the calling thread updates `shard.owned` (plain store)
+    /// rather than `shard.foreign` (locked RMW). One thread-local load and
+    /// one load of a line only the owner writes.
+    #[inline(always)]
+    fn owns(&self, shard: &ReaderShard) -> bool {
+        let me = thread_id();
+        let owner = shard.owned.owner.load(Ordering::Relaxed);
+        owner == me || (owner == 0 && self.mode == FenceMode::Asymmetric && shard.claim(me))
+    }
+
+    /// Adds `delta` (1 or `usize::MAX` for -1) to the calling thread's
+    /// counter of `shard`, ordered before the caller's next flag load.
+    #[inline(always)]
+    fn count(&self, shard: &ReaderShard, delta: usize) {
+        if self.owns(shard) {
+            // Only this thread writes `owned.count`, so load + store loses
+            // no update. Release: a leaving reader's graph accesses happen
+            // before a writer's acquire load that sees the new count.
+            let c = &shard.owned.count;
+            c.store(
+                c.load(Ordering::Relaxed).wrapping_add(delta),
+                Ordering::Release,
+            );
+            membarrier::light_barrier();
+        } else {
+            shard.foreign.fetch_add(delta, Ordering::SeqCst);
+            seq_cst_point();
+        }
+    }
+
     /// The read fast path: enter if no writer is active.
     #[inline]
     pub(crate) fn try_read(&self, shard: &ReaderShard) -> bool {
-        shard.readers.fetch_add(1, Ordering::SeqCst);
+        self.count(shard, 1);
+        // SeqCst (a plain `mov` on x86): the symmetric argument needs it,
+        // and its acquire half makes a previous writer's changes visible.
         if !self.writer_active.load(Ordering::SeqCst) {
             return true;
         }
+        // Back off on the same thread, hence the same counter word.
         self.read_unlock(shard);
         false
     }
 
-    /// Leaves a read section entered through `shard`.
+    /// Leaves a read section entered through `shard` (on any thread).
     #[inline]
     pub(crate) fn read_unlock(&self, shard: &ReaderShard) {
-        let before = shard.readers.fetch_sub(1, Ordering::SeqCst);
-        debug_assert!(before > 0, "graph lock: reader count underflow");
-        if before == 1 && self.writer_active.load(Ordering::SeqCst) {
-            self.writer_waker.wake();
+        self.count(shard, usize::MAX);
+        if self.writer_active.load(Ordering::SeqCst) {
+            self.wake_writer();
         }
+    }
+
+    #[cold]
+    fn wake_writer(&self) {
+        // The writer re-sums on every wake-up; a reader cannot tell cheaply
+        // whether it was the last one (the counts are split), and waking is
+        // only paid while a writer waits.
+        self.writer_waker.wake();
     }
 
     /// Enters a read section, parking the task while a writer is active.
@@ -127,14 +316,19 @@ impl GraphLock {
     pub(crate) fn write_announce(&self) {
         if self.writers.fetch_add(1, Ordering::Relaxed) == 0 {
             self.writer_active.store(true, Ordering::SeqCst);
+            match self.mode {
+                FenceMode::Asymmetric => membarrier::heavy_barrier(),
+                FenceMode::Symmetric => seq_cst_point(),
+            }
         }
     }
 
     /// Ready once no reader is inside the graph; otherwise arranges for the
     /// last reader out to wake `cx`.
     pub(crate) fn poll_readers_gone(&self, cx: &mut Context<'_>) -> Poll<()> {
-        self.writer_waker.register(cx.waker());
-        if self.total_readers() == 0 {
+        debug_assert!(self.writer_active(), "graph lock: waiting without a writer");
+        register_waker(&self.writer_waker, cx.waker());
+        if self.readers_for_writer() == 0 {
             Poll::Ready(())
         } else {
             Poll::Pending
@@ -160,14 +354,27 @@ impl GraphLock {
         self.writer_active.load(Ordering::SeqCst)
     }
 
-    /// Sum of readers over every registered shard.
+    /// Sum of readers over every registered shard (a diagnostic snapshot,
+    /// see [`ReaderShard::readers`]).
     pub(crate) fn total_readers(&self) -> usize {
         let mut shards = lock(&self.shards);
         prune(&mut shards);
-        shards
-            .iter()
-            .map(|s| s.readers.load(Ordering::SeqCst))
-            .sum()
+        shards.iter().map(|s| s.readers()).sum()
+    }
+
+    /// The writer's sum, after its flag store and barrier: never short (see
+    /// the module documentation), O(contexts).
+    fn readers_for_writer(&self) -> usize {
+        let mut shards = lock(&self.shards);
+        prune(&mut shards);
+        shards.iter().fold(0usize, |total, s| {
+            let n = s.raw_sum();
+            debug_assert!(
+                (n as isize) >= 0,
+                "graph lock: a shard's reader count went negative under a writer"
+            );
+            total.wrapping_add(n)
+        })
     }
 }
 

@@ -6,8 +6,12 @@
 //! [`crate::GraphWriter`] are the public faces built on it.
 
 pub(crate) mod graph_lock;
+pub(crate) mod membarrier;
 pub(crate) mod primitives;
 pub(crate) mod wait_list;
+
+#[cfg(test)]
+mod tests;
 
 pub(crate) use graph_lock::{GraphLock, ReaderShard};
 pub(crate) use wait_list::WaitList;
