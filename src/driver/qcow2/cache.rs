@@ -140,10 +140,4 @@ impl<T: Table> TableCache<T> {
     pub(crate) fn has_dirty(&self) -> bool {
         self.slots.iter().any(|s| s.dirty.is_some())
     }
-
-    /// Forgets every table (after an error left the cache unreliable).
-    pub(crate) fn clear(&mut self) {
-        self.slots.clear();
-        self.index.clear();
-    }
 }

@@ -5,7 +5,6 @@ use crate::error::Result;
 use crate::proof::IoRef;
 
 use super::entry::{decode_l1, decode_l2, decode_rt, rc_get, Entry, COPIED};
-use super::header::invalid;
 use super::meta::Meta;
 use super::Qcow2Limits;
 
@@ -54,16 +53,12 @@ struct Refs {
 }
 
 impl Refs {
-    fn add(&mut self, first: u64, n: u64) -> Result<()> {
-        let end = first
-            .checked_add(n)
-            .filter(|&e| e <= self.limit)
-            .ok_or_else(|| {
-                invalid(format!(
-                    "cluster index {first}+{n} exceeds the check limit of {} clusters",
-                    self.limit
-                ))
-            })?;
+    /// Counts a reference to `n` clusters from `first`; `false` (nothing
+    /// counted) when they lie past the end of the file or the limit.
+    fn add(&mut self, first: u64, n: u64) -> bool {
+        let Some(end) = first.checked_add(n).filter(|&e| e <= self.limit) else {
+            return false;
+        };
         if end as usize > self.counts.len() {
             self.counts.resize(end as usize, 0);
         }
@@ -71,7 +66,7 @@ impl Refs {
             let r = &mut self.counts[c as usize];
             *r = r.saturating_add(1);
         }
-        Ok(())
+        true
     }
 
     fn get(&self, c: u64) -> u64 {
@@ -88,18 +83,26 @@ pub(crate) async fn check_meta(
     let g = m.geo;
     let cs = g.cs;
     let mut r = CheckReport::default();
+    // Memory is bounded by the file's size (nothing valid lies past it)
+    // and by the embedder's limit.
     let mut refs = Refs {
         counts: Vec::new(),
-        limit: limits.max_check_clusters,
+        limit: limits.max_check_clusters.min(m.file_len.div_ceil(cs)),
+    };
+    let outside = |r: &mut CheckReport, what: String| {
+        r.corruptions += 1;
+        r.note(format!("{what} lies past the end of the file"));
     };
 
-    // Fixed metadata.
-    refs.add(0, 1)?;
-    refs.add(m.l1_offset / cs, (m.l1.len() as u64 * 8).div_ceil(cs))?;
-    refs.add(m.rt_offset / cs, (m.rt.len() as u64 * 8).div_ceil(cs))?;
+    // Fixed metadata (validated at open: inside the file).
+    refs.add(0, 1);
+    refs.add(m.l1_offset / cs, (m.l1.len() as u64 * 8).div_ceil(cs));
+    refs.add(m.rt_offset / cs, (m.rt.len() as u64 * 8).div_ceil(cs));
     for ti in 0..m.rt.len() {
         match decode_rt(&g, m.rt[ti], m.file_len) {
-            Ok(Some(off)) => refs.add(off / cs, 1)?,
+            Ok(Some(off)) => {
+                refs.add(off / cs, 1);
+            }
             Ok(None) => {}
             Err(e) => {
                 r.corruptions += 1;
@@ -113,7 +116,7 @@ pub(crate) async fn check_meta(
     for l1i in 0..m.l1.len() {
         match decode_l1(&g, m.l1[l1i], m.file_len) {
             Ok(Some(off)) => {
-                refs.add(off / cs, 1)?;
+                refs.add(off / cs, 1);
                 l2_tables.push((l1i, off));
             }
             Ok(None) => {}
@@ -129,7 +132,12 @@ pub(crate) async fn check_meta(
             match decode_l2(&g, raw) {
                 Ok(e) => {
                     if let Some((c, n)) = e.host_clusters(&g) {
-                        refs.add(c, n)?;
+                        if !refs.add(c, n) {
+                            outside(
+                                &mut r,
+                                format!("cluster {c} (L2 entry {idx} for L1 entry {l1i})"),
+                            );
+                        }
                     }
                     if matches!(e, Entry::Data { .. } | Entry::Compressed { .. }) {
                         r.allocated_clusters += 1;

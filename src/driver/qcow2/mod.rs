@@ -472,6 +472,12 @@ impl Qcow2Driver {
         self.read_only
     }
 
+    /// Whether metadata changes are waiting for a flush (flush before
+    /// removing the node: its `close` callback cannot do I/O).
+    pub async fn has_unflushed_metadata(&self) -> bool {
+        self.meta.lock().await.is_dirty()
+    }
+
     /// Checks the image's metadata: every cluster's refcount against the
     /// references found by walking the tables, and the copied flags.
     /// `node` is this driver's node. With `repair`, leaks and refcounts
