@@ -209,7 +209,10 @@ fn drains_wait_for_delayed_requests_and_nothing_is_lost() {
         std::thread::sleep(Duration::from_millis(1));
     }
     let started = Instant::now();
-    let (fault, blk, io_ctx) = (s.fault.clone(), s.blk.clone(), s.io.context().clone());
+    // A request handle for the write issued during the drain (an IoCx is
+    // `Send`; that write is polled on a plain thread).
+    let spare_cx = s.io.spawn(|cx| async move { cx }).join();
+    let (fault, blk) = (s.fault.clone(), s.blk.clone());
     let (waited, queued) = s.main.run(move |bql| {
         let drained = bql.drain(&fault);
         let waited = started.elapsed();
@@ -220,7 +223,7 @@ fn drains_wait_for_delayed_requests_and_nothing_is_lost() {
         );
         // A request issued now queues at the backend until the drain ends.
         let b = blk.clone();
-        let mut cx = io_ctx.task_handle();
+        let mut cx = spare_cx;
         let t = std::thread::spawn(move || {
             futures::executor::block_on(async move { b.write(&mut cx, 8192, &[8; 4096]).await })
         });

@@ -587,10 +587,12 @@ fn works_outside_a_tokio_runtime() {
     let dir = tempfile::tempdir().unwrap();
     let path = image(dir.path(), "plain.img", 65536);
     let s = Setup::new(FileDriver::open(&path, FileOptions::default()).unwrap());
-    let ctx = s.main.new_io_context("plain");
+    // An IoCx is `Send`: take one from an I/O thread's task and poll with
+    // a plain executor on a plain thread.
+    let cx = s.io.spawn(|cx| async move { cx }).join();
     let node = s.node.clone();
     let data = std::thread::spawn(move || {
-        let mut cx = ctx.task_handle();
+        let mut cx = cx;
         futures::executor::block_on(async move {
             let guard = cx.read().await;
             let n = node.io(&guard);
