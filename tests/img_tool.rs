@@ -1,0 +1,484 @@
+//! The `img` example as a user runs it: real processes, exit codes, output,
+//! and interop with `qemu-img` where it is installed.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::OnceLock;
+
+/// The `img` binary: built by `cargo test` with the examples, or built here
+/// when only this test was asked for.
+fn img_binary() -> &'static Path {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| {
+        let exe = std::env::current_exe().unwrap();
+        let profile_dir = exe.parent().unwrap().parent().unwrap().to_path_buf();
+        let bin = profile_dir.join("examples").join("img");
+        let target_dir = profile_dir.parent().unwrap();
+        let mut build = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+        build
+            .args(["build", "--example", "img", "--target-dir"])
+            .arg(target_dir)
+            .current_dir(env!("CARGO_MANIFEST_DIR"));
+        if profile_dir.file_name().is_some_and(|n| n == "release") {
+            build.arg("--release");
+        }
+        let status = build.status().expect("cargo runs");
+        assert!(status.success(), "building the img example failed");
+        assert!(bin.exists(), "{} missing after the build", bin.display());
+        bin
+    })
+}
+
+struct Run {
+    code: i32,
+    stdout: String,
+    stderr: String,
+}
+
+fn img(dir: &Path, args: &[&str]) -> Run {
+    let Output {
+        status,
+        stdout,
+        stderr,
+    } = Command::new(img_binary())
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .unwrap();
+    Run {
+        code: status.code().unwrap_or(-1),
+        stdout: String::from_utf8_lossy(&stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&stderr).into_owned(),
+    }
+}
+
+fn ok(dir: &Path, args: &[&str]) -> String {
+    let r = img(dir, args);
+    assert_eq!(r.code, 0, "img {args:?} failed: {}{}", r.stdout, r.stderr);
+    r.stdout
+}
+
+fn have(tool: &str) -> bool {
+    Command::new(tool).arg("--version").output().is_ok()
+}
+
+fn qemu(dir: &Path, tool: &str, args: &[&str]) -> Output {
+    let out = Command::new(tool)
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{tool} {args:?}: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+#[test]
+fn bad_arguments_and_bad_images_give_one_line_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    std::fs::write(d.join("short.qcow2"), b"QFI\xfb\0\0\0\x03truncated").unwrap();
+    std::fs::write(d.join("junk.bin"), b"junk").unwrap();
+    let mut header = vec![0u8; 4096];
+    header[..8].copy_from_slice(b"QFI\xfb\0\0\0\x03");
+    header[20..24].copy_from_slice(&40u32.to_be_bytes()); // cluster_bits 40
+    std::fs::write(d.join("hostile.qcow2"), &header).unwrap();
+    ok(d, &["create", "-f", "raw", "good.raw", "1M"]);
+    let cases: &[(&[&str], &str)] = &[
+        (&[], "missing command"),
+        (&["frobnicate"], "unknown command"),
+        (&["create", "x.raw"], "needs a SIZE"),
+        (&["create", "-f", "raw", "x.raw", "0"], "must be positive"),
+        (&["create", "-f", "raw", "x.raw", "lots"], "is not a size"),
+        (&["create", "-f", "vmdk", "x", "1M"], "unknown format"),
+        (
+            &[
+                "create",
+                "-f",
+                "qcow2",
+                "-o",
+                "cluster_size=3k",
+                "y.qcow2",
+                "1M",
+            ],
+            "power of two",
+        ),
+        (
+            &[
+                "create",
+                "-f",
+                "qcow2",
+                "-b",
+                "/etc/hostname",
+                "-F",
+                "raw",
+                "z.qcow2",
+            ],
+            "absolute",
+        ),
+        (
+            &["create", "-f", "qcow2", "-b", "missing.raw", "z.qcow2"],
+            "missing.raw",
+        ),
+        (&["info"], "expected FILE"),
+        (&["info", "missing.img"], "missing.img"),
+        (&["info", "short.qcow2"], "too short"),
+        (&["info", "hostile.qcow2"], "qcow2"),
+        (&["info", "-f", "qcow2", "junk.bin"], "qcow2"),
+        (&["info", "--bogus", "good.raw"], "unknown option"),
+        (&["info", "-f"], "needs a value"),
+        (&["check", "short.qcow2"], "too short"),
+        (&["convert", "good.raw"], "expected SRC DST"),
+        (
+            &["convert", "-O", "vmdk", "good.raw", "o"],
+            "unknown output format",
+        ),
+        (
+            &["bench", "--stack", "null", "--depth", "0"],
+            "--depth must be",
+        ),
+        (&["bench", "--stack", "null", "--bs", "0"], "--bs must be"),
+        (
+            &["bench", "--stack", "null", "--time", "-3"],
+            "--time must be",
+        ),
+        (
+            &["bench", "--stack", "throttle:iops-total=0/null"],
+            "must be positive",
+        ),
+        (
+            &["bench", "--stack", "throttle:iops-total=5,iops-read=5/null"],
+            "cannot be combined",
+        ),
+        (&["bench", "--stack", "raw:size=0/null"], "must be positive"),
+        (
+            &["bench", "--stack", "raw:offset=2G/null:size=1G"],
+            "past the end",
+        ),
+        (&["bench", "--stack", "null/raw"], "must be the last layer"),
+        (&["bench", "--stack", "cor"], "must end in"),
+        (&["bench", "--stack", "warp/null"], "unknown stack layer"),
+        (
+            &["bench", "--stack", "null:size=1G", "--size", "2G"],
+            "larger than the device",
+        ),
+        (&["bench", "--stack", "null", "good.raw"], "takes no FILE"),
+        (&["bench"], "no image given"),
+        (
+            &["bench", "--rw", "sideways", "--stack", "null"],
+            "--rw must be",
+        ),
+    ];
+    for (args, expect) in cases {
+        let r = img(d, args);
+        assert!(
+            r.code != 0 && r.code != 70 && r.code != 101,
+            "img {args:?} exited {}: {}",
+            r.code,
+            r.stderr
+        );
+        let lines: Vec<&str> = r.stderr.lines().collect();
+        assert_eq!(lines.len(), 1, "img {args:?}: not one line: {}", r.stderr);
+        assert!(lines[0].starts_with("img: "), "img {args:?}: {}", r.stderr);
+        assert!(lines[0].contains(expect), "img {args:?}: {}", r.stderr);
+    }
+    // Nothing half-made was left behind by the failed creates.
+    for f in ["x.raw", "y.qcow2", "z.qcow2"] {
+        assert!(!d.join(f).exists(), "{f} left behind");
+    }
+    // compare reports errors with status 2 (1 means "different").
+    assert_eq!(img(d, &["compare", "good.raw", "missing.raw"]).code, 2);
+}
+
+#[test]
+fn create_info_check_convert_compare_round_trip() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    ok(d, &["create", "-f", "raw", "base.raw", "4M"]);
+    ok(
+        d,
+        &[
+            "create",
+            "-f",
+            "qcow2",
+            "-o",
+            "cluster_size=4k",
+            "-b",
+            "base.raw",
+            "-F",
+            "raw",
+            "top.qcow2",
+        ],
+    );
+    // Write through the stack (img has no write command): a bench of
+    // sequential writes fills the first 64 KiB of the top image.
+    ok(
+        d,
+        &[
+            "bench",
+            "-f",
+            "qcow2",
+            "--rw",
+            "write",
+            "--bs",
+            "4k",
+            "--count",
+            "16",
+            "--depth",
+            "1",
+            "top.qcow2",
+        ],
+    );
+    let info = ok(d, &["info", "top.qcow2"]);
+    for expect in [
+        "file format: qcow2",
+        "virtual size: 4 MiB (4194304 bytes)",
+        "cluster_size: 4096",
+        "backing file: base.raw",
+        "backing file format: raw",
+        "allocated data: 64 KiB (65536 bytes)",
+        "file format: raw",
+    ] {
+        assert!(info.contains(expect), "missing '{expect}' in:\n{info}");
+    }
+    let json = ok(d, &["info", "--json", "top.qcow2"]);
+    assert!(json.trim_start().starts_with('{') && json.trim_end().ends_with('}'));
+    for expect in [
+        "\"virtual-size\": 4194304",
+        "\"cluster-size\": 4096",
+        "\"backing-filename\": \"base.raw\"",
+        "\"backing-image\": {",
+        "\"compat\": \"1.1\"",
+    ] {
+        assert!(json.contains(expect), "missing '{expect}' in:\n{json}");
+    }
+    assert!(ok(d, &["check", "top.qcow2"]).contains("No errors were found"));
+    assert_eq!(img(d, &["check", "base.raw"]).code, 63);
+
+    // Flatten to raw and to qcow2 v2; all three read the same.
+    ok(d, &["convert", "top.qcow2", "flat.raw"]);
+    ok(
+        d,
+        &[
+            "convert",
+            "-O",
+            "qcow2",
+            "-o",
+            "compat=0.10,cluster_size=64k",
+            "top.qcow2",
+            "flat.qcow2",
+        ],
+    );
+    assert!(ok(d, &["compare", "top.qcow2", "flat.raw"]).contains("identical"));
+    assert!(ok(d, &["compare", "flat.raw", "flat.qcow2"]).contains("identical"));
+    let raw = std::fs::read(d.join("flat.raw")).unwrap();
+    assert!(
+        raw[..65536].iter().all(|&b| b == 0xA5),
+        "the bench's pattern"
+    );
+    assert!(raw[65536..].iter().all(|&b| b == 0));
+    // And a difference is found, at the right offset.
+    let r = img(d, &["compare", "base.raw", "flat.raw"]);
+    assert_eq!(r.code, 1);
+    assert!(
+        r.stdout.contains("Content mismatch at offset 0!"),
+        "{}",
+        r.stdout
+    );
+
+    // A stack as the source: a window of the raw file.
+    ok(
+        d,
+        &[
+            "convert",
+            "--stack",
+            "raw:offset=32k,size=64k",
+            "flat.raw",
+            "window.raw",
+        ],
+    );
+    let window = std::fs::read(d.join("window.raw")).unwrap();
+    assert_eq!(window.len(), 65536);
+    assert_eq!(&window[..32768], &raw[32768..65536]);
+    assert!(window[32768..].iter().all(|&b| b == 0));
+}
+
+/// A second writer on an image in use is refused by its lock.
+#[test]
+fn an_image_in_use_is_locked() {
+    if !have("qemu-io") {
+        eprintln!("qemu-io not installed; skipping");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    ok(d, &["create", "-f", "qcow2", "busy.qcow2", "1M"]);
+    let mut holder = Command::new("qemu-io")
+        .args(["-f", "qcow2", "-c", "sleep 3000", "busy.qcow2"])
+        .current_dir(d)
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut locked = None;
+    for _ in 0..200 {
+        let r = img(d, &["bench", "--rw", "write", "--count", "1", "busy.qcow2"]);
+        if r.code != 0 {
+            locked = Some(r.stderr);
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    let _ = holder.kill();
+    let _ = holder.wait();
+    let msg = locked.expect("never refused");
+    assert!(msg.contains("failed to lock"), "{msg}");
+    // -U looks anyway.
+    assert_eq!(img(d, &["info", "-U", "busy.qcow2"]).code, 0);
+}
+
+#[test]
+fn qemu_img_reads_what_img_writes_and_the_other_way_round() {
+    if !have("qemu-img") || !have("qemu-io") {
+        eprintln!("qemu-img/qemu-io not installed; skipping the interop check");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    // qemu-img's image, our tools.
+    qemu(
+        d,
+        "qemu-img",
+        &[
+            "create",
+            "-f",
+            "qcow2",
+            "-o",
+            "cluster_size=65536",
+            "theirs.qcow2",
+            "8M",
+        ],
+    );
+    qemu(
+        d,
+        "qemu-io",
+        &[
+            "-f",
+            "qcow2",
+            "-c",
+            "write -P 0x5a 1M 256k",
+            "-c",
+            "write -z 2M 64k",
+            "theirs.qcow2",
+        ],
+    );
+    let info = ok(d, &["info", "theirs.qcow2"]);
+    assert!(info.contains("virtual size: 8 MiB"), "{info}");
+    ok(d, &["convert", "theirs.qcow2", "ours.raw"]);
+    qemu(
+        d,
+        "qemu-img",
+        &["convert", "-O", "raw", "theirs.qcow2", "ref.raw"],
+    );
+    assert_eq!(
+        std::fs::read(d.join("ours.raw")).unwrap(),
+        std::fs::read(d.join("ref.raw")).unwrap()
+    );
+    // Our image, qemu-img's tools.
+    ok(
+        d,
+        &[
+            "convert",
+            "-O",
+            "qcow2",
+            "-o",
+            "cluster_size=4k",
+            "theirs.qcow2",
+            "ours.qcow2",
+        ],
+    );
+    qemu(d, "qemu-img", &["check", "ours.qcow2"]);
+    let out = qemu(d, "qemu-img", &["compare", "theirs.qcow2", "ours.qcow2"]);
+    assert!(String::from_utf8_lossy(&out.stdout).contains("identical"));
+    assert!(ok(d, &["compare", "theirs.qcow2", "ours.qcow2"]).contains("identical"));
+}
+
+fn field(out: &str, name: &str) -> f64 {
+    let at = out
+        .find(name)
+        .unwrap_or_else(|| panic!("no '{name}' in {out}"))
+        + name.len();
+    out[at..]
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap()
+}
+
+/// The acceptance check: a throttle limit measured by `img bench`
+/// lands within 10% of the configured rate.
+#[test]
+fn bench_measures_a_throttle_limit_within_ten_percent() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = ok(
+        dir.path(),
+        &[
+            "bench",
+            "--stack",
+            "throttle:iops-total=200/null:size=1G",
+            "--rw",
+            "randread",
+            "--depth",
+            "8",
+            "--warmup",
+            "0.3",
+            "--time",
+            "2",
+        ],
+    );
+    let iops = field(&out, "IOPS:");
+    assert!(
+        (iops - 200.0).abs() <= 20.0,
+        "{iops} IOPS against 200:\n{out}"
+    );
+    let p50 = field(&out, "p50");
+    let p99 = field(&out, "p99");
+    let max = field(&out, "max");
+    assert!(p50 <= p99 && p99 <= max, "{out}");
+    // Eight requests in flight at 200 IOPS: each waits about 40 ms.
+    assert!((30_000.0..60_000.0).contains(&p50), "{out}");
+}
+
+#[test]
+fn bench_counts_injected_errors_and_fails() {
+    let dir = tempfile::tempdir().unwrap();
+    let r = img(
+        dir.path(),
+        &[
+            "bench",
+            "--stack",
+            "fault:op=read,error=eio,after=10,times=5/memory:size=1M",
+            "--count",
+            "100",
+            "--threads",
+            "2",
+            "--depth",
+            "4",
+        ],
+    );
+    assert_eq!(r.code, 1, "{}{}", r.stdout, r.stderr);
+    assert!(
+        r.stdout.contains("ops: 95"),
+        "the other 95 completed: {}",
+        r.stdout
+    );
+    assert!(
+        r.stderr.contains("5 request(s) failed") && r.stderr.contains("os error 5"),
+        "{}",
+        r.stderr
+    );
+}
