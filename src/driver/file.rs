@@ -1,69 +1,7 @@
 //! The `file` protocol driver: positional I/O on a host file or block
 //! device (QEMU's `file` / `host_device`).
 //!
-//! # Threads and buffers
-//!
-//! Host I/O blocks, so every system call runs on tokio's blocking pool
-//! (`spawn_blocking`), never on the I/O thread's executor. The closure that
-//! runs there owns everything it touches: the file (an `Arc`), and a buffer
-//! of its own that reads are copied out of and writes are copied into. A
-//! caller's buffer never crosses to the other thread, so a request future
-//! that is dropped half way leaves the host call finishing into memory that
-//! is still alive (the closure's), never into freed memory. Outside a tokio
-//! runtime (an embedder driving futures some other way) the call runs on a
-//! short-lived helper thread instead, with the same ownership rules.
-//!
-//! # `O_DIRECT` and alignment
-//!
-//! With [`FileOptions::direct`] the file is opened with `O_DIRECT`, which
-//! needs the offset, the length and the memory address of every transfer
-//! aligned to the device's logical block size. The driver probes that size
-//! at open ([`FileDriver::direct_alignment`]). The owned buffer above is
-//! always allocated aligned, so memory alignment is free. Offsets and
-//! lengths are handled by *bouncing in this driver*:
-//!
-//! * an unaligned read reads the enclosing aligned range into the owned
-//!   buffer and copies out the bytes asked for;
-//! * an unaligned write is a read-modify-write of the enclosing aligned
-//!   range, done in one blocking closure while a *serialising* range lock
-//!   ([`super::range_lock`]) keeps every other write to those blocks out
-//!   (otherwise two RMWs of neighbouring bytes would lose one of them).
-//!   Aligned writes take a plain range lock, so they never wait for each
-//!   other, only for an RMW of the same blocks.
-//!
-//! So the driver accepts any request and reports a request alignment of 1.
-//! Users that never want bouncing set [`FileOptions::strict_alignment`]:
-//! then the driver reports the probed alignment (a backend above rejects
-//! misaligned requests before they get here) and refuses misaligned
-//! requests itself with [`Error::Misaligned`].
-//!
-//! A bounced write that ends past the end of the file extends the file to a
-//! block boundary (the whole last block is written).
-//!
-//! # Locking
-//!
-//! With [`FileOptions::locking`] (the default) the driver takes open file
-//! description locks (`F_OFD_SETLK`) the way QEMU's `locking=on` does: one
-//! shared lock byte per permission it uses (offset 100 + bit) and one per
-//! permission it does not let others use (offset 200 + bit), with the bits
-//! of [`Perm`]: read 0, write 1, write-unchanged 2, resize 3. Then it checks
-//! that nobody else holds the byte that would exclude it. The layout is
-//! QEMU's, so the check works against `qemu-img`/`qemu-io`/QEMU too, and
-//! because the locks belong to the open file description, two opens in one
-//! process exclude each other as well. A writer takes read, write and
-//! resize and shares read and write-unchanged; a reader takes read and
-//! shares the same, unless [`FileOptions::share_writes`] (QEMU's
-//! `force-share` / `share-rw`) lets others write. The locks go away when the
-//! driver (and its last in-flight host call) is dropped. Filesystems without
-//! OFD locks run unlocked ([`FileDriver::is_locked`] says which).
-//!
-//! # Resizing
-//!
-//! [`FileDriver::truncate`] is an I/O operation (it takes an [`IoRef`] and
-//! runs on the blocking pool), as in QEMU where `bdrv_co_truncate` runs
-//! under the graph read lock: a format above (qcow2 growing its file) calls
-//! it from its own I/O callbacks, and a slow `ftruncate` never stalls the
-//! main loop.
+//! See [`FileDriver`] for threads, buffers, `O_DIRECT`, locking and resizing.
 
 use std::fs::{File, OpenOptions};
 use std::io::{self, Seek, SeekFrom};
@@ -96,7 +34,7 @@ pub struct FileOptions {
     /// Open for reading only; writes fail with [`Error::ReadOnly`].
     pub read_only: bool,
     /// Bypass the host page cache (`O_DIRECT`); requests are bounced as
-    /// described in the [module docs](self).
+    /// described on [`FileDriver`].
     pub direct: bool,
     /// Take QEMU-compatible image locks (default `true`).
     pub locking: bool,
@@ -133,6 +71,72 @@ struct Host {
 }
 
 /// A node backed by a host file or block device.
+///
+/// # Threads and buffers
+///
+/// Host I/O blocks, so every system call runs on tokio's blocking pool
+/// (`spawn_blocking`), never on the I/O thread's executor. The closure that
+/// runs there owns everything it touches: the file (an `Arc`), and a buffer
+/// of its own that reads are copied out of and writes are copied into. A
+/// caller's buffer never crosses to the other thread, so a request future
+/// that is dropped half way leaves the host call finishing into memory that
+/// is still alive (the closure's), never into freed memory. Outside a tokio
+/// runtime (an embedder driving futures some other way) the call runs on a
+/// short-lived helper thread instead, with the same ownership rules.
+///
+/// # `O_DIRECT` and alignment
+///
+/// With [`FileOptions::direct`] the file is opened with `O_DIRECT`, which
+/// needs the offset, the length and the memory address of every transfer
+/// aligned to the device's logical block size. The driver probes that size
+/// at open ([`FileDriver::direct_alignment`]). The owned buffer above is
+/// always allocated aligned, so memory alignment is free. Offsets and
+/// lengths are handled by *bouncing in this driver*:
+///
+/// * an unaligned read reads the enclosing aligned range into the owned
+///   buffer and copies out the bytes asked for;
+/// * an unaligned write is a read-modify-write of the enclosing aligned
+///   range, done in one blocking closure while a *serialising* range lock
+///   ((see `range_lock.rs`)) keeps every other write to those blocks out
+///   (otherwise two RMWs of neighbouring bytes would lose one of them).
+///   Aligned writes take a plain range lock, so they never wait for each
+///   other, only for an RMW of the same blocks.
+///
+/// So the driver accepts any request and reports a request alignment of 1.
+/// Users that never want bouncing set [`FileOptions::strict_alignment`]:
+/// then the driver reports the probed alignment (a backend above rejects
+/// misaligned requests before they get here) and refuses misaligned
+/// requests itself with [`Error::Misaligned`].
+///
+/// A bounced write that ends past the end of the file extends the file to a
+/// block boundary (the whole last block is written).
+///
+/// # Locking
+///
+/// With [`FileOptions::locking`] (the default) the driver takes open file
+/// description locks (`F_OFD_SETLK`) the way QEMU's `locking=on` does: one
+/// shared lock byte per permission it uses (offset 100 + bit) and one per
+/// permission it does not let others use (offset 200 + bit), with the bits
+/// of [`Perm`]: read 0, write 1, write-unchanged 2, resize 3. Then it checks
+/// that nobody else holds the byte that would exclude it. The layout is
+/// QEMU's, so the check works against `qemu-img`/`qemu-io`/QEMU too, and
+/// because the locks belong to the open file description, two opens in one
+/// process exclude each other as well. A writer takes read, write and
+/// resize and shares read and write-unchanged; a reader takes read and
+/// shares the same, unless [`FileOptions::share_writes`] (QEMU's
+/// `force-share` / `share-rw`) lets others write. The locks go away when the
+/// driver (and its last in-flight host call) is dropped. Filesystems without
+/// OFD locks run unlocked ([`FileDriver::is_locked`] says which).
+///
+/// # Resizing
+///
+/// [`FileDriver::truncate`] is an I/O operation (it takes an [`IoRef`] and
+/// runs on the blocking pool), as in QEMU where `bdrv_co_truncate` runs
+/// under the graph read lock: a format above (qcow2 growing its file) calls
+/// it from its own I/O callbacks, and a slow `ftruncate` never stalls the
+/// main loop.
+///
+/// # Example
 ///
 /// ```
 /// use blockgraph::{BackendOptions, MainLoop, drivers::{FileDriver, FileOptions}};
@@ -307,7 +311,8 @@ impl FileDriver {
     }
 
     /// Resizes the file to `size` bytes (shrinking drops data; growing adds
-    /// a sparse tail). An I/O operation: see the [module docs](self).
+    /// a sparse tail). An I/O operation (see [`FileDriver`]'s
+    /// section on resizing).
     ///
     /// # Errors
     ///
@@ -527,10 +532,15 @@ impl BlockDriver for FileDriver {
             if len == 0 {
                 return Ok(());
             }
+            // Not in the middle of a read-modify-write of the same blocks,
+            // which would write the old bytes back over the hole.
+            let (start, end) = self.aligned(offset, len)?;
+            let guard = self.lock_blocks(start, end, false).await;
             let host = self.host.clone();
             // Discard is advisory: a host that cannot punch holes keeps the
             // data, which is allowed.
             blocking(move || {
+                let _guard = guard;
                 let punch = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
                 fallocate(&host.file, punch, offset, len).map(drop)
             })

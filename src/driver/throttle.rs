@@ -1,36 +1,7 @@
 //! The `throttle` filter: IOPS and bytes-per-second limits with bursts,
 //! shared by the nodes of a [`ThrottleGroup`] (QEMU's throttle groups).
 //!
-//! # The algorithm
-//!
-//! Each configured limit is a leaky bucket: its level drains at the
-//! average rate, and a request may start while the level is below the
-//! bucket's capacity (the burst: `max × burst_seconds` units with a burst
-//! configured, a tenth of a second's worth otherwise). A request adds its
-//! cost (bytes, or I/Os) to every bucket that applies to it (total plus
-//! read or write, bytes and I/Os) *when it arrives*, and sleeps until the
-//! fullest of them has drained below capacity. Booking at arrival makes the
-//! group a virtual clock: requests start in arrival order, and a timer that
-//! fires late (tokio's timer has millisecond granularity) delays one request
-//! without lowering the rate, because the next request's wait is computed
-//! from the bucket levels, not from when the previous one woke. A burst rate
-//! (`max`) is a second bucket per limit, draining at `max` with a tenth of a
-//! second's capacity.
-//!
-//! The sleep runs on the calling I/O thread's tokio timer; it needs a tokio
-//! runtime with timers enabled (every [`IoThread`](crate::IoThread) has one).
-//!
-//! # Drain
-//!
-//! A throttled request is in flight at its backend, so a drain waits for
-//! it. Like QEMU, which turns throttling off for a drained node, the filter
-//! stops throttling when its first drain section begins: the
-//! `drained_begin` callback wakes every request sleeping in this node, and
-//! requests arriving before the backends have quiesced go straight through,
-//! so the drain completes as soon as the child has served them. Throttling
-//! resumes when the last section ends. Requests that were sleeping had
-//! booked their cost, so the group's later requests pay for them; requests
-//! that arrive during the drain are not counted at all (as in QEMU).
+//! See [`ThrottleDriver`] for the algorithm and how drains end throttling.
 
 use std::pin::pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -412,8 +383,38 @@ impl ThrottleGroup {
 }
 
 /// A filter that holds requests back to its [`ThrottleGroup`]'s limits and
-/// passes them to its [`ChildRole::Filtered`] child. See the
-/// [module docs](self) for the algorithm and how drains end throttling.
+/// passes them to its [`ChildRole::Filtered`] child.
+///
+/// # The algorithm
+///
+/// Each configured limit is a leaky bucket: its level drains at the
+/// average rate, and a request may start while the level is below the
+/// bucket's capacity (the burst: `max × burst_seconds` units with a burst
+/// configured, a tenth of a second's worth otherwise). A request adds its
+/// cost (bytes, or I/Os) to every bucket that applies to it (total plus
+/// read or write, bytes and I/Os) *when it arrives*, and sleeps until the
+/// fullest of them has drained below capacity. Booking at arrival makes the
+/// group a virtual clock: requests start in arrival order, and a timer that
+/// fires late (tokio's timer has millisecond granularity) delays one request
+/// without lowering the rate, because the next request's wait is computed
+/// from the bucket levels, not from when the previous one woke. A burst rate
+/// (`max`) is a second bucket per limit, draining at `max` with a tenth of a
+/// second's capacity.
+///
+/// The sleep runs on the calling I/O thread's tokio timer; it needs a tokio
+/// runtime with timers enabled (every [`IoThread`](crate::IoThread) has one).
+///
+/// # Drain
+///
+/// A throttled request is in flight at its backend, so a drain waits for
+/// it. Like QEMU, which turns throttling off for a drained node, the filter
+/// stops throttling when its first drain section begins: the
+/// `drained_begin` callback wakes every request sleeping in this node, and
+/// requests arriving before the backends have quiesced go straight through,
+/// so the drain completes as soon as the child has served them. Throttling
+/// resumes when the last section ends. Requests that were sleeping had
+/// booked their cost, so the group's later requests pay for them; requests
+/// that arrive during the drain are not counted at all (as in QEMU).
 ///
 /// Reads count against read limits; writes, write-zeroes and discards
 /// against write limits; flushes, lengths and block-status queries are not
