@@ -299,41 +299,21 @@ fn bad_table_entries_fail_the_request_not_the_process() {
     let good = base_image(&env, v3());
     let l1 = 3 * CS as usize;
     let l2 = 4 * CS as usize;
-    let cases: Vec<(&str, Box<dyn Fn(&mut Vec<u8>)>)> = vec![
-        (
-            "L2 table at",
-            Box::new(move |b| put64(b, l1, (1 << 63) | (1 << 40))),
-        ),
-        (
-            "reserved bits",
-            Box::new(move |b| put64(b, l1, (1 << 63) | (4 * CS) | 0x100)),
-        ),
-        (
-            "not cluster aligned",
-            Box::new(move |b| put64(b, l1, (1 << 63) | (4 * CS + 512))),
-        ),
-        (
-            "not cluster aligned",
-            Box::new(move |b| put64(b, l2, (1 << 63) | (5 * CS + 512))),
-        ),
-        (
-            "reserved bits",
-            Box::new(move |b| put64(b, l2, (1 << 63) | (5 * CS) | 0x2)),
-        ),
+    // (what the error says, where to write, the bad entry)
+    let cases: [(&str, usize, u64); 7] = [
+        ("L2 table at", l1, (1 << 63) | (1 << 40)),
+        ("reserved bits", l1, (1 << 63) | (4 * CS) | 0x100),
+        ("not cluster aligned", l1, (1 << 63) | (4 * CS + 512)),
+        ("not cluster aligned", l2, (1 << 63) | (5 * CS + 512)),
+        ("reserved bits", l2, (1 << 63) | (5 * CS) | 0x2),
         // Compressed entry pointing far outside the file.
-        (
-            "outside",
-            Box::new(move |b| put64(b, l2, (1 << 62) | (1 << 50))),
-        ),
-        // Compressed entry over garbage.
-        (
-            "compressed cluster",
-            Box::new(move |b| put64(b, l2, (1 << 62) | (5 * CS))),
-        ),
+        ("outside", l2, (1 << 62) | (1 << 50)),
+        // Compressed entry over data that is no deflate stream.
+        ("compressed cluster", l2, (1 << 62) | (5 * CS)),
     ];
-    for (needle, corrupt) in cases {
+    for (needle, at, entry) in cases {
         let mut b = good.clone();
-        corrupt(&mut b);
+        put64(&mut b, at, entry);
         let node = env.open_bytes(b, Qcow2Options::default()).unwrap();
         match env.read(&node, 0, 4096) {
             Err(Error::InvalidImage { reason, .. }) if reason.contains(needle) => {}

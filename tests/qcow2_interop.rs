@@ -462,3 +462,40 @@ fn qemu_check_accepts_our_leaky_crash_state_after_repair() {
     env.remove(&node).unwrap();
     env.remove(&file).unwrap();
 }
+
+#[test]
+fn our_compressed_images_pass_qemu_check_and_compare() {
+    require_qemu();
+    let env = Env::new();
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("ours-compressed.qcow2");
+    let cs = 65536u64;
+    let size = 2u64 << 20;
+    let (file, node) = create_ours(&env, &img, CreateOptions::new(size).cluster_size(cs));
+    let mut model = vec![0u8; size as usize];
+    for c in 0..size / cs {
+        let data: Vec<u8> = (0..cs).map(|i| ((i / 100 + c * 3) % 13) as u8).collect();
+        model[(c * cs) as usize..((c + 1) * cs) as usize].copy_from_slice(&data);
+        let n = node.clone();
+        env.on_io(move |mut cx| async move {
+            let g = cx.read().await;
+            let io = n.io(&g);
+            io.driver_as::<blockgraph::drivers::Qcow2Driver>()
+                .unwrap()
+                .write_compressed(io, c * cs, &data)
+                .await
+        })
+        .unwrap();
+    }
+    // Rewrite part of one compressed cluster.
+    env.write(&node, 3 * cs + 4096, vec![0xab; 4096]).unwrap();
+    model[(3 * cs + 4096) as usize..(3 * cs + 8192) as usize].fill(0xab);
+    env.flush(&node).unwrap();
+    env.remove(&node).unwrap();
+    env.remove(&file).unwrap();
+    drop((node, file));
+    assert_qemu_check_clean(&img);
+    assert_qemu_compare(&img, &model, dir.path());
+    let map = qemu_img(&["map", "--output=json", p(&img)]);
+    assert!(map.contains("\"compressed\": true"), "{map}");
+}

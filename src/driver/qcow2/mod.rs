@@ -11,7 +11,8 @@
 //!
 //! ```
 //! use blockgraph::{ChildRole, MainLoop};
-//! use blockgraph::drivers::{MemoryDriver, Qcow2Driver, Qcow2Options, CreateOptions};
+//! use blockgraph::drivers::{MemoryDriver, Qcow2Driver, Qcow2Options};
+//! use blockgraph::drivers::qcow2::CreateOptions;
 //!
 //! let main = MainLoop::new()?;
 //! let io = main.new_io_thread("io0")?;
@@ -81,7 +82,7 @@ use crate::graph::edge::{ChildRole, Perm, Permissions};
 use crate::proof::{GsRef, IoRef};
 
 use cache::TableCache;
-use entry::{decode_l2, Entry, COPIED, ZERO};
+use entry::{decode_l2, Entry, COMPRESSED, COPIED, ZERO};
 use header::{
     invalid, unsupported, Header, INCOMPAT_CORRUPT, INCOMPAT_DIRTY, OFF_AUTOCLEAR, OFF_INCOMPATIBLE,
 };
@@ -472,6 +473,79 @@ impl Qcow2Driver {
         self.read_only
     }
 
+    /// Writes one whole cluster compressed (what `qemu-img convert -c`
+    /// produces). `offset` must be cluster aligned and `buf` one cluster
+    /// long, or reach exactly the end of the disk. Data that deflate cannot
+    /// shrink by at least a sector is stored uncompressed. `node` is this
+    /// driver's node.
+    pub async fn write_compressed(&self, node: IoRef<'_>, offset: u64, buf: &[u8]) -> Result<()> {
+        self.own_node(node)?;
+        self.check_writable(node)?;
+        let len = buf.len() as u64;
+        self.check_request(offset, len)?;
+        let g = self.geo;
+        if offset % g.cs != 0 || (len != g.cs && offset + len != g.size) || len > g.cs {
+            return Err(Error::InvalidArgument(format!(
+                "compressed writes cover one whole {}-byte cluster (got {len} bytes at {offset})",
+                g.cs
+            )));
+        }
+        let mut data = buf.to_vec();
+        data.resize(g.cs as usize, 0);
+        let Some(z) = compressed::deflate_cluster(&data) else {
+            return self.write(node, offset, buf).await;
+        };
+        let file = require_child(node, ChildRole::File)?;
+        let _io = self.io_lock.read().await;
+        let gc = offset >> g.cluster_bits;
+        loop {
+            let m = self.meta.lock().await;
+            let Some(mut m) = self.wait_inflight(m, gc, 1).await else {
+                continue;
+            };
+            if let Some(why) = &m.broken {
+                return Err(invalid(format!("image found corrupt earlier: {why}")));
+            }
+            let old = decode_l2(&g, m.l2_entry(file, gc).await?)?;
+            m.ensure_l2(file, gc).await?;
+            let host = m.alloc(file, 1).await?;
+            let x = 62 - (g.cluster_bits - 8);
+            if host >= 1 << x {
+                m.decref(file, host / g.cs, 1).await?;
+                return Err(invalid(format!(
+                    "host offset {host:#x} is too large for a compressed cluster"
+                )));
+            }
+            let guard = {
+                let mut set = self.inflight.lock().unwrap_or_else(|e| e.into_inner());
+                set.insert(gc);
+                InflightGuard {
+                    drv: self,
+                    first: gc,
+                    count: 1,
+                }
+            };
+            drop(m);
+            let mut out = z.clone();
+            out.resize(g.cs as usize, 0);
+            let res = file.write(host, &out).await;
+            let mut m = self.meta.lock().await;
+            if let Err(e) = res {
+                let _ = m.decref(file, host / g.cs, 1).await;
+                return Err(e);
+            }
+            let nsec = (z.len() as u64).div_ceil(512);
+            m.set_l2_entry(file, gc, COMPRESSED | ((nsec - 1) << x) | host)
+                .await?;
+            if let Some((c, n)) = old.host_clusters(&g) {
+                m.free_later(c, n);
+            }
+            drop(m);
+            drop(guard);
+            return Ok(());
+        }
+    }
+
     /// Whether metadata changes are waiting for a flush (flush before
     /// removing the node: its `close` callback cannot do I/O).
     pub async fn has_unflushed_metadata(&self) -> bool {
@@ -501,6 +575,7 @@ impl Qcow2Driver {
         let mut m = self.meta.lock().await;
         let report = check::check_meta(&mut m, file, repair, &self.limits).await?;
         if repair {
+            *self.last_inflated.lock().unwrap_or_else(|e| e.into_inner()) = None;
             m.write_back(file).await?;
             file.flush().await?;
         }
@@ -1025,6 +1100,8 @@ impl Qcow2Driver {
             // until no request can still be reading them, then let them go.
             let _excl = self.io_lock.write().await;
             let mut m = self.meta.lock().await;
+            // A freed compressed cluster's place may be reused.
+            *self.last_inflated.lock().unwrap_or_else(|e| e.into_inner()) = None;
             for (c, n) in frees {
                 m.decref(file, c, n).await?;
             }
