@@ -98,14 +98,26 @@ fn run(io: &IoThread, node: &NodeHandle, write: bool, iters: u64) -> Duration {
     .join()
 }
 
-/// Median time per request over several batches.
-fn per_request(io: &IoThread, node: &NodeHandle, write: bool) -> f64 {
+/// Median time per request of `a` and `b`, and the median of their
+/// ratios, over batches run alternately (so that load on the machine hits
+/// both alike).
+fn paired(io: &IoThread, a: &NodeHandle, b: &NodeHandle, write: bool) -> (f64, f64, f64) {
     const BATCH: u64 = 20_000;
-    let mut samples: Vec<f64> = (0..7)
-        .map(|_| run(io, node, write, BATCH).as_secs_f64() / BATCH as f64)
-        .collect();
-    samples.sort_by(f64::total_cmp);
-    samples[samples.len() / 2]
+    let mut ta = Vec::new();
+    let mut tb = Vec::new();
+    let mut ratios = Vec::new();
+    for _ in 0..9 {
+        let x = run(io, a, write, BATCH).as_secs_f64() / BATCH as f64;
+        let y = run(io, b, write, BATCH).as_secs_f64() / BATCH as f64;
+        ta.push(x);
+        tb.push(y);
+        ratios.push(y / x);
+    }
+    let median = |v: &mut Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    (median(&mut ta), median(&mut tb), median(&mut ratios))
 }
 
 fn qcow2_over_memory(c: &mut Criterion) {
@@ -123,11 +135,9 @@ fn qcow2_over_memory(c: &mut Criterion) {
 
     // The ratios, measured back to back in this run.
     for (name, write) in [("read", false), ("write", true)] {
-        let mem = per_request(&s.io, &s.memory, write);
-        let q = per_request(&s.io, &s.qcow2, write);
+        let (mem, q, ratio) = paired(&s.io, &s.memory, &s.qcow2, write);
         println!(
-            "ratio qcow2/memory 4 KiB random {name}: {:.2}x  (memory {:.0} ns, qcow2 {:.0} ns per request)",
-            q / mem,
+            "ratio qcow2/memory 4 KiB random {name}: {ratio:.2}x  (memory {:.0} ns, qcow2 {:.0} ns per request)",
             mem * 1e9,
             q * 1e9
         );

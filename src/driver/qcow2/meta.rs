@@ -123,7 +123,7 @@ impl Meta {
             return Ok(i);
         }
         while self.l2.is_full() {
-            self.evict_l2(file).await?;
+            Box::pin(self.evict_l2(file)).await?;
         }
         let raw = self.read_cluster(file, offset).await?;
         let table: Vec<u64> = raw
@@ -406,12 +406,12 @@ impl Meta {
             let mut grew = false;
             for ti in start / rbe..=(end - 1) / rbe {
                 if ti >= self.rt.len() as u64 {
-                    self.grow_table(file, ti).await?;
+                    Box::pin(self.grow_table(file, ti)).await?;
                     grew = true;
                     break;
                 }
                 if self.rt[ti as usize] == 0 {
-                    self.create_block(file, ti).await?;
+                    Box::pin(self.create_block(file, ti)).await?;
                     grew = true;
                     break;
                 }

@@ -835,96 +835,121 @@ impl Qcow2Driver {
                 continue;
             }
 
-            // Allocating write: a run of clusters that all need a new host
-            // cluster, none of them in flight, within one L2 table.
-            m.ensure_l2(file, gc).await?;
-            let end = offset + len;
-            let last_gc = (end - 1) >> g.cluster_bits;
-            let table_last = (gc / g.l2_entries + 1) * g.l2_entries - 1;
-            let mut olds = vec![first];
-            let mut c = gc + 1;
-            while c <= last_gc.min(table_last) && olds.len() < 1024 {
-                if self
-                    .inflight
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .contains(&c)
-                {
-                    break;
-                }
-                let e = decode_l2(&g, m.l2_entry(file, c).await?)?;
-                if matches!(e, Entry::Data { copied: true, .. }) {
-                    break;
-                }
-                olds.push(e);
-                c += 1;
-            }
-            let k = olds.len() as u64;
-            let reuse = match first {
-                Entry::Zero {
-                    host: Some(h),
-                    copied: true,
-                } if k == 1 => Some(h),
-                _ => None,
-            };
-            let host = match reuse {
-                Some(h) => h,
-                None => m.alloc(file, k).await?,
-            };
-            let guard = {
-                let mut set = self.inflight.lock().unwrap_or_else(|e| e.into_inner());
-                for c in gc..gc + k {
-                    set.insert(c);
-                }
-                InflightGuard {
-                    drv: self,
-                    first: gc,
-                    count: k,
-                }
-            };
-            let file_len = m.file_len;
-            drop(m);
-
-            let run_end = ((gc + k) * g.cs).min(end);
-            let n = run_end - pos;
-            let res = self
-                .write_new_clusters(
-                    file,
-                    backing,
-                    file_len,
-                    gc,
-                    host,
-                    &olds,
-                    pos,
-                    n,
-                    done as usize,
-                    src,
-                )
-                .await;
-            let mut m = self.meta.lock().await;
-            if let Err(e) = res {
-                if reuse.is_none() {
-                    // Nothing references the new clusters: free them now.
-                    let _ = m.decref(file, host / g.cs, k).await;
-                }
-                drop(guard);
-                return Err(e);
-            }
-            for (j, old) in olds.iter().enumerate() {
-                let j = j as u64;
-                m.set_l2_entry(file, gc + j, (host + j * g.cs) | COPIED)
-                    .await?;
-                if reuse.is_none() {
-                    if let Some((c, cnt)) = old.host_clusters(&g) {
-                        m.free_later(c, cnt);
-                    }
-                }
-            }
-            drop(m);
-            drop(guard);
+            // Allocating write (the slow path, boxed so that the common
+            // path's future stays small).
+            let n = Box::pin(
+                self.write_allocating(file, backing, m, gc, first, offset, len, done, src),
+            )
+            .await?;
             done += n;
         }
         Ok(())
+    }
+
+    /// Writes a run of clusters that all need a new host cluster, none of
+    /// them in flight, within one L2 table, starting at guest cluster `gc`
+    /// (entry `first`) at request byte `done`. Returns the bytes written.
+    #[allow(clippy::too_many_arguments)]
+    async fn write_allocating(
+        &self,
+        file: IoRef<'_>,
+        backing: Option<IoRef<'_>>,
+        mut m: tokio::sync::MutexGuard<'_, Meta>,
+        gc: u64,
+        first: Entry,
+        offset: u64,
+        len: u64,
+        done: u64,
+        src: Src<'_>,
+    ) -> Result<u64> {
+        let g = self.geo;
+        let pos = offset + done;
+        m.ensure_l2(file, gc).await?;
+        let end = offset + len;
+        let last_gc = (end - 1) >> g.cluster_bits;
+        let table_last = (gc / g.l2_entries + 1) * g.l2_entries - 1;
+        let mut olds = vec![first];
+        let mut c = gc + 1;
+        while c <= last_gc.min(table_last) && olds.len() < 1024 {
+            if self
+                .inflight
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .contains(&c)
+            {
+                break;
+            }
+            let e = decode_l2(&g, m.l2_entry(file, c).await?)?;
+            if matches!(e, Entry::Data { copied: true, .. }) {
+                break;
+            }
+            olds.push(e);
+            c += 1;
+        }
+        let k = olds.len() as u64;
+        let reuse = match first {
+            Entry::Zero {
+                host: Some(h),
+                copied: true,
+            } if k == 1 => Some(h),
+            _ => None,
+        };
+        let host = match reuse {
+            Some(h) => h,
+            None => m.alloc(file, k).await?,
+        };
+        let guard = {
+            let mut set = self.inflight.lock().unwrap_or_else(|e| e.into_inner());
+            for c in gc..gc + k {
+                set.insert(c);
+            }
+            InflightGuard {
+                drv: self,
+                first: gc,
+                count: k,
+            }
+        };
+        let file_len = m.file_len;
+        drop(m);
+
+        let run_end = ((gc + k) * g.cs).min(end);
+        let n = run_end - pos;
+        let res = self
+            .write_new_clusters(
+                file,
+                backing,
+                file_len,
+                gc,
+                host,
+                &olds,
+                pos,
+                n,
+                done as usize,
+                src,
+            )
+            .await;
+        let mut m = self.meta.lock().await;
+        if let Err(e) = res {
+            if reuse.is_none() {
+                // Nothing references the new clusters: free them now.
+                let _ = m.decref(file, host / g.cs, k).await;
+            }
+            drop(guard);
+            return Err(e);
+        }
+        for (j, old) in olds.iter().enumerate() {
+            let j = j as u64;
+            m.set_l2_entry(file, gc + j, (host + j * g.cs) | COPIED)
+                .await?;
+            if reuse.is_none() {
+                if let Some((c, cnt)) = old.host_clusters(&g) {
+                    m.free_later(c, cnt);
+                }
+            }
+        }
+        drop(m);
+        drop(guard);
+        Ok(n)
     }
 
     async fn write_in_place(
