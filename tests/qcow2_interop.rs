@@ -302,8 +302,9 @@ fn our_images_pass_qemu_check_and_compare() {
         (3u32, 65536u64, 4u64 << 20),
         (2, 4096, 4 << 20),
         // 512-byte clusters: one refcount block covers 128 KiB, the first
-        // refcount table 8 MiB; 3 MiB of data grows both.
-        (3, 512, 3 << 20),
+        // refcount table 8 MiB; 9 MiB of data needs dozens of new blocks
+        // and a new, larger refcount table.
+        (3, 512, 12 << 20),
         (3, 2 << 20, 8 << 20),
     ] {
         let img = dir.path().join(format!("ours-v{version}-{cluster}.qcow2"));
@@ -317,7 +318,11 @@ fn our_images_pass_qemu_check_and_compare() {
         let mut model = vec![0u8; size as usize];
         let mut rng = Rng::new(cluster + u64::from(version));
         // Dense writes over the first part, then scattered ones.
-        let dense = (size / 2).min(3 << 20) as usize;
+        let dense = if cluster == 512 {
+            9 << 20
+        } else {
+            (size / 2).min(3 << 20) as usize
+        };
         for off in (0..dense).step_by(64 << 10) {
             let d = rng.bytes((64 << 10).min(dense - off));
             model[off..off + d.len()].copy_from_slice(&d);
@@ -355,6 +360,13 @@ fn our_images_pass_qemu_check_and_compare() {
         if cluster == 512 {
             let info = qemu_img(&["info", "--output=json", p(&img)]);
             assert!(info.contains("\"cluster-size\": 512"), "{info}");
+            let header = std::fs::read(&img).unwrap();
+            let table = u64::from_be_bytes(header[48..56].try_into().unwrap());
+            let clusters = u32::from_be_bytes(header[56..60].try_into().unwrap());
+            assert!(
+                table != 512 && clusters > 1,
+                "the refcount table grew and moved"
+            );
         }
 
         // And QEMU can keep writing it, and we read what it wrote.
