@@ -525,6 +525,23 @@ fn backing_without_a_format_is_not_probed_by_default() {
     let mut p = BackingPolicy::default();
     p.allow_probing = true;
     assert_eq!(open_chain(&env, &top, p).unwrap(), 2);
+    // Probing recognises a qcow2 backing file by its magic.
+    write_image(&env, &dir.path().join("q.qcow2"), v3());
+    let top2 = dir.path().join("top2.qcow2");
+    let mut opts = v3();
+    opts.backing_file = Some("q.qcow2".into());
+    write_image(&env, &top2, opts);
+    let name = env.name("probe");
+    let formats = env
+        .on_io(move |mut cx| async move {
+            let mut o = ChainOptions::new(name);
+            o.writable = false;
+            o.policy.allow_probing = true;
+            let chain = open_image_chain(&mut cx, &top2, o).await?;
+            Ok::<_, Error>(chain.images.iter().map(|i| i.format).collect::<Vec<_>>())
+        })
+        .unwrap();
+    assert_eq!(formats, ["qcow2", "qcow2"]);
     // Missing backing file: a clean I/O error.
     let gone = dir.path().join("gone.qcow2");
     write_image(&env, &gone, v3().backing("nowhere.qcow2", "qcow2"));

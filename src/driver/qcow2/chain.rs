@@ -306,11 +306,11 @@ async fn open_inner(
                 let g = cx.read().await;
                 let node = file.io(&g);
                 let len = node.length().await?;
-                let mut magic = [0u8; 4];
-                if len >= 4 && node.request_alignment() <= 1 {
-                    node.read(0, &mut magic).await?;
-                }
-                if u32::from_be_bytes(magic) == MAGIC {
+                let align = u64::from(node.request_alignment().max(1));
+                let head = super::read_file(node, align, len, 0, 4.min(len as usize)).await?;
+                if head.len() == 4
+                    && u32::from_be_bytes([head[0], head[1], head[2], head[3]]) == MAGIC
+                {
                     Format::Qcow2
                 } else {
                     Format::Raw
