@@ -450,7 +450,7 @@ fn bench_measures_a_throttle_limit_within_ten_percent() {
     let max = field(&out, "max");
     assert!(p50 <= p99 && p99 <= max, "{out}");
     // Eight requests in flight at 200 IOPS: each waits about 40 ms.
-    assert!((30_000.0..60_000.0).contains(&p50), "{out}");
+    assert!((25_000.0..80_000.0).contains(&p50), "{out}");
 }
 
 #[test]

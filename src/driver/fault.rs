@@ -165,9 +165,11 @@ impl FaultRule {
                 "nth" => nth = Some(number(key, value)?),
                 "after" => after = Some(number(key, value)?),
                 "times" => times = Some(number(key, value)?),
-                _ => return Err(bad(format!(
+                _ => {
+                    return Err(bad(format!(
                     "unknown option '{key}' (op, error, delay-ms, offset, len, nth, after, times)"
-                ))),
+                )))
+                }
             }
         }
         let action = action.ok_or_else(|| bad("a rule needs error= or delay-ms=".into()))?;
