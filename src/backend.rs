@@ -16,6 +16,12 @@ use crate::graph::GraphInner;
 use crate::proof::{IoCx, IoRef, NodeRef, ReadGuard};
 use crate::sync::WaitList;
 
+/// `length_cache` holds no length.
+const NO_LENGTH: u64 = u64::MAX;
+/// Lengths below this are cached (256 TiB); larger ones are asked for each
+/// time.
+const LENGTH_MASK: u64 = (1 << 48) - 1;
+
 /// How a backend uses its root node.
 #[derive(Debug, Clone, Copy)]
 pub struct BackendOptions {
@@ -64,6 +70,11 @@ pub(crate) struct BackendInner {
     /// Drains waiting for `in_flight` to reach zero.
     pub(crate) idle: WaitList,
     pub(crate) in_graph: AtomicBool,
+    /// The graph's size epoch (see `GraphInner::size_epoch`).
+    size_epoch: Arc<AtomicU64>,
+    /// The root's length, tagged with the low 16 bits of the epoch it was
+    /// read in: `tag << 48 | length`, or `NO_LENGTH`.
+    length_cache: AtomicU64,
     completed: AtomicU64,
     queued: AtomicU64,
 }
@@ -87,6 +98,8 @@ impl BackendInner {
             resume: WaitList::default(),
             idle: WaitList::default(),
             in_graph: AtomicBool::new(false),
+            size_epoch: graph.size_epoch.clone(),
+            length_cache: AtomicU64::new(NO_LENGTH),
             completed: AtomicU64::new(0),
             queued: AtomicU64::new(0),
         })
@@ -238,7 +251,7 @@ impl BlockBackend {
                     alignment,
                 });
             }
-            let size = root.length().await?;
+            let size = self.root_length(root).await?;
             if offset.checked_add(len).is_none_or(|end| end > size) {
                 return Err(Error::OutOfRange { offset, len, size });
             }
@@ -249,6 +262,32 @@ impl BlockBackend {
 
 /// Runs one request: read lock, drain gate, checks, then `$body` with the
 /// root node bound to `$root`.
+impl BlockBackend {
+    /// The root's length, cached per size epoch (QEMU caches it in
+    /// `bs->total_sectors`): asking the whole stack on every request would
+    /// cost a boxed future per layer.
+    ///
+    /// Called under the read lock, so no mutation can bump the epoch
+    /// meanwhile; only `notify_length_changed` can, from a concurrent
+    /// resize. Tag and length are one atomic word, so a stale length can only
+    /// be taken for current if 65,536 resizes happened while this request
+    /// was between reading the epoch and storing its result.
+    async fn root_length(&self, root: IoRef<'_>) -> Result<u64> {
+        let tag = self.inner.size_epoch.load(Ordering::Acquire) & 0xffff;
+        let cached = self.inner.length_cache.load(Ordering::Acquire);
+        if cached != NO_LENGTH && cached >> 48 == tag {
+            return Ok(cached & LENGTH_MASK);
+        }
+        let length = root.length().await?;
+        if length < LENGTH_MASK {
+            self.inner
+                .length_cache
+                .store(tag << 48 | length, Ordering::Release);
+        }
+        Ok(length)
+    }
+}
+
 macro_rules! request {
     ($self:ident, $cx:ident, $access:expr, $offset:expr, $len:expr, |$root:ident| $body:expr) => {{
         loop {
@@ -308,7 +347,7 @@ impl BlockBackend {
 
     /// The size of the device in bytes.
     pub async fn length(&self, cx: &mut IoCx) -> Result<u64> {
-        request!(self, cx, Access::Other, 0, 0, |root| root.length())
+        request!(self, cx, Access::Other, 0, 0, |root| self.root_length(root))
     }
 }
 

@@ -319,7 +319,6 @@ impl FileDriver {
     /// [`Error::ReadOnly`] on a read-only file, [`Error::Unsupported`] on a
     /// block device, [`Error::Io`] when the host refuses.
     pub fn truncate<'a>(&'a self, node: IoRef<'a>, size: u64) -> IoFuture<'a, ()> {
-        let _ = node;
         Box::pin(async move {
             self.check_writable()?;
             if self.host.block_device {
@@ -334,7 +333,9 @@ impl FileDriver {
                 host.size.store(size, Ordering::SeqCst);
                 Ok(())
             })
-            .await
+            .await?;
+            node.notify_length_changed();
+            Ok(())
         })
     }
 

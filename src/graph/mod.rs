@@ -28,6 +28,10 @@ pub(crate) struct GraphInner {
     pub(crate) backends: GraphCell<Vec<Arc<BackendInner>>>,
     pub(crate) main: MainCell<MainState>,
     pub(crate) mutations: AtomicU64,
+    /// Bumped whenever a node's length may have changed: by every committed
+    /// mutation and by [`NodeRef::notify_length_changed`]. Backends cache
+    /// their root's length per epoch.
+    pub(crate) size_epoch: Arc<AtomicU64>,
 }
 
 /// Main-loop-only bookkeeping.
@@ -55,6 +59,7 @@ impl GraphInner {
             backends: GraphCell::new(Vec::new()),
             main: MainCell::new(main_thread, MainState::default()),
             mutations: AtomicU64::new(0),
+            size_epoch: Arc::new(AtomicU64::new(0)),
         }
     }
 }

@@ -317,6 +317,9 @@ impl<'g> Transaction<'g> {
         }
         drain::cover_new_edges(self.graph, &self.new_edges);
         self.graph.mutations.fetch_add(1, Ordering::Relaxed);
+        // No reader is inside; the next one sees the new epoch (the write
+        // section's release orders it) and re-reads its root's length.
+        self.graph.size_epoch.fetch_add(1, Ordering::Release);
         Ok(())
     }
 }

@@ -300,6 +300,18 @@ impl<'a, P: Proof> NodeRef<'a, P> {
         self.enter().length(self.io())
     }
 
+    /// Tells the graph that this node's length changed (a driver that
+    /// resizes calls it after the resize): backends stop using the length
+    /// they cached.
+    pub fn notify_length_changed(&self)
+    where
+        P: IoProof,
+    {
+        if let Some(graph) = self.node.graph.upgrade() {
+            graph.size_epoch.fetch_add(1, Ordering::AcqRel);
+        }
+    }
+
     /// The alignment, in bytes, every request to this node must have.
     pub fn request_alignment(&self) -> u32
     where
