@@ -398,69 +398,93 @@ impl Meta {
 
     /// Allocates `n` contiguous clusters (refcount 1); returns the offset
     /// of the first.
+    ///
+    /// Refcount blocks missing for the run are allocated with it, right
+    /// after it, so that the run and its metadata form one area whose
+    /// every cluster is described by a block of the area or an existing
+    /// one. (Placing a block inside the range it covers, as QEMU often
+    /// does, can split every candidate run when blocks cover few clusters.)
     pub(crate) async fn alloc(&mut self, file: IoRef<'_>, n: u64) -> Result<u64> {
         let rbe = self.geo.rb_entries;
+        let cs = self.geo.cs;
+        let mut nb = 0u64;
+        let mut rounds = 0;
         loop {
-            let start = self.find_free_run(file, n).await?;
-            let end = start + n;
-            let mut grew = false;
-            for ti in start / rbe..=(end - 1) / rbe {
-                if ti >= self.rt.len() as u64 {
-                    Box::pin(self.grow_table(file, ti)).await?;
-                    grew = true;
-                    break;
-                }
-                if self.rt[ti as usize] == 0 {
-                    Box::pin(self.create_block(file, ti)).await?;
-                    grew = true;
-                    break;
+            rounds += 1;
+            if rounds > 64 {
+                return Err(invalid("internal: cluster allocation did not converge"));
+            }
+            let start = self.find_free_run(file, n + nb).await?;
+            let end = start + n + nb;
+            let last_ti = (end - 1) / rbe;
+            if last_ti >= self.rt.len() as u64 {
+                Box::pin(self.grow_table(file, last_ti)).await?;
+                continue;
+            }
+            let missing: Vec<u64> = (start / rbe..=last_ti)
+                .filter(|&t| self.rt[t as usize] == 0)
+                .collect();
+            if missing.first() == Some(&0) {
+                return Err(invalid("refcount block 0 is missing"));
+            }
+            if missing.len() as u64 > nb {
+                nb = missing.len() as u64;
+                continue;
+            }
+            // Clusters that become used: the run, then one block per
+            // missing range (spare clusters after them stay free).
+            let used_end = start + n + missing.len() as u64;
+            let mut blocks: Vec<Vec<u8>> = missing.iter().map(|_| vec![0u8; cs as usize]).collect();
+            for c in start..used_end {
+                let t = c / rbe;
+                if let Some(j) = missing.iter().position(|&x| x == t) {
+                    rc_set(
+                        &mut blocks[j],
+                        self.geo.refcount_order,
+                        (c % rbe) as usize,
+                        1,
+                    );
+                } else {
+                    self.set_refcount(file, c, 1).await?;
                 }
             }
-            if grew {
-                continue; // new metadata may sit in the run: look again
-            }
-            for c in start..end {
-                self.set_refcount(file, c, 1).await?;
+            if !blocks.is_empty() {
+                // New blocks are durable before the table points to them.
+                for (j, block) in blocks.iter().enumerate() {
+                    file.write((start + n + j as u64) * cs, block).await?;
+                }
+                file.flush().await?;
+                for (j, &t) in missing.iter().enumerate() {
+                    self.rt[t as usize] = (start + n + j as u64) * cs;
+                }
+                let lo = missing[0] as usize * 8;
+                let hi = *missing.last().expect("not empty") as usize * 8 + 8;
+                let rt = std::mem::take(&mut self.rt);
+                let r = Self::write_table(
+                    file,
+                    self.geo.align,
+                    rt.len() * 8,
+                    self.rt_offset,
+                    &rt,
+                    (lo, hi),
+                )
+                .await;
+                self.rt = rt;
+                r?;
+                for (j, block) in blocks.into_iter().enumerate() {
+                    while self.rb.is_full() {
+                        self.evict_rb(file).await?;
+                    }
+                    self.rb
+                        .insert((start + n + j as u64) * cs, RawBlock(block), None);
+                }
             }
             if start == self.free_hint {
-                self.free_hint = end;
+                self.free_hint = used_end;
             }
-            self.file_len = self.file_len.max(end * self.geo.cs);
-            return Ok(start * self.geo.cs);
+            self.file_len = self.file_len.max(used_end * cs);
+            return Ok(start * cs);
         }
-    }
-
-    /// Creates refcount block `ti` (an existing table entry) at the first
-    /// cluster it covers, describing itself, and hooks it into the table.
-    async fn create_block(&mut self, file: IoRef<'_>, ti: u64) -> Result<()> {
-        if ti == 0 {
-            return Err(invalid("refcount block 0 is missing"));
-        }
-        let c = ti * self.geo.rb_entries;
-        let off = c * self.geo.cs;
-        let mut block = vec![0u8; self.geo.cs as usize];
-        rc_set(&mut block, self.geo.refcount_order, 0, 1);
-        file.write(off, &block).await?;
-        file.flush().await?;
-        self.rt[ti as usize] = off;
-        let rt = std::mem::take(&mut self.rt);
-        let r = Self::write_table(
-            file,
-            self.geo.align,
-            rt.len() * 8,
-            self.rt_offset,
-            &rt,
-            (ti as usize * 8, ti as usize * 8 + 8),
-        )
-        .await;
-        self.rt = rt;
-        r?;
-        self.file_len = self.file_len.max(off + self.geo.cs);
-        while self.rb.is_full() {
-            self.evict_rb(file).await?;
-        }
-        self.rb.insert(off, RawBlock(block), None);
-        Ok(())
     }
 
     /// Replaces the refcount table by a larger one that has an entry `ti`.
