@@ -610,3 +610,42 @@ fn compressed_clusters_round_trip_and_are_rewritten_by_copy_on_write() {
     });
     assert!(matches!(r, Err(Error::InvalidArgument(_))));
 }
+
+#[test]
+fn metadata_waits_for_flush_and_says_so() {
+    let env = Env::new();
+    let cs = 4096u64;
+    let (file, node) = new_image(&env, CreateOptions::new(1 << 20).cluster_size(cs));
+    let pending = |node: &NodeHandle| {
+        let n = node.clone();
+        env.on_io(move |mut cx| async move {
+            let g = cx.read().await;
+            let io = n.io(&g);
+            io.driver_as::<blockgraph::drivers::Qcow2Driver>()
+                .unwrap()
+                .has_unflushed_metadata()
+                .await
+        })
+    };
+    assert!(!pending(&node));
+    env.write(&node, 0, vec![7; 4096]).unwrap();
+    assert!(
+        pending(&node),
+        "a new cluster's mapping is cached, not yet written"
+    );
+    // Before the flush the file does not map the cluster yet...
+    let before = env
+        .open_bytes(env.contents(&file), Qcow2Options::read_only())
+        .unwrap();
+    assert_eq!(env.read(&before, 0, 4096).unwrap(), vec![0; 4096]);
+    // ...after it, it does.
+    env.flush(&node).unwrap();
+    assert!(!pending(&node));
+    let after = env
+        .open_bytes(env.contents(&file), Qcow2Options::read_only())
+        .unwrap();
+    assert_eq!(env.read(&after, 0, 4096).unwrap(), vec![7; 4096]);
+    // Rewriting an allocated cluster needs no metadata.
+    env.write(&node, 0, vec![8; 4096]).unwrap();
+    assert!(!pending(&node));
+}
