@@ -6,6 +6,35 @@
 //! `meta.rs`), because the order is what keeps the image consistent.
 
 use std::collections::HashMap;
+use std::hash::{BuildHasherDefault, Hasher};
+
+/// A hasher for `u64` keys we choose ourselves (file offsets, cluster
+/// indices): one multiply, instead of SipHash's resistance to chosen keys,
+/// which these keys do not need (an image can only pick offsets inside
+/// itself, and a cache lookup is bounded work either way).
+#[derive(Default, Clone, Copy)]
+pub(crate) struct OffsetHasher(u64);
+
+impl Hasher for OffsetHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = (self.0.rotate_left(8) ^ u64::from(b)).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+        }
+    }
+
+    fn write_u64(&mut self, v: u64) {
+        self.0 = (self.0 ^ v)
+            .wrapping_mul(0x9e37_79b9_7f4a_7c15)
+            .rotate_left(29);
+    }
+}
+
+/// Hash map/set state for [`OffsetHasher`].
+pub(crate) type OffsetHash = BuildHasherDefault<OffsetHasher>;
 
 /// A table kept in the cache.
 pub(crate) trait Table {
@@ -46,7 +75,7 @@ pub(crate) struct Slot<T> {
 
 pub(crate) struct TableCache<T> {
     slots: Vec<Slot<T>>,
-    index: HashMap<u64, usize>,
+    index: HashMap<u64, usize, OffsetHash>,
     capacity: usize,
     clock: u64,
 }
@@ -55,7 +84,7 @@ impl<T: Table> TableCache<T> {
     pub(crate) fn new(capacity: usize) -> Self {
         TableCache {
             slots: Vec::new(),
-            index: HashMap::new(),
+            index: HashMap::default(),
             capacity: capacity.max(2),
             clock: 0,
         }

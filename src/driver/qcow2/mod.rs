@@ -210,7 +210,7 @@ pub struct Qcow2Driver {
     /// while freed clusters become reusable.
     io_lock: RwLock<()>,
     /// Guest clusters being allocated right now.
-    inflight: StdMutex<HashSet<u64>>,
+    inflight: StdMutex<HashSet<u64, cache::OffsetHash>>,
     /// Signalled whenever an allocation finishes.
     alloc_done: Notify,
     /// The last cluster decompressed: (its L2 entry offset, data).
@@ -429,7 +429,7 @@ impl Qcow2Driver {
             limits,
             meta: Mutex::new(meta),
             io_lock: RwLock::new(()),
-            inflight: StdMutex::new(HashSet::new()),
+            inflight: StdMutex::new(HashSet::default()),
             alloc_done: Notify::new(),
             last_inflated: StdMutex::new(None),
         })
