@@ -79,7 +79,11 @@ impl IoContext {
     /// # main.shutdown();
     /// # Ok::<(), blockgraph::Error>(())
     /// ```
-    pub fn spawn_on<F, Fut, T>(&self, runtime: &tokio::runtime::Handle, f: F) -> tokio::task::JoinHandle<T>
+    pub fn spawn_on<F, Fut, T>(
+        &self,
+        runtime: &tokio::runtime::Handle,
+        f: F,
+    ) -> tokio::task::JoinHandle<T>
     where
         F: FnOnce(IoCx) -> Fut,
         Fut: Future<Output = T> + Send + 'static,
@@ -156,12 +160,14 @@ impl IoCx {
     /// # drop(io); main.shutdown();
     /// # Ok::<(), blockgraph::Error>(())
     /// ```
+    #[inline]
     pub fn read(&mut self) -> ReadFuture<'_> {
         debug_assert_not_main_loop();
         ReadFuture { cx: Some(self) }
     }
 
     /// Takes the read lock if no writer is active, without waiting.
+    #[inline]
     pub fn try_read(&mut self) -> Option<ReadGuard<'_>> {
         debug_assert_not_main_loop();
         if self.graph.lock.try_read(&self.shard) {
@@ -225,6 +231,7 @@ pub struct ReadFuture<'cx> {
 impl<'cx> Future for ReadFuture<'cx> {
     type Output = ReadGuard<'cx>;
 
+    #[inline]
     fn poll(mut self: Pin<&mut Self>, task: &mut Context<'_>) -> Poll<ReadGuard<'cx>> {
         let cx = self.cx.take().expect("ReadFuture polled after completion");
         match cx.graph.lock.poll_read(&cx.shard, task) {
@@ -276,6 +283,7 @@ impl<'cx> ReadGuard<'cx> {
 }
 
 impl Drop for ReadGuard<'_> {
+    #[inline]
     fn drop(&mut self) {
         self.cx.graph.lock.read_unlock(&self.cx.shard);
     }

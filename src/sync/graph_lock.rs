@@ -3,9 +3,12 @@
 //! # Protocol
 //!
 //! Every I/O context owns a [`ReaderShard`]: counters of the readers inside
-//! the graph through that context, on cache lines of their own. A reader
-//! bumps only its own shard and then checks the single writer flag; no
-//! shared cache line is written on the fast path. The writer raises the flag
+//! the graph through that context, on cache lines of their own, each line
+//! with a copy of the writer flag. A reader bumps only its own shard and
+//! then checks the flag copy on the line it just wrote; no shared cache line
+//! is written (or even read) on the fast path. The writer raises the flag
+//! (the lock's own and every shard's copy, under the shard registry's
+//! mutex, which also initialises the copies of a shard created meanwhile)
 //! and waits until the sum over all shards is zero.
 //!
 //! The two sides form a Dekker pair: the reader does *update its counter,
@@ -28,10 +31,12 @@
 //!   the compiler fence had been a full fence.
 //! * **Symmetric** (fallback, or forced with `BLOCKGRAPH_LOCK_FENCE=symmetric`):
 //!   the counter update is one `SeqCst` read-modify-write (`lock xadd` on
-//!   x86, itself the StoreLoad barrier) and all four accesses are `SeqCst`,
-//!   so the single total order of `SeqCst` operations puts the reader's flag
-//!   load after the writer's flag store or the writer's counter load after
-//!   the reader's update. No `fence(SeqCst)` (an `mfence`) is ever issued.
+//!   x86, itself the StoreLoad barrier) and all four accesses (per shard:
+//!   the reader's update and flag-copy load, the writer's flag-copy store
+//!   and counter load) are `SeqCst`, so the single total order of `SeqCst`
+//!   operations puts the reader's flag load after the writer's flag store or
+//!   the writer's counter load after the reader's update. No `fence(SeqCst)`
+//!   (an `mfence`) is ever issued on the read side.
 //!
 //! # Who may write a counter without a locked instruction
 //!
@@ -48,7 +53,8 @@
 //!   is simply never written again). An I/O thread's context is owned by
 //!   that thread.
 //! * `foreign`, updated with a `SeqCst` read-modify-write by every other
-//!   thread (and by everyone in symmetric mode).
+//!   thread (and by everyone in symmetric mode), on a line of its own with
+//!   its own flag copy, so foreign readers never touch the owner's line.
 //!
 //! A guard taken on the owner thread and dropped elsewhere adds one to
 //! `owned` and subtracts one from `foreign` (wrapping): only the *sum* of a
@@ -66,8 +72,9 @@
 //! *before* summing, so a decrement it did not see is followed by a wake-up
 //! it will get: no lost wake-up. Readers that find the flag up park their
 //! waker in a queue under a mutex and re-check the flag under that mutex; the
-//! writer clears the flag *before* taking the mutex to drain the queue, so a
-//! reader either sees the flag down or is in the queue when it is drained.
+//! writer clears the flag (and every copy) *before* taking the mutex to
+//! drain the queue, so a reader either sees the flag down or is in the
+//! queue when it is drained.
 //!
 //! # Contexts that go away
 //!
@@ -84,37 +91,68 @@ use crossbeam_utils::CachePadded;
 
 use super::membarrier::{self, FenceMode};
 use super::primitives::{
-    register_waker, seq_cst_point, thread_id, Arc, AtomicBool, AtomicU64, AtomicUsize, AtomicWaker,
-    Mutex, Ordering,
+    register_waker, seq_cst_point, thread_id, thread_id_if_assigned, Arc, AtomicBool, AtomicU64,
+    AtomicUsize, AtomicWaker, Mutex, Ordering,
 };
 
-/// The owner thread's half of a shard: one cache line only it writes.
+/// `owner` of a shard no thread has claimed yet (asymmetric mode).
+const UNCLAIMED: u64 = u64::MAX;
+/// `owner` of a shard nobody may claim (symmetric mode: every update is a
+/// locked RMW on `foreign`).
+const NOBODY: u64 = u64::MAX - 1;
+
+/// The owner thread's half of a shard: one cache line only it writes
+/// (besides the writer raising and lowering `writer`).
 #[derive(Debug)]
 struct OwnedCounter {
-    /// [`thread_id`] of the thread allowed to write `count`; 0 = unclaimed.
+    /// [`thread_id`] of the thread allowed to write `count`, or
+    /// [`UNCLAIMED`] / [`NOBODY`]; never 0, so a thread without an id yet
+    /// never matches.
     owner: AtomicU64,
-    /// Readers that entered minus readers that left on the owner thread
-    /// (wrapping: may be "negative" when guards migrate away).
+    /// Readers that entered on the owner thread (wrapping).
+    entered: AtomicUsize,
+    /// Readers that left on the owner thread (wrapping). Separate from
+    /// `entered` so a lock/unlock pair is two independent increments, not
+    /// a chain of two read-modify-writes of one word.
+    left: AtomicUsize,
+    /// Copy of the writer flag.
+    writer: AtomicBool,
+}
+
+/// Every other thread's half of a shard.
+#[derive(Debug)]
+struct ForeignCounter {
+    /// Readers that entered minus readers that left on any other thread
+    /// (wrapping).
     count: AtomicUsize,
+    /// Copy of the writer flag.
+    writer: AtomicBool,
 }
 
 /// One I/O context's reader counters (see the module documentation).
 #[derive(Debug)]
 pub(crate) struct ReaderShard {
     owned: CachePadded<OwnedCounter>,
-    /// Readers that entered minus readers that left on any other thread
-    /// (wrapping).
-    foreign: CachePadded<AtomicUsize>,
+    foreign: CachePadded<ForeignCounter>,
 }
 
 impl ReaderShard {
-    fn new() -> Self {
+    fn new(mode: FenceMode, writer: bool) -> Self {
+        let owner = match mode {
+            FenceMode::Asymmetric => UNCLAIMED,
+            FenceMode::Symmetric => NOBODY,
+        };
         ReaderShard {
             owned: CachePadded::new(OwnedCounter {
-                owner: AtomicU64::new(0),
-                count: AtomicUsize::new(0),
+                owner: AtomicU64::new(owner),
+                entered: AtomicUsize::new(0),
+                left: AtomicUsize::new(0),
+                writer: AtomicBool::new(writer),
             }),
-            foreign: CachePadded::new(AtomicUsize::new(0)),
+            foreign: CachePadded::new(ForeignCounter {
+                count: AtomicUsize::new(0),
+                writer: AtomicBool::new(writer),
+            }),
         }
     }
 
@@ -132,31 +170,74 @@ impl ReaderShard {
         }
     }
 
-    /// `owned + foreign`, wrapping.
+    /// `entered - left + foreign`, wrapping.
+    ///
+    /// `left` is loaded first: if that load sees a leave, it also makes the
+    /// owner thread's earlier increment of `entered` visible to the load
+    /// after it (release store, acquire load), so a reader is never seen
+    /// leaving without being seen entering.
     fn raw_sum(&self) -> usize {
-        let foreign = self.foreign.load(Ordering::SeqCst);
-        let owned = self.owned.count.load(Ordering::SeqCst);
-        owned.wrapping_add(foreign)
+        let left = self.owned.left.load(Ordering::SeqCst);
+        let entered = self.owned.entered.load(Ordering::SeqCst);
+        let foreign = self.foreign.count.load(Ordering::SeqCst);
+        entered.wrapping_sub(left).wrapping_add(foreign)
     }
 
-    /// `(owned, foreign)` counter words, for tests.
+    /// `(owned, foreign)` counts, for tests.
     #[cfg(all(test, not(loom)))]
     pub(crate) fn words(&self) -> (usize, usize) {
+        let left = self.owned.left.load(Ordering::SeqCst);
+        let entered = self.owned.entered.load(Ordering::SeqCst);
         (
-            self.owned.count.load(Ordering::SeqCst),
-            self.foreign.load(Ordering::SeqCst),
+            entered.wrapping_sub(left),
+            self.foreign.count.load(Ordering::SeqCst),
         )
     }
 
-    /// Claims the shard for the calling thread if nobody has.
+    /// Sets both flag copies (writer side, under the registry mutex).
+    fn set_writer(&self, up: bool, order: Ordering) {
+        self.owned.writer.store(up, order);
+        self.foreign.writer.store(up, order);
+    }
+
+    /// Counts a reader entering (`ENTER`) or leaving on the calling
+    /// thread's counter and returns the writer flag loaded after that (see
+    /// the module documentation for the ordering).
+    #[inline(always)]
+    fn update<const ENTER: bool>(&self) -> bool {
+        let owned = &*self.owned;
+        if owned.owner.load(Ordering::Relaxed) == thread_id_if_assigned() {
+            owned.bump(if ENTER { &owned.entered } else { &owned.left })
+        } else {
+            self.update_elsewhere::<ENTER>()
+        }
+    }
+
+    /// [`ReaderShard::update`] off the owner thread, or claiming the shard:
+    /// out of line so the owner's path is straight-line code.
     #[cold]
-    fn claim(&self, me: u64) -> bool {
+    #[inline(never)]
+    fn update_elsewhere<const ENTER: bool>(&self) -> bool {
+        let owned = &*self.owned;
+        if owned.owner.load(Ordering::Relaxed) == UNCLAIMED && self.claim() {
+            return owned.bump(if ENTER { &owned.entered } else { &owned.left });
+        }
+        let delta = if ENTER { 1 } else { usize::MAX };
+        self.foreign.count.fetch_add(delta, Ordering::SeqCst);
+        seq_cst_point();
+        self.foreign.writer.load(Ordering::SeqCst)
+    }
+
+    /// Claims the shard for the calling thread if nobody has; whether the
+    /// calling thread owns it now.
+    fn claim(&self) -> bool {
+        let me = thread_id();
         // Relaxed: `count` is still 0 and was published with the shard;
         // nothing else is handed over with ownership.
         match self
             .owned
             .owner
-            .compare_exchange(0, me, Ordering::Relaxed, Ordering::Relaxed)
+            .compare_exchange(UNCLAIMED, me, Ordering::Relaxed, Ordering::Relaxed)
         {
             Ok(_) => true,
             Err(owner) => owner == me,
@@ -164,10 +245,31 @@ impl ReaderShard {
     }
 }
 
+impl OwnedCounter {
+    /// The owner thread's update of `counter` (`entered` or `left`): plain
+    /// load + store, light barrier, flag.
+    #[inline(always)]
+    fn bump(&self, counter: &AtomicUsize) -> bool {
+        // Only the owner thread writes these counters, so load + store
+        // loses no update. Release: a leaving reader's graph accesses happen
+        // before a writer's load that sees the new count (and, for `left`,
+        // the increment of `entered` before it: see `raw_sum`).
+        counter.store(
+            counter.load(Ordering::Relaxed).wrapping_add(1),
+            Ordering::Release,
+        );
+        membarrier::light_barrier();
+        // SeqCst (a plain `mov` on x86): its acquire half makes a previous
+        // writer's changes visible to the reader that enters.
+        self.writer.load(Ordering::SeqCst)
+    }
+}
+
 /// The graph lock shared by the main loop and every I/O context.
 #[derive(Debug)]
 pub(crate) struct GraphLock {
-    /// Raised while a writer is waiting or inside. Readers only ever load it.
+    /// Raised while a writer is waiting or inside; copied into every shard
+    /// (readers load their shard's copy). Changed under `shards`' mutex.
     writer_active: CachePadded<AtomicBool>,
     /// How readers order their counter update before their flag load.
     mode: FenceMode,
@@ -220,8 +322,11 @@ impl GraphLock {
     /// Creates a shard for a new I/O context and registers it with the
     /// writer.
     pub(crate) fn new_shard(&self) -> Arc<ReaderShard> {
-        let shard = Arc::new(ReaderShard::new());
-        lock(&self.shards).push(shard.clone());
+        let mut shards = lock(&self.shards);
+        // The flag only changes under this mutex: the copies start right.
+        let writer = self.writer_active.load(Ordering::Relaxed);
+        let shard = Arc::new(ReaderShard::new(self.mode, writer));
+        shards.push(shard.clone());
         shard
     }
 
@@ -232,43 +337,10 @@ impl GraphLock {
         shards.len()
     }
 
-    /// Whether the calling thread updates `shard.owned` (plain store)
-    /// rather than `shard.foreign` (locked RMW). One thread-local load and
-    /// one load of a line only the owner writes.
-    #[inline(always)]
-    fn owns(&self, shard: &ReaderShard) -> bool {
-        let me = thread_id();
-        let owner = shard.owned.owner.load(Ordering::Relaxed);
-        owner == me || (owner == 0 && self.mode == FenceMode::Asymmetric && shard.claim(me))
-    }
-
-    /// Adds `delta` (1 or `usize::MAX` for -1) to the calling thread's
-    /// counter of `shard`, ordered before the caller's next flag load.
-    #[inline(always)]
-    fn count(&self, shard: &ReaderShard, delta: usize) {
-        if self.owns(shard) {
-            // Only this thread writes `owned.count`, so load + store loses
-            // no update. Release: a leaving reader's graph accesses happen
-            // before a writer's acquire load that sees the new count.
-            let c = &shard.owned.count;
-            c.store(
-                c.load(Ordering::Relaxed).wrapping_add(delta),
-                Ordering::Release,
-            );
-            membarrier::light_barrier();
-        } else {
-            shard.foreign.fetch_add(delta, Ordering::SeqCst);
-            seq_cst_point();
-        }
-    }
-
     /// The read fast path: enter if no writer is active.
     #[inline]
     pub(crate) fn try_read(&self, shard: &ReaderShard) -> bool {
-        self.count(shard, 1);
-        // SeqCst (a plain `mov` on x86): the symmetric argument needs it,
-        // and its acquire half makes a previous writer's changes visible.
-        if !self.writer_active.load(Ordering::SeqCst) {
+        if !shard.update::<true>() {
             return true;
         }
         // Back off on the same thread, hence the same counter word.
@@ -279,13 +351,13 @@ impl GraphLock {
     /// Leaves a read section entered through `shard` (on any thread).
     #[inline]
     pub(crate) fn read_unlock(&self, shard: &ReaderShard) {
-        self.count(shard, usize::MAX);
-        if self.writer_active.load(Ordering::SeqCst) {
+        if shard.update::<false>() {
             self.wake_writer();
         }
     }
 
     #[cold]
+    #[inline(never)]
     fn wake_writer(&self) {
         // The writer re-sums on every wake-up; a reader cannot tell cheaply
         // whether it was the last one (the counts are split), and waking is
@@ -294,7 +366,17 @@ impl GraphLock {
     }
 
     /// Enters a read section, parking the task while a writer is active.
+    #[inline]
     pub(crate) fn poll_read(&self, shard: &ReaderShard, cx: &mut Context<'_>) -> Poll<()> {
+        if self.try_read(shard) {
+            return Poll::Ready(());
+        }
+        self.poll_read_slow(shard, cx)
+    }
+
+    #[cold]
+    #[inline(never)]
+    fn poll_read_slow(&self, shard: &ReaderShard, cx: &mut Context<'_>) -> Poll<()> {
         loop {
             if self.try_read(shard) {
                 return Poll::Ready(());
@@ -310,12 +392,39 @@ impl GraphLock {
         }
     }
 
+    /// Raises or lowers the flag and every shard's copy.
+    ///
+    /// Raising stores the lock's own flag first, lowering stores it last,
+    /// with release (or `SeqCst`) stores of the copies in between: a reader
+    /// that saw a raised copy and then finds the lock's flag down under the
+    /// queue mutex also finds its copy down when it retries (it never spins
+    /// on a stale copy).
+    fn set_writer_flags(&self, up: bool) {
+        let shards = lock(&self.shards);
+        // Asymmetric: plain (release) stores, ordered before the counter
+        // loads by the membarrier that follows. Symmetric: the stores are
+        // half of the SeqCst Dekker pair.
+        let order = match self.mode {
+            FenceMode::Asymmetric => Ordering::Release,
+            FenceMode::Symmetric => Ordering::SeqCst,
+        };
+        if up {
+            self.writer_active.store(true, Ordering::SeqCst);
+        }
+        for shard in shards.iter() {
+            shard.set_writer(up, order);
+        }
+        if !up {
+            self.writer_active.store(false, Ordering::SeqCst);
+        }
+    }
+
     /// Announces a writer. Readers arriving from now on queue.
     ///
-    /// Main-loop thread only; nested announcements count.
+    /// Main-loop thread only; nested announcements count. O(contexts).
     pub(crate) fn write_announce(&self) {
         if self.writers.fetch_add(1, Ordering::Relaxed) == 0 {
-            self.writer_active.store(true, Ordering::SeqCst);
+            self.set_writer_flags(true);
             match self.mode {
                 FenceMode::Asymmetric => membarrier::heavy_barrier(),
                 FenceMode::Symmetric => seq_cst_point(),
@@ -324,7 +433,7 @@ impl GraphLock {
     }
 
     /// Ready once no reader is inside the graph; otherwise arranges for the
-    /// last reader out to wake `cx`.
+    /// last reader out to wake `cx`. O(contexts).
     pub(crate) fn poll_readers_gone(&self, cx: &mut Context<'_>) -> Poll<()> {
         debug_assert!(self.writer_active(), "graph lock: waiting without a writer");
         register_waker(&self.writer_waker, cx.waker());
@@ -341,7 +450,7 @@ impl GraphLock {
         let before = self.writers.fetch_sub(1, Ordering::Relaxed);
         debug_assert!(before > 0, "graph lock: writer count underflow");
         if before == 1 {
-            self.writer_active.store(false, Ordering::SeqCst);
+            self.set_writer_flags(false);
             let queued = std::mem::take(&mut *lock(&self.queued_readers));
             for waker in queued {
                 waker.wake();
@@ -362,8 +471,8 @@ impl GraphLock {
         shards.iter().map(|s| s.readers()).sum()
     }
 
-    /// The writer's sum, after its flag store and barrier: never short (see
-    /// the module documentation), O(contexts).
+    /// The writer's sum, after its flag stores and barrier: never short
+    /// (see the module documentation), O(contexts).
     fn readers_for_writer(&self) -> usize {
         let mut shards = lock(&self.shards);
         prune(&mut shards);
@@ -386,6 +495,7 @@ fn prune(shards: &mut Vec<Arc<ReaderShard>>) {
 
 fn lock<T>(m: &Mutex<T>) -> impl std::ops::DerefMut<Target = T> + '_ {
     // A panic while holding these mutexes cannot leave the data half
-    // updated (push, take, retain), so poisoning carries no information.
+    // updated (push, take, retain, flag stores), so poisoning carries no
+    // information.
     m.lock().unwrap_or_else(|e| e.into_inner())
 }

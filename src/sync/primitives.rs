@@ -34,6 +34,14 @@ loom::thread_local! {
     static THREAD_ID: Cell<u64> = Cell::new(0);
 }
 
+/// The calling thread's id if it has one yet, else 0: a single
+/// thread-local load, for the fast path's comparison with a shard's owner
+/// (which is never 0).
+#[inline(always)]
+pub(crate) fn thread_id_if_assigned() -> u64 {
+    THREAD_ID.with(Cell::get)
+}
+
 /// A number naming the calling thread: never 0, never reused within the
 /// process (unlike thread-local addresses or OS thread ids), one
 /// thread-local load after the first call on a thread.

@@ -297,3 +297,51 @@ fn poll_read_is_ready_at_once_without_a_writer() {
         lock.read_unlock(&shard);
     }
 }
+
+/// The mode choice and the membarrier probe.
+mod fence_mode {
+    use crate::sync::membarrier::{asymmetric_available, heavy_barrier, FenceMode};
+
+    #[test]
+    fn setting_forces_symmetric_without_probing() {
+        for v in ["symmetric", "fallback", " Symmetric ", "FALLBACK"] {
+            let mode = FenceMode::choose(Some(v), || panic!("must not probe when forced"));
+            assert_eq!(mode, FenceMode::Symmetric, "setting {v:?}");
+        }
+    }
+
+    #[test]
+    fn other_settings_follow_availability() {
+        for v in [
+            None,
+            Some(""),
+            Some("auto"),
+            Some("asymmetric"),
+            Some("bogus"),
+        ] {
+            assert_eq!(
+                FenceMode::choose(v, || true),
+                FenceMode::Asymmetric,
+                "{v:?}"
+            );
+            assert_eq!(
+                FenceMode::choose(v, || false),
+                FenceMode::Symmetric,
+                "{v:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn probe_is_stable_and_barrier_works_when_available() {
+        let first = asymmetric_available();
+        assert_eq!(first, asymmetric_available());
+        if first {
+            // Must not panic once registered.
+            heavy_barrier();
+            heavy_barrier();
+        }
+        #[cfg(not(target_os = "linux"))]
+        assert!(!first);
+    }
+}

@@ -18,8 +18,19 @@
 //! modelled by a `fence(SeqCst)` after each RMW and after the writer's flag
 //! store (`seq_cst_point`).
 //!
-//! Bounded run (what CI does through `tests/lock_loom.rs`):
-//! `RUSTFLAGS="--cfg loom" LOOM_MAX_PREEMPTIONS=2 cargo test --release --lib sync::tests::loom`.
+//! Each of these protocol mutations makes at least one model fail at the
+//! default bounds (checked by hand while writing them): dropping the
+//! reader's light barrier, the writer's heavy barrier, the flag copies on
+//! raising, the copy initialisation of a shard created under a writer, the
+//! wake-up of the writer on leaving, the owner check (any thread writing
+//! the owner's counters), reading `entered` before `left` in the writer's
+//! sum, pruning a shard that a reader still holds, and draining the reader
+//! queue before lowering the flag.
+//!
+//! Bounded run (what CI does through `tests/lock_loom.rs`, seconds once
+//! built): `RUSTFLAGS="--cfg loom" cargo test --release --lib sync::tests::loom`
+//! (3 preemptions, 2 for the three-thread queue model). Deeper:
+//! `LOOM_MAX_PREEMPTIONS=4` in front of the same command.
 
 use std::future::poll_fn;
 
@@ -32,12 +43,17 @@ use crate::sync::membarrier::FenceMode;
 
 const MODES: [FenceMode; 2] = [FenceMode::Asymmetric, FenceMode::Symmetric];
 
-/// A model builder honouring `LOOM_MAX_PREEMPTIONS` etc. from the
-/// environment, with a default bound so a run without it still ends.
+/// Checks `f` with `LOOM_MAX_PREEMPTIONS` (and loom's other variables)
+/// from the environment, or at most 3 preemptions by default: enough to
+/// catch every mutation listed in the module documentation, in seconds.
 fn model(f: impl Fn() + Sync + Send + 'static) {
+    model_with_default_bound(3, f);
+}
+
+fn model_with_default_bound(bound: usize, f: impl Fn() + Sync + Send + 'static) {
     let mut builder = loom::model::Builder::new();
     if builder.preemption_bound.is_none() {
-        builder.preemption_bound = Some(2);
+        builder.preemption_bound = Some(bound);
     }
     builder.check(f);
 }
@@ -133,8 +149,10 @@ fn loom_fast_path_reader_and_writer() {
 
 #[test]
 fn loom_queued_readers_are_all_woken() {
+    // Three threads: 2 preemptions by default (seconds), 3 in the deeper
+    // run (about a minute).
     for mode in MODES {
-        model(move || {
+        model_with_default_bound(2, move || {
             let world = World::new(mode);
             world.lock.write_announce();
             let readers: Vec<_> = (0..2)
@@ -238,6 +256,58 @@ fn loom_owner_and_foreign_readers_share_a_context() {
             for r in readers {
                 r.join().unwrap();
             }
+            assert_eq!(world.lock.total_readers(), 0);
+        });
+    }
+}
+
+#[test]
+fn loom_context_added_during_a_write() {
+    // A context created while a writer announces: its flag copies must
+    // start raised if the flag is up, or the writer must see its reader.
+    for mode in MODES {
+        model(move || {
+            let world = World::new(mode);
+            let reader = {
+                let world = world.clone();
+                thread::spawn(move || {
+                    let shard = world.lock.new_shard();
+                    if world.lock.try_read(&shard) {
+                        world.look();
+                        world.lock.read_unlock(&shard);
+                    }
+                })
+            };
+            world.write();
+            reader.join().unwrap();
+            assert_eq!(world.lock.total_readers(), 0);
+        });
+    }
+}
+
+#[test]
+fn loom_owner_thread_task_backs_off_while_another_is_inside() {
+    // Two tasks of one I/O thread: the first is inside, the second arrives
+    // after the writer and backs off. Its enter/leave pair on the owner's
+    // counters must never cancel the first task's count in the writer's sum.
+    for mode in MODES {
+        model(move || {
+            let world = World::new(mode);
+            let shard = world.lock.new_shard();
+            let io_thread = {
+                let world = world.clone();
+                thread::spawn(move || {
+                    if world.lock.try_read(&shard) {
+                        if world.lock.try_read(&shard) {
+                            world.lock.read_unlock(&shard);
+                        }
+                        world.look();
+                        world.lock.read_unlock(&shard);
+                    }
+                })
+            };
+            world.write();
+            io_thread.join().unwrap();
             assert_eq!(world.lock.total_readers(), 0);
         });
     }
