@@ -12,8 +12,9 @@ use tokio::sync::{mpsc, oneshot};
 use super::task::{run_and_send, TaskHandle};
 use super::{set_thread_role, thread_role, BqlScope, IoThread, ThreadRole};
 use crate::error::{Error, Result};
+use crate::graph::node::NodeHandle;
 use crate::graph::GraphInner;
-use crate::proof::{Bql, IoContext, MainCx};
+use crate::proof::{Bql, GsRef, IoContext, MainCx};
 
 type LocalFuture = Pin<Box<dyn Future<Output = ()>>>;
 
@@ -256,11 +257,87 @@ async fn serve(main: MainLoop, mut jobs: mpsc::UnboundedReceiver<Job>) {
             Job::Shutdown => break,
         }
     }
+    flush_all(&mut bql);
     teardown(&mut bql);
     drop(bql);
     // `main` (and with it the job sender's `Shared`) may be the last handle;
     // drop it before the runtime goes so nothing outlives the loop.
     drop(main);
+}
+
+/// Flushes every node, users before what they use (QEMU's `bdrv_flush_all`
+/// in `bdrv_close_all`): a format driver writes back cached metadata on
+/// flush, and its `close` callback cannot do I/O.
+///
+/// The main loop never takes the read lock itself, so the flushes run on a
+/// short-lived thread with a context of its own while the main loop waits
+/// (the nested wait: nothing else runs on it meanwhile). Drained nodes are
+/// skipped: their drain section is still active. Errors cannot be returned
+/// from a shutdown; they are reported on stderr.
+fn flush_all(bql: &mut Bql) {
+    let order = users_first(bql);
+    if order.is_empty() {
+        return;
+    }
+    let ctx = IoContext::new("shutdown-flush".into(), bql.graph.clone(), bql.main.clone());
+    let cx = ctx.task_handle();
+    let flusher = thread::Builder::new()
+        .name("blockgraph-flush".into())
+        .spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_time()
+                .build()?;
+            runtime.block_on(async move {
+                let mut cx = cx;
+                let guard = cx.read().await;
+                for node in &order {
+                    let node = node.io(&guard);
+                    if node.is_in_graph() && !node.is_drained() {
+                        if let Err(e) = node.flush().await {
+                            eprintln!(
+                                "blockgraph: flushing '{}' at shutdown failed: {e}",
+                                node.name()
+                            );
+                        }
+                    }
+                }
+            });
+            Ok::<_, io::Error>(())
+        });
+    match flusher.map(|t| t.join()) {
+        Ok(Ok(Ok(()))) => {}
+        Ok(Ok(Err(e))) | Err(e) => eprintln!("blockgraph: could not flush at shutdown: {e}"),
+        Ok(Err(_)) => eprintln!("blockgraph: a driver panicked while flushing at shutdown"),
+    }
+}
+
+/// Every node, each one before the nodes it uses.
+fn users_first(bql: &Bql) -> Vec<NodeHandle> {
+    let graph = bql.graph();
+    let mut order: Vec<NodeHandle> = Vec::new();
+    let mut visiting: Vec<NodeHandle> = Vec::new();
+    // Depth-first post-order over children, reversed: a topological order
+    // (the graph is acyclic; mutations reject cycles).
+    fn visit(node: GsRef<'_>, order: &mut Vec<NodeHandle>, visiting: &mut Vec<NodeHandle>) {
+        let handle = node.to_handle();
+        if order
+            .iter()
+            .chain(visiting.iter())
+            .any(|h| h.ptr_eq(&handle))
+        {
+            return;
+        }
+        visiting.push(handle);
+        for child in node.children() {
+            visit(child.node, order, visiting);
+        }
+        order.push(visiting.pop().expect("pushed above"));
+    }
+    for node in graph.nodes() {
+        visit(node, &mut order, &mut visiting);
+    }
+    order.reverse();
+    order
 }
 
 /// Removes every backend and node, breaking the parent/child `Arc` cycles.
