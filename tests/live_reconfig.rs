@@ -13,7 +13,7 @@ use blockgraph::drivers::MemoryDriver;
 use blockgraph::{
     BackendOptions, BlockDriver, ChildRole, Error, IoFuture, IoRef, MainLoop, Permissions,
 };
-use common::{assert_consistent, join_within, watchdog, Flag, Overlay};
+use common::{assert_consistent, graph_problems, join_within, structure, watchdog, Flag, Overlay};
 
 /// Committed graph mutations (transactions) the test makes.
 const MUTATIONS: u64 = 10_000;
@@ -80,6 +80,88 @@ fn pattern(t: usize, b: usize, seq: u64, buf: &mut [u8]) {
     buf[..8].copy_from_slice(&seq.to_le_bytes());
 }
 
+/// Lock-step pacing between the mutator and the I/O tasks.
+///
+/// Busy I/O loops on two threads would keep both cores of a CI machine
+/// runnable, and the main loop would then wait milliseconds for every
+/// wake-up. Instead the mutator opens a new *stage* at each point where the
+/// graph should carry traffic, and each I/O task does a small budget of work
+/// per stage and then parks until the next one. The mutator's [`Pace::traffic`]
+/// returns once every writer has completed a verified write+read in the
+/// current graph; the rest of the budget overlaps the next mutation.
+struct Pace {
+    stage: tokio::sync::watch::Sender<u64>,
+    /// Verified write+read rounds per writer.
+    ops: Vec<AtomicU64>,
+    /// Signalled by writer `t` after each round.
+    progress: Vec<tokio::sync::Notify>,
+    /// Read-locked graph walks per walker.
+    walks: Vec<AtomicU64>,
+    stop: Flag,
+}
+
+/// Writer rounds per stage.
+const WRITES_PER_STAGE: u32 = 4;
+/// Graph walks per stage.
+const WALKS_PER_STAGE: u32 = 2;
+
+impl Pace {
+    fn new() -> Arc<Pace> {
+        Arc::new(Pace {
+            stage: tokio::sync::watch::channel(0).0,
+            ops: (0..THREADS).map(|_| AtomicU64::new(0)).collect(),
+            progress: (0..THREADS).map(|_| tokio::sync::Notify::new()).collect(),
+            walks: (0..THREADS).map(|_| AtomicU64::new(0)).collect(),
+            stop: Flag::default(),
+        })
+    }
+
+    /// Opens a new stage and waits until every writer has completed a round
+    /// in it.
+    async fn traffic(&self) {
+        let before: Vec<u64> = self.ops.iter().map(|o| o.load(Ordering::SeqCst)).collect();
+        self.stage.send_modify(|s| *s += 1);
+        for ((o, p), b) in self.ops.iter().zip(&self.progress).zip(before) {
+            while o.load(Ordering::SeqCst) <= b {
+                p.notified().await;
+            }
+        }
+    }
+
+    /// Stops every I/O task.
+    fn finish(&self) {
+        self.stop.set();
+        self.stage.send_modify(|s| *s += 1);
+    }
+}
+
+/// An I/O task's share of the pacing: `budget` units of work per stage.
+struct Budget {
+    stage: tokio::sync::watch::Receiver<u64>,
+    per_stage: u32,
+    left: u32,
+}
+
+impl Budget {
+    fn new(pace: &Pace, per_stage: u32) -> Budget {
+        Budget {
+            stage: pace.stage.subscribe(),
+            per_stage,
+            left: per_stage,
+        }
+    }
+
+    /// Takes one unit of work, waiting for the next stage when this one's
+    /// budget is spent.
+    async fn take(&mut self) {
+        if self.left == 0 {
+            let _ = self.stage.changed().await;
+            self.left = self.per_stage;
+        }
+        self.left -= 1;
+    }
+}
+
 #[test]
 fn ten_thousand_mutations_under_verified_io_on_two_threads() {
     let _wd = watchdog("ten_thousand_mutations", Duration::from_secs(600));
@@ -99,21 +181,25 @@ fn ten_thousand_mutations_under_verified_io_on_two_threads() {
 
     // Writers: each thread owns a region, writes a block, reads it back
     // and checks it, and keeps a model of what its region must hold.
-    let stop = Flag::default();
-    let ops: Arc<Vec<AtomicU64>> = Arc::new((0..THREADS).map(|_| AtomicU64::new(0)).collect());
+    let pace = Pace::new();
     let writers: Vec<_> = ios
         .iter()
         .enumerate()
         .map(|(t, io)| {
-            let (blk, stop, ops) = (blk.clone(), stop.clone(), ops.clone());
+            let (blk, pace) = (blk.clone(), pace.clone());
             io.spawn(move |mut cx| async move {
+                let mut budget = Budget::new(&pace, WRITES_PER_STAGE);
                 let base = (t * REGION) as u64;
                 let blocks = REGION / BLOCK;
                 let mut model = vec![0u8; REGION];
                 let mut buf = vec![0u8; BLOCK];
                 let mut back = vec![0u8; BLOCK];
                 let mut seq = 0u64;
-                while !stop.get() {
+                loop {
+                    budget.take().await;
+                    if pace.stop.get() {
+                        break;
+                    }
                     // Walk the region with a stride co-prime to its size.
                     let b = (seq as usize * 37) % blocks;
                     let at = base + (b * BLOCK) as u64;
@@ -144,22 +230,71 @@ fn ten_thousand_mutations_under_verified_io_on_two_threads() {
                         }
                     }
                     seq += 1;
-                    ops[t].store(seq, Ordering::Relaxed);
+                    pace.ops[t].store(seq, Ordering::SeqCst);
+                    pace.progress[t].notify_one();
+                    // Requests on a memory stack complete without ever
+                    // being pending; let the walker on this thread run.
+                    tokio::task::yield_now().await;
                 }
                 Ok::<_, String>(model)
             })
         })
         .collect();
-    common::wait_until("both writers to get going", || {
-        ops.iter().all(|o| o.load(Ordering::Relaxed) > 10)
+
+    // Graph walkers: one more task per I/O thread that reads the graph
+    // itself under the read lock (not through the backend, so drains do not
+    // stop it). The graph must be consistent, and must not change while the
+    // guard is held, even across an `.await`.
+    let walkers: Vec<_> = ios
+        .iter()
+        .enumerate()
+        .map(|(t, io)| {
+            let pace = pace.clone();
+            io.spawn(move |mut cx| async move {
+                let mut budget = Budget::new(&pace, WALKS_PER_STAGE);
+                let mut shapes = std::collections::HashSet::new();
+                let mut n = 0u64;
+                loop {
+                    budget.take().await;
+                    if pace.stop.get() {
+                        break;
+                    }
+                    let guard = cx.read().await;
+                    let before = structure(guard.graph());
+                    let problems = graph_problems(guard.graph());
+                    if !problems.is_empty() {
+                        return Err(format!("io{t}: reader saw {problems:?} in\n{before}"));
+                    }
+                    tokio::task::yield_now().await;
+                    let after = structure(guard.graph());
+                    if after != before {
+                        return Err(format!(
+                            "io{t}: graph changed under a read guard:\n{before}\n--- became ---\n{after}"
+                        ));
+                    }
+                    drop(guard);
+                    shapes.insert(before.lines().filter(|l| l.starts_with("node")).count());
+                    n += 1;
+                    pace.walks[t].store(n, Ordering::SeqCst);
+                    tokio::task::yield_now().await;
+                }
+                Ok::<_, String>(shapes)
+            })
+        })
+        .collect();
+    common::wait_until("writers and walkers to get going", || {
+        pace.ops
+            .iter()
+            .chain(pace.walks.iter())
+            .all(|o| o.load(Ordering::SeqCst) > 0)
     });
 
     // The mutator: an async main-loop task, so the main loop keeps serving
     // other work while it waits for drains and readers.
-    let ops_at_start: Vec<u64> = ops.iter().map(|o| o.load(Ordering::Relaxed)).collect();
+    let ops_at_start: Vec<u64> = pace.ops.iter().map(|o| o.load(Ordering::SeqCst)).collect();
     let started = Instant::now();
     let mutator = main.spawn({
-        let disk = disk.clone();
+        let (disk, pace) = (disk.clone(), pace.clone());
         move |mut cx| async move {
             let first = cx.bql(|bql| bql.graph().mutation_count());
             // Requests that went through the short-lived filters and
@@ -171,6 +306,7 @@ fn ten_thousand_mutations_under_verified_io_on_two_threads() {
                     .write(|w| w.insert_filter(&d, &format!("f{c}"), YieldingFilter::default()))
                     .await?;
                 drop(d);
+                pace.traffic().await;
 
                 let d = cx.drain(&f).await;
                 cx.write(|w| w.remove_filter(&d)).await?;
@@ -187,6 +323,7 @@ fn ten_thousand_mutations_under_verified_io_on_two_threads() {
                     .write(|w| w.append_overlay(&d, &format!("o{c}"), Overlay::new(), &[]))
                     .await?;
                 drop(d);
+                pace.traffic().await;
 
                 let d_o = cx.drain(&o).await;
                 let d_disk = cx.drain(&disk).await;
@@ -221,31 +358,57 @@ fn ten_thousand_mutations_under_verified_io_on_two_threads() {
     let (committed, via_filters, via_overlays) =
         join_within(mutator, Duration::from_secs(540), "the mutator").expect("a mutation failed");
     let elapsed = started.elapsed();
-    let ops_during: Vec<u64> = ops
+    let ops_during: Vec<u64> = pace
+        .ops
         .iter()
         .zip(&ops_at_start)
-        .map(|(o, s)| o.load(Ordering::Relaxed) - s)
+        .map(|(o, s)| o.load(Ordering::SeqCst) - s)
         .collect();
-    stop.set();
+    pace.finish();
     let models: Vec<Vec<u8>> = writers
         .into_iter()
         .map(|w| join_within(w, Duration::from_secs(60), "a writer").unwrap())
         .collect();
+    let mut shapes_seen = std::collections::HashSet::new();
+    for w in walkers {
+        shapes_seen.extend(join_within(w, Duration::from_secs(60), "a walker").unwrap());
+    }
+    let walks: Vec<u64> = pace
+        .walks
+        .iter()
+        .map(|w| w.load(Ordering::SeqCst))
+        .collect();
     eprintln!(
         "{committed} mutations in {elapsed:?}; writes per thread meanwhile {ops_during:?}; \
          {} requests completed ({via_filters} through filters, {via_overlays} through overlays), \
-         {} had to queue",
+         {} had to queue; graph walks {walks:?} saw node counts {shapes_seen:?}",
         blk.completed_requests(),
         blk.queued_requests()
     );
 
     assert_eq!(committed, MUTATIONS);
+    // Two stages per cycle, each with at least one round per writer.
     for (t, n) in ops_during.iter().enumerate() {
-        assert!(*n >= 50, "io{t} made only {n} writes during the mutations");
+        assert!(
+            *n >= 2 * (MUTATIONS / PER_CYCLE),
+            "io{t} made only {n} writes during the mutations"
+        );
     }
     assert!(blk.queued_requests() > 0, "no request ever met a drain");
-    assert!(via_filters > 0, "no request went through a filter");
-    assert!(via_overlays > 0, "no request went through an overlay");
+    // Every filter and every overlay carried at least one request from
+    // each thread (see `Pace::traffic`).
+    let cycles = MUTATIONS / PER_CYCLE;
+    assert!(
+        via_filters >= cycles,
+        "only {via_filters} requests went through filters"
+    );
+    assert!(
+        via_overlays >= cycles,
+        "only {via_overlays} requests went through overlays"
+    );
+    // The walkers saw the graph in more than one shape: they really ran
+    // while it changed.
+    assert!(shapes_seen.len() > 1, "walkers saw only {shapes_seen:?}");
     assert_eq!(blk.in_flight(), 0);
     assert!(!blk.is_quiesced());
 

@@ -42,7 +42,13 @@ pub fn watchdog(name: &'static str, budget: Duration) -> Watchdog {
         .name(format!("watchdog-{name}"))
         .spawn(move || {
             if let Err(mpsc::RecvTimeoutError::Timeout) = rx.recv_timeout(budget) {
-                eprintln!("WATCHDOG: test `{name}` did not finish within {budget:?}; aborting");
+                // Straight to stderr: `eprintln!` would be captured by the
+                // test harness and lost when the process exits.
+                use std::io::Write;
+                let _ = writeln!(
+                    std::io::stderr(),
+                    "WATCHDOG: test `{name}` did not finish within {budget:?}; exiting"
+                );
                 std::process::exit(101);
             }
         })
@@ -380,6 +386,15 @@ impl GateControl {
     }
 }
 
+/// Closing the gate on drop fails every waiting request, so a test that
+/// panics while a request waits at the gate can still shut its I/O thread
+/// down instead of hanging in clean-up.
+impl Drop for GateControl {
+    fn drop(&mut self) {
+        self.open.close();
+    }
+}
+
 impl BlockDriver for Gate {
     fn format_name(&self) -> &'static str {
         "gate"
@@ -618,6 +633,38 @@ pub fn snapshot(graph: GraphView<'_, blockgraph::GlobalState>) -> String {
     }
     let _ = writeln!(s, "mutations {}", graph.mutation_count());
     s.push_str(&graph.to_dot());
+    s
+}
+
+/// The graph's structure as text, under any proof: nodes in order with
+/// drivers, children with roles and permissions, parents, backends with
+/// roots. Only graph mutations change it (drain state is left out: drains
+/// begin and end without a write section).
+pub fn structure<P: Proof>(graph: GraphView<'_, P>) -> String {
+    use std::fmt::Write;
+    let mut s = String::new();
+    for node in graph.nodes() {
+        let _ = writeln!(s, "node {} {}", node.name(), node.driver_name());
+        for c in node.children() {
+            let _ = writeln!(
+                s,
+                "  child {} -> {} take {} share {}",
+                c.role,
+                c.node.name(),
+                c.perms.take,
+                c.perms.share
+            );
+        }
+        let _ = writeln!(s, "  parents {:?}", parent_names(node));
+    }
+    for b in graph.backends() {
+        let _ = writeln!(
+            s,
+            "backend {} root={:?}",
+            b.name(),
+            b.root().map(|r| r.name())
+        );
+    }
     s
 }
 
