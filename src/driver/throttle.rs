@@ -457,13 +457,25 @@ impl ThrottleDriver {
 
     /// Waits until a request of `bytes` may go.
     async fn admit(&self, write: bool, bytes: u64) -> Result<()> {
+        match self.book_now(write, bytes) {
+            None => Ok(()),
+            Some(wait) => self.wait_booked(wait).await,
+        }
+    }
+
+    /// Books a request; `None` if it may go at once (the common case with
+    /// generous limits, and always without limits or while drained), so the
+    /// caller can hand its child's future straight back without wrapping it.
+    fn book_now(&self, write: bool, bytes: u64) -> Option<Duration> {
         if self.bypass.load(Ordering::Acquire) {
-            return Ok(());
+            return None;
         }
         let wait = self.group.book(write, bytes);
-        if wait.is_zero() {
-            return Ok(());
-        }
+        (!wait.is_zero()).then_some(wait)
+    }
+
+    /// Sleeps for a booked `wait`, cut short when a drain begins.
+    async fn wait_booked(&self, wait: Duration) -> Result<()> {
         self.throttled.fetch_add(1, Ordering::Relaxed);
         let mut woken = pin!(self.wake.notified());
         // Registered before the check: a drain beginning after the check
@@ -533,19 +545,32 @@ impl BlockDriver for ThrottleDriver {
     }
 
     fn read<'a>(&'a self, node: IoRef<'a>, offset: u64, buf: &'a mut [u8]) -> IoFuture<'a, ()> {
-        Box::pin(async move {
-            let child = require_child(node, ChildRole::Filtered)?;
-            self.admit(false, buf.len() as u64).await?;
-            child.read(offset, buf).await
-        })
+        let child = match require_child(node, ChildRole::Filtered) {
+            Ok(child) => child,
+            Err(e) => return Box::pin(std::future::ready(Err(e))),
+        };
+        match self.book_now(false, buf.len() as u64) {
+            // Admitted now: the child's future is ours, no extra allocation.
+            None => child.read(offset, buf),
+            Some(wait) => Box::pin(async move {
+                self.wait_booked(wait).await?;
+                child.read(offset, buf).await
+            }),
+        }
     }
 
     fn write<'a>(&'a self, node: IoRef<'a>, offset: u64, buf: &'a [u8]) -> IoFuture<'a, ()> {
-        Box::pin(async move {
-            let child = require_child(node, ChildRole::Filtered)?;
-            self.admit(true, buf.len() as u64).await?;
-            child.write(offset, buf).await
-        })
+        let child = match require_child(node, ChildRole::Filtered) {
+            Ok(child) => child,
+            Err(e) => return Box::pin(std::future::ready(Err(e))),
+        };
+        match self.book_now(true, buf.len() as u64) {
+            None => child.write(offset, buf),
+            Some(wait) => Box::pin(async move {
+                self.wait_booked(wait).await?;
+                child.write(offset, buf).await
+            }),
+        }
     }
 
     fn write_zeroes<'a>(&'a self, node: IoRef<'a>, offset: u64, len: u64) -> IoFuture<'a, ()> {
