@@ -161,6 +161,61 @@ fn async_drain_waits_for_a_gated_request_on_another_io_thread() {
     main.shutdown();
 }
 
+/// A synchronous drain started while an async writer waits for the same
+/// in-flight request: neither waits for the other, both finish once the
+/// request does.
+#[test]
+fn sync_drain_while_a_writer_waits_for_the_same_request() {
+    let _wd = watchdog("drain_with_waiting_writer", Duration::from_secs(120));
+    let main = MainLoop::new().unwrap();
+    let io0 = main.new_io_thread("io0").unwrap();
+    let (gate, control) = Gate::new(1 << 20);
+    let (g, blk) = main
+        .run(|bql| {
+            bql.write(|w| {
+                let n = w.add_node("gate", gate, &[])?;
+                let b = w.add_backend("vda", &n, BackendOptions::default())?;
+                Ok::<_, Error>((n, b))
+            })
+        })
+        .unwrap();
+    let b = blk.clone();
+    let request = io0.spawn(move |mut cx| async move { b.read(&mut cx, 0, &mut [0u8; 512]).await });
+    recv(&control.entered, "the request to reach the driver");
+    assert_eq!(main.readers_inside(), 1);
+
+    // The async writer waits for the request's read lock.
+    let writer = main.spawn(|mut cx| async move { cx.write(|w| w.graph().nodes().count()).await });
+    wait_until("the writer announces itself", || main.writer_active());
+
+    // A synchronous drain (from a QMP-like command thread) waits for the
+    // request too, blocking the main loop meanwhile.
+    let drainer = std::thread::spawn({
+        let (main, g, blk) = (main.clone(), g.clone(), blk.clone());
+        move || {
+            main.run(move |bql| {
+                let d = bql.drain(&g);
+                let seen = (blk.completed_requests(), blk.in_flight());
+                drop(d);
+                seen
+            })
+        }
+    });
+    wait_until("the synchronous drain begins", || blk.is_quiesced());
+    assert!(
+        !drainer.is_finished(),
+        "the drain returned with a request in flight"
+    );
+    control.release(1);
+    let (completed, in_flight) = common::join_thread(drainer, "the synchronous drain");
+    assert_eq!((completed, in_flight), (1, 0));
+    assert_eq!(join(writer, "the writer"), 1);
+    join(request, "the request").unwrap();
+    assert!(!main.writer_active() && !blk.is_quiesced());
+    drop(io0);
+    main.shutdown();
+}
+
 #[test]
 fn requests_issued_during_a_drain_queue_and_never_reach_the_drained_node() {
     let _wd = watchdog("requests_queue_during_drain", Duration::from_secs(120));
