@@ -390,6 +390,33 @@ fn locks_are_released_when_the_node_leaves_the_graph() {
     FileDriver::open(&path, FileOptions::default()).unwrap();
 }
 
+/// Removal releases the locks at once, as QEMU's close does, even while a
+/// handle still keeps the driver (and its descriptor) alive.
+#[test]
+fn locks_are_released_on_removal_while_a_handle_lives() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = image(dir.path(), "held.img", 65536);
+    let s = Setup::new(FileDriver::open(&path, FileOptions::default()).unwrap());
+    let (node, blk) = (s.node.clone(), s.blk.clone());
+    s.main
+        .run(move |bql| {
+            bql.write(|w| w.remove_backend(&blk))?;
+            let drained = bql.drain(&node);
+            bql.write(|w| w.remove_node(&drained))
+        })
+        .unwrap();
+    // `s.node` still holds the removed node: the file is open, but unlocked.
+    FileDriver::open(&path, FileOptions::default()).expect("the removed node's locks are gone");
+    let Setup {
+        main,
+        io,
+        node,
+        blk,
+    } = s;
+    drop((node, blk, io));
+    main.shutdown();
+}
+
 /// The lock bytes are QEMU's: a running `qemu-io` keeps us out.
 #[test]
 fn qemu_io_holding_the_image_keeps_a_writer_out() {

@@ -15,7 +15,7 @@ use crate::driver::range_lock::{RangeGuard, RangeLock};
 use crate::driver::{BlockDriver, BlockStatus, IoFuture};
 use crate::error::{Error, Result};
 use crate::graph::edge::Perm;
-use crate::proof::IoRef;
+use crate::proof::{GsRef, IoRef};
 
 /// Memory alignment of every buffer handed to an `O_DIRECT` file.
 const MEM_ALIGN: usize = 4096;
@@ -125,7 +125,8 @@ struct Host {
 /// resize and shares read and write-unchanged; a reader takes read and
 /// shares the same, unless [`FileOptions::share_writes`] (QEMU's
 /// `force-share` / `share-rw`) lets others write. The locks go away when the
-/// driver (and its last in-flight host call) is dropped. Filesystems without
+/// node leaves the graph (its `close`), or when the driver is dropped if it
+/// never joined one. Filesystems without
 /// OFD locks run unlocked ([`FileDriver::is_locked`] says which).
 ///
 /// # Resizing
@@ -398,6 +399,26 @@ impl FileDriver {
 }
 
 impl BlockDriver for FileDriver {
+    /// Releases the image locks as the node leaves the graph (QEMU drops
+    /// them in `raw_close`), so the image can be opened again at once even
+    /// if a handle, a drain section or a finishing host call keeps the
+    /// driver (and its descriptor) alive a little longer.
+    fn close(&self, _node: GsRef<'_>) {
+        if !self.locked {
+            return;
+        }
+        let fd = self.host.file.as_raw_fd();
+        let bits = LOCK_PERMS.len() as i64;
+        for byte in
+            (LOCK_PERM_BASE..LOCK_PERM_BASE + bits).chain(LOCK_SHARED_BASE..LOCK_SHARED_BASE + bits)
+        {
+            // Unlocking a byte we do not hold is a no-op; an error here
+            // (none is expected for F_UNLCK) leaves the lock to the close of
+            // the descriptor, as before.
+            let _ = ofd_lock(fd, byte, libc::F_UNLCK as libc::c_short, libc::F_OFD_SETLK);
+        }
+    }
+
     fn format_name(&self) -> &'static str {
         if self.host.block_device {
             "host_device"
