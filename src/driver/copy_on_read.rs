@@ -3,6 +3,7 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use crate::driver::forward;
 use crate::driver::range_lock::RangeLock;
 use crate::driver::{require_child, BlockDriver, BlockStatus, IoFuture};
 use crate::error::{Error, Result};
@@ -111,12 +112,11 @@ impl BlockDriver for CopyOnRead {
     }
 
     fn request_alignment(&self, node: IoRef<'_>) -> u32 {
-        node.child(ChildRole::Filtered)
-            .map_or(1, |child| child.request_alignment())
+        forward::request_alignment(node, ChildRole::Filtered)
     }
 
     fn length<'a>(&'a self, node: IoRef<'a>) -> IoFuture<'a, u64> {
-        Box::pin(async move { require_child(node, ChildRole::Filtered)?.length().await })
+        forward::length(node, ChildRole::Filtered)
     }
 
     fn read<'a>(&'a self, node: IoRef<'a>, offset: u64, buf: &'a mut [u8]) -> IoFuture<'a, ()> {
@@ -182,7 +182,7 @@ impl BlockDriver for CopyOnRead {
     }
 
     fn flush<'a>(&'a self, node: IoRef<'a>) -> IoFuture<'a, ()> {
-        Box::pin(async move { require_child(node, ChildRole::Filtered)?.flush().await })
+        forward::flush(node, ChildRole::Filtered)
     }
 
     fn block_status<'a>(
@@ -191,10 +191,6 @@ impl BlockDriver for CopyOnRead {
         offset: u64,
         len: u64,
     ) -> IoFuture<'a, (BlockStatus, u64)> {
-        Box::pin(async move {
-            require_child(node, ChildRole::Filtered)?
-                .block_status(offset, len)
-                .await
-        })
+        forward::block_status(node, ChildRole::Filtered, offset, len)
     }
 }

@@ -7,6 +7,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use crate::driver::forward;
 use crate::driver::{require_child, BlockDriver, BlockStatus, IoFuture};
 use crate::error::{Error, Result};
 use crate::graph::edge::ChildRole;
@@ -407,12 +408,11 @@ impl BlockDriver for FaultInjector {
     }
 
     fn request_alignment(&self, node: IoRef<'_>) -> u32 {
-        node.child(ChildRole::Filtered)
-            .map_or(1, |child| child.request_alignment())
+        forward::request_alignment(node, ChildRole::Filtered)
     }
 
     fn length<'a>(&'a self, node: IoRef<'a>) -> IoFuture<'a, u64> {
-        Box::pin(async move { require_child(node, ChildRole::Filtered)?.length().await })
+        forward::length(node, ChildRole::Filtered)
     }
 
     fn read<'a>(&'a self, node: IoRef<'a>, offset: u64, buf: &'a mut [u8]) -> IoFuture<'a, ()> {
@@ -467,10 +467,6 @@ impl BlockDriver for FaultInjector {
         offset: u64,
         len: u64,
     ) -> IoFuture<'a, (BlockStatus, u64)> {
-        Box::pin(async move {
-            require_child(node, ChildRole::Filtered)?
-                .block_status(offset, len)
-                .await
-        })
+        forward::block_status(node, ChildRole::Filtered, offset, len)
     }
 }

@@ -2,7 +2,8 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use crate::driver::{require_child, BlockDriver, BlockStatus, IoFuture};
+use crate::driver::forward;
+use crate::driver::{BlockDriver, BlockStatus, IoFuture};
 use crate::graph::edge::{ChildRole, Perm, Permissions};
 use crate::proof::IoRef;
 
@@ -42,9 +43,8 @@ impl PassthroughFilter {
         self.requests.load(Ordering::Relaxed)
     }
 
-    fn child<'a>(&self, node: IoRef<'a>) -> crate::Result<IoRef<'a>> {
+    fn count(&self) {
         self.requests.fetch_add(1, Ordering::Relaxed);
-        require_child(node, ChildRole::Filtered)
     }
 }
 
@@ -73,47 +73,40 @@ impl BlockDriver for PassthroughFilter {
     }
 
     fn length<'a>(&'a self, node: IoRef<'a>) -> IoFuture<'a, u64> {
-        Box::pin(async move { require_child(node, ChildRole::Filtered)?.length().await })
+        forward::length(node, ChildRole::Filtered)
     }
 
     fn request_alignment(&self, node: IoRef<'_>) -> u32 {
-        node.child(ChildRole::Filtered)
-            .map_or(1, |child| child.request_alignment())
+        forward::request_alignment(node, ChildRole::Filtered)
     }
 
     fn read<'a>(&'a self, node: IoRef<'a>, offset: u64, buf: &'a mut [u8]) -> IoFuture<'a, ()> {
-        match self.child(node) {
-            Ok(child) => child.read(offset, buf),
-            Err(e) => Box::pin(std::future::ready(Err(e))),
-        }
+        self.count();
+        forward::to_child(node, ChildRole::Filtered, |child| child.read(offset, buf))
     }
 
     fn write<'a>(&'a self, node: IoRef<'a>, offset: u64, buf: &'a [u8]) -> IoFuture<'a, ()> {
-        match self.child(node) {
-            Ok(child) => child.write(offset, buf),
-            Err(e) => Box::pin(std::future::ready(Err(e))),
-        }
+        self.count();
+        forward::to_child(node, ChildRole::Filtered, |child| child.write(offset, buf))
     }
 
     fn write_zeroes<'a>(&'a self, node: IoRef<'a>, offset: u64, len: u64) -> IoFuture<'a, ()> {
-        match self.child(node) {
-            Ok(child) => child.write_zeroes(offset, len),
-            Err(e) => Box::pin(std::future::ready(Err(e))),
-        }
+        self.count();
+        forward::to_child(node, ChildRole::Filtered, |child| {
+            child.write_zeroes(offset, len)
+        })
     }
 
     fn discard<'a>(&'a self, node: IoRef<'a>, offset: u64, len: u64) -> IoFuture<'a, ()> {
-        match self.child(node) {
-            Ok(child) => child.discard(offset, len),
-            Err(e) => Box::pin(std::future::ready(Err(e))),
-        }
+        self.count();
+        forward::to_child(node, ChildRole::Filtered, |child| {
+            child.discard(offset, len)
+        })
     }
 
     fn flush<'a>(&'a self, node: IoRef<'a>) -> IoFuture<'a, ()> {
-        match self.child(node) {
-            Ok(child) => child.flush(),
-            Err(e) => Box::pin(std::future::ready(Err(e))),
-        }
+        self.count();
+        forward::to_child(node, ChildRole::Filtered, |child| child.flush())
     }
 
     fn block_status<'a>(
@@ -122,10 +115,6 @@ impl BlockDriver for PassthroughFilter {
         offset: u64,
         len: u64,
     ) -> IoFuture<'a, (BlockStatus, u64)> {
-        Box::pin(async move {
-            require_child(node, ChildRole::Filtered)?
-                .block_status(offset, len)
-                .await
-        })
+        forward::block_status(node, ChildRole::Filtered, offset, len)
     }
 }

@@ -12,6 +12,7 @@ mod copy_on_read;
 mod fault;
 mod file;
 mod filter;
+pub mod forward;
 mod memory;
 mod null;
 pub mod qcow2;

@@ -3,6 +3,7 @@
 
 use std::sync::atomic::{AtomicBool, Ordering};
 
+use crate::driver::forward;
 use crate::driver::{require_child, BlockDriver, BlockStatus, IoFuture};
 use crate::error::{Error, Result};
 use crate::graph::edge::ChildRole;
@@ -226,8 +227,7 @@ impl BlockDriver for RawDriver {
     }
 
     fn request_alignment(&self, node: IoRef<'_>) -> u32 {
-        node.child(ChildRole::File)
-            .map_or(1, |child| child.request_alignment())
+        forward::request_alignment(node, ChildRole::File)
     }
 
     fn length<'a>(&'a self, node: IoRef<'a>) -> IoFuture<'a, u64> {
@@ -237,10 +237,7 @@ impl BlockDriver for RawDriver {
     fn read<'a>(&'a self, node: IoRef<'a>, offset: u64, buf: &'a mut [u8]) -> IoFuture<'a, ()> {
         if self.whole_child() {
             // Nothing to check or shift: hand back the child's future.
-            return match require_child(node, ChildRole::File) {
-                Ok(child) => child.read(offset, buf),
-                Err(e) => Box::pin(std::future::ready(Err(e))),
-            };
+            return forward::to_child(node, ChildRole::File, |child| child.read(offset, buf));
         }
         Box::pin(async move {
             let (child, at) = self.map(node, offset, buf.len() as u64).await?;
@@ -250,10 +247,7 @@ impl BlockDriver for RawDriver {
 
     fn write<'a>(&'a self, node: IoRef<'a>, offset: u64, buf: &'a [u8]) -> IoFuture<'a, ()> {
         if self.whole_child() {
-            return match require_child(node, ChildRole::File) {
-                Ok(child) => child.write(offset, buf),
-                Err(e) => Box::pin(std::future::ready(Err(e))),
-            };
+            return forward::to_child(node, ChildRole::File, |child| child.write(offset, buf));
         }
         Box::pin(async move {
             let (child, at) = self.map(node, offset, buf.len() as u64).await?;
@@ -276,7 +270,7 @@ impl BlockDriver for RawDriver {
     }
 
     fn flush<'a>(&'a self, node: IoRef<'a>) -> IoFuture<'a, ()> {
-        Box::pin(async move { require_child(node, ChildRole::File)?.flush().await })
+        forward::flush(node, ChildRole::File)
     }
 
     fn block_status<'a>(

@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::Notify;
 
+use crate::driver::forward;
 use crate::driver::{require_child, BlockDriver, BlockStatus, IoFuture};
 use crate::error::{Error, Result};
 use crate::graph::edge::ChildRole;
@@ -536,12 +537,11 @@ impl BlockDriver for ThrottleDriver {
     }
 
     fn request_alignment(&self, node: IoRef<'_>) -> u32 {
-        node.child(ChildRole::Filtered)
-            .map_or(1, |child| child.request_alignment())
+        forward::request_alignment(node, ChildRole::Filtered)
     }
 
     fn length<'a>(&'a self, node: IoRef<'a>) -> IoFuture<'a, u64> {
-        Box::pin(async move { require_child(node, ChildRole::Filtered)?.length().await })
+        forward::length(node, ChildRole::Filtered)
     }
 
     fn read<'a>(&'a self, node: IoRef<'a>, offset: u64, buf: &'a mut [u8]) -> IoFuture<'a, ()> {
@@ -590,7 +590,7 @@ impl BlockDriver for ThrottleDriver {
     }
 
     fn flush<'a>(&'a self, node: IoRef<'a>) -> IoFuture<'a, ()> {
-        Box::pin(async move { require_child(node, ChildRole::Filtered)?.flush().await })
+        forward::flush(node, ChildRole::Filtered)
     }
 
     fn block_status<'a>(
@@ -599,11 +599,7 @@ impl BlockDriver for ThrottleDriver {
         offset: u64,
         len: u64,
     ) -> IoFuture<'a, (BlockStatus, u64)> {
-        Box::pin(async move {
-            require_child(node, ChildRole::Filtered)?
-                .block_status(offset, len)
-                .await
-        })
+        forward::block_status(node, ChildRole::Filtered, offset, len)
     }
 }
 
