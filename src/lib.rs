@@ -74,13 +74,13 @@ pub use runtime::{IoThread, MainLoop, TaskHandle};
 
 /// The built-in drivers.
 pub mod drivers {
-    pub use crate::driver::{MemoryDriver, NullDriver, PassthroughFilter};
-    pub use crate::driver::{FileDriver, FileOptions, RawDriver};
+    pub use crate::driver::qcow2::{self, Qcow2Driver, Qcow2Options};
     pub use crate::driver::CopyOnRead;
     pub use crate::driver::{
         FaultAction, FaultController, FaultInjector, FaultOp, FaultRule, RuleId,
     };
-    pub use crate::driver::qcow2::{self, Qcow2Driver, Qcow2Options};
+    pub use crate::driver::{FileDriver, FileOptions, RawDriver};
+    pub use crate::driver::{MemoryDriver, NullDriver, PassthroughFilter};
     pub use crate::driver::{ThrottleConfig, ThrottleDriver, ThrottleGroup, ThrottleLimit};
 }
 
