@@ -22,6 +22,9 @@
 //!
 //! * **F0**, the floor: counter load + store, compiler fence, relaxed flag
 //!   load; the same to leave.
+//! * **F0+owner** (extra, to explain the gap to F0): F0 plus a thread-local
+//!   id compared with the counter's owner on each side, which is what lets
+//!   our lock keep plain stores while tasks and guards migrate.
 //! * **F1**: F0 with the counter update as one locked RMW (`SeqCst`
 //!   `fetch_add`/`fetch_sub`), i.e. the symmetric fallback's cost.
 //! * **F2**, QEMU's exact read sequence: counter store, full fence, flag
@@ -101,8 +104,8 @@ impl Config {
             rounds: 301,
             s1_iters: 100_000,
             s2_iters: 100_000,
-            s3_window: Duration::from_millis(100),
-            s3_rounds: 5,
+            s3_window: Duration::from_millis(40),
+            s3_rounds: 25,
             s4_writes: 2_000,
             s5_trials: 100,
         };
@@ -111,7 +114,7 @@ impl Config {
         } else {
             Config {
                 rounds: 1001,
-                s3_rounds: 15,
+                s3_rounds: 61,
                 s4_writes: 10_000,
                 s5_trials: 400,
                 ..base
@@ -258,20 +261,40 @@ fn ours_pair(cx: &mut IoCx) {
 }
 
 /// One reader op that also copes with a writer: try, else wait (parks the
-/// thread on the lock's waker).
+/// thread on the lock's waker). Whether it had to wait.
 #[inline(always)]
-fn ours_op(cx: &mut IoCx) {
+fn ours_op(cx: &mut IoCx) -> bool {
     let entered = cx.try_read().is_some();
     if !entered {
         drop(futures::executor::block_on(cx.read()));
     }
+    !entered
 }
 
 // ------------------------------------------------------ calibration kernels
 
+std::thread_local! {
+    /// F0+owner's stand-in for the lock's thread id.
+    static THREAD_TOKEN: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
+/// Gives the calling thread a token and makes it `kernel`'s owner.
+fn own(kernel: &Kernel) {
+    static NEXT: AtomicUsize = AtomicUsize::new(1);
+    let token = THREAD_TOKEN.with(|t| {
+        if t.get() == 0 {
+            t.set(NEXT.fetch_add(1, Ordering::Relaxed));
+        }
+        t.get()
+    });
+    kernel.owner.store(token, Ordering::Relaxed);
+}
+
 /// The per-thread counter and the shared flag of F0/F1/F2.
 struct Kernel {
     counter: CachePadded<AtomicUsize>,
+    /// For F0+owner: the thread token of the thread using this kernel.
+    owner: AtomicUsize,
     flag: Arc<CachePadded<AtomicBool>>,
     waiters: Arc<CachePadded<AtomicUsize>>,
 }
@@ -280,6 +303,7 @@ impl Kernel {
     fn new(flag: &Arc<CachePadded<AtomicBool>>, waiters: &Arc<CachePadded<AtomicUsize>>) -> Self {
         Kernel {
             counter: CachePadded::new(AtomicUsize::new(0)),
+            owner: AtomicUsize::new(usize::MAX),
             flag: flag.clone(),
             waiters: waiters.clone(),
         }
@@ -292,6 +316,29 @@ impl Kernel {
         compiler_fence(Ordering::SeqCst);
         if self.flag.load(Ordering::Relaxed) {
             unexpected("flag");
+        }
+        c.store(c.load(Ordering::Relaxed) - 1, Ordering::Release);
+        compiler_fence(Ordering::SeqCst);
+        if self.flag.load(Ordering::Relaxed) {
+            unexpected("flag");
+        }
+    }
+
+    /// F0 plus what makes the lock safe for migrating tasks and guards: a
+    /// thread-local id compared with the counter's owner on each side.
+    #[inline(always)]
+    fn f0_owner(&self) {
+        let c = &self.counter;
+        if self.owner.load(Ordering::Relaxed) != THREAD_TOKEN.with(|t| t.get()) {
+            unexpected("owner");
+        }
+        c.store(c.load(Ordering::Relaxed) + 1, Ordering::Relaxed);
+        compiler_fence(Ordering::SeqCst);
+        if self.flag.load(Ordering::Relaxed) {
+            unexpected("flag");
+        }
+        if self.owner.load(Ordering::Relaxed) != THREAD_TOKEN.with(|t| t.get()) {
+            unexpected("owner");
         }
         c.store(c.load(Ordering::Relaxed) - 1, Ordering::Release);
         compiler_fence(Ordering::SeqCst);
@@ -355,10 +402,11 @@ impl Shared {
 }
 
 /// The sync kernels of S1 and S2, by index.
-const SYNC_KERNELS: [&str; 8] = [
+const SYNC_KERNELS: [&str; 9] = [
     "ours asym",
     "ours sym",
     "F0",
+    "F0+owner",
     "F1",
     "F2",
     "std RwLock",
@@ -400,28 +448,34 @@ impl ThreadKernels {
             3 => {
                 let k = black_box(&self.kernel);
                 for _ in 0..n {
-                    k.f1();
+                    k.f0_owner();
                 }
             }
             4 => {
                 let k = black_box(&self.kernel);
                 for _ in 0..n {
-                    k.f2();
+                    k.f1();
                 }
             }
             5 => {
+                let k = black_box(&self.kernel);
+                for _ in 0..n {
+                    k.f2();
+                }
+            }
+            6 => {
                 let l = black_box(&self.shared.std_rw);
                 for _ in 0..n {
                     drop(l.read().unwrap_or_else(|e| e.into_inner()));
                 }
             }
-            6 => {
+            7 => {
                 let l = black_box(&self.shared.pl_rw);
                 for _ in 0..n {
                     drop(l.read());
                 }
             }
-            7 => {
+            8 => {
                 let l = black_box(&self.shared.sharded);
                 for _ in 0..n {
                     drop(l.read().unwrap_or_else(|e| e.into_inner()));
@@ -437,7 +491,9 @@ impl ThreadKernels {
 
 enum Cmd {
     /// Run sync kernel `k` for `n` pairs after the start barrier.
-    Kernel(usize, u64),
+    /// Run sync kernel `k` for `n` pairs, after the start barrier when
+    /// `together` (S2), alone otherwise (S1).
+    Kernel(usize, u64, bool),
     /// S3: run reader ops through `mode` (0 asym, 1 sym) until `stop`.
     Reader(usize, Arc<AtomicBool>),
     Quit,
@@ -445,8 +501,9 @@ enum Cmd {
 
 enum Reply {
     NsPerOp(f64),
-    /// Ops done, and the sampled per-op latencies in ns.
-    Reader(u64, Vec<f64>),
+    /// Ops done, the sampled per-op latencies in ns, and how many ops found
+    /// a writer and waited.
+    Reader(u64, Vec<f64>, u64),
 }
 
 struct Worker {
@@ -467,11 +524,14 @@ impl Worker {
                 // thread does with its own context.
                 ours_pair(&mut kernels.asym);
                 ours_pair(&mut kernels.sym);
+                own(&kernels.kernel);
                 while let Ok(cmd) = cmd_rx.recv() {
                     match cmd {
-                        Cmd::Kernel(k, n) => {
+                        Cmd::Kernel(k, n, together) => {
                             kernels.run(k, n / 10); // warm up
-                            start.wait();
+                            if together {
+                                start.wait();
+                            }
                             let ns = kernels.run(k, n);
                             let _ = reply_tx.send(Reply::NsPerOp(ns));
                         }
@@ -483,17 +543,18 @@ impl Worker {
                             };
                             start.wait();
                             let mut ops = 0u64;
+                            let mut waited = 0u64;
                             let mut samples = Vec::with_capacity(1 << 16);
                             while !stop.load(Ordering::Relaxed) {
                                 for _ in 0..63 {
-                                    ours_op(cx);
+                                    waited += u64::from(ours_op(cx));
                                 }
                                 let t = Instant::now();
-                                ours_op(cx);
+                                waited += u64::from(ours_op(cx));
                                 samples.push(t.elapsed().as_nanos() as f64);
                                 ops += 64;
                             }
-                            let _ = reply_tx.send(Reply::Reader(ops, samples));
+                            let _ = reply_tx.send(Reply::Reader(ops, samples, waited));
                         }
                         Cmd::Quit => break,
                     }
@@ -533,16 +594,9 @@ struct SyncResults {
 }
 
 fn run_s1_s2(cfg: &Config, main_a: &MainLoop, main_s: &MainLoop) -> SyncResults {
+    // S1 runs on worker 0 alone, S2 on both: the same threads, contexts
+    // and kernel state, so S2/S1 isolates the effect of the second core.
     let shared = Shared::new();
-    pin_to(0);
-    let mut here = ThreadKernels {
-        asym: io_cx(&main_a.new_io_context("s1-asym")),
-        sym: io_cx(&main_s.new_io_context("s1-sym")),
-        kernel: Kernel::new(&shared.flag, &shared.waiters),
-        shared: shared.clone(),
-    };
-    ours_pair(&mut here.asym);
-    ours_pair(&mut here.sym);
     let start = Arc::new(Barrier::new(2));
     let workers: Vec<Worker> = (0..2)
         .map(|cpu| {
@@ -562,10 +616,18 @@ fn run_s1_s2(cfg: &Config, main_a: &MainLoop, main_s: &MainLoop) -> SyncResults 
     for round in 0..cfg.rounds {
         for i in 0..n_k {
             let k = (i + round) % n_k; // rotate the order every round
-            here.run(k, cfg.s1_iters / 10);
-            s1[k].push(here.run(k, cfg.s1_iters));
+            workers[0]
+                .cmd
+                .send(Cmd::Kernel(k, cfg.s1_iters, false))
+                .expect("worker");
+            match workers[0].recv() {
+                Reply::NsPerOp(ns) => s1[k].push(ns),
+                Reply::Reader(..) => unreachable!(),
+            }
             for w in &workers {
-                w.cmd.send(Cmd::Kernel(k, cfg.s2_iters)).expect("worker");
+                w.cmd
+                    .send(Cmd::Kernel(k, cfg.s2_iters, true))
+                    .expect("worker");
             }
             let mut sum = 0.0;
             for w in &workers {
@@ -644,6 +706,8 @@ struct S3Row {
     reader_p999: Vec<f64>,
     writer: Vec<f64>,
     writes_per_s: Vec<f64>,
+    /// Reader ops that found the writer and parked, per write.
+    waits_per_write: Vec<f64>,
 }
 
 /// A main-loop task writing every `period`, holding ~1 µs; returns the
@@ -657,15 +721,20 @@ fn spawn_writer(
         let mut lat = Vec::new();
         let mut next = Instant::now() + period;
         while !stop.load(Ordering::Relaxed) {
-            // Sleep while far from the deadline, spin the rest (blocking the
-            // main-loop thread is fine here: nothing else runs on it).
+            // Periods of 1 ms and more: sleep (timer slack adds some tens of
+            // microseconds). Shorter ones cannot be slept precisely: sleep
+            // while far from the deadline, spin the rest, at the price of
+            // the writer's core time (blocking the main-loop thread is fine
+            // here: nothing else runs on it).
             loop {
                 let now = Instant::now();
                 if now >= next {
                     break;
                 }
                 let left = next - now;
-                if left > Duration::from_micros(120) {
+                if period >= Duration::from_millis(1) {
+                    thread::sleep(left);
+                } else if left > Duration::from_micros(120) {
                     thread::sleep(left - Duration::from_micros(80));
                 } else {
                     std::hint::spin_loop();
@@ -724,11 +793,13 @@ fn run_s3(cfg: &Config, main_a: &MainLoop, main_s: &MainLoop) -> Vec<S3Row> {
         thread::sleep(cfg.s3_window);
         stop.store(true, Ordering::Relaxed);
         let mut ops = 0;
+        let mut waited = 0;
         let mut samples = Vec::new();
         for wk in &workers {
             match wk.recv() {
-                Reply::Reader(n, s) => {
+                Reply::Reader(n, s, p) => {
                     ops += n;
+                    waited += p;
                     samples.extend(s);
                 }
                 Reply::NsPerOp(_) => unreachable!(),
@@ -736,7 +807,7 @@ fn run_s3(cfg: &Config, main_a: &MainLoop, main_s: &MainLoop) -> Vec<S3Row> {
         }
         wstop.store(true, Ordering::Relaxed);
         let lat = w.map(|h| h.join()).unwrap_or_default();
-        (ops, samples, lat)
+        (ops, samples, lat, waited)
     };
     let mut rows = Vec::new();
     for (mode, name, main) in [(0, "asym", main_a), (1, "sym", main_s)] {
@@ -749,10 +820,13 @@ fn run_s3(cfg: &Config, main_a: &MainLoop, main_s: &MainLoop) -> Vec<S3Row> {
                 reader_p999: vec![],
                 writer: vec![],
                 writes_per_s: vec![],
+                waits_per_write: vec![],
             };
             for _ in 0..cfg.s3_rounds {
-                let (base, _, _) = window(mode, None);
-                let (ops, samples, lat) = window(mode, Some((main, period)));
+                let (base, _, _, _) = window(mode, None);
+                let (ops, samples, lat, waited) = window(mode, Some((main, period)));
+                row.waits_per_write
+                    .push(waited as f64 / lat.len().max(1) as f64);
                 row.retained.push(ops as f64 / base as f64);
                 row.reader_p99.push(percentile(&samples, 99.0));
                 row.reader_p999.push(percentile(&samples, 99.9));
@@ -769,19 +843,20 @@ fn run_s3(cfg: &Config, main_a: &MainLoop, main_s: &MainLoop) -> Vec<S3Row> {
 fn print_s3(rows: &[S3Row]) {
     println!("## S3: S2 plus a writer holding ~1 us (medians over rounds)");
     println!(
-        "{:<5} {:>8} {:>10} {:>9} {:>13} {:>14} {:>10} {:>10}",
+        "{:<5} {:>8} {:>9} {:>9} {:>11} {:>11} {:>10} {:>10} {:>11}",
         "mode",
         "period",
         "writes/s",
         "retained",
-        "reader p99",
-        "reader p99.9",
-        "writer p50",
-        "writer p99"
+        "rd p99 ns",
+        "rd p99.9 ns",
+        "wr p50 us",
+        "wr p99 us",
+        "waits/write"
     );
     for r in rows {
         println!(
-            "{:<5} {:>8} {:>10.0} {:>8.2}% {:>10.0} ns {:>11.0} ns {:>7.1} us {:>7.1} us",
+            "{:<5} {:>8} {:>9.0} {:>8.2}% {:>11.0} {:>11.0} {:>10.1} {:>10.1} {:>11.2}",
             r.mode,
             format!("{:?}", r.period),
             median(&r.writes_per_s),
@@ -790,10 +865,12 @@ fn print_s3(rows: &[S3Row]) {
             median(&r.reader_p999),
             percentile(&r.writer, 50.0) / 1e3,
             percentile(&r.writer, 99.0) / 1e3,
+            median(&r.waits_per_write),
         );
     }
     println!(
-        "(reader latencies: one op in 64 timed with Instant, ~20-40 ns timer overhead included)"
+        "(rd: one reader op in 64 timed with Instant, ~20-40 ns timer overhead included; \
+         wr: writer acquisition; waits/write: reader ops that found the writer and parked)"
     );
     println!();
 }
