@@ -1020,8 +1020,10 @@ fn run_s5_uncontended(cfg: &Config, main: &MainLoop, label: &str) -> Vec<Vec<f64
                 match k {
                     0 => {
                         for _ in 0..n {
+                            // Consumed like the sync pair's guard (no
+                            // black_box: dropping it has side effects).
                             let g = cx.read().await;
-                            drop(black_box(g));
+                            drop(g);
                         }
                     }
                     1 => {
@@ -1031,17 +1033,17 @@ fn run_s5_uncontended(cfg: &Config, main: &MainLoop, label: &str) -> Vec<Vec<f64
                     }
                     2 => {
                         for _ in 0..n {
-                            drop(black_box(tokio_rw.read().await));
+                            drop(tokio_rw.read().await);
                         }
                     }
                     3 => {
                         for _ in 0..n {
-                            drop(black_box(async_rw.read().await));
+                            drop(async_rw.read().await);
                         }
                     }
                     4 => {
                         for _ in 0..n {
-                            drop(black_box(std_rw.read().unwrap_or_else(|e| e.into_inner())));
+                            drop(std_rw.read().unwrap_or_else(|e| e.into_inner()));
                         }
                     }
                     _ => unreachable!(),
