@@ -216,7 +216,7 @@ fn removed_context_keeps_counting_its_readers() {
 }
 
 #[test]
-fn diagnostics_never_show_a_negative_count() {
+fn counts_split_across_threads_sum_to_the_readers_inside() {
     for lock in locks() {
         let shard = lock.new_shard();
         assert!(lock.try_read(&shard));
