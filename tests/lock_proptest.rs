@@ -16,7 +16,8 @@
 //! is active; the contexts the writer counts are the live ones plus removed
 //! ones that still have reader tasks; the base node's drain count and the
 //! backend's quiesced state follow the open drain sections. Every wait is
-//! bounded, so a lost wake-up fails instead of hanging.
+//! bounded, so a lost wake-up fails instead of hanging. Both fence modes
+//! run (the symmetric one forced through `BLOCKGRAPH_LOCK_FENCE`).
 
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
@@ -126,9 +127,21 @@ fn wait_until(what: &str, mut cond: impl FnMut() -> bool) -> Result<(), TestCase
     Ok(())
 }
 
+/// Serialises main-loop creation: the fence mode is read from the
+/// environment then.
+static MODE_LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 impl Harness {
-    fn new() -> Harness {
-        let main = MainLoop::new().expect("main loop");
+    fn new(symmetric: bool) -> Harness {
+        let main = {
+            let _serial = MODE_LOCK.lock().unwrap_or_else(|e| e.into_inner());
+            if symmetric {
+                std::env::set_var("BLOCKGRAPH_LOCK_FENCE", "symmetric");
+            }
+            let main = MainLoop::new().expect("main loop");
+            std::env::remove_var("BLOCKGRAPH_LOCK_FENCE");
+            main
+        };
         let (base, backend) = main
             .run(|bql| {
                 bql.write(|w| -> blockgraph::Result<_> {
@@ -456,12 +469,21 @@ proptest! {
 
     #[test]
     fn graph_lock_state_machine(ops in prop::collection::vec(op(), 1..40)) {
-        let mut harness = Harness::new();
-        // Start with a context so short sequences still read.
-        harness.apply(&Op::AddContext)?;
-        for op in &ops {
-            harness.apply(op)?;
-        }
-        harness.finish()?;
+        run(false, &ops)?;
     }
+
+    #[test]
+    fn graph_lock_state_machine_symmetric_fence(ops in prop::collection::vec(op(), 1..40)) {
+        run(true, &ops)?;
+    }
+}
+
+fn run(symmetric: bool, ops: &[Op]) -> Result<(), TestCaseError> {
+    let mut harness = Harness::new(symmetric);
+    // Start with a context so short sequences still read.
+    harness.apply(&Op::AddContext)?;
+    for op in ops {
+        harness.apply(op)?;
+    }
+    harness.finish()
 }
