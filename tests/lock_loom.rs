@@ -8,13 +8,14 @@
 //! target directory of its own (under this build's `CARGO_TARGET_TMPDIR`),
 //! the way `trybuild` runs its nested builds. The first run builds the
 //! dependencies again (a couple of minutes on 2 cores); the models then take
-//! about a minute unoptimised (loom itself is built with `opt-level = 3`).
+//! 15-60 s unoptimised (loom itself is built with `opt-level = 3`).
 //!
 //! Bounds: 3 preemptions, 2 for the three-thread queue model, unless
-//! `LOOM_MAX_PREEMPTIONS` is set, which is passed through. The deeper run
-//! (minutes, optimised):
+//! `LOOM_MAX_PREEMPTIONS` is set, which is passed through. The deeper runs
+//! (optimised; about 45 s, and about 25 min with `=4`, on 2 cores):
 //!
 //! ```sh
+//! RUSTFLAGS="--cfg loom" LOOM_MAX_PREEMPTIONS=3 cargo test --release --lib sync::tests::loom
 //! RUSTFLAGS="--cfg loom" LOOM_MAX_PREEMPTIONS=4 cargo test --release --lib sync::tests::loom
 //! ```
 
