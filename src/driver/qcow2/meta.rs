@@ -151,18 +151,22 @@ impl Meta {
     }
 
     async fn write_l2(&mut self, file: IoRef<'_>, i: usize) -> Result<()> {
-        let slot = self.l2.get(i);
+        Self::write_slot(file, self.geo.align, self.geo.cs as usize, &mut self.l2, i).await
+    }
+
+    /// Writes back the dirty part of cache slot `i` (an L2 table or a
+    /// refcount block) and marks it clean.
+    async fn write_slot<T: Table>(
+        file: IoRef<'_>,
+        align: u64,
+        table_len: usize,
+        cache: &mut TableCache<T>,
+        i: usize,
+    ) -> Result<()> {
+        let slot = cache.get(i);
         if let Some(range) = slot.dirty {
-            Self::write_table(
-                file,
-                self.geo.align,
-                self.geo.cs as usize,
-                slot.offset,
-                &slot.table,
-                range,
-            )
-            .await?;
-            self.l2.get_mut(i).dirty = None;
+            Self::write_table(file, align, table_len, slot.offset, &slot.table, range).await?;
+            cache.get_mut(i).dirty = None;
         }
         Ok(())
     }
@@ -247,20 +251,7 @@ impl Meta {
     }
 
     async fn write_rb(&mut self, file: IoRef<'_>, i: usize) -> Result<()> {
-        let slot = self.rb.get(i);
-        if let Some(range) = slot.dirty {
-            Self::write_table(
-                file,
-                self.geo.align,
-                self.geo.cs as usize,
-                slot.offset,
-                &slot.table,
-                range,
-            )
-            .await?;
-            self.rb.get_mut(i).dirty = None;
-        }
-        Ok(())
+        Self::write_slot(file, self.geo.align, self.geo.cs as usize, &mut self.rb, i).await
     }
 
     pub(crate) async fn write_refblocks(&mut self, file: IoRef<'_>) -> Result<()> {
