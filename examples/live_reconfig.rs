@@ -9,7 +9,7 @@
 //! `cargo run --release --example live_reconfig [-- --seconds N]`
 //!
 //! The overlay driver below is a complete user-defined driver: its I/O
-//! callbacks get an `IoRef` and read from their backing child with it.
+//! callbacks get an `RequestRef` and read from their backing child with it.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -18,8 +18,8 @@ use std::time::{Duration, Instant};
 
 use blockgraph::drivers::{MemoryDriver, PassthroughFilter};
 use blockgraph::{
-    driver::require_child, BackendOptions, BlockDriver, ChildRole, Error, IoFuture, IoRef,
-    MainLoop, Result,
+    driver::require_child, BackendOptions, BlockDriver, ChildRole, Error, IoFuture, MainLoop,
+    RequestRef, Result,
 };
 
 const DISK_SIZE: u64 = 8 << 20;
@@ -52,11 +52,16 @@ impl BlockDriver for CowOverlay {
         )
     }
 
-    fn length<'a>(&'a self, node: IoRef<'a>) -> IoFuture<'a, u64> {
+    fn length<'a>(&'a self, node: RequestRef<'a>) -> IoFuture<'a, u64> {
         Box::pin(async move { require_child(node, ChildRole::Backing)?.length().await })
     }
 
-    fn read<'a>(&'a self, node: IoRef<'a>, offset: u64, buf: &'a mut [u8]) -> IoFuture<'a, ()> {
+    fn read<'a>(
+        &'a self,
+        node: RequestRef<'a>,
+        offset: u64,
+        buf: &'a mut [u8],
+    ) -> IoFuture<'a, ()> {
         Box::pin(async move {
             let backing = require_child(node, ChildRole::Backing)?;
             let mut done = 0usize;
@@ -75,7 +80,7 @@ impl BlockDriver for CowOverlay {
         })
     }
 
-    fn write<'a>(&'a self, node: IoRef<'a>, offset: u64, buf: &'a [u8]) -> IoFuture<'a, ()> {
+    fn write<'a>(&'a self, node: RequestRef<'a>, offset: u64, buf: &'a [u8]) -> IoFuture<'a, ()> {
         Box::pin(async move {
             let backing = require_child(node, ChildRole::Backing)?;
             let _copy_up = self.copy_up.lock().await;

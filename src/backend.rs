@@ -13,7 +13,7 @@ use crate::graph::cell::GraphCell;
 use crate::graph::edge::{Perm, Permissions};
 use crate::graph::node::NodeInner;
 use crate::graph::GraphInner;
-use crate::proof::{IoCx, IoRef, NodeRef, ReadGuard};
+use crate::proof::{IoCx, NodeRef, ReadGuard, RequestRef};
 use crate::sync::WaitList;
 
 /// `length_cache` holds no length.
@@ -228,17 +228,40 @@ impl BlockBackend {
         .await
     }
 
-    fn root<'r>(&'r self, _guard: &'r ReadGuard<'_>) -> Result<IoRef<'r>> {
-        // SAFETY: the guard holds the read lock for 'r.
-        let root = unsafe { self.inner.root.get() };
-        match root {
-            // SAFETY: same proof, same lifetime.
-            Some(node) => Ok(unsafe { NodeRef::new(node) }),
+    /// The root as its driver sees it: the request entered at this backend
+    /// (counted in `in_flight`, which every drain covering the root waits
+    /// for) and goes down from here.
+    fn root<'r>(&'r self, guard: &'r ReadGuard<'_>) -> Result<RequestRef<'r>> {
+        let access = guard.access();
+        match self.inner.root.get(access) {
+            // SAFETY: the backend belongs to the guard's graph (checked at
+            // the request's entry, `same_graph`), so its root does too.
+            Some(node) => Ok(unsafe { NodeRef::new(node, access) }),
             None => Err(Error::NoMedium(self.inner.name.clone())),
         }
     }
 
-    async fn check(&self, root: IoRef<'_>, access: Access, offset: u64, len: u64) -> Result<()> {
+    /// Whether `cx` belongs to this backend's graph: another graph's read
+    /// lock does not keep this one from changing (rule 16). Checked before
+    /// any graph state is touched.
+    #[inline]
+    fn same_graph(&self, cx: &IoCx) -> Result<()> {
+        if std::ptr::eq(self.inner.graph.as_ptr(), cx.graph_ptr()) {
+            Ok(())
+        } else {
+            Err(Error::WrongGraph {
+                what: format!("backend '{}'", self.inner.name),
+            })
+        }
+    }
+
+    async fn check(
+        &self,
+        root: RequestRef<'_>,
+        access: Access,
+        offset: u64,
+        len: u64,
+    ) -> Result<()> {
         if access == Access::Write && !self.inner.perms.take.contains(Perm::WRITE) {
             return Err(Error::ReadOnly(self.inner.name.clone()));
         }
@@ -272,7 +295,7 @@ impl BlockBackend {
     /// resize. Tag and length are one atomic word, so a stale length can only
     /// be taken for current if 65,536 resizes happened while this request
     /// was between reading the epoch and storing its result.
-    async fn root_length(&self, root: IoRef<'_>) -> Result<u64> {
+    async fn root_length(&self, root: RequestRef<'_>) -> Result<u64> {
         let tag = self.inner.size_epoch.load(Ordering::Acquire) & 0xffff;
         let cached = self.inner.length_cache.load(Ordering::Acquire);
         if cached != NO_LENGTH && cached >> 48 == tag {
@@ -290,6 +313,7 @@ impl BlockBackend {
 
 macro_rules! request {
     ($self:ident, $cx:ident, $access:expr, $offset:expr, $len:expr, |$root:ident| $body:expr) => {{
+        $self.same_graph($cx)?;
         loop {
             let guard = $cx.read().await;
             let Some(_in_flight) = $self.try_start(&guard) else {

@@ -19,10 +19,12 @@ use std::sync::Arc;
 use std::task::Poll;
 
 use crate::backend::BackendInner;
+use crate::graph::callbacks;
+use crate::graph::cell::ReadAccess;
 use crate::graph::edge::ParentLink;
 use crate::graph::node::NodeInner;
 use crate::graph::{GraphInner, Section};
-use crate::proof::{DrainedState, NodeRef};
+use crate::proof::{Drained, DrainedState};
 use crate::runtime::BqlScope;
 
 /// A new edge made by a committed mutation: `parent` now uses `child`.
@@ -38,40 +40,71 @@ pub(crate) enum NewEdge {
 }
 
 /// Begins a section on `node`: quiesces it and everything above it.
-pub(crate) fn begin(graph: &Arc<GraphInner>, node: &Arc<NodeInner>) -> DrainedState {
+///
+/// The section exists (and ends when the returned proof is dropped) before
+/// any `drained_begin` callback runs, so a callback that panics unwinds
+/// through a `Drained` that ends the section again (rule 20).
+///
+/// # Panics
+///
+/// Inside a write section (rule 21: a drain waits for requests, which wait
+/// for the write section to end).
+pub(crate) fn begin<'g>(graph: &Arc<GraphInner>, node: &Arc<NodeInner>) -> Drained<'g> {
     let _scope = BqlScope::enter_if_idle();
+    // SAFETY: main-loop thread (`MainCell::with` below panics elsewhere);
+    // no write section is running (checked first thing inside `with`), so
+    // no write token of this graph exists and the graph cannot change while
+    // this function runs (it runs no user code until the callbacks, which
+    // only get read-only `GsRef`s).
+    let access = unsafe { ReadAccess::assume() };
     let mut began = Vec::new();
     let section = graph.main.with(|state| {
+        assert!(
+            state.in_write_section == 0,
+            "blockgraph: a drain was started inside a write section (rule 21: drain before \
+             Bql::write/MainCx::write, not inside it; inside, the drain would wait for requests \
+             that wait for the write section)"
+        );
         let id = state.next_section;
         state.next_section += 1;
         let mut section = Section::default();
-        cover_node(&mut section, node, &mut began);
+        cover_node(&mut section, node, &mut began, access);
         state.sections.insert(id, section);
         id
     });
-    fire_drained_begin(&began);
-    DrainedState {
+    let drained = Drained::new(DrainedState {
         graph: graph.clone(),
         node: node.clone(),
         section,
-    }
+    });
+    fire_drained_begin(&began, access);
+    drained
 }
 
-/// Waits until no backend the section quiesced has a request in flight.
+/// Waits until nothing the section covers has a request in flight: no
+/// backend it quiesced, and no node it covers where a request entered
+/// directly (`IoRef` I/O). Requests passed down by drivers are part of a
+/// request that entered above, at a covered node or backend.
 ///
 /// Requests in flight hold the read lock and never wait for the main loop,
 /// so this never waits for the main loop itself.
 pub(crate) async fn wait(state: &DrainedState) {
     poll_fn(|cx| {
-        let backends = state.graph.main.with(|s| {
+        let (backends, nodes) = state.graph.main.with(|s| {
             s.sections
                 .get(&state.section)
-                .map(|sec| sec.backends.clone())
+                .map(|sec| (sec.backends.clone(), sec.nodes.clone()))
                 .unwrap_or_default()
         });
         for backend in &backends {
             backend.idle.register(cx.waker());
             if backend.in_flight.load(Ordering::SeqCst) != 0 {
+                return Poll::Pending;
+            }
+        }
+        for node in &nodes {
+            node.idle.register(cx.waker());
+            if node.in_flight.load(Ordering::SeqCst) != 0 {
                 return Poll::Pending;
             }
         }
@@ -114,22 +147,24 @@ pub(crate) fn end(state: &DrainedState) {
             backend.resume.wake_all();
         }
     }
-    for node in ended {
-        if node.is_in_graph() {
-            // SAFETY: main-loop thread (the section is `!Send` and ends where
-            // it began) with the Bql scope held, so no mutation runs during
-            // the callback, which only gets a read-only `GsRef`.
-            let gs = unsafe { NodeRef::new(&node) };
-            node.driver.drained_end(gs);
-        }
-    }
+    // SAFETY: main-loop thread (the section is `!Send` and ends where it
+    // began). A section may end inside a write section (its `Drained`
+    // dropped in the writer's closure or in a callback), but the crate
+    // never runs user code while a `&mut` from the write token is alive
+    // (callbacks need a read token, `graph::callbacks`), so none is alive
+    // now; the callbacks get read-only `GsRef`s and cannot start a
+    // mutation (the `Bql` is lent out or `BqlScope` refuses a second one).
+    let access = unsafe { ReadAccess::assume() };
+    let ended: Vec<_> = ended.into_iter().filter(|n| n.is_in_graph()).collect();
+    // SAFETY: as above.
+    callbacks::run_all(&ended, |n| unsafe { callbacks::drained_end(n, access) });
 }
 
 /// Extends every active section over edges a mutation just created.
 ///
 /// Runs inside the write section (no request is executing), so newly
 /// covered nodes of a section that has finished waiting are drained at once.
-pub(crate) fn cover_new_edges(graph: &GraphInner, edges: &[NewEdge]) {
+pub(crate) fn cover_new_edges(graph: &GraphInner, edges: &[NewEdge], access: ReadAccess<'_>) {
     if edges.is_empty() {
         return;
     }
@@ -145,10 +180,10 @@ pub(crate) fn cover_new_edges(graph: &GraphInner, edges: &[NewEdge]) {
                             let has_child = covers(section, child);
                             let has_parent = covers(section, parent);
                             if has_child && !has_parent {
-                                cover_node(section, parent, &mut began);
+                                cover_node(section, parent, &mut began, access);
                                 changed = true;
                             } else if has_parent && !has_child {
-                                cover_node(section, child, &mut began);
+                                cover_node(section, child, &mut began, access);
                                 changed = true;
                             }
                         }
@@ -165,14 +200,19 @@ pub(crate) fn cover_new_edges(graph: &GraphInner, edges: &[NewEdge]) {
             }
         }
     });
-    fire_drained_begin(&began);
+    fire_drained_begin(&began, access);
 }
 
 fn covers(section: &Section, node: &Arc<NodeInner>) -> bool {
     section.nodes.iter().any(|n| Arc::ptr_eq(n, node))
 }
 
-fn cover_node(section: &mut Section, node: &Arc<NodeInner>, began: &mut Vec<Arc<NodeInner>>) {
+fn cover_node(
+    section: &mut Section,
+    node: &Arc<NodeInner>,
+    began: &mut Vec<Arc<NodeInner>>,
+    access: ReadAccess<'_>,
+) {
     if covers(section, node) {
         return;
     }
@@ -183,12 +223,10 @@ fn cover_node(section: &mut Section, node: &Arc<NodeInner>, began: &mut Vec<Arc<
     if section.waited {
         node.drained.fetch_add(1, Ordering::SeqCst);
     }
-    // SAFETY: main-loop thread, outside any `GraphCell::get_mut` (sections
-    // are begun outside mutations and extended after a mutation's edits).
-    let parents = unsafe { node.parents.get() }.clone();
+    let parents = node.parents.get(access).clone();
     for link in &parents {
         match link {
-            ParentLink::Node { parent, .. } => cover_node(section, parent, began),
+            ParentLink::Node { parent, .. } => cover_node(section, parent, began, access),
             ParentLink::Backend(backend) => cover_backend(section, backend),
         }
     }
@@ -204,11 +242,8 @@ fn cover_backend(section: &mut Section, backend: &Arc<BackendInner>) {
     }
 }
 
-fn fire_drained_begin(nodes: &[Arc<NodeInner>]) {
-    for node in nodes {
-        // SAFETY: main-loop thread with the Bql scope held; the callback gets
-        // a read-only `GsRef` and cannot reach a `Bql` to mutate the graph.
-        let gs = unsafe { NodeRef::new(node) };
-        node.driver.drained_begin(gs);
-    }
+fn fire_drained_begin(nodes: &[Arc<NodeInner>], access: ReadAccess<'_>) {
+    // SAFETY: main-loop thread, `access` of this graph (callers' tokens);
+    // the callbacks get read-only `GsRef`s.
+    callbacks::run_all(nodes, |n| unsafe { callbacks::drained_begin(n, access) });
 }

@@ -159,4 +159,28 @@ pub enum Error {
     /// The main loop or I/O thread serving this request has shut down.
     #[error("the {0} has shut down")]
     ShutDown(&'static str),
+
+    /// A handle of one main loop's graph met a proof or task of another
+    /// (rule 16): the other graph's lock does not protect it, so nothing was
+    /// touched.
+    #[error(
+        "{what} belongs to another main loop's graph than the read guard or task used \
+         (rule 16: a proof of one graph never reaches into another)"
+    )]
+    WrongGraph {
+        /// What was refused (`node 'x'`, `backend 'y'`).
+        what: String,
+    },
+
+    /// A request was made directly on a node (not through a backend) while
+    /// a drain section covers it (rule 18): it would reach a drained node,
+    /// and it cannot queue while holding the read lock.
+    #[error(
+        "node '{node}' is drained: a request made under a read guard cannot reach it until \
+         the drain section ends (rule 18: no request reaches a drained node)"
+    )]
+    Drained {
+        /// The drained node.
+        node: String,
+    },
 }

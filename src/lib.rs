@@ -67,8 +67,9 @@ pub use graph::edge::{ChildRole, Perm, Permissions};
 pub use graph::node::NodeHandle;
 pub use graph::{BackendRef, GraphView};
 pub use proof::{
-    Bql, ChildRef, Drained, GlobalState, GraphWriter, GsRef, IoContext, IoCx, IoProof, IoRef,
-    MainCx, MainLoopProof, NodeRef, ParentRef, Proof, ReadFuture, ReadGuard, ReadLocked,
+    Bql, ChildRef, Drained, GlobalState, GraphWriter, GsRef, InRequest, IoContext, IoCx, IoProof,
+    IoRef, MainCx, MainLoopProof, NodeRef, NodeRequest, OutsideRequest, ParentRef, Proof,
+    ReadFuture, ReadGuard, ReadLocked, RequestRef,
 };
 pub use runtime::{IoThread, MainLoop, TaskHandle};
 
@@ -91,9 +92,11 @@ mod size_checks {
 
     assert_eq_size!(GsRef<'static>, usize);
     assert_eq_size!(IoRef<'static>, usize);
+    assert_eq_size!(RequestRef<'static>, usize);
     assert_eq_size!(Drained<'static>, usize);
     assert_eq_size!(ReadGuard<'static>, usize);
     assert_eq_size!(GraphWriter<'static>, usize);
     assert_not_impl_any!(GsRef<'static>: Send, Sync);
     static_assertions::assert_impl_all!(IoRef<'static>: Send, Sync, Copy);
+    static_assertions::assert_impl_all!(RequestRef<'static>: Send, Sync, Copy);
 }

@@ -791,15 +791,15 @@ impl blockgraph::BlockDriver for BoxedDriver {
     ) -> blockgraph::Permissions {
         self.0.child_permissions(role, users)
     }
-    fn request_alignment(&self, node: blockgraph::IoRef<'_>) -> u32 {
+    fn request_alignment(&self, node: blockgraph::RequestRef<'_>) -> u32 {
         self.0.request_alignment(node)
     }
-    fn length<'a>(&'a self, node: blockgraph::IoRef<'a>) -> blockgraph::IoFuture<'a, u64> {
+    fn length<'a>(&'a self, node: blockgraph::RequestRef<'a>) -> blockgraph::IoFuture<'a, u64> {
         self.0.length(node)
     }
     fn read<'a>(
         &'a self,
-        node: blockgraph::IoRef<'a>,
+        node: blockgraph::RequestRef<'a>,
         offset: u64,
         buf: &'a mut [u8],
     ) -> blockgraph::IoFuture<'a, ()> {
@@ -807,7 +807,7 @@ impl blockgraph::BlockDriver for BoxedDriver {
     }
     fn write<'a>(
         &'a self,
-        node: blockgraph::IoRef<'a>,
+        node: blockgraph::RequestRef<'a>,
         offset: u64,
         buf: &'a [u8],
     ) -> blockgraph::IoFuture<'a, ()> {

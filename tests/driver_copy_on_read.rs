@@ -9,8 +9,8 @@ use std::time::Duration;
 
 use blockgraph::drivers::CopyOnRead;
 use blockgraph::{
-    BackendOptions, BlockBackend, BlockDriver, BlockStatus, ChildRole, Error, IoFuture, IoRef,
-    IoThread, MainLoop, NodeHandle, Permissions,
+    BackendOptions, BlockBackend, BlockDriver, BlockStatus, ChildRole, Error, IoFuture, IoThread,
+    MainLoop, NodeHandle, Permissions, RequestRef,
 };
 
 const SECTOR: u64 = 512;
@@ -72,15 +72,20 @@ impl BlockDriver for Overlay {
         "test-overlay"
     }
 
-    fn request_alignment(&self, _node: IoRef<'_>) -> u32 {
+    fn request_alignment(&self, _node: RequestRef<'_>) -> u32 {
         SECTOR as u32
     }
 
-    fn length<'a>(&'a self, _node: IoRef<'a>) -> IoFuture<'a, u64> {
+    fn length<'a>(&'a self, _node: RequestRef<'a>) -> IoFuture<'a, u64> {
         Box::pin(async move { Ok(self.state.lock().unwrap().0.len() as u64) })
     }
 
-    fn read<'a>(&'a self, node: IoRef<'a>, offset: u64, buf: &'a mut [u8]) -> IoFuture<'a, ()> {
+    fn read<'a>(
+        &'a self,
+        node: RequestRef<'a>,
+        offset: u64,
+        buf: &'a mut [u8],
+    ) -> IoFuture<'a, ()> {
         Box::pin(async move {
             assert!(offset % SECTOR == 0 && buf.len() as u64 % SECTOR == 0);
             let mut from_backing = Vec::new();
@@ -110,7 +115,7 @@ impl BlockDriver for Overlay {
         })
     }
 
-    fn write<'a>(&'a self, _node: IoRef<'a>, offset: u64, buf: &'a [u8]) -> IoFuture<'a, ()> {
+    fn write<'a>(&'a self, _node: RequestRef<'a>, offset: u64, buf: &'a [u8]) -> IoFuture<'a, ()> {
         Box::pin(async move {
             if self.fail_writes.load(Ordering::SeqCst) {
                 return Err(Error::Io(io::Error::from_raw_os_error(28)));
@@ -123,7 +128,7 @@ impl BlockDriver for Overlay {
 
     fn block_status<'a>(
         &'a self,
-        _node: IoRef<'a>,
+        _node: RequestRef<'a>,
         offset: u64,
         len: u64,
     ) -> IoFuture<'a, (BlockStatus, u64)> {

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use blockgraph::driver::require_child;
 use blockgraph::drivers::MemoryDriver;
 use blockgraph::{
-    BackendOptions, BlockDriver, ChildRole, Error, IoFuture, IoRef, MainLoop, Permissions,
+    BackendOptions, BlockDriver, ChildRole, Error, IoFuture, MainLoop, Permissions, RequestRef,
 };
 use common::{assert_consistent, graph_problems, join_within, structure, watchdog, Flag, Overlay};
 
@@ -34,7 +34,7 @@ struct YieldingFilter {
 }
 
 impl YieldingFilter {
-    async fn child<'a>(&self, node: IoRef<'a>) -> blockgraph::Result<IoRef<'a>> {
+    async fn child<'a>(&self, node: RequestRef<'a>) -> blockgraph::Result<RequestRef<'a>> {
         self.requests.fetch_add(1, Ordering::Relaxed);
         tokio::task::yield_now().await;
         require_child(node, ChildRole::Filtered)
@@ -48,17 +48,22 @@ impl BlockDriver for YieldingFilter {
     fn child_permissions(&self, _role: ChildRole, users: Permissions) -> Permissions {
         users
     }
-    fn length<'a>(&'a self, node: IoRef<'a>) -> IoFuture<'a, u64> {
+    fn length<'a>(&'a self, node: RequestRef<'a>) -> IoFuture<'a, u64> {
         Box::pin(async move { require_child(node, ChildRole::Filtered)?.length().await })
     }
-    fn read<'a>(&'a self, node: IoRef<'a>, offset: u64, buf: &'a mut [u8]) -> IoFuture<'a, ()> {
+    fn read<'a>(
+        &'a self,
+        node: RequestRef<'a>,
+        offset: u64,
+        buf: &'a mut [u8],
+    ) -> IoFuture<'a, ()> {
         Box::pin(async move {
             self.child(node).await?.read(offset, buf).await?;
             tokio::task::yield_now().await;
             Ok(())
         })
     }
-    fn write<'a>(&'a self, node: IoRef<'a>, offset: u64, buf: &'a [u8]) -> IoFuture<'a, ()> {
+    fn write<'a>(&'a self, node: RequestRef<'a>, offset: u64, buf: &'a [u8]) -> IoFuture<'a, ()> {
         Box::pin(async move {
             self.child(node).await?.write(offset, buf).await?;
             tokio::task::yield_now().await;

@@ -8,7 +8,7 @@ use crate::driver::range_lock::RangeLock;
 use crate::driver::{require_child, BlockDriver, BlockStatus, IoFuture};
 use crate::error::{Error, Result};
 use crate::graph::edge::{ChildRole, Perm, Permissions};
-use crate::proof::{GsRef, IoRef};
+use crate::proof::{GsRef, RequestRef};
 
 /// Sits above an image with a backing chain (its [`ChildRole::Filtered`]
 /// child, typically a qcow2 overlay). A read of a range that the image does
@@ -47,7 +47,7 @@ impl CopyOnRead {
     /// Copies bytes at `offset` up into `image`, filling the start of `buf`
     /// with them, and returns how many it handled (less than `buf.len()`
     /// when part of the range was filled meanwhile).
-    async fn copy_up(&self, image: IoRef<'_>, offset: u64, buf: &mut [u8]) -> Result<u64> {
+    async fn copy_up(&self, image: RequestRef<'_>, offset: u64, buf: &mut [u8]) -> Result<u64> {
         let len = buf.len() as u64;
         let _serialised = self.ranges.lock(offset, offset + len, true).await;
         // Someone may have filled (part of) it while we waited: only the
@@ -65,7 +65,7 @@ impl CopyOnRead {
 
 /// Whether some node below `image` stores the start of `[offset, offset +
 /// len)`, and for how many bytes that answer holds.
-async fn stored_below(image: IoRef<'_>, offset: u64, len: u64) -> Result<(bool, u64)> {
+async fn stored_below(image: RequestRef<'_>, offset: u64, len: u64) -> Result<(bool, u64)> {
     let mut len = len;
     let mut below = image.backing();
     while let Some(node) = below {
@@ -111,15 +111,20 @@ impl BlockDriver for CopyOnRead {
         }
     }
 
-    fn request_alignment(&self, node: IoRef<'_>) -> u32 {
+    fn request_alignment(&self, node: RequestRef<'_>) -> u32 {
         forward::request_alignment(node, ChildRole::Filtered)
     }
 
-    fn length<'a>(&'a self, node: IoRef<'a>) -> IoFuture<'a, u64> {
+    fn length<'a>(&'a self, node: RequestRef<'a>) -> IoFuture<'a, u64> {
         forward::length(node, ChildRole::Filtered)
     }
 
-    fn read<'a>(&'a self, node: IoRef<'a>, offset: u64, buf: &'a mut [u8]) -> IoFuture<'a, ()> {
+    fn read<'a>(
+        &'a self,
+        node: RequestRef<'a>,
+        offset: u64,
+        buf: &'a mut [u8],
+    ) -> IoFuture<'a, ()> {
         Box::pin(async move {
             let image = require_child(node, ChildRole::Filtered)?;
             let len = buf.len() as u64;
@@ -148,7 +153,7 @@ impl BlockDriver for CopyOnRead {
         })
     }
 
-    fn write<'a>(&'a self, node: IoRef<'a>, offset: u64, buf: &'a [u8]) -> IoFuture<'a, ()> {
+    fn write<'a>(&'a self, node: RequestRef<'a>, offset: u64, buf: &'a [u8]) -> IoFuture<'a, ()> {
         Box::pin(async move {
             let image = require_child(node, ChildRole::Filtered)?;
             let _range = self
@@ -159,7 +164,7 @@ impl BlockDriver for CopyOnRead {
         })
     }
 
-    fn write_zeroes<'a>(&'a self, node: IoRef<'a>, offset: u64, len: u64) -> IoFuture<'a, ()> {
+    fn write_zeroes<'a>(&'a self, node: RequestRef<'a>, offset: u64, len: u64) -> IoFuture<'a, ()> {
         Box::pin(async move {
             let image = require_child(node, ChildRole::Filtered)?;
             let _range = self
@@ -170,7 +175,7 @@ impl BlockDriver for CopyOnRead {
         })
     }
 
-    fn discard<'a>(&'a self, node: IoRef<'a>, offset: u64, len: u64) -> IoFuture<'a, ()> {
+    fn discard<'a>(&'a self, node: RequestRef<'a>, offset: u64, len: u64) -> IoFuture<'a, ()> {
         Box::pin(async move {
             let image = require_child(node, ChildRole::Filtered)?;
             let _range = self
@@ -181,13 +186,13 @@ impl BlockDriver for CopyOnRead {
         })
     }
 
-    fn flush<'a>(&'a self, node: IoRef<'a>) -> IoFuture<'a, ()> {
+    fn flush<'a>(&'a self, node: RequestRef<'a>) -> IoFuture<'a, ()> {
         forward::flush(node, ChildRole::Filtered)
     }
 
     fn block_status<'a>(
         &'a self,
-        node: IoRef<'a>,
+        node: RequestRef<'a>,
         offset: u64,
         len: u64,
     ) -> IoFuture<'a, (BlockStatus, u64)> {

@@ -11,7 +11,7 @@ use crate::driver::forward;
 use crate::driver::{require_child, BlockDriver, BlockStatus, IoFuture};
 use crate::error::{Error, Result};
 use crate::graph::edge::ChildRole;
-use crate::proof::{GsRef, IoRef};
+use crate::proof::{GsRef, RequestRef};
 
 /// Which requests a [`FaultRule`] looks at.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -407,15 +407,20 @@ impl BlockDriver for FaultInjector {
         Ok(())
     }
 
-    fn request_alignment(&self, node: IoRef<'_>) -> u32 {
+    fn request_alignment(&self, node: RequestRef<'_>) -> u32 {
         forward::request_alignment(node, ChildRole::Filtered)
     }
 
-    fn length<'a>(&'a self, node: IoRef<'a>) -> IoFuture<'a, u64> {
+    fn length<'a>(&'a self, node: RequestRef<'a>) -> IoFuture<'a, u64> {
         forward::length(node, ChildRole::Filtered)
     }
 
-    fn read<'a>(&'a self, node: IoRef<'a>, offset: u64, buf: &'a mut [u8]) -> IoFuture<'a, ()> {
+    fn read<'a>(
+        &'a self,
+        node: RequestRef<'a>,
+        offset: u64,
+        buf: &'a mut [u8],
+    ) -> IoFuture<'a, ()> {
         Box::pin(async move {
             let child = require_child(node, ChildRole::Filtered)?;
             self.control
@@ -425,7 +430,7 @@ impl BlockDriver for FaultInjector {
         })
     }
 
-    fn write<'a>(&'a self, node: IoRef<'a>, offset: u64, buf: &'a [u8]) -> IoFuture<'a, ()> {
+    fn write<'a>(&'a self, node: RequestRef<'a>, offset: u64, buf: &'a [u8]) -> IoFuture<'a, ()> {
         Box::pin(async move {
             let child = require_child(node, ChildRole::Filtered)?;
             self.control
@@ -435,7 +440,7 @@ impl BlockDriver for FaultInjector {
         })
     }
 
-    fn write_zeroes<'a>(&'a self, node: IoRef<'a>, offset: u64, len: u64) -> IoFuture<'a, ()> {
+    fn write_zeroes<'a>(&'a self, node: RequestRef<'a>, offset: u64, len: u64) -> IoFuture<'a, ()> {
         Box::pin(async move {
             let child = require_child(node, ChildRole::Filtered)?;
             self.control
@@ -445,7 +450,7 @@ impl BlockDriver for FaultInjector {
         })
     }
 
-    fn discard<'a>(&'a self, node: IoRef<'a>, offset: u64, len: u64) -> IoFuture<'a, ()> {
+    fn discard<'a>(&'a self, node: RequestRef<'a>, offset: u64, len: u64) -> IoFuture<'a, ()> {
         Box::pin(async move {
             let child = require_child(node, ChildRole::Filtered)?;
             self.control.apply(FaultOp::Discard, offset, len).await?;
@@ -453,7 +458,7 @@ impl BlockDriver for FaultInjector {
         })
     }
 
-    fn flush<'a>(&'a self, node: IoRef<'a>) -> IoFuture<'a, ()> {
+    fn flush<'a>(&'a self, node: RequestRef<'a>) -> IoFuture<'a, ()> {
         Box::pin(async move {
             let child = require_child(node, ChildRole::Filtered)?;
             self.control.apply(FaultOp::Flush, 0, 0).await?;
@@ -463,7 +468,7 @@ impl BlockDriver for FaultInjector {
 
     fn block_status<'a>(
         &'a self,
-        node: IoRef<'a>,
+        node: RequestRef<'a>,
         offset: u64,
         len: u64,
     ) -> IoFuture<'a, (BlockStatus, u64)> {

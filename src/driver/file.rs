@@ -15,7 +15,7 @@ use crate::driver::range_lock::{RangeGuard, RangeLock};
 use crate::driver::{BlockDriver, BlockStatus, IoFuture};
 use crate::error::{Error, Result};
 use crate::graph::edge::Perm;
-use crate::proof::{GsRef, IoRef};
+use crate::proof::{GsRef, RequestRef};
 
 /// Memory alignment of every buffer handed to an `O_DIRECT` file.
 const MEM_ALIGN: usize = 4096;
@@ -131,7 +131,7 @@ struct Host {
 ///
 /// # Resizing
 ///
-/// [`FileDriver::truncate`] is an I/O operation (it takes an [`IoRef`] and
+/// [`FileDriver::truncate`] is an I/O operation (it takes an [`RequestRef`] and
 /// runs on the blocking pool), as in QEMU where `bdrv_co_truncate` runs
 /// under the graph read lock: a format above (qcow2 growing its file) calls
 /// it from its own I/O callbacks, and a slow `ftruncate` never stalls the
@@ -319,8 +319,9 @@ impl FileDriver {
     ///
     /// [`Error::ReadOnly`] on a read-only file, [`Error::Unsupported`] on a
     /// block device, [`Error::Io`] when the host refuses.
-    pub fn truncate<'a>(&'a self, node: IoRef<'a>, size: u64) -> IoFuture<'a, ()> {
+    pub fn truncate<'a>(&'a self, node: crate::IoRef<'a>, size: u64) -> IoFuture<'a, ()> {
         Box::pin(async move {
+            let (_request, node) = node.admit()?;
             self.check_writable()?;
             if self.host.block_device {
                 return Err(Error::Unsupported {
@@ -385,7 +386,7 @@ impl FileDriver {
         }
     }
 
-    async fn zero_by_writing(&self, node: IoRef<'_>, offset: u64, len: u64) -> Result<()> {
+    async fn zero_by_writing(&self, node: RequestRef<'_>, offset: u64, len: u64) -> Result<()> {
         let zeroes = vec![0u8; len.min(ZERO_CHUNK) as usize];
         let mut done = 0;
         while done < len {
@@ -441,7 +442,7 @@ impl BlockDriver for FileDriver {
         s
     }
 
-    fn request_alignment(&self, _node: IoRef<'_>) -> u32 {
+    fn request_alignment(&self, _node: RequestRef<'_>) -> u32 {
         if self.options.strict_alignment {
             u32::try_from(self.host.align).unwrap_or(u32::MAX)
         } else {
@@ -449,11 +450,16 @@ impl BlockDriver for FileDriver {
         }
     }
 
-    fn length<'a>(&'a self, _node: IoRef<'a>) -> IoFuture<'a, u64> {
+    fn length<'a>(&'a self, _node: RequestRef<'a>) -> IoFuture<'a, u64> {
         Box::pin(async move { Ok(self.host.size.load(Ordering::SeqCst)) })
     }
 
-    fn read<'a>(&'a self, _node: IoRef<'a>, offset: u64, buf: &'a mut [u8]) -> IoFuture<'a, ()> {
+    fn read<'a>(
+        &'a self,
+        _node: RequestRef<'a>,
+        offset: u64,
+        buf: &'a mut [u8],
+    ) -> IoFuture<'a, ()> {
         Box::pin(async move {
             let len = buf.len() as u64;
             if len == 0 {
@@ -474,7 +480,7 @@ impl BlockDriver for FileDriver {
         })
     }
 
-    fn write<'a>(&'a self, _node: IoRef<'a>, offset: u64, buf: &'a [u8]) -> IoFuture<'a, ()> {
+    fn write<'a>(&'a self, _node: RequestRef<'a>, offset: u64, buf: &'a [u8]) -> IoFuture<'a, ()> {
         Box::pin(async move {
             self.check_writable()?;
             let len = buf.len() as u64;
@@ -506,7 +512,7 @@ impl BlockDriver for FileDriver {
         })
     }
 
-    fn write_zeroes<'a>(&'a self, node: IoRef<'a>, offset: u64, len: u64) -> IoFuture<'a, ()> {
+    fn write_zeroes<'a>(&'a self, node: RequestRef<'a>, offset: u64, len: u64) -> IoFuture<'a, ()> {
         Box::pin(async move {
             self.check_writable()?;
             if len == 0 {
@@ -546,7 +552,7 @@ impl BlockDriver for FileDriver {
         })
     }
 
-    fn discard<'a>(&'a self, _node: IoRef<'a>, offset: u64, len: u64) -> IoFuture<'a, ()> {
+    fn discard<'a>(&'a self, _node: RequestRef<'a>, offset: u64, len: u64) -> IoFuture<'a, ()> {
         Box::pin(async move {
             self.check_writable()?;
             let size = self.host.size.load(Ordering::SeqCst);
@@ -570,7 +576,7 @@ impl BlockDriver for FileDriver {
         })
     }
 
-    fn flush<'a>(&'a self, _node: IoRef<'a>) -> IoFuture<'a, ()> {
+    fn flush<'a>(&'a self, _node: RequestRef<'a>) -> IoFuture<'a, ()> {
         Box::pin(async move {
             if self.options.read_only {
                 return Ok(());
@@ -582,7 +588,7 @@ impl BlockDriver for FileDriver {
 
     fn block_status<'a>(
         &'a self,
-        _node: IoRef<'a>,
+        _node: RequestRef<'a>,
         offset: u64,
         len: u64,
     ) -> IoFuture<'a, (BlockStatus, u64)> {

@@ -5,7 +5,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use crate::driver::forward;
 use crate::driver::{BlockDriver, BlockStatus, IoFuture};
 use crate::graph::edge::{ChildRole, Perm, Permissions};
-use crate::proof::IoRef;
+use crate::proof::RequestRef;
 
 /// Passes every request to its `Filtered` child unchanged and counts them.
 ///
@@ -72,46 +72,51 @@ impl BlockDriver for PassthroughFilter {
         }
     }
 
-    fn length<'a>(&'a self, node: IoRef<'a>) -> IoFuture<'a, u64> {
+    fn length<'a>(&'a self, node: RequestRef<'a>) -> IoFuture<'a, u64> {
         forward::length(node, ChildRole::Filtered)
     }
 
-    fn request_alignment(&self, node: IoRef<'_>) -> u32 {
+    fn request_alignment(&self, node: RequestRef<'_>) -> u32 {
         forward::request_alignment(node, ChildRole::Filtered)
     }
 
-    fn read<'a>(&'a self, node: IoRef<'a>, offset: u64, buf: &'a mut [u8]) -> IoFuture<'a, ()> {
+    fn read<'a>(
+        &'a self,
+        node: RequestRef<'a>,
+        offset: u64,
+        buf: &'a mut [u8],
+    ) -> IoFuture<'a, ()> {
         self.count();
         forward::to_child(node, ChildRole::Filtered, |child| child.read(offset, buf))
     }
 
-    fn write<'a>(&'a self, node: IoRef<'a>, offset: u64, buf: &'a [u8]) -> IoFuture<'a, ()> {
+    fn write<'a>(&'a self, node: RequestRef<'a>, offset: u64, buf: &'a [u8]) -> IoFuture<'a, ()> {
         self.count();
         forward::to_child(node, ChildRole::Filtered, |child| child.write(offset, buf))
     }
 
-    fn write_zeroes<'a>(&'a self, node: IoRef<'a>, offset: u64, len: u64) -> IoFuture<'a, ()> {
+    fn write_zeroes<'a>(&'a self, node: RequestRef<'a>, offset: u64, len: u64) -> IoFuture<'a, ()> {
         self.count();
         forward::to_child(node, ChildRole::Filtered, |child| {
             child.write_zeroes(offset, len)
         })
     }
 
-    fn discard<'a>(&'a self, node: IoRef<'a>, offset: u64, len: u64) -> IoFuture<'a, ()> {
+    fn discard<'a>(&'a self, node: RequestRef<'a>, offset: u64, len: u64) -> IoFuture<'a, ()> {
         self.count();
         forward::to_child(node, ChildRole::Filtered, |child| {
             child.discard(offset, len)
         })
     }
 
-    fn flush<'a>(&'a self, node: IoRef<'a>) -> IoFuture<'a, ()> {
+    fn flush<'a>(&'a self, node: RequestRef<'a>) -> IoFuture<'a, ()> {
         self.count();
         forward::to_child(node, ChildRole::Filtered, |child| child.flush())
     }
 
     fn block_status<'a>(
         &'a self,
-        node: IoRef<'a>,
+        node: RequestRef<'a>,
         offset: u64,
         len: u64,
     ) -> IoFuture<'a, (BlockStatus, u64)> {

@@ -9,20 +9,20 @@
 //!
 //! ```
 //! use blockgraph::driver::forward;
-//! use blockgraph::{BlockDriver, ChildRole, IoFuture, IoRef};
+//! use blockgraph::{BlockDriver, ChildRole, IoFuture, RequestRef};
 //!
 //! /// A filter that does nothing: every call goes to the filtered child.
 //! struct Nop;
 //!
 //! impl BlockDriver for Nop {
 //!     fn format_name(&self) -> &'static str { "nop" }
-//!     fn length<'a>(&'a self, node: IoRef<'a>) -> IoFuture<'a, u64> {
+//!     fn length<'a>(&'a self, node: RequestRef<'a>) -> IoFuture<'a, u64> {
 //!         forward::length(node, ChildRole::Filtered)
 //!     }
-//!     fn read<'a>(&'a self, node: IoRef<'a>, offset: u64, buf: &'a mut [u8]) -> IoFuture<'a, ()> {
+//!     fn read<'a>(&'a self, node: RequestRef<'a>, offset: u64, buf: &'a mut [u8]) -> IoFuture<'a, ()> {
 //!         forward::to_child(node, ChildRole::Filtered, |child| child.read(offset, buf))
 //!     }
-//!     fn write<'a>(&'a self, node: IoRef<'a>, offset: u64, buf: &'a [u8]) -> IoFuture<'a, ()> {
+//!     fn write<'a>(&'a self, node: RequestRef<'a>, offset: u64, buf: &'a [u8]) -> IoFuture<'a, ()> {
 //!         forward::to_child(node, ChildRole::Filtered, |child| child.write(offset, buf))
 //!     }
 //! }
@@ -30,34 +30,34 @@
 
 use crate::driver::{require_child, BlockStatus, IoFuture};
 use crate::graph::edge::ChildRole;
-use crate::proof::IoRef;
+use crate::proof::RequestRef;
 
 /// Runs `call` on the `role` child of `node` and returns its future, or a
 /// ready [`Error::NoSuchChild`](crate::Error::NoSuchChild).
-pub fn to_child<'a, T: Send + 'a>(
-    node: IoRef<'a>,
+pub fn to_child<'a, T: Send + 'a, F: Into<IoFuture<'a, T>>>(
+    node: RequestRef<'a>,
     role: ChildRole,
-    call: impl FnOnce(IoRef<'a>) -> IoFuture<'a, T>,
+    call: impl FnOnce(RequestRef<'a>) -> F,
 ) -> IoFuture<'a, T> {
     match require_child(node, role) {
-        Ok(child) => call(child),
+        Ok(child) => call(child).into(),
         Err(e) => Box::pin(std::future::ready(Err(e))),
     }
 }
 
 /// The `role` child's length.
-pub fn length(node: IoRef<'_>, role: ChildRole) -> IoFuture<'_, u64> {
+pub fn length(node: RequestRef<'_>, role: ChildRole) -> IoFuture<'_, u64> {
     to_child(node, role, |child| child.length())
 }
 
 /// Flushes the `role` child.
-pub fn flush(node: IoRef<'_>, role: ChildRole) -> IoFuture<'_, ()> {
+pub fn flush(node: RequestRef<'_>, role: ChildRole) -> IoFuture<'_, ()> {
     to_child(node, role, |child| child.flush())
 }
 
 /// The `role` child's block status at `offset`.
 pub fn block_status(
-    node: IoRef<'_>,
+    node: RequestRef<'_>,
     role: ChildRole,
     offset: u64,
     len: u64,
@@ -66,7 +66,7 @@ pub fn block_status(
 }
 
 /// The `role` child's request alignment (1 without such a child).
-pub fn request_alignment(node: IoRef<'_>, role: ChildRole) -> u32 {
+pub fn request_alignment(node: RequestRef<'_>, role: ChildRole) -> u32 {
     node.child(role)
         .map_or(1, |child| child.request_alignment())
 }

@@ -5,7 +5,7 @@ use std::sync::RwLock;
 
 use crate::driver::{BlockDriver, IoFuture};
 use crate::error::{Error, Result};
-use crate::proof::IoRef;
+use crate::proof::RequestRef;
 
 /// A device stored in memory. Reads see exactly what was written.
 ///
@@ -82,13 +82,18 @@ impl BlockDriver for MemoryDriver {
         )
     }
 
-    fn length<'a>(&'a self, _node: IoRef<'a>) -> IoFuture<'a, u64> {
+    fn length<'a>(&'a self, _node: RequestRef<'a>) -> IoFuture<'a, u64> {
         Box::pin(
             async move { Ok(self.data.read().unwrap_or_else(|e| e.into_inner()).len() as u64) },
         )
     }
 
-    fn read<'a>(&'a self, _node: IoRef<'a>, offset: u64, buf: &'a mut [u8]) -> IoFuture<'a, ()> {
+    fn read<'a>(
+        &'a self,
+        _node: RequestRef<'a>,
+        offset: u64,
+        buf: &'a mut [u8],
+    ) -> IoFuture<'a, ()> {
         Box::pin(async move {
             self.requests.fetch_add(1, Ordering::Relaxed);
             let data = self.data.read().unwrap_or_else(|e| e.into_inner());
@@ -98,7 +103,7 @@ impl BlockDriver for MemoryDriver {
         })
     }
 
-    fn write<'a>(&'a self, _node: IoRef<'a>, offset: u64, buf: &'a [u8]) -> IoFuture<'a, ()> {
+    fn write<'a>(&'a self, _node: RequestRef<'a>, offset: u64, buf: &'a [u8]) -> IoFuture<'a, ()> {
         Box::pin(async move {
             self.requests.fetch_add(1, Ordering::Relaxed);
             let mut data = self.data.write().unwrap_or_else(|e| e.into_inner());
@@ -108,11 +113,16 @@ impl BlockDriver for MemoryDriver {
         })
     }
 
-    fn write_zeroes<'a>(&'a self, _node: IoRef<'a>, offset: u64, len: u64) -> IoFuture<'a, ()> {
+    fn write_zeroes<'a>(
+        &'a self,
+        _node: RequestRef<'a>,
+        offset: u64,
+        len: u64,
+    ) -> IoFuture<'a, ()> {
         Box::pin(async move { self.fill_zero(offset, len) })
     }
 
-    fn discard<'a>(&'a self, _node: IoRef<'a>, offset: u64, len: u64) -> IoFuture<'a, ()> {
+    fn discard<'a>(&'a self, _node: RequestRef<'a>, offset: u64, len: u64) -> IoFuture<'a, ()> {
         // Discarded memory reads as zeroes, as a thin-provisioned device would.
         Box::pin(async move { self.fill_zero(offset, len) })
     }

@@ -1,11 +1,11 @@
 //! The driver interface ([`BlockDriver`]) and the built-in drivers.
 //!
 //! A driver's callbacks carry the proof their context requires. I/O
-//! callbacks get an [`IoRef`] of their own node: the graph is read-locked
+//! callbacks get an [`RequestRef`] of their own node: the graph is read-locked
 //! for the whole request, and the driver reaches its children with
 //! [`NodeRef::child`](crate::NodeRef::child) and issues I/O on them with the
 //! same proof, never re-locking. Main-loop callbacks get a [`GsRef`]: they
-//! can look at the graph but cannot issue I/O (that needs an `IoRef`) and
+//! can look at the graph but cannot issue I/O (that needs an `RequestRef`) and
 //! cannot change the graph (that needs a `GraphWriter`).
 
 mod copy_on_read;
@@ -26,7 +26,7 @@ use std::pin::Pin;
 
 use crate::error::{Error, Result};
 use crate::graph::edge::{ChildRole, Perm, Permissions};
-use crate::proof::{GsRef, IoRef};
+use crate::proof::{GsRef, IoProof, NodeRef, RequestRef};
 
 pub use copy_on_read::CopyOnRead;
 pub use fault::{FaultAction, FaultController, FaultInjector, FaultOp, FaultRule, RuleId};
@@ -66,26 +66,26 @@ pub enum BlockStatus {
 ///
 /// ```
 /// use std::sync::atomic::{AtomicU64, Ordering};
-/// use blockgraph::{BlockDriver, ChildRole, Error, IoFuture, IoRef, Result};
+/// use blockgraph::{BlockDriver, ChildRole, Error, IoFuture, RequestRef, Result};
 ///
 /// #[derive(Default)]
 /// struct CountingFilter { reads: AtomicU64 }
 ///
-/// fn filtered<'a>(node: IoRef<'a>) -> Result<IoRef<'a>> {
+/// fn filtered<'a>(node: RequestRef<'a>) -> Result<RequestRef<'a>> {
 ///     node.child(ChildRole::Filtered)
 ///         .ok_or_else(|| Error::NoSuchChild { node: node.name().into(), role: ChildRole::Filtered })
 /// }
 ///
 /// impl BlockDriver for CountingFilter {
 ///     fn format_name(&self) -> &'static str { "counting" }
-///     fn length<'a>(&'a self, node: IoRef<'a>) -> IoFuture<'a, u64> {
+///     fn length<'a>(&'a self, node: RequestRef<'a>) -> IoFuture<'a, u64> {
 ///         Box::pin(async move { filtered(node)?.length().await })
 ///     }
-///     fn read<'a>(&'a self, node: IoRef<'a>, offset: u64, buf: &'a mut [u8]) -> IoFuture<'a, ()> {
+///     fn read<'a>(&'a self, node: RequestRef<'a>, offset: u64, buf: &'a mut [u8]) -> IoFuture<'a, ()> {
 ///         self.reads.fetch_add(1, Ordering::Relaxed);
 ///         Box::pin(async move { filtered(node)?.read(offset, buf).await })
 ///     }
-///     fn write<'a>(&'a self, node: IoRef<'a>, offset: u64, buf: &'a [u8]) -> IoFuture<'a, ()> {
+///     fn write<'a>(&'a self, node: RequestRef<'a>, offset: u64, buf: &'a [u8]) -> IoFuture<'a, ()> {
 ///         Box::pin(async move { filtered(node)?.write(offset, buf).await })
 ///     }
 /// }
@@ -153,23 +153,24 @@ pub trait BlockDriver: Any + Send + Sync {
     /// Alignment in bytes that every request's offset and length must have.
     /// Filters and formats whose requests go to a child should report
     /// at least the child's alignment.
-    fn request_alignment(&self, node: IoRef<'_>) -> u32 {
+    fn request_alignment(&self, node: RequestRef<'_>) -> u32 {
         let _ = node;
         1
     }
 
     /// The node's size in bytes.
-    fn length<'a>(&'a self, node: IoRef<'a>) -> IoFuture<'a, u64>;
+    fn length<'a>(&'a self, node: RequestRef<'a>) -> IoFuture<'a, u64>;
 
     /// Reads `buf.len()` bytes at `offset`.
-    fn read<'a>(&'a self, node: IoRef<'a>, offset: u64, buf: &'a mut [u8]) -> IoFuture<'a, ()>;
+    fn read<'a>(&'a self, node: RequestRef<'a>, offset: u64, buf: &'a mut [u8])
+        -> IoFuture<'a, ()>;
 
     /// Writes `buf` at `offset`.
-    fn write<'a>(&'a self, node: IoRef<'a>, offset: u64, buf: &'a [u8]) -> IoFuture<'a, ()>;
+    fn write<'a>(&'a self, node: RequestRef<'a>, offset: u64, buf: &'a [u8]) -> IoFuture<'a, ()>;
 
     /// Makes `len` bytes at `offset` read as zeroes (default: writes zero
     /// buffers).
-    fn write_zeroes<'a>(&'a self, node: IoRef<'a>, offset: u64, len: u64) -> IoFuture<'a, ()> {
+    fn write_zeroes<'a>(&'a self, node: RequestRef<'a>, offset: u64, len: u64) -> IoFuture<'a, ()> {
         Box::pin(async move {
             const CHUNK: u64 = 64 * 1024;
             let zeroes = vec![0u8; len.min(CHUNK) as usize];
@@ -186,13 +187,13 @@ pub trait BlockDriver: Any + Send + Sync {
 
     /// Drops `len` bytes at `offset` (default: does nothing, which is
     /// always allowed).
-    fn discard<'a>(&'a self, node: IoRef<'a>, offset: u64, len: u64) -> IoFuture<'a, ()> {
+    fn discard<'a>(&'a self, node: RequestRef<'a>, offset: u64, len: u64) -> IoFuture<'a, ()> {
         let _ = (node, offset, len);
         Box::pin(async { Ok(()) })
     }
 
     /// Makes completed writes durable (default: nothing to do).
-    fn flush<'a>(&'a self, node: IoRef<'a>) -> IoFuture<'a, ()> {
+    fn flush<'a>(&'a self, node: RequestRef<'a>) -> IoFuture<'a, ()> {
         let _ = node;
         Box::pin(async { Ok(()) })
     }
@@ -201,7 +202,7 @@ pub trait BlockDriver: Any + Send + Sync {
     /// the answer holds (default: data, for the whole range).
     fn block_status<'a>(
         &'a self,
-        node: IoRef<'a>,
+        node: RequestRef<'a>,
         offset: u64,
         len: u64,
     ) -> IoFuture<'a, (BlockStatus, u64)> {
@@ -210,8 +211,9 @@ pub trait BlockDriver: Any + Send + Sync {
     }
 }
 
-/// The `role` child of `node`, or [`Error::NoSuchChild`].
-pub fn require_child(node: IoRef<'_>, role: ChildRole) -> Result<IoRef<'_>> {
+/// The `role` child of `node`, or [`Error::NoSuchChild`], under the proof
+/// `node` carries (an [`IoRef`](crate::IoRef) or a [`RequestRef`]).
+pub fn require_child<P: IoProof>(node: NodeRef<'_, P>, role: ChildRole) -> Result<NodeRef<'_, P>> {
     node.child(role).ok_or_else(|| Error::NoSuchChild {
         node: node.name().to_owned(),
         role,

@@ -4,7 +4,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use crate::driver::{BlockDriver, BlockStatus, IoFuture};
-use crate::proof::IoRef;
+use crate::proof::RequestRef;
 
 /// A device of a given size that reads zeroes (or leaves the buffer alone)
 /// and forgets what is written (QEMU's `null-co`). For benchmarks and tests.
@@ -69,11 +69,16 @@ impl BlockDriver for NullDriver {
         }
     }
 
-    fn length<'a>(&'a self, _node: IoRef<'a>) -> IoFuture<'a, u64> {
+    fn length<'a>(&'a self, _node: RequestRef<'a>) -> IoFuture<'a, u64> {
         Box::pin(async move { Ok(self.size) })
     }
 
-    fn read<'a>(&'a self, _node: IoRef<'a>, _offset: u64, buf: &'a mut [u8]) -> IoFuture<'a, ()> {
+    fn read<'a>(
+        &'a self,
+        _node: RequestRef<'a>,
+        _offset: u64,
+        buf: &'a mut [u8],
+    ) -> IoFuture<'a, ()> {
         Box::pin(async move {
             self.delay().await;
             if self.read_zeroes {
@@ -83,14 +88,24 @@ impl BlockDriver for NullDriver {
         })
     }
 
-    fn write<'a>(&'a self, _node: IoRef<'a>, _offset: u64, _buf: &'a [u8]) -> IoFuture<'a, ()> {
+    fn write<'a>(
+        &'a self,
+        _node: RequestRef<'a>,
+        _offset: u64,
+        _buf: &'a [u8],
+    ) -> IoFuture<'a, ()> {
         Box::pin(async move {
             self.delay().await;
             Ok(())
         })
     }
 
-    fn write_zeroes<'a>(&'a self, _node: IoRef<'a>, _offset: u64, _len: u64) -> IoFuture<'a, ()> {
+    fn write_zeroes<'a>(
+        &'a self,
+        _node: RequestRef<'a>,
+        _offset: u64,
+        _len: u64,
+    ) -> IoFuture<'a, ()> {
         Box::pin(async move {
             self.delay().await;
             Ok(())
@@ -99,7 +114,7 @@ impl BlockDriver for NullDriver {
 
     fn block_status<'a>(
         &'a self,
-        _node: IoRef<'a>,
+        _node: RequestRef<'a>,
         _offset: u64,
         len: u64,
     ) -> IoFuture<'a, (BlockStatus, u64)> {

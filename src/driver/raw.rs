@@ -7,7 +7,7 @@ use crate::driver::forward;
 use crate::driver::{require_child, BlockDriver, BlockStatus, IoFuture};
 use crate::error::{Error, Result};
 use crate::graph::edge::ChildRole;
-use crate::proof::{GsRef, IoRef};
+use crate::proof::{GsRef, RequestRef};
 
 /// Passes requests to its [`ChildRole::File`] child, shifted by `offset`
 /// and, with a `size`, confined to `[offset, offset + size)` of the child
@@ -99,7 +99,7 @@ impl RawDriver {
     }
 
     /// The child and this node's length, checking the window.
-    async fn window<'a>(&self, node: IoRef<'a>) -> Result<(IoRef<'a>, u64)> {
+    async fn window<'a>(&self, node: RequestRef<'a>) -> Result<(RequestRef<'a>, u64)> {
         let child = require_child(node, ChildRole::File)?;
         match self.size {
             Some(size) if self.checked.load(Ordering::Acquire) => Ok((child, size)),
@@ -148,7 +148,12 @@ impl RawDriver {
         self.size.is_none() && self.offset == 0
     }
 
-    async fn map<'a>(&self, node: IoRef<'a>, offset: u64, len: u64) -> Result<(IoRef<'a>, u64)> {
+    async fn map<'a>(
+        &self,
+        node: RequestRef<'a>,
+        offset: u64,
+        len: u64,
+    ) -> Result<(RequestRef<'a>, u64)> {
         if self.whole_child() {
             // The whole child: nothing to check or shift.
             return Ok((require_child(node, ChildRole::File)?, offset));
@@ -226,15 +231,20 @@ impl BlockDriver for RawDriver {
         self.checked.store(false, Ordering::Release);
     }
 
-    fn request_alignment(&self, node: IoRef<'_>) -> u32 {
+    fn request_alignment(&self, node: RequestRef<'_>) -> u32 {
         forward::request_alignment(node, ChildRole::File)
     }
 
-    fn length<'a>(&'a self, node: IoRef<'a>) -> IoFuture<'a, u64> {
+    fn length<'a>(&'a self, node: RequestRef<'a>) -> IoFuture<'a, u64> {
         Box::pin(async move { self.window(node).await.map(|(_, len)| len) })
     }
 
-    fn read<'a>(&'a self, node: IoRef<'a>, offset: u64, buf: &'a mut [u8]) -> IoFuture<'a, ()> {
+    fn read<'a>(
+        &'a self,
+        node: RequestRef<'a>,
+        offset: u64,
+        buf: &'a mut [u8],
+    ) -> IoFuture<'a, ()> {
         if self.whole_child() {
             // Nothing to check or shift: hand back the child's future.
             return forward::to_child(node, ChildRole::File, |child| child.read(offset, buf));
@@ -245,7 +255,7 @@ impl BlockDriver for RawDriver {
         })
     }
 
-    fn write<'a>(&'a self, node: IoRef<'a>, offset: u64, buf: &'a [u8]) -> IoFuture<'a, ()> {
+    fn write<'a>(&'a self, node: RequestRef<'a>, offset: u64, buf: &'a [u8]) -> IoFuture<'a, ()> {
         if self.whole_child() {
             return forward::to_child(node, ChildRole::File, |child| child.write(offset, buf));
         }
@@ -255,27 +265,27 @@ impl BlockDriver for RawDriver {
         })
     }
 
-    fn write_zeroes<'a>(&'a self, node: IoRef<'a>, offset: u64, len: u64) -> IoFuture<'a, ()> {
+    fn write_zeroes<'a>(&'a self, node: RequestRef<'a>, offset: u64, len: u64) -> IoFuture<'a, ()> {
         Box::pin(async move {
             let (child, at) = self.map(node, offset, len).await?;
             child.write_zeroes(at, len).await
         })
     }
 
-    fn discard<'a>(&'a self, node: IoRef<'a>, offset: u64, len: u64) -> IoFuture<'a, ()> {
+    fn discard<'a>(&'a self, node: RequestRef<'a>, offset: u64, len: u64) -> IoFuture<'a, ()> {
         Box::pin(async move {
             let (child, at) = self.map(node, offset, len).await?;
             child.discard(at, len).await
         })
     }
 
-    fn flush<'a>(&'a self, node: IoRef<'a>) -> IoFuture<'a, ()> {
+    fn flush<'a>(&'a self, node: RequestRef<'a>) -> IoFuture<'a, ()> {
         forward::flush(node, ChildRole::File)
     }
 
     fn block_status<'a>(
         &'a self,
-        node: IoRef<'a>,
+        node: RequestRef<'a>,
         offset: u64,
         len: u64,
     ) -> IoFuture<'a, (BlockStatus, u64)> {

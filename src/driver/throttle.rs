@@ -14,7 +14,7 @@ use crate::driver::forward;
 use crate::driver::{require_child, BlockDriver, BlockStatus, IoFuture};
 use crate::error::{Error, Result};
 use crate::graph::edge::ChildRole;
-use crate::proof::{GsRef, IoRef};
+use crate::proof::{GsRef, RequestRef};
 
 /// The largest rate accepted (QEMU's bound too): 10^15 units per second.
 const MAX_RATE: u64 = 1_000_000_000_000_000;
@@ -536,22 +536,27 @@ impl BlockDriver for ThrottleDriver {
         self.bypass.store(false, Ordering::Release);
     }
 
-    fn request_alignment(&self, node: IoRef<'_>) -> u32 {
+    fn request_alignment(&self, node: RequestRef<'_>) -> u32 {
         forward::request_alignment(node, ChildRole::Filtered)
     }
 
-    fn length<'a>(&'a self, node: IoRef<'a>) -> IoFuture<'a, u64> {
+    fn length<'a>(&'a self, node: RequestRef<'a>) -> IoFuture<'a, u64> {
         forward::length(node, ChildRole::Filtered)
     }
 
-    fn read<'a>(&'a self, node: IoRef<'a>, offset: u64, buf: &'a mut [u8]) -> IoFuture<'a, ()> {
+    fn read<'a>(
+        &'a self,
+        node: RequestRef<'a>,
+        offset: u64,
+        buf: &'a mut [u8],
+    ) -> IoFuture<'a, ()> {
         let child = match require_child(node, ChildRole::Filtered) {
             Ok(child) => child,
             Err(e) => return Box::pin(std::future::ready(Err(e))),
         };
         match self.book_now(false, buf.len() as u64) {
             // Admitted now: the child's future is ours, no extra allocation.
-            None => child.read(offset, buf),
+            None => child.read(offset, buf).into(),
             Some(wait) => Box::pin(async move {
                 self.wait_booked(wait).await?;
                 child.read(offset, buf).await
@@ -559,13 +564,13 @@ impl BlockDriver for ThrottleDriver {
         }
     }
 
-    fn write<'a>(&'a self, node: IoRef<'a>, offset: u64, buf: &'a [u8]) -> IoFuture<'a, ()> {
+    fn write<'a>(&'a self, node: RequestRef<'a>, offset: u64, buf: &'a [u8]) -> IoFuture<'a, ()> {
         let child = match require_child(node, ChildRole::Filtered) {
             Ok(child) => child,
             Err(e) => return Box::pin(std::future::ready(Err(e))),
         };
         match self.book_now(true, buf.len() as u64) {
-            None => child.write(offset, buf),
+            None => child.write(offset, buf).into(),
             Some(wait) => Box::pin(async move {
                 self.wait_booked(wait).await?;
                 child.write(offset, buf).await
@@ -573,7 +578,7 @@ impl BlockDriver for ThrottleDriver {
         }
     }
 
-    fn write_zeroes<'a>(&'a self, node: IoRef<'a>, offset: u64, len: u64) -> IoFuture<'a, ()> {
+    fn write_zeroes<'a>(&'a self, node: RequestRef<'a>, offset: u64, len: u64) -> IoFuture<'a, ()> {
         Box::pin(async move {
             let child = require_child(node, ChildRole::Filtered)?;
             self.admit(true, len).await?;
@@ -581,7 +586,7 @@ impl BlockDriver for ThrottleDriver {
         })
     }
 
-    fn discard<'a>(&'a self, node: IoRef<'a>, offset: u64, len: u64) -> IoFuture<'a, ()> {
+    fn discard<'a>(&'a self, node: RequestRef<'a>, offset: u64, len: u64) -> IoFuture<'a, ()> {
         Box::pin(async move {
             let child = require_child(node, ChildRole::Filtered)?;
             self.admit(true, len).await?;
@@ -589,13 +594,13 @@ impl BlockDriver for ThrottleDriver {
         })
     }
 
-    fn flush<'a>(&'a self, node: IoRef<'a>) -> IoFuture<'a, ()> {
+    fn flush<'a>(&'a self, node: RequestRef<'a>) -> IoFuture<'a, ()> {
         forward::flush(node, ChildRole::Filtered)
     }
 
     fn block_status<'a>(
         &'a self,
-        node: IoRef<'a>,
+        node: RequestRef<'a>,
         offset: u64,
         len: u64,
     ) -> IoFuture<'a, (BlockStatus, u64)> {

@@ -39,7 +39,7 @@ pub(crate) fn render<P: Proof>(view: GraphView<'_, P>) -> String {
             out,
             "  {} [shape=ellipse, label={}];",
             quote(node.name()),
-            quote(&format!("{}\n{}", node.name(), node.driver().describe()))
+            quote(&format!("{}\n{}", node.name(), node.describe()))
         );
         for child in node.children() {
             let _ = writeln!(

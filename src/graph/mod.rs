@@ -1,6 +1,7 @@
 //! The graph: nodes, edges, permissions, and the transactions that change
 //! them.
 
+pub(crate) mod callbacks;
 pub(crate) mod cell;
 mod dot;
 pub(crate) mod edge;
@@ -17,7 +18,7 @@ use std::thread::ThreadId;
 use crate::backend::BackendInner;
 use crate::proof::{NodeRef, Proof};
 use crate::sync::GraphLock;
-use cell::{GraphCell, MainCell};
+use cell::{GraphCell, MainCell, ReadAccess};
 use edge::Permissions;
 use node::NodeInner;
 
@@ -39,6 +40,9 @@ pub(crate) struct GraphInner {
 pub(crate) struct MainState {
     pub(crate) sections: BTreeMap<u64, Section>,
     pub(crate) next_section: u64,
+    /// Write sections running now (0 or 1): a drain may not start inside
+    /// one.
+    pub(crate) in_write_section: u32,
 }
 
 /// One drain section: exactly the nodes and backends it quiesced, so that
@@ -68,6 +72,7 @@ impl GraphInner {
 /// [`crate::ReadGuard::graph`] or [`crate::GraphWriter::graph`]).
 pub struct GraphView<'a, P: Proof> {
     graph: &'a GraphInner,
+    access: ReadAccess<'a>,
     _proof: PhantomData<P>,
 }
 
@@ -81,20 +86,23 @@ impl<P: Proof> Copy for GraphView<'_, P> {}
 impl<'a, P: Proof> GraphView<'a, P> {
     /// # Safety
     ///
-    /// The graph must not change during `'a`, by the rule `P` stands for.
-    pub(crate) unsafe fn new(graph: &'a GraphInner) -> Self {
+    /// `access` was minted for `graph`, by the rule `P` stands for.
+    pub(crate) unsafe fn new(graph: &'a GraphInner, access: ReadAccess<'a>) -> Self {
         GraphView {
             graph,
+            access,
             _proof: PhantomData,
         }
     }
 
     /// Every node, in the order they were added.
     pub fn nodes(&self) -> impl ExactSizeIterator<Item = NodeRef<'a, P>> + 'a {
-        // SAFETY: by `P`, the graph does not change during 'a.
-        let nodes = unsafe { self.graph.nodes.get() };
-        // SAFETY: same proof, same lifetime.
-        nodes.iter().map(|n| unsafe { NodeRef::new(n) })
+        let access = self.access;
+        let nodes = self.graph.nodes.get(access);
+        // SAFETY: the nodes of the graph `access` was minted for.
+        nodes
+            .iter()
+            .map(move |n| unsafe { NodeRef::new(n, access) })
     }
 
     /// The node named `name`.
@@ -104,10 +112,11 @@ impl<'a, P: Proof> GraphView<'a, P> {
 
     /// Every backend, in the order they were added.
     pub fn backends(&self) -> impl ExactSizeIterator<Item = BackendRef<'a, P>> + 'a {
-        // SAFETY: by `P`, the graph does not change during 'a.
-        let backends = unsafe { self.graph.backends.get() };
-        backends.iter().map(|b| BackendRef {
+        let access = self.access;
+        let backends = self.graph.backends.get(access);
+        backends.iter().map(move |b| BackendRef {
             inner: b,
+            access,
             _proof: PhantomData,
         })
     }
@@ -129,6 +138,7 @@ impl<'a, P: Proof> GraphView<'a, P> {
 /// A backend seen under a proof.
 pub struct BackendRef<'a, P: Proof> {
     inner: &'a Arc<BackendInner>,
+    access: ReadAccess<'a>,
     _proof: PhantomData<P>,
 }
 
@@ -140,10 +150,11 @@ impl<'a, P: Proof> BackendRef<'a, P> {
 
     /// The node the backend sends requests to, if it has one.
     pub fn root(&self) -> Option<NodeRef<'a, P>> {
-        // SAFETY: by `P`, the graph does not change during 'a.
-        let root = unsafe { self.inner.root.get() };
-        // SAFETY: same proof, same lifetime.
-        root.as_ref().map(|r| unsafe { NodeRef::new(r) })
+        let root = self.inner.root.get(self.access);
+        // SAFETY: a backend's root belongs to the backend's graph, which
+        // `access` was minted for.
+        root.as_ref()
+            .map(|r| unsafe { NodeRef::new(r, self.access) })
     }
 
     /// What the backend takes and shares on its root.

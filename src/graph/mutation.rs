@@ -10,6 +10,7 @@
 //! anything fails, the saved lists are put back and the graph is exactly as
 //! it was.
 
+use std::collections::HashSet;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
@@ -17,58 +18,86 @@ use crate::backend::{BackendInner, BackendOptions, BlockBackend};
 use crate::drain::{self, NewEdge};
 use crate::driver::BlockDriver;
 use crate::error::{Error, Result};
-use crate::graph::cell::GraphCell;
+use crate::graph::callbacks;
+use crate::graph::cell::WriteAccess;
 use crate::graph::edge::{ChildRole, Edge, ParentLink, Permissions};
 use crate::graph::node::{NodeHandle, NodeInner};
 use crate::graph::{permission, GraphInner};
-use crate::proof::{Drained, GraphWriter, NodeRef};
+use crate::proof::{Drained, GraphWriter};
 
-/// The undo log of one mutation.
-struct Transaction<'g> {
-    graph: &'g GraphInner,
+/// A change to the node or backend list, logged so that rollback undoes
+/// exactly it (instead of copying the whole list per mutation).
+enum ListChange {
+    NodeAdded(Arc<NodeInner>),
+    NodeRemoved(usize, Arc<NodeInner>),
+    BackendAdded(Arc<BackendInner>),
+    BackendRemoved(usize, Arc<BackendInner>),
+}
+
+/// A value taken out of the graph, dropped only once no `&mut` into graph
+/// state is alive: dropping the last reference to a node runs its driver's
+/// `Drop`, which is user code (rule 19).
+enum Garbage {
+    Node(#[allow(dead_code)] Arc<NodeInner>),
+    Edges(#[allow(dead_code)] Vec<Edge>),
+    Links(#[allow(dead_code)] Vec<ParentLink>),
+    Link(#[allow(dead_code)] ParentLink),
+    Root(#[allow(dead_code)] Option<Arc<NodeInner>>),
+}
+
+/// The undo log of one mutation, holding the write section's token.
+///
+/// Dropped without [`Transaction::commit`] succeeding — an error, or a panic
+/// in a driver callback unwinding through it — it rolls back: every list it
+/// touched is put back as it was, including the permissions on edges that
+/// the recomputation changed (rule 20).
+struct Transaction<'t, 'w> {
+    graph: &'t Arc<GraphInner>,
+    w: &'t mut WriteAccess<'w>,
+    touched: HashSet<*const NodeInner>,
     saved_nodes: Vec<(Arc<NodeInner>, Vec<Edge>, Vec<ParentLink>)>,
     saved_roots: Vec<(Arc<BackendInner>, Option<Arc<NodeInner>>)>,
-    saved_node_list: Option<Vec<Arc<NodeInner>>>,
-    saved_backend_list: Option<Vec<Arc<BackendInner>>>,
+    lists: Vec<ListChange>,
     new_edges: Vec<NewEdge>,
     added: Vec<Arc<NodeInner>>,
     removed: Vec<Arc<NodeInner>>,
     added_backends: Vec<Arc<BackendInner>>,
     removed_backends: Vec<Arc<BackendInner>>,
+    garbage: Vec<Garbage>,
+    committed: bool,
 }
 
-// Every `get`/`get_mut` below runs inside a write section on the main-loop
-// thread (a `Transaction` only exists inside `GraphWriter::transaction`), and
-// each `get_mut` result is used and dropped before any other reference into
-// the same cell is made. That is the `GraphCell` contract.
-impl<'g> Transaction<'g> {
-    fn new(graph: &'g GraphInner) -> Self {
+impl<'t, 'w> Transaction<'t, 'w> {
+    fn new(graph: &'t Arc<GraphInner>, w: &'t mut WriteAccess<'w>) -> Self {
         Transaction {
             graph,
+            w,
+            touched: HashSet::new(),
             saved_nodes: Vec::new(),
             saved_roots: Vec::new(),
-            saved_node_list: None,
-            saved_backend_list: None,
+            lists: Vec::new(),
             new_edges: Vec::new(),
             added: Vec::new(),
             removed: Vec::new(),
             added_backends: Vec::new(),
             removed_backends: Vec::new(),
+            garbage: Vec::new(),
+            committed: false,
         }
     }
 
+    /// Saves `node`'s edge lists the first time the mutation changes them.
     fn touch(&mut self, node: &Arc<NodeInner>) {
-        if self
-            .saved_nodes
-            .iter()
-            .any(|(n, _, _)| Arc::ptr_eq(n, node))
-        {
+        if !self.touched.insert(Arc::as_ptr(node)) {
             return;
         }
-        // SAFETY: write section; shared borrows end before the push.
-        let (children, parents) =
-            unsafe { (node.children.get().clone(), node.parents.get().clone()) };
-        self.saved_nodes.push((node.clone(), children, parents));
+        let r = self.w.read();
+        let saved = (
+            node.clone(),
+            node.children.get(r).clone(),
+            node.parents.get(r).clone(),
+        );
+        self.saved_nodes.push(saved);
     }
 
     fn touch_root(&mut self, backend: &Arc<BackendInner>) {
@@ -79,35 +108,14 @@ impl<'g> Transaction<'g> {
         {
             return;
         }
-        // SAFETY: write section.
-        let root = unsafe { backend.root.get() }.clone();
+        let root = backend.root.get(self.w.read()).clone();
         self.saved_roots.push((backend.clone(), root));
     }
 
-    fn node_list(&mut self) -> &mut Vec<Arc<NodeInner>> {
-        if self.saved_node_list.is_none() {
-            // SAFETY: write section.
-            self.saved_node_list = Some(unsafe { self.graph.nodes.get() }.clone());
-        }
-        // SAFETY: write section; the only reference into the node list.
-        unsafe { self.graph.nodes.get_mut() }
-    }
-
-    fn backend_list(&mut self) -> &mut Vec<Arc<BackendInner>> {
-        if self.saved_backend_list.is_none() {
-            // SAFETY: write section.
-            self.saved_backend_list = Some(unsafe { self.graph.backends.get() }.clone());
-        }
-        // SAFETY: write section; the only reference into the backend list.
-        unsafe { self.graph.backends.get_mut() }
-    }
-
     fn name_taken(&self, name: &str) -> bool {
-        // SAFETY: write section.
-        let nodes = unsafe { self.graph.nodes.get() };
-        // SAFETY: write section.
-        let backends = unsafe { self.graph.backends.get() };
-        nodes.iter().any(|n| n.name == name) || backends.iter().any(|b| b.name == name)
+        let r = self.w.read();
+        self.graph.nodes.get(r).iter().any(|n| n.name == name)
+            || self.graph.backends.get(r).iter().any(|b| b.name == name)
     }
 
     fn add_node(&mut self, node: Arc<NodeInner>) -> Result<()> {
@@ -115,7 +123,8 @@ impl<'g> Transaction<'g> {
         if self.name_taken(&node.name) {
             return Err(Error::DuplicateName(node.name.clone()));
         }
-        self.node_list().push(node.clone());
+        self.graph.nodes.get_mut(self.w).push(node.clone());
+        self.lists.push(ListChange::NodeAdded(node.clone()));
         self.added.push(node);
         Ok(())
     }
@@ -129,8 +138,9 @@ impl<'g> Transaction<'g> {
         if !child.is_in_graph() && !self.added.iter().any(|n| Arc::ptr_eq(n, child)) {
             return Err(Error::NodeRemoved(child.name.clone()));
         }
-        // SAFETY: write section.
-        if unsafe { parent.children.get() }
+        if parent
+            .children
+            .get(self.w.read())
             .iter()
             .any(|e| e.role == role)
         {
@@ -141,14 +151,12 @@ impl<'g> Transaction<'g> {
         }
         self.touch(parent);
         self.touch(child);
-        // SAFETY: write section; the only reference into these vectors.
-        unsafe { parent.children.get_mut() }.push(Edge {
+        parent.children.get_mut(self.w).push(Edge {
             role,
             child: child.clone(),
             perms: Permissions::UNRESTRICTED,
         });
-        // SAFETY: as above.
-        unsafe { child.parents.get_mut() }.push(ParentLink::Node {
+        child.parents.get_mut(self.w).push(ParentLink::Node {
             parent: parent.clone(),
             role,
         });
@@ -160,8 +168,9 @@ impl<'g> Transaction<'g> {
     }
 
     fn remove_edge(&mut self, parent: &Arc<NodeInner>, role: ChildRole) -> Result<Arc<NodeInner>> {
-        // SAFETY: write section.
-        let Some(pos) = unsafe { parent.children.get() }
+        let Some(pos) = parent
+            .children
+            .get(self.w.read())
             .iter()
             .position(|e| e.role == role)
         else {
@@ -171,15 +180,14 @@ impl<'g> Transaction<'g> {
             });
         };
         self.touch(parent);
-        // SAFETY: write section; the only reference into this vector.
-        let edge = unsafe { parent.children.get_mut() }.remove(pos);
+        let edge = parent.children.get_mut(self.w).remove(pos);
         self.touch(&edge.child);
-        // SAFETY: as above.
-        let links = unsafe { edge.child.parents.get_mut() };
+        let links = edge.child.parents.get_mut(self.w);
         if let Some(i) = links.iter().position(|l| {
             matches!(l, ParentLink::Node { parent: p, role: r } if Arc::ptr_eq(p, parent) && *r == role)
         }) {
-            links.remove(i);
+            let link = links.remove(i);
+            self.garbage.push(Garbage::Link(link));
         }
         Ok(edge.child)
     }
@@ -192,8 +200,7 @@ impl<'g> Transaction<'g> {
         to: &Arc<NodeInner>,
         skip: Option<&Arc<NodeInner>>,
     ) {
-        // SAFETY: write section.
-        let links = unsafe { from.parents.get() }.clone();
+        let links = from.parents.get(self.w.read()).clone();
         self.touch(from);
         self.touch(to);
         for link in links {
@@ -203,12 +210,13 @@ impl<'g> Transaction<'g> {
                         continue;
                     }
                     self.touch(parent);
-                    // SAFETY: write section; the only reference into it.
-                    for edge in unsafe { parent.children.get_mut() }.iter_mut() {
+                    let mut old = Vec::new();
+                    for edge in parent.children.get_mut(self.w).iter_mut() {
                         if edge.role == *role && Arc::ptr_eq(&edge.child, from) {
-                            edge.child = to.clone();
+                            old.push(std::mem::replace(&mut edge.child, to.clone()));
                         }
                     }
+                    self.garbage.extend(old.into_iter().map(Garbage::Node));
                     self.new_edges.push(NewEdge::Node {
                         parent: parent.clone(),
                         child: to.clone(),
@@ -219,27 +227,25 @@ impl<'g> Transaction<'g> {
                         continue;
                     }
                     self.touch_root(backend);
-                    // SAFETY: write section; the only reference into it.
-                    unsafe { *backend.root.get_mut() = Some(to.clone()) };
+                    let old = backend.root.get_mut(self.w).replace(to.clone());
+                    self.garbage.push(Garbage::Root(old));
                     self.new_edges.push(NewEdge::Backend {
                         backend: backend.clone(),
                         root: to.clone(),
                     });
                 }
             }
-            // SAFETY: write section; the only references into them.
-            let from_links = unsafe { from.parents.get_mut() };
+            let from_links = from.parents.get_mut(self.w);
             if let Some(i) = from_links.iter().position(|l| same_link(l, &link)) {
-                from_links.remove(i);
+                let old = from_links.remove(i);
+                self.garbage.push(Garbage::Link(old));
             }
-            // SAFETY: as above.
-            unsafe { to.parents.get_mut() }.push(link);
+            to.parents.get_mut(self.w).push(link);
         }
     }
 
     fn remove_node(&mut self, node: &Arc<NodeInner>) -> Result<()> {
-        // SAFETY: write section.
-        let users = unsafe { node.parents.get() };
+        let users = node.parents.get(self.w.read());
         if !users.is_empty() {
             let who: Vec<String> = users.iter().map(ParentLink::describe).collect();
             return Err(Error::HasParents {
@@ -247,59 +253,150 @@ impl<'g> Transaction<'g> {
                 parents: who.join(", "),
             });
         }
-        // SAFETY: write section.
-        let roles: Vec<ChildRole> = unsafe { node.children.get() }
+        let roles: Vec<ChildRole> = node
+            .children
+            .get(self.w.read())
             .iter()
             .map(|e| e.role)
             .collect();
         for role in roles {
-            self.remove_edge(node, role)?;
+            let child = self.remove_edge(node, role)?;
+            self.garbage.push(Garbage::Node(child));
         }
-        let list = self.node_list();
+        let list = self.graph.nodes.get_mut(self.w);
         if let Some(i) = list.iter().position(|n| Arc::ptr_eq(n, node)) {
-            list.remove(i);
+            let gone = list.remove(i);
+            self.lists.push(ListChange::NodeRemoved(i, gone));
         }
         self.removed.push(node.clone());
         Ok(())
     }
 
-    fn rollback(self) {
-        for (node, children, parents) in self.saved_nodes {
-            // SAFETY: write section; nothing else references these vectors.
-            unsafe {
-                *node.children.get_mut() = children;
-                *node.parents.get_mut() = parents;
-            }
+    fn add_backend(&mut self, backend: &Arc<BackendInner>, root: &Arc<NodeInner>) -> Result<()> {
+        if self.name_taken(&backend.name) {
+            return Err(Error::DuplicateName(backend.name.clone()));
         }
-        for (backend, root) in self.saved_roots {
-            // SAFETY: as above.
-            unsafe { *backend.root.get_mut() = root };
-        }
-        if let Some(list) = self.saved_node_list {
-            // SAFETY: as above.
-            unsafe { *self.graph.nodes.get_mut() = list };
-        }
-        if let Some(list) = self.saved_backend_list {
-            // SAFETY: as above.
-            unsafe { *self.graph.backends.get_mut() = list };
-        }
-        // The restored edges carry the permissions they had before.
+        self.touch(root);
+        root.parents
+            .get_mut(self.w)
+            .push(ParentLink::Backend(backend.clone()));
+        self.graph.backends.get_mut(self.w).push(backend.clone());
+        self.lists.push(ListChange::BackendAdded(backend.clone()));
+        self.added_backends.push(backend.clone());
+        self.new_edges.push(NewEdge::Backend {
+            backend: backend.clone(),
+            root: root.clone(),
+        });
+        Ok(())
     }
 
-    fn check_and_commit(self) -> Result<()> {
-        // SAFETY: write section, no reference into any edge list alive.
-        if let Err(e) = unsafe { permission::recompute_and_check(self.graph) } {
-            self.rollback();
-            return Err(e);
+    fn remove_backend(&mut self, backend: &Arc<BackendInner>) {
+        self.touch_root(backend);
+        let root = backend.root.get_mut(self.w).take();
+        if let Some(root) = &root {
+            self.touch(root);
+            let links = root.parents.get_mut(self.w);
+            if let Some(i) = links
+                .iter()
+                .position(|l| matches!(l, ParentLink::Backend(x) if Arc::ptr_eq(x, backend)))
+            {
+                let old = links.remove(i);
+                self.garbage.push(Garbage::Link(old));
+            }
         }
-        for node in &self.added {
-            // SAFETY: write section; `open` only gets a read-only `GsRef`.
-            let gs = unsafe { NodeRef::new(node) };
-            if let Err(e) = node.driver.open(gs) {
-                self.rollback();
+        self.garbage.push(Garbage::Root(root));
+        let list = self.graph.backends.get_mut(self.w);
+        if let Some(i) = list.iter().position(|b| Arc::ptr_eq(b, backend)) {
+            let gone = list.remove(i);
+            self.lists.push(ListChange::BackendRemoved(i, gone));
+        }
+        self.removed_backends.push(backend.clone());
+    }
+
+    /// Puts back everything the mutation changed, newest change first.
+    fn rollback(&mut self) {
+        for change in std::mem::take(&mut self.lists).into_iter().rev() {
+            match change {
+                ListChange::NodeAdded(node) => {
+                    let list = self.graph.nodes.get_mut(self.w);
+                    if let Some(i) = list.iter().rposition(|n| Arc::ptr_eq(n, &node)) {
+                        let gone = list.remove(i);
+                        self.garbage.push(Garbage::Node(gone));
+                    }
+                    self.garbage.push(Garbage::Node(node));
+                }
+                ListChange::NodeRemoved(i, node) => {
+                    self.graph.nodes.get_mut(self.w).insert(i, node)
+                }
+                ListChange::BackendAdded(backend) => {
+                    let list = self.graph.backends.get_mut(self.w);
+                    if let Some(i) = list.iter().rposition(|b| Arc::ptr_eq(b, &backend)) {
+                        list.remove(i);
+                    }
+                }
+                ListChange::BackendRemoved(i, backend) => {
+                    self.graph.backends.get_mut(self.w).insert(i, backend)
+                }
+            }
+        }
+        for (node, children, parents) in std::mem::take(&mut self.saved_nodes) {
+            let old_children = std::mem::replace(node.children.get_mut(self.w), children);
+            let old_parents = std::mem::replace(node.parents.get_mut(self.w), parents);
+            self.garbage.push(Garbage::Edges(old_children));
+            self.garbage.push(Garbage::Links(old_parents));
+        }
+        for (backend, root) in std::mem::take(&mut self.saved_roots) {
+            let old = std::mem::replace(backend.root.get_mut(self.w), root);
+            self.garbage.push(Garbage::Root(old));
+        }
+        self.touched.clear();
+    }
+
+    /// Checks the result and makes it the graph: no cycle, every affected
+    /// edge's permissions recomputed, no two users of an affected node in
+    /// conflict, every new node's driver accepts its `open`. On error the
+    /// caller drops the transaction, which rolls back.
+    fn commit(mut self) -> Result<()> {
+        let mut seeds: Vec<Arc<NodeInner>> =
+            self.saved_nodes.iter().map(|(n, _, _)| n.clone()).collect();
+        seeds.extend(self.added.iter().cloned());
+        let order = permission::affected_in_order(&seeds, self.w.read())?;
+
+        for node in &order {
+            // Compute with a read token (the driver's callback runs here)...
+            let wanted = permission::wanted_child_permissions(node, self.w.read());
+            let changed = node
+                .children
+                .get(self.w.read())
+                .iter()
+                .zip(&wanted)
+                .any(|(e, p)| e.perms != *p);
+            if changed {
+                // ...then write, with no user code running.
+                self.touch(node);
+                for (edge, perms) in node.children.get_mut(self.w).iter_mut().zip(wanted) {
+                    edge.perms = perms;
+                }
+            }
+        }
+        for node in &order {
+            permission::check_conflicts(node, self.w.read())?;
+        }
+
+        let added = self.added.clone();
+        for (i, node) in added.iter().enumerate() {
+            // SAFETY: main-loop thread (the writer), token of this graph.
+            if let Err(e) = unsafe { callbacks::open(node, self.w.read()) } {
+                // The nodes opened before this one are closed again.
+                let r = self.w.read();
+                // SAFETY: as above.
+                callbacks::run_all(&added[..i], |n| unsafe { callbacks::close(n, r) });
                 return Err(e);
             }
         }
+
+        // Point of no return: the graph is the new one.
+        self.committed = true;
         for node in &self.added {
             node.in_graph.store(true, Ordering::Release);
         }
@@ -311,16 +408,36 @@ impl<'g> Transaction<'g> {
         }
         for node in &self.removed {
             node.in_graph.store(false, Ordering::Release);
-            // SAFETY: write section; `close` only gets a read-only `GsRef`.
-            let gs = unsafe { NodeRef::new(node) };
-            node.driver.close(gs);
         }
-        drain::cover_new_edges(self.graph, &self.new_edges);
         self.graph.mutations.fetch_add(1, Ordering::Relaxed);
         // No reader is inside; the next one sees the new epoch (the write
         // section's release orders it) and re-reads its root's length.
         self.graph.size_epoch.fetch_add(1, Ordering::Release);
+
+        // Callbacks after the commit: each runs even if another panics, and
+        // the first panic resumes once the graph's bookkeeping is done.
+        let r = self.w.read();
+        let removed = std::mem::take(&mut self.removed);
+        let new_edges = std::mem::take(&mut self.new_edges);
+        callbacks::run_all([0, 1], |step| {
+            if step == 0 {
+                // SAFETY: main-loop thread (the writer), this graph's token.
+                callbacks::run_all(&removed, |n| unsafe { callbacks::close(n, r) });
+            } else {
+                drain::cover_new_edges(self.graph, &new_edges, r);
+            }
+        });
         Ok(())
+    }
+}
+
+impl Drop for Transaction<'_, '_> {
+    fn drop(&mut self) {
+        if !self.committed {
+            self.rollback();
+        }
+        // `garbage` is dropped after this, with no `&mut` into the graph
+        // alive: a driver's `Drop` may run there.
     }
 }
 
@@ -350,43 +467,28 @@ fn check_name(name: &str) -> Result<()> {
 }
 
 fn new_node(graph: &Arc<GraphInner>, name: &str, driver: Box<dyn BlockDriver>) -> Arc<NodeInner> {
-    Arc::new(NodeInner {
-        name: name.to_owned(),
-        driver,
-        graph: Arc::downgrade(graph),
-        children: GraphCell::new(Vec::new()),
-        parents: GraphCell::new(Vec::new()),
-        quiesce: Default::default(),
-        drained: Default::default(),
-        in_graph: Default::default(),
-    })
+    Arc::new(NodeInner::new(name, driver, graph))
 }
 
 /// Graph mutations. Each is all-or-nothing: on error the graph is unchanged.
 impl GraphWriter<'_> {
     fn transaction<T>(
         &mut self,
-        edit: impl FnOnce(&mut Transaction<'_>) -> Result<T>,
+        edit: impl FnOnce(&mut Transaction<'_, '_>) -> Result<T>,
     ) -> Result<T> {
-        let mut tx = Transaction::new(self.graph);
-        match edit(&mut tx) {
-            Ok(value) => {
-                tx.check_and_commit()?;
-                Ok(value)
-            }
-            Err(e) => {
-                tx.rollback();
-                Err(e)
-            }
-        }
+        // On an error or a panic the transaction is dropped uncommitted and
+        // rolls back.
+        let mut tx = Transaction::new(self.graph, &mut self.access);
+        let value = edit(&mut tx)?;
+        tx.commit()?;
+        Ok(value)
     }
 
     fn own<'d>(&self, drained: &'d Drained<'_>) -> Result<&'d Arc<NodeInner>> {
         if !Arc::ptr_eq(drained.graph(), self.graph) {
-            return Err(Error::InvalidArgument(format!(
-                "drained node '{}' belongs to another main loop's graph",
-                drained.name()
-            )));
+            return Err(Error::WrongGraph {
+                what: format!("drained node '{}'", drained.name()),
+            });
         }
         let node = drained.node();
         if !node.is_in_graph() {
@@ -396,11 +498,10 @@ impl GraphWriter<'_> {
     }
 
     fn own_handle<'h>(&self, handle: &'h NodeHandle) -> Result<&'h Arc<NodeInner>> {
-        if !std::ptr::eq(handle.0.graph.as_ptr(), Arc::as_ptr(self.graph)) {
-            return Err(Error::InvalidArgument(format!(
-                "node '{}' belongs to another main loop's graph",
-                handle.name()
-            )));
+        if !handle.0.belongs_to(self.graph) {
+            return Err(Error::WrongGraph {
+                what: format!("node '{}'", handle.name()),
+            });
         }
         if !handle.0.is_in_graph() {
             return Err(Error::NodeRemoved(handle.name().to_owned()));
@@ -470,8 +571,9 @@ impl GraphWriter<'_> {
         let node = self.own(node)?.clone();
         let backing = backing.map(|b| self.own_handle(b).cloned()).transpose()?;
         self.transaction(|tx| {
-            // SAFETY: write section.
-            if unsafe { node.children.get() }
+            if node
+                .children
+                .get(tx.w.read())
                 .iter()
                 .any(|e| e.role == ChildRole::Backing)
             {
@@ -565,6 +667,7 @@ impl GraphWriter<'_> {
         self.transaction(|tx| {
             let child = tx.remove_edge(&filter, ChildRole::Filtered)?;
             tx.move_parents(&filter, &child, None);
+            tx.garbage.push(Garbage::Node(child));
             tx.remove_node(&filter)
         })
     }
@@ -587,21 +690,7 @@ impl GraphWriter<'_> {
         let root = self.own_handle(root)?.clone();
         check_name(name)?;
         let backend = BackendInner::new(name, self.graph, options, root.clone());
-        self.transaction(|tx| {
-            if tx.name_taken(name) {
-                return Err(Error::DuplicateName(name.to_owned()));
-            }
-            tx.touch(&root);
-            // SAFETY: write section; the only reference into it.
-            unsafe { root.parents.get_mut() }.push(ParentLink::Backend(backend.clone()));
-            tx.backend_list().push(backend.clone());
-            tx.added_backends.push(backend.clone());
-            tx.new_edges.push(NewEdge::Backend {
-                backend: backend.clone(),
-                root: root.clone(),
-            });
-            Ok(())
-        })?;
+        self.transaction(|tx| tx.add_backend(&backend, &root))?;
         Ok(BlockBackend { inner: backend })
     }
 
@@ -609,27 +698,19 @@ impl GraphWriter<'_> {
     /// [`Error::NoMedium`].
     pub fn remove_backend(&mut self, backend: &BlockBackend) -> Result<()> {
         let b = backend.inner.clone();
-        if !std::ptr::eq(b.graph.as_ptr(), Arc::as_ptr(self.graph))
-            || !b.in_graph.load(Ordering::Acquire)
-        {
+        if !std::ptr::eq(b.graph.as_ptr(), Arc::as_ptr(self.graph)) {
+            return Err(Error::WrongGraph {
+                what: format!("backend '{}'", b.name),
+            });
+        }
+        if !b.in_graph.load(Ordering::Acquire) {
             return Err(Error::InvalidArgument(format!(
                 "backend '{}' is not part of this graph",
                 b.name
             )));
         }
         self.transaction(|tx| {
-            tx.touch_root(&b);
-            // SAFETY: write section; the only reference into it.
-            let root = unsafe { b.root.get_mut() }.take();
-            if let Some(root) = root {
-                tx.touch(&root);
-                // SAFETY: as above.
-                let links = unsafe { root.parents.get_mut() };
-                links.retain(|l| !matches!(l, ParentLink::Backend(x) if Arc::ptr_eq(x, &b)));
-            }
-            let list = tx.backend_list();
-            list.retain(|x| !Arc::ptr_eq(x, &b));
-            tx.removed_backends.push(b.clone());
+            tx.remove_backend(&b);
             Ok(())
         })
     }
@@ -637,8 +718,7 @@ impl GraphWriter<'_> {
     /// Changes the drained node's driver options (QEMU's `bdrv_reopen`).
     pub fn reopen(&mut self, node: &Drained<'_>, options: &[(&str, &str)]) -> Result<()> {
         let node = self.own(node)?.clone();
-        // SAFETY: write section; `reopen` only gets a read-only `GsRef`.
-        let gs = unsafe { NodeRef::new(&node) };
-        node.driver.reopen(gs, options)
+        // SAFETY: main-loop thread (the writer), this graph's token.
+        unsafe { callbacks::reopen(&node, self.access.read(), options) }
     }
 }

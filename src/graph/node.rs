@@ -1,13 +1,16 @@
 //! Nodes (QEMU's `BlockDriverState`) and the handles user code keeps.
 
 use std::fmt;
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
+
+use crossbeam_utils::CachePadded;
 
 use crate::driver::BlockDriver;
 use crate::graph::cell::GraphCell;
 use crate::graph::edge::{Edge, ParentLink};
 use crate::graph::GraphInner;
 use crate::proof::{Bql, GsRef, IoRef, NodeRef, ReadGuard};
+use crate::sync::WaitList;
 use std::sync::{Arc, Weak};
 
 /// A node's storage. Reached from user code only through a proof
@@ -25,11 +28,43 @@ pub(crate) struct NodeInner {
     pub(crate) drained: AtomicU32,
     /// Still part of the graph (cleared by removal).
     pub(crate) in_graph: AtomicBool,
+    /// Requests admitted directly on this node under a read guard (not
+    /// through a backend) and not finished yet: QEMU's `bs->in_flight` for
+    /// requests that enter the graph here. Requests a driver passes down to
+    /// its children are covered by the request that entered above them.
+    pub(crate) in_flight: CachePadded<AtomicUsize>,
+    /// Drains waiting for `in_flight` to reach zero.
+    pub(crate) idle: WaitList,
 }
 
 impl NodeInner {
+    pub(crate) fn new(
+        name: &str,
+        driver: Box<dyn BlockDriver>,
+        graph: &std::sync::Arc<GraphInner>,
+    ) -> Self {
+        NodeInner {
+            name: name.to_owned(),
+            driver,
+            graph: std::sync::Arc::downgrade(graph),
+            children: GraphCell::new(Vec::new()),
+            parents: GraphCell::new(Vec::new()),
+            quiesce: AtomicU32::new(0),
+            drained: AtomicU32::new(0),
+            in_graph: AtomicBool::new(false),
+            in_flight: CachePadded::new(AtomicUsize::new(0)),
+            idle: WaitList::default(),
+        }
+    }
+
     pub(crate) fn is_in_graph(&self) -> bool {
         self.in_graph.load(Ordering::Acquire)
+    }
+
+    /// Whether this node belongs to `graph`.
+    #[inline]
+    pub(crate) fn belongs_to(&self, graph: &GraphInner) -> bool {
+        std::ptr::eq(self.graph.as_ptr(), graph)
     }
 }
 
@@ -69,18 +104,43 @@ impl NodeHandle {
     }
 
     /// The node seen from main-loop code, valid while `bql` stays borrowed.
+    ///
+    /// # Panics
+    ///
+    /// If the node belongs to another main loop's graph (rule 16: a proof
+    /// of one graph never reaches into another).
     pub fn gs<'b>(&'b self, bql: &'b Bql) -> GsRef<'b> {
         bql.check_graph(&self.0);
-        // SAFETY: the `&'b Bql` borrow proves we are on the main-loop thread
-        // and that no mutation (which needs `&mut Bql`) can run during 'b.
-        unsafe { NodeRef::new(&self.0) }
+        // SAFETY: the node belongs to the `Bql`'s graph (checked above), and
+        // the token is that graph's.
+        unsafe { NodeRef::new(&self.0, bql.access()) }
     }
 
     /// The node seen from I/O code, valid while `guard` stays borrowed.
+    ///
+    /// # Panics
+    ///
+    /// If the node belongs to another main loop's graph (rule 16); use
+    /// [`NodeHandle::try_io`] to get an [`Error`](crate::Error) instead.
     pub fn io<'r>(&'r self, guard: &'r ReadGuard<'_>) -> IoRef<'r> {
-        guard.check_graph(&self.0);
-        // SAFETY: the read guard keeps the graph read-locked for 'r.
-        unsafe { NodeRef::new(&self.0) }
+        match self.try_io(guard) {
+            Ok(node) => node,
+            Err(e) => panic!("blockgraph: {e}"),
+        }
+    }
+
+    /// The node seen from I/O code, or [`Error::WrongGraph`](crate::Error::WrongGraph)
+    /// if `guard` read-locks another main loop's graph (its lock does not
+    /// keep this node's graph from changing).
+    pub fn try_io<'r>(&'r self, guard: &'r ReadGuard<'_>) -> crate::Result<IoRef<'r>> {
+        if !self.0.belongs_to(guard.graph_inner()) {
+            return Err(crate::Error::WrongGraph {
+                what: format!("node '{}'", self.0.name),
+            });
+        }
+        // SAFETY: the node belongs to the guard's graph (checked above), and
+        // the token is that graph's read lock.
+        Ok(unsafe { NodeRef::new(&self.0, guard.access()) })
     }
 
     /// Whether two handles name the same node.

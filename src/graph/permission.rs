@@ -1,29 +1,28 @@
 //! Permission propagation and conflict checks (QEMU's `bdrv_check_perm`,
-//! `bdrv_child_perm`).
+//! `bdrv_child_perm`), limited to the part of the graph a mutation touched.
 
 use std::collections::HashMap;
 use std::sync::Arc;
 
 use crate::error::{Error, Result};
+use crate::graph::callbacks;
+use crate::graph::cell::ReadAccess;
 use crate::graph::edge::{ParentLink, Perm, Permissions};
 use crate::graph::node::NodeInner;
-use crate::graph::GraphInner;
 
 /// Every user of `node` with what it takes and shares.
-///
-/// # Safety
-///
-/// The caller holds a read proof (or is the writer, outside any `get_mut`).
-pub(crate) unsafe fn incoming_edges(node: &Arc<NodeInner>) -> Vec<(String, Permissions)> {
-    // SAFETY: by the caller's contract.
-    let links = unsafe { node.parents.get() };
-    links
+pub(crate) fn incoming_edges(
+    node: &Arc<NodeInner>,
+    access: ReadAccess<'_>,
+) -> Vec<(String, Permissions)> {
+    node.parents
+        .get(access)
         .iter()
         .map(|link| match link {
             ParentLink::Node { parent, role } => {
-                // SAFETY: by the caller's contract.
-                let edges = unsafe { parent.children.get() };
-                let perms = edges
+                let perms = parent
+                    .children
+                    .get(access)
                     .iter()
                     .find(|e| e.role == *role && Arc::ptr_eq(&e.child, node))
                     .map(|e| e.perms)
@@ -36,13 +35,8 @@ pub(crate) unsafe fn incoming_edges(node: &Arc<NodeInner>) -> Vec<(String, Permi
 }
 
 /// What all users of `node` take together, and what all of them share.
-///
-/// # Safety
-///
-/// As for [`incoming_edges`].
-pub(crate) unsafe fn incoming(node: &Arc<NodeInner>) -> Permissions {
-    // SAFETY: by the caller's contract.
-    unsafe { incoming_edges(node) }
+pub(crate) fn incoming(node: &Arc<NodeInner>, access: ReadAccess<'_>) -> Permissions {
+    incoming_edges(node, access)
         .into_iter()
         .fold(Permissions::UNRESTRICTED, |acc, (_, p)| Permissions {
             take: acc.take | p.take,
@@ -50,93 +44,117 @@ pub(crate) unsafe fn incoming(node: &Arc<NodeInner>) -> Permissions {
         })
 }
 
-/// Recomputes every edge's permissions top-down and checks every node for
-/// conflicts and the graph for cycles.
+/// The nodes whose edges' permissions a mutation may have changed: the
+/// `seeds` (nodes whose own edge lists changed) and everything below them,
+/// in an order where every node comes after its parents within the set.
 ///
-/// # Safety
-///
-/// Inside a write section on the main-loop thread, with no reference into
-/// any node's `children` or `parents` alive.
-pub(crate) unsafe fn recompute_and_check(graph: &GraphInner) -> Result<()> {
-    // SAFETY: writer, no other reference alive (caller's contract).
-    let nodes = unsafe { graph.nodes.get() }.clone();
-    let index: HashMap<*const NodeInner, usize> = nodes
-        .iter()
-        .enumerate()
-        .map(|(i, n)| (Arc::as_ptr(n), i))
-        .collect();
+/// A cycle made by the mutation goes through one of its new edges, whose
+/// both ends are seeds, so it lies inside the set and is found here.
+pub(crate) fn affected_in_order(
+    seeds: &[Arc<NodeInner>],
+    access: ReadAccess<'_>,
+) -> Result<Vec<Arc<NodeInner>>> {
+    // Everything reachable downwards from the seeds.
+    let mut set: Vec<Arc<NodeInner>> = Vec::new();
+    let mut index: HashMap<*const NodeInner, usize> = HashMap::new();
+    let mut stack: Vec<Arc<NodeInner>> = seeds.to_vec();
+    while let Some(node) = stack.pop() {
+        if index.contains_key(&Arc::as_ptr(&node)) {
+            continue;
+        }
+        index.insert(Arc::as_ptr(&node), set.len());
+        for edge in node.children.get(access) {
+            if !index.contains_key(&Arc::as_ptr(&edge.child)) {
+                stack.push(edge.child.clone());
+            }
+        }
+        set.push(node);
+    }
 
-    // Kahn's algorithm over node-to-node edges: parents before children.
-    let mut pending_parents = vec![0usize; nodes.len()];
-    for (i, node) in nodes.iter().enumerate() {
-        // SAFETY: as above.
-        let links = unsafe { node.parents.get() };
-        pending_parents[i] = links
+    // Kahn's algorithm inside the set: parents before children.
+    let mut pending = vec![0usize; set.len()];
+    for (i, node) in set.iter().enumerate() {
+        pending[i] = node
+            .parents
+            .get(access)
             .iter()
-            .filter(|l| matches!(l, ParentLink::Node { .. }))
+            .filter(|l| match l {
+                ParentLink::Node { parent, .. } => index.contains_key(&Arc::as_ptr(parent)),
+                ParentLink::Backend(_) => false,
+            })
             .count();
     }
-    let mut ready: Vec<usize> = (0..nodes.len())
-        .filter(|&i| pending_parents[i] == 0)
-        .collect();
-    let mut done = 0;
+    let mut ready: Vec<usize> = (0..set.len()).filter(|&i| pending[i] == 0).collect();
+    let mut order = Vec::with_capacity(set.len());
     while let Some(i) = ready.pop() {
-        done += 1;
-        let node = &nodes[i];
-        // SAFETY: as above; the shared borrow ends before `get_mut` below.
-        let from_above = unsafe { incoming(node) };
-        // SAFETY: as above; no other reference into this vector is alive.
-        let edges = unsafe { node.children.get_mut() };
-        for edge in edges.iter_mut() {
-            edge.perms = node.driver.child_permissions(edge.role, from_above);
-        }
-        let children: Vec<Arc<NodeInner>> = edges.iter().map(|e| e.child.clone()).collect();
-        for child in children {
-            if let Some(&c) = index.get(&Arc::as_ptr(&child)) {
-                pending_parents[c] -= 1;
-                if pending_parents[c] == 0 {
+        let node = set[i].clone();
+        for edge in node.children.get(access) {
+            // One decrement per edge, as there is one parent link per edge
+            // (a node using one child in two roles has two of each).
+            if let Some(&c) = index.get(&Arc::as_ptr(&edge.child)) {
+                pending[c] -= 1;
+                if pending[c] == 0 {
                     ready.push(c);
                 }
             }
         }
+        order.push(node);
     }
-    if done != nodes.len() {
+    if order.len() != set.len() {
         // Some node still waits for a parent: it lies on a cycle.
-        let (i, _) = pending_parents
+        let (i, _) = pending
             .iter()
             .enumerate()
             .find(|(_, &p)| p > 0)
             .expect("a node with pending parents exists");
-        // SAFETY: as above.
-        let links = unsafe { nodes[i].parents.get() };
-        let parent = links
+        let parent = set[i]
+            .parents
+            .get(access)
             .iter()
             .find_map(|l| match l {
-                ParentLink::Node { parent, .. } => Some(parent.name.clone()),
-                ParentLink::Backend(_) => None,
+                ParentLink::Node { parent, .. } if index.contains_key(&Arc::as_ptr(parent)) => {
+                    Some(parent.name.clone())
+                }
+                _ => None,
             })
             .unwrap_or_default();
         return Err(Error::Cycle {
             parent,
-            child: nodes[i].name.clone(),
+            child: set[i].name.clone(),
         });
     }
+    Ok(order)
+}
 
-    for node in &nodes {
-        // SAFETY: as above.
-        let users = unsafe { incoming_edges(node) };
-        for (a, (who_a, pa)) in users.iter().enumerate() {
-            for (b, (who_b, pb)) in users.iter().enumerate() {
-                if a == b {
-                    continue;
-                }
-                let clash = pa.take & !pb.share;
-                if clash != Perm::NONE {
-                    return Err(Error::PermissionConflict {
-                        node: node.name.clone(),
-                        detail: format!("{who_a} takes {clash}, which {who_b} does not share"),
-                    });
-                }
+/// The permissions `node`'s driver wants on each of its edges, given what
+/// its users take and share now. Calls the driver: needs a read token, so
+/// no `&mut` into the graph can be alive meanwhile.
+pub(crate) fn wanted_child_permissions(
+    node: &Arc<NodeInner>,
+    access: ReadAccess<'_>,
+) -> Vec<Permissions> {
+    let from_above = incoming(node, access);
+    node.children
+        .get(access)
+        .iter()
+        .map(|e| callbacks::child_permissions(node, e.role, from_above, access))
+        .collect()
+}
+
+/// Checks that no user of `node` takes what another does not share.
+pub(crate) fn check_conflicts(node: &Arc<NodeInner>, access: ReadAccess<'_>) -> Result<()> {
+    let users = incoming_edges(node, access);
+    for (a, (who_a, pa)) in users.iter().enumerate() {
+        for (b, (who_b, pb)) in users.iter().enumerate() {
+            if a == b {
+                continue;
+            }
+            let clash = pa.take & !pb.share;
+            if clash != Perm::NONE {
+                return Err(Error::PermissionConflict {
+                    node: node.name.clone(),
+                    detail: format!("{who_a} takes {clash}, which {who_b} does not share"),
+                });
             }
         }
     }

@@ -5,6 +5,7 @@ use std::marker::PhantomData;
 use std::sync::Arc;
 
 use crate::drain;
+use crate::graph::cell::ReadAccess;
 use crate::graph::node::{NodeHandle, NodeInner};
 use crate::graph::{GraphInner, GraphView};
 use crate::proof::{Drained, GlobalState, GraphWriter, GsRef};
@@ -66,9 +67,18 @@ impl Bql {
 
     /// The graph, for reading.
     pub fn graph(&self) -> GraphView<'_, GlobalState> {
-        // SAFETY: `&self` is a `&Bql` borrow: main-loop thread, and no
-        // mutation can start while it lives.
-        unsafe { GraphView::new(&self.graph) }
+        // SAFETY: the token is this graph's.
+        unsafe { GraphView::new(&self.graph, self.access()) }
+    }
+
+    /// A read token for this graph, valid while `self` stays borrowed.
+    pub(crate) fn access(&self) -> ReadAccess<'_> {
+        // SAFETY: `&self` is a `&Bql` borrow on the main-loop thread:
+        // mutations need `&mut Bql` (the write section mints its token
+        // inside `Bql::write(&mut self)`), so the graph cannot change while
+        // this borrow lives, and no `&mut` from a write token is alive now
+        // (the one write section of this thread would hold `&mut Bql`).
+        unsafe { ReadAccess::assume() }
     }
 
     /// Shortcut for `self.graph().node(name)`.
@@ -96,7 +106,7 @@ impl Bql {
     /// If `node` belongs to another main loop's graph.
     pub fn drain<'g>(&mut self, node: &'g NodeHandle) -> Drained<'g> {
         self.check_graph(&node.0);
-        let drained = Drained::new(drain::begin(&self.graph, &node.0));
+        let drained = drain::begin(&self.graph, &node.0);
         futures::executor::block_on(drain::wait(drained.state()));
         drain::finish_wait(drained.state());
         drained
@@ -111,6 +121,7 @@ impl Bql {
     pub fn write<R>(&mut self, f: impl FnOnce(&mut GraphWriter<'_>) -> R) -> R {
         let held = crate::proof::graph_writer::WriteLockHeld::announce(&self.graph);
         futures::executor::block_on(held.readers_gone());
+        let _section = held.enter();
         // SAFETY: the writer flag is up and every reader has left; we are on
         // the main-loop thread and `&mut self` excludes every `GsRef`.
         let mut writer = unsafe { GraphWriter::new(&self.graph) };
@@ -129,11 +140,14 @@ impl Bql {
     }
 
     pub(crate) fn check_graph(&self, node: &NodeInner) {
-        assert!(
-            std::ptr::eq(node.graph.as_ptr(), Arc::as_ptr(&self.graph)),
-            "blockgraph: node '{}' belongs to another main loop's graph",
-            node.name
-        );
+        if !node.belongs_to(&self.graph) {
+            panic!(
+                "blockgraph: {}",
+                crate::Error::WrongGraph {
+                    what: format!("node '{}'", node.name)
+                }
+            );
+        }
     }
 }
 

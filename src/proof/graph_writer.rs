@@ -1,11 +1,11 @@
 //! [`GraphWriter`], the write section (QEMU's `bdrv_graph_wrlock()`).
 
 use std::future::Future;
-use std::marker::PhantomData;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
+use crate::graph::cell::WriteAccess;
 use crate::graph::{GraphInner, GraphView};
 use crate::proof::{GlobalState, GsRef};
 
@@ -23,7 +23,9 @@ use crate::proof::{GlobalState, GsRef};
 /// `!Send`; cannot be created in safe code.
 pub struct GraphWriter<'w> {
     pub(crate) graph: &'w Arc<GraphInner>,
-    _not_send: super::NotSend,
+    /// The token that opens graph state for writing; mutations borrow it
+    /// mutably, reads borrow it shared.
+    pub(crate) access: WriteAccess<'w>,
 }
 
 static_assertions::assert_not_impl_any!(GraphWriter<'static>: Send, Sync);
@@ -36,15 +38,16 @@ impl<'w> GraphWriter<'w> {
     pub(crate) unsafe fn new(graph: &'w Arc<GraphInner>) -> Self {
         GraphWriter {
             graph,
-            _not_send: PhantomData,
+            // SAFETY: by this function's contract.
+            access: unsafe { WriteAccess::assume() },
         }
     }
 
     /// The graph, for reading between mutations.
     pub fn graph(&self) -> GraphView<'_, GlobalState> {
-        // SAFETY: `&self` excludes the `&mut self` every mutation needs, and
-        // we are the only writer, on the main-loop thread.
-        unsafe { GraphView::new(self.graph) }
+        // SAFETY: the token is this graph's writer's, borrowed shared (so no
+        // mutation runs while the view lives); main-loop thread.
+        unsafe { GraphView::new(self.graph, self.access.read()) }
     }
 
     /// Shortcut for `self.graph().node(name)`.
@@ -74,6 +77,24 @@ impl<'g> WriteLockHeld<'g> {
 
     pub(crate) fn readers_gone(&self) -> ReadersGone<'_> {
         ReadersGone { graph: self.graph }
+    }
+
+    /// Marks the write section as running (every reader gone) until the
+    /// mark is dropped: drains refuse to start inside it.
+    pub(crate) fn enter(&self) -> WriteSectionMark<'g> {
+        self.graph.main.with(|state| state.in_write_section += 1);
+        WriteSectionMark { graph: self.graph }
+    }
+}
+
+/// The write section is running (see [`WriteLockHeld::enter`]).
+pub(crate) struct WriteSectionMark<'g> {
+    graph: &'g GraphInner,
+}
+
+impl Drop for WriteSectionMark<'_> {
+    fn drop(&mut self) {
+        self.graph.main.with(|state| state.in_write_section -= 1);
     }
 }
 

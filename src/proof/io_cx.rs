@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use crate::error::Result;
-use crate::graph::node::NodeInner;
+use crate::graph::cell::ReadAccess;
 use crate::graph::{GraphInner, GraphView};
 use crate::proof::{Bql, IoRef, ReadLocked};
 use crate::runtime::MainLoop;
@@ -184,6 +184,12 @@ impl IoCx {
         }
     }
 
+    /// The graph this handle read-locks (for identity checks only).
+    #[inline]
+    pub(crate) fn graph_ptr(&self) -> *const GraphInner {
+        Arc::as_ptr(&self.graph)
+    }
+
     /// Runs `f` on the main loop with the [`Bql`] and returns its result.
     ///
     /// Needs `&mut self`, so the task cannot hold a read guard meanwhile: a
@@ -264,21 +270,28 @@ static_assertions::assert_eq_size!(ReadGuard<'static>, usize);
 impl<'cx> ReadGuard<'cx> {
     /// The graph, for reading.
     pub fn graph(&self) -> GraphView<'_, ReadLocked> {
-        // SAFETY: the guard holds the read lock for as long as `&self` lives.
-        unsafe { GraphView::new(&self.cx.graph) }
+        // SAFETY: the token is this guard's graph's.
+        unsafe { GraphView::new(&self.cx.graph, self.access()) }
+    }
+
+    /// A read token for the guard's graph, valid while `self` is borrowed.
+    #[inline]
+    pub(crate) fn access(&self) -> ReadAccess<'_> {
+        // SAFETY: the guard holds its graph's read lock for as long as
+        // `&self` lives: the writer waits for it to leave before it mints
+        // the write token, so no `&mut` into the graph exists meanwhile.
+        unsafe { ReadAccess::assume() }
+    }
+
+    /// The graph this guard read-locks.
+    #[inline]
+    pub(crate) fn graph_inner(&self) -> &GraphInner {
+        &self.cx.graph
     }
 
     /// Shortcut for `self.graph().node(name)`.
     pub fn node(&self, name: &str) -> Option<IoRef<'_>> {
         self.graph().node(name)
-    }
-
-    pub(crate) fn check_graph(&self, node: &NodeInner) {
-        assert!(
-            std::ptr::eq(node.graph.as_ptr(), Arc::as_ptr(&self.cx.graph)),
-            "blockgraph: node '{}' belongs to another main loop's graph",
-            node.name
-        );
     }
 }
 

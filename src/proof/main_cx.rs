@@ -67,7 +67,7 @@ impl MainCx {
     /// Dropping the future ends the section it began.
     pub async fn drain<'g>(&self, node: &'g NodeHandle) -> Drained<'g> {
         self.bql.check_graph(&node.0);
-        let drained = Drained::new(drain::begin(&self.bql.graph, &node.0));
+        let drained = drain::begin(&self.bql.graph, &node.0);
         drain::wait(drained_state(&drained)).await;
         drain::finish_wait(drained_state(&drained));
         drained
@@ -85,6 +85,7 @@ impl MainCx {
         let held = WriteLockHeld::announce(&self.bql.graph);
         held.readers_gone().await;
         let _scope = BqlScope::enter();
+        let _section = held.enter();
         // SAFETY: flag up, readers gone, main-loop thread, and `&mut self`
         // means no `GsRef` from this task's `Bql` is alive (the others' are
         // confined to synchronous closures that are not running now).

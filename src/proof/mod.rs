@@ -5,7 +5,8 @@
 //! | [`Bql`] | this code runs on the main loop, and nothing else on it runs now | the BQL, `GLOBAL_STATE_CODE()` |
 //! | [`GsRef`] | a node seen from main-loop code; the graph cannot change while it lives | `bdrv_graph_rdlock_main_loop()` |
 //! | [`ReadGuard`] | the graph is read-locked by this task | `bdrv_graph_co_rdlock()` |
-//! | [`IoRef`] | a node seen under a read guard | a `GRAPH_RDLOCK` function's `bs` |
+//! | [`IoRef`] | a node seen under a read guard; a request made through it enters the graph there | a `GRAPH_RDLOCK` function's `bs` |
+//! | [`RequestRef`] | a node seen by its own driver inside a request | the `bs` a driver callback receives |
 //! | [`Drained`] | no request can reach this node | `bdrv_drained_begin()` … `end()` |
 //! | [`GraphWriter`] | no reader is inside the graph; the graph may change | `bdrv_graph_wrlock()` |
 
@@ -22,8 +23,8 @@ pub use graph_writer::GraphWriter;
 pub use io_cx::{IoContext, IoCx, ReadFuture, ReadGuard};
 pub use main_cx::MainCx;
 pub use node_ref::{
-    ChildRef, GlobalState, GsRef, IoProof, IoRef, MainLoopProof, NodeRef, ParentRef, Proof,
-    ReadLocked,
+    ChildRef, GlobalState, GsRef, InRequest, IoProof, IoRef, MainLoopProof, NodeRef, NodeRequest,
+    OutsideRequest, ParentRef, Proof, ReadLocked, RequestRef,
 };
 
 pub(crate) use drained::DrainedState;

@@ -1,22 +1,47 @@
-//! [`NodeRef`], the one way to look inside a node, and its two flavours
-//! [`GsRef`] and [`IoRef`].
+//! [`NodeRef`], the one way to look inside a node, and its three flavours
+//! [`GsRef`], [`IoRef`] and [`RequestRef`].
 
 use std::any::Any;
 use std::fmt;
+use std::future::Future;
 use std::marker::PhantomData;
+use std::pin::Pin;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 
 use crate::driver::{BlockDriver, BlockStatus, IoFuture};
+use crate::error::{Error, Result};
+use crate::graph::cell::ReadAccess;
 use crate::graph::edge::{ChildRole, ParentLink, Permissions};
 use crate::graph::node::{NodeHandle, NodeInner};
 
-mod sealed {
+pub(crate) mod sealed {
+    use super::*;
+
     pub trait Sealed {}
+
+    /// The node a request is for, with its read token. Only the crate can
+    /// make one.
+    pub struct Target<'b> {
+        pub(crate) node: &'b Arc<NodeInner>,
+        pub(crate) access: ReadAccess<'b>,
+    }
+
+    /// How a request made through a node reference of this kind reaches
+    /// the node's driver. Sealed: users can neither implement nor call it.
+    pub trait Dispatch: Sealed {
+        /// Hands the request to the node's driver, with the node's own
+        /// [`RequestRef`].
+        fn dispatch<'b, T: Send + 'b>(
+            target: Target<'b>,
+            call: impl FnOnce(&'b dyn BlockDriver, RequestRef<'b>) -> IoFuture<'b, T>,
+        ) -> NodeRequest<'b, T>;
+    }
 }
 
 /// Which lock a [`NodeRef`] was obtained under. Sealed: only
-/// [`GlobalState`] and [`ReadLocked`] exist.
+/// [`GlobalState`], [`ReadLocked`] and [`InRequest`] exist.
 pub trait Proof: sealed::Sealed + 'static {}
 
 /// Implemented only by [`GlobalState`]: operations bounded by it are
@@ -28,13 +53,25 @@ pub trait Proof: sealed::Sealed + 'static {}
 )]
 pub trait MainLoopProof: Proof {}
 
-/// Implemented only by [`ReadLocked`]: I/O needs the graph read lock.
+/// Implemented by [`ReadLocked`] and [`InRequest`]: I/O needs the graph
+/// read lock.
 #[diagnostic::on_unimplemented(
     message = "I/O needs an `IoRef`: the proof that this task holds the graph read lock",
     label = "this node reference is of kind `{Self}`, not an `IoRef`",
     note = "take the read lock once at the top of the request (`IoCx::read().await`) and pass the `IoRef` down; main-loop code submits I/O to an `IoThread`"
 )]
-pub trait IoProof: Proof {}
+pub trait IoProof: Proof + sealed::Dispatch {}
+
+/// Implemented by [`GlobalState`] and [`ReadLocked`], not by
+/// [`InRequest`]: a driver's I/O callback sees its own node and what lies
+/// below it, never its parents or other nodes' drivers (a request only goes
+/// down the graph; rule 18).
+#[diagnostic::on_unimplemented(
+    message = "a driver's I/O callback cannot look at its parents or at drivers through a `RequestRef`",
+    label = "this is a `RequestRef` (`{Self}`): it reaches the node's children only",
+    note = "a request goes down the graph: every request that reaches a node is counted where it entered, above it (rule 18)"
+)]
+pub trait OutsideRequest: Proof {}
 
 /// Marker for node references obtained on the main loop (see [`GsRef`]).
 ///
@@ -44,18 +81,30 @@ pub struct GlobalState {
     _not_send: super::NotSend,
 }
 
-/// Marker for node references obtained under a read guard (see [`IoRef`]).
+/// Marker for node references obtained from a read guard (see [`IoRef`]).
 #[derive(Debug, Clone, Copy)]
 pub struct ReadLocked {
     _private: (),
 }
 
+/// Marker for the node references a driver's I/O callback receives (see
+/// [`RequestRef`]).
+#[derive(Debug, Clone, Copy)]
+pub struct InRequest {
+    _private: (),
+}
+
 impl sealed::Sealed for GlobalState {}
 impl sealed::Sealed for ReadLocked {}
+impl sealed::Sealed for InRequest {}
 impl Proof for GlobalState {}
 impl Proof for ReadLocked {}
+impl Proof for InRequest {}
 impl MainLoopProof for GlobalState {}
 impl IoProof for ReadLocked {}
+impl IoProof for InRequest {}
+impl OutsideRequest for GlobalState {}
+impl OutsideRequest for ReadLocked {}
 
 /// A node seen from main-loop code (QEMU: a `bs` in `GLOBAL_STATE_CODE()`).
 ///
@@ -64,23 +113,40 @@ impl IoProof for ReadLocked {}
 /// which need the `Bql` exclusively. `!Send`. One pointer wide.
 pub type GsRef<'b> = NodeRef<'b, GlobalState>;
 
-/// A node seen from I/O code (QEMU: a `bs` in a `GRAPH_RDLOCK` function).
+/// A node seen under a read guard (QEMU: a `bs` in a `GRAPH_RDLOCK`
+/// function that starts a request).
 ///
-/// Borrowed from a [`ReadGuard`](crate::ReadGuard): it cannot outlive the read
-/// lock. `Send`, so I/O futures may migrate between threads. One pointer
-/// wide. Driver I/O callbacks receive one and recurse into children with it,
-/// never re-taking the lock.
+/// Borrowed from a [`ReadGuard`](crate::ReadGuard): it cannot outlive the
+/// read lock. `Send`, so I/O futures may migrate between threads. One
+/// pointer wide. A request made through it *enters* the graph at this node:
+/// it is counted in the node's in-flight requests, which every drain
+/// covering the node waits for, and it is refused with
+/// [`Error::Drained`] while a drain section covers the node.
 pub type IoRef<'r> = NodeRef<'r, ReadLocked>;
+
+/// A node seen by its own driver inside a request (QEMU: the `bs` a
+/// driver's `bdrv_co_preadv` receives).
+///
+/// Only the crate makes one: it hands the driver of a node a `RequestRef`
+/// of that very node when a request reaches it, so driver callbacks cannot
+/// be called from outside the request path, nor with another node
+/// (rule 18). The driver reaches its children with [`NodeRef::child`] and
+/// passes the request down with the same proof; those requests are part of
+/// the one that entered above and are not counted again. It cannot look up
+/// at parents or reach other nodes' drivers ([`OutsideRequest`]). `Send`,
+/// `Copy`, one pointer wide.
+pub type RequestRef<'r> = NodeRef<'r, InRequest>;
 
 /// A node seen under a proof `P` that the graph cannot change during `'a`.
 ///
-/// Use the aliases [`GsRef`] and [`IoRef`]. Everything readable about a node
-/// (name, driver, children, parents, permissions) is here for both; I/O
-/// needs `P = ReadLocked`; main-loop-only operations need
+/// Use the aliases [`GsRef`], [`IoRef`] and [`RequestRef`]. Everything
+/// readable about a node (name, children, permissions) is here for all;
+/// I/O needs `P:` [`IoProof`]; main-loop-only operations need
 /// `P = GlobalState`. Calling one with the wrong proof is a compile error
 /// that names the missing proof.
 pub struct NodeRef<'a, P: Proof> {
     node: &'a Arc<NodeInner>,
+    access: ReadAccess<'a>,
     _proof: PhantomData<P>,
 }
 
@@ -94,21 +160,35 @@ impl<P: Proof> Copy for NodeRef<'_, P> {}
 impl<'a, P: Proof> NodeRef<'a, P> {
     /// # Safety
     ///
-    /// The graph must not change during `'a`, by the rule `P` stands for: the
-    /// main-loop lock borrowed for `'a` (`GlobalState`) or a read guard
-    /// borrowed for `'a` (`ReadLocked`).
-    pub(crate) unsafe fn new(node: &'a Arc<NodeInner>) -> Self {
+    /// `node` belongs to the graph `access` was minted for, and `P` is the
+    /// rule that minted it: the main-loop lock borrowed for `'a`
+    /// (`GlobalState`), a read guard borrowed for `'a` (`ReadLocked`), or a
+    /// request the crate is dispatching to `node`'s own driver
+    /// (`InRequest`).
+    #[inline]
+    pub(crate) unsafe fn new(node: &'a Arc<NodeInner>, access: ReadAccess<'a>) -> Self {
         NodeRef {
             node,
+            access,
             _proof: PhantomData,
         }
     }
 
-    /// Same node, same proof, a child reached through the graph.
+    /// Same proof, a node reached through the graph (so of the same graph).
+    #[inline]
     fn derive(&self, node: &'a Arc<NodeInner>) -> NodeRef<'a, P> {
         NodeRef {
             node,
+            access: self.access,
             _proof: PhantomData,
+        }
+    }
+
+    #[inline]
+    fn target(&self) -> sealed::Target<'a> {
+        sealed::Target {
+            node: self.node,
+            access: self.access,
         }
     }
 
@@ -122,15 +202,9 @@ impl<'a, P: Proof> NodeRef<'a, P> {
         self.node.driver.format_name()
     }
 
-    /// The driver instance, for driver-specific queries.
-    pub fn driver(&self) -> &'a dyn BlockDriver {
-        &*self.node.driver
-    }
-
-    /// The driver instance as its concrete type, if it is a `D`.
-    pub fn driver_as<D: BlockDriver>(&self) -> Option<&'a D> {
-        let any: &'a dyn Any = &*self.node.driver;
-        any.downcast_ref::<D>()
+    /// A one-line description of the driver (see [`BlockDriver::describe`]).
+    pub fn describe(&self) -> String {
+        self.node.driver.describe()
     }
 
     /// Whether the node is still part of the graph.
@@ -146,12 +220,13 @@ impl<'a, P: Proof> NodeRef<'a, P> {
 
     /// The node's children, in the order they were attached.
     pub fn children(&self) -> impl ExactSizeIterator<Item = ChildRef<'a, P>> + 'a {
-        // SAFETY: `P` guarantees the graph does not change during 'a.
-        let edges = unsafe { self.node.children.get() };
-        edges.iter().map(|e| ChildRef {
+        let access = self.access;
+        let edges = self.node.children.get(access);
+        edges.iter().map(move |e| ChildRef {
             role: e.role,
             node: NodeRef {
                 node: &e.child,
+                access,
                 _proof: PhantomData,
             },
             perms: e.perms,
@@ -160,8 +235,7 @@ impl<'a, P: Proof> NodeRef<'a, P> {
 
     /// The child with `role`, if any.
     pub fn child(&self, role: ChildRole) -> Option<NodeRef<'a, P>> {
-        // SAFETY: `P` guarantees the graph does not change during 'a.
-        let edges = unsafe { self.node.children.get() };
+        let edges = self.node.children.get(self.access);
         edges
             .iter()
             .find(|e| e.role == role)
@@ -187,15 +261,39 @@ impl<'a, P: Proof> NodeRef<'a, P> {
         }
         chain
     }
+}
+
+/// Looking up and sideways: not from inside a request.
+impl<'a, P: Proof> NodeRef<'a, P> {
+    /// The driver instance, for driver-specific queries.
+    pub fn driver(&self) -> &'a dyn BlockDriver
+    where
+        P: OutsideRequest,
+    {
+        &*self.node.driver
+    }
+
+    /// The driver instance as its concrete type, if it is a `D`.
+    pub fn driver_as<D: BlockDriver>(&self) -> Option<&'a D>
+    where
+        P: OutsideRequest,
+    {
+        let any: &'a dyn Any = &*self.node.driver;
+        any.downcast_ref::<D>()
+    }
 
     /// Everything that uses this node: parent nodes and backends.
-    pub fn parents(&self) -> impl ExactSizeIterator<Item = ParentRef<'a, P>> + 'a {
-        // SAFETY: `P` guarantees the graph does not change during 'a.
-        let links = unsafe { self.node.parents.get() };
-        links.iter().map(|l| match l {
+    pub fn parents(&self) -> impl ExactSizeIterator<Item = ParentRef<'a, P>> + 'a
+    where
+        P: OutsideRequest,
+    {
+        let access = self.access;
+        let links = self.node.parents.get(access);
+        links.iter().map(move |l| match l {
             ParentLink::Node { parent, role } => ParentRef::Node {
                 node: NodeRef {
                     node: parent,
+                    access,
                     _proof: PhantomData,
                 },
                 role: *role,
@@ -206,98 +304,78 @@ impl<'a, P: Proof> NodeRef<'a, P> {
 
     /// What all parents together take on this node, and what all of them
     /// share.
-    pub fn parent_permissions(&self) -> Permissions {
-        // SAFETY: `P` guarantees the graph does not change during 'a.
-        unsafe { crate::graph::permission::incoming(self.node) }
+    pub fn parent_permissions(&self) -> Permissions
+    where
+        P: OutsideRequest,
+    {
+        crate::graph::permission::incoming(self.node, self.access)
     }
 }
 
-/// I/O: needs an [`IoRef`].
+/// I/O: needs an [`IoRef`] (a request entering here) or a [`RequestRef`]
+/// (a driver passing its request down).
 ///
 /// The `P: IoProof` bound sits on each method, not on the `impl`: a bound on
 /// a method fails with E0277 and shows `IoProof`'s `on_unimplemented`
 /// message, while a bound on the `impl` only gives E0599 ("method exists but
 /// its trait bounds were not satisfied"), which never names the proof.
 impl<'a, P: Proof> NodeRef<'a, P> {
-    fn io(&self) -> IoRef<'a>
-    where
-        P: IoProof,
-    {
-        NodeRef {
-            node: self.node,
-            _proof: PhantomData,
-        }
-    }
-
-    fn enter(&self) -> &'a dyn BlockDriver
-    where
-        P: IoProof,
-    {
-        debug_assert_eq!(
-            self.node.drained.load(Ordering::SeqCst),
-            0,
-            "blockgraph: a request reached drained node '{}'",
-            self.node.name
-        );
-        &*self.node.driver
-    }
-
     /// Reads `buf.len()` bytes at `offset`.
-    pub fn read<'b>(&self, offset: u64, buf: &'b mut [u8]) -> IoFuture<'b, ()>
+    pub fn read<'b>(&self, offset: u64, buf: &'b mut [u8]) -> NodeRequest<'b, ()>
     where
         P: IoProof,
         'a: 'b,
     {
-        self.enter().read(self.io(), offset, buf)
+        P::dispatch(self.target(), move |d, n| d.read(n, offset, buf))
     }
 
     /// Writes `buf` at `offset`.
-    pub fn write<'b>(&self, offset: u64, buf: &'b [u8]) -> IoFuture<'b, ()>
+    pub fn write<'b>(&self, offset: u64, buf: &'b [u8]) -> NodeRequest<'b, ()>
     where
         P: IoProof,
         'a: 'b,
     {
-        self.enter().write(self.io(), offset, buf)
+        P::dispatch(self.target(), move |d, n| d.write(n, offset, buf))
     }
 
     /// Makes `len` bytes at `offset` read as zeroes.
-    pub fn write_zeroes(&self, offset: u64, len: u64) -> IoFuture<'a, ()>
+    pub fn write_zeroes(&self, offset: u64, len: u64) -> NodeRequest<'a, ()>
     where
         P: IoProof,
     {
-        self.enter().write_zeroes(self.io(), offset, len)
+        P::dispatch(self.target(), move |d, n| d.write_zeroes(n, offset, len))
     }
 
     /// Tells the node that `len` bytes at `offset` are no longer needed.
-    pub fn discard(&self, offset: u64, len: u64) -> IoFuture<'a, ()>
+    pub fn discard(&self, offset: u64, len: u64) -> NodeRequest<'a, ()>
     where
         P: IoProof,
     {
-        self.enter().discard(self.io(), offset, len)
+        P::dispatch(self.target(), move |d, n| d.discard(n, offset, len))
     }
 
     /// Makes completed writes durable.
-    pub fn flush(&self) -> IoFuture<'a, ()>
+    pub fn flush(&self) -> NodeRequest<'a, ()>
     where
         P: IoProof,
     {
-        self.enter().flush(self.io())
+        P::dispatch(self.target(), |d, n| d.flush(n))
     }
 
     /// What is stored at `offset`, and for how many bytes the answer holds.
-    pub fn block_status(&self, offset: u64, len: u64) -> IoFuture<'a, (BlockStatus, u64)>
+    pub fn block_status(&self, offset: u64, len: u64) -> NodeRequest<'a, (BlockStatus, u64)>
     where
         P: IoProof,
     {
-        self.enter().block_status(self.io(), offset, len)
+        P::dispatch(self.target(), move |d, n| d.block_status(n, offset, len))
     }
 
     /// The node's size in bytes.
-    pub fn length(&self) -> IoFuture<'a, u64>
+    pub fn length(&self) -> NodeRequest<'a, u64>
     where
         P: IoProof,
     {
-        self.enter().length(self.io())
+        P::dispatch(self.target(), |d, n| d.length(n))
     }
 
     /// Tells the graph that this node's length changed (a driver that
@@ -317,7 +395,225 @@ impl<'a, P: Proof> NodeRef<'a, P> {
     where
         P: IoProof,
     {
-        self.node.driver.request_alignment(self.io())
+        self.node.driver.request_alignment(self.as_request())
+    }
+
+    /// The same node as its driver sees it (crate-internal: only the
+    /// request path hands out `RequestRef`s).
+    #[inline]
+    pub(crate) fn as_request(&self) -> RequestRef<'a>
+    where
+        P: IoProof,
+    {
+        NodeRef {
+            node: self.node,
+            access: self.access,
+            _proof: PhantomData,
+        }
+    }
+}
+
+/// Requests that enter the graph here.
+impl<'a> IoRef<'a> {
+    /// Runs a driver-specific operation of this node's own driver `driver`
+    /// as one request entering here (counted like any other, refused while
+    /// the node is drained): `op` receives the node as its driver sees it.
+    ///
+    /// This is how a driver's own public operations (qcow2's `check`, say)
+    /// reach their node from code holding a read guard. Fails with
+    /// [`Error::InvalidArgument`] if `driver` is not this node's driver, so
+    /// the [`RequestRef`] handed to `op` is always that of the driver's own
+    /// node.
+    pub fn enter_own<D: BlockDriver, T: Send + 'a>(
+        &self,
+        driver: &D,
+        op: impl FnOnce(RequestRef<'a>) -> IoFuture<'a, T>,
+    ) -> NodeRequest<'a, T> {
+        let own: &dyn BlockDriver = &*self.node.driver;
+        if !std::ptr::eq(
+            own as *const dyn BlockDriver as *const (),
+            driver as *const D as *const (),
+        ) {
+            return NodeRequest::refused(Error::InvalidArgument(format!(
+                "this {} driver is not the driver of node '{}'",
+                driver.format_name(),
+                self.node.name
+            )));
+        }
+        <ReadLocked as sealed::Dispatch>::dispatch(self.target(), move |_, n| op(n))
+    }
+
+    /// Enters a request here for crate code that passes it down itself
+    /// (a format driver probing or creating an image on a protocol node).
+    pub(crate) fn admit(&self) -> Result<(Admission<'a>, RequestRef<'a>)> {
+        let admission = Admission::enter(self.node)?;
+        Ok((admission, self.as_request()))
+    }
+}
+
+/// One request counted in a node's in-flight requests; leaving wakes a
+/// waiting drain.
+pub(crate) struct Admission<'a> {
+    node: &'a NodeInner,
+}
+
+impl<'a> Admission<'a> {
+    /// Counts a request in, unless a drain section covers the node.
+    ///
+    /// Pairs with the drain's begin (`quiesce` raised, then `in_flight`
+    /// read, both `SeqCst`): either the drain sees this request and waits
+    /// for it, or this request sees the drain and backs out.
+    #[inline]
+    fn enter(node: &'a NodeInner) -> Result<Self> {
+        node.in_flight.fetch_add(1, Ordering::SeqCst);
+        let admission = Admission { node };
+        if node.quiesce.load(Ordering::SeqCst) != 0 {
+            drop(admission);
+            return Err(Error::Drained {
+                node: node.name.clone(),
+            });
+        }
+        Ok(admission)
+    }
+}
+
+impl Drop for Admission<'_> {
+    #[inline]
+    fn drop(&mut self) {
+        let before = self.node.in_flight.fetch_sub(1, Ordering::SeqCst);
+        if before == 1 && self.node.quiesce.load(Ordering::SeqCst) != 0 {
+            self.node.idle.wake_all();
+        }
+    }
+}
+
+/// The future of a request made through a node reference: the driver's
+/// future, and, for a request that entered the graph here through an
+/// [`IoRef`], its place in the node's in-flight requests until it completes
+/// or is dropped.
+///
+/// A driver returns it as its own [`IoFuture`] with `.into()`, which costs
+/// nothing for a request passed down through a [`RequestRef`] (the driver's
+/// boxed future is handed over as it is).
+///
+/// # Cancel safety
+///
+/// Dropping it drops the driver's future (as dropping any request does) and
+/// stops counting it.
+#[must_use = "futures do nothing unless awaited"]
+pub struct NodeRequest<'b, T> {
+    state: RequestState<'b, T>,
+}
+
+enum RequestState<'b, T> {
+    /// Passed down inside a request: nothing to count.
+    Forwarded(IoFuture<'b, T>),
+    /// Entered here: counted until done.
+    Entered {
+        future: IoFuture<'b, T>,
+        _admission: Admission<'b>,
+    },
+    Refused(Error),
+    Done,
+}
+
+impl<'b, T> NodeRequest<'b, T> {
+    fn refused(error: Error) -> Self {
+        NodeRequest {
+            state: RequestState::Refused(error),
+        }
+    }
+}
+
+impl<'b, T: Send + 'b> From<NodeRequest<'b, T>> for IoFuture<'b, T> {
+    #[inline]
+    fn from(request: NodeRequest<'b, T>) -> IoFuture<'b, T> {
+        match request.state {
+            RequestState::Forwarded(future) => future,
+            state => Box::pin(NodeRequest { state }),
+        }
+    }
+}
+
+impl<T> Future for NodeRequest<'_, T> {
+    type Output = Result<T>;
+
+    #[inline]
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<T>> {
+        // Every field is `Unpin` (the driver's future is boxed).
+        let this = &mut *self;
+        let outcome = match &mut this.state {
+            RequestState::Forwarded(future) | RequestState::Entered { future, .. } => {
+                match future.as_mut().poll(cx) {
+                    Poll::Ready(outcome) => outcome,
+                    Poll::Pending => return Poll::Pending,
+                }
+            }
+            RequestState::Refused(_) => {
+                match std::mem::replace(&mut this.state, RequestState::Done) {
+                    RequestState::Refused(e) => return Poll::Ready(Err(e)),
+                    _ => unreachable!("matched Refused above"),
+                }
+            }
+            RequestState::Done => panic!("NodeRequest polled after completion"),
+        };
+        // Finished: stop counting before handing out the result.
+        this.state = RequestState::Done;
+        Poll::Ready(outcome)
+    }
+}
+
+impl<T> fmt::Debug for NodeRequest<'_, T> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("NodeRequest").finish_non_exhaustive()
+    }
+}
+
+impl sealed::Dispatch for ReadLocked {
+    #[inline]
+    fn dispatch<'b, T: Send + 'b>(
+        sealed::Target { node, access }: sealed::Target<'b>,
+        call: impl FnOnce(&'b dyn BlockDriver, RequestRef<'b>) -> IoFuture<'b, T>,
+    ) -> NodeRequest<'b, T> {
+        match Admission::enter(node) {
+            Ok(admission) => {
+                // SAFETY: the same node under the same read lock; the request
+                // is being dispatched to the node's own driver.
+                let request = unsafe { NodeRef::new(node, access) };
+                NodeRequest {
+                    state: RequestState::Entered {
+                        future: call(&*node.driver, request),
+                        _admission: admission,
+                    },
+                }
+            }
+            Err(e) => NodeRequest::refused(e),
+        }
+    }
+}
+
+impl sealed::Dispatch for InRequest {
+    #[inline]
+    fn dispatch<'b, T: Send + 'b>(
+        sealed::Target { node, access }: sealed::Target<'b>,
+        call: impl FnOnce(&'b dyn BlockDriver, RequestRef<'b>) -> IoFuture<'b, T>,
+    ) -> NodeRequest<'b, T> {
+        // A request passed down from the node above. Every drain covering
+        // this node covers the node where the request entered (drains cover
+        // every user above), and waited for it before marking anything
+        // drained; so a drained node here means a request that went around
+        // the entry accounting, and it fails instead of reaching the node.
+        if node.drained.load(Ordering::Relaxed) != 0 {
+            return NodeRequest::refused(Error::Drained {
+                node: node.name.clone(),
+            });
+        }
+        NodeRequest {
+            // SAFETY: same node, same proof; dispatched to its own driver.
+            state: RequestState::Forwarded(call(&*node.driver, unsafe {
+                NodeRef::new(node, access)
+            })),
+        }
     }
 }
 
@@ -342,6 +638,15 @@ impl<'a, P: Proof> NodeRef<'a, P> {
         P: MainLoopProof,
     {
         self.node.quiesce.load(Ordering::SeqCst)
+    }
+
+    /// Requests that entered the graph directly at this node (through an
+    /// [`IoRef`], not a backend) and have not finished.
+    pub fn in_flight(&self) -> usize
+    where
+        P: MainLoopProof,
+    {
+        self.node.in_flight.load(Ordering::SeqCst)
     }
 }
 

@@ -12,6 +12,7 @@ use tokio::sync::{mpsc, oneshot};
 use super::task::{run_and_send, TaskHandle};
 use super::{set_thread_role, thread_role, BqlScope, IoThread, ThreadRole};
 use crate::error::{Error, Result};
+use crate::graph::cell::WriteAccess;
 use crate::graph::node::NodeHandle;
 use crate::graph::GraphInner;
 use crate::proof::{Bql, GsRef, IoContext, MainCx};
@@ -344,37 +345,36 @@ fn users_first(bql: &Bql) -> Vec<NodeHandle> {
 fn teardown(bql: &mut Bql) {
     let _scope = BqlScope::enter();
     bql.write(|w| {
-        // SAFETY: inside the write section, main-loop thread, no reference
-        // into the graph alive.
-        unsafe { clear_graph(w.graph) };
+        let graph = w.graph.clone();
+        clear_graph(&graph, &mut w.access);
     });
 }
 
-/// # Safety
-///
-/// Write section on the main-loop thread, no reference into the graph alive.
-unsafe fn clear_graph(graph: &GraphInner) {
-    // SAFETY: by the caller's contract.
-    let backends = std::mem::take(unsafe { graph.backends.get_mut() });
+/// Empties the graph inside its write section. Drivers are closed and
+/// references dropped only once no `&mut` into the graph is alive.
+fn clear_graph(graph: &GraphInner, w: &mut WriteAccess<'_>) {
+    let backends = std::mem::take(graph.backends.get_mut(w));
+    let mut roots = Vec::new();
     for b in &backends {
         b.in_graph.store(false, Ordering::Release);
-        // SAFETY: as above.
-        unsafe { *b.root.get_mut() = None };
+        roots.push(b.root.get_mut(w).take());
     }
-    // SAFETY: as above.
-    let nodes = std::mem::take(unsafe { graph.nodes.get_mut() });
+    let nodes = std::mem::take(graph.nodes.get_mut(w));
+    let r = w.read();
+    let closing: Vec<_> = nodes
+        .iter()
+        .filter(|n| n.in_graph.swap(false, Ordering::AcqRel))
+        .collect();
+    // SAFETY: main-loop thread (the writer), this graph's token; `close`
+    // only gets a read-only `GsRef`.
+    crate::graph::callbacks::run_all(closing, |n| unsafe { crate::graph::callbacks::close(n, r) });
+    let mut children = Vec::new();
+    let mut parents = Vec::new();
     for n in &nodes {
-        if n.in_graph.swap(false, Ordering::AcqRel) {
-            // SAFETY: as above; `close` only gets a read-only view.
-            let gs = unsafe { crate::proof::NodeRef::new(n) };
-            n.driver.close(gs);
-        }
+        children.push(std::mem::take(n.children.get_mut(w)));
+        parents.push(std::mem::take(n.parents.get_mut(w)));
     }
-    for n in &nodes {
-        // SAFETY: as above.
-        unsafe {
-            n.children.get_mut().clear();
-            n.parents.get_mut().clear();
-        }
-    }
+    // Dropped here, after the last `&mut`: the last reference to a node
+    // runs its driver's `Drop`.
+    drop((children, parents, roots, backends, nodes));
 }

@@ -16,8 +16,8 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use blockgraph::{
-    BlockDriver, BlockStatus, ChildRole, Error, GraphView, GsRef, IoFuture, IoRef, MainLoop,
-    ParentRef, Permissions, Proof, Result, TaskHandle,
+    BlockDriver, BlockStatus, ChildRole, Error, GraphView, GsRef, IoFuture, MainLoop,
+    OutsideRequest, ParentRef, Permissions, RequestRef, Result, TaskHandle,
 };
 
 /// How long any single wait in a test may take before the test fails.
@@ -259,31 +259,36 @@ impl<D: BlockDriver> BlockDriver for Probe<D> {
         }
         self.inner.drained_end(node)
     }
-    fn request_alignment(&self, node: IoRef<'_>) -> u32 {
+    fn request_alignment(&self, node: RequestRef<'_>) -> u32 {
         self.alignment
             .unwrap_or_else(|| self.inner.request_alignment(node))
     }
-    fn length<'a>(&'a self, node: IoRef<'a>) -> IoFuture<'a, u64> {
+    fn length<'a>(&'a self, node: RequestRef<'a>) -> IoFuture<'a, u64> {
         self.inner.length(node)
     }
-    fn read<'a>(&'a self, node: IoRef<'a>, offset: u64, buf: &'a mut [u8]) -> IoFuture<'a, ()> {
+    fn read<'a>(
+        &'a self,
+        node: RequestRef<'a>,
+        offset: u64,
+        buf: &'a mut [u8],
+    ) -> IoFuture<'a, ()> {
         self.inner.read(node, offset, buf)
     }
-    fn write<'a>(&'a self, node: IoRef<'a>, offset: u64, buf: &'a [u8]) -> IoFuture<'a, ()> {
+    fn write<'a>(&'a self, node: RequestRef<'a>, offset: u64, buf: &'a [u8]) -> IoFuture<'a, ()> {
         self.inner.write(node, offset, buf)
     }
-    fn write_zeroes<'a>(&'a self, node: IoRef<'a>, offset: u64, len: u64) -> IoFuture<'a, ()> {
+    fn write_zeroes<'a>(&'a self, node: RequestRef<'a>, offset: u64, len: u64) -> IoFuture<'a, ()> {
         self.inner.write_zeroes(node, offset, len)
     }
-    fn discard<'a>(&'a self, node: IoRef<'a>, offset: u64, len: u64) -> IoFuture<'a, ()> {
+    fn discard<'a>(&'a self, node: RequestRef<'a>, offset: u64, len: u64) -> IoFuture<'a, ()> {
         self.inner.discard(node, offset, len)
     }
-    fn flush<'a>(&'a self, node: IoRef<'a>) -> IoFuture<'a, ()> {
+    fn flush<'a>(&'a self, node: RequestRef<'a>) -> IoFuture<'a, ()> {
         self.inner.flush(node)
     }
     fn block_status<'a>(
         &'a self,
-        node: IoRef<'a>,
+        node: RequestRef<'a>,
         offset: u64,
         len: u64,
     ) -> IoFuture<'a, (BlockStatus, u64)> {
@@ -305,7 +310,7 @@ impl Overlay {
         Self::default()
     }
 
-    fn backing<'a>(&self, node: IoRef<'a>) -> Result<IoRef<'a>> {
+    fn backing<'a>(&self, node: RequestRef<'a>) -> Result<RequestRef<'a>> {
         self.requests.fetch_add(1, Ordering::Relaxed);
         blockgraph::driver::require_child(node, ChildRole::Backing)
     }
@@ -321,17 +326,22 @@ impl BlockDriver for Overlay {
             _ => Permissions::UNRESTRICTED,
         }
     }
-    fn length<'a>(&'a self, node: IoRef<'a>) -> IoFuture<'a, u64> {
+    fn length<'a>(&'a self, node: RequestRef<'a>) -> IoFuture<'a, u64> {
         Box::pin(async move {
             blockgraph::driver::require_child(node, ChildRole::Backing)?
                 .length()
                 .await
         })
     }
-    fn read<'a>(&'a self, node: IoRef<'a>, offset: u64, buf: &'a mut [u8]) -> IoFuture<'a, ()> {
+    fn read<'a>(
+        &'a self,
+        node: RequestRef<'a>,
+        offset: u64,
+        buf: &'a mut [u8],
+    ) -> IoFuture<'a, ()> {
         Box::pin(async move { self.backing(node)?.read(offset, buf).await })
     }
-    fn write<'a>(&'a self, node: IoRef<'a>, offset: u64, buf: &'a [u8]) -> IoFuture<'a, ()> {
+    fn write<'a>(&'a self, node: RequestRef<'a>, offset: u64, buf: &'a [u8]) -> IoFuture<'a, ()> {
         Box::pin(async move { self.backing(node)?.write(offset, buf).await })
     }
 }
@@ -399,17 +409,27 @@ impl BlockDriver for Gate {
     fn format_name(&self) -> &'static str {
         "gate"
     }
-    fn length<'a>(&'a self, _node: IoRef<'a>) -> IoFuture<'a, u64> {
+    fn length<'a>(&'a self, _node: RequestRef<'a>) -> IoFuture<'a, u64> {
         Box::pin(async move { Ok(self.size) })
     }
-    fn read<'a>(&'a self, _node: IoRef<'a>, _offset: u64, buf: &'a mut [u8]) -> IoFuture<'a, ()> {
+    fn read<'a>(
+        &'a self,
+        _node: RequestRef<'a>,
+        _offset: u64,
+        buf: &'a mut [u8],
+    ) -> IoFuture<'a, ()> {
         Box::pin(async move {
             self.pass().await?;
             buf.fill(0);
             Ok(())
         })
     }
-    fn write<'a>(&'a self, _node: IoRef<'a>, _offset: u64, _buf: &'a [u8]) -> IoFuture<'a, ()> {
+    fn write<'a>(
+        &'a self,
+        _node: RequestRef<'a>,
+        _offset: u64,
+        _buf: &'a [u8],
+    ) -> IoFuture<'a, ()> {
         Box::pin(async move { self.pass().await })
     }
 }
@@ -450,7 +470,7 @@ impl Counter {
 /// rooted there, every node reached by an edge is in the node list and in
 /// the graph, names are unique, no parent has two children in one role, and
 /// there is no cycle. Returns every problem found.
-pub fn graph_problems<P: Proof>(graph: GraphView<'_, P>) -> Vec<String> {
+pub fn graph_problems<P: OutsideRequest>(graph: GraphView<'_, P>) -> Vec<String> {
     let mut problems = Vec::new();
     let mut names = HashSet::new();
     for node in graph.nodes() {
@@ -543,7 +563,7 @@ pub fn graph_problems<P: Proof>(graph: GraphView<'_, P>) -> Vec<String> {
         }
     }
     // Cycle check: depth-first search with colours.
-    fn visit<'a, P: Proof>(
+    fn visit<'a, P: OutsideRequest>(
         node: blockgraph::NodeRef<'a, P>,
         state: &mut HashMap<&'a str, u8>,
         problems: &mut Vec<String>,
@@ -570,7 +590,7 @@ pub fn graph_problems<P: Proof>(graph: GraphView<'_, P>) -> Vec<String> {
 }
 
 /// Panics with every problem [`graph_problems`] finds.
-pub fn assert_consistent<P: Proof>(graph: GraphView<'_, P>) {
+pub fn assert_consistent<P: OutsideRequest>(graph: GraphView<'_, P>) {
     let problems = graph_problems(graph);
     assert!(
         problems.is_empty(),
@@ -640,7 +660,7 @@ pub fn snapshot(graph: GraphView<'_, blockgraph::GlobalState>) -> String {
 /// drivers, children with roles and permissions, parents, backends with
 /// roots. Only graph mutations change it (drain state is left out: drains
 /// begin and end without a write section).
-pub fn structure<P: Proof>(graph: GraphView<'_, P>) -> String {
+pub fn structure<P: OutsideRequest>(graph: GraphView<'_, P>) -> String {
     use std::fmt::Write;
     let mut s = String::new();
     for node in graph.nodes() {
@@ -669,7 +689,7 @@ pub fn structure<P: Proof>(graph: GraphView<'_, P>) -> String {
 }
 
 /// Names of `node`'s parents, in order (`backend:<name>` for backends).
-pub fn parent_names<P: Proof>(node: blockgraph::NodeRef<'_, P>) -> Vec<String> {
+pub fn parent_names<P: OutsideRequest>(node: blockgraph::NodeRef<'_, P>) -> Vec<String> {
     node.parents()
         .map(|p| match p {
             ParentRef::Node { node, role } => format!("{}:{role}", node.name()),
@@ -679,7 +699,7 @@ pub fn parent_names<P: Proof>(node: blockgraph::NodeRef<'_, P>) -> Vec<String> {
 }
 
 /// Names of `node`'s children with roles, in order.
-pub fn child_names<P: Proof>(node: blockgraph::NodeRef<'_, P>) -> Vec<String> {
+pub fn child_names<P: OutsideRequest>(node: blockgraph::NodeRef<'_, P>) -> Vec<String> {
     node.children()
         .map(|c| format!("{}:{}", c.role, c.node.name()))
         .collect()

@@ -1,12 +1,12 @@
 // Rule 12: a driver's I/O callback calling a main-loop-only operation on its
 // children.
 //
-// Violation: a filter's `read` callback (which gets an `IoRef` of its node)
+// Violation: a filter's `read` callback (which gets a `RequestRef` of its node)
 // takes a `NodeHandle` to its child, a main-loop-only operation.
-// Expected: error[E0277]: this is a main-loop-only operation, and an `IoRef`
-// only proves that the graph is read-locked (`ReadLocked` is not
+// Expected: error[E0277]: this is a main-loop-only operation, and a `RequestRef`
+// only proves that the graph is read-locked (`InRequest` is not
 // `MainLoopProof`).
-use blockgraph::{driver::require_child, BlockDriver, ChildRole, IoFuture, IoRef, NodeHandle};
+use blockgraph::{driver::require_child, BlockDriver, ChildRole, IoFuture, RequestRef, NodeHandle};
 use std::sync::Mutex;
 
 /// Remembers the last child it read from.
@@ -20,11 +20,11 @@ impl BlockDriver for RememberingFilter {
         "remembering"
     }
 
-    fn length<'a>(&'a self, node: IoRef<'a>) -> IoFuture<'a, u64> {
+    fn length<'a>(&'a self, node: RequestRef<'a>) -> IoFuture<'a, u64> {
         Box::pin(async move { require_child(node, ChildRole::Filtered)?.length().await })
     }
 
-    fn read<'a>(&'a self, node: IoRef<'a>, offset: u64, buf: &'a mut [u8]) -> IoFuture<'a, ()> {
+    fn read<'a>(&'a self, node: RequestRef<'a>, offset: u64, buf: &'a mut [u8]) -> IoFuture<'a, ()> {
         Box::pin(async move {
             let child = require_child(node, ChildRole::Filtered)?;
             *self.last_child.lock().unwrap() = Some(child.to_handle());
@@ -32,7 +32,7 @@ impl BlockDriver for RememberingFilter {
         })
     }
 
-    fn write<'a>(&'a self, node: IoRef<'a>, offset: u64, buf: &'a [u8]) -> IoFuture<'a, ()> {
+    fn write<'a>(&'a self, node: RequestRef<'a>, offset: u64, buf: &'a [u8]) -> IoFuture<'a, ()> {
         Box::pin(async move {
             require_child(node, ChildRole::Filtered)?
                 .write(offset, buf)

@@ -3,10 +3,10 @@
 //
 // Violation: a format driver's `open` callback (which gets a `GsRef`) reads
 // its `File` child to probe a header.
-// Expected: error[E0277]: I/O needs an `IoRef`: the proof that this task
+// Expected: error[E0277]: I/O needs an `RequestRef`: the proof that this task
 // holds the graph read lock (`GlobalState` is not `IoProof`).
 use blockgraph::{
-    driver::require_child, BlockDriver, ChildRole, Error, GsRef, IoFuture, IoRef, Result,
+    driver::require_child, BlockDriver, ChildRole, Error, GsRef, IoFuture, RequestRef, Result,
 };
 
 /// A format whose image starts with a magic byte.
@@ -26,11 +26,11 @@ impl BlockDriver for MagicFormat {
         Ok(())
     }
 
-    fn length<'a>(&'a self, node: IoRef<'a>) -> IoFuture<'a, u64> {
+    fn length<'a>(&'a self, node: RequestRef<'a>) -> IoFuture<'a, u64> {
         Box::pin(async move { require_child(node, ChildRole::File)?.length().await })
     }
 
-    fn read<'a>(&'a self, node: IoRef<'a>, offset: u64, buf: &'a mut [u8]) -> IoFuture<'a, ()> {
+    fn read<'a>(&'a self, node: RequestRef<'a>, offset: u64, buf: &'a mut [u8]) -> IoFuture<'a, ()> {
         Box::pin(async move {
             require_child(node, ChildRole::File)?
                 .read(offset, buf)
@@ -38,7 +38,7 @@ impl BlockDriver for MagicFormat {
         })
     }
 
-    fn write<'a>(&'a self, node: IoRef<'a>, offset: u64, buf: &'a [u8]) -> IoFuture<'a, ()> {
+    fn write<'a>(&'a self, node: RequestRef<'a>, offset: u64, buf: &'a [u8]) -> IoFuture<'a, ()> {
         Box::pin(async move {
             require_child(node, ChildRole::File)?
                 .write(offset, buf)

@@ -1,10 +1,10 @@
 // Rule 12, the right way: a driver's I/O callbacks recurse into children
-// with the `IoRef` they were given; main-loop-only work (here: keeping a
+// with the `RequestRef` they were given; main-loop-only work (here: keeping a
 // `NodeHandle` to the child) happens in a main-loop callback, which gets a
 // `GsRef`.
 use blockgraph::{
     driver::require_child, drivers::MemoryDriver, BackendOptions, BlockDriver, ChildRole, GsRef,
-    IoFuture, IoRef, MainLoop, NodeHandle, Result,
+    IoFuture, RequestRef, MainLoop, NodeHandle, Result,
 };
 use std::sync::Mutex;
 
@@ -29,11 +29,11 @@ impl BlockDriver for RememberingFilter {
         self.child.lock().unwrap().take();
     }
 
-    fn length<'a>(&'a self, node: IoRef<'a>) -> IoFuture<'a, u64> {
+    fn length<'a>(&'a self, node: RequestRef<'a>) -> IoFuture<'a, u64> {
         Box::pin(async move { require_child(node, ChildRole::Filtered)?.length().await })
     }
 
-    fn read<'a>(&'a self, node: IoRef<'a>, offset: u64, buf: &'a mut [u8]) -> IoFuture<'a, ()> {
+    fn read<'a>(&'a self, node: RequestRef<'a>, offset: u64, buf: &'a mut [u8]) -> IoFuture<'a, ()> {
         Box::pin(async move {
             require_child(node, ChildRole::Filtered)?
                 .read(offset, buf)
@@ -41,7 +41,7 @@ impl BlockDriver for RememberingFilter {
         })
     }
 
-    fn write<'a>(&'a self, node: IoRef<'a>, offset: u64, buf: &'a [u8]) -> IoFuture<'a, ()> {
+    fn write<'a>(&'a self, node: RequestRef<'a>, offset: u64, buf: &'a [u8]) -> IoFuture<'a, ()> {
         Box::pin(async move {
             require_child(node, ChildRole::Filtered)?
                 .write(offset, buf)

@@ -4,7 +4,7 @@
 // result is handed to the driver's constructor.
 use blockgraph::{
     driver::require_child, drivers::MemoryDriver, BlockDriver, ChildRole, Error, GsRef, IoFuture,
-    IoRef, MainLoop, Result,
+    RequestRef, MainLoop, Result,
 };
 
 const MAGIC: u8 = 0xb1;
@@ -34,11 +34,11 @@ impl BlockDriver for MagicFormat {
         }
     }
 
-    fn length<'a>(&'a self, node: IoRef<'a>) -> IoFuture<'a, u64> {
+    fn length<'a>(&'a self, node: RequestRef<'a>) -> IoFuture<'a, u64> {
         Box::pin(async move { require_child(node, ChildRole::File)?.length().await })
     }
 
-    fn read<'a>(&'a self, node: IoRef<'a>, offset: u64, buf: &'a mut [u8]) -> IoFuture<'a, ()> {
+    fn read<'a>(&'a self, node: RequestRef<'a>, offset: u64, buf: &'a mut [u8]) -> IoFuture<'a, ()> {
         Box::pin(async move {
             require_child(node, ChildRole::File)?
                 .read(offset, buf)
@@ -46,7 +46,7 @@ impl BlockDriver for MagicFormat {
         })
     }
 
-    fn write<'a>(&'a self, node: IoRef<'a>, offset: u64, buf: &'a [u8]) -> IoFuture<'a, ()> {
+    fn write<'a>(&'a self, node: RequestRef<'a>, offset: u64, buf: &'a [u8]) -> IoFuture<'a, ()> {
         Box::pin(async move {
             require_child(node, ChildRole::File)?
                 .write(offset, buf)

@@ -304,7 +304,7 @@ async fn open_inner(
             Some(f) => f,
             None => {
                 let g = cx.read().await;
-                let node = file.io(&g);
+                let (_request, node) = file.io(&g).admit()?;
                 let len = node.length().await?;
                 let align = u64::from(node.request_alignment().max(1));
                 let head = super::read_file(node, align, len, 0, 4.min(len as usize)).await?;

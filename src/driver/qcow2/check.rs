@@ -2,7 +2,7 @@
 //! references to each host cluster, and compare with the refcounts.
 
 use crate::error::Result;
-use crate::proof::IoRef;
+use crate::proof::RequestRef;
 
 use super::entry::{decode_l1, decode_l2, decode_rt, rc_get, Entry, COPIED};
 use super::meta::Meta;
@@ -76,7 +76,7 @@ impl Refs {
 
 pub(crate) async fn check_meta(
     m: &mut Meta,
-    file: IoRef<'_>,
+    file: RequestRef<'_>,
     repair: bool,
     limits: &Qcow2Limits,
 ) -> Result<CheckReport> {

@@ -6,7 +6,7 @@
 //! refcount 1; the rest of the file is free.
 
 use crate::error::{Error, Result};
-use crate::proof::IoRef;
+use crate::proof::RequestRef;
 
 use super::cache::Table;
 use super::entry::rc_set;
@@ -64,7 +64,7 @@ impl CreateOptions {
     }
 }
 
-pub(crate) async fn create(file: IoRef<'_>, o: &CreateOptions) -> Result<()> {
+pub(crate) async fn create(file: RequestRef<'_>, o: &CreateOptions) -> Result<()> {
     let bad = |m: String| Err(Error::InvalidArgument(m));
     if !o.cluster_size.is_power_of_two()
         || !(MIN_CLUSTER_BITS..=MAX_CLUSTER_BITS).contains(&o.cluster_size.trailing_zeros())

@@ -25,7 +25,7 @@
 //! them.
 
 use crate::error::Result;
-use crate::proof::IoRef;
+use crate::proof::RequestRef;
 
 use super::cache::{RawBlock, Table, TableCache};
 use super::entry::{decode_l1, decode_rt, rc_get, rc_max, rc_set, COPIED};
@@ -84,7 +84,7 @@ impl Meta {
     // ---- raw metadata I/O ----------------------------------------------
 
     async fn write_table<T: Table>(
-        file: IoRef<'_>,
+        file: RequestRef<'_>,
         align: u64,
         table_len: usize,
         offset: u64,
@@ -98,7 +98,7 @@ impl Meta {
 
     /// Reads a cluster-sized table at `offset` (inside the file: checked by
     /// the caller).
-    async fn read_cluster(&self, file: IoRef<'_>, offset: u64) -> Result<Vec<u8>> {
+    async fn read_cluster(&self, file: RequestRef<'_>, offset: u64) -> Result<Vec<u8>> {
         let mut buf = vec![0u8; self.geo.cs as usize];
         file.read(offset, &mut buf).await?;
         Ok(buf)
@@ -107,7 +107,7 @@ impl Meta {
     /// Writes bytes `start..end` of the in-memory header cluster.
     pub(crate) async fn write_header(
         &self,
-        file: IoRef<'_>,
+        file: RequestRef<'_>,
         start: usize,
         end: usize,
     ) -> Result<()> {
@@ -118,7 +118,7 @@ impl Meta {
     // ---- L2 tables -----------------------------------------------------
 
     /// The cache slot holding the L2 table at `offset`, loading it.
-    pub(crate) async fn l2_slot(&mut self, file: IoRef<'_>, offset: u64) -> Result<usize> {
+    pub(crate) async fn l2_slot(&mut self, file: RequestRef<'_>, offset: u64) -> Result<usize> {
         if let Some(i) = self.l2.lookup(offset) {
             return Ok(i);
         }
@@ -133,7 +133,7 @@ impl Meta {
         Ok(self.l2.insert(offset, table, None))
     }
 
-    async fn evict_l2(&mut self, file: IoRef<'_>) -> Result<()> {
+    async fn evict_l2(&mut self, file: RequestRef<'_>) -> Result<()> {
         let Some(v) = self.l2.victim() else {
             return Ok(());
         };
@@ -150,14 +150,14 @@ impl Meta {
         Ok(())
     }
 
-    async fn write_l2(&mut self, file: IoRef<'_>, i: usize) -> Result<()> {
+    async fn write_l2(&mut self, file: RequestRef<'_>, i: usize) -> Result<()> {
         Self::write_slot(file, self.geo.align, self.geo.cs as usize, &mut self.l2, i).await
     }
 
     /// Writes back the dirty part of cache slot `i` (an L2 table or a
     /// refcount block) and marks it clean.
     async fn write_slot<T: Table>(
-        file: IoRef<'_>,
+        file: RequestRef<'_>,
         align: u64,
         table_len: usize,
         cache: &mut TableCache<T>,
@@ -181,7 +181,7 @@ impl Meta {
     }
 
     /// The raw L2 entry for guest cluster `gc` (0 when its table is missing).
-    pub(crate) async fn l2_entry(&mut self, file: IoRef<'_>, gc: u64) -> Result<u64> {
+    pub(crate) async fn l2_entry(&mut self, file: RequestRef<'_>, gc: u64) -> Result<u64> {
         let l1i = gc / self.geo.l2_entries;
         match self.l2_offset(l1i)? {
             None => Ok(0),
@@ -193,7 +193,7 @@ impl Meta {
     }
 
     /// Makes sure guest cluster `gc` has an L2 table, allocating an empty one.
-    pub(crate) async fn ensure_l2(&mut self, file: IoRef<'_>, gc: u64) -> Result<u64> {
+    pub(crate) async fn ensure_l2(&mut self, file: RequestRef<'_>, gc: u64) -> Result<u64> {
         let l1i = gc / self.geo.l2_entries;
         if let Some(off) = self.l2_offset(l1i)? {
             if self.l1[l1i as usize] & COPIED == 0 {
@@ -225,7 +225,12 @@ impl Meta {
     }
 
     /// Sets the L2 entry of guest cluster `gc` (its table must exist).
-    pub(crate) async fn set_l2_entry(&mut self, file: IoRef<'_>, gc: u64, raw: u64) -> Result<()> {
+    pub(crate) async fn set_l2_entry(
+        &mut self,
+        file: RequestRef<'_>,
+        gc: u64,
+        raw: u64,
+    ) -> Result<()> {
         let l1i = gc / self.geo.l2_entries;
         let off = self
             .l2_offset(l1i)?
@@ -239,7 +244,7 @@ impl Meta {
 
     // ---- refcounts -----------------------------------------------------
 
-    async fn evict_rb(&mut self, file: IoRef<'_>) -> Result<()> {
+    async fn evict_rb(&mut self, file: RequestRef<'_>) -> Result<()> {
         let Some(v) = self.rb.victim() else {
             return Ok(());
         };
@@ -250,11 +255,11 @@ impl Meta {
         Ok(())
     }
 
-    async fn write_rb(&mut self, file: IoRef<'_>, i: usize) -> Result<()> {
+    async fn write_rb(&mut self, file: RequestRef<'_>, i: usize) -> Result<()> {
         Self::write_slot(file, self.geo.align, self.geo.cs as usize, &mut self.rb, i).await
     }
 
-    pub(crate) async fn write_refblocks(&mut self, file: IoRef<'_>) -> Result<()> {
+    pub(crate) async fn write_refblocks(&mut self, file: RequestRef<'_>) -> Result<()> {
         for i in self.rb.dirty_slots() {
             self.write_rb(file, i).await?;
         }
@@ -262,7 +267,7 @@ impl Meta {
     }
 
     /// The cache slot of refcount block `ti` (`None`: not allocated).
-    async fn rb_slot(&mut self, file: IoRef<'_>, ti: u64) -> Result<Option<usize>> {
+    async fn rb_slot(&mut self, file: RequestRef<'_>, ti: u64) -> Result<Option<usize>> {
         let Some(&raw) = self.rt.get(ti as usize) else {
             return Ok(None);
         };
@@ -280,7 +285,7 @@ impl Meta {
     }
 
     /// A copy of the refcount block at `off`, through the cache.
-    pub(crate) async fn read_block(&mut self, file: IoRef<'_>, off: u64) -> Result<Vec<u8>> {
+    pub(crate) async fn read_block(&mut self, file: RequestRef<'_>, off: u64) -> Result<Vec<u8>> {
         if let Some(i) = self.rb.lookup(off) {
             return Ok(self.rb.get(i).table.0.clone());
         }
@@ -288,7 +293,7 @@ impl Meta {
     }
 
     /// The refcount of host cluster `c`.
-    pub(crate) async fn refcount(&mut self, file: IoRef<'_>, c: u64) -> Result<u64> {
+    pub(crate) async fn refcount(&mut self, file: RequestRef<'_>, c: u64) -> Result<u64> {
         let (ti, i) = (c / self.geo.rb_entries, c % self.geo.rb_entries);
         Ok(match self.rb_slot(file, ti).await? {
             None => 0,
@@ -297,7 +302,12 @@ impl Meta {
     }
 
     /// Sets the refcount of host cluster `c`, whose refcount block exists.
-    pub(crate) async fn set_refcount(&mut self, file: IoRef<'_>, c: u64, v: u64) -> Result<()> {
+    pub(crate) async fn set_refcount(
+        &mut self,
+        file: RequestRef<'_>,
+        c: u64,
+        v: u64,
+    ) -> Result<()> {
         if v > rc_max(self.geo.refcount_order) {
             return Err(invalid(format!("refcount of cluster {c} would overflow")));
         }
@@ -313,7 +323,7 @@ impl Meta {
     }
 
     /// Drops one reference to each of `n` clusters from `c`, now.
-    pub(crate) async fn decref(&mut self, file: IoRef<'_>, c: u64, n: u64) -> Result<()> {
+    pub(crate) async fn decref(&mut self, file: RequestRef<'_>, c: u64, n: u64) -> Result<()> {
         for c in c..c + n {
             let v = self.refcount(file, c).await?;
             if v == 0 {
@@ -342,7 +352,7 @@ impl Meta {
     }
 
     /// The first run of `n` free clusters at or after the free hint.
-    async fn find_free_run(&mut self, file: IoRef<'_>, n: u64) -> Result<u64> {
+    async fn find_free_run(&mut self, file: RequestRef<'_>, n: u64) -> Result<u64> {
         let rbe = self.geo.rb_entries;
         let mut c = self.free_hint;
         let mut start = c;
@@ -395,7 +405,7 @@ impl Meta {
     /// every cluster is described by a block of the area or an existing
     /// one. (Placing a block inside the range it covers, as QEMU often
     /// does, can split every candidate run when blocks cover few clusters.)
-    pub(crate) async fn alloc(&mut self, file: IoRef<'_>, n: u64) -> Result<u64> {
+    pub(crate) async fn alloc(&mut self, file: RequestRef<'_>, n: u64) -> Result<u64> {
         let rbe = self.geo.rb_entries;
         let cs = self.geo.cs;
         let mut nb = 0u64;
@@ -479,7 +489,7 @@ impl Meta {
     }
 
     /// Replaces the refcount table by a larger one that has an entry `ti`.
-    async fn grow_table(&mut self, file: IoRef<'_>, ti: u64) -> Result<()> {
+    async fn grow_table(&mut self, file: RequestRef<'_>, ti: u64) -> Result<()> {
         let cs = self.geo.cs;
         let rbe = self.geo.rb_entries;
         let per_cluster = cs / 8;
@@ -584,7 +594,7 @@ impl Meta {
 
     /// Writes every cached change back, in the order described in the
     /// module docs. Does not flush at the end.
-    pub(crate) async fn write_back(&mut self, file: IoRef<'_>) -> Result<()> {
+    pub(crate) async fn write_back(&mut self, file: RequestRef<'_>) -> Result<()> {
         self.write_refblocks(file).await?;
         let l2_dirty = self.l2.has_dirty();
         if l2_dirty || self.l1_dirty.is_some() {

@@ -5,7 +5,7 @@
 //! [`Backing`](ChildRole::Backing) child, if any, supplies what the image
 //! does not store. Opening reads the header, so it needs I/O and therefore
 //! a read proof: [`Qcow2Driver::open`] is an `async` constructor that takes
-//! the file node's [`IoRef`]; the node is then added to the graph on the
+//! the file node's [`RequestRef`]; the node is then added to the graph on the
 //! main loop. [`open_image_chain`] does all of that for an image file and
 //! its backing files under a [`BackingPolicy`].
 //!
@@ -79,7 +79,7 @@ use tokio::sync::{Mutex, Notify, RwLock};
 use crate::driver::{require_child, BlockDriver, BlockStatus, IoFuture};
 use crate::error::{Error, Result};
 use crate::graph::edge::{ChildRole, Perm, Permissions};
-use crate::proof::{GsRef, IoRef};
+use crate::proof::{GsRef, IoRef, RequestRef};
 
 use cache::TableCache;
 use entry::{decode_l2, Entry, COMPRESSED, COPIED, ZERO};
@@ -251,7 +251,7 @@ impl Drop for InflightGuard<'_> {
 /// Reads `len` bytes at `off` from the file, rounding the request out to
 /// the file's alignment and reading zeroes past its end.
 async fn read_file(
-    file: IoRef<'_>,
+    file: RequestRef<'_>,
     align: u64,
     file_len: u64,
     off: u64,
@@ -272,7 +272,7 @@ async fn read_file(
 }
 
 /// Reads guest data stored at `host`, zeroes past the end of the file.
-async fn read_data(file: IoRef<'_>, file_len: u64, host: u64, buf: &mut [u8]) -> Result<()> {
+async fn read_data(file: RequestRef<'_>, file_len: u64, host: u64, buf: &mut [u8]) -> Result<()> {
     let avail = file_len.saturating_sub(host).min(buf.len() as u64) as usize;
     if avail > 0 {
         file.read(host, &mut buf[..avail]).await?;
@@ -298,7 +298,15 @@ impl Qcow2Driver {
     /// (encryption, external data files, extended L2 entries, compression
     /// other than deflate, unknown incompatible features, writing to images
     /// with internal snapshots), and the file's own I/O errors.
+    ///
+    /// The whole open is one request entering the graph at `file` (counted
+    /// by drains of it; refused with [`Error::Drained`] while it is drained).
     pub async fn open(file: IoRef<'_>, options: Qcow2Options) -> Result<Qcow2Driver> {
+        let (_request, file) = file.admit()?;
+        Self::open_in_request(file, options).await
+    }
+
+    async fn open_in_request(file: RequestRef<'_>, options: Qcow2Options) -> Result<Qcow2Driver> {
         let file_len = file.length().await?;
         let align = u64::from(file.request_alignment().max(1));
         let limits = options.limits.clone();
@@ -438,7 +446,9 @@ impl Qcow2Driver {
     /// Formats the node `file` as an empty qcow2 image (see
     /// [`CreateOptions`]). Whatever the file held is overwritten where the
     /// new metadata goes and is otherwise unreachable.
+    /// Like [`Qcow2Driver::open`], one request entering at `file`.
     pub async fn create(file: IoRef<'_>, options: &CreateOptions) -> Result<()> {
+        let (_request, file) = file.admit()?;
         create::create(file, options).await
     }
 
@@ -478,8 +488,11 @@ impl Qcow2Driver {
     /// long, or reach exactly the end of the disk. Data that deflate cannot
     /// shrink by at least a sector is stored uncompressed. `node` is this
     /// driver's node.
+    ///
+    /// One request entering the graph at `node` (see [`IoRef`]).
     pub async fn write_compressed(&self, node: IoRef<'_>, offset: u64, buf: &[u8]) -> Result<()> {
         self.own_node(node)?;
+        let (_request, node) = node.admit()?;
         self.check_writable(node)?;
         let len = buf.len() as u64;
         self.check_request(offset, len)?;
@@ -559,8 +572,11 @@ impl Qcow2Driver {
     ///
     /// A writable image is flushed first, so that what is checked is what
     /// is on disk. Requests wait while the check runs.
+    ///
+    /// One request entering the graph at `node` (see [`IoRef`]).
     pub async fn check(&self, node: IoRef<'_>, repair: bool) -> Result<CheckReport> {
         self.own_node(node)?;
+        let (_request, node) = node.admit()?;
         if self.nb_snapshots > 0 {
             return Err(unsupported("checking images with internal snapshots"));
         }
@@ -603,7 +619,7 @@ impl Qcow2Driver {
         }
     }
 
-    fn check_writable(&self, node: IoRef<'_>) -> Result<()> {
+    fn check_writable(&self, node: RequestRef<'_>) -> Result<()> {
         if self.read_only {
             return Err(Error::ReadOnly(node.name().to_owned()));
         }
@@ -615,7 +631,7 @@ impl Qcow2Driver {
     async fn lookup(
         &self,
         m: &mut Meta,
-        file: IoRef<'_>,
+        file: RequestRef<'_>,
         pos: u64,
         max: u64,
     ) -> Result<(Mapping, u64)> {
@@ -662,7 +678,7 @@ impl Qcow2Driver {
 
     /// Reads guest range `pos..pos+buf.len()` from the backing node
     /// (zeroes where there is none, or past its end).
-    async fn read_backing(backing: Option<IoRef<'_>>, pos: u64, buf: &mut [u8]) -> Result<()> {
+    async fn read_backing(backing: Option<RequestRef<'_>>, pos: u64, buf: &mut [u8]) -> Result<()> {
         let Some(b) = backing else {
             buf.fill(0);
             return Ok(());
@@ -678,7 +694,7 @@ impl Qcow2Driver {
 
     async fn inflate(
         &self,
-        file: IoRef<'_>,
+        file: RequestRef<'_>,
         file_len: u64,
         offset: u64,
         bytes: u64,
@@ -710,8 +726,8 @@ impl Qcow2Driver {
     /// according to `old`.
     async fn old_content(
         &self,
-        file: IoRef<'_>,
-        backing: Option<IoRef<'_>>,
+        file: RequestRef<'_>,
+        backing: Option<RequestRef<'_>>,
         file_len: u64,
         gc: u64,
         old: Entry,
@@ -732,7 +748,7 @@ impl Qcow2Driver {
         }
     }
 
-    async fn do_read(&self, node: IoRef<'_>, offset: u64, buf: &mut [u8]) -> Result<()> {
+    async fn do_read(&self, node: RequestRef<'_>, offset: u64, buf: &mut [u8]) -> Result<()> {
         self.check_request(offset, buf.len() as u64)?;
         let file = require_child(node, ChildRole::File)?;
         let backing = node.child(ChildRole::Backing);
@@ -790,7 +806,7 @@ impl Qcow2Driver {
     /// holds `io_lock` shared.
     async fn write_range(
         &self,
-        node: IoRef<'_>,
+        node: RequestRef<'_>,
         offset: u64,
         len: u64,
         src: Src<'_>,
@@ -852,8 +868,8 @@ impl Qcow2Driver {
     #[allow(clippy::too_many_arguments)]
     async fn write_allocating(
         &self,
-        file: IoRef<'_>,
-        backing: Option<IoRef<'_>>,
+        file: RequestRef<'_>,
+        backing: Option<RequestRef<'_>>,
         mut m: tokio::sync::MutexGuard<'_, Meta>,
         gc: u64,
         first: Entry,
@@ -954,7 +970,7 @@ impl Qcow2Driver {
 
     async fn write_in_place(
         &self,
-        file: IoRef<'_>,
+        file: RequestRef<'_>,
         host: u64,
         from: usize,
         n: usize,
@@ -982,8 +998,8 @@ impl Qcow2Driver {
     #[allow(clippy::too_many_arguments)]
     async fn write_new_clusters(
         &self,
-        file: IoRef<'_>,
-        backing: Option<IoRef<'_>>,
+        file: RequestRef<'_>,
+        backing: Option<RequestRef<'_>>,
         file_len: u64,
         gc: u64,
         host: u64,
@@ -1032,7 +1048,7 @@ impl Qcow2Driver {
     /// or left alone for a discard.
     async fn zero_or_discard(
         &self,
-        node: IoRef<'_>,
+        node: RequestRef<'_>,
         offset: u64,
         len: u64,
         discard: bool,
@@ -1105,7 +1121,7 @@ impl Qcow2Driver {
         Ok(())
     }
 
-    async fn do_flush(&self, node: IoRef<'_>) -> Result<()> {
+    async fn do_flush(&self, node: RequestRef<'_>) -> Result<()> {
         let file = require_child(node, ChildRole::File)?;
         if self.read_only {
             return Ok(());
@@ -1207,7 +1223,7 @@ impl BlockDriver for Qcow2Driver {
         }
     }
 
-    fn request_alignment(&self, node: IoRef<'_>) -> u32 {
+    fn request_alignment(&self, node: RequestRef<'_>) -> u32 {
         let file = node
             .child(ChildRole::File)
             .map_or(1, |f| f.request_alignment());
@@ -1217,15 +1233,20 @@ impl BlockDriver for Qcow2Driver {
         file.max(backing).max(1)
     }
 
-    fn length<'a>(&'a self, _node: IoRef<'a>) -> IoFuture<'a, u64> {
+    fn length<'a>(&'a self, _node: RequestRef<'a>) -> IoFuture<'a, u64> {
         Box::pin(async move { Ok(self.geo.size) })
     }
 
-    fn read<'a>(&'a self, node: IoRef<'a>, offset: u64, buf: &'a mut [u8]) -> IoFuture<'a, ()> {
+    fn read<'a>(
+        &'a self,
+        node: RequestRef<'a>,
+        offset: u64,
+        buf: &'a mut [u8],
+    ) -> IoFuture<'a, ()> {
         Box::pin(self.do_read(node, offset, buf))
     }
 
-    fn write<'a>(&'a self, node: IoRef<'a>, offset: u64, buf: &'a [u8]) -> IoFuture<'a, ()> {
+    fn write<'a>(&'a self, node: RequestRef<'a>, offset: u64, buf: &'a [u8]) -> IoFuture<'a, ()> {
         Box::pin(async move {
             self.check_writable(node)?;
             self.check_request(offset, buf.len() as u64)?;
@@ -1235,21 +1256,21 @@ impl BlockDriver for Qcow2Driver {
         })
     }
 
-    fn write_zeroes<'a>(&'a self, node: IoRef<'a>, offset: u64, len: u64) -> IoFuture<'a, ()> {
+    fn write_zeroes<'a>(&'a self, node: RequestRef<'a>, offset: u64, len: u64) -> IoFuture<'a, ()> {
         Box::pin(self.zero_or_discard(node, offset, len, false))
     }
 
-    fn discard<'a>(&'a self, node: IoRef<'a>, offset: u64, len: u64) -> IoFuture<'a, ()> {
+    fn discard<'a>(&'a self, node: RequestRef<'a>, offset: u64, len: u64) -> IoFuture<'a, ()> {
         Box::pin(self.zero_or_discard(node, offset, len, true))
     }
 
-    fn flush<'a>(&'a self, node: IoRef<'a>) -> IoFuture<'a, ()> {
+    fn flush<'a>(&'a self, node: RequestRef<'a>) -> IoFuture<'a, ()> {
         Box::pin(self.do_flush(node))
     }
 
     fn block_status<'a>(
         &'a self,
-        node: IoRef<'a>,
+        node: RequestRef<'a>,
         offset: u64,
         len: u64,
     ) -> IoFuture<'a, (BlockStatus, u64)> {
