@@ -43,6 +43,7 @@ enum Garbage {
     Links(#[allow(dead_code)] Vec<ParentLink>),
     Link(#[allow(dead_code)] ParentLink),
     Root(#[allow(dead_code)] Option<Arc<NodeInner>>),
+    Backend(#[allow(dead_code)] Arc<BackendInner>),
 }
 
 /// The undo log of one mutation, holding the write section's token.
@@ -331,8 +332,10 @@ impl<'t, 'w> Transaction<'t, 'w> {
                 ListChange::BackendAdded(backend) => {
                     let list = self.graph.backends.get_mut(self.w);
                     if let Some(i) = list.iter().rposition(|b| Arc::ptr_eq(b, &backend)) {
-                        list.remove(i);
+                        let gone = list.remove(i);
+                        self.garbage.push(Garbage::Backend(gone));
                     }
+                    self.garbage.push(Garbage::Backend(backend));
                 }
                 ListChange::BackendRemoved(i, backend) => {
                     self.graph.backends.get_mut(self.w).insert(i, backend)
