@@ -381,3 +381,74 @@ pub enum ParentRef<'a, P: Proof> {
         name: &'a str,
     },
 }
+
+/// Resizing (QEMU's `bdrv_co_truncate`): the one path to
+/// [`BlockDriver::truncate`], always behind a check of
+/// [`Perm::RESIZE`](crate::Perm::RESIZE).
+///
+/// There is no `NodeRef::truncate`: a node is resized either by a backend
+/// that took the permission
+/// ([`BlockBackend::truncate`](crate::BlockBackend::truncate)) or by a parent
+/// whose edge to it took the permission ([`NodeRef::truncate_child`]), the
+/// way QEMU's `bdrv_co_truncate(BdrvChild *, …)` needs
+/// `child->perm & BLK_PERM_RESIZE`. Both hand the driver a
+/// [`ResizePermit`](crate::ResizePermit), which nothing else can make.
+impl<'a, P: Proof> NodeRef<'a, P> {
+    /// Resizes this node's `role` child to `size` bytes: for a driver whose
+    /// callback resizes its child (`raw` passing a resize down, a filter,
+    /// a format growing its file).
+    ///
+    /// The edge from this node to the child must have taken
+    /// [`Perm::RESIZE`](crate::Perm::RESIZE) (this node's driver decides in
+    /// [`BlockDriver::child_permissions`], from what its own users take). On
+    /// return, successful or not, backends forget the lengths they cached.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::NoSuchChild`](crate::Error::NoSuchChild) without a `role`
+    /// child, [`Error::PermissionDenied`](crate::Error::PermissionDenied)
+    /// (nothing changed) when the edge did not take the permission, and
+    /// whatever the child's driver reports.
+    pub fn truncate_child(&self, role: ChildRole, size: u64) -> IoFuture<'a, ()>
+    where
+        P: IoProof,
+    {
+        // SAFETY: `P` guarantees the graph does not change during 'a.
+        let edges = unsafe { self.node.children.get() };
+        let Some(edge) = edges.iter().find(|e| e.role == role) else {
+            return Box::pin(std::future::ready(Err(crate::Error::NoSuchChild {
+                node: self.name().to_owned(),
+                role,
+            })));
+        };
+        if !edge.perms.take.contains(crate::Perm::RESIZE) {
+            return Box::pin(std::future::ready(Err(crate::Error::PermissionDenied {
+                user: format!("node '{}' ({role} edge)", self.name()),
+                perm: crate::Perm::RESIZE,
+                node: edge.child.name.clone(),
+                operation: "resize",
+            })));
+        }
+        self.derive(&edge.child).resize_checked(size)
+    }
+
+    /// Resizes this node; the caller has checked that whoever asked took
+    /// [`Perm::RESIZE`](crate::Perm::RESIZE) on it.
+    pub(crate) fn resize_checked(&self, size: u64) -> IoFuture<'a, ()>
+    where
+        P: IoProof,
+    {
+        let node = self.io();
+        let driver = self.enter();
+        Box::pin(async move {
+            let result = driver
+                .truncate(node, size, crate::ResizePermit::checked())
+                .await;
+            // Also after a failure: a resize may stop half way (a format
+            // that grew its file, then failed), and a length read again is
+            // never wrong.
+            node.notify_length_changed();
+            result
+        })
+    }
+}
