@@ -45,6 +45,9 @@ commands:
       Copy any stack's contents into a new raw or qcow2 image (zeroes stay sparse).
   compare [-f FMT] [-F FMT] [-U] A B
       Compare two images' contents.
+  resize [-f FMT] [--shrink] FILE [+|-]SIZE
+      Change the virtual size (shrinking needs --shrink; qcow2 shrinks only
+      over areas that hold no data, so discard them first).
   bench [--stack STACK | -f FMT] [--rw read|write|randread|randwrite] [--bs SIZE]
         [--depth N] [--threads N] [--time SECS | --count N] [--warmup SECS]
         [--size SIZE] [FILE]
@@ -93,6 +96,7 @@ fn run(args: &[String]) -> i32 {
         "check" => cmd_check(rest),
         "convert" => cmd_convert(rest),
         "compare" => cmd_compare(rest).map_err(|e| (e, 2)),
+        "resize" => cmd_resize(rest),
         "bench" => cmd_bench(rest),
         "help" | "--help" | "-h" => {
             println!("{USAGE}");
@@ -1056,6 +1060,72 @@ fn cmd_check(args: &[String]) -> Result<i32, (String, i32)> {
     } else {
         0
     })
+}
+
+// ---- resize ------------------------------------------------------------------
+
+fn cmd_resize(args: &[String]) -> Result<i32, (String, i32)> {
+    // `-1M` is a size, not an option.
+    let mut args = args.to_vec();
+    let relative_down = args
+        .last()
+        .and_then(|s| s.strip_prefix('-'))
+        .is_some_and(|s| s.starts_with(|c: char| c.is_ascii_digit()));
+    let size_arg = if relative_down { args.pop() } else { None };
+    let a = Args::parse("resize", &args, &[("shrink", &["--shrink"], false)]).or_exit()?;
+    let (path, spec) = match (&size_arg, a.positional.as_slice()) {
+        (Some(size), [path]) => (PathBuf::from(path), size.clone()),
+        (None, [path, size]) => (PathBuf::from(path), size.clone()),
+        (_, given) => {
+            let n = given.len() + usize::from(size_arg.is_some());
+            return Err((
+                format!("resize: expected FILE [+|-]SIZE, got {n} argument(s)"),
+                1,
+            ));
+        }
+    };
+    let layers = image_layers(None, a.get("format"), Some(&path)).or_exit()?;
+    let shrink = a.flag("shrink");
+    let env = Env::new(1).or_exit()?;
+    let opened = open(
+        &env,
+        layers,
+        Some(path),
+        OpenPolicy::from_args(&a, true),
+        "",
+    )
+    .or_exit()?;
+    // Resizing needs the resize permission: QEMU's `block_resize` takes it
+    // on a backend of its own, as this one does.
+    let top = opened.top.clone();
+    let blk = env
+        .main
+        .run(move |bql| bql.write(|w| w.add_backend("resize", &top, BackendOptions::resizable())))
+        .map_err(err)
+        .or_exit()?;
+    env.io(move |mut cx| async move {
+        let old = blk.length(&mut cx).await.map_err(err)?;
+        let new = if let Some(d) = spec.strip_prefix('+') {
+            old.checked_add(parse_size("resize", d)?)
+                .ok_or("resize: the new size overflows")?
+        } else if let Some(d) = spec.strip_prefix('-') {
+            old.checked_sub(parse_size("resize", d)?)
+                .ok_or("resize: cannot shrink below zero")?
+        } else {
+            parse_size("resize", &spec)?
+        };
+        if new < old && !shrink {
+            return Err(format!(
+                "resize: shrinking from {old} to {new} bytes drops data past the new end; \
+                 give --shrink if that is meant"
+            ));
+        }
+        blk.truncate(&mut cx, new).await.map_err(err)?;
+        blk.flush(&mut cx).await.map_err(err)
+    })
+    .or_exit()?;
+    println!("Image resized.");
+    Ok(0)
 }
 
 // ---- convert -----------------------------------------------------------------

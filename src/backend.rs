@@ -382,3 +382,75 @@ impl std::fmt::Debug for BlockBackend {
             .finish()
     }
 }
+
+/// Resizing through a backend (QEMU's `blk_truncate`).
+impl BlockBackend {
+    /// Resizes the device to `size` bytes. A grown area reads as zeroes;
+    /// the new length is visible to every request that starts afterwards.
+    ///
+    /// Needs [`Perm::RESIZE`] in the backend's permissions
+    /// ([`BackendOptions::perms`]; the default exclusive writer does not
+    /// take it, see [`BackendOptions::resizable`]). The request passes the
+    /// drain gate like any other and is counted in flight; the root's
+    /// driver does the rest, resizing its own children only through edges
+    /// that took the permission too ([`NodeRef::truncate_child`]).
+    ///
+    /// # Errors
+    ///
+    /// [`Error::PermissionDenied`] (nothing changed) when the backend did
+    /// not take [`Perm::RESIZE`], [`Error::NoMedium`], and whatever the
+    /// drivers report: [`Error::Unsupported`] where a driver cannot resize,
+    /// [`Error::ReadOnly`] on a read-only image or file.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use blockgraph::{BackendOptions, Error, MainLoop, drivers::MemoryDriver};
+    ///
+    /// let main = MainLoop::new()?;
+    /// let (fixed, resizable) = main.run(|bql| bql.write(|w| {
+    ///     let a = w.add_node("a", MemoryDriver::new(4096), &[])?;
+    ///     let b = w.add_node("b", MemoryDriver::new(4096), &[])?;
+    ///     let fixed = w.add_backend("vda", &a, BackendOptions::default())?;
+    ///     let resizable = w.add_backend("vdb", &b, BackendOptions::resizable())?;
+    ///     Ok::<_, Error>((fixed, resizable))
+    /// }))?;
+    /// let io = main.new_io_thread("io0")?;
+    /// let (refused, len) = io.spawn(move |mut cx| async move {
+    ///     let refused = fixed.truncate(&mut cx, 8192).await;
+    ///     resizable.truncate(&mut cx, 8192).await?;
+    ///     Ok::<_, Error>((refused, resizable.length(&mut cx).await?))
+    /// }).join()?;
+    /// assert!(matches!(refused, Err(Error::PermissionDenied { .. })));
+    /// assert_eq!(len, 8192);
+    /// # drop(io); main.shutdown();
+    /// # Ok::<(), Error>(())
+    /// ```
+    pub async fn truncate(&self, cx: &mut IoCx, size: u64) -> Result<()> {
+        request!(self, cx, Access::Other, 0, 0, |root| async {
+            if !self.inner.perms.take.contains(Perm::RESIZE) {
+                return Err(Error::PermissionDenied {
+                    user: format!("backend '{}'", self.inner.name),
+                    perm: Perm::RESIZE,
+                    node: root.name().to_owned(),
+                    operation: "resize",
+                });
+            }
+            root.resize_checked(size).await
+        })
+    }
+}
+
+impl BackendOptions {
+    /// An exclusive writer that may also resize the device
+    /// ([`Permissions::EXCLUSIVE_WRITER`] plus [`Perm::RESIZE`]), for
+    /// [`BlockBackend::truncate`]. Like QEMU's `block_resize`, it needs every
+    /// other user of the node to share the resize permission.
+    pub fn resizable() -> Self {
+        let w = Permissions::EXCLUSIVE_WRITER;
+        BackendOptions::with_perms(Permissions {
+            take: w.take | Perm::RESIZE,
+            share: w.share,
+        })
+    }
+}

@@ -183,4 +183,35 @@ pub enum Error {
         /// The drained node.
         node: String,
     },
+
+    /// A user tried an operation that needs a permission it did not take
+    /// on the node (QEMU asserts `child->perm & BLK_PERM_RESIZE` in
+    /// `bdrv_co_truncate`; here it is an error). Nothing was changed.
+    #[error(
+        "{user} may not {operation} node '{node}': it did not take the \"{perm}\" permission \
+         (Perm::{}) on it",
+        perm_const_name(*.perm)
+    )]
+    PermissionDenied {
+        /// Who asked (`backend 'vda'`, `node 'qcow0' (file edge)`).
+        user: String,
+        /// The permission it lacks.
+        perm: crate::Perm,
+        /// The node the operation was for.
+        node: String,
+        /// What was refused (`"resize"`).
+        operation: &'static str,
+    },
+}
+
+/// The name of `perm`'s constant, for messages that tell what to take.
+fn perm_const_name(perm: crate::Perm) -> &'static str {
+    use crate::Perm;
+    match perm {
+        p if p == Perm::CONSISTENT_READ => "CONSISTENT_READ",
+        p if p == Perm::WRITE => "WRITE",
+        p if p == Perm::WRITE_UNCHANGED => "WRITE_UNCHANGED",
+        p if p == Perm::RESIZE => "RESIZE",
+        _ => "…",
+    }
 }

@@ -61,7 +61,7 @@ mod runtime;
 mod sync;
 
 pub use backend::{BackendOptions, BlockBackend};
-pub use driver::{BlockDriver, BlockStatus, IoFuture};
+pub use driver::{BlockDriver, BlockStatus, IoFuture, ResizePermit};
 pub use error::{Error, Result};
 pub use graph::edge::{ChildRole, Perm, Permissions};
 pub use graph::node::NodeHandle;

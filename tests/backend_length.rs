@@ -4,7 +4,7 @@
 //! resizes its node.
 
 use blockgraph::drivers::{FileDriver, FileOptions, MemoryDriver, RawDriver};
-use blockgraph::{BackendOptions, ChildRole, Error, MainLoop};
+use blockgraph::{BackendOptions, ChildRole, Error, MainLoop, Perm, Permissions};
 
 #[test]
 fn length_follows_a_node_replacement() {
@@ -67,25 +67,35 @@ fn length_follows_a_file_resize() {
     let main = MainLoop::new().unwrap();
     let io = main.new_io_thread("io0").unwrap();
     let file = FileDriver::open(&path, FileOptions::default()).unwrap();
-    let (file, blk) = main
+    let (blk, resizer) = main
         .run(move |bql| {
             bql.write(|w| {
                 let file = w.add_node("file", file, &[])?;
                 let raw = w.add_node("raw", RawDriver::new(), &[(ChildRole::File, &file)])?;
-                let blk = w.add_backend("vda", &raw, BackendOptions::default())?;
-                Ok::<_, Error>((file, blk))
+                // The guest's backend shares the resize permission with a
+                // second one that takes it (QEMU's `block_resize` does the
+                // same with a temporary backend).
+                let guest = BackendOptions::with_perms(Permissions {
+                    take: Perm::CONSISTENT_READ | Perm::WRITE,
+                    share: Perm::CONSISTENT_READ | Perm::WRITE_UNCHANGED | Perm::RESIZE,
+                });
+                let blk = w.add_backend("vda", &raw, guest)?;
+                let resizer = w.add_backend(
+                    "resizer",
+                    &raw,
+                    BackendOptions::with_perms(Permissions {
+                        take: Perm::RESIZE,
+                        share: Perm::ALL,
+                    }),
+                )?;
+                Ok::<_, Error>((blk, resizer))
             })
         })
         .unwrap();
     let lengths = io
         .spawn(move |mut cx| async move {
             let before = blk.length(&mut cx).await?;
-            {
-                let guard = cx.read().await;
-                let node = file.io(&guard);
-                let driver = node.driver_as::<FileDriver>().expect("a file node");
-                driver.truncate(node, 1 << 20).await?;
-            }
+            resizer.truncate(&mut cx, 1 << 20).await?;
             let after = blk.length(&mut cx).await?;
             // The grown area is usable at once.
             blk.write(&mut cx, (1 << 20) - 512, &[1u8; 512]).await?;

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use blockgraph::drivers::{FileDriver, FileOptions};
 use blockgraph::{
-    BackendOptions, BlockBackend, BlockStatus, Error, IoThread, MainLoop, NodeHandle,
+    BackendOptions, BlockBackend, BlockStatus, Error, IoThread, MainLoop, NodeHandle, Perm,
 };
 
 struct Setup {
@@ -72,13 +72,12 @@ impl Setup {
             .join()
     }
 
+    /// Resizes through the backend (which must take `Perm::RESIZE`).
     fn truncate(&self, size: u64) -> Result<(), Error> {
-        self.on_node(move |n| {
-            Box::pin(async move {
-                let file = n.driver_as::<FileDriver>().expect("a file node");
-                file.truncate(n, size).await
-            })
-        })
+        let blk = self.blk.clone();
+        self.io
+            .spawn(move |mut cx| async move { blk.truncate(&mut cx, size).await })
+            .join()
     }
 
     fn finish(self) {
@@ -155,7 +154,10 @@ fn reads_past_the_end_are_zeroes_and_writes_past_it_grow_the_file() {
 fn truncate_grows_and_shrinks() {
     let dir = tempfile::tempdir().unwrap();
     let path = image(dir.path(), "t.img", 4096);
-    let s = Setup::new(FileDriver::open(&path, FileOptions::default()).unwrap());
+    let s = Setup::with_perms(
+        FileDriver::open(&path, FileOptions::default()).unwrap(),
+        BackendOptions::resizable(),
+    );
     s.write(0, &[7u8; 4096]).unwrap();
     s.truncate(1 << 20).unwrap();
     assert_eq!(std::fs::metadata(&path).unwrap().len(), 1 << 20);
@@ -221,25 +223,30 @@ fn read_only_files_refuse_changes_but_flush() {
         read_only: true,
         ..FileOptions::default()
     };
+    // A reader that may resize: the permission is there, the file refuses.
     let s = Setup::with_perms(
         FileDriver::open(&path, ro).unwrap(),
-        BackendOptions::with_perms(blockgraph::Permissions::SHARED_READER),
+        BackendOptions::with_perms(blockgraph::Permissions {
+            take: Perm::CONSISTENT_READ | Perm::RESIZE,
+            share: Perm::ALL,
+        }),
     );
     assert_eq!(s.read(0, 512).unwrap(), vec![0; 512]);
     for op in 0..4u8 {
-        let err = s
-            .on_node(move |n| {
+        let err = if op == 3 {
+            s.truncate(0).unwrap_err()
+        } else {
+            s.on_node(move |n| {
                 Box::pin(async move {
-                    let file = n.driver_as::<FileDriver>().unwrap();
                     match op {
                         0 => n.write(0, &[1; 512]).await,
                         1 => n.write_zeroes(0, 512).await,
-                        2 => n.discard(0, 512).await,
-                        _ => file.truncate(n, 0).await,
+                        _ => n.discard(0, 512).await,
                     }
                 })
             })
-            .unwrap_err();
+            .unwrap_err()
+        };
         assert!(
             matches!(err, Error::ReadOnly(ref p) if p.ends_with("ro.img")),
             "{err}"

@@ -482,3 +482,43 @@ fn bench_counts_injected_errors_and_fails() {
         r.stderr
     );
 }
+
+#[test]
+fn resize_grows_and_shrinks_like_qemu_img_resize() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    ok(
+        d,
+        &[
+            "create",
+            "-f",
+            "qcow2",
+            "-o",
+            "cluster_size=512",
+            "a.qcow2",
+            "1M",
+        ],
+    );
+    ok(d, &["create", "-f", "raw", "r.raw", "1M"]);
+    // Growing the qcow2 image moves its L1 table (2 MiB per table cluster).
+    assert!(ok(d, &["resize", "a.qcow2", "+3M"]).contains("Image resized."));
+    assert!(ok(d, &["info", "--json", "a.qcow2"]).contains("\"virtual-size\": 4194304"));
+    ok(d, &["resize", "r.raw", "2M"]);
+    assert_eq!(std::fs::metadata(d.join("r.raw")).unwrap().len(), 2 << 20);
+    // Shrinking needs --shrink, and is refused over stored data.
+    let r = img(d, &["resize", "r.raw", "-512k"]);
+    assert_eq!(r.code, 1, "{}", r.stderr);
+    assert!(r.stderr.contains("--shrink"), "{}", r.stderr);
+    ok(d, &["resize", "--shrink", "r.raw", "-512k"]);
+    assert_eq!(
+        std::fs::metadata(d.join("r.raw")).unwrap().len(),
+        1536 << 10
+    );
+    ok(d, &["resize", "--shrink", "a.qcow2", "-1M"]);
+    assert!(ok(d, &["info", "--json", "a.qcow2"]).contains("\"virtual-size\": 3145728"));
+    if have("qemu-img") {
+        qemu(d, "qemu-img", &["check", "a.qcow2"]);
+        let info = qemu(d, "qemu-img", &["info", "--output=json", "a.qcow2"]);
+        assert!(String::from_utf8_lossy(&info.stdout).contains("\"virtual-size\": 3145728"));
+    }
+}

@@ -5,7 +5,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use crate::driver::forward;
 use crate::driver::range_lock::RangeLock;
-use crate::driver::{require_child, BlockDriver, BlockStatus, IoFuture};
+use crate::driver::{require_child, BlockDriver, BlockStatus, IoFuture, ResizePermit};
 use crate::error::{Error, Result};
 use crate::graph::edge::{ChildRole, Perm, Permissions};
 use crate::proof::{GsRef, RequestRef};
@@ -188,6 +188,22 @@ impl BlockDriver for CopyOnRead {
 
     fn flush<'a>(&'a self, node: RequestRef<'a>) -> IoFuture<'a, ()> {
         forward::flush(node, ChildRole::Filtered)
+    }
+
+    /// Passes the resize to the filtered child, through the check that
+    /// this node's edge took the resize permission. Serialised against
+    /// copy-ups past the new end.
+    fn truncate<'a>(
+        &'a self,
+        node: RequestRef<'a>,
+        size: u64,
+        _permit: ResizePermit<'a>,
+    ) -> IoFuture<'a, ()> {
+        Box::pin(async move {
+            // No copy-up may write past a new, smaller end meanwhile.
+            let _range = self.ranges.lock(size, u64::MAX, true).await;
+            forward::truncate(node, ChildRole::Filtered, size).await
+        })
     }
 
     fn block_status<'a>(

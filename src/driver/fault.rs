@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use crate::driver::forward;
-use crate::driver::{require_child, BlockDriver, BlockStatus, IoFuture};
+use crate::driver::{require_child, BlockDriver, BlockStatus, IoFuture, ResizePermit};
 use crate::error::{Error, Result};
 use crate::graph::edge::ChildRole;
 use crate::proof::{GsRef, RequestRef};
@@ -464,6 +464,17 @@ impl BlockDriver for FaultInjector {
             self.control.apply(FaultOp::Flush, 0, 0).await?;
             child.flush().await
         })
+    }
+
+    /// Passes the resize to the filtered child, through the check that
+    /// this node's edge took the resize permission. No rule applies to it.
+    fn truncate<'a>(
+        &'a self,
+        node: RequestRef<'a>,
+        size: u64,
+        _permit: ResizePermit<'a>,
+    ) -> IoFuture<'a, ()> {
+        forward::truncate(node, ChildRole::Filtered, size)
     }
 
     fn block_status<'a>(

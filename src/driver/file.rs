@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use crate::driver::range_lock::{RangeGuard, RangeLock};
-use crate::driver::{BlockDriver, BlockStatus, IoFuture};
+use crate::driver::{BlockDriver, BlockStatus, IoFuture, ResizePermit};
 use crate::error::{Error, Result};
 use crate::graph::edge::Perm;
 use crate::proof::{GsRef, RequestRef};
@@ -131,11 +131,19 @@ struct Host {
 ///
 /// # Resizing
 ///
-/// [`FileDriver::truncate`] is an I/O operation (it takes an [`RequestRef`] and
-/// runs on the blocking pool), as in QEMU where `bdrv_co_truncate` runs
-/// under the graph read lock: a format above (qcow2 growing its file) calls
-/// it from its own I/O callbacks, and a slow `ftruncate` never stalls the
-/// main loop.
+/// The driver implements [`BlockDriver::truncate`] (shrinking drops data,
+/// growing adds a sparse tail; a block device cannot be resized). It is an
+/// I/O operation (it runs on the blocking pool under the graph read lock,
+/// as QEMU's `bdrv_co_truncate` does), reached only through the checked
+/// paths: [`BlockBackend::truncate`](crate::BlockBackend::truncate) on a
+/// backend that took [`Perm::RESIZE`], or a parent whose edge took it
+/// ([`NodeRef::truncate_child`](crate::NodeRef::truncate_child)). A slow
+/// `ftruncate` never stalls the main loop.
+///
+/// Writes past the end grow the file too. Parents that do that (qcow2
+/// allocating clusters) take [`Perm::RESIZE`] on the file as well, as
+/// QEMU's format drivers do; a backend cannot write past the end (its
+/// requests are checked against the length).
 ///
 /// # Example
 ///
@@ -309,36 +317,6 @@ impl FileDriver {
     /// Whether the file is a block device.
     pub fn is_block_device(&self) -> bool {
         self.host.block_device
-    }
-
-    /// Resizes the file to `size` bytes (shrinking drops data; growing adds
-    /// a sparse tail). An I/O operation (see [`FileDriver`]'s
-    /// section on resizing).
-    ///
-    /// # Errors
-    ///
-    /// [`Error::ReadOnly`] on a read-only file, [`Error::Unsupported`] on a
-    /// block device, [`Error::Io`] when the host refuses.
-    pub fn truncate<'a>(&'a self, node: crate::IoRef<'a>, size: u64) -> IoFuture<'a, ()> {
-        Box::pin(async move {
-            let (_request, node) = node.admit()?;
-            self.check_writable()?;
-            if self.host.block_device {
-                return Err(Error::Unsupported {
-                    driver: "file",
-                    operation: "resizing a block device",
-                });
-            }
-            let host = self.host.clone();
-            blocking(move || {
-                host.file.set_len(size)?;
-                host.size.store(size, Ordering::SeqCst);
-                Ok(())
-            })
-            .await?;
-            node.notify_length_changed();
-            Ok(())
-        })
     }
 
     fn check_writable(&self) -> Result<()> {
@@ -583,6 +561,40 @@ impl BlockDriver for FileDriver {
             }
             let host = self.host.clone();
             blocking(move || host.file.sync_data()).await
+        })
+    }
+
+    /// Resizes the file (see [`FileDriver`]'s section on resizing).
+    /// [`Error::ReadOnly`] on a read-only file, [`Error::Unsupported`] on a
+    /// block device, [`Error::Io`] when the host refuses.
+    fn truncate<'a>(
+        &'a self,
+        _node: RequestRef<'a>,
+        size: u64,
+        _permit: ResizePermit<'a>,
+    ) -> IoFuture<'a, ()> {
+        Box::pin(async move {
+            self.check_writable()?;
+            if self.host.block_device {
+                return Err(Error::Unsupported {
+                    driver: "host_device",
+                    operation: "resizing a block device",
+                });
+            }
+            let host = self.host.clone();
+            // Serialised against read-modify-writes of the blocks from the
+            // smaller end on (direct files only), so none of them puts old
+            // bytes back past a shrink or reads half a resize.
+            let from = size.min(self.host.size.load(Ordering::SeqCst));
+            let from = from - from % self.host.align;
+            let guard = self.lock_blocks(from, u64::MAX, true).await;
+            blocking(move || {
+                let _guard = guard;
+                host.file.set_len(size)?;
+                host.size.store(size, Ordering::SeqCst);
+                Ok(())
+            })
+            .await
         })
     }
 

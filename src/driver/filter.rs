@@ -3,7 +3,7 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use crate::driver::forward;
-use crate::driver::{BlockDriver, BlockStatus, IoFuture};
+use crate::driver::{BlockDriver, BlockStatus, IoFuture, ResizePermit};
 use crate::graph::edge::{ChildRole, Perm, Permissions};
 use crate::proof::RequestRef;
 
@@ -112,6 +112,17 @@ impl BlockDriver for PassthroughFilter {
     fn flush<'a>(&'a self, node: RequestRef<'a>) -> IoFuture<'a, ()> {
         self.count();
         forward::to_child(node, ChildRole::Filtered, |child| child.flush())
+    }
+
+    /// Passes the resize to the filtered child, through the check that
+    /// this node's edge took the resize permission.
+    fn truncate<'a>(
+        &'a self,
+        node: RequestRef<'a>,
+        size: u64,
+        _permit: ResizePermit<'a>,
+    ) -> IoFuture<'a, ()> {
+        forward::truncate(node, ChildRole::Filtered, size)
     }
 
     fn block_status<'a>(

@@ -70,3 +70,10 @@ pub fn request_alignment(node: RequestRef<'_>, role: ChildRole) -> u32 {
     node.child(role)
         .map_or(1, |child| child.request_alignment())
 }
+
+/// Resizes the `role` child, through the check that this node's edge to it
+/// took [`Perm::RESIZE`](crate::Perm::RESIZE) (see
+/// [`NodeRef::truncate_child`](crate::NodeRef::truncate_child)).
+pub fn truncate(node: RequestRef<'_>, role: ChildRole, size: u64) -> IoFuture<'_, ()> {
+    node.truncate_child(role, size)
+}

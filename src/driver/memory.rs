@@ -3,11 +3,14 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::RwLock;
 
-use crate::driver::{BlockDriver, IoFuture};
+use crate::driver::{BlockDriver, IoFuture, ResizePermit};
 use crate::error::{Error, Result};
 use crate::proof::RequestRef;
 
 /// A device stored in memory. Reads see exactly what was written.
+///
+/// Requests past the end fail: it does not grow on writes, only when
+/// resized ([`BlockBackend::truncate`](crate::BlockBackend::truncate)).
 ///
 /// Each request copies under a short lock (never held across an `.await`),
 /// so concurrent requests from several I/O threads are safe and each one is
@@ -120,6 +123,31 @@ impl BlockDriver for MemoryDriver {
         len: u64,
     ) -> IoFuture<'a, ()> {
         Box::pin(async move { self.fill_zero(offset, len) })
+    }
+
+    /// Grows with zeroes or drops the tail. A size past the address space
+    /// is [`Error::InvalidArgument`].
+    fn truncate<'a>(
+        &'a self,
+        _node: RequestRef<'a>,
+        size: u64,
+        _permit: ResizePermit<'a>,
+    ) -> IoFuture<'a, ()> {
+        Box::pin(async move {
+            self.requests.fetch_add(1, Ordering::Relaxed);
+            let size = usize::try_from(size).map_err(|_| {
+                Error::InvalidArgument(format!("memory: {size} bytes exceed the address space"))
+            })?;
+            let mut data = self.data.write().unwrap_or_else(|e| e.into_inner());
+            let grow = size.saturating_sub(data.len());
+            if grow > 0 {
+                data.try_reserve_exact(grow).map_err(|_| {
+                    Error::InvalidArgument(format!("memory: cannot allocate {size} bytes"))
+                })?;
+            }
+            data.resize(size, 0);
+            Ok(())
+        })
     }
 
     fn discard<'a>(&'a self, _node: RequestRef<'a>, offset: u64, len: u64) -> IoFuture<'a, ()> {

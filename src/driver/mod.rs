@@ -42,6 +42,34 @@ pub use throttle::{ThrottleConfig, ThrottleDriver, ThrottleGroup, ThrottleLimit}
 /// multi-thread runtimes too.
 pub type IoFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T>> + Send + 'a>>;
 
+/// Shows that the resize permission was checked for the resize a
+/// [`BlockDriver::truncate`] call carries out.
+///
+/// Only the crate makes one, in the two operations that check the
+/// permission first: [`BlockBackend::truncate`](crate::BlockBackend::truncate)
+/// (the backend took [`Perm::RESIZE`]) and
+/// [`NodeRef::truncate_child`](crate::NodeRef::truncate_child) (the edge to
+/// the child took it). So code that holds an [`RequestRef`] cannot call
+/// `node.driver().truncate(..)` itself and skip the check: it has no permit
+/// to pass. Zero-sized, neither `Clone` nor `Copy`, and tied to the request's
+/// lifetime.
+///
+/// A driver that resizes a child asks for it with `truncate_child`, which
+/// checks its own edge and makes the child's permit.
+#[derive(Debug)]
+pub struct ResizePermit<'a> {
+    _request: std::marker::PhantomData<&'a ()>,
+}
+
+impl ResizePermit<'_> {
+    /// Made only after the caller checked [`Perm::RESIZE`] for the call.
+    pub(crate) fn checked() -> Self {
+        ResizePermit {
+            _request: std::marker::PhantomData,
+        }
+    }
+}
+
 /// What [`BlockDriver::block_status`] found at an offset.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[non_exhaustive]
@@ -198,6 +226,33 @@ pub trait BlockDriver: Any + Send + Sync {
         Box::pin(async { Ok(()) })
     }
 
+    /// Resizes the node to `size` bytes (QEMU's `bdrv_co_truncate`). A
+    /// grown area reads as zeroes.
+    ///
+    /// Only the crate calls it, through the two operations that check the
+    /// resize permission and hand over the [`ResizePermit`]:
+    /// [`BlockBackend::truncate`](crate::BlockBackend::truncate) and, for a
+    /// parent resizing its child,
+    /// [`NodeRef::truncate_child`](crate::NodeRef::truncate_child). They
+    /// tell the graph the length changed afterwards, so the driver need
+    /// not. A filter forwards it with
+    /// `node.truncate_child(ChildRole::Filtered, size)`
+    /// ([`forward::truncate`]).
+    ///
+    /// The default refuses with [`Error::Unsupported`].
+    fn truncate<'a>(
+        &'a self,
+        node: RequestRef<'a>,
+        size: u64,
+        permit: ResizePermit<'a>,
+    ) -> IoFuture<'a, ()> {
+        let _ = (node, size, permit);
+        Box::pin(std::future::ready(Err(Error::Unsupported {
+            driver: self.format_name(),
+            operation: "resizing",
+        })))
+    }
+
     /// What is stored at `offset` and for how many bytes (at most `len`)
     /// the answer holds (default: data, for the whole range).
     fn block_status<'a>(
@@ -212,7 +267,7 @@ pub trait BlockDriver: Any + Send + Sync {
 }
 
 /// The `role` child of `node`, or [`Error::NoSuchChild`], under the proof
-/// `node` carries (an [`IoRef`](crate::IoRef) or a [`RequestRef`]).
+/// `node` carries (an [`RequestRef`](crate::RequestRef) or a [`RequestRef`]).
 pub fn require_child<P: IoProof>(node: NodeRef<'_, P>, role: ChildRole) -> Result<NodeRef<'_, P>> {
     node.child(role).ok_or_else(|| Error::NoSuchChild {
         node: node.name().to_owned(),

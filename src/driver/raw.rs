@@ -4,9 +4,9 @@
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use crate::driver::forward;
-use crate::driver::{require_child, BlockDriver, BlockStatus, IoFuture};
+use crate::driver::{require_child, BlockDriver, BlockStatus, IoFuture, ResizePermit};
 use crate::error::{Error, Result};
-use crate::graph::edge::ChildRole;
+use crate::graph::edge::{ChildRole, Perm, Permissions};
 use crate::proof::{GsRef, RequestRef};
 
 /// Passes requests to its [`ChildRole::File`] child, shifted by `offset`
@@ -226,6 +226,27 @@ impl BlockDriver for RawDriver {
         Ok(())
     }
 
+    /// Without a window, what its users take and share (QEMU's raw is a
+    /// filter then). With one, nobody may resize the file either (the
+    /// window was checked against its length; QEMU's raw with
+    /// `offset`/`size` does the same), and a fixed `size` needs no resize
+    /// permission of its own since [`truncate`](BlockDriver::truncate)
+    /// refuses.
+    fn child_permissions(&self, role: ChildRole, users: Permissions) -> Permissions {
+        if role != ChildRole::File || self.whole_child() {
+            return users;
+        }
+        let take = if self.size.is_some() {
+            users.take & !Perm::RESIZE
+        } else {
+            users.take
+        };
+        Permissions {
+            take,
+            share: users.share & !Perm::RESIZE,
+        }
+    }
+
     fn drained_begin(&self, _node: GsRef<'_>) {
         // The child may be replaced or resized while drained: check again.
         self.checked.store(false, Ordering::Release);
@@ -281,6 +302,30 @@ impl BlockDriver for RawDriver {
 
     fn flush<'a>(&'a self, node: RequestRef<'a>) -> IoFuture<'a, ()> {
         forward::flush(node, ChildRole::File)
+    }
+
+    /// Without a `size`, resizes the file to `offset + size` through the
+    /// checked edge (QEMU's `raw_co_truncate`); with one, the window is
+    /// fixed and the resize is refused.
+    fn truncate<'a>(
+        &'a self,
+        node: RequestRef<'a>,
+        size: u64,
+        _permit: ResizePermit<'a>,
+    ) -> IoFuture<'a, ()> {
+        if self.size.is_some() {
+            return Box::pin(std::future::ready(Err(Error::Unsupported {
+                driver: "raw",
+                operation: "resizing a node whose window has a fixed size",
+            })));
+        }
+        match size.checked_add(self.offset) {
+            Some(end) => forward::truncate(node, ChildRole::File, end),
+            None => Box::pin(std::future::ready(Err(Error::InvalidArgument(format!(
+                "raw: size {size} past window offset {} overflows",
+                self.offset
+            ))))),
+        }
     }
 
     fn block_status<'a>(

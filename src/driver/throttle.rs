@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::Notify;
 
 use crate::driver::forward;
-use crate::driver::{require_child, BlockDriver, BlockStatus, IoFuture};
+use crate::driver::{require_child, BlockDriver, BlockStatus, IoFuture, ResizePermit};
 use crate::error::{Error, Result};
 use crate::graph::edge::ChildRole;
 use crate::proof::{GsRef, RequestRef};
@@ -596,6 +596,18 @@ impl BlockDriver for ThrottleDriver {
 
     fn flush<'a>(&'a self, node: RequestRef<'a>) -> IoFuture<'a, ()> {
         forward::flush(node, ChildRole::Filtered)
+    }
+
+    /// Passes the resize to the filtered child, through the check that
+    /// this node's edge took the resize permission. Not throttled (it moves no
+    /// data).
+    fn truncate<'a>(
+        &'a self,
+        node: RequestRef<'a>,
+        size: u64,
+        _permit: ResizePermit<'a>,
+    ) -> IoFuture<'a, ()> {
+        forward::truncate(node, ChildRole::Filtered, size)
     }
 
     fn block_status<'a>(

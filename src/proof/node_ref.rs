@@ -686,3 +686,68 @@ pub enum ParentRef<'a, P: Proof> {
         name: &'a str,
     },
 }
+
+/// Resizing (QEMU's `bdrv_co_truncate`): the one path to
+/// [`BlockDriver::truncate`], always behind a check of
+/// [`Perm::RESIZE`](crate::Perm::RESIZE).
+///
+/// There is no `NodeRef::truncate`: a node is resized either by a backend
+/// that took the permission
+/// ([`BlockBackend::truncate`](crate::BlockBackend::truncate)) or by a parent
+/// whose edge to it took the permission ([`NodeRef::truncate_child`]), the
+/// way QEMU's `bdrv_co_truncate(BdrvChild *, …)` needs
+/// `child->perm & BLK_PERM_RESIZE`. Both hand the driver a
+/// [`ResizePermit`](crate::ResizePermit), which nothing else can make.
+impl<'a> RequestRef<'a> {
+    /// Resizes this node's `role` child to `size` bytes: for a driver whose
+    /// callback resizes its child (`raw` passing a resize down, a filter,
+    /// a format growing its file). Only a driver has a `RequestRef`, so only
+    /// the parent itself can use its edge's permission.
+    ///
+    /// The edge from this node to the child must have taken
+    /// [`Perm::RESIZE`](crate::Perm::RESIZE) (this node's driver decides in
+    /// [`BlockDriver::child_permissions`], from what its own users take). On
+    /// return, successful or not, backends forget the lengths they cached.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::NoSuchChild`](crate::Error::NoSuchChild) without a `role`
+    /// child, [`Error::PermissionDenied`](crate::Error::PermissionDenied)
+    /// (nothing changed) when the edge did not take the permission, and
+    /// whatever the child's driver reports.
+    pub fn truncate_child(&self, role: ChildRole, size: u64) -> IoFuture<'a, ()> {
+        let edges = self.node.children.get(self.access);
+        let Some(edge) = edges.iter().find(|e| e.role == role) else {
+            return Box::pin(std::future::ready(Err(crate::Error::NoSuchChild {
+                node: self.name().to_owned(),
+                role,
+            })));
+        };
+        if !edge.perms.take.contains(crate::Perm::RESIZE) {
+            return Box::pin(std::future::ready(Err(crate::Error::PermissionDenied {
+                user: format!("node '{}' ({role} edge)", self.name()),
+                perm: crate::Perm::RESIZE,
+                node: edge.child.name.clone(),
+                operation: "resize",
+            })));
+        }
+        self.derive(&edge.child).resize_checked(size)
+    }
+
+    /// Resizes this node; the caller has checked that whoever asked took
+    /// [`Perm::RESIZE`](crate::Perm::RESIZE) on it.
+    pub(crate) fn resize_checked(&self, size: u64) -> IoFuture<'a, ()> {
+        let node = *self;
+        let request = <InRequest as sealed::Dispatch>::dispatch(self.target(), move |d, n| {
+            d.truncate(n, size, crate::ResizePermit::checked())
+        });
+        Box::pin(async move {
+            let result = request.await;
+            // Also after a failure: a resize may stop half way (a format
+            // that grew its file, then failed), and a length read again is
+            // never wrong.
+            node.notify_length_changed();
+            result
+        })
+    }
+}

@@ -29,6 +29,9 @@ pub(crate) const MAX_BACKING_FORMAT: u32 = 32;
 const MAX_SNAPSHOTS: u32 = 65536;
 
 // Byte offsets of the fields we rewrite.
+pub(crate) const OFF_SIZE: usize = 24;
+pub(crate) const OFF_L1_SIZE: usize = 36;
+pub(crate) const OFF_L1_TABLE: usize = 40;
 pub(crate) const OFF_REFCOUNT_TABLE: usize = 48;
 pub(crate) const OFF_INCOMPATIBLE: usize = 72;
 pub(crate) const OFF_AUTOCLEAR: usize = 88;

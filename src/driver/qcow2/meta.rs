@@ -29,15 +29,15 @@ use crate::proof::RequestRef;
 
 use super::cache::{RawBlock, Table, TableCache};
 use super::entry::{decode_l1, decode_rt, rc_get, rc_max, rc_set, COPIED};
-use super::header::{invalid, OFF_REFCOUNT_TABLE};
+use super::header::{invalid, OFF_L1_SIZE, OFF_L1_TABLE, OFF_REFCOUNT_TABLE, OFF_SIZE};
 
-/// Image geometry, fixed at open.
+/// Image geometry, fixed at open (the virtual size, which a resize
+/// changes, lives in the driver).
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Geo {
     pub cluster_bits: u32,
     pub cs: u64,
     pub l2_entries: u64,
-    pub size: u64,
     pub version: u32,
     pub refcount_order: u32,
     /// Refcount entries per refcount block.
@@ -588,6 +588,68 @@ impl Meta {
         // The old table is no longer referenced on disk.
         self.decref(file, old_off / cs, old_clusters).await?;
         Ok(())
+    }
+
+    // ---- resizing --------------------------------------------------------
+
+    /// Replaces the L1 table by one of `entries` entries (more than now) in
+    /// fresh clusters, as QEMU's `qcow2_grow_l1_table` does.
+    ///
+    /// Order (each step durable before the next, so a crash leaves either
+    /// the old table or the new one, and at worst leaked clusters):
+    /// 1. every cached change is written back and flushed, so the old table
+    ///    on disk says what the one in memory says;
+    /// 2. clusters for the new table are allocated (refcount 1; the
+    ///    refcount table grows first if it must), their refcounts written,
+    ///    the new table written (old entries, then zeroes) and flushed;
+    /// 3. the header's L1 size and offset (adjacent fields, one write of 12
+    ///    bytes inside the first sector) switch to it, flushed;
+    /// 4. the old table's clusters lose their reference.
+    ///
+    /// The header's virtual size is not changed here: an L1 table larger
+    /// than the size needs is valid.
+    pub(crate) async fn grow_l1(&mut self, file: RequestRef<'_>, entries: u64) -> Result<()> {
+        let cs = self.geo.cs;
+        let old_len = self.l1.len() as u64;
+        debug_assert!(entries > old_len);
+        let entries_u32 = u32::try_from(entries)
+            .map_err(|_| invalid(format!("an L1 table of {entries} entries")))?;
+        self.write_back(file).await?;
+        file.flush().await?;
+
+        let clusters = (entries * 8).div_ceil(cs);
+        let new_off = self.alloc(file, clusters).await?;
+        self.write_refblocks(file).await?;
+        let mut table = self.l1.clone();
+        table.resize((clusters * cs / 8) as usize, 0);
+        file.write(new_off, &table.bytes(0, (clusters * cs) as usize))
+            .await?;
+        file.flush().await?;
+
+        self.hdr[OFF_L1_SIZE..OFF_L1_SIZE + 4].copy_from_slice(&entries_u32.to_be_bytes());
+        self.hdr[OFF_L1_TABLE..OFF_L1_TABLE + 8].copy_from_slice(&new_off.to_be_bytes());
+        self.write_header(file, OFF_L1_SIZE, OFF_L1_TABLE + 8)
+            .await?;
+        file.flush().await?;
+
+        let old_off = self.l1_offset;
+        let old_clusters = (old_len * 8).div_ceil(cs);
+        table.truncate(entries as usize);
+        self.l1 = table;
+        self.l1_offset = new_off;
+        self.l1_dirty = None;
+        if old_clusters > 0 {
+            // Nothing reads the old table again: the one in memory is the
+            // new one, and on disk the header no longer points to it.
+            self.decref(file, old_off / cs, old_clusters).await?;
+        }
+        Ok(())
+    }
+
+    /// Writes the virtual size into the header (not flushed).
+    pub(crate) async fn write_size(&mut self, file: RequestRef<'_>, size: u64) -> Result<()> {
+        self.hdr[OFF_SIZE..OFF_SIZE + 8].copy_from_slice(&size.to_be_bytes());
+        self.write_header(file, OFF_SIZE, OFF_SIZE + 8).await
     }
 
     // ---- write-back ------------------------------------------------------

@@ -53,6 +53,16 @@
 //! read them has finished. No thread ever blocks waiting for another
 //! request.
 //!
+//! # Resizing
+//!
+//! Through [`BlockBackend::truncate`](crate::BlockBackend::truncate) on a
+//! backend that took [`Perm::RESIZE`] (QEMU's `block_resize`). Growing
+//! moves the L1 table to larger fresh clusters when the new size needs
+//! more entries, and makes the new area read as zeroes even over a longer
+//! backing file; shrinking is allowed only over nothing the image stores
+//! (discard first); images with internal snapshots refuse. The image stays
+//! consistent at every instant (details in `resize.rs`).
+//!
 //! # Durability
 //!
 //! Metadata is cached and written back on [`flush`](BlockDriver::flush)
@@ -70,13 +80,15 @@ mod create;
 mod entry;
 mod header;
 mod meta;
+mod resize;
 
 use std::collections::HashSet;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex as StdMutex;
 
 use tokio::sync::{Mutex, Notify, RwLock};
 
-use crate::driver::{require_child, BlockDriver, BlockStatus, IoFuture};
+use crate::driver::{require_child, BlockDriver, BlockStatus, IoFuture, ResizePermit};
 use crate::error::{Error, Result};
 use crate::graph::edge::{ChildRole, Perm, Permissions};
 use crate::proof::{GsRef, IoRef, RequestRef};
@@ -198,6 +210,10 @@ impl Src<'_> {
 /// it.
 pub struct Qcow2Driver {
     geo: Geo,
+    /// The virtual size in bytes. Changed only by a resize, which holds
+    /// `io_lock` exclusively; requests check against it after taking
+    /// `io_lock` shared, so none sees it change half way.
+    size: AtomicU64,
     read_only: bool,
     nb_snapshots: u32,
     backing_file: Option<String>,
@@ -222,7 +238,7 @@ impl std::fmt::Debug for Qcow2Driver {
         f.debug_struct("Qcow2Driver")
             .field("version", &self.geo.version)
             .field("cluster_size", &self.geo.cs)
-            .field("size", &self.geo.size)
+            .field("size", &self.size())
             .field("backing_file", &self.backing_file)
             .field("read_only", &self.read_only)
             .finish_non_exhaustive()
@@ -350,7 +366,6 @@ impl Qcow2Driver {
             cluster_bits: h.cluster_bits,
             cs,
             l2_entries: header::l2_entries(h.cluster_bits),
-            size: h.size,
             version: h.version,
             refcount_order: h.refcount_order,
             rb_entries: (cs * 8) >> h.refcount_order,
@@ -428,6 +443,7 @@ impl Qcow2Driver {
 
         Ok(Qcow2Driver {
             geo,
+            size: AtomicU64::new(h.size),
             read_only,
             nb_snapshots: h.nb_snapshots,
             backing_file: h.backing_file,
@@ -454,7 +470,11 @@ impl Qcow2Driver {
 
     /// The guest-visible size in bytes.
     pub fn virtual_size(&self) -> u64 {
-        self.geo.size
+        self.size()
+    }
+
+    fn size(&self) -> u64 {
+        self.size.load(Ordering::Acquire)
     }
 
     /// The cluster size in bytes.
@@ -489,7 +509,7 @@ impl Qcow2Driver {
     /// shrink by at least a sector is stored uncompressed. `node` is this
     /// driver's node.
     ///
-    /// One request entering the graph at `node` (see [`IoRef`]).
+    /// One request entering the graph at `node` (see [`RequestRef`]).
     pub async fn write_compressed(&self, node: IoRef<'_>, offset: u64, buf: &[u8]) -> Result<()> {
         self.own_node(node)?;
         let (_request, node) = node.admit()?;
@@ -497,7 +517,7 @@ impl Qcow2Driver {
         let len = buf.len() as u64;
         self.check_request(offset, len)?;
         let g = self.geo;
-        if offset % g.cs != 0 || (len != g.cs && offset + len != g.size) || len > g.cs {
+        if offset % g.cs != 0 || (len != g.cs && offset + len != self.size()) || len > g.cs {
             return Err(Error::InvalidArgument(format!(
                 "compressed writes cover one whole {}-byte cluster (got {len} bytes at {offset})",
                 g.cs
@@ -510,6 +530,8 @@ impl Qcow2Driver {
         };
         let file = require_child(node, ChildRole::File)?;
         let _io = self.io_lock.read().await;
+        // Again under the lock: a resize may have run meanwhile.
+        self.check_request(offset, len)?;
         let gc = offset >> g.cluster_bits;
         loop {
             let m = self.meta.lock().await;
@@ -573,7 +595,7 @@ impl Qcow2Driver {
     /// A writable image is flushed first, so that what is checked is what
     /// is on disk. Requests wait while the check runs.
     ///
-    /// One request entering the graph at `node` (see [`IoRef`]).
+    /// One request entering the graph at `node` (see [`RequestRef`]).
     pub async fn check(&self, node: IoRef<'_>, repair: bool) -> Result<CheckReport> {
         self.own_node(node)?;
         let (_request, node) = node.admit()?;
@@ -610,11 +632,11 @@ impl Qcow2Driver {
 
     fn check_request(&self, offset: u64, len: u64) -> Result<()> {
         match offset.checked_add(len) {
-            Some(end) if end <= self.geo.size => Ok(()),
+            Some(end) if end <= self.size() => Ok(()),
             _ => Err(Error::OutOfRange {
                 offset,
                 len,
-                size: self.geo.size,
+                size: self.size(),
             }),
         }
     }
@@ -749,10 +771,11 @@ impl Qcow2Driver {
     }
 
     async fn do_read(&self, node: RequestRef<'_>, offset: u64, buf: &mut [u8]) -> Result<()> {
-        self.check_request(offset, buf.len() as u64)?;
         let file = require_child(node, ChildRole::File)?;
         let backing = node.child(ChildRole::Backing);
         let _io = self.io_lock.read().await;
+        // Under the lock, so no resize runs between the check and the read.
+        self.check_request(offset, buf.len() as u64)?;
         let mut done = 0usize;
         while done < buf.len() {
             let pos = offset + done as u64;
@@ -1054,17 +1077,30 @@ impl Qcow2Driver {
         discard: bool,
     ) -> Result<()> {
         self.check_writable(node)?;
+        let _io = self.io_lock.read().await;
         self.check_request(offset, len)?;
+        self.zero_or_discard_locked(node, offset, len, discard)
+            .await
+    }
+
+    /// [`Self::zero_or_discard`] for a caller that holds `io_lock` (shared
+    /// or exclusive) and checked the request.
+    async fn zero_or_discard_locked(
+        &self,
+        node: RequestRef<'_>,
+        offset: u64,
+        len: u64,
+        discard: bool,
+    ) -> Result<()> {
         let file = require_child(node, ChildRole::File)?;
         let has_backing = node.child(ChildRole::Backing).is_some();
         let g = self.geo;
-        let _io = self.io_lock.read().await;
         let end = offset + len;
         let mut pos = offset;
         while pos < end {
             let gc = pos >> g.cluster_bits;
             let c_start = gc * g.cs;
-            let c_end = (c_start + g.cs).min(g.size);
+            let c_end = (c_start + g.cs).min(self.size());
             let piece_end = end.min(c_start + g.cs);
             let whole = pos == c_start && piece_end >= c_end;
             if !whole {
@@ -1163,7 +1199,9 @@ impl BlockDriver for Qcow2Driver {
     fn describe(&self) -> String {
         let mut s = format!(
             "qcow2 v{}, {} bytes, {}-byte clusters",
-            self.geo.version, self.geo.size, self.geo.cs
+            self.geo.version,
+            self.size(),
+            self.geo.cs
         );
         if let Some(b) = &self.backing_file {
             s.push_str(&format!(", backing '{b}'"));
@@ -1202,12 +1240,20 @@ impl BlockDriver for Qcow2Driver {
         Ok(())
     }
 
+    /// On the file: a consistent read always; write *and* resize when the
+    /// image is writable and its users write or resize (allocating
+    /// clusters writes past the end of the file, which grows it, and a
+    /// resize writes metadata: QEMU's `bdrv_default_perms_for_storage`
+    /// takes both for the same reasons). Nobody else may write or resize
+    /// the file under the image.
     fn child_permissions(&self, role: ChildRole, users: Permissions) -> Permissions {
         match role {
             ChildRole::File => {
                 let mut take = Perm::CONSISTENT_READ;
-                if !self.read_only && users.take.contains(Perm::WRITE) {
-                    take = take | Perm::WRITE;
+                if !self.read_only
+                    && (users.take.contains(Perm::WRITE) || users.take.contains(Perm::RESIZE))
+                {
+                    take = take | Perm::WRITE | Perm::RESIZE;
                 }
                 Permissions {
                     take,
@@ -1234,7 +1280,7 @@ impl BlockDriver for Qcow2Driver {
     }
 
     fn length<'a>(&'a self, _node: RequestRef<'a>) -> IoFuture<'a, u64> {
-        Box::pin(async move { Ok(self.geo.size) })
+        Box::pin(async move { Ok(self.size()) })
     }
 
     fn read<'a>(
@@ -1249,8 +1295,8 @@ impl BlockDriver for Qcow2Driver {
     fn write<'a>(&'a self, node: RequestRef<'a>, offset: u64, buf: &'a [u8]) -> IoFuture<'a, ()> {
         Box::pin(async move {
             self.check_writable(node)?;
-            self.check_request(offset, buf.len() as u64)?;
             let _io = self.io_lock.read().await;
+            self.check_request(offset, buf.len() as u64)?;
             self.write_range(node, offset, buf.len() as u64, Src::Buf(buf))
                 .await
         })
@@ -1268,6 +1314,18 @@ impl BlockDriver for Qcow2Driver {
         Box::pin(self.do_flush(node))
     }
 
+    /// Grows (a larger L1 table when needed; the new area reads as zeroes)
+    /// or shrinks (only over nothing stored); see `resize.rs` for the
+    /// algorithm and what is refused.
+    fn truncate<'a>(
+        &'a self,
+        node: RequestRef<'a>,
+        size: u64,
+        _permit: ResizePermit<'a>,
+    ) -> IoFuture<'a, ()> {
+        Box::pin(self.do_truncate(node, size))
+    }
+
     fn block_status<'a>(
         &'a self,
         node: RequestRef<'a>,
@@ -1275,9 +1333,9 @@ impl BlockDriver for Qcow2Driver {
         len: u64,
     ) -> IoFuture<'a, (BlockStatus, u64)> {
         Box::pin(async move {
-            self.check_request(offset, len)?;
             let file = require_child(node, ChildRole::File)?;
             let _io = self.io_lock.read().await;
+            self.check_request(offset, len)?;
             let mut m = self.meta.lock().await;
             let (map, n) = self.lookup(&mut m, file, offset, len).await?;
             Ok((
