@@ -811,3 +811,51 @@ fn a_drain_ended_from_inside_a_permission_callback_sees_a_consistent_graph() {
     assert_eq!(walked.load(Ordering::SeqCst), 3);
     main.shutdown();
 }
+
+// ---------------------------------------------------------------------------
+// Rule 21: a drain inside a write section fails fast
+// ---------------------------------------------------------------------------
+
+thread_local! {
+    /// A main-loop task's handle, smuggled out of its task by the test.
+    static SMUGGLED: RefCell<Option<blockgraph::MainCx>> = const { RefCell::new(None) };
+}
+
+#[test]
+fn a_drain_started_inside_a_write_section_panics_with_the_rule() {
+    let _wd = watchdog("drain_inside_write", BUDGET);
+    let main = MainLoop::new().unwrap();
+    let disk = main
+        .run(|bql| bql.write(|w| w.add_node("disk", MemoryDriver::new(4096), &[])))
+        .unwrap();
+    // The types stop `bql.drain` inside `bql.write` (both need `&mut Bql`);
+    // only a `MainCx` smuggled through a thread-local gets there.
+    join(
+        main.spawn(|cx| async move {
+            SMUGGLED.with(|s| *s.borrow_mut() = Some(cx));
+        }),
+        "smuggling a MainCx",
+    );
+    let d = disk.clone();
+    let msg = panics(|| {
+        main.run(move |bql| {
+            bql.write(|_w| {
+                let cx = SMUGGLED.with(|s| s.borrow_mut().take()).unwrap();
+                let drained = futures::executor::block_on(cx.drain(&d));
+                drop(drained);
+            })
+        })
+    });
+    assert!(
+        msg.contains("rule 21") && msg.contains("inside a write section"),
+        "{msg}"
+    );
+    // Nothing was left behind: no section, and the graph changes normally.
+    let d = disk.clone();
+    main.run(move |bql| {
+        assert_eq!(d.gs(bql).drain_count(), 0);
+        let drained = bql.drain(&d);
+        bql.write(|w| w.remove_node(&drained)).unwrap();
+    });
+    main.shutdown();
+}

@@ -9,7 +9,7 @@ mod mutation;
 pub(crate) mod node;
 pub(crate) mod permission;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 use std::marker::PhantomData;
 use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
@@ -27,6 +27,9 @@ pub(crate) struct GraphInner {
     pub(crate) lock: GraphLock,
     pub(crate) nodes: GraphCell<Vec<Arc<NodeInner>>>,
     pub(crate) backends: GraphCell<Vec<Arc<BackendInner>>>,
+    /// Every node and backend name in the graph (they share one namespace),
+    /// so a mutation checks a name without walking the graph.
+    pub(crate) names: GraphCell<HashSet<String>>,
     pub(crate) main: MainCell<MainState>,
     pub(crate) mutations: AtomicU64,
     /// Bumped whenever a node's length may have changed: by every committed
@@ -61,6 +64,7 @@ impl GraphInner {
             lock: GraphLock::default(),
             nodes: GraphCell::new(Vec::new()),
             backends: GraphCell::new(Vec::new()),
+            names: GraphCell::new(HashSet::new()),
             main: MainCell::new(main_thread, MainState::default()),
             mutations: AtomicU64::new(0),
             size_epoch: Arc::new(AtomicU64::new(0)),

@@ -114,9 +114,7 @@ impl<'t, 'w> Transaction<'t, 'w> {
     }
 
     fn name_taken(&self, name: &str) -> bool {
-        let r = self.w.read();
-        self.graph.nodes.get(r).iter().any(|n| n.name == name)
-            || self.graph.backends.get(r).iter().any(|b| b.name == name)
+        self.graph.names.get(self.w.read()).contains(name)
     }
 
     fn add_node(&mut self, node: Arc<NodeInner>) -> Result<()> {
@@ -125,6 +123,7 @@ impl<'t, 'w> Transaction<'t, 'w> {
             return Err(Error::DuplicateName(node.name.clone()));
         }
         self.graph.nodes.get_mut(self.w).push(node.clone());
+        self.graph.names.get_mut(self.w).insert(node.name.clone());
         self.lists.push(ListChange::NodeAdded(node.clone()));
         self.added.push(node);
         Ok(())
@@ -264,11 +263,14 @@ impl<'t, 'w> Transaction<'t, 'w> {
             let child = self.remove_edge(node, role)?;
             self.garbage.push(Garbage::Node(child));
         }
+        // Searched from the end: filters and overlays, the nodes removed
+        // most often, are usually among the newest.
         let list = self.graph.nodes.get_mut(self.w);
-        if let Some(i) = list.iter().position(|n| Arc::ptr_eq(n, node)) {
+        if let Some(i) = list.iter().rposition(|n| Arc::ptr_eq(n, node)) {
             let gone = list.remove(i);
             self.lists.push(ListChange::NodeRemoved(i, gone));
         }
+        self.graph.names.get_mut(self.w).remove(&node.name);
         self.removed.push(node.clone());
         Ok(())
     }
@@ -282,6 +284,10 @@ impl<'t, 'w> Transaction<'t, 'w> {
             .get_mut(self.w)
             .push(ParentLink::Backend(backend.clone()));
         self.graph.backends.get_mut(self.w).push(backend.clone());
+        self.graph
+            .names
+            .get_mut(self.w)
+            .insert(backend.name.clone());
         self.lists.push(ListChange::BackendAdded(backend.clone()));
         self.added_backends.push(backend.clone());
         self.new_edges.push(NewEdge::Backend {
@@ -307,10 +313,11 @@ impl<'t, 'w> Transaction<'t, 'w> {
         }
         self.garbage.push(Garbage::Root(root));
         let list = self.graph.backends.get_mut(self.w);
-        if let Some(i) = list.iter().position(|b| Arc::ptr_eq(b, backend)) {
+        if let Some(i) = list.iter().rposition(|b| Arc::ptr_eq(b, backend)) {
             let gone = list.remove(i);
             self.lists.push(ListChange::BackendRemoved(i, gone));
         }
+        self.graph.names.get_mut(self.w).remove(&backend.name);
         self.removed_backends.push(backend.clone());
     }
 
@@ -319,6 +326,7 @@ impl<'t, 'w> Transaction<'t, 'w> {
         for change in std::mem::take(&mut self.lists).into_iter().rev() {
             match change {
                 ListChange::NodeAdded(node) => {
+                    self.graph.names.get_mut(self.w).remove(&node.name);
                     let list = self.graph.nodes.get_mut(self.w);
                     if let Some(i) = list.iter().rposition(|n| Arc::ptr_eq(n, &node)) {
                         let gone = list.remove(i);
@@ -327,9 +335,11 @@ impl<'t, 'w> Transaction<'t, 'w> {
                     self.garbage.push(Garbage::Node(node));
                 }
                 ListChange::NodeRemoved(i, node) => {
-                    self.graph.nodes.get_mut(self.w).insert(i, node)
+                    self.graph.names.get_mut(self.w).insert(node.name.clone());
+                    self.graph.nodes.get_mut(self.w).insert(i, node);
                 }
                 ListChange::BackendAdded(backend) => {
+                    self.graph.names.get_mut(self.w).remove(&backend.name);
                     let list = self.graph.backends.get_mut(self.w);
                     if let Some(i) = list.iter().rposition(|b| Arc::ptr_eq(b, &backend)) {
                         let gone = list.remove(i);
@@ -338,7 +348,11 @@ impl<'t, 'w> Transaction<'t, 'w> {
                     self.garbage.push(Garbage::Backend(backend));
                 }
                 ListChange::BackendRemoved(i, backend) => {
-                    self.graph.backends.get_mut(self.w).insert(i, backend)
+                    self.graph
+                        .names
+                        .get_mut(self.w)
+                        .insert(backend.name.clone());
+                    self.graph.backends.get_mut(self.w).insert(i, backend);
                 }
             }
         }
@@ -365,25 +379,38 @@ impl<'t, 'w> Transaction<'t, 'w> {
         seeds.extend(self.added.iter().cloned());
         let order = permission::affected_in_order(&seeds, self.w.read())?;
 
+        // Only nodes whose users changed need their edges recomputed: the
+        // seeds, then the children of every edge whose permissions changed.
+        let mut dirty: HashSet<*const NodeInner> = seeds.iter().map(Arc::as_ptr).collect();
         for node in &order {
+            if !dirty.contains(&Arc::as_ptr(node)) {
+                continue;
+            }
             // Compute with a read token (the driver's callback runs here)...
             let wanted = permission::wanted_child_permissions(node, self.w.read());
-            let changed = node
+            let changed: Vec<bool> = node
                 .children
                 .get(self.w.read())
                 .iter()
                 .zip(&wanted)
-                .any(|(e, p)| e.perms != *p);
-            if changed {
+                .map(|(e, p)| e.perms != *p)
+                .collect();
+            if changed.iter().any(|&c| c) {
                 // ...then write, with no user code running.
                 self.touch(node);
-                for (edge, perms) in node.children.get_mut(self.w).iter_mut().zip(wanted) {
+                let edges = node.children.get_mut(self.w);
+                for ((edge, perms), changed) in edges.iter_mut().zip(wanted).zip(&changed) {
                     edge.perms = perms;
+                    if *changed {
+                        dirty.insert(Arc::as_ptr(&edge.child));
+                    }
                 }
             }
         }
         for node in &order {
-            permission::check_conflicts(node, self.w.read())?;
+            if dirty.contains(&Arc::as_ptr(node)) {
+                permission::check_conflicts(node, self.w.read())?;
+            }
         }
 
         let added = self.added.clone();

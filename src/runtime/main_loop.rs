@@ -354,6 +354,7 @@ fn teardown(bql: &mut Bql) {
 /// references dropped only once no `&mut` into the graph is alive.
 fn clear_graph(graph: &GraphInner, w: &mut WriteAccess<'_>) {
     let backends = std::mem::take(graph.backends.get_mut(w));
+    graph.names.get_mut(w).clear();
     let mut roots = Vec::new();
     for b in &backends {
         b.in_graph.store(false, Ordering::Release);
