@@ -249,7 +249,7 @@ impl IoCx {
     #[inline]
     #[cfg_attr(any(debug_assertions, feature = "lock-diagnostics"), track_caller)]
     pub fn try_read(&mut self) -> Option<ReadGuard<'_>> {
-        self.check_task();
+        self.count_guard();
         if self.graph.lock.try_read(&self.shard) {
             Some(ReadGuard::new(
                 self,
@@ -257,6 +257,7 @@ impl IoCx {
                 Location::caller(),
             ))
         } else {
+            crate::runtime::guard_released(self.task);
             None
         }
     }
@@ -267,6 +268,16 @@ impl IoCx {
     #[inline(always)]
     fn check_task(&self) {
         if crate::runtime::current_task() != self.task {
+            outside_task();
+        }
+    }
+
+    /// [`IoCx::check_task`] and counting a guard for the task, in one look
+    /// at the thread-local: the read path's whole cost of rule 17. The
+    /// caller uncounts it if it does not get the lock.
+    #[inline(always)]
+    fn count_guard(&self) {
+        if !crate::runtime::guard_taken(self.task) {
             outside_task();
         }
     }
@@ -352,7 +363,7 @@ impl<'cx> Future for ReadFuture<'cx> {
     #[inline]
     fn poll(mut self: Pin<&mut Self>, task: &mut Context<'_>) -> Poll<ReadGuard<'cx>> {
         let cx = self.cx.take().expect("ReadFuture polled after completion");
-        cx.check_task();
+        cx.count_guard();
         match cx.graph.lock.poll_read(&cx.shard, task) {
             Poll::Ready(()) => Poll::Ready(ReadGuard::new(
                 cx,
@@ -360,6 +371,7 @@ impl<'cx> Future for ReadFuture<'cx> {
                 self.at,
             )),
             Poll::Pending => {
+                crate::runtime::guard_released(cx.task);
                 self.cx = Some(cx);
                 Poll::Pending
             }
@@ -385,15 +397,14 @@ static_assertions::assert_impl_all!(ReadGuard<'static>: Send, Sync);
 static_assertions::assert_eq_size!(ReadGuard<'static>, usize);
 
 impl<'cx> ReadGuard<'cx> {
-    /// Counts the guard for its task (and records where it was taken, in
-    /// diagnostic builds). The read lock is already held through `cx`, and
-    /// the calling thread is polling `cx`'s task.
+    /// Wraps the read lock just taken through `cx` (and counted for its
+    /// task by [`IoCx::count_guard`]); records where it was taken, in
+    /// diagnostic builds.
     #[inline(always)]
     fn new(
         cx: &'cx mut IoCx,
         #[cfg(any(debug_assertions, feature = "lock-diagnostics"))] at: &'static Location<'static>,
     ) -> Self {
-        crate::runtime::guard_taken(cx.task);
         #[cfg(any(debug_assertions, feature = "lock-diagnostics"))]
         cx.shard.note_guard_taken(cx.task, at);
         ReadGuard { cx }

@@ -15,10 +15,13 @@
 //! lock?" for code that blocks the thread inside a poll (`block_in_place`):
 //! `MainLoop::run`, `MainLoop::shutdown` and `TaskHandle::join` consult it.
 //!
-//! Cost on the read path: one load of a const-initialised thread-local and a
-//! compare when a guard is taken (plus an increment of the slot, which lives
-//! in the task's own future), and the same when it is dropped. No atomic
-//! operation, no shared cache line.
+//! Cost on the read path: one look at a const-initialised thread-local (a
+//! compare with the task's id and a plain increment of a counter in the
+//! slot, which lives in the task's own future) when a guard is taken, the
+//! same when it is dropped. No atomic operation, no shared cache line.
+//! Measured (release build, x86-64, asymmetric fence mode, one uncontended
+//! `try_read` + drop in a loop): 1.16 ns before, 1.37 ns with the check
+//! alone, 1.90 ns with the check and the count.
 //!
 //! [`IoCx`]: crate::IoCx
 
@@ -37,9 +40,20 @@ pub(crate) type TaskId = u64;
 #[derive(Debug)]
 pub(crate) struct TaskSlot {
     id: TaskId,
-    /// Read guards taken by this task and not yet dropped (inside one of its
-    /// polls; see [`guard_released`]).
-    guards: Cell<usize>,
+    /// Read guards taken by this task (wrapping). The guards it holds are
+    /// `taken - released`.
+    taken: Cell<usize>,
+    /// Read guards of this task dropped inside one of its polls (wrapping;
+    /// see [`guard_released`]). Two counters, not one: a lock/unlock pair
+    /// is then two independent increments instead of a chain of two
+    /// read-modify-writes of one word (as for the shards' `entered`/`left`).
+    released: Cell<usize>,
+}
+
+impl TaskSlot {
+    fn guards(&self) -> usize {
+        self.taken.get().wrapping_sub(self.released.get())
+    }
 }
 
 /// The task being polled on this thread.
@@ -67,7 +81,8 @@ impl TaskSlot {
         static NEXT: AtomicU64 = AtomicU64::new(1);
         TaskSlot {
             id: NEXT.fetch_add(1, Ordering::Relaxed),
-            guards: Cell::new(0),
+            taken: Cell::new(0),
+            released: Cell::new(0),
         }
     }
 
@@ -118,16 +133,18 @@ pub(crate) fn current_task_guards() -> usize {
         } else {
             // SAFETY: a non-null `slot` is borrowed by the `Entered` that
             // set it, which is still alive (see `Current::slot`).
-            unsafe { (*slot).guards.get() }
+            unsafe { (*slot).guards() }
         }
     })
 }
 
-/// Counts a guard taken by `task`, if `task` is being polled here (the
-/// callers have just checked that it is).
+/// The read path's one look at the thread-local: if the calling thread is
+/// polling `task`, counts a guard for it (the caller is about to take the
+/// lock, and calls [`guard_released`] if it does not get it) and returns
+/// `true`; otherwise changes nothing and returns `false`.
 #[inline(always)]
-pub(crate) fn guard_taken(task: TaskId) {
-    adjust(task, 1);
+pub(crate) fn guard_taken(task: TaskId) -> bool {
+    count(task, |slot| &slot.taken)
 }
 
 /// Uncounts a guard of `task` dropped while `task` is being polled here.
@@ -138,19 +155,24 @@ pub(crate) fn guard_taken(task: TaskId) {
 /// counting it, which only makes its blocking calls refuse more.
 #[inline(always)]
 pub(crate) fn guard_released(task: TaskId) {
-    adjust(task, usize::MAX);
+    count(task, |slot| &slot.released);
 }
 
+/// Increments `counter` of `task`'s slot if `task` is being polled here;
+/// whether it is.
 #[inline(always)]
-fn adjust(task: TaskId, delta: usize) {
+fn count(task: TaskId, counter: impl FnOnce(&TaskSlot) -> &Cell<usize>) -> bool {
     CURRENT.with(|c| {
-        if c.id.get() == task {
-            let slot = c.slot.get();
-            // SAFETY: `id` is non-zero (tasks never have id 0), so `slot` is
-            // set and borrowed by a live `Entered` (see `Current::slot`).
-            let guards = unsafe { &(*slot).guards };
-            guards.set(guards.get().wrapping_add(delta));
+        if c.id.get() != task {
+            return false;
         }
+        let slot = c.slot.get();
+        // SAFETY: `id` is `task`, non-zero (tasks never have id 0), so
+        // `slot` is set and borrowed by a live `Entered` (see
+        // `Current::slot`).
+        let counter = counter(unsafe { &*slot });
+        counter.set(counter.get().wrapping_add(1));
+        true
     })
 }
 
