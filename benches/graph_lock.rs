@@ -235,14 +235,18 @@ fn main_loop(symmetric: bool) -> MainLoop {
     main
 }
 
-/// A task handle of `ctx` to use from plain code (spawn_on is the public
-/// way to get one; the task just hands it back).
-fn io_cx(ctx: &IoContext) -> IoCx {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .build()
-        .expect("runtime");
-    rt.block_on(ctx.spawn_on(rt.handle(), |cx| async move { cx }))
-        .expect("task")
+/// Runs synchronous code `f` as a task of `ctx` on the calling thread: an
+/// `IoCx` works only inside its own task (rule 17), so the sync kernels run
+/// inside one. The task is polled once, directly (no executor, so `ours_op`
+/// may still block on a read future inside it); its set-up is outside the
+/// timed loops or amortised over them.
+fn in_task<R>(ctx: &IoContext, f: impl FnOnce(&mut IoCx) -> R) -> R {
+    use std::future::Future as _;
+    let task = std::pin::pin!(ctx.task(|mut cx| async move { f(&mut cx) }));
+    match task.poll(&mut std::task::Context::from_waker(std::task::Waker::noop())) {
+        std::task::Poll::Ready(r) => r,
+        std::task::Poll::Pending => unexpected("a synchronous task was pending"),
+    }
 }
 
 #[cold]
@@ -416,8 +420,8 @@ const SYNC_KERNELS: [&str; 9] = [
 
 /// One thread's view of every sync kernel.
 struct ThreadKernels {
-    asym: IoCx,
-    sym: IoCx,
+    asym: IoContext,
+    sym: IoContext,
     kernel: Kernel,
     shared: Arc<Shared>,
 }
@@ -427,17 +431,14 @@ impl ThreadKernels {
     fn run(&mut self, k: usize, n: u64) -> f64 {
         let start = Instant::now();
         match k {
-            0 => {
-                let cx = black_box(&mut self.asym);
-                for _ in 0..n {
-                    ours_pair(cx);
-                }
-            }
-            1 => {
-                let cx = black_box(&mut self.sym);
-                for _ in 0..n {
-                    ours_pair(cx);
-                }
+            0 | 1 => {
+                let ctx = if k == 0 { &self.asym } else { &self.sym };
+                in_task(ctx, |cx| {
+                    let cx = black_box(cx);
+                    for _ in 0..n {
+                        ours_pair(cx);
+                    }
+                });
             }
             2 => {
                 let k = black_box(&self.kernel);
@@ -522,8 +523,8 @@ impl Worker {
                 pin_to(cpu);
                 // Claim each context's owner word on this thread, as an I/O
                 // thread does with its own context.
-                ours_pair(&mut kernels.asym);
-                ours_pair(&mut kernels.sym);
+                in_task(&kernels.asym, ours_pair);
+                in_task(&kernels.sym, ours_pair);
                 own(&kernels.kernel);
                 while let Ok(cmd) = cmd_rx.recv() {
                     match cmd {
@@ -536,25 +537,28 @@ impl Worker {
                             let _ = reply_tx.send(Reply::NsPerOp(ns));
                         }
                         Cmd::Reader(mode, stop) => {
-                            let cx = if mode == 0 {
-                                &mut kernels.asym
+                            let ctx = if mode == 0 {
+                                &kernels.asym
                             } else {
-                                &mut kernels.sym
+                                &kernels.sym
                             };
-                            start.wait();
-                            let mut ops = 0u64;
-                            let mut waited = 0u64;
-                            let mut samples = Vec::with_capacity(1 << 16);
-                            while !stop.load(Ordering::Relaxed) {
-                                for _ in 0..63 {
+                            let reply = in_task(ctx, |cx| {
+                                start.wait();
+                                let mut ops = 0u64;
+                                let mut waited = 0u64;
+                                let mut samples = Vec::with_capacity(1 << 16);
+                                while !stop.load(Ordering::Relaxed) {
+                                    for _ in 0..63 {
+                                        waited += u64::from(ours_op(cx));
+                                    }
+                                    let t = Instant::now();
                                     waited += u64::from(ours_op(cx));
+                                    samples.push(t.elapsed().as_nanos() as f64);
+                                    ops += 64;
                                 }
-                                let t = Instant::now();
-                                waited += u64::from(ours_op(cx));
-                                samples.push(t.elapsed().as_nanos() as f64);
-                                ops += 64;
-                            }
-                            let _ = reply_tx.send(Reply::Reader(ops, samples, waited));
+                                Reply::Reader(ops, samples, waited)
+                            });
+                            let _ = reply_tx.send(reply);
                         }
                         Cmd::Quit => break,
                     }
@@ -601,8 +605,8 @@ fn run_s1_s2(cfg: &Config, main_a: &MainLoop, main_s: &MainLoop) -> SyncResults 
     let workers: Vec<Worker> = (0..2)
         .map(|cpu| {
             let kernels = ThreadKernels {
-                asym: io_cx(&main_a.new_io_context(&format!("s2-asym-{cpu}"))),
-                sym: io_cx(&main_s.new_io_context(&format!("s2-sym-{cpu}"))),
+                asym: main_a.new_io_context(&format!("s2-asym-{cpu}")),
+                sym: main_s.new_io_context(&format!("s2-sym-{cpu}")),
                 kernel: Kernel::new(&shared.flag, &shared.waiters),
                 shared: shared.clone(),
             };
@@ -773,8 +777,8 @@ fn run_s3(cfg: &Config, main_a: &MainLoop, main_s: &MainLoop) -> Vec<S3Row> {
     let workers: Vec<Worker> = (0..2)
         .map(|cpu| {
             let kernels = ThreadKernels {
-                asym: io_cx(&main_a.new_io_context(&format!("s3-asym-{cpu}"))),
-                sym: io_cx(&main_s.new_io_context(&format!("s3-sym-{cpu}"))),
+                asym: main_a.new_io_context(&format!("s3-asym-{cpu}")),
+                sym: main_s.new_io_context(&format!("s3-sym-{cpu}")),
                 kernel: Kernel::new(&shared.flag, &shared.waiters),
                 shared: shared.clone(),
             };
@@ -915,7 +919,7 @@ fn run_s4(cfg: &Config) -> Vec<S4Row> {
             thread::scope(|s| {
                 s.spawn(|| {
                     for c in &contexts {
-                        ours_pair(&mut io_cx(c));
+                        in_task(c, ours_pair);
                     }
                 });
             });
@@ -936,24 +940,26 @@ fn run_s4(cfg: &Config) -> Vec<S4Row> {
         let stop = Arc::new(AtomicBool::new(false));
         let holder = {
             let stop = stop.clone();
-            let mut cx = io_cx(&ctx);
+            let ctx = ctx.clone();
             thread::spawn(move || {
                 pin_to(1);
-                let mut held = 0u64;
-                while !stop.load(Ordering::Relaxed) {
-                    let g = futures::executor::block_on(cx.read());
-                    let t = Instant::now();
-                    while t.elapsed() < Duration::from_micros(10) {
-                        std::hint::spin_loop();
+                in_task(&ctx, |cx| {
+                    let mut held = 0u64;
+                    while !stop.load(Ordering::Relaxed) {
+                        let g = futures::executor::block_on(cx.read());
+                        let t = Instant::now();
+                        while t.elapsed() < Duration::from_micros(10) {
+                            std::hint::spin_loop();
+                        }
+                        drop(g);
+                        held += 1;
+                        let t = Instant::now();
+                        while t.elapsed() < Duration::from_micros(2) {
+                            std::hint::spin_loop();
+                        }
                     }
-                    drop(g);
-                    held += 1;
-                    let t = Instant::now();
-                    while t.elapsed() < Duration::from_micros(2) {
-                        std::hint::spin_loop();
-                    }
-                }
-                held
+                    held
+                })
             })
         };
         let lat = measure_writes(&main, cfg.s4_writes / 4, Duration::from_micros(23));

@@ -209,9 +209,9 @@ fn drains_wait_for_delayed_requests_and_nothing_is_lost() {
         std::thread::sleep(Duration::from_millis(1));
     }
     let started = Instant::now();
-    // A request handle for the write issued during the drain (an IoCx is
-    // `Send`; that write is polled on a plain thread).
-    let spare_cx = s.io.spawn(|cx| async move { cx }).join();
+    // The write issued during the drain is a task of the I/O thread's
+    // context polled on a plain thread (an IoCx never leaves its task).
+    let ctx = s.io.context().clone();
     let (fault, blk) = (s.fault.clone(), s.blk.clone());
     let (waited, queued) = s.main.run(move |bql| {
         let drained = bql.drain(&fault);
@@ -223,9 +223,10 @@ fn drains_wait_for_delayed_requests_and_nothing_is_lost() {
         );
         // A request issued now queues at the backend until the drain ends.
         let b = blk.clone();
-        let mut cx = spare_cx;
         let t = std::thread::spawn(move || {
-            futures::executor::block_on(async move { b.write(&mut cx, 8192, &[8; 4096]).await })
+            futures::executor::block_on(
+                ctx.task(move |mut cx| async move { b.write(&mut cx, 8192, &[8; 4096]).await }),
+            )
         });
         std::thread::sleep(Duration::from_millis(50));
         let queued = blk.queued_requests();

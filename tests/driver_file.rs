@@ -621,20 +621,19 @@ fn works_outside_a_tokio_runtime() {
     let dir = tempfile::tempdir().unwrap();
     let path = image(dir.path(), "plain.img", 65536);
     let s = Setup::new(FileDriver::open(&path, FileOptions::default()).unwrap());
-    // An IoCx is `Send`: take one from an I/O thread's task and poll with
-    // a plain executor on a plain thread.
-    let cx = s.io.spawn(|cx| async move { cx }).join();
+    // A task of the I/O thread's context, polled by a plain executor on a
+    // plain thread.
+    let ctx = s.io.context().clone();
     let node = s.node.clone();
     let data = std::thread::spawn(move || {
-        let mut cx = cx;
-        futures::executor::block_on(async move {
+        futures::executor::block_on(ctx.task(move |mut cx| async move {
             let guard = cx.read().await;
             let n = node.io(&guard);
             n.write(100, b"no runtime").await?;
             n.flush().await?;
             let mut buf = [0u8; 10];
             n.read(100, &mut buf).await.map(|_| buf)
-        })
+        }))
     })
     .join()
     .unwrap()

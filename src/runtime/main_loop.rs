@@ -6,11 +6,14 @@ use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{mpsc as std_mpsc, Arc, Mutex};
 use std::thread::{self, JoinHandle};
+use std::time::Duration;
 
 use tokio::sync::{mpsc, oneshot};
 
 use super::task::{run_and_send, TaskHandle};
-use super::{set_thread_role, thread_role, BqlScope, IoThread, ThreadRole};
+use super::{
+    current_task, refuse_under_guard, set_thread_role, thread_role, BqlScope, IoThread, ThreadRole,
+};
 use crate::error::{Error, Result};
 use crate::graph::cell::WriteAccess;
 use crate::graph::node::NodeHandle;
@@ -98,8 +101,11 @@ impl MainLoop {
     ///
     /// If `f` panics (the panic is resumed here), if the main loop has shut
     /// down, or if called on the main-loop thread (it would wait for itself:
-    /// use the `Bql` you have) or on an I/O thread (it would stall that
-    /// thread's requests: use [`IoCx::run_on_main_loop`](crate::IoCx::run_on_main_loop)).
+    /// use the `Bql` you have), on an I/O thread or its blocking pool, or
+    /// inside an I/O task (from `block_in_place` on an embedder's runtime).
+    /// There it would block a thread whose tasks may hold the read lock that
+    /// a drain or write section in `f` waits for (rules 9/10): use
+    /// [`IoCx::run_on_main_loop`](crate::IoCx::run_on_main_loop).
     pub fn run<F, R>(&self, f: F) -> R
     where
         F: FnOnce(&mut Bql) -> R + Send + 'static,
@@ -112,7 +118,20 @@ impl MainLoop {
             ThreadRole::Io => panic!(
                 "blockgraph: MainLoop::run called on an I/O thread; use IoCx::run_on_main_loop"
             ),
+            ThreadRole::IoBlocking => panic!(
+                "blockgraph: MainLoop::run called on an I/O thread's blocking pool (spawn_blocking \
+                 from an I/O task, which may hold the read lock that a drain or write section \
+                 would wait for: rules 9/10); return to the task and use IoCx::run_on_main_loop"
+            ),
             ThreadRole::Other => {}
+        }
+        refuse_under_guard("MainLoop::run");
+        if current_task() != 0 {
+            panic!(
+                "blockgraph: MainLoop::run called inside an I/O task: it blocks the executor \
+                 thread, whose other tasks may hold the read lock that a drain or write section \
+                 waits for (rules 9/10); use IoCx::run_on_main_loop"
+            );
         }
         let (tx, rx) = oneshot::channel();
         let job = Job::Run(Box::new(move |bql| {
@@ -158,9 +177,9 @@ impl MainLoop {
     ///
     /// # Panics
     ///
-    /// If the main loop has shut down, or if called on an I/O thread (a
-    /// request that awaited main-loop work could deadlock a drain: use
-    /// [`IoCx::run_on_main_loop`](crate::IoCx::run_on_main_loop)).
+    /// If the main loop has shut down, or if called on an I/O thread or its
+    /// blocking pool (a request that awaited main-loop work could deadlock a
+    /// drain: use [`IoCx::run_on_main_loop`](crate::IoCx::run_on_main_loop)).
     pub fn spawn<F, Fut, T>(&self, f: F) -> TaskHandle<T>
     where
         F: FnOnce(MainCx) -> Fut + Send + 'static,
@@ -168,7 +187,7 @@ impl MainLoop {
         T: Send + 'static,
     {
         assert!(
-            thread_role() != ThreadRole::Io,
+            !matches!(thread_role(), ThreadRole::Io | ThreadRole::IoBlocking),
             "blockgraph: MainLoop::spawn called on an I/O thread; use IoCx::run_on_main_loop"
         );
         let (tx, rx) = oneshot::channel();
@@ -213,12 +232,33 @@ impl MainLoop {
         self.shared.graph.lock.writer_active()
     }
 
+    /// Sets how long a writer (a write section) waits for readers to leave
+    /// the graph before it reports, through `tracing` (target
+    /// `blockgraph::graph_lock`, level WARN), which contexts still hold
+    /// readers and, in debug builds or with the `lock-diagnostics` feature,
+    /// where each of their guards was taken. The writer keeps waiting and
+    /// reports again after twice the time. `None` turns the report off.
+    ///
+    /// The default is 1 s, or the `BLOCKGRAPH_LOCK_REPORT_MS` environment
+    /// variable (milliseconds, or `off`) when the main loop starts. Such a
+    /// wait is almost always a task holding a guard while it waits for
+    /// something that needs the lock (DESIGN §2.9).
+    pub fn set_lock_report_after(&self, after: Option<Duration>) {
+        self.shared.graph.lock.set_report_after(after);
+    }
+
     /// Removes every backend and node (closing their drivers) and stops the
-    /// main-loop thread; tasks still running on it are dropped. Waits for the
-    /// thread unless called on it. Idempotent.
+    /// main-loop thread; tasks still running on it are dropped. Idempotent.
+    ///
+    /// Waits for the thread to finish when called from a plain thread.
+    /// Called on the main-loop thread, on an I/O thread or its blocking pool,
+    /// or inside an I/O task, it only starts the shutdown and returns: the
+    /// teardown's write section waits for every read guard, and waiting for
+    /// it there could wait for this very task, or for a task of this thread,
+    /// that holds one. A later call from a plain thread waits.
     pub fn shutdown(&self) {
         let _ = self.shared.jobs.send(Job::Shutdown);
-        if thread_role() != ThreadRole::Main {
+        if thread_role() == ThreadRole::Other && current_task() == 0 {
             let handle = self
                 .shared
                 .thread
@@ -281,15 +321,14 @@ fn flush_all(bql: &mut Bql) {
         return;
     }
     let ctx = IoContext::new("shutdown-flush".into(), bql.graph.clone(), bql.main.clone());
-    let cx = ctx.task_handle();
     let flusher = thread::Builder::new()
         .name("blockgraph-flush".into())
         .spawn(move || {
             let runtime = tokio::runtime::Builder::new_current_thread()
                 .enable_time()
                 .build()?;
-            runtime.block_on(async move {
-                let mut cx = cx;
+            // A task of its own, like any reader (rule 17).
+            runtime.block_on(ctx.new_task(|mut cx| async move {
                 let guard = cx.read().await;
                 for node in &order {
                     let node = node.io(&guard);
@@ -302,7 +341,7 @@ fn flush_all(bql: &mut Bql) {
                         }
                     }
                 }
-            });
+            }));
             Ok::<_, io::Error>(())
         });
     match flusher.map(|t| t.join()) {

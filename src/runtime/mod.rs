@@ -1,5 +1,6 @@
 //! The threads: the main loop and the I/O threads.
 
+mod in_task;
 mod io_thread;
 mod main_loop;
 mod task;
@@ -10,11 +11,20 @@ pub use io_thread::IoThread;
 pub use main_loop::MainLoop;
 pub use task::TaskHandle;
 
+pub(crate) use in_task::{
+    current_task, current_task_guards, guard_released, guard_taken, InTask, TaskId,
+};
+
 #[derive(Clone, Copy, PartialEq, Eq)]
 pub(crate) enum ThreadRole {
     Other,
     Main,
     Io,
+    /// A thread of an [`IoThread`]'s blocking pool (`spawn_blocking` from
+    /// one of its tasks): the task that spawned the work may hold the read
+    /// lock while it waits for it.
+    #[cfg_attr(loom, allow(dead_code))] // set by a tokio hook loom builds lack
+    IoBlocking,
 }
 
 thread_local! {
@@ -28,6 +38,22 @@ pub(crate) fn thread_role() -> ThreadRole {
 
 pub(crate) fn set_thread_role(role: ThreadRole) {
     ROLE.with(|r| r.set(role));
+}
+
+/// Panics if the I/O task being polled on this thread holds a read guard:
+/// `what` would block the thread until something happens that may need the
+/// writer, and the writer waits for that guard.
+#[track_caller]
+pub(crate) fn refuse_under_guard(what: &str) {
+    let guards = current_task_guards();
+    if guards != 0 {
+        panic!(
+            "blockgraph: {what} called while this task holds a read guard ({guards} held) (rules \
+             9/10/11: a task never waits for a drain, a write section, main-loop work or another \
+             task while it holds the graph read lock; that wait may need the writer, which waits \
+             for this guard). Drop the guard first; from an I/O task use IoCx::run_on_main_loop"
+        );
+    }
 }
 
 /// Marks that a `Bql` is lent out on this thread. At most one at a time:

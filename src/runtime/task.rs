@@ -25,13 +25,21 @@ impl<T> TaskHandle<T> {
     /// # Panics
     ///
     /// If the task panicked (the panic is resumed here), if its thread shut
-    /// down before it finished, or if called on the main-loop or an I/O
-    /// thread (it would block the thread the task may need).
+    /// down before it finished, if called on the main-loop or an I/O thread
+    /// (it would block the thread the task may need), or if called inside an
+    /// I/O task that holds a read guard (from `block_in_place` on an
+    /// embedder's runtime): the task waited for may need the read lock, which
+    /// a queued writer keeps from it until this task's guard is gone (rule
+    /// 11 across tasks).
     pub fn join(self) -> T {
-        assert!(
-            super::thread_role() == super::ThreadRole::Other,
-            "blockgraph: TaskHandle::join would block a main-loop or I/O thread; .await the handle instead"
-        );
+        match super::thread_role() {
+            super::ThreadRole::Main | super::ThreadRole::Io => panic!(
+                "blockgraph: TaskHandle::join would block a main-loop or I/O thread; .await the handle instead"
+            ),
+            // A blocking-pool thread is there to block.
+            super::ThreadRole::IoBlocking | super::ThreadRole::Other => {}
+        }
+        super::refuse_under_guard("TaskHandle::join");
         unwrap(self.rx.blocking_recv())
     }
 }

@@ -84,8 +84,28 @@
 //! be inside the graph, so a count can never vanish from the writer's sum
 //! while a reader it counts is still inside: removing a context with active
 //! readers loses nothing.
+//!
+//! # A writer that waits too long
+//!
+//! Types keep a task from taking the read lock twice or waiting for the
+//! main loop while it holds the lock (rules 9–11), but they see one task at a
+//! time: a task that holds a guard while it awaits *another* task that needs
+//! the lock (a cross-task nested read) deadlocks once a writer is queued
+//! between the two, and no type can say so. The writer therefore reports,
+//! through `tracing` (target `blockgraph::graph_lock`, level WARN), when it
+//! has waited longer than a threshold (1 s by default; the
+//! `BLOCKGRAPH_LOCK_REPORT_MS` environment variable, read when the lock is
+//! made, or [`crate::MainLoop::set_lock_report_after`]), naming every context
+//! that still has readers inside and, in debug builds or with the
+//! `lock-diagnostics` feature, where each live guard was taken, on which
+//! thread and how long ago. It keeps waiting (a reader may simply be slow)
+//! and reports again after twice the time, and so on. A small timer thread,
+//! started the first time a writer has to wait, wakes the writer when a
+//! report is due; none of this touches the readers' fast path.
 
 use std::task::{Context, Poll, Waker};
+#[cfg(not(loom))]
+use std::time::{Duration, Instant};
 
 use crossbeam_utils::CachePadded;
 
@@ -134,10 +154,27 @@ struct ForeignCounter {
 pub(crate) struct ReaderShard {
     owned: CachePadded<OwnedCounter>,
     foreign: CachePadded<ForeignCounter>,
+    /// The context's name, for the slow-writer report.
+    #[cfg_attr(loom, allow(dead_code))] // loom models make no reports
+    name: Box<str>,
+    /// Where each live guard of this context was taken (diagnostic builds).
+    #[cfg(all(not(loom), any(debug_assertions, feature = "lock-diagnostics")))]
+    sites: std::sync::Mutex<Vec<GuardSite>>,
+}
+
+/// A live read guard, as the slow-writer report describes it.
+#[cfg(all(not(loom), any(debug_assertions, feature = "lock-diagnostics")))]
+#[derive(Debug)]
+struct GuardSite {
+    /// The task whose `IoCx` took it (each `IoCx` holds one guard at most).
+    task: u64,
+    at: &'static std::panic::Location<'static>,
+    thread: std::thread::Thread,
+    since: Instant,
 }
 
 impl ReaderShard {
-    fn new(mode: FenceMode, writer: bool) -> Self {
+    fn new(mode: FenceMode, writer: bool, name: &str) -> Self {
         let owner = match mode {
             FenceMode::Asymmetric => UNCLAIMED,
             FenceMode::Symmetric => NOBODY,
@@ -153,6 +190,64 @@ impl ReaderShard {
                 count: AtomicUsize::new(0),
                 writer: AtomicBool::new(writer),
             }),
+            name: name.into(),
+            #[cfg(all(not(loom), any(debug_assertions, feature = "lock-diagnostics")))]
+            sites: std::sync::Mutex::new(Vec::new()),
+        }
+    }
+
+    /// Records where task `task` took the guard it now holds (diagnostic
+    /// builds; off the lock's own fast path, but a mutex per guard).
+    #[cfg(any(debug_assertions, feature = "lock-diagnostics"))]
+    pub(crate) fn note_guard_taken(&self, task: u64, at: &'static std::panic::Location<'static>) {
+        #[cfg(not(loom))]
+        lock_std(&self.sites).push(GuardSite {
+            task,
+            at,
+            thread: std::thread::current(),
+            since: Instant::now(),
+        });
+        #[cfg(loom)]
+        let _ = (task, at);
+    }
+
+    /// Forgets the guard of task `task` (dropped).
+    #[cfg(any(debug_assertions, feature = "lock-diagnostics"))]
+    pub(crate) fn note_guard_released(&self, task: u64) {
+        #[cfg(not(loom))]
+        {
+            let mut sites = lock_std(&self.sites);
+            if let Some(i) = sites.iter().rposition(|s| s.task == task) {
+                sites.swap_remove(i);
+            }
+        }
+        #[cfg(loom)]
+        let _ = task;
+    }
+
+    /// Appends a line per live guard to `out` (the slow-writer report).
+    #[cfg(not(loom))]
+    fn describe_guards(&self, out: &mut String, now: Instant) {
+        #[cfg(any(debug_assertions, feature = "lock-diagnostics"))]
+        for site in lock_std(&self.sites).iter() {
+            use std::fmt::Write;
+            let _ = write!(
+                out,
+                "\n    guard taken at {}:{}:{} on thread '{}', held for {:?}",
+                site.at.file(),
+                site.at.line(),
+                site.at.column(),
+                site.thread.name().unwrap_or("<unnamed>"),
+                now.saturating_duration_since(site.since),
+            );
+        }
+        #[cfg(not(any(debug_assertions, feature = "lock-diagnostics")))]
+        {
+            let _ = now;
+            out.push_str(
+                "\n    (build with debug assertions or the `lock-diagnostics` feature to see \
+                 where each guard was taken)",
+            );
         }
     }
 
@@ -281,6 +376,55 @@ pub(crate) struct GraphLock {
     queued_readers: Mutex<Vec<Waker>>,
     /// Every shard that may still hold readers.
     shards: Mutex<Vec<Arc<ReaderShard>>>,
+    /// Report a writer's wait after this many nanoseconds, then after twice
+    /// that, and so on; `u64::MAX`: never.
+    #[cfg(not(loom))]
+    report_after: std::sync::atomic::AtomicU64,
+    /// Whether `slow_wait` holds a wait (a cheap check for the writer that
+    /// gets in at once).
+    #[cfg(not(loom))]
+    wait_tracked: std::sync::atomic::AtomicBool,
+    /// The current writer's wait, once it has had to wait.
+    #[cfg(not(loom))]
+    slow_wait: std::sync::Mutex<Option<SlowWait>>,
+}
+
+/// A writer's wait for readers, as tracked for the report.
+#[cfg(not(loom))]
+#[derive(Debug)]
+struct SlowWait {
+    since: Instant,
+    /// When the next report is due.
+    next: Instant,
+    /// Reports made so far.
+    reports: u32,
+}
+
+/// Environment variable with the default report threshold in milliseconds
+/// (`off` for never).
+#[cfg(not(loom))]
+pub(crate) const REPORT_ENV: &str = "BLOCKGRAPH_LOCK_REPORT_MS";
+
+/// The report threshold when [`REPORT_ENV`] does not say.
+#[cfg(not(loom))]
+const DEFAULT_REPORT_AFTER: Duration = Duration::from_secs(1);
+
+/// The threshold from [`REPORT_ENV`], in the form `report_after` stores.
+#[cfg(not(loom))]
+fn report_after_from_env() -> u64 {
+    match std::env::var(REPORT_ENV) {
+        Ok(v) if v.trim().eq_ignore_ascii_case("off") => u64::MAX,
+        Ok(v) => match v.trim().parse::<u64>() {
+            Ok(ms) => duration_nanos(Duration::from_millis(ms)),
+            Err(_) => duration_nanos(DEFAULT_REPORT_AFTER),
+        },
+        Err(_) => duration_nanos(DEFAULT_REPORT_AFTER),
+    }
+}
+
+#[cfg(not(loom))]
+fn duration_nanos(d: Duration) -> u64 {
+    u64::try_from(d.as_nanos()).unwrap_or(u64::MAX - 1)
 }
 
 impl Default for GraphLock {
@@ -310,7 +454,26 @@ impl GraphLock {
             writer_waker: AtomicWaker::new(),
             queued_readers: Mutex::new(Vec::new()),
             shards: Mutex::new(Vec::new()),
+            #[cfg(not(loom))]
+            report_after: std::sync::atomic::AtomicU64::new(report_after_from_env()),
+            #[cfg(not(loom))]
+            wait_tracked: std::sync::atomic::AtomicBool::new(false),
+            #[cfg(not(loom))]
+            slow_wait: std::sync::Mutex::new(None),
         }
+    }
+
+    /// Sets how long a writer waits for readers before it reports who holds
+    /// them (`None`: never). See the module documentation. (Loom models make
+    /// no reports.)
+    pub(crate) fn set_report_after(&self, after: Option<std::time::Duration>) {
+        #[cfg(not(loom))]
+        self.report_after.store(
+            after.map_or(u64::MAX, duration_nanos),
+            std::sync::atomic::Ordering::Relaxed,
+        );
+        #[cfg(loom)]
+        let _ = after;
     }
 
     /// The fence mode this lock runs in.
@@ -321,11 +484,18 @@ impl GraphLock {
 
     /// Creates a shard for a new I/O context and registers it with the
     /// writer.
+    #[cfg_attr(not(test), allow(dead_code))] // unit tests and loom models
     pub(crate) fn new_shard(&self) -> Arc<ReaderShard> {
+        self.new_named_shard("")
+    }
+
+    /// [`GraphLock::new_shard`] for the context `name` (named in the
+    /// slow-writer report).
+    pub(crate) fn new_named_shard(&self, name: &str) -> Arc<ReaderShard> {
         let mut shards = lock(&self.shards);
         // The flag only changes under this mutex: the copies start right.
         let writer = self.writer_active.load(Ordering::Relaxed);
-        let shard = Arc::new(ReaderShard::new(self.mode, writer));
+        let shard = Arc::new(ReaderShard::new(self.mode, writer, name));
         shards.push(shard.clone());
         shard
     }
@@ -438,10 +608,114 @@ impl GraphLock {
         debug_assert!(self.writer_active(), "graph lock: waiting without a writer");
         register_waker(&self.writer_waker, cx.waker());
         if self.readers_for_writer() == 0 {
+            #[cfg(not(loom))]
+            if self.wait_tracked.load(std::sync::atomic::Ordering::Relaxed) {
+                self.end_slow_wait(true);
+            }
             Poll::Ready(())
         } else {
+            #[cfg(not(loom))]
+            self.writer_still_waiting(cx.waker());
             Poll::Pending
         }
+    }
+
+    /// Tracks a writer that found readers inside: arms the timer for the
+    /// first report, or reports if one is due. Main-loop thread only.
+    #[cfg(not(loom))]
+    #[cold]
+    #[inline(never)]
+    fn writer_still_waiting(&self, waker: &Waker) {
+        let after = self.report_after.load(std::sync::atomic::Ordering::Relaxed);
+        if after == u64::MAX {
+            return;
+        }
+        let after = Duration::from_nanos(after);
+        let now = Instant::now();
+        let mut slow = lock_std(&self.slow_wait);
+        let due = match &mut *slow {
+            None => {
+                let next = now + after;
+                *slow = Some(SlowWait {
+                    since: now,
+                    next,
+                    reports: 0,
+                });
+                self.wait_tracked
+                    .store(true, std::sync::atomic::Ordering::Relaxed);
+                next
+            }
+            Some(wait) if now >= wait.next => {
+                self.report_slow_wait(now.duration_since(wait.since), now);
+                wait.reports = wait.reports.saturating_add(1);
+                // Twice the time waited so far: 1 s, 2 s, 4 s, ...
+                let backoff = after.saturating_mul(1u32 << wait.reports.min(20));
+                wait.next = now + backoff;
+                wait.next
+            }
+            Some(_) => return,
+        };
+        drop(slow);
+        report_timer::wake_at(due, waker.clone());
+    }
+
+    /// Forgets the writer's wait (it got in, or gave up); says so if the
+    /// wait had been reported.
+    #[cfg(not(loom))]
+    #[cold]
+    #[inline(never)]
+    fn end_slow_wait(&self, entered: bool) {
+        self.wait_tracked
+            .store(false, std::sync::atomic::Ordering::Relaxed);
+        if let Some(wait) = lock_std(&self.slow_wait).take() {
+            if wait.reports > 0 {
+                tracing::warn!(
+                    target: "blockgraph::graph_lock",
+                    waited_ms = u64::try_from(wait.since.elapsed().as_millis()).unwrap_or(u64::MAX),
+                    entered,
+                    "blockgraph: the writer reported above {} after {:?}",
+                    if entered { "got the write section" } else { "gave up" },
+                    wait.since.elapsed(),
+                );
+            }
+        }
+    }
+
+    /// The report: which contexts have readers inside, and (diagnostic
+    /// builds) where each live guard was taken.
+    #[cfg(not(loom))]
+    fn report_slow_wait(&self, waited: Duration, now: Instant) {
+        use std::fmt::Write;
+        let mut holders = String::new();
+        let mut total = 0usize;
+        {
+            let mut shards = lock(&self.shards);
+            prune(&mut shards);
+            for shard in shards.iter() {
+                let n = shard.readers();
+                if n == 0 {
+                    continue;
+                }
+                total += n;
+                let name: &str = if shard.name.is_empty() {
+                    "<unnamed>"
+                } else {
+                    &shard.name
+                };
+                let _ = write!(holders, "\n  context '{name}': {n} reader(s) inside");
+                shard.describe_guards(&mut holders, now);
+            }
+        }
+        tracing::warn!(
+            target: "blockgraph::graph_lock",
+            waited_ms = u64::try_from(waited.as_millis()).unwrap_or(u64::MAX),
+            readers = total,
+            "blockgraph: a writer (write section) has waited {waited:?} for {total} reader(s) to \
+             leave the graph, and keeps waiting. Read guards held:{holders}\n\
+             A task that holds a read guard while it waits for something that needs the lock \
+             (another task's read lock, a drain, main-loop work) never lets the writer in: rules \
+             9-11 hold per task, not across tasks (DESIGN §2.9)"
+        );
     }
 
     /// Ends a write section (or abandons a waiting writer) and resumes every
@@ -450,6 +724,11 @@ impl GraphLock {
         let before = self.writers.fetch_sub(1, Ordering::Relaxed);
         debug_assert!(before > 0, "graph lock: writer count underflow");
         if before == 1 {
+            #[cfg(not(loom))]
+            if self.wait_tracked.load(std::sync::atomic::Ordering::Relaxed) {
+                // Withdrawn while still waiting (a cancelled `MainCx::write`).
+                self.end_slow_wait(false);
+            }
             self.set_writer_flags(false);
             let queued = std::mem::take(&mut *lock(&self.queued_readers));
             for waker in queued {
@@ -498,4 +777,66 @@ fn lock<T>(m: &Mutex<T>) -> impl std::ops::DerefMut<Target = T> + '_ {
     // updated (push, take, retain, flag stores), so poisoning carries no
     // information.
     m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// [`lock`] for the `std` mutexes of the diagnostics (never modelled by loom).
+#[cfg(not(loom))]
+fn lock_std<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Wakes waiting writers when their report is due: one thread for the
+/// process, started the first time a writer has to wait, asleep otherwise.
+#[cfg(not(loom))]
+mod report_timer {
+    use std::sync::{Condvar, Mutex, Once};
+    use std::task::Waker;
+    use std::time::Instant;
+
+    static QUEUE: Mutex<Vec<(Instant, Waker)>> = Mutex::new(Vec::new());
+    static CHANGED: Condvar = Condvar::new();
+    static START: Once = Once::new();
+
+    /// Wakes `waker` at `at` (or soon after).
+    pub(super) fn wake_at(at: Instant, waker: Waker) {
+        START.call_once(|| {
+            // Without the thread there are no reports, and nothing else.
+            let _ = std::thread::Builder::new()
+                .name("blockgraph-lock-report".into())
+                .spawn(run);
+        });
+        super::lock_std(&QUEUE).push((at, waker));
+        CHANGED.notify_one();
+    }
+
+    fn run() {
+        let mut queue = super::lock_std(&QUEUE);
+        loop {
+            let now = Instant::now();
+            let mut due = Vec::new();
+            queue.retain(|(at, waker)| {
+                if *at <= now {
+                    due.push(waker.clone());
+                    false
+                } else {
+                    true
+                }
+            });
+            if !due.is_empty() {
+                drop(queue);
+                due.into_iter().for_each(Waker::wake);
+                queue = super::lock_std(&QUEUE);
+                continue;
+            }
+            queue = match queue.iter().map(|(at, _)| *at).min() {
+                None => CHANGED.wait(queue).unwrap_or_else(|e| e.into_inner()),
+                Some(at) => {
+                    CHANGED
+                        .wait_timeout(queue, at.saturating_duration_since(now))
+                        .unwrap_or_else(|e| e.into_inner())
+                        .0
+                }
+            };
+        }
+    }
 }
