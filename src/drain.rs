@@ -89,6 +89,8 @@ pub(crate) fn begin<'g>(graph: &Arc<GraphInner>, node: &Arc<NodeInner>) -> Drain
 /// Requests in flight hold the read lock and never wait for the main loop,
 /// so this never waits for the main loop itself.
 pub(crate) async fn wait(state: &DrainedState) {
+    #[cfg(not(loom))]
+    let mut slow = SlowDrain::default();
     poll_fn(|cx| {
         let (backends, nodes) = state.graph.main.with(|s| {
             s.sections
@@ -96,21 +98,119 @@ pub(crate) async fn wait(state: &DrainedState) {
                 .map(|sec| (sec.backends.clone(), sec.nodes.clone()))
                 .unwrap_or_default()
         });
+        let mut busy = false;
         for backend in &backends {
             backend.idle.register(cx.waker());
             if backend.in_flight.load(Ordering::SeqCst) != 0 {
-                return Poll::Pending;
+                busy = true;
+                break;
             }
         }
-        for node in &nodes {
-            node.idle.register(cx.waker());
-            if node.in_flight.load(Ordering::SeqCst) != 0 {
-                return Poll::Pending;
+        if !busy {
+            for node in &nodes {
+                node.idle.register(cx.waker());
+                if node.in_flight.load(Ordering::SeqCst) != 0 {
+                    busy = true;
+                    break;
+                }
             }
         }
-        Poll::Ready(())
+        #[cfg(not(loom))]
+        slow.poll(state, busy, &backends, &nodes, cx.waker());
+        if busy {
+            Poll::Pending
+        } else {
+            Poll::Ready(())
+        }
     })
     .await
+}
+
+/// A drain that waits longer than the graph lock's report threshold says,
+/// through `tracing`, what it waits for, and keeps waiting (rule 21): the
+/// requests it waits for may themselves wait for something that needs the
+/// main loop or another task (the cross-task form of rules 9-11, which no
+/// type sees).
+#[cfg(not(loom))]
+#[derive(Default)]
+struct SlowDrain {
+    /// When the wait began, when the next report is due, reports so far.
+    wait: Option<(std::time::Instant, std::time::Instant, u32)>,
+}
+
+#[cfg(not(loom))]
+impl SlowDrain {
+    fn poll(
+        &mut self,
+        state: &DrainedState,
+        busy: bool,
+        backends: &[Arc<BackendInner>],
+        nodes: &[Arc<NodeInner>],
+        waker: &std::task::Waker,
+    ) {
+        use std::time::Instant;
+        let lock = &state.graph.lock;
+        if !busy {
+            if let Some((since, _, reports)) = self.wait.take() {
+                if reports > 0 {
+                    tracing::warn!(
+                        target: "blockgraph::drain",
+                        "blockgraph: the drain of node '{}' reported above completed after {:?}",
+                        state.node.name,
+                        since.elapsed()
+                    );
+                }
+            }
+            return;
+        }
+        let Some(after) = lock.report_threshold() else {
+            return;
+        };
+        let now = Instant::now();
+        let (since, next, reports) = self.wait.get_or_insert((now, now + after, 0));
+        if now >= *next {
+            report_slow_drain(state, now.duration_since(*since), backends, nodes);
+            *reports = reports.saturating_add(1);
+            *next = now + after.saturating_mul(1u32 << (*reports).min(20));
+        }
+        crate::sync::GraphLock::wake_for_report(*next, waker);
+    }
+}
+
+#[cfg(not(loom))]
+fn report_slow_drain(
+    state: &DrainedState,
+    waited: std::time::Duration,
+    backends: &[Arc<BackendInner>],
+    nodes: &[Arc<NodeInner>],
+) {
+    let mut waiting_for: Vec<String> = backends
+        .iter()
+        .filter_map(|b| match b.in_flight.load(Ordering::SeqCst) {
+            0 => None,
+            n => Some(format!("backend '{}' ({n} request(s))", b.name)),
+        })
+        .collect();
+    waiting_for.extend(
+        nodes
+            .iter()
+            .filter_map(|n| match n.in_flight.load(Ordering::SeqCst) {
+                0 => None,
+                k => Some(format!("node '{}' ({k} request(s) entered there)", n.name)),
+            }),
+    );
+    let (_, holders) = state.graph.lock.describe_readers(std::time::Instant::now());
+    tracing::warn!(
+        target: "blockgraph::drain",
+        waited_ms = u64::try_from(waited.as_millis()).unwrap_or(u64::MAX),
+        "blockgraph: a drain of node '{}' has waited {waited:?} for requests in flight on {}, \
+         and keeps waiting. Read guards held:{holders}\n\
+         A request that waits for something that needs the main loop or another task's \
+         request never lets the drain finish: rules 9-11 hold per task, not across tasks \
+         (DESIGN §2.14)",
+        state.node.name,
+        waiting_for.join(", ")
+    );
 }
 
 /// Marks the section's nodes drained: from now on no request reaches them.

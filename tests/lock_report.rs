@@ -4,9 +4,11 @@
 //! no type can see it. The writer says, through `tracing`, which context
 //! holds readers and where the guard was taken, and keeps waiting.
 //!
+//! A drain that waits too long for requests in flight reports the same way.
+//!
 //! A hand-written `tracing` subscriber captures the events. It is the
 //! process's global default (the report is emitted on the main-loop
-//! thread), so this file holds one test.
+//! thread); the tests look for their own events by text.
 
 mod common;
 
@@ -170,5 +172,61 @@ fn a_writer_behind_a_cross_task_nested_read_reports_the_guard_and_keeps_waiting(
     assert_eq!(len.unwrap(), SIZE);
     drop(holder);
     drop(helper);
+    main.shutdown();
+}
+
+#[test]
+fn a_drain_that_waits_too_long_reports_what_it_waits_for_and_keeps_waiting() {
+    let _wd = watchdog("drain_report", Duration::from_secs(60));
+    install_capture();
+    let main = MainLoop::new().unwrap();
+    main.set_lock_report_after(Some(Duration::from_millis(100)));
+    let (gate, control) = common::Gate::new(SIZE);
+    let (node, blk) = main
+        .run(|bql| {
+            bql.write(|w| {
+                let n = w.add_node("stuck", gate, &[])?;
+                let b = w.add_backend("vdr", &n, blockgraph::BackendOptions::default())?;
+                Ok::<_, blockgraph::Error>((n, b))
+            })
+        })
+        .unwrap();
+    let io = main.new_io_thread("requests").unwrap();
+    let b = blk.clone();
+    let request = io.spawn(move |mut cx| async move {
+        let mut buf = [0u8; 512];
+        b.read(&mut cx, 0, &mut buf).await
+    });
+    recv(&control.entered, "the request to reach the gate");
+
+    let (done_tx, done_rx) = mpsc::channel();
+    let n = node.clone();
+    let drain = main.spawn(move |cx| async move {
+        let drained = cx.drain(&n).await;
+        done_tx.send(()).unwrap();
+        drop(drained);
+    });
+    wait_until("the drain reports", || {
+        find_event("a drain of node 'stuck'").is_some()
+    });
+    let report = find_event("a drain of node 'stuck'").unwrap();
+    for part in [
+        "WARN blockgraph::drain",
+        "keeps waiting",
+        "backend 'vdr' (1 request(s))",
+        "context 'requests': 1 reader(s) inside",
+    ] {
+        assert!(report.contains(part), "report lacks {part:?}:\n{report}");
+    }
+    assert!(done_rx.try_recv().is_err(), "the drain returned while a request was in flight");
+
+    control.release(1);
+    join(request, "the request").unwrap();
+    recv(&done_rx, "the drain after the request finished");
+    join(drain, "the drain task");
+    wait_until("the drain says it completed", || {
+        find_event("the drain of node 'stuck' reported above completed").is_some()
+    });
+    drop(io);
     main.shutdown();
 }

@@ -685,27 +685,7 @@ impl GraphLock {
     /// builds) where each live guard was taken.
     #[cfg(not(loom))]
     fn report_slow_wait(&self, waited: Duration, now: Instant) {
-        use std::fmt::Write;
-        let mut holders = String::new();
-        let mut total = 0usize;
-        {
-            let mut shards = lock(&self.shards);
-            prune(&mut shards);
-            for shard in shards.iter() {
-                let n = shard.readers();
-                if n == 0 {
-                    continue;
-                }
-                total += n;
-                let name: &str = if shard.name.is_empty() {
-                    "<unnamed>"
-                } else {
-                    &shard.name
-                };
-                let _ = write!(holders, "\n  context '{name}': {n} reader(s) inside");
-                shard.describe_guards(&mut holders, now);
-            }
-        }
+        let (total, holders) = self.describe_readers(now);
         tracing::warn!(
             target: "blockgraph::graph_lock",
             waited_ms = u64::try_from(waited.as_millis()).unwrap_or(u64::MAX),
@@ -716,6 +696,48 @@ impl GraphLock {
              (another task's read lock, a drain, main-loop work) never lets the writer in: rules \
              9-11 hold per task, not across tasks (DESIGN §2.9)"
         );
+    }
+
+    /// Every context with readers inside, a line each, and (diagnostic
+    /// builds) where each live guard was taken; with the number of readers.
+    #[cfg(not(loom))]
+    pub(crate) fn describe_readers(&self, now: Instant) -> (usize, String) {
+        use std::fmt::Write;
+        let mut holders = String::new();
+        let mut total = 0usize;
+        let mut shards = lock(&self.shards);
+        prune(&mut shards);
+        for shard in shards.iter() {
+            let n = shard.readers();
+            if n == 0 {
+                continue;
+            }
+            total += n;
+            let name: &str = if shard.name.is_empty() {
+                "<unnamed>"
+            } else {
+                &shard.name
+            };
+            let _ = write!(holders, "\n  context '{name}': {n} reader(s) inside");
+            shard.describe_guards(&mut holders, now);
+        }
+        (total, holders)
+    }
+
+    /// How long a wait on the main loop may last before it is reported
+    /// (`None`: reports are off). Shared by writers and drains.
+    #[cfg(not(loom))]
+    pub(crate) fn report_threshold(&self) -> Option<Duration> {
+        match self.report_after.load(std::sync::atomic::Ordering::Relaxed) {
+            u64::MAX => None,
+            nanos => Some(Duration::from_nanos(nanos)),
+        }
+    }
+
+    /// Wakes `waker` at `at`, so a wait that nothing else wakes can report.
+    #[cfg(not(loom))]
+    pub(crate) fn wake_for_report(at: Instant, waker: &Waker) {
+        report_timer::wake_at(at, waker.clone());
     }
 
     /// Ends a write section (or abandons a waiting writer) and resumes every
