@@ -109,7 +109,7 @@ pub(crate) async fn wait(state: &DrainedState) {
         if !busy {
             for node in &nodes {
                 node.idle.register(cx.waker());
-                if node.in_flight.load(Ordering::SeqCst) != 0 {
+                if node.requests_in_flight() != 0 {
                     busy = true;
                     break;
                 }
@@ -191,14 +191,10 @@ fn report_slow_drain(
             n => Some(format!("backend '{}' ({n} request(s))", b.name)),
         })
         .collect();
-    waiting_for.extend(
-        nodes
-            .iter()
-            .filter_map(|n| match n.in_flight.load(Ordering::SeqCst) {
-                0 => None,
-                k => Some(format!("node '{}' ({k} request(s) entered there)", n.name)),
-            }),
-    );
+    waiting_for.extend(nodes.iter().filter_map(|n| match n.requests_in_flight() {
+        0 => None,
+        k => Some(format!("node '{}' ({k} request(s) entered there)", n.name)),
+    }));
     let (_, holders) = state.graph.lock.describe_readers(std::time::Instant::now());
     tracing::warn!(
         target: "blockgraph::drain",
@@ -238,6 +234,8 @@ pub(crate) fn end(state: &DrainedState) {
             node.drained.fetch_sub(1, Ordering::SeqCst);
         }
         if node.quiesce.fetch_sub(1, Ordering::SeqCst) == 1 {
+            node.in_flight
+                .fetch_and(!NodeInner::QUIESCED, Ordering::SeqCst);
             ended.push(node.clone());
         }
     }
@@ -318,6 +316,10 @@ fn cover_node(
     }
     section.nodes.push(node.clone());
     if node.quiesce.fetch_add(1, Ordering::SeqCst) == 0 {
+        // From here on a request entering at the node sees the bit, and the
+        // wait below sees every request that entered before it.
+        node.in_flight
+            .fetch_or(NodeInner::QUIESCED, Ordering::SeqCst);
         began.push(node.clone());
     }
     if section.waited {

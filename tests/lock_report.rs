@@ -218,7 +218,10 @@ fn a_drain_that_waits_too_long_reports_what_it_waits_for_and_keeps_waiting() {
     ] {
         assert!(report.contains(part), "report lacks {part:?}:\n{report}");
     }
-    assert!(done_rx.try_recv().is_err(), "the drain returned while a request was in flight");
+    assert!(
+        done_rx.try_recv().is_err(),
+        "the drain returned while a request was in flight"
+    );
 
     control.release(1);
     join(request, "the request").unwrap();

@@ -32,6 +32,12 @@ pub(crate) struct NodeInner {
     /// through a backend) and not finished yet: QEMU's `bs->in_flight` for
     /// requests that enter the graph here. Requests a driver passes down to
     /// its children are covered by the request that entered above them.
+    ///
+    /// The top bit ([`NodeInner::QUIESCED`]) is up while a drain section
+    /// covers the node: one word, so a request's one RMW both counts it and
+    /// sees the drain, and the drain's one RMW both raises the bit and sees
+    /// every request counted before it (a single location's modification
+    /// order is total).
     pub(crate) in_flight: CachePadded<AtomicUsize>,
     /// Drains waiting for `in_flight` to reach zero.
     pub(crate) idle: WaitList,
@@ -57,8 +63,17 @@ impl NodeInner {
         }
     }
 
+    /// The bit of `in_flight` that says a drain section covers the node.
+    pub(crate) const QUIESCED: usize = 1 << (usize::BITS - 1);
+
     pub(crate) fn is_in_graph(&self) -> bool {
         self.in_graph.load(Ordering::Acquire)
+    }
+
+    /// Requests that entered here and are still in flight.
+    #[inline]
+    pub(crate) fn requests_in_flight(&self) -> usize {
+        self.in_flight.load(Ordering::SeqCst) & !Self::QUIESCED
     }
 
     /// Whether this node belongs to `graph`.

@@ -460,14 +460,15 @@ pub(crate) struct Admission<'a> {
 impl<'a> Admission<'a> {
     /// Counts a request in, unless a drain section covers the node.
     ///
-    /// Pairs with the drain's begin (`quiesce` raised, then `in_flight`
-    /// read, both `SeqCst`): either the drain sees this request and waits
-    /// for it, or this request sees the drain and backs out.
+    /// One RMW on the word whose top bit the drain raises with its own RMW
+    /// before it reads the count: in that word's modification order either
+    /// this increment comes first (the drain sees it and waits for it) or
+    /// the bit does (this request sees it and backs out).
     #[inline]
     fn enter(node: &'a NodeInner) -> Result<Self> {
-        node.in_flight.fetch_add(1, Ordering::SeqCst);
+        let before = node.in_flight.fetch_add(1, Ordering::SeqCst);
         let admission = Admission { node };
-        if node.quiesce.load(Ordering::SeqCst) != 0 {
+        if before & NodeInner::QUIESCED != 0 {
             drop(admission);
             return Err(Error::Drained {
                 node: node.name.clone(),
@@ -481,7 +482,8 @@ impl Drop for Admission<'_> {
     #[inline]
     fn drop(&mut self) {
         let before = self.node.in_flight.fetch_sub(1, Ordering::SeqCst);
-        if before == 1 && self.node.quiesce.load(Ordering::SeqCst) != 0 {
+        if before == NodeInner::QUIESCED + 1 {
+            // The last request out of a node a drain waits for.
             self.node.idle.wake_all();
         }
     }
@@ -540,26 +542,28 @@ impl<T> Future for NodeRequest<'_, T> {
 
     #[inline]
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<T>> {
-        // Every field is `Unpin` (the driver's future is boxed).
+        // Every field is `Unpin` (the driver's future is boxed). The inner
+        // poll's result is returned as it is (no copy of the `Result` into
+        // a local first: that copy was measurable per request).
         let this = &mut *self;
-        let outcome = match &mut this.state {
-            RequestState::Forwarded(future) | RequestState::Entered { future, .. } => {
-                match future.as_mut().poll(cx) {
-                    Poll::Ready(outcome) => outcome,
-                    Poll::Pending => return Poll::Pending,
+        match &mut this.state {
+            RequestState::Forwarded(future) => future.as_mut().poll(cx),
+            RequestState::Entered { future, .. } => {
+                let poll = future.as_mut().poll(cx);
+                if poll.is_ready() {
+                    // Finished: stop counting before handing out the result.
+                    this.state = RequestState::Done;
                 }
+                poll
             }
             RequestState::Refused(_) => {
                 match std::mem::replace(&mut this.state, RequestState::Done) {
-                    RequestState::Refused(e) => return Poll::Ready(Err(e)),
+                    RequestState::Refused(e) => Poll::Ready(Err(e)),
                     _ => unreachable!("matched Refused above"),
                 }
             }
             RequestState::Done => panic!("NodeRequest polled after completion"),
-        };
-        // Finished: stop counting before handing out the result.
-        this.state = RequestState::Done;
-        Poll::Ready(outcome)
+        }
     }
 }
 
@@ -646,7 +650,7 @@ impl<'a, P: Proof> NodeRef<'a, P> {
     where
         P: MainLoopProof,
     {
-        self.node.in_flight.load(Ordering::SeqCst)
+        self.node.requests_in_flight()
     }
 }
 
