@@ -9,7 +9,7 @@
 //! `cargo run --release --example live_reconfig [-- --seconds N]`
 //!
 //! The overlay driver below is a complete user-defined driver: its I/O
-//! callbacks get an `RequestRef` and read from their backing child with it.
+//! callbacks get a `RequestRef` and read from their backing child with it.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};

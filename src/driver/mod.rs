@@ -1,12 +1,14 @@
 //! The driver interface ([`BlockDriver`]) and the built-in drivers.
 //!
 //! A driver's callbacks carry the proof their context requires. I/O
-//! callbacks get an [`RequestRef`] of their own node: the graph is read-locked
-//! for the whole request, and the driver reaches its children with
-//! [`NodeRef::child`](crate::NodeRef::child) and issues I/O on them with the
-//! same proof, never re-locking. Main-loop callbacks get a [`GsRef`]: they
-//! can look at the graph but cannot issue I/O (that needs an `RequestRef`) and
-//! cannot change the graph (that needs a `GraphWriter`).
+//! callbacks get a [`RequestRef`] of their own node, which only the request
+//! path makes: the graph is read-locked for the whole request, and the
+//! driver reaches its children with [`NodeRef::child`](crate::NodeRef::child)
+//! and passes the request down to them with the same proof, never
+//! re-locking and never counted twice. Main-loop callbacks get a [`GsRef`]:
+//! they can look at the graph but cannot issue I/O (that needs an
+//! [`IoRef`](crate::IoRef) or a `RequestRef`) and cannot change the graph
+//! (that needs a `GraphWriter`).
 
 mod copy_on_read;
 mod fault;
@@ -49,7 +51,7 @@ pub type IoFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T>> + Send + 'a>>;
 /// permission first: [`BlockBackend::truncate`](crate::BlockBackend::truncate)
 /// (the backend took [`Perm::RESIZE`]) and
 /// [`NodeRef::truncate_child`](crate::NodeRef::truncate_child) (the edge to
-/// the child took it). So code that holds an [`RequestRef`] cannot call
+/// the child took it). So code that holds an [`IoRef`](crate::IoRef) cannot call
 /// `node.driver().truncate(..)` itself and skip the check: it has no permit
 /// to pass. Zero-sized, neither `Clone` nor `Copy`, and tied to the request's
 /// lifetime.
@@ -267,7 +269,7 @@ pub trait BlockDriver: Any + Send + Sync {
 }
 
 /// The `role` child of `node`, or [`Error::NoSuchChild`], under the proof
-/// `node` carries (an [`RequestRef`](crate::RequestRef) or a [`RequestRef`]).
+/// `node` carries (an [`IoRef`](crate::IoRef) or a [`RequestRef`]).
 pub fn require_child<P: IoProof>(node: NodeRef<'_, P>, role: ChildRole) -> Result<NodeRef<'_, P>> {
     node.child(role).ok_or_else(|| Error::NoSuchChild {
         node: node.name().to_owned(),

@@ -3,7 +3,7 @@
 //
 // Violation: a format driver's `open` callback (which gets a `GsRef`) reads
 // its `File` child to probe a header.
-// Expected: error[E0277]: I/O needs an `RequestRef`: the proof that this task
+// Expected: error[E0277]: I/O needs an `IoRef`: the proof that this task
 // holds the graph read lock (`GlobalState` is not `IoProof`).
 use blockgraph::{
     driver::require_child, BlockDriver, ChildRole, Error, GsRef, IoFuture, RequestRef, Result,

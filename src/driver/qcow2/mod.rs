@@ -5,7 +5,8 @@
 //! [`Backing`](ChildRole::Backing) child, if any, supplies what the image
 //! does not store. Opening reads the header, so it needs I/O and therefore
 //! a read proof: [`Qcow2Driver::open`] is an `async` constructor that takes
-//! the file node's [`RequestRef`]; the node is then added to the graph on the
+//! the file node's [`IoRef`] (the whole open is one request entering
+//! there); the node is then added to the graph on the
 //! main loop. [`open_image_chain`] does all of that for an image file and
 //! its backing files under a [`BackingPolicy`].
 //!
@@ -509,7 +510,7 @@ impl Qcow2Driver {
     /// shrink by at least a sector is stored uncompressed. `node` is this
     /// driver's node.
     ///
-    /// One request entering the graph at `node` (see [`RequestRef`]).
+    /// One request entering the graph at `node` (see [`IoRef`]).
     pub async fn write_compressed(&self, node: IoRef<'_>, offset: u64, buf: &[u8]) -> Result<()> {
         self.own_node(node)?;
         let (_request, node) = node.admit()?;
@@ -595,7 +596,7 @@ impl Qcow2Driver {
     /// A writable image is flushed first, so that what is checked is what
     /// is on disk. Requests wait while the check runs.
     ///
-    /// One request entering the graph at `node` (see [`RequestRef`]).
+    /// One request entering the graph at `node` (see [`IoRef`]).
     pub async fn check(&self, node: IoRef<'_>, repair: bool) -> Result<CheckReport> {
         self.own_node(node)?;
         let (_request, node) = node.admit()?;
