@@ -4,6 +4,7 @@
 use crate::error::Result;
 use crate::proof::RequestRef;
 
+use super::bitmap::{table_entry_valid, TABLE_OFFSET_MASK};
 use super::entry::{decode_l1, decode_l2, decode_rt, rc_get, Entry, COPIED};
 use super::meta::Meta;
 use super::Qcow2Limits;
@@ -110,6 +111,12 @@ pub(crate) async fn check_meta(
             }
         }
     }
+
+    // Persistent dirty bitmaps: the directory, each bitmap's table and
+    // the data clusters the tables point to (QEMU counts them the same
+    // way; without them they would look leaked, and a repair would free
+    // them).
+    bitmap_refs(m, file, &mut refs, &mut r).await?;
 
     // Mapping tables.
     let mut l2_tables: Vec<(usize, u64)> = Vec::new();
@@ -244,4 +251,65 @@ pub(crate) async fn check_meta(
         }
     }
     Ok(r)
+}
+
+/// Counts the clusters of the persistent dirty bitmaps. Tables are read
+/// one cluster at a time, so memory stays bounded whatever they claim.
+async fn bitmap_refs(
+    m: &mut Meta,
+    file: RequestRef<'_>,
+    refs: &mut Refs,
+    r: &mut CheckReport,
+) -> Result<()> {
+    let Some(dir) = &m.bitmaps else {
+        return Ok(());
+    };
+    let cs = m.geo.cs;
+    let file_len = m.file_len;
+    let ext = dir.ext;
+    let tables: Vec<(String, u64, u32)> = dir
+        .entries
+        .iter()
+        .map(|e| (e.name.clone(), e.table_offset, e.table_size))
+        .collect();
+    if !refs.add(ext.directory_offset / cs, ext.directory_size.div_ceil(cs)) {
+        r.corruptions += 1;
+        r.note("the bitmap directory lies past the end of the file".to_owned());
+    }
+    for (name, offset, size) in tables {
+        let bytes = u64::from(size) * 8;
+        if !refs.add(offset / cs, bytes.div_ceil(cs)) {
+            r.corruptions += 1;
+            r.note(format!(
+                "the table of bitmap '{name}' lies past the end of the file"
+            ));
+            continue;
+        }
+        let mut buf = vec![0u8; cs as usize];
+        let mut done = 0u64;
+        while done < bytes {
+            let n = (bytes - done).min(cs);
+            super::read_data(file, file_len, offset + done, &mut buf[..n as usize]).await?;
+            for (k, chunk) in buf[..n as usize].chunks_exact(8).enumerate() {
+                let entry = u64::from_be_bytes(chunk.try_into().expect("8 bytes"));
+                let idx = done / 8 + k as u64;
+                if !table_entry_valid(entry, cs) {
+                    r.corruptions += 1;
+                    r.note(format!(
+                        "bitmap '{name}': table entry {idx} ({entry:#018x}) is invalid"
+                    ));
+                    continue;
+                }
+                let data = entry & TABLE_OFFSET_MASK;
+                if data != 0 && !refs.add(data / cs, 1) {
+                    r.corruptions += 1;
+                    r.note(format!(
+                        "bitmap '{name}': data cluster {data:#x} lies past the end of the file"
+                    ));
+                }
+            }
+            done += n;
+        }
+    }
+    Ok(())
 }

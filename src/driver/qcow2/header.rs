@@ -44,10 +44,27 @@ pub(crate) const INCOMPAT_COMPRESSION: u64 = 1 << 3;
 pub(crate) const INCOMPAT_EXTL2: u64 = 1 << 4;
 const INCOMPAT_KNOWN: u64 = 0x1f;
 
+/// Auto-clear feature bit 0: the bitmaps extension is consistent.
+pub(crate) const AUTOCLEAR_BITMAPS: u64 = 1 << 0;
+/// Most bitmaps an image may have (QEMU's limit).
+pub(crate) const MAX_BITMAPS: u32 = 65535;
+/// Largest bitmap directory (QEMU's limit: 1 KiB per bitmap).
+pub(crate) const MAX_BITMAP_DIRECTORY: u64 = 1024 * MAX_BITMAPS as u64;
+
+/// The bitmaps header extension (only kept when auto-clear bit 0 says
+/// it is consistent).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct BitmapsExt {
+    pub nb_bitmaps: u32,
+    pub directory_size: u64,
+    pub directory_offset: u64,
+}
+
 /// Header extension types.
 pub(crate) const EXT_END: u32 = 0;
 pub(crate) const EXT_BACKING_FORMAT: u32 = 0xe279_2aca;
 pub(crate) const EXT_FEATURE_TABLE: u32 = 0x6803_f857;
+pub(crate) const EXT_BITMAPS: u32 = 0x2385_2875;
 const EXT_CRYPTO: u32 = 0x0537_be77;
 const EXT_DATA_FILE: u32 = 0x4441_5441;
 
@@ -68,6 +85,8 @@ pub(crate) struct Header {
     pub header_length: u32,
     pub backing_file: Option<String>,
     pub backing_format: Option<String>,
+    /// The bitmaps extension, when present and marked consistent.
+    pub bitmaps: Option<BitmapsExt>,
 }
 
 pub(crate) fn be32(b: &[u8], at: usize) -> u32 {
@@ -156,6 +175,7 @@ impl Header {
             header_length: V2_HEADER_LEN,
             backing_file: None,
             backing_format: None,
+            bitmaps: None,
         };
         let backing_file_offset = be64(buf, 8);
         let backing_file_size = be32(buf, 16);
@@ -235,6 +255,19 @@ impl Header {
                             .filter(|c| !c.is_control())
                             .collect();
                         feature_names.push((entry[0], entry[1], name));
+                    }
+                }
+                EXT_BITMAPS => {
+                    if len != 24 {
+                        return Err(invalid(format!(
+                            "bitmaps extension of {len} bytes (expected 24)"
+                        )));
+                    }
+                    // Without auto-clear bit 0 a program that does not know
+                    // bitmaps wrote the image: the extension is stale and
+                    // ignored, as QEMU does.
+                    if h.autoclear & AUTOCLEAR_BITMAPS != 0 {
+                        h.bitmaps = Some(parse_bitmaps_ext(data, cluster_size, file_len)?);
                     }
                 }
                 EXT_CRYPTO | EXT_DATA_FILE => {} // judged by header fields below
@@ -378,6 +411,38 @@ impl Header {
     pub(crate) fn cluster_size(&self) -> u64 {
         1 << self.cluster_bits
     }
+}
+
+/// Validates the 24 bytes of a bitmaps extension (QEMU's rules).
+fn parse_bitmaps_ext(data: &[u8], cluster_size: u64, file_len: u64) -> Result<BitmapsExt> {
+    let e = BitmapsExt {
+        nb_bitmaps: be32(data, 0),
+        directory_size: be64(data, 8),
+        directory_offset: be64(data, 16),
+    };
+    if be32(data, 4) != 0 {
+        return Err(invalid("bitmaps extension: reserved field is not zero"));
+    }
+    if e.nb_bitmaps == 0 || e.nb_bitmaps > MAX_BITMAPS {
+        return Err(invalid(format!(
+            "bitmaps extension: {} bitmaps (1..={MAX_BITMAPS} allowed)",
+            e.nb_bitmaps
+        )));
+    }
+    if e.directory_size == 0 || e.directory_size > MAX_BITMAP_DIRECTORY {
+        return Err(invalid(format!(
+            "bitmaps extension: directory of {} bytes",
+            e.directory_size
+        )));
+    }
+    check_table(
+        "bitmap directory",
+        e.directory_offset,
+        e.directory_size,
+        cluster_size,
+        file_len,
+    )?;
+    Ok(e)
 }
 
 /// A cluster-aligned table of `len` bytes at `offset` inside the file.

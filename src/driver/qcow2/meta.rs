@@ -70,6 +70,9 @@ pub(crate) struct Meta {
     pub file_len: u64,
     /// Freed clusters whose refcounts drop at the next flush.
     pub pending_frees: Vec<(u64, u64)>,
+    /// The persistent dirty bitmaps' directory (when the image has a
+    /// consistent bitmaps extension).
+    pub bitmaps: Option<super::bitmap::BitmapDir>,
     /// Set when metadata was found corrupt: writes are refused from then on.
     pub broken: Option<String>,
 }

@@ -85,7 +85,7 @@ mod meta;
 mod resize;
 
 use std::collections::HashSet;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Mutex as StdMutex;
 
 use tokio::sync::{Mutex, Notify, RwLock};
@@ -98,14 +98,15 @@ use crate::proof::{GsRef, IoRef, RequestRef};
 use cache::TableCache;
 use entry::{decode_l2, Entry, COMPRESSED, COPIED, ZERO};
 use header::{
-    invalid, unsupported, Header, INCOMPAT_CORRUPT, INCOMPAT_DIRTY, OFF_AUTOCLEAR, OFF_INCOMPATIBLE,
+    invalid, unsupported, Header, AUTOCLEAR_BITMAPS, INCOMPAT_CORRUPT, INCOMPAT_DIRTY,
+    OFF_INCOMPATIBLE,
 };
 use meta::{Geo, Meta};
 
+pub use bitmap::BitmapInfo;
 pub use chain::{
     open_image_chain, BackingPolicy, ChainImage, ChainOptions, FileOpener, ImageChain,
 };
-pub use bitmap::BitmapInfo;
 pub use check::CheckReport;
 pub use create::CreateOptions;
 
@@ -234,6 +235,11 @@ pub struct Qcow2Driver {
     alloc_done: Notify,
     /// The last cluster decompressed: (its L2 entry offset, data).
     last_inflated: StdMutex<Option<(u64, std::sync::Arc<Vec<u8>>)>>,
+    /// The persistent dirty bitmaps, as last written to the directory.
+    bitmap_infos: StdMutex<Vec<BitmapInfo>>,
+    /// Some bitmap is still marked consistent: the first change to the
+    /// image must mark them in use first.
+    bitmaps_to_mark: AtomicBool,
 }
 
 impl std::fmt::Debug for Qcow2Driver {
@@ -397,6 +403,15 @@ impl Qcow2Driver {
             .collect();
         let mut hdr = first;
         hdr.resize(cs as usize, 0);
+        let bitmaps = match h.bitmaps {
+            None => None,
+            Some(ext) => {
+                let len = ext.directory_size.div_ceil(cs) * cs;
+                let raw =
+                    read_file(file, align, file_len, ext.directory_offset, len as usize).await?;
+                Some(bitmap::BitmapDir::parse(ext, raw, cs, h.size)?)
+            }
+        };
 
         let l2_cap = (options.l2_cache_bytes / cs).max(2) as usize;
         let rb_cap = (options.refcount_cache_bytes / cs).max(2) as usize;
@@ -413,6 +428,7 @@ impl Qcow2Driver {
             free_hint: 0,
             file_len,
             pending_frees: Vec::new(),
+            bitmaps,
             broken: None,
         };
 
@@ -434,16 +450,31 @@ impl Qcow2Driver {
                     .await?;
                 file.flush().await?;
             }
-            if h.autoclear != 0 {
-                // We maintain none of the auto-clear features (bitmaps):
-                // clear them before the first write, as the spec requires.
-                meta.hdr[OFF_AUTOCLEAR..OFF_AUTOCLEAR + 8].copy_from_slice(&0u64.to_be_bytes());
-                meta.write_header(file, OFF_AUTOCLEAR, OFF_AUTOCLEAR + 8)
-                    .await?;
+            // Auto-clear bits we do not maintain are cleared before the
+            // first write, as the spec requires. Bit 0 (bitmaps consistent)
+            // we keep where there are bitmaps: they stay valid until guest
+            // data changes, and then we mark them in use (see
+            // `bitmap.rs`). Clearing it would make QEMU drop them.
+            let keep = if meta.bitmaps.is_some() {
+                AUTOCLEAR_BITMAPS
+            } else {
+                0
+            };
+            if h.autoclear & !keep != 0 {
+                meta.set_autoclear(file, h.autoclear & keep).await?;
                 file.flush().await?;
             }
         }
 
+        let bitmap_infos = meta
+            .bitmaps
+            .as_ref()
+            .map(bitmap::BitmapDir::infos)
+            .unwrap_or_default();
+        let bitmaps_to_mark = meta
+            .bitmaps
+            .as_ref()
+            .is_some_and(bitmap::BitmapDir::any_consistent);
         Ok(Qcow2Driver {
             geo,
             size: AtomicU64::new(h.size),
@@ -459,6 +490,8 @@ impl Qcow2Driver {
             inflight: StdMutex::new(HashSet::default()),
             alloc_done: Notify::new(),
             last_inflated: StdMutex::new(None),
+            bitmap_infos: StdMutex::new(bitmap_infos),
+            bitmaps_to_mark: AtomicBool::new(bitmaps_to_mark),
         })
     }
 
@@ -502,8 +535,39 @@ impl Qcow2Driver {
 
     /// The persistent dirty bitmaps stored in the image (name, granularity,
     /// flags), in directory order; empty when it has none.
+    ///
+    /// Only a consistent bitmaps extension (auto-clear bit 0 set) is
+    /// listed: without the bit, a program that does not know bitmaps wrote
+    /// the image and QEMU ignores them too. We keep the bitmaps (their
+    /// clusters are never freed) but do not track writes: the first change
+    /// we make to the image's data marks every bitmap in use (QEMU then
+    /// treats it as inconsistent; `qemu-img bitmap --remove` deletes it).
     pub fn bitmaps(&self) -> Vec<BitmapInfo> {
-        Vec::new()
+        self.bitmap_infos
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Called before anything changes guest data or the virtual size:
+    /// marks the persistent bitmaps in use, durably, the first time.
+    pub(super) async fn before_change(&self, file: RequestRef<'_>) -> Result<()> {
+        if !self.bitmaps_to_mark.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        let mut m = self.meta.lock().await;
+        if !self.bitmaps_to_mark.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        m.mark_bitmaps_in_use(file).await?;
+        let infos = m
+            .bitmaps
+            .as_ref()
+            .map(bitmap::BitmapDir::infos)
+            .unwrap_or_default();
+        *self.bitmap_infos.lock().unwrap_or_else(|e| e.into_inner()) = infos;
+        self.bitmaps_to_mark.store(false, Ordering::Release);
+        Ok(())
     }
 
     /// Whether the image was opened read-only (asked for, or forced by
@@ -532,6 +596,8 @@ impl Qcow2Driver {
                 g.cs
             )));
         }
+        self.before_change(require_child(node, ChildRole::File)?)
+            .await?;
         let mut data = buf.to_vec();
         data.resize(g.cs as usize, 0);
         let Some(z) = compressed::deflate_cluster(&data) else {
@@ -1086,6 +1152,8 @@ impl Qcow2Driver {
         discard: bool,
     ) -> Result<()> {
         self.check_writable(node)?;
+        self.before_change(require_child(node, ChildRole::File)?)
+            .await?;
         let _io = self.io_lock.read().await;
         self.check_request(offset, len)?;
         self.zero_or_discard_locked(node, offset, len, discard)
@@ -1304,6 +1372,8 @@ impl BlockDriver for Qcow2Driver {
     fn write<'a>(&'a self, node: RequestRef<'a>, offset: u64, buf: &'a [u8]) -> IoFuture<'a, ()> {
         Box::pin(async move {
             self.check_writable(node)?;
+            self.before_change(require_child(node, ChildRole::File)?)
+                .await?;
             let _io = self.io_lock.read().await;
             self.check_request(offset, buf.len() as u64)?;
             self.write_range(node, offset, buf.len() as u64, Src::Buf(buf))

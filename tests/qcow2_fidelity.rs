@@ -1,0 +1,261 @@
+//! qcow2 fidelity with QEMU (issue 9): what QEMU writes, we keep; what QEMU
+//! reports, we report.
+//!
+//! * Persistent dirty bitmaps (`qemu-img bitmap`): listed, counted by our
+//!   check (never leaks, never freed by a repair), untouched by read-only
+//!   use and by a writable open that changes nothing, and marked in use
+//!   (QEMU's "inconsistent") before the first change we make.
+//!
+//! Every image is made by `qemu-img`/`qemu-io` and judged by them
+//! afterwards. Decisions and reasons: `notes/qcow2-fidelity-meta.md`.
+
+mod common;
+mod qcow2_util;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use blockgraph::drivers::qcow2::{open_image_chain, BitmapInfo, ChainOptions, ImageChain};
+use blockgraph::drivers::Qcow2Driver;
+use blockgraph::NodeHandle;
+use qcow2_util::{have_qemu, qemu_img, qemu_io, Env};
+
+fn require_qemu() {
+    assert!(
+        have_qemu(),
+        "qemu-img and qemu-io are needed (Debian package qemu-utils; .ci/run installs it)"
+    );
+}
+
+fn p(path: &Path) -> &str {
+    path.to_str().expect("UTF-8 temp path")
+}
+
+fn open_chain(env: &Env, path: &Path, writable: bool) -> ImageChain {
+    let path = path.to_path_buf();
+    let name = env.name("img");
+    env.on_io(move |mut cx| async move {
+        let mut opts = ChainOptions::new(name);
+        opts.writable = writable;
+        open_image_chain(&mut cx, &path, opts).await
+    })
+    .unwrap_or_else(|e| panic!("opening the chain failed: {e}"))
+}
+
+fn close_chain(env: &Env, chain: ImageChain) {
+    for img in &chain.images {
+        if img.format == "qcow2" {
+            env.remove(&img.node).unwrap();
+        }
+    }
+    for img in &chain.images {
+        env.remove(&img.file).unwrap();
+    }
+}
+
+fn our_bitmaps(env: &Env, node: &NodeHandle) -> Vec<BitmapInfo> {
+    let node = node.clone();
+    env.main.run(move |bql| {
+        node.gs(bql)
+            .driver_as::<Qcow2Driver>()
+            .expect("a qcow2 node")
+            .bitmaps()
+    })
+}
+
+/// `qemu-img check` with its exit code and output.
+fn qemu_check(img: &Path) -> (i32, String) {
+    let out = Command::new("qemu-img")
+        .args(["check", p(img)])
+        .output()
+        .expect("run qemu-img check");
+    (
+        out.status.code().unwrap_or(-1),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
+}
+
+fn assert_qemu_check_clean(img: &Path) {
+    let (rc, out) = qemu_check(img);
+    assert!(
+        rc == 0 && out.contains("No errors were found"),
+        "qemu-img check (exit {rc}): {out}"
+    );
+}
+
+/// QEMU's list of bitmaps: (name, granularity, flags), from the human
+/// output of `qemu-img info` (no JSON parser among our dependencies).
+fn qemu_bitmaps(img: &Path) -> Vec<(String, u64, Vec<String>)> {
+    let out = qemu_img(&["info", "-U", p(img)]);
+    let mut list: Vec<(String, u64, Vec<String>)> = Vec::new();
+    let mut in_bitmaps = false;
+    let mut in_flags = false;
+    for line in out.lines() {
+        let indent = line.len() - line.trim_start().len();
+        let t = line.trim();
+        if t == "bitmaps:" {
+            in_bitmaps = true;
+            continue;
+        }
+        if !in_bitmaps {
+            continue;
+        }
+        if indent <= 4 {
+            break;
+        }
+        if indent == 8 && t.starts_with('[') {
+            list.push((String::new(), 0, Vec::new()));
+            in_flags = false;
+        } else if t == "flags:" {
+            in_flags = true;
+        } else if let Some(v) = t.strip_prefix("name: ") {
+            list.last_mut().unwrap().0 = v.to_owned();
+            in_flags = false;
+        } else if let Some(v) = t.strip_prefix("granularity: ") {
+            list.last_mut().unwrap().1 = v.parse().unwrap();
+            in_flags = false;
+        } else if in_flags && t.starts_with('[') {
+            let flag = t.split_once(": ").unwrap().1;
+            list.last_mut().unwrap().2.push(flag.to_owned());
+        }
+    }
+    list
+}
+
+fn strs(v: &[&str]) -> Vec<String> {
+    v.iter().map(|s| (*s).to_owned()).collect()
+}
+
+/// An image with data and two bitmaps that hold set bits (data clusters
+/// of their own): `b0` (auto, 64 KiB) and `b1` (disabled, 128 KiB), both
+/// consistent.
+fn image_with_bitmaps(dir: &Path) -> PathBuf {
+    let img = dir.join("bm.qcow2");
+    qemu_img(&["create", "-q", "-f", "qcow2", p(&img), "16M"]);
+    qemu_io(&img, "write -P 0x11 0 1M");
+    qemu_img(&["bitmap", "--add", p(&img), "b0"]);
+    qemu_img(&["bitmap", "--add", "-g", "128k", p(&img), "b1"]);
+    // Tracked by both (qemu-io enables auto bitmaps and saves them).
+    qemu_io(&img, "write -P 0x22 2M 1M");
+    qemu_img(&["bitmap", "--disable", p(&img), "b1"]);
+    qemu_io(&img, "write -P 0x33 4M 64k");
+    assert_eq!(
+        qemu_bitmaps(&img),
+        vec![
+            ("b0".to_owned(), 65536, strs(&["auto"])),
+            ("b1".to_owned(), 131072, strs(&[])),
+        ]
+    );
+    assert_qemu_check_clean(&img);
+    img
+}
+
+fn expected_bitmaps(in_use: bool) -> Vec<BitmapInfo> {
+    vec![
+        BitmapInfo {
+            name: "b0".into(),
+            granularity: 65536,
+            in_use,
+            auto: true,
+        },
+        BitmapInfo {
+            name: "b1".into(),
+            granularity: 131072,
+            in_use,
+            auto: false,
+        },
+    ]
+}
+
+#[test]
+fn bitmaps_are_listed_counted_and_untouched_by_read_only_use() {
+    require_qemu();
+    let _w = common::watchdog("bitmaps_read_only", Duration::from_secs(120));
+    let dir = tempfile::tempdir().unwrap();
+    let img = image_with_bitmaps(dir.path());
+    let before = std::fs::read(&img).unwrap();
+    let env = Env::new();
+    let chain = open_chain(&env, &img, false);
+    assert_eq!(our_bitmaps(&env, chain.top()), expected_bitmaps(false));
+    let r = env.check(chain.top(), false).unwrap();
+    assert_eq!((r.corruptions, r.leaks), (0, 0), "{:?}", r.messages);
+    env.read_all(chain.top()).unwrap();
+    close_chain(&env, chain);
+    assert_eq!(std::fs::read(&img).unwrap(), before, "the file changed");
+    assert_qemu_check_clean(&img);
+}
+
+#[test]
+fn writable_open_and_repair_without_changes_keep_bitmaps_consistent() {
+    require_qemu();
+    let _w = common::watchdog("bitmaps_writable_no_change", Duration::from_secs(120));
+    let dir = tempfile::tempdir().unwrap();
+    let img = image_with_bitmaps(dir.path());
+    let before = std::fs::read(&img).unwrap();
+    let env = Env::new();
+    let chain = open_chain(&env, &img, true);
+    // A repair finds nothing to free: the bitmaps' clusters are references.
+    let r = env.check(chain.top(), true).unwrap();
+    assert_eq!((r.corruptions, r.leaks), (0, 0), "{:?}", r.messages);
+    assert_eq!((r.repaired_corruptions, r.repaired_leaks), (0, 0));
+    env.read_all(chain.top()).unwrap();
+    env.flush(chain.top()).unwrap();
+    assert_eq!(our_bitmaps(&env, chain.top()), expected_bitmaps(false));
+    close_chain(&env, chain);
+    assert_eq!(std::fs::read(&img).unwrap(), before, "the file changed");
+    assert_qemu_check_clean(&img);
+    assert_eq!(
+        qemu_bitmaps(&img),
+        vec![
+            ("b0".to_owned(), 65536, strs(&["auto"])),
+            ("b1".to_owned(), 131072, strs(&[])),
+        ]
+    );
+}
+
+#[test]
+fn our_writes_mark_bitmaps_in_use_and_qemu_check_stays_clean() {
+    require_qemu();
+    let _w = common::watchdog("bitmaps_writes", Duration::from_secs(120));
+    let dir = tempfile::tempdir().unwrap();
+    let img = image_with_bitmaps(dir.path());
+    let env = Env::new();
+    let chain = open_chain(&env, &img, true);
+    env.write(chain.top(), 8 << 20, vec![0x44; 128 << 10])
+        .unwrap();
+    env.write_zeroes(chain.top(), 0, 64 << 10).unwrap();
+    env.flush(chain.top()).unwrap();
+    assert_eq!(our_bitmaps(&env, chain.top()), expected_bitmaps(true));
+    let r = env.check(chain.top(), false).unwrap();
+    assert_eq!((r.corruptions, r.leaks), (0, 0), "{:?}", r.messages);
+    let ours = env.read_all(chain.top()).unwrap();
+    close_chain(&env, chain);
+
+    assert_qemu_check_clean(&img);
+    assert_eq!(
+        qemu_bitmaps(&img),
+        vec![
+            ("b0".to_owned(), 65536, strs(&["in-use", "auto"])),
+            ("b1".to_owned(), 131072, strs(&["in-use"])),
+        ]
+    );
+    let raw = dir.path().join("want.raw");
+    std::fs::write(&raw, &ours).unwrap();
+    let out = qemu_img(&["compare", "-f", "qcow2", "-F", "raw", p(&img), p(&raw)]);
+    assert!(out.contains("Images are identical"), "{out}");
+
+    // Reopened by us: still listed, still in use; QEMU can remove them and
+    // the image stays clean.
+    let chain = open_chain(&env, &img, false);
+    assert_eq!(our_bitmaps(&env, chain.top()), expected_bitmaps(true));
+    close_chain(&env, chain);
+    qemu_img(&["bitmap", "--remove", p(&img), "b0"]);
+    qemu_img(&["bitmap", "--remove", p(&img), "b1"]);
+    assert!(qemu_bitmaps(&img).is_empty());
+    assert_qemu_check_clean(&img);
+}
