@@ -259,3 +259,67 @@ fn our_writes_mark_bitmaps_in_use_and_qemu_check_stays_clean() {
     assert!(qemu_bitmaps(&img).is_empty());
     assert_qemu_check_clean(&img);
 }
+
+/// Sets or clears bit `bit` of the big-endian 64-bit header field at `at`.
+fn set_header_bit(img: &Path, at: usize, bit: u32, on: bool) {
+    let mut b = std::fs::read(img).unwrap();
+    let mut v = u64::from_be_bytes(b[at..at + 8].try_into().unwrap());
+    if on {
+        v |= 1 << bit;
+    } else {
+        v &= !(1 << bit);
+    }
+    b[at..at + 8].copy_from_slice(&v.to_be_bytes());
+    std::fs::write(img, b).unwrap();
+}
+
+/// The number in "N leaked clusters were found" (0 when absent).
+fn qemu_leaks(out: &str) -> u64 {
+    out.lines()
+        .find(|l| l.contains("leaked clusters were found"))
+        .and_then(|l| l.split_whitespace().next())
+        .map_or(0, |n| n.parse().unwrap())
+}
+
+#[test]
+fn stale_bitmaps_extension_is_ignored_and_its_clusters_are_leaks_as_in_qemu() {
+    require_qemu();
+    let _w = common::watchdog("bitmaps_stale", Duration::from_secs(120));
+    let dir = tempfile::tempdir().unwrap();
+    let img = image_with_bitmaps(dir.path());
+    // What a program that does not know bitmaps leaves: auto-clear bit 0
+    // cleared, the extension still there.
+    set_header_bit(&img, 88, 0, false);
+    let (rc, out) = qemu_check(&img);
+    assert_eq!(rc, 3, "qemu-img check: {out}");
+    let qemu = qemu_leaks(&out);
+    assert!(qemu > 0, "{out}");
+    let env = Env::new();
+    let chain = open_chain(&env, &img, false);
+    assert!(our_bitmaps(&env, chain.top()).is_empty());
+    let r = env.check(chain.top(), false).unwrap();
+    assert_eq!((r.corruptions, r.leaks), (0, qemu), "{:?}", r.messages);
+    close_chain(&env, chain);
+}
+
+#[test]
+fn dirty_image_repair_on_open_keeps_bitmaps() {
+    require_qemu();
+    let _w = common::watchdog("bitmaps_dirty_repair", Duration::from_secs(120));
+    let dir = tempfile::tempdir().unwrap();
+    let img = image_with_bitmaps(dir.path());
+    // Incompatible bit 0: refcounts may be stale; a writable open repairs.
+    set_header_bit(&img, 72, 0, true);
+    let env = Env::new();
+    let chain = open_chain(&env, &img, true);
+    assert_eq!(our_bitmaps(&env, chain.top()), expected_bitmaps(false));
+    close_chain(&env, chain);
+    assert_qemu_check_clean(&img);
+    assert_eq!(
+        qemu_bitmaps(&img),
+        vec![
+            ("b0".to_owned(), 65536, strs(&["auto"])),
+            ("b1".to_owned(), 131072, strs(&[])),
+        ]
+    );
+}
