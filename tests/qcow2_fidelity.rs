@@ -323,3 +323,122 @@ fn dirty_image_repair_on_open_keeps_bitmaps() {
         ]
     );
 }
+
+/// An image with two internal snapshots and clusters in every state:
+/// shared by all three L1 tables, by some, and the active layer's own
+/// (copied after a snapshot), plus compressed and zero clusters.
+fn image_with_snapshots(dir: &Path) -> PathBuf {
+    let img = dir.join("sn.qcow2");
+    let src = dir.join("src.raw");
+    let mut data = vec![0u8; 4 << 20];
+    for (i, b) in data.iter_mut().enumerate().take(1 << 20) {
+        *b = (i / 4096) as u8 | 1;
+    }
+    std::fs::write(&src, &data).unwrap();
+    // Compressed clusters in the first MiB.
+    qemu_img(&["convert", "-c", "-O", "qcow2", p(&src), p(&img)]);
+    qemu_io(&img, "write -P 0x11 1M 1M");
+    qemu_img(&["snapshot", "-c", "s1", p(&img)]);
+    qemu_io(&img, "write -P 0x22 1536k 64k");
+    qemu_io(&img, "write -z 1600k 128k");
+    qemu_io(&img, "write -P 0x23 3M 256k");
+    qemu_img(&["snapshot", "-c", "s2", p(&img)]);
+    qemu_io(&img, "write -P 0x33 3M 64k");
+    qemu_io(&img, "write -P 0x34 8k 4k");
+    assert_qemu_check_clean(&img);
+    img
+}
+
+#[test]
+fn check_accounts_for_internal_snapshots_like_qemu() {
+    require_qemu();
+    let _w = common::watchdog("snapshots_check", Duration::from_secs(120));
+    let dir = tempfile::tempdir().unwrap();
+    let img = image_with_snapshots(dir.path());
+    let env = Env::new();
+    let chain = open_chain(&env, &img, false);
+    let r = env.check(chain.top(), false).unwrap();
+    assert_eq!((r.corruptions, r.leaks), (0, 0), "{:?}", r.messages);
+    let size = std::fs::metadata(&img).unwrap().len();
+    assert!(r.image_end_offset <= size);
+    close_chain(&env, chain);
+}
+
+/// The byte offset of the 16-bit refcount of every cluster of the first
+/// refcount block, with its value (images made by qemu-img: 16-bit
+/// refcounts, one block covers them all here).
+fn refcounts(img: &Path) -> Vec<(usize, u16)> {
+    let b = std::fs::read(img).unwrap();
+    let be64 = |at: usize| u64::from_be_bytes(b[at..at + 8].try_into().unwrap());
+    let cs = 1usize << u32::from_be_bytes(b[20..24].try_into().unwrap());
+    assert_eq!(u32::from_be_bytes(b[96..100].try_into().unwrap()), 4);
+    let block = be64(be64(48) as usize) as usize;
+    (0..b.len().div_ceil(cs))
+        .map(|c| {
+            let at = block + 2 * c;
+            (at, u16::from_be_bytes([b[at], b[at + 1]]))
+        })
+        .collect()
+}
+
+fn set_refcount(img: &Path, at: usize, v: u16) {
+    let mut b = std::fs::read(img).unwrap();
+    b[at..at + 2].copy_from_slice(&v.to_be_bytes());
+    std::fs::write(img, b).unwrap();
+}
+
+/// The number in "N errors were found" (0 when absent).
+fn qemu_errors(out: &str) -> u64 {
+    out.lines()
+        .find(|l| l.contains("errors were found on the image"))
+        .and_then(|l| l.split_whitespace().next())
+        .map_or(0, |n| n.parse().unwrap())
+}
+
+#[test]
+fn snapshot_refcount_damage_is_reported_as_qemu_reports_it() {
+    require_qemu();
+    let _w = common::watchdog("snapshots_damage", Duration::from_secs(180));
+    let dir = tempfile::tempdir().unwrap();
+    let clean = image_with_snapshots(dir.path());
+    let rcs = refcounts(&clean);
+    let shared: Vec<usize> = rcs
+        .iter()
+        .filter(|r| r.1 == 3)
+        .map(|r| r.0)
+        .take(1)
+        .chain(rcs.iter().filter(|r| r.1 == 2).map(|r| r.0).take(2))
+        .collect();
+    assert!(shared.len() >= 2, "the image shares clusters");
+    let env = Env::new();
+    let mut cases = 0;
+    for (i, &at) in shared.iter().enumerate() {
+        let old = rcs.iter().find(|r| r.0 == at).unwrap().1;
+        for new in [old + 1, old - 1] {
+            let img = dir.path().join(format!("damaged-{i}-{new}.qcow2"));
+            std::fs::copy(&clean, &img).unwrap();
+            set_refcount(&img, at, new);
+            let (rc, out) = qemu_check(&img);
+            let chain = open_chain(&env, &img, false);
+            let r = env.check(chain.top(), false).unwrap();
+            close_chain(&env, chain);
+            assert_eq!(
+                (r.corruptions, r.leaks),
+                (qemu_errors(&out), qemu_leaks(&out)),
+                "refcount {old} -> {new}: ours {:?}\nqemu-img check (exit {rc}):\n{out}",
+                r.messages
+            );
+            assert!(r.corruptions + r.leaks > 0, "damage went unseen");
+            let want_rc = if r.corruptions > 0 {
+                2
+            } else if r.leaks > 0 {
+                3
+            } else {
+                0
+            };
+            assert_eq!(rc, want_rc, "{out}");
+            cases += 1;
+        }
+    }
+    assert!(cases >= 4);
+}

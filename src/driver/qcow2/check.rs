@@ -75,11 +75,14 @@ impl Refs {
     }
 }
 
+/// Checks `m`; `snapshots` is the snapshot table's offset and entry
+/// count, when the image has internal snapshots.
 pub(crate) async fn check_meta(
     m: &mut Meta,
     file: RequestRef<'_>,
     repair: bool,
     limits: &Qcow2Limits,
+    snapshots: Option<(u64, u32)>,
 ) -> Result<CheckReport> {
     let g = m.geo;
     let cs = g.cs;
@@ -118,47 +121,49 @@ pub(crate) async fn check_meta(
     // them).
     bitmap_refs(m, file, &mut refs, &mut r).await?;
 
-    // Mapping tables.
-    let mut l2_tables: Vec<(usize, u64)> = Vec::new();
-    for l1i in 0..m.l1.len() {
-        match decode_l1(&g, m.l1[l1i], m.file_len) {
-            Ok(Some(off)) => {
-                refs.add(off / cs, 1);
-                l2_tables.push((l1i, off));
+    // Internal snapshots: the table, each snapshot's L1 table, and what
+    // that table references, counted once per L1 table that references it
+    // (QEMU's refcount model: a snapshot adds one to each of its L2 tables
+    // and to each cluster those tables map).
+    if let Some((offset, nb)) = snapshots {
+        let (snaps, bytes) = super::snapshot::read_table(
+            file,
+            g.align,
+            m.file_len,
+            cs,
+            offset,
+            nb,
+            limits.max_l1_bytes,
+        )
+        .await?;
+        if !refs.add(offset / cs, bytes.div_ceil(cs)) {
+            outside(&mut r, "the snapshot table".to_owned());
+        }
+        for sn in snaps {
+            let l1_bytes = u64::from(sn.l1_size) * 8;
+            if l1_bytes == 0 {
+                continue;
             }
-            Ok(None) => {}
-            Err(e) => {
-                r.corruptions += 1;
-                r.note(format!("L1 entry {l1i}: {e}"));
+            if sn.l1_offset == 0 || !refs.add(sn.l1_offset / cs, l1_bytes.div_ceil(cs)) {
+                outside(&mut r, format!("the L1 table of snapshot '{}'", sn.id));
+                continue;
             }
+            let raw = super::read_file(file, g.align, m.file_len, sn.l1_offset, l1_bytes as usize)
+                .await?;
+            let l1: Vec<u64> = raw
+                .chunks_exact(8)
+                .map(|c| u64::from_be_bytes(c.try_into().expect("8 bytes")))
+                .collect();
+            let label = format!("snapshot '{}'", sn.id);
+            walk_l1(m, file, &mut refs, &mut r, &l1, &label, false).await?;
         }
     }
-    for &(l1i, off) in &l2_tables {
-        let s = m.l2_slot(file, off).await?;
-        for (idx, &raw) in m.l2.get(s).table.iter().enumerate() {
-            match decode_l2(&g, raw) {
-                Ok(e) => {
-                    if let Some((c, n)) = e.host_clusters(&g) {
-                        if !refs.add(c, n) {
-                            outside(
-                                &mut r,
-                                format!("cluster {c} (L2 entry {idx} for L1 entry {l1i})"),
-                            );
-                        }
-                    }
-                    if matches!(e, Entry::Data { .. } | Entry::Compressed { .. }) {
-                        r.allocated_clusters += 1;
-                    }
-                }
-                Err(e) => {
-                    r.corruptions += 1;
-                    r.note(format!(
-                        "L2 entry {idx} of the table for L1 entry {l1i} at {off:#x}: {e}"
-                    ));
-                }
-            }
-        }
-    }
+
+    // The active mapping tables.
+    let l1 = std::mem::take(&mut m.l1);
+    let walked = walk_l1(m, file, &mut refs, &mut r, &l1, "active", true).await;
+    m.l1 = l1;
+    let l2_tables = walked?;
 
     // Compare with the refcounts, block by block.
     let rbe = g.rb_entries;
@@ -312,4 +317,62 @@ async fn bitmap_refs(
         }
     }
     Ok(())
+}
+
+/// Counts the references of one L1 table (`l1`): its L2 tables and the
+/// clusters they map. `active`: the image's own table (its guest clusters
+/// are counted as allocated). Returns the L2 tables found, as (L1 index,
+/// offset).
+async fn walk_l1(
+    m: &mut Meta,
+    file: RequestRef<'_>,
+    refs: &mut Refs,
+    r: &mut CheckReport,
+    l1: &[u64],
+    label: &str,
+    active: bool,
+) -> Result<Vec<(usize, u64)>> {
+    let g = m.geo;
+    let cs = g.cs;
+    let mut l2_tables: Vec<(usize, u64)> = Vec::new();
+    for (l1i, &raw) in l1.iter().enumerate() {
+        match decode_l1(&g, raw, m.file_len) {
+            Ok(Some(off)) => {
+                refs.add(off / cs, 1);
+                l2_tables.push((l1i, off));
+            }
+            Ok(None) => {}
+            Err(e) => {
+                r.corruptions += 1;
+                r.note(format!("{label} L1 entry {l1i}: {e}"));
+            }
+        }
+    }
+    for &(l1i, off) in &l2_tables {
+        let s = m.l2_slot(file, off).await?;
+        for (idx, &raw) in m.l2.get(s).table.iter().enumerate() {
+            match decode_l2(&g, raw) {
+                Ok(e) => {
+                    if let Some((c, n)) = e.host_clusters(&g) {
+                        if !refs.add(c, n) {
+                            r.corruptions += 1;
+                            r.note(format!(
+                                "cluster {c} ({label} L2 entry {idx} for L1 entry {l1i}) lies past the end of the file"
+                            ));
+                        }
+                    }
+                    if active && matches!(e, Entry::Data { .. } | Entry::Compressed { .. }) {
+                        r.allocated_clusters += 1;
+                    }
+                }
+                Err(e) => {
+                    r.corruptions += 1;
+                    r.note(format!(
+                        "{label} L2 entry {idx} of the table for L1 entry {l1i} at {off:#x}: {e}"
+                    ));
+                }
+            }
+        }
+    }
+    Ok(l2_tables)
 }

@@ -79,6 +79,7 @@ pub(crate) struct Header {
     pub refcount_table_offset: u64,
     pub refcount_table_clusters: u32,
     pub nb_snapshots: u32,
+    pub snapshots_offset: u64,
     pub incompatible: u64,
     pub autoclear: u64,
     pub refcount_order: u32,
@@ -169,6 +170,7 @@ impl Header {
             refcount_table_offset: be64(buf, 48),
             refcount_table_clusters: be32(buf, 56),
             nb_snapshots: be32(buf, 60),
+            snapshots_offset: be64(buf, 64),
             incompatible: 0,
             autoclear: 0,
             refcount_order: 4,
@@ -180,7 +182,7 @@ impl Header {
         let backing_file_offset = be64(buf, 8);
         let backing_file_size = be32(buf, 16);
         let crypt_method = be32(buf, 32);
-        let snapshots_offset = be64(buf, 64);
+        let snapshots_offset = h.snapshots_offset;
 
         if version == 3 {
             if buf.len() < V3_HEADER_LEN as usize {

@@ -83,6 +83,7 @@ mod entry;
 mod header;
 mod meta;
 mod resize;
+mod snapshot;
 
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -220,6 +221,7 @@ pub struct Qcow2Driver {
     size: AtomicU64,
     read_only: bool,
     nb_snapshots: u32,
+    snapshots_offset: u64,
     backing_file: Option<String>,
     backing_format: Option<String>,
     file_node: String,
@@ -434,7 +436,14 @@ impl Qcow2Driver {
 
         if !read_only {
             if h.incompatible & INCOMPAT_DIRTY != 0 {
-                let report = check::check_meta(&mut meta, file, true, &limits).await?;
+                let report = check::check_meta(
+                    &mut meta,
+                    file,
+                    true,
+                    &limits,
+                    (h.nb_snapshots > 0).then_some((h.snapshots_offset, h.nb_snapshots)),
+                )
+                .await?;
                 if report.corruptions > report.repaired_corruptions {
                     return Err(invalid(format!(
                         "the image is dirty and its refcounts could not be repaired: {}",
@@ -480,6 +489,7 @@ impl Qcow2Driver {
             size: AtomicU64::new(h.size),
             read_only,
             nb_snapshots: h.nb_snapshots,
+            snapshots_offset: h.snapshots_offset,
             backing_file: h.backing_file,
             backing_format: h.backing_format,
             file_node: file.name().to_owned(),
@@ -674,9 +684,6 @@ impl Qcow2Driver {
     pub async fn check(&self, node: IoRef<'_>, repair: bool) -> Result<CheckReport> {
         self.own_node(node)?;
         let (_request, node) = node.admit()?;
-        if self.nb_snapshots > 0 {
-            return Err(unsupported("checking images with internal snapshots"));
-        }
         if repair && self.read_only {
             return Err(Error::ReadOnly(node.name().to_owned()));
         }
@@ -686,7 +693,9 @@ impl Qcow2Driver {
         }
         let _excl = self.io_lock.write().await;
         let mut m = self.meta.lock().await;
-        let report = check::check_meta(&mut m, file, repair, &self.limits).await?;
+        let snapshots =
+            (self.nb_snapshots > 0).then_some((self.snapshots_offset, self.nb_snapshots));
+        let report = check::check_meta(&mut m, file, repair, &self.limits, snapshots).await?;
         if repair {
             *self.last_inflated.lock().unwrap_or_else(|e| e.into_inner()) = None;
             m.write_back(file).await?;
