@@ -442,3 +442,147 @@ fn snapshot_refcount_damage_is_reported_as_qemu_reports_it() {
     }
     assert!(cases >= 4);
 }
+
+// ---- check disagreements (issue 9, third bullet) ----------------------------
+
+const CS64K: usize = 65536;
+
+fn be64_at(b: &[u8], at: usize) -> u64 {
+    u64::from_be_bytes(b[at..at + 8].try_into().unwrap())
+}
+
+/// A 2 GiB image (four L1 entries) with 128 KiB of data at offset 0, as
+/// qemu-img/qemu-io make it; returns its bytes, the L1 table's offset, the
+/// first L2 table's offset and the first refcount block's offset.
+fn small_qemu_image(dir: &Path) -> (Vec<u8>, usize, usize, usize) {
+    let img = dir.join("small.qcow2");
+    qemu_img(&["create", "-q", "-f", "qcow2", p(&img), "2G"]);
+    qemu_io(&img, "write -P 0x5a 0 128k");
+    let b = std::fs::read(&img).unwrap();
+    let l1 = be64_at(&b, 40) as usize;
+    let l2 = (be64_at(&b, l1) & 0x00ff_ffff_ffff_fe00) as usize;
+    let rb = be64_at(&b, be64_at(&b, 48) as usize) as usize;
+    assert_eq!(b.len() % CS64K, 0);
+    (b, l1, l2, rb)
+}
+
+fn write_variant(dir: &Path, name: &str, bytes: &[u8]) -> PathBuf {
+    let img = dir.join(name);
+    std::fs::write(&img, bytes).unwrap();
+    img
+}
+
+fn our_check(env: &Env, img: &Path) -> (u64, u64, Vec<String>) {
+    let chain = open_chain(env, img, false);
+    let r = env.check(chain.top(), false).unwrap();
+    close_chain(env, chain);
+    (r.corruptions, r.leaks, r.messages)
+}
+
+#[test]
+fn refcounts_past_the_end_of_the_file_are_ignored_as_qemu_does() {
+    require_qemu();
+    let _w = common::watchdog("past_end_refcounts", Duration::from_secs(120));
+    let dir = tempfile::tempdir().unwrap();
+    let (mut b, _, _, rb) = small_qemu_image(dir.path());
+    let past = b.len() / CS64K + 5;
+    b[rb + 2 * past..rb + 2 * past + 2].copy_from_slice(&1u16.to_be_bytes());
+    let img = write_variant(dir.path(), "past.qcow2", &b);
+    assert_eq!(qemu_check(&img).0, 0);
+    let env = Env::new();
+    let (c, l, msgs) = our_check(&env, &img);
+    assert_eq!((c, l), (0, 0), "{msgs:?}");
+    // Writing allocates around it (as QEMU's allocator would): once the
+    // file has grown over it, it is a leak for QEMU and for us alike, and
+    // our repair leaves QEMU nothing to find.
+    let chain = open_chain(&env, &img, true);
+    env.write(chain.top(), 1 << 30, vec![7; 1 << 20]).unwrap();
+    env.flush(chain.top()).unwrap();
+    let r = env.check(chain.top(), false).unwrap();
+    close_chain(&env, chain);
+    let (rc, out) = qemu_check(&img);
+    assert_eq!((rc, qemu_leaks(&out)), (3, 1), "{out}");
+    assert_eq!((r.corruptions, r.leaks), (0, 1), "{:?}", r.messages);
+    let chain = open_chain(&env, &img, true);
+    let r = env.check(chain.top(), true).unwrap();
+    assert_eq!(r.repaired_leaks, 1);
+    close_chain(&env, chain);
+    assert_qemu_check_clean(&img);
+}
+
+#[test]
+fn copied_flag_on_an_unallocated_l2_entry_reads_unallocated_as_in_qemu() {
+    require_qemu();
+    let _w = common::watchdog("l2_copied_offset0", Duration::from_secs(120));
+    let dir = tempfile::tempdir().unwrap();
+    let (mut b, _, l2, _) = small_qemu_image(dir.path());
+    // Guest cluster 5: unallocated, now with only the copied flag.
+    b[l2 + 8 * 5..l2 + 8 * 6].copy_from_slice(&(1u64 << 63).to_be_bytes());
+    let img = write_variant(dir.path(), "l2.qcow2", &b);
+    assert_eq!(qemu_check(&img).0, 0);
+    let env = Env::new();
+    let (c, l, msgs) = our_check(&env, &img);
+    assert_eq!((c, l), (0, 0), "{msgs:?}");
+    let chain = open_chain(&env, &img, false);
+    let got = env.read(chain.top(), 5 * CS64K as u64, CS64K).unwrap();
+    close_chain(&env, chain);
+    assert_eq!(got, vec![0; CS64K]);
+    let raw = dir.path().join("l2.raw");
+    qemu_img(&["convert", "-O", "raw", p(&img), p(&raw)]);
+    let q = std::fs::read(&raw).unwrap();
+    assert_eq!(&q[5 * CS64K..6 * CS64K], &got[..]);
+}
+
+#[test]
+fn copied_flag_on_an_empty_l1_entry_is_corruption_as_in_qemu() {
+    require_qemu();
+    let _w = common::watchdog("l1_copied_offset0", Duration::from_secs(120));
+    let dir = tempfile::tempdir().unwrap();
+    let (mut b, l1, _, _) = small_qemu_image(dir.path());
+    b[l1 + 8..l1 + 16].copy_from_slice(&(1u64 << 63).to_be_bytes());
+    let img = write_variant(dir.path(), "l1.qcow2", &b);
+    assert_eq!(qemu_check(&img).0, 2);
+    let env = Env::new();
+    let (c, _, msgs) = our_check(&env, &img);
+    assert!(c >= 1, "{msgs:?}");
+    assert!(
+        msgs.iter().any(|m| m.contains("without an L2 table")),
+        "{msgs:?}"
+    );
+    // Reads see no table there (QEMU reads zeroes too).
+    let chain = open_chain(&env, &img, false);
+    assert_eq!(env.read(chain.top(), 1 << 29, 4096).unwrap(), vec![0; 4096]);
+    close_chain(&env, chain);
+}
+
+#[test]
+fn an_l2_table_cut_by_the_end_of_the_file_is_corruption_for_us() {
+    require_qemu();
+    let _w = common::watchdog("truncated_l2", Duration::from_secs(120));
+    let dir = tempfile::tempdir().unwrap();
+    let (b, l1, l2, rb) = small_qemu_image(dir.path());
+    // Move the L2 table to the end of the file, then cut the file in the
+    // middle of it (its entries for the data survive).
+    let k = b.len() / CS64K;
+    let mut c = b.clone();
+    c.extend_from_slice(&b[l2..l2 + CS64K]);
+    c[l1..l1 + 8].copy_from_slice(&((k * CS64K) as u64 | 1 << 63).to_be_bytes());
+    c[rb + 2 * k..rb + 2 * k + 2].copy_from_slice(&1u16.to_be_bytes());
+    c[rb + 2 * (l2 / CS64K)..rb + 2 * (l2 / CS64K) + 2].copy_from_slice(&0u16.to_be_bytes());
+    c.truncate(k * CS64K + CS64K / 2);
+    let img = write_variant(dir.path(), "cut.qcow2", &c);
+    // QEMU reads the missing half as zeroes and finds nothing wrong.
+    assert_eq!(qemu_check(&img).0, 0);
+    // We call it corruption: QEMU writes L2 tables whole, so a cut one
+    // means lost mappings; and requests through it fail rather than
+    // guess.
+    let env = Env::new();
+    let (corruptions, _, msgs) = our_check(&env, &img);
+    assert!(corruptions >= 1, "{msgs:?}");
+    let chain = open_chain(&env, &img, false);
+    assert!(matches!(
+        env.read(chain.top(), 0, 4096),
+        Err(blockgraph::Error::InvalidImage { .. })
+    ));
+    close_chain(&env, chain);
+}

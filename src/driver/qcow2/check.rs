@@ -5,7 +5,10 @@ use crate::error::Result;
 use crate::proof::RequestRef;
 
 use super::bitmap::{table_entry_valid, TABLE_OFFSET_MASK};
-use super::entry::{decode_l1, decode_l2, decode_rt, rc_get, Entry, COPIED};
+use super::entry::{
+    decode_l1, decode_l2, decode_rt, l1_copied_without_table, rc_get, Entry, COPIED,
+};
+use super::header::{be32, be64, invalid};
 use super::meta::Meta;
 use super::Qcow2Limits;
 
@@ -126,7 +129,7 @@ pub(crate) async fn check_meta(
     // (QEMU's refcount model: a snapshot adds one to each of its L2 tables
     // and to each cluster those tables map).
     if let Some((offset, nb)) = snapshots {
-        let (snaps, bytes) = super::snapshot::read_table(
+        let (snaps, bytes) = read_snapshot_table(
             file,
             g.align,
             m.file_len,
@@ -169,6 +172,7 @@ pub(crate) async fn check_meta(
     let rbe = g.rb_entries;
     let blocks = (m.rt.len() as u64).max((refs.counts.len() as u64).div_ceil(rbe));
     let mut last_used = 0u64;
+    let file_clusters = m.file_len.div_ceil(cs);
     let mut fixes: Vec<(u64, u64)> = Vec::new();
     for ti in 0..blocks {
         let block = match m
@@ -185,10 +189,16 @@ pub(crate) async fn check_meta(
         }
         for i in 0..rbe {
             let c = base + i;
+            let want = refs.get(c);
+            if c >= file_clusters && want == 0 {
+                // Past the end of the file and unreferenced: QEMU's check
+                // does not look there either (nothing lies there to leak;
+                // the allocator merely skips such clusters).
+                continue;
+            }
             let rc = block
                 .as_ref()
                 .map_or(0, |b| rc_get(b, g.refcount_order, i as usize));
-            let want = refs.get(c);
             if rc == want {
                 if rc > 0 {
                     last_used = c + 1;
@@ -341,7 +351,14 @@ async fn walk_l1(
                 refs.add(off / cs, 1);
                 l2_tables.push((l1i, off));
             }
-            Ok(None) => {}
+            Ok(None) => {
+                if l1_copied_without_table(raw) {
+                    r.corruptions += 1;
+                    r.note(format!(
+                        "{label} L1 entry {l1i}: copied flag without an L2 table"
+                    ));
+                }
+            }
             Err(e) => {
                 r.corruptions += 1;
                 r.note(format!("{label} L1 entry {l1i}: {e}"));
@@ -375,4 +392,83 @@ async fn walk_l1(
         }
     }
     Ok(l2_tables)
+}
+
+// ---- the internal snapshot table (read only for the check) ---------------
+
+/// Fixed part of a snapshot table entry.
+const SN_ENTRY_LEN: u64 = 40;
+/// QEMU's limits: extra data per entry, the whole table.
+const SN_MAX_EXTRA_DATA: u32 = 1024;
+const SN_MAX_TABLE_BYTES: u64 = 1024 * 65536;
+
+/// What `check` needs of one snapshot.
+#[derive(Debug, Clone)]
+struct SnapshotL1 {
+    id: String,
+    l1_offset: u64,
+    l1_size: u32,
+}
+
+/// Reads the `nb` entries of the snapshot table at `offset`; returns them
+/// and the table's size in bytes (QEMU's rules: bounded extra data, L1
+/// offsets aligned, L1 tables no larger than `max_l1_bytes`, the table no
+/// larger than 64 MiB and inside the file).
+async fn read_snapshot_table(
+    file: RequestRef<'_>,
+    align: u64,
+    file_len: u64,
+    cluster_size: u64,
+    offset: u64,
+    nb: u32,
+    max_l1_bytes: u64,
+) -> Result<(Vec<SnapshotL1>, u64)> {
+    let mut out = Vec::new();
+    let mut pos = offset;
+    for i in 0..nb {
+        if pos + SN_ENTRY_LEN > file_len {
+            return Err(invalid(format!(
+                "snapshot table entry {i} lies past the end of the file"
+            )));
+        }
+        let e = super::read_file(file, align, file_len, pos, SN_ENTRY_LEN as usize).await?;
+        let l1_offset = be64(&e, 0);
+        let l1_size = be32(&e, 8);
+        let id_len = u16::from_be_bytes([e[12], e[13]]);
+        let name_len = u16::from_be_bytes([e[14], e[15]]);
+        let extra = be32(&e, 36);
+        if extra > SN_MAX_EXTRA_DATA {
+            return Err(invalid(format!(
+                "snapshot {i}: {extra} bytes of extra data (at most {SN_MAX_EXTRA_DATA})"
+            )));
+        }
+        let id_at = pos + SN_ENTRY_LEN + u64::from(extra);
+        let id = super::read_file(file, align, file_len, id_at, id_len as usize).await?;
+        let id = String::from_utf8_lossy(&id).into_owned();
+        let len = (SN_ENTRY_LEN + u64::from(extra) + u64::from(id_len) + u64::from(name_len))
+            .div_ceil(8)
+            * 8;
+        pos += len;
+        if pos - offset > SN_MAX_TABLE_BYTES || pos > file_len {
+            return Err(invalid(
+                "the snapshot table is too large or runs past the end of the file",
+            ));
+        }
+        if l1_offset % cluster_size != 0 {
+            return Err(invalid(format!(
+                "snapshot '{id}': L1 table offset {l1_offset:#x} is not cluster aligned"
+            )));
+        }
+        if u64::from(l1_size) * 8 > max_l1_bytes {
+            return Err(invalid(format!(
+                "snapshot '{id}': L1 table of {l1_size} entries is too large"
+            )));
+        }
+        out.push(SnapshotL1 {
+            id,
+            l1_offset,
+            l1_size,
+        });
+    }
+    Ok((out, pos - offset))
 }

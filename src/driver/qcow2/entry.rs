@@ -55,7 +55,9 @@ impl Entry {
     }
 }
 
-/// The L2 table offset in an L1 entry (`None`: no table).
+/// The L2 table offset in an L1 entry (`None`: no table). An entry with
+/// only the copied flag has no table (as QEMU reads it); `check` reports
+/// it, see [`l1_copied_without_table`].
 pub(crate) fn decode_l1(geo: &Geo, raw: u64, file_len: u64) -> Result<Option<u64>> {
     if raw & L1_RESERVED != 0 {
         return Err(invalid(format!(
@@ -77,6 +79,13 @@ pub(crate) fn decode_l1(geo: &Geo, raw: u64, file_len: u64) -> Result<Option<u64
         )));
     }
     Ok(Some(off))
+}
+
+/// An L1 entry with the copied flag but no L2 table offset: malformed (the
+/// flag describes a table's refcount). QEMU's check walks it as a table at
+/// offset 0 (the header) and reports corruption; so do we, without the walk.
+pub(crate) fn l1_copied_without_table(raw: u64) -> bool {
+    raw & COPIED != 0 && raw & OFFSET_MASK == 0
 }
 
 /// Decodes one L2 entry.
@@ -120,11 +129,9 @@ pub(crate) fn decode_l2(geo: &Geo, raw: u64) -> Result<Entry> {
         });
     }
     if host == 0 {
-        if copied {
-            return Err(invalid(
-                "L2 entry with offset 0 and the copied flag (external data files are unsupported)",
-            ));
-        }
+        // The copied flag on an entry without a cluster means nothing
+        // (images with an external data file, where it would, are refused
+        // at open): unallocated, as QEMU reads it.
         return Ok(Entry::Unallocated);
     }
     Ok(Entry::Data { host, copied })

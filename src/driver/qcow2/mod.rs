@@ -83,7 +83,6 @@ mod entry;
 mod header;
 mod meta;
 mod resize;
-mod snapshot;
 
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
