@@ -250,6 +250,182 @@ fn unsupported_features_are_refused_not_misread() {
     );
 }
 
+/// Where the end-of-extensions marker of a `base_image` lies.
+fn end_marker(b: &[u8]) -> usize {
+    let mut pos = 104;
+    loop {
+        let ty = u32::from_be_bytes(b[pos..pos + 4].try_into().unwrap());
+        let len = u32::from_be_bytes(b[pos + 4..pos + 8].try_into().unwrap()) as usize;
+        if ty == 0 {
+            return pos;
+        }
+        pos += 8 + len.div_ceil(8) * 8;
+    }
+}
+
+/// Header edges (issue 9): QEMU's behaviour as the reference, the spec as
+/// the tie-breaker; each a clear error or a correct reading, never a panic.
+#[test]
+fn header_edges_are_read_as_qemu_reads_them_or_refused() {
+    let env = Env::new();
+    let good = base_image(&env, v3());
+
+    // header_length not a multiple of 8: the spec forbids it; QEMU reads
+    // the extensions from the unaligned offset (misreading them: at 105
+    // it silently drops every extension, at 108 it fails). Refused.
+    for len in [105u32, 108, 111] {
+        let mut b = good.clone();
+        put32(&mut b, 100, len);
+        assert_invalid(
+            open_err(&env, b, Qcow2Options::read_only()),
+            "header_length",
+        );
+    }
+
+    // End marker with a length past the extension area: QEMU refuses
+    // ("Header extension too large"); so do we. A length that fits is
+    // harmless (QEMU accepts it too).
+    let end = end_marker(&good);
+    let mut b = good.clone();
+    put32(&mut b, end + 4, 0xffff_ff00);
+    assert_invalid(open_err(&env, b, Qcow2Options::read_only()), "too large");
+    let mut b = good.clone();
+    put32(&mut b, end + 4, 16);
+    let node = env.open_bytes(b, Qcow2Options::read_only()).unwrap();
+    assert_eq!(env.read(&node, 0, 4).unwrap(), vec![0, 1, 2, 3]);
+
+    // A compression type byte without the feature bit (header long
+    // enough to hold it): the spec says it must be zero; QEMU refuses.
+    let mut b = good.clone();
+    put32(&mut b, 100, 112);
+    // The extensions move up by 8 bytes to start after the longer header.
+    let ext: Vec<u8> = b[104..end + 8].to_vec();
+    b[112..112 + ext.len()].copy_from_slice(&ext);
+    b[104..112].fill(0);
+    let zlib = b.clone();
+    b[104] = 1;
+    assert_invalid(
+        open_err(&env, b, Qcow2Options::read_only()),
+        "compression type 1",
+    );
+    // The same header with a zero byte (zlib) reads fine.
+    let node = env.open_bytes(zlib, Qcow2Options::read_only()).unwrap();
+    assert_eq!(env.read(&node, 0, 4).unwrap(), vec![0, 1, 2, 3]);
+
+    // A crypto header extension in an unencrypted image: the spec allows it
+    // only with LUKS; QEMU refuses.
+    let mut b = good;
+    put32(&mut b, end, 0x0537_be77);
+    put32(&mut b, end + 4, 16);
+    put64(&mut b, end + 8, 5 * CS);
+    put64(&mut b, end + 16, 512);
+    put64(&mut b, end + 24, 0);
+    assert_invalid(open_err(&env, b, Qcow2Options::read_only()), "crypto");
+}
+
+/// `good` with a bitmaps extension (`ext`: its 24 bytes) in place of the
+/// end marker, auto-clear bit 0 set, and `dir` as the directory in
+/// cluster 5.
+fn with_bitmaps(good: &[u8], ext: [u64; 3], dir: &[u8]) -> Vec<u8> {
+    let mut b = good.to_vec();
+    let end = end_marker(&b);
+    put32(&mut b, end, 0x2385_2875);
+    put32(&mut b, end + 4, 24);
+    put32(&mut b, end + 8, ext[0] as u32);
+    put32(&mut b, end + 12, (ext[0] >> 32) as u32);
+    put64(&mut b, end + 16, ext[1]);
+    put64(&mut b, end + 24, ext[2]);
+    put64(&mut b, end + 32, 0);
+    put64(&mut b, 88, 1);
+    let at = 5 * CS as usize;
+    b[at..at + dir.len()].copy_from_slice(dir);
+    b
+}
+
+/// One bitmap directory entry: table at cluster 6, one table entry.
+fn bitmap_entry(name: &str, granularity_bits: u8, flags: u32, extra: u32) -> Vec<u8> {
+    let mut e = vec![0u8; 24];
+    put64(&mut e, 0, 6 * CS);
+    put32(&mut e, 8, 1);
+    put32(&mut e, 12, flags);
+    e[16] = 1;
+    e[17] = granularity_bits;
+    e[18..20].copy_from_slice(&(name.len() as u16).to_be_bytes());
+    put32(&mut e, 20, extra);
+    e.extend(std::iter::repeat_n(0u8, extra as usize));
+    e.extend_from_slice(name.as_bytes());
+    while e.len() % 8 != 0 {
+        e.push(0);
+    }
+    e
+}
+
+#[test]
+fn hostile_bitmaps_extensions_get_clear_errors() {
+    let env = Env::new();
+    let good = base_image(&env, v3());
+    let entry = bitmap_entry("b0", 16, 2, 0);
+    let n = entry.len() as u64;
+    let dir_off = 5 * CS;
+
+    // A valid one is listed.
+    let b = with_bitmaps(&good, [1, n, dir_off], &entry);
+    let node = env.open_bytes(b, Qcow2Options::read_only()).unwrap();
+    let node2 = node.clone();
+    let list = env.main.run(move |bql| {
+        node2
+            .gs(bql)
+            .driver_as::<blockgraph::drivers::Qcow2Driver>()
+            .unwrap()
+            .bitmaps()
+    });
+    assert_eq!(list.len(), 1);
+    assert_eq!((list[0].name.as_str(), list[0].granularity), ("b0", 65536));
+    assert!(list[0].auto && !list[0].in_use);
+
+    // Malformed extensions and directories.
+    let cases: Vec<([u64; 3], Vec<u8>, &str)> = vec![
+        ([0, n, dir_off], entry.clone(), "0 bitmaps"),
+        ([1 | (7 << 32), n, dir_off], entry.clone(), "reserved"),
+        ([1, n, 1 << 40], entry.clone(), "bitmap directory"),
+        ([1, n, dir_off + 512], entry.clone(), "bitmap directory"),
+        ([1, 1 << 40, dir_off], entry.clone(), "directory of"),
+        ([2, n, dir_off], entry.clone(), "fewer bitmaps"),
+        (
+            [1, n - 8, dir_off],
+            entry.clone(),
+            "broken bitmap directory",
+        ),
+        ([1, n, dir_off], bitmap_entry("b0", 40, 2, 0), "constraints"),
+        (
+            [1, n, dir_off],
+            bitmap_entry("b0", 16, 1 << 5, 0),
+            "constraints",
+        ),
+    ];
+    for (ext, dir, needle) in cases {
+        let b = with_bitmaps(&good, ext, &dir);
+        assert_invalid(open_err(&env, b, Qcow2Options::read_only()), needle);
+    }
+    let extra = bitmap_entry("b0", 16, 2, 8);
+    let b = with_bitmaps(&good, [1, extra.len() as u64, dir_off], &extra);
+    assert_unsupported(open_err(&env, b, Qcow2Options::read_only()), "extra data");
+
+    // Without auto-clear bit 0 the extension is stale: ignored, whatever
+    // it says (its length is still checked, as QEMU does).
+    let mut b = with_bitmaps(&good, [0, 0, 1 << 40], &entry);
+    put64(&mut b, 88, 0);
+    env.open_bytes(b, Qcow2Options::read_only()).unwrap();
+    let mut b = with_bitmaps(&good, [1, n, dir_off], &entry);
+    put64(&mut b, 88, 0);
+    let end = end_marker(&good);
+    put32(&mut b, end + 4, 16);
+    assert_invalid(
+        open_err(&env, b, Qcow2Options::read_only()),
+        "bitmaps extension",
+    );
+}
+
 #[test]
 fn corrupt_bit_and_snapshots_allow_reading_only() {
     let env = Env::new();

@@ -202,6 +202,17 @@ impl Header {
                     h.header_length
                 )));
             }
+            // A compression type byte other than zlib's without the feature
+            // bit violates the spec; QEMU refuses it too.
+            if h.header_length > V3_HEADER_LEN
+                && buf[104] != 0
+                && h.incompatible & INCOMPAT_COMPRESSION == 0
+            {
+                return Err(invalid(format!(
+                    "compression type {} without the compression type feature bit",
+                    buf[104]
+                )));
+            }
             if h.refcount_order > 6 {
                 return Err(invalid(format!(
                     "refcount_order {} is larger than 6",
@@ -228,13 +239,16 @@ impl Header {
             let ty = be32(buf, pos);
             let len = be32(buf, pos + 4) as usize;
             pos += 8;
-            if ty == EXT_END {
-                break;
-            }
+            // Checked before the end marker, as QEMU does ("Header
+            // extension too large"): an end marker whose length runs past
+            // the extension area is malformed too.
             if len > ext_limit - pos {
                 return Err(invalid(format!(
-                    "header extension {ty:#010x} of {len} bytes runs past the first cluster"
+                    "header extension {ty:#010x} of {len} bytes is too large (runs past the extension area)"
                 )));
+            }
+            if ty == EXT_END {
+                break;
             }
             let data = &buf[pos..pos + len];
             match ty {
@@ -271,6 +285,10 @@ impl Header {
                     if h.autoclear & AUTOCLEAR_BITMAPS != 0 {
                         h.bitmaps = Some(parse_bitmaps_ext(data, cluster_size, file_len)?);
                     }
+                }
+                EXT_CRYPTO if crypt_method != 2 => {
+                    // The spec: present if and only if LUKS is used.
+                    return Err(invalid("crypto header extension without LUKS encryption"));
                 }
                 EXT_CRYPTO | EXT_DATA_FILE => {} // judged by header fields below
                 _ => {}                          // unknown: safe to ignore
