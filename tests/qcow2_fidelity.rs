@@ -18,7 +18,7 @@ use std::time::Duration;
 
 use blockgraph::drivers::qcow2::{open_image_chain, BitmapInfo, ChainOptions, ImageChain};
 use blockgraph::drivers::Qcow2Driver;
-use blockgraph::NodeHandle;
+use blockgraph::{BackendOptions, NodeHandle};
 use qcow2_util::{have_qemu, qemu_img, qemu_io, Env};
 
 fn require_qemu() {
@@ -258,6 +258,43 @@ fn our_writes_mark_bitmaps_in_use_and_qemu_check_stays_clean() {
     qemu_img(&["bitmap", "--remove", p(&img), "b1"]);
     assert!(qemu_bitmaps(&img).is_empty());
     assert_qemu_check_clean(&img);
+}
+
+#[test]
+fn our_resize_marks_bitmaps_in_use_and_qemu_accepts_the_image() {
+    require_qemu();
+    let _w = common::watchdog("bitmaps_resize", Duration::from_secs(120));
+    let dir = tempfile::tempdir().unwrap();
+    let img = image_with_bitmaps(dir.path());
+    let env = Env::new();
+    let chain = open_chain(&env, &img, true);
+    let node = chain.top().clone();
+    let name = env.name("blk");
+    let blk = env
+        .main
+        .run(move |bql| bql.write(|w| w.add_backend(&name, &node, BackendOptions::resizable())))
+        .unwrap();
+    let b = blk.clone();
+    env.on_io(move |mut cx| async move { b.truncate(&mut cx, 64 << 20).await })
+        .unwrap();
+    let b = blk.clone();
+    env.on_io(move |mut cx| async move { b.flush(&mut cx).await })
+        .unwrap();
+    assert_eq!(our_bitmaps(&env, chain.top()), expected_bitmaps(true));
+    env.main
+        .run(move |bql| bql.write(|w| w.remove_backend(&blk)))
+        .unwrap();
+    close_chain(&env, chain);
+    assert_qemu_check_clean(&img);
+    // In use, their tables sized for 16 MiB: QEMU accepts them as stale.
+    assert_eq!(
+        qemu_bitmaps(&img),
+        vec![
+            ("b0".to_owned(), 65536, strs(&["in-use", "auto"])),
+            ("b1".to_owned(), 131072, strs(&["in-use"])),
+        ]
+    );
+    assert!(qemu_img(&["info", p(&img)]).contains("64 MiB"));
 }
 
 /// Sets or clears bit `bit` of the big-endian 64-bit header field at `at`.
