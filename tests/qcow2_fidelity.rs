@@ -17,7 +17,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use blockgraph::drivers::qcow2::{open_image_chain, BitmapInfo, ChainOptions, ImageChain};
-use blockgraph::drivers::Qcow2Driver;
+use blockgraph::drivers::{FileDriver, FileOptions, Qcow2Driver, Qcow2Options};
 use blockgraph::{BackendOptions, NodeHandle};
 use qcow2_util::{have_qemu, qemu_img, qemu_io, Env};
 
@@ -622,4 +622,96 @@ fn an_l2_table_cut_by_the_end_of_the_file_is_corruption_for_us() {
         Err(blockgraph::Error::InvalidImage { .. })
     ));
     close_chain(&env, chain);
+}
+
+/// `Qcow2Driver::check_image` on the file at `path` (a file node of its
+/// own, removed afterwards).
+fn check_image(env: &Env, path: &Path, repair: bool) -> blockgraph::drivers::qcow2::CheckReport {
+    let drv = FileDriver::open(path, FileOptions::default()).unwrap();
+    let name = env.name("f");
+    let file = env
+        .main
+        .run(move |bql| bql.write(|w| w.add_node(&name, drv, &[])))
+        .unwrap();
+    let f = file.clone();
+    let r = env
+        .on_io(move |mut cx| async move {
+            let g = cx.read().await;
+            Qcow2Driver::check_image(f.io(&g), Qcow2Options::default(), repair).await
+        })
+        .unwrap();
+    env.remove(&file).unwrap();
+    r
+}
+
+/// What QEMU reads from snapshot `sn` (or the active layer).
+fn qemu_read(img: &Path, sn: Option<&str>, out: &Path) -> Vec<u8> {
+    let mut args = vec!["convert".to_owned(), "-O".into(), "raw".into()];
+    if let Some(sn) = sn {
+        args.push("-l".into());
+        args.push(format!("snapshot.name={sn}"));
+    }
+    args.push(p(img).into());
+    args.push(p(out).into());
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    qemu_img(&args);
+    std::fs::read(out).unwrap()
+}
+
+#[test]
+fn repair_of_a_snapshot_image_never_frees_what_snapshots_use() {
+    require_qemu();
+    let _w = common::watchdog("snapshots_repair", Duration::from_secs(180));
+    let dir = tempfile::tempdir().unwrap();
+    let img = image_with_snapshots(dir.path());
+    let out = dir.path().join("out.raw");
+    let before: Vec<Vec<u8>> = [Some("s1"), Some("s2"), None]
+        .iter()
+        .map(|sn| qemu_read(&img, *sn, &out))
+        .collect();
+    let rcs = refcounts(&img);
+    // A leak (a cluster shared by three tables counted four times) and a
+    // corruption (one shared by two counted once), plus the dirty bit.
+    let three = rcs
+        .iter()
+        .find(|r| r.1 == 3)
+        .expect("a cluster shared by 3")
+        .0;
+    let two = rcs
+        .iter()
+        .rfind(|r| r.1 == 2)
+        .expect("a cluster shared by 2")
+        .0;
+    set_refcount(&img, three, 4);
+    set_refcount(&img, two, 1);
+    set_header_bit(&img, 72, 0, true);
+    let (rc, out_q) = qemu_check(&img);
+    assert_eq!(rc, 2, "{out_q}");
+
+    let env = Env::new();
+    let r = check_image(&env, &img, false);
+    assert_eq!(
+        (r.corruptions, r.leaks),
+        (qemu_errors(&out_q), qemu_leaks(&out_q)),
+        "{:?}",
+        r.messages
+    );
+    let r = check_image(&env, &img, true);
+    assert!(r.is_clean(), "{r:?}");
+    assert!(
+        r.repaired_leaks >= 1 && r.repaired_corruptions >= 1,
+        "{r:?}"
+    );
+    assert_qemu_check_clean(&img);
+    let info = qemu_img(&["info", p(&img)]);
+    assert!(info.contains("s1") && info.contains("s2"), "{info}");
+    assert!(!info.contains("dirty"), "{info}");
+    let after: Vec<Vec<u8>> = [Some("s1"), Some("s2"), None]
+        .iter()
+        .map(|sn| qemu_read(&img, *sn, &out))
+        .collect();
+    assert!(before == after, "a snapshot or the active layer changed");
+    // And our own check agrees.
+    let r = check_image(&env, &img, false);
+    assert_eq!((r.corruptions, r.leaks), (0, 0), "{:?}", r.messages);
 }
