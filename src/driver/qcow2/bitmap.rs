@@ -2,6 +2,11 @@
 //! their clusters are accounted for and kept, and so that writes by us keep
 //! QEMU's rules for them. We do not track dirty regions ourselves.
 
+use crate::error::Result;
+use crate::proof::RequestRef;
+
+use super::header::{be32, be64, invalid, BitmapsExt, AUTOCLEAR_BITMAPS, OFF_AUTOCLEAR};
+
 /// One persistent dirty bitmap stored in the image, as listed in its
 /// bitmap directory.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -17,11 +22,6 @@ pub struct BitmapInfo {
     /// The `auto` flag: QEMU enables the bitmap (tracks writes) on open.
     pub auto: bool,
 }
-
-use crate::error::Result;
-use crate::proof::RequestRef;
-
-use super::header::{be32, be64, invalid, BitmapsExt, AUTOCLEAR_BITMAPS, OFF_AUTOCLEAR};
 
 /// Bitmap directory entry flag: the bitmap may be inconsistent.
 pub(crate) const FLAG_IN_USE: u32 = 1 << 0;

@@ -147,7 +147,15 @@ pub(crate) async fn check_meta(
             if l1_bytes == 0 {
                 continue;
             }
-            if sn.l1_offset == 0 || !refs.add(sn.l1_offset / cs, l1_bytes.div_ceil(cs)) {
+            if sn.l1_offset == 0 {
+                r.corruptions += 1;
+                r.note(format!(
+                    "the L1 table of snapshot '{}' is at offset 0 (the header)",
+                    sn.id
+                ));
+                continue;
+            }
+            if !refs.add(sn.l1_offset / cs, l1_bytes.div_ceil(cs)) {
                 outside(&mut r, format!("the L1 table of snapshot '{}'", sn.id));
                 continue;
             }
