@@ -5,6 +5,12 @@
 //!   check (never leaks, never freed by a repair), untouched by read-only
 //!   use and by a writable open that changes nothing, and marked in use
 //!   (QEMU's "inconsistent") before the first change we make.
+//! * Internal snapshots (`qemu-img snapshot -c`): `check` counts every
+//!   snapshot's tables, reports damage as `qemu-img check` does, and
+//!   `Qcow2Driver::check_image` repairs without freeing anything a snapshot
+//!   uses.
+//! * Check disagreements with QEMU, each settled and judged by
+//!   `qemu-img check` too.
 //!
 //! Every image is made by `qemu-img`/`qemu-io` and judged by them
 //! afterwards. Decisions and reasons: `notes/qcow2-fidelity-meta.md`.
