@@ -619,35 +619,29 @@ fn a_panic_in_reopen_changes_nothing() {
     });
 }
 
+/// Drains and un-drains `nodes[0]` (the panicking `top`), returning the
+/// panic's message, and checks that no section is left behind.
+fn drain_and_end(main: &MainLoop, nodes: &[NodeHandle]) -> String {
+    let top = nodes[0].clone();
+    let msg = panics(|| {
+        main.run(move |bql| {
+            let drained = bql.drain(&top);
+            drop(drained);
+        })
+    });
+    let top = nodes[0].clone();
+    assert_eq!(main.run(move |bql| top.gs(bql).drain_count()), 0);
+    msg
+}
+
 #[test]
 fn a_panic_in_drained_begin_ends_the_section() {
-    bomb_test(Bomb::DrainedBegin, |main, nodes| {
-        let top = nodes[0].clone();
-        let msg = panics(|| {
-            main.run(move |bql| {
-                let _d = bql.drain(&top);
-            })
-        });
-        let top = nodes[0].clone();
-        assert_eq!(main.run(move |bql| top.gs(bql).drain_count()), 0);
-        msg
-    });
+    bomb_test(Bomb::DrainedBegin, drain_and_end);
 }
 
 #[test]
 fn a_panic_in_drained_end_still_ends_the_section() {
-    bomb_test(Bomb::DrainedEnd, |main, nodes| {
-        let top = nodes[0].clone();
-        let msg = panics(|| {
-            main.run(move |bql| {
-                let d = bql.drain(&top);
-                drop(d);
-            })
-        });
-        let top = nodes[0].clone();
-        assert_eq!(main.run(move |bql| top.gs(bql).drain_count()), 0);
-        msg
-    });
+    bomb_test(Bomb::DrainedEnd, drain_and_end);
 }
 
 #[test]
