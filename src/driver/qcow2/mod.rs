@@ -82,6 +82,7 @@ mod entry;
 mod header;
 mod meta;
 mod resize;
+mod snapshot;
 
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -106,6 +107,7 @@ pub use chain::{
 };
 pub use check::CheckReport;
 pub use create::CreateOptions;
+pub use snapshot::SnapshotInfo;
 
 /// Bounds on what an untrusted image may make us allocate or address.
 ///
@@ -324,6 +326,18 @@ impl Qcow2Driver {
     }
 
     async fn open_in_request(file: RequestRef<'_>, options: Qcow2Options) -> Result<Qcow2Driver> {
+        Self::open_with(file, options, false).await
+    }
+
+    /// [`Self::open_in_request`]; `for_snapshots` lets an image with
+    /// internal snapshots open writable, for the snapshot operations of
+    /// `snapshot.rs` alone (guest writes would need copy-on-write of
+    /// shared L2 tables).
+    async fn open_with(
+        file: RequestRef<'_>,
+        options: Qcow2Options,
+        for_snapshots: bool,
+    ) -> Result<Qcow2Driver> {
         let file_len = file.length().await?;
         let align = u64::from(file.request_alignment().max(1));
         let limits = options.limits.clone();
@@ -349,7 +363,13 @@ impl Qcow2Driver {
             )));
         }
         let mut read_only = options.read_only;
-        if !read_only && h.nb_snapshots > 0 {
+        if !read_only && h.nb_snapshots > 0 && h.incompatible & INCOMPAT_DIRTY != 0 {
+            // Repairing refcounts walks the active L1 table only.
+            return Err(unsupported(
+                "repairing a dirty image with internal snapshots (use qemu-img check -r all)",
+            ));
+        }
+        if !read_only && h.nb_snapshots > 0 && !for_snapshots {
             return Err(unsupported(
                 "internal snapshots when writing (open read-only to read the active layer)",
             ));
@@ -359,7 +379,7 @@ impl Qcow2Driver {
                 "the image is marked corrupt; open it read-only or repair it with qemu-img check -r all",
             ));
         }
-        if h.nb_snapshots > 0 {
+        if h.nb_snapshots > 0 && !for_snapshots {
             read_only = true;
         }
 
@@ -1348,5 +1368,56 @@ impl BlockDriver for Qcow2Driver {
                 n,
             ))
         })
+    }
+}
+
+/// What `qemu-img info` reports about a qcow2 image beyond its geometry
+/// (its "format-specific" data and dirty flag), read from the header as
+/// it is now.
+impl Qcow2Driver {
+    /// Bits per refcount entry (QEMU's `refcount_bits`: 1 to 64).
+    pub fn refcount_bits(&self) -> u32 {
+        1 << self.geo.refcount_order
+    }
+
+    /// The header's feature words: (incompatible, compatible), zero for
+    /// version 2 images, which have none.
+    async fn feature_words(&self) -> (u64, u64) {
+        if self.geo.version < 3 {
+            return (0, 0);
+        }
+        let m = self.meta.lock().await;
+        (header::be64(&m.hdr, 72), header::be64(&m.hdr, 80))
+    }
+
+    /// Whether the image uses lazy refcounts (compatible feature bit 0).
+    pub async fn lazy_refcounts(&self) -> bool {
+        self.feature_words().await.1 & 1 != 0
+    }
+
+    /// Whether the image was not closed cleanly (the dirty bit).
+    pub async fn is_dirty(&self) -> bool {
+        self.feature_words().await.0 & INCOMPAT_DIRTY != 0
+    }
+
+    /// Whether the image is marked corrupt (the corrupt bit).
+    pub async fn is_corrupt(&self) -> bool {
+        self.feature_words().await.0 & INCOMPAT_CORRUPT != 0
+    }
+
+    /// Whether the image uses extended L2 entries (subclusters).
+    pub async fn extended_l2(&self) -> bool {
+        self.feature_words().await.0 & header::INCOMPAT_EXTL2 != 0
+    }
+
+    /// The compression type's name, as QEMU spells it (`zlib`: images
+    /// using another are refused at open).
+    pub fn compression_type(&self) -> &'static str {
+        "zlib"
+    }
+
+    /// How many internal snapshots the image has.
+    pub fn snapshot_count(&self) -> u32 {
+        self.nb_snapshots
     }
 }
