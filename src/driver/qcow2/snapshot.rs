@@ -30,7 +30,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use crate::error::{Error, Result};
 use crate::proof::{IoRef, RequestRef};
 
-use super::entry::{decode_l1, decode_l2, Entry, COPIED, OFFSET_MASK};
+use super::entry::{decode_l1, decode_l2, rc_max, Entry, COPIED, OFFSET_MASK};
 use super::header::{be32, be64, invalid};
 use super::meta::Meta;
 use super::{read_file, Qcow2Driver, Qcow2Options};
@@ -258,6 +258,40 @@ async fn update_refcounts(
     Ok(())
 }
 
+/// Fails, changing nothing, if some cluster `l1` reaches could not take
+/// one more reference (1-bit refcounts always; narrow ones at their
+/// maximum). QEMU finds out half way and leaks; we look first.
+async fn check_room(m: &mut Meta, file: RequestRef<'_>, l1: &[u64]) -> Result<()> {
+    let g = m.geo;
+    let max = rc_max(g.refcount_order);
+    let full = |c: u64| {
+        Error::InvalidArgument(format!(
+            "cluster {c} already has the most references {}-bit refcounts can count",
+            1u32 << g.refcount_order
+        ))
+    };
+    for &e in l1 {
+        let Some(l2_off) = decode_l1(&g, e, m.file_len)? else {
+            continue;
+        };
+        if m.refcount(file, l2_off / g.cs).await? >= max {
+            return Err(full(l2_off / g.cs));
+        }
+        let s = m.l2_slot(file, l2_off).await?;
+        let table = m.l2.get(s).table.clone();
+        for raw in table {
+            if let Some((c, n)) = decode_l2(&g, raw)?.host_clusters(&g) {
+                for c in c..c + n {
+                    if m.refcount(file, c).await? >= max {
+                        return Err(full(c));
+                    }
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Runs [`update_refcounts`] on the active L1 table and marks it for
 /// writing back.
 async fn update_active(m: &mut Meta, file: RequestRef<'_>, addend: i64) -> Result<()> {
@@ -420,6 +454,8 @@ impl Qcow2Driver {
             .unwrap_or(0)
             + 1;
         sync(&mut m, file).await?;
+        let active = m.l1.clone();
+        check_room(&mut m, file, &active).await?;
 
         // The copy of the active L1 table.
         let cs = m.geo.cs;
@@ -513,6 +549,7 @@ impl Qcow2Driver {
         let sn = &snaps[find(&snaps, key)?];
         let mut sn_l1 = read_l1(&m, file, sn.l1_offset, sn.l1_size).await?;
         sync(&mut m, file).await?;
+        check_room(&mut m, file, &sn_l1).await?;
         if sn_l1.len() > m.l1.len() {
             m.grow_l1(file, sn_l1.len() as u64).await?;
         }
