@@ -10,7 +10,7 @@ mod qcow2_util;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use blockgraph::drivers::qcow2::SnapshotInfo;
+use blockgraph::drivers::qcow2::{open_image_chain, ChainOptions, SnapshotInfo};
 use blockgraph::drivers::{FileDriver, FileOptions, Qcow2Driver, Qcow2Options};
 use blockgraph::{Error, NodeHandle};
 use qcow2_util::{have_qemu, qemu_img, qemu_io, Env, Rng};
@@ -278,16 +278,21 @@ fn random_snapshot_operations_keep_refcounts_exact() {
     let mut current = d.join("empty.raw");
     save_raw(&img, &current);
     let mut done = [0usize; 4];
-    for step in 0..40 {
+    for step in 0..60 {
         let op = rng.below(5) as usize;
         match op {
             0 | 1 => {
                 let off = rng.below(512) * 4096;
                 let len = (rng.below(64) + 1) * 1024;
                 let pat = rng.below(255) + 1;
-                // Guest writes (copy on write once snapshots exist) by QEMU:
-                // we keep such images read-only.
-                qemu_io(&img, &format!("write -P {pat} {off} {len}"));
+                // Guest writes (copy on write once snapshots exist), by
+                // QEMU or by us.
+                if rng.below(2) == 0 {
+                    qemu_io(&img, &format!("write -P {pat} {off} {len}"));
+                } else {
+                    let data = vec![pat as u8; len as usize];
+                    write_through_us(&env, &img, vec![(off, data)], Vec::new(), Vec::new());
+                }
                 done[0] += 1;
                 current = d.join(format!("s{step}.raw"));
                 save_raw(&img, &current);
@@ -439,5 +444,114 @@ fn hostile_snapshot_tables_are_errors_not_panics() {
             assert!(r.is_err(), "{what}: accepted");
         }
         assert_eq!(std::fs::read(&img).unwrap(), b, "{what}: changed");
+    }
+}
+
+/// Writes through our driver to the image at `path` (writable, with its
+/// backing chain): `(offset, data)` writes, then zeroes and discards, then
+/// a flush; the nodes are removed again.
+fn write_through_us(
+    env: &Env,
+    path: &Path,
+    writes: Vec<(u64, Vec<u8>)>,
+    zeroes: Vec<(u64, u64)>,
+    discards: Vec<(u64, u64)>,
+) {
+    let path = path.to_path_buf();
+    let name = env.name("img");
+    let chain = env
+        .on_io(move |mut cx| async move {
+            let opts = ChainOptions::new(name);
+            open_image_chain(&mut cx, &path, opts).await
+        })
+        .unwrap_or_else(|e| panic!("opening writable: {e}"));
+    let top = chain.top().clone();
+    for (off, data) in writes {
+        env.write(&top, off, data).unwrap();
+    }
+    for (off, len) in zeroes {
+        env.write_zeroes(&top, off, len).unwrap();
+    }
+    for (off, len) in discards {
+        env.discard(&top, off, len).unwrap();
+    }
+    env.flush(&top).unwrap();
+    for img in &chain.images {
+        if img.format == "qcow2" {
+            env.remove(&img.node).unwrap();
+        }
+    }
+    for img in &chain.images {
+        env.remove(&img.file).unwrap();
+    }
+}
+
+/// Guest writes, write-zeroes and discards through our driver on an image
+/// whose clusters and L2 tables snapshots share: the shared clusters are
+/// copied, never changed, so every snapshot still reads as it did, the
+/// active layer reads what was written, and refcounts stay exact.
+#[test]
+fn guest_writes_copy_what_snapshots_share() {
+    let _w = common::watchdog("cow", BUDGET);
+    require_qemu();
+    let env = Env::new();
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    for opts in [
+        "cluster_size=4096",
+        "cluster_size=65536,compat=0.10",
+        "cluster_size=512,refcount_bits=64",
+    ] {
+        let img = new_image(d, "w.qcow2", opts, "3M");
+        qemu_io(&img, "write -P 0x11 0 1M");
+        qemu_io(&img, "write -c -P 0x12 2M 64k");
+        create(&env, &img, "ours");
+        save_raw(&img, &d.join("ours.raw"));
+        qemu_io(&img, "write -P 0x13 512k 256k");
+        qemu_img(&["snapshot", "-c", "theirs", p(&img)]);
+        save_raw(&img, &d.join("theirs.raw"));
+
+        let mut model = std::fs::read(d.join("theirs.raw")).unwrap();
+        let mut rng = Rng::new(opts.len() as u64);
+        let mut writes = Vec::new();
+        for _ in 0..40 {
+            let off = rng.below(3 << 20);
+            let len = (rng.below(96 << 10) + 1).min((3 << 20) - off);
+            let data = rng.bytes(len as usize);
+            model[off as usize..(off + len) as usize].copy_from_slice(&data);
+            writes.push((off, data));
+        }
+        let v3 = !opts.contains("0.10");
+        let (zeroes, discards) = if v3 {
+            model[(1 << 20)..(1 << 20) + (128 << 10)].fill(0);
+            model[(2 << 20)..(2 << 20) + (64 << 10)].fill(0);
+            (vec![(1 << 20, 128 << 10)], vec![(2 << 20, 64 << 10)])
+        } else {
+            model[(1 << 20)..(1 << 20) + (128 << 10)].fill(0);
+            (vec![(1 << 20, 128 << 10)], Vec::new())
+        };
+        write_through_us(&env, &img, writes, zeroes, discards);
+        assert_clean(&img);
+        std::fs::write(d.join("model.raw"), &model).unwrap();
+        assert_same_content(&img, &d.join("model.raw"));
+
+        // Each snapshot still reads as when it was taken.
+        for name in ["ours", "theirs"] {
+            let copy = d.join(format!("{name}.qcow2"));
+            std::fs::copy(&img, &copy).unwrap();
+            apply(&env, &copy, name);
+            assert_clean(&copy);
+            assert_same_content(&copy, &d.join(format!("{name}.raw")));
+            // And once QEMU applies it.
+            std::fs::copy(&img, &copy).unwrap();
+            qemu_img(&["snapshot", "-a", name, p(&copy)]);
+            assert_same_content(&copy, &d.join(format!("{name}.raw")));
+        }
+        // Deleting the snapshots leaves only what the active layer uses.
+        delete(&env, &img, "ours");
+        delete(&env, &img, "theirs");
+        assert_clean(&img);
+        assert_same_content(&img, &d.join("model.raw"));
+        std::fs::remove_file(&img).unwrap();
     }
 }

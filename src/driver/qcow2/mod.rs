@@ -315,8 +315,10 @@ impl Qcow2Driver {
     /// [`Error::InvalidImage`] for anything malformed or out of bounds,
     /// [`Error::UnsupportedImage`] for features we cannot honour
     /// (encryption, external data files, extended L2 entries, compression
-    /// other than deflate, unknown incompatible features, writing to images
-    /// with internal snapshots), and the file's own I/O errors.
+    /// other than deflate, unknown incompatible features, a writable open
+    /// of a dirty image with internal snapshots), and the file's own I/O
+    /// errors. Images with internal snapshots are writable: what a write
+    /// changes is copied first, so the snapshots keep their data.
     ///
     /// The whole open is one request entering the graph at `file` (counted
     /// by drains of it; refused with [`Error::Drained`] while it is drained).
@@ -326,18 +328,6 @@ impl Qcow2Driver {
     }
 
     async fn open_in_request(file: RequestRef<'_>, options: Qcow2Options) -> Result<Qcow2Driver> {
-        Self::open_with(file, options, false).await
-    }
-
-    /// [`Self::open_in_request`]; `for_snapshots` lets an image with
-    /// internal snapshots open writable, for the snapshot operations of
-    /// `snapshot.rs` alone (guest writes would need copy-on-write of
-    /// shared L2 tables).
-    async fn open_with(
-        file: RequestRef<'_>,
-        options: Qcow2Options,
-        for_snapshots: bool,
-    ) -> Result<Qcow2Driver> {
         let file_len = file.length().await?;
         let align = u64::from(file.request_alignment().max(1));
         let limits = options.limits.clone();
@@ -362,25 +352,17 @@ impl Qcow2Driver {
                 "{cs}-byte clusters on a file that needs {align}-byte alignment"
             )));
         }
-        let mut read_only = options.read_only;
+        let read_only = options.read_only;
         if !read_only && h.nb_snapshots > 0 && h.incompatible & INCOMPAT_DIRTY != 0 {
             // Repairing refcounts walks the active L1 table only.
             return Err(unsupported(
                 "repairing a dirty image with internal snapshots (use qemu-img check -r all)",
             ));
         }
-        if !read_only && h.nb_snapshots > 0 && !for_snapshots {
-            return Err(unsupported(
-                "internal snapshots when writing (open read-only to read the active layer)",
-            ));
-        }
         if !read_only && h.incompatible & INCOMPAT_CORRUPT != 0 {
             return Err(invalid(
                 "the image is marked corrupt; open it read-only or repair it with qemu-img check -r all",
             ));
-        }
-        if h.nb_snapshots > 0 && !for_snapshots {
-            read_only = true;
         }
 
         let geo = Geo {
@@ -518,8 +500,7 @@ impl Qcow2Driver {
         self.backing_format.as_deref()
     }
 
-    /// Whether the image was opened read-only (asked for, or forced by
-    /// internal snapshots).
+    /// Whether the image was opened read-only.
     pub fn is_read_only(&self) -> bool {
         self.read_only
     }
