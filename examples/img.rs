@@ -37,8 +37,10 @@ usage: img <command> [options]
 commands:
   create [-f raw|qcow2] [-o cluster_size=SIZE,compat=0.10|1.1] [-b BACKING [-F FMT]] FILE [SIZE]
       Create an image. SIZE may be left out with -b (the backing file's size).
-  info [--json | --output=json] [-f FMT] [-U] FILE
-      Format, virtual size, disk size, allocation, cluster size and the backing chain.
+  info [--json | --output=json] [--backing-chain] [-f FMT] [-U] FILE
+      Format, virtual size, disk size, allocation, cluster size, snapshots,
+      format-specific data and the backing chain (JSON as qemu-img info's;
+      with --backing-chain an array, one object per image).
   check [-r leaks|all] [-f FMT] FILE
       Check (and repair) a qcow2 image's metadata.
   convert [-f FMT | --stack STACK] [-O raw|qcow2] [-o OPTIONS] [-U] SRC DST
@@ -1310,6 +1312,7 @@ fn cmd_info(args: &[String]) -> Result<i32, (String, i32)> {
         &[
             ("json", &["--json"], false),
             ("output", &["--output"], true),
+            ("backing-chain", &["--backing-chain"], false),
         ],
     )
     .or_exit()?;
@@ -1340,7 +1343,17 @@ fn cmd_info(args: &[String]) -> Result<i32, (String, i32)> {
     let chain = gather_info(&env, &opened, &name).or_exit()?;
     if json {
         let mut out = String::new();
-        image_json(&chain).write(&mut out, 0);
+        if a.flag("backing-chain") {
+            // As qemu-img: an array, one object per image, top first.
+            Json::Arr(
+                (0..chain.len())
+                    .map(|i| image_json(&chain[i..=i]))
+                    .collect(),
+            )
+            .write(&mut out, 0);
+        } else {
+            image_json(&chain).write(&mut out, 0);
+        }
         println!("{out}");
         return Ok(0);
     }

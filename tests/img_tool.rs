@@ -628,6 +628,22 @@ fn info_json_matches_qemu_img_field_by_field() {
     ] {
         assert_info_like_qemu(d, image);
     }
+    // --backing-chain: an array, one object per image, as qemu-img's.
+    for image in [
+        "same-dir.qcow2",
+        "sub/top.qcow2",
+        "into-sub.qcow2",
+        "over-raw.qcow2",
+    ] {
+        let args = ["info", "--output=json", "--backing-chain", image];
+        let theirs: serde_json::Value =
+            serde_json::from_slice(&qemu(d, "qemu-img", &args).stdout).unwrap();
+        let mut ours: serde_json::Value = serde_json::from_str(&ok(d, &args)).unwrap();
+        for o in ours.as_array_mut().unwrap() {
+            o.as_object_mut().unwrap().remove("allocated-data-bytes");
+        }
+        assert_eq!(ours, theirs, "{image}");
+    }
     // The backing image is named as QEMU names it, not './b.qcow2'.
     let json = ok(d, &["info", "--json", "same-dir.qcow2"]);
     let v: serde_json::Value = serde_json::from_str(&json).unwrap();
