@@ -1435,10 +1435,10 @@ fn cmd_snapshot(args: &[String]) -> Result<i32, (String, i32)> {
             r.map_err(|e| format!("snapshot: {e}"))
         })
         .or_exit()?;
-    if a.flag("list") || ops.iter().all(|&x| !x) {
-        if !listed.is_empty() {
-            print!("{}", snapshot_table(&listed));
-        }
+    // Only a listing returns snapshots; an empty list prints nothing, as
+    // qemu-img's.
+    if !listed.is_empty() {
+        print!("{}", snapshot_table(&listed));
     }
     Ok(0)
 }

@@ -411,33 +411,28 @@ fn hostile_snapshot_tables_are_errors_not_panics() {
     qemu_img(&["snapshot", "-c", "s", p(&img)]);
     let good = std::fs::read(&img).unwrap();
     let table = u64::from_be_bytes(good[64..72].try_into().unwrap()) as usize;
-    let cases: Vec<(&str, Box<dyn Fn(&mut Vec<u8>)>)> = vec![
+    // (what, where, the bytes written there)
+    let cases: Vec<(&str, usize, Vec<u8>)> = vec![
         (
             "more entries than the file holds",
-            Box::new(|b: &mut Vec<u8>| b[60..64].copy_from_slice(&60000u32.to_be_bytes())),
+            60,
+            60000u32.to_be_bytes().to_vec(),
         ),
         (
             "L1 table outside the file",
-            Box::new(move |b: &mut Vec<u8>| {
-                b[table..table + 8].copy_from_slice(&(1u64 << 40).to_be_bytes())
-            }),
+            table,
+            (1u64 << 40).to_be_bytes().to_vec(),
         ),
-        (
-            "absurd L1 size",
-            Box::new(move |b: &mut Vec<u8>| {
-                b[table + 8..table + 12].copy_from_slice(&u32::MAX.to_be_bytes())
-            }),
-        ),
+        ("absurd L1 size", table + 8, u32::MAX.to_be_bytes().to_vec()),
         (
             "absurd extra data",
-            Box::new(move |b: &mut Vec<u8>| {
-                b[table + 36..table + 40].copy_from_slice(&u32::MAX.to_be_bytes())
-            }),
+            table + 36,
+            u32::MAX.to_be_bytes().to_vec(),
         ),
     ];
-    for (what, patch) in cases {
+    for (what, at, bytes) in cases {
         let mut b = good.clone();
-        patch(&mut b);
+        b[at..at + bytes.len()].copy_from_slice(&bytes);
         std::fs::write(&img, &b).unwrap();
         for op in [Op::List, Op::Apply("s".into()), Op::Delete("s".into())] {
             let r = snap(&env, &img, op);
