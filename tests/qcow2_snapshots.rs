@@ -550,3 +550,51 @@ fn guest_writes_copy_what_snapshots_share() {
         std::fs::remove_file(&img).unwrap();
     }
 }
+
+/// Snapshots of an overlay: unallocated clusters stay unallocated (they
+/// read from the backing file in the snapshot too), and writes through the
+/// chain copy what the snapshot shares.
+#[test]
+fn snapshots_of_an_overlay_keep_reading_through_the_backing_file() {
+    let _w = common::watchdog("overlay", BUDGET);
+    require_qemu();
+    let env = Env::new();
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let base = new_image(d, "base.qcow2", "cluster_size=65536", "2M");
+    qemu_io(&base, "write -P 0x33 0 2M");
+    let top = d.join("top.qcow2");
+    qemu_img(&[
+        "create",
+        "-f",
+        "qcow2",
+        "-o",
+        "cluster_size=4096",
+        "-b",
+        "base.qcow2",
+        "-F",
+        "qcow2",
+        p(&top),
+    ]);
+    qemu_io(&top, "write -P 0x44 64k 64k");
+    create(&env, &top, "s");
+    save_raw(&top, &d.join("s.raw"));
+    let mut model = std::fs::read(d.join("s.raw")).unwrap();
+    let mut rng = Rng::new(11);
+    let mut writes = Vec::new();
+    for _ in 0..20 {
+        let off = rng.below(2 << 20);
+        let len = (rng.below(20 << 10) + 1).min((2 << 20) - off);
+        let data = rng.bytes(len as usize);
+        model[off as usize..(off + len) as usize].copy_from_slice(&data);
+        writes.push((off, data));
+    }
+    write_through_us(&env, &top, writes, Vec::new(), Vec::new());
+    assert_clean(&top);
+    std::fs::write(d.join("model.raw"), &model).unwrap();
+    assert_same_content(&top, &d.join("model.raw"));
+    apply(&env, &top, "s");
+    assert_clean(&top);
+    assert_same_content(&top, &d.join("s.raw"));
+    assert_clean(&base);
+}
