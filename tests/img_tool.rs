@@ -598,6 +598,13 @@ fn info_json_matches_qemu_img_field_by_field() {
     let mut b = std::fs::read(d.join("dirty.qcow2")).unwrap();
     b[79] |= 1;
     std::fs::write(d.join("dirty.qcow2"), b).unwrap();
+    // A corrupt one (incompatible bit 1), and cluster size extremes.
+    create(&["corrupt.qcow2", "1M"]);
+    let mut b = std::fs::read(d.join("corrupt.qcow2")).unwrap();
+    b[79] |= 2;
+    std::fs::write(d.join("corrupt.qcow2"), b).unwrap();
+    create(&["-o", "cluster_size=2M", "big.qcow2", "10G"]);
+    create(&["-o", "cluster_size=512,compat=0.10", "small.qcow2", "100M"]);
     // And one we made.
     ok(
         d,
@@ -624,6 +631,9 @@ fn info_json_matches_qemu_img_field_by_field() {
         "disk.raw",
         "snaps.qcow2",
         "dirty.qcow2",
+        "corrupt.qcow2",
+        "big.qcow2",
+        "small.qcow2",
         "ours.qcow2",
     ] {
         assert_info_like_qemu(d, image);
