@@ -20,11 +20,11 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use blockgraph::drivers::qcow2::{
-    open_image_chain, BackingPolicy, ChainOptions, CreateOptions, FileOpener,
+    open_image_chain, BackingPolicy, ChainOptions, CreateOptions, FileOpener, SnapshotInfo,
 };
 use blockgraph::drivers::{
     CopyOnRead, FaultInjector, FaultRule, FileDriver, FileOptions, MemoryDriver, NullDriver,
-    Qcow2Driver, RawDriver, ThrottleConfig, ThrottleDriver,
+    Qcow2Driver, Qcow2Options, RawDriver, ThrottleConfig, ThrottleDriver,
 };
 use blockgraph::{
     BackendOptions, BlockBackend, BlockDriver, BlockStatus, ChildRole, IoCx, IoThread, MainLoop,
@@ -37,8 +37,10 @@ usage: img <command> [options]
 commands:
   create [-f raw|qcow2] [-o cluster_size=SIZE,compat=0.10|1.1] [-b BACKING [-F FMT]] FILE [SIZE]
       Create an image. SIZE may be left out with -b (the backing file's size).
-  info [--json] [-f FMT] [-U] FILE
-      Format, virtual size, disk size, allocation, cluster size and the backing chain.
+  info [--json | --output=json] [--backing-chain] [-f FMT] [-U] FILE
+      Format, virtual size, disk size, allocation, cluster size, snapshots,
+      format-specific data and the backing chain (JSON as qemu-img info's;
+      with --backing-chain an array, one object per image).
   check [-r leaks|all] [-f FMT] FILE
       Check (and repair) a qcow2 image's metadata.
   convert [-f FMT | --stack STACK] [-O raw|qcow2] [-o OPTIONS] [-U] SRC DST
@@ -48,6 +50,9 @@ commands:
   resize [-f FMT] [--shrink] FILE [+|-]SIZE
       Change the virtual size (shrinking needs --shrink; qcow2 shrinks only
       over areas that hold no data, so discard them first).
+  snapshot [-l | -c NAME | -a SNAPSHOT | -d SNAPSHOT] [-U] FILE
+      List, create, apply (revert the disk to) or delete internal snapshots of
+      a qcow2 image nobody is using; SNAPSHOT is an id or a name.
   bench [--stack STACK | -f FMT] [--rw read|write|randread|randwrite] [--bs SIZE]
         [--depth N] [--threads N] [--time SECS | --count N] [--warmup SECS]
         [--size SIZE] [FILE]
@@ -97,6 +102,7 @@ fn run(args: &[String]) -> i32 {
         "convert" => cmd_convert(rest),
         "compare" => cmd_compare(rest).map_err(|e| (e, 2)),
         "resize" => cmd_resize(rest),
+        "snapshot" => cmd_snapshot(rest),
         "bench" => cmd_bench(rest),
         "help" | "--help" | "-h" => {
             println!("{USAGE}");
@@ -825,16 +831,71 @@ fn create_qcow2(
 
 // ---- info ------------------------------------------------------------------
 
+/// What `qemu-img info` prints about a qcow2 image beyond its geometry.
+struct Qcow2Facts {
+    version: u32,
+    compression_type: &'static str,
+    lazy_refcounts: bool,
+    refcount_bits: u32,
+    corrupt: bool,
+    extended_l2: bool,
+    bitmaps: Vec<BitmapFacts>,
+}
+
+/// One persistent bitmap, as `format-specific` lists it.
+struct BitmapFacts {
+    name: String,
+    granularity: u64,
+    in_use: bool,
+    auto: bool,
+}
+
 struct ImageInfo {
+    /// The name QEMU would show: the argument for the top image, the
+    /// backing file name combined with the directory of the image naming
+    /// it for the others.
     filename: String,
     format: &'static str,
     virtual_size: u64,
     actual_size: u64,
+    /// The length of the file under the format (the `file` child).
+    file_length: u64,
     data_bytes: u64,
     cluster_size: Option<u64>,
-    version: Option<u32>,
+    dirty: bool,
+    qcow2: Option<Qcow2Facts>,
+    snapshots: Vec<SnapshotInfo>,
     backing_file: Option<String>,
+    full_backing_file: Option<String>,
     backing_format: Option<String>,
+}
+
+/// QEMU's `path_combine`: `name` relative to the directory of `base`.
+fn path_combine(base: &str, name: &str) -> String {
+    if name.starts_with('/') {
+        return name.to_owned();
+    }
+    match base.rfind('/') {
+        Some(i) => format!("{}{name}", &base[..=i]),
+        None => name.to_owned(),
+    }
+}
+
+/// The persistent bitmaps an image stores, for `format-specific`.
+///
+/// The driver's bitmap directory API lands with the qcow2 metadata work;
+/// until it is wired here no image lists bitmaps (and no `bitmaps` key is
+/// printed, as QEMU prints none for an image without them).
+fn bitmap_facts(q: &Qcow2Driver) -> Vec<BitmapFacts> {
+    q.bitmaps()
+        .into_iter()
+        .map(|b| BitmapFacts {
+            name: b.name,
+            granularity: b.granularity,
+            in_use: b.in_use,
+            auto: b.auto,
+        })
+        .collect()
 }
 
 /// Bytes of `[0, size)` that `node` itself stores as data.
@@ -852,28 +913,58 @@ async fn data_bytes(node: blockgraph::IoRef<'_>, size: u64) -> Res<u64> {
     Ok(data)
 }
 
-fn gather_info(env: &Env, opened: &Opened) -> Res<Vec<ImageInfo>> {
-    let mut out = Vec::new();
-    for (path, format, node, _file) in &opened.images {
-        let (node, format, path) = (node.clone(), *format, path.clone());
-        let actual_size = std::fs::metadata(&path)
+fn gather_info(env: &Env, opened: &Opened, top_name: &str) -> Res<Vec<ImageInfo>> {
+    let mut out: Vec<ImageInfo> = Vec::new();
+    for (path, format, node, file) in &opened.images {
+        let (node, file, format) = (node.clone(), file.clone(), *format);
+        let filename = match out.last() {
+            None => top_name.to_owned(),
+            Some(above) => above
+                .full_backing_file
+                .clone()
+                .unwrap_or_else(|| path.display().to_string()),
+        };
+        let actual_size = std::fs::metadata(path)
             .map(|m| m.blocks() * 512)
             .unwrap_or(0);
         let info = env.io(move |mut cx| async move {
             let g = cx.read().await;
             let n = node.io(&g);
             let virtual_size = n.length().await.map_err(err)?;
+            // Block devices count whole sectors, as QEMU's file driver does.
+            let file_length = file.io(&g).length().await.map_err(err)?.div_ceil(512) * 512;
             let data = data_bytes(n, virtual_size).await?;
             let q = n.driver_as::<Qcow2Driver>();
+            let (qcow2, dirty, snapshots) = match q {
+                None => (None, false, Vec::new()),
+                Some(q) => (
+                    Some(Qcow2Facts {
+                        version: q.version(),
+                        compression_type: q.compression_type(),
+                        lazy_refcounts: q.lazy_refcounts().await,
+                        refcount_bits: q.refcount_bits(),
+                        corrupt: q.is_corrupt().await,
+                        extended_l2: q.extended_l2().await,
+                        bitmaps: bitmap_facts(q),
+                    }),
+                    q.is_dirty().await,
+                    q.snapshots(n).await.map_err(err)?,
+                ),
+            };
+            let backing_file = q.and_then(|q| q.backing_file().map(str::to_owned));
             Ok::<_, String>(ImageInfo {
-                filename: path.display().to_string(),
+                full_backing_file: backing_file.as_deref().map(|b| path_combine(&filename, b)),
+                filename,
                 format,
                 virtual_size,
                 actual_size,
+                file_length,
                 data_bytes: data,
                 cluster_size: q.map(Qcow2Driver::cluster_size),
-                version: q.map(Qcow2Driver::version),
-                backing_file: q.and_then(|q| q.backing_file().map(str::to_owned)),
+                dirty,
+                qcow2,
+                snapshots,
+                backing_file,
                 backing_format: q.and_then(|q| q.backing_format().map(str::to_owned)),
             })
         })?;
@@ -899,47 +990,354 @@ fn json_str(s: &str) -> String {
     out
 }
 
-fn info_json(chain: &[ImageInfo], indent: usize) -> String {
-    let Some((img, rest)) = chain.split_first() else {
-        return "null".into();
-    };
-    let pad = " ".repeat(indent + 4);
-    let mut fields = vec![
-        format!("\"filename\": {}", json_str(&img.filename)),
-        format!("\"format\": {}", json_str(img.format)),
-        format!("\"virtual-size\": {}", img.virtual_size),
-        format!("\"actual-size\": {}", img.actual_size),
-        format!("\"allocated-data-bytes\": {}", img.data_bytes),
-    ];
-    if let Some(cs) = img.cluster_size {
-        fields.push(format!("\"cluster-size\": {cs}"));
+/// A JSON value, printed the way QEMU's JSON writer pretty-prints (four
+/// spaces per level, empty containers on two lines).
+enum Json {
+    Num(u64),
+    Str(String),
+    Bool(bool),
+    Arr(Vec<Json>),
+    Obj(Vec<(&'static str, Json)>),
+}
+
+impl Json {
+    fn s(v: &str) -> Json {
+        Json::Str(v.to_owned())
     }
-    if let Some(v) = img.version {
-        let compat = if v == 2 { "0.10" } else { "1.1" };
-        fields.push(format!(
-            "\"format-specific\": {{\"type\": \"qcow2\", \"data\": {{\"compat\": \"{compat}\"}}}}"
+
+    fn write(&self, out: &mut String, indent: usize) {
+        let pad = |n: usize| " ".repeat(n * 4);
+        match self {
+            Json::Num(n) => {
+                let _ = write!(out, "{n}");
+            }
+            Json::Str(s) => out.push_str(&json_str(s)),
+            Json::Bool(b) => {
+                let _ = write!(out, "{b}");
+            }
+            Json::Arr(items) => {
+                out.push_str("[\n");
+                for (i, v) in items.iter().enumerate() {
+                    out.push_str(&pad(indent + 1));
+                    v.write(out, indent + 1);
+                    out.push_str(if i + 1 < items.len() { ",\n" } else { "\n" });
+                }
+                out.push_str(&pad(indent));
+                out.push(']');
+            }
+            Json::Obj(fields) => {
+                out.push_str("{\n");
+                for (i, (k, v)) in fields.iter().enumerate() {
+                    let _ = write!(out, "{}{}: ", pad(indent + 1), json_str(k));
+                    v.write(out, indent + 1);
+                    out.push_str(if i + 1 < fields.len() { ",\n" } else { "\n" });
+                }
+                out.push_str(&pad(indent));
+                out.push('}');
+            }
+        }
+    }
+}
+
+fn snapshot_json(s: &SnapshotInfo) -> Json {
+    Json::Obj(vec![
+        ("icount", Json::Num(s.icount.unwrap_or(u64::MAX))),
+        ("vm-clock-nsec", Json::Num(s.vm_clock_nsec % 1_000_000_000)),
+        ("name", Json::s(&s.name)),
+        ("date-sec", Json::Num(u64::from(s.date_sec))),
+        ("date-nsec", Json::Num(u64::from(s.date_nsec))),
+        ("vm-clock-sec", Json::Num(s.vm_clock_nsec / 1_000_000_000)),
+        ("id", Json::s(&s.id)),
+        ("vm-state-size", Json::Num(s.vm_state_size)),
+    ])
+}
+
+/// `format-specific` data for a qcow2 image, with QEMU's keys and types.
+fn qcow2_json(q: &Qcow2Facts) -> Json {
+    let compat = if q.version == 2 { "0.10" } else { "1.1" };
+    let mut data = vec![
+        ("compat", Json::s(compat)),
+        ("compression-type", Json::s(q.compression_type)),
+    ];
+    if q.version >= 3 {
+        data.push(("lazy-refcounts", Json::Bool(q.lazy_refcounts)));
+    }
+    if !q.bitmaps.is_empty() {
+        data.push(("bitmaps", bitmaps_json(&q.bitmaps)));
+    }
+    data.push(("refcount-bits", Json::Num(u64::from(q.refcount_bits))));
+    if q.version >= 3 {
+        data.push(("corrupt", Json::Bool(q.corrupt)));
+        data.push(("extended-l2", Json::Bool(q.extended_l2)));
+    }
+    Json::Obj(vec![("type", Json::s("qcow2")), ("data", Json::Obj(data))])
+}
+
+fn bitmap_flags(b: &BitmapFacts) -> Vec<&'static str> {
+    let mut flags = Vec::new();
+    if b.in_use {
+        flags.push("in-use");
+    }
+    if b.auto {
+        flags.push("auto");
+    }
+    flags
+}
+
+fn bitmaps_json(bitmaps: &[BitmapFacts]) -> Json {
+    Json::Arr(
+        bitmaps
+            .iter()
+            .map(|b| {
+                Json::Obj(vec![
+                    (
+                        "flags",
+                        Json::Arr(bitmap_flags(b).into_iter().map(Json::s).collect()),
+                    ),
+                    ("name", Json::s(&b.name)),
+                    ("granularity", Json::Num(b.granularity)),
+                ])
+            })
+            .collect(),
+    )
+}
+
+/// One image as `qemu-img info --output=json` prints it (field order
+/// too), plus `allocated-data-bytes` and the nested `backing-image`.
+fn image_json(chain: &[ImageInfo]) -> Json {
+    let Some((img, rest)) = chain.split_first() else {
+        return Json::Obj(Vec::new());
+    };
+    let file_child = Json::Obj(vec![
+        ("children", Json::Arr(Vec::new())),
+        ("virtual-size", Json::Num(img.file_length)),
+        ("filename", Json::s(&img.filename)),
+        ("format", Json::s("file")),
+        ("actual-size", Json::Num(img.actual_size)),
+        (
+            "format-specific",
+            Json::Obj(vec![
+                ("type", Json::s("file")),
+                ("data", Json::Obj(Vec::new())),
+            ]),
+        ),
+        ("dirty-flag", Json::Bool(false)),
+    ]);
+    let mut f = vec![(
+        "children",
+        Json::Arr(vec![Json::Obj(vec![
+            ("name", Json::s("file")),
+            ("info", file_child),
+        ])]),
+    )];
+    if !img.snapshots.is_empty() {
+        f.push((
+            "snapshots",
+            Json::Arr(img.snapshots.iter().map(snapshot_json).collect()),
         ));
+    }
+    if let Some(fmt) = &img.backing_format {
+        f.push(("backing-filename-format", Json::s(fmt)));
+    }
+    f.push(("virtual-size", Json::Num(img.virtual_size)));
+    f.push(("filename", Json::s(&img.filename)));
+    if let Some(cs) = img.cluster_size {
+        f.push(("cluster-size", Json::Num(cs)));
+    }
+    f.push(("format", Json::s(img.format)));
+    f.push(("actual-size", Json::Num(img.actual_size)));
+    f.push(("allocated-data-bytes", Json::Num(img.data_bytes)));
+    if let Some(q) = &img.qcow2 {
+        f.push(("format-specific", qcow2_json(q)));
+    }
+    if let Some(full) = &img.full_backing_file {
+        f.push(("full-backing-filename", Json::s(full)));
     }
     if let Some(b) = &img.backing_file {
-        fields.push(format!("\"backing-filename\": {}", json_str(b)));
-    }
-    if let Some(f) = &img.backing_format {
-        fields.push(format!("\"backing-filename-format\": {}", json_str(f)));
+        f.push(("backing-filename", Json::s(b)));
     }
     if !rest.is_empty() {
-        fields.push(format!(
-            "\"backing-image\": {}",
-            info_json(rest, indent + 4)
-        ));
+        f.push(("backing-image", image_json(rest)));
     }
-    let body: Vec<String> = fields.iter().map(|f| format!("{pad}{f}")).collect();
-    format!("{{\n{}\n{}}}", body.join(",\n"), " ".repeat(indent))
+    f.push(("dirty-flag", Json::Bool(img.dirty)));
+    Json::Obj(f)
+}
+
+/// QEMU's `size_to_str`: three significant digits and a binary unit.
+fn qemu_size(bytes: u64) -> String {
+    const UNITS: [&str; 7] = ["", "Ki", "Mi", "Gi", "Ti", "Pi", "Ei"];
+    // The unit keeps the number below 1000 (so 1000 B is 0.977 KiB).
+    let mut i = 0;
+    while i + 1 < UNITS.len() && bytes as f64 >= 1000.0 * (1u64 << (10 * i)) as f64 {
+        i += 1;
+    }
+    let v = bytes as f64 / (1u64 << (10 * i)) as f64;
+    format!("{} {}B", g3(v), UNITS[i])
+}
+
+/// C's `%0.3g` for 0 <= v < 1000.
+fn g3(v: f64) -> String {
+    if v == 0.0 {
+        return "0".into();
+    }
+    let digits = v.abs().log10().floor() as i32;
+    let decimals = (2 - digits).max(0) as usize;
+    let s = format!("{v:.decimals$}");
+    if s.contains('.') {
+        s.trim_end_matches('0').trim_end_matches('.').to_owned()
+    } else {
+        s
+    }
+}
+
+/// The snapshot table as `qemu-img snapshot -l` and `qemu-img info` print
+/// it (dates in local time).
+fn snapshot_table(snaps: &[SnapshotInfo]) -> String {
+    let mut out = String::from("Snapshot list:\n");
+    let _ = writeln!(
+        out,
+        "{:<7} {:<16} {:>8} {:>19} {:>15} {:>10}",
+        "ID", "TAG", "VM_SIZE", "DATE", "VM_CLOCK", "ICOUNT"
+    );
+    for s in snaps {
+        let secs = s.vm_clock_nsec / 1_000_000_000;
+        let clock = format!(
+            "{:04}:{:02}:{:02}.{:03}",
+            secs / 3600,
+            (secs / 60) % 60,
+            secs % 60,
+            (s.vm_clock_nsec / 1_000_000) % 1000
+        );
+        let icount = s.icount.map(|i| i.to_string()).unwrap_or_default();
+        let _ = writeln!(
+            out,
+            "{:<7} {:<16} {:>8} {:>19} {:>15} {:>10}",
+            s.id,
+            s.name,
+            qemu_size(s.vm_state_size),
+            local_time(s.date_sec),
+            clock,
+            icount
+        );
+    }
+    out
+}
+
+/// `%Y-%m-%d %H:%M:%S` in the local time zone, as QEMU prints dates.
+fn local_time(secs: u32) -> String {
+    let t = libc::time_t::from(secs);
+    // SAFETY: `localtime_r` writes only into `tm`, which lives here.
+    let mut tm: libc::tm = unsafe { std::mem::zeroed() };
+    if unsafe { libc::localtime_r(&t, &mut tm) }.is_null() {
+        return secs.to_string();
+    }
+    format!(
+        "{:04}-{:02}-{:02} {:02}:{:02}:{:02}",
+        tm.tm_year + 1900,
+        tm.tm_mon + 1,
+        tm.tm_mday,
+        tm.tm_hour,
+        tm.tm_min,
+        tm.tm_sec
+    )
+}
+
+fn print_info(img: &ImageInfo) {
+    println!("image: {}", img.filename);
+    println!("file format: {}", img.format);
+    println!(
+        "virtual size: {} ({} bytes)",
+        qemu_size(img.virtual_size),
+        img.virtual_size
+    );
+    println!("disk size: {}", qemu_size(img.actual_size));
+    println!(
+        "allocated data: {} ({} bytes)",
+        qemu_size(img.data_bytes),
+        img.data_bytes
+    );
+    if let Some(cs) = img.cluster_size {
+        println!("cluster_size: {cs}");
+    }
+    if let Some(b) = &img.backing_file {
+        match &img.full_backing_file {
+            Some(full) if full != b => println!("backing file: {b} (actual path: {full})"),
+            _ => println!("backing file: {b}"),
+        }
+    }
+    if let Some(f) = &img.backing_format {
+        println!("backing file format: {f}");
+    }
+    if img.dirty {
+        println!("cleanly shut down: no");
+    }
+    if !img.snapshots.is_empty() {
+        print!("{}", snapshot_table(&img.snapshots));
+    }
+    if let Some(q) = &img.qcow2 {
+        println!("Format specific information:");
+        println!(
+            "    compat: {}",
+            if q.version == 2 { "0.10" } else { "1.1" }
+        );
+        println!("    compression type: {}", q.compression_type);
+        if q.version >= 3 {
+            println!("    lazy refcounts: {}", q.lazy_refcounts);
+        }
+        if !q.bitmaps.is_empty() {
+            println!("    bitmaps:");
+            for (i, b) in q.bitmaps.iter().enumerate() {
+                println!("        [{i}]:");
+                println!("            flags:");
+                for (j, f) in bitmap_flags(b).iter().enumerate() {
+                    println!("                [{j}]: {f}");
+                }
+                println!("            name: {}", b.name);
+                println!("            granularity: {}", b.granularity);
+            }
+        }
+        println!("    refcount bits: {}", q.refcount_bits);
+        if q.version >= 3 {
+            println!("    corrupt: {}", q.corrupt);
+            println!("    extended l2: {}", q.extended_l2);
+        }
+    }
+    println!("Child node '/file':");
+    println!("    filename: {}", img.filename);
+    println!("    protocol type: file");
+    println!(
+        "    file length: {} ({} bytes)",
+        qemu_size(img.file_length),
+        img.file_length
+    );
+    println!("    disk size: {}", qemu_size(img.actual_size));
 }
 
 fn cmd_info(args: &[String]) -> Result<i32, (String, i32)> {
-    let a = Args::parse("info", args, &[("json", &["--json"], false)]).or_exit()?;
+    let a = Args::parse(
+        "info",
+        args,
+        &[
+            ("json", &["--json"], false),
+            ("output", &["--output"], true),
+            ("backing-chain", &["--backing-chain"], false),
+        ],
+    )
+    .or_exit()?;
     let pos = a.positional("info", 1, 1, "FILE").or_exit()?;
-    let path = PathBuf::from(&pos[0]);
+    let json = match a.get("output") {
+        None => a.flag("json"),
+        Some("json") => true,
+        Some("human") => a.flag("json"),
+        Some(o) => {
+            return Err((
+                format!("info: --output must be json or human, not '{o}'"),
+                1,
+            ))
+        }
+    };
+    let name = pos[0].clone();
+    let path = PathBuf::from(&name);
     let layers = image_layers(None, a.get("format"), Some(&path)).or_exit()?;
     let env = Env::new(1).or_exit()?;
     let opened = open(
@@ -950,41 +1348,105 @@ fn cmd_info(args: &[String]) -> Result<i32, (String, i32)> {
         "",
     )
     .or_exit()?;
-    let chain = gather_info(&env, &opened).or_exit()?;
-    if a.flag("json") {
-        println!("{}", info_json(&chain, 0));
+    let chain = gather_info(&env, &opened, &name).or_exit()?;
+    if json {
+        let mut out = String::new();
+        if a.flag("backing-chain") {
+            // As qemu-img: an array, one object per image, top first.
+            Json::Arr(
+                (0..chain.len())
+                    .map(|i| image_json(&chain[i..=i]))
+                    .collect(),
+            )
+            .write(&mut out, 0);
+        } else {
+            image_json(&chain).write(&mut out, 0);
+        }
+        println!("{out}");
         return Ok(0);
     }
     for (i, img) in chain.iter().enumerate() {
         if i > 0 {
             println!();
         }
-        println!("image: {}", img.filename);
-        println!("file format: {}", img.format);
-        println!(
-            "virtual size: {} ({} bytes)",
-            human(img.virtual_size),
-            img.virtual_size
-        );
-        println!("disk size: {}", human(img.actual_size));
-        println!(
-            "allocated data: {} ({} bytes)",
-            human(img.data_bytes),
-            img.data_bytes
-        );
-        if let Some(cs) = img.cluster_size {
-            println!("cluster_size: {cs}");
-        }
-        if let Some(b) = &img.backing_file {
-            println!("backing file: {b}");
-        }
-        if let Some(f) = &img.backing_format {
-            println!("backing file format: {f}");
-        }
-        if let Some(v) = img.version {
-            println!("Format specific information:");
-            println!("    compat: {}", if v == 2 { "0.10" } else { "1.1" });
-        }
+        print_info(img);
+    }
+    Ok(0)
+}
+
+// ---- snapshot ----------------------------------------------------------------
+
+fn cmd_snapshot(args: &[String]) -> Result<i32, (String, i32)> {
+    let spec: &[OptSpec] = &[
+        ("list", &["-l"], false),
+        ("create", &["-c"], true),
+        ("apply", &["-a"], true),
+        ("delete", &["-d"], true),
+    ];
+    let a = Args::parse("snapshot", args, spec).or_exit()?;
+    let pos = a.positional("snapshot", 1, 1, "FILE").or_exit()?;
+    let path = PathBuf::from(&pos[0]);
+    let ops = [
+        a.flag("list"),
+        a.get("create").is_some(),
+        a.get("apply").is_some(),
+        a.get("delete").is_some(),
+    ];
+    let op = match ops.iter().filter(|&&x| x).count() {
+        0 => "list",
+        1 => ["list", "create", "apply", "delete"][ops.iter().position(|&x| x).unwrap_or(0)],
+        _ => return Err(("snapshot: give one of -l, -c, -a, -d".into(), 1)),
+    };
+    let fmt = match a.get("format") {
+        Some(f) => f.to_owned(),
+        None => probe(&path).or_exit()?.to_owned(),
+    };
+    if fmt != "qcow2" {
+        return Err((
+            format!(
+                "snapshot: '{}' is {fmt}, which has no internal snapshots",
+                path.display()
+            ),
+            1,
+        ));
+    }
+    let write = op != "list";
+    let policy = OpenPolicy::from_args(&a, write);
+    let file = FileDriver::open(&path, policy.file_options(FileLayer::default(), write))
+        .map_err(|e| (e.to_string(), 1))?;
+    let key = a
+        .get("create")
+        .or(a.get("apply"))
+        .or(a.get("delete"))
+        .unwrap_or_default()
+        .to_owned();
+    let env = Env::new(1).or_exit()?;
+    let op = op.to_owned();
+    let listed = env
+        .io(move |mut cx| async move {
+            let node = add_node(&mut cx, "file".into(), Box::new(file), None).await?;
+            let g = cx.read().await;
+            let n = node.io(&g);
+            let opts = Qcow2Options::default();
+            let r = match op.as_str() {
+                "list" => Qcow2Driver::list_snapshots(n, opts).await,
+                "create" => Qcow2Driver::create_snapshot(n, opts, &key)
+                    .await
+                    .map(|_| Vec::new()),
+                "apply" => Qcow2Driver::apply_snapshot(n, opts, &key)
+                    .await
+                    .map(|()| Vec::new()),
+                _ => Qcow2Driver::delete_snapshot(n, opts, &key)
+                    .await
+                    .map(|()| Vec::new()),
+            };
+            r.map_err(|e| format!("snapshot: {e}"))
+        })
+        .or_exit()?;
+    // Only a listing returns snapshots; an empty list prints nothing, as
+    // qemu-img's.
+    if !listed.is_empty() {
+        print!("{}", snapshot_table(&listed));
     }
     Ok(0)
 }

@@ -1,6 +1,8 @@
 //! The `img` example as a user runs it: real processes, exit codes, output,
 //! and interop with `qemu-img` where it is installed.
 
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::sync::OnceLock;
@@ -521,4 +523,302 @@ fn resize_grows_and_shrinks_like_qemu_img_resize() {
         let info = qemu(d, "qemu-img", &["info", "--output=json", "a.qcow2"]);
         assert!(String::from_utf8_lossy(&info.stdout).contains("\"virtual-size\": 3145728"));
     }
+}
+
+/// `img info --output=json` against `qemu-img info --output=json`, parsed
+/// and compared whole (every field, its type and value), less the two
+/// fields only we print (`allocated-data-bytes`, `backing-image`).
+fn assert_info_like_qemu(d: &Path, image: &str) {
+    let theirs = qemu(d, "qemu-img", &["info", "--output=json", image]);
+    let theirs: serde_json::Value = serde_json::from_slice(&theirs.stdout).unwrap();
+    let ours = ok(d, &["info", "--output=json", image]);
+    let mut ours: serde_json::Value = serde_json::from_str(&ours).unwrap();
+    let obj = ours.as_object_mut().unwrap();
+    assert!(obj.remove("allocated-data-bytes").is_some());
+    obj.remove("backing-image");
+    if ours != theirs {
+        let (o, t) = (ours.as_object().unwrap(), theirs.as_object().unwrap());
+        let mut diff = Vec::new();
+        for k in o.keys().chain(t.keys()) {
+            if o.get(k) != t.get(k) {
+                diff.push(format!("{k}: ours {:?}, qemu {:?}", o.get(k), t.get(k)));
+            }
+        }
+        panic!(
+            "img info {image} differs from qemu-img:\n{}",
+            diff.join("\n")
+        );
+    }
+    // --json is the same as --output=json.
+    assert_eq!(
+        serde_json::from_str::<serde_json::Value>(&ok(d, &["info", "--json", image])).unwrap()
+            ["format-specific"],
+        theirs["format-specific"]
+    );
+}
+
+#[test]
+fn info_json_matches_qemu_img_field_by_field() {
+    let _w = common::watchdog("info_json", std::time::Duration::from_secs(240));
+    if !have("qemu-img") || !have("qemu-io") {
+        eprintln!("qemu-img/qemu-io not installed; skipping");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    std::fs::create_dir(d.join("sub")).unwrap();
+    let create = |args: &[&str]| {
+        let mut all = vec!["create", "-f", "qcow2"];
+        all.extend_from_slice(args);
+        qemu(d, "qemu-img", &all);
+    };
+    create(&["plain.qcow2", "1M"]);
+    create(&["-o", "compat=0.10", "v2.qcow2", "1M"]);
+    create(&["-o", "lazy_refcounts=on", "lazy.qcow2", "1M"]);
+    create(&["-o", "refcount_bits=64,cluster_size=4k", "r64.qcow2", "1M"]);
+    create(&["-o", "refcount_bits=16", "r16.qcow2", "3M"]);
+    create(&["b.qcow2", "2M"]);
+    create(&["-b", "b.qcow2", "-F", "qcow2", "same-dir.qcow2"]);
+    create(&["sub/base.qcow2", "2M"]);
+    create(&["-b", "base.qcow2", "-F", "qcow2", "sub/top.qcow2"]);
+    create(&["-b", "sub/base.qcow2", "-F", "qcow2", "into-sub.qcow2"]);
+    qemu(d, "qemu-img", &["create", "-f", "raw", "disk.raw", "1M"]);
+    create(&["-b", "disk.raw", "-F", "raw", "over-raw.qcow2"]);
+    qemu(
+        d,
+        "qemu-io",
+        &["-f", "qcow2", "-c", "write -P 1 0 192k", "r16.qcow2"],
+    );
+    create(&["snaps.qcow2", "1M"]);
+    qemu(d, "qemu-img", &["snapshot", "-c", "one", "snaps.qcow2"]);
+    qemu(d, "qemu-img", &["snapshot", "-c", "two", "snaps.qcow2"]);
+    // A dirty image: the dirty bit set as a crash with lazy refcounts
+    // leaves it (incompatible feature bit 0, header byte 79).
+    create(&["-o", "lazy_refcounts=on", "dirty.qcow2", "1M"]);
+    let mut b = std::fs::read(d.join("dirty.qcow2")).unwrap();
+    b[79] |= 1;
+    std::fs::write(d.join("dirty.qcow2"), b).unwrap();
+    // A corrupt one (incompatible bit 1), and cluster size extremes.
+    create(&["corrupt.qcow2", "1M"]);
+    let mut b = std::fs::read(d.join("corrupt.qcow2")).unwrap();
+    b[79] |= 2;
+    std::fs::write(d.join("corrupt.qcow2"), b).unwrap();
+    create(&["-o", "cluster_size=2M", "big.qcow2", "10G"]);
+    create(&["-o", "cluster_size=512,compat=0.10", "small.qcow2", "100M"]);
+    // Persistent bitmaps: one auto, one disabled with another granularity.
+    create(&["bitmaps.qcow2", "1M"]);
+    qemu(d, "qemu-img", &["bitmap", "--add", "bitmaps.qcow2", "b0"]);
+    qemu(
+        d,
+        "qemu-img",
+        &[
+            "bitmap",
+            "--add",
+            "--disable",
+            "-g",
+            "128k",
+            "bitmaps.qcow2",
+            "b1",
+        ],
+    );
+    // And one we made.
+    ok(
+        d,
+        &[
+            "create",
+            "-f",
+            "qcow2",
+            "-o",
+            "cluster_size=4k",
+            "ours.qcow2",
+            "2M",
+        ],
+    );
+    for image in [
+        "plain.qcow2",
+        "v2.qcow2",
+        "lazy.qcow2",
+        "r64.qcow2",
+        "r16.qcow2",
+        "same-dir.qcow2",
+        "sub/top.qcow2",
+        "into-sub.qcow2",
+        "over-raw.qcow2",
+        "disk.raw",
+        "snaps.qcow2",
+        "dirty.qcow2",
+        "corrupt.qcow2",
+        "big.qcow2",
+        "small.qcow2",
+        "bitmaps.qcow2",
+        "ours.qcow2",
+    ] {
+        assert_info_like_qemu(d, image);
+    }
+    // --backing-chain: an array, one object per image, as qemu-img's.
+    for image in [
+        "same-dir.qcow2",
+        "sub/top.qcow2",
+        "into-sub.qcow2",
+        "over-raw.qcow2",
+    ] {
+        let args = ["info", "--output=json", "--backing-chain", image];
+        let theirs: serde_json::Value =
+            serde_json::from_slice(&qemu(d, "qemu-img", &args).stdout).unwrap();
+        let mut ours: serde_json::Value = serde_json::from_str(&ok(d, &args)).unwrap();
+        for o in ours.as_array_mut().unwrap() {
+            o.as_object_mut().unwrap().remove("allocated-data-bytes");
+        }
+        assert_eq!(ours, theirs, "{image}");
+    }
+    // The backing image is named as QEMU names it, not './b.qcow2'.
+    let json = ok(d, &["info", "--json", "same-dir.qcow2"]);
+    let v: serde_json::Value = serde_json::from_str(&json).unwrap();
+    assert_eq!(v["backing-image"]["filename"], "b.qcow2");
+    assert_eq!(v["full-backing-filename"], "b.qcow2");
+    let v: serde_json::Value =
+        serde_json::from_str(&ok(d, &["info", "--json", "sub/top.qcow2"])).unwrap();
+    assert_eq!(v["backing-image"]["filename"], "sub/base.qcow2");
+}
+
+#[test]
+fn info_human_output_shows_the_same_facts_as_qemu_img() {
+    let _w = common::watchdog("info_human", std::time::Duration::from_secs(240));
+    if !have("qemu-img") {
+        eprintln!("qemu-img not installed; skipping");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    std::fs::create_dir(d.join("sub")).unwrap();
+    qemu(
+        d,
+        "qemu-img",
+        &["create", "-f", "qcow2", "sub/base.qcow2", "1M"],
+    );
+    qemu(
+        d,
+        "qemu-img",
+        &[
+            "create",
+            "-f",
+            "qcow2",
+            "-o",
+            "lazy_refcounts=on,refcount_bits=64",
+            "-b",
+            "base.qcow2",
+            "-F",
+            "qcow2",
+            "sub/top.qcow2",
+        ],
+    );
+    qemu(d, "qemu-img", &["snapshot", "-c", "s1", "sub/top.qcow2"]);
+    let mut b = std::fs::read(d.join("sub/top.qcow2")).unwrap();
+    b[79] |= 1;
+    std::fs::write(d.join("sub/top.qcow2"), b).unwrap();
+    let theirs =
+        String::from_utf8(qemu(d, "qemu-img", &["info", "-U", "sub/top.qcow2"]).stdout).unwrap();
+    let ours = ok(d, &["info", "sub/top.qcow2"]);
+    // Every line QEMU prints about the top image and its file, we print
+    // the same (ours adds 'allocated data' and the backing images).
+    for line in theirs.lines() {
+        assert!(
+            ours.lines().any(|l| l == line),
+            "missing '{line}' in:\n{ours}\nqemu-img:\n{theirs}"
+        );
+    }
+    for expect in [
+        "backing file: base.qcow2 (actual path: sub/base.qcow2)",
+        "cleanly shut down: no",
+        "    lazy refcounts: true",
+        "    refcount bits: 64",
+        "Snapshot list:",
+    ] {
+        assert!(ours.contains(expect), "missing '{expect}' in:\n{ours}");
+    }
+}
+
+#[test]
+fn snapshot_commands_work_like_qemu_img_snapshot() {
+    let _w = common::watchdog("snapshot_cmds", std::time::Duration::from_secs(240));
+    if !have("qemu-img") || !have("qemu-io") {
+        eprintln!("qemu-img/qemu-io not installed; skipping");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    ok(d, &["create", "-f", "qcow2", "s.qcow2", "4M"]);
+    // Nothing listed for an image without snapshots (as qemu-img).
+    assert_eq!(ok(d, &["snapshot", "-l", "s.qcow2"]), "");
+    ok(
+        d,
+        &[
+            "bench", "--rw", "write", "--count", "8", "--bs", "64k", "--depth", "1", "s.qcow2",
+        ],
+    );
+    ok(d, &["snapshot", "-c", "before", "s.qcow2"]);
+    qemu(
+        d,
+        "qemu-img",
+        &["convert", "-O", "raw", "s.qcow2", "before.raw"],
+    );
+    qemu(d, "qemu-img", &["snapshot", "-c", "theirs", "s.qcow2"]);
+    qemu(
+        d,
+        "qemu-io",
+        &["-f", "qcow2", "-c", "write -P 9 0 1M", "s.qcow2"],
+    );
+    let theirs =
+        String::from_utf8(qemu(d, "qemu-img", &["snapshot", "-l", "s.qcow2"]).stdout).unwrap();
+    assert_eq!(ok(d, &["snapshot", "-l", "s.qcow2"]), theirs);
+    assert_eq!(ok(d, &["snapshot", "s.qcow2"]), theirs, "-l is the default");
+    assert!(
+        theirs.contains("before") && theirs.contains("theirs"),
+        "{theirs}"
+    );
+    ok(d, &["snapshot", "-a", "before", "s.qcow2"]);
+    qemu(d, "qemu-img", &["check", "s.qcow2"]);
+    let cmp = qemu(d, "qemu-img", &["compare", "s.qcow2", "before.raw"]);
+    assert!(String::from_utf8_lossy(&cmp.stdout).contains("identical"));
+    ok(d, &["snapshot", "-d", "1", "s.qcow2"]);
+    qemu(d, "qemu-img", &["check", "s.qcow2"]);
+    let theirs =
+        String::from_utf8(qemu(d, "qemu-img", &["snapshot", "-l", "s.qcow2"]).stdout).unwrap();
+    assert_eq!(ok(d, &["snapshot", "-l", "s.qcow2"]), theirs);
+    assert!(!theirs.contains("before"), "{theirs}");
+    // Errors: one line each, exit status 1.
+    ok(d, &["create", "-f", "raw", "r.raw", "1M"]);
+    for (args, expect) in [
+        (&["snapshot", "-a", "nope", "s.qcow2"][..], "no snapshot"),
+        (
+            &["snapshot", "-c", "theirs", "s.qcow2"][..],
+            "already exists",
+        ),
+        (&["snapshot", "-c", "x", "-d", "y", "s.qcow2"][..], "one of"),
+        (&["snapshot", "-l", "r.raw"][..], "no internal snapshots"),
+        (&["snapshot", "-l"][..], "expected FILE"),
+    ] {
+        let r = img(d, args);
+        assert_eq!(r.code, 1, "img {args:?}: {}", r.stderr);
+        assert_eq!(r.stderr.lines().count(), 1, "{}", r.stderr);
+        assert!(r.stderr.contains(expect), "img {args:?}: {}", r.stderr);
+    }
+    // Guest writes to an image with snapshots copy what they change.
+    ok(
+        d,
+        &[
+            "bench",
+            "--rw",
+            "randwrite",
+            "--count",
+            "64",
+            "--bs",
+            "4k",
+            "s.qcow2",
+        ],
+    );
+    qemu(d, "qemu-img", &["check", "s.qcow2"]);
+    qemu(d, "qemu-img", &["snapshot", "-a", "theirs", "s.qcow2"]);
+    let cmp = qemu(d, "qemu-img", &["compare", "s.qcow2", "before.raw"]);
+    assert!(String::from_utf8_lossy(&cmp.stdout).contains("identical"));
 }

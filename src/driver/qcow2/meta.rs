@@ -200,9 +200,8 @@ impl Meta {
         let l1i = gc / self.geo.l2_entries;
         if let Some(off) = self.l2_offset(l1i)? {
             if self.l1[l1i as usize] & COPIED == 0 {
-                return Err(invalid(format!(
-                    "L2 table at {off:#x} is shared (no copied flag); writing it is unsupported"
-                )));
+                // Shared with a snapshot: copy on write (snapshot.rs).
+                return self.cow_l2(file, l1i, off).await;
             }
             return Ok(off);
         }

@@ -83,6 +83,7 @@ mod entry;
 mod header;
 mod meta;
 mod resize;
+mod snapshot;
 
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -109,6 +110,7 @@ pub use chain::{
 };
 pub use check::CheckReport;
 pub use create::CreateOptions;
+pub use snapshot::SnapshotInfo;
 
 /// Bounds on what an untrusted image may make us allocate or address.
 ///
@@ -322,8 +324,9 @@ impl Qcow2Driver {
     /// [`Error::InvalidImage`] for anything malformed or out of bounds,
     /// [`Error::UnsupportedImage`] for features we cannot honour
     /// (encryption, external data files, extended L2 entries, compression
-    /// other than deflate, unknown incompatible features, writing to images
-    /// with internal snapshots), and the file's own I/O errors.
+    /// other than deflate, unknown incompatible features), and the file's
+    /// own I/O errors. Images with internal snapshots are writable: what a write
+    /// changes is copied first, so the snapshots keep their data.
     ///
     /// The whole open is one request entering the graph at `file` (counted
     /// by drains of it; refused with [`Error::Drained`] while it is drained).
@@ -357,19 +360,11 @@ impl Qcow2Driver {
                 "{cs}-byte clusters on a file that needs {align}-byte alignment"
             )));
         }
-        let mut read_only = options.read_only;
-        if !read_only && h.nb_snapshots > 0 {
-            return Err(unsupported(
-                "internal snapshots when writing (open read-only to read the active layer)",
-            ));
-        }
+        let read_only = options.read_only;
         if !read_only && h.incompatible & INCOMPAT_CORRUPT != 0 {
             return Err(invalid(
                 "the image is marked corrupt; open it read-only or repair it with qemu-img check -r all",
             ));
-        }
-        if h.nb_snapshots > 0 {
-            read_only = true;
         }
 
         let geo = Geo {
@@ -579,8 +574,7 @@ impl Qcow2Driver {
         Ok(())
     }
 
-    /// Whether the image was opened read-only (asked for, or forced by
-    /// internal snapshots).
+    /// Whether the image was opened read-only.
     pub fn is_read_only(&self) -> bool {
         self.read_only
     }
@@ -1485,5 +1479,56 @@ impl BlockDriver for Qcow2Driver {
                 n,
             ))
         })
+    }
+}
+
+/// What `qemu-img info` reports about a qcow2 image beyond its geometry
+/// (its "format-specific" data and dirty flag), read from the header as
+/// it is now.
+impl Qcow2Driver {
+    /// Bits per refcount entry (QEMU's `refcount_bits`: 1 to 64).
+    pub fn refcount_bits(&self) -> u32 {
+        1 << self.geo.refcount_order
+    }
+
+    /// The header's feature words: (incompatible, compatible), zero for
+    /// version 2 images, which have none.
+    async fn feature_words(&self) -> (u64, u64) {
+        if self.geo.version < 3 {
+            return (0, 0);
+        }
+        let m = self.meta.lock().await;
+        (header::be64(&m.hdr, 72), header::be64(&m.hdr, 80))
+    }
+
+    /// Whether the image uses lazy refcounts (compatible feature bit 0).
+    pub async fn lazy_refcounts(&self) -> bool {
+        self.feature_words().await.1 & 1 != 0
+    }
+
+    /// Whether the image was not closed cleanly (the dirty bit).
+    pub async fn is_dirty(&self) -> bool {
+        self.feature_words().await.0 & INCOMPAT_DIRTY != 0
+    }
+
+    /// Whether the image is marked corrupt (the corrupt bit).
+    pub async fn is_corrupt(&self) -> bool {
+        self.feature_words().await.0 & INCOMPAT_CORRUPT != 0
+    }
+
+    /// Whether the image uses extended L2 entries (subclusters).
+    pub async fn extended_l2(&self) -> bool {
+        self.feature_words().await.0 & header::INCOMPAT_EXTL2 != 0
+    }
+
+    /// The compression type's name, as QEMU spells it (`zlib`: images
+    /// using another are refused at open).
+    pub fn compression_type(&self) -> &'static str {
+        "zlib"
+    }
+
+    /// How many internal snapshots the image has.
+    pub fn snapshot_count(&self) -> u32 {
+        self.nb_snapshots
     }
 }
