@@ -67,9 +67,9 @@ pub use graph::edge::{ChildRole, Perm, Permissions};
 pub use graph::node::NodeHandle;
 pub use graph::{BackendRef, GraphView};
 pub use proof::{
-    Bql, ChildRef, Drained, GlobalState, GraphWriter, GsRef, InRequest, IoContext, IoCx, IoProof,
-    IoRef, MainCx, MainLoopProof, NodeRef, NodeRequest, OutsideRequest, ParentRef, Proof,
-    ReadFuture, ReadGuard, ReadLocked, RequestRef,
+    Bql, CallbackRef, ChildRef, Drained, GlobalState, GraphWriter, GsRef, InCallback, InRequest,
+    IoContext, IoCx, IoProof, IoRef, MainCx, MainLoopProof, NodeRef, NodeRequest, OutsideRequest,
+    ParentRef, Proof, ReadFuture, ReadGuard, ReadLocked, RequestRef, SeesParents,
 };
 pub use runtime::{IoThread, MainLoop, TaskHandle};
 
@@ -97,6 +97,8 @@ mod size_checks {
     assert_eq_size!(ReadGuard<'static>, usize);
     assert_eq_size!(GraphWriter<'static>, usize);
     assert_not_impl_any!(GsRef<'static>: Send, Sync);
+    assert_not_impl_any!(CallbackRef<'static>: Send, Sync);
+    assert_eq_size!(CallbackRef<'static>, usize);
     static_assertions::assert_impl_all!(IoRef<'static>: Send, Sync, Copy);
     static_assertions::assert_impl_all!(RequestRef<'static>: Send, Sync, Copy);
 }

@@ -549,7 +549,7 @@ fn drain_callbacks_see_a_consistent_graph_during_mutations() {
         move |driver: Box<dyn blockgraph::BlockDriver>| {
             let check = {
                 let (problems, calls) = (problems.clone(), calls.clone());
-                move |node: blockgraph::GsRef<'_>| {
+                move |node: blockgraph::CallbackRef<'_>| {
                     calls.incr();
                     for p in local_problems(node) {
                         problems.push(format!("in a callback of '{}': {p}", node.name()));
@@ -634,7 +634,7 @@ fn graph_changes_scheduled_from_drain_callbacks_leave_no_dangling_edges() {
     // p's drained_end detaches p's child (once).
     let on_p_end = {
         let (main, slot) = (main.clone(), detach_task.clone());
-        move |node: blockgraph::GsRef<'_>| {
+        move |node: blockgraph::CallbackRef<'_>| {
             let mut slot = slot.lock().unwrap();
             if slot.is_some() {
                 return;
@@ -653,7 +653,7 @@ fn graph_changes_scheduled_from_drain_callbacks_leave_no_dangling_edges() {
     // triggered it has ended.
     let on_x_begin = {
         let (main, slot) = (main.clone(), delete_task.clone());
-        move |node: blockgraph::GsRef<'_>| {
+        move |node: blockgraph::CallbackRef<'_>| {
             let mut slot = slot.lock().unwrap();
             if slot.is_some() {
                 return;
@@ -730,7 +730,7 @@ fn graph_changes_scheduled_from_drain_callbacks_leave_no_dangling_edges() {
 
 /// Checks edge symmetry around `node` and its neighbours, as far as a
 /// callback (with only a `GsRef`) can see.
-fn local_problems(node: blockgraph::GsRef<'_>) -> Vec<String> {
+fn local_problems(node: blockgraph::CallbackRef<'_>) -> Vec<String> {
     use blockgraph::ParentRef;
     let mut problems = Vec::new();
     let mut seen = std::collections::HashSet::new();

@@ -15,8 +15,8 @@ use std::time::Duration;
 
 use blockgraph::drivers::{MemoryDriver, PassthroughFilter};
 use blockgraph::{
-    BackendOptions, BlockDriver, BlockStatus, ChildRole, Drained, Error, GsRef, IoFuture, MainLoop,
-    NodeHandle, Permissions, RequestRef, Result,
+    BackendOptions, BlockDriver, BlockStatus, CallbackRef, ChildRole, Drained, Error, IoFuture,
+    MainLoop, NodeHandle, Permissions, RequestRef, Result,
 };
 use common::{assert_consistent, join, recv, snapshot, wait_until, watchdog, Gate};
 
@@ -431,14 +431,14 @@ impl BlockDriver for Panicky {
     fn format_name(&self) -> &'static str {
         "panicky"
     }
-    fn open(&self, node: GsRef<'_>) -> Result<()> {
+    fn open(&self, node: CallbackRef<'_>) -> Result<()> {
         self.maybe(Bomb::Open);
         self.inner.open(node)
     }
-    fn close(&self, _node: GsRef<'_>) {
+    fn close(&self, _node: CallbackRef<'_>) {
         self.maybe(Bomb::Close);
     }
-    fn reopen(&self, _node: GsRef<'_>, _options: &[(&str, &str)]) -> Result<()> {
+    fn reopen(&self, _node: CallbackRef<'_>, _options: &[(&str, &str)]) -> Result<()> {
         self.maybe(Bomb::Reopen);
         Ok(())
     }
@@ -446,10 +446,10 @@ impl BlockDriver for Panicky {
         self.maybe(Bomb::ChildPermissions);
         self.inner.child_permissions(role, users)
     }
-    fn drained_begin(&self, _node: GsRef<'_>) {
+    fn drained_begin(&self, _node: CallbackRef<'_>) {
         self.maybe(Bomb::DrainedBegin);
     }
-    fn drained_end(&self, _node: GsRef<'_>) {
+    fn drained_end(&self, _node: CallbackRef<'_>) {
         self.maybe(Bomb::DrainedEnd);
     }
     fn length<'a>(&'a self, node: RequestRef<'a>) -> IoFuture<'a, u64> {
@@ -725,7 +725,7 @@ impl BlockDriver for ReachesBack {
         PARKED.with(|p| drop(p.borrow_mut().take()));
         self.inner.child_permissions(role, users)
     }
-    fn drained_end(&self, node: GsRef<'_>) {
+    fn drained_end(&self, node: CallbackRef<'_>) {
         // Reads the very lists a mutation in progress is editing.
         let mut seen = 0;
         for child in node.children() {

@@ -8,7 +8,7 @@ use crate::driver::range_lock::RangeLock;
 use crate::driver::{require_child, BlockDriver, BlockStatus, IoFuture, ResizePermit};
 use crate::error::{Error, Result};
 use crate::graph::edge::{ChildRole, Perm, Permissions};
-use crate::proof::{GsRef, RequestRef};
+use crate::proof::{CallbackRef, RequestRef};
 
 /// Sits above an image with a backing chain (its [`ChildRole::Filtered`]
 /// child, typically a qcow2 overlay). A read of a range that the image does
@@ -91,7 +91,7 @@ impl BlockDriver for CopyOnRead {
         format!("copy-on-read, {} bytes copied", self.bytes_copied())
     }
 
-    fn open(&self, node: GsRef<'_>) -> Result<()> {
+    fn open(&self, node: CallbackRef<'_>) -> Result<()> {
         if node.child(ChildRole::Filtered).is_none() {
             return Err(Error::NoSuchChild {
                 node: node.name().to_owned(),

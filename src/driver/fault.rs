@@ -11,7 +11,7 @@ use crate::driver::forward;
 use crate::driver::{require_child, BlockDriver, BlockStatus, IoFuture, ResizePermit};
 use crate::error::{Error, Result};
 use crate::graph::edge::ChildRole;
-use crate::proof::{GsRef, RequestRef};
+use crate::proof::{CallbackRef, RequestRef};
 
 /// Which requests a [`FaultRule`] looks at.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -397,7 +397,7 @@ impl BlockDriver for FaultInjector {
         format!("fault injection, {} rule(s)", self.control.rules().len())
     }
 
-    fn open(&self, node: GsRef<'_>) -> Result<()> {
+    fn open(&self, node: CallbackRef<'_>) -> Result<()> {
         if node.child(ChildRole::Filtered).is_none() {
             return Err(Error::NoSuchChild {
                 node: node.name().to_owned(),

@@ -15,7 +15,7 @@ use crate::driver::range_lock::{RangeGuard, RangeLock};
 use crate::driver::{BlockDriver, BlockStatus, IoFuture, ResizePermit};
 use crate::error::{Error, Result};
 use crate::graph::edge::Perm;
-use crate::proof::{GsRef, RequestRef};
+use crate::proof::{CallbackRef, RequestRef};
 
 /// Memory alignment of every buffer handed to an `O_DIRECT` file.
 const MEM_ALIGN: usize = 4096;
@@ -382,7 +382,7 @@ impl BlockDriver for FileDriver {
     /// them in `raw_close`), so the image can be opened again at once even
     /// if a handle, a drain section or a finishing host call keeps the
     /// driver (and its descriptor) alive a little longer.
-    fn close(&self, _node: GsRef<'_>) {
+    fn close(&self, _node: CallbackRef<'_>) {
         if !self.locked {
             return;
         }

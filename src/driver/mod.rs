@@ -28,7 +28,7 @@ use std::pin::Pin;
 
 use crate::error::{Error, Result};
 use crate::graph::edge::{ChildRole, Perm, Permissions};
-use crate::proof::{GsRef, IoProof, NodeRef, RequestRef};
+use crate::proof::{CallbackRef, IoProof, NodeRef, RequestRef};
 
 pub use copy_on_read::CopyOnRead;
 pub use fault::{FaultAction, FaultController, FaultInjector, FaultOp, FaultRule, RuleId};
@@ -133,18 +133,18 @@ pub trait BlockDriver: Any + Send + Sync {
 
     /// Called when the node joins the graph, inside the write section, with
     /// its children attached. An error aborts the whole mutation.
-    fn open(&self, node: GsRef<'_>) -> Result<()> {
+    fn open(&self, node: CallbackRef<'_>) -> Result<()> {
         let _ = node;
         Ok(())
     }
 
     /// Called when the node leaves the graph.
-    fn close(&self, node: GsRef<'_>) {
+    fn close(&self, node: CallbackRef<'_>) {
         let _ = node;
     }
 
     /// Applies new options to a drained node (QEMU's `bdrv_reopen`).
-    fn reopen(&self, node: GsRef<'_>, options: &[(&str, &str)]) -> Result<()> {
+    fn reopen(&self, node: CallbackRef<'_>, options: &[(&str, &str)]) -> Result<()> {
         let _ = (node, options);
         Err(Error::Unsupported {
             driver: self.format_name(),
@@ -169,12 +169,12 @@ pub trait BlockDriver: Any + Send + Sync {
     }
 
     /// The first drain section covering the node began.
-    fn drained_begin(&self, node: GsRef<'_>) {
+    fn drained_begin(&self, node: CallbackRef<'_>) {
         let _ = node;
     }
 
     /// The last drain section covering the node ended.
-    fn drained_end(&self, node: GsRef<'_>) {
+    fn drained_end(&self, node: CallbackRef<'_>) {
         let _ = node;
     }
 

@@ -7,7 +7,7 @@ use crate::driver::forward;
 use crate::driver::{require_child, BlockDriver, BlockStatus, IoFuture, ResizePermit};
 use crate::error::{Error, Result};
 use crate::graph::edge::{ChildRole, Perm, Permissions};
-use crate::proof::{GsRef, RequestRef};
+use crate::proof::{CallbackRef, RequestRef};
 
 /// Passes requests to its [`ChildRole::File`] child, shifted by `offset`
 /// and, with a `size`, confined to `[offset, offset + size)` of the child
@@ -215,7 +215,7 @@ impl BlockDriver for RawDriver {
         }
     }
 
-    fn open(&self, node: GsRef<'_>) -> Result<()> {
+    fn open(&self, node: CallbackRef<'_>) -> Result<()> {
         if node.child(ChildRole::File).is_none() {
             return Err(Error::NoSuchChild {
                 node: node.name().to_owned(),
@@ -247,7 +247,7 @@ impl BlockDriver for RawDriver {
         }
     }
 
-    fn drained_begin(&self, _node: GsRef<'_>) {
+    fn drained_begin(&self, _node: CallbackRef<'_>) {
         // The child may be replaced or resized while drained: check again.
         self.checked.store(false, Ordering::Release);
     }

@@ -14,7 +14,7 @@ use crate::driver::forward;
 use crate::driver::{require_child, BlockDriver, BlockStatus, IoFuture, ResizePermit};
 use crate::error::{Error, Result};
 use crate::graph::edge::ChildRole;
-use crate::proof::{GsRef, RequestRef};
+use crate::proof::{CallbackRef, RequestRef};
 
 /// The largest rate accepted (QEMU's bound too): 10^15 units per second.
 const MAX_RATE: u64 = 1_000_000_000_000_000;
@@ -510,7 +510,7 @@ impl BlockDriver for ThrottleDriver {
         )
     }
 
-    fn open(&self, node: GsRef<'_>) -> Result<()> {
+    fn open(&self, node: CallbackRef<'_>) -> Result<()> {
         if node.child(ChildRole::Filtered).is_none() {
             return Err(Error::NoSuchChild {
                 node: node.name().to_owned(),
@@ -522,17 +522,17 @@ impl BlockDriver for ThrottleDriver {
 
     /// Options as [`ThrottleConfig::from_options`]; they replace the whole
     /// group's limits.
-    fn reopen(&self, _node: GsRef<'_>, options: &[(&str, &str)]) -> Result<()> {
+    fn reopen(&self, _node: CallbackRef<'_>, options: &[(&str, &str)]) -> Result<()> {
         self.group
             .set_config(ThrottleConfig::from_options(options)?)
     }
 
-    fn drained_begin(&self, _node: GsRef<'_>) {
+    fn drained_begin(&self, _node: CallbackRef<'_>) {
         self.bypass.store(true, Ordering::Release);
         self.wake.notify_waiters();
     }
 
-    fn drained_end(&self, _node: GsRef<'_>) {
+    fn drained_end(&self, _node: CallbackRef<'_>) {
         self.bypass.store(false, Ordering::Release);
     }
 

@@ -18,14 +18,14 @@ use crate::error::Result;
 use crate::graph::cell::ReadAccess;
 use crate::graph::edge::{ChildRole, Permissions};
 use crate::graph::node::NodeInner;
-use crate::proof::{GsRef, NodeRef};
+use crate::proof::{CallbackRef, NodeRef};
 
-/// A `GsRef` for a callback on the main-loop thread.
+/// The `CallbackRef` a main-loop callback of `node`'s own driver gets.
 ///
 /// # Safety
 ///
 /// On `node`'s graph's main-loop thread, `access` minted for that graph.
-unsafe fn gs<'a>(node: &'a Arc<NodeInner>, access: ReadAccess<'a>) -> GsRef<'a> {
+unsafe fn gs<'a>(node: &'a Arc<NodeInner>, access: ReadAccess<'a>) -> CallbackRef<'a> {
     // SAFETY: by the caller's contract.
     unsafe { NodeRef::new(node, access) }
 }

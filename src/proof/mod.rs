@@ -6,7 +6,8 @@
 //! | [`GsRef`] | a node seen from main-loop code; the graph cannot change while it lives | `bdrv_graph_rdlock_main_loop()` |
 //! | [`ReadGuard`] | the graph is read-locked by this task | `bdrv_graph_co_rdlock()` |
 //! | [`IoRef`] | a node seen under a read guard; a request made through it enters the graph there | a `GRAPH_RDLOCK` function's `bs` |
-//! | [`RequestRef`] | a node seen by its own driver inside a request | the `bs` a driver callback receives |
+//! | [`RequestRef`] | a node seen by its own driver inside a request | the `bs` a driver's I/O callback receives |
+//! | [`CallbackRef`] | a node seen by its own driver in a main-loop callback | the `bs` of `.bdrv_open`, `.bdrv_drain_begin` |
 //! | [`Drained`] | no request can reach this node | `bdrv_drained_begin()` … `end()` |
 //! | [`GraphWriter`] | no reader is inside the graph; the graph may change | `bdrv_graph_wrlock()` |
 
@@ -23,8 +24,9 @@ pub use graph_writer::GraphWriter;
 pub use io_cx::{IoContext, IoCx, ReadFuture, ReadGuard};
 pub use main_cx::MainCx;
 pub use node_ref::{
-    ChildRef, GlobalState, GsRef, InRequest, IoProof, IoRef, MainLoopProof, NodeRef, NodeRequest,
-    OutsideRequest, ParentRef, Proof, ReadLocked, RequestRef,
+    CallbackRef, ChildRef, GlobalState, GsRef, InCallback, InRequest, IoProof, IoRef,
+    MainLoopProof, NodeRef, NodeRequest, OutsideRequest, ParentRef, Proof, ReadLocked, RequestRef,
+    SeesParents,
 };
 
 pub(crate) use drained::DrainedState;

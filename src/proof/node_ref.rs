@@ -62,16 +62,28 @@ pub trait MainLoopProof: Proof {}
 )]
 pub trait IoProof: Proof + sealed::Dispatch {}
 
-/// Implemented by [`GlobalState`] and [`ReadLocked`], not by
-/// [`InRequest`]: a driver's I/O callback sees its own node and what lies
-/// below it, never its parents or other nodes' drivers (a request only goes
-/// down the graph; rule 18).
+/// Implemented by [`GlobalState`], [`ReadLocked`] and [`InCallback`], not
+/// by [`InRequest`]: a driver's I/O callback sees its own node and what lies
+/// below it, never its parents (a request only goes down the graph;
+/// rule 18).
 #[diagnostic::on_unimplemented(
-    message = "a driver's I/O callback cannot look at its parents or at drivers through a `RequestRef`",
+    message = "a driver's I/O callback cannot look at its parents through a `RequestRef`",
     label = "this is a `RequestRef` (`{Self}`): it reaches the node's children only",
     note = "a request goes down the graph: every request that reaches a node is counted where it entered, above it (rule 18)"
 )]
-pub trait OutsideRequest: Proof {}
+pub trait SeesParents: Proof {}
+
+/// Implemented by [`GlobalState`] and [`ReadLocked`] only: code outside
+/// driver callbacks may reach a node's driver; a callback (which gets a
+/// [`RequestRef`] or a [`CallbackRef`]) may not reach any node's driver, so
+/// it cannot call another driver's callbacks (rule 18: callbacks are called
+/// only by the graph, always with their own node).
+#[diagnostic::on_unimplemented(
+    message = "a driver callback cannot reach drivers through its node reference",
+    label = "this node reference (`{Self}`) was handed to a driver callback",
+    note = "driver callbacks are called only by the graph, always with their own node (rule 18); a driver uses `self`"
+)]
+pub trait OutsideRequest: SeesParents {}
 
 /// Marker for node references obtained on the main loop (see [`GsRef`]).
 ///
@@ -94,15 +106,28 @@ pub struct InRequest {
     _private: (),
 }
 
+/// Marker for the node references a driver's main-loop callback receives
+/// (see [`CallbackRef`]). `!Send` and `!Sync`, like [`GlobalState`].
+#[derive(Debug, Clone, Copy)]
+pub struct InCallback {
+    _not_send: super::NotSend,
+}
+
 impl sealed::Sealed for GlobalState {}
 impl sealed::Sealed for ReadLocked {}
 impl sealed::Sealed for InRequest {}
+impl sealed::Sealed for InCallback {}
 impl Proof for GlobalState {}
 impl Proof for ReadLocked {}
 impl Proof for InRequest {}
+impl Proof for InCallback {}
 impl MainLoopProof for GlobalState {}
+impl MainLoopProof for InCallback {}
 impl IoProof for ReadLocked {}
 impl IoProof for InRequest {}
+impl SeesParents for GlobalState {}
+impl SeesParents for ReadLocked {}
+impl SeesParents for InCallback {}
 impl OutsideRequest for GlobalState {}
 impl OutsideRequest for ReadLocked {}
 
@@ -123,6 +148,16 @@ pub type GsRef<'b> = NodeRef<'b, GlobalState>;
 /// covering the node waits for, and it is refused with
 /// [`Error::Drained`] while a drain section covers the node.
 pub type IoRef<'r> = NodeRef<'r, ReadLocked>;
+
+/// A node seen by its own driver in a main-loop callback (`open`, `close`,
+/// `reopen`, `drained_begin`, `drained_end`; QEMU: the `bs` of a
+/// `.bdrv_open`, `.bdrv_drain_begin`, …).
+///
+/// Everything a [`GsRef`] can do except reach drivers: only the graph makes
+/// one, for the node whose driver it calls, so main-loop callbacks cannot be
+/// called from outside the graph (a `GsRef` is not a `CallbackRef`), nor by
+/// one driver on another node (rule 18). `!Send`. One pointer wide.
+pub type CallbackRef<'b> = NodeRef<'b, InCallback>;
 
 /// A node seen by its own driver inside a request (QEMU: the `bs` a
 /// driver's `bdrv_co_preadv` receives).
@@ -285,7 +320,7 @@ impl<'a, P: Proof> NodeRef<'a, P> {
     /// Everything that uses this node: parent nodes and backends.
     pub fn parents(&self) -> impl ExactSizeIterator<Item = ParentRef<'a, P>> + 'a
     where
-        P: OutsideRequest,
+        P: SeesParents,
     {
         let access = self.access;
         let links = self.node.parents.get(access);
@@ -306,7 +341,7 @@ impl<'a, P: Proof> NodeRef<'a, P> {
     /// share.
     pub fn parent_permissions(&self) -> Permissions
     where
-        P: OutsideRequest,
+        P: SeesParents,
     {
         crate::graph::permission::incoming(self.node, self.access)
     }

@@ -16,7 +16,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use blockgraph::{
-    BlockDriver, BlockStatus, ChildRole, Error, GraphView, GsRef, IoFuture, MainLoop,
+    BlockDriver, BlockStatus, CallbackRef, ChildRole, Error, GraphView, IoFuture, MainLoop,
     OutsideRequest, ParentRef, Permissions, RequestRef, Result, TaskHandle,
 };
 
@@ -176,7 +176,7 @@ impl Events {
     }
 }
 
-type Hook = Box<dyn Fn(GsRef<'_>) + Send + Sync>;
+type Hook = Box<dyn Fn(CallbackRef<'_>) + Send + Sync>;
 
 /// Wraps a driver and records its main-loop callbacks (`open`, `close`,
 /// `drained_begin`, `drained_end`) as `"<callback> <node>"` in an
@@ -204,13 +204,19 @@ impl<D: BlockDriver> Probe<D> {
     }
 
     /// Runs `hook` in `drained_begin`, after recording the event.
-    pub fn on_drained_begin(mut self, hook: impl Fn(GsRef<'_>) + Send + Sync + 'static) -> Self {
+    pub fn on_drained_begin(
+        mut self,
+        hook: impl Fn(CallbackRef<'_>) + Send + Sync + 'static,
+    ) -> Self {
         self.on_begin = Some(Box::new(hook));
         self
     }
 
     /// Runs `hook` in `drained_end`, after recording the event.
-    pub fn on_drained_end(mut self, hook: impl Fn(GsRef<'_>) + Send + Sync + 'static) -> Self {
+    pub fn on_drained_end(
+        mut self,
+        hook: impl Fn(CallbackRef<'_>) + Send + Sync + 'static,
+    ) -> Self {
         self.on_end = Some(Box::new(hook));
         self
     }
@@ -234,25 +240,25 @@ impl<D: BlockDriver> BlockDriver for Probe<D> {
     fn describe(&self) -> String {
         format!("probe({})", self.inner.describe())
     }
-    fn open(&self, node: GsRef<'_>) -> Result<()> {
+    fn open(&self, node: CallbackRef<'_>) -> Result<()> {
         self.events.push(format!("open {}", node.name()));
         self.inner.open(node)
     }
-    fn close(&self, node: GsRef<'_>) {
+    fn close(&self, node: CallbackRef<'_>) {
         self.events.push(format!("close {}", node.name()));
         self.inner.close(node)
     }
     fn child_permissions(&self, role: ChildRole, users: Permissions) -> Permissions {
         self.inner.child_permissions(role, users)
     }
-    fn drained_begin(&self, node: GsRef<'_>) {
+    fn drained_begin(&self, node: CallbackRef<'_>) {
         self.events.push(format!("begin {}", node.name()));
         if let Some(hook) = &self.on_begin {
             hook(node);
         }
         self.inner.drained_begin(node)
     }
-    fn drained_end(&self, node: GsRef<'_>) {
+    fn drained_end(&self, node: CallbackRef<'_>) {
         self.events.push(format!("end {}", node.name()));
         if let Some(hook) = &self.on_end {
             hook(node);

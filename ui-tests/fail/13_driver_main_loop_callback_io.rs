@@ -1,12 +1,12 @@
 // Rule 13: a driver's main-loop callback issuing I/O without first taking a
 // proof for it.
 //
-// Violation: a format driver's `open` callback (which gets a `GsRef`) reads
+// Violation: a format driver's `open` callback (which gets a `CallbackRef`) reads
 // its `File` child to probe a header.
 // Expected: error[E0277]: I/O needs an `IoRef`: the proof that this task
-// holds the graph read lock (`GlobalState` is not `IoProof`).
+// holds the graph read lock (`InCallback` is not `IoProof`).
 use blockgraph::{
-    driver::require_child, BlockDriver, ChildRole, Error, GsRef, IoFuture, RequestRef, Result,
+    driver::require_child, BlockDriver, CallbackRef, ChildRole, Error, IoFuture, RequestRef, Result,
 };
 
 /// A format whose image starts with a magic byte.
@@ -17,7 +17,7 @@ impl BlockDriver for MagicFormat {
         "magic"
     }
 
-    fn open(&self, node: GsRef<'_>) -> Result<()> {
+    fn open(&self, node: CallbackRef<'_>) -> Result<()> {
         let file = node
             .child(ChildRole::File)
             .ok_or(Error::NodeNotFound("file".into()))?;

@@ -3,7 +3,7 @@
 // `NodeHandle` to the child) happens in a main-loop callback, which gets a
 // `GsRef`.
 use blockgraph::{
-    driver::require_child, drivers::MemoryDriver, BackendOptions, BlockDriver, ChildRole, GsRef,
+    driver::require_child, drivers::MemoryDriver, BackendOptions, BlockDriver, CallbackRef, ChildRole,
     IoFuture, RequestRef, MainLoop, NodeHandle, Result,
 };
 use std::sync::Mutex;
@@ -19,13 +19,13 @@ impl BlockDriver for RememberingFilter {
         "remembering"
     }
 
-    fn open(&self, node: GsRef<'_>) -> Result<()> {
+    fn open(&self, node: CallbackRef<'_>) -> Result<()> {
         let child = node.child(ChildRole::Filtered).map(|c| c.to_handle());
         *self.child.lock().unwrap() = child;
         Ok(())
     }
 
-    fn close(&self, _node: GsRef<'_>) {
+    fn close(&self, _node: CallbackRef<'_>) {
         self.child.lock().unwrap().take();
     }
 

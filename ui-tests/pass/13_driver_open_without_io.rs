@@ -3,7 +3,7 @@
 // header) runs as a request on an I/O thread, under a read guard, and its
 // result is handed to the driver's constructor.
 use blockgraph::{
-    driver::require_child, drivers::MemoryDriver, BlockDriver, ChildRole, Error, GsRef, IoFuture,
+    driver::require_child, drivers::MemoryDriver, BlockDriver, CallbackRef, ChildRole, Error, IoFuture,
     RequestRef, MainLoop, Result,
 };
 
@@ -19,7 +19,7 @@ impl BlockDriver for MagicFormat {
         "magic"
     }
 
-    fn open(&self, node: GsRef<'_>) -> Result<()> {
+    fn open(&self, node: CallbackRef<'_>) -> Result<()> {
         node.child(ChildRole::File).ok_or(Error::NoSuchChild {
             node: node.name().to_owned(),
             role: ChildRole::File,

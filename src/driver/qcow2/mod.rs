@@ -94,7 +94,7 @@ use tokio::sync::{Mutex, Notify, RwLock};
 use crate::driver::{require_child, BlockDriver, BlockStatus, IoFuture, ResizePermit};
 use crate::error::{Error, Result};
 use crate::graph::edge::{ChildRole, Perm, Permissions};
-use crate::proof::{GsRef, IoRef, RequestRef};
+use crate::proof::{CallbackRef, IoRef, RequestRef};
 
 use cache::TableCache;
 use entry::{decode_l2, Entry, COMPRESSED, COPIED, ZERO};
@@ -1342,7 +1342,7 @@ impl BlockDriver for Qcow2Driver {
         s
     }
 
-    fn open(&self, node: GsRef<'_>) -> Result<()> {
+    fn open(&self, node: CallbackRef<'_>) -> Result<()> {
         let file = node
             .child(ChildRole::File)
             .ok_or_else(|| Error::NoSuchChild {
