@@ -5,10 +5,12 @@
 //! path makes: the graph is read-locked for the whole request, and the
 //! driver reaches its children with [`NodeRef::child`](crate::NodeRef::child)
 //! and passes the request down to them with the same proof, never
-//! re-locking and never counted twice. Main-loop callbacks get a [`GsRef`]:
-//! they can look at the graph but cannot issue I/O (that needs an
-//! [`IoRef`](crate::IoRef) or a `RequestRef`) and cannot change the graph
-//! (that needs a `GraphWriter`).
+//! re-locking and never counted twice. Main-loop callbacks get a
+//! [`CallbackRef`], which only the graph makes too: they can look at the
+//! graph like a [`GsRef`](crate::GsRef) but cannot issue I/O (that needs an
+//! [`IoRef`](crate::IoRef) or a `RequestRef`), cannot change the graph
+//! (that needs a `GraphWriter`) and cannot reach any driver, so no callback
+//! is ever called except by the graph, with its own node.
 
 mod copy_on_read;
 mod fault;
