@@ -55,6 +55,7 @@ mod backend;
 mod drain;
 pub mod driver;
 mod error;
+pub mod export;
 mod graph;
 mod proof;
 mod runtime;
