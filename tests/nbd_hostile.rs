@@ -73,7 +73,10 @@ fn wrong_option_magic_disconnects() {
 
 #[test]
 fn unknown_and_out_of_order_options_get_errors() {
-    let _w = watchdog("unknown_and_out_of_order_options_get_errors", Duration::from_secs(60));
+    let _w = watchdog(
+        "unknown_and_out_of_order_options_get_errors",
+        Duration::from_secs(60),
+    );
     let f = fixture();
     let mut c = f.connect();
     c.greet().unwrap();
@@ -83,8 +86,11 @@ fn unknown_and_out_of_order_options_get_errors() {
         assert_eq!(c.option_replies().unwrap()[0].0, REP_ERR_UNSUP);
     }
     // Meta contexts before structured replies.
-    c.send_option(OPT_SET_META_CONTEXT, &Client::meta_data("disk", &["base:allocation"]))
-        .unwrap();
+    c.send_option(
+        OPT_SET_META_CONTEXT,
+        &Client::meta_data("disk", &["base:allocation"]),
+    )
+    .unwrap();
     assert_eq!(c.option_replies().unwrap()[0].0, REP_ERR_INVALID);
     // Structured replies with data, then twice.
     c.send_option(OPT_STRUCTURED_REPLY, b"x").unwrap();
@@ -98,14 +104,16 @@ fn unknown_and_out_of_order_options_get_errors() {
     assert_eq!(c.option_replies().unwrap()[0].0, REP_ERR_INVALID);
     c.send_option(OPT_GO, &[0, 0, 0, 200, b'd']).unwrap();
     assert_eq!(c.option_replies().unwrap()[0].0, REP_ERR_INVALID);
-    c.send_option(OPT_INFO, &Client::info_data("nope", &[])).unwrap();
+    c.send_option(OPT_INFO, &Client::info_data("nope", &[]))
+        .unwrap();
     assert_eq!(c.option_replies().unwrap()[0].0, REP_ERR_UNKNOWN);
     // A meta-context query count that does not fit the data.
     c.send_option(OPT_SET_META_CONTEXT, &[0, 0, 0, 0, 0xff, 0xff, 0xff, 0xff])
         .unwrap();
     assert_eq!(c.option_replies().unwrap()[0].0, REP_ERR_INVALID);
     // After all that, the connection still works.
-    c.send_option(OPT_GO, &Client::info_data("disk", &[])).unwrap();
+    c.send_option(OPT_GO, &Client::info_data("disk", &[]))
+        .unwrap();
     let replies = c.option_replies().unwrap();
     assert_eq!(replies.last().unwrap().0, REP_ACK);
     c.disconnect();
@@ -114,7 +122,10 @@ fn unknown_and_out_of_order_options_get_errors() {
 
 #[test]
 fn too_long_option_is_skipped_and_refused() {
-    let _w = watchdog("too_long_option_is_skipped_and_refused", Duration::from_secs(60));
+    let _w = watchdog(
+        "too_long_option_is_skipped_and_refused",
+        Duration::from_secs(60),
+    );
     let f = fixture();
     let mut c = f.connect();
     c.greet().unwrap();
@@ -167,19 +178,46 @@ fn endless_options_disconnect() {
 
 #[test]
 fn requests_past_the_end_get_einval_or_enospc() {
-    let _w = watchdog("requests_past_the_end_get_einval_or_enospc", Duration::from_secs(60));
+    let _w = watchdog(
+        "requests_past_the_end_get_einval_or_enospc",
+        Duration::from_secs(60),
+    );
     let f = fixture();
     for structured in [false, true] {
         let mut c = f.connect();
         c.handshake("disk", structured).unwrap();
         let end = 1u64 << 20;
-        assert_eq!(c.request(CMD_READ, 0, end - 512, 1024, &[]).unwrap().error, EINVAL);
-        assert_eq!(c.request(CMD_READ, 0, u64::MAX - 10, 512, &[]).unwrap().error, EINVAL);
-        assert_eq!(c.request(CMD_WRITE, 0, end, 512, &[1; 512]).unwrap().error, ENOSPC);
-        assert_eq!(c.request(CMD_WRITE_ZEROES, 0, end - 4096, 8192, &[]).unwrap().error, ENOSPC);
-        assert_eq!(c.request(CMD_TRIM, 0, end, 4096, &[]).unwrap().error, EINVAL);
+        assert_eq!(
+            c.request(CMD_READ, 0, end - 512, 1024, &[]).unwrap().error,
+            EINVAL
+        );
+        assert_eq!(
+            c.request(CMD_READ, 0, u64::MAX - 10, 512, &[])
+                .unwrap()
+                .error,
+            EINVAL
+        );
+        assert_eq!(
+            c.request(CMD_WRITE, 0, end, 512, &[1; 512]).unwrap().error,
+            ENOSPC
+        );
+        assert_eq!(
+            c.request(CMD_WRITE_ZEROES, 0, end - 4096, 8192, &[])
+                .unwrap()
+                .error,
+            ENOSPC
+        );
+        assert_eq!(
+            c.request(CMD_TRIM, 0, end, 4096, &[]).unwrap().error,
+            EINVAL
+        );
         if structured {
-            assert_eq!(c.request(CMD_BLOCK_STATUS, 0, end, 4096, &[]).unwrap().error, EINVAL);
+            assert_eq!(
+                c.request(CMD_BLOCK_STATUS, 0, end, 4096, &[])
+                    .unwrap()
+                    .error,
+                EINVAL
+            );
         }
         // The write's payload was consumed: the stream is still in step.
         let r = c.request(CMD_READ, 0, 0, 4096, &[]).unwrap();
@@ -191,7 +229,10 @@ fn requests_past_the_end_get_einval_or_enospc() {
 
 #[test]
 fn huge_reads_are_refused_without_allocating() {
-    let _w = watchdog("huge_reads_are_refused_without_allocating", Duration::from_secs(60));
+    let _w = watchdog(
+        "huge_reads_are_refused_without_allocating",
+        Duration::from_secs(60),
+    );
     let f = Fixture::new(64 << 20);
     count_panics();
     for structured in [false, true] {
@@ -225,19 +266,34 @@ fn oversized_write_disconnects() {
 
 #[test]
 fn unknown_commands_and_flags_get_einval() {
-    let _w = watchdog("unknown_commands_and_flags_get_einval", Duration::from_secs(60));
+    let _w = watchdog(
+        "unknown_commands_and_flags_get_einval",
+        Duration::from_secs(60),
+    );
     let f = fixture();
     let mut c = f.connect();
     c.handshake("disk", false).unwrap();
     for kind in [5, 8, 99, 0xffff] {
-        assert_eq!(c.request(kind, 0, 0, 512, &[]).unwrap().error, EINVAL, "command {kind}");
+        assert_eq!(
+            c.request(kind, 0, 0, 512, &[]).unwrap().error,
+            EINVAL,
+            "command {kind}"
+        );
     }
-    assert_eq!(c.request(CMD_FLUSH, 0x8000, 0, 0, &[]).unwrap().error, EINVAL);
+    assert_eq!(
+        c.request(CMD_FLUSH, 0x8000, 0, 0, &[]).unwrap().error,
+        EINVAL
+    );
     // Block status without a negotiated context.
-    assert_eq!(c.request(CMD_BLOCK_STATUS, 0, 0, 512, &[]).unwrap().error, EINVAL);
+    assert_eq!(
+        c.request(CMD_BLOCK_STATUS, 0, 0, 512, &[]).unwrap().error,
+        EINVAL
+    );
     // FAST_ZERO cannot be promised.
     assert_eq!(
-        c.request(CMD_WRITE_ZEROES, FLAG_FAST_ZERO, 0, 4096, &[]).unwrap().error,
+        c.request(CMD_WRITE_ZEROES, FLAG_FAST_ZERO, 0, 4096, &[])
+            .unwrap()
+            .error,
         ENOTSUP
     );
     c.disconnect();
@@ -257,13 +313,22 @@ fn wrong_request_magic_disconnects() {
 
 #[test]
 fn read_only_export_refuses_writes_with_eperm() {
-    let _w = watchdog("read_only_export_refuses_writes_with_eperm", Duration::from_secs(60));
+    let _w = watchdog(
+        "read_only_export_refuses_writes_with_eperm",
+        Duration::from_secs(60),
+    );
     let f = fixture();
     let mut c = f.connect();
     let (_, flags) = c.handshake("ro", false).unwrap();
     assert_ne!(flags & FLAG_READ_ONLY, 0);
-    assert_eq!(c.request(CMD_WRITE, 0, 0, 512, &[9; 512]).unwrap().error, EPERM);
-    assert_eq!(c.request(CMD_WRITE_ZEROES, 0, 0, 512, &[]).unwrap().error, EPERM);
+    assert_eq!(
+        c.request(CMD_WRITE, 0, 0, 512, &[9; 512]).unwrap().error,
+        EPERM
+    );
+    assert_eq!(
+        c.request(CMD_WRITE_ZEROES, 0, 0, 512, &[]).unwrap().error,
+        EPERM
+    );
     assert_eq!(c.request(CMD_TRIM, 0, 0, 512, &[]).unwrap().error, EPERM);
     let r = c.request(CMD_READ, 0, 0, 512, &[]).unwrap();
     assert_eq!(r.data, vec![0; 512], "nothing was written");
@@ -274,7 +339,10 @@ fn read_only_export_refuses_writes_with_eperm() {
 
 #[test]
 fn truncated_requests_and_vanishing_clients_are_harmless() {
-    let _w = watchdog("truncated_requests_and_vanishing_clients_are_harmless", Duration::from_secs(60));
+    let _w = watchdog(
+        "truncated_requests_and_vanishing_clients_are_harmless",
+        Duration::from_secs(60),
+    );
     let f = fixture();
     // Half a greeting answer, half an option, half a request, half a
     // write payload: each client just goes away.
@@ -298,7 +366,10 @@ fn truncated_requests_and_vanishing_clients_are_harmless() {
 
 #[test]
 fn a_client_that_never_reads_replies_is_bounded() {
-    let _w = watchdog("a_client_that_never_reads_replies_is_bounded", Duration::from_secs(120));
+    let _w = watchdog(
+        "a_client_that_never_reads_replies_is_bounded",
+        Duration::from_secs(120),
+    );
     let f = fixture();
     let mut c = f.connect();
     c.handshake("disk", false).unwrap();
@@ -333,7 +404,10 @@ fn a_client_that_never_reads_replies_is_bounded() {
     eprintln!("{done} of {N} requests served while the client read nothing");
     // The 64 MiB payload budget (64 replies of 1 MiB), the reply being
     // written, and what the socket buffers hold.
-    assert!(done <= 72, "{done} requests served while the client read nothing");
+    assert!(
+        done <= 72,
+        "{done} requests served while the client read nothing"
+    );
     // Reading the replies lets the server finish every request.
     let mut seen = vec![false; N as usize];
     for _ in 0..N {

@@ -121,7 +121,9 @@ impl Fixture {
             })
             .unwrap();
         let dir = tempfile::tempdir().expect("temp dir");
-        let listener = server.listen_unix(dir.path().join("nbd.sock")).expect("listen");
+        let listener = server
+            .listen_unix(dir.path().join("nbd.sock"))
+            .expect("listen");
         Fixture {
             main,
             server: Some(server),
@@ -361,7 +363,10 @@ impl Client {
             1 => (0, payload[8..].to_vec()),
             0 => (0, Vec::new()),
             5 => (0, payload[4..].to_vec()),
-            k if k & (1 << 15) != 0 => (u32::from_be_bytes(payload[..4].try_into().unwrap()), Vec::new()),
+            k if k & (1 << 15) != 0 => (
+                u32::from_be_bytes(payload[..4].try_into().unwrap()),
+                Vec::new(),
+            ),
             k => panic!("unexpected chunk type {k}"),
         };
         Ok(Reply {
