@@ -490,3 +490,77 @@ fn drain_while_a_client_streams_writes() {
     }
     c.disconnect();
 }
+
+/// A driver that panics on reads at offset 0.
+struct PanicsOnRead;
+
+impl blockgraph::BlockDriver for PanicsOnRead {
+    fn format_name(&self) -> &'static str {
+        "panics-on-read"
+    }
+    fn length<'a>(&'a self, _node: blockgraph::RequestRef<'a>) -> blockgraph::IoFuture<'a, u64> {
+        Box::pin(async move { Ok(1 << 20) })
+    }
+    fn read<'a>(
+        &'a self,
+        _node: blockgraph::RequestRef<'a>,
+        offset: u64,
+        buf: &'a mut [u8],
+    ) -> blockgraph::IoFuture<'a, ()> {
+        Box::pin(async move {
+            assert_ne!(offset, 0, "deliberate driver panic");
+            buf.fill(1);
+            Ok(())
+        })
+    }
+    fn write<'a>(
+        &'a self,
+        _node: blockgraph::RequestRef<'a>,
+        _offset: u64,
+        _buf: &'a [u8],
+    ) -> blockgraph::IoFuture<'a, ()> {
+        Box::pin(async move { Ok(()) })
+    }
+}
+
+/// A driver panicking under a request: the client gets an error reply
+/// (not silence), and the connection and server go on.
+#[test]
+fn a_panicking_driver_gets_an_error_reply() {
+    let _w = watchdog(
+        "a_panicking_driver_gets_an_error_reply",
+        Duration::from_secs(60),
+    );
+    let main = MainLoop::new().unwrap();
+    let blk = main
+        .run(|bql| {
+            bql.write(|w| {
+                let node = w.add_node("p", PanicsOnRead, &[])?;
+                w.add_backend("p-blk", &node, BackendOptions::default())
+            })
+        })
+        .unwrap();
+    let server = NbdServer::new(&main).unwrap();
+    server
+        .add_export(ExportOptions {
+            name: "p".into(),
+            description: String::new(),
+            backend: blk,
+            read_only: false,
+        })
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let listener = server.listen_unix(dir.path().join("s")).unwrap();
+    for structured in [false, true] {
+        let mut c = Client::connect(&dir.path().join("s"));
+        c.handshake("p", structured).unwrap();
+        let r = c.request(CMD_READ, 0, 0, 512, &[]).unwrap();
+        assert_ne!(r.error, 0);
+        let r = c.request(CMD_READ, 0, 512, 512, &[]).unwrap();
+        assert_eq!((r.error, r.data), (0, vec![1; 512]));
+        c.disconnect();
+    }
+    listener.shutdown();
+    server.shutdown();
+    main.shutdown();
+}

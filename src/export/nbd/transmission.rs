@@ -2,7 +2,10 @@
 //! task per request (each taking the graph read lock through the export's
 //! backend), and one writer that sends the replies.
 
+use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
+
+use futures::FutureExt;
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader, BufWriter};
 use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
@@ -104,7 +107,18 @@ pub(crate) async fn serve<R, W>(
         shared
             .ctx
             .spawn_on(&shared.handle, move |mut cx| async move {
-                let bytes = handle(&mut cx, &session, req, payload).await;
+                // A panicking driver must not leave the client waiting for a
+                // reply that never comes: it gets EIO, the server goes on.
+                let handled = AssertUnwindSafe(handle(&mut cx, &session, req, payload))
+                    .catch_unwind()
+                    .await;
+                let bytes = handled.unwrap_or_else(|_| {
+                    if session.structured && req.kind == CMD_READ {
+                        error_chunk(EIO, req.cookie)
+                    } else {
+                        simple_reply(EIO, req.cookie)
+                    }
+                });
                 let _ = tx.send(Reply {
                     bytes,
                     _permits: (r, b),
@@ -250,7 +264,7 @@ async fn read(cx: &mut IoCx, s: &Session, req: Request) -> Vec<u8> {
     if req.len > MAX_PAYLOAD {
         return fail(if s.structured { EOVERFLOW } else { EINVAL });
     }
-    if !offset.checked_add(len).is_some_and(|end| end <= s.size) {
+    if offset.checked_add(len).is_none_or(|end| end > s.size) {
         return fail(EINVAL);
     }
     if len == 0 {
