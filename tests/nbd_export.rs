@@ -564,3 +564,81 @@ fn a_panicking_driver_gets_an_error_reply() {
     server.shutdown();
     main.shutdown();
 }
+
+/// Stopping a listener ends its idle connections; dropping the server
+/// inside a drain section of the exported node does not wait for the
+/// request queued there (that would deadlock), and the request still
+/// completes and is answered once the section ends.
+#[test]
+fn stopping_ends_connections_without_losing_queued_requests() {
+    let _w = watchdog(
+        "stopping_ends_connections_without_losing_queued_requests",
+        Duration::from_secs(60),
+    );
+    let mut f = Fixture::new(1 << 20);
+    let mut idle = f.connect();
+    idle.handshake("disk", false).unwrap();
+    f.listener.take().unwrap().shutdown();
+    assert!(idle.closed_by_server(), "the idle connection was closed");
+    assert!(!f.socket().exists(), "the socket file was removed");
+
+    let tcp = f
+        .server
+        .as_ref()
+        .unwrap()
+        .listen_tcp("127.0.0.1:0".parse().unwrap())
+        .unwrap();
+    let addr = tcp.tcp_addr().unwrap();
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(READ_TIMEOUT)).unwrap();
+    // A TCP client by hand (the raw test client speaks Unix sockets):
+    // EXPORT_NAME, then one write while the node is drained.
+    let mut greeting = [0u8; 18];
+    std::io::Read::read_exact(&mut s, &mut greeting).unwrap();
+    let mut go = Vec::new();
+    go.extend_from_slice(&3u32.to_be_bytes());
+    go.extend_from_slice(&OPT_MAGIC.to_be_bytes());
+    go.extend_from_slice(&OPT_EXPORT_NAME.to_be_bytes());
+    go.extend_from_slice(&4u32.to_be_bytes());
+    go.extend_from_slice(b"disk");
+    std::io::Write::write_all(&mut s, &go).unwrap();
+    let mut export = [0u8; 10];
+    std::io::Read::read_exact(&mut s, &mut export).unwrap();
+
+    let server = f.server.take().unwrap();
+    let node = f.node.clone();
+    let blk = f.blk.clone();
+    let mut request = Vec::new();
+    request.extend_from_slice(&REQUEST_MAGIC.to_be_bytes());
+    request.extend_from_slice(&0u16.to_be_bytes());
+    request.extend_from_slice(&CMD_WRITE.to_be_bytes());
+    request.extend_from_slice(&99u64.to_be_bytes());
+    request.extend_from_slice(&0u64.to_be_bytes());
+    request.extend_from_slice(&512u32.to_be_bytes());
+    request.extend_from_slice(&[0xee; 512]);
+    let mut writer = s.try_clone().unwrap();
+    f.main.run(move |bql| {
+        let drained = bql.drain(&node);
+        std::io::Write::write_all(&mut writer, &request).unwrap();
+        common::wait_until("the write queues at the drained backend", || {
+            blk.queued_requests() > 0
+        });
+        drop(server); // must not wait for the queued write
+        drop(drained);
+    });
+    let mut reply = [0u8; 16];
+    std::io::Read::read_exact(&mut s, &mut reply).unwrap();
+    assert_eq!(
+        u32::from_be_bytes(reply[4..8].try_into().unwrap()),
+        0,
+        "no error"
+    );
+    assert_eq!(u64::from_be_bytes(reply[8..16].try_into().unwrap()), 99);
+    let mut rest = [0u8; 1];
+    assert_eq!(
+        std::io::Read::read(&mut s, &mut rest).unwrap(),
+        0,
+        "then closed"
+    );
+    drop(tcp);
+}

@@ -2,7 +2,7 @@
 //! and `block-export-add type=nbd`, as a library).
 //!
 //! [`NbdServer`] owns a small tokio runtime (its own threads, with one
-//! [`IoContext`](crate::IoContext) of the graph lock for all of them);
+//! [`IoContext`] of the graph lock for all of them);
 //! [`NbdServer::add_export`] publishes a backend under a name;
 //! [`NbdServer::listen_unix`] and [`NbdServer::listen_tcp`] accept clients
 //! until the returned [`NbdListener`] is dropped or shut down.
