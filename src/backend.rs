@@ -8,9 +8,10 @@ use std::task::Poll;
 
 use crossbeam_utils::CachePadded;
 
+use crate::driver::BlockStatus;
 use crate::error::{Error, Result};
 use crate::graph::cell::GraphCell;
-use crate::graph::edge::{Perm, Permissions};
+use crate::graph::edge::{ChildRole, Perm, Permissions};
 use crate::graph::node::NodeInner;
 use crate::graph::GraphInner;
 use crate::proof::{IoCx, NodeRef, ReadGuard, RequestRef};
@@ -372,6 +373,88 @@ impl BlockBackend {
     /// The size of the device in bytes.
     pub async fn length(&self, cx: &mut IoCx) -> Result<u64> {
         request!(self, cx, Access::Other, 0, 0, |root| self.root_length(root))
+    }
+}
+
+/// What the device stores, for exports and copy tools (QEMU's
+/// `blk_co_block_status_above` with no base).
+impl BlockBackend {
+    /// What is stored at `offset`, looking through the whole backing chain,
+    /// and for how many bytes (at least 1, at most `len`) the answer holds.
+    ///
+    /// [`BlockStatus::Data`]: some layer stores data there;
+    /// [`BlockStatus::Zero`]: the first layer that says anything says it
+    /// reads as zeroes; [`BlockStatus::Unallocated`]: no layer stores
+    /// anything there, so it reads as zeroes too (a hole). Unlike reads,
+    /// the range needs no alignment; it must lie inside the device and
+    /// `len` must not be zero ([`Error::OutOfRange`],
+    /// [`Error::InvalidArgument`]).
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use blockgraph::{BackendOptions, BlockStatus, MainLoop, drivers::NullDriver};
+    ///
+    /// let main = MainLoop::new()?;
+    /// let blk = main.run(|bql| bql.write(|w| {
+    ///     let disk = w.add_node("null0", NullDriver::new(1 << 20), &[])?;
+    ///     w.add_backend("vda", &disk, BackendOptions::default())
+    /// }))?;
+    /// let io = main.new_io_thread("io0")?;
+    /// let status = io.spawn(move |mut cx| async move {
+    ///     blk.block_status(&mut cx, 0, 4096).await
+    /// }).join()?;
+    /// assert_eq!(status, (BlockStatus::Zero, 4096));
+    /// # drop(io); main.shutdown();
+    /// # Ok::<(), blockgraph::Error>(())
+    /// ```
+    pub async fn block_status(
+        &self,
+        cx: &mut IoCx,
+        offset: u64,
+        len: u64,
+    ) -> Result<(BlockStatus, u64)> {
+        request!(self, cx, Access::Other, offset, len, |root| async move {
+            if len == 0 {
+                return Err(Error::InvalidArgument(
+                    "block status of an empty range".into(),
+                ));
+            }
+            let size = self.root_length(root).await?;
+            if offset.checked_add(len).is_none_or(|end| end > size) {
+                return Err(Error::OutOfRange { offset, len, size });
+            }
+            let mut node = root;
+            let mut len = len;
+            loop {
+                let (status, n) = node.block_status(offset, len).await?;
+                // A driver that answers for no bytes would stall callers
+                // that walk the device; count it as one byte.
+                let n = n.clamp(1, len);
+                if status != BlockStatus::Unallocated {
+                    return Ok((status, n));
+                }
+                let Some(backing) = node.child(ChildRole::Backing) else {
+                    return Ok((BlockStatus::Unallocated, n));
+                };
+                // A backing node shorter than its overlay reads as zeroes
+                // past its end.
+                let backing_len = backing.length().await?;
+                if offset >= backing_len {
+                    return Ok((BlockStatus::Unallocated, n));
+                }
+                len = n.min(backing_len - offset);
+                node = backing;
+            }
+        })
+    }
+
+    /// The alignment, in bytes, that reads and writes through this backend
+    /// must have (the root's request alignment; 1 when anything goes).
+    pub async fn request_alignment(&self, cx: &mut IoCx) -> Result<u32> {
+        request!(self, cx, Access::Other, 0, 0, |root| async move {
+            Ok(root.request_alignment().max(1))
+        })
     }
 }
 

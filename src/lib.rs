@@ -55,6 +55,10 @@ mod backend;
 mod drain;
 pub mod driver;
 mod error;
+// tokio's sockets do not exist in loom builds (the lock's models), which
+// need none of the export.
+#[cfg(not(loom))]
+pub mod export;
 mod graph;
 mod proof;
 mod runtime;
