@@ -57,7 +57,7 @@ pub mod driver;
 mod error;
 // tokio's sockets do not exist in loom builds (the lock's models), which
 // need none of the export.
-#[cfg(not(loom))]
+#[cfg(all(feature = "nbd-export", not(loom)))]
 pub mod export;
 mod graph;
 mod proof;
