@@ -177,6 +177,11 @@ impl BlockBackend {
     }
 
     /// Requests currently past the drain gate.
+    ///
+    /// A request counts itself in *before* it looks at the gate (that
+    /// order is what lets a drain never miss one), so while a drain section
+    /// covers the backend this can briefly read 1 for a request that is
+    /// about to back out and queue; no request reaches the drained node.
     pub fn in_flight(&self) -> usize {
         self.inner.in_flight.load(Ordering::SeqCst)
     }
