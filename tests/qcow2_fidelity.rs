@@ -22,43 +22,10 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use blockgraph::drivers::qcow2::{open_image_chain, BitmapInfo, ChainOptions, ImageChain};
+use blockgraph::drivers::qcow2::BitmapInfo;
 use blockgraph::drivers::{FileDriver, FileOptions, Qcow2Driver, Qcow2Options};
 use blockgraph::{BackendOptions, NodeHandle};
-use qcow2_util::{have_qemu, qemu_img, qemu_io, Env};
-
-fn require_qemu() {
-    assert!(
-        have_qemu(),
-        "qemu-img and qemu-io are needed (Debian package qemu-utils; .ci/run installs it)"
-    );
-}
-
-fn p(path: &Path) -> &str {
-    path.to_str().expect("UTF-8 temp path")
-}
-
-fn open_chain(env: &Env, path: &Path, writable: bool) -> ImageChain {
-    let path = path.to_path_buf();
-    let name = env.name("img");
-    env.on_io(move |mut cx| async move {
-        let mut opts = ChainOptions::new(name);
-        opts.writable = writable;
-        open_image_chain(&mut cx, &path, opts).await
-    })
-    .unwrap_or_else(|e| panic!("opening the chain failed: {e}"))
-}
-
-fn close_chain(env: &Env, chain: ImageChain) {
-    for img in &chain.images {
-        if img.format == "qcow2" {
-            env.remove(&img.node).unwrap();
-        }
-    }
-    for img in &chain.images {
-        env.remove(&img.file).unwrap();
-    }
-}
+use qcow2_util::{close_chain, open_chain, p, qemu_img, qemu_io, require_qemu, Env};
 
 fn our_bitmaps(env: &Env, node: &NodeHandle) -> Vec<BitmapInfo> {
     let node = node.clone();

@@ -15,46 +15,10 @@ mod qcow2_util;
 
 use std::path::{Path, PathBuf};
 
-use blockgraph::drivers::qcow2::{open_image_chain, ChainOptions, CreateOptions, ImageChain};
+use blockgraph::drivers::qcow2::CreateOptions;
 use blockgraph::drivers::{FileDriver, FileOptions, Qcow2Options};
 use blockgraph::NodeHandle;
-use qcow2_util::{have_qemu, qemu_img, qemu_io, Env, Rng};
-
-fn require_qemu() {
-    assert!(
-        have_qemu(),
-        "qemu-img and qemu-io are needed (Debian package qemu-utils; .ci/run installs it)"
-    );
-}
-
-fn p(path: &Path) -> &str {
-    path.to_str().expect("UTF-8 temp path")
-}
-
-/// Opens `path` and its backing chain through `FileDriver` nodes.
-fn open_chain(env: &Env, path: &Path, writable: bool) -> ImageChain {
-    let path = path.to_path_buf();
-    let name = env.name("img");
-    env.on_io(move |mut cx| async move {
-        let mut opts = ChainOptions::new(name);
-        opts.writable = writable;
-        open_image_chain(&mut cx, &path, opts).await
-    })
-    .unwrap_or_else(|e| panic!("opening the chain failed: {e}"))
-}
-
-/// Removes a chain's nodes (top first) so the files are closed and
-/// unlocked for QEMU's tools.
-fn close_chain(env: &Env, chain: ImageChain) {
-    for img in &chain.images {
-        if img.format == "qcow2" {
-            env.remove(&img.node).unwrap();
-        }
-    }
-    for img in &chain.images {
-        env.remove(&img.file).unwrap();
-    }
-}
+use qcow2_util::{close_chain, open_chain, p, qemu_img, qemu_io, require_qemu, Env, Rng};
 
 /// What QEMU reads from `img` (through `qemu-img convert -O raw`).
 fn qemu_raw(img: &Path, dir: &Path) -> Vec<u8> {

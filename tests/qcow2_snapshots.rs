@@ -13,20 +13,9 @@ use std::time::Duration;
 use blockgraph::drivers::qcow2::{open_image_chain, ChainOptions, SnapshotInfo};
 use blockgraph::drivers::{FileDriver, FileOptions, Qcow2Driver, Qcow2Options};
 use blockgraph::{Error, NodeHandle};
-use qcow2_util::{have_qemu, qemu_img, qemu_io, Env, Rng};
+use qcow2_util::{p, qemu_img, qemu_io, require_qemu, Env, Rng};
 
 const BUDGET: Duration = Duration::from_secs(240);
-
-fn require_qemu() {
-    assert!(
-        have_qemu(),
-        "qemu-img and qemu-io are needed (Debian package qemu-utils; .ci/run installs it)"
-    );
-}
-
-fn p(path: &Path) -> &str {
-    path.to_str().expect("UTF-8 temp path")
-}
 
 #[derive(Clone)]
 enum Op {

@@ -19,13 +19,9 @@ use blockgraph::{
     Permissions, RequestRef, ResizePermit,
 };
 use common::watchdog;
-use qcow2_util::{have_qemu, qemu_img, qemu_io, Env};
+use qcow2_util::{p, qemu_img, qemu_io, require_qemu, Env};
 
 const BUDGET: Duration = Duration::from_secs(120);
-
-fn p(path: &Path) -> &str {
-    path.to_str().expect("UTF-8 temp path")
-}
 
 fn add_backend(env: &Env, node: &NodeHandle, options: BackendOptions) -> BlockBackend {
     let node = node.clone();
@@ -96,6 +92,11 @@ fn remove_backend(env: &Env, blk: BlockBackend) {
     env.main
         .run(move |bql| bql.write(|w| w.remove_backend(&blk)))
         .unwrap();
+}
+
+/// `qemu-img compare` of a qcow2 image against a raw reference file.
+fn compare_with_raw(img: &Path, reference: &Path) {
+    qemu_img(&["compare", "-f", "qcow2", "-F", "raw", p(img), p(reference)]);
 }
 
 fn assert_denied(err: Error, user: &str) {
@@ -456,10 +457,7 @@ fn raw_with_an_offset_resizes_its_file_past_the_offset() {
 #[test]
 fn qcow2_grows_its_l1_table_and_qemu_img_agrees() {
     let _wd = watchdog("qcow2_grows_its_l1_table", Duration::from_secs(300));
-    assert!(
-        have_qemu(),
-        "qemu-img is needed (Debian package qemu-utils)"
-    );
+    require_qemu();
     let env = Env::new();
     let dir = tempfile::tempdir().unwrap();
     let img = dir.path().join("grow.qcow2");
@@ -514,15 +512,7 @@ fn qcow2_grows_its_l1_table_and_qemu_img_agrees() {
         info.contains(&format!("\"virtual-size\": {NEW}")),
         "qemu-img info: {info}"
     );
-    qemu_img(&[
-        "compare",
-        "-f",
-        "qcow2",
-        "-F",
-        "raw",
-        p(&img),
-        p(&reference),
-    ]);
+    compare_with_raw(&img, &reference);
 }
 
 /// Growing over a backing file that is longer than the old size: the new
@@ -531,10 +521,7 @@ fn qcow2_grows_its_l1_table_and_qemu_img_agrees() {
 #[test]
 fn qcow2_grown_over_a_longer_backing_file_reads_zeroes() {
     let _wd = watchdog("qcow2_grown_over_a_longer_backing_file", BUDGET);
-    assert!(
-        have_qemu(),
-        "qemu-img is needed (Debian package qemu-utils)"
-    );
+    require_qemu();
     let env = Env::new();
     let dir = tempfile::tempdir().unwrap();
     let base = dir.path().join("base.raw");
@@ -587,25 +574,14 @@ fn qcow2_grown_over_a_longer_backing_file_reads_zeroes() {
         qemu_img(&["check", "-f", "qcow2", p(&top)]);
         let reference = dir.path().join(format!("ref-{compat}.raw"));
         std::fs::write(&reference, &data).unwrap();
-        qemu_img(&[
-            "compare",
-            "-f",
-            "qcow2",
-            "-F",
-            "raw",
-            p(&top),
-            p(&reference),
-        ]);
+        compare_with_raw(&top, &reference);
     }
 }
 
 #[test]
 fn qcow2_shrinks_only_over_nothing_stored() {
     let _wd = watchdog("qcow2_shrinks_only_over_nothing_stored", BUDGET);
-    assert!(
-        have_qemu(),
-        "qemu-img is needed (Debian package qemu-utils)"
-    );
+    require_qemu();
     let env = Env::new();
     let dir = tempfile::tempdir().unwrap();
     let img = dir.path().join("shrink.qcow2");
@@ -660,10 +636,7 @@ fn qcow2_shrinks_only_over_nothing_stored() {
 #[test]
 fn qcow2_with_internal_snapshots_refuses_to_resize() {
     let _wd = watchdog("qcow2_with_internal_snapshots", BUDGET);
-    assert!(
-        have_qemu(),
-        "qemu-img is needed (Debian package qemu-utils)"
-    );
+    require_qemu();
     let env = Env::new();
     let dir = tempfile::tempdir().unwrap();
     let img = dir.path().join("snap.qcow2");

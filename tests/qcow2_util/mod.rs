@@ -7,7 +7,9 @@ use std::future::Future;
 use std::path::Path;
 use std::process::Command;
 
-use blockgraph::drivers::qcow2::{CheckReport, CreateOptions};
+use blockgraph::drivers::qcow2::{
+    open_image_chain, ChainOptions, CheckReport, CreateOptions, ImageChain,
+};
 use blockgraph::drivers::{MemoryDriver, Qcow2Driver, Qcow2Options};
 use blockgraph::{ChildRole, IoCx, IoThread, MainLoop, NodeHandle, Result};
 
@@ -228,6 +230,44 @@ pub fn have_qemu() -> bool {
             .output()
             .is_ok_and(|o| o.status.success())
     })
+}
+
+/// Fails the test unless QEMU's tools are installed.
+pub fn require_qemu() {
+    assert!(
+        have_qemu(),
+        "qemu-img and qemu-io are needed (Debian package qemu-utils; .ci/run installs it)"
+    );
+}
+
+/// A temporary path as a tool argument.
+pub fn p(path: &Path) -> &str {
+    path.to_str().expect("UTF-8 temp path")
+}
+
+/// Opens `path` and its backing chain through `FileDriver` nodes.
+pub fn open_chain(env: &Env, path: &Path, writable: bool) -> ImageChain {
+    let path = path.to_path_buf();
+    let name = env.name("img");
+    env.on_io(move |mut cx| async move {
+        let mut opts = ChainOptions::new(name);
+        opts.writable = writable;
+        open_image_chain(&mut cx, &path, opts).await
+    })
+    .unwrap_or_else(|e| panic!("opening the chain failed: {e}"))
+}
+
+/// Removes a chain's nodes (top first) so the files are closed and
+/// unlocked for QEMU's tools.
+pub fn close_chain(env: &Env, chain: ImageChain) {
+    for img in &chain.images {
+        if img.format == "qcow2" {
+            env.remove(&img.node).unwrap();
+        }
+    }
+    for img in &chain.images {
+        env.remove(&img.file).unwrap();
+    }
 }
 
 /// Runs a command, failing the test with its output if it fails.
