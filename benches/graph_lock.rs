@@ -58,7 +58,7 @@ use std::sync::{Arc, Barrier};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use blockgraph::{IoContext, IoCx, MainLoop};
+use blockgraph::{IoContext, IoTask, MainLoop};
 use crossbeam_utils::CachePadded;
 
 #[path = "../src/sync/membarrier.rs"]
@@ -236,11 +236,11 @@ fn main_loop(symmetric: bool) -> MainLoop {
 }
 
 /// Runs synchronous code `f` as a task of `ctx` on the calling thread: an
-/// `IoCx` works only inside its own task (rule 17), so the sync kernels run
+/// `IoTask` works only inside its own task (rule 17), so the sync kernels run
 /// inside one. The task is polled once, directly (no executor, so `ours_op`
 /// may still block on a read future inside it); its set-up is outside the
 /// timed loops or amortised over them.
-fn in_task<R>(ctx: &IoContext, f: impl FnOnce(&mut IoCx) -> R) -> R {
+fn in_task<R>(ctx: &IoContext, f: impl FnOnce(&mut IoTask) -> R) -> R {
     use std::future::Future as _;
     let task = std::pin::pin!(ctx.task(|mut cx| async move { f(&mut cx) }));
     match task.poll(&mut std::task::Context::from_waker(std::task::Waker::noop())) {
@@ -256,7 +256,7 @@ fn unexpected(what: &str) -> ! {
 }
 
 #[inline(always)]
-fn ours_pair(cx: &mut IoCx) {
+fn ours_pair(cx: &mut IoTask) {
     let guard = cx.try_read();
     if guard.is_none() {
         unexpected("read lock refused without a writer");
@@ -267,7 +267,7 @@ fn ours_pair(cx: &mut IoCx) {
 /// One reader op that also copes with a writer: try, else wait (parks the
 /// thread on the lock's waker). Whether it had to wait.
 #[inline(always)]
-fn ours_op(cx: &mut IoCx) -> bool {
+fn ours_op(cx: &mut IoTask) -> bool {
     let entered = cx.try_read().is_some();
     if !entered {
         drop(futures::executor::block_on(cx.read()));

@@ -18,7 +18,10 @@
 use std::time::{Duration, Instant};
 
 use blockgraph::drivers::qcow2::CreateOptions;
-use blockgraph::drivers::{MemoryDriver, Qcow2Driver, Qcow2Options};
+use blockgraph::drivers::{
+    qcow2::{Qcow2Driver, Qcow2Options},
+    MemoryDriver,
+};
 use blockgraph::{ChildRole, IoThread, MainLoop, NodeHandle};
 use criterion::{criterion_group, criterion_main, Criterion};
 

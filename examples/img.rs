@@ -23,12 +23,14 @@ use blockgraph::drivers::qcow2::{
     open_image_chain, BackingPolicy, ChainOptions, CreateOptions, FileOpener, SnapshotInfo,
 };
 use blockgraph::drivers::{
+    qcow2::{Qcow2Driver, Qcow2Options},
     CopyOnRead, FaultInjector, FaultRule, FileDriver, FileOptions, MemoryDriver, NullDriver,
-    Qcow2Driver, Qcow2Options, RawDriver, ThrottleConfig, ThrottleDriver,
+    RawDriver, ThrottleConfig, ThrottleDriver,
 };
 use blockgraph::{
-    BackendOptions, BlockBackend, BlockDriver, BlockStatus, ChildRole, IoCx, IoThread, MainLoop,
-    NodeHandle, Perm, Permissions,
+    driver::{BlockDriver, BlockStatus},
+    BackendOptions, BlockBackend, ChildRole, IoTask, IoThread, MainLoop, NodeHandle, Perm,
+    Permissions,
 };
 
 const USAGE: &str = "\
@@ -521,7 +523,7 @@ struct Opened {
 }
 
 async fn add_node(
-    cx: &mut IoCx,
+    cx: &mut IoTask,
     name: String,
     driver: Box<dyn BlockDriver>,
     child: Option<(ChildRole, NodeHandle)>,
@@ -540,7 +542,7 @@ async fn add_node(
 /// Opens `layers` (bottom: `path`) on the calling I/O thread. Node names
 /// start with `prefix`.
 async fn open_stack(
-    cx: &mut IoCx,
+    cx: &mut IoTask,
     layers: &[Layer],
     path: Option<&Path>,
     policy: &OpenPolicy,
@@ -652,7 +654,7 @@ impl Env {
     /// Runs `f` on the first I/O thread and waits for it.
     fn io<T, F, Fut>(&self, f: F) -> T
     where
-        F: FnOnce(IoCx) -> Fut + Send + 'static,
+        F: FnOnce(IoTask) -> Fut + Send + 'static,
         Fut: std::future::Future<Output = T> + 'static,
         T: Send + 'static,
     {

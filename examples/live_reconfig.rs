@@ -18,8 +18,8 @@ use std::time::{Duration, Instant};
 
 use blockgraph::drivers::{MemoryDriver, PassthroughFilter};
 use blockgraph::{
-    driver::require_child, BackendOptions, BlockDriver, ChildRole, Error, IoFuture, MainLoop,
-    RequestRef, Result,
+    driver::{require_child, BlockDriver, IoFuture},
+    BackendOptions, ChildRole, Error, MainLoop, RequestRef, Result,
 };
 
 const DISK_SIZE: u64 = 8 << 20;

@@ -93,7 +93,7 @@ fn main() -> Result<()> {
         .join()?;
     println!("   {:?}", String::from_utf8_lossy(&data));
 
-    println!("5. Async main-loop code: MainCx yields instead of blocking");
+    println!("5. Async main-loop code: MainTask yields instead of blocking");
     let d = disk.clone();
     let chain = main
         .spawn(move |mut cx| async move {

@@ -2,115 +2,23 @@
 //! `BlockBackend`).
 
 use std::future::poll_fn;
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Weak};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
 use std::task::Poll;
 
-use crossbeam_utils::CachePadded;
-
-use crate::driver::BlockStatus;
-use crate::error::{Error, Result};
-use crate::graph::cell::GraphCell;
-use crate::graph::edge::{ChildRole, Perm, Permissions};
-use crate::graph::node::NodeInner;
-use crate::graph::GraphInner;
-use crate::proof::{IoCx, NodeRef, ReadGuard, RequestRef};
-use crate::sync::WaitList;
-
-/// `length_cache` holds no length.
-const NO_LENGTH: u64 = u64::MAX;
-/// Lengths below this are cached (256 TiB); larger ones are asked for each
-/// time.
-const LENGTH_MASK: u64 = (1 << 48) - 1;
-
-/// How a backend uses its root node.
-#[derive(Debug, Clone, Copy)]
-pub struct BackendOptions {
-    /// What the backend takes and shares on its root (default: an exclusive
-    /// writer, [`Permissions::EXCLUSIVE_WRITER`]).
-    pub perms: Permissions,
-    /// Keep this backend on its node when the node is replaced or a filter
-    /// or overlay is inserted above it (QEMU's `stay_at_node`, used by block
-    /// jobs' own users). Default `false`: the backend follows.
-    pub stay_at_node: bool,
-}
-
-impl Default for BackendOptions {
-    fn default() -> Self {
-        BackendOptions {
-            perms: Permissions::EXCLUSIVE_WRITER,
-            stay_at_node: false,
-        }
-    }
-}
-
-impl BackendOptions {
-    /// Options with `perms`, following the node otherwise.
-    pub fn with_perms(perms: Permissions) -> Self {
-        BackendOptions {
-            perms,
-            ..Default::default()
-        }
-    }
-}
-
-pub(crate) struct BackendInner {
-    pub(crate) name: String,
-    pub(crate) root: GraphCell<Option<Arc<NodeInner>>>,
-    pub(crate) perms: Permissions,
-    pub(crate) stay_at_node: bool,
-    pub(crate) graph: Weak<GraphInner>,
-    /// Requests past the drain gate and not finished yet.
-    pub(crate) in_flight: CachePadded<AtomicUsize>,
-    /// Drain sections covering this backend (main loop only changes it).
-    pub(crate) quiesce: AtomicU32,
-    /// Raised while `quiesce > 0`: new requests queue.
-    pub(crate) quiesced: AtomicBool,
-    /// Requests queued while quiesced.
-    pub(crate) resume: WaitList,
-    /// Drains waiting for `in_flight` to reach zero.
-    pub(crate) idle: WaitList,
-    pub(crate) in_graph: AtomicBool,
-    /// The graph's size epoch (see `GraphInner::size_epoch`).
-    size_epoch: Arc<AtomicU64>,
-    /// The root's length, tagged with the low 16 bits of the epoch it was
-    /// read in: `tag << 48 | length`, or `NO_LENGTH`.
-    length_cache: AtomicU64,
-    completed: AtomicU64,
-    queued: AtomicU64,
-}
-
-impl BackendInner {
-    pub(crate) fn new(
-        name: &str,
-        graph: &Arc<GraphInner>,
-        options: BackendOptions,
-        root: Arc<NodeInner>,
-    ) -> Arc<Self> {
-        Arc::new(BackendInner {
-            name: name.to_owned(),
-            root: GraphCell::new(Some(root)),
-            perms: options.perms,
-            stay_at_node: options.stay_at_node,
-            graph: Arc::downgrade(graph),
-            in_flight: CachePadded::new(AtomicUsize::new(0)),
-            quiesce: AtomicU32::new(0),
-            quiesced: AtomicBool::new(false),
-            resume: WaitList::default(),
-            idle: WaitList::default(),
-            in_graph: AtomicBool::new(false),
-            size_epoch: graph.size_epoch.clone(),
-            length_cache: AtomicU64::new(NO_LENGTH),
-            completed: AtomicU64::new(0),
-            queued: AtomicU64::new(0),
-        })
-    }
-}
+use crate::graph::backend::{BackendInner, BackendOptions, LENGTH_MASK, NO_LENGTH};
+use crate::graph::mutation::check_name;
+use crate::graph::proof::{GraphWriter, NodeHandle};
+use crate::graph::proof::{NodeRef, ReadGuard, RequestRef};
+use crate::graph::runtime::IoTask;
+use crate::types::BlockStatus;
+use crate::types::{ChildRole, Perm};
+use crate::types::{Error, Result};
 
 /// The device-facing root of a node tree: byte-addressed async I/O.
 ///
 /// A device model (virtio-blk, NVMe, an NBD export) holds one. Each request
-/// takes the graph read lock once, from the calling task's [`IoCx`], and
+/// takes the graph read lock once, from the calling task's [`IoTask`], and
 /// passes the proof down the whole driver stack. Requests may come from
 /// several I/O threads at once (multiqueue).
 ///
@@ -128,7 +36,7 @@ impl BackendInner {
 /// # Examples
 ///
 /// ```
-/// use blockgraph::{BackendOptions, MainLoop, drivers::MemoryDriver};
+/// use blockgraph::{drivers::MemoryDriver, BackendOptions, MainLoop};
 ///
 /// let main = MainLoop::new()?;
 /// let blk = main.run(|bql| bql.write(|w| {
@@ -251,7 +159,7 @@ impl BlockBackend {
     /// lock does not keep this one from changing (rule 16). Checked before
     /// any graph state is touched.
     #[inline]
-    fn same_graph(&self, cx: &IoCx) -> Result<()> {
+    fn same_graph(&self, cx: &IoTask) -> Result<()> {
         if std::ptr::eq(self.inner.graph.as_ptr(), cx.graph_ptr()) {
             Ok(())
         } else {
@@ -345,38 +253,38 @@ impl BlockBackend {
     /// `cx` is borrowed mutably: the caller cannot already hold a read guard
     /// (the request takes it itself, after the drain gate, so a queued
     /// request never holds the lock a writer waits for).
-    pub async fn read(&self, cx: &mut IoCx, offset: u64, buf: &mut [u8]) -> Result<()> {
+    pub async fn read(&self, cx: &mut IoTask, offset: u64, buf: &mut [u8]) -> Result<()> {
         let len = buf.len() as u64;
         request!(self, cx, Access::Read, offset, len, |root| root
             .read(offset, buf))
     }
 
     /// Writes `buf` at `offset`.
-    pub async fn write(&self, cx: &mut IoCx, offset: u64, buf: &[u8]) -> Result<()> {
+    pub async fn write(&self, cx: &mut IoTask, offset: u64, buf: &[u8]) -> Result<()> {
         let len = buf.len() as u64;
         request!(self, cx, Access::Write, offset, len, |root| root
             .write(offset, buf))
     }
 
     /// Makes `len` bytes at `offset` read as zeroes.
-    pub async fn write_zeroes(&self, cx: &mut IoCx, offset: u64, len: u64) -> Result<()> {
+    pub async fn write_zeroes(&self, cx: &mut IoTask, offset: u64, len: u64) -> Result<()> {
         request!(self, cx, Access::Write, offset, len, |root| root
             .write_zeroes(offset, len))
     }
 
     /// Discards `len` bytes at `offset`.
-    pub async fn discard(&self, cx: &mut IoCx, offset: u64, len: u64) -> Result<()> {
+    pub async fn discard(&self, cx: &mut IoTask, offset: u64, len: u64) -> Result<()> {
         request!(self, cx, Access::Write, offset, len, |root| root
             .discard(offset, len))
     }
 
     /// Makes completed writes durable.
-    pub async fn flush(&self, cx: &mut IoCx) -> Result<()> {
+    pub async fn flush(&self, cx: &mut IoTask) -> Result<()> {
         request!(self, cx, Access::Other, 0, 0, |root| root.flush())
     }
 
     /// The size of the device in bytes.
-    pub async fn length(&self, cx: &mut IoCx) -> Result<u64> {
+    pub async fn length(&self, cx: &mut IoTask) -> Result<u64> {
         request!(self, cx, Access::Other, 0, 0, |root| self.root_length(root))
     }
 }
@@ -398,7 +306,7 @@ impl BlockBackend {
     /// # Examples
     ///
     /// ```
-    /// use blockgraph::{BackendOptions, BlockStatus, MainLoop, drivers::NullDriver};
+    /// use blockgraph::{driver::BlockStatus, drivers::NullDriver, BackendOptions, MainLoop};
     ///
     /// let main = MainLoop::new()?;
     /// let blk = main.run(|bql| bql.write(|w| {
@@ -415,7 +323,7 @@ impl BlockBackend {
     /// ```
     pub async fn block_status(
         &self,
-        cx: &mut IoCx,
+        cx: &mut IoTask,
         offset: u64,
         len: u64,
     ) -> Result<(BlockStatus, u64)> {
@@ -456,7 +364,7 @@ impl BlockBackend {
 
     /// The alignment, in bytes, that reads and writes through this backend
     /// must have (the root's request alignment; 1 when anything goes).
-    pub async fn request_alignment(&self, cx: &mut IoCx) -> Result<u32> {
+    pub async fn request_alignment(&self, cx: &mut IoTask) -> Result<u32> {
         request!(self, cx, Access::Other, 0, 0, |root| async move {
             Ok(root.request_alignment().max(1))
         })
@@ -493,7 +401,7 @@ impl BlockBackend {
     /// # Examples
     ///
     /// ```
-    /// use blockgraph::{BackendOptions, Error, MainLoop, drivers::MemoryDriver};
+    /// use blockgraph::{drivers::MemoryDriver, BackendOptions, Error, MainLoop};
     ///
     /// let main = MainLoop::new()?;
     /// let (fixed, resizable) = main.run(|bql| bql.write(|w| {
@@ -514,7 +422,7 @@ impl BlockBackend {
     /// # drop(io); main.shutdown();
     /// # Ok::<(), Error>(())
     /// ```
-    pub async fn truncate(&self, cx: &mut IoCx, size: u64) -> Result<()> {
+    pub async fn truncate(&self, cx: &mut IoTask, size: u64) -> Result<()> {
         request!(self, cx, Access::Other, 0, 0, |root| async {
             if !self.inner.perms.take.contains(Perm::RESIZE) {
                 return Err(Error::PermissionDenied {
@@ -529,16 +437,41 @@ impl BlockBackend {
     }
 }
 
-impl BackendOptions {
-    /// An exclusive writer that may also resize the device
-    /// ([`Permissions::EXCLUSIVE_WRITER`] plus [`Perm::RESIZE`]), for
-    /// [`BlockBackend::truncate`]. Like QEMU's `block_resize`, it needs every
-    /// other user of the node to share the resize permission.
-    pub fn resizable() -> Self {
-        let w = Permissions::EXCLUSIVE_WRITER;
-        BackendOptions::with_perms(Permissions {
-            take: w.take | Perm::RESIZE,
-            share: w.share,
+/// Backends join and leave the graph in a write section.
+impl GraphWriter<'_> {
+    /// Adds a backend named `name` on `root`: the device-facing user of the
+    /// graph. Fails if its permissions conflict with `root`'s other users.
+    pub fn add_backend(
+        &mut self,
+        name: &str,
+        root: &NodeHandle,
+        options: BackendOptions,
+    ) -> Result<BlockBackend> {
+        let root = self.own_handle(root)?.clone();
+        check_name(name)?;
+        let backend = BackendInner::new(name, self.graph, options, root.clone());
+        self.transaction(|tx| tx.add_backend(&backend, &root))?;
+        Ok(BlockBackend { inner: backend })
+    }
+
+    /// Removes `backend` from the graph. Requests it still receives fail with
+    /// [`Error::NoMedium`].
+    pub fn remove_backend(&mut self, backend: &BlockBackend) -> Result<()> {
+        let b = backend.inner.clone();
+        if !std::ptr::eq(b.graph.as_ptr(), Arc::as_ptr(self.graph)) {
+            return Err(Error::WrongGraph {
+                what: format!("backend '{}'", b.name),
+            });
+        }
+        if !b.in_graph.load(Ordering::Acquire) {
+            return Err(Error::InvalidArgument(format!(
+                "backend '{}' is not part of this graph",
+                b.name
+            )));
+        }
+        self.transaction(|tx| {
+            tx.remove_backend(&b);
+            Ok(())
         })
     }
 }

@@ -16,7 +16,7 @@
 //! # Example
 //!
 //! ```
-//! use blockgraph::{BackendOptions, MainLoop, drivers::{MemoryDriver, PassthroughFilter}};
+//! use blockgraph::{drivers::{MemoryDriver, PassthroughFilter}, BackendOptions, MainLoop};
 //!
 //! let main = MainLoop::new()?;
 //! let io = main.new_io_thread("io0")?;
@@ -51,43 +51,29 @@
 #![warn(missing_docs)]
 #![deny(unsafe_op_in_unsafe_fn)]
 
+// The layers, bottom to top. Each module imports only from the ones above
+// it in this list (checked by `tests/module_layers.rs`; DESIGN.md §11).
 mod backend;
-mod drain;
 pub mod driver;
-mod error;
+pub mod drivers;
+mod graph;
+mod sync;
+mod thread;
+mod types;
 // tokio's sockets do not exist in loom builds (the lock's models), which
 // need none of the export.
 #[cfg(all(feature = "nbd-export", not(loom)))]
 pub mod export;
-mod graph;
-mod proof;
-mod runtime;
-mod sync;
 
-pub use backend::{BackendOptions, BlockBackend};
-pub use driver::{BlockDriver, BlockStatus, IoFuture, ResizePermit};
-pub use error::{Error, Result};
-pub use graph::edge::{ChildRole, Perm, Permissions};
-pub use graph::node::NodeHandle;
-pub use graph::{BackendRef, GraphView};
-pub use proof::{
-    Bql, CallbackRef, ChildRef, Drained, GlobalState, GraphWriter, GsRef, InCallback, InRequest,
-    IoContext, IoCx, IoProof, IoRef, MainCx, MainLoopProof, NodeRef, NodeRequest, OutsideRequest,
-    ParentRef, Proof, ReadFuture, ReadGuard, ReadLocked, RequestRef, SeesParents,
+pub use backend::BlockBackend;
+pub use graph::backend::BackendOptions;
+pub use graph::proof::{
+    BackendRef, Bql, CallbackRef, ChildRef, Drained, GlobalState, GraphView, GraphWriter, GsRef,
+    InCallback, InRequest, IoProof, IoRef, MainLoopProof, NodeHandle, NodeRef, NodeRequest,
+    OutsideRequest, ParentRef, Proof, ReadFuture, ReadGuard, ReadLocked, RequestRef, SeesParents,
 };
-pub use runtime::{IoThread, MainLoop, TaskHandle};
-
-/// The built-in drivers.
-pub mod drivers {
-    pub use crate::driver::qcow2::{self, Qcow2Driver, Qcow2Options};
-    pub use crate::driver::CopyOnRead;
-    pub use crate::driver::{
-        FaultAction, FaultController, FaultInjector, FaultOp, FaultRule, RuleId,
-    };
-    pub use crate::driver::{FileDriver, FileOptions, RawDriver};
-    pub use crate::driver::{MemoryDriver, NullDriver, PassthroughFilter};
-    pub use crate::driver::{ThrottleConfig, ThrottleDriver, ThrottleGroup, ThrottleLimit};
-}
+pub use graph::runtime::{IoContext, IoTask, IoThread, MainLoop, MainTask, TaskHandle};
+pub use types::{ChildRole, Error, Perm, Permissions, Result};
 
 /// Zero cost: proofs are at most one pointer wide.
 mod size_checks {

@@ -546,7 +546,7 @@ fn drain_callbacks_see_a_consistent_graph_during_mutations() {
     let calls = common::Counter::default();
     let probe = {
         let (events, problems, calls) = (events.clone(), problems.clone(), calls.clone());
-        move |driver: Box<dyn blockgraph::BlockDriver>| {
+        move |driver: Box<dyn blockgraph::driver::BlockDriver>| {
             let check = {
                 let (problems, calls) = (problems.clone(), calls.clone());
                 move |node: blockgraph::CallbackRef<'_>| {
@@ -778,9 +778,9 @@ fn local_problems(node: blockgraph::CallbackRef<'_>) -> Vec<String> {
 }
 
 /// Lets a boxed driver be wrapped by a generic probe.
-struct BoxedDriver(Box<dyn blockgraph::BlockDriver>);
+struct BoxedDriver(Box<dyn blockgraph::driver::BlockDriver>);
 
-impl blockgraph::BlockDriver for BoxedDriver {
+impl blockgraph::driver::BlockDriver for BoxedDriver {
     fn format_name(&self) -> &'static str {
         self.0.format_name()
     }
@@ -794,7 +794,10 @@ impl blockgraph::BlockDriver for BoxedDriver {
     fn request_alignment(&self, node: blockgraph::RequestRef<'_>) -> u32 {
         self.0.request_alignment(node)
     }
-    fn length<'a>(&'a self, node: blockgraph::RequestRef<'a>) -> blockgraph::IoFuture<'a, u64> {
+    fn length<'a>(
+        &'a self,
+        node: blockgraph::RequestRef<'a>,
+    ) -> blockgraph::driver::IoFuture<'a, u64> {
         self.0.length(node)
     }
     fn read<'a>(
@@ -802,7 +805,7 @@ impl blockgraph::BlockDriver for BoxedDriver {
         node: blockgraph::RequestRef<'a>,
         offset: u64,
         buf: &'a mut [u8],
-    ) -> blockgraph::IoFuture<'a, ()> {
+    ) -> blockgraph::driver::IoFuture<'a, ()> {
         self.0.read(node, offset, buf)
     }
     fn write<'a>(
@@ -810,7 +813,7 @@ impl blockgraph::BlockDriver for BoxedDriver {
         node: blockgraph::RequestRef<'a>,
         offset: u64,
         buf: &'a [u8],
-    ) -> blockgraph::IoFuture<'a, ()> {
+    ) -> blockgraph::driver::IoFuture<'a, ()> {
         self.0.write(node, offset, buf)
     }
 }

@@ -9,8 +9,9 @@ use std::time::Duration;
 
 use blockgraph::drivers::CopyOnRead;
 use blockgraph::{
-    BackendOptions, BlockBackend, BlockDriver, BlockStatus, ChildRole, Error, IoFuture, IoThread,
-    MainLoop, NodeHandle, Permissions, RequestRef,
+    driver::{BlockDriver, BlockStatus, IoFuture},
+    BackendOptions, BlockBackend, ChildRole, Error, IoThread, MainLoop, NodeHandle, Permissions,
+    RequestRef,
 };
 
 const SECTOR: u64 = 512;

@@ -210,7 +210,7 @@ fn drains_wait_for_delayed_requests_and_nothing_is_lost() {
     }
     let started = Instant::now();
     // The write issued during the drain is a task of the I/O thread's
-    // context polled on a plain thread (an IoCx never leaves its task).
+    // context polled on a plain thread (an IoTask never leaves its task).
     let ctx = s.io.context().clone();
     let (fault, blk) = (s.fault.clone(), s.blk.clone());
     let (waited, queued) = s.main.run(move |bql| {

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use blockgraph::drivers::{FileDriver, FileOptions};
 use blockgraph::{
-    BackendOptions, BlockBackend, BlockStatus, Error, IoThread, MainLoop, NodeHandle, Perm,
+    driver::BlockStatus, BackendOptions, BlockBackend, Error, IoThread, MainLoop, NodeHandle, Perm,
 };
 
 struct Setup {
@@ -61,7 +61,9 @@ impl Setup {
     /// Runs `f` on the node directly (no backend checks), under a read guard.
     fn on_node<T: Send + 'static>(
         &self,
-        f: impl for<'r> FnOnce(blockgraph::IoRef<'r>) -> blockgraph::IoFuture<'r, T> + Send + 'static,
+        f: impl for<'r> FnOnce(blockgraph::IoRef<'r>) -> blockgraph::driver::IoFuture<'r, T>
+            + Send
+            + 'static,
     ) -> Result<T, Error> {
         let node = self.node.clone();
         self.io

@@ -2,7 +2,8 @@
 
 use blockgraph::drivers::{FileDriver, FileOptions, MemoryDriver, RawDriver};
 use blockgraph::{
-    BackendOptions, BlockBackend, BlockStatus, ChildRole, Error, IoThread, MainLoop, NodeHandle,
+    driver::BlockStatus, BackendOptions, BlockBackend, ChildRole, Error, IoThread, MainLoop,
+    NodeHandle,
 };
 
 struct Stack {

@@ -11,7 +11,8 @@ use std::time::{Duration, Instant};
 use blockgraph::driver::require_child;
 use blockgraph::drivers::MemoryDriver;
 use blockgraph::{
-    BackendOptions, BlockDriver, ChildRole, Error, IoFuture, MainLoop, Permissions, RequestRef,
+    driver::{BlockDriver, IoFuture},
+    BackendOptions, ChildRole, Error, MainLoop, Permissions, RequestRef,
 };
 use common::{assert_consistent, graph_problems, join_within, structure, watchdog, Flag, Overlay};
 

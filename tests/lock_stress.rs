@@ -116,7 +116,7 @@ fn chain(graph: GraphView<'_, ReadLocked>) -> Result<Vec<String>, String> {
 }
 
 /// One reader task's loop: hold the lock across a few awaits, checking.
-async fn reader(mut cx: blockgraph::IoCx, shared: Arc<Shared>, seed: u64) -> u64 {
+async fn reader(mut cx: blockgraph::IoTask, shared: Arc<Shared>, seed: u64) -> u64 {
     let mut sections = 0;
     let mut rng = seed | 1;
     while !shared.stop.load(Ordering::Relaxed) {

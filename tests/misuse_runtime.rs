@@ -12,7 +12,7 @@ use std::sync::mpsc;
 use std::time::Duration;
 
 use blockgraph::drivers::MemoryDriver;
-use blockgraph::{BackendOptions, BlockBackend, Error, IoCx, MainLoop, NodeHandle};
+use blockgraph::{BackendOptions, BlockBackend, Error, IoTask, MainLoop, NodeHandle};
 use common::{join, recv, wait_until, watchdog};
 
 const SIZE: u64 = 1 << 20;
@@ -88,12 +88,12 @@ fn embedder_runtime() -> tokio::runtime::Runtime {
 }
 
 // ---------------------------------------------------------------------------
-// Class 4: an IoCx never leaves its task (rule 17)
+// Class 4: an IoTask never leaves its task (rule 17)
 // ---------------------------------------------------------------------------
 
-const RULE_17: &str = "rule 17: an IoCx never leaves its task";
+const RULE_17: &str = "rule 17: an IoTask never leaves its task";
 
-/// A task sends its `IoCx` to another task, which holds a guard of its own
+/// A task sends its `IoTask` to another task, which holds a guard of its own
 /// and tries a second read lock through the smuggled handle: the nested read
 /// that deadlocks behind a queued writer. It panics instead.
 #[test]
@@ -102,7 +102,7 @@ fn read_through_an_iocx_from_another_task_panics() {
     let (main, disk) = setup();
     let io0 = main.new_io_thread("io0").unwrap();
     let io1 = main.new_io_thread("io1").unwrap();
-    let (tx, rx) = mpsc::channel::<IoCx>();
+    let (tx, rx) = mpsc::channel::<IoTask>();
     join(
         io0.spawn(move |cx| async move { tx.send(cx).unwrap() }),
         "sender",
@@ -115,12 +115,12 @@ fn read_through_an_iocx_from_another_task_panics() {
         let mut smuggled = smuggled;
         let _second = smuggled.read().await; // panics
     });
-    let msg = panic_of(|| join(thief, "the task with the smuggled IoCx"));
+    let msg = panic_of(|| join(thief, "the task with the smuggled IoTask"));
     assert_mentions(&msg, &[RULE_17, "outside the task it was made for"]);
     assert_usable(&main, &disk);
 }
 
-/// `try_read` through an `IoCx` sent to a plain thread panics too.
+/// `try_read` through an `IoTask` sent to a plain thread panics too.
 #[test]
 fn try_read_on_a_plain_thread_panics() {
     let _wd = watchdog("try_read_plain_thread", BUDGET);
@@ -128,7 +128,7 @@ fn try_read_on_a_plain_thread_panics() {
     let io = main.new_io_thread("io0").unwrap();
     let cx = join(
         io.spawn(|cx| async move { cx }),
-        "the task handing out its IoCx",
+        "the task handing out its IoTask",
     );
     let msg = std::thread::spawn(move || {
         let mut cx = cx;
@@ -140,7 +140,7 @@ fn try_read_on_a_plain_thread_panics() {
     assert_usable(&main, &disk);
 }
 
-/// An `IoCx` moved onto the main-loop thread cannot take the read lock
+/// An `IoTask` moved onto the main-loop thread cannot take the read lock
 /// there (the main loop's own write section would wait for it).
 #[test]
 fn iocx_on_the_main_loop_thread_panics() {
@@ -149,7 +149,7 @@ fn iocx_on_the_main_loop_thread_panics() {
     let io = main.new_io_thread("io0").unwrap();
     let cx = join(
         io.spawn(|cx| async move { cx }),
-        "the task handing out its IoCx",
+        "the task handing out its IoTask",
     );
     let msg = panic_of(|| {
         main.run(move |_bql| {
@@ -162,7 +162,7 @@ fn iocx_on_the_main_loop_thread_panics() {
 }
 
 /// The future of `run_on_main_loop`, made in one task (with a leaked
-/// `IoCx`) and awaited in another that holds a guard, would let that task
+/// `IoTask`) and awaited in another that holds a guard, would let that task
 /// wait for main-loop work under the read lock. Polling it there panics.
 #[test]
 fn run_on_main_loop_awaited_in_another_task_panics() {
@@ -175,7 +175,7 @@ fn run_on_main_loop_awaited_in_another_task_panics() {
     let (tx, rx) = mpsc::channel::<Call>();
     join(
         io0.spawn(move |cx| async move {
-            let cx: &'static mut IoCx = Box::leak(Box::new(cx));
+            let cx: &'static mut IoTask = Box::leak(Box::new(cx));
             tx.send(Box::pin(cx.run_on_main_loop(|_bql| 7u32))).unwrap();
         }),
         "the task making the call",
@@ -190,7 +190,7 @@ fn run_on_main_loop_awaited_in_another_task_panics() {
     assert_usable(&main, &disk);
 }
 
-/// `run_on_main_loop` called on a smuggled `IoCx` panics before it submits
+/// `run_on_main_loop` called on a smuggled `IoTask` panics before it submits
 /// anything.
 #[test]
 fn run_on_main_loop_through_another_tasks_iocx_panics() {
@@ -200,7 +200,7 @@ fn run_on_main_loop_through_another_tasks_iocx_panics() {
     let io1 = main.new_io_thread("io1").unwrap();
     let smuggled = join(
         io0.spawn(|cx| async move { cx }),
-        "the task handing out its IoCx",
+        "the task handing out its IoTask",
     );
     let d = disk.clone();
     let thief = io1.spawn(move |mut cx| async move {
@@ -211,7 +211,7 @@ fn run_on_main_loop_through_another_tasks_iocx_panics() {
             .run_on_main_loop(move |bql| drop(bql.drain(&d)))
             .await;
     });
-    let msg = panic_of(|| join(thief, "the task with the smuggled IoCx"));
+    let msg = panic_of(|| join(thief, "the task with the smuggled IoTask"));
     assert_mentions(&msg, &[RULE_17]);
     assert_usable(&main, &disk);
 }
@@ -298,7 +298,7 @@ fn main_loop_run_in_block_in_place_under_a_guard_panics() {
         &[
             "MainLoop::run called while this task holds a read guard",
             "rules 9/10/11",
-            "IoCx::run_on_main_loop",
+            "IoTask::run_on_main_loop",
         ],
     );
     assert_usable(&main, &disk);
@@ -372,7 +372,7 @@ fn main_loop_run_from_spawn_blocking_of_an_io_task_panics() {
     );
     assert_mentions(
         &msg,
-        &["blocking pool", "rules 9/10", "IoCx::run_on_main_loop"],
+        &["blocking pool", "rules 9/10", "IoTask::run_on_main_loop"],
     );
     assert_usable(&main, &disk);
 }

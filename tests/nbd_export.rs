@@ -502,11 +502,14 @@ fn drain_while_a_client_streams_writes() {
 /// A driver that panics on reads at offset 0.
 struct PanicsOnRead;
 
-impl blockgraph::BlockDriver for PanicsOnRead {
+impl blockgraph::driver::BlockDriver for PanicsOnRead {
     fn format_name(&self) -> &'static str {
         "panics-on-read"
     }
-    fn length<'a>(&'a self, _node: blockgraph::RequestRef<'a>) -> blockgraph::IoFuture<'a, u64> {
+    fn length<'a>(
+        &'a self,
+        _node: blockgraph::RequestRef<'a>,
+    ) -> blockgraph::driver::IoFuture<'a, u64> {
         Box::pin(async move { Ok(1 << 20) })
     }
     fn read<'a>(
@@ -514,7 +517,7 @@ impl blockgraph::BlockDriver for PanicsOnRead {
         _node: blockgraph::RequestRef<'a>,
         offset: u64,
         buf: &'a mut [u8],
-    ) -> blockgraph::IoFuture<'a, ()> {
+    ) -> blockgraph::driver::IoFuture<'a, ()> {
         Box::pin(async move {
             assert_ne!(offset, 0, "deliberate driver panic");
             buf.fill(1);
@@ -526,7 +529,7 @@ impl blockgraph::BlockDriver for PanicsOnRead {
         _node: blockgraph::RequestRef<'a>,
         _offset: u64,
         _buf: &'a [u8],
-    ) -> blockgraph::IoFuture<'a, ()> {
+    ) -> blockgraph::driver::IoFuture<'a, ()> {
         Box::pin(async move { Ok(()) })
     }
 }

@@ -6,8 +6,8 @@
 mod qcow2_util;
 
 use blockgraph::drivers::qcow2::CreateOptions;
-use blockgraph::drivers::Qcow2Options;
-use blockgraph::{BlockStatus, Error, NodeHandle};
+use blockgraph::drivers::qcow2::Qcow2Options;
+use blockgraph::{driver::BlockStatus, Error, NodeHandle};
 use qcow2_util::{Env, Rng, MEM_CAPACITY};
 
 /// A fresh image of `size` bytes in memory.
@@ -549,7 +549,7 @@ fn write_compressed(env: &Env, node: &NodeHandle, offset: u64, data: Vec<u8>) {
     env.on_io(move |mut cx| async move {
         let g = cx.read().await;
         let n = node.io(&g);
-        n.driver_as::<blockgraph::drivers::Qcow2Driver>()
+        n.driver_as::<blockgraph::drivers::qcow2::Qcow2Driver>()
             .unwrap()
             .write_compressed(n, offset, &data)
             .await
@@ -603,7 +603,7 @@ fn compressed_clusters_round_trip_and_are_rewritten_by_copy_on_write() {
     let r = env.on_io(move |mut cx| async move {
         let g = cx.read().await;
         let io = n.io(&g);
-        io.driver_as::<blockgraph::drivers::Qcow2Driver>()
+        io.driver_as::<blockgraph::drivers::qcow2::Qcow2Driver>()
             .unwrap()
             .write_compressed(io, 512, &[1; 4096])
             .await
@@ -621,7 +621,7 @@ fn metadata_waits_for_flush_and_says_so() {
         env.on_io(move |mut cx| async move {
             let g = cx.read().await;
             let io = n.io(&g);
-            io.driver_as::<blockgraph::drivers::Qcow2Driver>()
+            io.driver_as::<blockgraph::drivers::qcow2::Qcow2Driver>()
                 .unwrap()
                 .has_unflushed_metadata()
                 .await

@@ -6,10 +6,10 @@ mod qcow2_util;
 
 use std::path::Path;
 
+use blockgraph::drivers::qcow2::Qcow2Options;
 use blockgraph::drivers::qcow2::{
     open_image_chain, BackingPolicy, ChainOptions, CreateOptions, Qcow2Limits,
 };
-use blockgraph::drivers::Qcow2Options;
 use blockgraph::{Error, Result};
 use qcow2_util::{Env, Rng, MEM_CAPACITY};
 
@@ -375,7 +375,7 @@ fn hostile_bitmaps_extensions_get_clear_errors() {
     let list = env.main.run(move |bql| {
         node2
             .gs(bql)
-            .driver_as::<blockgraph::drivers::Qcow2Driver>()
+            .driver_as::<blockgraph::drivers::qcow2::Qcow2Driver>()
             .unwrap()
             .bitmaps()
     });

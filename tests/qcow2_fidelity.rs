@@ -23,7 +23,10 @@ use std::process::Command;
 use std::time::Duration;
 
 use blockgraph::drivers::qcow2::BitmapInfo;
-use blockgraph::drivers::{FileDriver, FileOptions, Qcow2Driver, Qcow2Options};
+use blockgraph::drivers::{
+    qcow2::{Qcow2Driver, Qcow2Options},
+    FileDriver, FileOptions,
+};
 use blockgraph::{BackendOptions, NodeHandle};
 use qcow2_util::{close_chain, open_chain, p, qemu_img, qemu_io, require_qemu, Env};
 

@@ -16,7 +16,7 @@ mod qcow2_util;
 use std::path::{Path, PathBuf};
 
 use blockgraph::drivers::qcow2::CreateOptions;
-use blockgraph::drivers::{FileDriver, FileOptions, Qcow2Options};
+use blockgraph::drivers::{qcow2::Qcow2Options, FileDriver, FileOptions};
 use blockgraph::NodeHandle;
 use qcow2_util::{close_chain, open_chain, p, qemu_img, qemu_io, require_qemu, Env, Rng};
 
@@ -456,7 +456,7 @@ fn our_compressed_images_pass_qemu_check_and_compare() {
         env.on_io(move |mut cx| async move {
             let g = cx.read().await;
             let io = n.io(&g);
-            io.driver_as::<blockgraph::drivers::Qcow2Driver>()
+            io.driver_as::<blockgraph::drivers::qcow2::Qcow2Driver>()
                 .unwrap()
                 .write_compressed(io, c * cs, &data)
                 .await

@@ -11,7 +11,10 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use blockgraph::drivers::qcow2::{open_image_chain, ChainOptions, SnapshotInfo};
-use blockgraph::drivers::{FileDriver, FileOptions, Qcow2Driver, Qcow2Options};
+use blockgraph::drivers::{
+    qcow2::{Qcow2Driver, Qcow2Options},
+    FileDriver, FileOptions,
+};
 use blockgraph::{Error, NodeHandle};
 use qcow2_util::{p, qemu_img, qemu_io, require_qemu, Env, Rng};
 

@@ -12,11 +12,12 @@ use std::time::Duration;
 
 use blockgraph::drivers::qcow2::{open_image_chain, ChainOptions, CreateOptions};
 use blockgraph::drivers::{
-    FileDriver, FileOptions, PassthroughFilter, Qcow2Driver, Qcow2Options, RawDriver,
+    qcow2::{Qcow2Driver, Qcow2Options},
+    FileDriver, FileOptions, PassthroughFilter, RawDriver,
 };
 use blockgraph::{
-    BackendOptions, BlockBackend, BlockDriver, ChildRole, Error, IoFuture, NodeHandle, Perm,
-    Permissions, RequestRef, ResizePermit,
+    driver::{BlockDriver, IoFuture, ResizePermit},
+    BackendOptions, BlockBackend, ChildRole, Error, NodeHandle, Perm, Permissions, RequestRef,
 };
 use common::watchdog;
 use qcow2_util::{p, qemu_img, qemu_io, require_qemu, Env};

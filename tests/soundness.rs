@@ -15,8 +15,9 @@ use std::time::Duration;
 
 use blockgraph::drivers::{MemoryDriver, PassthroughFilter};
 use blockgraph::{
-    BackendOptions, BlockDriver, BlockStatus, CallbackRef, ChildRole, Drained, Error, IoFuture,
-    MainLoop, NodeHandle, Permissions, RequestRef, Result,
+    driver::{BlockDriver, BlockStatus, IoFuture},
+    BackendOptions, CallbackRef, ChildRole, Drained, Error, MainLoop, NodeHandle, Permissions,
+    RequestRef, Result,
 };
 use common::{assert_consistent, join, recv, snapshot, wait_until, watchdog, Gate};
 
@@ -812,7 +813,7 @@ fn a_drain_ended_from_inside_a_permission_callback_sees_a_consistent_graph() {
 
 thread_local! {
     /// A main-loop task's handle, smuggled out of its task by the test.
-    static SMUGGLED: RefCell<Option<blockgraph::MainCx>> = const { RefCell::new(None) };
+    static SMUGGLED: RefCell<Option<blockgraph::MainTask>> = const { RefCell::new(None) };
 }
 
 #[test]
@@ -823,12 +824,12 @@ fn a_drain_started_inside_a_write_section_panics_with_the_rule() {
         .run(|bql| bql.write(|w| w.add_node("disk", MemoryDriver::new(4096), &[])))
         .unwrap();
     // The types stop `bql.drain` inside `bql.write` (both need `&mut Bql`);
-    // only a `MainCx` smuggled through a thread-local gets there.
+    // only a `MainTask` smuggled through a thread-local gets there.
     join(
         main.spawn(|cx| async move {
             SMUGGLED.with(|s| *s.borrow_mut() = Some(cx));
         }),
-        "smuggling a MainCx",
+        "smuggling a MainTask",
     );
     let d = disk.clone();
     let msg = panics(|| {

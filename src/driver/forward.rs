@@ -9,7 +9,7 @@
 //!
 //! ```
 //! use blockgraph::driver::forward;
-//! use blockgraph::{BlockDriver, ChildRole, IoFuture, RequestRef};
+//! use blockgraph::{driver::{BlockDriver, IoFuture}, ChildRole, RequestRef};
 //!
 //! /// A filter that does nothing: every call goes to the filtered child.
 //! struct Nop;
@@ -28,9 +28,11 @@
 //! }
 //! ```
 
-use crate::driver::{require_child, BlockStatus, IoFuture};
-use crate::graph::edge::ChildRole;
-use crate::proof::RequestRef;
+use crate::driver::require_child;
+use crate::graph::driver::IoFuture;
+use crate::graph::proof::RequestRef;
+use crate::types::BlockStatus;
+use crate::types::ChildRole;
 
 /// Runs `call` on the `role` child of `node` and returns its future, or a
 /// ready [`Error::NoSuchChild`](crate::Error::NoSuchChild).

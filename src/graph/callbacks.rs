@@ -14,11 +14,11 @@ use std::any::Any;
 use std::panic::{catch_unwind, resume_unwind, AssertUnwindSafe};
 use std::sync::Arc;
 
-use crate::error::Result;
 use crate::graph::cell::ReadAccess;
-use crate::graph::edge::{ChildRole, Permissions};
 use crate::graph::node::NodeInner;
-use crate::proof::{CallbackRef, NodeRef};
+use crate::graph::proof::{CallbackRef, NodeRef};
+use crate::types::Result;
+use crate::types::{ChildRole, Permissions};
 
 /// The `CallbackRef` a main-loop callback of `node`'s own driver gets.
 ///

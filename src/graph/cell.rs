@@ -59,7 +59,7 @@ impl<'a> ReadAccess<'a> {
 /// writing; `&WriteAccess` lends a [`ReadAccess`].
 pub(crate) struct WriteAccess<'w> {
     _lifetime: PhantomData<&'w mut ()>,
-    _not_send: crate::proof::NotSend,
+    _not_send: crate::thread::NotSend,
 }
 
 impl WriteAccess<'_> {

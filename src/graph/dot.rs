@@ -2,8 +2,8 @@
 
 use std::fmt::Write;
 
-use crate::graph::GraphView;
-use crate::proof::Proof;
+use crate::graph::proof::GraphView;
+use crate::graph::proof::Proof;
 
 /// A DOT string literal whose lines are separated by DOT's `\n` escape.
 fn quote(s: &str) -> String {

@@ -14,16 +14,18 @@ use std::collections::HashSet;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-use crate::backend::{BackendInner, BackendOptions, BlockBackend};
-use crate::drain::{self, NewEdge};
-use crate::driver::BlockDriver;
-use crate::error::{Error, Result};
+use crate::graph::backend::BackendInner;
 use crate::graph::callbacks;
 use crate::graph::cell::WriteAccess;
-use crate::graph::edge::{ChildRole, Edge, ParentLink, Permissions};
-use crate::graph::node::{NodeHandle, NodeInner};
+use crate::graph::drain::{self, NewEdge};
+use crate::graph::driver::BlockDriver;
+use crate::graph::edge::{Edge, ParentLink};
+use crate::graph::node::NodeInner;
+use crate::graph::proof::NodeHandle;
+use crate::graph::proof::{Drained, GraphWriter};
 use crate::graph::{permission, GraphInner};
-use crate::proof::{Drained, GraphWriter};
+use crate::types::{ChildRole, Permissions};
+use crate::types::{Error, Result};
 
 /// A change to the node or backend list, logged so that rollback undoes
 /// exactly it (instead of copying the whole list per mutation).
@@ -52,7 +54,7 @@ enum Garbage {
 /// in a driver callback unwinding through it — it rolls back: every list it
 /// touched is put back as it was, including the permissions on edges that
 /// the recomputation changed (rule 20).
-struct Transaction<'t, 'w> {
+pub(crate) struct Transaction<'t, 'w> {
     graph: &'t Arc<GraphInner>,
     w: &'t mut WriteAccess<'w>,
     touched: HashSet<*const NodeInner>,
@@ -275,7 +277,11 @@ impl<'t, 'w> Transaction<'t, 'w> {
         Ok(())
     }
 
-    fn add_backend(&mut self, backend: &Arc<BackendInner>, root: &Arc<NodeInner>) -> Result<()> {
+    pub(crate) fn add_backend(
+        &mut self,
+        backend: &Arc<BackendInner>,
+        root: &Arc<NodeInner>,
+    ) -> Result<()> {
         if self.name_taken(&backend.name) {
             return Err(Error::DuplicateName(backend.name.clone()));
         }
@@ -297,7 +303,7 @@ impl<'t, 'w> Transaction<'t, 'w> {
         Ok(())
     }
 
-    fn remove_backend(&mut self, backend: &Arc<BackendInner>) {
+    pub(crate) fn remove_backend(&mut self, backend: &Arc<BackendInner>) {
         self.touch_root(backend);
         let root = backend.root.get_mut(self.w).take();
         if let Some(root) = &root {
@@ -482,7 +488,7 @@ fn same_link(a: &ParentLink, b: &ParentLink) -> bool {
 }
 
 /// Node and backend names: what QEMU's `node-name` accepts.
-fn check_name(name: &str) -> Result<()> {
+pub(crate) fn check_name(name: &str) -> Result<()> {
     let ok = !name.is_empty()
         && name.len() <= 127
         && name.starts_with(|c: char| c.is_ascii_alphabetic())
@@ -502,7 +508,7 @@ fn new_node(graph: &Arc<GraphInner>, name: &str, driver: Box<dyn BlockDriver>) -
 
 /// Graph mutations. Each is all-or-nothing: on error the graph is unchanged.
 impl GraphWriter<'_> {
-    fn transaction<T>(
+    pub(crate) fn transaction<T>(
         &mut self,
         edit: impl FnOnce(&mut Transaction<'_, '_>) -> Result<T>,
     ) -> Result<T> {
@@ -527,7 +533,7 @@ impl GraphWriter<'_> {
         Ok(node)
     }
 
-    fn own_handle<'h>(&self, handle: &'h NodeHandle) -> Result<&'h Arc<NodeInner>> {
+    pub(crate) fn own_handle<'h>(&self, handle: &'h NodeHandle) -> Result<&'h Arc<NodeInner>> {
         if !handle.0.belongs_to(self.graph) {
             return Err(Error::WrongGraph {
                 what: format!("node '{}'", handle.name()),
@@ -618,7 +624,7 @@ impl GraphWriter<'_> {
 
     /// Makes every user of the drained `old` use the drained `new` instead
     /// (QEMU's `bdrv_replace_node`). Users that stay at their node (backends
-    /// created with [`BackendOptions::stay_at_node`]) keep `old`; edges from
+    /// created with [`BackendOptions::stay_at_node`](crate::BackendOptions::stay_at_node)) keep `old`; edges from
     /// `new` itself to `old` are kept as they are.
     pub fn replace_node(&mut self, old: &Drained<'_>, new: &Drained<'_>) -> Result<()> {
         let old = self.own(old)?.clone();
@@ -707,42 +713,6 @@ impl GraphWriter<'_> {
     pub fn remove_node(&mut self, node: &Drained<'_>) -> Result<()> {
         let node = self.own(node)?.clone();
         self.transaction(|tx| tx.remove_node(&node))
-    }
-
-    /// Adds a backend named `name` on `root`: the device-facing user of the
-    /// graph. Fails if its permissions conflict with `root`'s other users.
-    pub fn add_backend(
-        &mut self,
-        name: &str,
-        root: &NodeHandle,
-        options: BackendOptions,
-    ) -> Result<BlockBackend> {
-        let root = self.own_handle(root)?.clone();
-        check_name(name)?;
-        let backend = BackendInner::new(name, self.graph, options, root.clone());
-        self.transaction(|tx| tx.add_backend(&backend, &root))?;
-        Ok(BlockBackend { inner: backend })
-    }
-
-    /// Removes `backend` from the graph. Requests it still receives fail with
-    /// [`Error::NoMedium`].
-    pub fn remove_backend(&mut self, backend: &BlockBackend) -> Result<()> {
-        let b = backend.inner.clone();
-        if !std::ptr::eq(b.graph.as_ptr(), Arc::as_ptr(self.graph)) {
-            return Err(Error::WrongGraph {
-                what: format!("backend '{}'", b.name),
-            });
-        }
-        if !b.in_graph.load(Ordering::Acquire) {
-            return Err(Error::InvalidArgument(format!(
-                "backend '{}' is not part of this graph",
-                b.name
-            )));
-        }
-        self.transaction(|tx| {
-            tx.remove_backend(&b);
-            Ok(())
-        })
     }
 
     /// Changes the drained node's driver options (QEMU's `bdrv_reopen`).

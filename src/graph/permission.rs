@@ -4,11 +4,12 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use crate::error::{Error, Result};
 use crate::graph::callbacks;
 use crate::graph::cell::ReadAccess;
-use crate::graph::edge::{ParentLink, Perm, Permissions};
+use crate::graph::edge::ParentLink;
 use crate::graph::node::NodeInner;
+use crate::types::{Error, Result};
+use crate::types::{Perm, Permissions};
 
 /// Every user of `node` with what it takes and shares.
 pub(crate) fn incoming_edges(

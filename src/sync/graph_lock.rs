@@ -80,7 +80,7 @@
 //!
 //! The registry of shards holds an `Arc` to each. A shard leaves the registry
 //! only when the registry's `Arc` is the last one. Every reader holds an
-//! `Arc` to its shard (through its [`crate::IoCx`]) for as long as it may
+//! `Arc` to its shard (through its [`crate::IoTask`]) for as long as it may
 //! be inside the graph, so a count can never vanish from the writer's sum
 //! while a reader it counts is still inside: removing a context with active
 //! readers loses nothing.
@@ -166,7 +166,7 @@ pub(crate) struct ReaderShard {
 #[cfg(all(not(loom), any(debug_assertions, feature = "lock-diagnostics")))]
 #[derive(Debug)]
 struct GuardSite {
-    /// The task whose `IoCx` took it (each `IoCx` holds one guard at most).
+    /// The task whose `IoTask` took it (each `IoTask` holds one guard at most).
     task: u64,
     at: &'static std::panic::Location<'static>,
     thread: std::thread::Thread,
@@ -748,7 +748,7 @@ impl GraphLock {
         if before == 1 {
             #[cfg(not(loom))]
             if self.wait_tracked.load(std::sync::atomic::Ordering::Relaxed) {
-                // Withdrawn while still waiting (a cancelled `MainCx::write`).
+                // Withdrawn while still waiting (a cancelled `MainTask::write`).
                 self.end_slow_wait(false);
             }
             self.set_writer_flags(false);

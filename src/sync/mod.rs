@@ -2,7 +2,7 @@
 //! queues that park readers and the writer.
 //!
 //! This module knows nothing about nodes; it only decides who may touch the
-//! graph when. [`crate::IoCx`], [`crate::ReadGuard`] and the write section in
+//! graph when. [`crate::IoTask`], [`crate::ReadGuard`] and the write section in
 //! [`crate::GraphWriter`] are the public faces built on it.
 
 pub(crate) mod graph_lock;

@@ -16,8 +16,9 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use blockgraph::{
-    BlockDriver, BlockStatus, CallbackRef, ChildRole, Error, GraphView, IoFuture, MainLoop,
-    OutsideRequest, ParentRef, Permissions, RequestRef, Result, TaskHandle,
+    driver::{BlockDriver, BlockStatus, IoFuture},
+    CallbackRef, ChildRole, Error, GraphView, MainLoop, OutsideRequest, ParentRef, Permissions,
+    RequestRef, Result, TaskHandle,
 };
 
 /// How long any single wait in a test may take before the test fails.

@@ -10,8 +10,11 @@ use std::process::Command;
 use blockgraph::drivers::qcow2::{
     open_image_chain, ChainOptions, CheckReport, CreateOptions, ImageChain,
 };
-use blockgraph::drivers::{MemoryDriver, Qcow2Driver, Qcow2Options};
-use blockgraph::{ChildRole, IoCx, IoThread, MainLoop, NodeHandle, Result};
+use blockgraph::drivers::{
+    qcow2::{Qcow2Driver, Qcow2Options},
+    MemoryDriver,
+};
+use blockgraph::{ChildRole, IoTask, IoThread, MainLoop, NodeHandle, Result};
 
 /// Room for qcow2 images held in memory: the memory driver does not grow,
 /// so image files get this much space (refcounts decide what is used).
@@ -45,7 +48,7 @@ impl Env {
     /// Runs `f` on the first I/O thread and waits for it.
     pub fn on_io<F, Fut, T>(&self, f: F) -> T
     where
-        F: FnOnce(IoCx) -> Fut + Send + 'static,
+        F: FnOnce(IoTask) -> Fut + Send + 'static,
         Fut: Future<Output = T> + 'static,
         T: Send + 'static,
     {

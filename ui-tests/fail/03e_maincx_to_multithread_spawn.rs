@@ -1,8 +1,8 @@
 // Rule 3: moving main-loop proofs onto a multi-thread runtime.
 //
-// Violation: an async main-loop task hands its `MainCx` (which lends the
+// Violation: an async main-loop task hands its `MainTask` (which lends the
 // `Bql`) to `tokio::spawn`, whose tasks may run on any worker thread.
-// Expected: error: future cannot be sent between threads safely: `MainCx`
+// Expected: error: future cannot be sent between threads safely: `MainTask`
 // holds the `!Send` `Bql`.
 use blockgraph::MainLoop;
 

@@ -5,10 +5,7 @@
 // Expected: error[E0599]: no method named `insert_filter` found for mutable
 // reference `&mut Bql`: graph mutations exist only on `GraphWriter`, the
 // write-section proof.
-use blockgraph::{
-    drivers::{MemoryDriver, PassthroughFilter},
-    MainLoop,
-};
+use blockgraph::{drivers::{MemoryDriver, PassthroughFilter}, MainLoop};
 
 fn main() {
     let main = MainLoop::new().unwrap();

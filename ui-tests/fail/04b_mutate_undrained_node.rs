@@ -6,10 +6,7 @@
 // Expected: error[E0308]: mismatched types: expected `&Drained<'_>`, found
 // `&NodeHandle`: mutations that disturb a node's users take the node's
 // drained-section proof.
-use blockgraph::{
-    drivers::{MemoryDriver, PassthroughFilter},
-    MainLoop,
-};
+use blockgraph::{drivers::{MemoryDriver, PassthroughFilter}, MainLoop};
 
 fn main() {
     let main = MainLoop::new().unwrap();

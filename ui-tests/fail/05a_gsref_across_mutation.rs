@@ -5,10 +5,7 @@
 // Expected: error[E0502]: cannot borrow `*bql` as mutable because it is also
 // borrowed as immutable: the `GsRef` borrows `&Bql`, the write section needs
 // `&mut Bql`.
-use blockgraph::{
-    drivers::{MemoryDriver, PassthroughFilter},
-    MainLoop,
-};
+use blockgraph::{drivers::{MemoryDriver, PassthroughFilter}, MainLoop};
 
 fn main() {
     let main = MainLoop::new().unwrap();

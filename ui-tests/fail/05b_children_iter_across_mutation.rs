@@ -5,10 +5,7 @@
 // of them in the loop body (the edge list would change under the iterator).
 // Expected: error[E0502]: cannot borrow `*bql` as mutable because it is also
 // borrowed as immutable: the iterator borrows `&Bql` for as long as it runs.
-use blockgraph::{
-    drivers::{MemoryDriver, PassthroughFilter},
-    ChildRole, MainLoop,
-};
+use blockgraph::{drivers::{MemoryDriver, PassthroughFilter}, ChildRole, MainLoop};
 
 fn main() {
     let main = MainLoop::new().unwrap();

@@ -6,10 +6,7 @@
 // Expected: error[E0502]: cannot borrow `*w` as mutable because it is also
 // borrowed as immutable: `w.node()` borrows `&GraphWriter`, every mutation
 // needs `&mut GraphWriter`.
-use blockgraph::{
-    drivers::{MemoryDriver, PassthroughFilter},
-    MainLoop,
-};
+use blockgraph::{drivers::{MemoryDriver, PassthroughFilter}, MainLoop};
 
 fn main() {
     let main = MainLoop::new().unwrap();

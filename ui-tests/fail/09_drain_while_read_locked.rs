@@ -4,7 +4,7 @@
 // Violation: an I/O task holds its read guard and asks the main loop to
 // drain a node.
 // Expected: error[E0499]: cannot borrow `cx` as mutable more than once at a
-// time: the `ReadGuard` borrows the task's `IoCx` mutably, and so does
+// time: the `ReadGuard` borrows the task's `IoTask` mutably, and so does
 // `run_on_main_loop`, the only way from I/O code to the main loop.
 use blockgraph::{drivers::MemoryDriver, MainLoop};
 

@@ -4,7 +4,7 @@
 //
 // Violation: an I/O task calls `cx.read()` while its first guard is alive.
 // Expected: error[E0499]: cannot borrow `cx` as mutable more than once at a
-// time: a `ReadGuard` borrows the task's `IoCx` mutably. Pass the `IoRef`
+// time: a `ReadGuard` borrows the task's `IoTask` mutably. Pass the `IoRef`
 // down instead.
 use blockgraph::{drivers::MemoryDriver, MainLoop};
 

@@ -6,7 +6,7 @@
 // Expected: error[E0277]: this is a main-loop-only operation, and a `RequestRef`
 // only proves that the graph is read-locked (`InRequest` is not
 // `MainLoopProof`).
-use blockgraph::{driver::require_child, BlockDriver, ChildRole, IoFuture, RequestRef, NodeHandle};
+use blockgraph::{driver::{require_child, BlockDriver, IoFuture}, ChildRole, NodeHandle, RequestRef};
 use std::sync::Mutex;
 
 /// Remembers the last child it read from.

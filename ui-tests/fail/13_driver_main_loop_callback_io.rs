@@ -5,9 +5,7 @@
 // its `File` child to probe a header.
 // Expected: error[E0277]: I/O needs an `IoRef`: the proof that this task
 // holds the graph read lock (`InCallback` is not `IoProof`).
-use blockgraph::{
-    driver::require_child, BlockDriver, CallbackRef, ChildRole, Error, IoFuture, RequestRef, Result,
-};
+use blockgraph::{driver::{require_child, BlockDriver, IoFuture}, CallbackRef, ChildRole, Error, RequestRef, Result};
 
 /// A format whose image starts with a magic byte.
 struct MagicFormat;

@@ -4,7 +4,7 @@
 // Violation: a synchronous main-loop closure drives the disk's I/O itself,
 // on the `GsRef` it has, with an executor of its own.
 // Expected: error[E0277]: I/O needs an `IoRef`: synchronous main-loop code
-// holds no read lock (and can get no `IoCx`); it submits I/O to an I/O
+// holds no read lock (and can get no `IoTask`); it submits I/O to an I/O
 // thread and waits with `bql.block_on(..)`, which needs the `Bql`
 // exclusively (see ui-tests/pass/14_sync_code_uses_block_on.rs).
 use blockgraph::{drivers::MemoryDriver, MainLoop};

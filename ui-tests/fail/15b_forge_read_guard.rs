@@ -3,7 +3,7 @@
 // Violation: building a `ReadGuard` with a struct literal, without taking
 // the read lock.
 // Expected: error[E0451]: field `cx` of struct `ReadGuard` is private: only
-// `IoCx::read`/`try_read` make one, after counting the reader.
+// `IoTask::read`/`try_read` make one, after counting the reader.
 use blockgraph::{MainLoop, ReadGuard};
 
 fn main() {

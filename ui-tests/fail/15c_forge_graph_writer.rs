@@ -4,7 +4,7 @@
 // the graph without announcing a writer or waiting for readers. (`todo!()`
 // stands for the graph, whose type is crate-private too.)
 // Expected: error[E0624]: associated function `new` is private: only
-// `Bql::write`/`MainCx::write` make a `GraphWriter`, inside a write section
+// `Bql::write`/`MainTask::write` make a `GraphWriter`, inside a write section
 // (and inside the crate the constructor is `unsafe` with a `# Safety`
 // contract).
 #![allow(unused)] // the code after `todo!()` is unreachable; keep the snapshot to the error

@@ -7,9 +7,7 @@
 // Expected: error[E0277]: a driver's I/O callback cannot look at its parents
 // or at drivers through a `RequestRef` (`InRequest` is not
 // `OutsideRequest`).
-use blockgraph::{
-    driver::forward, BlockDriver, ChildRole, IoFuture, ParentRef, RequestRef,
-};
+use blockgraph::{driver::{forward, BlockDriver, IoFuture}, ChildRole, ParentRef, RequestRef};
 
 struct Climber;
 

@@ -4,7 +4,7 @@
 // `truncate` callback needs, to resize without `Perm::RESIZE`.
 // Expected: error[E0624]: associated function `checked` is private (only
 // the crate makes permits, after checking the permission).
-use blockgraph::{drivers::MemoryDriver, MainLoop, ResizePermit};
+use blockgraph::{driver::ResizePermit, drivers::MemoryDriver, MainLoop};
 
 fn main() {
     let main = MainLoop::new().unwrap();

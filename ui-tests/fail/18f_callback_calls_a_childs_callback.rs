@@ -6,7 +6,7 @@
 // (the child would be told it is drained when no section covers it).
 // Expected: error[E0277]: a driver callback cannot reach drivers through its
 // node reference (`InCallback` is not `OutsideRequest`).
-use blockgraph::{driver::forward, BlockDriver, CallbackRef, ChildRole, IoFuture, RequestRef};
+use blockgraph::{driver::{forward, BlockDriver, IoFuture}, CallbackRef, ChildRole, RequestRef};
 
 struct Gossip;
 

@@ -1,10 +1,7 @@
 // Rule 1, the right way: a `NodeHandle` only names a node; its children and
 // parents are reached through a proof: `handle.gs(bql)` (a `GsRef`) on the
 // main loop, `handle.io(&guard)` (an `IoRef`) under a read guard.
-use blockgraph::{
-    drivers::{MemoryDriver, PassthroughFilter},
-    ChildRole, MainLoop,
-};
+use blockgraph::{drivers::{MemoryDriver, PassthroughFilter}, ChildRole, MainLoop};
 
 fn main() {
     let main = MainLoop::new().unwrap();

@@ -1,7 +1,7 @@
 // Rule 2, the right way: main-loop-only operations (`to_handle`,
 // `drain_count`, drain, mutations) run on the main loop with a `GsRef`. I/O
 // code that needs one drops its read guard and asks the main loop with
-// `IoCx::run_on_main_loop`.
+// `IoTask::run_on_main_loop`.
 use blockgraph::{drivers::MemoryDriver, MainLoop};
 
 fn main() {

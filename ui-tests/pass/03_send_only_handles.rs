@@ -1,5 +1,5 @@
 // Rule 3, the right way: main-loop proofs (`Bql`, `GsRef`, `Drained`,
-// `GraphWriter`, `MainCx`) stay on the main loop. What crosses threads is
+// `GraphWriter`, `MainTask`) stay on the main loop. What crosses threads is
 // `Send` by design: the `MainLoop` handle, `NodeHandle`s (names), and
 // `IoRef`s (the read lock holds wherever the request runs).
 use blockgraph::{drivers::MemoryDriver, MainLoop};
@@ -25,7 +25,7 @@ fn main() {
     .unwrap();
     assert!(drained);
 
-    // An async main-loop task keeps its `MainCx` on the main loop.
+    // An async main-loop task keeps its `MainTask` on the main loop.
     let count = main
         .spawn(|mut cx| async move { cx.bql(|bql| bql.graph().nodes().count()) })
         .join();

@@ -1,9 +1,6 @@
 // Rule 4, the right way: drain the node whose users a mutation disturbs,
 // then change the graph inside a write section with the `Drained` proof.
-use blockgraph::{
-    drivers::{MemoryDriver, PassthroughFilter},
-    BackendOptions, MainLoop,
-};
+use blockgraph::{drivers::{MemoryDriver, PassthroughFilter}, BackendOptions, MainLoop};
 
 fn main() {
     let main = MainLoop::new().unwrap();

@@ -1,10 +1,7 @@
 // Rule 5, the right way: copy out what you need from a `GsRef` (or collect
 // an iterator), let it go, mutate, then take a fresh `GsRef`. Inside a write
 // section, read again through the writer after each mutation.
-use blockgraph::{
-    drivers::{MemoryDriver, PassthroughFilter},
-    MainLoop,
-};
+use blockgraph::{drivers::{MemoryDriver, PassthroughFilter}, MainLoop};
 
 fn main() {
     let main = MainLoop::new().unwrap();

@@ -1,9 +1,6 @@
 // Rule 9, the right way: an I/O task drops its read guard before asking the
 // main loop to drain (the drain may wait for requests that need the lock).
-use blockgraph::{
-    drivers::{MemoryDriver, PassthroughFilter},
-    MainLoop,
-};
+use blockgraph::{drivers::{MemoryDriver, PassthroughFilter}, MainLoop};
 
 fn main() {
     let main = MainLoop::new().unwrap();

@@ -2,10 +2,7 @@
 // with the `RequestRef` they were given; main-loop-only work (here: keeping a
 // `NodeHandle` to the child) happens in a main-loop callback, which gets a
 // `GsRef`.
-use blockgraph::{
-    driver::require_child, drivers::MemoryDriver, BackendOptions, BlockDriver, CallbackRef, ChildRole,
-    IoFuture, RequestRef, MainLoop, NodeHandle, Result,
-};
+use blockgraph::{driver::{require_child, BlockDriver, IoFuture}, drivers::MemoryDriver, BackendOptions, CallbackRef, ChildRole, MainLoop, NodeHandle, RequestRef, Result};
 use std::sync::Mutex;
 
 /// Remembers its child (from `open`) and passes requests down.

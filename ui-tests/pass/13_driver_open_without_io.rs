@@ -2,10 +2,7 @@
 // graph through its `GsRef`. I/O the driver needs before it opens (probing a
 // header) runs as a request on an I/O thread, under a read guard, and its
 // result is handed to the driver's constructor.
-use blockgraph::{
-    driver::require_child, drivers::MemoryDriver, BlockDriver, CallbackRef, ChildRole, Error, IoFuture,
-    RequestRef, MainLoop, Result,
-};
+use blockgraph::{driver::{require_child, BlockDriver, IoFuture}, drivers::MemoryDriver, CallbackRef, ChildRole, Error, MainLoop, RequestRef, Result};
 
 const MAGIC: u8 = 0xb1;
 

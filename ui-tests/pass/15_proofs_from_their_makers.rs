@@ -1,7 +1,7 @@
 // Rule 15, the right way: every proof comes from the one place that can
 // vouch for it: the `Bql` from the main loop (`MainLoop::run`), a `GsRef`
 // from `&Bql`, a `Drained` from `Bql::drain`, a `GraphWriter` from
-// `Bql::write`, a `ReadGuard` from `IoCx::read`/`try_read`.
+// `Bql::write`, a `ReadGuard` from `IoTask::read`/`try_read`.
 use blockgraph::{drivers::MemoryDriver, MainLoop};
 
 fn main() {

@@ -9,7 +9,7 @@
 // after the task that leaked it has finished, that it really keeps a writer
 // out (a write section given 100 ms gives up), and that the graph is still
 // readable from the main loop. Once the context is gone (its I/O thread
-// dropped, no `IoCx` left), the lock prunes its counter, leaked count
+// dropped, no `IoTask` left), the lock prunes its counter, leaked count
 // included: nothing can enter or leave through it any more, so writers may
 // proceed and the main loop shuts down normally.
 use blockgraph::{drivers::MemoryDriver, MainLoop};
@@ -34,7 +34,7 @@ fn main() {
     assert_eq!(len, 4096);
     assert_eq!(main.readers_inside(), 1);
 
-    // A writer cannot get in; `MainCx::write` is cancel safe, so a timeout
+    // A writer cannot get in; `MainTask::write` is cancel safe, so a timeout
     // withdraws it again.
     let got_in = main
         .spawn(|mut cx| async move {

@@ -2,10 +2,7 @@
 // enter the graph there and are counted by drains); a driver passes its
 // request down to its children with the `RequestRef` it was given; a
 // driver's own public operation reaches its node with `IoRef::enter_own`.
-use blockgraph::{
-    driver::forward, drivers::MemoryDriver, BlockDriver, ChildRole, IoFuture, IoRef, MainLoop,
-    NodeRequest, RequestRef,
-};
+use blockgraph::{driver::{forward, BlockDriver, IoFuture}, drivers::MemoryDriver, ChildRole, IoRef, MainLoop, NodeRequest, RequestRef};
 
 struct Filter;
 

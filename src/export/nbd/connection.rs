@@ -7,7 +7,7 @@ use std::time::Duration;
 use tokio::io::{BufReader, BufWriter};
 
 use super::{handshake, transmission, Conn, Shared, Stop, Tokens, Tracker, HANDSHAKE_TIMEOUT};
-use crate::IoCx;
+use crate::graph::runtime::IoTask;
 
 pub(crate) enum Listener {
     Unix(tokio::net::UnixListener),
@@ -63,7 +63,7 @@ pub(crate) async fn accept_loop(
 
 /// One connection, start to end.
 async fn run(
-    cx: &mut IoCx,
+    cx: &mut IoTask,
     stream: Box<dyn Conn>,
     shared: Arc<Shared>,
     mut stop: Stop,

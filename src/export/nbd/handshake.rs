@@ -8,7 +8,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use super::proto::*;
 use super::transmission::Session;
 use super::{Export, Shared, MAX_PAYLOAD};
-use crate::IoCx;
+use crate::graph::runtime::IoTask;
 
 /// Option data we read whole; larger options are skipped and refused with
 /// `NBD_REP_ERR_TOO_BIG` (the largest valid one, `SET_META_CONTEXT` with a
@@ -35,7 +35,7 @@ struct Meta {
 /// Runs the handshake. `Ok(None)` when the client aborted; `Err` ends the
 /// connection.
 pub(crate) async fn negotiate<R, W>(
-    cx: &mut IoCx,
+    cx: &mut IoTask,
     rd: &mut R,
     wr: &mut W,
     shared: &Shared,

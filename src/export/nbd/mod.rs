@@ -50,7 +50,9 @@ use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::{watch, Notify};
 
-use crate::{BlockBackend, Error, IoContext, MainLoop, Result};
+use crate::backend::BlockBackend;
+use crate::graph::runtime::{IoContext, MainLoop};
+use crate::types::{Error, Result};
 
 /// Largest read or write payload a client may ask for (32 MiB): advertised
 /// as the maximum block size; a larger read is refused with an error, a
@@ -206,7 +208,7 @@ impl<T: AsyncRead + AsyncWrite + Send + Unpin + 'static> Conn for T {}
 ///
 /// ```
 /// use std::io::Read;
-/// use blockgraph::{BackendOptions, MainLoop, drivers::MemoryDriver};
+/// use blockgraph::{drivers::MemoryDriver, BackendOptions, MainLoop};
 /// use blockgraph::export::nbd::{ExportOptions, NbdServer};
 ///
 /// let main = MainLoop::new()?;

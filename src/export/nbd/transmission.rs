@@ -12,7 +12,8 @@ use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 
 use super::proto::*;
 use super::{Export, Shared, Stop, Tokens, IN_FLIGHT_BYTES, MAX_IN_FLIGHT, MAX_PAYLOAD};
-use crate::{BlockStatus, Error, IoCx};
+use crate::graph::runtime::IoTask;
+use crate::types::{BlockStatus, Error};
 
 /// Payload budget unit: a request holds one permit per started 4 KiB.
 const UNIT: u64 = 4096;
@@ -179,7 +180,7 @@ fn errno(e: &Error, write: bool) -> u32 {
 }
 
 /// Runs one request and encodes its reply.
-async fn handle(cx: &mut IoCx, s: &Session, req: Request, payload: Vec<u8>) -> Vec<u8> {
+async fn handle(cx: &mut IoTask, s: &Session, req: Request, payload: Vec<u8>) -> Vec<u8> {
     let fail = |error: u32| {
         if s.structured && req.kind == CMD_READ {
             error_chunk(error, req.cookie)
@@ -238,7 +239,12 @@ async fn handle(cx: &mut IoCx, s: &Session, req: Request, payload: Vec<u8>) -> V
 
 /// `WRITE_ZEROES` with `NO_HOLE`: zeroes written as data, so the range
 /// stays allocated.
-async fn write_zero_buffers(cx: &mut IoCx, s: &Session, offset: u64, len: u64) -> Result<(), u32> {
+async fn write_zero_buffers(
+    cx: &mut IoTask,
+    s: &Session,
+    offset: u64,
+    len: u64,
+) -> Result<(), u32> {
     let mut done = 0;
     while done < len {
         let n = (len - done).min(ZERO_CHUNK as u64);
@@ -252,7 +258,7 @@ async fn write_zero_buffers(cx: &mut IoCx, s: &Session, offset: u64, len: u64) -
     Ok(())
 }
 
-async fn read(cx: &mut IoCx, s: &Session, req: Request) -> Vec<u8> {
+async fn read(cx: &mut IoTask, s: &Session, req: Request) -> Vec<u8> {
     let (offset, len) = (req.offset, u64::from(req.len));
     let fail = |error: u32| {
         if s.structured {
@@ -303,7 +309,7 @@ async fn read(cx: &mut IoCx, s: &Session, req: Request) -> Vec<u8> {
 /// [`BlockStatus::Zero`] and [`BlockStatus::Unallocated`] read as zeroes
 /// and are reported as holes (`HOLE | ZERO`), as QEMU does for zero
 /// clusters.
-async fn block_status(cx: &mut IoCx, s: &Session, req: Request, in_range: bool) -> Vec<u8> {
+async fn block_status(cx: &mut IoTask, s: &Session, req: Request, in_range: bool) -> Vec<u8> {
     let fail = |error| simple_reply(error, req.cookie);
     if !s.base_allocation || req.len == 0 || !in_range {
         return fail(EINVAL);

@@ -198,7 +198,7 @@ fn nested_writers_keep_the_flag_until_the_outermost_leaves() {
 fn removed_context_keeps_counting_its_readers() {
     for lock in locks() {
         let context = lock.new_shard();
-        let task = context.clone(); // an IoCx's handle on the shard
+        let task = context.clone(); // an IoTask's handle on the shard
         assert!(lock.try_read(&task));
         drop(context); // the context goes away while its reader is inside
         assert_eq!(lock.shard_count(), 1);

@@ -75,7 +75,7 @@ impl World {
         world
     }
 
-    /// `IoCx::read().await`, blocking the model thread while queued.
+    /// `IoTask::read().await`, blocking the model thread while queued.
     fn read(&self, shard: &ReaderShard) {
         loom::future::block_on(poll_fn(|cx| self.lock.poll_read(shard, cx)));
     }
@@ -187,7 +187,7 @@ fn loom_context_removed_during_a_read() {
         model(move || {
             let world = World::new(mode);
             let context = world.lock.new_shard();
-            let task = context.clone(); // the reader task's IoCx
+            let task = context.clone(); // the reader task's IoTask
             let reader = {
                 let world = world.clone();
                 thread::spawn(move || {

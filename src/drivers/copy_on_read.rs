@@ -1,0 +1,219 @@
+//! The `copy-on-read` filter: reads populate the image below it from its
+//! backing chain (QEMU's `copy-on-read` driver).
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use crate::driver::forward;
+use crate::driver::range_lock::RangeLock;
+use crate::driver::require_child;
+use crate::graph::driver::{BlockDriver, IoFuture, ResizePermit};
+use crate::graph::proof::{CallbackRef, RequestRef};
+use crate::types::BlockStatus;
+use crate::types::{ChildRole, Perm, Permissions};
+use crate::types::{Error, Result};
+
+/// Sits above an image with a backing chain (its [`ChildRole::Filtered`]
+/// child, typically a qcow2 overlay). A read of a range that the image does
+/// not store itself ([`BlockStatus::Unallocated`]) but that some node of
+/// its backing chain does is *copied up*: read through the image (which
+/// reads the backing chain) and written back to the image, so the next read
+/// is served from the image alone. Ranges no node of the chain stores read
+/// as zeroes and are not copied.
+///
+/// The copy-up writes data that the guest already sees, so the filter takes
+/// [`Perm::WRITE_UNCHANGED`] on its child (and does not let other users
+/// outside the filter write it, as their writes could race with a
+/// copy-up). A copy-up holds a serialising range lock while it reads and
+/// writes, and writes through the filter take a plain lock on their range:
+/// a guest write can never be overwritten by the stale data of a copy-up
+/// that read before it. A copy-up that fails fails the read (as QEMU does;
+/// the guest's data is not at risk, but a deliberate copy-on-read should
+/// not hide the error).
+#[derive(Debug, Default)]
+pub struct CopyOnRead {
+    ranges: RangeLock,
+    copied: AtomicU64,
+}
+
+impl CopyOnRead {
+    /// A copy-on-read filter.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Bytes copied up so far.
+    pub fn bytes_copied(&self) -> u64 {
+        self.copied.load(Ordering::Relaxed)
+    }
+
+    /// Copies bytes at `offset` up into `image`, filling the start of `buf`
+    /// with them, and returns how many it handled (less than `buf.len()`
+    /// when part of the range was filled meanwhile).
+    async fn copy_up(&self, image: RequestRef<'_>, offset: u64, buf: &mut [u8]) -> Result<u64> {
+        let len = buf.len() as u64;
+        let _serialised = self.ranges.lock(offset, offset + len, true).await;
+        // Someone may have filled (part of) it while we waited: only the
+        // part still unallocated is copied, the rest is just read.
+        let (status, n) = image.block_status(offset, len).await?;
+        let n = n.clamp(1, len) as usize;
+        image.read(offset, &mut buf[..n]).await?;
+        if status == BlockStatus::Unallocated {
+            image.write(offset, &buf[..n]).await?;
+            self.copied.fetch_add(n as u64, Ordering::Relaxed);
+        }
+        Ok(n as u64)
+    }
+}
+
+/// Whether some node below `image` stores the start of `[offset, offset +
+/// len)`, and for how many bytes that answer holds.
+async fn stored_below(image: RequestRef<'_>, offset: u64, len: u64) -> Result<(bool, u64)> {
+    let mut len = len;
+    let mut below = image.backing();
+    while let Some(node) = below {
+        if offset < node.length().await? {
+            let (status, n) = node.block_status(offset, len).await?;
+            let n = n.clamp(1, len);
+            if status != BlockStatus::Unallocated {
+                return Ok((true, n));
+            }
+            len = n;
+        }
+        below = node.backing();
+    }
+    Ok((false, len))
+}
+
+impl BlockDriver for CopyOnRead {
+    fn format_name(&self) -> &'static str {
+        "copy-on-read"
+    }
+
+    fn describe(&self) -> String {
+        format!("copy-on-read, {} bytes copied", self.bytes_copied())
+    }
+
+    fn open(&self, node: CallbackRef<'_>) -> Result<()> {
+        if node.child(ChildRole::Filtered).is_none() {
+            return Err(Error::NoSuchChild {
+                node: node.name().to_owned(),
+                role: ChildRole::Filtered,
+            });
+        }
+        Ok(())
+    }
+
+    fn child_permissions(&self, role: ChildRole, users: Permissions) -> Permissions {
+        match role {
+            ChildRole::Filtered => Permissions {
+                take: users.take | Perm::CONSISTENT_READ | Perm::WRITE_UNCHANGED,
+                share: users.share & (Perm::CONSISTENT_READ | Perm::WRITE_UNCHANGED),
+            },
+            _ => Permissions::UNRESTRICTED,
+        }
+    }
+
+    fn request_alignment(&self, node: RequestRef<'_>) -> u32 {
+        forward::request_alignment(node, ChildRole::Filtered)
+    }
+
+    fn length<'a>(&'a self, node: RequestRef<'a>) -> IoFuture<'a, u64> {
+        forward::length(node, ChildRole::Filtered)
+    }
+
+    fn read<'a>(
+        &'a self,
+        node: RequestRef<'a>,
+        offset: u64,
+        buf: &'a mut [u8],
+    ) -> IoFuture<'a, ()> {
+        Box::pin(async move {
+            let image = require_child(node, ChildRole::Filtered)?;
+            let len = buf.len() as u64;
+            let mut done = 0u64;
+            while done < len {
+                let pos = offset + done;
+                let (status, n) = image.block_status(pos, len - done).await?;
+                let mut n = n.clamp(1, len - done);
+                let mut copy = false;
+                if status == BlockStatus::Unallocated {
+                    let (stored, m) = stored_below(image, pos, n).await?;
+                    copy = stored;
+                    n = m.clamp(1, n);
+                }
+                let part = &mut buf[done as usize..(done + n) as usize];
+                if copy {
+                    // May handle less than asked if the range filled
+                    // meanwhile; the loop picks up the rest.
+                    n = self.copy_up(image, pos, part).await?;
+                } else {
+                    image.read(pos, part).await?;
+                }
+                done += n;
+            }
+            Ok(())
+        })
+    }
+
+    fn write<'a>(&'a self, node: RequestRef<'a>, offset: u64, buf: &'a [u8]) -> IoFuture<'a, ()> {
+        Box::pin(async move {
+            let image = require_child(node, ChildRole::Filtered)?;
+            let _range = self
+                .ranges
+                .lock(offset, offset.saturating_add(buf.len() as u64), false)
+                .await;
+            image.write(offset, buf).await
+        })
+    }
+
+    fn write_zeroes<'a>(&'a self, node: RequestRef<'a>, offset: u64, len: u64) -> IoFuture<'a, ()> {
+        Box::pin(async move {
+            let image = require_child(node, ChildRole::Filtered)?;
+            let _range = self
+                .ranges
+                .lock(offset, offset.saturating_add(len), false)
+                .await;
+            image.write_zeroes(offset, len).await
+        })
+    }
+
+    fn discard<'a>(&'a self, node: RequestRef<'a>, offset: u64, len: u64) -> IoFuture<'a, ()> {
+        Box::pin(async move {
+            let image = require_child(node, ChildRole::Filtered)?;
+            let _range = self
+                .ranges
+                .lock(offset, offset.saturating_add(len), false)
+                .await;
+            image.discard(offset, len).await
+        })
+    }
+
+    fn flush<'a>(&'a self, node: RequestRef<'a>) -> IoFuture<'a, ()> {
+        forward::flush(node, ChildRole::Filtered)
+    }
+
+    /// Passes the resize to the filtered child, through the check that
+    /// this node's edge took the resize permission. Serialised against
+    /// copy-ups past the new end.
+    fn truncate<'a>(
+        &'a self,
+        node: RequestRef<'a>,
+        size: u64,
+        _permit: ResizePermit<'a>,
+    ) -> IoFuture<'a, ()> {
+        Box::pin(async move {
+            // No copy-up may write past a new, smaller end meanwhile.
+            let _range = self.ranges.lock(size, u64::MAX, true).await;
+            forward::truncate(node, ChildRole::Filtered, size).await
+        })
+    }
+
+    fn block_status<'a>(
+        &'a self,
+        node: RequestRef<'a>,
+        offset: u64,
+        len: u64,
+    ) -> IoFuture<'a, (BlockStatus, u64)> {
+        forward::block_status(node, ChildRole::Filtered, offset, len)
+    }
+}

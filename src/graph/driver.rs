@@ -1,0 +1,228 @@
+//! The driver interface: the trait a node's driver implements, with the
+//! proof each callback receives. Public as `blockgraph::driver`, whose
+//! module docs explain it.
+
+use std::any::Any;
+use std::future::Future;
+use std::pin::Pin;
+
+use crate::graph::proof::{CallbackRef, RequestRef};
+use crate::types::BlockStatus;
+use crate::types::{ChildRole, Perm, Permissions};
+use crate::types::{Error, Result};
+
+/// The future an I/O callback returns. `Send`, so requests can run on
+/// multi-thread runtimes too.
+pub type IoFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T>> + Send + 'a>>;
+
+/// Shows that the resize permission was checked for the resize a
+/// [`BlockDriver::truncate`] call carries out.
+///
+/// Only the crate makes one, in the two operations that check the
+/// permission first: [`BlockBackend::truncate`](crate::BlockBackend::truncate)
+/// (the backend took [`Perm::RESIZE`]) and
+/// [`NodeRef::truncate_child`](crate::NodeRef::truncate_child) (the edge to
+/// the child took it). So code that holds an [`IoRef`](crate::IoRef) cannot call
+/// `node.driver().truncate(..)` itself and skip the check: it has no permit
+/// to pass. Zero-sized, neither `Clone` nor `Copy`, and tied to the request's
+/// lifetime.
+///
+/// A driver that resizes a child asks for it with `truncate_child`, which
+/// checks its own edge and makes the child's permit.
+#[derive(Debug)]
+pub struct ResizePermit<'a> {
+    _request: std::marker::PhantomData<&'a ()>,
+}
+
+impl ResizePermit<'_> {
+    /// Made only after the caller checked [`Perm::RESIZE`] for the call.
+    pub(crate) fn checked() -> Self {
+        ResizePermit {
+            _request: std::marker::PhantomData,
+        }
+    }
+}
+
+/// A block driver: what a node *is* (QEMU's `BlockDriver`).
+///
+/// Implement the three required I/O callbacks; everything else has a
+/// default. The proof each callback receives says what it may do; see the
+/// [module docs](crate::driver).
+///
+/// # Examples
+///
+/// A filter that counts reads and passes everything down:
+///
+/// ```
+/// use std::sync::atomic::{AtomicU64, Ordering};
+/// use blockgraph::{driver::{BlockDriver, IoFuture}, ChildRole, Error, RequestRef, Result};
+///
+/// #[derive(Default)]
+/// struct CountingFilter { reads: AtomicU64 }
+///
+/// fn filtered<'a>(node: RequestRef<'a>) -> Result<RequestRef<'a>> {
+///     node.child(ChildRole::Filtered)
+///         .ok_or_else(|| Error::NoSuchChild { node: node.name().into(), role: ChildRole::Filtered })
+/// }
+///
+/// impl BlockDriver for CountingFilter {
+///     fn format_name(&self) -> &'static str { "counting" }
+///     fn length<'a>(&'a self, node: RequestRef<'a>) -> IoFuture<'a, u64> {
+///         Box::pin(async move { filtered(node)?.length().await })
+///     }
+///     fn read<'a>(&'a self, node: RequestRef<'a>, offset: u64, buf: &'a mut [u8]) -> IoFuture<'a, ()> {
+///         self.reads.fetch_add(1, Ordering::Relaxed);
+///         Box::pin(async move { filtered(node)?.read(offset, buf).await })
+///     }
+///     fn write<'a>(&'a self, node: RequestRef<'a>, offset: u64, buf: &'a [u8]) -> IoFuture<'a, ()> {
+///         Box::pin(async move { filtered(node)?.write(offset, buf).await })
+///     }
+/// }
+/// ```
+pub trait BlockDriver: Any + Send + Sync {
+    /// The format name (`"qcow2"`, `"raw"`, …), shown in dumps and errors.
+    fn format_name(&self) -> &'static str;
+
+    /// A one-line description for graph dumps (default: the format name).
+    fn describe(&self) -> String {
+        self.format_name().to_owned()
+    }
+
+    // ---- main-loop callbacks -------------------------------------------
+
+    /// Called when the node joins the graph, inside the write section, with
+    /// its children attached. An error aborts the whole mutation.
+    fn open(&self, node: CallbackRef<'_>) -> Result<()> {
+        let _ = node;
+        Ok(())
+    }
+
+    /// Called when the node leaves the graph.
+    fn close(&self, node: CallbackRef<'_>) {
+        let _ = node;
+    }
+
+    /// Applies new options to a drained node (QEMU's `bdrv_reopen`).
+    fn reopen(&self, node: CallbackRef<'_>, options: &[(&str, &str)]) -> Result<()> {
+        let _ = (node, options);
+        Err(Error::Unsupported {
+            driver: self.format_name(),
+            operation: "reopen",
+        })
+    }
+
+    /// What this node takes and shares on its `role` child, given what its
+    /// own users take and share (QEMU's `bdrv_child_perm`).
+    ///
+    /// The default passes the users' needs through to `File`, `Data` and
+    /// `Filtered` children, and takes a consistent read on a `Backing` child
+    /// while letting nobody else write or resize it.
+    fn child_permissions(&self, role: ChildRole, users: Permissions) -> Permissions {
+        match role {
+            ChildRole::Backing => Permissions {
+                take: Perm::CONSISTENT_READ,
+                share: Perm::CONSISTENT_READ | Perm::WRITE_UNCHANGED,
+            },
+            _ => users,
+        }
+    }
+
+    /// The first drain section covering the node began.
+    fn drained_begin(&self, node: CallbackRef<'_>) {
+        let _ = node;
+    }
+
+    /// The last drain section covering the node ended.
+    fn drained_end(&self, node: CallbackRef<'_>) {
+        let _ = node;
+    }
+
+    // ---- I/O callbacks ---------------------------------------------------
+
+    /// Alignment in bytes that every request's offset and length must have.
+    /// Filters and formats whose requests go to a child should report
+    /// at least the child's alignment.
+    fn request_alignment(&self, node: RequestRef<'_>) -> u32 {
+        let _ = node;
+        1
+    }
+
+    /// The node's size in bytes.
+    fn length<'a>(&'a self, node: RequestRef<'a>) -> IoFuture<'a, u64>;
+
+    /// Reads `buf.len()` bytes at `offset`.
+    fn read<'a>(&'a self, node: RequestRef<'a>, offset: u64, buf: &'a mut [u8])
+        -> IoFuture<'a, ()>;
+
+    /// Writes `buf` at `offset`.
+    fn write<'a>(&'a self, node: RequestRef<'a>, offset: u64, buf: &'a [u8]) -> IoFuture<'a, ()>;
+
+    /// Makes `len` bytes at `offset` read as zeroes (default: writes zero
+    /// buffers).
+    fn write_zeroes<'a>(&'a self, node: RequestRef<'a>, offset: u64, len: u64) -> IoFuture<'a, ()> {
+        Box::pin(async move {
+            const CHUNK: u64 = 64 * 1024;
+            let zeroes = vec![0u8; len.min(CHUNK) as usize];
+            let mut done = 0;
+            while done < len {
+                let n = (len - done).min(CHUNK);
+                self.write(node, offset + done, &zeroes[..n as usize])
+                    .await?;
+                done += n;
+            }
+            Ok(())
+        })
+    }
+
+    /// Drops `len` bytes at `offset` (default: does nothing, which is
+    /// always allowed).
+    fn discard<'a>(&'a self, node: RequestRef<'a>, offset: u64, len: u64) -> IoFuture<'a, ()> {
+        let _ = (node, offset, len);
+        Box::pin(async { Ok(()) })
+    }
+
+    /// Makes completed writes durable (default: nothing to do).
+    fn flush<'a>(&'a self, node: RequestRef<'a>) -> IoFuture<'a, ()> {
+        let _ = node;
+        Box::pin(async { Ok(()) })
+    }
+
+    /// Resizes the node to `size` bytes (QEMU's `bdrv_co_truncate`). A
+    /// grown area reads as zeroes.
+    ///
+    /// Only the crate calls it, through the two operations that check the
+    /// resize permission and hand over the [`ResizePermit`]:
+    /// [`BlockBackend::truncate`](crate::BlockBackend::truncate) and, for a
+    /// parent resizing its child,
+    /// [`NodeRef::truncate_child`](crate::NodeRef::truncate_child). They
+    /// tell the graph the length changed afterwards, so the driver need
+    /// not. A filter forwards it with
+    /// `node.truncate_child(ChildRole::Filtered, size)`
+    /// ([`forward::truncate`](crate::driver::forward::truncate)).
+    ///
+    /// The default refuses with [`Error::Unsupported`].
+    fn truncate<'a>(
+        &'a self,
+        node: RequestRef<'a>,
+        size: u64,
+        permit: ResizePermit<'a>,
+    ) -> IoFuture<'a, ()> {
+        let _ = (node, size, permit);
+        Box::pin(std::future::ready(Err(Error::Unsupported {
+            driver: self.format_name(),
+            operation: "resizing",
+        })))
+    }
+
+    /// What is stored at `offset` and for how many bytes (at most `len`)
+    /// the answer holds (default: data, for the whole range).
+    fn block_status<'a>(
+        &'a self,
+        node: RequestRef<'a>,
+        offset: u64,
+        len: u64,
+    ) -> IoFuture<'a, (BlockStatus, u64)> {
+        let _ = (node, offset);
+        Box::pin(async move { Ok((BlockStatus::Data, len)) })
+    }
+}
