@@ -2,17 +2,17 @@
 //! chain (format, sizes, allocation, snapshots, format-specific data), as
 //! text or as the same JSON (`--output=json`).
 
-use std::fmt::Write as _;
 use std::os::unix::fs::MetadataExt;
 use std::path::PathBuf;
 
 use blockgraph::driver::BlockStatus;
 use blockgraph::drivers::qcow2::{Qcow2Driver, SnapshotInfo};
 use blockgraph::IoRef;
+use serde::Serialize;
 
 use crate::args::Common;
 use crate::open::{Env, OpenPolicy, Opened};
-use crate::output::{err, qemu_size, snapshot_table, Res};
+use crate::output::{err, print_json, qemu_size, snapshot_table, Res};
 use crate::stack::image_layers;
 
 /// Show an image's format, sizes, allocation, snapshots and backing chain.
@@ -43,23 +43,33 @@ enum Output {
     Human,
 }
 
-/// What `qemu-img info` prints about a qcow2 image beyond its geometry.
+/// What `qemu-img info` prints about a qcow2 image beyond its geometry:
+/// the `data` of its `format-specific` object, with QEMU's keys, types
+/// and order. The fields version 2 images lack are `None`.
+#[derive(Serialize)]
+#[serde(rename_all = "kebab-case")]
 struct Qcow2Facts {
-    version: u32,
+    /// "0.10" (version 2) or "1.1" (version 3).
+    compat: &'static str,
     compression_type: &'static str,
-    lazy_refcounts: bool,
-    refcount_bits: u32,
-    corrupt: bool,
-    extended_l2: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    lazy_refcounts: Option<bool>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
     bitmaps: Vec<BitmapFacts>,
+    refcount_bits: u32,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    corrupt: Option<bool>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    extended_l2: Option<bool>,
 }
 
 /// One persistent bitmap, as `format-specific` lists it.
+#[derive(Serialize)]
 struct BitmapFacts {
+    /// "in-use" and "auto", where they apply.
+    flags: Vec<&'static str>,
     name: String,
     granularity: u64,
-    in_use: bool,
-    auto: bool,
 }
 
 struct ImageInfo {
@@ -102,10 +112,12 @@ fn bitmap_facts(q: &Qcow2Driver) -> Vec<BitmapFacts> {
     q.bitmaps()
         .into_iter()
         .map(|b| BitmapFacts {
+            flags: [(b.in_use, "in-use"), (b.auto, "auto")]
+                .into_iter()
+                .filter_map(|(set, flag)| set.then_some(flag))
+                .collect(),
             name: b.name,
             granularity: b.granularity,
-            in_use: b.in_use,
-            auto: b.auto,
         })
         .collect()
 }
@@ -151,14 +163,17 @@ fn gather_info(env: &Env, opened: &Opened, top_name: &str) -> Res<Vec<ImageInfo>
             let (qcow2, dirty, snapshots) = match q {
                 None => (None, false, Vec::new()),
                 Some(q) => (
-                    Some(Qcow2Facts {
-                        version: q.version(),
-                        compression_type: q.compression_type(),
-                        lazy_refcounts: q.lazy_refcounts().await,
-                        refcount_bits: q.refcount_bits(),
-                        corrupt: q.is_corrupt().await,
-                        extended_l2: q.extended_l2().await,
-                        bitmaps: bitmap_facts(q),
+                    Some({
+                        let v3 = q.version() >= 3;
+                        Qcow2Facts {
+                            compat: if v3 { "1.1" } else { "0.10" },
+                            compression_type: q.compression_type(),
+                            lazy_refcounts: v3.then_some(q.lazy_refcounts().await),
+                            bitmaps: bitmap_facts(q),
+                            refcount_bits: q.refcount_bits(),
+                            corrupt: v3.then_some(q.is_corrupt().await),
+                            extended_l2: v3.then_some(q.extended_l2().await),
+                        }
                     }),
                     q.is_dirty().await,
                     q.snapshots(n).await.map_err(err)?,
@@ -186,194 +201,123 @@ fn gather_info(env: &Env, opened: &Opened, top_name: &str) -> Res<Vec<ImageInfo>
     Ok(out)
 }
 
-fn json_str(s: &str) -> String {
-    let mut out = String::from("\"");
-    for c in s.chars() {
-        match c {
-            '"' => out.push_str("\\\""),
-            '\\' => out.push_str("\\\\"),
-            '\n' => out.push_str("\\n"),
-            c if (c as u32) < 0x20 => {
-                let _ = write!(out, "\\u{:04x}", c as u32);
-            }
-            c => out.push(c),
-        }
-    }
-    out.push('"');
-    out
-}
-
-/// A JSON value, printed the way QEMU's JSON writer pretty-prints (four
-/// spaces per level, empty containers on two lines).
-enum Json {
-    Num(u64),
-    Str(String),
-    Bool(bool),
-    Arr(Vec<Json>),
-    Obj(Vec<(&'static str, Json)>),
-}
-
-impl Json {
-    fn s(v: &str) -> Json {
-        Json::Str(v.to_owned())
-    }
-
-    fn write(&self, out: &mut String, indent: usize) {
-        let pad = |n: usize| " ".repeat(n * 4);
-        match self {
-            Json::Num(n) => {
-                let _ = write!(out, "{n}");
-            }
-            Json::Str(s) => out.push_str(&json_str(s)),
-            Json::Bool(b) => {
-                let _ = write!(out, "{b}");
-            }
-            Json::Arr(items) => {
-                out.push_str("[\n");
-                for (i, v) in items.iter().enumerate() {
-                    out.push_str(&pad(indent + 1));
-                    v.write(out, indent + 1);
-                    out.push_str(if i + 1 < items.len() { ",\n" } else { "\n" });
-                }
-                out.push_str(&pad(indent));
-                out.push(']');
-            }
-            Json::Obj(fields) => {
-                out.push_str("{\n");
-                for (i, (k, v)) in fields.iter().enumerate() {
-                    let _ = write!(out, "{}{}: ", pad(indent + 1), json_str(k));
-                    v.write(out, indent + 1);
-                    out.push_str(if i + 1 < fields.len() { ",\n" } else { "\n" });
-                }
-                out.push_str(&pad(indent));
-                out.push('}');
-            }
-        }
-    }
-}
-
-fn snapshot_json(s: &SnapshotInfo) -> Json {
-    Json::Obj(vec![
-        ("icount", Json::Num(s.icount.unwrap_or(u64::MAX))),
-        ("vm-clock-nsec", Json::Num(s.vm_clock_nsec % 1_000_000_000)),
-        ("name", Json::s(&s.name)),
-        ("date-sec", Json::Num(u64::from(s.date_sec))),
-        ("date-nsec", Json::Num(u64::from(s.date_nsec))),
-        ("vm-clock-sec", Json::Num(s.vm_clock_nsec / 1_000_000_000)),
-        ("id", Json::s(&s.id)),
-        ("vm-state-size", Json::Num(s.vm_state_size)),
-    ])
-}
-
-/// `format-specific` data for a qcow2 image, with QEMU's keys and types.
-fn qcow2_json(q: &Qcow2Facts) -> Json {
-    let compat = if q.version == 2 { "0.10" } else { "1.1" };
-    let mut data = vec![
-        ("compat", Json::s(compat)),
-        ("compression-type", Json::s(q.compression_type)),
-    ];
-    if q.version >= 3 {
-        data.push(("lazy-refcounts", Json::Bool(q.lazy_refcounts)));
-    }
-    if !q.bitmaps.is_empty() {
-        data.push(("bitmaps", bitmaps_json(&q.bitmaps)));
-    }
-    data.push(("refcount-bits", Json::Num(u64::from(q.refcount_bits))));
-    if q.version >= 3 {
-        data.push(("corrupt", Json::Bool(q.corrupt)));
-        data.push(("extended-l2", Json::Bool(q.extended_l2)));
-    }
-    Json::Obj(vec![("type", Json::s("qcow2")), ("data", Json::Obj(data))])
-}
-
-fn bitmap_flags(b: &BitmapFacts) -> Vec<&'static str> {
-    let mut flags = Vec::new();
-    if b.in_use {
-        flags.push("in-use");
-    }
-    if b.auto {
-        flags.push("auto");
-    }
-    flags
-}
-
-fn bitmaps_json(bitmaps: &[BitmapFacts]) -> Json {
-    Json::Arr(
-        bitmaps
-            .iter()
-            .map(|b| {
-                Json::Obj(vec![
-                    (
-                        "flags",
-                        Json::Arr(bitmap_flags(b).into_iter().map(Json::s).collect()),
-                    ),
-                    ("name", Json::s(&b.name)),
-                    ("granularity", Json::Num(b.granularity)),
-                ])
-            })
-            .collect(),
-    )
-}
-
 /// One image as `qemu-img info --output=json` prints it (field order
 /// too), plus `allocated-data-bytes` and the nested `backing-image`.
-fn image_json(chain: &[ImageInfo]) -> Json {
-    let Some((img, rest)) = chain.split_first() else {
-        return Json::Obj(Vec::new());
+#[derive(Serialize)]
+#[serde(rename_all = "kebab-case")]
+struct ImageJson<'a> {
+    children: [ChildJson<'a>; 1],
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    snapshots: Vec<SnapshotJson<'a>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    backing_filename_format: Option<&'a str>,
+    virtual_size: u64,
+    filename: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    cluster_size: Option<u64>,
+    format: &'a str,
+    actual_size: u64,
+    allocated_data_bytes: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    format_specific: Option<FormatSpecific<'a>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    full_backing_filename: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    backing_filename: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    backing_image: Option<Box<ImageJson<'a>>>,
+    dirty_flag: bool,
+}
+
+/// The image's `file` child.
+#[derive(Serialize)]
+struct ChildJson<'a> {
+    name: &'static str,
+    info: FileJson<'a>,
+}
+
+/// The protocol node under an image, as QEMU describes it.
+#[derive(Serialize)]
+#[serde(rename_all = "kebab-case")]
+struct FileJson<'a> {
+    children: [(); 0],
+    virtual_size: u64,
+    filename: &'a str,
+    format: &'static str,
+    actual_size: u64,
+    format_specific: FormatSpecific<'a>,
+    dirty_flag: bool,
+}
+
+/// `{"type": ..., "data": {...}}`.
+#[derive(Serialize)]
+#[serde(tag = "type", content = "data", rename_all = "lowercase")]
+enum FormatSpecific<'a> {
+    Qcow2(&'a Qcow2Facts),
+    File {},
+}
+
+/// One internal snapshot, with QEMU's keys and order.
+#[derive(Serialize)]
+#[serde(rename_all = "kebab-case")]
+struct SnapshotJson<'a> {
+    icount: u64,
+    vm_clock_nsec: u64,
+    name: &'a str,
+    date_sec: u32,
+    date_nsec: u32,
+    vm_clock_sec: u64,
+    id: &'a str,
+    vm_state_size: u64,
+}
+
+impl<'a> From<&'a SnapshotInfo> for SnapshotJson<'a> {
+    fn from(s: &'a SnapshotInfo) -> Self {
+        SnapshotJson {
+            icount: s.icount.unwrap_or(u64::MAX),
+            vm_clock_nsec: s.vm_clock_nsec % 1_000_000_000,
+            name: &s.name,
+            date_sec: s.date_sec,
+            date_nsec: s.date_nsec,
+            vm_clock_sec: s.vm_clock_nsec / 1_000_000_000,
+            id: &s.id,
+            vm_state_size: s.vm_state_size,
+        }
+    }
+}
+
+/// The JSON of `chain`'s first image, the rest nested as its
+/// `backing-image`.
+fn image_json(chain: &[ImageInfo]) -> Option<ImageJson<'_>> {
+    let (img, rest) = chain.split_first()?;
+    let file = FileJson {
+        children: [],
+        virtual_size: img.file_length,
+        filename: &img.filename,
+        format: "file",
+        actual_size: img.actual_size,
+        format_specific: FormatSpecific::File {},
+        dirty_flag: false,
     };
-    let file_child = Json::Obj(vec![
-        ("children", Json::Arr(Vec::new())),
-        ("virtual-size", Json::Num(img.file_length)),
-        ("filename", Json::s(&img.filename)),
-        ("format", Json::s("file")),
-        ("actual-size", Json::Num(img.actual_size)),
-        (
-            "format-specific",
-            Json::Obj(vec![
-                ("type", Json::s("file")),
-                ("data", Json::Obj(Vec::new())),
-            ]),
-        ),
-        ("dirty-flag", Json::Bool(false)),
-    ]);
-    let mut f = vec![(
-        "children",
-        Json::Arr(vec![Json::Obj(vec![
-            ("name", Json::s("file")),
-            ("info", file_child),
-        ])]),
-    )];
-    if !img.snapshots.is_empty() {
-        f.push((
-            "snapshots",
-            Json::Arr(img.snapshots.iter().map(snapshot_json).collect()),
-        ));
-    }
-    if let Some(fmt) = &img.backing_format {
-        f.push(("backing-filename-format", Json::s(fmt)));
-    }
-    f.push(("virtual-size", Json::Num(img.virtual_size)));
-    f.push(("filename", Json::s(&img.filename)));
-    if let Some(cs) = img.cluster_size {
-        f.push(("cluster-size", Json::Num(cs)));
-    }
-    f.push(("format", Json::s(img.format)));
-    f.push(("actual-size", Json::Num(img.actual_size)));
-    f.push(("allocated-data-bytes", Json::Num(img.data_bytes)));
-    if let Some(q) = &img.qcow2 {
-        f.push(("format-specific", qcow2_json(q)));
-    }
-    if let Some(full) = &img.full_backing_file {
-        f.push(("full-backing-filename", Json::s(full)));
-    }
-    if let Some(b) = &img.backing_file {
-        f.push(("backing-filename", Json::s(b)));
-    }
-    if !rest.is_empty() {
-        f.push(("backing-image", image_json(rest)));
-    }
-    f.push(("dirty-flag", Json::Bool(img.dirty)));
-    Json::Obj(f)
+    Some(ImageJson {
+        children: [ChildJson {
+            name: "file",
+            info: file,
+        }],
+        snapshots: img.snapshots.iter().map(SnapshotJson::from).collect(),
+        backing_filename_format: img.backing_format.as_deref(),
+        virtual_size: img.virtual_size,
+        filename: &img.filename,
+        cluster_size: img.cluster_size,
+        format: img.format,
+        actual_size: img.actual_size,
+        allocated_data_bytes: img.data_bytes,
+        format_specific: img.qcow2.as_ref().map(FormatSpecific::Qcow2),
+        full_backing_filename: img.full_backing_file.as_deref(),
+        backing_filename: img.backing_file.as_deref(),
+        backing_image: image_json(rest).map(Box::new),
+        dirty_flag: img.dirty,
+    })
 }
 
 /// QEMU's `size_to_str`: three significant digits and a binary unit.
@@ -411,20 +355,17 @@ fn print_info(img: &ImageInfo) {
     }
     if let Some(q) = &img.qcow2 {
         println!("Format specific information:");
-        println!(
-            "    compat: {}",
-            if q.version == 2 { "0.10" } else { "1.1" }
-        );
+        println!("    compat: {}", q.compat);
         println!("    compression type: {}", q.compression_type);
-        if q.version >= 3 {
-            println!("    lazy refcounts: {}", q.lazy_refcounts);
+        if let Some(lazy) = q.lazy_refcounts {
+            println!("    lazy refcounts: {lazy}");
         }
         if !q.bitmaps.is_empty() {
             println!("    bitmaps:");
             for (i, b) in q.bitmaps.iter().enumerate() {
                 println!("        [{i}]:");
                 println!("            flags:");
-                for (j, f) in bitmap_flags(b).iter().enumerate() {
+                for (j, f) in b.flags.iter().enumerate() {
                     println!("                [{j}]: {f}");
                 }
                 println!("            name: {}", b.name);
@@ -432,9 +373,9 @@ fn print_info(img: &ImageInfo) {
             }
         }
         println!("    refcount bits: {}", q.refcount_bits);
-        if q.version >= 3 {
-            println!("    corrupt: {}", q.corrupt);
-            println!("    extended l2: {}", q.extended_l2);
+        if let (Some(corrupt), Some(extended_l2)) = (q.corrupt, q.extended_l2) {
+            println!("    corrupt: {corrupt}");
+            println!("    extended l2: {extended_l2}");
         }
     }
     println!("Child node '/file':");
@@ -456,19 +397,15 @@ pub fn run(a: Args) -> Res<i32> {
     let opened = env.open(layers, Some(path), OpenPolicy::new(&a.common, false), "")?;
     let chain = gather_info(&env, &opened, &a.file)?;
     if json {
-        let mut out = String::new();
         if a.backing_chain {
             // As qemu-img: an array, one object per image, top first.
-            Json::Arr(
-                (0..chain.len())
-                    .map(|i| image_json(&chain[i..=i]))
-                    .collect(),
-            )
-            .write(&mut out, 0);
+            let each: Vec<_> = (0..chain.len())
+                .filter_map(|i| image_json(&chain[i..=i]))
+                .collect();
+            print_json(&each)?;
         } else {
-            image_json(&chain).write(&mut out, 0);
+            print_json(&image_json(&chain))?;
         }
-        println!("{out}");
         return Ok(0);
     }
     for (i, img) in chain.iter().enumerate() {

@@ -1,7 +1,9 @@
 //! What the tool prints: one-line errors (clap's usage errors included),
-//! sizes as qemu-img writes them, the snapshot table.
+//! sizes as qemu-img writes them, the snapshot table, JSON in QEMU's
+//! layout.
 
 use std::fmt::Write as _;
+use std::io::{self, Write as _};
 
 use blockgraph::drivers::qcow2::SnapshotInfo;
 
@@ -217,4 +219,86 @@ fn local_time(secs: u32) -> String {
         tm.tm_min,
         tm.tm_sec
     )
+}
+
+/// Prints `value` as JSON the way QEMU's JSON writer pretty-prints it.
+pub fn print_json<T: serde::Serialize>(value: &T) -> Res<()> {
+    let mut out = Vec::new();
+    let mut ser = serde_json::Serializer::with_formatter(&mut out, QemuFormatter::default());
+    value.serialize(&mut ser).map_err(err)?;
+    out.push(b'\n');
+    io::stdout().write_all(&out).map_err(err)
+}
+
+/// serde_json's output in QEMU's layout: four spaces per level, and empty
+/// arrays and objects on two lines (`[` and `]` each on its own), as
+/// `qemu-img info --output=json` prints them.
+#[derive(Default)]
+struct QemuFormatter {
+    level: usize,
+}
+
+impl QemuFormatter {
+    fn open<W: ?Sized + io::Write>(&mut self, w: &mut W, bracket: &[u8]) -> io::Result<()> {
+        self.level += 1;
+        w.write_all(bracket)
+    }
+
+    fn close<W: ?Sized + io::Write>(&mut self, w: &mut W, bracket: &[u8]) -> io::Result<()> {
+        self.level -= 1;
+        w.write_all(b"\n")?;
+        self.indent(w)?;
+        w.write_all(bracket)
+    }
+
+    /// Starts a line for the next element or key.
+    fn next<W: ?Sized + io::Write>(&mut self, w: &mut W, first: bool) -> io::Result<()> {
+        w.write_all(if first { b"\n" } else { b",\n" })?;
+        self.indent(w)
+    }
+
+    fn indent<W: ?Sized + io::Write>(&self, w: &mut W) -> io::Result<()> {
+        for _ in 0..self.level {
+            w.write_all(b"    ")?;
+        }
+        Ok(())
+    }
+}
+
+impl serde_json::ser::Formatter for QemuFormatter {
+    fn begin_array<W: ?Sized + io::Write>(&mut self, w: &mut W) -> io::Result<()> {
+        self.open(w, b"[")
+    }
+
+    fn end_array<W: ?Sized + io::Write>(&mut self, w: &mut W) -> io::Result<()> {
+        self.close(w, b"]")
+    }
+
+    fn begin_array_value<W: ?Sized + io::Write>(
+        &mut self,
+        w: &mut W,
+        first: bool,
+    ) -> io::Result<()> {
+        self.next(w, first)
+    }
+
+    fn begin_object<W: ?Sized + io::Write>(&mut self, w: &mut W) -> io::Result<()> {
+        self.open(w, b"{")
+    }
+
+    fn end_object<W: ?Sized + io::Write>(&mut self, w: &mut W) -> io::Result<()> {
+        self.close(w, b"}")
+    }
+
+    fn begin_object_key<W: ?Sized + io::Write>(
+        &mut self,
+        w: &mut W,
+        first: bool,
+    ) -> io::Result<()> {
+        self.next(w, first)
+    }
+
+    fn begin_object_value<W: ?Sized + io::Write>(&mut self, w: &mut W) -> io::Result<()> {
+        w.write_all(b": ")
+    }
 }
