@@ -77,76 +77,15 @@ impl Rw {
     }
 }
 
-/// Latencies in a log-linear histogram: 16 buckets per power of two, so a
-/// percentile is within about 6% of the true value, in constant memory.
-#[derive(Clone)]
-struct Histogram {
-    counts: Vec<u64>,
-    min: u64,
-    max: u64,
-    total: u64,
+/// Latencies in nanoseconds, to three significant digits, from 1 ns to an
+/// hour (a slower request counts as an hour).
+type Histogram = hdrhistogram::Histogram<u64>;
+
+fn histogram() -> Res<Histogram> {
+    Histogram::new_with_bounds(1, 3_600_000_000_000, 3).map_err(err)
 }
 
-impl Histogram {
-    const SUB: u64 = 16;
-
-    fn new() -> Self {
-        Histogram {
-            counts: vec![0; 64 * Self::SUB as usize],
-            min: u64::MAX,
-            max: 0,
-            total: 0,
-        }
-    }
-
-    fn index(ns: u64) -> usize {
-        if ns < Self::SUB {
-            return ns as usize;
-        }
-        let bits = 63 - ns.leading_zeros() as u64;
-        let sub = (ns >> (bits - 4)) & (Self::SUB - 1);
-        ((bits - 3) * Self::SUB + sub) as usize
-    }
-
-    fn value(index: usize) -> u64 {
-        let index = index as u64;
-        if index < Self::SUB {
-            return index;
-        }
-        let bits = index / Self::SUB + 3;
-        let sub = index % Self::SUB;
-        (Self::SUB + sub) << (bits - 4)
-    }
-
-    fn record(&mut self, ns: u64) {
-        self.counts[Self::index(ns)] += 1;
-        self.min = self.min.min(ns);
-        self.max = self.max.max(ns);
-        self.total += 1;
-    }
-
-    fn merge(&mut self, other: &Histogram) {
-        for (a, b) in self.counts.iter_mut().zip(&other.counts) {
-            *a += b;
-        }
-        self.min = self.min.min(other.min);
-        self.max = self.max.max(other.max);
-        self.total += other.total;
-    }
-
-    fn percentile(&self, p: f64) -> u64 {
-        let rank = ((p / 100.0) * self.total as f64).ceil().max(1.0) as u64;
-        let mut seen = 0;
-        for (i, c) in self.counts.iter().enumerate() {
-            seen += c;
-            if seen >= rank {
-                return Self::value(i).clamp(self.min, self.max);
-            }
-        }
-        self.max
-    }
-}
-
+/// What one of the `--depth` request loops measured.
 struct BenchResult {
     hist: Histogram,
     errors: u64,
@@ -208,9 +147,10 @@ pub fn run(a: Args) -> Res<i32> {
     for w in 0..depth {
         let thread = &env.threads[(w % threads) as usize];
         let (blk, issued, cursor) = (blk.clone(), issued.clone(), cursor.clone());
+        let histogram = histogram()?;
         tasks.push(thread.spawn(move |mut cx| async move {
             let mut buf = vec![0xA5u8; bs as usize];
-            let mut hist = Histogram::new();
+            let mut hist = histogram;
             let mut errors = 0;
             let mut first_error = None;
             let mut rng = 0x9E37_79B9_7F4A_7C15u64 ^ (w + 1).wrapping_mul(0xD1B5_4A32_D192_ED03);
@@ -243,7 +183,7 @@ pub fn run(a: Args) -> Res<i32> {
                     continue;
                 }
                 match r {
-                    Ok(()) => hist.record(t.elapsed().as_nanos() as u64),
+                    Ok(()) => hist.saturating_record(t.elapsed().as_nanos() as u64),
                     Err(e) => {
                         errors += 1;
                         first_error.get_or_insert_with(|| e.to_string());
@@ -257,12 +197,12 @@ pub fn run(a: Args) -> Res<i32> {
             }
         }));
     }
-    let mut total = Histogram::new();
+    let mut total = histogram()?;
     let mut errors = 0;
     let mut first_error = None;
     for t in tasks {
         let r = t.join();
-        total.merge(&r.hist);
+        total.add(&r.hist).map_err(err)?;
         errors += r.errors;
         if first_error.is_none() {
             first_error = r.first_error;
@@ -277,7 +217,7 @@ pub fn run(a: Args) -> Res<i32> {
         env.io(move |mut cx| async move { b.flush(&mut cx).await })
             .map_err(err)?;
     }
-    let ops = total.total;
+    let ops = total.len();
     let iops = ops as f64 / elapsed;
     let rw = a.rw.name();
     println!(
@@ -291,12 +231,12 @@ pub fn run(a: Args) -> Res<i32> {
         let us = |ns: u64| ns as f64 / 1000.0;
         println!(
             "  latency (us): min {:.1}  p50 {:.1}  p90 {:.1}  p99 {:.1}  p99.9 {:.1}  max {:.1}",
-            us(total.min),
-            us(total.percentile(50.0)),
-            us(total.percentile(90.0)),
-            us(total.percentile(99.0)),
-            us(total.percentile(99.9)),
-            us(total.max)
+            us(total.min()),
+            us(total.value_at_quantile(0.50)),
+            us(total.value_at_quantile(0.90)),
+            us(total.value_at_quantile(0.99)),
+            us(total.value_at_quantile(0.999)),
+            us(total.max())
         );
     }
     if errors > 0 {
