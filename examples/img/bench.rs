@@ -2,14 +2,15 @@
 //! IOPS, throughput and latency percentiles.
 
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::args::{count_parser, parse_size, seconds_parser, size_parser, Common};
 use crate::open::{Env, OpenPolicy};
-use crate::output::{err, Res};
+use crate::output::{err, progress_bar, Res};
 use crate::stack::{image_layers, Stack};
+use indicatif::ProgressBar;
 
 /// Run I/O through an image or a stack; print IOPS, throughput and latency.
 ///
@@ -53,6 +54,9 @@ pub struct Args {
     /// Use only the first SIZE bytes of the device
     #[arg(long, value_name = "SIZE", allow_hyphen_values = true)]
     size: Option<String>,
+    /// Show a progress bar on stderr (when it is a terminal)
+    #[arg(short = 'p', long)]
+    progress: bool,
     /// The image (none for a stack ending in null or memory)
     #[arg(value_name = "FILE")]
     file: Option<PathBuf>,
@@ -197,21 +201,47 @@ pub fn run(a: Args) -> Res<i32> {
             }
         }));
     }
+    let bar = match count {
+        Some(c) => progress_bar(a.progress, c, "{wide_bar} {pos}/{len} requests, {elapsed}"),
+        None => {
+            let run = measure_from + time.unwrap_or_default() - start;
+            let bar = progress_bar(
+                a.progress,
+                run.as_millis() as u64,
+                "{wide_bar} {percent:>3}% of {msg}",
+            );
+            bar.set_message(format!("{:.1} s", run.as_secs_f64()));
+            bar
+        }
+    };
+    let finished = AtomicBool::new(false);
+    let (results, elapsed) = std::thread::scope(|s| {
+        let ticker = s.spawn(|| {
+            if a.progress {
+                tick(&bar, &finished, &issued, count, start);
+            }
+        });
+        let results: Vec<BenchResult> = tasks.into_iter().map(|t| t.join()).collect();
+        let elapsed = Instant::now()
+            .saturating_duration_since(measure_from)
+            .as_secs_f64()
+            .max(1e-9);
+        finished.store(true, Ordering::Relaxed);
+        ticker.thread().unpark();
+        (results, elapsed)
+    });
+    // The bar goes before the report is printed.
+    bar.finish_and_clear();
     let mut total = histogram()?;
     let mut errors = 0;
     let mut first_error = None;
-    for t in tasks {
-        let r = t.join();
+    for r in results {
         total.add(&r.hist).map_err(err)?;
         errors += r.errors;
         if first_error.is_none() {
             first_error = r.first_error;
         }
     }
-    let elapsed = Instant::now()
-        .saturating_duration_since(measure_from)
-        .as_secs_f64()
-        .max(1e-9);
     if write {
         let b = blk.clone();
         env.io(move |mut cx| async move { b.flush(&mut cx).await })
@@ -246,4 +276,23 @@ pub fn run(a: Args) -> Res<i32> {
         ));
     }
     Ok(0)
+}
+
+/// Moves `-p`'s bar until `finished`: the requests issued of `--count`, or
+/// the milliseconds run of `--warmup` plus `--time`. (A thread of its own,
+/// so that the request loops do no more than without `-p`.)
+fn tick(
+    bar: &ProgressBar,
+    finished: &AtomicBool,
+    issued: &AtomicU64,
+    count: Option<u64>,
+    start: Instant,
+) {
+    while !finished.load(Ordering::Relaxed) {
+        bar.set_position(match count {
+            Some(c) => issued.load(Ordering::Relaxed).min(c),
+            None => start.elapsed().as_millis() as u64,
+        });
+        std::thread::park_timeout(Duration::from_millis(100));
+    }
 }

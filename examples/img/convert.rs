@@ -10,7 +10,7 @@ use blockgraph::ChildRole;
 
 use crate::args::{format_parser, Common, Format, ImageOptions};
 use crate::open::{add_node, create_image, Env, OpenPolicy};
-use crate::output::{err, human, Res};
+use crate::output::{err, human, progress_bar, Res};
 use crate::stack::{image_layers, Stack};
 
 /// Copy an image's or a stack's contents into a new raw or qcow2 image.
@@ -37,6 +37,9 @@ pub struct Args {
     #[arg(short = 'o', value_name = "OPTIONS", allow_hyphen_values = true,
           value_parser = ImageOptions::parse)]
     options: Option<ImageOptions>,
+    /// Show a progress bar on stderr (when it is a terminal)
+    #[arg(short = 'p', long)]
+    progress: bool,
     /// The source and the new image
     #[arg(value_names = ["SRC", "DST"], num_args = 1..=2, required = true)]
     paths: Vec<PathBuf>,
@@ -97,9 +100,15 @@ pub fn run(a: Args) -> Res<i32> {
     })?;
     let dst_blk = env.backend("dst-blk", &dst_top, true)?;
     let copied = Arc::new(AtomicU64::new(0));
+    let bar = progress_bar(
+        a.progress,
+        size,
+        "{wide_bar} {percent:>3}% {bytes}/{total_bytes} ({bytes_per_sec}, {eta} left)",
+    );
     let workers: Vec<_> = (0..WORKERS)
         .map(|w| {
             let (src, dst, copied) = (src_blk.clone(), dst_blk.clone(), copied.clone());
+            let bar = bar.clone();
             env.threads[0].spawn(move |mut cx| async move {
                 let mut buf = vec![0u8; CHUNK as usize];
                 let mut off = w * CHUNK;
@@ -114,6 +123,7 @@ pub fn run(a: Args) -> Res<i32> {
                             .map_err(|e| format!("writing the destination at {off}: {e}"))?;
                         copied.fetch_add(len as u64, Ordering::Relaxed);
                     }
+                    bar.inc(len as u64);
                     off += WORKERS * CHUNK;
                 }
                 Ok::<_, String>(())
@@ -130,6 +140,8 @@ pub fn run(a: Args) -> Res<i32> {
     let flushed = env
         .io(move |mut cx| async move { d.flush(&mut cx).await })
         .map_err(err);
+    // The bar goes before the result (or the error) is printed.
+    bar.finish_and_clear();
     if let Some(e) = failure.or(flushed.err()) {
         return Err(e);
     }

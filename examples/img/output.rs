@@ -1,11 +1,12 @@
 //! What the tool prints: one-line errors (clap's usage errors included),
 //! sizes as qemu-img writes them, the snapshot table, JSON in QEMU's
-//! layout.
+//! layout, and `-p`'s progress bars.
 
 use std::fmt::Write as _;
 use std::io::{self, Write as _};
 
 use blockgraph::drivers::qcow2::SnapshotInfo;
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 
 /// A subcommand's result; a failure is its one-line message.
 pub type Res<T> = Result<T, String>;
@@ -301,4 +302,16 @@ impl serde_json::ser::Formatter for QemuFormatter {
     fn begin_object_value<W: ?Sized + io::Write>(&mut self, w: &mut W) -> io::Result<()> {
         w.write_all(b": ")
     }
+}
+
+/// `-p`'s progress bar of `len` steps, drawn on stderr (indicatif draws
+/// only when stderr is a terminal); without `-p` a hidden one, so that
+/// scripted output stays clean.
+pub fn progress_bar(shown: bool, len: u64, template: &str) -> ProgressBar {
+    if !shown {
+        return ProgressBar::hidden();
+    }
+    let style =
+        ProgressStyle::with_template(template).unwrap_or_else(|_| ProgressStyle::default_bar());
+    ProgressBar::with_draw_target(Some(len), ProgressDrawTarget::stderr()).with_style(style)
 }
