@@ -9,21 +9,18 @@ use std::time::{Duration, Instant};
 use crate::args::{count_parser, parse_size, seconds_parser, size_parser, Common};
 use crate::open::{Env, OpenPolicy};
 use crate::output::{err, progress_bar, Res};
-use crate::stack::{image_layers, Stack};
+use crate::stack::StackArg;
 use indicatif::ProgressBar;
 
 /// Run I/O through an image or a stack; print IOPS, throughput and latency.
 ///
 /// Latency is reported as percentiles of the measured requests.
 #[derive(clap::Args, Debug)]
-#[command(after_help = crate::stack::HELP)]
 pub struct Args {
     #[command(flatten)]
     common: Common,
-    /// The stack to measure (syntax below) instead of -f
-    #[arg(long, value_name = "STACK", allow_hyphen_values = true,
-          value_parser = Stack::parse, conflicts_with = "format")]
-    stack: Option<Stack>,
+    #[command(flatten)]
+    stack: StackArg,
     /// The access pattern
     #[arg(long, value_name = "RW", value_enum, default_value_t = Rw::Randread)]
     rw: Rw,
@@ -109,7 +106,7 @@ pub fn run(a: Args) -> Res<i32> {
         Some(_) => None,
         None => Some(a.time.unwrap_or(Duration::from_secs(5))),
     };
-    let layers = image_layers(a.stack.as_ref(), a.common.format, a.file.as_deref())?;
+    let layers = a.stack.layers(a.common.format, a.file.as_deref())?;
     let env = Env::new(threads as usize)?;
     let opened = env.open(layers, a.file, OpenPolicy::new(&a.common, write), "")?;
     let blk = env.backend("bench", &opened.top, write)?;

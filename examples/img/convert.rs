@@ -11,7 +11,7 @@ use blockgraph::ChildRole;
 use crate::args::{format_parser, Common, Format, ImageOptions};
 use crate::open::{add_node, create_image, Env, OpenPolicy};
 use crate::output::{err, human, progress_bar, Res};
-use crate::stack::{image_layers, Stack};
+use crate::stack::StackArg;
 
 /// Copy an image's or a stack's contents into a new raw or qcow2 image.
 ///
@@ -19,16 +19,13 @@ use crate::stack::{image_layers, Stack};
 /// one.
 #[derive(clap::Args, Debug)]
 #[command(
-    after_help = crate::stack::HELP,
     override_usage = "img convert [OPTIONS] <SRC> <DST>\n       img convert [OPTIONS] --stack <STACK> [SRC] <DST>"
 )]
 pub struct Args {
     #[command(flatten)]
     common: Common,
-    /// Read the source through this stack (syntax below) instead of -f
-    #[arg(long, value_name = "STACK", allow_hyphen_values = true,
-          value_parser = Stack::parse, conflicts_with = "format")]
-    stack: Option<Stack>,
+    #[command(flatten)]
+    stack: StackArg,
     /// The new image's format: raw (the default) or qcow2
     #[arg(short = 'O', value_name = "FMT", allow_hyphen_values = true,
           value_parser = format_parser("output format"))]
@@ -51,7 +48,7 @@ const CHUNK: u64 = 1 << 20;
 const WORKERS: u64 = 4;
 
 pub fn run(a: Args) -> Res<i32> {
-    let (src, dst) = match (a.paths.as_slice(), &a.stack) {
+    let (src, dst) = match (a.paths.as_slice(), &a.stack.stack) {
         ([dst], Some(_)) => (None, dst.clone()),
         ([src, dst], _) => (Some(src.clone()), dst.clone()),
         _ => return Err("convert: expected SRC DST (or --stack STACK [SRC] DST)".into()),
@@ -61,7 +58,7 @@ pub fn run(a: Args) -> Res<i32> {
     if out_fmt == Format::Raw && !options.is_empty() {
         return Err("convert: raw images take no -o options".into());
     }
-    let layers = image_layers(a.stack.as_ref(), a.common.format, src.as_deref())?;
+    let layers = a.stack.layers(a.common.format, src.as_deref())?;
     let env = Env::new(1)?;
     let source = env.open(layers, src, OpenPolicy::new(&a.common, false), "src-")?;
     let src_blk = env.backend("src-blk", &source.top, false)?;

@@ -174,6 +174,24 @@ impl Stack {
     }
 }
 
+/// `--stack`, for the subcommands that take any stack as well as an image.
+#[derive(clap::Args, Debug)]
+#[command(after_help = HELP)]
+pub struct StackArg {
+    /// Open the image through this stack (syntax below) instead of -f
+    #[arg(long, value_name = "STACK", allow_hyphen_values = true,
+          value_parser = Stack::parse, conflicts_with = "format")]
+    pub stack: Option<Stack>,
+}
+
+impl StackArg {
+    /// The layers to open: the stack, or the image at `path` (with `format`
+    /// or probed).
+    pub fn layers(&self, format: Option<Format>, path: Option<&Path>) -> Res<Vec<Layer>> {
+        image_layers(self.stack.as_ref(), format, path)
+    }
+}
+
 /// The format of `path` from its first bytes.
 pub fn probe(path: &Path) -> Res<Format> {
     let mut f =
