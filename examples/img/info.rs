@@ -103,11 +103,8 @@ fn path_combine(base: &str, name: &str) -> String {
     }
 }
 
-/// The persistent bitmaps an image stores, for `format-specific`.
-///
-/// The driver's bitmap directory API lands with the qcow2 metadata work;
-/// until it is wired here no image lists bitmaps (and no `bitmaps` key is
-/// printed, as QEMU prints none for an image without them).
+/// The persistent bitmaps an image stores, for `format-specific` (an image
+/// without any prints no `bitmaps` key, as QEMU's).
 fn bitmap_facts(q: &Qcow2Driver) -> Vec<BitmapFacts> {
     q.bitmaps()
         .into_iter()
