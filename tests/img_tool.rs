@@ -3,18 +3,32 @@
 
 mod common;
 
+use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::sync::OnceLock;
 
-/// The `img` binary: built by `cargo test` with the examples, or built here
-/// when only this test was asked for.
+/// The `img` binary: the one `cargo test` built with the examples, or,
+/// when it is missing or older than its sources (`cargo test --test
+/// img_tool` builds no examples), built here.
 fn img_binary() -> &'static Path {
     static BIN: OnceLock<PathBuf> = OnceLock::new();
     BIN.get_or_init(|| {
+        // target/<profile>/deps/img_tool-<hash>
         let exe = std::env::current_exe().unwrap();
         let profile_dir = exe.parent().unwrap().parent().unwrap().to_path_buf();
         let bin = profile_dir.join("examples").join("img");
+        let why = match std::fs::metadata(&bin).and_then(|m| m.modified()) {
+            Err(_) => "missing",
+            Ok(built) if newest_source() > built => "older than its sources",
+            Ok(_) => return bin,
+        };
+        // Straight to stderr: `eprintln!` would be captured by the harness.
+        let _ = writeln!(
+            std::io::stderr(),
+            "img_tool: {} is {why}; building it (cargo build --example img)",
+            bin.display()
+        );
         let target_dir = profile_dir.parent().unwrap();
         let mut build = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
         build
@@ -29,6 +43,30 @@ fn img_binary() -> &'static Path {
         assert!(bin.exists(), "{} missing after the build", bin.display());
         bin
     })
+}
+
+/// When the example's sources (the tool, the library, the manifest) last
+/// changed.
+fn newest_source() -> std::time::SystemTime {
+    fn newest(path: &Path) -> std::time::SystemTime {
+        let Ok(meta) = std::fs::metadata(path) else {
+            return std::time::SystemTime::UNIX_EPOCH;
+        };
+        let own = meta.modified().unwrap_or(std::time::SystemTime::UNIX_EPOCH);
+        match std::fs::read_dir(path) {
+            Ok(entries) => entries
+                .flatten()
+                .map(|e| newest(&e.path()))
+                .fold(own, std::cmp::max),
+            Err(_) => own,
+        }
+    }
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    ["examples/img", "src", "Cargo.toml", "Cargo.lock"]
+        .iter()
+        .map(|p| newest(&root.join(p)))
+        .max()
+        .unwrap()
 }
 
 struct Run {
@@ -821,4 +859,63 @@ fn snapshot_commands_work_like_qemu_img_snapshot() {
     qemu(d, "qemu-img", &["snapshot", "-a", "theirs", "s.qcow2"]);
     let cmp = qemu(d, "qemu-img", &["compare", "s.qcow2", "before.raw"]);
     assert!(String::from_utf8_lossy(&cmp.stdout).contains("identical"));
+}
+
+/// The command line's own rules, which the tool keeps by hand over clap's
+/// defaults: help on stdout with status 0, usage errors as one line with
+/// status 1 (2 for compare), and `-p` drawing nothing where stderr is not
+/// a terminal.
+#[test]
+fn help_usage_errors_and_progress_flags() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    for args in [
+        &["--help"][..],
+        &["help"],
+        &["help", "bench"],
+        &["convert", "-h"],
+    ] {
+        let r = img(d, args);
+        assert_eq!(r.code, 0, "img {args:?}: {}", r.stderr);
+        assert!(
+            r.stdout.contains("Usage: img"),
+            "img {args:?}: {}",
+            r.stdout
+        );
+    }
+    assert!(ok(d, &["help"]).contains("snapshot"));
+    for (args, code, expect) in [
+        (&["compare", "a.raw"][..], 2, "compare: expected A B"),
+        (
+            &["compare", "--bogus", "a", "b"],
+            2,
+            "unknown option '--bogus'",
+        ),
+        (&["info", "a", "b"], 1, "unexpected argument 'b'"),
+        (&["resize", "x.raw"], 1, "expected FILE SIZE"),
+        (
+            &["bench", "--time", "1", "--count", "2"],
+            1,
+            "cannot be used with",
+        ),
+        (&["check", "-r", "some", "x"], 1, "-r must be leaks or all"),
+    ] {
+        let r = img(d, args);
+        assert_eq!(r.code, code, "img {args:?}: {}", r.stderr);
+        assert_eq!(r.stderr.lines().count(), 1, "img {args:?}: {}", r.stderr);
+        assert!(r.stderr.starts_with("img: "), "img {args:?}: {}", r.stderr);
+        assert!(r.stderr.contains(expect), "img {args:?}: {}", r.stderr);
+    }
+    // -p is accepted and, with stderr not a terminal, prints nothing there.
+    ok(d, &["create", "-f", "raw", "p.raw", "4M"]);
+    for args in [
+        &["convert", "-p", "-O", "qcow2", "p.raw", "p.qcow2"][..],
+        &["bench", "-p", "--stack", "null", "--count", "50"],
+        &["bench", "-p", "--stack", "null", "--time", "0.2"],
+    ] {
+        let r = img(d, args);
+        assert_eq!(r.code, 0, "img {args:?}: {}", r.stderr);
+        assert_eq!(r.stderr, "", "img {args:?}");
+    }
+    assert!(ok(d, &["compare", "p.raw", "p.qcow2"]).contains("identical"));
 }
