@@ -176,15 +176,18 @@ fn memory(quick: bool) {
 
 fn tables(quick: bool) {
     let rounds = if quick { 50 } else { 400 };
-    println!("\n{}", common::machine());
-    println!("\ninsert + remove one filter on disk 0 of N independent disks (medians of {rounds} rounds; ratios to the first size)");
+    println!(
+        "\ninsert + remove one filter on disk 0 of N independent disks \
+         (medians of {rounds} rounds; ratios to the first size)"
+    );
     let mut t = common::Table::new(&[
         "nodes",
         "round µs",
         "ratio",
         "in write sections µs",
         "ratio",
-    ]);
+    ])
+    .left_aligned(0);
     let mut base = None;
     for &n in [100usize, 1_000, 10_000, 100_000]
         .iter()
@@ -208,7 +211,7 @@ fn tables(quick: bool) {
     println!(
         "\nthe same round on top of a chain of D filters (what the change touches grows with D)"
     );
-    let mut t = common::Table::new(&["depth", "round µs", "in write sections µs"]);
+    let mut t = common::Table::new(&["depth", "round µs", "in write sections µs"]).left_aligned(0);
     for &d in &[1usize, 10, 100, 1_000] {
         let main = MainLoop::new().expect("main loop");
         let top = chain(&main, d);
@@ -221,6 +224,7 @@ fn tables(quick: bool) {
 
 fn scale(c: &mut Criterion) {
     let quick = std::env::var_os("GRAPH_SCALE_QUICK").is_some();
+    println!("{}", common::machine());
     memory(quick);
     let mut group = c.benchmark_group("graph_scale_insert_remove_filter");
     if quick {
