@@ -1,4 +1,4 @@
-//! What one graph mutation costs as the graph grows (issue 15): it should
+//! What one graph mutation costs as the graph grows: it should
 //! cost what it touches, not the size of the whole graph.
 //!
 //! The graph holds N independent disks (`backend -> null`). One round

@@ -1,5 +1,5 @@
 //! What the layers of an I/O stack cost, measured side by side in one run
-//! and reported as ratios (issue 3's target: a 4 KiB request through
+//! and reported as ratios (the target: a 4 KiB request through
 //! backend → throttle (no limits) → raw → null within 5% of backend → null).
 //!
 //! Both stacks live in one graph and are driven alternately, in batches,
