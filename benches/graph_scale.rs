@@ -1,4 +1,4 @@
-//! What one graph mutation costs as the graph grows (issue 15): it should
+//! What one graph mutation costs as the graph grows: it should
 //! cost what it touches, not the size of the whole graph.
 //!
 //! The graph holds N independent disks (`backend -> null`). One round
@@ -20,13 +20,16 @@
 //! node and per edge, from the process's resident size.
 //!
 //! Run: `cargo bench --bench graph_scale` (`GRAPH_SCALE_QUICK=1` for a
-//! short run).
+//! short run; `GRAPH_SCALE_MAX_NODES=N` leaves out graphs larger than N
+//! nodes). Figures: `benches/README.md`.
 
 use std::time::{Duration, Instant};
 
 use blockgraph::drivers::{NullDriver, PassthroughFilter};
 use blockgraph::{BackendOptions, ChildRole, MainLoop, NodeHandle};
 use criterion::{criterion_group, criterion_main, Criterion};
+
+mod common;
 
 /// One round on `disk`: (whole round, time inside the two write sections).
 fn round(main: &MainLoop, disk: &NodeHandle) -> (Duration, Duration) {
@@ -86,18 +89,27 @@ fn chain(main: &MainLoop, depth: usize) -> NodeHandle {
     .expect("build the chain")
 }
 
-fn median(mut v: Vec<Duration>) -> Duration {
-    v.sort();
-    v[v.len() / 2]
-}
-
-/// Medians over `rounds` rounds.
-fn measure(main: &MainLoop, disk: &NodeHandle, rounds: usize) -> (Duration, Duration) {
+/// Medians over `rounds` rounds, in µs: (whole round, in write sections).
+fn measure(main: &MainLoop, disk: &NodeHandle, rounds: usize) -> (f64, f64) {
     for _ in 0..rounds / 10 + 1 {
         round(main, disk);
     }
-    let (total, write): (Vec<_>, Vec<_>) = (0..rounds).map(|_| round(main, disk)).unzip();
-    (median(total), median(write))
+    let (total, write): (Vec<_>, Vec<_>) = (0..rounds)
+        .map(|_| {
+            let (total, write) = round(main, disk);
+            (us(total), us(write))
+        })
+        .unzip();
+    (common::median(&total), common::median(&write))
+}
+
+/// `GRAPH_SCALE_MAX_NODES`: the largest graph to build (to run this bench
+/// against an older build whose mutations cost the whole graph).
+fn max_nodes() -> usize {
+    std::env::var("GRAPH_SCALE_MAX_NODES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(usize::MAX)
 }
 
 fn resident_bytes() -> Option<u64> {
@@ -164,67 +176,63 @@ fn memory(quick: bool) {
 
 fn tables(quick: bool) {
     let rounds = if quick { 50 } else { 400 };
-    println!("\ninsert + remove one filter on disk 0 of N independent disks (medians of {rounds} rounds)");
     println!(
-        "{:>8} | {:>12} | {:>8} | {:>18} | {:>8}",
-        "nodes", "round", "ratio", "in write sections", "ratio"
+        "\ninsert + remove one filter on disk 0 of N independent disks \
+         (medians of {rounds} rounds; ratios to the first size)"
     );
+    let mut t = common::Table::new(&[
+        "nodes",
+        "round µs",
+        "ratio",
+        "in write sections µs",
+        "ratio",
+    ])
+    .left_aligned(0);
     let mut base = None;
-    // `GRAPH_SCALE_MAX_NODES` caps the sizes (to run this bench against an
-    // older build whose mutations cost the whole graph).
-    let max: usize = std::env::var("GRAPH_SCALE_MAX_NODES")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(usize::MAX);
     for &n in [100usize, 1_000, 10_000, 100_000]
         .iter()
-        .filter(|&&n| n <= max)
+        .filter(|&&n| n <= max_nodes())
     {
         let main = MainLoop::new().expect("main loop");
         let disk = disks(&main, n);
         let (total, write) = measure(&main, &disk, rounds);
         let (bt, bw) = *base.get_or_insert((total, write));
-        println!(
-            "{:>8} | {:>9.1} µs | {:>7.2}x | {:>15.1} µs | {:>7.2}x",
-            n,
-            us(total),
-            us(total) / us(bt),
-            us(write),
-            us(write) / us(bw)
-        );
+        t.row([
+            n.to_string(),
+            format!("{total:.1}"),
+            format!("{:.2}x", total / bt),
+            format!("{write:.1}"),
+            format!("{:.2}x", write / bw),
+        ]);
         main.shutdown();
     }
+    t.print();
 
     println!(
         "\nthe same round on top of a chain of D filters (what the change touches grows with D)"
     );
-    println!(
-        "{:>8} | {:>12} | {:>18}",
-        "depth", "round", "in write sections"
-    );
+    let mut t = common::Table::new(&["depth", "round µs", "in write sections µs"]).left_aligned(0);
     for &d in &[1usize, 10, 100, 1_000] {
         let main = MainLoop::new().expect("main loop");
         let top = chain(&main, d);
         let (total, write) = measure(&main, &top, rounds.min(100));
-        println!("{:>8} | {:>9.1} µs | {:>15.1} µs", d, us(total), us(write));
+        t.row([d.to_string(), format!("{total:.1}"), format!("{write:.1}")]);
         main.shutdown();
     }
+    t.print();
 }
 
 fn scale(c: &mut Criterion) {
     let quick = std::env::var_os("GRAPH_SCALE_QUICK").is_some();
+    println!("{}", common::machine());
     memory(quick);
-    let max: usize = std::env::var("GRAPH_SCALE_MAX_NODES")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(usize::MAX);
     let mut group = c.benchmark_group("graph_scale_insert_remove_filter");
     if quick {
         group.sample_size(10);
         group.measurement_time(Duration::from_secs(1));
         group.warm_up_time(Duration::from_millis(200));
     }
-    for &n in [100usize, 10_000].iter().filter(|&&n| n <= max) {
+    for &n in [100usize, 10_000].iter().filter(|&&n| n <= max_nodes()) {
         let main = MainLoop::new().expect("main loop");
         let disk = disks(&main, n);
         group.bench_function(format!("{n}_nodes"), |b| {

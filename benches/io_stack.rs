@@ -9,11 +9,12 @@
 //! is 8 MiB so both stacks stay in the CPU caches and the ratio shows the
 //! layer's own cost rather than memory bandwidth.
 //!
-//! Criterion measures each stack on its own; the `ratio` lines come from
-//! batches run alternately (memory, qcow2, memory, …) and give the median
+//! Criterion measures each stack on its own; the table after it comes from
+//! batches run alternately (memory, qcow2, memory, …) and gives the median
 //! of the per-pair ratios, which load on the machine affects least.
 //!
-//! Run: `cargo bench --bench io_stack`.
+//! Run: `cargo bench --bench io_stack` (`-- --quick` for criterion's short
+//! mode; the alternated batches are the same). Figures: `benches/README.md`.
 
 use std::time::{Duration, Instant};
 
@@ -24,6 +25,8 @@ use blockgraph::drivers::{
 };
 use blockgraph::{ChildRole, IoThread, MainLoop, NodeHandle};
 use criterion::{criterion_group, criterion_main, Criterion};
+
+mod common;
 
 const DISK: u64 = 8 << 20;
 const REQ: usize = 4096;
@@ -106,28 +109,6 @@ fn run(io: &IoThread, node: &NodeHandle, write: bool, iters: u64) -> Duration {
     .join()
 }
 
-/// Median time per request of `a` and `b`, and the median of their
-/// ratios, over batches run alternately (so that load on the machine hits
-/// both alike).
-fn paired(io: &IoThread, a: &NodeHandle, b: &NodeHandle, write: bool) -> (f64, f64, f64) {
-    const BATCH: u64 = 20_000;
-    let mut ta = Vec::new();
-    let mut tb = Vec::new();
-    let mut ratios = Vec::new();
-    for _ in 0..9 {
-        let x = run(io, a, write, BATCH).as_secs_f64() / BATCH as f64;
-        let y = run(io, b, write, BATCH).as_secs_f64() / BATCH as f64;
-        ta.push(x);
-        tb.push(y);
-        ratios.push(y / x);
-    }
-    let median = |v: &mut Vec<f64>| {
-        v.sort_by(f64::total_cmp);
-        v[v.len() / 2]
-    };
-    (median(&mut ta), median(&mut tb), median(&mut ratios))
-}
-
 fn qcow2_over_memory(c: &mut Criterion) {
     let s = setup();
     let mut group = c.benchmark_group("qcow2_over_memory");
@@ -141,15 +122,24 @@ fn qcow2_over_memory(c: &mut Criterion) {
     }
     group.finish();
 
-    // The ratios, measured back to back in this run.
+    // The ratios: batches run alternately (memory, qcow2, memory, ...), so
+    // that load on the machine hits both alike.
+    const BATCH: u64 = 20_000;
+    const ROUNDS: usize = 9;
+    println!("\n{}", common::machine());
+    let mut t = common::Table::new(&["4 KiB random, QD1", "memory ns", "qcow2 ns", "qcow2/memory"]);
     for (name, write) in [("read", false), ("write", true)] {
-        let (mem, q, ratio) = paired(&s.io, &s.memory, &s.qcow2, write);
-        println!(
-            "ratio qcow2/memory 4 KiB random {name}: {ratio:.2}x  (memory {:.0} ns, qcow2 {:.0} ns per request)",
-            mem * 1e9,
-            q * 1e9
-        );
+        let per_request = |node| run(&s.io, node, write, BATCH).as_nanos() as f64 / BATCH as f64;
+        let r = common::alternate(ROUNDS, || per_request(&s.memory), || per_request(&s.qcow2));
+        t.row([
+            name.to_string(),
+            format!("{:.0}", common::median(&r.a)),
+            format!("{:.0}", common::median(&r.b)),
+            format!("{:.2}x", r.ratio()),
+        ]);
     }
+    println!("medians of {ROUNDS} alternated batches of {BATCH} requests; ratio: median of per-pair ratios");
+    t.print();
     drop(s.io);
     s.main.shutdown();
 }

@@ -1,5 +1,5 @@
 //! What the layers of an I/O stack cost, measured side by side in one run
-//! and reported as ratios (issue 3's target: a 4 KiB request through
+//! and reported as ratios (the target: a 4 KiB request through
 //! backend → throttle (no limits) → raw → null within 5% of backend → null).
 //!
 //! Both stacks live in one graph and are driven alternately, in batches,
@@ -8,13 +8,17 @@
 //! alike. Node-direct I/O (an `IoRef` on the null node, no backend and no
 //! read lock per request) is shown for reference.
 //!
-//! Run: `cargo bench --bench stack_overhead`.
+//! Run: `cargo bench --bench stack_overhead` (`-- --quick` for criterion's
+//! short mode; the paired batches are the same). Figures:
+//! `benches/README.md`.
 
 use std::time::{Duration, Instant};
 
 use blockgraph::drivers::{NullDriver, RawDriver, ThrottleConfig, ThrottleDriver};
 use blockgraph::{BackendOptions, BlockBackend, ChildRole, IoThread, MainLoop, NodeHandle};
 use criterion::{criterion_group, criterion_main, Criterion};
+
+mod common;
 
 const DISK: u64 = 1 << 30;
 const REQ: usize = 4096;
@@ -100,11 +104,6 @@ fn per_request(d: Duration, n: u64) -> f64 {
     d.as_secs_f64() * 1e9 / n as f64
 }
 
-fn median(v: &mut [f64]) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
-}
-
 fn stack_overhead(c: &mut Criterion) {
     let s = setup();
     let mut group = c.benchmark_group("stack_overhead_read_4k");
@@ -119,21 +118,22 @@ fn stack_overhead(c: &mut Criterion) {
     });
     group.finish();
 
+    // The ratio: batches run alternately (direct, layered, direct, ...), so
+    // that load on the machine hits both alike.
     const BATCH: u64 = 50_000;
-    let (mut direct, mut layered, mut ratios) = (Vec::new(), Vec::new(), Vec::new());
-    for _ in 0..15 {
-        let d = per_request(via_backend(&s.io, &s.direct, BATCH), BATCH);
-        let l = per_request(via_backend(&s.io, &s.layered, BATCH), BATCH);
-        direct.push(d);
-        layered.push(l);
-        ratios.push(l / d);
-    }
+    const ROUNDS: usize = 15;
+    let r = common::alternate(
+        ROUNDS,
+        || per_request(via_backend(&s.io, &s.direct, BATCH), BATCH),
+        || per_request(via_backend(&s.io, &s.layered, BATCH), BATCH),
+    );
+    println!("\n{}", common::machine());
     println!(
         "ratio (backend->throttle->raw->null) / (backend->null), 4 KiB random read, QD1: {:.3}x  \
-         (median {:.0} ns vs {:.0} ns per request, 15 paired batches of {BATCH})",
-        median(&mut ratios),
-        median(&mut layered),
-        median(&mut direct)
+         (median {:.1} ns vs {:.1} ns per request, {ROUNDS} paired batches of {BATCH})",
+        r.ratio(),
+        common::median(&r.b),
+        common::median(&r.a)
     );
     drop(s.io);
     s.main.shutdown();

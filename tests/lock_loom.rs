@@ -1,5 +1,9 @@
 //! Runs the loom models of the graph lock (`src/sync/tests/loom_lock.rs`)
-//! from a plain `cargo test`.
+//! through cargo's test runner:
+//!
+//! ```sh
+//! cargo test --test lock_loom -- --ignored
+//! ```
 //!
 //! The models need the whole crate built with `--cfg loom` (loom's atomics,
 //! mutexes and threads replace std's in `src/sync/primitives.rs`), which a
@@ -7,8 +11,11 @@
 //! `cargo test --lib sync::tests::loom` with `RUSTFLAGS="--cfg loom"` in a
 //! target directory of its own (under this build's `CARGO_TARGET_TMPDIR`),
 //! the way `trybuild` runs its nested builds. The first run builds the
-//! dependencies again (a couple of minutes on 2 cores); the models then take
-//! 15-60 s unoptimised (loom itself is built with `opt-level = 3`).
+//! crate and its dependencies again (a couple of minutes on 2 cores); the
+//! models then take 15-60 s unoptimised (loom itself is built with
+//! `opt-level = 3`). That second build is why the test is `#[ignore]`d: a
+//! plain `cargo test` does not start it, and `.ci/run` runs it explicitly
+//! after `cargo test`.
 //!
 //! Bounds: 3 preemptions, 2 for the three-thread queue model, unless
 //! `LOOM_MAX_PREEMPTIONS` is set, which is passed through. The deeper runs
@@ -28,6 +35,7 @@ use std::process::Command;
 const MODELS: usize = 8;
 
 #[test]
+#[ignore = "builds the crate a second time with --cfg loom (minutes); run it with `cargo test --test lock_loom -- --ignored` (.ci/run does)"]
 fn loom_models_of_the_graph_lock_pass() {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let manifest = Path::new(env!("CARGO_MANIFEST_DIR")).join("Cargo.toml");

@@ -1,107 +1,21 @@
 //! The graph read/write lock, QEMU's `block/graph-lock.c` redone.
 //!
-//! # Protocol
+//! Every I/O context owns a [`ReaderShard`]: reader counters on two cache
+//! lines of their own (counters only the context's owner thread writes, and
+//! one that every other thread updates with a locked RMW), each line with a
+//! copy of the writer flag. A reader updates its own shard, then loads the flag copy
+//! on the line it just wrote, ordered by the [`FenceMode`]'s barrier; it
+//! backs off and queues if the flag is up. The writer raises the flag and
+//! every copy, issues the mode's barrier (`membarrier` in the asymmetric
+//! mode), and waits until the sum over all shards is zero; leaving, it wakes
+//! every queued reader. A writer that waits longer than a threshold reports
+//! through `tracing` which contexts hold readers (and, in debug builds or
+//! with the `lock-diagnostics` feature, where each guard was taken).
 //!
-//! Every I/O context owns a [`ReaderShard`]: counters of the readers inside
-//! the graph through that context, on cache lines of their own, each line
-//! with a copy of the writer flag. A reader bumps only its own shard and
-//! then checks the flag copy on the line it just wrote; no shared cache line
-//! is written (or even read) on the fast path. The writer raises the flag
-//! (the lock's own and every shard's copy, under the shard registry's
-//! mutex, which also initialises the copies of a shard created meanwhile)
-//! and waits until the sum over all shards is zero.
-//!
-//! The two sides form a Dekker pair: the reader does *update its counter,
-//! then load the flag*, the writer does *store the flag, then load the
-//! counters*. With a StoreLoad barrier on both sides at least one sees the
-//! other: either the reader sees the flag (and backs off) or the writer sees
-//! the count (and waits). How the reader's barrier is paid for is the
-//! [`FenceMode`]:
-//!
-//! * **Asymmetric** (Linux `membarrier`, the default where the kernel grants
-//!   it): the reader's barrier is a compiler fence; the writer, after raising
-//!   the flag, calls `membarrier(MEMBARRIER_CMD_PRIVATE_EXPEDITED)`, which
-//!   runs a full barrier on every CPU currently running one of our threads.
-//!   For any reader, that barrier lands somewhere in its program order: if
-//!   it lands before the reader's flag load, the load comes after the
-//!   writer's flag store and sees it; if it lands after the flag load, it is
-//!   also after the counter store (the compiler fence keeps program order),
-//!   which is then visible to every counter load the writer makes after
-//!   `membarrier` returns. Either way one side sees the other, exactly as if
-//!   the compiler fence had been a full fence.
-//! * **Symmetric** (fallback, or forced with `BLOCKGRAPH_LOCK_FENCE=symmetric`):
-//!   the counter update is one `SeqCst` read-modify-write (`lock xadd` on
-//!   x86, itself the StoreLoad barrier) and all four accesses (per shard:
-//!   the reader's update and flag-copy load, the writer's flag-copy store
-//!   and counter load) are `SeqCst`, so the single total order of `SeqCst`
-//!   operations puts the reader's flag load after the writer's flag store or
-//!   the writer's counter load after the reader's update. No `fence(SeqCst)`
-//!   (an `mfence`) is ever issued on the read side.
-//!
-//! # Who may write a counter without a locked instruction
-//!
-//! A plain load-and-store increment is only atomic if no other thread writes
-//! the same word meanwhile. A context's tasks may run on several threads
-//! (an embedder's multi-thread runtime) and a guard may be dropped on a
-//! thread other than the one that took it. So each shard has two counters:
-//!
-//! * `owned`, written *only* by the shard's owner thread, with a plain
-//!   `Relaxed` load and store: a single writer, so no update is lost; other
-//!   threads only load it. The owner is the first thread that takes a read
-//!   lock through the shard in asymmetric mode (claimed once with a
-//!   compare-exchange; thread ids are never reused, so a dead owner's counter
-//!   is simply never written again). An I/O thread's context is owned by
-//!   that thread.
-//! * `foreign`, updated with a `SeqCst` read-modify-write by every other
-//!   thread (and by everyone in symmetric mode), on a line of its own with
-//!   its own flag copy, so foreign readers never touch the owner's line.
-//!
-//! A guard taken on the owner thread and dropped elsewhere adds one to
-//! `owned` and subtracts one from `foreign` (wrapping): only the *sum* of a
-//! shard's words, and of all shards, is the number of readers inside. That
-//! sum is never short while the writer waits: every reader that entered made
-//! its increment visible to the writer (the Dekker argument above), so each
-//! reader contributes one, or zero once its decrement is visible too; a
-//! reader that arrives after the flag backs off on the *same* word it
-//! incremented (same thread), contributing zero or one. No read order of the
-//! two words can therefore produce a false zero.
-//!
-//! A reader leaving updates the counter it is allowed to (by the thread it
-//! is on), orders that before a load of the flag the same way as entering,
-//! and wakes the writer if the flag is up. The writer registers its waker
-//! *before* summing, so a decrement it did not see is followed by a wake-up
-//! it will get: no lost wake-up. Readers that find the flag up park their
-//! waker in a queue under a mutex and re-check the flag under that mutex; the
-//! writer clears the flag (and every copy) *before* taking the mutex to
-//! drain the queue, so a reader either sees the flag down or is in the
-//! queue when it is drained.
-//!
-//! # Contexts that go away
-//!
-//! The registry of shards holds an `Arc` to each. A shard leaves the registry
-//! only when the registry's `Arc` is the last one. Every reader holds an
-//! `Arc` to its shard (through its [`crate::IoTask`]) for as long as it may
-//! be inside the graph, so a count can never vanish from the writer's sum
-//! while a reader it counts is still inside: removing a context with active
-//! readers loses nothing.
-//!
-//! # A writer that waits too long
-//!
-//! Types keep a task from taking the read lock twice or waiting for the
-//! main loop while it holds the lock (rules 9–11), but they see one task at a
-//! time: a task that holds a guard while it awaits *another* task that needs
-//! the lock (a cross-task nested read) deadlocks once a writer is queued
-//! between the two, and no type can say so. The writer therefore reports,
-//! through `tracing` (target `blockgraph::graph_lock`, level WARN), when it
-//! has waited longer than a threshold (1 s by default; the
-//! `BLOCKGRAPH_LOCK_REPORT_MS` environment variable, read when the lock is
-//! made, or [`crate::MainLoop::set_lock_report_after`]), naming every context
-//! that still has readers inside and, in debug builds or with the
-//! `lock-diagnostics` feature, where each live guard was taken, on which
-//! thread and how long ago. It keeps waiting (a reader may simply be slow)
-//! and reports again after twice the time, and so on. A small timer thread,
-//! started the first time a writer has to wait, wakes the writer when a
-//! report is due; none of this touches the readers' fast path.
+//! Why this is correct (the Dekker pair in both fence modes, the owner and
+//! foreign counters, why the writer's sum is never short, the flag copies,
+//! wake-ups, contexts that go away) is argued in `DESIGN.md` §3, and only
+//! there: a change to the protocol changes that section in the same commit.
 
 use std::task::{Context, Poll, Waker};
 #[cfg(not(loom))]
