@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use crate::driver::range_lock::RangeLock;
 use crate::driver::{forward, require_child, Filter};
 use crate::graph::driver::{IoFuture, ResizePermit};
-use crate::graph::proof::RequestRef;
+use crate::graph::proof::{NodeRequest, RequestRef};
 use crate::types::BlockStatus;
 use crate::types::Result;
 use crate::types::{ChildRole, Perm, Permissions};
@@ -61,6 +61,27 @@ impl CopyOnRead {
             self.copied.fetch_add(n as u64, Ordering::Relaxed);
         }
         Ok(n as u64)
+    }
+}
+
+impl CopyOnRead {
+    /// Runs `op` on the image with a plain lock on `[offset, offset +
+    /// len)`: no copy-up writes older data over it meanwhile.
+    fn locked<'a>(
+        &'a self,
+        node: RequestRef<'a>,
+        offset: u64,
+        len: u64,
+        op: impl FnOnce(RequestRef<'a>) -> NodeRequest<'a, ()> + Send + 'a,
+    ) -> IoFuture<'a, ()> {
+        Box::pin(async move {
+            let image = require_child(node, Self::CHILD)?;
+            let _range = self
+                .ranges
+                .lock(offset, offset.saturating_add(len), false)
+                .await;
+            op(image).await
+        })
     }
 }
 
@@ -139,36 +160,19 @@ impl Filter for CopyOnRead {
     }
 
     fn write<'a>(&'a self, node: RequestRef<'a>, offset: u64, buf: &'a [u8]) -> IoFuture<'a, ()> {
-        Box::pin(async move {
-            let image = require_child(node, Self::CHILD)?;
-            let _range = self
-                .ranges
-                .lock(offset, offset.saturating_add(buf.len() as u64), false)
-                .await;
-            image.write(offset, buf).await
+        self.locked(node, offset, buf.len() as u64, move |image| {
+            image.write(offset, buf)
         })
     }
 
     fn write_zeroes<'a>(&'a self, node: RequestRef<'a>, offset: u64, len: u64) -> IoFuture<'a, ()> {
-        Box::pin(async move {
-            let image = require_child(node, Self::CHILD)?;
-            let _range = self
-                .ranges
-                .lock(offset, offset.saturating_add(len), false)
-                .await;
-            image.write_zeroes(offset, len).await
+        self.locked(node, offset, len, move |image| {
+            image.write_zeroes(offset, len)
         })
     }
 
     fn discard<'a>(&'a self, node: RequestRef<'a>, offset: u64, len: u64) -> IoFuture<'a, ()> {
-        Box::pin(async move {
-            let image = require_child(node, Self::CHILD)?;
-            let _range = self
-                .ranges
-                .lock(offset, offset.saturating_add(len), false)
-                .await;
-            image.discard(offset, len).await
-        })
+        self.locked(node, offset, len, move |image| image.discard(offset, len))
     }
 
     /// Passes the resize to the filtered child, through the check that
