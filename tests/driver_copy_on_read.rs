@@ -10,9 +10,11 @@ use std::time::Duration;
 use blockgraph::drivers::CopyOnRead;
 use blockgraph::{
     driver::{BlockDriver, BlockStatus, IoFuture},
-    BackendOptions, BlockBackend, ChildRole, Error, IoThread, MainLoop, NodeHandle, Permissions,
-    RequestRef,
+    BackendOptions, ChildRole, Error, Permissions, RequestRef,
 };
+
+mod common;
+use common::{add_alone, Rig, Stack};
 
 const SECTOR: u64 = 512;
 
@@ -150,76 +152,26 @@ impl BlockDriver for Overlay {
     }
 }
 
-struct Chain {
-    main: MainLoop,
-    io: IoThread,
-    top: NodeHandle,
-    cor: NodeHandle,
-    blk: BlockBackend,
+/// backend -> copy-on-read `cor` -> overlay `top` -> ...`below` (each the
+/// backing of the previous, `base0` first).
+fn chain(top: Overlay, below: Vec<Overlay>) -> Rig {
+    let mut stack = Stack::new();
+    for (i, o) in below.into_iter().enumerate().rev() {
+        stack = stack.above(ChildRole::Backing, format!("base{i}"), o);
+    }
+    stack
+        .above(ChildRole::Backing, "top", top)
+        .above(ChildRole::Filtered, "cor", CopyOnRead::new())
+        .build()
 }
 
-/// backend -> copy-on-read -> top (overlay) -> ...`below` (each the
-/// backing of the previous).
-fn chain(top: Overlay, below: Vec<Overlay>) -> Chain {
-    let main = MainLoop::new().unwrap();
-    let io = main.new_io_thread("io0").unwrap();
-    let (top, cor, blk) = main
-        .run(move |bql| {
-            bql.write(|w| {
-                let mut backing: Option<NodeHandle> = None;
-                for (i, o) in below.into_iter().enumerate().rev() {
-                    let children: Vec<_> =
-                        backing.iter().map(|b| (ChildRole::Backing, b)).collect();
-                    backing = Some(w.add_node(&format!("base{i}"), o, &children)?);
-                }
-                let children: Vec<_> = backing.iter().map(|b| (ChildRole::Backing, b)).collect();
-                let top = w.add_node("top", top, &children)?;
-                let cor = w.add_node("cor", CopyOnRead::new(), &[(ChildRole::Filtered, &top)])?;
-                let blk = w.add_backend("vda", &cor, BackendOptions::default())?;
-                Ok::<_, Error>((top, cor, blk))
-            })
-        })
-        .unwrap();
-    Chain {
-        main,
-        io,
-        top,
-        cor,
-        blk,
-    }
+/// Runs `f` on the `top` overlay's driver.
+fn on_top<R: Send + 'static>(c: &Rig, f: impl FnOnce(&Overlay) -> R + Send + 'static) -> R {
+    c.driver("top", f)
 }
 
-impl Chain {
-    fn read(&self, offset: u64, len: usize) -> Result<Vec<u8>, Error> {
-        let blk = self.blk.clone();
-        self.io
-            .spawn(move |mut cx| async move {
-                let mut buf = vec![0xEE; len];
-                blk.read(&mut cx, offset, &mut buf).await.map(|_| buf)
-            })
-            .join()
-    }
-
-    fn top<R: Send + 'static>(&self, f: impl FnOnce(&Overlay) -> R + Send + 'static) -> R {
-        let top = self.top.clone();
-        self.main
-            .run(move |bql| f(top.gs(bql).driver_as::<Overlay>().unwrap()))
-    }
-
-    fn copied(&self) -> u64 {
-        let cor = self.cor.clone();
-        self.main.run(move |bql| {
-            cor.gs(bql)
-                .driver_as::<CopyOnRead>()
-                .unwrap()
-                .bytes_copied()
-        })
-    }
-
-    fn finish(self) {
-        drop(self.io);
-        self.main.shutdown();
-    }
+fn copied(c: &Rig) -> u64 {
+    c.driver("cor", CopyOnRead::bytes_copied)
 }
 
 const SIZE: u64 = 1 << 20;
@@ -232,15 +184,17 @@ fn reads_copy_up_what_the_backing_chain_stores() {
     assert!(data[..65536].iter().all(|&b| b == 7));
     assert!(data[65536..].iter().all(|&b| b == 0));
     // Only what the base stores was copied; the rest stays unallocated.
-    assert!(c.top(|t| t.allocated(0, 65536)).iter().all(|&a| a));
-    assert!(c.top(|t| t.allocated(65536, 65536)).iter().all(|&a| !a));
-    assert_eq!(c.top(|t| t.stored(0, 65536)), vec![7; 65536]);
-    assert_eq!(c.copied(), 65536);
+    assert!(on_top(&c, |t| t.allocated(0, 65536)).iter().all(|&a| a));
+    assert!(on_top(&c, |t| t.allocated(65536, 65536))
+        .iter()
+        .all(|&a| !a));
+    assert_eq!(on_top(&c, |t| t.stored(0, 65536)), vec![7; 65536]);
+    assert_eq!(copied(&c), 65536);
     // A second read is served by the top alone: nothing more is copied.
-    let writes = c.top(|t| t.writes.load(Ordering::SeqCst));
+    let writes = on_top(&c, |t| t.writes.load(Ordering::SeqCst));
     assert_eq!(c.read(0, 131072).unwrap(), data);
-    assert_eq!(c.copied(), 65536);
-    assert_eq!(c.top(|t| t.writes.load(Ordering::SeqCst)), writes);
+    assert_eq!(copied(&c), 65536);
+    assert_eq!(on_top(&c, |t| t.writes.load(Ordering::SeqCst)), writes);
     c.finish();
 }
 
@@ -259,8 +213,8 @@ fn copy_up_reaches_down_a_three_deep_chain_and_skips_allocated_parts() {
     assert!(data[3072..4096].iter().all(|&b| b == 1));
     assert!(data[4096..8192].iter().all(|&b| b == 0));
     assert!(data[8192..12288].iter().all(|&b| b == 2));
-    assert_eq!(c.copied(), 4096 - 1024 + 4096);
-    assert_eq!(c.top(|t| t.stored(0, 12288)), data[..12288]);
+    assert_eq!(copied(&c), 4096 - 1024 + 4096);
+    assert_eq!(on_top(&c, |t| t.stored(0, 12288)), data[..12288]);
     c.finish();
 }
 
@@ -292,7 +246,7 @@ fn guest_writes_racing_copy_ups_are_never_overwritten() {
         t.join().unwrap();
     }
     for i in 0..CLUSTERS {
-        let stored = c.top(move |t| t.stored(i * 4096 + 512, 1024));
+        let stored = on_top(&c, move |t| t.stored(i * 4096 + 512, 1024));
         assert_eq!(
             stored,
             vec![9; 1024],
@@ -314,18 +268,18 @@ fn a_failed_copy_up_fails_the_read() {
         matches!(&err, Error::Io(e) if e.raw_os_error() == Some(28)),
         "{err}"
     );
-    assert_eq!(c.copied(), 0);
+    assert_eq!(copied(&c), 0);
     // Once writes work again, the same read copies up.
-    c.top(|t| t.fail_writes.store(false, Ordering::SeqCst));
+    on_top(&c, |t| t.fail_writes.store(false, Ordering::SeqCst));
     assert_eq!(c.read(0, 4096).unwrap(), vec![5; 4096]);
-    assert_eq!(c.copied(), 4096);
+    assert_eq!(copied(&c), 4096);
     c.finish();
 }
 
 #[test]
 fn the_filter_takes_write_unchanged_and_keeps_other_writers_out() {
     let c = chain(Overlay::new(SIZE), vec![Overlay::new(SIZE)]);
-    let top = c.top.clone();
+    let top = c.node("top");
     let (taken, err) = c.main.run(move |bql| {
         let taken = top.gs(bql).parent_permissions();
         let err = bql
@@ -339,7 +293,7 @@ fn the_filter_takes_write_unchanged_and_keeps_other_writers_out() {
     );
     assert!(matches!(err, Error::PermissionConflict { .. }), "{err}");
     // A reader that tolerates writers is fine.
-    let top = c.top.clone();
+    let top = c.node("top");
     c.main
         .run(move |bql| {
             bql.write(|w| {
@@ -356,10 +310,7 @@ fn the_filter_takes_write_unchanged_and_keeps_other_writers_out() {
 
 #[test]
 fn a_copy_on_read_node_needs_a_filtered_child() {
-    let main = MainLoop::new().unwrap();
-    let err = main
-        .run(|bql| bql.write(|w| w.add_node("cor", CopyOnRead::new(), &[])))
-        .unwrap_err();
+    let err = add_alone("cor", CopyOnRead::new());
     assert!(
         matches!(
             err,
@@ -370,53 +321,26 @@ fn a_copy_on_read_node_needs_a_filtered_child() {
         ),
         "{err}"
     );
-    main.shutdown();
 }
 
 /// Inserted live above an image in use: from then on the guest's reads
 /// populate it.
 #[test]
 fn inserted_live_it_starts_populating() {
-    let main = MainLoop::new().unwrap();
-    let io = main.new_io_thread("io0").unwrap();
-    let (top, blk) = main
-        .run(|bql| {
-            bql.write(|w| {
-                let base = w.add_node("base", Overlay::new(SIZE).with_data(0, &[4; 8192]), &[])?;
-                let top = w.add_node("top", Overlay::new(SIZE), &[(ChildRole::Backing, &base)])?;
-                let blk = w.add_backend("vda", &top, BackendOptions::default())?;
-                Ok::<_, Error>((top, blk))
-            })
+    let s = Stack::new()
+        .node("base", Overlay::new(SIZE).with_data(0, &[4; 8192]))
+        .above(ChildRole::Backing, "top", Overlay::new(SIZE))
+        .build();
+    assert_eq!(s.read(0, 8192).unwrap(), vec![4; 8192]);
+    assert!(!on_top(&s, |t| t.allocated(0, 8192)[0]));
+    let t = s.node("top");
+    s.main
+        .run(move |bql| {
+            let drained = bql.drain(&t);
+            bql.write(|w| w.insert_filter(&drained, "cor", CopyOnRead::new()))
         })
         .unwrap();
-    let read = |blk: BlockBackend| {
-        io.spawn(move |mut cx| async move {
-            let mut buf = vec![0; 8192];
-            blk.read(&mut cx, 0, &mut buf).await.map(|_| buf)
-        })
-        .join()
-        .unwrap()
-    };
-    assert_eq!(read(blk.clone()), vec![4; 8192]);
-    let t = top.clone();
-    assert!(
-        main.run(move |bql| { !t.gs(bql).driver_as::<Overlay>().unwrap().allocated(0, 8192)[0] })
-    );
-    let t = top.clone();
-    main.run(move |bql| {
-        let drained = bql.drain(&t);
-        bql.write(|w| w.insert_filter(&drained, "cor", CopyOnRead::new()))
-    })
-    .unwrap();
-    assert_eq!(read(blk), vec![4; 8192]);
-    assert!(main.run(move |bql| {
-        top.gs(bql)
-            .driver_as::<Overlay>()
-            .unwrap()
-            .allocated(0, 8192)
-            .iter()
-            .all(|&a| a)
-    }));
-    drop(io);
-    main.shutdown();
+    assert_eq!(s.read(0, 8192).unwrap(), vec![4; 8192]);
+    assert!(on_top(&s, |t| t.allocated(0, 8192).iter().all(|&a| a)));
+    s.finish();
 }

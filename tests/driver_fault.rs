@@ -7,73 +7,26 @@ use blockgraph::drivers::{
     FaultAction, FaultController, FaultInjector, FaultOp, FaultRule, MemoryDriver, RawDriver,
     ThrottleDriver, ThrottleGroup,
 };
-use blockgraph::{BackendOptions, BlockBackend, ChildRole, Error, IoThread, MainLoop, NodeHandle};
+use blockgraph::{ChildRole, Error};
+
+mod common;
+use common::{add_alone, Rig, Stack};
 
 const SIZE: u64 = 1 << 20;
 
-struct Stack {
-    main: MainLoop,
-    io: IoThread,
-    disk: NodeHandle,
-    fault: NodeHandle,
-    ctl: FaultController,
-    blk: BlockBackend,
-}
-
-/// backend -> fault -> memory.
-fn stack() -> Stack {
-    let main = MainLoop::new().unwrap();
-    let io = main.new_io_thread("io0").unwrap();
+/// backend -> fault -> memory `disk`, and the fault filter's controller.
+fn stack() -> (Rig, FaultController) {
     let injector = FaultInjector::new();
     let ctl = injector.controller();
-    let (disk, fault, blk) = main
-        .run(move |bql| {
-            bql.write(|w| {
-                let disk = w.add_node("disk", MemoryDriver::new(SIZE), &[])?;
-                let fault = w.add_node("fault", injector, &[(ChildRole::Filtered, &disk)])?;
-                let blk = w.add_backend("vda", &fault, BackendOptions::default())?;
-                Ok::<_, Error>((disk, fault, blk))
-            })
-        })
-        .unwrap();
-    Stack {
-        main,
-        io,
-        disk,
-        fault,
-        ctl,
-        blk,
-    }
+    let rig = Stack::new()
+        .node("disk", MemoryDriver::new(SIZE))
+        .above(ChildRole::Filtered, "fault", injector)
+        .build();
+    (rig, ctl)
 }
 
-impl Stack {
-    fn write(&self, offset: u64, data: Vec<u8>) -> Result<(), Error> {
-        let blk = self.blk.clone();
-        self.io
-            .spawn(move |mut cx| async move { blk.write(&mut cx, offset, &data).await })
-            .join()
-    }
-
-    fn read(&self, offset: u64, len: usize) -> Result<Vec<u8>, Error> {
-        let blk = self.blk.clone();
-        self.io
-            .spawn(move |mut cx| async move {
-                let mut buf = vec![0; len];
-                blk.read(&mut cx, offset, &mut buf).await.map(|_| buf)
-            })
-            .join()
-    }
-
-    fn disk(&self) -> Vec<u8> {
-        let disk = self.disk.clone();
-        self.main
-            .run(move |bql| disk.gs(bql).driver_as::<MemoryDriver>().unwrap().contents())
-    }
-
-    fn finish(self) {
-        drop(self.io);
-        self.main.shutdown();
-    }
+fn disk(s: &Rig) -> Vec<u8> {
+    s.driver("disk", MemoryDriver::contents)
 }
 
 fn errno(err: &Error) -> Option<i32> {
@@ -85,13 +38,12 @@ fn errno(err: &Error) -> Option<i32> {
 
 #[test]
 fn the_nth_write_fails_with_eio_and_never_reaches_the_disk() {
-    let s = stack();
-    let rule = s
-        .ctl
+    let (s, ctl) = stack();
+    let rule = ctl
         .add_rule(FaultRule::new(FaultOp::Write, FaultAction::EIO).nth(3))
         .unwrap();
     let results: Vec<_> = (0..5u64)
-        .map(|i| s.write(i * 4096, vec![i as u8 + 1; 4096]))
+        .map(|i| s.write(i * 4096, &[i as u8 + 1; 4096]))
         .collect();
     for (i, r) in results.iter().enumerate() {
         if i == 2 {
@@ -101,9 +53,9 @@ fn the_nth_write_fails_with_eio_and_never_reaches_the_disk() {
             r.as_ref().unwrap();
         }
     }
-    assert_eq!(s.ctl.fired(rule), 1);
-    assert_eq!(s.ctl.failed(), 1);
-    let disk = s.disk();
+    assert_eq!(ctl.fired(rule), 1);
+    assert_eq!(ctl.failed(), 1);
+    let disk = disk(&s);
     for i in 0..5usize {
         let expect = if i == 2 { 0 } else { i as u8 + 1 };
         assert!(
@@ -118,16 +70,15 @@ fn the_nth_write_fails_with_eio_and_never_reaches_the_disk() {
 
 #[test]
 fn a_range_rule_fails_only_requests_that_touch_the_range() {
-    let s = stack();
-    s.ctl
-        .add_rule(FaultRule::new(FaultOp::Write, FaultAction::ENOSPC).in_range(65536, 65536))
+    let (s, ctl) = stack();
+    ctl.add_rule(FaultRule::new(FaultOp::Write, FaultAction::ENOSPC).in_range(65536, 65536))
         .unwrap();
-    s.write(0, vec![1; 65536]).unwrap();
-    s.write(131072, vec![1; 4096]).unwrap();
-    let err = s.write(61440, vec![1; 8192]).unwrap_err();
+    s.write(0, &[1; 65536]).unwrap();
+    s.write(131072, &[1; 4096]).unwrap();
+    let err = s.write(61440, &[1; 8192]).unwrap_err();
     assert_eq!(errno(&err), Some(libc::ENOSPC));
     assert!(matches!(&err, Error::Io(e) if e.kind() == std::io::ErrorKind::StorageFull));
-    assert!(s.write(131071, vec![1]).is_err(), "the last byte is inside");
+    assert!(s.write(131071, &[1]).is_err(), "the last byte is inside");
     // Reads of the range are fine.
     s.read(65536, 4096).unwrap();
     s.finish();
@@ -135,25 +86,25 @@ fn a_range_rule_fails_only_requests_that_touch_the_range() {
 
 #[test]
 fn rules_change_at_run_time_from_any_thread() {
-    let s = stack();
-    s.write(0, vec![1; 512]).unwrap();
-    let ctl = s.ctl.clone();
+    let (s, ctl) = stack();
+    s.write(0, &[1; 512]).unwrap();
+    let ctl2 = ctl.clone();
     let id = std::thread::spawn(move || {
-        ctl.add_rule(FaultRule::new(FaultOp::Any, FaultAction::EIO))
+        ctl2.add_rule(FaultRule::new(FaultOp::Any, FaultAction::EIO))
             .unwrap()
     })
     .join()
     .unwrap();
-    assert!(s.write(0, vec![2; 512]).is_err());
+    assert!(s.write(0, &[2; 512]).is_err());
     assert!(s.read(0, 512).is_err());
     let blk = s.blk.clone();
     let flush =
         s.io.spawn(move |mut cx| async move { blk.flush(&mut cx).await })
             .join();
     assert_eq!(errno(&flush.unwrap_err()), Some(libc::EIO));
-    assert_eq!(s.ctl.fired(id), 3);
+    assert_eq!(ctl.fired(id), 3);
     // Through the driver on the main loop, too.
-    let fault = s.fault.clone();
+    let fault = s.node("fault");
     let removed = s.main.run(move |bql| {
         fault
             .gs(bql)
@@ -172,9 +123,8 @@ fn rules_change_at_run_time_from_any_thread() {
 
 #[test]
 fn times_and_after_bound_when_a_rule_fires() {
-    let s = stack();
-    let id = s
-        .ctl
+    let (s, ctl) = stack();
+    let id = ctl
         .add_rule(
             FaultRule::new(FaultOp::Read, FaultAction::EIO)
                 .after(2)
@@ -183,7 +133,7 @@ fn times_and_after_bound_when_a_rule_fires() {
         .unwrap();
     let outcomes: Vec<bool> = (0..6).map(|_| s.read(0, 512).is_ok()).collect();
     assert_eq!(outcomes, [true, true, false, false, true, true]);
-    assert_eq!(s.ctl.fired(id), 2);
+    assert_eq!(ctl.fired(id), 2);
     s.finish();
 }
 
@@ -192,16 +142,15 @@ fn times_and_after_bound_when_a_rule_fires() {
 /// write that reported success is on the disk.
 #[test]
 fn drains_wait_for_delayed_requests_and_nothing_is_lost() {
-    let s = stack();
-    s.ctl
-        .add_rule(
-            FaultRule::new(
-                FaultOp::Write,
-                FaultAction::Delay(Duration::from_millis(300)),
-            )
-            .in_range(0, 4096),
+    let (s, ctl) = stack();
+    ctl.add_rule(
+        FaultRule::new(
+            FaultOp::Write,
+            FaultAction::Delay(Duration::from_millis(300)),
         )
-        .unwrap();
+        .in_range(0, 4096),
+    )
+    .unwrap();
     let blk = s.blk.clone();
     let slow =
         s.io.spawn(move |mut cx| async move { blk.write(&mut cx, 0, &[7; 4096]).await });
@@ -212,7 +161,7 @@ fn drains_wait_for_delayed_requests_and_nothing_is_lost() {
     // The write issued during the drain is a task of the I/O thread's
     // context polled on a plain thread (an IoTask never leaves its task).
     let ctx = s.io.context().clone();
-    let (fault, blk) = (s.fault.clone(), s.blk.clone());
+    let (fault, blk) = (s.node("fault"), s.blk.clone());
     let (waited, queued) = s.main.run(move |bql| {
         let drained = bql.drain(&fault);
         let waited = started.elapsed();
@@ -240,7 +189,7 @@ fn drains_wait_for_delayed_requests_and_nothing_is_lost() {
         "drain returned early: {waited:?}"
     );
     assert!(queued >= 1, "the request during the drain queued");
-    let disk = s.disk();
+    let disk = disk(&s);
     assert!(disk[..4096].iter().all(|&b| b == 7));
     assert!(disk[8192..12288].iter().all(|&b| b == 8));
     s.finish();
@@ -252,11 +201,10 @@ fn drains_wait_for_delayed_requests_and_nothing_is_lost() {
 /// failure.
 #[test]
 fn under_random_failures_callers_see_every_error_and_the_disk_every_success() {
-    let s = stack();
+    let (s, ctl) = stack();
     // Fails the 5th, 10th, 15th... write: one rule per hit.
     for n in (5..=200).step_by(5) {
-        s.ctl
-            .add_rule(FaultRule::new(FaultOp::Write, FaultAction::EIO).nth(n))
+        ctl.add_rule(FaultRule::new(FaultOp::Write, FaultAction::EIO).nth(n))
             .unwrap();
     }
     let io1 = s.main.new_io_thread("io1").unwrap();
@@ -272,7 +220,7 @@ fn under_random_failures_callers_see_every_error_and_the_disk_every_success() {
             })
         })
         .collect();
-    let fault = s.fault.clone();
+    let fault = s.node("fault");
     s.main.run(move |bql| drop(bql.drain(&fault)));
     let ok: Vec<bool> = tasks.into_iter().map(|t| t.join()).collect();
     assert_eq!(
@@ -280,8 +228,8 @@ fn under_random_failures_callers_see_every_error_and_the_disk_every_success() {
         40,
         "every rule fired once"
     );
-    assert_eq!(s.ctl.failed(), 40);
-    let disk = s.disk();
+    assert_eq!(ctl.failed(), 40);
+    let disk = disk(&s);
     for (i, succeeded) in ok.iter().enumerate() {
         let block = &disk[i * 4096..(i + 1) * 4096];
         let expect = if *succeeded { (i % 250) as u8 + 1 } else { 0 };
@@ -299,31 +247,21 @@ fn under_random_failures_callers_see_every_error_and_the_disk_every_success() {
 /// node's own offsets (the raw window shifts them).
 #[test]
 fn errors_propagate_through_a_whole_stack() {
-    let main = MainLoop::new().unwrap();
-    let io = main.new_io_thread("io0").unwrap();
     let injector = FaultInjector::new();
     injector
         .add_rule(FaultRule::new(FaultOp::Read, FaultAction::ENOSPC).in_range(65536 + 4096, 512))
         .unwrap();
-    let blk = main
-        .run(move |bql| {
-            bql.write(|w| {
-                let disk = w.add_node("disk", MemoryDriver::new(SIZE), &[])?;
-                let fault = w.add_node("fault", injector, &[(ChildRole::Filtered, &disk)])?;
-                let raw = RawDriver::with_window(65536, Some(65536))?;
-                let raw = w.add_node("raw", raw, &[(ChildRole::File, &fault)])?;
-                let group = ThrottleGroup::new("g", Default::default())?;
-                let thr = w.add_node(
-                    "thr",
-                    ThrottleDriver::new(group),
-                    &[(ChildRole::Filtered, &raw)],
-                )?;
-                w.add_backend("vda", &thr, BackendOptions::default())
-            })
-        })
-        .unwrap();
-    let (hit, miss) = io
-        .spawn(move |mut cx| async move {
+    let raw = RawDriver::with_window(65536, Some(65536)).unwrap();
+    let group = ThrottleGroup::new("g", Default::default()).unwrap();
+    let s = Stack::new()
+        .node("disk", MemoryDriver::new(SIZE))
+        .above(ChildRole::Filtered, "fault", injector)
+        .above(ChildRole::File, "raw", raw)
+        .above(ChildRole::Filtered, "thr", ThrottleDriver::new(group))
+        .build();
+    let blk = s.blk.clone();
+    let (hit, miss) =
+        s.io.spawn(move |mut cx| async move {
             let mut buf = vec![0; 512];
             let hit = blk.read(&mut cx, 4096, &mut buf).await;
             let miss = blk.read(&mut cx, 8192, &mut buf).await;
@@ -332,8 +270,7 @@ fn errors_propagate_through_a_whole_stack() {
         .join();
     assert_eq!(errno(&hit.unwrap_err()), Some(libc::ENOSPC));
     miss.unwrap();
-    drop(io);
-    main.shutdown();
+    s.finish();
 }
 
 #[test]
@@ -392,10 +329,6 @@ fn bad_rules_are_refused_with_clear_errors() {
         let err = FaultRule::from_options(bad).unwrap_err();
         assert!(err.to_string().contains(expect), "{bad:?}: {err}");
     }
-    let main = MainLoop::new().unwrap();
-    let err = main
-        .run(|bql| bql.write(|w| w.add_node("fault", FaultInjector::new(), &[])))
-        .unwrap_err();
+    let err = add_alone("fault", FaultInjector::new());
     assert!(matches!(err, Error::NoSuchChild { .. }), "{err}");
-    main.shutdown();
 }

@@ -5,87 +5,22 @@ use std::path::Path;
 use std::time::Duration;
 
 use blockgraph::drivers::{FileDriver, FileOptions};
-use blockgraph::{
-    driver::BlockStatus, BackendOptions, BlockBackend, Error, IoThread, MainLoop, NodeHandle, Perm,
-};
+use blockgraph::{driver::BlockStatus, BackendOptions, Error, Perm};
 
-struct Setup {
-    main: MainLoop,
-    io: IoThread,
-    node: NodeHandle,
-    blk: BlockBackend,
+mod common;
+use common::{Rig, Stack};
+
+/// backend `vda` -> file `file0`.
+fn setup(driver: FileDriver) -> Rig {
+    Stack::new().node("file0", driver).build()
 }
 
-impl Setup {
-    fn new(driver: FileDriver) -> Setup {
-        Self::with_perms(driver, BackendOptions::default())
-    }
-
-    fn with_perms(driver: FileDriver, options: BackendOptions) -> Setup {
-        let main = MainLoop::new().unwrap();
-        let io = main.new_io_thread("io0").unwrap();
-        let (node, blk) = main
-            .run(move |bql| {
-                bql.write(|w| {
-                    let node = w.add_node("file0", driver, &[])?;
-                    let blk = w.add_backend("vda", &node, options)?;
-                    Ok::<_, Error>((node, blk))
-                })
-            })
-            .unwrap();
-        Setup {
-            main,
-            io,
-            node,
-            blk,
-        }
-    }
-
-    fn write(&self, offset: u64, data: &[u8]) -> Result<(), Error> {
-        let (blk, data) = (self.blk.clone(), data.to_vec());
-        self.io
-            .spawn(move |mut cx| async move { blk.write(&mut cx, offset, &data).await })
-            .join()
-    }
-
-    fn read(&self, offset: u64, len: usize) -> Result<Vec<u8>, Error> {
-        let blk = self.blk.clone();
-        self.io
-            .spawn(move |mut cx| async move {
-                let mut buf = vec![0xEEu8; len];
-                blk.read(&mut cx, offset, &mut buf).await.map(|_| buf)
-            })
-            .join()
-    }
-
-    /// Runs `f` on the node directly (no backend checks), under a read guard.
-    fn on_node<T: Send + 'static>(
-        &self,
-        f: impl for<'r> FnOnce(blockgraph::IoRef<'r>) -> blockgraph::driver::IoFuture<'r, T>
-            + Send
-            + 'static,
-    ) -> Result<T, Error> {
-        let node = self.node.clone();
-        self.io
-            .spawn(move |mut cx| async move {
-                let guard = cx.read().await;
-                f(node.io(&guard)).await
-            })
-            .join()
-    }
-
-    /// Resizes through the backend (which must take `Perm::RESIZE`).
-    fn truncate(&self, size: u64) -> Result<(), Error> {
-        let blk = self.blk.clone();
-        self.io
-            .spawn(move |mut cx| async move { blk.truncate(&mut cx, size).await })
-            .join()
-    }
-
-    fn finish(self) {
-        drop(self.io);
-        self.main.shutdown();
-    }
+/// The same, with the backend taking `options`.
+fn setup_with(driver: FileDriver, options: BackendOptions) -> Rig {
+    Stack::new()
+        .node("file0", driver)
+        .backend_options(options)
+        .build()
 }
 
 fn image(dir: &Path, name: &str, size: u64) -> std::path::PathBuf {
@@ -110,7 +45,7 @@ fn pattern(len: usize, seed: u8) -> Vec<u8> {
 fn writes_reach_the_file_and_read_back() {
     let dir = tempfile::tempdir().unwrap();
     let path = image(dir.path(), "a.img", 1 << 20);
-    let s = Setup::new(FileDriver::open(&path, FileOptions::default()).unwrap());
+    let s = setup(FileDriver::open(&path, FileOptions::default()).unwrap());
     let data = pattern(8192, 1);
     s.write(4096, &data).unwrap();
     assert_eq!(s.read(4096, 8192).unwrap(), data);
@@ -128,9 +63,9 @@ fn writes_reach_the_file_and_read_back() {
 fn reads_past_the_end_are_zeroes_and_writes_past_it_grow_the_file() {
     let dir = tempfile::tempdir().unwrap();
     let path = image(dir.path(), "grow.img", 1000);
-    let s = Setup::new(FileDriver::open(&path, FileOptions::default()).unwrap());
+    let s = setup(FileDriver::open(&path, FileOptions::default()).unwrap());
     let tail = s
-        .on_node(|n| {
+        .on_node("file0", |n| {
             Box::pin(async move {
                 let mut buf = vec![0xAAu8; 100];
                 n.read(950, &mut buf).await.map(|_| buf)
@@ -141,10 +76,12 @@ fn reads_past_the_end_are_zeroes_and_writes_past_it_grow_the_file() {
         tail.iter().all(|&b| b == 0),
         "bytes past the end read as zero"
     );
-    s.on_node(|n| Box::pin(async move { n.write(5000, b"grown").await }))
-        .unwrap();
+    s.on_node("file0", |n| {
+        Box::pin(async move { n.write(5000, b"grown").await })
+    })
+    .unwrap();
     assert_eq!(
-        s.on_node(|n| Box::pin(async move { n.length().await }))
+        s.on_node("file0", |n| Box::pin(async move { n.length().await }))
             .unwrap(),
         5005
     );
@@ -156,7 +93,7 @@ fn reads_past_the_end_are_zeroes_and_writes_past_it_grow_the_file() {
 fn truncate_grows_and_shrinks() {
     let dir = tempfile::tempdir().unwrap();
     let path = image(dir.path(), "t.img", 4096);
-    let s = Setup::with_perms(
+    let s = setup_with(
         FileDriver::open(&path, FileOptions::default()).unwrap(),
         BackendOptions::resizable(),
     );
@@ -178,11 +115,13 @@ fn truncate_grows_and_shrinks() {
 fn discard_punches_holes_and_write_zeroes_zeroes() {
     let dir = tempfile::tempdir().unwrap();
     let path = image(dir.path(), "sparse.img", 1 << 20);
-    let s = Setup::new(FileDriver::open(&path, FileOptions::default()).unwrap());
+    let s = setup(FileDriver::open(&path, FileOptions::default()).unwrap());
     s.write(0, &[1u8; 256 << 10]).unwrap();
     let status = |off, len| {
-        s.on_node(move |n| Box::pin(async move { n.block_status(off, len).await }))
-            .unwrap()
+        s.on_node("file0", move |n| {
+            Box::pin(async move { n.block_status(off, len).await })
+        })
+        .unwrap()
     };
     assert_eq!(status(0, 4096).0, BlockStatus::Data);
     assert_eq!(
@@ -211,8 +150,10 @@ fn discard_punches_holes_and_write_zeroes_zeroes() {
     assert!(head[1100..].iter().all(|&b| b == 1));
 
     // Zeroing past the end grows the file, like a write.
-    s.on_node(|n| Box::pin(async move { n.write_zeroes(1 << 20, 8192).await }))
-        .unwrap();
+    s.on_node("file0", |n| {
+        Box::pin(async move { n.write_zeroes(1 << 20, 8192).await })
+    })
+    .unwrap();
     assert_eq!(std::fs::metadata(&path).unwrap().len(), (1 << 20) + 8192);
     s.finish();
 }
@@ -226,7 +167,7 @@ fn read_only_files_refuse_changes_but_flush() {
         ..FileOptions::default()
     };
     // A reader that may resize: the permission is there, the file refuses.
-    let s = Setup::with_perms(
+    let s = setup_with(
         FileDriver::open(&path, ro).unwrap(),
         BackendOptions::with_perms(blockgraph::Permissions {
             take: Perm::CONSISTENT_READ | Perm::RESIZE,
@@ -238,7 +179,7 @@ fn read_only_files_refuse_changes_but_flush() {
         let err = if op == 3 {
             s.truncate(0).unwrap_err()
         } else {
-            s.on_node(move |n| {
+            s.on_node("file0", move |n| {
                 Box::pin(async move {
                     match op {
                         0 => n.write(0, &[1; 512]).await,
@@ -254,7 +195,7 @@ fn read_only_files_refuse_changes_but_flush() {
             "{err}"
         );
     }
-    s.on_node(|n| Box::pin(async move { n.flush().await }))
+    s.on_node("file0", |n| Box::pin(async move { n.flush().await }))
         .unwrap();
     assert_eq!(std::fs::read(&path).unwrap(), vec![0; 65536]);
     s.finish();
@@ -375,12 +316,12 @@ fn a_second_writer_is_refused_with_a_lock_error() {
 fn locks_are_released_when_the_node_leaves_the_graph() {
     let dir = tempfile::tempdir().unwrap();
     let path = image(dir.path(), "graph.img", 65536);
-    let s = Setup::new(FileDriver::open(&path, FileOptions::default()).unwrap());
+    let s = setup(FileDriver::open(&path, FileOptions::default()).unwrap());
     assert!(matches!(
         FileDriver::open(&path, FileOptions::default()),
         Err(Error::Locked { .. })
     ));
-    let (node, blk) = (s.node.clone(), s.blk.clone());
+    let (node, blk) = (s.node("file0"), s.blk.clone());
     s.main
         .run(move |bql| {
             bql.write(|w| w.remove_backend(&blk))?;
@@ -388,13 +329,13 @@ fn locks_are_released_when_the_node_leaves_the_graph() {
             bql.write(|w| w.remove_node(&drained))
         })
         .unwrap();
-    let Setup {
+    let Rig {
         main,
         io,
-        node,
+        nodes,
         blk,
     } = s;
-    drop((node, blk, io));
+    drop((nodes, blk, io));
     main.shutdown();
     FileDriver::open(&path, FileOptions::default()).unwrap();
 }
@@ -405,8 +346,8 @@ fn locks_are_released_when_the_node_leaves_the_graph() {
 fn locks_are_released_on_removal_while_a_handle_lives() {
     let dir = tempfile::tempdir().unwrap();
     let path = image(dir.path(), "held.img", 65536);
-    let s = Setup::new(FileDriver::open(&path, FileOptions::default()).unwrap());
-    let (node, blk) = (s.node.clone(), s.blk.clone());
+    let s = setup(FileDriver::open(&path, FileOptions::default()).unwrap());
+    let (node, blk) = (s.node("file0"), s.blk.clone());
     s.main
         .run(move |bql| {
             bql.write(|w| w.remove_backend(&blk))?;
@@ -414,15 +355,15 @@ fn locks_are_released_on_removal_while_a_handle_lives() {
             bql.write(|w| w.remove_node(&drained))
         })
         .unwrap();
-    // `s.node` still holds the removed node: the file is open, but unlocked.
+    // `s.nodes` still holds the removed node: the file is open, but unlocked.
     FileDriver::open(&path, FileOptions::default()).expect("the removed node's locks are gone");
-    let Setup {
+    let Rig {
         main,
         io,
-        node,
+        nodes,
         blk,
     } = s;
-    drop((node, blk, io));
+    drop((nodes, blk, io));
     main.shutdown();
 }
 
@@ -484,7 +425,7 @@ fn direct_io_bounces_unaligned_requests() {
     };
     let align = driver.direct_alignment().expect("direct");
     assert!([512, 1024, 2048, 4096].contains(&align), "{align}");
-    let s = Setup::new(driver);
+    let s = setup(driver);
     let mut expect = vec![0u8; 1 << 20];
     // Aligned, unaligned head, unaligned tail, both inside one block, and
     // spanning several blocks with both ends partial.
@@ -523,7 +464,7 @@ fn concurrent_unaligned_direct_writes_lose_nothing() {
         eprintln!("no O_DIRECT on this filesystem; skipping");
         return;
     };
-    let s = Setup::new(driver);
+    let s = setup(driver);
     let io2 = s.main.new_io_thread("io1").unwrap();
     let mut tasks = Vec::new();
     for i in 0..64u64 {
@@ -564,7 +505,7 @@ fn cancelled_requests_leave_nothing_behind() {
         eprintln!("no O_DIRECT on this filesystem; skipping");
         return;
     };
-    let s = Setup::new(driver);
+    let s = setup(driver);
     let blk = s.blk.clone();
     s.io.spawn(move |mut cx| async move {
         for i in 0..50u64 {
@@ -596,9 +537,11 @@ fn strict_alignment_is_reported_and_enforced() {
         return;
     };
     let align = driver.direct_alignment().unwrap();
-    let s = Setup::new(driver);
+    let s = setup(driver);
     let reported = s
-        .on_node(|n| Box::pin(async move { Ok(n.request_alignment()) }))
+        .on_node("file0", |n| {
+            Box::pin(async move { Ok(n.request_alignment()) })
+        })
         .unwrap();
     assert_eq!(reported, align);
     let err = s.write(1, &[1; 512]).unwrap_err();
@@ -608,7 +551,9 @@ fn strict_alignment_is_reported_and_enforced() {
     );
     // The driver refuses too, for callers that skip the backend.
     let err = s
-        .on_node(|n| Box::pin(async move { n.write(0, &[1; 100]).await }))
+        .on_node("file0", |n| {
+            Box::pin(async move { n.write(0, &[1; 100]).await })
+        })
         .unwrap_err();
     assert!(matches!(err, Error::Misaligned { .. }), "{err}");
     s.write(0, &vec![5; align as usize]).unwrap();
@@ -622,11 +567,11 @@ fn strict_alignment_is_reported_and_enforced() {
 fn works_outside_a_tokio_runtime() {
     let dir = tempfile::tempdir().unwrap();
     let path = image(dir.path(), "plain.img", 65536);
-    let s = Setup::new(FileDriver::open(&path, FileOptions::default()).unwrap());
+    let s = setup(FileDriver::open(&path, FileOptions::default()).unwrap());
     // A task of the I/O thread's context, polled by a plain executor on a
     // plain thread.
     let ctx = s.io.context().clone();
-    let node = s.node.clone();
+    let node = s.node("file0");
     let data = std::thread::spawn(move || {
         futures::executor::block_on(ctx.task(move |mut cx| async move {
             let guard = cx.read().await;

@@ -1,88 +1,31 @@
 //! The `raw` format driver: pass-through and offset/size windows.
 
 use blockgraph::drivers::{FileDriver, FileOptions, MemoryDriver, RawDriver};
-use blockgraph::{
-    driver::BlockStatus, BackendOptions, BlockBackend, ChildRole, Error, IoThread, MainLoop,
-    NodeHandle,
-};
+use blockgraph::{driver::BlockStatus, ChildRole, Error, MainLoop};
 
-struct Stack {
-    main: MainLoop,
-    io: IoThread,
-    disk: NodeHandle,
-    raw: NodeHandle,
-    blk: BlockBackend,
+mod common;
+use common::{add_alone, Rig, Stack};
+
+/// backend -> raw `raw0` -> memory `disk`.
+fn stack(raw: RawDriver, disk: MemoryDriver) -> Rig {
+    Stack::new()
+        .node("disk", disk)
+        .above(ChildRole::File, "raw0", raw)
+        .build()
 }
 
-fn stack(raw: RawDriver, disk: MemoryDriver) -> Stack {
-    let main = MainLoop::new().unwrap();
-    let io = main.new_io_thread("io0").unwrap();
-    let (disk, raw, blk) = main
-        .run(move |bql| {
-            bql.write(|w| {
-                let disk = w.add_node("disk", disk, &[])?;
-                let raw = w.add_node("raw0", raw, &[(ChildRole::File, &disk)])?;
-                let blk = w.add_backend("vda", &raw, BackendOptions::default())?;
-                Ok::<_, Error>((disk, raw, blk))
-            })
+fn disk_contents(s: &Rig) -> Vec<u8> {
+    s.driver("disk", MemoryDriver::contents)
+}
+
+/// A request on the raw node itself (no backend checks).
+fn node_read(s: &Rig, offset: u64, len: usize) -> Result<Vec<u8>, Error> {
+    s.on_node("raw0", move |n| {
+        Box::pin(async move {
+            let mut buf = vec![0u8; len];
+            n.read(offset, &mut buf).await.map(|_| buf)
         })
-        .unwrap();
-    Stack {
-        main,
-        io,
-        disk,
-        raw,
-        blk,
-    }
-}
-
-impl Stack {
-    fn write(&self, offset: u64, data: &[u8]) -> Result<(), Error> {
-        let (blk, data) = (self.blk.clone(), data.to_vec());
-        self.io
-            .spawn(move |mut cx| async move { blk.write(&mut cx, offset, &data).await })
-            .join()
-    }
-
-    fn read(&self, offset: u64, len: usize) -> Result<Vec<u8>, Error> {
-        let blk = self.blk.clone();
-        self.io
-            .spawn(move |mut cx| async move {
-                let mut buf = vec![0u8; len];
-                blk.read(&mut cx, offset, &mut buf).await.map(|_| buf)
-            })
-            .join()
-    }
-
-    fn length(&self) -> Result<u64, Error> {
-        let blk = self.blk.clone();
-        self.io
-            .spawn(move |mut cx| async move { blk.length(&mut cx).await })
-            .join()
-    }
-
-    fn disk_contents(&self) -> Vec<u8> {
-        let disk = self.disk.clone();
-        self.main
-            .run(move |bql| disk.gs(bql).driver_as::<MemoryDriver>().unwrap().contents())
-    }
-
-    /// A request on the raw node itself (no backend checks).
-    fn node_read(&self, offset: u64, len: usize) -> Result<Vec<u8>, Error> {
-        let raw = self.raw.clone();
-        self.io
-            .spawn(move |mut cx| async move {
-                let guard = cx.read().await;
-                let mut buf = vec![0u8; len];
-                raw.io(&guard).read(offset, &mut buf).await.map(|_| buf)
-            })
-            .join()
-    }
-
-    fn finish(self) {
-        drop(self.io);
-        self.main.shutdown();
-    }
+    })
 }
 
 #[test]
@@ -90,7 +33,7 @@ fn without_a_window_raw_passes_everything_through() {
     let s = stack(RawDriver::new(), MemoryDriver::new(65536));
     assert_eq!(s.length().unwrap(), 65536);
     s.write(1000, b"through").unwrap();
-    assert_eq!(&s.disk_contents()[1000..1007], b"through");
+    assert_eq!(&disk_contents(&s)[1000..1007], b"through");
     assert_eq!(s.read(1000, 7).unwrap(), b"through");
     s.finish();
 }
@@ -104,7 +47,7 @@ fn a_window_shifts_and_confines_requests() {
     assert_eq!(s.length().unwrap(), 16384);
     s.write(0, &[1; 512]).unwrap();
     s.write(16384 - 512, &[2; 512]).unwrap();
-    let disk = s.disk_contents();
+    let disk = disk_contents(&s);
     assert!(
         disk[..8192].iter().all(|&b| b == 0),
         "nothing before the window"
@@ -121,7 +64,7 @@ fn a_window_shifts_and_confines_requests() {
         "{err}"
     );
     // ...and so does the node itself, for callers that skip the backend.
-    let err = s.node_read(16000, 512).unwrap_err();
+    let err = node_read(&s, 16000, 512).unwrap_err();
     assert!(
         matches!(
             err,
@@ -133,7 +76,7 @@ fn a_window_shifts_and_confines_requests() {
         ),
         "{err}"
     );
-    let err = s.node_read(u64::MAX - 10, 100).unwrap_err();
+    let err = node_read(&s, u64::MAX - 10, 100).unwrap_err();
     assert!(matches!(err, Error::OutOfRange { .. }), "{err}");
     s.finish();
 }
@@ -146,7 +89,7 @@ fn an_offset_without_size_runs_to_the_childs_end() {
     );
     assert_eq!(s.length().unwrap(), 65536 - 4096);
     s.write(0, b"shifted").unwrap();
-    assert_eq!(&s.disk_contents()[4096..4103], b"shifted");
+    assert_eq!(&disk_contents(&s)[4096..4103], b"shifted");
     s.finish();
 }
 
@@ -195,17 +138,12 @@ fn bad_windows_and_options_are_refused() {
 
 #[test]
 fn a_raw_node_needs_a_file_child() {
-    let main = MainLoop::new().unwrap();
-    let err = main
-        .run(|bql| bql.write(|w| w.add_node("raw0", RawDriver::new(), &[])))
-        .unwrap_err();
+    // add_alone also checks that the failed add left nothing behind.
+    let err = add_alone("raw0", RawDriver::new());
     assert!(
         matches!(err, Error::NoSuchChild { ref node, role: ChildRole::File } if node == "raw0"),
         "{err}"
     );
-    // The failed add left nothing behind.
-    assert_eq!(main.run(|bql| bql.graph().nodes().len()), 0);
-    main.shutdown();
 }
 
 #[test]

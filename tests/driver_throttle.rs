@@ -13,6 +13,9 @@ use blockgraph::drivers::{
 };
 use blockgraph::{BackendOptions, BlockBackend, ChildRole, Error, IoThread, MainLoop, NodeHandle};
 
+mod common;
+use common::{add_alone, Stack};
+
 fn iops(n: u64) -> ThrottleConfig {
     ThrottleConfig {
         iops_total: Some(ThrottleLimit::new(n)),
@@ -22,19 +25,17 @@ fn iops(n: u64) -> ThrottleConfig {
 
 /// backend `vdX` -> throttle `thrX` (in `group`) -> null `nullX`.
 fn add_stack(main: &MainLoop, x: u32, group: Arc<ThrottleGroup>) -> (NodeHandle, BlockBackend) {
-    main.run(move |bql| {
-        bql.write(|w| {
-            let null = w.add_node(&format!("null{x}"), NullDriver::new(1 << 30), &[])?;
-            let thr = w.add_node(
-                &format!("thr{x}"),
-                ThrottleDriver::new(group),
-                &[(ChildRole::Filtered, &null)],
-            )?;
-            let blk = w.add_backend(&format!("vd{x}"), &thr, BackendOptions::default())?;
-            Ok::<_, Error>((thr, blk))
-        })
-    })
-    .unwrap()
+    let (mut nodes, blk) = Stack::new()
+        .node(format!("null{x}"), NullDriver::new(1 << 30))
+        .above(
+            ChildRole::Filtered,
+            format!("thr{x}"),
+            ThrottleDriver::new(group),
+        )
+        .backend(format!("vd{x}"), BackendOptions::default())
+        .add_to(main)
+        .unwrap();
+    (nodes.pop().unwrap(), blk)
 }
 
 /// Runs `depth` workers of 4 KiB requests (reads, or writes) until
@@ -353,15 +354,7 @@ fn invalid_configurations_are_refused_with_clear_messages() {
 
 #[test]
 fn a_throttle_node_needs_a_filtered_child() {
-    let main = MainLoop::new().unwrap();
-    let err = main
-        .run(|bql| {
-            bql.write(|w| {
-                let t = ThrottleDriver::with_config("g", iops(10))?;
-                w.add_node("thr", t, &[])
-            })
-        })
-        .unwrap_err();
+    let err = add_alone("thr", ThrottleDriver::with_config("g", iops(10)).unwrap());
     assert!(
         matches!(
             err,
@@ -372,7 +365,6 @@ fn a_throttle_node_needs_a_filtered_child() {
         ),
         "{err}"
     );
-    main.shutdown();
 }
 
 /// Flushes and length queries pass unthrottled, and an unlimited group

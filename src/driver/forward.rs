@@ -1,5 +1,7 @@
 //! Helpers for drivers that pass a call to one child unchanged (filters,
-//! `raw` without a window).
+//! `raw` without a window). They are what [`Filter`](crate::driver::Filter)'s
+//! defaults do; a filter that overrides a callback to do something first
+//! (count, check, wait) ends it with the same helper.
 //!
 //! Each returns the child's own future instead of wrapping it in another
 //! boxed `async` block, so a layer that only forwards costs a virtual call,
@@ -45,6 +47,41 @@ pub fn to_child<'a, T: Send + 'a, F: Into<IoFuture<'a, T>>>(
         Ok(child) => call(child).into(),
         Err(e) => Box::pin(std::future::ready(Err(e))),
     }
+}
+
+/// Reads from the `role` child at the same offset.
+pub fn read<'a>(
+    node: RequestRef<'a>,
+    role: ChildRole,
+    offset: u64,
+    buf: &'a mut [u8],
+) -> IoFuture<'a, ()> {
+    to_child(node, role, |child| child.read(offset, buf))
+}
+
+/// Writes to the `role` child at the same offset.
+pub fn write<'a>(
+    node: RequestRef<'a>,
+    role: ChildRole,
+    offset: u64,
+    buf: &'a [u8],
+) -> IoFuture<'a, ()> {
+    to_child(node, role, |child| child.write(offset, buf))
+}
+
+/// Zeroes the same range of the `role` child.
+pub fn write_zeroes(
+    node: RequestRef<'_>,
+    role: ChildRole,
+    offset: u64,
+    len: u64,
+) -> IoFuture<'_, ()> {
+    to_child(node, role, |child| child.write_zeroes(offset, len))
+}
+
+/// Discards the same range of the `role` child.
+pub fn discard(node: RequestRef<'_>, role: ChildRole, offset: u64, len: u64) -> IoFuture<'_, ()> {
+    to_child(node, role, |child| child.discard(offset, len))
 }
 
 /// The `role` child's length.

@@ -15,20 +15,29 @@
 //! is ever called except by the graph, with its own node.
 //!
 //! This module is what a driver author needs: the trait and its types, and
-//! helpers for the common shapes ([`require_child`], [`forward`]).
+//! helpers for the common shapes: [`Filter`] for a driver that sits on one
+//! child and passes down what it does not change, [`require_child`],
+//! [`forward`], and [`Error::driver`](crate::Error::driver) for a driver's
+//! own errors.
 
+mod filter;
 pub mod forward;
 pub(crate) mod range_lock;
 
 pub use crate::graph::driver::{BlockDriver, IoFuture, ResizePermit};
 pub use crate::types::BlockStatus;
+pub use filter::Filter;
 
-use crate::graph::proof::{IoProof, NodeRef};
+use crate::graph::proof::{NodeRef, Proof};
 use crate::types::{ChildRole, Error, Result};
 
-/// The `role` child of `node`, or [`Error::NoSuchChild`], under the proof
-/// `node` carries (an [`IoRef`](crate::IoRef) or a [`RequestRef`](crate::RequestRef)).
-pub fn require_child<P: IoProof>(node: NodeRef<'_, P>, role: ChildRole) -> Result<NodeRef<'_, P>> {
+/// The `role` child of `node`, or [`Error::NoSuchChild`] naming `node`,
+/// under the proof `node` carries: a [`GsRef`](crate::GsRef) or a
+/// [`CallbackRef`](crate::CallbackRef) on the main loop (a driver's `open`
+/// checking that its child is there), an [`IoRef`](crate::IoRef) or a
+/// [`RequestRef`](crate::RequestRef) in I/O code. The child comes back under
+/// the same proof, so it can do what `node` can and nothing more.
+pub fn require_child<P: Proof>(node: NodeRef<'_, P>, role: ChildRole) -> Result<NodeRef<'_, P>> {
     node.child(role).ok_or_else(|| Error::NoSuchChild {
         node: node.name().to_owned(),
         role,

@@ -3,14 +3,13 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use crate::driver::forward;
 use crate::driver::range_lock::RangeLock;
-use crate::driver::require_child;
-use crate::graph::driver::{BlockDriver, IoFuture, ResizePermit};
-use crate::graph::proof::{CallbackRef, RequestRef};
+use crate::driver::{forward, require_child, Filter};
+use crate::graph::driver::{IoFuture, ResizePermit};
+use crate::graph::proof::{NodeRequest, RequestRef};
 use crate::types::BlockStatus;
+use crate::types::Result;
 use crate::types::{ChildRole, Perm, Permissions};
-use crate::types::{Error, Result};
 
 /// Sits above an image with a backing chain (its [`ChildRole::Filtered`]
 /// child, typically a qcow2 overlay). A read of a range that the image does
@@ -65,6 +64,27 @@ impl CopyOnRead {
     }
 }
 
+impl CopyOnRead {
+    /// Runs `op` on the image with a plain lock on `[offset, offset +
+    /// len)`: no copy-up writes older data over it meanwhile.
+    fn locked<'a>(
+        &'a self,
+        node: RequestRef<'a>,
+        offset: u64,
+        len: u64,
+        op: impl FnOnce(RequestRef<'a>) -> NodeRequest<'a, ()> + Send + 'a,
+    ) -> IoFuture<'a, ()> {
+        Box::pin(async move {
+            let image = require_child(node, Self::CHILD)?;
+            let _range = self
+                .ranges
+                .lock(offset, offset.saturating_add(len), false)
+                .await;
+            op(image).await
+        })
+    }
+}
+
 /// Whether some node below `image` stores the start of `[offset, offset +
 /// len)`, and for how many bytes that answer holds.
 async fn stored_below(image: RequestRef<'_>, offset: u64, len: u64) -> Result<(bool, u64)> {
@@ -84,23 +104,15 @@ async fn stored_below(image: RequestRef<'_>, offset: u64, len: u64) -> Result<(b
     Ok((false, len))
 }
 
-impl BlockDriver for CopyOnRead {
+/// On the driver kit: length, alignment, flush and block status are the
+/// child's, and the node refuses to join the graph without its child.
+impl Filter for CopyOnRead {
     fn format_name(&self) -> &'static str {
         "copy-on-read"
     }
 
     fn describe(&self) -> String {
         format!("copy-on-read, {} bytes copied", self.bytes_copied())
-    }
-
-    fn open(&self, node: CallbackRef<'_>) -> Result<()> {
-        if node.child(ChildRole::Filtered).is_none() {
-            return Err(Error::NoSuchChild {
-                node: node.name().to_owned(),
-                role: ChildRole::Filtered,
-            });
-        }
-        Ok(())
     }
 
     fn child_permissions(&self, role: ChildRole, users: Permissions) -> Permissions {
@@ -113,14 +125,6 @@ impl BlockDriver for CopyOnRead {
         }
     }
 
-    fn request_alignment(&self, node: RequestRef<'_>) -> u32 {
-        forward::request_alignment(node, ChildRole::Filtered)
-    }
-
-    fn length<'a>(&'a self, node: RequestRef<'a>) -> IoFuture<'a, u64> {
-        forward::length(node, ChildRole::Filtered)
-    }
-
     fn read<'a>(
         &'a self,
         node: RequestRef<'a>,
@@ -128,7 +132,7 @@ impl BlockDriver for CopyOnRead {
         buf: &'a mut [u8],
     ) -> IoFuture<'a, ()> {
         Box::pin(async move {
-            let image = require_child(node, ChildRole::Filtered)?;
+            let image = require_child(node, Self::CHILD)?;
             let len = buf.len() as u64;
             let mut done = 0u64;
             while done < len {
@@ -156,40 +160,19 @@ impl BlockDriver for CopyOnRead {
     }
 
     fn write<'a>(&'a self, node: RequestRef<'a>, offset: u64, buf: &'a [u8]) -> IoFuture<'a, ()> {
-        Box::pin(async move {
-            let image = require_child(node, ChildRole::Filtered)?;
-            let _range = self
-                .ranges
-                .lock(offset, offset.saturating_add(buf.len() as u64), false)
-                .await;
-            image.write(offset, buf).await
+        self.locked(node, offset, buf.len() as u64, move |image| {
+            image.write(offset, buf)
         })
     }
 
     fn write_zeroes<'a>(&'a self, node: RequestRef<'a>, offset: u64, len: u64) -> IoFuture<'a, ()> {
-        Box::pin(async move {
-            let image = require_child(node, ChildRole::Filtered)?;
-            let _range = self
-                .ranges
-                .lock(offset, offset.saturating_add(len), false)
-                .await;
-            image.write_zeroes(offset, len).await
+        self.locked(node, offset, len, move |image| {
+            image.write_zeroes(offset, len)
         })
     }
 
     fn discard<'a>(&'a self, node: RequestRef<'a>, offset: u64, len: u64) -> IoFuture<'a, ()> {
-        Box::pin(async move {
-            let image = require_child(node, ChildRole::Filtered)?;
-            let _range = self
-                .ranges
-                .lock(offset, offset.saturating_add(len), false)
-                .await;
-            image.discard(offset, len).await
-        })
-    }
-
-    fn flush<'a>(&'a self, node: RequestRef<'a>) -> IoFuture<'a, ()> {
-        forward::flush(node, ChildRole::Filtered)
+        self.locked(node, offset, len, move |image| image.discard(offset, len))
     }
 
     /// Passes the resize to the filtered child, through the check that
@@ -204,16 +187,7 @@ impl BlockDriver for CopyOnRead {
         Box::pin(async move {
             // No copy-up may write past a new, smaller end meanwhile.
             let _range = self.ranges.lock(size, u64::MAX, true).await;
-            forward::truncate(node, ChildRole::Filtered, size).await
+            forward::truncate(node, Self::CHILD, size).await
         })
-    }
-
-    fn block_status<'a>(
-        &'a self,
-        node: RequestRef<'a>,
-        offset: u64,
-        len: u64,
-    ) -> IoFuture<'a, (BlockStatus, u64)> {
-        forward::block_status(node, ChildRole::Filtered, offset, len)
     }
 }

@@ -7,12 +7,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use crate::driver::forward;
-use crate::driver::require_child;
-use crate::graph::driver::{BlockDriver, IoFuture, ResizePermit};
-use crate::graph::proof::{CallbackRef, RequestRef};
-use crate::types::BlockStatus;
-use crate::types::ChildRole;
+use crate::driver::{require_child, Filter};
+use crate::graph::driver::IoFuture;
+use crate::graph::proof::RequestRef;
 use crate::types::{Error, Result};
 
 /// Which requests a [`FaultRule`] looks at.
@@ -349,7 +346,7 @@ impl FaultController {
 }
 
 /// A filter that fails or delays requests by [`FaultRule`]s and passes the
-/// rest to its [`ChildRole::Filtered`] child. Rules are evaluated in the
+/// rest to its [`ChildRole::Filtered`](crate::ChildRole::Filtered) child. Rules are evaluated in the
 /// order they were added; every matching rule counts the request, the
 /// delays of all rules that fire add up, and the first failing rule that
 /// fires decides the error (the request then never reaches the child).
@@ -390,31 +387,16 @@ impl FaultInjector {
     }
 }
 
-impl BlockDriver for FaultInjector {
+/// On the driver kit: length, alignment, block status and resizes are the
+/// child's, untouched by the rules, and the node refuses to join the graph
+/// without its child.
+impl Filter for FaultInjector {
     fn format_name(&self) -> &'static str {
         "fault"
     }
 
     fn describe(&self) -> String {
         format!("fault injection, {} rule(s)", self.control.rules().len())
-    }
-
-    fn open(&self, node: CallbackRef<'_>) -> Result<()> {
-        if node.child(ChildRole::Filtered).is_none() {
-            return Err(Error::NoSuchChild {
-                node: node.name().to_owned(),
-                role: ChildRole::Filtered,
-            });
-        }
-        Ok(())
-    }
-
-    fn request_alignment(&self, node: RequestRef<'_>) -> u32 {
-        forward::request_alignment(node, ChildRole::Filtered)
-    }
-
-    fn length<'a>(&'a self, node: RequestRef<'a>) -> IoFuture<'a, u64> {
-        forward::length(node, ChildRole::Filtered)
     }
 
     fn read<'a>(
@@ -424,7 +406,7 @@ impl BlockDriver for FaultInjector {
         buf: &'a mut [u8],
     ) -> IoFuture<'a, ()> {
         Box::pin(async move {
-            let child = require_child(node, ChildRole::Filtered)?;
+            let child = require_child(node, Self::CHILD)?;
             self.control
                 .apply(FaultOp::Read, offset, buf.len() as u64)
                 .await?;
@@ -434,7 +416,7 @@ impl BlockDriver for FaultInjector {
 
     fn write<'a>(&'a self, node: RequestRef<'a>, offset: u64, buf: &'a [u8]) -> IoFuture<'a, ()> {
         Box::pin(async move {
-            let child = require_child(node, ChildRole::Filtered)?;
+            let child = require_child(node, Self::CHILD)?;
             self.control
                 .apply(FaultOp::Write, offset, buf.len() as u64)
                 .await?;
@@ -444,7 +426,7 @@ impl BlockDriver for FaultInjector {
 
     fn write_zeroes<'a>(&'a self, node: RequestRef<'a>, offset: u64, len: u64) -> IoFuture<'a, ()> {
         Box::pin(async move {
-            let child = require_child(node, ChildRole::Filtered)?;
+            let child = require_child(node, Self::CHILD)?;
             self.control
                 .apply(FaultOp::WriteZeroes, offset, len)
                 .await?;
@@ -454,7 +436,7 @@ impl BlockDriver for FaultInjector {
 
     fn discard<'a>(&'a self, node: RequestRef<'a>, offset: u64, len: u64) -> IoFuture<'a, ()> {
         Box::pin(async move {
-            let child = require_child(node, ChildRole::Filtered)?;
+            let child = require_child(node, Self::CHILD)?;
             self.control.apply(FaultOp::Discard, offset, len).await?;
             child.discard(offset, len).await
         })
@@ -462,29 +444,9 @@ impl BlockDriver for FaultInjector {
 
     fn flush<'a>(&'a self, node: RequestRef<'a>) -> IoFuture<'a, ()> {
         Box::pin(async move {
-            let child = require_child(node, ChildRole::Filtered)?;
+            let child = require_child(node, Self::CHILD)?;
             self.control.apply(FaultOp::Flush, 0, 0).await?;
             child.flush().await
         })
-    }
-
-    /// Passes the resize to the filtered child, through the check that
-    /// this node's edge took the resize permission. No rule applies to it.
-    fn truncate<'a>(
-        &'a self,
-        node: RequestRef<'a>,
-        size: u64,
-        _permit: ResizePermit<'a>,
-    ) -> IoFuture<'a, ()> {
-        forward::truncate(node, ChildRole::Filtered, size)
-    }
-
-    fn block_status<'a>(
-        &'a self,
-        node: RequestRef<'a>,
-        offset: u64,
-        len: u64,
-    ) -> IoFuture<'a, (BlockStatus, u64)> {
-        forward::block_status(node, ChildRole::Filtered, offset, len)
     }
 }

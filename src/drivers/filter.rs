@@ -2,10 +2,10 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use crate::driver::forward;
-use crate::graph::driver::{BlockDriver, IoFuture, ResizePermit};
-use crate::graph::proof::RequestRef;
-use crate::types::BlockStatus;
+use crate::driver::{forward, Filter};
+use crate::graph::driver::IoFuture;
+use crate::graph::proof::{CallbackRef, RequestRef};
+use crate::types::Result;
 use crate::types::{ChildRole, Perm, Permissions};
 
 /// Passes every request to its `Filtered` child unchanged and counts them.
@@ -13,8 +13,10 @@ use crate::types::{ChildRole, Perm, Permissions};
 /// It returns the child's own future instead of wrapping it, so the layer
 /// costs a virtual call and a counter, not an allocation.
 ///
-/// The skeleton of every filter (throttle, copy-on-read, a mirror's filter
-/// node). By default it takes on its child exactly what its own users take;
+/// The simplest [`Filter`](crate::driver::Filter): it overrides only the
+/// calls it counts (and lets a node join the graph before its child).
+///
+/// By default it takes on its child exactly what its own users take;
 /// [`PassthroughFilter::exclusive_writer`] makes it take write permission
 /// and share only reads, like a block job that must own the writes to a
 /// node.
@@ -49,7 +51,7 @@ impl PassthroughFilter {
     }
 }
 
-impl BlockDriver for PassthroughFilter {
+impl Filter for PassthroughFilter {
     fn format_name(&self) -> &'static str {
         "filter"
     }
@@ -60,6 +62,12 @@ impl BlockDriver for PassthroughFilter {
         } else {
             "filter".to_owned()
         }
+    }
+
+    /// The bare skeleton may join the graph before its child (the kit's
+    /// default would refuse).
+    fn open(&self, _node: CallbackRef<'_>) -> Result<()> {
+        Ok(())
     }
 
     fn child_permissions(&self, role: ChildRole, users: Permissions) -> Permissions {
@@ -73,14 +81,6 @@ impl BlockDriver for PassthroughFilter {
         }
     }
 
-    fn length<'a>(&'a self, node: RequestRef<'a>) -> IoFuture<'a, u64> {
-        forward::length(node, ChildRole::Filtered)
-    }
-
-    fn request_alignment(&self, node: RequestRef<'_>) -> u32 {
-        forward::request_alignment(node, ChildRole::Filtered)
-    }
-
     fn read<'a>(
         &'a self,
         node: RequestRef<'a>,
@@ -88,50 +88,26 @@ impl BlockDriver for PassthroughFilter {
         buf: &'a mut [u8],
     ) -> IoFuture<'a, ()> {
         self.count();
-        forward::to_child(node, ChildRole::Filtered, |child| child.read(offset, buf))
+        forward::read(node, Self::CHILD, offset, buf)
     }
 
     fn write<'a>(&'a self, node: RequestRef<'a>, offset: u64, buf: &'a [u8]) -> IoFuture<'a, ()> {
         self.count();
-        forward::to_child(node, ChildRole::Filtered, |child| child.write(offset, buf))
+        forward::write(node, Self::CHILD, offset, buf)
     }
 
     fn write_zeroes<'a>(&'a self, node: RequestRef<'a>, offset: u64, len: u64) -> IoFuture<'a, ()> {
         self.count();
-        forward::to_child(node, ChildRole::Filtered, |child| {
-            child.write_zeroes(offset, len)
-        })
+        forward::write_zeroes(node, Self::CHILD, offset, len)
     }
 
     fn discard<'a>(&'a self, node: RequestRef<'a>, offset: u64, len: u64) -> IoFuture<'a, ()> {
         self.count();
-        forward::to_child(node, ChildRole::Filtered, |child| {
-            child.discard(offset, len)
-        })
+        forward::discard(node, Self::CHILD, offset, len)
     }
 
     fn flush<'a>(&'a self, node: RequestRef<'a>) -> IoFuture<'a, ()> {
         self.count();
-        forward::to_child(node, ChildRole::Filtered, |child| child.flush())
-    }
-
-    /// Passes the resize to the filtered child, through the check that
-    /// this node's edge took the resize permission.
-    fn truncate<'a>(
-        &'a self,
-        node: RequestRef<'a>,
-        size: u64,
-        _permit: ResizePermit<'a>,
-    ) -> IoFuture<'a, ()> {
-        forward::truncate(node, ChildRole::Filtered, size)
-    }
-
-    fn block_status<'a>(
-        &'a self,
-        node: RequestRef<'a>,
-        offset: u64,
-        len: u64,
-    ) -> IoFuture<'a, (BlockStatus, u64)> {
-        forward::block_status(node, ChildRole::Filtered, offset, len)
+        forward::flush(node, Self::CHILD)
     }
 }

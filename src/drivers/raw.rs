@@ -3,9 +3,8 @@
 
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use crate::driver::forward;
-use crate::driver::require_child;
-use crate::graph::driver::{BlockDriver, IoFuture, ResizePermit};
+use crate::driver::{forward, require_child, Filter};
+use crate::graph::driver::{IoFuture, ResizePermit};
 use crate::graph::proof::{CallbackRef, RequestRef};
 use crate::types::BlockStatus;
 use crate::types::{ChildRole, Perm, Permissions};
@@ -204,7 +203,12 @@ pub(crate) fn parse_size(driver: &str, key: &str, value: &str) -> Result<u64> {
     n.checked_mul(1u64 << shift).ok_or_else(bad)
 }
 
-impl BlockDriver for RawDriver {
+/// On the driver kit, with its `File` child as the filtered one: alignment
+/// and flushes are the file's; the rest shifts and checks the window (and
+/// is the file's own, unchanged, without one).
+impl Filter for RawDriver {
+    const CHILD: ChildRole = ChildRole::File;
+
     fn format_name(&self) -> &'static str {
         "raw"
     }
@@ -218,12 +222,7 @@ impl BlockDriver for RawDriver {
     }
 
     fn open(&self, node: CallbackRef<'_>) -> Result<()> {
-        if node.child(ChildRole::File).is_none() {
-            return Err(Error::NoSuchChild {
-                node: node.name().to_owned(),
-                role: ChildRole::File,
-            });
-        }
+        require_child(node, Self::CHILD)?;
         self.checked.store(false, Ordering::Release);
         Ok(())
     }
@@ -232,7 +231,7 @@ impl BlockDriver for RawDriver {
     /// filter then). With one, nobody may resize the file either (the
     /// window was checked against its length; QEMU's raw with
     /// `offset`/`size` does the same), and a fixed `size` needs no resize
-    /// permission of its own since [`truncate`](BlockDriver::truncate)
+    /// permission of its own since [`truncate`](Filter::truncate)
     /// refuses.
     fn child_permissions(&self, role: ChildRole, users: Permissions) -> Permissions {
         if role != ChildRole::File || self.whole_child() {
@@ -254,10 +253,6 @@ impl BlockDriver for RawDriver {
         self.checked.store(false, Ordering::Release);
     }
 
-    fn request_alignment(&self, node: RequestRef<'_>) -> u32 {
-        forward::request_alignment(node, ChildRole::File)
-    }
-
     fn length<'a>(&'a self, node: RequestRef<'a>) -> IoFuture<'a, u64> {
         Box::pin(async move { self.window(node).await.map(|(_, len)| len) })
     }
@@ -270,7 +265,7 @@ impl BlockDriver for RawDriver {
     ) -> IoFuture<'a, ()> {
         if self.whole_child() {
             // Nothing to check or shift: hand back the child's future.
-            return forward::to_child(node, ChildRole::File, |child| child.read(offset, buf));
+            return forward::read(node, Self::CHILD, offset, buf);
         }
         Box::pin(async move {
             let (child, at) = self.map(node, offset, buf.len() as u64).await?;
@@ -280,7 +275,7 @@ impl BlockDriver for RawDriver {
 
     fn write<'a>(&'a self, node: RequestRef<'a>, offset: u64, buf: &'a [u8]) -> IoFuture<'a, ()> {
         if self.whole_child() {
-            return forward::to_child(node, ChildRole::File, |child| child.write(offset, buf));
+            return forward::write(node, Self::CHILD, offset, buf);
         }
         Box::pin(async move {
             let (child, at) = self.map(node, offset, buf.len() as u64).await?;
@@ -302,10 +297,6 @@ impl BlockDriver for RawDriver {
         })
     }
 
-    fn flush<'a>(&'a self, node: RequestRef<'a>) -> IoFuture<'a, ()> {
-        forward::flush(node, ChildRole::File)
-    }
-
     /// Without a `size`, resizes the file to `offset + size` through the
     /// checked edge (QEMU's `raw_co_truncate`); with one, the window is
     /// fixed and the resize is refused.
@@ -322,7 +313,7 @@ impl BlockDriver for RawDriver {
             })));
         }
         match size.checked_add(self.offset) {
-            Some(end) => forward::truncate(node, ChildRole::File, end),
+            Some(end) => forward::truncate(node, Self::CHILD, end),
             None => Box::pin(std::future::ready(Err(Error::InvalidArgument(format!(
                 "raw: size {size} past window offset {} overflows",
                 self.offset

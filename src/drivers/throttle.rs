@@ -10,12 +10,9 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::Notify;
 
-use crate::driver::forward;
-use crate::driver::require_child;
-use crate::graph::driver::{BlockDriver, IoFuture, ResizePermit};
+use crate::driver::{require_child, Filter};
+use crate::graph::driver::IoFuture;
 use crate::graph::proof::{CallbackRef, RequestRef};
-use crate::types::BlockStatus;
-use crate::types::ChildRole;
 use crate::types::{Error, Result};
 
 /// The largest rate accepted (QEMU's bound too): 10^15 units per second.
@@ -386,7 +383,7 @@ impl ThrottleGroup {
 }
 
 /// A filter that holds requests back to its [`ThrottleGroup`]'s limits and
-/// passes them to its [`ChildRole::Filtered`] child.
+/// passes them to its [`ChildRole::Filtered`](crate::ChildRole::Filtered) child.
 ///
 /// # The algorithm
 ///
@@ -499,7 +496,10 @@ impl ThrottleDriver {
     }
 }
 
-impl BlockDriver for ThrottleDriver {
+/// On the driver kit: length, alignment, flush, block status and resizes
+/// are the child's, unthrottled (they move no data), and the node refuses
+/// to join the graph without its child.
+impl Filter for ThrottleDriver {
     fn format_name(&self) -> &'static str {
         "throttle"
     }
@@ -510,16 +510,6 @@ impl BlockDriver for ThrottleDriver {
             self.group.name,
             self.group.config()
         )
-    }
-
-    fn open(&self, node: CallbackRef<'_>) -> Result<()> {
-        if node.child(ChildRole::Filtered).is_none() {
-            return Err(Error::NoSuchChild {
-                node: node.name().to_owned(),
-                role: ChildRole::Filtered,
-            });
-        }
-        Ok(())
     }
 
     /// Options as [`ThrottleConfig::from_options`]; they replace the whole
@@ -538,21 +528,13 @@ impl BlockDriver for ThrottleDriver {
         self.bypass.store(false, Ordering::Release);
     }
 
-    fn request_alignment(&self, node: RequestRef<'_>) -> u32 {
-        forward::request_alignment(node, ChildRole::Filtered)
-    }
-
-    fn length<'a>(&'a self, node: RequestRef<'a>) -> IoFuture<'a, u64> {
-        forward::length(node, ChildRole::Filtered)
-    }
-
     fn read<'a>(
         &'a self,
         node: RequestRef<'a>,
         offset: u64,
         buf: &'a mut [u8],
     ) -> IoFuture<'a, ()> {
-        let child = match require_child(node, ChildRole::Filtered) {
+        let child = match require_child(node, Self::CHILD) {
             Ok(child) => child,
             Err(e) => return Box::pin(std::future::ready(Err(e))),
         };
@@ -567,7 +549,7 @@ impl BlockDriver for ThrottleDriver {
     }
 
     fn write<'a>(&'a self, node: RequestRef<'a>, offset: u64, buf: &'a [u8]) -> IoFuture<'a, ()> {
-        let child = match require_child(node, ChildRole::Filtered) {
+        let child = match require_child(node, Self::CHILD) {
             Ok(child) => child,
             Err(e) => return Box::pin(std::future::ready(Err(e))),
         };
@@ -582,7 +564,7 @@ impl BlockDriver for ThrottleDriver {
 
     fn write_zeroes<'a>(&'a self, node: RequestRef<'a>, offset: u64, len: u64) -> IoFuture<'a, ()> {
         Box::pin(async move {
-            let child = require_child(node, ChildRole::Filtered)?;
+            let child = require_child(node, Self::CHILD)?;
             self.admit(true, len).await?;
             child.write_zeroes(offset, len).await
         })
@@ -590,35 +572,10 @@ impl BlockDriver for ThrottleDriver {
 
     fn discard<'a>(&'a self, node: RequestRef<'a>, offset: u64, len: u64) -> IoFuture<'a, ()> {
         Box::pin(async move {
-            let child = require_child(node, ChildRole::Filtered)?;
+            let child = require_child(node, Self::CHILD)?;
             self.admit(true, len).await?;
             child.discard(offset, len).await
         })
-    }
-
-    fn flush<'a>(&'a self, node: RequestRef<'a>) -> IoFuture<'a, ()> {
-        forward::flush(node, ChildRole::Filtered)
-    }
-
-    /// Passes the resize to the filtered child, through the check that
-    /// this node's edge took the resize permission. Not throttled (it moves no
-    /// data).
-    fn truncate<'a>(
-        &'a self,
-        node: RequestRef<'a>,
-        size: u64,
-        _permit: ResizePermit<'a>,
-    ) -> IoFuture<'a, ()> {
-        forward::truncate(node, ChildRole::Filtered, size)
-    }
-
-    fn block_status<'a>(
-        &'a self,
-        node: RequestRef<'a>,
-        offset: u64,
-        len: u64,
-    ) -> IoFuture<'a, (BlockStatus, u64)> {
-        forward::block_status(node, ChildRole::Filtered, offset, len)
     }
 }
 

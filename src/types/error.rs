@@ -202,6 +202,47 @@ pub enum Error {
         /// What was refused (`"resize"`).
         operation: &'static str,
     },
+
+    /// A driver failed in a way of its own that no other variant names (a
+    /// checksum mismatch, a remote protocol error, …): its own error is
+    /// kept as [`source`](std::error::Error::source), so callers can walk
+    /// the chain or downcast it. Drivers outside this crate make one with
+    /// [`Error::driver`].
+    ///
+    /// ```
+    /// use std::error::Error as _;
+    /// use blockgraph::Error;
+    ///
+    /// #[derive(Debug, thiserror::Error)]
+    /// #[error("block 7 fails its checksum")]
+    /// struct Mismatch;
+    ///
+    /// let err = Error::driver("checksum", Mismatch);
+    /// assert_eq!(err.to_string(), "driver 'checksum': block 7 fails its checksum");
+    /// assert!(err.source().unwrap().is::<Mismatch>());
+    /// ```
+    #[error("driver '{driver}': {source}")]
+    Driver {
+        /// The driver's format name.
+        driver: &'static str,
+        /// The driver's own error.
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync + 'static>,
+    },
+}
+
+impl Error {
+    /// An [`Error::Driver`]: `driver`'s own error `source` (any error type,
+    /// or a message as a `String` or `&str`), kept as the error's source.
+    pub fn driver(
+        driver: &'static str,
+        source: impl Into<Box<dyn std::error::Error + Send + Sync + 'static>>,
+    ) -> Error {
+        Error::Driver {
+            driver,
+            source: source.into(),
+        }
+    }
 }
 
 /// The name of `perm`'s constant, for messages that tell what to take.
@@ -213,5 +254,45 @@ fn perm_const_name(perm: crate::types::Perm) -> &'static str {
         p if p == Perm::WRITE_UNCHANGED => "WRITE_UNCHANGED",
         p if p == Perm::RESIZE => "RESIZE",
         _ => "…",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Error;
+    use std::error::Error as _;
+    use std::io;
+
+    /// A driver's own error that has a cause of its own.
+    #[derive(Debug, thiserror::Error)]
+    #[error("remote refused the request")]
+    struct Remote(#[source] io::Error);
+
+    #[test]
+    fn a_driver_error_keeps_its_whole_source_chain() {
+        let err = Error::driver("remote", Remote(io::Error::other("connection reset")));
+        assert!(matches!(
+            err,
+            Error::Driver {
+                driver: "remote",
+                ..
+            }
+        ));
+        assert_eq!(
+            err.to_string(),
+            "driver 'remote': remote refused the request"
+        );
+        let source = err.source().expect("the driver's error is the source");
+        assert!(source.is::<Remote>());
+        let cause = source.source().expect("and its own source is kept");
+        assert_eq!(cause.to_string(), "connection reset");
+        assert!(cause.source().is_none());
+    }
+
+    #[test]
+    fn a_driver_error_can_be_a_plain_message() {
+        let err = Error::driver("toy", "lost its marbles");
+        assert_eq!(err.to_string(), "driver 'toy': lost its marbles");
+        assert_eq!(err.source().unwrap().to_string(), "lost its marbles");
     }
 }

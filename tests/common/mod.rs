@@ -1,6 +1,7 @@
 //! Shared helpers for the behaviour tests: bounded waits, a watchdog that
 //! turns a hang into a failure, probe drivers that record their callbacks,
-//! and graph checks (edge symmetry, snapshots).
+//! graph checks (edge symmetry, snapshots), and the driver tests' fixture
+//! ([`Stack`], [`Rig`]).
 //!
 //! Each test binary uses a different subset, hence the `dead_code` allowance.
 #![allow(dead_code)]
@@ -16,10 +17,14 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use blockgraph::{
-    driver::{BlockDriver, BlockStatus, IoFuture},
+    driver::{forward, BlockDriver, BlockStatus, Filter, IoFuture},
     CallbackRef, ChildRole, Error, GraphView, MainLoop, OutsideRequest, ParentRef, Permissions,
     RequestRef, Result, TaskHandle,
 };
+
+mod stack;
+#[allow(unused_imports)] // not every test binary uses the fixture
+pub use stack::{add_alone, Rig, Stack};
 
 /// How long any single wait in a test may take before the test fails.
 /// Generous: CI runs debug builds on two busy cores.
@@ -306,7 +311,8 @@ impl<D: BlockDriver> BlockDriver for Probe<D> {
 /// A minimal overlay: every request goes to the `Backing` child, and it
 /// takes on that child exactly what its own users take (so it can be
 /// appended above a written node with [`blockgraph::GraphWriter::append_overlay`]).
-/// Counts the requests it passes down.
+/// Counts the reads and writes it passes down. A [`Filter`] on its
+/// `Backing` child.
 #[derive(Default)]
 pub struct Overlay {
     pub requests: AtomicU64,
@@ -316,29 +322,13 @@ impl Overlay {
     pub fn new() -> Self {
         Self::default()
     }
-
-    fn backing<'a>(&self, node: RequestRef<'a>) -> Result<RequestRef<'a>> {
-        self.requests.fetch_add(1, Ordering::Relaxed);
-        blockgraph::driver::require_child(node, ChildRole::Backing)
-    }
 }
 
-impl BlockDriver for Overlay {
+impl Filter for Overlay {
+    const CHILD: ChildRole = ChildRole::Backing;
+
     fn format_name(&self) -> &'static str {
         "overlay"
-    }
-    fn child_permissions(&self, role: ChildRole, users: Permissions) -> Permissions {
-        match role {
-            ChildRole::Backing => users,
-            _ => Permissions::UNRESTRICTED,
-        }
-    }
-    fn length<'a>(&'a self, node: RequestRef<'a>) -> IoFuture<'a, u64> {
-        Box::pin(async move {
-            blockgraph::driver::require_child(node, ChildRole::Backing)?
-                .length()
-                .await
-        })
     }
     fn read<'a>(
         &'a self,
@@ -346,10 +336,12 @@ impl BlockDriver for Overlay {
         offset: u64,
         buf: &'a mut [u8],
     ) -> IoFuture<'a, ()> {
-        Box::pin(async move { self.backing(node)?.read(offset, buf).await })
+        self.requests.fetch_add(1, Ordering::Relaxed);
+        forward::read(node, Self::CHILD, offset, buf)
     }
     fn write<'a>(&'a self, node: RequestRef<'a>, offset: u64, buf: &'a [u8]) -> IoFuture<'a, ()> {
-        Box::pin(async move { self.backing(node)?.write(offset, buf).await })
+        self.requests.fetch_add(1, Ordering::Relaxed);
+        forward::write(node, Self::CHILD, offset, buf)
     }
 }
 
