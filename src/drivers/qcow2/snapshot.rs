@@ -35,9 +35,11 @@ use crate::graph::proof::{IoRef, RequestRef};
 use crate::types::{Error, Result};
 
 use super::entry::{decode_l1, decode_l2, rc_max, Entry, COPIED, OFFSET_MASK};
+use super::file_io::read_file;
 use super::header::{be32, be64, invalid};
 use super::meta::Meta;
-use super::{read_file, Qcow2Driver, Qcow2Options};
+use super::options::Qcow2Options;
+use super::state::Qcow2Driver;
 
 /// Header fields: number of snapshots (u32) and table offset (u64).
 const OFF_NB_SNAPSHOTS: usize = 60;
