@@ -29,7 +29,7 @@ use crate::types::Result;
 
 use super::bitmap::BitmapDir;
 use super::cache::{RawBlock, Table, TableCache};
-use super::entry::{decode_l1, decode_rt, rc_get, rc_max, rc_set, COPIED};
+use super::entry::{decode_l1, decode_l2, decode_rt, rc_get, rc_max, rc_set, COPIED};
 use super::geometry::Geo;
 use super::header::{
     be64, invalid, AUTOCLEAR_BITMAPS, OFF_AUTOCLEAR, OFF_L1_SIZE, OFF_L1_TABLE, OFF_REFCOUNT_TABLE,
@@ -186,7 +186,7 @@ impl Meta {
         let l1i = gc / self.geo.l2_entries;
         if let Some(off) = self.l2_offset(l1i)? {
             if self.l1[l1i as usize] & COPIED == 0 {
-                // Shared with a snapshot: copy on write (snapshot.rs).
+                // Shared with a snapshot: copy on write (`cow_l2`).
                 return self.cow_l2(file, l1i, off).await;
             }
             return Ok(off);
@@ -202,6 +202,45 @@ impl Meta {
         self.l1[l1i as usize] = off | COPIED;
         self.mark_l1(l1i as usize);
         Ok(off)
+    }
+
+    /// Gives L1 entry `l1i`, whose L2 table at `old` is shared (no copied
+    /// flag), a copy of its own, and returns the copy's offset.
+    ///
+    /// The clusters the table references keep their refcounts: a
+    /// reference is a path from an L1 table, and the active table's paths
+    /// only move from the old L2 table to the copy (QEMU's `l2_allocate`
+    /// does the same). The copy's own refcount is durable, and the copy is
+    /// written and durable, before the L1 entry points to it (written back
+    /// with the L1 table); the old table loses the active table's
+    /// reference only after that, as any freed cluster does
+    /// ([`Meta::free_later`]). A crash leaks at worst. The copy's entries
+    /// have no copied flag: everything it references is still shared.
+    pub(crate) async fn cow_l2(&mut self, file: RequestRef<'_>, l1i: u64, old: u64) -> Result<u64> {
+        let g = self.geo;
+        let s = self.l2_slot(file, old).await?;
+        let mut table = self.l2.get(s).table.clone();
+        for raw in table.iter_mut() {
+            decode_l2(&g, *raw)?;
+            *raw &= !COPIED;
+        }
+        let new = self.alloc(file, 1).await?;
+        self.write_refblocks(file).await?;
+        file.flush().await?;
+        let mut bytes = Vec::with_capacity(g.cs as usize);
+        for e in &table {
+            bytes.extend_from_slice(&e.to_be_bytes());
+        }
+        file.write(new, &bytes).await?;
+        file.flush().await?;
+        self.l1[l1i as usize] = new | COPIED;
+        let (a, b) = (l1i as usize * 8, l1i as usize * 8 + 8);
+        self.l1_dirty = Some(match self.l1_dirty {
+            Some((x, y)) => (x.min(a), y.max(b)),
+            None => (a, b),
+        });
+        self.free_later(old / g.cs, 1);
+        Ok(new)
     }
 
     fn mark_l1(&mut self, i: usize) {
