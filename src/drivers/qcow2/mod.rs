@@ -77,8 +77,9 @@
 //!
 //! # Where things are
 //!
-//! Bottom to top; each file uses only files listed before it (checked by
-//! `tests/module_layers.rs`):
+//! Bottom to top; each file uses only files listed before it (its imports
+//! are checked by `tests/module_layers.rs`; the method calls between the
+//! `impl Qcow2Driver` blocks keep the same order):
 //!
 //! - `options.rs`: [`Qcow2Options`] and [`Qcow2Limits`]; `file_io.rs`:
 //!   aligned reads of the image file.
@@ -91,11 +92,12 @@
 //!   blocks), allocation, and write-back in a crash-safe order (QEMU's
 //!   `qcow2-cache.c`, `qcow2-refcount.c`, `qcow2-cluster.c`'s table side).
 //! - `check.rs`: the consistency check's walk over the tables (QEMU's
-//!   `qcow2_check_refcounts`); `create.rs`: formatting a new image.
+//!   `qcow2_check_refcounts`).
 //! - `state.rs`: the [`Qcow2Driver`] struct (QEMU's `BDRVQcow2State`).
-//! - The driver's operations, each an `impl Qcow2Driver` block: `open.rs`,
-//!   `read.rs`, `write.rs` (allocation, copy-on-write, zeroes, discard,
-//!   compressed writes), `flush.rs`, `check_image.rs` (`qemu-img check`),
+//! - The driver's operations, each an `impl Qcow2Driver` block:
+//!   `create.rs` (formatting a new image), `open.rs`, `read.rs`,
+//!   `write.rs` (allocation, copy-on-write, zeroes, discard, compressed
+//!   writes), `flush.rs`, `check_image.rs` (`qemu-img check`),
 //!   `resize.rs`, `snapshot.rs` (internal snapshots), `info.rs` (what
 //!   `qemu-img info` reports), `chain.rs` (opening an image with its
 //!   backing files).
