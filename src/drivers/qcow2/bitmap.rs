@@ -2,10 +2,9 @@
 //! their clusters are accounted for and kept, and so that writes by us keep
 //! QEMU's rules for them. We do not track dirty regions ourselves.
 
-use crate::graph::proof::RequestRef;
 use crate::types::Result;
 
-use super::header::{be32, be64, invalid, BitmapsExt, AUTOCLEAR_BITMAPS, OFF_AUTOCLEAR};
+use super::header::{be32, be64, invalid, BitmapsExt};
 
 /// One persistent dirty bitmap stored in the image, as listed in its
 /// bitmap directory.
@@ -194,51 +193,4 @@ pub(crate) fn table_entry_valid(entry: u64, cluster_size: u64) -> bool {
     }
     let off = entry & TABLE_OFFSET_MASK;
     off == 0 || (entry & TABLE_ALL_ONES == 0 && off % cluster_size == 0)
-}
-
-impl super::meta::Meta {
-    /// Marks every bitmap in use (possibly inconsistent), durably, before
-    /// guest data changes: we do not record dirty regions, so from the
-    /// first change on the bitmaps no longer describe the disk.
-    ///
-    /// The directory is updated in place the way QEMU does it: auto-clear
-    /// bit 0 is cleared first (so a crash while the directory is half
-    /// written leaves an extension every reader ignores, never a torn one
-    /// that claims to be consistent), then the directory is written, then
-    /// the bit is set again; each step is flushed before the next.
-    pub(crate) async fn mark_bitmaps_in_use(&mut self, file: RequestRef<'_>) -> Result<()> {
-        let Some(dir) = self.bitmaps.as_ref() else {
-            return Ok(());
-        };
-        if !dir.any_consistent() {
-            return Ok(());
-        }
-        // Changed in a copy, kept only once durable: after a failure the
-        // next write tries again (the bit is set again in every case).
-        let mut dir = dir.clone();
-        let (s, e) = dir.set_all_in_use();
-        let offset = dir.ext.directory_offset;
-        let align = self.geo.align as usize;
-        let (s, e) = (s / align * align, e.div_ceil(align) * align);
-        let e = e.min(dir.raw.len());
-
-        let autoclear = be64(&self.hdr, OFF_AUTOCLEAR);
-        self.set_autoclear(file, autoclear & !AUTOCLEAR_BITMAPS)
-            .await?;
-        file.flush().await?;
-        file.write(offset + s as u64, &dir.raw[s..e]).await?;
-        file.flush().await?;
-        self.set_autoclear(file, autoclear | AUTOCLEAR_BITMAPS)
-            .await?;
-        file.flush().await?;
-        self.bitmaps = Some(dir);
-        Ok(())
-    }
-
-    /// Writes the auto-clear feature bits into the header (not flushed).
-    pub(crate) async fn set_autoclear(&mut self, file: RequestRef<'_>, v: u64) -> Result<()> {
-        self.hdr[OFF_AUTOCLEAR..OFF_AUTOCLEAR + 8].copy_from_slice(&v.to_be_bytes());
-        self.write_header(file, OFF_AUTOCLEAR, OFF_AUTOCLEAR + 8)
-            .await
-    }
 }

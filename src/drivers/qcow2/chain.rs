@@ -22,7 +22,8 @@ use crate::types::ChildRole;
 use crate::types::{Error, Result};
 
 use super::header::MAGIC;
-use super::{Qcow2Driver, Qcow2Options};
+use super::options::Qcow2Options;
+use super::state::Qcow2Driver;
 
 /// Opens a host file as a protocol driver: `(path, writable)`.
 pub type FileOpener = Arc<dyn Fn(&Path, bool) -> Result<Box<dyn BlockDriver>> + Send + Sync>;
@@ -308,7 +309,8 @@ async fn open_inner(
                 let (_request, node) = file.io(&g).admit()?;
                 let len = node.length().await?;
                 let align = u64::from(node.request_alignment().max(1));
-                let head = super::read_file(node, align, len, 0, 4.min(len as usize)).await?;
+                let head =
+                    super::file_io::read_file(node, align, len, 0, 4.min(len as usize)).await?;
                 if head.len() == 4
                     && u32::from_be_bytes([head[0], head[1], head[2], head[3]]) == MAGIC
                 {

@@ -10,7 +10,7 @@ use super::entry::{
 };
 use super::header::{be32, be64, invalid};
 use super::meta::Meta;
-use super::Qcow2Limits;
+use super::options::Qcow2Limits;
 
 /// Most messages a report keeps.
 const MAX_MESSAGES: usize = 100;
@@ -159,8 +159,14 @@ pub(crate) async fn check_meta(
                 outside(&mut r, format!("the L1 table of snapshot '{}'", sn.id));
                 continue;
             }
-            let raw = super::read_file(file, g.align, m.file_len, sn.l1_offset, l1_bytes as usize)
-                .await?;
+            let raw = super::file_io::read_file(
+                file,
+                g.align,
+                m.file_len,
+                sn.l1_offset,
+                l1_bytes as usize,
+            )
+            .await?;
             let l1: Vec<u64> = raw
                 .chunks_exact(8)
                 .map(|c| u64::from_be_bytes(c.try_into().expect("8 bytes")))
@@ -312,7 +318,8 @@ async fn bitmap_refs(
         let mut done = 0u64;
         while done < bytes {
             let n = (bytes - done).min(cs);
-            super::read_data(file, file_len, offset + done, &mut buf[..n as usize]).await?;
+            super::file_io::read_data(file, file_len, offset + done, &mut buf[..n as usize])
+                .await?;
             for (k, chunk) in buf[..n as usize].chunks_exact(8).enumerate() {
                 let entry = u64::from_be_bytes(chunk.try_into().expect("8 bytes"));
                 let idx = done / 8 + k as u64;
@@ -439,7 +446,8 @@ async fn read_snapshot_table(
                 "snapshot table entry {i} lies past the end of the file"
             )));
         }
-        let e = super::read_file(file, align, file_len, pos, SN_ENTRY_LEN as usize).await?;
+        let e =
+            super::file_io::read_file(file, align, file_len, pos, SN_ENTRY_LEN as usize).await?;
         let l1_offset = be64(&e, 0);
         let l1_size = be32(&e, 8);
         let id_len = u16::from_be_bytes([e[12], e[13]]);
@@ -451,7 +459,7 @@ async fn read_snapshot_table(
             )));
         }
         let id_at = pos + SN_ENTRY_LEN + u64::from(extra);
-        let id = super::read_file(file, align, file_len, id_at, id_len as usize).await?;
+        let id = super::file_io::read_file(file, align, file_len, id_at, id_len as usize).await?;
         let id = String::from_utf8_lossy(&id).into_owned();
         let len = (SN_ENTRY_LEN + u64::from(extra) + u64::from(id_len) + u64::from(name_len))
             .div_ceil(8)

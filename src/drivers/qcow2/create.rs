@@ -5,13 +5,14 @@
 //! covering all of that, and the L1 table. Every cluster of that area has
 //! refcount 1; the rest of the file is free.
 
-use crate::graph::proof::RequestRef;
+use crate::graph::proof::{IoRef, RequestRef};
 use crate::types::{Error, Result};
 
 use super::cache::Table;
 use super::entry::rc_set;
 use super::header::{l1_entries_for, NewHeader, MAX_CLUSTER_BITS, MIN_CLUSTER_BITS};
-use super::Qcow2Limits;
+use super::options::Qcow2Limits;
+use super::state::Qcow2Driver;
 
 /// What [`Qcow2Driver::create`](super::Qcow2Driver::create) makes.
 #[derive(Debug, Clone)]
@@ -155,4 +156,15 @@ pub(crate) async fn create(file: RequestRef<'_>, o: &CreateOptions) -> Result<()
     file.write(0, &header).await?;
     file.flush().await?;
     Ok(())
+}
+
+impl Qcow2Driver {
+    /// Formats the node `file` as an empty qcow2 image (see
+    /// [`CreateOptions`]). Whatever the file held is overwritten where the
+    /// new metadata goes and is otherwise unreachable.
+    /// Like [`Qcow2Driver::open`], one request entering at `file`.
+    pub async fn create(file: IoRef<'_>, options: &CreateOptions) -> Result<()> {
+        let (_request, file) = file.admit()?;
+        create(file, options).await
+    }
 }

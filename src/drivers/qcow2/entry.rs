@@ -2,8 +2,8 @@
 
 use crate::types::Result;
 
+use super::geometry::Geo;
 use super::header::invalid;
-use super::meta::Geo;
 
 /// Bit 63 of L1/L2 entries: the refcount is exactly one.
 pub(crate) const COPIED: u64 = 1 << 63;

@@ -9,7 +9,7 @@
 
 use crate::types::{Error, Result};
 
-use super::Qcow2Limits;
+use super::options::Qcow2Limits;
 
 /// `"QFI\xfb"`.
 pub(crate) const MAGIC: u32 = 0x5146_49fb;

@@ -27,28 +27,14 @@
 use crate::graph::proof::RequestRef;
 use crate::types::Result;
 
+use super::bitmap::BitmapDir;
 use super::cache::{RawBlock, Table, TableCache};
-use super::entry::{decode_l1, decode_rt, rc_get, rc_max, rc_set, COPIED};
-use super::header::{invalid, OFF_L1_SIZE, OFF_L1_TABLE, OFF_REFCOUNT_TABLE, OFF_SIZE};
-
-/// Image geometry, fixed at open (the virtual size, which a resize
-/// changes, lives in the driver).
-#[derive(Debug, Clone, Copy)]
-pub(crate) struct Geo {
-    pub cluster_bits: u32,
-    pub cs: u64,
-    pub l2_entries: u64,
-    pub version: u32,
-    pub refcount_order: u32,
-    /// Refcount entries per refcount block.
-    pub rb_entries: u64,
-    /// Metadata writes are rounded out to this (the file's alignment).
-    pub align: u64,
-    /// Host offsets must stay below this.
-    pub max_host: u64,
-    /// Largest refcount table, in bytes.
-    pub max_rt_bytes: u64,
-}
+use super::entry::{decode_l1, decode_l2, decode_rt, rc_get, rc_max, rc_set, COPIED};
+use super::geometry::Geo;
+use super::header::{
+    be64, invalid, AUTOCLEAR_BITMAPS, OFF_AUTOCLEAR, OFF_L1_SIZE, OFF_L1_TABLE, OFF_REFCOUNT_TABLE,
+    OFF_SIZE,
+};
 
 /// Everything about the image that changes, behind the driver's
 /// metadata lock.
@@ -72,7 +58,7 @@ pub(crate) struct Meta {
     pub pending_frees: Vec<(u64, u64)>,
     /// The persistent dirty bitmaps' directory (when the image has a
     /// consistent bitmaps extension).
-    pub bitmaps: Option<super::bitmap::BitmapDir>,
+    pub bitmaps: Option<BitmapDir>,
     /// Set when metadata was found corrupt: writes are refused from then on.
     pub broken: Option<String>,
 }
@@ -200,7 +186,7 @@ impl Meta {
         let l1i = gc / self.geo.l2_entries;
         if let Some(off) = self.l2_offset(l1i)? {
             if self.l1[l1i as usize] & COPIED == 0 {
-                // Shared with a snapshot: copy on write (snapshot.rs).
+                // Shared with a snapshot: copy on write (`cow_l2`).
                 return self.cow_l2(file, l1i, off).await;
             }
             return Ok(off);
@@ -216,6 +202,45 @@ impl Meta {
         self.l1[l1i as usize] = off | COPIED;
         self.mark_l1(l1i as usize);
         Ok(off)
+    }
+
+    /// Gives L1 entry `l1i`, whose L2 table at `old` is shared (no copied
+    /// flag), a copy of its own, and returns the copy's offset.
+    ///
+    /// The clusters the table references keep their refcounts: a
+    /// reference is a path from an L1 table, and the active table's paths
+    /// only move from the old L2 table to the copy (QEMU's `l2_allocate`
+    /// does the same). The copy's own refcount is durable, and the copy is
+    /// written and durable, before the L1 entry points to it (written back
+    /// with the L1 table); the old table loses the active table's
+    /// reference only after that, as any freed cluster does
+    /// ([`Meta::free_later`]). A crash leaks at worst. The copy's entries
+    /// have no copied flag: everything it references is still shared.
+    pub(crate) async fn cow_l2(&mut self, file: RequestRef<'_>, l1i: u64, old: u64) -> Result<u64> {
+        let g = self.geo;
+        let s = self.l2_slot(file, old).await?;
+        let mut table = self.l2.get(s).table.clone();
+        for raw in table.iter_mut() {
+            decode_l2(&g, *raw)?;
+            *raw &= !COPIED;
+        }
+        let new = self.alloc(file, 1).await?;
+        self.write_refblocks(file).await?;
+        file.flush().await?;
+        let mut bytes = Vec::with_capacity(g.cs as usize);
+        for e in &table {
+            bytes.extend_from_slice(&e.to_be_bytes());
+        }
+        file.write(new, &bytes).await?;
+        file.flush().await?;
+        self.l1[l1i as usize] = new | COPIED;
+        let (a, b) = (l1i as usize * 8, l1i as usize * 8 + 8);
+        self.l1_dirty = Some(match self.l1_dirty {
+            Some((x, y)) => (x.min(a), y.max(b)),
+            None => (a, b),
+        });
+        self.free_later(old / g.cs, 1);
+        Ok(new)
     }
 
     fn mark_l1(&mut self, i: usize) {
@@ -695,5 +720,52 @@ impl Meta {
             || self.l2.has_dirty()
             || self.rb.has_dirty()
             || !self.pending_frees.is_empty()
+    }
+
+    // ---- persistent bitmaps and auto-clear bits ---------------------------
+
+    /// Marks every bitmap in use (possibly inconsistent), durably, before
+    /// guest data changes: we do not record dirty regions, so from the
+    /// first change on the bitmaps no longer describe the disk.
+    ///
+    /// The directory is updated in place the way QEMU does it: auto-clear
+    /// bit 0 is cleared first (so a crash while the directory is half
+    /// written leaves an extension every reader ignores, never a torn one
+    /// that claims to be consistent), then the directory is written, then
+    /// the bit is set again; each step is flushed before the next.
+    pub(crate) async fn mark_bitmaps_in_use(&mut self, file: RequestRef<'_>) -> Result<()> {
+        let Some(dir) = self.bitmaps.as_ref() else {
+            return Ok(());
+        };
+        if !dir.any_consistent() {
+            return Ok(());
+        }
+        // Changed in a copy, kept only once durable: after a failure the
+        // next write tries again (the bit is set again in every case).
+        let mut dir = dir.clone();
+        let (s, e) = dir.set_all_in_use();
+        let offset = dir.ext.directory_offset;
+        let align = self.geo.align as usize;
+        let (s, e) = (s / align * align, e.div_ceil(align) * align);
+        let e = e.min(dir.raw.len());
+
+        let autoclear = be64(&self.hdr, OFF_AUTOCLEAR);
+        self.set_autoclear(file, autoclear & !AUTOCLEAR_BITMAPS)
+            .await?;
+        file.flush().await?;
+        file.write(offset + s as u64, &dir.raw[s..e]).await?;
+        file.flush().await?;
+        self.set_autoclear(file, autoclear | AUTOCLEAR_BITMAPS)
+            .await?;
+        file.flush().await?;
+        self.bitmaps = Some(dir);
+        Ok(())
+    }
+
+    /// Writes the auto-clear feature bits into the header (not flushed).
+    pub(crate) async fn set_autoclear(&mut self, file: RequestRef<'_>, v: u64) -> Result<()> {
+        self.hdr[OFF_AUTOCLEAR..OFF_AUTOCLEAR + 8].copy_from_slice(&v.to_be_bytes());
+        self.write_header(file, OFF_AUTOCLEAR, OFF_AUTOCLEAR + 8)
+            .await
     }
 }

@@ -46,8 +46,11 @@ use crate::graph::proof::RequestRef;
 use crate::types::ChildRole;
 use crate::types::{Error, Result};
 
+use super::file_io::read_data;
 use super::header::{invalid, l1_entries_for};
-use super::{read_data, Mapping, Qcow2Driver, Src};
+use super::read::Mapping;
+use super::state::Qcow2Driver;
+use super::write::Src;
 
 impl Qcow2Driver {
     pub(super) async fn do_truncate(&self, node: RequestRef<'_>, new: u64) -> Result<()> {

@@ -27,7 +27,7 @@
 //! Guest writes to an image with snapshots copy what they change: a data
 //! cluster without the copied flag is never written in place (the write
 //! path allocates a new one and drops a reference to the old), and an L2
-//! table without it is first copied by [`Meta::cow_l2`] here.
+//! table without it is first copied by [`Meta::cow_l2`] (in `meta.rs`).
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -35,9 +35,11 @@ use crate::graph::proof::{IoRef, RequestRef};
 use crate::types::{Error, Result};
 
 use super::entry::{decode_l1, decode_l2, rc_max, Entry, COPIED, OFFSET_MASK};
+use super::file_io::read_file;
 use super::header::{be32, be64, invalid};
 use super::meta::Meta;
-use super::{read_file, Qcow2Driver, Qcow2Options};
+use super::options::Qcow2Options;
+use super::state::Qcow2Driver;
 
 /// Header fields: number of snapshots (u32) and table offset (u64).
 const OFF_NB_SNAPSHOTS: usize = 60;
@@ -578,46 +580,5 @@ impl Qcow2Driver {
             }
         }
         sync(&mut m, file).await
-    }
-}
-
-impl Meta {
-    /// Gives L1 entry `l1i`, whose L2 table at `old` is shared (no copied
-    /// flag), a copy of its own, and returns the copy's offset.
-    ///
-    /// The clusters the table references keep their refcounts: a
-    /// reference is a path from an L1 table, and the active table's paths
-    /// only move from the old L2 table to the copy (QEMU's `l2_allocate`
-    /// does the same). The copy's own refcount is durable, and the copy is
-    /// written and durable, before the L1 entry points to it (written back
-    /// with the L1 table); the old table loses the active table's
-    /// reference only after that, as any freed cluster does
-    /// ([`Meta::free_later`]). A crash leaks at worst. The copy's entries
-    /// have no copied flag: everything it references is still shared.
-    pub(crate) async fn cow_l2(&mut self, file: RequestRef<'_>, l1i: u64, old: u64) -> Result<u64> {
-        let g = self.geo;
-        let s = self.l2_slot(file, old).await?;
-        let mut table = self.l2.get(s).table.clone();
-        for raw in table.iter_mut() {
-            decode_l2(&g, *raw)?;
-            *raw &= !COPIED;
-        }
-        let new = self.alloc(file, 1).await?;
-        self.write_refblocks(file).await?;
-        file.flush().await?;
-        let mut bytes = Vec::with_capacity(g.cs as usize);
-        for e in &table {
-            bytes.extend_from_slice(&e.to_be_bytes());
-        }
-        file.write(new, &bytes).await?;
-        file.flush().await?;
-        self.l1[l1i as usize] = new | COPIED;
-        let (a, b) = (l1i as usize * 8, l1i as usize * 8 + 8);
-        self.l1_dirty = Some(match self.l1_dirty {
-            Some((x, y)) => (x.min(a), y.max(b)),
-            None => (a, b),
-        });
-        self.free_later(old / g.cs, 1);
-        Ok(new)
     }
 }

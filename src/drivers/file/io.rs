@@ -1,0 +1,157 @@
+//! The I/O path (QEMU's `raw_co_prw` and friends): reads and writes
+//! bounced through buffers the host call owns, read-modify-write of partial
+//! `O_DIRECT` blocks under a range lock, zeroing, discard and flush, each
+//! host call on the blocking pool.
+
+use std::os::unix::fs::FileExt;
+use std::sync::atomic::Ordering;
+
+use crate::driver::range_lock::RangeGuard;
+use crate::types::Result;
+
+use super::host::{blocking, fallocate, fill_partial_blocks, read_or_zero, AlignedBuf};
+use super::state::FileDriver;
+
+/// Largest zero buffer written at once when the host cannot zero a range.
+const ZERO_CHUNK: u64 = 1 << 20;
+
+impl FileDriver {
+    pub(super) async fn do_read(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
+        let len = buf.len() as u64;
+        if len == 0 {
+            return Ok(());
+        }
+        self.check_strict(offset, len)?;
+        let (start, end) = self.aligned(offset, len)?;
+        let host = self.host.clone();
+        let bounce = blocking(move || {
+            let mut bounce = AlignedBuf::new(end - start, host.align)?;
+            read_or_zero(&host.file, bounce.as_mut_slice(), start)?;
+            Ok(bounce)
+        })
+        .await?;
+        let head = (offset - start) as usize;
+        buf.copy_from_slice(&bounce.as_slice()[head..head + buf.len()]);
+        Ok(())
+    }
+
+    pub(super) async fn do_write(&self, offset: u64, buf: &[u8]) -> Result<()> {
+        self.check_writable()?;
+        let len = buf.len() as u64;
+        if len == 0 {
+            return Ok(());
+        }
+        self.check_strict(offset, len)?;
+        let (start, end) = self.aligned(offset, len)?;
+        let head = (offset - start) as usize;
+        let rmw = start != offset || end != offset + len;
+        // Copy first: the caller's buffer never leaves this thread.
+        let mut bounce = AlignedBuf::new(end - start, self.host.align)?;
+        bounce.as_mut_slice()[head..head + buf.len()].copy_from_slice(buf);
+        let guard = self.lock_blocks(start, end, rmw).await;
+        let host = self.host.clone();
+        let tail = (offset + len - start) as usize;
+        blocking(move || {
+            // Held until the host call is over, even if the request's
+            // future is gone by then.
+            let _guard = guard;
+            if rmw {
+                fill_partial_blocks(&host, &mut bounce, start, head, tail)?;
+            }
+            host.file.write_all_at(bounce.as_slice(), start)?;
+            host.size.fetch_max(end, Ordering::SeqCst);
+            Ok(())
+        })
+        .await
+    }
+
+    pub(super) async fn do_write_zeroes(&self, offset: u64, len: u64) -> Result<()> {
+        self.check_writable()?;
+        if len == 0 {
+            return Ok(());
+        }
+        self.check_strict(offset, len)?;
+        let (start, end) = self.aligned(offset, len)?;
+        let guard = self.lock_blocks(start, end, false).await;
+        let host = self.host.clone();
+        let zeroed = blocking(move || {
+            let _guard = guard;
+            let block = host.block_device;
+            let keep = if block { libc::FALLOC_FL_KEEP_SIZE } else { 0 };
+            if fallocate(&host.file, libc::FALLOC_FL_ZERO_RANGE | keep, offset, len)? {
+                if !block {
+                    host.size.fetch_max(offset + len, Ordering::SeqCst);
+                }
+                return Ok(true);
+            }
+            let punch = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
+            if fallocate(&host.file, punch, offset, len)? {
+                let size = host.size.load(Ordering::SeqCst);
+                if !block && offset + len > size {
+                    host.file.set_len(offset + len)?;
+                    host.size.fetch_max(offset + len, Ordering::SeqCst);
+                }
+                return Ok(true);
+            }
+            Ok(false)
+        })
+        .await?;
+        if zeroed {
+            Ok(())
+        } else {
+            self.zero_by_writing(offset, len).await
+        }
+    }
+
+    pub(super) async fn do_discard(&self, offset: u64, len: u64) -> Result<()> {
+        self.check_writable()?;
+        let size = self.host.size.load(Ordering::SeqCst);
+        let len = len.min(size.saturating_sub(offset));
+        if len == 0 {
+            return Ok(());
+        }
+        // Not in the middle of a read-modify-write of the same blocks,
+        // which would write the old bytes back over the hole.
+        let (start, end) = self.aligned(offset, len)?;
+        let guard = self.lock_blocks(start, end, false).await;
+        let host = self.host.clone();
+        // Discard is advisory: a host that cannot punch holes keeps the
+        // data, which is allowed.
+        blocking(move || {
+            let _guard = guard;
+            let punch = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
+            fallocate(&host.file, punch, offset, len).map(drop)
+        })
+        .await
+    }
+
+    pub(super) async fn do_flush(&self) -> Result<()> {
+        if self.options.read_only {
+            return Ok(());
+        }
+        let host = self.host.clone();
+        blocking(move || host.file.sync_data()).await
+    }
+
+    /// Locks the blocks a write touches when `O_DIRECT` bouncing could
+    /// read-modify-write them; buffered files need no lock (the page cache
+    /// merges byte ranges).
+    pub(super) async fn lock_blocks(&self, start: u64, end: u64, rmw: bool) -> Option<RangeGuard> {
+        if self.host.align > 1 {
+            Some(self.ranges.lock(start, end, rmw).await)
+        } else {
+            None
+        }
+    }
+
+    async fn zero_by_writing(&self, offset: u64, len: u64) -> Result<()> {
+        let zeroes = vec![0u8; len.min(ZERO_CHUNK) as usize];
+        let mut done = 0;
+        while done < len {
+            let n = (len - done).min(ZERO_CHUNK);
+            self.do_write(offset + done, &zeroes[..n as usize]).await?;
+            done += n;
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,142 @@
+//! Opening and creating a host file (QEMU's `raw_open_common`): `open`,
+//! `fstat`, the `O_DIRECT` alignment probe, then the image locks (`lock.rs`).
+
+use std::fs::{File, OpenOptions};
+use std::io::{Seek, SeekFrom};
+use std::os::unix::fs::{FileExt, FileTypeExt, OpenOptionsExt};
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use crate::driver::range_lock::RangeLock;
+use crate::types::{Error, Result};
+
+use super::host::{path_error, AlignedBuf, Host};
+use super::lock::lock_image;
+use super::options::FileOptions;
+use super::state::FileDriver;
+
+impl FileDriver {
+    /// Opens `path` (a regular file or a block device).
+    ///
+    /// Opening is synchronous: it is one `open`, one `fstat` and a few lock
+    /// calls, done once on the main loop (or wherever the graph is built),
+    /// like QEMU's `bdrv_open`.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Io`] (naming the path) when the file cannot be opened,
+    /// [`Error::InvalidArgument`] when it is neither a regular file nor a
+    /// block device or the filesystem refuses `O_DIRECT`, and
+    /// [`Error::Locked`] when another user holds it in a conflicting way.
+    pub fn open(path: impl AsRef<Path>, options: FileOptions) -> Result<FileDriver> {
+        Self::open_inner(path.as_ref(), options, false)
+    }
+
+    /// Creates (or empties) the file at `path`, sizes it to `size` bytes
+    /// (sparse) and opens it writable with `options`.
+    ///
+    /// An existing file is locked before it is emptied, so a file in use by
+    /// another writer is refused, not clobbered.
+    pub fn create(path: impl AsRef<Path>, size: u64, options: FileOptions) -> Result<FileDriver> {
+        let path = path.as_ref();
+        if options.read_only {
+            return Err(Error::InvalidArgument(format!(
+                "cannot create '{}' read-only",
+                path.display()
+            )));
+        }
+        let driver = Self::open_inner(path, options, true)?;
+        let host = &driver.host;
+        if host.block_device {
+            return Err(Error::InvalidArgument(format!(
+                "'{}' is a block device; create images on regular files",
+                path.display()
+            )));
+        }
+        host.file
+            .set_len(0)
+            .and_then(|()| host.file.set_len(size))
+            .map_err(|e| path_error(path, "cannot size", e))?;
+        host.size.store(size, Ordering::SeqCst);
+        Ok(driver)
+    }
+
+    fn open_inner(path: &Path, options: FileOptions, create: bool) -> Result<FileDriver> {
+        let mut open = OpenOptions::new();
+        open.read(true).write(!options.read_only).create(create);
+        if options.direct {
+            open.custom_flags(libc::O_DIRECT);
+        }
+        let file = open.open(path).map_err(|e| {
+            if options.direct && e.raw_os_error() == Some(libc::EINVAL) {
+                Error::InvalidArgument(format!(
+                    "the filesystem of '{}' does not support O_DIRECT (open it without direct)",
+                    path.display()
+                ))
+            } else {
+                path_error(path, "cannot open", e)
+            }
+        })?;
+        let meta = file
+            .metadata()
+            .map_err(|e| path_error(path, "cannot stat", e))?;
+        let kind = meta.file_type();
+        let block_device = kind.is_block_device();
+        if !kind.is_file() && !block_device {
+            return Err(Error::InvalidArgument(format!(
+                "'{}' is not a regular file or a block device",
+                path.display()
+            )));
+        }
+        let size = if block_device {
+            (&file)
+                .seek(SeekFrom::End(0))
+                .map_err(|e| path_error(path, "cannot size", e))?
+        } else {
+            meta.len()
+        };
+        let align = if options.direct {
+            u64::from(probe_alignment(&file, size))
+        } else {
+            1
+        };
+        let locked = if options.locking {
+            lock_image(&file, path, &options)?
+        } else {
+            false
+        };
+        Ok(FileDriver {
+            path: path.to_owned(),
+            host: Arc::new(Host {
+                file,
+                size: AtomicU64::new(size),
+                align,
+                block_device,
+            }),
+            options,
+            locked,
+            ranges: RangeLock::default(),
+        })
+    }
+}
+
+/// The smallest power of two from 512 to 4096 that an `O_DIRECT` read at
+/// offset 0 accepts; 4096 when the file is empty (nothing to probe with) or
+/// the probe is inconclusive.
+fn probe_alignment(file: &File, size: u64) -> u32 {
+    if size == 0 {
+        return 4096;
+    }
+    for align in [512u32, 1024, 2048, 4096] {
+        let Ok(mut buf) = AlignedBuf::new(u64::from(align), 2) else {
+            break;
+        };
+        match file.read_at(buf.as_mut_slice(), 0) {
+            Ok(_) => return align,
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => continue,
+            Err(_) => break,
+        }
+    }
+    4096
+}
