@@ -395,13 +395,23 @@ impl Crate {
                         && !t.starts_with("mod ")
                         && !t.starts_with("pub mod ")
                         && !t.starts_with("pub(crate) mod ")
-                        && t.contains(target.rsplit("::").next().unwrap())
+                        && contains_word(t, target.rsplit("::").next().unwrap())
                 });
                 used_elsewhere
             });
         }
         edges
     }
+}
+
+/// Whether `word` occurs in `line` as a whole identifier.
+fn contains_word(line: &str, word: &str) -> bool {
+    let is_ident = |c: char| c.is_alphanumeric() || c == '_';
+    line.match_indices(word).any(|(at, _)| {
+        let before = line[..at].chars().next_back();
+        let after = line[at + word.len()..].chars().next();
+        !before.is_some_and(is_ident) && !after.is_some_and(is_ident)
+    })
 }
 
 fn matching_brace(s: &str, open: usize) -> usize {

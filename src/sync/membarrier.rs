@@ -10,8 +10,7 @@
 //! compiler fence acts as if it had been a full fence whenever it matters.
 //!
 //! This file depends on nothing else in the crate (only `std`, `rustix` and,
-//! under `--cfg loom`, `loom`), so the benchmark can include it to report
-//! the mode the lock picks.
+//! under `--cfg loom`, `loom`).
 
 /// How the graph lock orders a reader's counter update before its load of
 /// the writer flag.
@@ -56,15 +55,6 @@ impl FenceMode {
             FenceMode::Symmetric
         }
     }
-
-    /// A short name for reports.
-    #[allow(dead_code)] // the benchmark includes this file to print the mode
-    pub(crate) fn name(self) -> &'static str {
-        match self {
-            FenceMode::Asymmetric => "asymmetric (membarrier private expedited)",
-            FenceMode::Symmetric => "symmetric (one locked RMW per side)",
-        }
-    }
 }
 
 /// Whether this process may use [`FenceMode::Asymmetric`]: registers for
@@ -99,13 +89,14 @@ fn register() -> bool {
 /// Only called by locks in [`FenceMode::Asymmetric`], which exist only after
 /// [`asymmetric_available`] returned `true`.
 ///
-/// # Panics
+/// # Aborts
 ///
 /// If the kernel refuses the barrier after having accepted the registration
 /// (the documented errors are "not registered" and "not supported", both
-/// ruled out by then). The lock cannot order its readers without it; the
-/// panic leaves the writer flag raised, so no writer ever enters: safe, and
-/// loud.
+/// ruled out by then). The lock cannot order its readers without it, and a
+/// panic here would not be safe: the writer count is already raised, so a
+/// later writer would skip the barrier and could enter with a reader still
+/// inside. The process prints why and aborts.
 #[inline]
 pub(crate) fn heavy_barrier() {
     #[cfg(loom)]
@@ -119,7 +110,11 @@ pub(crate) fn heavy_barrier() {
     {
         use rustix::thread::{membarrier, MembarrierCommand};
         if let Err(err) = membarrier(MembarrierCommand::PrivateExpedited) {
-            panic!("blockgraph: membarrier(PRIVATE_EXPEDITED) failed after registration: {err}");
+            eprintln!(
+                "blockgraph: membarrier(PRIVATE_EXPEDITED) failed after registration ({err}); \
+                 the graph lock cannot order its readers without it, aborting"
+            );
+            std::process::abort();
         }
     }
     #[cfg(all(not(target_os = "linux"), not(loom)))]
