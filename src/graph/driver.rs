@@ -8,6 +8,7 @@ use std::pin::Pin;
 
 use crate::graph::proof::{CallbackRef, RequestRef};
 use crate::types::BlockStatus;
+use crate::types::DriverInfo;
 use crate::types::{ChildRole, Perm, Permissions};
 use crate::types::{Error, Result};
 
@@ -109,6 +110,54 @@ pub trait BlockDriver: Any + Send + Sync {
             driver: self.format_name(),
             operation: "reopen",
         })
+    }
+
+    /// Whether the node refuses writes (QEMU's `bdrv_is_read_only`).
+    ///
+    /// The graph enforces it: no user of a read-only node may take
+    /// [`Perm::WRITE`] or [`Perm::WRITE_UNCHANGED`] on it (QEMU's rule), and
+    /// a mutation or reopen that would give one is refused with
+    /// [`Error::PermissionConflict`] and rolled back. (A resize of a
+    /// read-only node is refused by its driver.) Default: `false`.
+    fn is_read_only(&self) -> bool {
+        false
+    }
+
+    /// Switches the drained node between read-only and read-write (QEMU's
+    /// reopen with `read-only=on|off`), called by
+    /// [`GraphWriter::reopen`](crate::GraphWriter::reopen) and
+    /// [`GraphWriter::set_read_only`](crate::GraphWriter::set_read_only)
+    /// inside the write section. No request is in flight anywhere in the
+    /// graph meanwhile (requests hold the read lock).
+    ///
+    /// The graph calls it on the node and, as QEMU's children inherit
+    /// `read-only`, on the `File`, `Data` and `Filtered` children below it
+    /// (top down when going read-only, bottom up when going read-write).
+    /// If any of those, or the permission check that follows, fails, the
+    /// nodes already switched are switched back with the old value, newest
+    /// first; a driver should do everything that can fail on the way
+    /// forward, so that switching back succeeds. After it returns,
+    /// [`BlockDriver::is_read_only`] must report the new mode.
+    ///
+    /// Default: [`Error::Unsupported`], unless `read_only` is already the
+    /// current mode.
+    fn set_read_only(&self, node: CallbackRef<'_>, read_only: bool) -> Result<()> {
+        let _ = node;
+        if read_only == self.is_read_only() {
+            return Ok(());
+        }
+        Err(Error::Unsupported {
+            driver: self.format_name(),
+            operation: "switching read-only mode",
+        })
+    }
+
+    /// What the node reports about itself to
+    /// [`Bql::query_nodes`](crate::Bql::query_nodes) (QEMU's
+    /// `bdrv_get_info` and `bdrv_get_specific_info`): its file name, format
+    /// details. Default: nothing beyond the format name.
+    fn info(&self) -> DriverInfo {
+        DriverInfo::default()
     }
 
     /// What this node takes and shares on its `role` child, given what its
