@@ -64,6 +64,7 @@ mod types;
 // need none of the export.
 #[cfg(all(feature = "nbd-export", not(loom)))]
 pub mod export;
+pub mod snapshot;
 
 pub use backend::BlockBackend;
 pub use graph::backend::BackendOptions;
