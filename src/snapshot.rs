@@ -194,8 +194,11 @@ pub async fn snapshot(
                     .find(|(t, _)| t.name() == top.name())
                     .expect("drained from disks")
                     .0;
-                w.set_backing(overlay, Some(top_handle))?;
+                // Users move first: the overlay's backing edge does not
+                // share WRITE, so it can join only once the top's writers
+                // have left (each step of a transaction is checked).
                 w.replace_node(top, overlay)?;
+                w.set_backing(overlay, Some(top_handle))?;
                 w.set_read_only(top, true)?;
             }
             Ok(())
