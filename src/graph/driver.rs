@@ -9,7 +9,9 @@ use std::pin::Pin;
 use crate::graph::proof::{CallbackRef, RequestRef};
 use crate::types::BlockStatus;
 use crate::types::DriverInfo;
-use crate::types::{ChildRole, Perm, Permissions};
+#[cfg(doc)]
+use crate::types::Perm;
+use crate::types::{ChildRole, Permissions};
 use crate::types::{Error, Result};
 
 /// The future an I/O callback returns. `Send`, so requests can run on
@@ -164,14 +166,12 @@ pub trait BlockDriver: Any + Send + Sync {
     /// own users take and share (QEMU's `bdrv_child_perm`).
     ///
     /// The default passes the users' needs through to `File`, `Data` and
-    /// `Filtered` children, and takes a consistent read on a `Backing` child
-    /// while letting nobody else write or resize it.
+    /// `Filtered` children, and on a `Backing` child takes a consistent read
+    /// and lets nobody else write or resize it unless the node's own users
+    /// share `WRITE` ([`Permissions::for_backing`], QEMU's rule).
     fn child_permissions(&self, role: ChildRole, users: Permissions) -> Permissions {
         match role {
-            ChildRole::Backing => Permissions {
-                take: Perm::CONSISTENT_READ,
-                share: Perm::CONSISTENT_READ | Perm::WRITE_UNCHANGED,
-            },
+            ChildRole::Backing => Permissions::for_backing(users),
             _ => users,
         }
     }

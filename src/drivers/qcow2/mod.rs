@@ -232,10 +232,7 @@ impl BlockDriver for Qcow2Driver {
                     share: Perm::CONSISTENT_READ | Perm::WRITE_UNCHANGED,
                 }
             }
-            ChildRole::Backing => Permissions {
-                take: Perm::CONSISTENT_READ,
-                share: Perm::CONSISTENT_READ | Perm::WRITE_UNCHANGED,
-            },
+            ChildRole::Backing => Permissions::for_backing(users),
             _ => users,
         }
     }
