@@ -21,7 +21,7 @@ const LAYERS: &[(&str, u32, &str)] = &[
     (
         "types",
         0,
-        "the vocabulary: errors, roles, permissions, block status",
+        "the vocabulary: errors, roles, permissions, block status, query results",
     ),
     ("sync", 1, "the graph lock"),
     (

@@ -236,3 +236,25 @@ fn queries_describe_nodes_and_backends() {
     drop(io);
     main.shutdown();
 }
+
+/// With the `serde` feature, query results serialise (for a QMP-like
+/// management protocol).
+#[cfg(feature = "serde")]
+#[test]
+fn query_results_serialise_with_the_serde_feature() {
+    let main = MainLoop::new().unwrap();
+    let (nodes, backends) = main.run(|bql| {
+        let disk = bql
+            .write(|w| w.add_node("disk", MemoryDriver::new(4096), &[]))
+            .unwrap();
+        bql.write(|w| w.add_backend("vda", &disk, BackendOptions::default()))
+            .unwrap();
+        (bql.query_nodes(), bql.query_backends())
+    });
+    let json = serde_json::to_value(&nodes).unwrap();
+    assert_eq!(json[0]["name"], "disk");
+    assert_eq!(json[0]["parents"][0], "backend 'vda'");
+    let json = serde_json::to_value(&backends).unwrap();
+    assert_eq!(json[0]["stats"]["reads"], 0);
+    main.shutdown();
+}

@@ -95,15 +95,15 @@ pub(crate) struct BackendStats {
 impl BackendStats {
     pub(crate) fn snapshot(&self) -> crate::types::IoStats {
         use std::sync::atomic::Ordering::Relaxed;
-        let mut s = crate::types::IoStats::default();
-        s.reads = self.reads.load(Relaxed);
-        s.read_bytes = self.read_bytes.load(Relaxed);
-        s.writes = self.writes.load(Relaxed);
-        s.write_bytes = self.write_bytes.load(Relaxed);
-        s.flushes = self.flushes.load(Relaxed);
-        s.discards = self.discards.load(Relaxed);
-        s.errors = self.errors.load(Relaxed);
-        s
+        crate::types::IoStats {
+            reads: self.reads.load(Relaxed),
+            read_bytes: self.read_bytes.load(Relaxed),
+            writes: self.writes.load(Relaxed),
+            write_bytes: self.write_bytes.load(Relaxed),
+            flushes: self.flushes.load(Relaxed),
+            discards: self.discards.load(Relaxed),
+            errors: self.errors.load(Relaxed),
+        }
     }
 }
 

@@ -49,6 +49,9 @@ enum Garbage {
     Backend(#[allow(dead_code)] Arc<BackendInner>),
 }
 
+/// Driver options of a reopen, owned.
+type Options = Vec<(String, String)>;
+
 /// A group of mutations open through [`GraphWriter::transaction`].
 #[derive(Default)]
 pub(crate) struct Group {
@@ -93,7 +96,7 @@ pub(crate) struct TxLog {
     /// first: switched back on rollback, newest first.
     read_only: Vec<(Arc<NodeInner>, bool)>,
     /// Driver options to apply once every check passed.
-    reopens: Vec<(Arc<NodeInner>, Vec<(String, String)>)>,
+    reopens: Vec<(Arc<NodeInner>, Options)>,
 }
 
 impl TxLog {
