@@ -225,6 +225,43 @@ impl BlockBackend {
     }
 }
 
+/// What a finished request counts as in the backend's statistics.
+#[derive(Clone, Copy)]
+enum Kind {
+    Read,
+    Write,
+    Discard,
+    Flush,
+}
+
+impl BlockBackend {
+    /// Counts a finished request in the backend's statistics.
+    #[inline]
+    fn account<T>(&self, kind: Kind, bytes: u64, result: &Result<T>) {
+        let s = &self.inner.stats;
+        if result.is_err() {
+            s.errors.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        let (count, total) = match kind {
+            Kind::Read => (&s.reads, Some(&s.read_bytes)),
+            Kind::Write => (&s.writes, Some(&s.write_bytes)),
+            Kind::Discard => (&s.discards, None),
+            Kind::Flush => (&s.flushes, None),
+        };
+        count.fetch_add(1, Ordering::Relaxed);
+        if let Some(total) = total {
+            total.fetch_add(bytes, Ordering::Relaxed);
+        }
+    }
+
+    /// The backend's I/O statistics so far (also in
+    /// [`Bql::query_backends`](crate::Bql::query_backends)).
+    pub fn stats(&self) -> crate::types::IoStats {
+        self.inner.stats.snapshot()
+    }
+}
+
 macro_rules! request {
     ($self:ident, $cx:ident, $access:expr, $offset:expr, $len:expr, |$root:ident| $body:expr) => {{
         $self.same_graph($cx)?;
@@ -255,32 +292,42 @@ impl BlockBackend {
     /// request never holds the lock a writer waits for).
     pub async fn read(&self, cx: &mut IoTask, offset: u64, buf: &mut [u8]) -> Result<()> {
         let len = buf.len() as u64;
-        request!(self, cx, Access::Read, offset, len, |root| root
-            .read(offset, buf))
+        let result = request!(self, cx, Access::Read, offset, len, |root| root
+            .read(offset, buf));
+        self.account(Kind::Read, len, &result);
+        result
     }
 
     /// Writes `buf` at `offset`.
     pub async fn write(&self, cx: &mut IoTask, offset: u64, buf: &[u8]) -> Result<()> {
         let len = buf.len() as u64;
-        request!(self, cx, Access::Write, offset, len, |root| root
-            .write(offset, buf))
+        let result = request!(self, cx, Access::Write, offset, len, |root| root
+            .write(offset, buf));
+        self.account(Kind::Write, len, &result);
+        result
     }
 
     /// Makes `len` bytes at `offset` read as zeroes.
     pub async fn write_zeroes(&self, cx: &mut IoTask, offset: u64, len: u64) -> Result<()> {
-        request!(self, cx, Access::Write, offset, len, |root| root
-            .write_zeroes(offset, len))
+        let result = request!(self, cx, Access::Write, offset, len, |root| root
+            .write_zeroes(offset, len));
+        self.account(Kind::Write, len, &result);
+        result
     }
 
     /// Discards `len` bytes at `offset`.
     pub async fn discard(&self, cx: &mut IoTask, offset: u64, len: u64) -> Result<()> {
-        request!(self, cx, Access::Write, offset, len, |root| root
-            .discard(offset, len))
+        let result = request!(self, cx, Access::Write, offset, len, |root| root
+            .discard(offset, len));
+        self.account(Kind::Discard, len, &result);
+        result
     }
 
     /// Makes completed writes durable.
     pub async fn flush(&self, cx: &mut IoTask) -> Result<()> {
-        request!(self, cx, Access::Other, 0, 0, |root| root.flush())
+        let result = request!(self, cx, Access::Other, 0, 0, |root| root.flush());
+        self.account(Kind::Flush, 0, &result);
+        result
     }
 
     /// The size of the device in bytes.
@@ -450,7 +497,7 @@ impl GraphWriter<'_> {
         let root = self.own_handle(root)?.clone();
         check_name(name)?;
         let backend = BackendInner::new(name, self.graph, options, root.clone());
-        self.transaction(|tx| tx.add_backend(&backend, &root))?;
+        self.mutate(|tx| tx.add_backend(&backend, &root))?;
         Ok(BlockBackend { inner: backend })
     }
 
@@ -469,7 +516,7 @@ impl GraphWriter<'_> {
                 b.name
             )));
         }
-        self.transaction(|tx| {
+        self.mutate(|tx| {
             tx.remove_backend(&b);
             Ok(())
         })

@@ -64,15 +64,18 @@ mod types;
 // need none of the export.
 #[cfg(all(feature = "nbd-export", not(loom)))]
 pub mod export;
+pub mod snapshot;
 
 pub use backend::BlockBackend;
 pub use graph::backend::BackendOptions;
 pub use graph::proof::{
-    BackendRef, Bql, CallbackRef, ChildRef, Drained, GlobalState, GraphView, GraphWriter, GsRef,
-    InCallback, InRequest, IoProof, IoRef, MainLoopProof, NodeHandle, NodeRef, NodeRequest,
-    OutsideRequest, ParentRef, Proof, ReadFuture, ReadGuard, ReadLocked, RequestRef, SeesParents,
+    BackendRef, Bql, CallbackRef, ChildRef, Drained, DrainedAll, GlobalState, GraphView,
+    GraphWriter, GsRef, InCallback, InRequest, IoProof, IoRef, MainLoopProof, NodeHandle, NodeRef,
+    NodeRequest, OutsideRequest, ParentRef, Proof, ReadFuture, ReadGuard, ReadLocked, RequestRef,
+    SeesParents,
 };
 pub use graph::runtime::{IoContext, IoTask, IoThread, MainLoop, MainTask, TaskHandle};
+pub use types::{BackendInfo, ChildInfo, IoStats, NodeInfo};
 pub use types::{ChildRole, Error, Perm, Permissions, Result};
 
 /// Zero cost: proofs are at most one pointer wide.

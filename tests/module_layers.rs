@@ -21,7 +21,7 @@ const LAYERS: &[(&str, u32, &str)] = &[
     (
         "types",
         0,
-        "the vocabulary: errors, roles, permissions, block status",
+        "the vocabulary: errors, roles, permissions, block status, query results",
     ),
     ("sync", 1, "the graph lock"),
     (
@@ -38,6 +38,11 @@ const LAYERS: &[(&str, u32, &str)] = &[
     ("driver", 4, "the driver kit"),
     ("drivers", 5, "the built-in drivers"),
     ("export", 6, "exports: NBD"),
+    (
+        "snapshot",
+        6,
+        "live external snapshots: overlays created, appended and the old tops made read-only in one transaction",
+    ),
 ];
 
 /// Import cycles between files that are in the design, each with its
@@ -62,6 +67,7 @@ const KNOTS: &[(&[&str], &str)] = &[
             "graph::proof::read_guard",
             "graph::proof::view",
             "graph::dot",
+            "graph::query",
             "graph::runtime::io_task",
             "graph::runtime::io_thread",
             "graph::runtime::main_loop",

@@ -123,6 +123,19 @@ pub trait Filter: Any + Send + Sync {
         })
     }
 
+    /// See [`BlockDriver::set_read_only`]. Default: accepts either mode (a
+    /// filter stores nothing of its own; the graph switches its child too,
+    /// and the child's mode limits what users may take through it).
+    fn set_read_only(&self, node: CallbackRef<'_>, read_only: bool) -> Result<()> {
+        let _ = (node, read_only);
+        Ok(())
+    }
+
+    /// See [`BlockDriver::info`]. Default: nothing beyond the format name.
+    fn info(&self) -> crate::types::DriverInfo {
+        crate::types::DriverInfo::default()
+    }
+
     /// See [`BlockDriver::child_permissions`]. Default: on the child, what
     /// the node's users take and share (a filter neither adds nor hides a
     /// need); any other child is not used, so nothing is taken on it and
@@ -232,6 +245,14 @@ impl<F: Filter> BlockDriver for F {
 
     fn reopen(&self, node: CallbackRef<'_>, options: &[(&str, &str)]) -> Result<()> {
         Filter::reopen(self, node, options)
+    }
+
+    fn set_read_only(&self, node: CallbackRef<'_>, read_only: bool) -> Result<()> {
+        Filter::set_read_only(self, node, read_only)
+    }
+
+    fn info(&self) -> crate::types::DriverInfo {
+        Filter::info(self)
     }
 
     fn child_permissions(&self, role: ChildRole, users: Permissions) -> Permissions {

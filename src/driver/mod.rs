@@ -26,6 +26,7 @@ pub(crate) mod range_lock;
 
 pub use crate::graph::driver::{BlockDriver, IoFuture, ResizePermit};
 pub use crate::types::BlockStatus;
+pub use crate::types::DriverInfo;
 pub use filter::Filter;
 
 use crate::graph::proof::{NodeRef, Proof};

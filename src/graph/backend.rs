@@ -74,6 +74,37 @@ pub(crate) struct BackendInner {
     pub(crate) length_cache: AtomicU64,
     pub(crate) completed: AtomicU64,
     pub(crate) queued: AtomicU64,
+    /// I/O counters for queries (QEMU's `BlockAcctStats`), on a line of
+    /// their own.
+    pub(crate) stats: CachePadded<BackendStats>,
+}
+
+/// A backend's I/O counters, each bumped once per finished request
+/// (relaxed: they are statistics, read by queries).
+#[derive(Default)]
+pub(crate) struct BackendStats {
+    pub(crate) reads: AtomicU64,
+    pub(crate) read_bytes: AtomicU64,
+    pub(crate) writes: AtomicU64,
+    pub(crate) write_bytes: AtomicU64,
+    pub(crate) flushes: AtomicU64,
+    pub(crate) discards: AtomicU64,
+    pub(crate) errors: AtomicU64,
+}
+
+impl BackendStats {
+    pub(crate) fn snapshot(&self) -> crate::types::IoStats {
+        use std::sync::atomic::Ordering::Relaxed;
+        crate::types::IoStats {
+            reads: self.reads.load(Relaxed),
+            read_bytes: self.read_bytes.load(Relaxed),
+            writes: self.writes.load(Relaxed),
+            write_bytes: self.write_bytes.load(Relaxed),
+            flushes: self.flushes.load(Relaxed),
+            discards: self.discards.load(Relaxed),
+            errors: self.errors.load(Relaxed),
+        }
+    }
 }
 
 impl BackendInner {
@@ -99,6 +130,7 @@ impl BackendInner {
             length_cache: AtomicU64::new(NO_LENGTH),
             completed: AtomicU64::new(0),
             queued: AtomicU64::new(0),
+            stats: CachePadded::new(BackendStats::default()),
         })
     }
 }

@@ -74,6 +74,26 @@ pub(crate) unsafe fn reopen(
     node.driver.reopen(unsafe { gs(node, access) }, options)
 }
 
+/// `BlockDriver::is_read_only`.
+pub(crate) fn is_read_only(node: &NodeInner, _access: ReadAccess<'_>) -> bool {
+    node.driver.is_read_only()
+}
+
+/// `BlockDriver::set_read_only`.
+///
+/// # Safety
+///
+/// As for [`gs`].
+pub(crate) unsafe fn set_read_only(
+    node: &Arc<NodeInner>,
+    access: ReadAccess<'_>,
+    read_only: bool,
+) -> Result<()> {
+    // SAFETY: by the caller's contract.
+    node.driver
+        .set_read_only(unsafe { gs(node, access) }, read_only)
+}
+
 /// `BlockDriver::drained_begin`.
 ///
 /// # Safety

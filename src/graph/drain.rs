@@ -25,7 +25,7 @@ use crate::graph::edge::ParentLink;
 use crate::graph::node::NodeInner;
 use crate::graph::GraphInner;
 
-use crate::graph::proof::{Drained, DrainedState};
+use crate::graph::proof::{Drained, DrainedAll, DrainedState};
 use crate::thread::BqlScope;
 
 /// One drain section: exactly the nodes and backends it quiesced, so that
@@ -36,6 +36,8 @@ pub(crate) struct Section {
     pub(crate) backends: Vec<Arc<BackendInner>>,
     /// The wait for requests in flight has completed.
     pub(crate) waited: bool,
+    /// A drain-all section: nodes joining the graph join it too.
+    pub(crate) all: bool,
 }
 
 /// A new edge made by a committed mutation: `parent` now uses `child`.
@@ -85,11 +87,83 @@ pub(crate) fn begin<'g>(graph: &Arc<GraphInner>, node: &Arc<NodeInner>) -> Drain
     });
     let drained = Drained::new(DrainedState {
         graph: graph.clone(),
-        node: node.clone(),
+        node: Some(node.clone()),
         section,
     });
     fire_drained_begin(&began, access);
     drained
+}
+
+/// Begins a section on every node of the graph (QEMU's
+/// `bdrv_drain_all_begin`): each node, hence every backend too. Nodes
+/// added while it lives are covered as they join (`cover_new_nodes`).
+///
+/// # Panics
+///
+/// Inside a write section (rule 21), as [`begin`].
+pub(crate) fn begin_all(graph: &Arc<GraphInner>) -> DrainedAll {
+    let _scope = BqlScope::enter_if_idle();
+    // SAFETY: as in `begin`.
+    let access = unsafe { ReadAccess::assume() };
+    let mut began = Vec::new();
+    let section = graph.main.with(|state| {
+        assert!(
+            state.in_write_section == 0,
+            "blockgraph: a drain was started inside a write section (rule 21: drain before \
+             Bql::write/MainTask::write, not inside it; inside, the drain would wait for requests \
+             that wait for the write section)"
+        );
+        let id = state.next_section;
+        state.next_section += 1;
+        let mut section = Section {
+            all: true,
+            ..Section::default()
+        };
+        for node in graph.nodes.get(access) {
+            cover_node(&mut section, node, &mut began, access);
+        }
+        for backend in graph.backends.get(access) {
+            cover_backend(&mut section, backend);
+        }
+        state.sections.insert(id, section);
+        id
+    });
+    let drained = DrainedAll::new(DrainedState {
+        graph: graph.clone(),
+        node: None,
+        section,
+    });
+    fire_drained_begin(&began, access);
+    drained
+}
+
+/// Whether the section of `state` covers `node`.
+pub(crate) fn section_covers(state: &DrainedState, node: &Arc<NodeInner>) -> bool {
+    state.graph.main.with(|s| {
+        s.sections
+            .get(&state.section)
+            .is_some_and(|sec| covers(sec, node))
+    })
+}
+
+/// Covers nodes that just joined the graph in every drain-all section.
+pub(crate) fn cover_new_nodes(
+    graph: &GraphInner,
+    nodes: &[Arc<NodeInner>],
+    access: ReadAccess<'_>,
+) {
+    if nodes.is_empty() {
+        return;
+    }
+    let mut began = Vec::new();
+    graph.main.with(|state| {
+        for section in state.sections.values_mut().filter(|s| s.all) {
+            for node in nodes {
+                cover_node(section, node, &mut began, access);
+            }
+        }
+    });
+    fire_drained_begin(&began, access);
 }
 
 /// Waits until nothing the section covers has a request in flight: no
@@ -167,7 +241,7 @@ impl SlowDrain {
                     tracing::warn!(
                         target: "blockgraph::drain",
                         "blockgraph: the drain of node '{}' reported above completed after {:?}",
-                        state.node.name,
+                        state.what(),
                         since.elapsed()
                     );
                 }
@@ -215,7 +289,7 @@ fn report_slow_drain(
          A request that waits for something that needs the main loop or another task's \
          request never lets the drain finish: rules 9-11 hold per task, not across tasks \
          (DESIGN §2.14)",
-        state.node.name,
+        state.what(),
         waiting_for.join(", ")
     );
 }

@@ -8,7 +8,10 @@ use std::pin::Pin;
 
 use crate::graph::proof::{CallbackRef, RequestRef};
 use crate::types::BlockStatus;
-use crate::types::{ChildRole, Perm, Permissions};
+use crate::types::DriverInfo;
+#[cfg(doc)]
+use crate::types::Perm;
+use crate::types::{ChildRole, Permissions};
 use crate::types::{Error, Result};
 
 /// The future an I/O callback returns. `Send`, so requests can run on
@@ -111,18 +114,64 @@ pub trait BlockDriver: Any + Send + Sync {
         })
     }
 
+    /// Whether the node refuses writes (QEMU's `bdrv_is_read_only`).
+    ///
+    /// The graph enforces it: no user of a read-only node may take
+    /// [`Perm::WRITE`] or [`Perm::WRITE_UNCHANGED`] on it (QEMU's rule), and
+    /// a mutation or reopen that would give one is refused with
+    /// [`Error::PermissionConflict`] and rolled back. (A resize of a
+    /// read-only node is refused by its driver.) Default: `false`.
+    fn is_read_only(&self) -> bool {
+        false
+    }
+
+    /// Switches the drained node between read-only and read-write (QEMU's
+    /// reopen with `read-only=on|off`), called by
+    /// [`GraphWriter::reopen`](crate::GraphWriter::reopen) and
+    /// [`GraphWriter::set_read_only`](crate::GraphWriter::set_read_only)
+    /// inside the write section. No request is in flight anywhere in the
+    /// graph meanwhile (requests hold the read lock).
+    ///
+    /// The graph calls it on the node and, as QEMU's children inherit
+    /// `read-only`, on the `File`, `Data` and `Filtered` children below it
+    /// (top down when going read-only, bottom up when going read-write).
+    /// If any of those, or the permission check that follows, fails, the
+    /// nodes already switched are switched back with the old value, newest
+    /// first; a driver should do everything that can fail on the way
+    /// forward, so that switching back succeeds. After it returns,
+    /// [`BlockDriver::is_read_only`] must report the new mode.
+    ///
+    /// Default: [`Error::Unsupported`], unless `read_only` is already the
+    /// current mode.
+    fn set_read_only(&self, node: CallbackRef<'_>, read_only: bool) -> Result<()> {
+        let _ = node;
+        if read_only == self.is_read_only() {
+            return Ok(());
+        }
+        Err(Error::Unsupported {
+            driver: self.format_name(),
+            operation: "switching read-only mode",
+        })
+    }
+
+    /// What the node reports about itself to
+    /// [`Bql::query_nodes`](crate::Bql::query_nodes) (QEMU's
+    /// `bdrv_get_info` and `bdrv_get_specific_info`): its file name, format
+    /// details. Default: nothing beyond the format name.
+    fn info(&self) -> DriverInfo {
+        DriverInfo::default()
+    }
+
     /// What this node takes and shares on its `role` child, given what its
     /// own users take and share (QEMU's `bdrv_child_perm`).
     ///
     /// The default passes the users' needs through to `File`, `Data` and
-    /// `Filtered` children, and takes a consistent read on a `Backing` child
-    /// while letting nobody else write or resize it.
+    /// `Filtered` children, and on a `Backing` child takes a consistent read
+    /// and lets nobody else write or resize it unless the node's own users
+    /// share `WRITE` ([`Permissions::for_backing`], QEMU's rule).
     fn child_permissions(&self, role: ChildRole, users: Permissions) -> Permissions {
         match role {
-            ChildRole::Backing => Permissions {
-                take: Perm::CONSISTENT_READ,
-                share: Perm::CONSISTENT_READ | Perm::WRITE_UNCHANGED,
-            },
+            ChildRole::Backing => Permissions::for_backing(users),
             _ => users,
         }
     }

@@ -12,6 +12,7 @@ pub(crate) mod mutation;
 pub(crate) mod node;
 pub(crate) mod permission;
 pub(crate) mod proof;
+pub(crate) mod query;
 pub(crate) mod runtime;
 
 use std::collections::{BTreeMap, HashSet};
@@ -34,6 +35,9 @@ pub(crate) struct GraphInner {
     /// so a mutation checks a name without walking the graph.
     pub(crate) names: GraphCell<HashSet<String>>,
     pub(crate) main: MainCell<MainState>,
+    /// The group of mutations open through `GraphWriter::transaction`
+    /// (only inside a write section).
+    pub(crate) group: GraphCell<Option<mutation::Group>>,
     pub(crate) mutations: AtomicU64,
     /// Bumped whenever a node's length may have changed: by every committed
     /// mutation and by [`NodeRef::notify_length_changed`]. Backends cache
@@ -59,6 +63,7 @@ impl GraphInner {
             backends: GraphCell::new(Vec::new()),
             names: GraphCell::new(HashSet::new()),
             main: MainCell::new(main_thread, MainState::default()),
+            group: GraphCell::new(None),
             mutations: AtomicU64::new(0),
             size_epoch: Arc::new(AtomicU64::new(0)),
         }

@@ -11,6 +11,7 @@
 //! it was.
 
 use std::collections::HashSet;
+use std::panic::{catch_unwind, resume_unwind, AssertUnwindSafe};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
@@ -48,6 +49,18 @@ enum Garbage {
     Backend(#[allow(dead_code)] Arc<BackendInner>),
 }
 
+/// Driver options of a reopen, owned.
+type Options = Vec<(String, String)>;
+
+/// A group of mutations open through [`GraphWriter::transaction`].
+#[derive(Default)]
+pub(crate) struct Group {
+    /// Everything the group changed so far.
+    log: TxLog,
+    /// Why a mutation of the group failed (the group was rolled back).
+    failed: Option<String>,
+}
+
 /// The undo log of one mutation, holding the write section's token.
 ///
 /// Dropped without [`Transaction::commit`] succeeding — an error, or a panic
@@ -57,7 +70,17 @@ enum Garbage {
 pub(crate) struct Transaction<'t, 'w> {
     graph: &'t Arc<GraphInner>,
     w: &'t mut WriteAccess<'w>,
-    touched: HashSet<*const NodeInner>,
+    log: TxLog,
+    committed: bool,
+}
+
+/// What a transaction has changed so far: the undo log, and what to do
+/// once it commits. Owned (it borrows nothing), so a group of mutations
+/// ([`GraphWriter::transaction`]) keeps it in the write section between
+/// them.
+#[derive(Default)]
+pub(crate) struct TxLog {
+    touched: HashSet<usize>,
     saved_nodes: Vec<(Arc<NodeInner>, Vec<Edge>, Vec<ParentLink>)>,
     saved_roots: Vec<(Arc<BackendInner>, Option<Arc<NodeInner>>)>,
     lists: Vec<ListChange>,
@@ -67,31 +90,41 @@ pub(crate) struct Transaction<'t, 'w> {
     added_backends: Vec<Arc<BackendInner>>,
     removed_backends: Vec<Arc<BackendInner>>,
     garbage: Vec<Garbage>,
-    committed: bool,
+    /// Added nodes whose driver accepted `open`: closed again on rollback.
+    opened: usize,
+    /// Nodes whose read-only mode was switched, with the old mode, oldest
+    /// first: switched back on rollback, newest first.
+    read_only: Vec<(Arc<NodeInner>, bool)>,
+    /// Driver options to apply once every check passed.
+    reopens: Vec<(Arc<NodeInner>, Options)>,
+}
+
+impl TxLog {
+    /// Whether `node` joins the graph in this transaction (and has not
+    /// left it again).
+    pub(crate) fn adds(&self, node: &Arc<NodeInner>) -> bool {
+        self.added.iter().any(|n| Arc::ptr_eq(n, node))
+    }
+
+    /// Whether `node` leaves the graph in this transaction.
+    pub(crate) fn removes(&self, node: &Arc<NodeInner>) -> bool {
+        self.removed.iter().any(|n| Arc::ptr_eq(n, node))
+    }
 }
 
 impl<'t, 'w> Transaction<'t, 'w> {
-    fn new(graph: &'t Arc<GraphInner>, w: &'t mut WriteAccess<'w>) -> Self {
+    fn new(graph: &'t Arc<GraphInner>, w: &'t mut WriteAccess<'w>, log: TxLog) -> Self {
         Transaction {
             graph,
             w,
-            touched: HashSet::new(),
-            saved_nodes: Vec::new(),
-            saved_roots: Vec::new(),
-            lists: Vec::new(),
-            new_edges: Vec::new(),
-            added: Vec::new(),
-            removed: Vec::new(),
-            added_backends: Vec::new(),
-            removed_backends: Vec::new(),
-            garbage: Vec::new(),
+            log,
             committed: false,
         }
     }
 
     /// Saves `node`'s edge lists the first time the mutation changes them.
     fn touch(&mut self, node: &Arc<NodeInner>) {
-        if !self.touched.insert(Arc::as_ptr(node)) {
+        if !self.log.touched.insert(Arc::as_ptr(node) as usize) {
             return;
         }
         let r = self.w.read();
@@ -100,11 +133,12 @@ impl<'t, 'w> Transaction<'t, 'w> {
             node.children.get(r).clone(),
             node.parents.get(r).clone(),
         );
-        self.saved_nodes.push(saved);
+        self.log.saved_nodes.push(saved);
     }
 
     fn touch_root(&mut self, backend: &Arc<BackendInner>) {
         if self
+            .log
             .saved_roots
             .iter()
             .any(|(b, _)| Arc::ptr_eq(b, backend))
@@ -112,7 +146,7 @@ impl<'t, 'w> Transaction<'t, 'w> {
             return;
         }
         let root = backend.root.get(self.w.read()).clone();
-        self.saved_roots.push((backend.clone(), root));
+        self.log.saved_roots.push((backend.clone(), root));
     }
 
     fn name_taken(&self, name: &str) -> bool {
@@ -126,8 +160,8 @@ impl<'t, 'w> Transaction<'t, 'w> {
         }
         self.graph.nodes.get_mut(self.w).push(node.clone());
         self.graph.names.get_mut(self.w).insert(node.name.clone());
-        self.lists.push(ListChange::NodeAdded(node.clone()));
-        self.added.push(node);
+        self.log.lists.push(ListChange::NodeAdded(node.clone()));
+        self.log.added.push(node);
         Ok(())
     }
 
@@ -137,7 +171,7 @@ impl<'t, 'w> Transaction<'t, 'w> {
         role: ChildRole,
         child: &Arc<NodeInner>,
     ) -> Result<()> {
-        if !child.is_in_graph() && !self.added.iter().any(|n| Arc::ptr_eq(n, child)) {
+        if !child.is_in_graph() && !self.log.added.iter().any(|n| Arc::ptr_eq(n, child)) {
             return Err(Error::NodeRemoved(child.name.clone()));
         }
         if parent
@@ -162,7 +196,7 @@ impl<'t, 'w> Transaction<'t, 'w> {
             parent: parent.clone(),
             role,
         });
-        self.new_edges.push(NewEdge::Node {
+        self.log.new_edges.push(NewEdge::Node {
             parent: parent.clone(),
             child: child.clone(),
         });
@@ -189,7 +223,7 @@ impl<'t, 'w> Transaction<'t, 'w> {
             matches!(l, ParentLink::Node { parent: p, role: r } if Arc::ptr_eq(p, parent) && *r == role)
         }) {
             let link = links.remove(i);
-            self.garbage.push(Garbage::Link(link));
+            self.log.garbage.push(Garbage::Link(link));
         }
         Ok(edge.child)
     }
@@ -218,8 +252,8 @@ impl<'t, 'w> Transaction<'t, 'w> {
                             old.push(std::mem::replace(&mut edge.child, to.clone()));
                         }
                     }
-                    self.garbage.extend(old.into_iter().map(Garbage::Node));
-                    self.new_edges.push(NewEdge::Node {
+                    self.log.garbage.extend(old.into_iter().map(Garbage::Node));
+                    self.log.new_edges.push(NewEdge::Node {
                         parent: parent.clone(),
                         child: to.clone(),
                     });
@@ -230,8 +264,8 @@ impl<'t, 'w> Transaction<'t, 'w> {
                     }
                     self.touch_root(backend);
                     let old = backend.root.get_mut(self.w).replace(to.clone());
-                    self.garbage.push(Garbage::Root(old));
-                    self.new_edges.push(NewEdge::Backend {
+                    self.log.garbage.push(Garbage::Root(old));
+                    self.log.new_edges.push(NewEdge::Backend {
                         backend: backend.clone(),
                         root: to.clone(),
                     });
@@ -240,7 +274,7 @@ impl<'t, 'w> Transaction<'t, 'w> {
             let from_links = from.parents.get_mut(self.w);
             if let Some(i) = from_links.iter().position(|l| same_link(l, &link)) {
                 let old = from_links.remove(i);
-                self.garbage.push(Garbage::Link(old));
+                self.log.garbage.push(Garbage::Link(old));
             }
             to.parents.get_mut(self.w).push(link);
         }
@@ -263,17 +297,17 @@ impl<'t, 'w> Transaction<'t, 'w> {
             .collect();
         for role in roles {
             let child = self.remove_edge(node, role)?;
-            self.garbage.push(Garbage::Node(child));
+            self.log.garbage.push(Garbage::Node(child));
         }
         // Searched from the end: filters and overlays, the nodes removed
         // most often, are usually among the newest.
         let list = self.graph.nodes.get_mut(self.w);
         if let Some(i) = list.iter().rposition(|n| Arc::ptr_eq(n, node)) {
             let gone = list.remove(i);
-            self.lists.push(ListChange::NodeRemoved(i, gone));
+            self.log.lists.push(ListChange::NodeRemoved(i, gone));
         }
         self.graph.names.get_mut(self.w).remove(&node.name);
-        self.removed.push(node.clone());
+        self.log.removed.push(node.clone());
         Ok(())
     }
 
@@ -294,9 +328,11 @@ impl<'t, 'w> Transaction<'t, 'w> {
             .names
             .get_mut(self.w)
             .insert(backend.name.clone());
-        self.lists.push(ListChange::BackendAdded(backend.clone()));
-        self.added_backends.push(backend.clone());
-        self.new_edges.push(NewEdge::Backend {
+        self.log
+            .lists
+            .push(ListChange::BackendAdded(backend.clone()));
+        self.log.added_backends.push(backend.clone());
+        self.log.new_edges.push(NewEdge::Backend {
             backend: backend.clone(),
             root: root.clone(),
         });
@@ -314,31 +350,61 @@ impl<'t, 'w> Transaction<'t, 'w> {
                 .position(|l| matches!(l, ParentLink::Backend(x) if Arc::ptr_eq(x, backend)))
             {
                 let old = links.remove(i);
-                self.garbage.push(Garbage::Link(old));
+                self.log.garbage.push(Garbage::Link(old));
             }
         }
-        self.garbage.push(Garbage::Root(root));
+        self.log.garbage.push(Garbage::Root(root));
         let list = self.graph.backends.get_mut(self.w);
         if let Some(i) = list.iter().rposition(|b| Arc::ptr_eq(b, backend)) {
             let gone = list.remove(i);
-            self.lists.push(ListChange::BackendRemoved(i, gone));
+            self.log.lists.push(ListChange::BackendRemoved(i, gone));
         }
         self.graph.names.get_mut(self.w).remove(&backend.name);
-        self.removed_backends.push(backend.clone());
+        self.log.removed_backends.push(backend.clone());
     }
 
     /// Puts back everything the mutation changed, newest change first.
     fn rollback(&mut self) {
-        for change in std::mem::take(&mut self.lists).into_iter().rev() {
+        // Driver state first, with the graph as the changes left it (the
+        // callbacks see it through a read token; no `&mut` is alive).
+        {
+            let r = self.w.read();
+            let opened: Vec<Arc<NodeInner>> =
+                self.log.added[..self.log.opened.min(self.log.added.len())].to_vec();
+            let switched: Vec<(Arc<NodeInner>, bool)> = std::mem::take(&mut self.log.read_only)
+                .into_iter()
+                .rev()
+                .collect();
+            self.log.opened = 0;
+            callbacks::run_all([0, 1], |step| {
+                if step == 0 {
+                    // SAFETY: main-loop thread (the writer), this graph's token.
+                    callbacks::run_all(opened.iter().rev(), |n| unsafe { callbacks::close(n, r) });
+                } else {
+                    callbacks::run_all(&switched, |(n, old)| {
+                        // SAFETY: as above.
+                        if let Err(e) = unsafe { callbacks::set_read_only(n, r, *old) } {
+                            eprintln!(
+                                "blockgraph: node '{}' could not be switched back to {} while \
+                                 rolling back: {e}",
+                                n.name,
+                                if *old { "read-only" } else { "read-write" }
+                            );
+                        }
+                    });
+                }
+            });
+        }
+        for change in std::mem::take(&mut self.log.lists).into_iter().rev() {
             match change {
                 ListChange::NodeAdded(node) => {
                     self.graph.names.get_mut(self.w).remove(&node.name);
                     let list = self.graph.nodes.get_mut(self.w);
                     if let Some(i) = list.iter().rposition(|n| Arc::ptr_eq(n, &node)) {
                         let gone = list.remove(i);
-                        self.garbage.push(Garbage::Node(gone));
+                        self.log.garbage.push(Garbage::Node(gone));
                     }
-                    self.garbage.push(Garbage::Node(node));
+                    self.log.garbage.push(Garbage::Node(node));
                 }
                 ListChange::NodeRemoved(i, node) => {
                     self.graph.names.get_mut(self.w).insert(node.name.clone());
@@ -349,9 +415,9 @@ impl<'t, 'w> Transaction<'t, 'w> {
                     let list = self.graph.backends.get_mut(self.w);
                     if let Some(i) = list.iter().rposition(|b| Arc::ptr_eq(b, &backend)) {
                         let gone = list.remove(i);
-                        self.garbage.push(Garbage::Backend(gone));
+                        self.log.garbage.push(Garbage::Backend(gone));
                     }
-                    self.garbage.push(Garbage::Backend(backend));
+                    self.log.garbage.push(Garbage::Backend(backend));
                 }
                 ListChange::BackendRemoved(i, backend) => {
                     self.graph
@@ -362,27 +428,33 @@ impl<'t, 'w> Transaction<'t, 'w> {
                 }
             }
         }
-        for (node, children, parents) in std::mem::take(&mut self.saved_nodes) {
+        for (node, children, parents) in std::mem::take(&mut self.log.saved_nodes) {
             let old_children = std::mem::replace(node.children.get_mut(self.w), children);
             let old_parents = std::mem::replace(node.parents.get_mut(self.w), parents);
-            self.garbage.push(Garbage::Edges(old_children));
-            self.garbage.push(Garbage::Links(old_parents));
+            self.log.garbage.push(Garbage::Edges(old_children));
+            self.log.garbage.push(Garbage::Links(old_parents));
         }
-        for (backend, root) in std::mem::take(&mut self.saved_roots) {
+        for (backend, root) in std::mem::take(&mut self.log.saved_roots) {
             let old = std::mem::replace(backend.root.get_mut(self.w), root);
-            self.garbage.push(Garbage::Root(old));
+            self.log.garbage.push(Garbage::Root(old));
         }
-        self.touched.clear();
+        self.log.touched.clear();
     }
 
-    /// Checks the result and makes it the graph: no cycle, every affected
-    /// edge's permissions recomputed, no two users of an affected node in
-    /// conflict, every new node's driver accepts its `open`. On error the
-    /// caller drops the transaction, which rolls back.
-    fn commit(mut self) -> Result<()> {
-        let mut seeds: Vec<Arc<NodeInner>> =
-            self.saved_nodes.iter().map(|(n, _, _)| n.clone()).collect();
-        seeds.extend(self.added.iter().cloned());
+    /// Checks the result: no cycle, every affected edge's permissions
+    /// recomputed, no two users of an affected node in conflict, no user
+    /// writing a read-only node, every new node's driver accepts its
+    /// `open`, driver options applied. On error the caller drops the
+    /// transaction, which rolls back. Run after each mutation, also inside
+    /// a group (so a later mutation sees checked permissions).
+    fn check(&mut self) -> Result<()> {
+        let mut seeds: Vec<Arc<NodeInner>> = self
+            .log
+            .saved_nodes
+            .iter()
+            .map(|(n, _, _)| n.clone())
+            .collect();
+        seeds.extend(self.log.added.iter().cloned());
         let order = permission::affected_in_order(&seeds, self.w.read())?;
 
         // Only nodes whose users changed need their edges recomputed: the
@@ -416,33 +488,43 @@ impl<'t, 'w> Transaction<'t, 'w> {
         for node in &order {
             if dirty.contains(&Arc::as_ptr(node)) {
                 permission::check_conflicts(node, self.w.read())?;
+                permission::check_read_only(node, self.w.read())?;
             }
         }
 
-        let added = self.added.clone();
-        for (i, node) in added.iter().enumerate() {
+        while self.log.opened < self.log.added.len() {
+            let node = self.log.added[self.log.opened].clone();
             // SAFETY: main-loop thread (the writer), token of this graph.
-            if let Err(e) = unsafe { callbacks::open(node, self.w.read()) } {
-                // The nodes opened before this one are closed again.
-                let r = self.w.read();
-                // SAFETY: as above.
-                callbacks::run_all(&added[..i], |n| unsafe { callbacks::close(n, r) });
-                return Err(e);
-            }
+            unsafe { callbacks::open(&node, self.w.read()) }?;
+            self.log.opened += 1;
         }
 
+        for (node, options) in std::mem::take(&mut self.log.reopens) {
+            let options: Vec<(&str, &str)> = options
+                .iter()
+                .map(|(k, v)| (k.as_str(), v.as_str()))
+                .collect();
+            // SAFETY: as above.
+            unsafe { callbacks::reopen(&node, self.w.read(), &options) }?;
+        }
+        Ok(())
+    }
+
+    /// Makes the checked result the graph: the point of no return, then
+    /// the callbacks that follow a commit.
+    fn finish(mut self) {
         // Point of no return: the graph is the new one.
         self.committed = true;
-        for node in &self.added {
+        for node in &self.log.added {
             node.in_graph.store(true, Ordering::Release);
         }
-        for backend in &self.added_backends {
+        for backend in &self.log.added_backends {
             backend.in_graph.store(true, Ordering::Release);
         }
-        for backend in &self.removed_backends {
+        for backend in &self.log.removed_backends {
             backend.in_graph.store(false, Ordering::Release);
         }
-        for node in &self.removed {
+        for node in &self.log.removed {
             node.in_graph.store(false, Ordering::Release);
         }
         self.graph.mutations.fetch_add(1, Ordering::Relaxed);
@@ -453,16 +535,60 @@ impl<'t, 'w> Transaction<'t, 'w> {
         // Callbacks after the commit: each runs even if another panics, and
         // the first panic resumes once the graph's bookkeeping is done.
         let r = self.w.read();
-        let removed = std::mem::take(&mut self.removed);
-        let new_edges = std::mem::take(&mut self.new_edges);
-        callbacks::run_all([0, 1], |step| {
+        let removed = std::mem::take(&mut self.log.removed);
+        let new_edges = std::mem::take(&mut self.log.new_edges);
+        let added = self.log.added.clone();
+        callbacks::run_all([0, 1, 2], |step| {
             if step == 0 {
                 // SAFETY: main-loop thread (the writer), this graph's token.
                 callbacks::run_all(&removed, |n| unsafe { callbacks::close(n, r) });
+            } else if step == 1 {
+                drain::cover_new_nodes(self.graph, &added, r);
             } else {
                 drain::cover_new_edges(self.graph, &new_edges, r);
             }
         });
+    }
+
+    /// Hands the log back to the group it belongs to, without rolling
+    /// back: the group commits or rolls back everything at its end.
+    fn suspend(mut self) -> TxLog {
+        self.committed = true;
+        std::mem::take(&mut self.log)
+    }
+
+    /// Switches `node` and the nodes below it that inherit `read-only`
+    /// (through `File`, `Data` and `Filtered` edges, as QEMU's children
+    /// inherit it) to `read_only`: top down when going read-only, bottom
+    /// up when going read-write, each switch logged for rollback.
+    fn set_read_only(&mut self, node: &Arc<NodeInner>, read_only: bool) -> Result<()> {
+        let mut order: Vec<Arc<NodeInner>> = Vec::new();
+        let mut stack = vec![node.clone()];
+        while let Some(n) = stack.pop() {
+            if order.iter().any(|o| Arc::ptr_eq(o, &n)) {
+                continue;
+            }
+            for e in n.children.get(self.w.read()).iter().rev() {
+                if e.role != ChildRole::Backing {
+                    stack.push(e.child.clone());
+                }
+            }
+            order.push(n);
+        }
+        if !read_only {
+            order.reverse();
+        }
+        for n in &order {
+            let r = self.w.read();
+            let old = callbacks::is_read_only(n, r);
+            if old == read_only {
+                continue;
+            }
+            // SAFETY: main-loop thread (the writer), this graph's token.
+            unsafe { callbacks::set_read_only(n, r, read_only) }?;
+            self.log.read_only.push((n.clone(), old));
+            self.touch(n);
+        }
         Ok(())
     }
 }
@@ -507,17 +633,133 @@ fn new_node(graph: &Arc<GraphInner>, name: &str, driver: Box<dyn BlockDriver>) -
 }
 
 /// Graph mutations. Each is all-or-nothing: on error the graph is unchanged.
-impl GraphWriter<'_> {
-    pub(crate) fn transaction<T>(
+impl<'w> GraphWriter<'w> {
+    pub(crate) fn mutate<T>(
         &mut self,
         edit: impl FnOnce(&mut Transaction<'_, '_>) -> Result<T>,
     ) -> Result<T> {
         // On an error or a panic the transaction is dropped uncommitted and
-        // rolls back.
-        let mut tx = Transaction::new(self.graph, &mut self.access);
-        let value = edit(&mut tx)?;
-        tx.commit()?;
-        Ok(value)
+        // rolls back: inside a group, everything the group changed so far.
+        let log = match self.graph.group.get_mut(&mut self.access) {
+            None => TxLog::default(),
+            Some(group) => {
+                if let Some(why) = &group.failed {
+                    return Err(Error::InvalidArgument(format!(
+                        "an earlier change of this transaction failed ({why}); it was rolled back \
+                         and the transaction can only end"
+                    )));
+                }
+                std::mem::take(&mut group.log)
+            }
+        };
+        let mut tx = Transaction::new(self.graph, &mut self.access, log);
+        let outcome = edit(&mut tx).and_then(|value| tx.check().map(|()| value));
+        let in_group = self.graph.group.get(tx.w.read()).is_some();
+        match outcome {
+            Ok(value) if !in_group => {
+                tx.finish();
+                Ok(value)
+            }
+            Ok(value) => {
+                let log = tx.suspend();
+                if let Some(group) = self.graph.group.get_mut(&mut self.access) {
+                    group.log = log;
+                }
+                Ok(value)
+            }
+            Err(e) => {
+                drop(tx);
+                if let Some(group) = self.graph.group.get_mut(&mut self.access) {
+                    group.failed = Some(e.to_string());
+                }
+                Err(e)
+            }
+        }
+    }
+
+    /// Runs several mutations as one transaction (QEMU's `transaction` QMP
+    /// command, `tran_commit`/`tran_abort` over several actions): either
+    /// all of them take effect or none does.
+    ///
+    /// Every mutation inside `f` is checked as it is made (cycles,
+    /// permissions, read-only nodes, `open`), so a later one sees the
+    /// earlier ones' results. The first that fails rolls back *every*
+    /// change made so far in the group — graph, permissions, names,
+    /// read-only modes, nodes opened — and returns its error; later
+    /// mutations in the same group are refused, and the group returns an
+    /// error even if `f` ignored that one. `f` returning an error, or
+    /// panicking, rolls back too. Only when `f` returns `Ok` with every
+    /// mutation succeeded does the group commit: nodes join the graph,
+    /// removed nodes are closed, drain sections are extended over the new
+    /// edges, once, at the end. A `transaction` inside `f` joins the outer
+    /// group.
+    ///
+    /// Driver options given to [`GraphWriter::reopen`] (other than
+    /// `read-only`) have no undo: they are applied after that reopen's
+    /// checks, and stay if a later mutation of the group fails.
+    ///
+    /// # Examples
+    ///
+    /// Two changes, the second refused: the first is undone too.
+    ///
+    /// ```
+    /// use blockgraph::{drivers::{MemoryDriver, PassthroughFilter}, MainLoop};
+    ///
+    /// let main = MainLoop::new()?;
+    /// main.run(|bql| -> blockgraph::Result<()> {
+    ///     let a = bql.write(|w| w.add_node("a", MemoryDriver::new(4096), &[]))?;
+    ///     let b = bql.write(|w| w.add_node("b", MemoryDriver::new(4096), &[]))?;
+    ///     let (da, db) = (bql.drain(&a), bql.drain(&b));
+    ///     let result = bql.write(|w| {
+    ///         w.transaction(|w| {
+    ///             w.insert_filter(&da, "fa", PassthroughFilter::new())?;
+    ///             w.insert_filter(&db, "fa", PassthroughFilter::new())?; // duplicate name
+    ///             Ok(())
+    ///         })
+    ///     });
+    ///     assert!(result.is_err());
+    ///     assert!(bql.node("fa").is_none()); // the first filter is gone too
+    ///     Ok(())
+    /// })?;
+    /// # main.shutdown();
+    /// # Ok::<(), blockgraph::Error>(())
+    /// ```
+    pub fn transaction<T>(
+        &mut self,
+        f: impl FnOnce(&mut GraphWriter<'w>) -> Result<T>,
+    ) -> Result<T> {
+        if self.graph.group.get(self.access.read()).is_some() {
+            return f(self);
+        }
+        *self.graph.group.get_mut(&mut self.access) = Some(Group::default());
+        let result = catch_unwind(AssertUnwindSafe(|| f(self)));
+        let group = self
+            .graph
+            .group
+            .get_mut(&mut self.access)
+            .take()
+            .unwrap_or_default();
+        let tx = Transaction::new(self.graph, &mut self.access, group.log);
+        match (result, group.failed) {
+            (Ok(Ok(value)), None) => {
+                tx.finish();
+                Ok(value)
+            }
+            (Ok(Ok(_)), Some(why)) => {
+                drop(tx);
+                Err(Error::InvalidArgument(format!(
+                    "the transaction was rolled back: {why}"
+                )))
+            }
+            (Ok(Err(e)), _) => {
+                drop(tx);
+                Err(e)
+            }
+            (Err(panic), _) => {
+                drop(tx);
+                resume_unwind(panic)
+            }
+        }
     }
 
     fn own<'d>(&self, drained: &'d Drained<'_>) -> Result<&'d Arc<NodeInner>> {
@@ -527,10 +769,18 @@ impl GraphWriter<'_> {
             });
         }
         let node = drained.node();
-        if !node.is_in_graph() {
+        if !self.in_graph_now(node) {
             return Err(Error::NodeRemoved(node.name.clone()));
         }
         Ok(node)
+    }
+
+    /// Whether `node` is part of the graph as the open group leaves it.
+    fn in_graph_now(&self, node: &Arc<NodeInner>) -> bool {
+        match self.graph.group.get(self.access.read()) {
+            None => node.is_in_graph(),
+            Some(g) => (node.is_in_graph() || g.log.adds(node)) && !g.log.removes(node),
+        }
     }
 
     pub(crate) fn own_handle<'h>(&self, handle: &'h NodeHandle) -> Result<&'h Arc<NodeInner>> {
@@ -539,7 +789,7 @@ impl GraphWriter<'_> {
                 what: format!("node '{}'", handle.name()),
             });
         }
-        if !handle.0.is_in_graph() {
+        if !self.in_graph_now(&handle.0) {
             return Err(Error::NodeRemoved(handle.name().to_owned()));
         }
         Ok(&handle.0)
@@ -571,7 +821,7 @@ impl GraphWriter<'_> {
             .map(|(role, h)| Ok((*role, self.own_handle(h)?.clone())))
             .collect::<Result<Vec<_>>>()?;
         let node = new_node(self.graph, name, driver);
-        self.transaction(|tx| {
+        self.mutate(|tx| {
             tx.add_node(node.clone())?;
             for (role, child) in &kids {
                 tx.add_edge(&node, *role, child)?;
@@ -590,13 +840,13 @@ impl GraphWriter<'_> {
     ) -> Result<()> {
         let parent = self.own(parent)?.clone();
         let child = self.own_handle(child)?.clone();
-        self.transaction(|tx| tx.add_edge(&parent, role, &child))
+        self.mutate(|tx| tx.add_edge(&parent, role, &child))
     }
 
     /// Detaches the `role` child of the drained `parent` and returns it.
     pub fn detach_child(&mut self, parent: &Drained<'_>, role: ChildRole) -> Result<NodeHandle> {
         let parent = self.own(parent)?.clone();
-        self.transaction(|tx| tx.remove_edge(&parent, role))
+        self.mutate(|tx| tx.remove_edge(&parent, role))
             .map(NodeHandle)
     }
 
@@ -606,7 +856,7 @@ impl GraphWriter<'_> {
     pub fn set_backing(&mut self, node: &Drained<'_>, backing: Option<&NodeHandle>) -> Result<()> {
         let node = self.own(node)?.clone();
         let backing = backing.map(|b| self.own_handle(b).cloned()).transpose()?;
-        self.transaction(|tx| {
+        self.mutate(|tx| {
             if node
                 .children
                 .get(tx.w.read())
@@ -632,7 +882,7 @@ impl GraphWriter<'_> {
         if Arc::ptr_eq(&old, &new) {
             return Ok(());
         }
-        self.transaction(|tx| {
+        self.mutate(|tx| {
             tx.move_parents(&old, &new, Some(&new));
             Ok(())
         })
@@ -684,7 +934,7 @@ impl GraphWriter<'_> {
             .map(|(r, h)| Ok((*r, self.own_handle(h)?.clone())))
             .collect::<Result<Vec<_>>>()?;
         let node = new_node(self.graph, name, driver);
-        self.transaction(|tx| {
+        self.mutate(|tx| {
             tx.add_node(node.clone())?;
             tx.add_edge(&node, role, &below)?;
             for (r, child) in &others {
@@ -700,10 +950,10 @@ impl GraphWriter<'_> {
     /// child, and the filter leaves the graph.
     pub fn remove_filter(&mut self, filter: &Drained<'_>) -> Result<()> {
         let filter = self.own(filter)?.clone();
-        self.transaction(|tx| {
+        self.mutate(|tx| {
             let child = tx.remove_edge(&filter, ChildRole::Filtered)?;
             tx.move_parents(&filter, &child, None);
-            tx.garbage.push(Garbage::Node(child));
+            tx.log.garbage.push(Garbage::Node(child));
             tx.remove_node(&filter)
         })
     }
@@ -712,13 +962,88 @@ impl GraphWriter<'_> {
     /// to its children go with it and its driver is closed.
     pub fn remove_node(&mut self, node: &Drained<'_>) -> Result<()> {
         let node = self.own(node)?.clone();
-        self.transaction(|tx| tx.remove_node(&node))
+        self.mutate(|tx| tx.remove_node(&node))
     }
 
-    /// Changes the drained node's driver options (QEMU's `bdrv_reopen`).
+    /// Changes the drained node's options (QEMU's `bdrv_reopen`).
+    ///
+    /// `read-only` (`on`/`off`, also `true`/`false`) is the graph's:
+    /// see [`GraphWriter::set_read_only`]. The other options go to the
+    /// driver's [`reopen`](crate::driver::BlockDriver::reopen) callback,
+    /// after every check passed. All-or-nothing as far as the graph goes:
+    /// on error the graph, its permissions and every read-only mode are as
+    /// before.
     pub fn reopen(&mut self, node: &Drained<'_>, options: &[(&str, &str)]) -> Result<()> {
         let node = self.own(node)?.clone();
-        // SAFETY: main-loop thread (the writer), this graph's token.
-        unsafe { callbacks::reopen(&node, self.access.read(), options) }
+        let mut read_only = None;
+        let mut rest = Vec::new();
+        for (key, value) in options {
+            if *key == "read-only" {
+                read_only = Some(match *value {
+                    "on" | "true" => true,
+                    "off" | "false" => false,
+                    other => {
+                        return Err(Error::InvalidArgument(format!(
+                            "read-only must be 'on' or 'off', not '{other}'"
+                        )))
+                    }
+                });
+            } else {
+                rest.push(((*key).to_owned(), (*value).to_owned()));
+            }
+        }
+        self.mutate(|tx| {
+            if let Some(ro) = read_only {
+                tx.set_read_only(&node, ro)?;
+            }
+            if !rest.is_empty() || read_only.is_none() {
+                tx.log.reopens.push((node.clone(), rest));
+            }
+            Ok(())
+        })
+    }
+
+    /// Switches the drained node between read-only and read-write (QEMU's
+    /// `bdrv_reopen_set_read_only`; the same as [`GraphWriter::reopen`]
+    /// with `read-only`).
+    ///
+    /// The nodes below it that inherit the mode in QEMU switch with it:
+    /// its `File`, `Data` and `Filtered` children, recursively (a qcow2
+    /// node's file, a raw node's file), but not its backing chain. Then
+    /// permissions are recomputed: a read-only node grants no user
+    /// [`Perm::WRITE`](crate::Perm::WRITE) or
+    /// [`WRITE_UNCHANGED`](crate::Perm::WRITE_UNCHANGED), so going read-only while a user
+    /// still writes fails with [`Error::PermissionConflict`] and changes
+    /// nothing (every node switched is switched back).
+    ///
+    /// A qcow2 node going read-only must have its metadata written back
+    /// first: flush it inside the drained section with
+    /// [`Drained::flush`] before this call.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use blockgraph::{drivers::{FileDriver, FileOptions}, BackendOptions, MainLoop, Permissions};
+    ///
+    /// let dir = tempfile::tempdir()?;
+    /// let file = FileDriver::create(dir.path().join("disk.img"), 1 << 20, FileOptions::default())?;
+    /// let main = MainLoop::new()?;
+    /// main.run(|bql| -> blockgraph::Result<()> {
+    ///     let node = bql.write(|w| w.add_node("disk", file, &[]))?;
+    ///     let reader = BackendOptions::with_perms(Permissions::SHARED_READER);
+    ///     bql.write(|w| w.add_backend("ro-user", &node, reader))?;
+    ///     let drained = bql.drain(&node);
+    ///     bql.write(|w| w.set_read_only(&drained, true))?;
+    ///     // A writer is refused now.
+    ///     assert!(bql.write(|w| w.add_backend("writer", &node, BackendOptions::default())).is_err());
+    ///     bql.write(|w| w.set_read_only(&drained, false))?;
+    ///     Ok(())
+    /// })?;
+    /// # main.shutdown();
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    pub fn set_read_only(&mut self, node: &Drained<'_>, read_only: bool) -> Result<()> {
+        let node = self.own(node)?.clone();
+        self.mutate(|tx| tx.set_read_only(&node, read_only))
     }
 }

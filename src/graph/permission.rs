@@ -161,3 +161,24 @@ pub(crate) fn check_conflicts(node: &Arc<NodeInner>, access: ReadAccess<'_>) -> 
     }
     Ok(())
 }
+
+/// Checks that no user of a read-only `node` takes a permission that
+/// changes its data (QEMU's "Block node is read-only" in
+/// `bdrv_node_check_perm`: `WRITE` and `WRITE_UNCHANGED`; a resize of a
+/// read-only node is refused by its driver, as in QEMU).
+pub(crate) fn check_read_only(node: &Arc<NodeInner>, access: ReadAccess<'_>) -> Result<()> {
+    if !callbacks::is_read_only(node, access) {
+        return Ok(());
+    }
+    let writes = Perm::WRITE | Perm::WRITE_UNCHANGED;
+    for (who, perms) in incoming_edges(node, access) {
+        let clash = perms.take & writes;
+        if !clash.is_empty() {
+            return Err(Error::PermissionConflict {
+                node: node.name.clone(),
+                detail: format!("{who} takes {clash}, but the node is read-only"),
+            });
+        }
+    }
+    Ok(())
+}

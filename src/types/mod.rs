@@ -2,9 +2,11 @@
 //! block status. Imports nothing else from the crate.
 
 mod error;
+mod info;
 mod perm;
 mod status;
 
 pub use error::{Error, Result};
+pub use info::{BackendInfo, ChildInfo, DriverInfo, IoStats, NodeInfo};
 pub use perm::{ChildRole, Perm, Permissions};
 pub use status::BlockStatus;

@@ -143,4 +143,29 @@ impl Permissions {
         take: Perm::CONSISTENT_READ,
         share: Perm::ALL,
     };
+
+    /// What a node takes and shares on its `Backing` child, given what its
+    /// own users take and share (QEMU's `bdrv_default_perms_for_cow`): a
+    /// consistent read, and nobody else may change the backing data —
+    /// unless every user of the node shares [`Perm::WRITE`] itself (it
+    /// copes with data changing under it), in which case the backing edge
+    /// shares `WRITE` and `RESIZE` too.
+    ///
+    /// That is how a block job writes into a node that an overlay reads
+    /// (QEMU's commit): the job puts a filter above the overlay that shares
+    /// everything on its child, so the overlay's users share `WRITE`, so
+    /// its backing edge does, so the job's own writer on the base (a
+    /// backend with [`stay_at_node`](crate::BackendOptions::stay_at_node))
+    /// is allowed. Without such a filter a guest backend above the overlay
+    /// shares no `WRITE`, and a writer on the base is refused.
+    pub fn for_backing(users: Permissions) -> Permissions {
+        let mut share = Perm::CONSISTENT_READ | Perm::WRITE_UNCHANGED;
+        if users.share.contains(Perm::WRITE) {
+            share = share | Perm::WRITE | Perm::RESIZE;
+        }
+        Permissions {
+            take: Perm::CONSISTENT_READ,
+            share,
+        }
+    }
 }

@@ -126,7 +126,7 @@ impl FileDriver {
     }
 
     pub(super) async fn do_flush(&self) -> Result<()> {
-        if self.options.read_only {
+        if self.is_read_only() {
             return Ok(());
         }
         let host = self.host.clone();

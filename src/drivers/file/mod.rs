@@ -10,7 +10,8 @@
 //! host calls); `lock.rs` (QEMU's OFD lock bytes); `state.rs` (the
 //! [`FileDriver`] struct); then its operations, each an `impl FileDriver`
 //! block: `open.rs`, `io.rs` (read, write, zeroes, discard, flush),
-//! `status.rs` (`SEEK_DATA`/`SEEK_HOLE`), `resize.rs`. This file: the
+//! `status.rs` (`SEEK_DATA`/`SEEK_HOLE`), `resize.rs`, `reopen.rs`
+//! (read-only ↔ read-write). This file: the
 //! [`BlockDriver`] implementation, which dispatches to those.
 
 mod host;
@@ -18,6 +19,7 @@ mod io;
 mod lock;
 mod open;
 mod options;
+mod reopen;
 mod resize;
 mod state;
 mod status;
@@ -26,7 +28,7 @@ use std::sync::atomic::Ordering;
 
 use crate::graph::driver::{BlockDriver, IoFuture, ResizePermit};
 use crate::graph::proof::{CallbackRef, RequestRef};
-use crate::types::BlockStatus;
+use crate::types::{BlockStatus, DriverInfo, Result};
 
 use lock::unlock_image;
 
@@ -39,10 +41,29 @@ impl BlockDriver for FileDriver {
     /// if a handle, a drain section or a finishing host call keeps the
     /// driver (and its descriptor) alive a little longer.
     fn close(&self, _node: CallbackRef<'_>) {
-        if !self.locked {
+        if !self.is_locked() {
             return;
         }
         unlock_image(&self.host.file);
+    }
+
+    fn is_read_only(&self) -> bool {
+        FileDriver::is_read_only(self)
+    }
+
+    /// Reopens the file with the new access mode and moves the image locks
+    /// to it (see `reopen.rs`); [`Error::Locked`] if another process holds
+    /// what read-write needs, the file unchanged.
+    ///
+    /// [`Error::Locked`]: crate::types::Error::Locked
+    fn set_read_only(&self, _node: CallbackRef<'_>, read_only: bool) -> Result<()> {
+        self.switch_read_only(read_only)
+    }
+
+    fn info(&self) -> DriverInfo {
+        DriverInfo::new()
+            .filename(self.path.display().to_string())
+            .size(self.host.size.load(Ordering::SeqCst))
     }
 
     fn format_name(&self) -> &'static str {
@@ -55,13 +76,13 @@ impl BlockDriver for FileDriver {
 
     fn describe(&self) -> String {
         let mut s = format!("{} {}", self.format_name(), self.path.display());
-        if self.options.read_only {
+        if self.is_read_only() {
             s.push_str(", read-only");
         }
         if let Some(a) = self.direct_alignment() {
             s.push_str(&format!(", direct ({a}-byte blocks)"));
         }
-        if self.locked {
+        if self.is_locked() {
             s.push_str(", locked");
         }
         s

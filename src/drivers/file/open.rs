@@ -5,7 +5,7 @@ use std::fs::{File, OpenOptions};
 use std::io::{Seek, SeekFrom};
 use std::os::unix::fs::{FileExt, FileTypeExt, OpenOptionsExt};
 use std::path::Path;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
 use crate::driver::range_lock::RangeLock;
@@ -115,7 +115,8 @@ impl FileDriver {
                 block_device,
             }),
             options,
-            locked,
+            locked: AtomicBool::new(locked),
+            read_only: AtomicBool::new(options.read_only),
             ranges: RangeLock::default(),
         })
     }

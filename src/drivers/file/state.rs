@@ -2,6 +2,7 @@
 //! [`FileDriver`] struct, its accessors, and the checks requests make.
 
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use crate::driver::range_lock::RangeLock;
@@ -116,7 +117,11 @@ pub struct FileDriver {
     pub(super) path: PathBuf,
     pub(super) host: Arc<Host>,
     pub(super) options: FileOptions,
-    pub(super) locked: bool,
+    /// Image locks held (changes on a reopen that cannot take them).
+    pub(super) locked: AtomicBool,
+    /// The current mode (changes on a reopen; `options.read_only` is the
+    /// mode it was opened in).
+    pub(super) read_only: AtomicBool,
     /// Serialises read-modify-writes against other writes (direct only).
     pub(super) ranges: RangeLock,
 }
@@ -127,9 +132,18 @@ impl FileDriver {
         &self.path
     }
 
-    /// The options it was opened with.
+    /// The options it was opened with, `read_only` as it is now (a reopen
+    /// may have switched it).
     pub fn options(&self) -> FileOptions {
-        self.options
+        FileOptions {
+            read_only: self.is_read_only(),
+            ..self.options
+        }
+    }
+
+    /// Whether the file is open read-only now.
+    pub fn is_read_only(&self) -> bool {
+        self.read_only.load(Ordering::Acquire)
     }
 
     /// The `O_DIRECT` alignment (the device's logical block size, probed at
@@ -144,7 +158,7 @@ impl FileDriver {
     /// Whether image locks are held (locking was asked for and the
     /// filesystem supports OFD locks).
     pub fn is_locked(&self) -> bool {
-        self.locked
+        self.locked.load(Ordering::Acquire)
     }
 
     /// Whether the file is a block device.
@@ -153,7 +167,7 @@ impl FileDriver {
     }
 
     pub(super) fn check_writable(&self) -> Result<()> {
-        if self.options.read_only {
+        if self.is_read_only() {
             Err(Error::ReadOnly(self.path.display().to_string()))
         } else {
             Ok(())

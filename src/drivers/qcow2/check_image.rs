@@ -24,11 +24,11 @@ impl Qcow2Driver {
     pub async fn check(&self, node: IoRef<'_>, repair: bool) -> Result<CheckReport> {
         self.own_node(node)?;
         let (_request, node) = node.admit()?;
-        if repair && self.read_only {
+        if repair && self.is_read_only() {
             return Err(Error::ReadOnly(node.name().to_owned()));
         }
         let file = require_child(node, ChildRole::File)?;
-        if !self.read_only {
+        if !self.is_read_only() {
             self.do_flush(node).await?;
         }
         let _excl = self.io_lock.write().await;

@@ -17,7 +17,7 @@ impl Qcow2Driver {
 
     pub(super) async fn do_flush(&self, node: RequestRef<'_>) -> Result<()> {
         let file = require_child(node, ChildRole::File)?;
-        if self.read_only {
+        if self.is_read_only() {
             return Ok(());
         }
         let frees = {

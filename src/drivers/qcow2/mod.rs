@@ -98,7 +98,7 @@
 //!   `create.rs` (formatting a new image), `open.rs`, `read.rs`,
 //!   `write.rs` (allocation, copy-on-write, zeroes, discard, compressed
 //!   writes), `flush.rs`, `check_image.rs` (`qemu-img check`),
-//!   `resize.rs`, `snapshot.rs` (internal snapshots), `info.rs` (what
+//!   `resize.rs`, `reopen.rs` (read-only ↔ read-write), `snapshot.rs` (internal snapshots), `info.rs` (what
 //!   `qemu-img info` reports), `chain.rs` (opening an image with its
 //!   backing files).
 //! - This file: the [`BlockDriver`] implementation, which dispatches to
@@ -121,6 +121,7 @@ mod meta;
 mod open;
 mod options;
 mod read;
+mod reopen;
 mod resize;
 mod snapshot;
 mod state;
@@ -128,7 +129,7 @@ mod write;
 
 use crate::graph::driver::{BlockDriver, IoFuture, ResizePermit};
 use crate::graph::proof::{CallbackRef, RequestRef};
-use crate::types::BlockStatus;
+use crate::types::{BlockStatus, DriverInfo};
 use crate::types::{ChildRole, Error, Perm, Permissions, Result};
 
 pub use bitmap::BitmapInfo;
@@ -156,10 +157,30 @@ impl BlockDriver for Qcow2Driver {
         if let Some(b) = &self.backing_file {
             s.push_str(&format!(", backing '{b}'"));
         }
-        if self.read_only {
+        if self.is_read_only() {
             s.push_str(", read-only");
         }
         s
+    }
+
+    fn is_read_only(&self) -> bool {
+        Qcow2Driver::is_read_only(self)
+    }
+
+    /// See `reopen.rs`: going read-only needs the metadata flushed first;
+    /// going read-write refuses images that a writable open would repair.
+    fn set_read_only(&self, node: CallbackRef<'_>, read_only: bool) -> Result<()> {
+        self.switch_read_only(node.name(), read_only)
+    }
+
+    fn info(&self) -> DriverInfo {
+        DriverInfo::new()
+            .size(self.size())
+            .backing(self.backing_file.clone(), self.backing_format.clone())
+            .cluster_size(self.geo.cs)
+            .specific("compat", if self.geo.version >= 3 { "1.1" } else { "0.10" })
+            .specific("refcount-bits", 1u32 << self.geo.refcount_order)
+            .specific("snapshots", self.nb_snapshots)
     }
 
     fn open(&self, node: CallbackRef<'_>) -> Result<()> {
@@ -200,7 +221,7 @@ impl BlockDriver for Qcow2Driver {
         match role {
             ChildRole::File => {
                 let mut take = Perm::CONSISTENT_READ;
-                if !self.read_only
+                if !self.is_read_only()
                     && (users.take.contains(Perm::WRITE) || users.take.contains(Perm::RESIZE))
                 {
                     take = take | Perm::WRITE | Perm::RESIZE;
@@ -211,10 +232,7 @@ impl BlockDriver for Qcow2Driver {
                     share: Perm::CONSISTENT_READ | Perm::WRITE_UNCHANGED,
                 }
             }
-            ChildRole::Backing => Permissions {
-                take: Perm::CONSISTENT_READ,
-                share: Perm::CONSISTENT_READ | Perm::WRITE_UNCHANGED,
-            },
+            ChildRole::Backing => Permissions::for_backing(users),
             _ => users,
         }
     }

@@ -203,7 +203,7 @@ impl Qcow2Driver {
         Ok(Qcow2Driver {
             geo,
             size: AtomicU64::new(h.size),
-            read_only,
+            read_only: AtomicBool::new(read_only),
             nb_snapshots: h.nb_snapshots,
             snapshots_offset: h.snapshots_offset,
             backing_file: h.backing_file,

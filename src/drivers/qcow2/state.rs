@@ -24,7 +24,8 @@ pub struct Qcow2Driver {
     /// `io_lock` exclusively; requests check against it after taking
     /// `io_lock` shared, so none sees it change half way.
     pub(super) size: AtomicU64,
-    pub(super) read_only: bool,
+    /// The current mode (a reopen may switch it).
+    pub(super) read_only: AtomicBool,
     pub(super) nb_snapshots: u32,
     pub(super) snapshots_offset: u64,
     pub(super) backing_file: Option<String>,
@@ -56,7 +57,7 @@ impl std::fmt::Debug for Qcow2Driver {
             .field("cluster_size", &self.geo.cs)
             .field("size", &self.size())
             .field("backing_file", &self.backing_file)
-            .field("read_only", &self.read_only)
+            .field("read_only", &self.is_read_only())
             .finish_non_exhaustive()
     }
 }
@@ -107,9 +108,9 @@ impl Qcow2Driver {
             .clone()
     }
 
-    /// Whether the image was opened read-only.
+    /// Whether the image is read-only now.
     pub fn is_read_only(&self) -> bool {
-        self.read_only
+        self.read_only.load(Ordering::Acquire)
     }
 
     pub(super) fn own_node(&self, node: IoRef<'_>) -> Result<()> {
@@ -134,7 +135,7 @@ impl Qcow2Driver {
     }
 
     pub(super) fn check_writable(&self, node: RequestRef<'_>) -> Result<()> {
-        if self.read_only {
+        if self.is_read_only() {
             return Err(Error::ReadOnly(node.name().to_owned()));
         }
         Ok(())

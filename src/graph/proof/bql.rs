@@ -9,7 +9,7 @@ use crate::graph::drain;
 use crate::graph::node::NodeInner;
 use crate::graph::proof::GraphView;
 use crate::graph::proof::NodeHandle;
-use crate::graph::proof::{Drained, GlobalState, GraphWriter, GsRef};
+use crate::graph::proof::{Drained, DrainedAll, GlobalState, GraphWriter, GsRef};
 use crate::graph::runtime::MainLoop;
 use crate::graph::GraphInner;
 
@@ -109,6 +109,54 @@ impl Bql {
     pub fn drain<'g>(&mut self, node: &'g NodeHandle) -> Drained<'g> {
         self.check_graph(&node.0);
         let drained = drain::begin(&self.graph, &node.0);
+        futures::executor::block_on(drain::wait(drained.state()));
+        drain::finish_wait(drained.state());
+        drained
+    }
+
+    /// Every node of the graph as a plain value (QEMU's
+    /// `query-named-block-nodes`): driver, file, size, read-only, backing
+    /// chain, children with roles and permissions, users, requests in
+    /// flight, drain count and what the driver reports. Serialisable with
+    /// the `serde` cargo feature.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use blockgraph::{drivers::MemoryDriver, BackendOptions, MainLoop};
+    ///
+    /// let main = MainLoop::new()?;
+    /// let nodes = main.run(|bql| -> blockgraph::Result<_> {
+    ///     let disk = bql.write(|w| w.add_node("disk", MemoryDriver::new(4096), &[]))?;
+    ///     bql.write(|w| w.add_backend("vda", &disk, BackendOptions::default()))?;
+    ///     Ok(bql.query_nodes())
+    /// })?;
+    /// assert_eq!(nodes[0].name, "disk");
+    /// assert_eq!(nodes[0].parents, ["backend 'vda'"]);
+    /// # main.shutdown();
+    /// # Ok::<(), blockgraph::Error>(())
+    /// ```
+    pub fn query_nodes(&self) -> Vec<crate::NodeInfo> {
+        crate::graph::query::nodes(&self.graph, self.access())
+    }
+
+    /// Every backend as a plain value (QEMU's `query-block` with
+    /// `query-blockstats`' counters): root, permissions, drain state,
+    /// requests in flight and I/O statistics.
+    pub fn query_backends(&self) -> Vec<crate::BackendInfo> {
+        crate::graph::query::backends(&self.graph, self.access())
+    }
+
+    /// Drains every node of the graph (QEMU's `bdrv_drain_all_begin`):
+    /// every backend queues new requests, the ones in flight finish, and
+    /// nodes added while the section lives start drained. The section ends
+    /// when the [`DrainedAll`] is dropped; [`DrainedAll::drained`] lends the
+    /// [`Drained`](crate::Drained) a mutation wants for any node.
+    ///
+    /// A synchronous wait, like [`Bql::drain`]; async main-loop code uses
+    /// [`MainTask::drain_all`](crate::MainTask::drain_all).
+    pub fn drain_all(&mut self) -> DrainedAll {
+        let drained = drain::begin_all(&self.graph);
         futures::executor::block_on(drain::wait(drained.state()));
         drain::finish_wait(drained.state());
         drained

@@ -9,6 +9,7 @@
 //! | [`RequestRef`] | a node seen by its own driver inside a request | the `bs` a driver's I/O callback receives |
 //! | [`CallbackRef`] | a node seen by its own driver in a main-loop callback | the `bs` of `.bdrv_open`, `.bdrv_drain_begin` |
 //! | [`Drained`] | no request can reach this node | `bdrv_drained_begin()` … `end()` |
+//! | [`DrainedAll`] | no request can reach any node | `bdrv_drain_all_begin()` … `end()` |
 //! | [`GraphWriter`] | no reader is inside the graph; the graph may change | `bdrv_graph_wrlock()` |
 
 mod bql;
@@ -20,7 +21,7 @@ mod read_guard;
 mod view;
 
 pub use bql::Bql;
-pub use drained::Drained;
+pub use drained::{Drained, DrainedAll};
 pub use graph_writer::GraphWriter;
 pub use node_handle::NodeHandle;
 pub use node_ref::{

@@ -481,6 +481,22 @@ impl<'a> IoRef<'a> {
         <ReadLocked as sealed::Dispatch>::dispatch(self.target(), move |_, n| op(n))
     }
 
+    /// A flush entering here for the owner of a drain section of this node
+    /// ([`Drained::flush`](crate::Drained::flush)): counted like any
+    /// request (other drains wait for it), but not refused because the
+    /// node is drained — the drain keeps the node's *users* out, not the
+    /// section's owner (QEMU's `bdrv_flush` inside `bdrv_drained_begin`).
+    pub(crate) fn flush_for_drain_owner(&self) -> NodeRequest<'a, ()> {
+        let admission = Admission::enter_unchecked(self.node);
+        let request = self.as_request();
+        NodeRequest {
+            state: RequestState::Entered {
+                future: self.node.driver.flush(request),
+                _admission: admission,
+            },
+        }
+    }
+
     /// Enters a request here for crate code that passes it down itself
     /// (a format driver probing or creating an image on a protocol node).
     pub(crate) fn admit(&self) -> Result<(Admission<'a>, RequestRef<'a>)> {
@@ -513,6 +529,14 @@ impl<'a> Admission<'a> {
             });
         }
         Ok(admission)
+    }
+}
+
+impl<'a> Admission<'a> {
+    /// Counts a request in even while a drain section covers the node.
+    fn enter_unchecked(node: &'a NodeInner) -> Self {
+        node.in_flight.fetch_add(1, Ordering::SeqCst);
+        Admission { node }
     }
 }
 

@@ -3,7 +3,7 @@
 use crate::graph::drain;
 use crate::graph::proof::NodeHandle;
 use crate::graph::proof::WriteLockHeld;
-use crate::graph::proof::{Bql, Drained, GraphWriter};
+use crate::graph::proof::{Bql, Drained, DrainedAll, GraphWriter};
 use crate::graph::runtime::MainLoop;
 use crate::thread::BqlScope;
 
@@ -71,6 +71,19 @@ impl MainTask {
         let drained = drain::begin(&self.bql.graph, &node.0);
         drain::wait(drained_state(&drained)).await;
         drain::finish_wait(drained_state(&drained));
+        drained
+    }
+
+    /// Drains every node of the graph, yielding to other main-loop tasks
+    /// while requests in flight finish. See [`Bql::drain_all`].
+    ///
+    /// # Cancel safety
+    ///
+    /// Dropping the future ends the section it began.
+    pub async fn drain_all(&self) -> DrainedAll {
+        let drained = drain::begin_all(&self.bql.graph);
+        drain::wait(drained.state()).await;
+        drain::finish_wait(drained.state());
         drained
     }
 
