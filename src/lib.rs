@@ -57,6 +57,7 @@ mod backend;
 pub mod driver;
 pub mod drivers;
 mod graph;
+pub mod job;
 mod sync;
 mod thread;
 mod types;
@@ -72,7 +73,9 @@ pub use graph::proof::{
     InCallback, InRequest, IoProof, IoRef, MainLoopProof, NodeHandle, NodeRef, NodeRequest,
     OutsideRequest, ParentRef, Proof, ReadFuture, ReadGuard, ReadLocked, RequestRef, SeesParents,
 };
-pub use graph::runtime::{IoContext, IoTask, IoThread, MainLoop, MainTask, TaskHandle};
+pub use graph::runtime::{
+    IoContext, IoTask, IoThread, IoThreadHandle, MainLoop, MainTask, TaskHandle,
+};
 pub use types::{ChildRole, Error, Perm, Permissions, Result};
 
 /// Zero cost: proofs are at most one pointer wide.

@@ -37,7 +37,12 @@ const LAYERS: &[(&str, u32, &str)] = &[
     ("backend", 3, "the request path: BlockBackend"),
     ("driver", 4, "the driver kit"),
     ("drivers", 5, "the built-in drivers"),
-    ("export", 6, "exports: NBD"),
+    (
+        "job",
+        6,
+        "block jobs: the job model, the copy engine, stream",
+    ),
+    ("export", 7, "exports: NBD"),
 ];
 
 /// Import cycles between files that are in the design, each with its
