@@ -13,9 +13,8 @@
 //! request the hook makes takes the read lock for itself (a
 //! [`BlockBackend`] call, or an [`IoTask::read`] guard the hook drops
 //! before returning), so no worker holds the lock across a pause point, a
-//! rate-limit sleep or a wait for the main loop — the pause point and the
-//! rate limit take no `IoTask` at all, and a hook that returned with a
-//! guard would not compile (the guard borrows the `IoTask` it was given
+//! rate-limit sleep or a wait for the main loop, and a hook that returned
+//! with a guard would not compile (the guard borrows the `IoTask` it was given
 //! for the call).
 
 use std::future::Future;
@@ -281,7 +280,7 @@ async fn worker<C: CopyChunks>(
     let _busy = runner.busy();
     let mut buf = Vec::new();
     loop {
-        runner.pause_point().await?;
+        runner.pause_point(&mut io).await?;
         if engine.stop.load(Ordering::SeqCst) {
             return Ok(());
         }
@@ -299,7 +298,7 @@ async fn worker<C: CopyChunks>(
                 Ok((copy, n)) => (copy, engine.aligned(n, room)),
                 Err(e) => match engine.on_error(runner, e, IoOperation::Read) {
                     Flow::Retry => {
-                        runner.pause_point().await?;
+                        runner.pause_point(&mut io).await?;
                         continue;
                     }
                     Flow::Skip => {
@@ -311,7 +310,7 @@ async fn worker<C: CopyChunks>(
                 },
             };
             if copy {
-                runner.throttle(n).await?;
+                runner.throttle(&mut io, n).await?;
                 buf.resize(n as usize, 0);
                 match chunks.copy(&mut io, pos, &mut buf[..n as usize]).await {
                     Ok(()) => {
@@ -320,7 +319,7 @@ async fn worker<C: CopyChunks>(
                     Err(ChunkError { operation, error }) => {
                         match engine.on_error(runner, error, operation) {
                             Flow::Retry => {
-                                runner.pause_point().await?;
+                                runner.pause_point(&mut io).await?;
                                 continue;
                             }
                             Flow::Skip => {}

@@ -98,6 +98,11 @@ impl<'t> JobCx<'t> {
         &self.runner.job
     }
 
+    /// [`JobRunner::pause_point`] for the job's own task.
+    pub async fn pause_point(&mut self) -> Result<()> {
+        self.runner.pause_point(self.io).await
+    }
+
     /// Runs `f` on the main loop with the [`Bql`] (graph changes: drains
     /// and write sections) and returns its result. Needs the task's
     /// `&mut IoTask`, so it cannot be called while the task holds a read
@@ -127,10 +132,16 @@ impl JobRunner {
 
     /// A pause point (QEMU's `job_pause_point`): returns at once unless the
     /// job is paused (by the user, a `stop` error policy or a drain of a
-    /// node it uses), else waits until it is resumed. Hold no read guard
-    /// across it. Fails with [`Error::JobCancelled`] once the job is
-    /// cancelled: stop working then.
-    pub async fn pause_point(&self) -> Result<()> {
+    /// node it uses), else waits until it is resumed. Fails with
+    /// [`Error::JobCancelled`] once the job is cancelled: stop working then.
+    ///
+    /// It takes the calling task's `&mut IoTask` and does nothing with it:
+    /// that borrow is the proof that the task holds no read guard while it
+    /// waits (a paused job holding the lock would keep out the write
+    /// section of whoever drained it, who waits for the job's guard while
+    /// the job waits for the drain to end).
+    pub async fn pause_point(&self, io: &mut IoTask) -> Result<()> {
+        let _ = io;
         self.job.shared.pause_point().await
     }
 
@@ -145,9 +156,12 @@ impl JobRunner {
     }
 
     /// Waits until the rate limit lets `bytes` more go (QEMU's
-    /// `block_job_ratelimit_sleep`). Hold no read guard across it. Fails
-    /// with [`Error::JobCancelled`] if the job is cancelled meanwhile.
-    pub async fn throttle(&self, bytes: u64) -> Result<()> {
+    /// `block_job_ratelimit_sleep`). Fails with [`Error::JobCancelled`] if
+    /// the job is cancelled meanwhile. Takes `&mut IoTask` for the same
+    /// reason as [`pause_point`](Self::pause_point): no read guard is held
+    /// across the sleep.
+    pub async fn throttle(&self, io: &mut IoTask, bytes: u64) -> Result<()> {
+        let _ = io;
         self.job.shared.throttle(bytes).await
     }
 
@@ -263,7 +277,7 @@ pub(crate) async fn run_job<D: JobDriver>(mut io: IoTask, job: Job, mut driver: 
     };
     let result = {
         let _busy = runner.busy();
-        match runner.pause_point().await {
+        match runner.pause_point(cx.io()).await {
             Ok(()) => guarded("run", driver.run(&mut cx)).await,
             Err(e) => Err(e),
         }

@@ -106,8 +106,8 @@ impl Subscriber {
     }
 }
 
-/// A job's events, in the order they happened, from the moment of
-/// subscribing ([`Job::events`](super::Job::events)). The stream ends after
+/// A job's events, in the order they happened, from the job's creation
+/// ([`Job::events`](super::Job::events)). The stream ends after
 /// the job's last event (its move to [`JobStatus::Null`]).
 ///
 /// Use it as a [`Stream`] from async code, or with

@@ -181,6 +181,8 @@ impl Job {
                 options.speed,
             )),
         };
+        job.shared
+            .emit(super::events::JobEvent::StatusChange(JobStatus::Created));
         JOBS.with(|jobs| jobs.borrow_mut().push(job.clone()));
         Ok(job)
     }
@@ -255,7 +257,9 @@ impl Job {
         }
     }
 
-    /// Subscribes to the job's events from now on.
+    /// Subscribes to the job's events: every event since the job was made
+    /// (its last 4096, for a very long-lived one), then each as it
+    /// happens, so nothing is missed however late one subscribes.
     pub fn events(&self) -> JobEvents {
         JobEvents {
             sub: self.shared.subscribe(),

@@ -82,8 +82,21 @@ pub(crate) struct JobShared {
     pub rate: RateLimit,
     /// Workers not parked at a pause point.
     pub busy: AtomicUsize,
-    subscribers: Mutex<Vec<Arc<Subscriber>>>,
+    subscribers: Mutex<Subscribers>,
 }
+
+/// The live subscribers, and every event so far (up to `HISTORY`), so that
+/// a subscriber sees the job's events from its creation whenever it
+/// subscribes: the job runs on its own as soon as it is started, and an
+/// event between `start` and `events()` would otherwise be lost.
+#[derive(Default)]
+struct Subscribers {
+    live: Vec<Arc<Subscriber>>,
+    history: std::collections::VecDeque<JobEvent>,
+}
+
+/// Events a job keeps for late subscribers; the oldest go first.
+const HISTORY: usize = 4096;
 
 impl JobShared {
     pub(crate) fn new(
@@ -115,7 +128,7 @@ impl JobShared {
             total: AtomicU64::new(0),
             rate: RateLimit::new(speed),
             busy: AtomicUsize::new(0),
-            subscribers: Mutex::new(Vec::new()),
+            subscribers: Mutex::new(Subscribers::default()),
         }
     }
 
@@ -125,26 +138,36 @@ impl JobShared {
 
     pub(crate) fn subscribe(&self) -> Arc<Subscriber> {
         let sub = Arc::new(Subscriber::default());
-        if self.lock().status == JobStatus::Null {
+        let closed = self.lock().status == JobStatus::Null;
+        let mut subs = self.subs();
+        for event in &subs.history {
+            sub.push(event.clone());
+        }
+        if closed {
             sub.close();
         } else {
-            self.subs().push(sub.clone());
+            subs.live.push(sub.clone());
         }
         sub
     }
 
-    fn subs(&self) -> MutexGuard<'_, Vec<Arc<Subscriber>>> {
+    fn subs(&self) -> MutexGuard<'_, Subscribers> {
         self.subscribers.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     pub(crate) fn emit(&self, event: JobEvent) {
-        for s in self.subs().iter() {
+        let mut subs = self.subs();
+        for s in subs.live.iter() {
             s.push(event.clone());
         }
+        if subs.history.len() == HISTORY {
+            subs.history.pop_front();
+        }
+        subs.history.push_back(event);
     }
 
     pub(crate) fn close_subscribers(&self) {
-        for s in self.subs().drain(..) {
+        for s in self.subs().live.drain(..) {
             s.close();
         }
     }
