@@ -2,34 +2,7 @@
 //! store up into the top image, then drop them from the chain (QEMU's
 //! `block/stream.c`).
 //!
-//! ```text
-//!  before:  vda → top → mid1 → mid2 → base      (stream top, base = base)
-//!  during:  vda → stream filter (copy-on-read) → top → mid1 → mid2 → base
-//!           job backend ↗
-//!  after:   vda → top → base   (top's header names base)
-//! ```
-//!
-//! * **Setup** (main loop, [`stream`]): a drain of `top` and one write
-//!   section insert a copy-on-read filter above `top` (the guest's backend
-//!   moves onto it, so guest writes and copy-ups exclude each other range
-//!   by range) and add the job's own backend on it (`stay_at_node`).
-//! * **Run** (the job's I/O task): the copy engine walks the device; for
-//!   each range, [`BlockBackend::block_status_above`] (one request each,
-//!   under the read lock) says whether `top` already stores it and whether
-//!   the intermediates (above `base`) do; a range they store is read
-//!   through the job's backend, and the filter copies it up into `top`.
-//! * **Prepare** (finalization): on the main loop, drains of the filter,
-//!   `top` and every intermediate, and one write section that removes the
-//!   job's backend and the filter, makes `base` `top`'s backing and
-//!   removes the intermediates nobody else uses; then, in the I/O task,
-//!   under the read lock, the new backing file name is written into
-//!   `top`'s qcow2 header ([`Qcow2Driver::change_backing_file`], after a
-//!   flush). The graph changes before the header, as in QEMU; both orders
-//!   are safe, because after the copy `top` + any of the old backings
-//!   reads the same as `top` + `base`.
-//! * **Clean** (either way): whatever of the filter and the job's backend
-//!   is still there is removed (a cancelled or failed stream leaves the
-//!   chain as it was; what it copied stays in `top`, where it is correct).
+//! What it does, step by step: see [`stream`].
 
 use crate::backend::BlockBackend;
 use crate::drivers::qcow2::Qcow2Driver;
@@ -106,8 +79,36 @@ enum Header {
 }
 
 /// Starts a stream job (QEMU's `block-stream`) on this main loop, doing
-/// its I/O on `io`. See the [module docs](self) for what it does and
-/// [`Job`] for an example.
+/// its I/O on `io`'s thread ([`Job`] has an example).
+///
+/// ```text
+///  before:  vda → top → mid1 → mid2 → base      (stream top, base = base)
+///  during:  vda → stream filter (copy-on-read) → top → mid1 → mid2 → base
+///           job backend ↗
+///  after:   vda → top → base   (top's header names base)
+/// ```
+///
+/// * **Setup** (main loop, this function): a drain of `top` and one write
+///   section insert a copy-on-read filter above `top` (the guest's backend
+///   moves onto it, so guest writes and copy-ups exclude each other range
+///   by range) and add the job's own backend on it (`stay_at_node`).
+/// * **Run** (the job's I/O task): the copy engine walks the device; for
+///   each range, [`BlockBackend::block_status_above`] (one request each,
+///   under the read lock) says whether `top` already stores it and whether
+///   the intermediates (above `base`) do; a range they store is read
+///   through the job's backend, and the filter copies it up into `top`.
+/// * **Prepare** (finalization): on the main loop, drains of the filter,
+///   `top` and every intermediate, and one write section that removes the
+///   job's backend and the filter, makes `base` `top`'s backing and
+///   removes the intermediates nobody else uses; then, in the I/O task,
+///   under the read lock, the new backing file name is written into
+///   `top`'s qcow2 header ([`Qcow2Driver::change_backing_file`], after a
+///   flush). The graph changes before the header, as in QEMU; both orders
+///   are safe, because after the copy `top` + any of the old backings
+///   reads the same as `top` + `base`.
+/// * **Clean** (either way): whatever of the filter and the job's backend
+///   is still there is removed (a cancelled or failed stream leaves the
+///   chain as it was; what it copied stays in `top`, where it is correct).
 ///
 /// # Errors
 ///
