@@ -549,3 +549,41 @@ fn pause_resume_cancel_at_random_points_lose_no_guest_write() {
             .unwrap();
     }
 }
+
+#[test]
+fn block_status_above_stops_at_base_and_sees_through_filters() {
+    use blockgraph::driver::BlockStatus;
+    use blockgraph::drivers::PassthroughFilter;
+    let _w = watchdog("block_status_above", Duration::from_secs(60));
+    let env = Env::new();
+    let chain = mem_chain(&env, false);
+    let ask = |base: Option<blockgraph::NodeHandle>, cluster: u64| {
+        let blk = chain.vda.clone();
+        join(
+            env.io.spawn(move |mut cx| async move {
+                blk.block_status_above(&mut cx, base.as_ref(), cluster * CLUSTER, CLUSTER)
+                    .await
+            }),
+            "block status",
+        )
+        .unwrap()
+        .0
+    };
+    // Cluster 1 is base's, 3 is mid's, 5 is top's.
+    assert_eq!(ask(None, 1), BlockStatus::Data);
+    assert_eq!(ask(Some(chain.base.clone()), 1), BlockStatus::Unallocated);
+    assert_eq!(ask(Some(chain.base.clone()), 3), BlockStatus::Data);
+    assert_eq!(ask(Some(chain.mid.clone()), 3), BlockStatus::Unallocated);
+    assert_eq!(ask(Some(chain.mid.clone()), 5), BlockStatus::Data);
+    // A filter above top: what the chain below it stores is still data.
+    let top = chain.top.clone();
+    env.main
+        .run(move |bql| {
+            let d = bql.drain(&top);
+            bql.write(|w| w.insert_filter(&d, "pass", PassthroughFilter::new()))
+        })
+        .unwrap();
+    assert_eq!(ask(None, 1), BlockStatus::Data);
+    assert_eq!(ask(Some(chain.base.clone()), 1), BlockStatus::Unallocated);
+    assert_eq!(ask(Some(chain.base.clone()), 3), BlockStatus::Data);
+}
