@@ -339,7 +339,7 @@ impl BlockBackend {
 /// What the device stores, for exports and copy tools (QEMU's
 /// `blk_co_block_status_above` with no base).
 impl BlockBackend {
-    /// What is stored at `offset`, looking through the whole backing chain,
+    /// What is stored at `offset`, looking through filters and the whole backing chain,
     /// and for how many bytes (at least 1, at most `len`) the answer holds.
     ///
     /// [`BlockStatus::Data`]: some layer stores data there;
@@ -374,6 +374,64 @@ impl BlockBackend {
         offset: u64,
         len: u64,
     ) -> Result<(BlockStatus, u64)> {
+        self.status_above(cx, None, offset, len).await
+    }
+
+    /// What the part of the chain *above* `base` stores at `offset`, and
+    /// for how many bytes (at least 1, at most `len`) the answer holds
+    /// (QEMU's `bdrv_block_status_above(bs, base, …)`): like
+    /// [`block_status`](Self::block_status), but the walk down the chain
+    /// stops before `base`, so [`BlockStatus::Unallocated`] means "no node
+    /// between the root and `base` stores anything there" (whatever `base`
+    /// and the nodes below it hold). A `base` that is not in the chain, or
+    /// `None`, walks the whole chain. Block jobs use it to find what a
+    /// stream or commit must copy.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use blockgraph::{driver::BlockStatus, drivers::MemoryDriver, BackendOptions, MainLoop};
+    ///
+    /// let main = MainLoop::new()?;
+    /// let (base, blk) = main.run(|bql| bql.write(|w| {
+    ///     let base = w.add_node("base", MemoryDriver::new(1 << 16), &[])?;
+    ///     let blk = w.add_backend("vda", &base, BackendOptions::default())?;
+    ///     Ok::<_, blockgraph::Error>((base, blk))
+    /// }))?;
+    /// let io = main.new_io_thread("io0")?;
+    /// let (all, above) = io.spawn(move |mut cx| async move {
+    ///     let all = blk.block_status(&mut cx, 0, 4096).await?;
+    ///     let above = blk.block_status_above(&mut cx, Some(&base), 0, 4096).await?;
+    ///     Ok::<_, blockgraph::Error>((all, above))
+    /// }).join()?;
+    /// assert_eq!(all, (BlockStatus::Data, 4096));
+    /// assert_eq!(above, (BlockStatus::Unallocated, 4096)); // the root *is* the base
+    /// # drop(io); main.shutdown();
+    /// # Ok::<(), blockgraph::Error>(())
+    /// ```
+    pub async fn block_status_above(
+        &self,
+        cx: &mut IoTask,
+        base: Option<&NodeHandle>,
+        offset: u64,
+        len: u64,
+    ) -> Result<(BlockStatus, u64)> {
+        self.status_above(cx, base.map(NodeHandle::name), offset, len)
+            .await
+    }
+
+    /// The walk of [`block_status_above`](Self::block_status_above): from
+    /// the root down the backing chain, through filters (their
+    /// [`Filtered`](ChildRole::Filtered) child: a filter's answer is its
+    /// child's, and what its child's backing chain stores is still data),
+    /// stopping before the node named `base` (names are unique in a graph).
+    async fn status_above(
+        &self,
+        cx: &mut IoTask,
+        base: Option<&str>,
+        offset: u64,
+        len: u64,
+    ) -> Result<(BlockStatus, u64)> {
         request!(self, cx, Access::Other, offset, len, |root| async move {
             if len == 0 {
                 return Err(Error::InvalidArgument(
@@ -387,6 +445,9 @@ impl BlockBackend {
             let mut node = root;
             let mut len = len;
             loop {
+                if Some(node.name()) == base {
+                    return Ok((BlockStatus::Unallocated, len));
+                }
                 let (status, n) = node.block_status(offset, len).await?;
                 // A driver that answers for no bytes would stall callers
                 // that walk the device; count it as one byte.
@@ -394,17 +455,20 @@ impl BlockBackend {
                 if status != BlockStatus::Unallocated {
                     return Ok((status, n));
                 }
-                let Some(backing) = node.child(ChildRole::Backing) else {
+                let Some(below) = node
+                    .child(ChildRole::Backing)
+                    .or_else(|| node.child(ChildRole::Filtered))
+                else {
                     return Ok((BlockStatus::Unallocated, n));
                 };
                 // A backing node shorter than its overlay reads as zeroes
                 // past its end.
-                let backing_len = backing.length().await?;
-                if offset >= backing_len {
+                let below_len = below.length().await?;
+                if offset >= below_len {
                     return Ok((BlockStatus::Unallocated, n));
                 }
-                len = n.min(backing_len - offset);
-                node = backing;
+                len = n.min(below_len - offset);
+                node = below;
             }
         })
     }

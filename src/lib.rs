@@ -57,6 +57,7 @@ mod backend;
 pub mod driver;
 pub mod drivers;
 mod graph;
+pub mod job;
 mod sync;
 mod thread;
 mod types;
@@ -74,7 +75,9 @@ pub use graph::proof::{
     NodeRequest, OutsideRequest, ParentRef, Proof, ReadFuture, ReadGuard, ReadLocked, RequestRef,
     SeesParents,
 };
-pub use graph::runtime::{IoContext, IoTask, IoThread, MainLoop, MainTask, TaskHandle};
+pub use graph::runtime::{
+    IoContext, IoTask, IoThread, IoThreadHandle, MainLoop, MainTask, TaskHandle,
+};
 pub use types::{BackendInfo, ChildInfo, IoStats, NodeInfo};
 pub use types::{ChildRole, Error, Perm, Permissions, Result};
 

@@ -37,12 +37,17 @@ const LAYERS: &[(&str, u32, &str)] = &[
     ("backend", 3, "the request path: BlockBackend"),
     ("driver", 4, "the driver kit"),
     ("drivers", 5, "the built-in drivers"),
-    ("export", 6, "exports: NBD"),
     (
         "snapshot",
         6,
         "live external snapshots: overlays created, appended and the old tops made read-only in one transaction",
     ),
+    (
+        "job",
+        6,
+        "block jobs: the job model, the copy engine, stream",
+    ),
+    ("export", 7, "exports: NBD"),
 ];
 
 /// Import cycles between files that are in the design, each with its

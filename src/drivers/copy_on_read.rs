@@ -32,12 +32,27 @@ use crate::types::{ChildRole, Perm, Permissions};
 pub struct CopyOnRead {
     ranges: RangeLock,
     copied: AtomicU64,
+    /// The node of the backing chain at which copying stops (QEMU's
+    /// `bottom`, one node lower): what it and the nodes below it store is
+    /// read but not copied.
+    base: Option<String>,
 }
 
 impl CopyOnRead {
     /// A copy-on-read filter.
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// A copy-on-read filter that copies up only what the nodes of the
+    /// backing chain *above* the node named `base` store (QEMU's `bottom`
+    /// option, used by stream with a base): ranges that only `base` or
+    /// nodes below it store are read through but not copied.
+    pub fn above_base(base: impl Into<String>) -> Self {
+        CopyOnRead {
+            base: Some(base.into()),
+            ..Self::default()
+        }
     }
 
     /// Bytes copied up so far.
@@ -85,12 +100,21 @@ impl CopyOnRead {
     }
 }
 
-/// Whether some node below `image` stores the start of `[offset, offset +
-/// len)`, and for how many bytes that answer holds.
-async fn stored_below(image: RequestRef<'_>, offset: u64, len: u64) -> Result<(bool, u64)> {
+/// Whether some node below `image` (and above `base`, if named) stores
+/// the start of `[offset, offset + len)`, and for how many bytes that
+/// answer holds.
+async fn stored_below(
+    image: RequestRef<'_>,
+    base: Option<&str>,
+    offset: u64,
+    len: u64,
+) -> Result<(bool, u64)> {
     let mut len = len;
     let mut below = image.backing();
     while let Some(node) = below {
+        if Some(node.name()) == base {
+            break;
+        }
         if offset < node.length().await? {
             let (status, n) = node.block_status(offset, len).await?;
             let n = n.clamp(1, len);
@@ -141,7 +165,7 @@ impl Filter for CopyOnRead {
                 let mut n = n.clamp(1, len - done);
                 let mut copy = false;
                 if status == BlockStatus::Unallocated {
-                    let (stored, m) = stored_below(image, pos, n).await?;
+                    let (stored, m) = stored_below(image, self.base.as_deref(), pos, n).await?;
                     copy = stored;
                     n = m.clamp(1, n);
                 }

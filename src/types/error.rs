@@ -203,6 +203,26 @@ pub enum Error {
         operation: &'static str,
     },
 
+    /// A block job refused a command in its current status (QEMU's
+    /// "Job 'x' in state 'y' cannot accept command verb 'z'"; its
+    /// `JobVerbTable`). A command the table allows but the job's situation
+    /// does not (resuming a job nobody paused) is
+    /// [`Error::InvalidArgument`].
+    #[error("job '{job}' in state '{status}' cannot accept command verb '{verb}'")]
+    JobState {
+        /// The job's id.
+        job: String,
+        /// The refused verb (`"pause"`, `"dismiss"`, …).
+        verb: &'static str,
+        /// The job's status when it was refused.
+        status: &'static str,
+    },
+
+    /// A block job was cancelled (QEMU's `ECANCELED`): the outcome of its
+    /// work, not a failure of it.
+    #[error("job '{0}' was cancelled")]
+    JobCancelled(String),
+
     /// A driver failed in a way of its own that no other variant names (a
     /// checksum mismatch, a remote protocol error, …): its own error is
     /// kept as [`source`](std::error::Error::source), so callers can walk

@@ -104,6 +104,7 @@
 //! - This file: the [`BlockDriver`] implementation, which dispatches to
 //!   those.
 
+mod backing_file;
 mod bitmap;
 mod cache;
 mod chain;

@@ -100,6 +100,17 @@ impl IoThread {
         TaskHandle { rx }
     }
 
+    /// A handle that spawns tasks on this thread and may be cloned and
+    /// sent anywhere (into a main-loop closure, to a block job), without
+    /// keeping the thread alive: once the `IoThread` is gone, tasks spawned
+    /// through it are reported cancelled.
+    pub fn handle(&self) -> IoThreadHandle {
+        IoThreadHandle {
+            context: self.context.clone(),
+            jobs: self.jobs.as_ref().map(mpsc::UnboundedSender::downgrade),
+        }
+    }
+
     /// This thread's context.
     pub fn context(&self) -> &IoContext {
         &self.context
@@ -139,6 +150,50 @@ impl Drop for IoThread {
             // Otherwise dropping the handle detaches the thread: it runs its
             // remaining tasks and exits when they are done.
         }
+    }
+}
+
+/// Spawns tasks on an [`IoThread`] from anywhere ([`IoThread::handle`]).
+/// Cheap to clone; does not keep the thread alive.
+#[derive(Clone)]
+pub struct IoThreadHandle {
+    context: IoContext,
+    jobs: Option<mpsc::WeakUnboundedSender<Job>>,
+}
+
+impl IoThreadHandle {
+    /// Spawns a task on the thread, as [`IoThread::spawn`] does. If the
+    /// thread is gone, the handle reports the task cancelled.
+    pub fn spawn<F, Fut, T>(&self, f: F) -> TaskHandle<T>
+    where
+        F: FnOnce(IoTask) -> Fut + Send + 'static,
+        Fut: Future<Output = T> + 'static,
+        T: Send + 'static,
+    {
+        let (tx, rx) = oneshot::channel();
+        let job: Job = Box::new(move |cx| Box::pin(run_and_send(async move { f(cx).await }, tx)));
+        if let Some(jobs) = self.jobs.as_ref().and_then(|w| w.upgrade()) {
+            let _ = jobs.send(job);
+        }
+        TaskHandle { rx }
+    }
+
+    /// The thread's context.
+    pub fn context(&self) -> &IoContext {
+        &self.context
+    }
+
+    /// The thread's name.
+    pub fn name(&self) -> &str {
+        self.context.name()
+    }
+}
+
+impl std::fmt::Debug for IoThreadHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("IoThreadHandle")
+            .field("name", &self.context.name())
+            .finish()
     }
 }
 

@@ -9,7 +9,7 @@ mod main_task;
 mod task;
 
 pub use io_task::{IoContext, IoTask};
-pub use io_thread::IoThread;
+pub use io_thread::{IoThread, IoThreadHandle};
 pub use main_loop::MainLoop;
 pub use main_task::MainTask;
 pub use task::TaskHandle;
