@@ -240,7 +240,7 @@ impl SlowDrain {
                 if reports > 0 {
                     tracing::warn!(
                         target: "blockgraph::drain",
-                        "blockgraph: the drain of node '{}' reported above completed after {:?}",
+                        "blockgraph: the drain of {} reported above completed after {:?}",
                         state.what(),
                         since.elapsed()
                     );
@@ -284,7 +284,7 @@ fn report_slow_drain(
     tracing::warn!(
         target: "blockgraph::drain",
         waited_ms = u64::try_from(waited.as_millis()).unwrap_or(u64::MAX),
-        "blockgraph: a drain of node '{}' has waited {waited:?} for requests in flight on {}, \
+        "blockgraph: a drain of {} has waited {waited:?} for requests in flight on {}, \
          and keeps waiting. Read guards held:{holders}\n\
          A request that waits for something that needs the main loop or another task's \
          request never lets the drain finish: rules 9-11 hold per task, not across tasks \
