@@ -1,0 +1,1 @@
+//! The storage daemon example as a user runs it (filled in next).
