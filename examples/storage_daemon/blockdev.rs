@@ -85,14 +85,15 @@ pub enum Kind {
         /// `file`.
         file: ChildSpec,
     },
-    /// `null-co`.
+    /// `null-co`; what was not given is `None` (QEMU names the node
+    /// `null-co://` only when nothing was).
     Null {
         /// `size` (default 1 GiB).
-        size: u64,
-        /// `latency-ns`.
-        latency_ns: u64,
-        /// `read-zeroes`.
-        read_zeroes: bool,
+        size: Option<u64>,
+        /// `latency-ns` (default 0).
+        latency_ns: Option<u64>,
+        /// `read-zeroes` (default off).
+        read_zeroes: Option<bool>,
     },
 }
 
@@ -244,9 +245,9 @@ pub fn parse(mut o: Opts) -> QResult<NodeSpec> {
             }
         }
         _ => Kind::Null {
-            size: o.size("size")?.unwrap_or(1 << 30),
-            latency_ns: o.u64("latency-ns")?.unwrap_or(0),
-            read_zeroes: o.bool("read-zeroes")?.unwrap_or(false),
+            size: o.size("size")?,
+            latency_ns: o.u64("latency-ns")?,
+            read_zeroes: o.bool("read-zeroes")?,
         },
     };
     o.finish()?;

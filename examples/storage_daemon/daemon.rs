@@ -51,19 +51,26 @@ struct Node {
     owned: Vec<String>,
     /// The throttle group, for a `throttle` node.
     group: Option<String>,
+    /// QEMU's description of the node's options, for the `json:` filename
+    /// of a filter above it.
+    desc: Value,
     /// Creation order (QEMU lists the newest first).
     seq: u64,
 }
 
-/// What adding a node builds: its driver, its children, its QEMU
-/// `filename`, its host file and its throttle group.
-type Built = (
-    Box<dyn BlockDriver>,
-    Vec<(ChildRole, NodeHandle)>,
-    String,
-    Option<PathBuf>,
-    Option<String>,
-);
+/// What adding a node builds before it joins the graph.
+struct Built {
+    driver: Box<dyn BlockDriver>,
+    children: Vec<(ChildRole, NodeHandle)>,
+    /// QEMU's `filename`.
+    filename: String,
+    /// The host file, for a `file` node.
+    path: Option<PathBuf>,
+    /// The throttle group, for a `throttle` node.
+    group: Option<String>,
+    /// QEMU's description of the node's options (its `json:` filename).
+    desc: Value,
+}
 
 /// One NBD export.
 struct Export {
@@ -215,7 +222,7 @@ impl Daemon {
         }
         let mut owned = Vec::new();
         let read_only = spec.read_only;
-        let (driver, children, filename, path, group): Built = match spec.kind {
+        let built = match spec.kind {
             Kind::File {
                 filename,
                 direct,
@@ -236,20 +243,26 @@ impl Daemon {
                     ))
                 })?;
                 let shown = filename.display().to_string();
-                (Box::new(drv), Vec::new(), shown, Some(filename), None)
+                Built {
+                    desc: json!({"driver": "file", "filename": shown}),
+                    driver: Box::new(drv),
+                    children: Vec::new(),
+                    filename: shown,
+                    path: Some(filename),
+                    group: None,
+                }
             }
             Kind::Raw { file, offset, size } => {
                 let child = self.child(file, created, &mut owned)?;
                 let drv = RawDriver::with_window(offset, size).map_err(lib_err)?;
-                let filename = self.nodes[&child].filename.clone();
-                let h = self.nodes[&child].handle.clone();
-                (
-                    Box::new(drv),
-                    vec![(ChildRole::File, h)],
-                    filename,
-                    None,
-                    None,
-                )
+                let mut desc = json!({"driver": "raw", "file": self.nodes[&child].desc});
+                if offset != 0 {
+                    desc["offset"] = json!(offset);
+                }
+                if let Some(size) = size {
+                    desc["size"] = json!(size);
+                }
+                self.format_over(Box::new(drv), &child, ChildRole::File, desc)
             }
             Kind::Qcow2 { file, backing } => {
                 let child = self.child(file, created, &mut owned)?;
@@ -271,7 +284,6 @@ impl Daemon {
                             self.nodes[&child].filename
                         ))
                     })?;
-                let mut children = vec![(ChildRole::File, file_handle)];
                 let backing_node = match backing {
                     Backing::Nothing => None,
                     Backing::Child(spec) => Some(self.child(spec, created, &mut owned)?),
@@ -290,11 +302,14 @@ impl Daemon {
                         }
                     },
                 };
+                let desc = json!({"driver": "qcow2", "file": self.nodes[&child].desc});
+                let mut built = self.format_over(Box::new(drv), &child, ChildRole::File, desc);
                 if let Some(b) = backing_node {
-                    children.push((ChildRole::Backing, self.nodes[&b].handle.clone()));
+                    built
+                        .children
+                        .push((ChildRole::Backing, self.nodes[&b].handle.clone()));
                 }
-                let filename = self.nodes[&child].filename.clone();
-                (Box::new(drv), children, filename, None, None)
+                built
             }
             Kind::Throttle { file, group } => {
                 let Some(g) = self.groups.get(&group).cloned() else {
@@ -303,44 +318,61 @@ impl Daemon {
                     )));
                 };
                 let child = self.child(file, created, &mut owned)?;
-                let filename = self.nodes[&child].filename.clone();
-                let h = self.nodes[&child].handle.clone();
-                (
-                    Box::new(ThrottleDriver::new(g)),
-                    vec![(ChildRole::Filtered, h)],
-                    filename,
-                    None,
-                    Some(group),
-                )
+                let desc = json!({"driver": "throttle", "throttle-group": group,
+                                  "file": self.nodes[&child].desc});
+                let mut built = self.filter_over(Box::new(ThrottleDriver::new(g)), &child, desc);
+                built.group = Some(group);
+                built
             }
             Kind::CopyOnRead { file } => {
                 let child = self.child(file, created, &mut owned)?;
-                let filename = self.nodes[&child].filename.clone();
-                let h = self.nodes[&child].handle.clone();
-                (
-                    Box::new(CopyOnRead::new()),
-                    vec![(ChildRole::Filtered, h)],
-                    filename,
-                    None,
-                    None,
-                )
+                let desc = json!({"driver": "copy-on-read", "file": self.nodes[&child].desc});
+                self.filter_over(Box::new(CopyOnRead::new()), &child, desc)
             }
             Kind::Null {
                 size,
                 latency_ns,
                 read_zeroes,
-            } => (
-                Box::new(
-                    NullDriver::new(size)
-                        .with_delay(Duration::from_nanos(latency_ns))
-                        .with_read_zeroes(read_zeroes),
-                ),
-                Vec::new(),
-                "null-co://".to_owned(),
-                None,
-                None,
-            ),
+            } => {
+                let mut desc = json!({"driver": "null-co"});
+                if let Some(v) = size {
+                    desc["size"] = json!(v);
+                }
+                if let Some(v) = latency_ns {
+                    desc["latency-ns"] = json!(v);
+                }
+                if let Some(v) = read_zeroes {
+                    desc["read-zeroes"] = json!(v);
+                }
+                // QEMU's plain name when no option was given, its JSON
+                // description otherwise.
+                let filename = if size.is_none() && latency_ns.is_none() && read_zeroes.is_none() {
+                    "null-co://".to_owned()
+                } else {
+                    format!("json:{desc}")
+                };
+                Built {
+                    driver: Box::new(
+                        NullDriver::new(size.unwrap_or(1 << 30))
+                            .with_delay(Duration::from_nanos(latency_ns.unwrap_or(0)))
+                            .with_read_zeroes(read_zeroes.unwrap_or(false)),
+                    ),
+                    children: Vec::new(),
+                    filename,
+                    path: None,
+                    group: None,
+                    desc,
+                }
+            }
         };
+        let Built {
+            driver,
+            children,
+            filename,
+            path,
+            group,
+            desc,
+        } = built;
         let handle = self.add_graph_node(graph_name, driver, children)?;
         self.register(
             display.clone(),
@@ -353,11 +385,46 @@ impl Daemon {
                 implicit,
                 owned,
                 group,
+                desc,
                 seq: 0,
             },
         );
         created.push(display.clone());
         Ok(display)
+    }
+
+    /// A format driver over `child` (`raw`, `qcow2`): QEMU names it by its
+    /// file's name.
+    fn format_over(
+        &self,
+        driver: Box<dyn BlockDriver>,
+        child: &str,
+        role: ChildRole,
+        desc: Value,
+    ) -> Built {
+        let c = &self.nodes[child];
+        Built {
+            driver,
+            children: vec![(role, c.handle.clone())],
+            filename: c.filename.clone(),
+            path: None,
+            group: None,
+            desc,
+        }
+    }
+
+    /// A filter over `child` (`throttle`, `copy-on-read`): QEMU names it by
+    /// its JSON description.
+    fn filter_over(&self, driver: Box<dyn BlockDriver>, child: &str, desc: Value) -> Built {
+        let c = &self.nodes[child];
+        Built {
+            driver,
+            children: vec![(ChildRole::Filtered, c.handle.clone())],
+            filename: format!("json:{desc}"),
+            path: None,
+            group: None,
+            desc,
+        }
     }
 
     fn auto_name(&mut self) -> (String, String) {
@@ -478,6 +545,7 @@ impl Daemon {
                 Node {
                     handle,
                     drv: "file",
+                    desc: json!({"driver": "file", "filename": shown}),
                     filename: shown,
                     path: Some(path.clone()),
                     read_only: true,
@@ -506,6 +574,7 @@ impl Daemon {
         let mut top = String::new();
         for img in chain.images.iter().rev() {
             let shown = img.path.display().to_string();
+            let file_desc = json!({"driver": "file", "filename": shown});
             self.next_auto += 1;
             let file_name = format!("#block{}", self.next_auto);
             self.register(
@@ -519,6 +588,7 @@ impl Daemon {
                     implicit: true,
                     owned: Vec::new(),
                     group: None,
+                    desc: file_desc.clone(),
                     seq: 0,
                 },
             );
@@ -541,6 +611,7 @@ impl Daemon {
                         implicit: true,
                         owned: own,
                         group: None,
+                        desc: json!({"driver": img.format, "file": file_desc}),
                         seq: 0,
                     },
                 );
@@ -676,7 +747,6 @@ impl Daemon {
                     };
                     if let Some(q) = node.driver_as::<Qcow2Driver>() {
                         f.qcow2 = Some(Qcow2Facts {
-                            cluster_size: q.cluster_size(),
                             version: q.version(),
                             backing_file: q.backing_file().map(str::to_owned),
                             backing_format: q.backing_format().map(str::to_owned),
@@ -688,8 +758,22 @@ impl Daemon {
                             compression: q.compression_type(),
                         });
                     }
+                    // A filter reports what is below it (QEMU's
+                    // bdrv_get_info forwards through filters).
+                    let mut below = Some(node);
+                    while let Some(n) = below {
+                        if let Some(q) = n.driver_as::<Qcow2Driver>() {
+                            f.cluster_size = Some(q.cluster_size());
+                        }
+                        below = n.child(ChildRole::Filtered);
+                    }
                     f.backing = node.backing().map(|b| b.name().to_owned());
-                    f.depth = node.backing_chain().len().saturating_sub(1);
+                    // Backing links only (filters do not count), as QEMU.
+                    let mut below = node.backing();
+                    while let Some(b) = below {
+                        f.depth += 1;
+                        below = b.backing();
+                    }
                     out.insert(h.name().to_owned(), f);
                 }
                 out
@@ -708,12 +792,15 @@ impl Daemon {
                 continue;
             };
             let image = self.image_info(node, f, &facts, &by_graph, !flat);
+            // QEMU counts the backing chain only where it walks it, in
+            // the nested (not flat) answer.
+            let depth = if flat { 0 } else { f.depth };
             let mut info = json!({
                 "node-name": name,
                 "drv": node.drv,
                 "file": node.filename,
                 "ro": node.read_only,
-                "backing_file_depth": f.depth,
+                "backing_file_depth": depth,
                 "encrypted": false,
                 "active": true,
                 "detect_zeroes": "off",
@@ -747,7 +834,8 @@ impl Daemon {
             "dirty-flag": false,
         });
         if let Some(size) = f.size {
-            image["virtual-size"] = json!(size);
+            // QEMU counts lengths in 512-byte sectors, rounded up.
+            image["virtual-size"] = json!(size.div_ceil(512) * 512);
         }
         if let Some(actual) = self.actual_size(node) {
             image["actual-size"] = json!(actual);
@@ -755,8 +843,10 @@ impl Daemon {
         if node.drv == "file" {
             image["format-specific"] = json!({"type": "file", "data": {}});
         }
+        if let Some(c) = f.cluster_size {
+            image["cluster-size"] = json!(c);
+        }
         if let Some(q) = &f.qcow2 {
-            image["cluster-size"] = json!(q.cluster_size);
             image["dirty-flag"] = json!(q.dirty);
             image["format-specific"] = json!({
                 "type": "qcow2",
@@ -1078,13 +1168,14 @@ fn valid_id(id: &str) -> bool {
 #[derive(Default)]
 struct Facts {
     size: Option<u64>,
+    /// The qcow2 cluster size, of this node or the one below its filters.
+    cluster_size: Option<u64>,
     qcow2: Option<Qcow2Facts>,
     backing: Option<String>,
     depth: usize,
 }
 
 struct Qcow2Facts {
-    cluster_size: u64,
     version: u32,
     backing_file: Option<String>,
     backing_format: Option<String>,

@@ -47,7 +47,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 
 use cli::{Cli, CliOption};
 use opts::{Opts, QResult, QmpError};
-use qmp::{Call, Events, Monitor};
+use qmp::{Call, Events, Monitor, Msg};
 
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -75,10 +75,28 @@ fn main() {
     std::process::exit(code);
 }
 
-/// The executor: owns the daemon and runs calls one at a time until the
-/// queue closes; then shuts the daemon down and returns what failed.
-fn executor(mut daemon: daemon::Daemon, mut calls: mpsc::UnboundedReceiver<Call>) -> Vec<String> {
-    while let Some(call) = calls.blocking_recv() {
+/// The executor: owns the daemon and runs calls one at a time, until asked
+/// to shut down or until the queue closes (then it shuts down too); returns
+/// what the shutdown could not do cleanly.
+fn executor(mut daemon: daemon::Daemon, mut msgs: mpsc::UnboundedReceiver<Msg>) -> Vec<String> {
+    let mut problems = None;
+    while let Some(msg) = msgs.blocking_recv() {
+        let call = match msg {
+            Msg::Call(call) => call,
+            Msg::Shutdown(done) => {
+                if problems.is_none() {
+                    problems = Some(daemon.shutdown());
+                }
+                let _ = done.send(());
+                continue;
+            }
+        };
+        if problems.is_some() {
+            let _ = call
+                .reply
+                .send(Err(QmpError::generic("the daemon is shutting down")));
+            continue;
+        }
         let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
             commands::dispatch(&mut daemon, &call.name, call.args, call.keyval)
         }))
@@ -90,24 +108,24 @@ fn executor(mut daemon: daemon::Daemon, mut calls: mpsc::UnboundedReceiver<Call>
         });
         let _ = call.reply.send(result);
     }
-    daemon.shutdown()
+    problems.unwrap_or_else(|| daemon.shutdown())
 }
 
 /// Sends one call from the command line and waits for it.
 fn call_blocking(
-    calls: &mpsc::UnboundedSender<Call>,
+    calls: &mpsc::UnboundedSender<Msg>,
     name: &str,
     args: Value,
     keyval: bool,
 ) -> QResult<Value> {
     let (reply, rx) = oneshot::channel();
     calls
-        .send(Call {
+        .send(Msg::Call(Call {
             name: name.to_owned(),
             args,
             keyval,
             reply,
-        })
+        }))
         .map_err(|_| QmpError::generic("the executor stopped"))?;
     rx.blocking_recv()
         .unwrap_or_else(|_| Err(QmpError::generic("the executor stopped")))
@@ -147,7 +165,7 @@ fn run(options: Vec<CliOption>) -> Result<(), String> {
 /// `quit`.
 fn serve(
     options: Vec<CliOption>,
-    calls: mpsc::UnboundedSender<Call>,
+    calls: mpsc::UnboundedSender<Msg>,
     events: Events,
 ) -> Result<(), String> {
     let mut chardevs: Vec<(String, PathBuf)> = Vec::new();
@@ -185,6 +203,7 @@ fn serve(
         .build()
         .map_err(|e| e.to_string())?;
     let (quit_tx, quit_rx) = watch::channel(false);
+    let (stop_tx, stop_rx) = watch::channel(false);
     let monitor = Monitor {
         calls,
         events,
@@ -207,7 +226,7 @@ fn serve(
             listeners.push(l);
         }
         for l in listeners {
-            let (monitor, stop) = (monitor.clone(), quit_rx.clone());
+            let (monitor, stop) = (monitor.clone(), stop_rx.clone());
             tokio::spawn(async move {
                 loop {
                     tokio::select! {
@@ -232,8 +251,13 @@ fn serve(
             _ = int.recv() => {}
             _ = quit.wait_for(|q| *q) => {}
         }
-        // Stop the connections (and the accept loops).
-        monitor.quit.send_replace(true);
+        // Shut down while the connections are still open (they see the
+        // events), then close them and the accept loops.
+        let (done, finished) = oneshot::channel();
+        if monitor.calls.send(Msg::Shutdown(done)).is_ok() {
+            let _ = finished.await;
+        }
+        stop_tx.send_replace(true);
         Ok::<(), String>(())
     });
     runtime.shutdown_timeout(std::time::Duration::from_secs(1));

@@ -70,14 +70,25 @@ pub struct Call {
     pub reply: oneshot::Sender<QResult<Value>>,
 }
 
+/// What the executor receives.
+pub enum Msg {
+    /// A command.
+    Call(Call),
+    /// Shut the daemon down (exports, flush, graph); answered when done.
+    /// Later calls are refused.
+    Shutdown(oneshot::Sender<()>),
+}
+
 /// What a connection needs from the daemon.
 #[derive(Clone)]
 pub struct Monitor {
     /// The executor's queue.
-    pub calls: mpsc::UnboundedSender<Call>,
+    pub calls: mpsc::UnboundedSender<Msg>,
     /// Events for negotiated connections.
     pub events: Events,
-    /// Set to `true` to shut the daemon down (`quit`).
+    /// Set to `true` to ask for the daemon's shutdown (`quit`); the
+    /// connections stay open until it is done, so that they see its
+    /// events.
     pub quit: Arc<watch::Sender<bool>>,
     /// The greeting's `version` member.
     pub version: Value,
@@ -92,7 +103,7 @@ impl Monitor {
             keyval: false,
             reply,
         };
-        if self.calls.send(call).is_err() {
+        if self.calls.send(Msg::Call(call)).is_err() {
             return Err(QmpError::generic("the daemon is shutting down"));
         }
         rx.await
@@ -274,7 +285,8 @@ fn reply(result: QResult<Value>, id: Option<Value>) -> String {
     Value::Object(obj).to_string()
 }
 
-/// Serves one QMP connection until the client hangs up or the daemon stops.
+/// Serves one QMP connection until the client hangs up or `stop` is set
+/// (after the daemon's shutdown).
 pub async fn serve(stream: UnixStream, monitor: Monitor, mut stop: watch::Receiver<bool>) {
     let (mut rd, mut wr) = stream.into_split();
     let greeting = json!({"QMP": {"version": monitor.version, "capabilities": []}});
@@ -318,9 +330,10 @@ pub async fn serve(stream: UnixStream, monitor: Monitor, mut stop: watch::Receiv
                         return;
                     }
                     if quit {
-                        // The reply is out; now stop the daemon.
+                        // The reply is out; now stop the daemon. This
+                        // connection, like the others, is closed when
+                        // the shutdown is done.
                         monitor.quit.send_replace(true);
-                        return;
                     }
                 }
             }
