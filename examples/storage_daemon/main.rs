@@ -16,15 +16,15 @@
 //!
 //! | module | what it holds |
 //! | --- | --- |
-//! | [`cli`] | the command line and QEMU's keyval syntax |
-//! | [`qmp`] | QMP's wire protocol: greeting, negotiation, framing, replies, events |
-//! | [`commands`] | the dispatch table and each command's arguments |
-//! | [`blockdev`] | `blockdev-add`'s options for each driver |
-//! | [`daemon`] | the graph, nodes, throttle groups, NBD exports, shutdown |
-//! | [`opts`] | QMP errors and QAPI-style argument checking |
+//! | `cli` | the command line and QEMU's keyval syntax |
+//! | `qmp` | QMP's wire protocol: greeting, negotiation, framing, replies, events |
+//! | `commands` | the dispatch table and each command's arguments |
+//! | `blockdev` | `blockdev-add`'s options for each driver |
+//! | `daemon` | the graph, nodes, throttle groups, NBD exports, shutdown |
+//! | `opts` | QMP errors and QAPI-style argument checking |
 //!
 //! Threads: the command line and every QMP command run on one executor
-//! thread that owns the [`daemon::Daemon`], one command at a time; QMP
+//! thread that owns the `daemon::Daemon`, one command at a time; QMP
 //! sockets and signals are served by a small tokio runtime; the graph has
 //! its main loop and one I/O thread (for opening images); the NBD server
 //! has its own runtime. SIGTERM, SIGINT and `quit` stop the daemon
