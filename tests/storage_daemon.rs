@@ -1,0 +1,952 @@
+//! The `storage_daemon` example as a user runs it: a real process started
+//! with qemu-storage-daemon's command line, driven over QMP (a raw client
+//! here, and QEMU's own Python library `qemu.qmp` in `tests/qmp/parity.py`,
+//! run unchanged against `qemu-storage-daemon` in the same test), with
+//! `qemu-img`, `qemu-io` and `nbdinfo` as NBD clients, stopped by SIGTERM
+//! and by `quit` without losing a write.
+//!
+//! Every test has a watchdog; every daemon process is killed by a guard
+//! if its test fails; sockets and images live in temporary directories.
+
+mod common;
+mod nbd_client;
+
+use std::io::{BufRead, BufReader, Write as _};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use common::watchdog;
+use nbd_client::{Client, CMD_READ, CMD_WRITE};
+use serde_json::{json, Value};
+
+/// How long a daemon may take to start, answer or stop (debug builds on
+/// two busy cores).
+const LIMIT: Duration = Duration::from_secs(60);
+
+/// The `storage_daemon` binary: the one `cargo test` built with the
+/// examples, or, when it is missing or older than its sources, built here
+/// (as `tests/img_tool.rs` does for `img`).
+fn daemon_binary() -> &'static Path {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| {
+        let exe = std::env::current_exe().expect("test binary path");
+        let profile_dir = exe
+            .parent()
+            .and_then(Path::parent)
+            .expect("target/<profile>/deps")
+            .to_path_buf();
+        let bin = profile_dir.join("examples").join("storage_daemon");
+        let why = match std::fs::metadata(&bin).and_then(|m| m.modified()) {
+            Err(_) => "missing",
+            Ok(built) if newest_source() > built => "older than its sources",
+            Ok(_) => return bin,
+        };
+        let _ = writeln!(
+            std::io::stderr(),
+            "storage_daemon: {} is {why}; building it (cargo build --example storage_daemon)",
+            bin.display()
+        );
+        let target_dir = profile_dir.parent().expect("target dir");
+        let mut build = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+        build
+            .args(["build", "--example", "storage_daemon", "--target-dir"])
+            .arg(target_dir)
+            .current_dir(env!("CARGO_MANIFEST_DIR"));
+        if profile_dir.file_name().is_some_and(|n| n == "release") {
+            build.arg("--release");
+        }
+        let status = build.status().expect("cargo runs");
+        assert!(
+            status.success(),
+            "building the storage_daemon example failed"
+        );
+        bin
+    })
+}
+
+fn newest_source() -> std::time::SystemTime {
+    fn newest(path: &Path) -> std::time::SystemTime {
+        let Ok(meta) = std::fs::metadata(path) else {
+            return std::time::SystemTime::UNIX_EPOCH;
+        };
+        let own = meta.modified().unwrap_or(std::time::SystemTime::UNIX_EPOCH);
+        match std::fs::read_dir(path) {
+            Ok(entries) => entries
+                .flatten()
+                .map(|e| newest(&e.path()))
+                .fold(own, std::cmp::max),
+            Err(_) => own,
+        }
+    }
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    ["examples/storage_daemon", "src", "Cargo.toml", "Cargo.lock"]
+        .iter()
+        .map(|p| newest(&root.join(p)))
+        .max()
+        .expect("some sources")
+}
+
+fn have(tool: &str) -> bool {
+    Command::new(tool)
+        .arg("--version")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok()
+}
+
+/// Says loudly, past the test harness's capture, that a check is skipped.
+fn skip(what: &str) {
+    let _ = writeln!(std::io::stderr(), "\n*** SKIPPED: {what} ***\n");
+}
+
+/// Runs a tool, failing the test with its output if it fails.
+fn tool(name: &str, args: &[&str]) -> String {
+    let out = Command::new(name)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {name}: {e} (.ci/run installs it)"));
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "{name} {args:?} failed:\n{text}");
+    text
+}
+
+/// Runs `cmd` to completion within `limit`, killing it past that.
+fn output_within(cmd: &mut Command, limit: Duration) -> Output {
+    let mut child = cmd
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
+    let mut out = child.stdout.take().expect("stdout");
+    let mut err = child.stderr.take().expect("stderr");
+    let o = std::thread::spawn(move || {
+        let mut v = Vec::new();
+        let _ = std::io::Read::read_to_end(&mut out, &mut v);
+        v
+    });
+    let e = std::thread::spawn(move || {
+        let mut v = Vec::new();
+        let _ = std::io::Read::read_to_end(&mut err, &mut v);
+        v
+    });
+    let start = Instant::now();
+    let status = loop {
+        if let Some(s) = child.try_wait().expect("try_wait") {
+            break s;
+        }
+        if start.elapsed() > limit {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("{cmd:?} did not finish within {limit:?}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    Output {
+        status,
+        stdout: o.join().unwrap_or_default(),
+        stderr: e.join().unwrap_or_default(),
+    }
+}
+
+/// A daemon process, killed when dropped (a failing test leaves no
+/// process behind).
+struct Daemon {
+    child: Option<Child>,
+    log: PathBuf,
+}
+
+impl Daemon {
+    /// Starts `bin` with `args`; waits until `ready` (a socket) exists.
+    fn start(bin: &Path, args: &[String], dir: &Path, ready: &Path) -> Daemon {
+        let log = dir.join(format!(
+            "{}.log",
+            bin.file_name().and_then(|n| n.to_str()).unwrap_or("daemon")
+        ));
+        let child = Command::new(bin)
+            .args(args)
+            .current_dir(dir)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).expect("log file"))
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {}: {e}", bin.display()));
+        let mut d = Daemon {
+            child: Some(child),
+            log,
+        };
+        let start = Instant::now();
+        while !ready.exists() {
+            if let Some(status) = d.try_wait() {
+                panic!(
+                    "{} exited with {status} at start:\n{}",
+                    bin.display(),
+                    d.log()
+                );
+            }
+            assert!(
+                start.elapsed() < LIMIT,
+                "{} did not create {} within {LIMIT:?}:\n{}",
+                bin.display(),
+                ready.display(),
+                d.log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        d
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    fn try_wait(&mut self) -> Option<ExitStatus> {
+        self.child.as_mut()?.try_wait().ok().flatten()
+    }
+
+    /// Sends `signal` to the daemon.
+    fn signal(&self, signal: i32) {
+        let pid = self.child.as_ref().expect("running").id() as i32;
+        // SAFETY: kill(2) on our own child's pid; no memory is involved.
+        let rc = unsafe { libc::kill(pid, signal) };
+        assert_eq!(rc, 0, "kill({pid}, {signal})");
+    }
+
+    /// Waits for the daemon to exit.
+    fn wait(&mut self) -> ExitStatus {
+        let start = Instant::now();
+        loop {
+            if let Some(s) = self.try_wait() {
+                self.child = None;
+                return s;
+            }
+            assert!(
+                start.elapsed() < LIMIT,
+                "the daemon did not exit within {LIMIT:?}:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// A raw QMP client: one JSON object a line each way.
+struct Qmp {
+    w: UnixStream,
+    r: BufReader<UnixStream>,
+    /// Events read while waiting for replies.
+    events: Vec<Value>,
+}
+
+impl Qmp {
+    /// Connects and reads the greeting.
+    fn connect(path: &Path) -> (Qmp, Value) {
+        let s = UnixStream::connect(path).expect("QMP socket");
+        s.set_read_timeout(Some(LIMIT)).expect("timeout");
+        let mut q = Qmp {
+            w: s.try_clone().expect("clone"),
+            r: BufReader::new(s),
+            events: Vec::new(),
+        };
+        let greeting = q.recv();
+        (q, greeting)
+    }
+
+    /// Connects and negotiates capabilities.
+    fn ready(path: &Path) -> Qmp {
+        let (mut q, _) = Qmp::connect(path);
+        assert_eq!(
+            q.execute("qmp_capabilities", json!({})),
+            json!({"return": {}})
+        );
+        q
+    }
+
+    fn send_raw(&mut self, text: &str) {
+        self.w.write_all(text.as_bytes()).expect("send");
+    }
+
+    fn recv(&mut self) -> Value {
+        let mut line = String::new();
+        let n = self.r.read_line(&mut line).expect("QMP reply");
+        assert!(n > 0, "the daemon closed the QMP connection");
+        serde_json::from_str(&line).unwrap_or_else(|e| panic!("bad JSON {line:?}: {e}"))
+    }
+
+    /// The next reply that is not an event.
+    fn reply(&mut self) -> Value {
+        loop {
+            let m = self.recv();
+            if m.get("event").is_some() {
+                self.events.push(m);
+            } else {
+                return m;
+            }
+        }
+    }
+
+    fn execute(&mut self, name: &str, args: Value) -> Value {
+        let msg = json!({"execute": name, "arguments": args});
+        self.send_raw(&format!("{msg}\n"));
+        self.reply()
+    }
+
+    /// The next event named `name`.
+    fn event(&mut self, name: &str) -> Value {
+        if let Some(i) = self.events.iter().position(|e| e["event"] == name) {
+            return self.events.remove(i);
+        }
+        loop {
+            let m = self.recv();
+            if m["event"] == name {
+                return m;
+            }
+            self.events.push(m);
+        }
+    }
+}
+
+fn error_class(reply: &Value) -> &str {
+    reply["error"]["class"].as_str().unwrap_or("(no error)")
+}
+
+fn s(p: &Path) -> String {
+    p.to_str().expect("UTF-8 temp path").to_owned()
+}
+
+/// The command line both daemons take: file node `f0` and qcow2 node `d0`
+/// on `image`, an optional NBD server and writable export `disk`, and a
+/// monitor on `dir/qmp.sock`.
+fn args(dir: &Path, image: &Path, nbd: bool) -> Vec<String> {
+    let mut a = vec![
+        "--blockdev".into(),
+        format!("driver=file,node-name=f0,filename={}", s(image)),
+        "--blockdev".into(),
+        "driver=qcow2,node-name=d0,file=f0".into(),
+    ];
+    if nbd {
+        a.extend([
+            "--nbd-server".into(),
+            format!("addr.type=unix,addr.path={}", s(&dir.join("nbd.sock"))),
+            "--export".into(),
+            "type=nbd,id=e0,node-name=d0,name=disk,writable=on".into(),
+        ]);
+    }
+    a.extend([
+        "--chardev".into(),
+        format!(
+            "socket,id=m0,path={},server=on,wait=off",
+            s(&dir.join("qmp.sock"))
+        ),
+        "--monitor".into(),
+        "chardev=m0".into(),
+    ]);
+    a
+}
+
+fn url(dir: &Path) -> String {
+    format!("nbd+unix:///disk?socket={}", s(&dir.join("nbd.sock")))
+}
+
+/// Writes `len` bytes of `pattern` at `offset` through the export with a
+/// raw NBD client, without any flush, and leaves the connection open.
+fn write_unflushed(dir: &Path, writes: &[(u64, u32, u8)]) -> Client {
+    let mut c = Client::connect(&dir.join("nbd.sock"));
+    c.handshake("disk", false).expect("NBD handshake");
+    for &(offset, len, pattern) in writes {
+        let r = c
+            .request(CMD_WRITE, 0, offset, len, &vec![pattern; len as usize])
+            .expect("write reply");
+        assert_eq!(r.error, 0, "write at {offset}");
+    }
+    let r = c.request(CMD_READ, 0, writes[0].0, 512, &[]).expect("read");
+    assert_eq!(r.data, vec![writes[0].2; 512]);
+    c
+}
+
+/// The same writes, applied by qemu-io to a reference copy.
+fn reference(dir: &Path, writes: &[(u64, u32, u8)]) -> PathBuf {
+    let reference = dir.join("reference.qcow2");
+    tool(
+        "qemu-img",
+        &["create", "-q", "-f", "qcow2", &s(&reference), "64M"],
+    );
+    let mut a = vec!["-f".to_string(), "qcow2".into(), s(&reference)];
+    for (offset, len, pattern) in writes {
+        a.push("-c".into());
+        a.push(format!("write -P {pattern} {offset} {len}"));
+    }
+    let a: Vec<&str> = a.iter().map(String::as_str).collect();
+    tool("qemu-io", &a);
+    reference
+}
+
+const WRITES: &[(u64, u32, u8)] = &[
+    (0, 65536, 0x11),
+    (1 << 20, 4096, 0x22),
+    (32 << 20, 1 << 20, 0x33),
+    (63 << 20, 512, 0x44),
+];
+
+#[test]
+fn sigterm_after_unflushed_writes_through_the_export_loses_nothing() {
+    let _w = watchdog(
+        "sigterm_after_unflushed_writes_through_the_export_loses_nothing",
+        Duration::from_secs(180),
+    );
+    let dir = tempfile::tempdir().expect("tempdir");
+    let image = dir.path().join("disk.qcow2");
+    tool(
+        "qemu-img",
+        &["create", "-q", "-f", "qcow2", &s(&image), "64M"],
+    );
+    let mut d = Daemon::start(
+        daemon_binary(),
+        &args(dir.path(), &image, true),
+        dir.path(),
+        &dir.path().join("qmp.sock"),
+    );
+    // qemu-img and nbdinfo see the export the command line made.
+    let info: Value = serde_json::from_str(&tool(
+        "qemu-img",
+        &["info", "--output=json", &url(dir.path())],
+    ))
+    .expect("qemu-img info JSON");
+    assert_eq!(info["virtual-size"], 64 << 20);
+    let nbd: Value =
+        serde_json::from_str(&tool("nbdinfo", &["--json", &url(dir.path())])).expect("JSON");
+    assert_eq!(nbd["exports"][0]["export-size"], 64 << 20);
+    assert_eq!(nbd["exports"][0]["is_read_only"], false);
+
+    let client = write_unflushed(dir.path(), WRITES);
+    d.signal(libc::SIGTERM);
+    let status = d.wait();
+    assert!(status.success(), "exit status {status}:\n{}", d.log());
+    drop(client);
+    assert!(
+        !dir.path().join("qmp.sock").exists(),
+        "monitor socket left behind"
+    );
+    assert!(
+        !dir.path().join("nbd.sock").exists(),
+        "NBD socket left behind"
+    );
+    let reference = reference(dir.path(), WRITES);
+    tool("qemu-img", &["check", &s(&image)]);
+    tool("qemu-img", &["compare", &s(&image), &s(&reference)]);
+}
+
+#[test]
+fn quit_over_qmp_flushes_every_node_and_exits_zero() {
+    let _w = watchdog(
+        "quit_over_qmp_flushes_every_node_and_exits_zero",
+        Duration::from_secs(180),
+    );
+    let dir = tempfile::tempdir().expect("tempdir");
+    let image = dir.path().join("disk.qcow2");
+    tool(
+        "qemu-img",
+        &["create", "-q", "-f", "qcow2", &s(&image), "64M"],
+    );
+    let mut d = Daemon::start(
+        daemon_binary(),
+        &args(dir.path(), &image, true),
+        dir.path(),
+        &dir.path().join("qmp.sock"),
+    );
+    let client = write_unflushed(dir.path(), WRITES);
+    let mut q = Qmp::ready(&dir.path().join("qmp.sock"));
+    // Another connection sees the export's deletion at shutdown.
+    let mut watcher = Qmp::ready(&dir.path().join("qmp.sock"));
+    assert_eq!(q.execute("quit", json!({})), json!({"return": {}}));
+    let ev = watcher.event("BLOCK_EXPORT_DELETED");
+    assert_eq!(ev["data"], json!({"id": "e0"}));
+    assert!(ev["timestamp"]["seconds"].as_u64().is_some());
+    let status = d.wait();
+    assert!(status.success(), "exit status {status}:\n{}", d.log());
+    drop(client);
+    let reference = reference(dir.path(), WRITES);
+    tool("qemu-img", &["compare", &s(&image), &s(&reference)]);
+}
+
+#[test]
+fn qmp_wire_protocol_errors_and_pending_commands() {
+    let _w = watchdog(
+        "qmp_wire_protocol_errors_and_pending_commands",
+        Duration::from_secs(120),
+    );
+    let dir = tempfile::tempdir().expect("tempdir");
+    let image = dir.path().join("disk.qcow2");
+    tool(
+        "qemu-img",
+        &["create", "-q", "-f", "qcow2", &s(&image), "16M"],
+    );
+    let qmp = dir.path().join("qmp.sock");
+    let mut d = Daemon::start(
+        daemon_binary(),
+        &args(dir.path(), &image, false),
+        dir.path(),
+        &qmp,
+    );
+
+    let (mut q, greeting) = Qmp::connect(&qmp);
+    assert!(
+        greeting["QMP"]["version"]["qemu"]["major"].is_u64(),
+        "{greeting}"
+    );
+    assert_eq!(greeting["QMP"]["capabilities"], json!([]));
+    // Negotiation mode.
+    let r = q.execute("query-version", json!({}));
+    assert_eq!(error_class(&r), "CommandNotFound", "{r}");
+    assert!(r["error"]["desc"]
+        .as_str()
+        .unwrap_or("")
+        .contains("qmp_capabilities"));
+    assert_eq!(
+        error_class(&q.execute("qmp_capabilities", json!({"enable": ["oob"]}))),
+        "GenericError"
+    );
+    assert_eq!(
+        q.execute("qmp_capabilities", json!({})),
+        json!({"return": {}})
+    );
+    assert_eq!(
+        error_class(&q.execute("qmp_capabilities", json!({}))),
+        "CommandNotFound"
+    );
+    // Malformed input: an error each, and the connection goes on. Several
+    // objects in one write, one object over several lines, ids echoed.
+    q.send_raw("{\"execute\": \"query-version\", \"id\": [1, {\"x\": null}]}{\"execute\":\n\"quit\", \"bogus\": 1, \"id\": 2}\n");
+    let r = q.reply();
+    assert_eq!(r["id"], json!([1, {"x": null}]));
+    assert_eq!(
+        r["return"]["package"]
+            .as_str()
+            .map(|p| p.contains("blockgraph")),
+        Some(true)
+    );
+    let r = q.reply();
+    assert_eq!(
+        (error_class(&r), &r["id"]),
+        ("GenericError", &json!(2)),
+        "{r}"
+    );
+    for bad in [
+        &b"nonsense\n"[..],
+        b"[1, 2]\n",
+        b"\"s\"\n",
+        b"{\"id\": 1}\n",
+        b"}\n",
+        b"{\"execute\": 5}\n",
+        b"{\"execute\": \"query-version\", \"arguments\": 5}\n",
+        b"{\"execute\": \"x\xff\"}\n",
+    ] {
+        q.w.write_all(bad).expect("send");
+        let r = q.reply();
+        assert_eq!(error_class(&r), "GenericError", "{bad:?}: {r}");
+    }
+    // Deep nesting and a huge message: errors, not a crash.
+    q.send_raw(&format!("{}\n", "[".repeat(5000)));
+    assert_eq!(error_class(&q.reply()), "GenericError");
+    q.send_raw(&format!("{}\n", "]".repeat(5000)));
+    q.send_raw(&format!(
+        "{{\"execute\": \"query-version\", \"id\": \"{}\"}}\n",
+        "x".repeat(2 << 20)
+    ));
+    let mut saw = 0;
+    let mut errors = 0;
+    q.send_raw("{\"execute\": \"query-version\", \"id\": \"after\"}\n");
+    loop {
+        let r = q.reply();
+        if r["id"] == "after" {
+            assert!(r.get("return").is_some());
+            break;
+        }
+        errors += usize::from(r.get("error").is_some());
+        saw += 1;
+        assert!(saw < 10_000, "runaway replies");
+    }
+    assert!(errors >= 1);
+
+    // Arguments are checked like QAPI's.
+    let r = q.execute("blockdev-del", json!({}));
+    assert_eq!(error_class(&r), "GenericError");
+    assert_eq!(r["error"]["desc"], "Parameter 'node-name' is missing");
+    let r = q.execute(
+        "blockdev-add",
+        json!({"driver": "null-co", "node-name": "n", "size": "big"}),
+    );
+    assert_eq!(
+        r["error"]["desc"],
+        "Invalid parameter type for 'size', expected: integer"
+    );
+    assert_eq!(
+        error_class(&q.execute("no-such-command", json!({}))),
+        "CommandNotFound"
+    );
+
+    // The commands that are not here yet answer as a daemon without them,
+    // and query-commands does not list them.
+    let listed: Vec<String> = q.execute("query-commands", json!({}))["return"]
+        .as_array()
+        .expect("list")
+        .iter()
+        .filter_map(|c| c["name"].as_str().map(str::to_owned))
+        .collect();
+    for name in [
+        "blockdev-snapshot",
+        "transaction",
+        "block-stream",
+        "block-commit",
+        "blockdev-mirror",
+        "blockdev-backup",
+        "query-jobs",
+        "job-pause",
+        "job-resume",
+        "job-cancel",
+        "job-complete",
+        "job-finalize",
+        "job-dismiss",
+        "block-dirty-bitmap-add",
+        "block-dirty-bitmap-remove",
+    ] {
+        let r = q.execute(name, json!({}));
+        assert_eq!(r["error"]["class"], "CommandNotFound", "{name}: {r}");
+        assert_eq!(
+            r["error"]["desc"],
+            format!("The command {name} has not been found")
+        );
+        assert!(!listed.contains(&name.to_owned()), "{name} listed");
+    }
+    for name in [
+        "blockdev-add",
+        "blockdev-del",
+        "query-named-block-nodes",
+        "nbd-server-start",
+        "block-export-add",
+        "quit",
+        "qmp_capabilities",
+    ] {
+        assert!(listed.contains(&name.to_owned()), "{name} not listed");
+    }
+
+    // Several connections at once; events reach every negotiated one.
+    let mut other = Qmp::ready(&qmp);
+    let (mut unnegotiated, _) = Qmp::connect(&qmp);
+    let nbd = dir.path().join("nbd.sock");
+    let r = other.execute(
+        "nbd-server-start",
+        json!({"addr": {"type": "unix", "data": {"path": s(&nbd)}}}),
+    );
+    assert_eq!(r, json!({"return": {}}));
+    let r = q.execute(
+        "block-export-add",
+        json!({"type": "nbd", "id": "e1", "node-name": "d0"}),
+    );
+    assert_eq!(r, json!({"return": {}}));
+    let info = tool(
+        "qemu-img",
+        &[
+            "info",
+            "--output=json",
+            &format!("nbd+unix:///d0?socket={}", s(&nbd)),
+        ],
+    );
+    assert!(info.contains("16777216"), "{info}");
+    assert_eq!(
+        q.execute("block-export-del", json!({"id": "e1"})),
+        json!({"return": {}})
+    );
+    for c in [&mut q, &mut other] {
+        assert_eq!(c.event("BLOCK_EXPORT_DELETED")["data"], json!({"id": "e1"}));
+    }
+    // No events before negotiation: the next line is the reply.
+    let r = unnegotiated.execute("qmp_capabilities", json!({}));
+    assert_eq!(r, json!({"return": {}}));
+    assert!(unnegotiated.events.is_empty());
+    assert_eq!(
+        other.execute("nbd-server-stop", json!({})),
+        json!({"return": {}})
+    );
+
+    assert_eq!(q.execute("quit", json!({})), json!({"return": {}}));
+    let status = d.wait();
+    assert!(status.success(), "exit status {status}:\n{}", d.log());
+}
+
+#[test]
+fn a_command_line_that_cannot_be_applied_exits_one_with_the_reason() {
+    let _w = watchdog(
+        "a_command_line_that_cannot_be_applied_exits_one_with_the_reason",
+        Duration::from_secs(120),
+    );
+    let dir = tempfile::tempdir().expect("tempdir");
+    let run = |a: &[&str]| {
+        output_within(
+            Command::new(daemon_binary())
+                .args(a)
+                .current_dir(dir.path()),
+            LIMIT,
+        )
+    };
+    for (a, expect) in [
+        (&["--bogus"][..], "unrecognized option"),
+        (
+            &[
+                "--blockdev",
+                "driver=file,node-name=f0,filename=missing.img",
+            ][..],
+            "Could not open 'missing.img'",
+        ),
+        (
+            &["--blockdev", "driver=qcow2,node-name=d0,file=nope"][..],
+            "Cannot find device='nope'",
+        ),
+        (
+            &["--export", "type=nbd,id=e0,node-name=x"][..],
+            "Cannot find device=''",
+        ),
+        (
+            &[
+                "--blockdev",
+                "driver=null-co,node-name=n0",
+                "--export",
+                "type=nbd,id=e0,node-name=n0",
+            ][..],
+            "NBD server not running",
+        ),
+        (
+            &["--monitor", "chardev=nope"][..],
+            "chardev 'nope' not found",
+        ),
+        (
+            &["--blockdev", "driver=null-co,node-name=n0,size=lots"][..],
+            "size",
+        ),
+    ] {
+        let out = run(a);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{a:?}: {err}");
+        assert!(err.contains(expect), "{a:?}: {err}");
+    }
+    let out = run(&["--help"]);
+    assert!(out.status.success());
+    assert!(String::from_utf8_lossy(&out.stdout).contains("--blockdev"));
+}
+
+#[test]
+fn tcp_nbd_server_and_throttle_group_from_the_command_line() {
+    let _w = watchdog(
+        "tcp_nbd_server_and_throttle_group_from_the_command_line",
+        Duration::from_secs(120),
+    );
+    let dir = tempfile::tempdir().expect("tempdir");
+    // A free port: bind, read it, release it.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("free port")
+        .port();
+    let qmp = dir.path().join("qmp.sock");
+    let a: Vec<String> = [
+        "--object",
+        "throttle-group,id=tg0,limits.iops-total=100000",
+        "--blockdev",
+        "driver=null-co,node-name=n0,size=8M,read-zeroes=on",
+        "--blockdev",
+        "driver=throttle,node-name=t0,throttle-group=tg0,file=n0",
+        "--nbd-server",
+        &format!("addr.type=inet,addr.host=127.0.0.1,addr.port={port}"),
+        "--export",
+        "type=nbd,id=e0,node-name=t0,name=t",
+        "--chardev",
+        &format!("socket,id=m0,path={},server=on,wait=off", s(&qmp)),
+        "--monitor",
+        "m0",
+    ]
+    .iter()
+    .map(|x| x.to_string())
+    .collect();
+    let mut d = Daemon::start(daemon_binary(), &a, dir.path(), &qmp);
+    let info = tool(
+        "qemu-img",
+        &[
+            "info",
+            "--output=json",
+            &format!("nbd://127.0.0.1:{port}/t"),
+        ],
+    );
+    assert!(info.contains("8388608"), "{info}");
+    tool(
+        "qemu-io",
+        &[
+            "-r",
+            "-f",
+            "raw",
+            &format!("nbd://127.0.0.1:{port}/t"),
+            "-c",
+            "read -P 0 0 64k",
+        ],
+    );
+    let mut q = Qmp::ready(&qmp);
+    let nodes = q.execute("query-named-block-nodes", json!({}))["return"].clone();
+    let t0 = nodes
+        .as_array()
+        .and_then(|l| l.iter().find(|n| n["node-name"] == "t0"))
+        .expect("t0 listed")
+        .clone();
+    assert_eq!(t0["drv"], "throttle");
+    assert_eq!(t0["image"]["virtual-size"], 8 << 20);
+    // The group is in use; the node is exported.
+    assert_eq!(
+        error_class(&q.execute("object-del", json!({"id": "tg0"}))),
+        "GenericError"
+    );
+    assert_eq!(
+        error_class(&q.execute("blockdev-del", json!({"node-name": "t0"}))),
+        "GenericError"
+    );
+    d.signal(libc::SIGINT);
+    assert!(d.wait().success(), "{}", d.log());
+}
+
+/// Whether QEMU's Python QMP library is importable.
+fn have_qemu_qmp() -> bool {
+    Command::new("python3")
+        .args(["-c", "import qemu.qmp"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+/// Runs `tests/qmp/parity.py` against `bin` in a fresh directory with
+/// fresh images; returns what the script observed.
+fn parity_run(bin: &Path) -> Value {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let w = dir.path();
+    let image = w.join("disk.qcow2");
+    tool(
+        "qemu-img",
+        &["create", "-q", "-f", "qcow2", &s(&image), "64M"],
+    );
+    tool(
+        "qemu-img",
+        &["create", "-q", "-f", "raw", &s(&w.join("raw.img")), "1M"],
+    );
+    tool(
+        "qemu-img",
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            &s(&w.join("base.qcow2")),
+            "16M",
+        ],
+    );
+    tool(
+        "qemu-img",
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-b",
+            "base.qcow2",
+            "-F",
+            "qcow2",
+            &s(&w.join("top.qcow2")),
+            "16M",
+        ],
+    );
+    let qmp = w.join("qmp.sock");
+    let mut d = Daemon::start(bin, &args(w, &image, false), w, &qmp);
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/qmp/parity.py");
+    let out = output_within(
+        Command::new("python3")
+            .arg(&script)
+            .arg(&qmp)
+            .arg(w)
+            .arg(w.join("nbd.sock")),
+        Duration::from_secs(120),
+    );
+    assert!(
+        out.status.success(),
+        "parity.py against {} failed:\n{}\n--- daemon log ---\n{}",
+        bin.display(),
+        String::from_utf8_lossy(&out.stderr),
+        d.log()
+    );
+    let status = d.wait();
+    assert!(
+        status.success(),
+        "{} exited with {status}:\n{}",
+        bin.display(),
+        d.log()
+    );
+    serde_json::from_slice(&out.stdout).expect("the script prints JSON")
+}
+
+#[test]
+fn qemu_qmp_script_observes_the_same_as_with_qemu_storage_daemon() {
+    let _w = watchdog(
+        "qemu_qmp_script_observes_the_same_as_with_qemu_storage_daemon",
+        Duration::from_secs(300),
+    );
+    if !have_qemu_qmp() {
+        skip(
+            "qemu_qmp_script_observes_the_same_as_with_qemu_storage_daemon: the Python package \
+             `qemu.qmp` is missing (pip install qemu.qmp; .ci/run installs it)",
+        );
+        return;
+    }
+    let ours = parity_run(daemon_binary());
+    // What the script must see with ours, whatever QEMU does.
+    assert_eq!(
+        ours["qemu-img-info"],
+        json!([0, 67108864, "raw"]),
+        "{ours:#}"
+    );
+    assert_eq!(ours["qemu-io"], 0);
+    assert_eq!(ours["raw"]["quit"], json!(["return", "q"]));
+    if !have("qemu-storage-daemon") {
+        skip(
+            "the comparison with qemu-storage-daemon: it is not installed (Debian qemu-utils \
+             ships it; .ci/run installs that)",
+        );
+        return;
+    }
+    let qemu = parity_run(Path::new("qemu-storage-daemon"));
+    if ours != qemu {
+        let a = serde_json::to_string_pretty(&ours).unwrap_or_default();
+        let b = serde_json::to_string_pretty(&qemu).unwrap_or_default();
+        let diff: Vec<String> = a
+            .lines()
+            .zip(b.lines())
+            .enumerate()
+            .filter(|(_, (x, y))| x != y)
+            .map(|(i, (x, y))| format!("line {i}: ours {x} | qemu {y}"))
+            .take(40)
+            .collect();
+        panic!(
+            "the same QMP script observed different results:\n{}\n--- ours ---\n{a}\n--- qemu-storage-daemon ---\n{b}",
+            diff.join("\n")
+        );
+    }
+}
