@@ -94,7 +94,7 @@ impl Qcow2Driver {
         // the metadata lock, so two changes cannot cross).
         *self.backing.lock().unwrap_or_else(|e| e.into_inner()) = BackingName {
             file: backing.map(|(f, _)| f.to_owned()),
-            format: backing.map(|(_, t)| t.to_owned()),
+            format: backing.map(|(_, t)| t.to_owned()).filter(|t| !t.is_empty()),
         };
         file.flush().await
     }
