@@ -505,6 +505,60 @@ fn drain_during(env: &Env, job: &Job, node: &NodeHandle, hold: Duration) {
 }
 
 #[test]
+fn a_drain_of_each_involved_node_pauses_the_commit_which_then_completes() {
+    let _w = watchdog("commit_drain_each_node", Duration::from_secs(120));
+    let env = Env::new();
+    let chain = mem_chain(&env, false);
+    let stop = Arc::new(AtomicBool::new(false));
+    let g0 = guest(&env.io, &chain.vda, 0, 7, stop.clone(), 16);
+    let g1 = guest(&env.io2, &chain.vda, 1, 8, stop.clone(), 16);
+    let mut options = JobOptions::new("drained");
+    options.speed = 256 << 10; // mid's 1.3 MiB take seconds
+    let (job, mut events) = start_commit(
+        &env,
+        options,
+        CommitOptions::new(&chain.mid)
+            .base(&chain.base)
+            .copy_options(job::CopyOptions {
+                chunk_size: 64 << 10,
+                ..Default::default()
+            }),
+    )
+    .unwrap();
+    common::wait_until("the commit has copied something", || job.progress().0 > 0);
+    let filter = env
+        .main
+        .run(|bql| bql.node("drained-commit").map(|n| n.to_handle()))
+        .expect("the job's filter");
+    // The overlay (top), the committed image, base, the job's filter.
+    for node in [&chain.top, &chain.mid, &chain.base, &filter] {
+        assert_eq!(
+            job.status(),
+            JobStatus::Running,
+            "before draining '{}'",
+            node.name()
+        );
+        drain_during(&env, &job, node, Duration::from_millis(100));
+        common::wait_until("the job runs again", || job.status() == JobStatus::Running);
+    }
+    let j = job.clone();
+    env.main.run(move |bql| j.set_speed(bql, 0)).unwrap();
+    let all = until_null(&mut events);
+    assert!(completed(&all), "{all:?}");
+    let paused = all
+        .iter()
+        .filter(|e| **e == JobEvent::StatusChange(JobStatus::Paused))
+        .count();
+    assert!(paused >= 4, "paused once per drain: {all:?}");
+    stop.store(true, Ordering::SeqCst);
+    let mut expected = chain_contents();
+    apply(&mut expected, &join(g0, "guest 0"));
+    apply(&mut expected, &join(g1, "guest 1"));
+    assert_same(&read_disk(&env.io, &chain.vda), &expected);
+    assert_eq!(chain_below(&env, &chain.top), [chain.base.name()]);
+}
+
+#[test]
 fn pause_resume_cancel_and_drains_at_random_points_lose_no_guest_write() {
     let _w = watchdog("commit_pause_resume_cancel_drain", Duration::from_secs(300));
     let env = Env::new();
