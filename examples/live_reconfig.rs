@@ -1,295 +1,695 @@
-//! Live reconfiguration under I/O: the main example.
+//! A VMM operator's day on real files: the main example.
 //!
-//! Two I/O threads write and verify data through one backend while the main
-//! loop keeps changing the graph underneath: it inserts and removes filters
-//! and takes snapshots (appends copy-on-write overlays). Every request is
-//! checked; at the end the whole disk is read back and compared with what
-//! the writers wrote, and the final graph is printed as Graphviz DOT.
+//! Two qcow2 disks (A and B, created in a temporary directory) serve a
+//! guest on two I/O threads, which keep writing verifiable patterns and
+//! reading them back for the whole run. Meanwhile the main loop:
 //!
-//! `cargo run --release --example live_reconfig [-- --seconds N]`
+//! 1. inserts and removes a filter above both disks, over and over (live
+//!    reconfiguration under I/O; each change drains the disk first);
+//! 2. takes a live snapshot of both disks at one instant, twice
+//!    (`blockgraph::snapshot`): each disk becomes `base <- mid <- top`;
+//! 3. streams disk A (everything into `top`: it stands alone afterwards)
+//!    and commits disk B's `mid` into its `base` (B becomes
+//!    `base <- top`), both jobs at once, with a progress bar each;
+//! 4. writes the graph before, during and after the jobs as Graphviz DOT
+//!    (and SVG when the `dot` program is installed);
+//! 5. reads every block of both disks back and compares it with what the
+//!    guest wrote, and checks every qcow2 image left.
 //!
-//! The overlay driver below is a complete user-defined driver: its I/O
-//! callbacks get a `RequestRef` and read from their backing child with it.
+//! It exits non-zero if any block differs.
+//!
+//! `cargo run --release --example live_reconfig [-- --mib N] [--speed MIB_PER_S] [--out DIR]`
+//!
+//! The disk size defaults to 64 MiB (or `LIVE_RECONFIG_MIB`), the jobs'
+//! rate limit to 32 MiB/s, the output directory to
+//! `$TMPDIR/blockgraph-live_reconfig`.
 
 use std::collections::HashMap;
+use std::io::IsTerminal;
+use std::path::{Path, PathBuf};
+use std::process::Command;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use blockgraph::drivers::{MemoryDriver, PassthroughFilter};
+use blockgraph::drivers::qcow2::{CreateOptions, Qcow2Driver, Qcow2Options};
+use blockgraph::drivers::{FileDriver, FileOptions, PassthroughFilter};
+use blockgraph::job::{self, CommitOptions, Job, JobEvent, JobEvents, JobOptions, StreamOptions};
+use blockgraph::snapshot::{self, SnapshotSync};
 use blockgraph::{
-    driver::{require_child, BlockDriver, IoFuture},
-    BackendOptions, ChildRole, Error, MainLoop, RequestRef, Result,
+    BackendOptions, BlockBackend, ChildRole, Error, IoThread, MainLoop, NodeHandle, Result,
 };
 
-const DISK_SIZE: u64 = 8 << 20;
 const BLOCK: u64 = 4096;
+const MIB: u64 = 1 << 20;
 
-/// A RAM overlay: blocks written here are stored here; the others are read
-/// from the backing node. A snapshot, minus the image file.
-#[derive(Default)]
-struct CowOverlay {
-    blocks: Mutex<HashMap<u64, Vec<u8>>>,
-    /// Serialises copy-ups (read backing, then store) against each other.
-    copy_up: tokio::sync::Mutex<()>,
+/// What to run.
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// Size of each disk in MiB.
+    pub disk_mib: u64,
+    /// The jobs' rate limit, bytes per second (0: none).
+    pub speed: u64,
+    /// Where the DOT (and SVG) files go.
+    pub out_dir: PathBuf,
+    /// How long the guest writes between the steps.
+    pub phase: Duration,
 }
 
-impl CowOverlay {
-    fn stored(&self, block: u64) -> Option<Vec<u8>> {
-        self.blocks.lock().unwrap().get(&block).cloned()
-    }
-}
-
-impl BlockDriver for CowOverlay {
-    fn format_name(&self) -> &'static str {
-        "cow-overlay"
-    }
-
-    fn describe(&self) -> String {
-        format!(
-            "cow-overlay, {} blocks stored",
-            self.blocks.lock().unwrap().len()
-        )
-    }
-
-    fn length<'a>(&'a self, node: RequestRef<'a>) -> IoFuture<'a, u64> {
-        Box::pin(async move { require_child(node, ChildRole::Backing)?.length().await })
-    }
-
-    fn read<'a>(
-        &'a self,
-        node: RequestRef<'a>,
-        offset: u64,
-        buf: &'a mut [u8],
-    ) -> IoFuture<'a, ()> {
-        Box::pin(async move {
-            let backing = require_child(node, ChildRole::Backing)?;
-            let mut done = 0usize;
-            while done < buf.len() {
-                let pos = offset + done as u64;
-                let (block, within) = (pos / BLOCK, (pos % BLOCK) as usize);
-                let n = (BLOCK as usize - within).min(buf.len() - done);
-                let out = &mut buf[done..done + n];
-                match self.stored(block) {
-                    Some(data) => out.copy_from_slice(&data[within..within + n]),
-                    None => backing.read(pos, out).await?,
+impl Options {
+    fn from_args() -> std::result::Result<Options, String> {
+        let mut options = Options {
+            disk_mib: match std::env::var("LIVE_RECONFIG_MIB") {
+                Ok(v) => v
+                    .parse()
+                    .map_err(|_| format!("bad LIVE_RECONFIG_MIB: {v}"))?,
+                Err(_) => 64,
+            },
+            speed: 32 * MIB,
+            out_dir: std::env::temp_dir().join("blockgraph-live_reconfig"),
+            phase: Duration::from_millis(700),
+        };
+        let mut args = std::env::args().skip(1);
+        while let Some(arg) = args.next() {
+            let mut value = || args.next().ok_or(format!("{arg} needs a value"));
+            match arg.as_str() {
+                "--mib" => {
+                    let v = value()?;
+                    options.disk_mib = v.parse().map_err(|_| format!("bad --mib: {v}"))?;
                 }
-                done += n;
+                "--speed" => {
+                    let v = value()?;
+                    let mib: u64 = v.parse().map_err(|_| format!("bad --speed: {v}"))?;
+                    options.speed = mib * MIB;
+                }
+                "--out" => options.out_dir = PathBuf::from(value()?),
+                other => return Err(format!("unknown argument {other}")),
             }
-            Ok(())
-        })
-    }
-
-    fn write<'a>(&'a self, node: RequestRef<'a>, offset: u64, buf: &'a [u8]) -> IoFuture<'a, ()> {
-        Box::pin(async move {
-            let backing = require_child(node, ChildRole::Backing)?;
-            let _copy_up = self.copy_up.lock().await;
-            let mut done = 0usize;
-            while done < buf.len() {
-                let pos = offset + done as u64;
-                let (block, within) = (pos / BLOCK, (pos % BLOCK) as usize);
-                let n = (BLOCK as usize - within).min(buf.len() - done);
-                let mut data = match self.stored(block) {
-                    Some(data) => data,
-                    None => {
-                        let mut data = vec![0u8; BLOCK as usize];
-                        backing.read(block * BLOCK, &mut data).await?;
-                        data
-                    }
-                };
-                data[within..within + n].copy_from_slice(&buf[done..done + n]);
-                self.blocks.lock().unwrap().insert(block, data);
-                done += n;
-            }
-            Ok(())
-        })
+        }
+        if options.disk_mib == 0 || options.disk_mib > 4096 {
+            return Err("the disk size must be 1 to 4096 MiB".into());
+        }
+        Ok(options)
     }
 }
 
-/// What one writer thread did.
+/// What a run did.
 #[derive(Debug, Default)]
-struct Traffic {
-    writes: u64,
-    reads: u64,
-    bytes: u64,
+pub struct Report {
+    /// Guest writes issued (each read back and checked at once).
+    pub writes: u64,
+    /// Blocks read back at the end and compared.
+    pub verified_blocks: u64,
+    /// Blocks that differed from what the guest wrote.
+    pub mismatches: u64,
+    /// Bytes each job processed (copied or found already in place).
+    pub job_bytes: Vec<(String, u64)>,
+    /// The qcow2 images checked at the end, and whether each was clean.
+    pub checked: Vec<(String, bool)>,
+    /// Each disk's backing chain at the end (node names, top down).
+    pub chains: Vec<Vec<String>>,
+    /// The DOT files written.
+    pub dot_files: Vec<PathBuf>,
 }
 
-fn pattern(thread: u64, round: u64, block: u64) -> Vec<u8> {
-    let seed = (thread << 40) ^ (round << 20) ^ block;
-    (0..BLOCK)
-        .map(|i| (seed.wrapping_mul(31).wrapping_add(i) % 251) as u8)
+/// The bytes of `block` of disk `disk` after the write stamped `stamp`
+/// (0: never written, zeroes): unique per write, so a lost, stale or
+/// misplaced block shows.
+fn pattern(disk: usize, block: u64, stamp: u64) -> Vec<u8> {
+    if stamp == 0 {
+        return vec![0; BLOCK as usize];
+    }
+    let mut x = stamp ^ (block << 20) ^ ((disk as u64) << 62) | 1;
+    let mut out = Vec::with_capacity(BLOCK as usize);
+    while out.len() < BLOCK as usize {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        out.extend_from_slice(&x.to_le_bytes());
+    }
+    out
+}
+
+/// One disk: its guest backend and the nodes of its chain.
+struct Disk {
+    name: &'static str,
+    prefix: &'static str,
+    blk: BlockBackend,
+    base: NodeHandle,
+    mid: Option<NodeHandle>,
+    top: Option<NodeHandle>,
+}
+
+impl Disk {
+    fn active(&self) -> &NodeHandle {
+        self.top
+            .as_ref()
+            .or(self.mid.as_ref())
+            .unwrap_or(&self.base)
+    }
+}
+
+/// Seconds since the start, for the log.
+struct Clock(Instant);
+
+impl Clock {
+    fn say(&self, line: impl AsRef<str>) {
+        println!(
+            "[{:5.2}s] {}",
+            self.0.elapsed().as_secs_f64(),
+            line.as_ref()
+        );
+    }
+}
+
+/// Creates a qcow2 image of `size` bytes at `path` and adds it to the graph
+/// as `name` on a file node, with a backend `backend` on it.
+fn create_disk(
+    main: &MainLoop,
+    io: &IoThread,
+    path: &Path,
+    name: &str,
+    size: u64,
+) -> Result<NodeHandle> {
+    let file = FileDriver::create(path, 0, FileOptions::default())?;
+    let file_name = format!("{name}-file");
+    let file_node = main.run(move |bql| bql.write(|w| w.add_node(&file_name, file, &[])))?;
+    let f = file_node.clone();
+    let driver = io
+        .spawn(move |mut cx| async move {
+            let g = cx.read().await;
+            Qcow2Driver::create(f.try_io(&g)?, &CreateOptions::new(size)).await?;
+            Qcow2Driver::open(f.try_io(&g)?, Qcow2Options::default()).await
+        })
+        .join()?;
+    let name = name.to_owned();
+    main.run(move |bql| bql.write(|w| w.add_node(&name, driver, &[(ChildRole::File, &file_node)])))
+}
+
+/// What a guest thread did: writes issued, and the last stamp it wrote per
+/// (disk, block).
+type GuestLog = (u64, HashMap<(usize, u64), u64>);
+
+/// The guest on I/O thread `lane`: writes random blocks of its working set
+/// (the first `hot` blocks) of both disks (only blocks with
+/// `block % 2 == lane`, so the two threads never race for a block), reads
+/// each back at once and checks it, until `stop`.
+fn guest(
+    io: &IoThread,
+    lane: u64,
+    disks: Vec<BlockBackend>,
+    hot: u64,
+    stop: Arc<AtomicBool>,
+    writes: Arc<AtomicU64>,
+) -> blockgraph::TaskHandle<Result<GuestLog>> {
+    io.spawn(move |mut cx| async move {
+        let mut last = HashMap::new();
+        let mut rng = 0x9e37_79b9_7f4a_7c15u64 ^ lane;
+        let mut seq = 0u64;
+        let mut back = vec![0u8; BLOCK as usize];
+        while !stop.load(Ordering::Relaxed) {
+            seq += 1;
+            rng ^= rng << 13;
+            rng ^= rng >> 7;
+            rng ^= rng << 17;
+            let disk = (seq % 2) as usize;
+            let block = (rng % (hot / 2)) * 2 + lane;
+            let stamp = ((lane + 1) << 56) | seq;
+            let data = pattern(disk, block, stamp);
+            disks[disk].write(&mut cx, block * BLOCK, &data).await?;
+            disks[disk].read(&mut cx, block * BLOCK, &mut back).await?;
+            if back != data {
+                return Err(Error::InvalidArgument(format!(
+                    "guest {lane}: block {block} of disk {disk} read back wrong at once"
+                )));
+            }
+            last.insert((disk, block), stamp);
+            writes.fetch_add(1, Ordering::Relaxed);
+            if seq % 8 == 0 {
+                // A guest, not a benchmark: leave the cores some air.
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+        }
+        Ok((seq, last))
+    })
+}
+
+/// Writes the graph as DOT to `dir/name.dot` (and SVG with `dot`).
+fn write_dot(main: &MainLoop, dir: &Path, name: &str, report: &mut Report) -> Result<String> {
+    let dot = main.run(|bql| bql.graph().to_dot());
+    let path = dir.join(format!("{name}.dot"));
+    std::fs::write(&path, dot)?;
+    report.dot_files.push(path.clone());
+    let svg = dir.join(format!("{name}.svg"));
+    let made = Command::new("dot")
+        .arg("-Tsvg")
+        .arg(&path)
+        .arg("-o")
+        .arg(&svg)
+        .status()
+        .is_ok_and(|s| s.success());
+    Ok(if made {
+        format!("{} and {}", path.display(), svg.display())
+    } else {
+        path.display().to_string()
+    })
+}
+
+/// Shows both jobs' progress until they are gone: a bar each on a
+/// terminal, a plain line every half second otherwise. Returns the bytes
+/// each processed, or the first error one reported.
+fn follow(
+    jobs: Vec<(Job, JobEvents)>,
+    clock: &Clock,
+    writes: &AtomicU64,
+) -> Result<Vec<(String, u64)>> {
+    let tty = std::io::stderr().is_terminal();
+    let bars = indicatif::MultiProgress::new();
+    let style = indicatif::ProgressStyle::with_template(
+        "{prefix:>10} [{bar:40.cyan/blue}] {bytes:>10}/{total_bytes:<10} {msg}",
+    )
+    .expect("a valid template")
+    .progress_chars("=> ");
+    let mut state: Vec<_> = jobs
+        .into_iter()
+        .map(|(job, events)| {
+            let bar = if tty {
+                bars.add(indicatif::ProgressBar::new(0))
+            } else {
+                indicatif::ProgressBar::hidden()
+            };
+            bar.set_style(style.clone());
+            bar.set_prefix(job.id().to_owned());
+            (job, events, bar, None::<std::result::Result<u64, String>>)
+        })
+        .collect();
+    let mut last_line = Instant::now();
+    loop {
+        for (job, events, bar, outcome) in &mut state {
+            while let Some(event) = events.try_next() {
+                match event {
+                    JobEvent::Completed {
+                        current,
+                        error: None,
+                        ..
+                    } => *outcome = Some(Ok(current)),
+                    JobEvent::Completed { error: Some(e), .. } => *outcome = Some(Err(e)),
+                    JobEvent::Cancelled { .. } => *outcome = Some(Err("cancelled".into())),
+                    _ => {}
+                }
+            }
+            let (current, total) = job.progress();
+            bar.set_length(total);
+            bar.set_position(current);
+            match outcome {
+                _ if bar.is_finished() => {}
+                Some(Ok(_)) => bar.finish_with_message("done"),
+                Some(Err(e)) => bar.abandon_with_message(format!("failed: {e}")),
+                None => bar.set_message(job.status().to_string()),
+            }
+        }
+        let all_done = state.iter().all(|s| s.3.is_some());
+        if !tty && (all_done || last_line.elapsed() >= Duration::from_millis(500)) {
+            last_line = Instant::now();
+            let parts: Vec<String> = state
+                .iter()
+                .map(|(job, _, _, _)| {
+                    let (current, total) = job.progress();
+                    format!(
+                        "{} {:.1}/{:.1} MiB ({})",
+                        job.id(),
+                        current as f64 / MIB as f64,
+                        total as f64 / MIB as f64,
+                        job.status()
+                    )
+                })
+                .collect();
+            clock.say(format!(
+                "  progress: {}; guest writes so far: {}",
+                parts.join(", "),
+                writes.load(Ordering::Relaxed)
+            ));
+        }
+        if all_done {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    state
+        .into_iter()
+        .map(|(job, _, _, outcome)| match outcome {
+            Some(Ok(bytes)) => Ok((job.id().to_owned(), bytes)),
+            Some(Err(e)) => Err(Error::InvalidArgument(format!("job '{}': {e}", job.id()))),
+            None => unreachable!("every job has an outcome here"),
+        })
         .collect()
 }
 
-fn main() -> Result<()> {
-    let seconds: u64 = std::env::args()
-        .skip_while(|a| a != "--seconds")
-        .nth(1)
-        .map(|s| {
-            s.parse()
-                .map_err(|_| Error::InvalidArgument(format!("bad --seconds: {s}")))
-        })
-        .transpose()?
-        .unwrap_or(2);
+/// The whole day; see the module's documentation.
+pub fn run(options: &Options) -> std::result::Result<Report, Box<dyn std::error::Error>> {
+    let clock = Clock(Instant::now());
+    let mut report = Report::default();
+    let images = tempfile::tempdir()?;
+    std::fs::create_dir_all(&options.out_dir)?;
+    let size = options.disk_mib * MIB;
+    let blocks = size / BLOCK;
 
     let main = MainLoop::new()?;
-    let (disk, blk) = main.run(|bql| {
-        bql.write(|w| {
-            let disk = w.add_node("disk", MemoryDriver::new(DISK_SIZE), &[])?;
-            let blk = w.add_backend("vda", &disk, BackendOptions::default())?;
-            Ok::<_, Error>((disk, blk))
-        })
-    })?;
-    println!(
-        "graph: backend 'vda' -> memory node 'disk' ({} MiB)",
-        DISK_SIZE >> 20
-    );
+    let guests_io = [main.new_io_thread("io0")?, main.new_io_thread("io1")?];
+    // The operator's own I/O (formatting images, flushing, the jobs) runs
+    // on a third thread, so the guests' threads only serve the guest.
+    let mut mgmt = main.new_io_thread("mgmt")?;
 
-    // Two I/O threads, each owning half of the disk: write a block, read it
-    // back, check it, over and over. Each remembers what it last wrote.
-    let stop = Arc::new(AtomicBool::new(false));
-    let rounds = Arc::new(AtomicU64::new(0));
-    let threads: Vec<_> = (0..2)
-        .map(|i| main.new_io_thread(&format!("io{i}")))
-        .collect::<Result<_>>()?;
-    let half_blocks = DISK_SIZE / BLOCK / 2;
-    let workers: Vec<_> = threads
-        .iter()
-        .enumerate()
-        .map(|(i, io)| {
-            let (blk, stop) = (blk.clone(), stop.clone());
-            let thread = i as u64;
-            io.spawn(move |mut cx| async move {
-                let mut traffic = Traffic::default();
-                let mut last: HashMap<u64, u64> = HashMap::new();
-                let mut round = 0u64;
-                let mut buf = vec![0u8; BLOCK as usize];
-                while !stop.load(Ordering::Relaxed) {
-                    round += 1;
-                    let block = thread * half_blocks + (round * 7919) % half_blocks;
-                    let data = pattern(thread, round, block);
-                    blk.write(&mut cx, block * BLOCK, &data).await?;
-                    blk.read(&mut cx, block * BLOCK, &mut buf).await?;
-                    if buf != data {
-                        return Err(Error::InvalidArgument(format!(
-                            "io{thread}: block {block} read back wrong data"
-                        )));
-                    }
-                    last.insert(block, round);
-                    traffic.writes += 1;
-                    traffic.reads += 1;
-                    traffic.bytes += 2 * BLOCK;
-                }
-                Ok::<_, Error>((traffic, last))
-            })
-        })
-        .collect();
-
-    // Meanwhile, the main loop reshapes the graph under the traffic.
-    let started = Instant::now();
-    let (r, d) = (rounds.clone(), disk.clone());
-    let reconfig = main.spawn(move |mut cx| async move {
-        let mut log = Vec::new();
-        let mut drain_waits = Vec::new();
-        let mut top = d; // the node the backend currently uses
-        let mut snapshots = 0;
-        while started.elapsed() < Duration::from_secs(seconds) {
-            let round = r.fetch_add(1, Ordering::Relaxed);
-            // Insert a filter above the current top...
-            let t = Instant::now();
-            let drained = cx.drain(&top).await;
-            drain_waits.push(t.elapsed());
-            let name = format!("filter{round}");
-            let filter = cx
-                .write(|w| w.insert_filter(&drained, &name, PassthroughFilter::new()))
-                .await?;
-            drop(drained);
-            log.push(format!("inserted {name}"));
-            tokio::time::sleep(Duration::from_millis(5)).await;
-
-            // ...take a snapshot of what is below it every fourth round...
-            if round % 4 == 0 && snapshots < 3 {
-                let drained = cx.drain(&top).await;
-                let snap = format!("snap{snapshots}");
-                let overlay = cx
-                    .write(|w| w.append_overlay(&drained, &snap, CowOverlay::default(), &[]))
-                    .await?;
-                drop(drained);
-                log.push(format!("snapshot {snap} on top of {}", top.name()));
-                top = overlay;
-                snapshots += 1;
-            }
-
-            // ...and take the filter out again.
-            let drained = cx.drain(&filter).await;
-            cx.write(|w| w.remove_filter(&drained)).await?;
-            drop(drained);
-            log.push(format!("removed {name}"));
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-        let mutations = cx.bql(|bql| bql.graph().mutation_count());
-        Ok::<_, Error>((log, drain_waits, mutations))
-    });
-    let (log, mut drain_waits, mutations) = reconfig.join()?;
-    stop.store(true, Ordering::Relaxed);
-
-    let mut expected: HashMap<u64, (u64, u64)> = HashMap::new();
-    for (thread, worker) in workers.into_iter().enumerate() {
-        let (traffic, last) = worker.join()?;
-        println!(
-            "io{thread}: {} writes + {} reads verified, {:.1} MiB",
-            traffic.writes,
-            traffic.reads,
-            traffic.bytes as f64 / (1 << 20) as f64
-        );
-        for (block, round) in last {
-            expected.insert(block, (thread as u64, round));
-        }
+    // Two qcow2 disks, filled as an installed guest would have them.
+    let mut disks = Vec::new();
+    for (name, prefix) in [("A", "a"), ("B", "b")] {
+        let base = create_disk(
+            &main,
+            &mgmt,
+            &images.path().join(format!("{prefix}-base.qcow2")),
+            &format!("{prefix}-base"),
+            size,
+        )?;
+        let (b, backend) = (base.clone(), format!("vd{prefix}"));
+        let blk = main.run(move |bql| {
+            bql.write(|w| w.add_backend(&backend, &b, BackendOptions::default()))
+        })?;
+        disks.push(Disk {
+            name,
+            prefix,
+            blk,
+            base,
+            mid: None,
+            top: None,
+        });
     }
-
-    // Read the whole disk back through the final graph and compare.
-    let check = blk.clone();
-    let mismatches = threads[0]
-        .spawn(move |mut cx| async move {
-            let mut buf = vec![0u8; BLOCK as usize];
-            let mut bad = 0u64;
-            for block in 0..DISK_SIZE / BLOCK {
-                check.read(&mut cx, block * BLOCK, &mut buf).await?;
-                let want = match expected.get(&block) {
-                    Some(&(thread, round)) => pattern(thread, round, block),
-                    None => vec![0u8; BLOCK as usize],
-                };
-                bad += u64::from(buf != want);
+    // The model: the stamp of the last write of each block of each disk.
+    let mut model = vec![vec![0u64; blocks as usize]; 2];
+    const FILL: u64 = 0xf111 << 48;
+    for (d, disk) in disks.iter().enumerate() {
+        let blk = disk.blk.clone();
+        mgmt.spawn(move |mut cx| async move {
+            let chunk = 16;
+            for first in (0..blocks).step_by(chunk) {
+                let n = chunk.min((blocks - first) as usize) as u64;
+                let mut buf = Vec::with_capacity((n * BLOCK) as usize);
+                for block in first..first + n {
+                    let stamp = if block % 3 == 0 { 0 } else { FILL | block };
+                    buf.extend(pattern(d, block, stamp));
+                }
+                blk.write(&mut cx, first * BLOCK, &buf).await?;
             }
-            Ok::<_, Error>(bad)
+            blk.flush(&mut cx).await
         })
         .join()?;
+        for (block, stamp) in model[d].iter_mut().enumerate() {
+            if block % 3 != 0 {
+                *stamp = FILL | block as u64;
+            }
+        }
+    }
+    clock.say(format!(
+        "two {} MiB qcow2 disks in {}, 2/3 of their blocks written",
+        options.disk_mib,
+        images.path().display()
+    ));
 
-    drain_waits.sort();
-    let median = drain_waits
-        .get(drain_waits.len() / 2)
-        .copied()
-        .unwrap_or_default();
-    let inserts = log.iter().filter(|l| l.starts_with("inserted")).count();
-    let snaps = log.iter().filter(|l| l.starts_with("snapshot")).count();
-    println!("main loop: {mutations} graph mutations ({inserts} filters inserted and removed, {snaps} snapshots)");
-    for line in log.iter().filter(|l| l.starts_with("snapshot")) {
-        println!("  {line}");
+    // The guest, on two I/O threads, for the rest of the run.
+    let stop = Arc::new(AtomicBool::new(false));
+    let writes = Arc::new(AtomicU64::new(0));
+    let blks: Vec<BlockBackend> = disks.iter().map(|d| d.blk.clone()).collect();
+    // Its working set: an eighth of the disk (a guest rewrites its logs
+    // and databases, not its whole disk), so the snapshots' overlays hold
+    // that much and the jobs have the rest to move.
+    let hot = (blocks / 8).max(16);
+    let guests: Vec<_> = guests_io
+        .iter()
+        .enumerate()
+        .map(|(lane, io)| {
+            guest(
+                io,
+                lane as u64,
+                blks.clone(),
+                hot,
+                stop.clone(),
+                writes.clone(),
+            )
+        })
+        .collect();
+    clock.say(format!(
+        "guest running on io0 and io1 over the first {} MiB of each disk: write a block, \
+         read it back, check it",
+        hot * BLOCK / MIB
+    ));
+
+    // 1. Filters in and out under I/O.
+    let tops: Vec<NodeHandle> = disks.iter().map(|d| d.active().clone()).collect();
+    let mut waits = main
+        .spawn(move |mut cx| async move {
+            let mut waits = Vec::new();
+            for round in 0..10 {
+                for top in &tops {
+                    let t = Instant::now();
+                    let drained = cx.drain(top).await;
+                    waits.push(t.elapsed());
+                    let name = format!("{}-filter{round}", top.name());
+                    let filter = cx
+                        .write(|w| w.insert_filter(&drained, &name, PassthroughFilter::new()))
+                        .await?;
+                    drop(drained);
+                    tokio::time::sleep(Duration::from_millis(2)).await;
+                    let t = Instant::now();
+                    let drained = cx.drain(&filter).await;
+                    waits.push(t.elapsed());
+                    cx.write(|w| w.remove_filter(&drained)).await?;
+                }
+            }
+            Ok::<_, Error>(waits)
+        })
+        .join()?;
+    waits.sort();
+    clock.say(format!(
+        "filters inserted and removed 20 times above the disks under I/O; median drain {:?}, \
+         {} guest requests queued behind drains",
+        waits[waits.len() / 2],
+        disks.iter().map(|d| d.blk.queued_requests()).sum::<u64>()
+    ));
+
+    // 2. Two live snapshots of both disks, each at one instant.
+    for level in ["mid", "top"] {
+        std::thread::sleep(options.phase);
+        let snaps: Vec<SnapshotSync> = disks
+            .iter()
+            .map(|d| {
+                SnapshotSync::new(
+                    d.active(),
+                    images.path().join(format!("{}-{level}.qcow2", d.prefix)),
+                    &format!("{}-{level}", d.prefix),
+                )
+            })
+            .collect();
+        let (back, overlays) = main
+            .spawn(move |mut task| async move {
+                let r = snapshot::snapshot_sync(&mut task, &mgmt, &snaps).await;
+                (mgmt, r)
+            })
+            .join();
+        mgmt = back;
+        for (d, overlay) in disks.iter_mut().zip(overlays?) {
+            if level == "mid" {
+                d.mid = Some(overlay);
+            } else {
+                d.top = Some(overlay);
+            }
+        }
+        clock.say(format!(
+            "live snapshot of both disks at one instant: {}",
+            disks
+                .iter()
+                .map(|d| format!("{} on {}", d.active().name(), d.name))
+                .collect::<Vec<_>>()
+                .join(", ")
+        ));
+    }
+    std::thread::sleep(options.phase);
+    let where_ = write_dot(&main, &options.out_dir, "graph-before", &mut report)?;
+    clock.say(format!("graph before the jobs: {where_}"));
+
+    // 3. Stream on A, commit on B, at once, the guest still writing.
+    let (a, b) = (&disks[0], &disks[1]);
+    let (a_top, b_mid, b_base) = (
+        a.top.clone().expect("snapshotted"),
+        b.mid.clone().expect("snapshotted"),
+        b.base.clone(),
+    );
+    let handle = mgmt.handle();
+    let speed = options.speed;
+    let jobs = main.run(move |bql| {
+        let mut o = JobOptions::new("stream-A");
+        o.speed = speed;
+        let stream = job::stream(bql, &handle, o, StreamOptions::new(&a_top))?;
+        let mut o = JobOptions::new("commit-B");
+        o.speed = speed;
+        let commit = job::commit(bql, &handle, o, CommitOptions::new(&b_mid).base(&b_base));
+        let commit = match commit {
+            Ok(job) => job,
+            Err(e) => {
+                let _ = stream.cancel(bql, false);
+                return Err(e);
+            }
+        };
+        let (se, ce) = (stream.events(), commit.events());
+        Ok::<_, Error>(vec![(stream, se), (commit, ce)])
+    })?;
+    clock.say(format!(
+        "stream-A: a-mid and a-base into a-top; commit-B: b-mid into b-base (rate limit {} MiB/s)",
+        options.speed / MIB
+    ));
+    let where_ = write_dot(&main, &options.out_dir, "graph-during", &mut report)?;
+    clock.say(format!(
+        "graph with the jobs' filters and backends: {where_}"
+    ));
+    let followed = follow(jobs, &clock, &writes);
+    // Whatever happened, stop the guest and collect what it wrote.
+    std::thread::sleep(options.phase / 2);
+    stop.store(true, Ordering::Relaxed);
+    for guest in guests {
+        let (n, last) = guest.join()?;
+        report.writes += n;
+        for ((disk, block), stamp) in last {
+            model[disk][block as usize] = stamp;
+        }
+    }
+    report.job_bytes = followed?;
+    clock.say(format!(
+        "jobs done: {}",
+        report
+            .job_bytes
+            .iter()
+            .map(|(id, n)| format!("{id} {:.1} MiB", *n as f64 / MIB as f64))
+            .collect::<Vec<_>>()
+            .join(", ")
+    ));
+    let where_ = write_dot(&main, &options.out_dir, "graph-after", &mut report)?;
+    clock.say(format!("graph after: {where_}"));
+    if Command::new("dot").arg("-V").output().is_err() {
+        clock.say("no SVG: the `dot` program (graphviz) is not installed");
+    }
+
+    // 4. Read everything back, compare, check the images.
+    for (d, disk) in disks.iter().enumerate() {
+        let (blk, expected) = (disk.blk.clone(), std::mem::take(&mut model[d]));
+        let bad = mgmt
+            .spawn(move |mut cx| async move {
+                let mut bad = 0u64;
+                let chunk = 64u64;
+                let mut buf = vec![0u8; (chunk * BLOCK) as usize];
+                for first in (0..blocks).step_by(chunk as usize) {
+                    let n = chunk.min(blocks - first);
+                    let buf = &mut buf[..(n * BLOCK) as usize];
+                    blk.read(&mut cx, first * BLOCK, buf).await?;
+                    for (i, got) in buf.chunks(BLOCK as usize).enumerate() {
+                        let block = first + i as u64;
+                        bad += u64::from(got != pattern(d, block, expected[block as usize]));
+                    }
+                }
+                blk.flush(&mut cx).await?;
+                Ok::<_, Error>(bad)
+            })
+            .join()?;
+        report.verified_blocks += blocks;
+        report.mismatches += bad;
+    }
+    let qcow2: Vec<NodeHandle> = main.run(|bql| {
+        bql.graph()
+            .nodes()
+            .filter(|n| n.driver_as::<Qcow2Driver>().is_some())
+            .map(|n| n.to_handle())
+            .collect()
+    });
+    for node in qcow2 {
+        let n = node.clone();
+        let clean = mgmt
+            .spawn(move |mut cx| async move {
+                let g = cx.read().await;
+                let io = n.try_io(&g)?;
+                let q = io.driver_as::<Qcow2Driver>().expect("a qcow2 node");
+                q.check(io, false).await
+            })
+            .join()?
+            .is_clean();
+        report.checked.push((node.name().to_owned(), clean));
+    }
+    for disk in &disks {
+        let blk = disk.blk.name().to_owned();
+        report.chains.push(main.run(move |bql| {
+            bql.query_backends()
+                .into_iter()
+                .find(|b| b.name == blk)
+                .and_then(|b| b.root)
+                .map(|root| {
+                    let below = bql
+                        .query_nodes()
+                        .into_iter()
+                        .find(|n| n.name == root)
+                        .map(|n| n.backing_chain)
+                        .unwrap_or_default();
+                    std::iter::once(root).chain(below).collect()
+                })
+                .unwrap_or_default()
+        }));
+    }
+
+    println!();
+    println!(
+        "guest: {} writes issued on two I/O threads, each read back and checked at once",
+        report.writes
+    );
+    for (id, bytes) in &report.job_bytes {
+        println!("job {id}: {bytes} bytes processed (copied, or found in place)");
+    }
+    for (disk, chain) in disks.iter().zip(&report.chains) {
+        let alone = if chain.len() == 1 {
+            " (stands alone)"
+        } else {
+            ""
+        };
+        println!("disk {} now: {}{alone}", disk.name, chain.join(" -> "));
     }
     println!(
-        "drains: {} (median wait for in-flight requests {:?}); requests that queued behind a drain: {}",
-        drain_waits.len(),
-        median,
-        blk.queued_requests()
+        "qcow2 check: {}",
+        report
+            .checked
+            .iter()
+            .map(|(n, clean)| format!("{n} {}", if *clean { "clean" } else { "NOT CLEAN" }))
+            .collect::<Vec<_>>()
+            .join(", ")
     );
-    println!("final check: whole disk read back, {mismatches} mismatching blocks");
-    println!("final graph:");
-    print!("{}", main.run(|bql| bql.graph().to_dot()));
+    println!(
+        "final check: {} blocks read back on two disks, {} mismatching",
+        report.verified_blocks, report.mismatches
+    );
+    clock.say("done");
 
-    drop(threads);
+    drop(guests_io);
+    drop(mgmt);
     main.shutdown();
-    if mismatches != 0 {
-        return Err(Error::InvalidArgument(format!("{mismatches} blocks lost")));
+    Ok(report)
+}
+
+/// Runs the day; fails (exit code 1) if a block or an image is wrong.
+pub fn main() -> std::result::Result<(), Box<dyn std::error::Error>> {
+    let options = Options::from_args()?;
+    let report = run(&options)?;
+    if report.mismatches != 0 {
+        return Err(format!(
+            "{} blocks differ from what the guest wrote",
+            report.mismatches
+        )
+        .into());
+    }
+    if let Some((name, _)) = report.checked.iter().find(|(_, clean)| !clean) {
+        return Err(format!("qcow2 image '{name}' is not clean").into());
     }
     Ok(())
 }

@@ -4,6 +4,11 @@
 
 mod common;
 
+/// The main example, run by `the_main_example_runs_on_small_disks` below.
+#[allow(dead_code)] // its `main` (argument parsing) is not called here
+#[path = "../examples/live_reconfig.rs"]
+mod live_reconfig_example;
+
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -438,4 +443,43 @@ fn ten_thousand_mutations_under_verified_io_on_two_threads() {
     }
     drop(ios);
     main.shutdown();
+}
+
+/// The main example (`examples/live_reconfig.rs`) end to end on 8 MiB
+/// disks: snapshots, a stream and a commit under guest I/O, DOT files,
+/// every block read back, every qcow2 image checked. So it cannot rot.
+#[test]
+fn the_main_example_runs_on_small_disks() {
+    let _w = watchdog("live_reconfig_example", Duration::from_secs(240));
+    let out = tempfile::tempdir().unwrap();
+    let options = live_reconfig_example::Options {
+        disk_mib: 8,
+        speed: 16 << 20,
+        out_dir: out.path().to_owned(),
+        phase: Duration::from_millis(300),
+    };
+    let report = live_reconfig_example::run(&options).unwrap();
+    assert!(report.writes > 0, "{report:?}");
+    assert_eq!(report.mismatches, 0, "{report:?}");
+    assert_eq!(report.verified_blocks, 2 * (8 << 20) / 4096);
+    assert_eq!(
+        report.job_bytes,
+        [
+            ("stream-A".to_owned(), 8 << 20),
+            ("commit-B".to_owned(), 8 << 20)
+        ]
+    );
+    assert_eq!(report.chains, [vec!["a-top"], vec!["b-top", "b-base"]]);
+    assert_eq!(report.checked.len(), 3, "{report:?}");
+    assert!(report.checked.iter().all(|(_, clean)| *clean), "{report:?}");
+    assert_eq!(report.dot_files.len(), 3);
+    for file in &report.dot_files {
+        let dot = std::fs::read_to_string(file).unwrap();
+        assert!(dot.starts_with("digraph"), "{}", file.display());
+    }
+    // The jobs' filters show in the graph while they run, not after.
+    let during = std::fs::read_to_string(&report.dot_files[1]).unwrap();
+    assert!(during.contains("stream-A-stream") && during.contains("commit-B-commit"));
+    let after = std::fs::read_to_string(&report.dot_files[2]).unwrap();
+    assert!(!after.contains("commit-B-commit") && !after.contains("b-mid\""));
 }

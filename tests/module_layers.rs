@@ -45,7 +45,7 @@ const LAYERS: &[(&str, u32, &str)] = &[
     (
         "job",
         6,
-        "block jobs: the job model, the copy engine, stream",
+        "block jobs: the job model, the copy engine, stream, commit",
     ),
     ("export", 7, "exports: NBD"),
 ];

@@ -176,7 +176,7 @@ fn gather_info(env: &Env, opened: &Opened, top_name: &str) -> Res<Vec<ImageInfo>
                     q.snapshots(n).await.map_err(err)?,
                 ),
             };
-            let backing_file = q.and_then(|q| q.backing_file().map(str::to_owned));
+            let backing_file = q.and_then(Qcow2Driver::backing_file);
             Ok::<_, String>(ImageInfo {
                 full_backing_file: backing_file.as_deref().map(|b| path_combine(&filename, b)),
                 filename,
@@ -190,7 +190,7 @@ fn gather_info(env: &Env, opened: &Opened, top_name: &str) -> Res<Vec<ImageInfo>
                 qcow2,
                 snapshots,
                 backing_file,
-                backing_format: q.and_then(|q| q.backing_format().map(str::to_owned)),
+                backing_format: q.and_then(Qcow2Driver::backing_format),
             })
         })?;
         out.push(info);

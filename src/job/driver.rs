@@ -156,13 +156,16 @@ impl JobRunner {
     }
 
     /// Waits until the rate limit lets `bytes` more go (QEMU's
-    /// `block_job_ratelimit_sleep`). Fails with [`Error::JobCancelled`] if
-    /// the job is cancelled meanwhile. Takes `&mut IoTask` for the same
-    /// reason as [`pause_point`](Self::pause_point): no read guard is held
-    /// across the sleep.
+    /// `block_job_ratelimit_sleep`), then is a pause point (QEMU's
+    /// `job_sleep_ns` is one: a job paused or drained while it slept does
+    /// not go on with the request it slept for). Fails with
+    /// [`Error::JobCancelled`] if the job is cancelled meanwhile. Takes
+    /// `&mut IoTask` for the same reason as
+    /// [`pause_point`](Self::pause_point): no read guard is held across the
+    /// sleep.
     pub async fn throttle(&self, io: &mut IoTask, bytes: u64) -> Result<()> {
-        let _ = io;
-        self.job.shared.throttle(bytes).await
+        self.job.shared.throttle(bytes).await?;
+        self.pause_point(io).await
     }
 
     /// Adds `bytes` to the work done.

@@ -1,6 +1,7 @@
 //! Block jobs (QEMU's `job.c`, `blockjob.c`): long-running operations on
 //! the graph with QEMU's states, verbs and events, a copy engine they
-//! share, and the first of them, [`stream`].
+//! share, and the first of them: [`stream`] and [`commit`] (of an
+//! intermediate image).
 //!
 //! # The model
 //!
@@ -41,6 +42,7 @@
 //!
 //! See DESIGN.md §13 for the QEMU bugs this rules out.
 
+mod commit;
 mod copy;
 mod driver;
 mod events;
@@ -51,6 +53,7 @@ mod shared;
 mod status;
 mod stream;
 
+pub use commit::{commit, CommitOptions};
 pub use copy::{copy_range, BackendCopy, ChunkError, CopyChunks, CopyOptions, CopyReport};
 pub use driver::{JobCx, JobDriver, JobRunner};
 pub use events::{ErrorAction, IoOperation, JobEvent, JobEvents};

@@ -169,8 +169,8 @@ fn set_up(bql: &mut Bql, job: &Job, o: &StreamOptions) -> Result<StreamJob> {
                 .and_then(|q| {
                     let format = q
                         .backing_format()
-                        .map_or_else(|| below[base_at].driver_name().to_owned(), str::to_owned);
-                    q.backing_file().map(|f| (f.to_owned(), format))
+                        .unwrap_or_else(|| below[base_at].driver_name().to_owned());
+                    q.backing_file().map(|f| (f, format))
                 });
             match (lowest, named) {
                 // Nothing between top and base: top's header stays.

@@ -20,7 +20,7 @@ use crate::types::{ChildRole, Error, Result};
 use super::header::{
     be32, be64, EXT_BACKING_FORMAT, EXT_END, MAX_BACKING_FORMAT, MAX_BACKING_NAME, V2_HEADER_LEN,
 };
-use super::state::Qcow2Driver;
+use super::state::{BackingName, Qcow2Driver};
 
 /// Header fields: backing file name offset (u64) and length (u32).
 const OFF_BACKING_OFFSET: usize = 8;
@@ -33,7 +33,11 @@ impl Qcow2Driver {
     /// `backing` = `(file, format)`, or removes it with `None` (QEMU's
     /// `bdrv_change_backing_file`). `node` is this driver's node. Only the
     /// header changes: the graph's backing edge is the caller's business
-    /// (a stream job changes both).
+    /// (stream and commit jobs change both). [`backing_file`] and
+    /// [`backing_format`] report the new name once the header is written.
+    ///
+    /// [`backing_file`]: Qcow2Driver::backing_file
+    /// [`backing_format`]: Qcow2Driver::backing_format
     ///
     /// The image is flushed first (metadata written back, the file flushed)
     /// and the header cluster is written in one piece, then flushed.
@@ -86,6 +90,12 @@ impl Qcow2Driver {
             m.hdr = old;
             return Err(e);
         }
+        // What `backing_file()` and `info` report from now on (still under
+        // the metadata lock, so two changes cannot cross).
+        *self.backing.lock().unwrap_or_else(|e| e.into_inner()) = BackingName {
+            file: backing.map(|(f, _)| f.to_owned()),
+            format: backing.map(|(_, t)| t.to_owned()).filter(|t| !t.is_empty()),
+        };
         file.flush().await
     }
 }

@@ -338,8 +338,8 @@ async fn open_inner(
             let g = cx.read().await;
             Qcow2Driver::open(file.io(&g), qopts).await?
         };
-        let next = drv.backing_file().map(str::to_owned);
-        let next_format = drv.backing_format().map(str::to_owned);
+        let next = drv.backing_file();
+        let next_format = drv.backing_format();
         levels.push((
             Level {
                 path: path.clone(),

@@ -155,7 +155,7 @@ impl BlockDriver for Qcow2Driver {
             self.size(),
             self.geo.cs
         );
-        if let Some(b) = &self.backing_file {
+        if let Some(b) = self.backing_file() {
             s.push_str(&format!(", backing '{b}'"));
         }
         if self.is_read_only() {
@@ -177,7 +177,7 @@ impl BlockDriver for Qcow2Driver {
     fn info(&self) -> DriverInfo {
         DriverInfo::new()
             .size(self.size())
-            .backing(self.backing_file.clone(), self.backing_format.clone())
+            .backing(self.backing_file(), self.backing_format())
             .cluster_size(self.geo.cs)
             .specific("compat", if self.geo.version >= 3 { "1.1" } else { "0.10" })
             .specific("refcount-bits", 1u32 << self.geo.refcount_order)
@@ -200,13 +200,13 @@ impl BlockDriver for Qcow2Driver {
             )));
         }
         if self.require_backing
-            && self.backing_file.is_some()
+            && self.backing_file().is_some()
             && node.child(ChildRole::Backing).is_none()
         {
             return Err(Error::InvalidArgument(format!(
                 "qcow2 node '{}' names backing file '{}' but has no backing child",
                 node.name(),
-                self.backing_file.as_deref().unwrap_or_default()
+                self.backing_file().unwrap_or_default()
             )));
         }
         Ok(())

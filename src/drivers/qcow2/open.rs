@@ -23,7 +23,7 @@ use super::header::{
 };
 use super::meta::Meta;
 use super::options::Qcow2Options;
-use super::state::Qcow2Driver;
+use super::state::{BackingName, Qcow2Driver};
 
 impl Qcow2Driver {
     /// Opens the image held by `file` (a node already in the graph),
@@ -206,8 +206,10 @@ impl Qcow2Driver {
             read_only: AtomicBool::new(read_only),
             nb_snapshots: h.nb_snapshots,
             snapshots_offset: h.snapshots_offset,
-            backing_file: h.backing_file,
-            backing_format: h.backing_format,
+            backing: StdMutex::new(BackingName {
+                file: h.backing_file,
+                format: h.backing_format,
+            }),
             file_node: file.name().to_owned(),
             require_backing: options.require_backing,
             limits,

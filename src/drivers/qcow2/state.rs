@@ -28,8 +28,10 @@ pub struct Qcow2Driver {
     pub(super) read_only: AtomicBool,
     pub(super) nb_snapshots: u32,
     pub(super) snapshots_offset: u64,
-    pub(super) backing_file: Option<String>,
-    pub(super) backing_format: Option<String>,
+    /// The backing file name and format the header stores: read at open,
+    /// replaced by [`change_backing_file`](Qcow2Driver::change_backing_file)
+    /// once its header write succeeded.
+    pub(super) backing: StdMutex<BackingName>,
     pub(super) file_node: String,
     pub(super) require_backing: bool,
     pub(super) limits: Qcow2Limits,
@@ -50,13 +52,20 @@ pub struct Qcow2Driver {
     pub(super) bitmaps_to_mark: AtomicBool,
 }
 
+/// The backing file name and format stored in the header.
+#[derive(Debug, Clone, Default)]
+pub(super) struct BackingName {
+    pub(super) file: Option<String>,
+    pub(super) format: Option<String>,
+}
+
 impl std::fmt::Debug for Qcow2Driver {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Qcow2Driver")
             .field("version", &self.geo.version)
             .field("cluster_size", &self.geo.cs)
             .field("size", &self.size())
-            .field("backing_file", &self.backing_file)
+            .field("backing_file", &self.backing_file())
             .field("read_only", &self.is_read_only())
             .finish_non_exhaustive()
     }
@@ -82,14 +91,24 @@ impl Qcow2Driver {
         self.geo.version
     }
 
-    /// The backing file name stored in the image, unresolved.
-    pub fn backing_file(&self) -> Option<&str> {
-        self.backing_file.as_deref()
+    /// The backing file name stored in the image, unresolved: the one it
+    /// was opened with, or the last one
+    /// [`change_backing_file`](Qcow2Driver::change_backing_file) wrote.
+    pub fn backing_file(&self) -> Option<String> {
+        self.backing_name().file
     }
 
-    /// The backing file's format stored in the image, if any.
-    pub fn backing_format(&self) -> Option<&str> {
-        self.backing_format.as_deref()
+    /// The backing file's format stored in the image, if any (as
+    /// [`backing_file`](Qcow2Driver::backing_file), the current one).
+    pub fn backing_format(&self) -> Option<String> {
+        self.backing_name().format
+    }
+
+    pub(super) fn backing_name(&self) -> BackingName {
+        self.backing
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     /// The persistent dirty bitmaps stored in the image (name, granularity,

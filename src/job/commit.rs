@@ -1,0 +1,614 @@
+//! `block-commit` of an intermediate layer: copy what the images between
+//! `top` and `base` of a backing chain store down into `base`, then drop
+//! them from the chain (QEMU's `block/commit.c`, without the active
+//! layer: that is mirror's job, `block/mirror.c`'s active commit).
+//!
+//! What it does, step by step: see [`commit`].
+
+use crate::backend::BlockBackend;
+use crate::driver::Filter;
+use crate::drivers::qcow2::Qcow2Driver;
+use crate::graph::backend::BackendOptions;
+use crate::graph::proof::{Bql, NodeHandle, ParentRef};
+use crate::graph::runtime::{IoTask, IoThreadHandle};
+use crate::types::{BlockStatus, ChildRole, Error, Perm, Permissions, Result};
+
+use super::copy::{copy_range, ChunkError, CopyChunks, CopyOptions};
+use super::driver::{JobCx, JobDriver};
+use super::filter::JobFilter;
+use super::handle::{Job, JobOptions};
+use super::status::JobType;
+
+/// What to commit (QEMU's `block-commit` arguments, for a `top` that is
+/// not the active layer).
+#[derive(Debug, Clone)]
+pub struct CommitOptions {
+    top: NodeHandle,
+    base: Option<NodeHandle>,
+    backing_file: Option<(String, String)>,
+    filter_node_name: Option<String>,
+    copy: CopyOptions,
+}
+
+impl CommitOptions {
+    /// Commit `top` and every image below it down to the bottom of the
+    /// chain into that bottom image (QEMU's default base). `top` must be
+    /// an intermediate image: some image (its *overlay*) uses it as its
+    /// backing file.
+    pub fn new(top: &NodeHandle) -> Self {
+        CommitOptions {
+            top: top.clone(),
+            base: None,
+            backing_file: None,
+            filter_node_name: None,
+            copy: CopyOptions::default(),
+        }
+    }
+
+    /// Commit into `base` (a node below `top` in its backing chain); the
+    /// images from `top` down to just above `base` are dropped.
+    pub fn base(mut self, base: &NodeHandle) -> Self {
+        self.base = Some(base.clone());
+        self
+    }
+
+    /// The backing file name and format to write into the overlay's header
+    /// (QEMU's `backing-file`). Default: the name the lowest committed
+    /// image stores for `base` (right when that image and the overlay are
+    /// in one directory, the usual layout).
+    pub fn backing_file(mut self, file: impl Into<String>, format: impl Into<String>) -> Self {
+        self.backing_file = Some((file.into(), format.into()));
+        self
+    }
+
+    /// The name of the job's filter node (default `<job id>-commit`).
+    pub fn filter_node_name(mut self, name: impl Into<String>) -> Self {
+        self.filter_node_name = Some(name.into());
+        self
+    }
+
+    /// Chunk size and requests in flight of the copy.
+    pub fn copy_options(mut self, copy: CopyOptions) -> Self {
+        self.copy = copy;
+        self
+    }
+}
+
+/// What goes into the overlay's header at the end.
+#[derive(Debug, Clone)]
+enum Header {
+    /// The overlay is not a qcow2 image: it has no header to rewrite.
+    Skip,
+    Write {
+        new: (String, String),
+        /// What it stores now, written back if the graph change fails.
+        old: Option<(String, String)>,
+    },
+}
+
+/// The job's filter above the overlay (QEMU's `commit_top`): passes every
+/// request down and shares everything on its child, so the overlay's
+/// backing edge shares `WRITE` and the job may write `base`
+/// (DESIGN §12, per-link permissions).
+#[derive(Debug)]
+struct CommitTop;
+
+impl Filter for CommitTop {
+    const CHILD: ChildRole = ChildRole::Filtered;
+
+    fn format_name(&self) -> &'static str {
+        "commit-top"
+    }
+
+    fn child_permissions(&self, _role: ChildRole, users: Permissions) -> Permissions {
+        Permissions {
+            take: users.take,
+            share: Perm::ALL,
+        }
+    }
+}
+
+/// Starts a commit job (QEMU's `block-commit` of an intermediate image) on
+/// this main loop, doing its I/O on `io`'s thread. Guest I/O continues on
+/// the active layer meanwhile.
+///
+/// ```text
+///  before:  vda → active → overlay → top → mid → base      (commit top, base = base)
+///  during:  vda → active → commit filter → overlay → top → mid → base (read-write)
+///                          job reader (on top) ↗   job writer (on base) ↗
+///  after:   vda → active → overlay → base   (overlay's header names base)
+/// ```
+///
+/// (`overlay` is often the active layer itself: a three-image chain.)
+///
+/// * **Setup** (main loop, this function): drains of the overlay and of
+///   `base`, and one write section with one transaction that inserts the
+///   job's filter above the overlay (it shares everything on the overlay,
+///   so the overlay's backing edge lets a writer into the chain below,
+///   QEMU's `commit_top`), adds the job's reader on `top` and, once `base`
+///   is switched read-write if it was read-only, the job's writer on
+///   `base` (both `stay_at_node`). Either all of it happens or none.
+/// * **Run** (the job's I/O task): the copy engine walks the device; for
+///   each range, [`BlockBackend::block_status_above`] (one request, under
+///   the read lock) says whether an image from `top` down to just above
+///   `base` stores it; such a range is read through the job's reader (the
+///   view of `top`) and written into `base` through the writer. Nothing
+///   else writes those images (the guest writes the active layer), so the
+///   copy needs no range lock against the guest: `base` takes what the
+///   guest already sees through `top`, which is why writing `base` early
+///   changes no guest-visible byte.
+/// * **Prepare** (finalization): `base` is flushed through the writer (the
+///   copied data is durable before anything stops naming `top`); the
+///   overlay's header is rewritten to name `base`
+///   ([`Qcow2Driver::change_backing_file`], under the read lock, the
+///   overlay switched read-write for it if it is read-only), as QEMU's
+///   `bdrv_drop_intermediate` updates the file name before the graph; then
+///   on the main loop, drains of the filter, the overlay, every committed
+///   image and its file, and one write section with one transaction that
+///   removes the job's backends and filter, makes `base` the overlay's
+///   backing and removes each committed image (and its file node) that
+///   nobody else uses. If that transaction fails, the overlay's old
+///   header is written back.
+/// * **Clean** (either way): whatever of the filter and the backends is
+///   still there is removed, and `base` (and the overlay) switched back to
+///   read-only if the job made them read-write. A cancelled or failed
+///   commit leaves the chain as it was; what it copied into `base` is what
+///   `top` showed there already, invisible to the guest.
+///
+/// # Errors
+///
+/// An invalid or duplicate job id; `top` removed or of another graph;
+/// `top` the active layer (no image uses it as its backing file: active
+/// commit is not supported yet) or the backing file of several images;
+/// `base` not below `top`, or no image below `top`; no backing file name
+/// to write (see [`CommitOptions::backing_file`]); the filter node's name
+/// taken; `base` that cannot become read-write; a permission conflict
+/// (another writer on `base`). Nothing is changed then.
+///
+/// # Examples
+///
+/// ```no_run
+/// use blockgraph::job::{self, CommitOptions, JobOptions};
+/// # fn f(main: &blockgraph::MainLoop, io: &blockgraph::IoThread,
+/// #      mid: blockgraph::NodeHandle, base: blockgraph::NodeHandle) -> blockgraph::Result<()> {
+/// let io = io.handle();
+/// let job = main.run(move |bql| {
+///     job::commit(bql, &io, JobOptions::new("commit0"), CommitOptions::new(&mid).base(&base))
+/// })?;
+/// // … wait for `job.events()` to report `Completed` …
+/// # Ok(()) }
+/// ```
+pub fn commit(
+    bql: &mut Bql,
+    io: &IoThreadHandle,
+    options: JobOptions,
+    commit: CommitOptions,
+) -> Result<Job> {
+    let job = Job::create(bql, JobType::Commit, &options)?;
+    match set_up(bql, &job, &commit) {
+        Ok(driver) => {
+            job.start(bql, io, driver)?;
+            Ok(job)
+        }
+        Err(e) => {
+            job.early_fail(bql);
+            Err(e)
+        }
+    }
+}
+
+/// What setup found in the graph.
+struct Plan {
+    overlay: NodeHandle,
+    intermediates: Vec<NodeHandle>,
+    base: NodeHandle,
+    header: Header,
+    base_read_only: bool,
+    overlay_read_only: bool,
+}
+
+fn plan(bql: &Bql, o: &CommitOptions) -> Result<Plan> {
+    let top = o.top.gs(bql);
+    if !top.is_in_graph() {
+        return Err(Error::NodeRemoved(top.name().to_owned()));
+    }
+    let overlays: Vec<_> = top
+        .parents()
+        .filter_map(|p| match p {
+            ParentRef::Node {
+                node,
+                role: ChildRole::Backing,
+            } => Some(node),
+            _ => None,
+        })
+        .collect();
+    let overlay = match overlays.as_slice() {
+        [one] => *one,
+        [] => {
+            return Err(Error::InvalidArgument(format!(
+                "block-commit: '{}' is the active layer (no image uses it as its backing \
+                 file); committing the active layer (active commit) is not supported yet",
+                top.name()
+            )))
+        }
+        _ => {
+            return Err(Error::InvalidArgument(format!(
+                "block-commit: '{}' is the backing file of several images ({}); commit \
+                 needs the one image above it",
+                top.name(),
+                overlays
+                    .iter()
+                    .map(|n| format!("'{}'", n.name()))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )))
+        }
+    };
+    let chain = top.backing_chain();
+    let base_at = match &o.base {
+        None if chain.len() < 2 => {
+            return Err(Error::InvalidArgument(format!(
+                "block-commit: '{}' has no backing file: there is nothing to commit into",
+                top.name()
+            )))
+        }
+        None => chain.len() - 1,
+        Some(base) => chain
+            .iter()
+            .skip(1)
+            .position(|n| n.name() == base.name())
+            .map(|i| i + 1)
+            .ok_or_else(|| {
+                Error::InvalidArgument(format!(
+                    "block-commit: '{}' is not in the backing chain below '{}'",
+                    base.name(),
+                    top.name()
+                ))
+            })?,
+    };
+    let base = chain[base_at];
+    let header = match overlay.driver_as::<Qcow2Driver>() {
+        None => Header::Skip,
+        Some(q) => {
+            let old = q
+                .backing_file()
+                .map(|f| (f, q.backing_format().unwrap_or_default()));
+            let new = match &o.backing_file {
+                Some(explicit) => explicit.clone(),
+                None => {
+                    let lowest = chain[base_at - 1];
+                    lowest
+                        .driver_as::<Qcow2Driver>()
+                        .and_then(|q| {
+                            let format = q
+                                .backing_format()
+                                .unwrap_or_else(|| base.driver_name().to_owned());
+                            q.backing_file().map(|f| (f, format))
+                        })
+                        .ok_or_else(|| {
+                            Error::InvalidArgument(format!(
+                                "block-commit: '{}' stores no backing file name for '{}'; say \
+                                 which to write into '{}' (CommitOptions::backing_file)",
+                                lowest.name(),
+                                base.name(),
+                                overlay.name()
+                            ))
+                        })?
+                }
+            };
+            Header::Write { new, old }
+        }
+    };
+    Ok(Plan {
+        overlay: overlay.to_handle(),
+        intermediates: chain[..base_at].iter().map(|n| n.to_handle()).collect(),
+        base: base.to_handle(),
+        header,
+        base_read_only: base.driver().is_read_only(),
+        overlay_read_only: overlay.driver().is_read_only(),
+    })
+}
+
+fn set_up(bql: &mut Bql, job: &Job, o: &CommitOptions) -> Result<CommitJob> {
+    let plan = plan(bql, o)?;
+    let filter_name = o
+        .filter_node_name
+        .clone()
+        .unwrap_or_else(|| format!("{}-commit", job.id()));
+    let reader_options = BackendOptions {
+        // Reads the view of top; lets everyone do anything (top is
+        // read-only anyway, or written only by whoever was allowed to).
+        perms: Permissions {
+            take: Perm::CONSISTENT_READ,
+            share: Perm::ALL,
+        },
+        stay_at_node: true,
+    };
+    let writer_options = BackendOptions {
+        // QEMU's commit base: the only writer; readers and unchanged-data
+        // writers may stay.
+        perms: Permissions {
+            take: Perm::CONSISTENT_READ | Perm::WRITE,
+            share: Perm::CONSISTENT_READ | Perm::WRITE_UNCHANGED,
+        },
+        stay_at_node: true,
+    };
+    let overlay_drained = bql.drain(&plan.overlay);
+    let base_drained = bql.drain(&plan.base);
+    let added = bql.write(|w| {
+        w.transaction(|w| {
+            let filter = w.insert_filter(
+                &overlay_drained,
+                &filter_name,
+                JobFilter::new(CommitTop, job.clone()),
+            )?;
+            let reader =
+                w.add_backend(&format!("{}-commit-top", job.id()), &o.top, reader_options)?;
+            if plan.base_read_only {
+                w.set_read_only(&base_drained, false)?;
+            }
+            let writer = w.add_backend(
+                &format!("{}-commit-base", job.id()),
+                &plan.base,
+                writer_options,
+            )?;
+            Ok((filter, reader, writer))
+        })
+    });
+    drop(base_drained);
+    drop(overlay_drained);
+    let (filter, reader, writer) = added?;
+    Ok(CommitJob {
+        top: o.top.clone(),
+        overlay: plan.overlay,
+        intermediates: plan.intermediates,
+        base: plan.base,
+        filter,
+        reader,
+        writer,
+        header: plan.header,
+        base_made_rw: plan.base_read_only,
+        overlay_read_only: plan.overlay_read_only,
+        overlay_made_rw: false,
+        header_written: false,
+        copy: o.copy,
+    })
+}
+
+struct CommitJob {
+    top: NodeHandle,
+    overlay: NodeHandle,
+    /// `top` and the images below it, down to just above `base`.
+    intermediates: Vec<NodeHandle>,
+    base: NodeHandle,
+    filter: NodeHandle,
+    reader: BlockBackend,
+    writer: BlockBackend,
+    header: Header,
+    /// `base` was read-only: setup switched it; clean switches it back.
+    base_made_rw: bool,
+    overlay_read_only: bool,
+    /// The overlay was switched read-write for its header.
+    overlay_made_rw: bool,
+    /// The overlay's header names `base` now.
+    header_written: bool,
+    copy: CopyOptions,
+}
+
+/// Commit's hook for the copy engine.
+struct CommitChunks {
+    reader: BlockBackend,
+    writer: BlockBackend,
+    base: NodeHandle,
+}
+
+impl CopyChunks for CommitChunks {
+    async fn needs_copy(&self, io: &mut IoTask, offset: u64, len: u64) -> Result<(bool, u64)> {
+        // Stored by top or an image below it, above base (data or zeroes
+        // that hide base's data): copy it down.
+        let (status, n) = self
+            .reader
+            .block_status_above(io, Some(&self.base), offset, len)
+            .await?;
+        Ok((status != BlockStatus::Unallocated, n))
+    }
+
+    async fn copy(
+        &self,
+        io: &mut IoTask,
+        offset: u64,
+        buf: &mut [u8],
+    ) -> std::result::Result<(), ChunkError> {
+        self.reader
+            .read(io, offset, buf)
+            .await
+            .map_err(ChunkError::read)?;
+        self.writer
+            .write(io, offset, buf)
+            .await
+            .map_err(ChunkError::write)
+    }
+}
+
+impl CommitJob {
+    /// Writes `name` into the overlay's header, under a read guard of the
+    /// job's task.
+    async fn write_header(&self, io: &mut IoTask, name: Option<&(String, String)>) -> Result<()> {
+        let guard = io.read().await;
+        let node = self.overlay.try_io(&guard)?;
+        let q = node.driver_as::<Qcow2Driver>().ok_or_else(|| {
+            Error::InvalidArgument(format!("'{}' is no longer a qcow2 image", node.name()))
+        })?;
+        q.change_backing_file(node, name.map(|(f, t)| (f.as_str(), t.as_str())))
+            .await
+    }
+}
+
+impl JobDriver for CommitJob {
+    fn job_type(&self) -> JobType {
+        JobType::Commit
+    }
+
+    async fn run(&mut self, cx: &mut JobCx<'_>) -> Result<()> {
+        let len = self.reader.length(cx.io()).await?;
+        let base_len = self.writer.length(cx.io()).await?;
+        if base_len < len {
+            return Err(Error::InvalidArgument(format!(
+                "block-commit: '{}' ({base_len} bytes) is smaller than '{}' ({len} bytes); \
+                 resize it first",
+                self.base.name(),
+                self.top.name()
+            )));
+        }
+        let alignment = u64::from(self.reader.request_alignment(cx.io()).await?)
+            .max(u64::from(self.writer.request_alignment(cx.io()).await?));
+        let options = CopyOptions {
+            alignment: alignment.max(self.copy.alignment),
+            ..self.copy
+        };
+        let chunks = CommitChunks {
+            reader: self.reader.clone(),
+            writer: self.writer.clone(),
+            base: self.base.clone(),
+        };
+        let report = copy_range(cx, &chunks, 0..len, &options).await?;
+        // A range the `ignore` policy skipped is missing from base:
+        // dropping top would lose it.
+        match report.ignored {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    }
+
+    async fn prepare(&mut self, cx: &mut JobCx<'_>) -> Result<()> {
+        // What was copied is durable before anything stops naming top.
+        self.writer.flush(cx.io()).await?;
+        if let Header::Write { new, .. } = self.header.clone() {
+            if self.overlay_read_only {
+                let overlay = self.overlay.clone();
+                cx.on_main_loop(move |bql| {
+                    let d = bql.drain(&overlay);
+                    bql.write(|w| w.set_read_only(&d, false))
+                })
+                .await??;
+                self.overlay_made_rw = true;
+            }
+            self.write_header(cx.io(), Some(&new)).await?;
+            self.header_written = true;
+        }
+        let (overlay, base, filter, reader, writer) = (
+            self.overlay.clone(),
+            self.base.clone(),
+            self.filter.clone(),
+            self.reader.clone(),
+            self.writer.clone(),
+        );
+        let intermediates = self.intermediates.clone();
+        cx.on_main_loop(move |bql| {
+            // The committed images and their files, each drained.
+            let mut doomed = Vec::new();
+            for n in &intermediates {
+                let g = n.gs(bql);
+                if !g.is_in_graph() {
+                    continue;
+                }
+                doomed.push(n.clone());
+                doomed.extend(
+                    g.children()
+                        .filter(|c| matches!(c.role, ChildRole::File | ChildRole::Data))
+                        .map(|c| c.node.to_handle()),
+                );
+            }
+            let filter_drained = bql.drain(&filter);
+            let overlay_drained = bql.drain(&overlay);
+            let drained: Vec<_> = doomed.iter().map(|n| bql.drain(n)).collect();
+            bql.write(|w| {
+                w.transaction(|w| {
+                    w.remove_backend(&reader)?;
+                    w.remove_backend(&writer)?;
+                    w.remove_filter(&filter_drained)?;
+                    w.set_backing(&overlay_drained, Some(&base))?;
+                    // Top down: each removal leaves the next one unused.
+                    for d in &drained {
+                        let unused = w.node(d.name()).is_some_and(|n| n.parents().len() == 0);
+                        if unused {
+                            w.remove_node(d)?;
+                        }
+                    }
+                    Ok(())
+                })
+            })
+        })
+        .await?
+    }
+
+    async fn abort(&mut self, cx: &mut JobCx<'_>) {
+        // The graph still has top under the overlay: so must its header.
+        if self.header_written {
+            if let Header::Write { old, .. } = self.header.clone() {
+                match self.write_header(cx.io(), old.as_ref()).await {
+                    Ok(()) => self.header_written = false,
+                    Err(e) => tracing::warn!(
+                        "commit job '{}': the header of '{}' still names '{}' (equivalent \
+                         data): writing back its old backing file name failed: {e}",
+                        cx.job().id(),
+                        self.overlay.name(),
+                        self.base.name()
+                    ),
+                }
+            }
+        }
+    }
+
+    async fn clean(&mut self, cx: &mut JobCx<'_>) {
+        // Going read-only needs the metadata on disk: flush what the job
+        // made writable (an error here: the backend is gone, because
+        // prepare flushed and removed it).
+        if self.base_made_rw {
+            let _ = self.writer.flush(cx.io()).await;
+        }
+        if self.overlay_made_rw {
+            let guard = cx.io().read().await;
+            if let Ok(node) = self.overlay.try_io(&guard) {
+                let _ = node.flush().await;
+            }
+        }
+        let (filter, reader, writer, base, overlay) = (
+            self.filter.clone(),
+            self.reader.clone(),
+            self.writer.clone(),
+            self.base.clone(),
+            self.overlay.clone(),
+        );
+        let restore = [(base, self.base_made_rw), (overlay, self.overlay_made_rw)];
+        let failed = cx
+            .on_main_loop(move |bql| {
+                let _ = bql.write(|w| w.remove_backend(&reader));
+                let _ = bql.write(|w| w.remove_backend(&writer));
+                if filter.gs(bql).is_in_graph() {
+                    let d = bql.drain(&filter);
+                    let _ = bql.write(|w| w.remove_filter(&d));
+                }
+                let mut failed = Vec::new();
+                for (node, made_rw) in restore {
+                    if made_rw && node.gs(bql).is_in_graph() {
+                        let d = bql.drain(&node);
+                        if let Err(e) = bql.write(|w| w.set_read_only(&d, true)) {
+                            failed.push(format!("'{}': {e}", node.name()));
+                        }
+                    }
+                }
+                failed
+            })
+            .await;
+        match failed {
+            Ok(failed) if failed.is_empty() => {}
+            Ok(failed) => tracing::warn!(
+                "commit job '{}': could not switch back to read-only: {}",
+                cx.job().id(),
+                failed.join("; ")
+            ),
+            Err(e) => tracing::warn!("commit job '{}': clean-up failed: {e}", cx.job().id()),
+        }
+    }
+}
