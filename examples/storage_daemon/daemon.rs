@@ -290,11 +290,11 @@ impl Daemon {
                     Backing::FromImage => match drv.backing_file() {
                         None => None,
                         Some(name) => {
-                            let format = drv.backing_format().map(str::to_owned);
+                            let format = drv.backing_format();
                             let base = self.nodes[&child].path.clone();
                             Some(self.open_backing(
                                 base.as_deref(),
-                                name,
+                                &name,
                                 format.as_deref(),
                                 created,
                                 &mut owned,
@@ -748,8 +748,8 @@ impl Daemon {
                     if let Some(q) = node.driver_as::<Qcow2Driver>() {
                         f.qcow2 = Some(Qcow2Facts {
                             version: q.version(),
-                            backing_file: q.backing_file().map(str::to_owned),
-                            backing_format: q.backing_format().map(str::to_owned),
+                            backing_file: q.backing_file(),
+                            backing_format: q.backing_format(),
                             refcount_bits: q.refcount_bits(),
                             lazy_refcounts: q.lazy_refcounts().await,
                             dirty: q.is_dirty().await,
