@@ -133,6 +133,10 @@ pub struct Daemon {
     /// The nodes each running block job uses (graph names), for QEMU's
     /// "Node 'x' is busy" checks; dropped once the job has concluded.
     job_uses: BTreeMap<String, jobs::JobUse>,
+    /// Backing file names (and formats) a finished job wrote into an
+    /// image's header, by graph name: `Qcow2Driver::backing_file` still
+    /// reports the name read at open, QEMU reports the new one.
+    headers: BTreeMap<String, Option<(String, String)>>,
 }
 
 /// A graph name for an implicit node. User node names are at most 31
@@ -183,6 +187,7 @@ impl Daemon {
             nbd_threads,
             jobs_io: Some(jobs_io),
             job_uses: BTreeMap::new(),
+            headers: BTreeMap::new(),
         })
     }
 
@@ -715,8 +720,8 @@ impl Daemon {
     /// Brings the node table in line with the graph after what jobs and
     /// snapshots did to it: nodes a finished job removed (stream drops the
     /// images it emptied) leave the table, with the implicit nodes they
-    /// owned that nothing uses any more; read-only flags follow the graph
-    /// (a snapshot switches the old top); exports follow their backend's
+    /// owned that nothing uses any more; nodes the graph switched to
+    /// read-only (a snapshot's old top) show so; exports follow their backend's
     /// root; busy marks of concluded jobs go. Cheap when nothing changed.
     pub fn reconcile(&mut self) {
         self.forget_finished_jobs();
@@ -766,9 +771,12 @@ impl Daemon {
                 orphans.extend(node.owned);
             }
         }
+        // A node the graph made read-only (a snapshot's old top and its
+        // file) shows so; the flag of a node the user opened read-only is
+        // the user's (a filter's driver may take either mode).
         for node in self.nodes.values_mut() {
-            if let Some(ro) = read_only.get(node.handle.name()) {
-                node.read_only = *ro;
+            if read_only.get(node.handle.name()) == Some(&true) {
+                node.read_only = true;
             }
         }
         for (id, root) in roots {
@@ -833,7 +841,7 @@ impl Daemon {
     pub fn query_named_block_nodes(&self, flat: bool) -> QResult<Value> {
         // Facts that need I/O (lengths, qcow2 header flags), by graph name.
         let handles: Vec<NodeHandle> = self.nodes.values().map(|n| n.handle.clone()).collect();
-        let facts = self
+        let mut facts = self
             .io()?
             .spawn(move |mut cx| async move {
                 let g = cx.read().await;
@@ -879,6 +887,12 @@ impl Daemon {
                 out
             })
             .join();
+        for (graph, header) in &self.headers {
+            if let Some(q) = facts.get_mut(graph).and_then(|f| f.qcow2.as_mut()) {
+                q.backing_file = header.as_ref().map(|(f, _)| f.clone());
+                q.backing_format = header.as_ref().map(|(_, t)| t.clone());
+            }
+        }
         let by_graph: BTreeMap<&str, &str> = self
             .nodes
             .iter()

@@ -13,7 +13,7 @@
 use std::path::PathBuf;
 
 use blockgraph::drivers::qcow2::{CreateOptions, Qcow2Driver};
-use blockgraph::NodeHandle;
+use blockgraph::{ChildRole, NodeHandle, ParentRef};
 
 use super::Daemon;
 use crate::blockdev::{Backing, ChildSpec, Kind, NodeSpec};
@@ -124,23 +124,37 @@ impl Daemon {
                     Checked::Sync { top, spec }
                 }
                 SnapshotAction::Existing { node, overlay } => {
+                    // QEMU's order: the top and its blockers, then the
+                    // overlay (used by a device, has a backing), then the
+                    // append itself (a cycle).
                     let top = self.lookup(&node, &node)?;
-                    let ov = self.lookup(&overlay, &overlay)?;
                     self.check_snapshot_top(&top, &planned)?;
+                    let ov = self.lookup(&overlay, &overlay)?;
+                    let o = ov.clone();
+                    let (has_backing, backends, nodes) = self.main.run(move |bql| {
+                        let g = o.gs(bql);
+                        let backends = g
+                            .parents()
+                            .filter(|p| matches!(p, ParentRef::Backend { .. }))
+                            .count();
+                        (
+                            g.backing().is_some(),
+                            backends,
+                            g.parents().len() - backends,
+                        )
+                    });
+                    if backends > 0 || planned.iter().any(|(_, o)| *o == overlay) {
+                        return Err(QmpError::generic("The overlay is already in use"));
+                    }
+                    if has_backing {
+                        return Err(QmpError::generic("The overlay already has a backing image"));
+                    }
                     if top.ptr_eq(&ov) {
                         return Err(QmpError::generic(format!(
                             "Making '{overlay}' a backing child of '{node}' would create a cycle"
                         )));
                     }
-                    let o = ov.clone();
-                    let (has_backing, users) = self.main.run(move |bql| {
-                        let g = o.gs(bql);
-                        (g.backing().is_some(), g.parents().len())
-                    });
-                    if has_backing {
-                        return Err(QmpError::generic("The overlay already has a backing image"));
-                    }
-                    if users > 0 || planned.iter().any(|(_, o)| *o == overlay) {
+                    if nodes > 0 {
                         return Err(QmpError::generic("The overlay is already in use"));
                     }
                     planned.push((top.clone(), overlay.clone()));
@@ -160,7 +174,24 @@ impl Daemon {
         planned: &[(NodeHandle, String)],
     ) -> QResult<()> {
         self.check_not_busy(&[top.name().to_owned()])?;
-        if let Some((_, overlay)) = planned.iter().find(|(t, _)| t.ptr_eq(top)) {
+        // QEMU blocks snapshots of a node that is another's backing (the
+        // old top of an earlier snapshot, of this transaction or before).
+        let t = top.clone();
+        let under = self.main.run(move |bql| {
+            t.gs(bql).parents().find_map(|p| match p {
+                ParentRef::Node {
+                    node,
+                    role: ChildRole::Backing,
+                } => Some(node.name().to_owned()),
+                _ => None,
+            })
+        });
+        let overlay = planned
+            .iter()
+            .find(|(t, _)| t.ptr_eq(top))
+            .map(|(_, o)| o.clone())
+            .or_else(|| under.map(|g| self.display_name(&g)));
+        if let Some(overlay) = overlay {
             return Err(QmpError::generic(format!(
                 "Node '{}' is busy: node is used as backing hd of '{overlay}'",
                 self.display_name(top.name())
