@@ -170,7 +170,18 @@ impl Daemon {
             "{}.log",
             bin.file_name().and_then(|n| n.to_str()).unwrap_or("daemon")
         ));
-        let child = Command::new(bin)
+        let mut cmd = Command::new(bin);
+        // If the test process dies without running destructors (the
+        // watchdog exits it), the daemon dies with it.
+        // SAFETY: prctl(2) between fork and exec touches no memory of ours.
+        unsafe {
+            use std::os::unix::process::CommandExt;
+            cmd.pre_exec(|| {
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+                Ok(())
+            });
+        }
+        let child = cmd
             .args(args)
             .current_dir(dir)
             .stdin(Stdio::null())
@@ -610,19 +621,9 @@ fn qmp_wire_protocol_errors_and_pending_commands() {
         .filter_map(|c| c["name"].as_str().map(str::to_owned))
         .collect();
     for name in [
-        "blockdev-snapshot",
-        "transaction",
-        "block-stream",
         "block-commit",
         "blockdev-mirror",
         "blockdev-backup",
-        "query-jobs",
-        "job-pause",
-        "job-resume",
-        "job-cancel",
-        "job-complete",
-        "job-finalize",
-        "job-dismiss",
         "block-dirty-bitmap-add",
         "block-dirty-bitmap-remove",
     ] {
@@ -638,6 +639,19 @@ fn qmp_wire_protocol_errors_and_pending_commands() {
         "blockdev-add",
         "blockdev-del",
         "query-named-block-nodes",
+        "blockdev-snapshot",
+        "blockdev-snapshot-sync",
+        "transaction",
+        "block-stream",
+        "query-jobs",
+        "query-block-jobs",
+        "job-pause",
+        "job-resume",
+        "job-cancel",
+        "job-complete",
+        "job-finalize",
+        "job-dismiss",
+        "block-job-set-speed",
         "nbd-server-start",
         "block-export-add",
         "quit",
@@ -838,13 +852,11 @@ fn have_qemu_qmp() -> bool {
 /// Runs `tests/qmp/parity.py` against `bin` in a fresh directory with
 /// fresh images; returns what the script observed.
 fn parity_run(bin: &Path) -> Value {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let w = dir.path();
-    let image = w.join("disk.qcow2");
-    tool(
-        "qemu-img",
-        &["create", "-q", "-f", "qcow2", &s(&image), "64M"],
-    );
+    script_run(bin, "parity.py", parity_images)
+}
+
+/// The images `parity.py` expects.
+fn parity_images(w: &Path) {
     tool(
         "qemu-img",
         &["create", "-q", "-f", "raw", &s(&w.join("raw.img")), "1M"],
@@ -875,12 +887,28 @@ fn parity_run(bin: &Path) -> Value {
             "16M",
         ],
     );
+}
+
+/// Runs `tests/qmp/<script>` against `bin` (started with [`args`]'s command
+/// line) in a fresh directory that `setup` fills; returns what the script
+/// observed. The daemon must exit 0 after the script's `quit`.
+fn script_run(bin: &Path, script: &str, setup: fn(&Path)) -> Value {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let w = dir.path();
+    let image = w.join("disk.qcow2");
+    tool(
+        "qemu-img",
+        &["create", "-q", "-f", "qcow2", &s(&image), "64M"],
+    );
+    setup(w);
     let qmp = w.join("qmp.sock");
     let mut d = Daemon::start(bin, &args(w, &image, false), w, &qmp);
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/qmp/parity.py");
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/qmp")
+        .join(script);
     let out = output_within(
         Command::new("python3")
-            .arg(&script)
+            .arg(&path)
             .arg(&qmp)
             .arg(w)
             .arg(w.join("nbd.sock")),
@@ -888,7 +916,7 @@ fn parity_run(bin: &Path) -> Value {
     );
     assert!(
         out.status.success(),
-        "parity.py against {} failed:\n{}\n--- daemon log ---\n{}",
+        "{script} against {} failed:\n{}\n--- daemon log ---\n{}",
         bin.display(),
         String::from_utf8_lossy(&out.stderr),
         d.log()
@@ -933,9 +961,14 @@ fn qemu_qmp_script_observes_the_same_as_with_qemu_storage_daemon() {
         return;
     }
     let qemu = parity_run(Path::new("qemu-storage-daemon"));
+    assert_same(&ours, &qemu);
+}
+
+/// Fails with the differing lines when two scripts' documents differ.
+fn assert_same(ours: &Value, qemu: &Value) {
     if ours != qemu {
-        let a = serde_json::to_string_pretty(&ours).unwrap_or_default();
-        let b = serde_json::to_string_pretty(&qemu).unwrap_or_default();
+        let a = serde_json::to_string_pretty(ours).unwrap_or_default();
+        let b = serde_json::to_string_pretty(qemu).unwrap_or_default();
         let diff: Vec<String> = a
             .lines()
             .zip(b.lines())
@@ -949,4 +982,112 @@ fn qemu_qmp_script_observes_the_same_as_with_qemu_storage_daemon() {
             diff.join("\n")
         );
     }
+}
+
+/// `qemu-img create -f qcow2 [-b backing -F qcow2] name size`, then
+/// `qemu-io` writes `(pattern, offset, len)` into it.
+fn image(w: &Path, name: &str, backing: Option<&str>, size: &str, writes: &[(u8, &str, &str)]) {
+    let path = s(&w.join(name));
+    let mut a = vec!["create", "-q", "-f", "qcow2"];
+    if let Some(b) = backing {
+        a.extend(["-b", b, "-F", "qcow2"]);
+    }
+    a.extend([path.as_str(), size]);
+    tool("qemu-img", &a);
+    for (pattern, offset, len) in writes {
+        let cmd = format!("write -P {pattern} {offset} {len}");
+        tool("qemu-io", &["-f", "qcow2", &path, "-c", &cmd]);
+    }
+}
+
+/// The images `jobs.py` expects: the chain base <- mid <- top (what top
+/// reads also in ref.raw), the chain cbase <- ctop for the cancelled job,
+/// disks a and b for the transaction (what a reads also in a0.raw), solo
+/// and its overlay ov (for blockdev-snapshot).
+fn jobs_images(w: &Path) {
+    image(w, "base.qcow2", None, "32M", &[(0x11, "0", "16M")]);
+    image(
+        w,
+        "mid.qcow2",
+        Some("base.qcow2"),
+        "32M",
+        &[(0x22, "4M", "8M")],
+    );
+    image(
+        w,
+        "top.qcow2",
+        Some("mid.qcow2"),
+        "32M",
+        &[(0x33, "10M", "1M")],
+    );
+    image(w, "cbase.qcow2", None, "32M", &[(0x44, "0", "32M")]);
+    image(w, "ctop.qcow2", Some("cbase.qcow2"), "32M", &[]);
+    image(w, "a.qcow2", None, "16M", &[(0x55, "0", "8M")]);
+    image(w, "b.qcow2", None, "16M", &[(0x66, "8M", "8M")]);
+    image(w, "solo.qcow2", None, "16M", &[]);
+    image(w, "ov.qcow2", Some("solo.qcow2"), "16M", &[]);
+    for (from, to) in [("top.qcow2", "ref.raw"), ("a.qcow2", "a0.raw")] {
+        tool(
+            "qemu-img",
+            &["convert", "-O", "raw", &s(&w.join(from)), &s(&w.join(to))],
+        );
+    }
+}
+
+/// `tests/qmp/jobs.py` against both daemons: a transaction snapshotting
+/// two disks at once (and refused ones that change nothing),
+/// blockdev-snapshot, block-stream to completion while qemu-io writes
+/// through the NBD export, query-jobs of a paused job, the verbs, cancel,
+/// manual finalize, argument errors with QEMU's words, events in QEMU's
+/// order; after exit, the images' chains, checks and data.
+#[test]
+fn jobs_snapshots_and_transactions_observe_the_same_as_with_qemu_storage_daemon() {
+    let _w = watchdog(
+        "jobs_snapshots_and_transactions_observe_the_same_as_with_qemu_storage_daemon",
+        Duration::from_secs(300),
+    );
+    if !have_qemu_qmp() {
+        skip(
+            "jobs_snapshots_and_transactions_...: the Python package `qemu.qmp` is missing \
+             (pip install qemu.qmp; .ci/run installs it)",
+        );
+        return;
+    }
+    let ours = script_run(daemon_binary(), "jobs.py", jobs_images);
+    // What must hold with ours, whatever QEMU does.
+    assert_eq!(ours["transaction"], json!({"return": {}}), "{ours:#}");
+    assert_eq!(
+        ours["transaction-refused-changes-nothing"], true,
+        "{ours:#}"
+    );
+    assert_eq!(ours["guest-writes-during-stream"], 0, "{ours:#}");
+    assert_eq!(
+        ours["stream-events"]["sequence"],
+        json!([
+            "created",
+            "running",
+            "waiting",
+            "pending",
+            {"BLOCK_JOB_COMPLETED": {"device": "j1", "len": 33554432, "offset": "len",
+                                     "speed": 0, "type": "stream"}},
+            "concluded",
+            "null"
+        ]),
+        "{ours:#}"
+    );
+    assert_eq!(ours["stream-events"]["paused-on-the-way"], true);
+    assert_eq!(ours["compare"]["top-vs-reference"], 0, "{ours:#}");
+    assert_eq!(ours["compare"]["a-vs-before"], 0, "{ours:#}");
+    assert_eq!(ours["compare"]["sa-has-write"], 0, "{ours:#}");
+    for (image, rc) in ours["check"].as_object().expect("checks") {
+        assert_eq!(rc, 0, "qemu-img check {image}: {ours:#}");
+    }
+    // We remove what a refused transaction created; QEMU leaves it.
+    assert_eq!(ours["leftover-files"], json!([]));
+    if !have("qemu-storage-daemon") {
+        skip("the comparison with qemu-storage-daemon: it is not installed");
+        return;
+    }
+    let qemu = script_run(Path::new("qemu-storage-daemon"), "jobs.py", jobs_images);
+    assert_same(&ours, &qemu);
 }
