@@ -1247,6 +1247,14 @@ fn job_and_snapshot_commands_refuse_bad_input_and_quit_cancels_running_jobs() {
         json!({"job-id": "slow", "device": "top", "speed": 65536}),
     );
     assert_eq!(r, json!({"return": {}}), "{r}");
+    // created and running came before the answer, as QEMU sends them.
+    let before_answer: Vec<&Value> = q
+        .events
+        .iter()
+        .filter(|e| e["event"] == "JOB_STATUS_CHANGE")
+        .map(|e| &e["data"]["status"])
+        .collect();
+    assert_eq!(before_answer, [&json!("created"), &json!("running")]);
     let jobs = q.execute("query-jobs", json!({}));
     assert_eq!(jobs["return"][0]["status"], "running", "{jobs}");
     assert_eq!(q.execute("quit", json!({})), json!({"return": {}}));
