@@ -3,8 +3,8 @@
 //!
 //! [`TABLE`] lists every command by name with a [`Handler`]: `Ready` ones
 //! run on the executor against the [`Daemon`]; `Pending` ones belong to
-//! work in progress (block jobs, live snapshots, transactions, dirty
-//! bitmaps) and are answered exactly as a daemon without them answers,
+//! work in progress (the commit, mirror and backup jobs, dirty bitmaps)
+//! and are answered exactly as a daemon without them answers,
 //! `CommandNotFound` ("The command X has not been found"), and left out of
 //! `query-commands`. Plugging one in is replacing its `Pending` with a
 //! `Ready` function. `qmp_capabilities` and `quit` are answered by the
@@ -16,6 +16,7 @@ use serde_json::{json, Value};
 use crate::blockdev;
 use crate::daemon::{Daemon, ExportSpec, NbdAddr};
 use crate::opts::{Opts, QResult, QmpError};
+use crate::{job_commands, snapshot_commands};
 
 /// What a command does.
 pub enum Handler {
@@ -27,9 +28,10 @@ pub enum Handler {
     Pending(&'static str),
 }
 
-const JOBS: &str = "block jobs (src/job/, issue 8)";
-const SNAPSHOTS: &str = "live snapshots and transactions (src/graph/, src/snapshot.rs)";
-const BITMAPS: &str = "dirty bitmaps (block jobs, issue 8)";
+const COMMIT: &str = "the commit job (src/job/)";
+const MIRROR: &str = "the mirror job (src/job/, after dirty bitmaps)";
+const BACKUP: &str = "the backup job (src/job/, after dirty bitmaps)";
+const BITMAPS: &str = "dirty bitmaps (src/, qcow2)";
 
 /// Every command, by QMP name.
 pub const TABLE: &[(&str, Handler)] = &[
@@ -50,19 +52,61 @@ pub const TABLE: &[(&str, Handler)] = &[
     ("block-export-add", Handler::Ready(block_export_add)),
     ("block-export-del", Handler::Ready(block_export_del)),
     ("query-block-exports", Handler::Ready(query_block_exports)),
-    ("blockdev-snapshot", Handler::Pending(SNAPSHOTS)),
-    ("transaction", Handler::Pending(SNAPSHOTS)),
-    ("block-stream", Handler::Pending(JOBS)),
-    ("block-commit", Handler::Pending(JOBS)),
-    ("blockdev-mirror", Handler::Pending(JOBS)),
-    ("blockdev-backup", Handler::Pending(JOBS)),
-    ("query-jobs", Handler::Pending(JOBS)),
-    ("job-pause", Handler::Pending(JOBS)),
-    ("job-resume", Handler::Pending(JOBS)),
-    ("job-cancel", Handler::Pending(JOBS)),
-    ("job-complete", Handler::Pending(JOBS)),
-    ("job-finalize", Handler::Pending(JOBS)),
-    ("job-dismiss", Handler::Pending(JOBS)),
+    (
+        "blockdev-snapshot",
+        Handler::Ready(snapshot_commands::blockdev_snapshot),
+    ),
+    (
+        "blockdev-snapshot-sync",
+        Handler::Ready(snapshot_commands::blockdev_snapshot_sync),
+    ),
+    (
+        "transaction",
+        Handler::Ready(snapshot_commands::transaction),
+    ),
+    ("block-stream", Handler::Ready(job_commands::block_stream)),
+    ("block-commit", Handler::Pending(COMMIT)),
+    ("blockdev-mirror", Handler::Pending(MIRROR)),
+    ("blockdev-backup", Handler::Pending(BACKUP)),
+    ("query-jobs", Handler::Ready(job_commands::query_jobs)),
+    (
+        "query-block-jobs",
+        Handler::Ready(job_commands::query_block_jobs),
+    ),
+    ("job-pause", Handler::Ready(job_commands::job_pause)),
+    ("job-resume", Handler::Ready(job_commands::job_resume)),
+    ("job-cancel", Handler::Ready(job_commands::job_cancel)),
+    ("job-complete", Handler::Ready(job_commands::job_complete)),
+    ("job-finalize", Handler::Ready(job_commands::job_finalize)),
+    ("job-dismiss", Handler::Ready(job_commands::job_dismiss)),
+    (
+        "block-job-set-speed",
+        Handler::Ready(job_commands::block_job_set_speed),
+    ),
+    (
+        "block-job-pause",
+        Handler::Ready(job_commands::block_job_pause),
+    ),
+    (
+        "block-job-resume",
+        Handler::Ready(job_commands::block_job_resume),
+    ),
+    (
+        "block-job-cancel",
+        Handler::Ready(job_commands::block_job_cancel),
+    ),
+    (
+        "block-job-complete",
+        Handler::Ready(job_commands::block_job_complete),
+    ),
+    (
+        "block-job-finalize",
+        Handler::Ready(job_commands::block_job_finalize),
+    ),
+    (
+        "block-job-dismiss",
+        Handler::Ready(job_commands::block_job_dismiss),
+    ),
     ("block-dirty-bitmap-add", Handler::Pending(BITMAPS)),
     ("block-dirty-bitmap-remove", Handler::Pending(BITMAPS)),
 ];
@@ -70,7 +114,12 @@ pub const TABLE: &[(&str, Handler)] = &[
 /// Runs command `name` on the executor.
 pub fn dispatch(daemon: &mut Daemon, name: &str, args: Value, keyval: bool) -> QResult<Value> {
     match TABLE.iter().find(|(n, _)| *n == name).map(|(_, h)| h) {
-        Some(Handler::Ready(f)) => f(daemon, Opts::new(args, keyval)?),
+        Some(Handler::Ready(f)) => {
+            // What jobs and snapshots changed in the graph since the last
+            // command shows in this one's answer.
+            daemon.reconcile();
+            f(daemon, Opts::new(args, keyval)?)
+        }
         Some(Handler::Pending(by)) => {
             eprintln!("storage_daemon: '{name}' is not here yet (it comes with {by})");
             Err(QmpError::command_not_found(name))

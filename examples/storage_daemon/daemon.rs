@@ -34,6 +34,12 @@ use crate::blockdev::{Backing, ChildSpec, Kind, NodeSpec};
 use crate::opts::{lib_err, QResult, QmpError};
 use crate::qmp::Events;
 
+mod jobs;
+mod snapshots;
+
+pub use jobs::{JobVerbCmd, StreamSpec};
+pub use snapshots::{SnapshotAction, SyncSpec};
+
 /// One node the daemon added, under the name QMP shows.
 struct Node {
     handle: NodeHandle,
@@ -122,6 +128,15 @@ pub struct Daemon {
     next_auto: u64,
     /// NBD server worker threads.
     nbd_threads: usize,
+    /// The I/O thread block jobs run on.
+    jobs_io: Option<IoThread>,
+    /// The nodes each running block job uses (graph names), for QEMU's
+    /// "Node 'x' is busy" checks; dropped once the job has concluded.
+    job_uses: BTreeMap<String, jobs::JobUse>,
+    /// Backing file names (and formats) a finished job wrote into an
+    /// image's header, by graph name: `Qcow2Driver::backing_file` still
+    /// reports the name read at open, QEMU reports the new one.
+    headers: BTreeMap<String, Option<(String, String)>>,
 }
 
 /// A graph name for an implicit node. User node names are at most 31
@@ -154,6 +169,7 @@ impl Daemon {
     pub fn new(events: Events) -> Result<Daemon, String> {
         let main = MainLoop::new().map_err(|e| e.to_string())?;
         let io = main.new_io_thread("open").map_err(|e| e.to_string())?;
+        let jobs_io = main.new_io_thread("jobs").map_err(|e| e.to_string())?;
         let nbd_threads = std::env::var("STORAGE_DAEMON_NBD_THREADS")
             .ok()
             .and_then(|v| v.parse().ok())
@@ -169,6 +185,9 @@ impl Daemon {
             next_seq: 0,
             next_auto: 0,
             nbd_threads,
+            jobs_io: Some(jobs_io),
+            job_uses: BTreeMap::new(),
+            headers: BTreeMap::new(),
         })
     }
 
@@ -698,6 +717,95 @@ impl Daemon {
         Ok(())
     }
 
+    /// Brings the node table in line with the graph after what jobs and
+    /// snapshots did to it: nodes a finished job removed (stream drops the
+    /// images it emptied) leave the table, with the implicit nodes they
+    /// owned that nothing uses any more; nodes the graph switched to
+    /// read-only (a snapshot's old top) show so; exports follow their backend's
+    /// root; busy marks of concluded jobs go. Cheap when nothing changed.
+    pub fn reconcile(&mut self) {
+        self.forget_finished_jobs();
+        let handles: Vec<(String, NodeHandle)> = self
+            .nodes
+            .iter()
+            .map(|(d, n)| (d.clone(), n.handle.clone()))
+            .collect();
+        let backends: Vec<(String, String)> = self
+            .exports
+            .keys()
+            .map(|id| (id.clone(), format!("storage-daemon-nbd-export.{id}")))
+            .collect();
+        let (gone, read_only, roots) = self.main.run(move |bql| {
+            let gone: Vec<String> = handles
+                .iter()
+                .filter(|(_, h)| !h.gs(bql).is_in_graph())
+                .map(|(d, _)| d.clone())
+                .collect();
+            let read_only: BTreeMap<String, bool> = bql
+                .query_nodes()
+                .into_iter()
+                .map(|n| (n.name, n.read_only))
+                .collect();
+            let graph = bql.graph();
+            let roots: Vec<(String, String)> = backends
+                .iter()
+                .filter_map(|(id, b)| {
+                    let backend = graph.backends().find(|x| x.name() == b)?;
+                    // Below a job's filter is the node the user named.
+                    let mut root = backend.root()?;
+                    while let Some(below) = root.child(ChildRole::Filtered) {
+                        if !handles.iter().any(|(_, h)| h.name() == root.name()) {
+                            root = below;
+                        } else {
+                            break;
+                        }
+                    }
+                    Some((id.clone(), root.name().to_owned()))
+                })
+                .collect();
+            (gone, read_only, roots)
+        });
+        let mut orphans = Vec::new();
+        for name in gone {
+            if let Some(node) = self.nodes.remove(&name) {
+                orphans.extend(node.owned);
+            }
+        }
+        // A node the graph made read-only (a snapshot's old top and its
+        // file) shows so; the flag of a node the user opened read-only is
+        // the user's (a filter's driver may take either mode).
+        for node in self.nodes.values_mut() {
+            if read_only.get(node.handle.name()) == Some(&true) {
+                node.read_only = true;
+            }
+        }
+        for (id, root) in roots {
+            let shown = self.display_name(&root);
+            if let Some(e) = self.exports.get_mut(&id) {
+                e.node = shown;
+            }
+        }
+        // Implicit nodes of removed ones: gone with them, or removed now
+        // if nothing else uses them.
+        while let Some(name) = orphans.pop() {
+            let Some(node) = self.nodes.get(&name) else {
+                continue;
+            };
+            if !node.implicit {
+                continue;
+            }
+            let h = node.handle.clone();
+            let in_graph = self.main.run(move |bql| h.gs(bql).is_in_graph());
+            if !in_graph {
+                if let Some(n) = self.nodes.remove(&name) {
+                    orphans.extend(n.owned);
+                }
+            } else if self.parents(&node.handle.clone()) == (0, 0) {
+                let _ = self.remove_one(&name);
+            }
+        }
+    }
+
     // ---- throttle groups ------------------------------------------------
 
     /// `object-add qom-type=throttle-group`: a group with `config`.
@@ -733,7 +841,7 @@ impl Daemon {
     pub fn query_named_block_nodes(&self, flat: bool) -> QResult<Value> {
         // Facts that need I/O (lengths, qcow2 header flags), by graph name.
         let handles: Vec<NodeHandle> = self.nodes.values().map(|n| n.handle.clone()).collect();
-        let facts = self
+        let mut facts = self
             .io()?
             .spawn(move |mut cx| async move {
                 let g = cx.read().await;
@@ -779,6 +887,12 @@ impl Daemon {
                 out
             })
             .join();
+        for (graph, header) in &self.headers {
+            if let Some(q) = facts.get_mut(graph).and_then(|f| f.qcow2.as_mut()) {
+                q.backing_file = header.as_ref().map(|(f, _)| f.clone());
+                q.backing_format = header.as_ref().map(|(_, t)| t.clone());
+            }
+        }
         let by_graph: BTreeMap<&str, &str> = self
             .nodes
             .iter()
@@ -1071,9 +1185,16 @@ impl Daemon {
         if let Some(nbd) = &self.nbd {
             nbd.server.remove_export(&export.name);
         }
-        let root = self.nodes.get(&export.node).map(|n| n.handle.clone());
         let backend = export.backend.clone();
         let removed = self.main.run(move |bql| {
+            // The backend's root now (a snapshot or a job may have moved
+            // it since the export was added).
+            let root = bql
+                .graph()
+                .backends()
+                .find(|b| b.name() == backend.name())
+                .and_then(|b| b.root())
+                .map(|r| r.to_handle());
             let _drained = root.as_ref().map(|r| bql.drain(r));
             bql.write(|w| w.remove_backend(&backend))
         });
@@ -1100,7 +1221,10 @@ impl Daemon {
     /// are answered), flushes every node (users first) and stops the graph.
     /// Returns the flush failures, if any, as messages.
     pub fn shutdown(&mut self) -> Vec<String> {
-        let mut problems = Vec::new();
+        // Jobs first, as qemu-storage-daemon cancels them on exit: their
+        // filters and backends leave the graph before anything is flushed.
+        let mut problems = self.cancel_all_jobs();
+        drop(self.jobs_io.take());
         if self.nbd.is_some() {
             if let Err(e) = self.nbd_server_stop() {
                 problems.push(e.desc);
@@ -1157,7 +1281,7 @@ impl Daemon {
 }
 
 /// QEMU's `id_wellformed`: a letter, then letters, digits, `-`, `.`, `_`.
-fn valid_id(id: &str) -> bool {
+pub(crate) fn valid_id(id: &str) -> bool {
     id.starts_with(|c: char| c.is_ascii_alphabetic())
         && id
             .chars()

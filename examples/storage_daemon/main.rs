@@ -20,7 +20,9 @@
 //! | `qmp` | QMP's wire protocol: greeting, negotiation, framing, replies, events |
 //! | `commands` | the dispatch table and each command's arguments |
 //! | `blockdev` | `blockdev-add`'s options for each driver |
-//! | `daemon` | the graph, nodes, throttle groups, NBD exports, shutdown |
+//! | `job_commands` | `block-stream`, `query-jobs`, the job verbs |
+//! | `snapshot_commands` | `blockdev-snapshot(-sync)`, `transaction` and its action table |
+//! | `daemon` | the graph, nodes, throttle groups, NBD exports, jobs, snapshots, shutdown |
 //! | `opts` | QMP errors and QAPI-style argument checking |
 //!
 //! Threads: the command line and every QMP command run on one executor
@@ -36,8 +38,10 @@ mod blockdev;
 mod cli;
 mod commands;
 mod daemon;
+mod job_commands;
 mod opts;
 mod qmp;
+mod snapshot_commands;
 
 use std::path::PathBuf;
 use std::sync::Arc;

@@ -187,6 +187,50 @@ impl Opts {
         }
     }
 
+    /// Takes a signed integer member (QAPI's `int`).
+    pub fn i64(&mut self, key: &str) -> QResult<Option<i64>> {
+        match self.map.remove(key) {
+            None => Ok(None),
+            Some(Value::Number(n)) => n
+                .as_i64()
+                .map(Some)
+                .ok_or_else(|| self.bad_type(key, "int64")),
+            Some(Value::String(s)) if self.keyval => s
+                .parse::<i64>()
+                .map(Some)
+                .map_err(|_| self.bad_type(key, "int64")),
+            Some(_) => Err(self.bad_type(key, "integer")),
+        }
+    }
+
+    /// Takes an enumeration member: one of `values` (QAPI's "Parameter
+    /// 'x' does not accept value 'y'" otherwise).
+    pub fn enumeration(&mut self, key: &str, values: &[&str]) -> QResult<Option<String>> {
+        match self.str(key)? {
+            None => Ok(None),
+            Some(v) if values.contains(&v.as_str()) => Ok(Some(v)),
+            Some(v) => Err(QmpError::generic(format!(
+                "Parameter '{}' does not accept value '{v}'",
+                self.path(key)
+            ))),
+        }
+    }
+
+    /// Takes an array member.
+    pub fn array(&mut self, key: &str) -> QResult<Option<Vec<Value>>> {
+        match self.map.remove(key) {
+            None => Ok(None),
+            Some(Value::Array(a)) => Ok(Some(a)),
+            Some(_) => Err(self.bad_type(key, "array")),
+        }
+    }
+
+    /// The object at `value`, member `key`'s element, as nested arguments
+    /// (for messages: `actions[0].data.x`).
+    pub fn element(&self, key: &str, index: usize, value: Value) -> QResult<Opts> {
+        Opts::nested(value, format!("{}[{index}]", self.path(key)), self.keyval)
+    }
+
     /// Takes a size member: an integer, or on the command line a number
     /// with a `k`/`M`/`G`/`T` suffix (powers of 1024), as QEMU's size type.
     pub fn size(&mut self, key: &str) -> QResult<Option<u64>> {

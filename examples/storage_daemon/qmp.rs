@@ -326,6 +326,19 @@ pub async fn serve(stream: UnixStream, monitor: Monitor, mut stop: watch::Receiv
                         Frame::Error(msg) => (reply(Err(QmpError::generic(msg)), None), false),
                         Frame::Text(text) => handle(&text, &monitor, &mut events).await,
                     };
+                    // Events the command caused go out before its answer,
+                    // as QEMU sends them (a job's `created`, `running`).
+                    while let Some(rx) = events.as_mut() {
+                        match rx.try_recv() {
+                            Ok(ev) => {
+                                if write_line(&mut wr, &ev).await.is_err() {
+                                    return;
+                                }
+                            }
+                            Err(broadcast::error::TryRecvError::Lagged(_)) => {}
+                            Err(_) => break,
+                        }
+                    }
                     if write_line(&mut wr, &line).await.is_err() {
                         return;
                     }

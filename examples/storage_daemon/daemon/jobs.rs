@@ -1,0 +1,607 @@
+//! Block jobs on the daemon: starting them (`block-stream`), their verbs,
+//! `query-jobs` / `query-block-jobs`, their events, and what the daemon's
+//! node table learns when a job changes the graph.
+//!
+//! A job kind is a function that checks its arguments like QEMU, starts a
+//! `blockgraph::job` on the jobs I/O thread and hands the [`Job`] to
+//! [`Daemon::track_job`]; everything after that (events, verbs, queries,
+//! busy checks, shutdown) is the same for every kind. `block-commit` will
+//! be one more such function.
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use blockgraph::job::{
+    self, ErrorAction, IoOperation, Job, JobEvent, JobInfo, JobOptions, JobStatus, OnError,
+    StreamOptions,
+};
+use blockgraph::NodeHandle;
+use serde_json::{json, Value};
+
+use super::Daemon;
+use crate::opts::{lib_err, QResult, QmpError};
+use crate::qmp::Events;
+
+/// What a running job holds on to, for QEMU's op blockers.
+pub(super) struct JobUse {
+    /// The job's QMP type (`stream`).
+    kind: &'static str,
+    /// Graph names of the nodes it works on.
+    nodes: Vec<String>,
+    /// What the job writes into an image's header if it succeeds.
+    header: Option<HeaderChange>,
+}
+
+/// A stream's change of its top's backing: `top` over `base` named
+/// `backing` once it is done.
+pub(super) struct HeaderChange {
+    top: NodeHandle,
+    base: Option<NodeHandle>,
+    backing: Option<(String, String)>,
+}
+
+/// `block-stream`'s arguments.
+#[derive(Debug, Default)]
+pub struct StreamSpec {
+    /// `job-id` (QEMU's default is the device's name, which nodes without
+    /// a BlockBackend do not have: the empty string, refused).
+    pub job_id: Option<String>,
+    /// `device`: the top node.
+    pub device: String,
+    /// `base`: a file name in the chain.
+    pub base: Option<String>,
+    /// `base-node`.
+    pub base_node: Option<String>,
+    /// `bottom`: the lowest node to stream from.
+    pub bottom: Option<String>,
+    /// `backing-file`: the name to write into the top's header.
+    pub backing_file: Option<String>,
+    /// `backing-mask-protocol`.
+    pub backing_mask_protocol: bool,
+    /// `speed` (bytes per second).
+    pub speed: i64,
+    /// `on-error`.
+    pub on_error: OnError,
+    /// `filter-node-name`.
+    pub filter_node_name: Option<String>,
+    /// `auto-finalize`.
+    pub auto_finalize: bool,
+    /// `auto-dismiss`.
+    pub auto_dismiss: bool,
+}
+
+/// A verb given to one job, by `job-*` (`id`) or `block-job-*` (`device`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum JobVerbCmd {
+    /// `job-pause`, `block-job-pause`.
+    Pause,
+    /// `job-resume`, `block-job-resume`.
+    Resume,
+    /// `job-cancel`, `block-job-cancel` (with its `force`).
+    Cancel {
+        /// Abandon a ready job instead of completing it.
+        force: bool,
+    },
+    /// `job-complete`, `block-job-complete`.
+    Complete,
+    /// `job-finalize`, `block-job-finalize`.
+    Finalize,
+    /// `job-dismiss`, `block-job-dismiss`.
+    Dismiss,
+    /// `block-job-set-speed`.
+    SetSpeed(i64),
+}
+
+/// QEMU's words for a refused verb.
+fn verb_error(verb: JobVerbCmd, e: blockgraph::Error) -> QmpError {
+    match (verb, e) {
+        (
+            _,
+            blockgraph::Error::JobState {
+                job, verb, status, ..
+            },
+        ) => QmpError::generic(format!(
+            "Job '{job}' in state '{status}' cannot accept command verb '{verb}'"
+        )),
+        (JobVerbCmd::Pause, blockgraph::Error::InvalidArgument(_)) => {
+            QmpError::generic("Job is already paused")
+        }
+        (JobVerbCmd::Resume, blockgraph::Error::InvalidArgument(_)) => {
+            QmpError::generic("Can't resume a job that was not paused")
+        }
+        (_, e) => lib_err(e),
+    }
+}
+
+/// "Parameter 'speed' expects a non-negative value".
+fn check_speed(speed: i64) -> QResult<u64> {
+    u64::try_from(speed)
+        .map_err(|_| QmpError::generic("Parameter 'speed' expects a non-negative value"))
+}
+
+/// A job's `error` as QEMU words it: a cancelled job's is `strerror
+/// (ECANCELED)`.
+fn job_error(info: &JobInfo) -> Option<String> {
+    let e = info.error.as_ref()?;
+    if *e == blockgraph::Error::JobCancelled(info.id.clone()).to_string() {
+        Some("Operation canceled".to_owned())
+    } else {
+        Some(e.clone())
+    }
+}
+
+/// QEMU's `JobInfo`.
+fn job_info_json(info: &JobInfo) -> Value {
+    let mut v = json!({
+        "id": info.id,
+        "type": info.job_type.as_str(),
+        "status": info.status.as_str(),
+        "current-progress": info.current_progress,
+        "total-progress": info.total_progress,
+    });
+    if let Some(e) = job_error(info) {
+        v["error"] = json!(e);
+    }
+    v
+}
+
+/// QEMU's `BlockJobInfo` (every job here is a block job; `device` is its
+/// id, as for jobs on nodes without a BlockBackend).
+fn block_job_info_json(info: &JobInfo) -> Value {
+    let mut v = json!({
+        "type": info.job_type.as_str(),
+        "device": info.id,
+        "len": info.total_progress,
+        "offset": info.current_progress,
+        "busy": info.busy,
+        "paused": info.paused,
+        "speed": info.speed,
+        "io-status": "ok",
+        "ready": info.status.is_ready(),
+        "status": info.status.as_str(),
+        "auto-finalize": info.auto_finalize,
+        "auto-dismiss": info.auto_dismiss,
+    });
+    if let Some(e) = job_error(info) {
+        v["error"] = json!(e);
+    }
+    v
+}
+
+/// Sends one job event as QEMU's QMP event(s).
+fn forward(events: &Events, job: &Job, auto_finalize: bool, event: JobEvent) {
+    let id = job.id();
+    let ty = job.job_type().as_str();
+    match event {
+        JobEvent::StatusChange(status) => events.emit(
+            "JOB_STATUS_CHANGE",
+            json!({"id": id, "status": status.as_str()}),
+        ),
+        JobEvent::Ready => {
+            let (offset, len) = job.progress();
+            events.emit(
+                "BLOCK_JOB_READY",
+                json!({"type": ty, "device": id, "len": len, "offset": offset,
+                       "speed": job.speed()}),
+            );
+        }
+        // QEMU announces `pending` only to those who finalize by hand.
+        JobEvent::Pending if auto_finalize => {}
+        JobEvent::Pending => events.emit("BLOCK_JOB_PENDING", json!({"type": ty, "id": id})),
+        JobEvent::Error {
+            operation, action, ..
+        } => events.emit(
+            "BLOCK_JOB_ERROR",
+            json!({
+                "device": id,
+                "operation": match operation {
+                    IoOperation::Read => "read",
+                    IoOperation::Write => "write",
+                },
+                "action": match action {
+                    ErrorAction::Report => "report",
+                    ErrorAction::Ignore => "ignore",
+                    ErrorAction::Stop => "stop",
+                },
+            }),
+        ),
+        JobEvent::Completed {
+            current,
+            total,
+            error,
+        } => {
+            let mut data = json!({"type": ty, "device": id, "len": total, "offset": current,
+                                  "speed": job.speed()});
+            if let Some(e) = error {
+                data["error"] = json!(e);
+            }
+            events.emit("BLOCK_JOB_COMPLETED", data);
+        }
+        JobEvent::Cancelled { current, total } => events.emit(
+            "BLOCK_JOB_CANCELLED",
+            json!({"type": ty, "device": id, "len": total, "offset": current,
+                   "speed": job.speed()}),
+        ),
+        // A kind of event a later library version adds: nothing QMP has.
+        _ => {}
+    }
+}
+
+impl Daemon {
+    fn jobs_io(&self) -> QResult<&blockgraph::IoThread> {
+        self.jobs_io
+            .as_ref()
+            .ok_or_else(|| QmpError::generic("the daemon is shutting down"))
+    }
+
+    /// Every job of the main loop, as the library reports them.
+    fn job_infos(&self) -> Vec<JobInfo> {
+        self.main.run(|bql| job::query_jobs(bql))
+    }
+
+    /// The job `id`, if it is listed.
+    fn find_job(&self, id: &str) -> Option<Job> {
+        let id = id.to_owned();
+        self.main.run(move |bql| job::find_job(bql, &id))
+    }
+
+    /// QEMU's op blocker check: the first of `nodes` (graph names) that a
+    /// running job works on, as "Node 'x' is busy: ...".
+    pub(super) fn check_not_busy(&self, nodes: &[String]) -> QResult<()> {
+        for n in nodes {
+            if let Some(u) = self.job_uses.values().find(|u| u.nodes.contains(n)) {
+                return Err(QmpError::generic(format!(
+                    "Node '{}' is busy: block device is in use by block job: {}",
+                    self.display_name(n),
+                    u.kind
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// The QMP name of the node with graph name `graph` (the graph name
+    /// itself for a node the daemon did not add, such as a job's filter).
+    pub(super) fn display_name(&self, graph: &str) -> String {
+        self.nodes
+            .iter()
+            .find(|(_, n)| n.handle.name() == graph)
+            .map(|(d, _)| d.clone())
+            .unwrap_or_else(|| graph.to_owned())
+    }
+
+    /// Forgets the busy marks of jobs that have concluded (their filters
+    /// and backends are gone) or were dismissed.
+    pub(super) fn forget_finished_jobs(&mut self) {
+        if self.job_uses.is_empty() {
+            return;
+        }
+        let live: Vec<String> = self
+            .job_infos()
+            .into_iter()
+            .filter(|i| !matches!(i.status, JobStatus::Concluded | JobStatus::Null))
+            .map(|i| i.id)
+            .collect();
+        let done: Vec<String> = self
+            .job_uses
+            .keys()
+            .filter(|id| !live.contains(id))
+            .cloned()
+            .collect();
+        for id in done {
+            let Some(JobUse {
+                header: Some(h), ..
+            }) = self.job_uses.remove(&id)
+            else {
+                continue;
+            };
+            // Succeeded if top now sits on the base it streamed down to
+            // (a failed or cancelled stream leaves the chain as it was).
+            let (top, base) = (h.top.clone(), h.base.clone());
+            let succeeded = self.main.run(move |bql| {
+                let t = top.gs(bql);
+                t.is_in_graph()
+                    && match (t.backing(), &base) {
+                        (None, None) => true,
+                        (Some(b), Some(base)) => b.name() == base.name(),
+                        _ => false,
+                    }
+            });
+            if succeeded {
+                self.headers.insert(h.top.name().to_owned(), h.backing);
+            }
+        }
+    }
+
+    /// Starts reporting a started job: its events so far go out now (so
+    /// `created` and `running` come before the command's answer, as in
+    /// QEMU), the rest from a thread of its own until the job is gone.
+    fn track_job(
+        &mut self,
+        job: &Job,
+        kind: &'static str,
+        nodes: Vec<String>,
+        header: Option<HeaderChange>,
+        auto_finalize: bool,
+    ) {
+        self.job_uses.insert(
+            job.id().to_owned(),
+            JobUse {
+                kind,
+                nodes,
+                header,
+            },
+        );
+        let mut stream = job.events();
+        while let Some(event) = stream.try_next() {
+            forward(&self.events, job, auto_finalize, event);
+        }
+        let (events, job) = (self.events.clone(), job.clone());
+        let spawned = std::thread::Builder::new()
+            .name(format!("job-events-{}", job.id()))
+            .spawn(move || loop {
+                match stream.next_timeout(Duration::from_secs(60)) {
+                    Some(event) => forward(&events, &job, auto_finalize, event),
+                    None if job.status() == JobStatus::Null => return,
+                    None => {}
+                }
+            });
+        if let Err(e) = spawned {
+            eprintln!("storage_daemon: no thread for the events of a job: {e}");
+        }
+    }
+
+    /// Resolves a node name for a job argument (QEMU's `bdrv_lookup_bs`):
+    /// "Cannot find device='dev' nor node-name='name'".
+    pub(super) fn lookup(&self, device: &str, node: &str) -> QResult<NodeHandle> {
+        let name = if node.is_empty() { device } else { node };
+        self.nodes
+            .get(name)
+            .map(|n| n.handle.clone())
+            .ok_or_else(|| {
+                QmpError::generic(format!(
+                    "Cannot find device='{device}' nor node-name='{node}'"
+                ))
+            })
+    }
+
+    /// `block-stream`: QEMU's checks in QEMU's order, then
+    /// `blockgraph::job::stream` on the jobs I/O thread.
+    pub fn block_stream(&mut self, spec: StreamSpec) -> QResult<()> {
+        for (a, b, x, y) in [
+            ("base", "base-node", &spec.base, &spec.base_node),
+            ("base", "bottom", &spec.base, &spec.bottom),
+            ("bottom", "base-node", &spec.bottom, &spec.base_node),
+        ] {
+            if x.is_some() && y.is_some() {
+                return Err(QmpError::generic(format!(
+                    "'{a}' and '{b}' cannot be specified at the same time"
+                )));
+            }
+        }
+        let top = self.lookup(&spec.device, &spec.device)?;
+        // The chain below top, by graph name, as it is now.
+        let t = top.clone();
+        let chain: Vec<(String, NodeHandle)> = self.main.run(move |bql| {
+            let gs = t.gs(bql);
+            gs.backing()
+                .map(|b| b.backing_chain())
+                .unwrap_or_default()
+                .iter()
+                .map(|n| (n.name().to_owned(), n.to_handle()))
+                .collect()
+        });
+        let index_of = |h: &NodeHandle| chain.iter().position(|(n, _)| n == h.name());
+        // Where the streamed part ends: the index of base in `chain`.
+        let mut base_at: Option<usize> = None;
+        if let Some(base) = &spec.base {
+            base_at = Some(self.find_backing_image(&top, &chain, base).ok_or_else(|| {
+                QmpError::generic(format!("Can't find '{base}' in the backing chain"))
+            })?);
+        }
+        if let Some(base_node) = &spec.base_node {
+            let b = self.lookup("", base_node)?;
+            base_at = Some(index_of(&b).ok_or_else(|| {
+                QmpError::generic(format!(
+                    "Node '{base_node}' is not a backing image of '{}'",
+                    spec.device
+                ))
+            })?);
+        }
+        if let Some(bottom) = &spec.bottom {
+            let b = self.lookup("", bottom)?;
+            let at = index_of(&b).ok_or_else(|| {
+                QmpError::generic(format!(
+                    "Node '{bottom}' is not in a chain starting from '{}'",
+                    spec.device
+                ))
+            })?;
+            // Stream down to bottom: its backing (if any) is the base.
+            base_at = (at + 1 < chain.len()).then_some(at + 1);
+        }
+        let base = base_at.map(|i| chain[i].1.clone());
+        let mut busy = vec![top.name().to_owned()];
+        busy.extend(
+            chain[..base_at.unwrap_or(chain.len())]
+                .iter()
+                .map(|(n, _)| n.clone()),
+        );
+        self.check_not_busy(&busy)?;
+        if base.is_none() && spec.backing_file.is_some() {
+            return Err(QmpError::generic(
+                "backing file specified, but streaming the entire chain",
+            ));
+        }
+        let id = spec.job_id.clone().unwrap_or_default();
+        if !super::valid_id(&id) {
+            return Err(QmpError::generic(format!("Invalid job ID '{id}'")));
+        }
+        if self.find_job(&id).is_some() {
+            return Err(QmpError::generic(format!("Job ID '{id}' already in use")));
+        }
+        let speed = check_speed(spec.speed)?;
+        if let Some(f) = &spec.filter_node_name {
+            if self.nodes.contains_key(f) {
+                return Err(QmpError::generic(format!(
+                    "Duplicate nodes with node-name='{f}'"
+                )));
+            }
+        }
+
+        let mut options = StreamOptions::new(&top);
+        let mut header = None;
+        if let Some(b) = &base {
+            options = options.base(b);
+            // QEMU writes the base's file name as opened (or the one
+            // given) and its format.
+            let base_node = self.nodes.values().find(|n| n.handle.ptr_eq(b));
+            let name = spec
+                .backing_file
+                .clone()
+                .or_else(|| base_node.map(|n| n.filename.clone()));
+            let format = match base_node.map(|n| n.drv) {
+                Some("file") if spec.backing_mask_protocol => "raw",
+                Some(drv) => drv,
+                None => "raw",
+            };
+            if let Some(name) = name {
+                options = options.backing_file(name.clone(), format);
+                header = Some((name, format.to_owned()));
+            }
+        }
+        let is_qcow2 = self
+            .nodes
+            .values()
+            .any(|n| n.handle.ptr_eq(&top) && n.drv == "qcow2");
+        let header = is_qcow2.then(|| HeaderChange {
+            top: top.clone(),
+            base: base.clone(),
+            backing: header,
+        });
+        // The filter is QEMU's implicit node unless named: a graph name no
+        // user name can take.
+        let filter = match &spec.filter_node_name {
+            Some(f) => f.clone(),
+            None => self.auto_name().1,
+        };
+        options = options.filter_node_name(filter);
+        let mut jo = JobOptions::new(id.clone());
+        jo.speed = speed;
+        jo.on_error = spec.on_error;
+        jo.auto_finalize = spec.auto_finalize;
+        jo.auto_dismiss = spec.auto_dismiss;
+        let io = self.jobs_io()?.handle();
+        let job = self
+            .main
+            .run(move |bql| job::stream(bql, &io, jo, options))
+            .map_err(lib_err)?;
+        self.track_job(&job, "stream", busy, header, spec.auto_finalize);
+        Ok(())
+    }
+
+    /// QEMU's `bdrv_find_backing_image`: the node of `chain` whose file
+    /// name is `name`, as opened or as the image above names it (relative
+    /// to that image's directory).
+    fn find_backing_image(
+        &self,
+        top: &NodeHandle,
+        chain: &[(String, NodeHandle)],
+        name: &str,
+    ) -> Option<usize> {
+        let canon = |p: &Path| std::fs::canonicalize(p).ok();
+        let top_file = self
+            .nodes
+            .values()
+            .find(|n| n.handle.ptr_eq(top))
+            .map(|n| n.filename.clone())?;
+        let wanted = if Path::new(name).is_absolute() {
+            canon(Path::new(name))
+        } else {
+            Path::new(&top_file)
+                .parent()
+                .and_then(|dir| canon(&dir.join(name)))
+        };
+        chain.iter().position(|(_, h)| {
+            self.nodes
+                .values()
+                .find(|n| n.handle.ptr_eq(h))
+                .is_some_and(|n| {
+                    n.filename == name
+                        || (wanted.is_some() && canon(Path::new(&n.filename)) == wanted)
+                })
+        })
+    }
+
+    /// `query-jobs`.
+    pub fn query_jobs(&self) -> Value {
+        Value::Array(self.job_infos().iter().map(job_info_json).collect())
+    }
+
+    /// `query-block-jobs`.
+    pub fn query_block_jobs(&self) -> Value {
+        Value::Array(self.job_infos().iter().map(block_job_info_json).collect())
+    }
+
+    /// A verb for job `id`. `block` says it came as `block-job-*`, whose
+    /// unknown-job error is QEMU's `DeviceNotActive`.
+    pub fn job_verb(&mut self, id: &str, verb: JobVerbCmd, block: bool) -> QResult<()> {
+        let Some(job) = self.find_job(id) else {
+            return Err(if block {
+                QmpError {
+                    class: "DeviceNotActive",
+                    desc: format!("Block job '{id}' not found"),
+                }
+            } else {
+                QmpError::generic("Job not found")
+            });
+        };
+        let speed = match verb {
+            JobVerbCmd::SetSpeed(s) => check_speed(s)?,
+            _ => 0,
+        };
+        self.main
+            .run(move |bql| match verb {
+                JobVerbCmd::Pause => job.pause(bql),
+                JobVerbCmd::Resume => job.resume(bql),
+                JobVerbCmd::Cancel { force } => job.cancel(bql, force),
+                JobVerbCmd::Complete => job.complete(bql),
+                JobVerbCmd::Finalize => job.finalize(bql),
+                JobVerbCmd::Dismiss => job.dismiss(bql),
+                JobVerbCmd::SetSpeed(_) => job.set_speed(bql, speed),
+            })
+            .map_err(|e| verb_error(verb, e))
+    }
+
+    /// Shutdown: cancels every job and waits (a while) for each to
+    /// conclude, then dismisses it, as `qemu-storage-daemon` cancels its
+    /// jobs synchronously on exit. Returns what did not end in time.
+    pub(super) fn cancel_all_jobs(&mut self) -> Vec<String> {
+        let jobs: Vec<Job> = self.main.run(|bql| {
+            job::query_jobs(bql)
+                .iter()
+                .filter_map(|i| job::find_job(bql, &i.id))
+                .collect()
+        });
+        for j in &jobs {
+            let job = j.clone();
+            let _ = self.main.run(move |bql| job.cancel(bql, true));
+        }
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let mut problems = Vec::new();
+        for j in jobs {
+            while !matches!(j.status(), JobStatus::Concluded | JobStatus::Null) {
+                if Instant::now() > deadline {
+                    problems.push(format!("job '{}' did not end after cancel", j.id()));
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            if j.status() == JobStatus::Concluded {
+                let job = j.clone();
+                let _ = self.main.run(move |bql| job.dismiss(bql));
+            }
+        }
+        self.job_uses.clear();
+        problems
+    }
+}
