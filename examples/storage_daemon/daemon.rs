@@ -133,10 +133,6 @@ pub struct Daemon {
     /// The nodes each running block job uses (graph names), for QEMU's
     /// "Node 'x' is busy" checks; dropped once the job has concluded.
     job_uses: BTreeMap<String, jobs::JobUse>,
-    /// Backing file names (and formats) a finished job wrote into an
-    /// image's header, by graph name: `Qcow2Driver::backing_file` still
-    /// reports the name read at open, QEMU reports the new one.
-    headers: BTreeMap<String, Option<(String, String)>>,
 }
 
 /// A graph name for an implicit node. User node names are at most 31
@@ -187,7 +183,6 @@ impl Daemon {
             nbd_threads,
             jobs_io: Some(jobs_io),
             job_uses: BTreeMap::new(),
-            headers: BTreeMap::new(),
         })
     }
 
@@ -718,11 +713,14 @@ impl Daemon {
     }
 
     /// Brings the node table in line with the graph after what jobs and
-    /// snapshots did to it: nodes a finished job removed (stream drops the
-    /// images it emptied) leave the table, with the implicit nodes they
-    /// owned that nothing uses any more; nodes the graph switched to
-    /// read-only (a snapshot's old top) show so; exports follow their backend's
-    /// root; busy marks of concluded jobs go. Cheap when nothing changed.
+    /// snapshots did to it: nodes a finished job removed (stream and
+    /// commit drop the images they emptied) leave the table, with the
+    /// implicit nodes they owned that nothing uses any more (those still
+    /// used pass to the removed node's owner); image and file nodes show
+    /// the mode the graph gave them (a snapshot's old top read-only, a
+    /// commit's base read-write while it runs); exports follow their
+    /// backend's root; busy marks of concluded jobs go. Cheap when nothing
+    /// changed.
     pub fn reconcile(&mut self) {
         self.forget_finished_jobs();
         let handles: Vec<(String, NodeHandle)> = self
@@ -768,15 +766,35 @@ impl Daemon {
         let mut orphans = Vec::new();
         for name in gone {
             if let Some(node) = self.nodes.remove(&name) {
+                // What a removed node owned passes to its owner (commit
+                // and stream drop the images between an overlay and the
+                // base; the base is the overlay's now), so deleting that
+                // owner still deletes the whole chain it opened.
+                let heirs: Vec<String> = node
+                    .owned
+                    .iter()
+                    .filter(|o| self.nodes.get(*o).is_some_and(|n| n.implicit))
+                    .cloned()
+                    .collect();
+                for owner in self.nodes.values_mut() {
+                    if let Some(at) = owner.owned.iter().position(|o| *o == name) {
+                        owner.owned.remove(at);
+                        owner.owned.extend(heirs.iter().cloned());
+                    }
+                }
                 orphans.extend(node.owned);
             }
         }
-        // A node the graph made read-only (a snapshot's old top and its
-        // file) shows so; the flag of a node the user opened read-only is
-        // the user's (a filter's driver may take either mode).
+        // The mode of an image or file node is the graph's: a snapshot
+        // makes its old top read-only, a commit makes its base read-write
+        // while it runs and read-only again after (the library's commit
+        // job switches both ways itself). Filters and `raw` accept either
+        // mode in the library, so their flag stays what the user opened.
         for node in self.nodes.values_mut() {
-            if read_only.get(node.handle.name()) == Some(&true) {
-                node.read_only = true;
+            if matches!(node.drv, "qcow2" | "file") {
+                if let Some(ro) = read_only.get(node.handle.name()) {
+                    node.read_only = *ro;
+                }
             }
         }
         for (id, root) in roots {
@@ -841,7 +859,7 @@ impl Daemon {
     pub fn query_named_block_nodes(&self, flat: bool) -> QResult<Value> {
         // Facts that need I/O (lengths, qcow2 header flags), by graph name.
         let handles: Vec<NodeHandle> = self.nodes.values().map(|n| n.handle.clone()).collect();
-        let mut facts = self
+        let facts = self
             .io()?
             .spawn(move |mut cx| async move {
                 let g = cx.read().await;
@@ -887,12 +905,6 @@ impl Daemon {
                 out
             })
             .join();
-        for (graph, header) in &self.headers {
-            if let Some(q) = facts.get_mut(graph).and_then(|f| f.qcow2.as_mut()) {
-                q.backing_file = header.as_ref().map(|(f, _)| f.clone());
-                q.backing_format = header.as_ref().map(|(_, t)| t.clone());
-            }
-        }
         let by_graph: BTreeMap<&str, &str> = self
             .nodes
             .iter()

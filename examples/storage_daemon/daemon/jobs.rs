@@ -28,16 +28,6 @@ pub(super) struct JobUse {
     kind: &'static str,
     /// Graph names of the nodes it works on.
     nodes: Vec<String>,
-    /// What the job writes into an image's header if it succeeds.
-    header: Option<HeaderChange>,
-}
-
-/// A stream's change of its top's backing: `top` over `base` named
-/// `backing` once it is done.
-pub(super) struct HeaderChange {
-    top: NodeHandle,
-    base: Option<NodeHandle>,
-    backing: Option<(String, String)>,
 }
 
 /// `block-stream`'s arguments.
@@ -289,27 +279,7 @@ impl Daemon {
             .cloned()
             .collect();
         for id in done {
-            let Some(JobUse {
-                header: Some(h), ..
-            }) = self.job_uses.remove(&id)
-            else {
-                continue;
-            };
-            // Succeeded if top now sits on the base it streamed down to
-            // (a failed or cancelled stream leaves the chain as it was).
-            let (top, base) = (h.top.clone(), h.base.clone());
-            let succeeded = self.main.run(move |bql| {
-                let t = top.gs(bql);
-                t.is_in_graph()
-                    && match (t.backing(), &base) {
-                        (None, None) => true,
-                        (Some(b), Some(base)) => b.name() == base.name(),
-                        _ => false,
-                    }
-            });
-            if succeeded {
-                self.headers.insert(h.top.name().to_owned(), h.backing);
-            }
+            self.job_uses.remove(&id);
         }
     }
 
@@ -321,17 +291,10 @@ impl Daemon {
         job: &Job,
         kind: &'static str,
         nodes: Vec<String>,
-        header: Option<HeaderChange>,
         auto_finalize: bool,
     ) {
-        self.job_uses.insert(
-            job.id().to_owned(),
-            JobUse {
-                kind,
-                nodes,
-                header,
-            },
-        );
+        self.job_uses
+            .insert(job.id().to_owned(), JobUse { kind, nodes });
         let mut stream = job.events();
         while let Some(event) = stream.try_next() {
             forward(&self.events, job, auto_finalize, event);
@@ -449,7 +412,6 @@ impl Daemon {
         }
 
         let mut options = StreamOptions::new(&top);
-        let mut header = None;
         if let Some(b) = &base {
             options = options.base(b);
             // QEMU writes the base's file name as opened (or the one
@@ -465,19 +427,9 @@ impl Daemon {
                 None => "raw",
             };
             if let Some(name) = name {
-                options = options.backing_file(name.clone(), format);
-                header = Some((name, format.to_owned()));
+                options = options.backing_file(name, format);
             }
         }
-        let is_qcow2 = self
-            .nodes
-            .values()
-            .any(|n| n.handle.ptr_eq(&top) && n.drv == "qcow2");
-        let header = is_qcow2.then(|| HeaderChange {
-            top: top.clone(),
-            base: base.clone(),
-            backing: header,
-        });
         // The filter is QEMU's implicit node unless named: a graph name no
         // user name can take.
         let filter = match &spec.filter_node_name {
@@ -495,7 +447,7 @@ impl Daemon {
             .main
             .run(move |bql| job::stream(bql, &io, jo, options))
             .map_err(lib_err)?;
-        self.track_job(&job, "stream", busy, header, spec.auto_finalize);
+        self.track_job(&job, "stream", busy, spec.auto_finalize);
         Ok(())
     }
 
