@@ -621,7 +621,6 @@ fn qmp_wire_protocol_errors_and_pending_commands() {
         .filter_map(|c| c["name"].as_str().map(str::to_owned))
         .collect();
     for name in [
-        "block-commit",
         "blockdev-mirror",
         "blockdev-backup",
         "block-dirty-bitmap-add",
@@ -643,6 +642,7 @@ fn qmp_wire_protocol_errors_and_pending_commands() {
         "blockdev-snapshot-sync",
         "transaction",
         "block-stream",
+        "block-commit",
         "query-jobs",
         "query-block-jobs",
         "job-pause",

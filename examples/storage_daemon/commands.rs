@@ -3,7 +3,7 @@
 //!
 //! [`TABLE`] lists every command by name with a [`Handler`]: `Ready` ones
 //! run on the executor against the [`Daemon`]; `Pending` ones belong to
-//! work in progress (the commit, mirror and backup jobs, dirty bitmaps)
+//! work in progress (the mirror and backup jobs, dirty bitmaps)
 //! and are answered exactly as a daemon without them answers,
 //! `CommandNotFound` ("The command X has not been found"), and left out of
 //! `query-commands`. Plugging one in is replacing its `Pending` with a
@@ -28,7 +28,6 @@ pub enum Handler {
     Pending(&'static str),
 }
 
-const COMMIT: &str = "the commit job (src/job/)";
 const MIRROR: &str = "the mirror job (src/job/, after dirty bitmaps)";
 const BACKUP: &str = "the backup job (src/job/, after dirty bitmaps)";
 const BITMAPS: &str = "dirty bitmaps (src/, qcow2)";
@@ -65,7 +64,7 @@ pub const TABLE: &[(&str, Handler)] = &[
         Handler::Ready(snapshot_commands::transaction),
     ),
     ("block-stream", Handler::Ready(job_commands::block_stream)),
-    ("block-commit", Handler::Pending(COMMIT)),
+    ("block-commit", Handler::Ready(job_commands::block_commit)),
     ("blockdev-mirror", Handler::Pending(MIRROR)),
     ("blockdev-backup", Handler::Pending(BACKUP)),
     ("query-jobs", Handler::Ready(job_commands::query_jobs)),

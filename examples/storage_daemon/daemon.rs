@@ -37,7 +37,7 @@ use crate::qmp::Events;
 mod jobs;
 mod snapshots;
 
-pub use jobs::{JobVerbCmd, StreamSpec};
+pub use jobs::{CommitSpec, JobVerbCmd, StreamSpec};
 pub use snapshots::{SnapshotAction, SyncSpec};
 
 /// One node the daemon added, under the name QMP shows.
@@ -646,17 +646,22 @@ impl Daemon {
                 "Failed to find node with node-name='{name}'"
             )));
         };
-        if node.implicit {
+        // QEMU's order (`qmp_blockdev_del`): a BlockBackend on it (an
+        // export, also while a job's filter sits between them), a job,
+        // the monitor's ownership, other parents.
+        let (implicit, handle) = (node.implicit, node.handle.clone());
+        let (node_parents, backend_parents) = self.parents(&handle);
+        if backend_parents > 0 || self.exports.values().any(|e| e.node == name) {
+            return Err(QmpError::generic(format!("Node {name} is in use")));
+        }
+        self.check_not_busy(&[handle.name().to_owned()])?;
+        if implicit {
             return Err(QmpError::generic(format!(
                 "Node {name} is not owned by the monitor"
             )));
         }
-        let (node_parents, backend_parents) = self.parents(&node.handle);
         if node_parents > 0 {
             return Err(QmpError::generic(format!("Block device {name} is in use")));
-        }
-        if backend_parents > 0 || self.exports.values().any(|e| e.node == name) {
-            return Err(QmpError::generic(format!("Node {name} is in use")));
         }
         self.remove_one(name)
     }

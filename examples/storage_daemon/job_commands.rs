@@ -1,9 +1,10 @@
-//! QMP's job commands: `block-stream`, `query-jobs`, `query-block-jobs`,
+//! QMP's job commands: `block-stream`, `block-commit`, `query-jobs`,
+//! `query-block-jobs`,
 //! the `job-*` verbs and their `block-job-*` twins, `block-job-set-speed`.
 //! Each parses its arguments with QEMU's names and defaults (`qapi/job.json`,
 //! `qapi/block-core.json`) and calls the daemon (`daemon/jobs.rs`).
 //!
-//! A new job kind (`block-commit`, `blockdev-mirror`, `blockdev-backup`)
+//! A new job kind (`blockdev-mirror`, `blockdev-backup`)
 //! is one function here that parses its arguments and one in
 //! `daemon/jobs.rs` that starts the library's job and hands it to
 //! `Daemon::track_job`; its table entry in `commands::TABLE` then turns
@@ -13,7 +14,7 @@
 use blockgraph::job::OnError;
 use serde_json::{json, Value};
 
-use crate::daemon::{Daemon, JobVerbCmd, StreamSpec};
+use crate::daemon::{CommitSpec, Daemon, JobVerbCmd, StreamSpec};
 use crate::opts::{Opts, QResult};
 
 /// QEMU's `BlockdevOnError`.
@@ -46,6 +47,28 @@ pub fn block_stream(d: &mut Daemon, mut o: Opts) -> QResult<Value> {
     };
     o.finish()?;
     d.block_stream(spec)?;
+    Ok(json!({}))
+}
+
+/// `block-commit`.
+pub fn block_commit(d: &mut Daemon, mut o: Opts) -> QResult<Value> {
+    let spec = CommitSpec {
+        job_id: o.str("job-id")?,
+        device: o.req_str("device")?,
+        base_node: o.str("base-node")?,
+        base: o.str("base")?,
+        top_node: o.str("top-node")?,
+        top: o.str("top")?,
+        backing_file: o.str("backing-file")?,
+        backing_mask_protocol: o.bool("backing-mask-protocol")?.unwrap_or(false),
+        speed: o.i64("speed")?.unwrap_or(0),
+        on_error: on_error(&mut o, "on-error")?,
+        filter_node_name: o.str("filter-node-name")?,
+        auto_finalize: o.bool("auto-finalize")?.unwrap_or(true),
+        auto_dismiss: o.bool("auto-dismiss")?.unwrap_or(true),
+    };
+    o.finish()?;
+    d.block_commit(spec)?;
     Ok(json!({}))
 }
 

@@ -5,15 +5,15 @@
 //! A job kind is a function that checks its arguments like QEMU, starts a
 //! `blockgraph::job` on the jobs I/O thread and hands the [`Job`] to
 //! [`Daemon::track_job`]; everything after that (events, verbs, queries,
-//! busy checks, shutdown) is the same for every kind. `block-commit` will
-//! be one more such function.
+//! busy checks, shutdown) is the same for every kind: `block-stream` and
+//! `block-commit` (of an intermediate image) so far.
 
 use std::path::Path;
 use std::time::{Duration, Instant};
 
 use blockgraph::job::{
-    self, ErrorAction, IoOperation, Job, JobEvent, JobInfo, JobOptions, JobStatus, OnError,
-    StreamOptions,
+    self, CommitOptions, ErrorAction, IoOperation, Job, JobEvent, JobInfo, JobOptions, JobStatus,
+    OnError, StreamOptions,
 };
 use blockgraph::NodeHandle;
 use serde_json::{json, Value};
@@ -45,6 +45,38 @@ pub struct StreamSpec {
     /// `bottom`: the lowest node to stream from.
     pub bottom: Option<String>,
     /// `backing-file`: the name to write into the top's header.
+    pub backing_file: Option<String>,
+    /// `backing-mask-protocol`.
+    pub backing_mask_protocol: bool,
+    /// `speed` (bytes per second).
+    pub speed: i64,
+    /// `on-error`.
+    pub on_error: OnError,
+    /// `filter-node-name`.
+    pub filter_node_name: Option<String>,
+    /// `auto-finalize`.
+    pub auto_finalize: bool,
+    /// `auto-dismiss`.
+    pub auto_dismiss: bool,
+}
+
+/// `block-commit`'s arguments (`qapi/block-core.json`).
+#[derive(Debug, Default)]
+pub struct CommitSpec {
+    /// `job-id` (QEMU's default is the device's name: the empty string
+    /// here, refused).
+    pub job_id: Option<String>,
+    /// `device`: the root node of the chain.
+    pub device: String,
+    /// `base-node`.
+    pub base_node: Option<String>,
+    /// `base`: a file name in the chain below top.
+    pub base: Option<String>,
+    /// `top-node`.
+    pub top_node: Option<String>,
+    /// `top`: a file name in the chain.
+    pub top: Option<String>,
+    /// `backing-file`: the name to write into the overlay's header.
     pub backing_file: Option<String>,
     /// `backing-mask-protocol`.
     pub backing_mask_protocol: bool,
@@ -416,17 +448,9 @@ impl Daemon {
             options = options.base(b);
             // QEMU writes the base's file name as opened (or the one
             // given) and its format.
-            let base_node = self.nodes.values().find(|n| n.handle.ptr_eq(b));
-            let name = spec
-                .backing_file
-                .clone()
-                .or_else(|| base_node.map(|n| n.filename.clone()));
-            let format = match base_node.map(|n| n.drv) {
-                Some("file") if spec.backing_mask_protocol => "raw",
-                Some(drv) => drv,
-                None => "raw",
-            };
-            if let Some(name) = name {
+            let named =
+                self.backing_name_for(b, spec.backing_file.clone(), spec.backing_mask_protocol);
+            if let Some((name, format)) = named {
                 options = options.backing_file(name, format);
             }
         }
@@ -448,6 +472,185 @@ impl Daemon {
             .run(move |bql| job::stream(bql, &io, jo, options))
             .map_err(lib_err)?;
         self.track_job(&job, "stream", busy, spec.auto_finalize);
+        Ok(())
+    }
+
+    /// The backing chain from `node` down (`node` first), as (graph name,
+    /// handle).
+    fn chain_from(&self, node: &NodeHandle) -> Vec<(String, NodeHandle)> {
+        let n = node.clone();
+        self.main.run(move |bql| {
+            n.gs(bql)
+                .backing_chain()
+                .iter()
+                .map(|x| (x.name().to_owned(), x.to_handle()))
+                .collect()
+        })
+    }
+
+    /// The backing name QEMU writes for `base` (`backing-file`, or the
+    /// base's file name as opened) and its format (`raw` for a protocol
+    /// node with `backing-mask-protocol`): what stream and commit put into
+    /// the header of the image above the part they drop.
+    fn backing_name_for(
+        &self,
+        base: &NodeHandle,
+        given: Option<String>,
+        mask_protocol: bool,
+    ) -> Option<(String, &'static str)> {
+        let node = self.nodes.values().find(|n| n.handle.ptr_eq(base));
+        let name = given.or_else(|| node.map(|n| n.filename.clone()))?;
+        let format = match node.map(|n| n.drv) {
+            Some("file") if mask_protocol => "raw",
+            Some(drv) => drv,
+            None => "raw",
+        };
+        Some((name, format))
+    }
+
+    /// `block-commit` of an intermediate image: QEMU's checks in QEMU's
+    /// order (`qmp_block_commit`, then `commit_start`), then
+    /// `blockgraph::job::commit` on the jobs I/O thread. Committing the
+    /// active layer is refused: the library has no active commit yet
+    /// (QEMU runs it as a mirror job that ends with `job-complete`).
+    pub fn block_commit(&mut self, spec: CommitSpec) -> QResult<()> {
+        // libvirt probes for commit with an unknown device and relies on
+        // `DeviceNotFound`, so QEMU looks the device up before anything.
+        let Some(dev) = self.nodes.get(&spec.device).map(|n| n.handle.clone()) else {
+            return Err(QmpError {
+                class: "DeviceNotFound",
+                desc: format!("Device '{}' not found", spec.device),
+            });
+        };
+        // QEMU's `qmp_get_root_bs`: no node above it (an export or a
+        // job's backend is not one; a job's filter is, as QEMU's job
+        // children are).
+        if self.parents(&dev).0 > 0 {
+            return Err(QmpError::generic("Need a root block node"));
+        }
+        let chain = self.chain_from(&dev);
+        let index_of = |h: &NodeHandle| chain.iter().position(|(n, _)| n == h.name());
+        let top_at = match (&spec.top_node, &spec.top) {
+            (Some(_), Some(_)) => {
+                return Err(QmpError::generic(
+                    "'top-node' and 'top' are mutually exclusive",
+                ))
+            }
+            (Some(t), None) => {
+                let h = self.lookup("", t)?;
+                index_of(&h).ok_or_else(|| {
+                    QmpError::generic(format!("'{t}' is not in this backing file chain"))
+                })?
+            }
+            (None, Some(t)) => {
+                let is_device = self
+                    .nodes
+                    .get(&spec.device)
+                    .is_some_and(|n| n.filename == *t);
+                if is_device {
+                    0
+                } else {
+                    self.find_backing_image(&dev, &chain[1..], t)
+                        .map(|i| i + 1)
+                        .ok_or_else(|| QmpError::generic(format!("Top image file {t} not found")))?
+                }
+            }
+            (None, None) => 0,
+        };
+        let top = chain[top_at].1.clone();
+        let base_at = match (&spec.base_node, &spec.base) {
+            (Some(_), Some(_)) => {
+                return Err(QmpError::generic(
+                    "'base-node' and 'base' are mutually exclusive",
+                ))
+            }
+            (Some(b), None) => {
+                let h = self.lookup("", b)?;
+                index_of(&h).filter(|i| *i >= top_at).ok_or_else(|| {
+                    QmpError::generic(format!("'{b}' is not in this backing file chain"))
+                })?
+            }
+            (None, Some(b)) => self
+                .find_backing_image(&top, &chain[top_at + 1..], b)
+                .map(|i| i + top_at + 1)
+                .ok_or_else(|| {
+                    QmpError::generic(format!("Can't find '{b}' in the backing chain"))
+                })?,
+            // QEMU's `bdrv_find_base`: the bottom of the chain.
+            (None, None) => chain.len() - 1,
+        };
+        let base = chain[base_at].1.clone();
+        // What the commit drops must not be another job's.
+        let dropped: Vec<String> = chain[top_at..base_at]
+            .iter()
+            .map(|(n, _)| n.clone())
+            .collect();
+        self.check_not_busy(&dropped)?;
+        if top_at == base_at {
+            return Err(QmpError::generic("cannot commit an image into itself"));
+        }
+        if top_at == 0 {
+            if spec.backing_file.is_some() {
+                return Err(QmpError::generic(
+                    "'backing-file' specified, but 'top' is the active layer",
+                ));
+            }
+            return Err(QmpError::generic(format!(
+                "Committing the active layer ('{}') is not supported by this daemon: QEMU \
+                 runs it as a mirror job that ends with job-complete, which the library does \
+                 not have yet; commit an intermediate image (top-node) instead",
+                spec.device
+            )));
+        }
+        let overlay = chain[top_at - 1].0.clone();
+        self.check_not_busy(std::slice::from_ref(&overlay))?;
+        let id = spec.job_id.clone().unwrap_or_default();
+        if !super::valid_id(&id) {
+            return Err(QmpError::generic(format!("Invalid job ID '{id}'")));
+        }
+        if self.find_job(&id).is_some() {
+            return Err(QmpError::generic(format!("Job ID '{id}' already in use")));
+        }
+        let speed = check_speed(spec.speed)?;
+        if let Some(f) = &spec.filter_node_name {
+            if self.nodes.contains_key(f) {
+                return Err(QmpError::generic(format!(
+                    "Duplicate nodes with node-name='{f}'"
+                )));
+            }
+        }
+
+        // QEMU's `bdrv_drop_intermediate` writes `backing-file` or the
+        // base's file name as opened, and the base's format.
+        let filter = match &spec.filter_node_name {
+            Some(f) => f.clone(),
+            None => self.auto_name().1,
+        };
+        let mut options = CommitOptions::new(&top)
+            .base(&base)
+            .filter_node_name(filter);
+        let named =
+            self.backing_name_for(&base, spec.backing_file.clone(), spec.backing_mask_protocol);
+        if let Some((name, format)) = named {
+            options = options.backing_file(name, format);
+        }
+        // Busy as in QEMU: the device, the overlay, what is dropped and
+        // the base.
+        let mut busy = vec![chain[0].0.clone(), overlay];
+        busy.extend(dropped);
+        busy.push(chain[base_at].0.clone());
+        busy.dedup();
+        let mut jo = JobOptions::new(id);
+        jo.speed = speed;
+        jo.on_error = spec.on_error;
+        jo.auto_finalize = spec.auto_finalize;
+        jo.auto_dismiss = spec.auto_dismiss;
+        let io = self.jobs_io()?.handle();
+        let job = self
+            .main
+            .run(move |bql| job::commit(bql, &io, jo, options))
+            .map_err(lib_err)?;
+        self.track_job(&job, "commit", busy, spec.auto_finalize);
         Ok(())
     }
 
