@@ -1146,6 +1146,33 @@ fn job_and_snapshot_commands_refuse_bad_input_and_quit_cancels_running_jobs() {
             json!({"job-id": "j", "device": "top", "auto-dismiss": 1}),
             "expected: boolean",
         ),
+        (
+            "block-commit",
+            json!({"device": 5}),
+            "Invalid parameter type for 'device', expected: string",
+        ),
+        (
+            "block-commit",
+            json!({"job-id": "j", "device": "top", "top-node": ["x"]}),
+            "Invalid parameter type for 'top-node', expected: string",
+        ),
+        (
+            "block-commit",
+            json!({"job-id": "j", "device": "top", "backing-mask-protocol": "yes"}),
+            "expected: boolean",
+        ),
+        // Active commit: QEMU starts a mirror-like job; the library has
+        // none yet, so it is refused and the reason given.
+        (
+            "block-commit",
+            json!({"job-id": "j", "device": "top"}),
+            "Committing the active layer ('top') is not supported by this daemon",
+        ),
+        (
+            "block-commit",
+            json!({"job-id": "j", "device": "top", "top-node": "top"}),
+            "QEMU runs it as a mirror job that ends with job-complete",
+        ),
         ("job-pause", json!({}), "Parameter 'id' is missing"),
         ("job-cancel", json!({"id": ["x"]}), "expected: string"),
         (
@@ -1267,4 +1294,104 @@ fn job_and_snapshot_commands_refuse_bad_input_and_quit_cancels_running_jobs() {
     );
     assert!(info.contains("backing file: base.qcow2"), "{info}");
     tool("qemu-img", &["check", "-q", &s(&w.join("top.qcow2"))]);
+}
+
+/// The images `commit.py` expects: the chain base <- mid <- top (ref.raw
+/// = what top reads, base-after.raw = what mid reads), the chain cbase <-
+/// cmid <- ctop (cref.raw = what ctop reads), and solo.
+fn commit_images(w: &Path) {
+    image(w, "base.qcow2", None, "32M", &[(0x11, "0", "16M")]);
+    image(
+        w,
+        "mid.qcow2",
+        Some("base.qcow2"),
+        "32M",
+        &[(0x22, "4M", "8M"), (0x23, "24M", "1M")],
+    );
+    image(
+        w,
+        "top.qcow2",
+        Some("mid.qcow2"),
+        "32M",
+        &[(0x33, "10M", "1M")],
+    );
+    image(w, "cbase.qcow2", None, "32M", &[(0x44, "0", "32M")]);
+    image(
+        w,
+        "cmid.qcow2",
+        Some("cbase.qcow2"),
+        "32M",
+        &[(0x45, "0", "8M")],
+    );
+    image(w, "ctop.qcow2", Some("cmid.qcow2"), "32M", &[]);
+    image(w, "solo.qcow2", None, "16M", &[]);
+    for (from, to) in [
+        ("top.qcow2", "ref.raw"),
+        ("mid.qcow2", "base-after.raw"),
+        ("ctop.qcow2", "cref.raw"),
+    ] {
+        tool(
+            "qemu-img",
+            &["convert", "-O", "raw", &s(&w.join(from)), &s(&w.join(to))],
+        );
+    }
+}
+
+/// `tests/qmp/commit.py` against both daemons: block-commit's argument
+/// errors in QEMU's words, a commit of the middle of a three-image chain
+/// while qemu-io writes through the NBD export of the active layer (paused,
+/// queried, resumed, completed: events, query-jobs, the nodes during and
+/// after), a cancelled commit; after exit, the chains, checks, and the
+/// data compared with references.
+#[test]
+fn block_commit_observes_the_same_as_with_qemu_storage_daemon() {
+    let _w = watchdog(
+        "block_commit_observes_the_same_as_with_qemu_storage_daemon",
+        Duration::from_secs(300),
+    );
+    if !have_qemu_qmp() {
+        skip(
+            "block_commit_observes_...: the Python package `qemu.qmp` is missing \
+             (pip install qemu.qmp; .ci/run installs it)",
+        );
+        return;
+    }
+    let ours = script_run(daemon_binary(), "commit.py", commit_images);
+    // What must hold with ours, whatever QEMU does.
+    assert_eq!(ours["commit"], json!({"return": {}}), "{ours:#}");
+    assert_eq!(ours["errors-change-nothing"], true, "{ours:#}");
+    assert_eq!(ours["guest-writes-during-commit"], 0, "{ours:#}");
+    assert_eq!(
+        ours["commit-events"]["sequence"],
+        json!([
+            "created",
+            "running",
+            "waiting",
+            "pending",
+            {"BLOCK_JOB_COMPLETED": {"device": "k1", "len": 33554432, "offset": "len",
+                                     "speed": 0, "type": "commit"}},
+            "concluded",
+            "null"
+        ]),
+        "{ours:#}"
+    );
+    assert_eq!(ours["commit-events"]["paused-on-the-way"], true);
+    assert_eq!(ours["chain-after"], json!([1, ["base.qcow2"]]), "{ours:#}");
+    assert_eq!(
+        ours["cancel-chain-kept"],
+        json!([2, ["cmid.qcow2", "cbase.qcow2"]]),
+        "{ours:#}"
+    );
+    for (what, rc) in ours["compare"].as_object().expect("compares") {
+        assert_eq!(rc, 0, "{what}: {ours:#}");
+    }
+    for (image, rc) in ours["check"].as_object().expect("checks") {
+        assert_eq!(rc, 0, "qemu-img check {image}: {ours:#}");
+    }
+    if !have("qemu-storage-daemon") {
+        skip("the comparison with qemu-storage-daemon: it is not installed");
+        return;
+    }
+    let qemu = script_run(Path::new("qemu-storage-daemon"), "commit.py", commit_images);
+    assert_same(&ours, &qemu);
 }
