@@ -1382,6 +1382,14 @@ fn block_commit_observes_the_same_as_with_qemu_storage_daemon() {
         json!([2, ["cmid.qcow2", "cbase.qcow2"]]),
         "{ours:#}"
     );
+    let left: Vec<&Value> = ours["nodes-at-end"]
+        .as_array()
+        .expect("nodes")
+        .iter()
+        .map(|n| &n["file"])
+        .filter(|f| *f == "top.qcow2" || *f == "base.qcow2")
+        .collect();
+    assert!(left.is_empty(), "blockdev-del top left {left:?}");
     for (what, rc) in ours["compare"].as_object().expect("compares") {
         assert_eq!(rc, 0, "{what}: {ours:#}");
     }

@@ -220,6 +220,10 @@ async def main():
     await s.wait_status("kc", "null")
     rec["cancel-events"] = s.job_events("kc")
     rec["cancel-chain-kept"] = await backing_depth("ctop")
+    # Deleting top deletes the chain it opened: base, which it got from
+    # the committed mid, goes with it.
+    rec["delete-top"] = [await ex("block-export-del", {"id": "e-top"}),
+                         await ex("blockdev-del", {"node-name": "top"})]
     rec["nodes-at-end"] = await nodes()
 
     # ---- the files, once the daemon is gone -----------------------------
