@@ -106,6 +106,7 @@
 
 mod backing_file;
 mod bitmap;
+mod bitmap_store;
 mod cache;
 mod chain;
 mod check;
@@ -209,7 +210,19 @@ impl BlockDriver for Qcow2Driver {
                 self.backing_file.as_deref().unwrap_or_default()
             )));
         }
-        Ok(())
+        // The persistent bitmaps read at open become the node's.
+        self.install_bitmaps(node)
+    }
+
+    /// Version 3, writable, and a bitmap small enough for the format.
+    fn can_store_dirty_bitmap(&self, name: &str, granularity: u64) -> Result<()> {
+        self.can_store(name, granularity)
+    }
+
+    /// A flush, then the node's persistent dirty bitmaps stored in the
+    /// image and marked consistent (`bitmap_store.rs`).
+    fn flush_to_close<'a>(&'a self, node: RequestRef<'a>) -> IoFuture<'a, ()> {
+        Box::pin(self.do_flush_to_close(node))
     }
 
     /// On the file: a consistent read always; write *and* resize when the

@@ -335,6 +335,21 @@ impl<'a, P: Proof> NodeRef<'a, P> {
         Ok(())
     }
 
+    /// Marks `[offset, offset + len)` in the node's enabled bitmaps now,
+    /// as a successful write's completion will (crate-internal: qcow2 does
+    /// it before it lets its I/O lock go, so that a bitmap store holding
+    /// the lock exclusively sees every finished write; and for writes that
+    /// entered with `admit`, outside the request path).
+    pub(crate) fn mark_dirty_now(&self, offset: u64, len: u64)
+    where
+        P: IoProof,
+    {
+        let bitmaps = &self.inner().bitmaps;
+        if bitmaps.recording() {
+            bitmaps.mark(offset, len);
+        }
+    }
+
     /// Sets the granules of bitmap `name` touched by `[offset, offset +
     /// len)` (QEMU's `bdrv_set_dirty_bitmap`): what a job does when a copy
     /// failed and the range must be tried again.
