@@ -585,7 +585,7 @@ fn next_dirty_by(
 
 #[cfg(test)]
 mod tests {
-    use super::*;
+    use crate::graph::dirty_bitmap::*;
 
     #[test]
     fn set_reset_count_and_ranges() {

@@ -39,7 +39,8 @@ use crate::graph::proof::{CallbackRef, RequestRef};
 use crate::types::{ChildRole, Error, Result};
 
 use super::bitmap::{
-    table_entry_valid, BitmapDir, BitmapEntry, FLAG_AUTO, FLAG_IN_USE, TABLE_OFFSET_MASK,
+    table_entry_valid, BitmapDir, BitmapEntry, LoadedBitmap, FLAG_AUTO, FLAG_IN_USE,
+    TABLE_OFFSET_MASK,
 };
 use super::file_io::read_file;
 use super::header::{
@@ -62,17 +63,6 @@ const TYPE_DIRTY_TRACKING: u8 = 1;
 const OFF_BACKING_OFFSET: usize = 8;
 const OFF_BACKING_SIZE: usize = 16;
 const OFF_HEADER_LENGTH: usize = 100;
-
-/// A bitmap read from the image at open, waiting for `open` to add it to
-/// the node.
-#[derive(Debug, Clone)]
-pub(crate) struct LoadedBitmap {
-    pub name: String,
-    pub granularity_bits: u32,
-    pub enabled: bool,
-    /// `None`: flagged in use (inconsistent).
-    pub words: Option<Vec<u64>>,
-}
 
 /// Bytes of stored bitmap data for `size` bytes at `gbits`.
 fn data_bytes(size: u64, gbits: u32) -> u64 {

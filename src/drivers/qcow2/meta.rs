@@ -27,8 +27,7 @@
 use crate::graph::proof::RequestRef;
 use crate::types::Result;
 
-use super::bitmap::BitmapDir;
-use super::bitmap_store::LoadedBitmap;
+use super::bitmap::{BitmapDir, LoadedBitmap};
 use super::cache::{RawBlock, Table, TableCache};
 use super::entry::{decode_l1, decode_l2, decode_rt, rc_get, rc_max, rc_set, COPIED};
 use super::geometry::Geo;

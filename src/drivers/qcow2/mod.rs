@@ -97,7 +97,9 @@
 //! - The driver's operations, each an `impl Qcow2Driver` block:
 //!   `create.rs` (formatting a new image), `open.rs`, `read.rs`,
 //!   `write.rs` (allocation, copy-on-write, zeroes, discard, compressed
-//!   writes), `flush.rs`, `check_image.rs` (`qemu-img check`),
+//!   writes), `flush.rs`, `bitmap_store.rs` (persistent dirty bitmaps
+//!   loaded into the node's live bitmaps at open, stored on flush to
+//!   close), `check_image.rs` (`qemu-img check`),
 //!   `resize.rs`, `reopen.rs` (read-only ↔ read-write), `snapshot.rs` (internal snapshots), `info.rs` (what
 //!   `qemu-img info` reports), `chain.rs` (opening an image with its
 //!   backing files).
