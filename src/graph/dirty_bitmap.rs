@@ -469,7 +469,7 @@ impl NodeBitmaps {
 ///     let g = cx.read().await;
 ///     d.io(&g).write(8192, &[1; 100]).await
 /// }).join()?;
-/// let snap = main.run(|bql| disk.gs(bql).dirty_bitmap_snapshot("b0"))?;
+/// let snap = main.run(move |bql| disk.gs(bql).dirty_bitmap_snapshot("b0"))?;
 /// assert_eq!(snap.dirty_ranges(), vec![(8192, 4096)]);
 /// assert_eq!(snap.count(), 4096);
 /// # drop(io); main.shutdown();

@@ -110,9 +110,9 @@ impl<'a, P: Proof> NodeRef<'a, P> {
     /// let d = disk.clone();
     /// io.spawn(move |mut cx| async move {
     ///     let g = cx.read().await;
-    ///     d.io(&g).write(100_000, &[1; 4096]).await
+    ///     d.io(&g).write(130_000, &[1; 4096]).await
     /// }).join()?;
-    /// main.run(|bql| -> blockgraph::Result<()> {
+    /// main.run(move |bql| -> blockgraph::Result<()> {
     ///     let node = disk.gs(bql);
     ///     let info = &node.dirty_bitmaps()[0];
     ///     assert_eq!((info.name.as_str(), info.granularity), ("b0", 65536));
