@@ -100,6 +100,40 @@ fn node_direct(io: &IoThread, node: &NodeHandle, iters: u64) -> Duration {
     .join()
 }
 
+/// `iters` 4 KiB writes through `blk` (the write path: where dirty bitmaps
+/// are marked, DESIGN §15; none exist here, so this measures what their
+/// absence costs).
+fn write_via_backend(io: &IoThread, blk: &BlockBackend, iters: u64) -> Duration {
+    let blk = blk.clone();
+    io.spawn(move |mut cx| async move {
+        let buf = vec![0u8; REQ];
+        let mut next = offsets();
+        let start = Instant::now();
+        for _ in 0..iters {
+            blk.write(&mut cx, next(), &buf).await.unwrap();
+        }
+        start.elapsed()
+    })
+    .join()
+}
+
+/// `iters` 4 KiB writes on the null node's `IoRef`, under one read lock.
+fn write_node_direct(io: &IoThread, node: &NodeHandle, iters: u64) -> Duration {
+    let node = node.clone();
+    io.spawn(move |mut cx| async move {
+        let guard = cx.read().await;
+        let n = node.io(&guard);
+        let buf = vec![0u8; REQ];
+        let mut next = offsets();
+        let start = Instant::now();
+        for _ in 0..iters {
+            n.write(next(), &buf).await.unwrap();
+        }
+        start.elapsed()
+    })
+    .join()
+}
+
 fn per_request(d: Duration, n: u64) -> f64 {
     d.as_secs_f64() * 1e9 / n as f64
 }
@@ -115,6 +149,17 @@ fn stack_overhead(c: &mut Criterion) {
     });
     group.bench_function("backend_throttle_raw_null", |b| {
         b.iter_custom(|iters| via_backend(&s.io, &s.layered, iters))
+    });
+    group.finish();
+    let mut group = c.benchmark_group("stack_overhead_write_4k");
+    group.bench_function("null_node_direct", |b| {
+        b.iter_custom(|iters| write_node_direct(&s.io, &s.null_node, iters))
+    });
+    group.bench_function("backend_null", |b| {
+        b.iter_custom(|iters| write_via_backend(&s.io, &s.direct, iters))
+    });
+    group.bench_function("backend_throttle_raw_null", |b| {
+        b.iter_custom(|iters| write_via_backend(&s.io, &s.layered, iters))
     });
     group.finish();
 

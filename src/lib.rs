@@ -69,6 +69,7 @@ pub mod snapshot;
 
 pub use backend::BlockBackend;
 pub use graph::backend::BackendOptions;
+pub use graph::dirty_bitmap::{DirtyBitmapOptions, DirtyBitmapSnapshot};
 pub use graph::proof::{
     BackendRef, Bql, CallbackRef, ChildRef, Drained, DrainedAll, GlobalState, GraphView,
     GraphWriter, GsRef, InCallback, InRequest, IoProof, IoRef, MainLoopProof, NodeHandle, NodeRef,
@@ -78,7 +79,7 @@ pub use graph::proof::{
 pub use graph::runtime::{
     IoContext, IoTask, IoThread, IoThreadHandle, MainLoop, MainTask, TaskHandle,
 };
-pub use types::{BackendInfo, ChildInfo, IoStats, NodeInfo};
+pub use types::{BackendInfo, ChildInfo, DirtyBitmapInfo, IoStats, NodeInfo};
 pub use types::{ChildRole, Error, Perm, Permissions, Result};
 
 /// Zero cost: proofs are at most one pointer wide.

@@ -368,8 +368,12 @@ fn hostile_bitmaps_extensions_get_clear_errors() {
     let n = entry.len() as u64;
     let dir_off = 5 * CS;
 
-    // A valid one is listed.
-    let b = with_bitmaps(&good, [1, n, dir_off], &entry);
+    // A valid one is listed. Its table (cluster 6) must be valid too: the
+    // bitmaps' bits are loaded at open (DESIGN §15). One zero entry: a
+    // clean bitmap.
+    let mut b = with_bitmaps(&good, [1, n, dir_off], &entry);
+    put64(&mut b, 6 * CS as usize, 0);
+    let garbage_table = with_bitmaps(&good, [1, n, dir_off], &entry);
     let node = env.open_bytes(b, Qcow2Options::read_only()).unwrap();
     let node2 = node.clone();
     let list = env.main.run(move |bql| {
@@ -407,6 +411,11 @@ fn hostile_bitmaps_extensions_get_clear_errors() {
         let b = with_bitmaps(&good, ext, &dir);
         assert_invalid(open_err(&env, b, Qcow2Options::read_only()), needle);
     }
+    // The table there holds guest data: its entry has reserved bits set.
+    assert_invalid(
+        open_err(&env, garbage_table, Qcow2Options::read_only()),
+        "table entry 0",
+    );
     let extra = bitmap_entry("b0", 16, 2, 8);
     let b = with_bitmaps(&good, [1, extra.len() as u64, dir_off], &extra);
     assert_unsupported(open_err(&env, b, Qcow2Options::read_only()), "extra data");

@@ -200,6 +200,16 @@ pub trait Filter: Any + Send + Sync {
         forward::flush(node, Self::CHILD)
     }
 
+    /// See [`BlockDriver::flush_to_close`]. Default: this filter's
+    /// [`flush`](Filter::flush), then the child's `flush_to_close` (so a
+    /// qcow2 node below stores its bitmaps when its filter is closed).
+    fn flush_to_close<'a>(&'a self, node: RequestRef<'a>) -> IoFuture<'a, ()> {
+        Box::pin(async move {
+            Filter::flush(self, node).await?;
+            forward::flush_to_close(node, Self::CHILD).await
+        })
+    }
+
     /// See [`BlockDriver::truncate`]. Default: resizes the child to the same
     /// size, through the check that this node's edge took
     /// [`Perm::RESIZE`](crate::Perm::RESIZE).
@@ -290,6 +300,10 @@ impl<F: Filter> BlockDriver for F {
     #[inline]
     fn write<'a>(&'a self, node: RequestRef<'a>, offset: u64, buf: &'a [u8]) -> IoFuture<'a, ()> {
         Filter::write(self, node, offset, buf)
+    }
+
+    fn flush_to_close<'a>(&'a self, node: RequestRef<'a>) -> IoFuture<'a, ()> {
+        Filter::flush_to_close(self, node)
     }
 
     #[inline]

@@ -94,6 +94,12 @@ pub fn flush(node: RequestRef<'_>, role: ChildRole) -> IoFuture<'_, ()> {
     to_child(node, role, |child| child.flush())
 }
 
+/// Flushes the `role` child as for closing it
+/// ([`BlockDriver::flush_to_close`](crate::driver::BlockDriver::flush_to_close)).
+pub fn flush_to_close(node: RequestRef<'_>, role: ChildRole) -> IoFuture<'_, ()> {
+    to_child(node, role, |child| child.flush_to_close())
+}
+
 /// The `role` child's block status at `offset`.
 pub fn block_status(
     node: RequestRef<'_>,

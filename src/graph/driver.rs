@@ -162,6 +162,20 @@ pub trait BlockDriver: Any + Send + Sync {
         DriverInfo::default()
     }
 
+    /// Whether the driver can store a persistent dirty bitmap `name` of
+    /// `granularity` bytes in its image when the node is closed (QEMU's
+    /// `bdrv_can_store_new_dirty_bitmap`), asked when one is added with
+    /// [`DirtyBitmapOptions::persistent`](crate::DirtyBitmapOptions::persistent).
+    /// The driver stores its node's persistent bitmaps in
+    /// [`flush_to_close`](Self::flush_to_close). Default: refused.
+    fn can_store_dirty_bitmap(&self, name: &str, granularity: u64) -> Result<()> {
+        let _ = (name, granularity);
+        Err(Error::Unsupported {
+            driver: self.format_name(),
+            operation: "persistent dirty bitmaps",
+        })
+    }
+
     /// What this node takes and shares on its `role` child, given what its
     /// own users take and share (QEMU's `bdrv_child_perm`).
     ///
@@ -234,6 +248,18 @@ pub trait BlockDriver: Any + Send + Sync {
     fn flush<'a>(&'a self, node: RequestRef<'a>) -> IoFuture<'a, ()> {
         let _ = node;
         Box::pin(async { Ok(()) })
+    }
+
+    /// Makes the node's state durable as for closing it: a flush, plus
+    /// whatever the driver keeps in memory until the image is closed
+    /// (qcow2 writes its persistent dirty bitmaps back and marks them
+    /// consistent; QEMU's `bdrv_inactivate`/close). Called where QEMU
+    /// would close or inactivate the node: by
+    /// [`Drained::flush`](crate::Drained::flush) (before a node is removed
+    /// or made read-only) and by [`MainLoop::shutdown`](crate::MainLoop::shutdown).
+    /// The node stays usable afterwards. Default: [`flush`](Self::flush).
+    fn flush_to_close<'a>(&'a self, node: RequestRef<'a>) -> IoFuture<'a, ()> {
+        self.flush(node)
     }
 
     /// Resizes the node to `size` bytes (QEMU's `bdrv_co_truncate`). A

@@ -4,6 +4,7 @@
 pub(crate) mod backend;
 pub(crate) mod callbacks;
 pub(crate) mod cell;
+pub(crate) mod dirty_bitmap;
 mod dot;
 pub(crate) mod drain;
 pub(crate) mod driver;

@@ -5,6 +5,7 @@ use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
 use crossbeam_utils::CachePadded;
 
 use crate::graph::cell::GraphCell;
+use crate::graph::dirty_bitmap::NodeBitmaps;
 use crate::graph::driver::BlockDriver;
 use crate::graph::edge::{Edge, ParentLink};
 use crate::graph::GraphInner;
@@ -39,6 +40,8 @@ pub(crate) struct NodeInner {
     pub(crate) in_flight: CachePadded<AtomicUsize>,
     /// Drains waiting for `in_flight` to reach zero.
     pub(crate) idle: WaitList,
+    /// Its dirty bitmaps (DESIGN §15).
+    pub(crate) bitmaps: NodeBitmaps,
 }
 
 impl NodeInner {
@@ -58,6 +61,7 @@ impl NodeInner {
             in_graph: AtomicBool::new(false),
             in_flight: CachePadded::new(AtomicUsize::new(0)),
             idle: WaitList::default(),
+            bitmaps: NodeBitmaps::default(),
         }
     }
 

@@ -68,6 +68,7 @@ fn node(n: &Arc<NodeInner>, access: ReadAccess<'_>) -> NodeInfo {
         in_flight: n.requests_in_flight(),
         drain_count: n.quiesce.load(Ordering::SeqCst),
         driver_info,
+        dirty_bitmaps: n.bitmaps.infos(),
     }
 }
 

@@ -203,6 +203,38 @@ pub enum Error {
         operation: &'static str,
     },
 
+    /// No dirty bitmap of this name on the node (QEMU's "Dirty bitmap
+    /// 'x' not found").
+    #[error("dirty bitmap '{bitmap}' not found on node '{node}'")]
+    NoSuchBitmap {
+        /// The node.
+        node: String,
+        /// The bitmap asked for.
+        bitmap: String,
+    },
+
+    /// The node already has a dirty bitmap of this name (QEMU's "Bitmap
+    /// already exists").
+    #[error("dirty bitmap '{bitmap}' already exists on node '{node}'")]
+    BitmapExists {
+        /// The node.
+        node: String,
+        /// The name.
+        bitmap: String,
+    },
+
+    /// The dirty bitmap is busy: a block job uses it, so it cannot be
+    /// changed, enabled, disabled, cleared, merged into or removed (QEMU's
+    /// words).
+    #[error("bitmap '{0}' is currently in use by another operation and cannot be used")]
+    BitmapBusy(String),
+
+    /// The dirty bitmap was loaded from an image that did not save it
+    /// cleanly (qcow2's `in_use` flag): it may have missed writes, so it can
+    /// only be removed (QEMU's words).
+    #[error("bitmap '{0}' is inconsistent and cannot be used; remove it (block-dirty-bitmap-remove) to delete it from the image")]
+    BitmapInconsistent(String),
+
     /// A block job refused a command in its current status (QEMU's
     /// "Job 'x' in state 'y' cannot accept command verb 'z'"; its
     /// `JobVerbTable`). A command the table allows but the job's situation

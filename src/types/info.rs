@@ -112,6 +112,32 @@ pub struct NodeInfo {
     pub drain_count: u32,
     /// What the driver reports about itself.
     pub driver_info: DriverInfo,
+    /// Its dirty bitmaps, in the order they were added (QEMU's
+    /// `dirty-bitmaps`).
+    pub dirty_bitmaps: Vec<DirtyBitmapInfo>,
+}
+
+/// One dirty bitmap of a node (QEMU's `BlockDirtyInfo`), from
+/// [`NodeInfo::dirty_bitmaps`] or [`NodeRef::dirty_bitmaps`](crate::NodeRef::dirty_bitmaps).
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(Serialize))]
+#[non_exhaustive]
+pub struct DirtyBitmapInfo {
+    /// The bitmap's name.
+    pub name: String,
+    /// Bytes one bit covers.
+    pub granularity: u64,
+    /// Dirty bytes: dirty granules × granularity (QEMU's `count`).
+    pub count: u64,
+    /// Whether it records writes (QEMU's `recording`).
+    pub enabled: bool,
+    /// Whether the node's driver stores it in the image on close.
+    pub persistent: bool,
+    /// Loaded from an image that did not save it cleanly: unusable, only
+    /// removable.
+    pub inconsistent: bool,
+    /// A block job uses it: it cannot be changed.
+    pub busy: bool,
 }
 
 /// I/O statistics of a backend (QEMU's `BlockDeviceStats`).

@@ -7,6 +7,6 @@ mod perm;
 mod status;
 
 pub use error::{Error, Result};
-pub use info::{BackendInfo, ChildInfo, DriverInfo, IoStats, NodeInfo};
+pub use info::{BackendInfo, ChildInfo, DirtyBitmapInfo, DriverInfo, IoStats, NodeInfo};
 pub use perm::{ChildRole, Perm, Permissions};
 pub use status::BlockStatus;

@@ -1,6 +1,8 @@
-//! Persistent dirty bitmaps (the bitmaps header extension): parsed so that
-//! their clusters are accounted for and kept, and so that writes by us keep
-//! QEMU's rules for them. We do not track dirty regions ourselves.
+//! Persistent dirty bitmaps (the bitmaps header extension): the directory
+//! parsed with QEMU's rules, so that their clusters are accounted for and
+//! kept and writes by us keep QEMU's `in_use` rules. Their bits are loaded
+//! into, and stored from, the node's live dirty bitmaps by
+//! `bitmap_store.rs` (DESIGN §15).
 
 use crate::types::Result;
 
@@ -20,6 +22,17 @@ pub struct BitmapInfo {
     pub in_use: bool,
     /// The `auto` flag: QEMU enables the bitmap (tracks writes) on open.
     pub auto: bool,
+}
+
+/// A bitmap read from the image at open, waiting for `open` to add it to
+/// the node.
+#[derive(Debug, Clone)]
+pub(crate) struct LoadedBitmap {
+    pub name: String,
+    pub granularity_bits: u32,
+    pub enabled: bool,
+    /// `None`: flagged in use (inconsistent).
+    pub words: Option<Vec<u64>>,
 }
 
 /// Bitmap directory entry flag: the bitmap may be inconsistent.

@@ -27,7 +27,7 @@
 use crate::graph::proof::RequestRef;
 use crate::types::Result;
 
-use super::bitmap::BitmapDir;
+use super::bitmap::{BitmapDir, LoadedBitmap};
 use super::cache::{RawBlock, Table, TableCache};
 use super::entry::{decode_l1, decode_l2, decode_rt, rc_get, rc_max, rc_set, COPIED};
 use super::geometry::Geo;
@@ -59,6 +59,11 @@ pub(crate) struct Meta {
     /// The persistent dirty bitmaps' directory (when the image has a
     /// consistent bitmaps extension).
     pub bitmaps: Option<BitmapDir>,
+    /// Bitmaps read at open, until `open` adds them to the node.
+    pub loaded_bitmaps: Vec<LoadedBitmap>,
+    /// A digest of the bitmaps as last loaded or stored: storing the same
+    /// again writes nothing (`bitmap_store.rs`).
+    pub bitmaps_fingerprint: Option<u64>,
     /// Set when metadata was found corrupt: writes are refused from then on.
     pub broken: Option<String>,
 }

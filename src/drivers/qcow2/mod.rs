@@ -97,7 +97,9 @@
 //! - The driver's operations, each an `impl Qcow2Driver` block:
 //!   `create.rs` (formatting a new image), `open.rs`, `read.rs`,
 //!   `write.rs` (allocation, copy-on-write, zeroes, discard, compressed
-//!   writes), `flush.rs`, `check_image.rs` (`qemu-img check`),
+//!   writes), `flush.rs`, `bitmap_store.rs` (persistent dirty bitmaps
+//!   loaded into the node's live bitmaps at open, stored on flush to
+//!   close), `check_image.rs` (`qemu-img check`),
 //!   `resize.rs`, `reopen.rs` (read-only ↔ read-write), `snapshot.rs` (internal snapshots), `info.rs` (what
 //!   `qemu-img info` reports), `chain.rs` (opening an image with its
 //!   backing files).
@@ -106,6 +108,7 @@
 
 mod backing_file;
 mod bitmap;
+mod bitmap_store;
 mod cache;
 mod chain;
 mod check;
@@ -209,7 +212,19 @@ impl BlockDriver for Qcow2Driver {
                 self.backing_file().unwrap_or_default()
             )));
         }
-        Ok(())
+        // The persistent bitmaps read at open become the node's.
+        self.install_bitmaps(node)
+    }
+
+    /// Version 3, writable, and a bitmap small enough for the format.
+    fn can_store_dirty_bitmap(&self, name: &str, granularity: u64) -> Result<()> {
+        self.can_store(name, granularity)
+    }
+
+    /// A flush, then the node's persistent dirty bitmaps stored in the
+    /// image and marked consistent (`bitmap_store.rs`).
+    fn flush_to_close<'a>(&'a self, node: RequestRef<'a>) -> IoFuture<'a, ()> {
+        Box::pin(self.do_flush_to_close(node))
     }
 
     /// On the file: a consistent read always; write *and* resize when the

@@ -13,6 +13,7 @@ use crate::graph::proof::{IoRef, RequestRef};
 use crate::types::Result;
 
 use super::bitmap::BitmapDir;
+use super::bitmap_store::load as load_bitmaps;
 use super::cache::TableCache;
 use super::check::check_meta;
 use super::file_io::read_file;
@@ -133,6 +134,13 @@ impl Qcow2Driver {
                 Some(BitmapDir::parse(ext, raw, cs, h.size)?)
             }
         };
+        let (loaded_bitmaps, bitmaps_fingerprint) = match &bitmaps {
+            Some(dir) => {
+                let (loaded, fp) = load_bitmaps(file, dir, h.size, cs, align, file_len).await?;
+                (loaded, Some(fp))
+            }
+            None => (Vec::new(), None),
+        };
 
         let l2_cap = (options.l2_cache_bytes / cs).max(2) as usize;
         let rb_cap = (options.refcount_cache_bytes / cs).max(2) as usize;
@@ -150,6 +158,8 @@ impl Qcow2Driver {
             file_len,
             pending_frees: Vec::new(),
             bitmaps,
+            loaded_bitmaps,
+            bitmaps_fingerprint,
             broken: None,
         };
 

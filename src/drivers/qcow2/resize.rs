@@ -86,12 +86,13 @@ impl Qcow2Driver {
             Some(b) => Some(b.length().await?),
             None => None,
         };
+        let _excl = self.io_lock.write().await;
         if new != self.size() {
             // The bitmaps no longer match the disk (in use, as QEMU treats
-            // a bitmap not saved after a resize).
+            // a bitmap not saved after a resize). Under `io_lock`, so a
+            // bitmap store is wholly before or after.
             self.before_change(file).await?;
         }
-        let _excl = self.io_lock.write().await;
         if let Some(why) = &self.meta.lock().await.broken {
             return Err(invalid(format!("image found corrupt earlier: {why}")));
         }

@@ -63,12 +63,19 @@ impl Qcow2Driver {
         buf: &[u8],
     ) -> Result<()> {
         self.check_writable(node)?;
-        self.before_change(require_child(node, ChildRole::File)?)
-            .await?;
+        let file = require_child(node, ChildRole::File)?;
+        // Under `io_lock`: a store of the bitmaps (which holds it
+        // exclusively) is wholly before or after this write.
         let _io = self.io_lock.read().await;
+        self.before_change(file).await?;
         self.check_request(offset, buf.len() as u64)?;
-        self.write_range(node, offset, buf.len() as u64, Src::Buf(buf))
-            .await
+        let len = buf.len() as u64;
+        let result = self.write_range(node, offset, len, Src::Buf(buf)).await;
+        if result.is_ok() {
+            // Before `io_lock` goes: a bitmap store sees this write's bits.
+            node.mark_dirty_now(offset, len);
+        }
+        result
     }
 
     /// Called before anything changes guest data or the virtual size:
@@ -363,12 +370,17 @@ impl Qcow2Driver {
         discard: bool,
     ) -> Result<()> {
         self.check_writable(node)?;
-        self.before_change(require_child(node, ChildRole::File)?)
-            .await?;
+        let file = require_child(node, ChildRole::File)?;
         let _io = self.io_lock.read().await;
+        self.before_change(file).await?;
         self.check_request(offset, len)?;
-        self.zero_or_discard_locked(node, offset, len, discard)
-            .await
+        let result = self
+            .zero_or_discard_locked(node, offset, len, discard)
+            .await;
+        if result.is_ok() {
+            node.mark_dirty_now(offset, len);
+        }
+        result
     }
 
     /// [`Self::zero_or_discard`] for a caller that holds `io_lock` (shared
@@ -465,8 +477,6 @@ impl Qcow2Driver {
                 g.cs
             )));
         }
-        self.before_change(require_child(node, ChildRole::File)?)
-            .await?;
         let mut data = buf.to_vec();
         data.resize(g.cs as usize, 0);
         let Some(z) = deflate_cluster(&data) else {
@@ -474,6 +484,7 @@ impl Qcow2Driver {
         };
         let file = require_child(node, ChildRole::File)?;
         let _io = self.io_lock.read().await;
+        self.before_change(file).await?;
         // Again under the lock: a resize may have run meanwhile.
         self.check_request(offset, len)?;
         let gc = offset >> g.cluster_bits;
@@ -521,6 +532,9 @@ impl Qcow2Driver {
             }
             drop(m);
             drop(guard);
+            // Entered with `admit`, not through the request path: the
+            // node's dirty bitmaps are marked here.
+            node.mark_dirty_now(offset, len);
             return Ok(());
         }
     }

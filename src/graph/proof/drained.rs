@@ -81,6 +81,12 @@ impl<'g> Drained<'g> {
     /// Flushes the drained node from a task on `io` and waits for it (QEMU
     /// flushes inside drained sections, e.g. in `bdrv_reopen_prepare`).
     ///
+    /// It is a flush *to close*
+    /// ([`BlockDriver::flush_to_close`](crate::driver::BlockDriver::flush_to_close)):
+    /// what a driver keeps until its image is closed is written too (qcow2
+    /// stores its persistent dirty bitmaps), because a drain section's owner
+    /// flushes before removing the node or making it read-only.
+    ///
     /// The section keeps the node's users out; its owner may still write
     /// back what the node caches, which is what a qcow2 node must do before
     /// it becomes read-only ([`GraphWriter::set_read_only`](crate::GraphWriter::set_read_only)).

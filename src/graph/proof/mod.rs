@@ -12,6 +12,7 @@
 //! | [`DrainedAll`] | no request can reach any node | `bdrv_drain_all_begin()` … `end()` |
 //! | [`GraphWriter`] | no reader is inside the graph; the graph may change | `bdrv_graph_wrlock()` |
 
+mod bitmaps;
 mod bql;
 mod drained;
 mod graph_writer;

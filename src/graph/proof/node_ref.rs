@@ -29,6 +29,9 @@ pub(crate) mod sealed {
     pub struct Target<'b> {
         pub(crate) node: &'b Arc<NodeInner>,
         pub(crate) access: ReadAccess<'b>,
+        /// The range a write, zeroing or discard changes, when the node has
+        /// enabled dirty bitmaps to mark once it succeeds (DESIGN §15).
+        pub(crate) dirty: Option<(u64, u64)>,
     }
 
     /// How a request made through a node reference of this kind reaches
@@ -227,7 +230,26 @@ impl<'a, P: Proof> NodeRef<'a, P> {
         sealed::Target {
             node: self.node,
             access: self.access,
+            dirty: None,
         }
+    }
+
+    /// The target of a request that changes `[offset, offset + len)`: its
+    /// dirty bitmaps are marked when it succeeds. One relaxed load when the
+    /// node records nothing.
+    #[inline]
+    fn target_changing(&self, offset: u64, len: u64) -> sealed::Target<'a> {
+        sealed::Target {
+            node: self.node,
+            access: self.access,
+            dirty: self.node.bitmaps.recording().then_some((offset, len)),
+        }
+    }
+
+    /// The node itself (crate-internal).
+    #[inline]
+    pub(crate) fn inner(&self) -> &'a Arc<NodeInner> {
+        self.node
     }
 
     /// The node's unique name.
@@ -373,7 +395,10 @@ impl<'a, P: Proof> NodeRef<'a, P> {
         P: IoProof,
         'a: 'b,
     {
-        P::dispatch(self.target(), move |d, n| d.write(n, offset, buf))
+        P::dispatch(
+            self.target_changing(offset, buf.len() as u64),
+            move |d, n| d.write(n, offset, buf),
+        )
     }
 
     /// Makes `len` bytes at `offset` read as zeroes.
@@ -381,7 +406,9 @@ impl<'a, P: Proof> NodeRef<'a, P> {
     where
         P: IoProof,
     {
-        P::dispatch(self.target(), move |d, n| d.write_zeroes(n, offset, len))
+        P::dispatch(self.target_changing(offset, len), move |d, n| {
+            d.write_zeroes(n, offset, len)
+        })
     }
 
     /// Tells the node that `len` bytes at `offset` are no longer needed.
@@ -389,7 +416,9 @@ impl<'a, P: Proof> NodeRef<'a, P> {
     where
         P: IoProof,
     {
-        P::dispatch(self.target(), move |d, n| d.discard(n, offset, len))
+        P::dispatch(self.target_changing(offset, len), move |d, n| {
+            d.discard(n, offset, len)
+        })
     }
 
     /// Makes completed writes durable.
@@ -398,6 +427,16 @@ impl<'a, P: Proof> NodeRef<'a, P> {
         P: IoProof,
     {
         P::dispatch(self.target(), |d, n| d.flush(n))
+    }
+
+    /// Flushes as for closing the node ([`BlockDriver::flush_to_close`]:
+    /// qcow2 also stores its persistent dirty bitmaps). The node stays
+    /// usable.
+    pub fn flush_to_close(&self) -> NodeRequest<'a, ()>
+    where
+        P: IoProof,
+    {
+        P::dispatch(self.target(), |d, n| d.flush_to_close(n))
     }
 
     /// What is stored at `offset`, and for how many bytes the answer holds.
@@ -481,7 +520,8 @@ impl<'a> IoRef<'a> {
         <ReadLocked as sealed::Dispatch>::dispatch(self.target(), move |_, n| op(n))
     }
 
-    /// A flush entering here for the owner of a drain section of this node
+    /// A flush to close ([`BlockDriver::flush_to_close`]) entering here
+    /// for the owner of a drain section of this node
     /// ([`Drained::flush`](crate::Drained::flush)): counted like any
     /// request (other drains wait for it), but not refused because the
     /// node is drained — the drain keeps the node's *users* out, not the
@@ -491,8 +531,9 @@ impl<'a> IoRef<'a> {
         let request = self.as_request();
         NodeRequest {
             state: RequestState::Entered {
-                future: self.node.driver.flush(request),
-                _admission: admission,
+                future: self.node.driver.flush_to_close(request),
+                admission,
+                dirty: None,
             },
         }
     }
@@ -572,10 +613,19 @@ pub struct NodeRequest<'b, T> {
 enum RequestState<'b, T> {
     /// Passed down inside a request: nothing to count.
     Forwarded(IoFuture<'b, T>),
-    /// Entered here: counted until done.
+    /// Passed down to a node with enabled dirty bitmaps: marks them with
+    /// `dirty` when it succeeds (QEMU's `bdrv_co_write_req_finish`).
+    Marking {
+        future: IoFuture<'b, T>,
+        node: &'b NodeInner,
+        dirty: (u64, u64),
+    },
+    /// Entered here: counted until done (and marks the node's dirty
+    /// bitmaps with `dirty`, if any, when it succeeds).
     Entered {
         future: IoFuture<'b, T>,
-        _admission: Admission<'b>,
+        admission: Admission<'b>,
+        dirty: Option<(u64, u64)>,
     },
     Refused(Error),
     Done,
@@ -610,11 +660,31 @@ impl<T> Future for NodeRequest<'_, T> {
         let this = &mut *self;
         match &mut this.state {
             RequestState::Forwarded(future) => future.as_mut().poll(cx),
-            RequestState::Entered { future, .. } => {
+            RequestState::Entered {
+                future,
+                admission,
+                dirty,
+            } => {
                 let poll = future.as_mut().poll(cx);
-                if poll.is_ready() {
+                if let Poll::Ready(result) = &poll {
+                    // Marked before the request stops counting, so a drain
+                    // that waits for it sees its bits.
+                    if let (Ok(_), Some((offset, len))) = (result, *dirty) {
+                        admission.node.bitmaps.mark(offset, len);
+                    }
                     // Finished: stop counting before handing out the result.
                     this.state = RequestState::Done;
+                }
+                poll
+            }
+            RequestState::Marking {
+                future,
+                node,
+                dirty,
+            } => {
+                let poll = future.as_mut().poll(cx);
+                if let Poll::Ready(Ok(_)) = &poll {
+                    node.bitmaps.mark(dirty.0, dirty.1);
                 }
                 poll
             }
@@ -638,7 +708,11 @@ impl<T> fmt::Debug for NodeRequest<'_, T> {
 impl sealed::Dispatch for ReadLocked {
     #[inline]
     fn dispatch<'b, T: Send + 'b>(
-        sealed::Target { node, access }: sealed::Target<'b>,
+        sealed::Target {
+            node,
+            access,
+            dirty,
+        }: sealed::Target<'b>,
         call: impl FnOnce(&'b dyn BlockDriver, RequestRef<'b>) -> IoFuture<'b, T>,
     ) -> NodeRequest<'b, T> {
         match Admission::enter(node) {
@@ -649,7 +723,8 @@ impl sealed::Dispatch for ReadLocked {
                 NodeRequest {
                     state: RequestState::Entered {
                         future: call(&*node.driver, request),
-                        _admission: admission,
+                        admission,
+                        dirty,
                     },
                 }
             }
@@ -661,7 +736,11 @@ impl sealed::Dispatch for ReadLocked {
 impl sealed::Dispatch for InRequest {
     #[inline]
     fn dispatch<'b, T: Send + 'b>(
-        sealed::Target { node, access }: sealed::Target<'b>,
+        sealed::Target {
+            node,
+            access,
+            dirty,
+        }: sealed::Target<'b>,
         call: impl FnOnce(&'b dyn BlockDriver, RequestRef<'b>) -> IoFuture<'b, T>,
     ) -> NodeRequest<'b, T> {
         // A request passed down from the node above. Every drain covering
@@ -674,11 +753,17 @@ impl sealed::Dispatch for InRequest {
                 node: node.name.clone(),
             });
         }
+        // SAFETY: same node, same proof; dispatched to its own driver.
+        let future = call(&*node.driver, unsafe { NodeRef::new(node, access) });
         NodeRequest {
-            // SAFETY: same node, same proof; dispatched to its own driver.
-            state: RequestState::Forwarded(call(&*node.driver, unsafe {
-                NodeRef::new(node, access)
-            })),
+            state: match dirty {
+                None => RequestState::Forwarded(future),
+                Some(dirty) => RequestState::Marking {
+                    future,
+                    node,
+                    dirty,
+                },
+            },
         }
     }
 }
@@ -808,7 +893,18 @@ impl<'a> RequestRef<'a> {
             d.truncate(n, size, crate::graph::driver::ResizePermit::checked())
         });
         Box::pin(async move {
+            // Bitmaps follow the new size (QEMU's
+            // `bdrv_dirty_bitmap_truncate`), and mark a grown area: for
+            // that they need the old size, which only a driver knows.
+            let old = if node.node.bitmaps.any() {
+                node.length().await.ok()
+            } else {
+                None
+            };
             let result = request.await;
+            if result.is_ok() && node.node.bitmaps.any() {
+                node.node.bitmaps.truncate(old, size);
+            }
             // Also after a failure: a resize may stop half way (a format
             // that grew its file, then failed), and a length read again is
             // never wrong.

@@ -308,9 +308,13 @@ async fn serve(main: MainLoop, mut jobs: mpsc::UnboundedReceiver<Job>) {
     drop(main);
 }
 
-/// Flushes every node, users before what they use (QEMU's `bdrv_flush_all`
-/// in `bdrv_close_all`): a format driver writes back cached metadata on
-/// flush, and its `close` callback cannot do I/O.
+/// Flushes every node as for closing it ([`BlockDriver::flush_to_close`]),
+/// users before what they use (QEMU's `bdrv_flush_all` and inactivation in
+/// `bdrv_close_all`): a format driver writes back cached metadata (qcow2:
+/// its persistent dirty bitmaps too), and its `close` callback cannot do
+/// I/O.
+///
+/// [`BlockDriver::flush_to_close`]: crate::driver::BlockDriver::flush_to_close
 ///
 /// The main loop never takes the read lock itself, so the flushes run on a
 /// short-lived thread with a context of its own while the main loop waits
@@ -335,7 +339,7 @@ fn flush_all(bql: &mut Bql) {
                 for node in &order {
                     let node = node.io(&guard);
                     if node.is_in_graph() && !node.is_drained() {
-                        if let Err(e) = node.flush().await {
+                        if let Err(e) = node.flush_to_close().await {
                             eprintln!(
                                 "blockgraph: flushing '{}' at shutdown failed: {e}",
                                 node.name()
