@@ -229,12 +229,15 @@ async def main():
     # ---- the files, once the daemon is gone -----------------------------
     rec["quit"] = await ex("quit")
     await s.close()
-    deadline = time.monotonic() + TIMEOUT
-    while run("qemu-img", "info", f"{W}/top.qcow2")[0] != 0:
-        if time.monotonic() > deadline:
-            raise TimeoutError("the daemon still holds top.qcow2")
-        time.sleep(0.05)
     images = ["top", "base", "mid", "ctop", "cmid", "cbase"]
+    # The daemon answers quit before it has closed every image: wait
+    # until none is locked any more.
+    deadline = time.monotonic() + TIMEOUT
+    for i in images:
+        while run("qemu-img", "info", f"{W}/{i}.qcow2")[0] != 0:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"the daemon still holds {i}.qcow2")
+            time.sleep(0.05)
     rec["check"] = {i: run("qemu-img", "check", f"{W}/{i}.qcow2")[0] for i in images}
     rec["chains"] = {i: work.chain(f"{i}.qcow2") for i in ("top", "ctop")}
     rec["compare"] = {
