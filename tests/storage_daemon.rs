@@ -620,12 +620,7 @@ fn qmp_wire_protocol_errors_and_pending_commands() {
         .iter()
         .filter_map(|c| c["name"].as_str().map(str::to_owned))
         .collect();
-    for name in [
-        "blockdev-mirror",
-        "blockdev-backup",
-        "block-dirty-bitmap-add",
-        "block-dirty-bitmap-remove",
-    ] {
+    for name in ["blockdev-mirror", "blockdev-backup"] {
         let r = q.execute(name, json!({}));
         assert_eq!(r["error"]["class"], "CommandNotFound", "{name}: {r}");
         assert_eq!(
@@ -643,6 +638,12 @@ fn qmp_wire_protocol_errors_and_pending_commands() {
         "transaction",
         "block-stream",
         "block-commit",
+        "block-dirty-bitmap-add",
+        "block-dirty-bitmap-remove",
+        "block-dirty-bitmap-clear",
+        "block-dirty-bitmap-enable",
+        "block-dirty-bitmap-disable",
+        "block-dirty-bitmap-merge",
         "query-jobs",
         "query-block-jobs",
         "job-pause",
@@ -895,13 +896,31 @@ fn parity_images(w: &Path) {
 fn script_run(bin: &Path, script: &str, setup: fn(&Path)) -> Value {
     let dir = tempfile::tempdir().expect("tempdir");
     let w = dir.path();
-    let image = w.join("disk.qcow2");
     tool(
         "qemu-img",
-        &["create", "-q", "-f", "qcow2", &s(&image), "64M"],
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            &s(&w.join("disk.qcow2")),
+            "64M",
+        ],
     );
     setup(w);
+    script_run_in(bin, script, w, &[])
+}
+
+/// Runs `tests/qmp/<script> QMP_SOCKET W NBD_SOCKET extra...` against
+/// `bin` started on `w/disk.qcow2` (which must exist), as
+/// [`script_run`] does, in `w` as it is (a second run sees what the
+/// first left).
+fn script_run_in(bin: &Path, script: &str, w: &Path, extra: &[&str]) -> Value {
+    let image = w.join("disk.qcow2");
     let qmp = w.join("qmp.sock");
+    // A socket file an earlier daemon left would look ready at once.
+    let _ = std::fs::remove_file(&qmp);
+    let _ = std::fs::remove_file(w.join("nbd.sock"));
     let mut d = Daemon::start(bin, &args(w, &image, false), w, &qmp);
     let path = Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("tests/qmp")
@@ -911,7 +930,8 @@ fn script_run(bin: &Path, script: &str, setup: fn(&Path)) -> Value {
             .arg(&path)
             .arg(&qmp)
             .arg(w)
-            .arg(w.join("nbd.sock")),
+            .arg(w.join("nbd.sock"))
+            .args(extra),
         Duration::from_secs(120),
     );
     assert!(
@@ -1173,6 +1193,21 @@ fn job_and_snapshot_commands_refuse_bad_input_and_quit_cancels_running_jobs() {
             json!({"job-id": "j", "device": "top", "top-node": "top"}),
             "QEMU runs it as a mirror job that ends with job-complete",
         ),
+        (
+            "block-dirty-bitmap-merge",
+            json!({"node": "b", "target": "x", "bitmaps": [5]}),
+            "Invalid parameter type for 'bitmaps[0]', expected: BlockDirtyBitmapOrStr",
+        ),
+        (
+            "block-dirty-bitmap-merge",
+            json!({"node": "b", "target": "x", "bitmaps": "y"}),
+            "Invalid parameter type for 'bitmaps', expected: array",
+        ),
+        (
+            "block-dirty-bitmap-add",
+            json!({"node": "b", "name": 5}),
+            "Invalid parameter type for 'name', expected: string",
+        ),
         ("job-pause", json!({}), "Parameter 'id' is missing"),
         ("job-cancel", json!({"id": ["x"]}), "expected: string"),
         (
@@ -1240,6 +1275,21 @@ fn job_and_snapshot_commands_refuse_bad_input_and_quit_cancels_running_jobs() {
         assert_eq!(error_class(&r), "GenericError", "{cmd} {args}: {r}");
         assert!(desc(&r).contains(want), "{cmd} {args}: {r}");
     }
+
+    // An empty merge list merges nothing (qemu-storage-daemon 10.0.2
+    // crashes on it).
+    let r = q.execute("block-dirty-bitmap-add", json!({"node": "b", "name": "m"}));
+    assert_eq!(r, json!({"return": {}}), "{r}");
+    let r = q.execute(
+        "block-dirty-bitmap-merge",
+        json!({"node": "b", "target": "m", "bitmaps": []}),
+    );
+    assert_eq!(r, json!({"return": {}}), "{r}");
+    let r = q.execute(
+        "block-dirty-bitmap-remove",
+        json!({"node": "b", "name": "m"}),
+    );
+    assert_eq!(r, json!({"return": {}}), "{r}");
 
     // The second overlay cannot be created: the first one's node and file
     // go again, and the graph is as before.
@@ -1401,5 +1451,112 @@ fn block_commit_observes_the_same_as_with_qemu_storage_daemon() {
         return;
     }
     let qemu = script_run(Path::new("qemu-storage-daemon"), "commit.py", commit_images);
+    assert_same(&ours, &qemu);
+}
+
+/// The images `bitmaps.py` expects: bm.qcow2 and r.raw (16 MiB), s.raw
+/// (4 MiB).
+fn bitmap_images(w: &Path) {
+    image(w, "bm.qcow2", None, "16M", &[]);
+    for (name, size) in [("r.raw", "16M"), ("s.raw", "4M")] {
+        tool(
+            "qemu-img",
+            &["create", "-q", "-f", "raw", &s(&w.join(name)), size],
+        );
+    }
+}
+
+/// `bitmaps.py`'s two phases against `bin` on the same fresh files: the
+/// first session, then (after the daemon exited) the second.
+fn bitmap_run(bin: &Path) -> Value {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let w = dir.path();
+    tool(
+        "qemu-img",
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            &s(&w.join("disk.qcow2")),
+            "64M",
+        ],
+    );
+    bitmap_images(w);
+    let first = script_run_in(bin, "bitmaps.py", w, &["first"]);
+    let second = script_run_in(bin, "bitmaps.py", w, &["second"]);
+    json!({"first": first, "second": second})
+}
+
+/// `tests/qmp/bitmaps.py` against both daemons: the six
+/// block-dirty-bitmap commands and their errors in QEMU's words, what
+/// query-named-block-nodes reports after guest writes through the export
+/// and each verb, merges across nodes and granularities; then, after a
+/// restart on the same image, the persistent bitmaps back with their bits
+/// and modes, as qemu-img info sees them after each exit.
+#[test]
+fn dirty_bitmap_commands_observe_the_same_as_with_qemu_storage_daemon() {
+    let _w = watchdog(
+        "dirty_bitmap_commands_observe_the_same_as_with_qemu_storage_daemon",
+        Duration::from_secs(300),
+    );
+    if !have_qemu_qmp() {
+        skip(
+            "dirty_bitmap_commands_...: the Python package `qemu.qmp` is missing \
+             (pip install qemu.qmp; .ci/run installs it)",
+        );
+        return;
+    }
+    let ours = bitmap_run(daemon_binary());
+    // What must hold with ours, whatever QEMU does.
+    let (first, second) = (&ours["first"], &ours["second"]);
+    assert_eq!(first["guest-1"], 0, "{ours:#}");
+    assert_eq!(first["refused-merges-change-nothing"], true, "{ours:#}");
+    let b1 = |doc: &Value| -> Value {
+        doc["bm"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|b| b["name"] == "b1")
+            .cloned()
+            .unwrap_or(Value::Null)
+    };
+    // 100k+8k and 1M+1M in 128 KiB granules: 1 + 8 of them.
+    assert_eq!(
+        b1(&first["after-writes"]),
+        json!({"name": "b1", "granularity": 131072, "count": 9 * 131072,
+               "recording": true, "persistent": true, "busy": false}),
+        "{ours:#}"
+    );
+    // The restart kept b1's bits (4M+64k was written too: 10 granules)
+    // and mode, and it records on.
+    assert_eq!(b1(&first["at-end"])["count"], 10 * 131072, "{ours:#}");
+    assert_eq!(b1(&second["at-open"]), b1(&first["at-end"]), "{ours:#}");
+    assert_eq!(
+        b1(&second["after-writes"])["count"],
+        11 * 131072,
+        "{ours:#}"
+    );
+    let names = |v: &Value| -> Vec<String> {
+        v.as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|b| b["name"].as_str().map(str::to_owned))
+            .collect()
+    };
+    assert_eq!(names(&first["image-bitmaps"]), ["b1", "b2"], "{ours:#}");
+    assert_eq!(
+        second["image-bitmaps-after-delete"],
+        json!([{"flags": [], "granularity": 131072, "name": "b1"},
+               {"flags": [], "granularity": 65536, "name": "b2"}]),
+        "{ours:#}"
+    );
+    assert_eq!(first["check"], 0, "{ours:#}");
+    assert_eq!(second["check"], 0, "{ours:#}");
+    if !have("qemu-storage-daemon") {
+        skip("the comparison with qemu-storage-daemon: it is not installed");
+        return;
+    }
+    let qemu = bitmap_run(Path::new("qemu-storage-daemon"));
     assert_same(&ours, &qemu);
 }

@@ -3,7 +3,7 @@
 //!
 //! [`TABLE`] lists every command by name with a [`Handler`]: `Ready` ones
 //! run on the executor against the [`Daemon`]; `Pending` ones belong to
-//! work in progress (the mirror and backup jobs, dirty bitmaps)
+//! work in progress (the mirror and backup jobs)
 //! and are answered exactly as a daemon without them answers,
 //! `CommandNotFound` ("The command X has not been found"), and left out of
 //! `query-commands`. Plugging one in is replacing its `Pending` with a
@@ -16,7 +16,7 @@ use serde_json::{json, Value};
 use crate::blockdev;
 use crate::daemon::{Daemon, ExportSpec, NbdAddr};
 use crate::opts::{Opts, QResult, QmpError};
-use crate::{job_commands, snapshot_commands};
+use crate::{bitmap_commands, job_commands, snapshot_commands};
 
 /// What a command does.
 pub enum Handler {
@@ -30,7 +30,6 @@ pub enum Handler {
 
 const MIRROR: &str = "the mirror job (src/job/, after dirty bitmaps)";
 const BACKUP: &str = "the backup job (src/job/, after dirty bitmaps)";
-const BITMAPS: &str = "dirty bitmaps (src/, qcow2)";
 
 /// Every command, by QMP name.
 pub const TABLE: &[(&str, Handler)] = &[
@@ -106,8 +105,30 @@ pub const TABLE: &[(&str, Handler)] = &[
         "block-job-dismiss",
         Handler::Ready(job_commands::block_job_dismiss),
     ),
-    ("block-dirty-bitmap-add", Handler::Pending(BITMAPS)),
-    ("block-dirty-bitmap-remove", Handler::Pending(BITMAPS)),
+    (
+        "block-dirty-bitmap-add",
+        Handler::Ready(bitmap_commands::add),
+    ),
+    (
+        "block-dirty-bitmap-remove",
+        Handler::Ready(bitmap_commands::remove),
+    ),
+    (
+        "block-dirty-bitmap-clear",
+        Handler::Ready(bitmap_commands::clear),
+    ),
+    (
+        "block-dirty-bitmap-enable",
+        Handler::Ready(bitmap_commands::enable),
+    ),
+    (
+        "block-dirty-bitmap-disable",
+        Handler::Ready(bitmap_commands::disable),
+    ),
+    (
+        "block-dirty-bitmap-merge",
+        Handler::Ready(bitmap_commands::merge),
+    ),
 ];
 
 /// Runs command `name` on the executor.

@@ -34,9 +34,11 @@ use crate::blockdev::{Backing, ChildSpec, Kind, NodeSpec};
 use crate::opts::{lib_err, QResult, QmpError};
 use crate::qmp::Events;
 
+mod bitmaps;
 mod jobs;
 mod snapshots;
 
+pub use bitmaps::{BitmapAdd, BitmapRef, BitmapVerb};
 pub use jobs::{CommitSpec, JobVerbCmd, StreamSpec};
 pub use snapshots::{SnapshotAction, SyncSpec};
 
@@ -693,7 +695,9 @@ impl Daemon {
             let h = handle.clone();
             io.spawn(move |mut cx| async move {
                 let g = cx.read().await;
-                h.io(&g).flush().await
+                // A flush to close: a qcow2 node stores its persistent
+                // dirty bitmaps, as QEMU does when it closes an image.
+                h.io(&g).flush_to_close().await
             })
             .join()
             .map_err(|e| QmpError::generic(format!("Flushing '{name}' failed: {e}")))?;
@@ -899,6 +903,7 @@ impl Daemon {
                         below = n.child(ChildRole::Filtered);
                     }
                     f.backing = node.backing().map(|b| b.name().to_owned());
+                    f.bitmaps = node.dirty_bitmaps();
                     // Backing links only (filters do not count), as QEMU.
                     let mut below = node.backing();
                     while let Some(b) = below {
@@ -943,6 +948,11 @@ impl Daemon {
             });
             if let Some(b) = f.qcow2.as_ref().and_then(|q| q.backing_file.clone()) {
                 info["backing_file"] = Value::String(b);
+            }
+            // Newest first, and only when there are any, as QEMU.
+            if !f.bitmaps.is_empty() {
+                info["dirty-bitmaps"] =
+                    Value::Array(f.bitmaps.iter().rev().map(bitmaps::bitmap_json).collect());
             }
             list.push(info);
         }
@@ -1314,6 +1324,8 @@ struct Facts {
     qcow2: Option<Qcow2Facts>,
     backing: Option<String>,
     depth: usize,
+    /// Its dirty bitmaps, oldest first.
+    bitmaps: Vec<blockgraph::DirtyBitmapInfo>,
 }
 
 struct Qcow2Facts {

@@ -34,6 +34,7 @@
 //! flushed (users first), the graph shut down; exit status 0. A command
 //! line that cannot be applied exits 1 after the same clean-up.
 
+mod bitmap_commands;
 mod blockdev;
 mod cli;
 mod commands;
