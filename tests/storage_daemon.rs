@@ -1455,15 +1455,53 @@ fn block_commit_observes_the_same_as_with_qemu_storage_daemon() {
 }
 
 /// The images `bitmaps.py` expects: bm.qcow2 and r.raw (16 MiB), s.raw
-/// (4 MiB).
+/// (4 MiB), inc.qcow2 with a persistent bitmap `bx` flagged in use (what
+/// a writer that crashed leaves: inconsistent).
 fn bitmap_images(w: &Path) {
     image(w, "bm.qcow2", None, "16M", &[]);
+    let inc = s(&w.join("inc.qcow2"));
+    image(w, "inc.qcow2", None, "16M", &[]);
+    tool("qemu-img", &["bitmap", "--add", &inc, "bx"]);
+    tool("qemu-io", &["-f", "qcow2", &inc, "-c", "write 0 64k"]);
+    set_bitmap_in_use(&w.join("inc.qcow2"));
     for (name, size) in [("r.raw", "16M"), ("s.raw", "4M")] {
         tool(
             "qemu-img",
             &["create", "-q", "-f", "raw", &s(&w.join(name)), size],
         );
     }
+}
+
+/// Sets the `in_use` flag of the first bitmap of a qcow2 image's bitmap
+/// directory (qcow2 spec: the bitmaps header extension, 0x23852875,
+/// holds the directory's offset at +16; a directory entry's flags are at
+/// +12).
+fn set_bitmap_in_use(path: &Path) {
+    use std::io::{Read, Seek, SeekFrom, Write};
+    let mut f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+        .expect("open image");
+    let mut h = vec![0u8; 4096];
+    f.read_exact(&mut h).expect("header");
+    let be32 = |b: &[u8], at: usize| u32::from_be_bytes(b[at..at + 4].try_into().expect("4"));
+    let be64 = |b: &[u8], at: usize| u64::from_be_bytes(b[at..at + 8].try_into().expect("8"));
+    let mut at = be32(&h, 100) as usize; // header_length: extensions follow
+    let dir = loop {
+        let (ty, len) = (be32(&h, at), be32(&h, at + 4) as usize);
+        assert_ne!(ty, 0, "no bitmaps extension in {}", path.display());
+        if ty == 0x2385_2875 {
+            break be64(&h, at + 8 + 16);
+        }
+        at += 8 + len.div_ceil(8) * 8;
+    };
+    let mut flags = [0u8; 4];
+    f.seek(SeekFrom::Start(dir + 12)).expect("seek");
+    f.read_exact(&mut flags).expect("flags");
+    let flags = u32::from_be_bytes(flags) | 1;
+    f.seek(SeekFrom::Start(dir + 12)).expect("seek");
+    f.write_all(&flags.to_be_bytes()).expect("write flags");
 }
 
 /// `bitmaps.py`'s two phases against `bin` on the same fresh files: the

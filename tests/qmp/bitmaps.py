@@ -7,7 +7,8 @@ observed as one JSON document.
 
 tests/storage_daemon.rs prepares WORKDIR (see `bitmap_images` there:
 bm.qcow2, a qcow2 image; r.raw, a raw file of the same size; s.raw, a
-smaller one), starts each daemon with the
+smaller one; inc.qcow2, whose persistent bitmap bx is flagged in use, as
+a crashed writer leaves it), starts each daemon with the
 same command line (d0 on disk.qcow2, a monitor on QMP_SOCKET) and compares
 the documents.
 
@@ -69,8 +70,8 @@ async def main():
     def guest(*cmds):
         return work.qemu_io(work.url("bm"), "raw", list(cmds) + ["flush"])
 
-    def image_bitmaps():
-        code, out = run("qemu-img", "info", "--output=json", f"{W}/bm.qcow2")
+    def image_bitmaps(image="bm"):
+        code, out = run("qemu-img", "info", "--output=json", f"{W}/{image}.qcow2")
         if code != 0:
             return [code, out]
         data = json.loads(out).get("format-specific", {}).get("data", {})
@@ -179,6 +180,29 @@ async def main():
                          await ex("block-dirty-bitmap-remove", {"node": "bm", "name": "gone"}),
                          await ex("block-dirty-bitmap-remove", {"node": "r", "name": "x"})]
         rec["at-end"] = await bitmaps()
+
+        # An inconsistent bitmap: listed as such, refused by every verb
+        # but remove, and as a merge source.
+        rec["inconsistent"] = [
+            await ex("blockdev-add", {"driver": "qcow2", "node-name": "inc",
+                                      "file": {"driver": "file",
+                                               "filename": f"{W}/inc.qcow2"}}),
+            (await bitmaps()).get("inc"),
+            await ex("block-dirty-bitmap-clear", {"node": "inc", "name": "bx"}),
+            await ex("block-dirty-bitmap-enable", {"node": "inc", "name": "bx"}),
+            await ex("block-dirty-bitmap-disable", {"node": "inc", "name": "bx"}),
+            await ex(ADD, {"node": "inc", "name": "ok", "persistent": True}),
+            await ex("block-dirty-bitmap-merge", {"node": "inc", "target": "ok",
+                                                  "bitmaps": ["bx"]}),
+            await ex("block-dirty-bitmap-merge", {"node": "inc", "target": "bx",
+                                                  "bitmaps": ["ok"]}),
+            await ex("block-dirty-bitmap-remove", {"node": "inc", "name": "bx"}),
+            (await bitmaps()).get("inc"),
+            await ex("blockdev-del", {"node-name": "inc"}),
+        ]
+        # bx left the image (QEMU removes it at once, we when closing),
+        # ok is stored.
+        rec["inc-image-bitmaps"] = image_bitmaps("inc")
     else:
         # b1 (recording) and b2 (disabled) are back with their bits; b0
         # and r's x were not persistent, `gone` was removed.
