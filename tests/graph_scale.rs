@@ -129,3 +129,54 @@ fn a_cycle_deep_in_a_chain_is_found_and_rolled_back_exactly() {
     .unwrap();
     main.shutdown();
 }
+
+/// A drain covers everything above the drained node: over a chain of a
+/// thousand filters it covers each node once, and `drain_all` over the
+/// whole large graph covers every node once.
+#[test]
+fn drains_of_a_tall_chain_and_of_the_whole_graph_cover_each_node_once() {
+    let _wd = watchdog("tall_chain_drain", Duration::from_secs(120));
+    const HEIGHT: usize = 1_000;
+    let main = MainLoop::new().unwrap();
+    let corner = large_graph(&main);
+    let (bottom, top) = main
+        .run(|bql| {
+            bql.write(|w| {
+                let bottom = w.add_node("tall0", MemoryDriver::new(1 << 16), &[])?;
+                let mut below = bottom.clone();
+                for i in 1..HEIGHT {
+                    below = w.add_node(
+                        &format!("tall{i}"),
+                        PassthroughFilter::new(),
+                        &[(ChildRole::Filtered, &below)],
+                    )?;
+                }
+                w.add_backend("tallvd", &below, BackendOptions::default())?;
+                Ok::<_, Error>((bottom, below))
+            })
+        })
+        .unwrap();
+    main.run(move |bql| {
+        let drained = bql.drain(&bottom);
+        assert_eq!(bottom.gs(bql).drain_count(), 1);
+        assert_eq!(
+            top.gs(bql).drain_count(),
+            1,
+            "the top of the chain is covered"
+        );
+        drop(drained);
+        assert_eq!(top.gs(bql).drain_count(), 0, "ending the drain uncovers it");
+
+        let all = bql.drain_all();
+        let graph = bql.graph();
+        assert_eq!(graph.nodes().len(), DISKS + 4 + HEIGHT);
+        assert!(
+            graph.nodes().all(|n| n.drain_count() == 1),
+            "drain_all covers every node once"
+        );
+        drop(all);
+        assert!(bql.graph().nodes().all(|n| n.drain_count() == 0));
+    });
+    drop(corner);
+    main.shutdown();
+}

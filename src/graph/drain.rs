@@ -13,6 +13,7 @@
 //! starts covered. Ending the section undoes exactly what it recorded,
 //! whatever happened to the graph in between.
 
+use std::collections::HashSet;
 use std::future::poll_fn;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -34,6 +35,11 @@ use crate::thread::BqlScope;
 pub(crate) struct Section {
     pub(crate) nodes: Vec<Arc<NodeInner>>,
     pub(crate) backends: Vec<Arc<BackendInner>>,
+    /// The addresses of `nodes` and `backends`, so that covering a node is
+    /// O(1) and a drain costs what it covers, not its square. The `Arc`s in
+    /// the vectors keep the addresses alive and unique.
+    covered_nodes: HashSet<usize>,
+    covered_backends: HashSet<usize>,
     /// The wait for requests in flight has completed.
     pub(crate) waited: bool,
     /// A drain-all section: nodes joining the graph join it too.
@@ -387,40 +393,50 @@ pub(crate) fn cover_new_edges(graph: &GraphInner, edges: &[NewEdge], access: Rea
 }
 
 fn covers(section: &Section, node: &Arc<NodeInner>) -> bool {
-    section.nodes.iter().any(|n| Arc::ptr_eq(n, node))
+    section
+        .covered_nodes
+        .contains(&(Arc::as_ptr(node) as usize))
 }
 
+/// Covers `node` and everything above it (its parents, their parents, …,
+/// and their backends). Iterative, so a deep chain cannot overflow the
+/// stack.
 fn cover_node(
     section: &mut Section,
     node: &Arc<NodeInner>,
     began: &mut Vec<Arc<NodeInner>>,
     access: ReadAccess<'_>,
 ) {
-    if covers(section, node) {
-        return;
-    }
-    section.nodes.push(node.clone());
-    if node.quiesce.fetch_add(1, Ordering::SeqCst) == 0 {
-        // From here on a request entering at the node sees the bit, and the
-        // wait below sees every request that entered before it.
-        node.in_flight
-            .fetch_or(NodeInner::QUIESCED, Ordering::SeqCst);
-        began.push(node.clone());
-    }
-    if section.waited {
-        node.drained.fetch_add(1, Ordering::SeqCst);
-    }
-    let parents = node.parents.get(access).clone();
-    for link in &parents {
-        match link {
-            ParentLink::Node { parent, .. } => cover_node(section, parent, began, access),
-            ParentLink::Backend(backend) => cover_backend(section, backend),
+    let mut todo = vec![node.clone()];
+    while let Some(node) = todo.pop() {
+        if !section.covered_nodes.insert(Arc::as_ptr(&node) as usize) {
+            continue;
         }
+        if node.quiesce.fetch_add(1, Ordering::SeqCst) == 0 {
+            // From here on a request entering at the node sees the bit, and
+            // the wait below sees every request that entered before it.
+            node.in_flight
+                .fetch_or(NodeInner::QUIESCED, Ordering::SeqCst);
+            began.push(node.clone());
+        }
+        if section.waited {
+            node.drained.fetch_add(1, Ordering::SeqCst);
+        }
+        for link in node.parents.get(access) {
+            match link {
+                ParentLink::Node { parent, .. } => todo.push(parent.clone()),
+                ParentLink::Backend(backend) => cover_backend(section, backend),
+            }
+        }
+        section.nodes.push(node);
     }
 }
 
 fn cover_backend(section: &mut Section, backend: &Arc<BackendInner>) {
-    if section.backends.iter().any(|b| Arc::ptr_eq(b, backend)) {
+    if !section
+        .covered_backends
+        .insert(Arc::as_ptr(backend) as usize)
+    {
         return;
     }
     section.backends.push(backend.clone());
