@@ -155,6 +155,16 @@ impl JobRunner {
         self.job.shared.lock().complete_requested
     }
 
+    /// Whether the user cancelled the job without force while it was
+    /// ready: it completes, without the graph change that `complete` would
+    /// make (QEMU's cancel of a ready mirror). [`completion_requested`]
+    /// is true then too.
+    ///
+    /// [`completion_requested`]: Self::completion_requested
+    pub fn cancelled_after_ready(&self) -> bool {
+        self.job.shared.lock().cancel_after_ready
+    }
+
     /// Waits until the rate limit lets `bytes` more go (QEMU's
     /// `block_job_ratelimit_sleep`), then is a pause point (QEMU's
     /// `job_sleep_ns` is one: a job paused or drained while it slept does

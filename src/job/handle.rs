@@ -315,11 +315,24 @@ impl Job {
     /// point (a paused job is woken for it), undoes what it set up and
     /// concludes with [`JobEvent::Cancelled`](super::JobEvent::Cancelled).
     /// `force` matters to jobs that are ready (QEMU's `force`: do not
-    /// complete, abandon).
+    /// complete, abandon): without it, a ready job of a kind that
+    /// completes on cancel (mirror) is not cancelled but asked to complete
+    /// without its graph change (QEMU's cancel of a ready mirror: the
+    /// target is brought in sync and left, the source stays in use), and
+    /// concludes with [`JobEvent::Completed`](super::JobEvent::Completed).
     pub fn cancel(&self, bql: &Bql, force: bool) -> Result<()> {
         let _ = bql;
         let mut st = self.shared.lock();
         self.shared.check_verb(&st, JobVerb::Cancel)?;
+        let ready = matches!(st.status, JobStatus::Ready | JobStatus::Standby);
+        if ready && !force && self.shared.kind == JobType::Mirror {
+            st.cancel_after_ready = true;
+            st.complete_requested = true;
+            st.user_paused = false;
+            self.shared.sync_pause(&mut st);
+            self.shared.wake.notify_waiters();
+            return Ok(());
+        }
         st.cancelled = true;
         st.force |= force;
         st.user_paused = false;

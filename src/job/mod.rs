@@ -44,10 +44,12 @@
 
 mod commit;
 mod copy;
+mod dirty;
 mod driver;
 mod events;
 mod filter;
 mod handle;
+mod mirror;
 mod rate;
 mod shared;
 mod status;
@@ -59,6 +61,7 @@ pub use driver::{JobCx, JobDriver, JobRunner};
 pub use events::{ErrorAction, IoOperation, JobEvent, JobEvents};
 pub use filter::JobFilter;
 pub use handle::{find_job, query_jobs, Job, JobInfo, JobOptions};
+pub use mirror::{mirror, CopyMode, ImageFormat, MirrorOptions, MirrorSync, MirrorTarget};
 pub use shared::OnError;
 pub use status::{JobStatus, JobType, JobVerb};
 pub use stream::{stream, StreamOptions};

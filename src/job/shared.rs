@@ -64,6 +64,9 @@ pub(crate) struct State {
     pub force: bool,
     pub finalize_requested: bool,
     pub complete_requested: bool,
+    /// Cancelled without force while ready (QEMU: a ready mirror then
+    /// completes without pivoting); `complete_requested` is set with it.
+    pub cancel_after_ready: bool,
     /// Why the job failed, once it has.
     pub error: Option<String>,
 }
@@ -121,6 +124,7 @@ impl JobShared {
                 force: false,
                 finalize_requested: false,
                 complete_requested: false,
+                cancel_after_ready: false,
                 error: None,
             }),
             wake: Notify::new(),

@@ -1,0 +1,928 @@
+//! `blockdev-mirror` / `drive-mirror`: copy a device to a target while the
+//! guest keeps writing it, keep the target in sync, and on `complete`
+//! pivot the source's users onto the target (QEMU's `block/mirror.c`).
+//!
+//! What it does, step by step: see [`mirror`].
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use crate::backend::BlockBackend;
+use crate::driver::range_lock::RangeLock;
+use crate::driver::{forward, Filter, IoFuture};
+use crate::drivers::qcow2::{CreateOptions, Qcow2Driver, Qcow2Options};
+use crate::drivers::{FileDriver, FileOptions};
+use crate::graph::backend::BackendOptions;
+use crate::graph::proof::{Bql, NodeHandle, RequestRef};
+use crate::graph::runtime::{IoTask, IoThreadHandle};
+use crate::types::{BlockStatus, ChildRole, Error, Perm, Permissions, Result};
+
+use super::copy::{copy_range, ChunkError, CopyChunks, CopyOptions};
+use super::dirty::DirtyMap;
+use super::driver::{JobCx, JobDriver, JobRunner};
+use super::filter::JobFilter;
+use super::handle::{Job, JobOptions};
+use super::shared::JobShared;
+use super::status::JobType;
+
+/// What the initial copy covers (QEMU's `MirrorSyncMode`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum MirrorSync {
+    /// The whole device, as the guest sees it (every layer of the chain).
+    #[default]
+    Full,
+    /// Only what the source's top image stores; the rest is expected to
+    /// come from the target's backing file (the source's backing).
+    Top,
+    /// Nothing: only what the guest writes from the job's start on.
+    None,
+}
+
+/// How guest writes reach the target (QEMU's `MirrorCopyMode`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum CopyMode {
+    /// A guest write goes to the source only and marks its range dirty;
+    /// the job's copy loop catches up (QEMU's `background`).
+    #[default]
+    Background,
+    /// A guest write goes to the source and the target before it
+    /// completes, so the target never falls behind on written data
+    /// (QEMU's `write-blocking`, active mirroring).
+    WriteBlocking,
+}
+
+/// The format of a target the job creates.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ImageFormat {
+    /// A qcow2 image on a new file.
+    Qcow2,
+    /// A raw file.
+    Raw,
+}
+
+/// Where the mirror goes.
+#[derive(Debug, Clone)]
+pub enum MirrorTarget {
+    /// An existing node (QEMU's `blockdev-mirror`): nobody else may use it
+    /// while the job runs; it must be at least as large as the source.
+    Node(NodeHandle),
+    /// A new image the job creates (QEMU's `drive-mirror` with
+    /// `mode=absolute-paths`): `path` must not exist; the image gets the
+    /// source's size. The node is named `node_name` (a qcow2 image's file
+    /// node `<node_name>-file`).
+    NewImage {
+        /// The host file to create.
+        path: PathBuf,
+        /// Its format.
+        format: ImageFormat,
+        /// The new node's name.
+        node_name: String,
+        /// For a qcow2 target: make the source's backing image its backing
+        /// (named by its file in the header), which is what `sync=top`
+        /// needs to show the guest's data. Ignored for raw.
+        backing: bool,
+    },
+}
+
+/// What to mirror, and how (QEMU's `blockdev-mirror` arguments).
+#[derive(Debug, Clone)]
+pub struct MirrorOptions {
+    source: NodeHandle,
+    target: MirrorTarget,
+    sync: MirrorSync,
+    mode: CopyMode,
+    granularity: u64,
+    filter_node_name: Option<String>,
+    copy: CopyOptions,
+}
+
+impl MirrorOptions {
+    /// Mirror `source` (the node whose users the job pivots) to `target`,
+    /// with `sync=full`, background copy and a 64 KiB granularity.
+    pub fn new(source: &NodeHandle, target: MirrorTarget) -> Self {
+        MirrorOptions {
+            source: source.clone(),
+            target,
+            sync: MirrorSync::Full,
+            mode: CopyMode::Background,
+            granularity: 64 << 10,
+            filter_node_name: None,
+            copy: CopyOptions {
+                chunk_size: 1 << 20,
+                ..CopyOptions::default()
+            },
+        }
+    }
+
+    /// What the initial copy covers.
+    pub fn sync(mut self, sync: MirrorSync) -> Self {
+        self.sync = sync;
+        self
+    }
+
+    /// How guest writes reach the target.
+    pub fn copy_mode(mut self, mode: CopyMode) -> Self {
+        self.mode = mode;
+        self
+    }
+
+    /// The dirty map's granule in bytes (QEMU's `granularity`; a power of
+    /// two, at least 512; default 64 KiB).
+    pub fn granularity(mut self, bytes: u64) -> Self {
+        self.granularity = bytes;
+        self
+    }
+
+    /// The name of the job's filter node (default `<job id>-mirror`).
+    pub fn filter_node_name(mut self, name: impl Into<String>) -> Self {
+        self.filter_node_name = Some(name.into());
+        self
+    }
+
+    /// Chunk size and requests in flight of the initial copy (default
+    /// 1 MiB chunks, 4 in flight); a chunk is also the most the dirty loop
+    /// copies at once.
+    pub fn copy_options(mut self, copy: CopyOptions) -> Self {
+        self.copy = copy;
+        self
+    }
+}
+
+/// What the filter and the job share.
+#[derive(Debug)]
+struct MirrorState {
+    dirty: DirtyMap,
+    /// Copies take their range serialising; write-through guest writes a
+    /// plain range: a copy never interleaves with a guest write that goes
+    /// to the target too.
+    lock: RangeLock,
+    /// Guest writes go to the target too (write-blocking mode, and every
+    /// mode once the job converges for `complete` or a cancel after
+    /// ready).
+    write_through: AtomicBool,
+}
+
+/// The role of the filter's edge to the target.
+const TARGET: ChildRole = ChildRole::Data;
+
+/// The mirror filter (QEMU's `mirror_top`), above the source: passes every
+/// request to the source and records what guests change in the job's
+/// dirty map; in write-through mode also writes the change to the target
+/// (its `Data` child) before completing it.
+#[derive(Debug)]
+struct MirrorTop {
+    state: Arc<MirrorState>,
+}
+
+impl MirrorTop {
+    /// A change of `[offset, offset + len)`: `source` makes it on the
+    /// source, `target` on the target.
+    fn change<'a>(
+        &'a self,
+        node: RequestRef<'a>,
+        offset: u64,
+        len: u64,
+        source: IoFuture<'a, ()>,
+        target: impl FnOnce() -> Option<IoFuture<'a, ()>> + Send + 'a,
+    ) -> IoFuture<'a, ()> {
+        let _ = node;
+        Box::pin(async move {
+            let state = &self.state;
+            if !state.write_through.load(Ordering::SeqCst) {
+                source.await?;
+                // Marked once the source has it: a copy that took the
+                // range before this point reads it again later.
+                state.dirty.mark(offset, len);
+                return Ok(());
+            }
+            let _range = state
+                .lock
+                .lock(offset, offset.saturating_add(len), false)
+                .await;
+            source.await?;
+            let mirrored = match target() {
+                Some(t) => t.await.is_ok(),
+                None => false,
+            };
+            if !mirrored {
+                // The job copies it (and its error policy sees a failure).
+                state.dirty.mark(offset, len);
+            }
+            Ok(())
+        })
+    }
+}
+
+impl Filter for MirrorTop {
+    const CHILD: ChildRole = ChildRole::Filtered;
+
+    fn format_name(&self) -> &'static str {
+        "mirror_top"
+    }
+
+    fn child_permissions(&self, role: ChildRole, users: Permissions) -> Permissions {
+        match role {
+            ChildRole::Filtered => users,
+            // The target: written by the filter (write-through) and the
+            // job's writer, nobody else; nobody reads a half-copied image.
+            TARGET => Permissions {
+                take: Perm::WRITE,
+                share: Perm::WRITE | Perm::WRITE_UNCHANGED,
+            },
+            _ => Permissions::UNRESTRICTED,
+        }
+    }
+
+    fn write<'a>(&'a self, node: RequestRef<'a>, offset: u64, buf: &'a [u8]) -> IoFuture<'a, ()> {
+        self.change(
+            node,
+            offset,
+            buf.len() as u64,
+            forward::write(node, ChildRole::Filtered, offset, buf),
+            move || Some(forward::write(node, TARGET, offset, buf)),
+        )
+    }
+
+    fn write_zeroes<'a>(&'a self, node: RequestRef<'a>, offset: u64, len: u64) -> IoFuture<'a, ()> {
+        self.change(
+            node,
+            offset,
+            len,
+            forward::write_zeroes(node, ChildRole::Filtered, offset, len),
+            move || Some(forward::write_zeroes(node, TARGET, offset, len)),
+        )
+    }
+
+    fn discard<'a>(&'a self, node: RequestRef<'a>, offset: u64, len: u64) -> IoFuture<'a, ()> {
+        // What a discarded range reads as is the source's business: the
+        // job copies whatever it reads afterwards.
+        self.change(
+            node,
+            offset,
+            len,
+            forward::discard(node, ChildRole::Filtered, offset, len),
+            || None,
+        )
+    }
+}
+
+/// Starts a mirror job (QEMU's `blockdev-mirror`, or `drive-mirror` with a
+/// target it creates) on this main loop, doing its I/O on `io`'s thread.
+/// Guest I/O continues on the source meanwhile.
+///
+/// ```text
+///  before:  vda → source → …
+///  during:  vda → mirror filter → source → …          (job reader on source)
+///                       ╰──(data)──→ target            (job writer on target)
+///  after complete:       vda → target                  (source left, unused by vda)
+///  after cancel:         vda → source → …              (target left as copied)
+/// ```
+///
+/// * **Setup** (main loop, this function): the target created if asked
+///   (a raw or qcow2 file of the source's size, the qcow2 one optionally
+///   backed by the source's backing image); drains of the source and the
+///   target, and one write section with one transaction that inserts the
+///   mirror filter above the source (it takes over every user of the
+///   source) with an edge to the target, and adds the job's reader on the
+///   source and writer on the target (both `stay_at_node`). The filter's
+///   target edge and the writer take `WRITE` and share only writing, so
+///   any other user of the target is refused while the job runs.
+/// * **Run** (the job's I/O task): the initial pass of the copy engine
+///   (`sync=full`: every range the chain shows data in, or everything for
+///   an existing target; `sync=top`: what the top image stores,
+///   [`BlockBackend::block_status_above`] its backing; `sync=none`:
+///   nothing), each chunk under a serialising range lock, its dirty bits
+///   taken before the read; then the dirty loop: copy the dirty granules
+///   until the map is clean, then [`JobEvent::Ready`](super::JobEvent::Ready)
+///   and keep copying what the guest dirties, until `complete` (or a
+///   cancel without force). Then every guest write is made write-through
+///   and the last dirty granules copied. Every request takes the read
+///   lock for itself; pause points come between copies.
+/// * **Prepare** (finalization): loop { copy what is dirty; flush the
+///   target; on the main loop, drains of the filter and the target (every
+///   guest request in flight has completed, on both, since writes are
+///   write-through), and *there*, with nothing in flight and nothing able
+///   to start, the dirty map is checked clean — if not, back to copying —
+///   and one write section with one transaction removes the job's
+///   backends, detaches the filter from the target, moves every user of
+///   the filter (the source's users: backends, overlays, other filters)
+///   onto the target ([`GraphWriter::replace_node`](crate::GraphWriter::replace_node);
+///   not for a cancel after ready) and removes the filter }. The target
+///   is flushed once more.
+/// * **Cancel** before ready or with force, or failure: the filter and
+///   backends are removed (users back on the source); the target keeps
+///   what was copied. A cancel without force after ready completes the
+///   job without the pivot: the target is identical to the source at the
+///   moment of the final drain, and flushed.
+///
+/// # Errors
+///
+/// An invalid or duplicate job id; the source or target removed or of
+/// another graph, the target the source or in use, or smaller than the
+/// source; a new target's file existing; the filter node's name taken; a
+/// permission conflict. Nothing is changed then (a created target file is
+/// removed).
+///
+/// # Examples
+///
+/// ```no_run
+/// use blockgraph::job::{self, JobOptions, MirrorOptions, MirrorTarget};
+/// # fn f(main: &blockgraph::MainLoop, io: &blockgraph::IoThread,
+/// #      disk: blockgraph::NodeHandle, copy: blockgraph::NodeHandle) -> blockgraph::Result<()> {
+/// let io = io.handle();
+/// let job = main.run(move |bql| {
+///     let options = MirrorOptions::new(&disk, MirrorTarget::Node(copy));
+///     job::mirror(bql, &io, JobOptions::new("mirror0"), options)
+/// })?;
+/// // … wait for `JobEvent::Ready`, then on the main loop: `job.complete(bql)` …
+/// # Ok(()) }
+/// ```
+pub fn mirror(
+    bql: &mut Bql,
+    io: &IoThreadHandle,
+    options: JobOptions,
+    mirror: MirrorOptions,
+) -> Result<Job> {
+    let job = Job::create(bql, JobType::Mirror, &options)?;
+    match set_up(bql, io, &job, &mirror) {
+        Ok(driver) => {
+            job.start(bql, io, driver)?;
+            Ok(job)
+        }
+        Err(e) => {
+            job.early_fail(bql);
+            Err(e)
+        }
+    }
+}
+
+/// The source's length, read in a task of `io`.
+fn length_of(bql: &mut Bql, io: &IoThreadHandle, node: &NodeHandle) -> Result<u64> {
+    let n = node.clone();
+    bql.block_on(io.spawn(move |mut cx| async move {
+        let g = cx.read().await;
+        n.try_io(&g)?.length().await
+    }))
+}
+
+/// The host file and format of `node` (a file node, or a format node on
+/// one), for a new image's backing file name.
+fn file_of(bql: &Bql, node: &NodeHandle) -> Option<(PathBuf, String)> {
+    let n = node.gs(bql);
+    if let Some(f) = n.driver_as::<FileDriver>() {
+        return Some((f.path().to_owned(), "raw".to_owned()));
+    }
+    let file = n.child(ChildRole::File)?;
+    let path = file.driver_as::<FileDriver>()?.path().to_owned();
+    Some((path, n.driver_name().to_owned()))
+}
+
+/// A target the job created: its nodes (top first) and file, removed if
+/// setup fails.
+#[derive(Default)]
+struct Created {
+    nodes: Vec<NodeHandle>,
+    file: Option<PathBuf>,
+}
+
+impl Created {
+    fn undo(self, bql: &mut Bql) {
+        for n in &self.nodes {
+            if n.gs(bql).is_in_graph() {
+                let d = bql.drain(n);
+                let _ = bql.write(|w| w.remove_node(&d));
+            }
+        }
+        if let Some(f) = self.file {
+            let _ = std::fs::remove_file(f);
+        }
+    }
+}
+
+#[allow(clippy::too_many_arguments)] // the parts of `MirrorTarget::NewImage`, unpacked
+fn create_target(
+    bql: &mut Bql,
+    io: &IoThreadHandle,
+    source: &NodeHandle,
+    len: u64,
+    path: &std::path::Path,
+    format: ImageFormat,
+    node_name: &str,
+    backing: bool,
+    created: &mut Created,
+) -> Result<NodeHandle> {
+    if path.exists() {
+        return Err(Error::InvalidArgument(format!(
+            "mirror: the target file '{}' exists",
+            path.display()
+        )));
+    }
+    match format {
+        ImageFormat::Raw => {
+            let file = FileDriver::create(path, len, FileOptions::default())?;
+            created.file = Some(path.to_owned());
+            let node = bql.write(|w| w.add_node(node_name, file, &[]))?;
+            created.nodes.push(node.clone());
+            Ok(node)
+        }
+        ImageFormat::Qcow2 => {
+            let backing_node = if backing {
+                source
+                    .gs(bql)
+                    .backing()
+                    .map(|b| b.to_handle())
+                    .map(|b| {
+                        file_of(bql, &b).map(|f| (b.clone(), f)).ok_or_else(|| {
+                            Error::InvalidArgument(format!(
+                                "mirror: the source's backing '{}' has no file name to \
+                                 record in the target",
+                                b.name()
+                            ))
+                        })
+                    })
+                    .transpose()?
+            } else {
+                None
+            };
+            let file = FileDriver::create(path, 0, FileOptions::default())?;
+            created.file = Some(path.to_owned());
+            let file_name = format!("{node_name}-file");
+            let file_node = bql.write(|w| w.add_node(&file_name, file, &[]))?;
+            created.nodes.push(file_node.clone());
+            let f = file_node.clone();
+            let header = backing_node
+                .as_ref()
+                .map(|(_, (p, fmt))| (p.display().to_string(), fmt.clone()));
+            let driver = bql.block_on(io.spawn(move |mut cx| async move {
+                let g = cx.read().await;
+                let mut options = CreateOptions::new(len);
+                if let Some((name, fmt)) = header {
+                    options = options.backing(name, fmt);
+                }
+                Qcow2Driver::create(f.try_io(&g)?, &options).await?;
+                Qcow2Driver::open(f.try_io(&g)?, Qcow2Options::default()).await
+            }))?;
+            let node = bql.write(|w| {
+                let mut children = vec![(ChildRole::File, &file_node)];
+                if let Some((b, _)) = &backing_node {
+                    children.push((ChildRole::Backing, b));
+                }
+                w.add_node(node_name, driver, &children)
+            })?;
+            created.nodes.insert(0, node.clone());
+            Ok(node)
+        }
+    }
+}
+
+fn set_up(bql: &mut Bql, io: &IoThreadHandle, job: &Job, o: &MirrorOptions) -> Result<MirrorJob> {
+    let source = o.source.gs(bql);
+    if !source.is_in_graph() {
+        return Err(Error::NodeRemoved(source.name().to_owned()));
+    }
+    let base = match o.sync {
+        MirrorSync::Top => source.backing().map(|b| b.to_handle()),
+        _ => None,
+    };
+    let len = length_of(bql, io, &o.source)?;
+    let mut created = Created::default();
+    let result = set_up_with(bql, io, job, o, len, base, &mut created);
+    if result.is_err() {
+        created.undo(bql);
+    }
+    result
+}
+
+fn set_up_with(
+    bql: &mut Bql,
+    io: &IoThreadHandle,
+    job: &Job,
+    o: &MirrorOptions,
+    len: u64,
+    base: Option<NodeHandle>,
+    created: &mut Created,
+) -> Result<MirrorJob> {
+    let (target, zeroed) = match &o.target {
+        MirrorTarget::Node(t) => (t.clone(), false),
+        MirrorTarget::NewImage {
+            path,
+            format,
+            node_name,
+            backing,
+        } => (
+            create_target(
+                bql, io, &o.source, len, path, *format, node_name, *backing, created,
+            )?,
+            true,
+        ),
+    };
+    {
+        let t = target.gs(bql);
+        if !t.is_in_graph() {
+            return Err(Error::NodeRemoved(t.name().to_owned()));
+        }
+        let s = o.source.gs(bql);
+        let below_source = std::iter::once(s)
+            .chain(s.backing_chain())
+            .any(|n| n.name() == t.name());
+        if below_source {
+            return Err(Error::InvalidArgument(format!(
+                "mirror: the target '{}' is the source '{}' or in its backing chain",
+                t.name(),
+                s.name()
+            )));
+        }
+        if t.parents().len() != 0 {
+            return Err(Error::InvalidArgument(format!(
+                "mirror: the target '{}' is in use",
+                t.name()
+            )));
+        }
+    }
+    let target_len = length_of(bql, io, &target)?;
+    if target_len < len {
+        return Err(Error::InvalidArgument(format!(
+            "mirror: the target '{}' ({target_len} bytes) is smaller than the source '{}' \
+             ({len} bytes)",
+            target.name(),
+            o.source.name()
+        )));
+    }
+    let state = Arc::new(MirrorState {
+        dirty: DirtyMap::new(len, o.granularity),
+        lock: RangeLock::default(),
+        write_through: AtomicBool::new(o.mode == CopyMode::WriteBlocking),
+    });
+    let filter_name = o
+        .filter_node_name
+        .clone()
+        .unwrap_or_else(|| format!("{}-mirror", job.id()));
+    let reader_options = BackendOptions {
+        // Reads the source; lets the guest do anything but resize it.
+        perms: Permissions {
+            take: Perm::CONSISTENT_READ,
+            share: Perm::CONSISTENT_READ | Perm::WRITE | Perm::WRITE_UNCHANGED,
+        },
+        stay_at_node: true,
+    };
+    let writer_options = BackendOptions {
+        // Shares writing with the filter's edge only (whoever else writes
+        // must share WRITE, and a plain writer does not); nobody reads.
+        perms: Permissions {
+            take: Perm::WRITE,
+            share: Perm::WRITE | Perm::WRITE_UNCHANGED,
+        },
+        stay_at_node: true,
+    };
+    let source_drained = bql.drain(&o.source);
+    let target_drained = bql.drain(&target);
+    let added = bql.write(|w| {
+        w.transaction(|w| {
+            let filter = w.insert_filter_with(
+                &source_drained,
+                &filter_name,
+                JobFilter::new(
+                    MirrorTop {
+                        state: state.clone(),
+                    },
+                    job.clone(),
+                ),
+                &[(TARGET, &target)],
+            )?;
+            let reader = w.add_backend(
+                &format!("{}-mirror-source", job.id()),
+                &o.source,
+                reader_options,
+            )?;
+            let writer = w.add_backend(
+                &format!("{}-mirror-target", job.id()),
+                &target,
+                writer_options,
+            )?;
+            Ok((filter, reader, writer))
+        })
+    });
+    drop(target_drained);
+    drop(source_drained);
+    let (filter, reader, writer) = added?;
+    Ok(MirrorJob {
+        target,
+        filter,
+        reader,
+        writer,
+        base,
+        sync: o.sync,
+        zeroed,
+        len,
+        state,
+        copy: o.copy,
+    })
+}
+
+struct MirrorJob {
+    target: NodeHandle,
+    filter: NodeHandle,
+    reader: BlockBackend,
+    writer: BlockBackend,
+    /// `sync=top`: the source's backing, where the copy stops.
+    base: Option<NodeHandle>,
+    sync: MirrorSync,
+    /// The target is new: it reads as zeroes everywhere.
+    zeroed: bool,
+    len: u64,
+    state: Arc<MirrorState>,
+    copy: CopyOptions,
+}
+
+/// Copies `range` from the source to the target under a serialising lock,
+/// its dirty bits taken before the read; on failure they are set again.
+async fn copy_one(
+    io: &mut IoTask,
+    reader: &BlockBackend,
+    writer: &BlockBackend,
+    state: &MirrorState,
+    offset: u64,
+    buf: &mut [u8],
+) -> std::result::Result<(), ChunkError> {
+    let len = buf.len() as u64;
+    let _range = state.lock.lock(offset, offset + len, true).await;
+    state.dirty.take(offset..offset + len);
+    let result = match reader.read(io, offset, buf).await {
+        Err(e) => Err(ChunkError::read(e)),
+        Ok(()) => writer
+            .write(io, offset, buf)
+            .await
+            .map_err(ChunkError::write),
+    };
+    if result.is_err() {
+        state.dirty.mark(offset, len);
+    }
+    result
+}
+
+/// The initial pass's hook for the copy engine.
+struct InitialCopy<'j> {
+    job: &'j MirrorJob,
+}
+
+impl CopyChunks for InitialCopy<'_> {
+    async fn needs_copy(&self, io: &mut IoTask, offset: u64, len: u64) -> Result<(bool, u64)> {
+        let j = self.job;
+        match j.sync {
+            MirrorSync::Top => {
+                let (status, n) = j
+                    .reader
+                    .block_status_above(io, j.base.as_ref(), offset, len)
+                    .await?;
+                Ok((status != BlockStatus::Unallocated, n))
+            }
+            _ if !j.zeroed => Ok((true, len)),
+            _ => {
+                let (status, n) = j.reader.block_status(io, offset, len).await?;
+                Ok((status == BlockStatus::Data, n))
+            }
+        }
+    }
+
+    async fn copy(
+        &self,
+        io: &mut IoTask,
+        offset: u64,
+        buf: &mut [u8],
+    ) -> std::result::Result<(), ChunkError> {
+        let j = self.job;
+        copy_one(io, &j.reader, &j.writer, &j.state, offset, buf).await
+    }
+}
+
+impl MirrorJob {
+    /// Copies one dirty run at or after `*pos` (wrapping around); false
+    /// when the map is clean. Failures go through the job's error policy:
+    /// the range stays dirty; `report` fails the job.
+    async fn copy_next(
+        &self,
+        io: &mut IoTask,
+        runner: &JobRunner,
+        pos: &mut u64,
+        buf: &mut Vec<u8>,
+        throttle: bool,
+    ) -> Result<bool> {
+        let chunk = self.copy.chunk_size.max(self.state.dirty.granule());
+        let Some(range) = self
+            .state
+            .dirty
+            .next_dirty(*pos, chunk)
+            .or_else(|| self.state.dirty.next_dirty(0, chunk))
+        else {
+            return Ok(false);
+        };
+        let n = range.end - range.start;
+        runner.set_remaining(self.state.dirty.dirty_bytes());
+        if throttle {
+            runner.throttle(io, n).await?;
+        }
+        buf.resize(n as usize, 0);
+        match copy_one(
+            io,
+            &self.reader,
+            &self.writer,
+            &self.state,
+            range.start,
+            &mut buf[..n as usize],
+        )
+        .await
+        {
+            Ok(()) => runner.add_progress(n),
+            Err(ChunkError { operation, error }) => {
+                if runner.error_action(&error, operation) == super::ErrorAction::Report {
+                    return Err(error);
+                }
+            }
+        }
+        *pos = range.end;
+        Ok(true)
+    }
+
+    /// Copies until the map is clean, with pause points (`pause`) or
+    /// without (finalization).
+    async fn copy_until_clean(&self, cx: &mut JobCx<'_>, pause: bool) -> Result<()> {
+        let runner = cx.runner().clone();
+        let (mut pos, mut buf) = (0, Vec::new());
+        loop {
+            if pause {
+                cx.pause_point().await?;
+            }
+            if !self
+                .copy_next(cx.io(), &runner, &mut pos, &mut buf, pause)
+                .await?
+            {
+                return Ok(());
+            }
+        }
+    }
+}
+
+/// Waits (not busy, no lock held) until the map is dirty or the job's
+/// state changed (pause, cancel, complete).
+async fn wait_for_work(shared: &JobShared, state: &MirrorState, runner: &JobRunner) {
+    let _idle = runner.idle();
+    let dirty = state.dirty.became_dirty.notified();
+    let woken = shared.wake.notified();
+    let mut dirty = std::pin::pin!(dirty);
+    let mut woken = std::pin::pin!(woken);
+    dirty.as_mut().enable();
+    woken.as_mut().enable();
+    {
+        let st = shared.lock();
+        if st.cancelled || st.complete_requested || st.user_paused || st.drain_pauses > 0 {
+            return;
+        }
+    }
+    if !state.dirty.is_clean() {
+        return;
+    }
+    futures::future::select(dirty, woken).await;
+}
+
+impl JobDriver for MirrorJob {
+    fn job_type(&self) -> JobType {
+        JobType::Mirror
+    }
+
+    async fn run(&mut self, cx: &mut JobCx<'_>) -> Result<()> {
+        let runner = cx.runner().clone();
+        let granule = self.state.dirty.granule();
+        if self.sync != MirrorSync::None {
+            let alignment = u64::from(self.reader.request_alignment(cx.io()).await?)
+                .max(u64::from(self.writer.request_alignment(cx.io()).await?))
+                .max(granule);
+            let options = CopyOptions {
+                chunk_size: self.copy.chunk_size.div_ceil(alignment).max(1) * alignment,
+                alignment,
+                in_flight: self.copy.in_flight,
+            };
+            let report = copy_range(cx, &InitialCopy { job: self }, 0..self.len, &options).await?;
+            if let Some(e) = report.ignored {
+                // A range the `ignore` policy skipped is missing from the
+                // target: the target would not be a mirror.
+                return Err(e);
+            }
+        }
+        let shared = cx.job().shared.clone();
+        let (mut pos, mut buf) = (0, Vec::new());
+        loop {
+            cx.pause_point().await?;
+            if runner.completion_requested() {
+                break;
+            }
+            if self
+                .copy_next(cx.io(), &runner, &mut pos, &mut buf, true)
+                .await?
+            {
+                continue;
+            }
+            // In sync.
+            runner.set_remaining(0);
+            runner.set_ready();
+            wait_for_work(&shared, &self.state, &runner).await;
+        }
+        // Converge: from now on no guest write leaves the target behind.
+        self.state.write_through.store(true, Ordering::SeqCst);
+        self.copy_until_clean(cx, true).await
+    }
+
+    async fn prepare(&mut self, cx: &mut JobCx<'_>) -> Result<()> {
+        let pivot = !cx.runner().cancelled_after_ready();
+        let mut rounds = 0u32;
+        loop {
+            self.copy_until_clean(cx, false).await?;
+            self.writer.flush(cx.io()).await?;
+            let (filter, target, reader, writer, state) = (
+                self.filter.clone(),
+                self.target.clone(),
+                self.reader.clone(),
+                self.writer.clone(),
+                self.state.clone(),
+            );
+            let done = cx
+                .on_main_loop(move |bql| -> Result<bool> {
+                    // Every guest request has completed (on the source and,
+                    // write-through, on the target) and none can start:
+                    // what the map says now is final.
+                    let filter_drained = bql.drain(&filter);
+                    let target_drained = bql.drain(&target);
+                    if !state.dirty.is_clean() {
+                        return Ok(false);
+                    }
+                    bql.write(|w| {
+                        w.transaction(|w| {
+                            w.remove_backend(&reader)?;
+                            w.remove_backend(&writer)?;
+                            w.detach_child(&filter_drained, TARGET)?;
+                            if pivot {
+                                w.replace_node(&filter_drained, &target_drained)?;
+                            }
+                            w.remove_filter(&filter_drained)?;
+                            Ok(true)
+                        })
+                    })
+                })
+                .await??;
+            if done {
+                break;
+            }
+            rounds += 1;
+            if rounds >= 1000 {
+                return Err(Error::driver(
+                    "mirror",
+                    "the target could not be brought in sync: copying keeps failing",
+                ));
+            }
+        }
+        // What the guest wrote through since the last flush.
+        let guard = cx.io().read().await;
+        self.target.try_io(&guard)?.flush().await
+    }
+
+    async fn clean(&mut self, cx: &mut JobCx<'_>) {
+        let (filter, reader, writer) = (
+            self.filter.clone(),
+            self.reader.clone(),
+            self.writer.clone(),
+        );
+        let result = cx
+            .on_main_loop(move |bql| {
+                let _ = bql.write(|w| w.remove_backend(&reader));
+                let _ = bql.write(|w| w.remove_backend(&writer));
+                if filter.gs(bql).is_in_graph() {
+                    let d = bql.drain(&filter);
+                    bql.write(|w| {
+                        w.transaction(|w| {
+                            w.detach_child(&d, TARGET)?;
+                            w.remove_filter(&d)
+                        })
+                    })
+                } else {
+                    Ok(())
+                }
+            })
+            .await;
+        match result {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) | Err(e) => {
+                tracing::warn!("mirror job '{}': clean-up failed: {e}", cx.job().id())
+            }
+        }
+    }
+}
+
+impl std::fmt::Debug for MirrorJob {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MirrorJob")
+            .field("target", &self.target.name())
+            .field("filter", &self.filter.name())
+            .field("sync", &self.sync)
+            .finish()
+    }
+}
