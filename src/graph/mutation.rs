@@ -899,6 +899,25 @@ impl<'w> GraphWriter<'w> {
         self.insert_above(below, name, Box::new(driver), ChildRole::Filtered, &[])
     }
 
+    /// [`GraphWriter::insert_filter`] with more children than the filtered
+    /// one (the mirror filter's edge to the mirror target), attached in
+    /// the same step so the filter opens with all of them.
+    pub(crate) fn insert_filter_with(
+        &mut self,
+        below: &Drained<'_>,
+        name: &str,
+        driver: impl BlockDriver,
+        other_children: &[(ChildRole, &NodeHandle)],
+    ) -> Result<NodeHandle> {
+        self.insert_above(
+            below,
+            name,
+            Box::new(driver),
+            ChildRole::Filtered,
+            other_children,
+        )
+    }
+
     /// Appends an overlay above the drained `base` (a snapshot, QEMU's
     /// `bdrv_append`): the new node takes over `base`'s users and gets
     /// `base` as its backing. `other_children` are attached too (for a qcow2

@@ -42,6 +42,7 @@
 //!
 //! See DESIGN.md §13 for the QEMU bugs this rules out.
 
+mod backup;
 mod commit;
 mod copy;
 mod driver;
@@ -53,6 +54,9 @@ mod shared;
 mod status;
 mod stream;
 
+pub use backup::{
+    backup, BackupOptions, BackupSync, BitmapSyncMode, CopyBeforeWrite, DEFAULT_BACKUP_CLUSTER,
+};
 pub use commit::{commit, CommitOptions};
 pub use copy::{copy_range, BackendCopy, ChunkError, CopyChunks, CopyOptions, CopyReport};
 pub use driver::{JobCx, JobDriver, JobRunner};
