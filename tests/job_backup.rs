@@ -394,3 +394,331 @@ fn sync_top_copies_only_what_the_top_image_stores_056() {
     // Only the top's clusters were copied, guest writes or not.
     assert_eq!(own_clusters(d, "target.img"), top_clusters);
 }
+
+/// Guest writes of known blocks through `vda`, not concurrent with
+/// anything: `(offset, byte)` each 4 KiB.
+fn write_blocks(env: &Env, vda: &BlockBackend, seed: u64, n: usize) -> BTreeMap<u64, Vec<u8>> {
+    let blk = vda.clone();
+    join(
+        env.io.spawn(move |mut cx| async move {
+            let mut rng = Rng::new(seed);
+            let mut wrote = BTreeMap::new();
+            for _ in 0..n {
+                let off = rng.below(SIZE / 4096) * 4096;
+                let data = rng.bytes(4096);
+                blk.write(&mut cx, off, &data).await.unwrap();
+                wrote.insert(off, data);
+            }
+            wrote
+        }),
+        "guest writes",
+    )
+}
+
+/// iotest 124's core: a full backup that starts a bitmap, guest writes,
+/// then an incremental backup with the bitmap into a new qcow2 overlay
+/// backed by the full backup — guests writing during both jobs. The chain
+/// reproduces the source at the incremental's start; the bitmap then holds
+/// only what changed since (cleared of what was copied), is free again,
+/// and a cancelled incremental keeps every bit.
+#[test]
+fn incremental_backups_chain_up_to_the_source_124() {
+    let _w = watchdog("backup_124", Duration::from_secs(240));
+    require_qemu();
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let start = source_image(d);
+    create(d, "full.img", None);
+    let env = Env::new();
+    let source = open_chain(&env, &d.join("source.img"), true);
+    let full = open_chain(&env, &d.join("full.img"), true);
+    let (src, full_node) = (source.images[0].node.clone(), full.images[0].node.clone());
+    let vda = add_vda(&env, &src);
+
+    // The bitmap and the full backup at one instant (QEMU's transaction).
+    let mut options = JobOptions::new("full0");
+    options.speed = 4 << 20;
+    let (s, f, io) = (src.clone(), full_node.clone(), env.io.handle());
+    let backup =
+        BackupOptions::new(&src, &full_node, BackupSync::Full).copy_options(copy_options());
+    let (_job, mut events) = env
+        .main
+        .run(move |bql| -> Result<_> {
+            s.gs(bql)
+                .add_dirty_bitmap("bitmap0", DirtyBitmapOptions::new().granularity(CLUSTER))?;
+            let _ = f;
+            let job = job::backup(bql, &io, options, backup)?;
+            let events = job.events();
+            Ok((job, events))
+        })
+        .unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    let g = guests(&env, &vda, 124, &stop);
+    let all = until_null(&mut events);
+    assert!(completed(&all), "{all:?}");
+    stop.store(true, Ordering::SeqCst);
+    let during_full = g.join();
+    assert_same(&node_contents(&env, &full_node), &start);
+    // The bitmap saw every write since the full backup started.
+    let mut changed = clusters_of(&during_full, CLUSTER);
+    assert_eq!(bitmap_clusters(&env, &src, "bitmap0", CLUSTER), changed);
+    let more = write_blocks(&env, &vda, 1240, 20);
+    changed.extend(clusters_of(&more, CLUSTER));
+    assert_eq!(bitmap_clusters(&env, &src, "bitmap0", CLUSTER), changed);
+    let mut at_incremental = start.clone();
+    apply(&mut at_incremental, &during_full);
+    apply(&mut at_incremental, &more);
+    // The full backup's image closes; the overlay opens on it.
+    qcow2_util::close_chain(&env, full);
+    check_clean(d, "full.img");
+    create(d, "inc1.img", Some("full.img"));
+    let inc = open_chain(&env, &d.join("inc1.img"), true);
+    assert_eq!(inc.images.len(), 2, "inc1 over full");
+    let inc_node = inc.images[0].node.clone();
+    let mut options = JobOptions::new("inc1");
+    options.speed = 1 << 20;
+    let (job, mut events) = start_backup(
+        &env,
+        options,
+        BackupOptions::new(&src, &inc_node, BackupSync::incremental("bitmap0"))
+            .copy_options(copy_options()),
+    )
+    .unwrap();
+    assert!(
+        bitmap_busy(&env, &src, "bitmap0"),
+        "busy while the job runs"
+    );
+    let stop = Arc::new(AtomicBool::new(false));
+    let g = guests(&env, &vda, 125, &stop);
+    let all = until_null(&mut events);
+    assert!(completed(&all), "{all:?}");
+    stop.store(true, Ordering::SeqCst);
+    let during_inc = g.join();
+    drop(job);
+    // The chain inc1 → full reads as the source did at the start.
+    assert_same(&node_contents(&env, &inc_node), &at_incremental);
+    // The bitmap: only what changed since the incremental started; free.
+    assert_eq!(
+        bitmap_clusters(&env, &src, "bitmap0", CLUSTER),
+        clusters_of(&during_inc, CLUSTER)
+    );
+    assert!(!bitmap_busy(&env, &src, "bitmap0"));
+    // inc1 stores only the clusters the bitmap named (plus nothing else).
+    let mut now = at_incremental.clone();
+    apply(&mut now, &during_inc);
+
+    // A cancelled incremental into a second overlay keeps every bit, and
+    // gains what the guests wrote meanwhile.
+    qcow2_util::close_chain(&env, inc);
+    create(d, "inc2.img", Some("inc1.img"));
+    let inc2 = open_chain(&env, &d.join("inc2.img"), true);
+    let before = bitmap_clusters(&env, &src, "bitmap0", CLUSTER);
+    let mut options = JobOptions::new("inc2");
+    options.speed = 64 << 10; // slow: cancelled long before the end
+    let (job, mut events) = start_backup(
+        &env,
+        options,
+        BackupOptions::new(
+            &src,
+            &inc2.images[0].node,
+            BackupSync::incremental("bitmap0"),
+        )
+        .copy_options(job::CopyOptions {
+            chunk_size: CLUSTER,
+            ..copy_options()
+        }),
+    )
+    .unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    let g = guests(&env, &vda, 126, &stop);
+    common::wait_until("the incremental has copied something", || {
+        job.progress().0 > 0
+    });
+    let j = job.clone();
+    env.main.run(move |bql| j.cancel(bql, false)).unwrap();
+    let all = until_null(&mut events);
+    assert!(cancelled(&all), "{all:?}");
+    stop.store(true, Ordering::SeqCst);
+    let during_cancelled = g.join();
+    let mut kept = before.clone();
+    kept.extend(clusters_of(&during_cancelled, CLUSTER));
+    assert_eq!(bitmap_clusters(&env, &src, "bitmap0", CLUSTER), kept);
+    assert!(!bitmap_busy(&env, &src, "bitmap0"));
+    apply(&mut now, &during_cancelled);
+    assert_same(&read_disk(&env.io, &vda), &now);
+
+    flush_backend(&env, &vda);
+    remove_backend(&env, &vda);
+    qcow2_util::close_chain(&env, inc2);
+    qcow2_util::close_chain(&env, source);
+    drop(env);
+    for i in ["source.img", "full.img", "inc1.img", "inc2.img"] {
+        check_clean(d, i);
+    }
+    compare(d, "full.img", &start);
+    compare(d, "inc1.img", &at_incremental);
+    compare(d, "source.img", &now);
+    // The incremental image stores only clusters the bitmap named.
+    assert!(own_clusters(d, "inc1.img").is_subset(&changed));
+}
+
+/// QEMU's `bitmap-mode` on success and on failure (a target that fails
+/// writes in one cluster the bitmap names), with no guest I/O during the
+/// job so the outcome is exact.
+#[test]
+fn bitmap_modes_on_success_and_failure() {
+    let _w = watchdog("backup_bitmap_modes", Duration::from_secs(120));
+    let env = Env::new();
+    for mode in [
+        BitmapSyncMode::OnSuccess,
+        BitmapSyncMode::Always,
+        BitmapSyncMode::Never,
+    ] {
+        for fail in [false, true] {
+            let chain = mem_chain(&env, false);
+            let top = chain.top.clone();
+            env.main
+                .run(move |bql| top.gs(bql).add_dirty_bitmap("b", DirtyBitmapOptions::new()))
+                .unwrap();
+            let wrote = write_blocks(&env, &chain.vda, 7, 12);
+            let named = clusters_of(&wrote, CLUSTER);
+            let bad = *named.iter().nth(named.len() / 2).unwrap();
+            let injector = FaultInjector::new();
+            if fail {
+                injector
+                    .add_rule(
+                        FaultRule::new(FaultOp::Write, FaultAction::Fail(5))
+                            .in_range(bad * CLUSTER, CLUSTER),
+                    )
+                    .unwrap();
+            }
+            let (mem, name) = (mem_target(&env), env.name("fault"));
+            let target = env
+                .main
+                .run(move |bql| {
+                    bql.write(|w| w.add_node(&name, injector, &[(ChildRole::Filtered, &mem)]))
+                })
+                .unwrap();
+            let (_job, mut events) = start_backup(
+                &env,
+                JobOptions::new("modes"),
+                BackupOptions::new(
+                    &chain.top,
+                    &target,
+                    BackupSync::Bitmap {
+                        bitmap: "b".into(),
+                        mode,
+                    },
+                ),
+            )
+            .unwrap();
+            let all = until_null(&mut events);
+            assert_eq!(completed(&all), !fail, "{mode:?}: {all:?}");
+            let left = bitmap_clusters(&env, &chain.top, "b", CLUSTER);
+            match (mode, fail) {
+                (BitmapSyncMode::OnSuccess | BitmapSyncMode::Always, false) => {
+                    assert!(left.is_empty(), "{mode:?}: {left:?}")
+                }
+                (BitmapSyncMode::OnSuccess | BitmapSyncMode::Never, _) => {
+                    assert_eq!(left, named, "{mode:?} fail={fail}")
+                }
+                (BitmapSyncMode::Always, true) => {
+                    assert!(left.contains(&bad) && left.is_subset(&named), "{left:?}")
+                }
+            }
+            if !fail {
+                // What the bitmap named is on the target, nothing else.
+                let disk = read_disk(&env.io, &chain.vda);
+                let got = node_contents(&env, &target);
+                for c in 0..CLUSTERS {
+                    let r = (c * CLUSTER) as usize..((c + 1) * CLUSTER) as usize;
+                    if named.contains(&c) {
+                        assert!(got[r.clone()] == disk[r], "cluster {c}");
+                    } else {
+                        assert!(got[r].iter().all(|b| *b == 0), "cluster {c} copied");
+                    }
+                }
+            }
+            assert!(!bitmap_busy(&env, &chain.top, "b"));
+            remove_backend(&env, &chain.vda);
+        }
+    }
+}
+
+#[test]
+fn refusals_change_nothing() {
+    let _w = watchdog("backup_refusals", Duration::from_secs(60));
+    let env = Env::new();
+    let chain = mem_chain(&env, false);
+    let target = mem_target(&env);
+    let small = {
+        let name = env.name("small");
+        env.main
+            .run(move |bql| bql.write(|w| w.add_node(&name, MemoryDriver::new(SIZE / 2), &[])))
+            .unwrap()
+    };
+    let top = chain.top.clone();
+    env.main
+        .run(move |bql| top.gs(bql).add_dirty_bitmap("b", DirtyBitmapOptions::new()))
+        .unwrap();
+    let before = env.main.run(|bql| common::structure(bql.graph()));
+    let refuse = |backup: BackupOptions, what: &dyn Fn(&Error) -> bool| {
+        let err = start_backup(&env, JobOptions::new("refused"), backup).unwrap_err();
+        assert!(what(&err), "{err}");
+        assert!(env.main.run(|bql| query_jobs(bql)).is_empty());
+        assert_eq!(env.main.run(|bql| common::structure(bql.graph())), before);
+    };
+    let invalid = |words: &'static str| move |e: &Error| matches!(e, Error::InvalidArgument(m) if m.contains(words));
+    refuse(
+        BackupOptions::new(&chain.top, &chain.top, BackupSync::Full),
+        &invalid("in its backing chain"),
+    );
+    refuse(
+        BackupOptions::new(&chain.top, &chain.mid, BackupSync::Full),
+        &invalid("in its backing chain"),
+    );
+    refuse(
+        BackupOptions::new(&chain.top, &small, BackupSync::Full),
+        &invalid("is smaller than"),
+    );
+    refuse(
+        BackupOptions::new(&chain.top, &target, BackupSync::Full).cluster_size(1000),
+        &invalid("power of two"),
+    );
+    refuse(
+        BackupOptions::new(&chain.top, &target, BackupSync::incremental("nope")),
+        &|e| matches!(e, Error::NoSuchBitmap { .. }),
+    );
+    // A bitmap in use by one backup cannot serve a second one.
+    let mut options = JobOptions::new("holder");
+    options.speed = 64 << 10;
+    let wrote = write_blocks(&env, &chain.vda, 3, 8);
+    assert!(!wrote.is_empty());
+    let (job, mut events) = start_backup(
+        &env,
+        options,
+        BackupOptions::new(&chain.top, &target, BackupSync::incremental("b")),
+    )
+    .unwrap();
+    let other = mem_target(&env);
+    let err = start_backup(
+        &env,
+        JobOptions::new("second"),
+        BackupOptions::new(&chain.top, &other, BackupSync::incremental("b")),
+    )
+    .unwrap_err();
+    assert!(matches!(err, Error::BitmapBusy(_)), "{err}");
+    let j = job.clone();
+    env.main.run(move |bql| j.cancel(bql, false)).unwrap();
+    assert!(cancelled(&until_null(&mut events)));
+    assert!(env.main.run(|bql| bql.node("holder-backup").is_none()));
+    assert!(!bitmap_busy(&env, &chain.top, "b"));
+    let o = other.clone();
+    env.main
+        .run(move |bql| {
+            let d = bql.drain(&o);
+            bql.write(|w| w.remove_node(&d))
+        })
+        .unwrap();
+    assert_eq!(env.main.run(|bql| common::structure(bql.graph())), before);
+}
