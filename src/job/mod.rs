@@ -1,7 +1,7 @@
 //! Block jobs (QEMU's `job.c`, `blockjob.c`): long-running operations on
 //! the graph with QEMU's states, verbs and events, a copy engine they
-//! share, and the first of them: [`stream`] and [`commit`] (of an
-//! intermediate image).
+//! share, and the first of them: [`stream`], [`commit`] (of an
+//! intermediate image) and [`backup`].
 //!
 //! # The model
 //!
