@@ -1,7 +1,7 @@
 //! Block jobs (QEMU's `job.c`, `blockjob.c`): long-running operations on
 //! the graph with QEMU's states, verbs and events, a copy engine they
-//! share, and the first of them: [`stream`] and [`commit`] (of an
-//! intermediate image).
+//! share, and the first of them: [`stream`], [`commit`] (of an
+//! intermediate image) and [`backup`].
 //!
 //! # The model
 //!
@@ -42,6 +42,7 @@
 //!
 //! See DESIGN.md §13 for the QEMU bugs this rules out.
 
+mod backup;
 mod commit;
 mod copy;
 mod dirty;
@@ -55,6 +56,9 @@ mod shared;
 mod status;
 mod stream;
 
+pub use backup::{
+    backup, BackupOptions, BackupSync, BitmapSyncMode, CopyBeforeWrite, DEFAULT_BACKUP_CLUSTER,
+};
 pub use commit::{commit, CommitOptions};
 pub use copy::{copy_range, BackendCopy, ChunkError, CopyChunks, CopyOptions, CopyReport};
 pub use driver::{JobCx, JobDriver, JobRunner};
