@@ -1,11 +1,10 @@
-//! QMP's job commands: `block-stream`, `block-commit`, `query-jobs`,
-//! `query-block-jobs`,
+//! QMP's job commands: `block-stream`, `block-commit`, `blockdev-mirror`,
+//! `blockdev-backup`, `query-jobs`, `query-block-jobs`,
 //! the `job-*` verbs and their `block-job-*` twins, `block-job-set-speed`.
 //! Each parses its arguments with QEMU's names and defaults (`qapi/job.json`,
 //! `qapi/block-core.json`) and calls the daemon (`daemon/jobs.rs`).
 //!
-//! A new job kind (`blockdev-mirror`, `blockdev-backup`)
-//! is one function here that parses its arguments and one in
+//! A job kind is one function here that parses its arguments and one in
 //! `daemon/jobs.rs` that starts the library's job and hands it to
 //! `Daemon::track_job`; its table entry in `commands::TABLE` then turns
 //! from `Pending` to `Ready`. Events, verbs, queries and shutdown need
@@ -14,7 +13,7 @@
 use blockgraph::job::OnError;
 use serde_json::{json, Value};
 
-use crate::daemon::{CommitSpec, Daemon, JobVerbCmd, StreamSpec};
+use crate::daemon::{BackupSpec, CommitSpec, Daemon, JobVerbCmd, MirrorSpec, StreamSpec};
 use crate::opts::{Opts, QResult};
 
 /// QEMU's `BlockdevOnError`.
@@ -69,6 +68,73 @@ pub fn block_commit(d: &mut Daemon, mut o: Opts) -> QResult<Value> {
     };
     o.finish()?;
     d.block_commit(spec)?;
+    Ok(json!({}))
+}
+
+/// QEMU's `MirrorSyncMode` (every member: the commands refuse the ones
+/// they do not support with QEMU's words).
+const SYNC_MODES: &[&str] = &["top", "full", "none", "incremental", "bitmap"];
+
+/// `blockdev-mirror`.
+pub fn blockdev_mirror(d: &mut Daemon, mut o: Opts) -> QResult<Value> {
+    let job_id = o.str("job-id")?;
+    let device = o.req_str("device")?;
+    let target = o.req_str("target")?;
+    let replaces = o.str("replaces")?;
+    let Some(sync) = o.enumeration("sync", SYNC_MODES)? else {
+        return Err(o.missing("sync"));
+    };
+    // QAPI's order of members: `buf-size` comes between `granularity` and
+    // `on-source-error`; it is checked and ignored (the library sizes its
+    // copies itself).
+    let spec = MirrorSpec {
+        job_id,
+        device,
+        target,
+        replaces,
+        sync,
+        speed: o.i64("speed")?.unwrap_or(0),
+        granularity: o.u64("granularity")?.unwrap_or(0),
+        on_source_error: {
+            o.i64("buf-size")?;
+            on_error(&mut o, "on-source-error")?
+        },
+        on_target_error: on_error(&mut o, "on-target-error")?,
+        filter_node_name: o.str("filter-node-name")?,
+        copy_mode: o.enumeration("copy-mode", &["background", "write-blocking"])?,
+        auto_finalize: o.bool("auto-finalize")?.unwrap_or(true),
+        auto_dismiss: o.bool("auto-dismiss")?.unwrap_or(true),
+    };
+    o.finish()?;
+    d.blockdev_mirror(spec)?;
+    Ok(json!({}))
+}
+
+/// `blockdev-backup`.
+pub fn blockdev_backup(d: &mut Daemon, mut o: Opts) -> QResult<Value> {
+    let job_id = o.str("job-id")?;
+    let device = o.req_str("device")?;
+    let target = o.req_str("target")?;
+    let Some(sync) = o.enumeration("sync", SYNC_MODES)? else {
+        return Err(o.missing("sync"));
+    };
+    let spec = BackupSpec {
+        job_id,
+        device,
+        target,
+        sync,
+        speed: o.i64("speed")?.unwrap_or(0),
+        bitmap: o.str("bitmap")?,
+        bitmap_mode: o.enumeration("bitmap-mode", &["on-success", "never", "always"])?,
+        compress: o.bool("compress")?.unwrap_or(false),
+        on_source_error: on_error(&mut o, "on-source-error")?,
+        on_target_error: on_error(&mut o, "on-target-error")?,
+        auto_finalize: o.bool("auto-finalize")?.unwrap_or(true),
+        auto_dismiss: o.bool("auto-dismiss")?.unwrap_or(true),
+        filter_node_name: o.str("filter-node-name")?,
+    };
+    o.finish()?;
+    d.blockdev_backup(spec)?;
     Ok(json!({}))
 }
 

@@ -55,7 +55,7 @@ pub struct BitmapRef {
 const MAX_NAME: usize = 1023;
 
 /// QEMU's words for what the library refuses.
-fn bitmap_err(e: blockgraph::Error) -> QmpError {
+pub(super) fn bitmap_err(e: blockgraph::Error) -> QmpError {
     match e {
         blockgraph::Error::NoSuchBitmap { bitmap, .. } => {
             QmpError::generic(format!("Dirty bitmap '{bitmap}' not found"))
@@ -114,7 +114,7 @@ impl Daemon {
     }
 
     /// The length of `node` (QEMU's bitmap size), read on the I/O thread.
-    fn node_length(&self, node: &NodeHandle) -> QResult<u64> {
+    pub(super) fn node_length(&self, node: &NodeHandle) -> QResult<u64> {
         let h = node.clone();
         self.io()?
             .spawn(move |mut cx| async move {

@@ -12,8 +12,9 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use blockgraph::job::{
-    self, CommitOptions, ErrorAction, IoOperation, Job, JobEvent, JobInfo, JobOptions, JobStatus,
-    OnError, StreamOptions,
+    self, BackupOptions, BackupSync, BitmapSyncMode, CommitOptions, CopyMode, ErrorAction,
+    IoOperation, Job, JobEvent, JobInfo, JobOptions, JobStatus, MirrorOptions, MirrorSync,
+    MirrorTarget, OnError, StreamOptions,
 };
 use blockgraph::NodeHandle;
 use serde_json::{json, Value};
@@ -28,6 +29,9 @@ pub(super) struct JobUse {
     kind: &'static str,
     /// Graph names of the nodes it works on.
     nodes: Vec<String>,
+    /// A mirror in `write-blocking` copy mode (QEMU's `actively-synced`
+    /// once ready).
+    write_blocking: bool,
 }
 
 /// `block-stream`'s arguments.
@@ -90,6 +94,79 @@ pub struct CommitSpec {
     pub auto_finalize: bool,
     /// `auto-dismiss`.
     pub auto_dismiss: bool,
+}
+
+/// `blockdev-mirror`'s arguments (`qapi/block-core.json`).
+#[derive(Debug, Default)]
+pub struct MirrorSpec {
+    /// `job-id` (QEMU's default, the device's name, is empty here: refused).
+    pub job_id: Option<String>,
+    /// `device`: the root node to mirror.
+    pub device: String,
+    /// `target`: an existing node.
+    pub target: String,
+    /// `replaces` (refused: the pivot replaces `device` only).
+    pub replaces: Option<String>,
+    /// `sync`: a `MirrorSyncMode` member.
+    pub sync: String,
+    /// `speed` (bytes per second).
+    pub speed: i64,
+    /// `granularity` (0: the default).
+    pub granularity: u64,
+    /// `on-source-error`.
+    pub on_source_error: OnError,
+    /// `on-target-error`.
+    pub on_target_error: OnError,
+    /// `filter-node-name`.
+    pub filter_node_name: Option<String>,
+    /// `copy-mode`.
+    pub copy_mode: Option<String>,
+    /// `auto-finalize`.
+    pub auto_finalize: bool,
+    /// `auto-dismiss`.
+    pub auto_dismiss: bool,
+}
+
+/// `blockdev-backup`'s arguments (`qapi/block-core.json`).
+#[derive(Debug, Default)]
+pub struct BackupSpec {
+    /// `job-id`.
+    pub job_id: Option<String>,
+    /// `device`: the node to back up.
+    pub device: String,
+    /// `target`: an existing node of the same size.
+    pub target: String,
+    /// `sync`: a `MirrorSyncMode` member.
+    pub sync: String,
+    /// `speed` (bytes per second).
+    pub speed: i64,
+    /// `bitmap`.
+    pub bitmap: Option<String>,
+    /// `bitmap-mode`.
+    pub bitmap_mode: Option<String>,
+    /// `compress` (refused when true).
+    pub compress: bool,
+    /// `on-source-error`.
+    pub on_source_error: OnError,
+    /// `on-target-error`.
+    pub on_target_error: OnError,
+    /// `auto-finalize`.
+    pub auto_finalize: bool,
+    /// `auto-dismiss`.
+    pub auto_dismiss: bool,
+    /// `filter-node-name`.
+    pub filter_node_name: Option<String>,
+}
+
+/// The library has one error policy per job; QEMU has one per side. The
+/// target's wins where the user set it (a copy job's writes are where a
+/// full disk shows), else the source's.
+fn one_policy(source: OnError, target: OnError) -> OnError {
+    if target != OnError::Report {
+        target
+    } else {
+        source
+    }
 }
 
 /// A verb given to one job, by `job-*` (`id`) or `block-job-*` (`device`).
@@ -324,9 +401,16 @@ impl Daemon {
         kind: &'static str,
         nodes: Vec<String>,
         auto_finalize: bool,
+        write_blocking: bool,
     ) {
-        self.job_uses
-            .insert(job.id().to_owned(), JobUse { kind, nodes });
+        self.job_uses.insert(
+            job.id().to_owned(),
+            JobUse {
+                kind,
+                nodes,
+                write_blocking,
+            },
+        );
         let mut stream = job.events();
         while let Some(event) = stream.try_next() {
             forward(&self.events, job, auto_finalize, event);
@@ -471,7 +555,7 @@ impl Daemon {
             .main
             .run(move |bql| job::stream(bql, &io, jo, options))
             .map_err(lib_err)?;
-        self.track_job(&job, "stream", busy, spec.auto_finalize);
+        self.track_job(&job, "stream", busy, spec.auto_finalize, false);
         Ok(())
     }
 
@@ -650,7 +734,245 @@ impl Daemon {
             .main
             .run(move |bql| job::commit(bql, &io, jo, options))
             .map_err(lib_err)?;
-        self.track_job(&job, "commit", busy, spec.auto_finalize);
+        self.track_job(&job, "commit", busy, spec.auto_finalize, false);
+        Ok(())
+    }
+
+    /// The job id, speed and filter name checks every job kind makes
+    /// (QEMU's `job_create`, `block_job_create`, the filter's node name).
+    fn check_job_basics(
+        &self,
+        job_id: &Option<String>,
+        speed: i64,
+        filter: &Option<String>,
+    ) -> QResult<(String, u64)> {
+        let id = job_id.clone().unwrap_or_default();
+        if !super::valid_id(&id) {
+            return Err(QmpError::generic(format!("Invalid job ID '{id}'")));
+        }
+        if self.find_job(&id).is_some() {
+            return Err(QmpError::generic(format!("Job ID '{id}' already in use")));
+        }
+        let speed = check_speed(speed)?;
+        if let Some(f) = filter {
+            if self.nodes.contains_key(f) {
+                return Err(QmpError::generic(format!(
+                    "Duplicate nodes with node-name='{f}'"
+                )));
+            }
+        }
+        Ok((id, speed))
+    }
+
+    /// `blockdev-mirror`: QEMU's checks (`qmp_blockdev_mirror`,
+    /// `blockdev_mirror_common`, `mirror_start_job`), then
+    /// `blockgraph::job::mirror` on the jobs I/O thread. `job-complete`
+    /// pivots every user of the device (exports included) onto the
+    /// target; the node table follows (`reconcile`).
+    pub fn blockdev_mirror(&mut self, spec: MirrorSpec) -> QResult<()> {
+        let dev = self.lookup(&spec.device, &spec.device)?;
+        if self.parents(&dev).0 > 0 {
+            return Err(QmpError::generic("Need a root block node"));
+        }
+        let target = self.lookup(&spec.target, &spec.target)?;
+        let mut sync = match spec.sync.as_str() {
+            "full" => MirrorSync::Full,
+            "top" => MirrorSync::Top,
+            "none" => MirrorSync::None,
+            other => {
+                return Err(QmpError::generic(format!(
+                    "Sync mode '{other}' not supported"
+                )))
+            }
+        };
+        if spec.replaces.is_some() {
+            return Err(QmpError::generic(
+                "'replaces' is not supported by this daemon: job-complete replaces the \
+                 device itself",
+            ));
+        }
+        self.check_not_busy(&[dev.name().to_owned(), target.name().to_owned()])?;
+        if spec.granularity != 0 {
+            if !(512..=(64 << 20)).contains(&spec.granularity) {
+                return Err(QmpError::generic(
+                    "Parameter 'granularity' expects a value in range [512B, 64MB]",
+                ));
+            }
+            if !spec.granularity.is_power_of_two() {
+                return Err(QmpError::generic(
+                    "Parameter 'granularity' expects a power of 2",
+                ));
+            }
+        }
+        if dev.ptr_eq(&target) {
+            return Err(QmpError::generic("Can't mirror node into itself"));
+        }
+        let (id, speed) =
+            self.check_job_basics(&spec.job_id, spec.speed, &spec.filter_node_name)?;
+        // QEMU starts the job and fails it at once ("Source and target
+        // image have different sizes", in BLOCK_JOB_COMPLETED); this
+        // daemon refuses the command with the same words.
+        if self.node_length(&dev)? != self.node_length(&target)? {
+            return Err(QmpError::generic(
+                "Source and target image have different sizes",
+            ));
+        }
+        // QEMU: top without a backing file is full.
+        let d = dev.clone();
+        if sync == MirrorSync::Top && self.main.run(move |bql| d.gs(bql).backing().is_none()) {
+            sync = MirrorSync::Full;
+        }
+        let filter = match &spec.filter_node_name {
+            Some(f) => f.clone(),
+            None => self.auto_name().1,
+        };
+        let mut options = MirrorOptions::new(&dev, MirrorTarget::Node(target.clone()))
+            .sync(sync)
+            .copy_mode(match spec.copy_mode.as_deref() {
+                Some("write-blocking") => CopyMode::WriteBlocking,
+                _ => CopyMode::Background,
+            })
+            .filter_node_name(filter);
+        if spec.granularity != 0 {
+            options = options.granularity(spec.granularity);
+        }
+        let mut jo = JobOptions::new(id);
+        jo.speed = speed;
+        jo.on_error = one_policy(spec.on_source_error, spec.on_target_error);
+        jo.auto_finalize = spec.auto_finalize;
+        jo.auto_dismiss = spec.auto_dismiss;
+        let io = self.jobs_io()?.handle();
+        let job = self
+            .main
+            .run(move |bql| job::mirror(bql, &io, jo, options))
+            .map_err(lib_err)?;
+        let busy = vec![dev.name().to_owned(), target.name().to_owned()];
+        let write_blocking = spec.copy_mode.as_deref() == Some("write-blocking");
+        self.track_job(&job, "mirror", busy, spec.auto_finalize, write_blocking);
+        Ok(())
+    }
+
+    /// `blockdev-backup`: QEMU's checks (`do_backup_common`, then
+    /// `backup_job_create`), then `blockgraph::job::backup` on the jobs
+    /// I/O thread. What the library does not have is refused with a
+    /// description that says so: `sync=none` (image fleecing), a bitmap
+    /// with `sync=full`/`top` (the bitmap as output only), `compress`.
+    pub fn blockdev_backup(&mut self, spec: BackupSpec) -> QResult<()> {
+        let src = self.lookup(&spec.device, &spec.device)?;
+        let target = self.lookup(&spec.target, &spec.target)?;
+        let mut sync = spec.sync.clone();
+        let mut mode = spec.bitmap_mode.clone();
+        if (sync == "bitmap" || sync == "incremental") && spec.bitmap.is_none() {
+            return Err(QmpError::generic(format!(
+                "must provide a valid bitmap name for '{sync}' sync mode"
+            )));
+        }
+        if sync == "incremental" {
+            if mode.as_deref().is_some_and(|m| m != "on-success") {
+                return Err(QmpError::generic(
+                    "Bitmap sync mode must be 'on-success' when using sync mode 'incremental'",
+                ));
+            }
+            mode = Some("on-success".to_owned());
+            sync = "bitmap".to_owned();
+        }
+        if let Some(name) = &spec.bitmap {
+            let s = src.clone();
+            let info = self
+                .main
+                .run(move |bql| s.gs(bql).dirty_bitmaps())
+                .into_iter()
+                .find(|b| &b.name == name)
+                .ok_or_else(|| QmpError::generic(format!("Bitmap '{name}' could not be found")))?;
+            let Some(m) = &mode else {
+                return Err(QmpError::generic(
+                    "Bitmap sync mode must be given when providing a bitmap",
+                ));
+            };
+            if info.busy {
+                return Err(super::bitmaps::bitmap_err(blockgraph::Error::BitmapBusy(
+                    name.clone(),
+                )));
+            }
+            if info.inconsistent {
+                return Err(super::bitmaps::bitmap_err(
+                    blockgraph::Error::BitmapInconsistent(name.clone()),
+                ));
+            }
+            if sync == "none" {
+                return Err(QmpError::generic(
+                    "sync mode 'none' does not produce meaningful bitmap outputs",
+                ));
+            }
+            if m == "never" && sync != "bitmap" {
+                return Err(QmpError::generic(format!(
+                    "Bitmap sync mode 'never' has no meaningful effect when combined with \
+                     sync mode '{sync}'"
+                )));
+            }
+        } else if mode.is_some() {
+            return Err(QmpError::generic(
+                "Cannot specify bitmap sync mode without a bitmap",
+            ));
+        }
+        if src.ptr_eq(&target) {
+            return Err(QmpError::generic("Source and target cannot be the same"));
+        }
+        if spec.compress {
+            return Err(QmpError::generic(
+                "'compress' is not supported by this daemon: the backup job writes plain \
+                 clusters",
+            ));
+        }
+        self.check_not_busy(&[src.name().to_owned(), target.name().to_owned()])?;
+        if self.node_length(&src)? != self.node_length(&target)? {
+            return Err(QmpError::generic(
+                "Source and target image have different sizes",
+            ));
+        }
+        let sync = match (sync.as_str(), &spec.bitmap) {
+            ("bitmap", Some(b)) => BackupSync::Bitmap {
+                bitmap: b.clone(),
+                mode: match mode.as_deref() {
+                    Some("always") => BitmapSyncMode::Always,
+                    Some("never") => BitmapSyncMode::Never,
+                    _ => BitmapSyncMode::OnSuccess,
+                },
+            },
+            ("full", None) => BackupSync::Full,
+            ("top", None) => BackupSync::Top,
+            ("none", _) => {
+                return Err(QmpError::generic(
+                    "Sync mode 'none' (image fleecing) is not supported by this daemon: the \
+                     library's backup job has no such mode",
+                ))
+            }
+            (other, _) => {
+                return Err(QmpError::generic(format!(
+                    "A bitmap with sync mode '{other}' is not supported by this daemon: the \
+                     library's backup job takes a bitmap as input only (sync mode 'bitmap')"
+                )))
+            }
+        };
+        let (id, speed) =
+            self.check_job_basics(&spec.job_id, spec.speed, &spec.filter_node_name)?;
+        let filter = match &spec.filter_node_name {
+            Some(f) => f.clone(),
+            None => self.auto_name().1,
+        };
+        let options = BackupOptions::new(&src, &target, sync).filter_node_name(filter);
+        let mut jo = JobOptions::new(id);
+        jo.speed = speed;
+        jo.on_error = one_policy(spec.on_source_error, spec.on_target_error);
+        jo.auto_finalize = spec.auto_finalize;
+        jo.auto_dismiss = spec.auto_dismiss;
+        let io = self.jobs_io()?.handle();
+        let job = self
+            .main
+            .run(move |bql| job::backup(bql, &io, jo, options))
+            .map_err(lib_err)?;
+        let busy = vec![src.name().to_owned(), target.name().to_owned()];
+        self.track_job(&job, "backup", busy, spec.auto_finalize, false);
         Ok(())
     }
 
@@ -694,7 +1016,25 @@ impl Daemon {
 
     /// `query-block-jobs`.
     pub fn query_block_jobs(&self) -> Value {
-        Value::Array(self.job_infos().iter().map(block_job_info_json).collect())
+        let infos = self.job_infos();
+        Value::Array(
+            infos
+                .iter()
+                .map(|info| {
+                    let mut v = block_job_info_json(info);
+                    // QEMU's mirror adds `actively-synced`: write-blocking
+                    // and converged.
+                    if info.job_type == job::JobType::Mirror {
+                        let wb = self
+                            .job_uses
+                            .get(&info.id)
+                            .is_some_and(|u| u.write_blocking);
+                        v["actively-synced"] = json!(wb && info.status.is_ready());
+                    }
+                    v
+                })
+                .collect(),
+        )
     }
 
     /// A verb for job `id`. `block` says it came as `block-job-*`, whose
