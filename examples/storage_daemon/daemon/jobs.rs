@@ -411,6 +411,21 @@ impl Daemon {
                 write_blocking,
             },
         );
+        // QEMU's job coroutine runs until its first yield before the
+        // command returns, and by then a copy job has set its total; ours
+        // measures on its own thread. Wait (bounded) until it has, so a
+        // `query-jobs` or a cancel right after the command reports the
+        // same length QEMU does.
+        let started = std::time::Instant::now();
+        while job.progress().1 == 0
+            && matches!(
+                job.status(),
+                JobStatus::Created | JobStatus::Running | JobStatus::Paused
+            )
+            && started.elapsed() < Duration::from_secs(5)
+        {
+            std::thread::sleep(Duration::from_millis(1));
+        }
         let mut stream = job.events();
         while let Some(event) = stream.try_next() {
             forward(&self.events, job, auto_finalize, event);
