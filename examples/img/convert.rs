@@ -9,7 +9,7 @@
 //! written, since a new image reads zeroes. Eight copies are in flight.
 
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
 use blockgraph::driver::BlockStatus;
@@ -72,11 +72,59 @@ struct Walk {
     known: Option<(bool, u64)>,
     /// `block_status` calls so far.
     status_calls: u64,
+    /// Units taken so far.
+    units: u64,
+}
+
+/// What a worker that stopped because another failed returns; the other's
+/// error is the one reported.
+const ANOTHER_FAILED: &str = "another copy failed";
+
+/// Writes go out in the source's order, as qemu-img's do unless `-W`:
+/// reads overlap, but a new qcow2 image's clusters are then allocated in
+/// order, as qemu-img's are (no fragmentation).
+#[derive(Default)]
+struct Order {
+    /// The unit whose turn it is to write.
+    turn: AtomicU64,
+    /// Set when a worker failed: nobody waits for its turn any more.
+    failed: AtomicBool,
+    changed: tokio::sync::Notify,
+}
+
+impl Order {
+    /// Waits for unit `seq`'s turn; an error once another worker failed.
+    async fn wait(&self, seq: u64) -> Res<()> {
+        loop {
+            // Registered before the check, so no wake-up is missed.
+            let changed = self.changed.notified();
+            if self.failed.load(Ordering::Acquire) {
+                return Err(ANOTHER_FAILED.into());
+            }
+            if self.turn.load(Ordering::Acquire) == seq {
+                return Ok(());
+            }
+            changed.await;
+        }
+    }
+
+    fn done(&self, seq: u64) {
+        self.turn.store(seq + 1, Ordering::Release);
+        self.changed.notify_waiters();
+    }
+
+    fn fail(&self) {
+        self.failed.store(true, Ordering::Release);
+        self.changed.notify_waiters();
+    }
 }
 
 /// One unit of copying: `[start, end)`, and the data ranges in it (the
 /// rest reads as zeroes).
 struct Unit {
+    /// Units are numbered in the order they were taken; they are written
+    /// in that order.
+    seq: u64,
     start: u64,
     end: u64,
     data: Vec<(u64, u64)>,
@@ -168,7 +216,9 @@ impl Walk {
                 off = to;
             }
             self.next = end;
+            self.units += 1;
             return Ok(Some(Unit {
+                seq: self.units - 1,
                 start,
                 end,
                 data: ranges,
@@ -178,8 +228,8 @@ impl Walk {
     }
 }
 
-/// Copies one unit: reads its data ranges, writes the granules of them
-/// that are not all zeroes. Returns the bytes written.
+/// Copies one unit: reads its data ranges, then, in its turn, writes the
+/// granules of them that are not all zeroes. Returns the bytes written.
 async fn copy_unit(
     src: &BlockBackend,
     dst: &BlockBackend,
@@ -187,20 +237,25 @@ async fn copy_unit(
     p: Plan,
     u: &Unit,
     buf: &mut [u8],
+    order: &Order,
 ) -> Res<u64> {
-    let mut written = 0;
     for &(a, b) in &u.data {
-        let chunk = &mut buf[..(b - a) as usize];
-        src.read(cx, a, chunk)
+        let at = (a - u.start) as usize..(b - u.start) as usize;
+        src.read(cx, a, &mut buf[at])
             .await
             .map_err(|e| format!("reading the source at {a}: {e}"))?;
+    }
+    order.wait(u.seq).await?;
+    let mut written = 0;
+    for &(a, b) in &u.data {
+        let chunk = &buf[(a - u.start) as usize..(b - u.start) as usize];
+        let nonzero = |o: u64| {
+            let (s, e) = ((o - a) as usize, ((o + p.gran).min(b) - a) as usize);
+            chunk[s..e].iter().any(|&x| x != 0)
+        };
         // Runs of granules with a non-zero byte.
         let mut off = a;
         while off < b {
-            let nonzero = |o: u64| {
-                let (s, e) = ((o - a) as usize, ((o + p.gran).min(b) - a) as usize);
-                chunk[s..e].iter().any(|&x| x != 0)
-            };
             if !nonzero(off) {
                 off = (off + p.gran).min(b);
                 continue;
@@ -216,6 +271,7 @@ async fn copy_unit(
             written += off - run;
         }
     }
+    order.done(u.seq);
     Ok(written)
 }
 
@@ -293,7 +349,9 @@ pub fn run(a: Args) -> Res<i32> {
         next: 0,
         known: None,
         status_calls: 0,
+        units: 0,
     }));
+    let order = Arc::new(Order::default());
     let copied = Arc::new(AtomicU64::new(0));
     let bar = progress_bar(
         a.progress,
@@ -303,29 +361,38 @@ pub fn run(a: Args) -> Res<i32> {
     let workers: Vec<_> = (0..WORKERS)
         .map(|_| {
             let (src, dst, copied) = (src_blk.clone(), dst_blk.clone(), copied.clone());
-            let (walk, bar) = (walk.clone(), bar.clone());
+            let (walk, bar, order) = (walk.clone(), bar.clone(), order.clone());
             env.threads[0].spawn(move |mut cx| async move {
                 let mut buf = Vec::new();
-                loop {
-                    let unit = walk.lock().await.take(&src, &mut cx, plan, &bar).await?;
-                    let Some(unit) = unit else {
-                        return Ok::<_, String>(());
-                    };
-                    let len = (unit.end - unit.start) as usize;
-                    if buf.len() < len {
-                        buf.resize(len, 0);
+                let copy = async {
+                    loop {
+                        let unit = walk.lock().await.take(&src, &mut cx, plan, &bar).await?;
+                        let Some(unit) = unit else {
+                            return Ok::<_, String>(());
+                        };
+                        let len = (unit.end - unit.start) as usize;
+                        if buf.len() < len {
+                            buf.resize(len, 0);
+                        }
+                        let n =
+                            copy_unit(&src, &dst, &mut cx, plan, &unit, &mut buf, &order).await?;
+                        copied.fetch_add(n, Ordering::Relaxed);
+                        bar.inc(unit.end - unit.start);
                     }
-                    let n = copy_unit(&src, &dst, &mut cx, plan, &unit, &mut buf).await?;
-                    copied.fetch_add(n, Ordering::Relaxed);
-                    bar.inc(unit.end - unit.start);
+                };
+                let result = copy.await;
+                if result.is_err() {
+                    order.fail();
                 }
+                result
             })
         })
         .collect();
     let mut failure = None;
     for w in workers {
-        if let Err(e) = w.join() {
-            failure.get_or_insert(e);
+        match w.join() {
+            Err(e) if failure.as_deref().is_none_or(|f| f == ANOTHER_FAILED) => failure = Some(e),
+            _ => {}
         }
     }
     let d = dst_blk.clone();
