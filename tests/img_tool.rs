@@ -919,3 +919,212 @@ fn help_usage_errors_and_progress_flags() {
     }
     assert!(ok(d, &["compare", "p.raw", "p.qcow2"]).contains("identical"));
 }
+
+/// `convert --stats`' value for `key`.
+fn stat(out: &str, key: &str) -> u64 {
+    let line = out
+        .lines()
+        .find(|l| l.starts_with("stats: "))
+        .unwrap_or_else(|| panic!("no stats line in {out}"));
+    line.split_whitespace()
+        .find_map(|kv| kv.strip_prefix(key)?.strip_prefix('='))
+        .unwrap_or_else(|| panic!("no {key} in {line}"))
+        .parse()
+        .unwrap()
+}
+
+/// `qemu-img check`'s count of allocated clusters.
+fn allocated_clusters(d: &Path, image: &str) -> u64 {
+    let out = qemu(d, "qemu-img", &["check", "--output=json", image]);
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    v["allocated-clusters"].as_u64().unwrap()
+}
+
+#[test]
+fn convert_reads_only_what_block_status_says_is_data() {
+    if !have("qemu-img") || !have("qemu-io") {
+        eprintln!("qemu-img/qemu-io not installed; skipping");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    // 16 GiB holding 1 MiB: a full read would take seconds to minutes; the
+    // counts say what was read.
+    qemu(
+        d,
+        "qemu-img",
+        &["create", "-f", "qcow2", "big.qcow2", "16G"],
+    );
+    qemu(
+        d,
+        "qemu-io",
+        &["-f", "qcow2", "-c", "write -P 0x11 5G 1M", "big.qcow2"],
+    );
+    for (fmt, out) in [("raw", "big.raw"), ("qcow2", "big2.qcow2")] {
+        let o = ok(d, &["convert", "--stats", "-O", fmt, "big.qcow2", out]);
+        assert_eq!(stat(&o, "source_read_bytes"), 1 << 20, "{o}");
+        assert_eq!(stat(&o, "target_write_bytes"), 1 << 20, "{o}");
+        let cmp = qemu(d, "qemu-img", &["compare", "big.qcow2", out]);
+        assert!(String::from_utf8_lossy(&cmp.stdout).contains("identical"));
+    }
+    assert!(allocated_clusters(d, "big2.qcow2") <= allocated_clusters(d, "big.qcow2"));
+}
+
+#[test]
+fn convert_allocates_no_more_clusters_than_qemu_img() {
+    if !have("qemu-img") || !have("qemu-io") {
+        eprintln!("qemu-img/qemu-io not installed; skipping");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    qemu(
+        d,
+        "qemu-img",
+        &["create", "-f", "qcow2", "half.qcow2", "32M"],
+    );
+    // Every other cluster holds data; some of it is all zeroes, some only
+    // one 4 KiB block of the cluster is non-zero.
+    let mut cmds = Vec::new();
+    for i in (0..512u64).step_by(2) {
+        cmds.push(format!("write -P {} {}k 64k", i % 250 + 1, i * 64));
+    }
+    cmds.push("write -P 0 640k 64k".into());
+    cmds.push("write -P 0 1024k 64k".into());
+    cmds.push("write -P 9 1028k 4k".into());
+    cmds.push("write -z 2M 256k".into());
+    let mut args = vec!["-f", "qcow2"];
+    for c in &cmds {
+        args.extend(["-c", c]);
+    }
+    args.push("half.qcow2");
+    qemu(d, "qemu-io", &args);
+    qemu(
+        d,
+        "qemu-img",
+        &["convert", "-O", "qcow2", "half.qcow2", "theirs.qcow2"],
+    );
+    for (opts, out) in [
+        (&[][..], "ours.qcow2"),
+        (&["-o", "cluster_size=4k"][..], "small.qcow2"),
+    ] {
+        let mut args = vec!["convert", "--stats", "-O", "qcow2"];
+        args.extend(opts);
+        args.extend(["half.qcow2", out]);
+        let o = ok(d, &args);
+        // The zero blocks are never read, half the clusters are.
+        assert!(stat(&o, "source_read_bytes") <= 17 << 20, "{o}");
+        qemu(d, "qemu-img", &["check", out]);
+        let cmp = qemu(d, "qemu-img", &["compare", "half.qcow2", out]);
+        assert!(String::from_utf8_lossy(&cmp.stdout).contains("identical"));
+    }
+    let (ours, theirs) = (
+        allocated_clusters(d, "ours.qcow2"),
+        allocated_clusters(d, "theirs.qcow2"),
+    );
+    assert!(ours <= theirs, "ours {ours} clusters, qemu-img's {theirs}");
+    // And a raw target stays as sparse as qemu-img's.
+    ok(d, &["convert", "half.qcow2", "ours.raw"]);
+    qemu(d, "qemu-img", &["compare", "half.qcow2", "ours.raw"]);
+}
+
+#[test]
+fn convert_copies_holes_zero_and_compressed_clusters_and_backing_chains() {
+    if !have("qemu-img") || !have("qemu-io") {
+        eprintln!("qemu-img/qemu-io not installed; skipping");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    // A raw source with holes, and data that is zero in places.
+    qemu(d, "qemu-img", &["create", "-f", "raw", "holes.raw", "8M"]);
+    qemu(
+        d,
+        "qemu-io",
+        &[
+            "-f",
+            "raw",
+            "-c",
+            "write -P 0x21 0 12k",
+            "-c",
+            "write -P 0 1M 64k",
+            "-c",
+            "write -P 0x22 3M 5k",
+            "-c",
+            "write -P 0x23 8188k 4k",
+            "holes.raw",
+        ],
+    );
+    // A compressed qcow2 image.
+    qemu(
+        d,
+        "qemu-img",
+        &["convert", "-c", "-O", "qcow2", "holes.raw", "comp.qcow2"],
+    );
+    // A backing chain: base with data, top with data, zero clusters and a
+    // discard over the base's data.
+    qemu(
+        d,
+        "qemu-img",
+        &[
+            "create",
+            "-f",
+            "qcow2",
+            "-o",
+            "cluster_size=4k",
+            "base.qcow2",
+            "8M",
+        ],
+    );
+    qemu(
+        d,
+        "qemu-io",
+        &["-f", "qcow2", "-c", "write -P 0x31 0 4M", "base.qcow2"],
+    );
+    qemu(
+        d,
+        "qemu-img",
+        &[
+            "create",
+            "-f",
+            "qcow2",
+            "-b",
+            "base.qcow2",
+            "-F",
+            "qcow2",
+            "top.qcow2",
+        ],
+    );
+    qemu(
+        d,
+        "qemu-io",
+        &[
+            "-f",
+            "qcow2",
+            "-c",
+            "write -P 0x32 1M 100k",
+            "-c",
+            "write -z 2M 512k",
+            "-c",
+            "write -P 0x33 6M 64k",
+            "top.qcow2",
+        ],
+    );
+    for src in ["holes.raw", "comp.qcow2", "top.qcow2"] {
+        for (fmt, out) in [("raw", "out.raw"), ("qcow2", "out.qcow2")] {
+            ok(d, &["convert", "-p", "-O", fmt, src, out]);
+            let cmp = qemu(d, "qemu-img", &["compare", src, out]);
+            assert!(
+                String::from_utf8_lossy(&cmp.stdout).contains("identical"),
+                "{src} -> {fmt}"
+            );
+            std::fs::remove_file(d.join(out)).unwrap();
+        }
+    }
+    // The chain's zero clusters over the base's data are not read.
+    let o = ok(d, &["convert", "--stats", "top.qcow2", "out.raw"]);
+    assert!(
+        stat(&o, "source_read_bytes") <= (4 << 20) + (64 << 10),
+        "{o}"
+    );
+}
