@@ -11,10 +11,16 @@
 //! 3. streams disk A (everything into `top`: it stands alone afterwards)
 //!    and commits disk B's `mid` into its `base` (B becomes
 //!    `base <- top`), both jobs at once, with a progress bar each;
-//! 4. writes the graph before, during and after the jobs as Graphviz DOT
-//!    (and SVG when the `dot` program is installed);
-//! 5. reads every block of both disks back and compares it with what the
-//!    guest wrote, and checks every qcow2 image left.
+//! 4. mirrors disk A to a new qcow2 file and pivots the guest onto it
+//!    (reads then come from the new file), while backing up disk B to
+//!    another new qcow2 file as it was when the backup started (the guest
+//!    holds B's writes for that one instant only), both at once, with a
+//!    progress bar each;
+//! 5. writes the graph before, during and after the stream and commit as
+//!    Graphviz DOT (and SVG when the `dot` program is installed);
+//! 6. reads every block of both disks back and compares it with what the
+//!    guest wrote, every block of the backup with B as it was at the
+//!    backup's start, and checks every qcow2 image left.
 //!
 //! It exits non-zero if any block differs.
 //!
@@ -34,7 +40,10 @@ use std::time::{Duration, Instant};
 
 use blockgraph::drivers::qcow2::{CreateOptions, Qcow2Driver, Qcow2Options};
 use blockgraph::drivers::{FileDriver, FileOptions, PassthroughFilter};
-use blockgraph::job::{self, CommitOptions, Job, JobEvent, JobEvents, JobOptions, StreamOptions};
+use blockgraph::job::{
+    self, BackupOptions, BackupSync, CommitOptions, ImageFormat, Job, JobEvent, JobEvents,
+    JobOptions, JobType, MirrorOptions, MirrorTarget, StreamOptions,
+};
 use blockgraph::snapshot::{self, SnapshotSync};
 use blockgraph::{
     BackendOptions, BlockBackend, ChildRole, Error, IoThread, MainLoop, NodeHandle, Result,
@@ -98,9 +107,11 @@ impl Options {
 pub struct Report {
     /// Guest writes issued (each read back and checked at once).
     pub writes: u64,
-    /// Blocks read back at the end and compared.
+    /// Blocks read back at the end and compared (both disks and the
+    /// backup).
     pub verified_blocks: u64,
-    /// Blocks that differed from what the guest wrote.
+    /// Blocks that differed from what the guest wrote (or, for the
+    /// backup, from disk B at the backup's start).
     pub mismatches: u64,
     /// Bytes each job processed (copied or found already in place).
     pub job_bytes: Vec<(String, u64)>,
@@ -190,6 +201,47 @@ fn create_disk(
 /// (disk, block).
 type GuestLog = (u64, HashMap<(usize, u64), u64>);
 
+/// Lets the operator hold the guest's writes to disk B for an instant (the
+/// backup's start): while `held`, no write to B starts, and `in_flight`
+/// counts those that started before.
+#[derive(Default)]
+struct HoldB {
+    held: AtomicBool,
+    in_flight: AtomicU64,
+}
+
+impl HoldB {
+    /// Holds B's writes; returns once none is in flight.
+    fn hold(&self) {
+        self.held.store(true, Ordering::SeqCst);
+        while self.in_flight.load(Ordering::SeqCst) != 0 {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+
+    fn release(&self) {
+        self.held.store(false, Ordering::SeqCst);
+    }
+
+    /// The guest's side: waits while held, then counts itself in.
+    async fn enter(&self) {
+        loop {
+            while self.held.load(Ordering::SeqCst) {
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+            self.in_flight.fetch_add(1, Ordering::SeqCst);
+            if !self.held.load(Ordering::SeqCst) {
+                return;
+            }
+            self.in_flight.fetch_sub(1, Ordering::SeqCst);
+        }
+    }
+
+    fn leave(&self) {
+        self.in_flight.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
 /// The guest on I/O thread `lane`: writes random blocks of its working set
 /// (the first `hot` blocks) of both disks (only blocks with
 /// `block % 2 == lane`, so the two threads never race for a block), reads
@@ -201,6 +253,7 @@ fn guest(
     hot: u64,
     stop: Arc<AtomicBool>,
     writes: Arc<AtomicU64>,
+    hold_b: Arc<HoldB>,
 ) -> blockgraph::TaskHandle<Result<GuestLog>> {
     io.spawn(move |mut cx| async move {
         let mut last = HashMap::new();
@@ -216,7 +269,14 @@ fn guest(
             let block = (rng % (hot / 2)) * 2 + lane;
             let stamp = ((lane + 1) << 56) | seq;
             let data = pattern(disk, block, stamp);
-            disks[disk].write(&mut cx, block * BLOCK, &data).await?;
+            if disk == 1 {
+                hold_b.enter().await;
+            }
+            let written = disks[disk].write(&mut cx, block * BLOCK, &data).await;
+            if disk == 1 {
+                hold_b.leave();
+            }
+            written?;
             disks[disk].read(&mut cx, block * BLOCK, &mut back).await?;
             if back != data {
                 return Err(Error::InvalidArgument(format!(
@@ -255,10 +315,15 @@ fn write_dot(main: &MainLoop, dir: &Path, name: &str, report: &mut Report) -> Re
     })
 }
 
-/// Shows both jobs' progress until they are gone: a bar each on a
-/// terminal, a plain line every half second otherwise. Returns the bytes
-/// each processed, or the first error one reported.
+/// Shows the jobs' progress until they are gone: a bar each on a
+/// terminal, a plain line every half second otherwise; completes a job
+/// that becomes ready (a mirror: its pivot), and lifts a mirror's rate
+/// limit once it has copied `size` bytes (the initial pass), so that it
+/// outruns the guest's new writes and converges. Returns the bytes each
+/// processed, or the first error one reported.
 fn follow(
+    main: &MainLoop,
+    size: u64,
     jobs: Vec<(Job, JobEvents)>,
     clock: &Clock,
     writes: &AtomicU64,
@@ -283,6 +348,7 @@ fn follow(
             (job, events, bar, None::<std::result::Result<u64, String>>)
         })
         .collect();
+    let mut lifted = false;
     let mut last_line = Instant::now();
     loop {
         for (job, events, bar, outcome) in &mut state {
@@ -295,12 +361,29 @@ fn follow(
                     } => *outcome = Some(Ok(current)),
                     JobEvent::Completed { error: Some(e), .. } => *outcome = Some(Err(e)),
                     JobEvent::Cancelled { .. } => *outcome = Some(Err("cancelled".into())),
+                    // A mirror in sync: pivot at once (`job-complete`).
+                    JobEvent::Ready => {
+                        let j = job.clone();
+                        if let Err(e) = main.run(move |bql| j.complete(bql)) {
+                            *outcome = Some(Err(format!("complete: {e}")));
+                        }
+                    }
                     _ => {}
                 }
             }
             let (current, total) = job.progress();
             bar.set_length(total);
             bar.set_position(current);
+            if !lifted && job.job_type() == JobType::Mirror && current >= size {
+                lifted = true;
+                let j = job.clone();
+                if main.run(move |bql| j.set_speed(bql, 0)).is_ok() {
+                    clock.say(format!(
+                        "  {}: initial copy done, rate limit lifted to catch up with the guest",
+                        job.id()
+                    ));
+                }
+            }
             match outcome {
                 _ if bar.is_finished() => {}
                 Some(Ok(_)) => bar.finish_with_message("done"),
@@ -343,6 +426,117 @@ fn follow(
             None => unreachable!("every job has an outcome here"),
         })
         .collect()
+}
+
+/// What the later steps of the day need.
+struct Day<'a> {
+    main: &'a MainLoop,
+    mgmt: &'a IoThread,
+    dir: &'a Path,
+    size: u64,
+    speed: u64,
+    clock: &'a Clock,
+    writes: &'a AtomicU64,
+}
+
+/// Reads all of `blk` on `io`.
+fn read_all(io: &IoThread, blk: &BlockBackend, size: u64) -> Result<Vec<u8>> {
+    let blk = blk.clone();
+    io.spawn(move |mut cx| async move {
+        let mut all = vec![0u8; size as usize];
+        for chunk in all.chunks_mut(MIB as usize).enumerate() {
+            let (i, buf) = chunk;
+            blk.read(&mut cx, i as u64 * MIB, buf).await?;
+        }
+        Ok::<_, Error>(all)
+    })
+    .join()
+}
+
+/// Step 4: a mirror of disk A to a new qcow2 file, pivoted on READY, and a
+/// backup of disk B to another new one, at once. Returns the bytes each
+/// job processed, and the backup's node with what B held at its start.
+#[allow(clippy::type_complexity)] // two results of one step, spelled out
+fn mirror_and_backup(
+    day: &Day<'_>,
+    disks: &[Disk],
+    hold_b: &HoldB,
+) -> Result<(Vec<(String, u64)>, (NodeHandle, Vec<u8>))> {
+    let (a, b) = (&disks[0], &disks[1]);
+    let target = create_disk(
+        day.main,
+        day.mgmt,
+        &day.dir.join("b-backup.qcow2"),
+        "b-backup",
+        day.size,
+    )?;
+    // B at the backup's start: its writes held while it is read and the
+    // job starts (the job's filter goes in over a drained B, so what it
+    // copies is B as of that drain).
+    hold_b.hold();
+    let started = read_all(day.mgmt, &b.blk, day.size).and_then(|expected| {
+        let (a_top, b_top, t) = (a.active().clone(), b.active().clone(), target.clone());
+        let (handle, speed) = (day.mgmt.handle(), day.speed);
+        let path = day.dir.join("a-mirror.qcow2");
+        let jobs = day.main.run(move |bql| {
+            let mut o = JobOptions::new("mirror-A");
+            o.speed = speed;
+            let new = MirrorTarget::NewImage {
+                path,
+                format: ImageFormat::Qcow2,
+                node_name: "a-mirror".into(),
+                backing: false,
+            };
+            // The guest's block size: a write dirties 4 KiB, not 64.
+            let options = MirrorOptions::new(&a_top, new).granularity(BLOCK);
+            let mirror = job::mirror(bql, &handle, o, options)?;
+            let mut o = JobOptions::new("backup-B");
+            o.speed = speed;
+            let options = BackupOptions::new(&b_top, &t, BackupSync::Full);
+            let backup = match job::backup(bql, &handle, o, options) {
+                Ok(job) => job,
+                Err(e) => {
+                    let _ = mirror.cancel(bql, true);
+                    return Err(e);
+                }
+            };
+            let (me, be) = (mirror.events(), backup.events());
+            Ok::<_, Error>(vec![(mirror, me), (backup, be)])
+        })?;
+        Ok((jobs, expected))
+    });
+    hold_b.release();
+    let (jobs, expected) = started?;
+    day.clock.say(format!(
+        "mirror-A: a-top to a new a-mirror.qcow2, pivot when in sync; backup-B: b-top as of \
+         now into a new b-backup.qcow2 (rate limit {} MiB/s)",
+        day.speed / MIB
+    ));
+    let done = follow(day.main, day.size, jobs, day.clock, day.writes)?;
+    Ok((done, (target, expected)))
+}
+
+/// Reads the backup through a backend of its own and counts the blocks
+/// that differ from `expected`.
+fn verify_backup(
+    main: &MainLoop,
+    io: &IoThread,
+    node: &NodeHandle,
+    expected: Vec<u8>,
+) -> Result<u64> {
+    let n = node.clone();
+    let blk = main.run(move |bql| {
+        bql.write(|w| w.add_backend("backup-check", &n, BackendOptions::default()))
+    })?;
+    let got = read_all(io, &blk, expected.len() as u64);
+    let b = blk.clone();
+    main.run(move |bql| bql.write(|w| w.remove_backend(&b)))?;
+    let got = got?;
+    Ok(got
+        .chunks(BLOCK as usize)
+        .zip(expected.chunks(BLOCK as usize))
+        .filter(|(g, e)| g != e)
+        .count() as u64)
 }
 
 /// The whole day; see the module's documentation.
@@ -417,6 +611,7 @@ pub fn run(options: &Options) -> std::result::Result<Report, Box<dyn std::error:
     // The guest, on two I/O threads, for the rest of the run.
     let stop = Arc::new(AtomicBool::new(false));
     let writes = Arc::new(AtomicU64::new(0));
+    let hold_b = Arc::new(HoldB::default());
     let blks: Vec<BlockBackend> = disks.iter().map(|d| d.blk.clone()).collect();
     // Its working set: an eighth of the disk (a guest rewrites its logs
     // and databases, not its whole disk), so the snapshots' overlays hold
@@ -433,6 +628,7 @@ pub fn run(options: &Options) -> std::result::Result<Report, Box<dyn std::error:
                 hot,
                 stop.clone(),
                 writes.clone(),
+                hold_b.clone(),
             )
         })
         .collect();
@@ -549,7 +745,24 @@ pub fn run(options: &Options) -> std::result::Result<Report, Box<dyn std::error:
     clock.say(format!(
         "graph with the jobs' filters and backends: {where_}"
     ));
-    let followed = follow(jobs, &clock, &writes);
+    let followed = follow(&main, size, jobs, &clock, &writes);
+    let where_ = write_dot(&main, &options.out_dir, "graph-after", &mut report)?;
+    clock.say(format!("graph after: {where_}"));
+    // 4. Mirror A with pivot, back up B, the guest still writing.
+    let followed = followed.and_then(|mut done| {
+        let day = Day {
+            main: &main,
+            mgmt: &mgmt,
+            dir: images.path(),
+            size,
+            speed: options.speed,
+            clock: &clock,
+            writes: &writes,
+        };
+        let (more, backup) = mirror_and_backup(&day, &disks, &hold_b)?;
+        done.extend(more);
+        Ok((done, backup))
+    });
     // Whatever happened, stop the guest and collect what it wrote.
     std::thread::sleep(options.phase / 2);
     stop.store(true, Ordering::Relaxed);
@@ -560,7 +773,8 @@ pub fn run(options: &Options) -> std::result::Result<Report, Box<dyn std::error:
             model[disk][block as usize] = stamp;
         }
     }
-    report.job_bytes = followed?;
+    let (job_bytes, (backup_node, backup_expected)) = followed?;
+    report.job_bytes = job_bytes;
     clock.say(format!(
         "jobs done: {}",
         report
@@ -570,13 +784,11 @@ pub fn run(options: &Options) -> std::result::Result<Report, Box<dyn std::error:
             .collect::<Vec<_>>()
             .join(", ")
     ));
-    let where_ = write_dot(&main, &options.out_dir, "graph-after", &mut report)?;
-    clock.say(format!("graph after: {where_}"));
     if Command::new("dot").arg("-V").output().is_err() {
         clock.say("no SVG: the `dot` program (graphviz) is not installed");
     }
 
-    // 4. Read everything back, compare, check the images.
+    // 5. Read everything back, compare, check the images.
     for (d, disk) in disks.iter().enumerate() {
         let (blk, expected) = (disk.blk.clone(), std::mem::take(&mut model[d]));
         let bad = mgmt
@@ -600,6 +812,10 @@ pub fn run(options: &Options) -> std::result::Result<Report, Box<dyn std::error:
         report.verified_blocks += blocks;
         report.mismatches += bad;
     }
+    // The backup: B as it was when the backup started.
+    let bad = verify_backup(&main, &mgmt, &backup_node, backup_expected)?;
+    report.verified_blocks += blocks;
+    report.mismatches += bad;
     let qcow2: Vec<NodeHandle> = main.run(|bql| {
         bql.graph()
             .nodes()
@@ -666,7 +882,7 @@ pub fn run(options: &Options) -> std::result::Result<Report, Box<dyn std::error:
             .join(", ")
     );
     println!(
-        "final check: {} blocks read back on two disks, {} mismatching",
+        "final check: {} blocks read back on two disks and the backup, {} mismatching",
         report.verified_blocks, report.mismatches
     );
     clock.say("done");

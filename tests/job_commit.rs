@@ -5,7 +5,11 @@
 //! block; every image passes `qemu-img check`, holds what it should under
 //! `qemu-img compare`, and `qemu-img info --backing-chain` shows the
 //! rewritten chain), refusals, and pause/resume/cancel and drains of every
-//! involved node at random points of a commit.
+//! involved node at random points of a commit. Active commit (the active
+//! layer into base, on the mirror machinery): iotest 040's active case
+//! with guests writing through `complete` and the pivot onto base, a
+//! cancel after READY (with and without force), and a drain of each
+//! involved node.
 
 mod common;
 mod job_util;
@@ -422,7 +426,7 @@ fn a_cancelled_commit_leaves_the_chain_its_headers_and_base_read_only() {
 }
 
 #[test]
-fn committing_the_active_layer_or_a_bad_range_is_refused_and_changes_nothing() {
+fn bad_ranges_and_a_backing_name_for_an_active_commit_are_refused_and_change_nothing() {
     let _w = watchdog("commit_refusals", Duration::from_secs(60));
     let env = Env::new();
     let chain = mem_chain(&env, false);
@@ -436,14 +440,16 @@ fn committing_the_active_layer_or_a_bad_range_is_refused_and_changes_nothing() {
         assert!(env.main.run(|bql| query_jobs(bql)).is_empty());
         assert_eq!(env.main.run(|bql| common::structure(bql.graph())), before);
     };
-    // top is the active layer (the guest's backend is on it).
+    // top is the active layer (the guest's backend is on it): an active
+    // commit has no overlay header to name a backing file in, and its
+    // base must be below it too.
     refuse(
-        CommitOptions::new(&chain.top),
-        "committing the active layer (active commit) is not supported yet",
+        CommitOptions::new(&chain.top).backing_file("base.qcow2", "qcow2"),
+        "is the active layer",
     );
     refuse(
-        CommitOptions::new(&chain.top).base(&chain.base),
-        "is the active layer",
+        CommitOptions::new(&chain.top).base(&chain.top),
+        "is not in the backing chain below",
     );
     // Nothing below base; mid is not below base, nor top below mid, nor
     // mid below itself.
@@ -650,4 +656,236 @@ fn pause_resume_cancel_and_drains_at_random_points_lose_no_guest_write() {
             .run(move |bql| bql.write(|w| w.remove_backend(&vda)))
             .unwrap();
     }
+}
+
+/// The node `vda` is attached to now.
+fn backend_node(env: &Env, vda: &BlockBackend) -> String {
+    let name = vda.name().to_owned();
+    env.main.run(move |bql| {
+        bql.query_backends()
+            .into_iter()
+            .find(|b| b.name == name)
+            .and_then(|b| b.root)
+            .expect("the backend is attached")
+    })
+}
+
+fn verb(
+    env: &Env,
+    job: &Job,
+    f: impl FnOnce(&Job, &blockgraph::Bql) -> Result<()> + Send + 'static,
+) {
+    let j = job.clone();
+    env.main.run(move |bql| f(&j, bql)).unwrap();
+}
+
+/// How an active commit ends after READY.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ActiveEnd {
+    Complete,
+    Cancel { force: bool },
+}
+
+/// iotest 040's active-commit case: the active image committed down to
+/// base.img (no base given) while guests write and read on two I/O threads
+/// from before the job until after its pivot; or cancelled after READY.
+fn active_commit_040(end: ActiveEnd) {
+    require_qemu();
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let views = make_chain(d);
+    let originals: Vec<(&str, Vec<u8>)> = IMAGES
+        .iter()
+        .map(|i| (*i, std::fs::read(d.join(i)).unwrap()))
+        .collect();
+    let env = Env::new();
+    let chain = open_chain(&env, &d.join("active.img"), true);
+    assert_eq!(chain.images.len(), 4);
+    let (active, top, mid, base) = (
+        chain.images[0].node.clone(),
+        chain.images[1].node.clone(),
+        chain.images[2].node.clone(),
+        chain.images[3].node.clone(),
+    );
+    assert!(read_only(&env, &base));
+    let a = active.clone();
+    let vda = env
+        .main
+        .run(move |bql| bql.write(|w| w.add_backend("vda", &a, BackendOptions::default())))
+        .unwrap();
+    let below_before = chain_below(&env, &active);
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let g0 = guest(&env.io, &vda, 0, 44, stop.clone(), 32);
+    let g1 = guest(&env.io2, &vda, 1, 45, stop.clone(), 32);
+    let mut options = JobOptions::new("active0");
+    options.speed = 4 << 20; // the guests overlap the initial pass
+    let copy = job::CopyOptions {
+        chunk_size: 128 << 10,
+        in_flight: 4,
+        alignment: 1,
+    };
+    let (job, mut events) = start_commit(
+        &env,
+        options,
+        CommitOptions::new(&active).copy_options(copy),
+    )
+    .unwrap();
+    assert_eq!(job.job_type(), job::JobType::Commit);
+    assert!(!read_only(&env, &base), "the job writes base");
+    // The limit makes the guests overlap the initial pass; lifted, the
+    // dirty loop outruns them.
+    common::wait_until("the commit has copied something", || job.progress().0 > 0);
+    thread::sleep(Duration::from_millis(300));
+    verb(&env, &job, |j, bql| j.set_speed(bql, 0));
+    job_util::until_status(&job, JobStatus::Ready);
+    // Guests keep writing while the job stays in sync.
+    thread::sleep(Duration::from_millis(200));
+    match end {
+        ActiveEnd::Complete => verb(&env, &job, |j, bql| j.complete(bql)),
+        ActiveEnd::Cancel { force } => verb(&env, &job, move |j, bql| j.cancel(bql, force)),
+    }
+    let all = until_null(&mut events);
+    assert!(all.contains(&JobEvent::Ready), "{all:?}");
+    match end {
+        ActiveEnd::Cancel { force: true } => assert!(
+            all.iter().any(|e| matches!(e, JobEvent::Cancelled { .. })),
+            "{all:?}"
+        ),
+        _ => assert!(completed(&all), "{all:?}"),
+    }
+    // The guests went on through the pivot; they stop now.
+    thread::sleep(Duration::from_millis(100));
+    stop.store(true, Ordering::SeqCst);
+    let mut disk = views[3].clone();
+    apply(&mut disk, &join(g0, "guest 0"));
+    apply(&mut disk, &join(g1, "guest 1"));
+    assert!(env.main.run(|bql| query_jobs(bql)).is_empty());
+    assert!(env.main.run(|bql| bql.node("active0-commit").is_none()));
+    let pivoted = end == ActiveEnd::Complete;
+    if pivoted {
+        // Every user of the active layer is on base, the committed images
+        // are gone, base stays read-write as the new active layer.
+        assert_eq!(backend_node(&env, &vda), base.name());
+        let gone = vec![active.clone(), top.clone(), mid.clone()];
+        env.main.run(move |bql| {
+            for n in &gone {
+                assert!(
+                    !n.gs(bql).is_in_graph(),
+                    "'{}' still in the graph",
+                    n.name()
+                );
+            }
+        });
+        assert!(!read_only(&env, &base), "base is the active layer now");
+    } else {
+        assert_eq!(backend_node(&env, &vda), active.name());
+        assert_eq!(chain_below(&env, &active), below_before);
+        assert!(read_only(&env, &base), "base is read-only again");
+    }
+    assert_same(&read_disk(&env.io, &vda), &disk);
+    flush(&env, &vda);
+    let mut all_nodes = Vec::new();
+    for i in &chain.images {
+        all_nodes.extend([i.node.clone(), i.file.clone()]);
+    }
+    close(&env, &vda, all_nodes);
+    drop(env);
+
+    for image in IMAGES {
+        check_clean(d, image);
+    }
+    if pivoted {
+        // qemu-img: base.img is the whole chain now, and holds the disk.
+        let chain = info_chain(d, "base.img");
+        assert_eq!(chain.len(), 1, "{chain:?}");
+        compare(d, "base.img", &disk);
+        // The committed images below the active one were not written.
+        for (image, bytes) in &originals {
+            if *image == "mid.img" || *image == "top.img" {
+                assert!(
+                    std::fs::read(d.join(image)).unwrap() == *bytes,
+                    "{image} was written"
+                );
+            }
+        }
+    } else {
+        let names = info_chain(d, "active.img");
+        assert_eq!(names.len(), 4, "{names:?}");
+        // What reached base is stored above it too (in the active image
+        // or an image between): the guest's view did not change. (The
+        // intermediates' own views may: base now holds the active layer's
+        // data, as in QEMU.)
+        compare(d, "active.img", &disk);
+    }
+}
+
+#[test]
+fn active_commit_pivots_the_guest_onto_base_040() {
+    let _w = watchdog("active_commit_040", Duration::from_secs(180));
+    active_commit_040(ActiveEnd::Complete);
+}
+
+#[test]
+fn an_active_commit_cancelled_after_ready_leaves_the_chain_and_base_read_only() {
+    let _w = watchdog("active_commit_cancel", Duration::from_secs(240));
+    active_commit_040(ActiveEnd::Cancel { force: false });
+    active_commit_040(ActiveEnd::Cancel { force: true });
+}
+
+#[test]
+fn a_drain_of_each_node_pauses_the_active_commit_which_then_pivots() {
+    let _w = watchdog("active_commit_drain_each_node", Duration::from_secs(120));
+    let env = Env::new();
+    let chain = mem_chain(&env, false);
+    let stop = Arc::new(AtomicBool::new(false));
+    let g0 = guest(&env.io, &chain.vda, 0, 9, stop.clone(), 16);
+    let g1 = guest(&env.io2, &chain.vda, 1, 10, stop.clone(), 16);
+    let mut options = JobOptions::new("adrained");
+    options.speed = 256 << 10; // top..base's ~2 MiB take seconds
+    let (job, mut events) = start_commit(
+        &env,
+        options,
+        CommitOptions::new(&chain.top).copy_options(job::CopyOptions {
+            chunk_size: 64 << 10,
+            ..Default::default()
+        }),
+    )
+    .unwrap();
+    common::wait_until("the commit has copied something", || job.progress().0 > 0);
+    let filter = env
+        .main
+        .run(|bql| bql.node("adrained-commit").map(|n| n.to_handle()))
+        .expect("the job's filter");
+    // The active layer, the image below it, base, the job's filter.
+    for node in [&chain.top, &chain.mid, &chain.base, &filter] {
+        assert_eq!(
+            job.status(),
+            JobStatus::Running,
+            "before draining '{}'",
+            node.name()
+        );
+        drain_during(&env, &job, node, Duration::from_millis(100));
+        common::wait_until("the job runs again", || job.status() == JobStatus::Running);
+    }
+    verb(&env, &job, |j, bql| j.set_speed(bql, 0));
+    job_util::until_status(&job, JobStatus::Ready);
+    verb(&env, &job, |j, bql| j.complete(bql));
+    let all = until_null(&mut events);
+    assert!(completed(&all), "{all:?}");
+    let paused = all
+        .iter()
+        .filter(|e| **e == JobEvent::StatusChange(JobStatus::Paused))
+        .count();
+    assert!(paused >= 4, "paused once per drain: {all:?}");
+    stop.store(true, Ordering::SeqCst);
+    let mut expected = chain_contents();
+    apply(&mut expected, &join(g0, "guest 0"));
+    apply(&mut expected, &join(g1, "guest 1"));
+    assert_eq!(backend_node(&env, &chain.vda), chain.base.name());
+    assert_same(&read_disk(&env.io, &chain.vda), &expected);
+    let (top, mid) = (chain.top.clone(), chain.mid.clone());
+    assert!(env
+        .main
+        .run(move |bql| !top.gs(bql).is_in_graph() && !mid.gs(bql).is_in_graph()));
 }

@@ -446,8 +446,10 @@ fn ten_thousand_mutations_under_verified_io_on_two_threads() {
 }
 
 /// The main example (`examples/live_reconfig.rs`) end to end on 8 MiB
-/// disks: snapshots, a stream and a commit under guest I/O, DOT files,
-/// every block read back, every qcow2 image checked. So it cannot rot.
+/// disks: snapshots, a stream and a commit, then a mirror with pivot and
+/// a point-in-time backup, all under guest I/O; DOT files, every block of
+/// both disks and the backup read back, every qcow2 image checked. So it
+/// cannot rot.
 #[test]
 fn the_main_example_runs_on_small_disks() {
     let _w = watchdog("live_reconfig_example", Duration::from_secs(240));
@@ -461,16 +463,23 @@ fn the_main_example_runs_on_small_disks() {
     let report = live_reconfig_example::run(&options).unwrap();
     assert!(report.writes > 0, "{report:?}");
     assert_eq!(report.mismatches, 0, "{report:?}");
-    assert_eq!(report.verified_blocks, 2 * (8 << 20) / 4096);
+    // Both disks and the backup, block by block.
+    assert_eq!(report.verified_blocks, 3 * (8 << 20) / 4096);
     assert_eq!(
-        report.job_bytes,
+        report.job_bytes[..2],
         [
             ("stream-A".to_owned(), 8 << 20),
             ("commit-B".to_owned(), 8 << 20)
         ]
     );
-    assert_eq!(report.chains, [vec!["a-top"], vec!["b-top", "b-base"]]);
-    assert_eq!(report.checked.len(), 3, "{report:?}");
+    // The mirror copies what the guest dirtied again, on top of the disk.
+    assert_eq!(report.job_bytes[2].0, "mirror-A");
+    assert!(report.job_bytes[2].1 >= 8 << 20, "{report:?}");
+    assert_eq!(report.job_bytes[3], ("backup-B".to_owned(), 8 << 20));
+    // A was pivoted onto its mirror.
+    assert_eq!(report.chains, [vec!["a-mirror"], vec!["b-top", "b-base"]]);
+    // a-top (left by the pivot), a-mirror, b-top, b-base, b-backup.
+    assert_eq!(report.checked.len(), 5, "{report:?}");
     assert!(report.checked.iter().all(|(_, clean)| *clean), "{report:?}");
     assert_eq!(report.dot_files.len(), 3);
     for file in &report.dot_files {

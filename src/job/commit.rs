@@ -1,7 +1,9 @@
-//! `block-commit` of an intermediate layer: copy what the images between
-//! `top` and `base` of a backing chain store down into `base`, then drop
-//! them from the chain (QEMU's `block/commit.c`, without the active
-//! layer: that is mirror's job, `block/mirror.c`'s active commit).
+//! `block-commit`: copy what the images between `top` and `base` of a
+//! backing chain store down into `base`, then drop them from the chain
+//! (QEMU's `block/commit.c`). With `top` the active layer this is an
+//! *active commit*, run on the mirror machinery as QEMU's
+//! `commit_active_start` runs on `block/mirror.c`: it goes READY and
+//! pivots on `complete`.
 //!
 //! What it does, step by step: see [`commit`].
 
@@ -155,11 +157,50 @@ impl Filter for CommitTop {
 ///   commit leaves the chain as it was; what it copied into `base` is what
 ///   `top` showed there already, invisible to the guest.
 ///
+/// **Active commit** (`top` is the active layer: no image uses it as its
+/// backing file; QEMU's `block-commit` of the active layer, which needs
+/// `job-complete`): the mirror job's machinery with `top` as its source
+/// and `base` as its target, in a mode where the target is below the
+/// source in its own chain.
+///
+/// ```text
+///  before:  vda → top → mid → base
+///  during:  vda → <job>-commit (mirror_top) → top → mid → base (read-write)
+///                        ╰────────── data edge ─────────────↗
+///  after complete:  vda → base (read-write: the new active layer)
+///  after cancel:    vda → top → mid → base (read-only again, if it was)
+/// ```
+///
+/// * **Setup** (main loop): drains of `top` and `base`, one write section,
+///   one transaction: `base` switched read-write if it was read-only, the
+///   mirror filter inserted above `top` with an edge to `base`, the job's
+///   reader on `top` and writer on `base`. The filter shares `WRITE` on
+///   `top`, so every backing edge below shares it (DESIGN §12's per-link
+///   rule) and the job may write `base` while the chain reads it; its
+///   edge to `base` and the writer share consistent reads for that chain.
+/// * **Run** (job task): the initial pass copies what `top`..`base`
+///   stores ([`BlockBackend::block_status_above`] `base`) from the view of
+///   `top` into `base`; guest writes mark the filter's dirty map; the
+///   dirty loop copies it clean, then READY, and keeps copying.
+/// * **Prepare** after `complete`: mirror's convergence (write-through,
+///   copy until clean, flush `base`), then on the main loop, drains of the
+///   filter, `base` and every committed image and its file, the map
+///   checked clean there, and one transaction: the job's backends
+///   removed, the filter's edge to `base` detached, every user of the
+///   filter moved onto `base`, the filter removed, then each committed
+///   image (and file) nobody else uses removed. `base` stays read-write.
+/// * **Cancel** after READY (without force: the job completes without the
+///   pivot, as a mirror's does; with force or before READY: cancelled):
+///   the filter and backends go, `base` is flushed and switched back to
+///   read-only if the job made it read-write. The chain is as it was:
+///   what the job wrote into `base` is stored above it too, so the
+///   guest's view never changed.
+///
 /// # Errors
 ///
 /// An invalid or duplicate job id; `top` removed or of another graph;
-/// `top` the active layer (no image uses it as its backing file: active
-/// commit is not supported yet) or the backing file of several images;
+/// `top` the backing file of several images; a backing file name given
+/// for an active commit (there is no overlay header to write it into);
 /// `base` not below `top`, or no image below `top`; no backing file name
 /// to write (see [`CommitOptions::backing_file`]); the filter node's name
 /// taken; `base` that cannot become read-write; a permission conflict
@@ -185,6 +226,18 @@ pub fn commit(
     commit: CommitOptions,
 ) -> Result<Job> {
     let job = Job::create(bql, JobType::Commit, &options)?;
+    if is_active_layer(bql, &commit.top) {
+        return match set_up_active(bql, io, &job, &commit) {
+            Ok(driver) => {
+                job.start(bql, io, driver)?;
+                Ok(job)
+            }
+            Err(e) => {
+                job.early_fail(bql);
+                Err(e)
+            }
+        };
+    }
     match set_up(bql, &job, &commit) {
         Ok(driver) => {
             job.start(bql, io, driver)?;
@@ -195,6 +248,77 @@ pub fn commit(
             Err(e)
         }
     }
+}
+
+/// `top` is in the graph and no image uses it as its backing file.
+fn is_active_layer(bql: &Bql, top: &NodeHandle) -> bool {
+    let t = top.gs(bql);
+    t.is_in_graph()
+        && !t.parents().any(|p| {
+            matches!(
+                p,
+                ParentRef::Node {
+                    role: ChildRole::Backing,
+                    ..
+                }
+            )
+        })
+}
+
+/// The images from `top` down to just above `base` (top first), and
+/// `base`: the explicit one, which must be below `top`, or the bottom of
+/// `top`'s chain.
+fn committed_range(bql: &Bql, o: &CommitOptions) -> Result<(Vec<NodeHandle>, NodeHandle)> {
+    let top = o.top.gs(bql);
+    let chain = top.backing_chain();
+    let base_at = match &o.base {
+        None if chain.len() < 2 => {
+            return Err(Error::InvalidArgument(format!(
+                "block-commit: '{}' has no backing file: there is nothing to commit into",
+                top.name()
+            )))
+        }
+        None => chain.len() - 1,
+        Some(base) => chain
+            .iter()
+            .skip(1)
+            .position(|n| n.name() == base.name())
+            .map(|i| i + 1)
+            .ok_or_else(|| {
+                Error::InvalidArgument(format!(
+                    "block-commit: '{}' is not in the backing chain below '{}'",
+                    base.name(),
+                    top.name()
+                ))
+            })?,
+    };
+    Ok((
+        chain[..base_at].iter().map(|n| n.to_handle()).collect(),
+        chain[base_at].to_handle(),
+    ))
+}
+
+/// Active commit: the mirror machinery with `top` as the source and `base`
+/// as the target (see [`commit`]).
+fn set_up_active(
+    bql: &mut Bql,
+    io: &IoThreadHandle,
+    job: &Job,
+    o: &CommitOptions,
+) -> Result<super::mirror::MirrorJob> {
+    if o.backing_file.is_some() {
+        return Err(Error::InvalidArgument(format!(
+            "block-commit: '{}' is the active layer: no image above it has a header to \
+             rewrite, so a backing file name makes no sense",
+            o.top.name()
+        )));
+    }
+    let range = committed_range(bql, o)?;
+    let filter_name = o
+        .filter_node_name
+        .clone()
+        .unwrap_or_else(|| format!("{}-commit", job.id()));
+    super::mirror::active_commit(bql, io, job, &o.top, range, filter_name, o.copy)
 }
 
 /// What setup found in the graph.
@@ -227,7 +351,7 @@ fn plan(bql: &Bql, o: &CommitOptions) -> Result<Plan> {
         [] => {
             return Err(Error::InvalidArgument(format!(
                 "block-commit: '{}' is the active layer (no image uses it as its backing \
-                 file); committing the active layer (active commit) is not supported yet",
+                 file): that is an active commit",
                 top.name()
             )))
         }
@@ -244,29 +368,7 @@ fn plan(bql: &Bql, o: &CommitOptions) -> Result<Plan> {
             )))
         }
     };
-    let chain = top.backing_chain();
-    let base_at = match &o.base {
-        None if chain.len() < 2 => {
-            return Err(Error::InvalidArgument(format!(
-                "block-commit: '{}' has no backing file: there is nothing to commit into",
-                top.name()
-            )))
-        }
-        None => chain.len() - 1,
-        Some(base) => chain
-            .iter()
-            .skip(1)
-            .position(|n| n.name() == base.name())
-            .map(|i| i + 1)
-            .ok_or_else(|| {
-                Error::InvalidArgument(format!(
-                    "block-commit: '{}' is not in the backing chain below '{}'",
-                    base.name(),
-                    top.name()
-                ))
-            })?,
-    };
-    let base = chain[base_at];
+    let (intermediates, base) = committed_range(bql, o)?;
     let header = match overlay.driver_as::<Qcow2Driver>() {
         None => Header::Skip,
         Some(q) => {
@@ -276,7 +378,11 @@ fn plan(bql: &Bql, o: &CommitOptions) -> Result<Plan> {
             let new = match &o.backing_file {
                 Some(explicit) => explicit.clone(),
                 None => {
-                    let lowest = chain[base_at - 1];
+                    let base = base.gs(bql);
+                    let lowest = intermediates
+                        .last()
+                        .expect("base is strictly below top")
+                        .gs(bql);
                     lowest
                         .driver_as::<Qcow2Driver>()
                         .and_then(|q| {
@@ -301,10 +407,10 @@ fn plan(bql: &Bql, o: &CommitOptions) -> Result<Plan> {
     };
     Ok(Plan {
         overlay: overlay.to_handle(),
-        intermediates: chain[..base_at].iter().map(|n| n.to_handle()).collect(),
-        base: base.to_handle(),
+        base_read_only: base.gs(bql).driver().is_read_only(),
+        intermediates,
+        base,
         header,
-        base_read_only: base.driver().is_read_only(),
         overlay_read_only: overlay.driver().is_read_only(),
     })
 }

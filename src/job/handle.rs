@@ -316,7 +316,7 @@ impl Job {
     /// concludes with [`JobEvent::Cancelled`](super::JobEvent::Cancelled).
     /// `force` matters to jobs that are ready (QEMU's `force`: do not
     /// complete, abandon): without it, a ready job of a kind that
-    /// completes on cancel (mirror) is not cancelled but asked to complete
+    /// completes on cancel (mirror, active commit) is not cancelled but asked to complete
     /// without its graph change (QEMU's cancel of a ready mirror: the
     /// target is brought in sync and left, the source stays in use), and
     /// concludes with [`JobEvent::Completed`](super::JobEvent::Completed).
@@ -325,7 +325,8 @@ impl Job {
         let mut st = self.shared.lock();
         self.shared.check_verb(&st, JobVerb::Cancel)?;
         let ready = matches!(st.status, JobStatus::Ready | JobStatus::Standby);
-        if ready && !force && self.shared.kind == JobType::Mirror {
+        // Only jobs that go ready (mirror, active commit) get here.
+        if ready && !force {
             st.cancel_after_ready = true;
             st.complete_requested = true;
             st.user_paused = false;

@@ -166,6 +166,32 @@ struct MirrorState {
 /// The role of the filter's edge to the target.
 const TARGET: ChildRole = ChildRole::Data;
 
+/// What the filter's target edge and the job's writer share: only writing
+/// (nobody reads a half-copied image), and for an active commit also
+/// consistent reads — the target is `base`, which the chain above reads,
+/// and what the job writes there is what that chain shows already.
+fn target_share(commit: bool) -> Perm {
+    if commit {
+        Perm::CONSISTENT_READ | Perm::WRITE | Perm::WRITE_UNCHANGED
+    } else {
+        Perm::WRITE | Perm::WRITE_UNCHANGED
+    }
+}
+
+/// An active commit run on the mirror machinery (see
+/// [`commit`](super::commit)): what the pivot drops and what clean undoes.
+#[derive(Debug)]
+pub(super) struct ActiveCommit {
+    /// The active layer and the images below it, down to just above
+    /// `base` (the target), top first.
+    pub(super) intermediates: Vec<NodeHandle>,
+    /// `base` was read-only: setup switched it; clean switches it back
+    /// unless the job pivoted (then it is the new active layer).
+    pub(super) base_made_rw: bool,
+    /// The users moved onto `base`.
+    pub(super) pivoted: bool,
+}
+
 /// The mirror filter (QEMU's `mirror_top`), above the source: passes every
 /// request to the source and records what guests change in the job's
 /// dirty map; in write-through mode also writes the change to the target
@@ -173,6 +199,8 @@ const TARGET: ChildRole = ChildRole::Data;
 #[derive(Debug)]
 struct MirrorTop {
     state: Arc<MirrorState>,
+    /// Active commit: the target is below the source in its own chain.
+    commit: bool,
 }
 
 impl MirrorTop {
@@ -223,12 +251,18 @@ impl Filter for MirrorTop {
 
     fn child_permissions(&self, role: ChildRole, users: Permissions) -> Permissions {
         match role {
+            // Active commit: sharing `WRITE` on the source makes its
+            // backing edge (and every one below it) share it too (DESIGN
+            // §12, per-link permissions), so the job may write `base`
+            // while the chain reads it, as commit's `commit_top` does.
+            ChildRole::Filtered if self.commit => Permissions {
+                take: users.take,
+                share: users.share | Perm::WRITE | Perm::WRITE_UNCHANGED,
+            },
             ChildRole::Filtered => users,
-            // The target: written by the filter (write-through) and the
-            // job's writer, nobody else; nobody reads a half-copied image.
             TARGET => Permissions {
                 take: Perm::WRITE,
-                share: Perm::WRITE | Perm::WRITE_UNCHANGED,
+                share: target_share(self.commit),
             },
             _ => Permissions::UNRESTRICTED,
         }
@@ -517,47 +551,152 @@ fn set_up_with(
             true,
         ),
     };
+    attach(
+        bql,
+        io,
+        job,
+        Attach {
+            source: o.source.clone(),
+            target,
+            zeroed,
+            len,
+            sync: o.sync,
+            base,
+            mode: o.mode,
+            granularity: o.granularity,
+            filter_name: o
+                .filter_node_name
+                .clone()
+                .unwrap_or_else(|| format!("{}-mirror", job.id())),
+            copy: o.copy,
+            commit: None,
+        },
+    )
+}
+
+/// Starts the mirror machinery for an active commit (QEMU's
+/// `commit_active_start`): `top` (the active layer) is the source, `base`
+/// (below it, in its chain) the target, the initial pass copies what
+/// `top`..`base` stores. Called by [`commit`](super::commit), which
+/// created `job` and found the committed range: the images from `top`
+/// down to just above `base`, and `base`.
+pub(super) fn active_commit(
+    bql: &mut Bql,
+    io: &IoThreadHandle,
+    job: &Job,
+    top: &NodeHandle,
+    (intermediates, base): (Vec<NodeHandle>, NodeHandle),
+    filter_name: String,
+    copy: CopyOptions,
+) -> Result<MirrorJob> {
+    let base = &base;
+    let len = length_of(bql, io, top)?;
+    let base_made_rw = base.gs(bql).driver().is_read_only();
+    attach(
+        bql,
+        io,
+        job,
+        Attach {
+            source: top.clone(),
+            target: base.clone(),
+            zeroed: false,
+            len,
+            sync: MirrorSync::Top,
+            base: Some(base.clone()),
+            mode: CopyMode::Background,
+            granularity: 64 << 10,
+            filter_name,
+            copy,
+            commit: Some(ActiveCommit {
+                intermediates,
+                base_made_rw,
+                pivoted: false,
+            }),
+        },
+    )
+}
+
+/// What [`attach`] sets up.
+struct Attach {
+    source: NodeHandle,
+    target: NodeHandle,
+    zeroed: bool,
+    len: u64,
+    sync: MirrorSync,
+    base: Option<NodeHandle>,
+    mode: CopyMode,
+    granularity: u64,
+    filter_name: String,
+    copy: CopyOptions,
+    commit: Option<ActiveCommit>,
+}
+
+/// Checks the target and inserts the filter and the job's backends: the
+/// part of setup a mirror and an active commit share.
+fn attach(bql: &mut Bql, io: &IoThreadHandle, job: &Job, a: Attach) -> Result<MirrorJob> {
+    let Attach {
+        source,
+        target,
+        zeroed,
+        len,
+        sync,
+        base,
+        mode,
+        granularity,
+        filter_name,
+        copy,
+        commit,
+    } = a;
     {
         let t = target.gs(bql);
         if !t.is_in_graph() {
             return Err(Error::NodeRemoved(t.name().to_owned()));
         }
-        let s = o.source.gs(bql);
-        let below_source = std::iter::once(s)
-            .chain(s.backing_chain())
-            .any(|n| n.name() == t.name());
-        if below_source {
-            return Err(Error::InvalidArgument(format!(
-                "mirror: the target '{}' is the source '{}' or in its backing chain",
-                t.name(),
-                s.name()
-            )));
-        }
-        if t.parents().len() != 0 {
-            return Err(Error::InvalidArgument(format!(
-                "mirror: the target '{}' is in use",
-                t.name()
-            )));
+        let s = source.gs(bql);
+        // An active commit's target is below the source by design (its
+        // caller checked it is strictly below, and it is used by the chain
+        // above it); a mirror's may be neither.
+        if commit.is_none() {
+            let below_source = std::iter::once(s)
+                .chain(s.backing_chain())
+                .any(|n| n.name() == t.name());
+            if below_source {
+                return Err(Error::InvalidArgument(format!(
+                    "mirror: the target '{}' is the source '{}' or in its backing chain",
+                    t.name(),
+                    s.name()
+                )));
+            }
+            if t.parents().len() != 0 {
+                return Err(Error::InvalidArgument(format!(
+                    "mirror: the target '{}' is in use",
+                    t.name()
+                )));
+            }
         }
     }
+    let what = if commit.is_some() {
+        "block-commit"
+    } else {
+        "mirror"
+    };
     let target_len = length_of(bql, io, &target)?;
     if target_len < len {
         return Err(Error::InvalidArgument(format!(
-            "mirror: the target '{}' ({target_len} bytes) is smaller than the source '{}' \
+            "{what}: the target '{}' ({target_len} bytes) is smaller than the source '{}' \
              ({len} bytes)",
             target.name(),
-            o.source.name()
+            source.name()
         )));
     }
     let state = Arc::new(MirrorState {
-        dirty: DirtyMap::new(len, o.granularity),
+        dirty: DirtyMap::new(len, granularity),
         lock: RangeLock::default(),
-        write_through: AtomicBool::new(o.mode == CopyMode::WriteBlocking),
+        write_through: AtomicBool::new(mode == CopyMode::WriteBlocking),
     });
-    let filter_name = o
-        .filter_node_name
-        .clone()
-        .unwrap_or_else(|| format!("{}-mirror", job.id()));
+    let is_commit = commit.is_some();
+    let label = if is_commit { "commit" } else { "mirror" };
+    let make_rw = commit.as_ref().is_some_and(|c| c.base_made_rw);
     let reader_options = BackendOptions {
         // Reads the source; lets the guest do anything but resize it.
         perms: Permissions {
@@ -568,35 +707,40 @@ fn set_up_with(
     };
     let writer_options = BackendOptions {
         // Shares writing with the filter's edge only (whoever else writes
-        // must share WRITE, and a plain writer does not); nobody reads.
+        // must share WRITE, and a plain writer does not); nobody reads,
+        // but for an active commit's chain.
         perms: Permissions {
             take: Perm::WRITE,
-            share: Perm::WRITE | Perm::WRITE_UNCHANGED,
+            share: target_share(is_commit),
         },
         stay_at_node: true,
     };
-    let source_drained = bql.drain(&o.source);
+    let source_drained = bql.drain(&source);
     let target_drained = bql.drain(&target);
     let added = bql.write(|w| {
         w.transaction(|w| {
+            if make_rw {
+                w.set_read_only(&target_drained, false)?;
+            }
             let filter = w.insert_filter_with(
                 &source_drained,
                 &filter_name,
                 JobFilter::new(
                     MirrorTop {
                         state: state.clone(),
+                        commit: is_commit,
                     },
                     job.clone(),
                 ),
                 &[(TARGET, &target)],
             )?;
             let reader = w.add_backend(
-                &format!("{}-mirror-source", job.id()),
-                &o.source,
+                &format!("{}-{label}-source", job.id()),
+                &source,
                 reader_options,
             )?;
             let writer = w.add_backend(
-                &format!("{}-mirror-target", job.id()),
+                &format!("{}-{label}-target", job.id()),
                 &target,
                 writer_options,
             )?;
@@ -607,20 +751,28 @@ fn set_up_with(
     drop(source_drained);
     let (filter, reader, writer) = added?;
     Ok(MirrorJob {
+        kind: if is_commit {
+            JobType::Commit
+        } else {
+            JobType::Mirror
+        },
         target,
         filter,
         reader,
         writer,
         base,
-        sync: o.sync,
+        sync,
         zeroed,
         len,
         state,
-        copy: o.copy,
+        copy,
+        commit,
     })
 }
 
-struct MirrorJob {
+pub(super) struct MirrorJob {
+    /// `Mirror`, or `Commit` for an active commit.
+    kind: JobType,
     target: NodeHandle,
     filter: NodeHandle,
     reader: BlockBackend,
@@ -633,6 +785,8 @@ struct MirrorJob {
     len: u64,
     state: Arc<MirrorState>,
     copy: CopyOptions,
+    /// An active commit: the target is `base`.
+    commit: Option<ActiveCommit>,
 }
 
 /// Copies `range` from the source to the target under a serialising lock,
@@ -787,7 +941,7 @@ async fn wait_for_work(shared: &JobShared, state: &MirrorState, runner: &JobRunn
 
 impl JobDriver for MirrorJob {
     fn job_type(&self) -> JobType {
-        JobType::Mirror
+        self.kind
     }
 
     async fn run(&mut self, cx: &mut JobCx<'_>) -> Result<()> {
@@ -845,13 +999,21 @@ impl JobDriver for MirrorJob {
                 self.writer.clone(),
                 self.state.clone(),
             );
+            // An active commit's pivot drops the committed images.
+            let dropped = match &self.commit {
+                Some(c) if pivot => c.intermediates.clone(),
+                _ => Vec::new(),
+            };
             let done = cx
                 .on_main_loop(move |bql| -> Result<bool> {
+                    // The committed images and their files (top first).
+                    let doomed = with_files(bql, &dropped);
                     // Every guest request has completed (on the source and,
                     // write-through, on the target) and none can start:
                     // what the map says now is final.
                     let filter_drained = bql.drain(&filter);
                     let target_drained = bql.drain(&target);
+                    let drained: Vec<_> = doomed.iter().map(|n| bql.drain(n)).collect();
                     if !state.dirty.is_clean() {
                         return Ok(false);
                     }
@@ -864,6 +1026,15 @@ impl JobDriver for MirrorJob {
                                 w.replace_node(&filter_drained, &target_drained)?;
                             }
                             w.remove_filter(&filter_drained)?;
+                            // Top down: each removal leaves the next one
+                            // unused (an image someone else uses stays).
+                            for d in &drained {
+                                let unused =
+                                    w.node(d.name()).is_some_and(|n| n.parents().len() == 0);
+                                if unused {
+                                    w.remove_node(d)?;
+                                }
+                            }
                             Ok(true)
                         })
                     })
@@ -880,19 +1051,35 @@ impl JobDriver for MirrorJob {
                 ));
             }
         }
+        if let Some(c) = &mut self.commit {
+            c.pivoted = pivot;
+        }
         // What the guest wrote through since the last flush.
         let guard = cx.io().read().await;
         self.target.try_io(&guard)?.flush().await
     }
 
     async fn clean(&mut self, cx: &mut JobCx<'_>) {
-        let (filter, reader, writer) = (
+        // An active commit that did not pivot leaves base read-only again,
+        // as it found it; going read-only needs its metadata on disk.
+        let restore = self
+            .commit
+            .as_ref()
+            .is_some_and(|c| c.base_made_rw && !c.pivoted);
+        if restore {
+            let guard = cx.io().read().await;
+            if let Ok(node) = self.target.try_io(&guard) {
+                let _ = node.flush().await;
+            }
+        }
+        let (filter, reader, writer, target) = (
             self.filter.clone(),
             self.reader.clone(),
             self.writer.clone(),
+            self.target.clone(),
         );
         let result = cx
-            .on_main_loop(move |bql| {
+            .on_main_loop(move |bql| -> Result<()> {
                 let _ = bql.write(|w| w.remove_backend(&reader));
                 let _ = bql.write(|w| w.remove_backend(&writer));
                 if filter.gs(bql).is_in_graph() {
@@ -902,10 +1089,13 @@ impl JobDriver for MirrorJob {
                             w.detach_child(&d, TARGET)?;
                             w.remove_filter(&d)
                         })
-                    })
-                } else {
-                    Ok(())
+                    })?;
                 }
+                if restore && target.gs(bql).is_in_graph() {
+                    let d = bql.drain(&target);
+                    bql.write(|w| w.set_read_only(&d, true))?;
+                }
+                Ok(())
             })
             .await;
         match result {
@@ -917,12 +1107,32 @@ impl JobDriver for MirrorJob {
     }
 }
 
+/// `nodes` that are still in the graph, each followed by its `file` and
+/// `data` children.
+fn with_files(bql: &Bql, nodes: &[NodeHandle]) -> Vec<NodeHandle> {
+    let mut all = Vec::new();
+    for n in nodes {
+        let g = n.gs(bql);
+        if !g.is_in_graph() {
+            continue;
+        }
+        all.push(n.clone());
+        all.extend(
+            g.children()
+                .filter(|c| matches!(c.role, ChildRole::File | ChildRole::Data))
+                .map(|c| c.node.to_handle()),
+        );
+    }
+    all
+}
+
 impl std::fmt::Debug for MirrorJob {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("MirrorJob")
             .field("target", &self.target.name())
             .field("filter", &self.filter.name())
             .field("sync", &self.sync)
+            .field("commit", &self.commit)
             .finish()
     }
 }
