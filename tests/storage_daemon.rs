@@ -14,10 +14,11 @@ mod nbd_client;
 use std::io::{BufRead, BufReader, Write as _};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
+use common::process::{self, have, output_within, skip, tool};
 use common::watchdog;
 use nbd_client::{Client, CMD_READ, CMD_WRITE};
 use serde_json::{json, Value};
@@ -31,129 +32,7 @@ const LIMIT: Duration = Duration::from_secs(60);
 /// (as `tests/img_tool.rs` does for `img`).
 fn daemon_binary() -> &'static Path {
     static BIN: OnceLock<PathBuf> = OnceLock::new();
-    BIN.get_or_init(|| {
-        let exe = std::env::current_exe().expect("test binary path");
-        let profile_dir = exe
-            .parent()
-            .and_then(Path::parent)
-            .expect("target/<profile>/deps")
-            .to_path_buf();
-        let bin = profile_dir.join("examples").join("storage_daemon");
-        let why = match std::fs::metadata(&bin).and_then(|m| m.modified()) {
-            Err(_) => "missing",
-            Ok(built) if newest_source() > built => "older than its sources",
-            Ok(_) => return bin,
-        };
-        let _ = writeln!(
-            std::io::stderr(),
-            "storage_daemon: {} is {why}; building it (cargo build --example storage_daemon)",
-            bin.display()
-        );
-        let target_dir = profile_dir.parent().expect("target dir");
-        let mut build = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
-        build
-            .args(["build", "--example", "storage_daemon", "--target-dir"])
-            .arg(target_dir)
-            .current_dir(env!("CARGO_MANIFEST_DIR"));
-        if profile_dir.file_name().is_some_and(|n| n == "release") {
-            build.arg("--release");
-        }
-        let status = build.status().expect("cargo runs");
-        assert!(
-            status.success(),
-            "building the storage_daemon example failed"
-        );
-        bin
-    })
-}
-
-fn newest_source() -> std::time::SystemTime {
-    fn newest(path: &Path) -> std::time::SystemTime {
-        let Ok(meta) = std::fs::metadata(path) else {
-            return std::time::SystemTime::UNIX_EPOCH;
-        };
-        let own = meta.modified().unwrap_or(std::time::SystemTime::UNIX_EPOCH);
-        match std::fs::read_dir(path) {
-            Ok(entries) => entries
-                .flatten()
-                .map(|e| newest(&e.path()))
-                .fold(own, std::cmp::max),
-            Err(_) => own,
-        }
-    }
-    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-    ["examples/storage_daemon", "src", "Cargo.toml", "Cargo.lock"]
-        .iter()
-        .map(|p| newest(&root.join(p)))
-        .max()
-        .expect("some sources")
-}
-
-fn have(tool: &str) -> bool {
-    Command::new(tool)
-        .arg("--version")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .is_ok()
-}
-
-/// Says loudly, past the test harness's capture, that a check is skipped.
-fn skip(what: &str) {
-    let _ = writeln!(std::io::stderr(), "\n*** SKIPPED: {what} ***\n");
-}
-
-/// Runs a tool, failing the test with its output if it fails.
-fn tool(name: &str, args: &[&str]) -> String {
-    let out = Command::new(name)
-        .args(args)
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run {name}: {e} (.ci/run installs it)"));
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(out.status.success(), "{name} {args:?} failed:\n{text}");
-    text
-}
-
-/// Runs `cmd` to completion within `limit`, killing it past that.
-fn output_within(cmd: &mut Command, limit: Duration) -> Output {
-    let mut child = cmd
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
-    let mut out = child.stdout.take().expect("stdout");
-    let mut err = child.stderr.take().expect("stderr");
-    let o = std::thread::spawn(move || {
-        let mut v = Vec::new();
-        let _ = std::io::Read::read_to_end(&mut out, &mut v);
-        v
-    });
-    let e = std::thread::spawn(move || {
-        let mut v = Vec::new();
-        let _ = std::io::Read::read_to_end(&mut err, &mut v);
-        v
-    });
-    let start = Instant::now();
-    let status = loop {
-        if let Some(s) = child.try_wait().expect("try_wait") {
-            break s;
-        }
-        if start.elapsed() > limit {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("{cmd:?} did not finish within {limit:?}");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    };
-    Output {
-        status,
-        stdout: o.join().unwrap_or_default(),
-        stderr: e.join().unwrap_or_default(),
-    }
+    BIN.get_or_init(|| process::example_binary("storage_daemon"))
 }
 
 /// A daemon process, killed when dropped (a failing test leaves no
