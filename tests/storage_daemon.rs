@@ -250,6 +250,24 @@ fn args(dir: &Path, image: &Path, nbd: bool) -> Vec<String> {
     a
 }
 
+/// A fresh directory with `disk.qcow2` of `size` in it.
+fn with_disk(size: &str) -> (tempfile::TempDir, PathBuf) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    image(dir.path(), "disk.qcow2", None, size, &[]);
+    let disk = dir.path().join("disk.qcow2");
+    (dir, disk)
+}
+
+/// Our daemon on [`args`]'s command line, started in `dir`.
+fn start_ours(dir: &Path, image: &Path, nbd: bool) -> Daemon {
+    Daemon::start(
+        daemon_binary(),
+        &args(dir, image, nbd),
+        dir,
+        &dir.join("qmp.sock"),
+    )
+}
+
 fn url(dir: &Path) -> String {
     format!("nbd+unix:///disk?socket={}", s(&dir.join("nbd.sock")))
 }
@@ -300,18 +318,8 @@ fn sigterm_after_unflushed_writes_through_the_export_loses_nothing() {
         "sigterm_after_unflushed_writes_through_the_export_loses_nothing",
         Duration::from_secs(180),
     );
-    let dir = tempfile::tempdir().expect("tempdir");
-    let image = dir.path().join("disk.qcow2");
-    tool(
-        "qemu-img",
-        &["create", "-q", "-f", "qcow2", &s(&image), "64M"],
-    );
-    let mut d = Daemon::start(
-        daemon_binary(),
-        &args(dir.path(), &image, true),
-        dir.path(),
-        &dir.path().join("qmp.sock"),
-    );
+    let (dir, image) = with_disk("64M");
+    let mut d = start_ours(dir.path(), &image, true);
     // qemu-img and nbdinfo see the export the command line made.
     let info: Value = serde_json::from_str(&tool(
         "qemu-img",
@@ -348,18 +356,8 @@ fn quit_over_qmp_flushes_every_node_and_exits_zero() {
         "quit_over_qmp_flushes_every_node_and_exits_zero",
         Duration::from_secs(180),
     );
-    let dir = tempfile::tempdir().expect("tempdir");
-    let image = dir.path().join("disk.qcow2");
-    tool(
-        "qemu-img",
-        &["create", "-q", "-f", "qcow2", &s(&image), "64M"],
-    );
-    let mut d = Daemon::start(
-        daemon_binary(),
-        &args(dir.path(), &image, true),
-        dir.path(),
-        &dir.path().join("qmp.sock"),
-    );
+    let (dir, image) = with_disk("64M");
+    let mut d = start_ours(dir.path(), &image, true);
     let client = write_unflushed(dir.path(), WRITES);
     let mut q = Qmp::ready(&dir.path().join("qmp.sock"));
     // Another connection sees the export's deletion at shutdown.
@@ -381,19 +379,9 @@ fn qmp_wire_protocol_errors_and_pending_commands() {
         "qmp_wire_protocol_errors_and_pending_commands",
         Duration::from_secs(120),
     );
-    let dir = tempfile::tempdir().expect("tempdir");
-    let image = dir.path().join("disk.qcow2");
-    tool(
-        "qemu-img",
-        &["create", "-q", "-f", "qcow2", &s(&image), "16M"],
-    );
+    let (dir, image) = with_disk("16M");
     let qmp = dir.path().join("qmp.sock");
-    let mut d = Daemon::start(
-        daemon_binary(),
-        &args(dir.path(), &image, false),
-        dir.path(),
-        &qmp,
-    );
+    let mut d = start_ours(dir.path(), &image, false);
 
     let (mut q, greeting) = Qmp::connect(&qmp);
     assert!(
@@ -1002,13 +990,9 @@ fn job_and_snapshot_commands_refuse_bad_input_and_quit_cancels_running_jobs() {
     image(w, "base.qcow2", None, "16M", &[(0x11, "0", "16M")]);
     image(w, "top.qcow2", Some("base.qcow2"), "16M", &[]);
     image(w, "b.qcow2", None, "16M", &[]);
-    let disk = w.join("disk.qcow2");
-    tool(
-        "qemu-img",
-        &["create", "-q", "-f", "qcow2", &s(&disk), "16M"],
-    );
+    image(w, "disk.qcow2", None, "16M", &[]);
     let qmp = w.join("qmp.sock");
-    let mut d = Daemon::start(daemon_binary(), &args(w, &disk, false), w, &qmp);
+    let mut d = start_ours(w, &w.join("disk.qcow2"), false);
     let mut q = Qmp::ready(&qmp);
     for (name, file) in [("top", "top.qcow2"), ("b", "b.qcow2")] {
         let r = q.execute(
