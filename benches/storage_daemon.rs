@@ -24,12 +24,16 @@
 //! and exits 0 without them.
 
 mod common;
+// The tests' process helpers; the file depends on nothing else of theirs.
+#[path = "../tests/common/process.rs"]
+mod process;
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::{machine, median, median_ratio, Table};
+use process::{have, run};
 
 fn env_size(name: &str) -> Option<u64> {
     let v = std::env::var(name).ok()?;
@@ -44,56 +48,13 @@ fn env_size(name: &str) -> Option<u64> {
     digits.parse::<u64>().ok().map(|n| n << shift)
 }
 
-fn have(tool: &str) -> bool {
-    Command::new(tool)
-        .arg("--version")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .is_ok()
-}
-
-fn run(cmd: &mut Command) -> String {
-    let out = cmd
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(out.status.success(), "{cmd:?} failed:\n{text}");
-    text
-}
-
-/// The release `storage_daemon` binary, built if missing.
+/// The release `storage_daemon` binary, built if missing. Always asks
+/// cargo: it rebuilds only what changed.
 fn daemon_binary() -> PathBuf {
-    let exe = std::env::current_exe().expect("bench binary path");
-    let profile_dir = exe
-        .parent()
-        .and_then(Path::parent)
-        .expect("target/<profile>/deps")
-        .to_path_buf();
-    let bin = profile_dir.join("examples").join("storage_daemon");
-    let target_dir = profile_dir.parent().expect("target dir");
-    // Always ask cargo: it rebuilds only what changed.
-    let mut build = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
-    build
-        .args([
-            "build",
-            "--release",
-            "--example",
-            "storage_daemon",
-            "--target-dir",
-        ])
-        .arg(target_dir)
-        .current_dir(env!("CARGO_MANIFEST_DIR"));
-    let status = build.status().expect("cargo runs");
-    assert!(
-        status.success(),
-        "building the storage_daemon example failed"
-    );
-    bin
+    process::build_example("storage_daemon");
+    process::profile_dir()
+        .join("examples")
+        .join("storage_daemon")
 }
 
 /// A running daemon; killed if still running when dropped.

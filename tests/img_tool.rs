@@ -3,70 +3,18 @@
 
 mod common;
 
-use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::sync::OnceLock;
+
+use common::process::{self, have, run_ok};
 
 /// The `img` binary: the one `cargo test` built with the examples, or,
 /// when it is missing or older than its sources (`cargo test --test
 /// img_tool` builds no examples), built here.
 fn img_binary() -> &'static Path {
     static BIN: OnceLock<PathBuf> = OnceLock::new();
-    BIN.get_or_init(|| {
-        // target/<profile>/deps/img_tool-<hash>
-        let exe = std::env::current_exe().unwrap();
-        let profile_dir = exe.parent().unwrap().parent().unwrap().to_path_buf();
-        let bin = profile_dir.join("examples").join("img");
-        let why = match std::fs::metadata(&bin).and_then(|m| m.modified()) {
-            Err(_) => "missing",
-            Ok(built) if newest_source() > built => "older than its sources",
-            Ok(_) => return bin,
-        };
-        // Straight to stderr: `eprintln!` would be captured by the harness.
-        let _ = writeln!(
-            std::io::stderr(),
-            "img_tool: {} is {why}; building it (cargo build --example img)",
-            bin.display()
-        );
-        let target_dir = profile_dir.parent().unwrap();
-        let mut build = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
-        build
-            .args(["build", "--example", "img", "--target-dir"])
-            .arg(target_dir)
-            .current_dir(env!("CARGO_MANIFEST_DIR"));
-        if profile_dir.file_name().is_some_and(|n| n == "release") {
-            build.arg("--release");
-        }
-        let status = build.status().expect("cargo runs");
-        assert!(status.success(), "building the img example failed");
-        assert!(bin.exists(), "{} missing after the build", bin.display());
-        bin
-    })
-}
-
-/// When the example's sources (the tool, the library, the manifest) last
-/// changed.
-fn newest_source() -> std::time::SystemTime {
-    fn newest(path: &Path) -> std::time::SystemTime {
-        let Ok(meta) = std::fs::metadata(path) else {
-            return std::time::SystemTime::UNIX_EPOCH;
-        };
-        let own = meta.modified().unwrap_or(std::time::SystemTime::UNIX_EPOCH);
-        match std::fs::read_dir(path) {
-            Ok(entries) => entries
-                .flatten()
-                .map(|e| newest(&e.path()))
-                .fold(own, std::cmp::max),
-            Err(_) => own,
-        }
-    }
-    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-    ["examples/img", "src", "Cargo.toml", "Cargo.lock"]
-        .iter()
-        .map(|p| newest(&root.join(p)))
-        .max()
-        .unwrap()
+    BIN.get_or_init(|| process::example_binary("img"))
 }
 
 struct Run {
@@ -98,23 +46,8 @@ fn ok(dir: &Path, args: &[&str]) -> String {
     r.stdout
 }
 
-fn have(tool: &str) -> bool {
-    Command::new(tool).arg("--version").output().is_ok()
-}
-
 fn qemu(dir: &Path, tool: &str, args: &[&str]) -> Output {
-    let out = Command::new(tool)
-        .args(args)
-        .current_dir(dir)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{tool} {args:?}: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out
+    run_ok(Command::new(tool).args(args).current_dir(dir))
 }
 
 #[test]

@@ -14,10 +14,11 @@ mod nbd_client;
 use std::io::{BufRead, BufReader, Write as _};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
+use common::process::{self, have, output_within, skip, tool};
 use common::watchdog;
 use nbd_client::{Client, CMD_READ, CMD_WRITE};
 use serde_json::{json, Value};
@@ -31,129 +32,7 @@ const LIMIT: Duration = Duration::from_secs(60);
 /// (as `tests/img_tool.rs` does for `img`).
 fn daemon_binary() -> &'static Path {
     static BIN: OnceLock<PathBuf> = OnceLock::new();
-    BIN.get_or_init(|| {
-        let exe = std::env::current_exe().expect("test binary path");
-        let profile_dir = exe
-            .parent()
-            .and_then(Path::parent)
-            .expect("target/<profile>/deps")
-            .to_path_buf();
-        let bin = profile_dir.join("examples").join("storage_daemon");
-        let why = match std::fs::metadata(&bin).and_then(|m| m.modified()) {
-            Err(_) => "missing",
-            Ok(built) if newest_source() > built => "older than its sources",
-            Ok(_) => return bin,
-        };
-        let _ = writeln!(
-            std::io::stderr(),
-            "storage_daemon: {} is {why}; building it (cargo build --example storage_daemon)",
-            bin.display()
-        );
-        let target_dir = profile_dir.parent().expect("target dir");
-        let mut build = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
-        build
-            .args(["build", "--example", "storage_daemon", "--target-dir"])
-            .arg(target_dir)
-            .current_dir(env!("CARGO_MANIFEST_DIR"));
-        if profile_dir.file_name().is_some_and(|n| n == "release") {
-            build.arg("--release");
-        }
-        let status = build.status().expect("cargo runs");
-        assert!(
-            status.success(),
-            "building the storage_daemon example failed"
-        );
-        bin
-    })
-}
-
-fn newest_source() -> std::time::SystemTime {
-    fn newest(path: &Path) -> std::time::SystemTime {
-        let Ok(meta) = std::fs::metadata(path) else {
-            return std::time::SystemTime::UNIX_EPOCH;
-        };
-        let own = meta.modified().unwrap_or(std::time::SystemTime::UNIX_EPOCH);
-        match std::fs::read_dir(path) {
-            Ok(entries) => entries
-                .flatten()
-                .map(|e| newest(&e.path()))
-                .fold(own, std::cmp::max),
-            Err(_) => own,
-        }
-    }
-    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-    ["examples/storage_daemon", "src", "Cargo.toml", "Cargo.lock"]
-        .iter()
-        .map(|p| newest(&root.join(p)))
-        .max()
-        .expect("some sources")
-}
-
-fn have(tool: &str) -> bool {
-    Command::new(tool)
-        .arg("--version")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .is_ok()
-}
-
-/// Says loudly, past the test harness's capture, that a check is skipped.
-fn skip(what: &str) {
-    let _ = writeln!(std::io::stderr(), "\n*** SKIPPED: {what} ***\n");
-}
-
-/// Runs a tool, failing the test with its output if it fails.
-fn tool(name: &str, args: &[&str]) -> String {
-    let out = Command::new(name)
-        .args(args)
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run {name}: {e} (.ci/run installs it)"));
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(out.status.success(), "{name} {args:?} failed:\n{text}");
-    text
-}
-
-/// Runs `cmd` to completion within `limit`, killing it past that.
-fn output_within(cmd: &mut Command, limit: Duration) -> Output {
-    let mut child = cmd
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
-    let mut out = child.stdout.take().expect("stdout");
-    let mut err = child.stderr.take().expect("stderr");
-    let o = std::thread::spawn(move || {
-        let mut v = Vec::new();
-        let _ = std::io::Read::read_to_end(&mut out, &mut v);
-        v
-    });
-    let e = std::thread::spawn(move || {
-        let mut v = Vec::new();
-        let _ = std::io::Read::read_to_end(&mut err, &mut v);
-        v
-    });
-    let start = Instant::now();
-    let status = loop {
-        if let Some(s) = child.try_wait().expect("try_wait") {
-            break s;
-        }
-        if start.elapsed() > limit {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("{cmd:?} did not finish within {limit:?}");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    };
-    Output {
-        status,
-        stdout: o.join().unwrap_or_default(),
-        stderr: e.join().unwrap_or_default(),
-    }
+    BIN.get_or_init(|| process::example_binary("storage_daemon"))
 }
 
 /// A daemon process, killed when dropped (a failing test leaves no
@@ -371,6 +250,24 @@ fn args(dir: &Path, image: &Path, nbd: bool) -> Vec<String> {
     a
 }
 
+/// A fresh directory with `disk.qcow2` of `size` in it.
+fn with_disk(size: &str) -> (tempfile::TempDir, PathBuf) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    image(dir.path(), "disk.qcow2", None, size, &[]);
+    let disk = dir.path().join("disk.qcow2");
+    (dir, disk)
+}
+
+/// Our daemon on [`args`]'s command line, started in `dir`.
+fn start_ours(dir: &Path, image: &Path, nbd: bool) -> Daemon {
+    Daemon::start(
+        daemon_binary(),
+        &args(dir, image, nbd),
+        dir,
+        &dir.join("qmp.sock"),
+    )
+}
+
 fn url(dir: &Path) -> String {
     format!("nbd+unix:///disk?socket={}", s(&dir.join("nbd.sock")))
 }
@@ -421,18 +318,8 @@ fn sigterm_after_unflushed_writes_through_the_export_loses_nothing() {
         "sigterm_after_unflushed_writes_through_the_export_loses_nothing",
         Duration::from_secs(180),
     );
-    let dir = tempfile::tempdir().expect("tempdir");
-    let image = dir.path().join("disk.qcow2");
-    tool(
-        "qemu-img",
-        &["create", "-q", "-f", "qcow2", &s(&image), "64M"],
-    );
-    let mut d = Daemon::start(
-        daemon_binary(),
-        &args(dir.path(), &image, true),
-        dir.path(),
-        &dir.path().join("qmp.sock"),
-    );
+    let (dir, image) = with_disk("64M");
+    let mut d = start_ours(dir.path(), &image, true);
     // qemu-img and nbdinfo see the export the command line made.
     let info: Value = serde_json::from_str(&tool(
         "qemu-img",
@@ -469,18 +356,8 @@ fn quit_over_qmp_flushes_every_node_and_exits_zero() {
         "quit_over_qmp_flushes_every_node_and_exits_zero",
         Duration::from_secs(180),
     );
-    let dir = tempfile::tempdir().expect("tempdir");
-    let image = dir.path().join("disk.qcow2");
-    tool(
-        "qemu-img",
-        &["create", "-q", "-f", "qcow2", &s(&image), "64M"],
-    );
-    let mut d = Daemon::start(
-        daemon_binary(),
-        &args(dir.path(), &image, true),
-        dir.path(),
-        &dir.path().join("qmp.sock"),
-    );
+    let (dir, image) = with_disk("64M");
+    let mut d = start_ours(dir.path(), &image, true);
     let client = write_unflushed(dir.path(), WRITES);
     let mut q = Qmp::ready(&dir.path().join("qmp.sock"));
     // Another connection sees the export's deletion at shutdown.
@@ -502,19 +379,9 @@ fn qmp_wire_protocol_errors_and_pending_commands() {
         "qmp_wire_protocol_errors_and_pending_commands",
         Duration::from_secs(120),
     );
-    let dir = tempfile::tempdir().expect("tempdir");
-    let image = dir.path().join("disk.qcow2");
-    tool(
-        "qemu-img",
-        &["create", "-q", "-f", "qcow2", &s(&image), "16M"],
-    );
+    let (dir, image) = with_disk("16M");
     let qmp = dir.path().join("qmp.sock");
-    let mut d = Daemon::start(
-        daemon_binary(),
-        &args(dir.path(), &image, false),
-        dir.path(),
-        &qmp,
-    );
+    let mut d = start_ours(dir.path(), &image, false);
 
     let (mut q, greeting) = Qmp::connect(&qmp);
     assert!(
@@ -843,43 +710,16 @@ fn have_qemu_qmp() -> bool {
         .is_ok_and(|s| s.success())
 }
 
-/// Runs `tests/qmp/parity.py` against `bin` in a fresh directory with
-/// fresh images; returns what the script observed.
-fn parity_run(bin: &Path) -> Value {
-    script_run(bin, "parity.py", parity_images)
-}
-
-/// The images `parity.py` expects.
+/// The images `parity.py` expects: raw.img, and the chain base <- top.
 fn parity_images(w: &Path) {
-    tool(
-        "qemu-img",
-        &["create", "-q", "-f", "raw", &s(&w.join("raw.img")), "1M"],
-    );
-    tool(
-        "qemu-img",
+    raw(w, "raw.img", "1M");
+    build_images(
+        w,
         &[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            &s(&w.join("base.qcow2")),
-            "16M",
+            ("base.qcow2", None, "16M", &[]),
+            ("top.qcow2", Some("base.qcow2"), "16M", &[]),
         ],
-    );
-    tool(
-        "qemu-img",
-        &[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-b",
-            "base.qcow2",
-            "-F",
-            "qcow2",
-            &s(&w.join("top.qcow2")),
-            "16M",
-        ],
+        &[],
     );
 }
 
@@ -887,21 +727,9 @@ fn parity_images(w: &Path) {
 /// line) in a fresh directory that `setup` fills; returns what the script
 /// observed. The daemon must exit 0 after the script's `quit`.
 fn script_run(bin: &Path, script: &str, setup: fn(&Path)) -> Value {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let w = dir.path();
-    tool(
-        "qemu-img",
-        &[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            &s(&w.join("disk.qcow2")),
-            "64M",
-        ],
-    );
-    setup(w);
-    script_run_in(bin, script, w, &[])
+    let (dir, _) = with_disk("64M");
+    setup(dir.path());
+    script_run_in(bin, script, dir.path(), &[])
 }
 
 /// Runs `tests/qmp/<script> QMP_SOCKET W NBD_SOCKET extra...` against
@@ -946,26 +774,38 @@ fn script_run_in(bin: &Path, script: &str, w: &Path, extra: &[&str]) -> Value {
 
 #[test]
 fn qemu_qmp_script_observes_the_same_as_with_qemu_storage_daemon() {
-    let _w = watchdog(
+    parity(
         "qemu_qmp_script_observes_the_same_as_with_qemu_storage_daemon",
-        Duration::from_secs(300),
+        |bin| script_run(bin, "parity.py", parity_images),
+        |ours| {
+            // What must hold with ours, whatever QEMU does.
+            assert_eq!(
+                ours["qemu-img-info"],
+                json!([0, 67108864, "raw"]),
+                "{ours:#}"
+            );
+            assert_eq!(ours["qemu-io"], 0);
+            assert_eq!(ours["raw"]["quit"], json!(["return", "q"]));
+        },
     );
+}
+
+/// A parity test, under a watchdog and skipped without `qemu.qmp`: `run`
+/// (a script run, given the daemon binary) against ours, `check` what
+/// must hold with ours whatever QEMU does, then, where
+/// qemu-storage-daemon is installed, `run` against it and compare the
+/// two documents.
+fn parity(name: &'static str, run: impl Fn(&Path) -> Value, check: impl FnOnce(&Value)) {
+    let _w = watchdog(name, Duration::from_secs(300));
     if !have_qemu_qmp() {
-        skip(
-            "qemu_qmp_script_observes_the_same_as_with_qemu_storage_daemon: the Python package \
-             `qemu.qmp` is missing (pip install qemu.qmp; .ci/run installs it)",
-        );
+        skip(&format!(
+            "{name}: the Python package `qemu.qmp` is missing (pip install qemu.qmp; \
+             .ci/run installs it)"
+        ));
         return;
     }
-    let ours = parity_run(daemon_binary());
-    // What the script must see with ours, whatever QEMU does.
-    assert_eq!(
-        ours["qemu-img-info"],
-        json!([0, 67108864, "raw"]),
-        "{ours:#}"
-    );
-    assert_eq!(ours["qemu-io"], 0);
-    assert_eq!(ours["raw"]["quit"], json!(["return", "q"]));
+    let ours = run(daemon_binary());
+    check(&ours);
     if !have("qemu-storage-daemon") {
         skip(
             "the comparison with qemu-storage-daemon: it is not installed (Debian qemu-utils \
@@ -973,7 +813,7 @@ fn qemu_qmp_script_observes_the_same_as_with_qemu_storage_daemon() {
         );
         return;
     }
-    let qemu = parity_run(Path::new("qemu-storage-daemon"));
+    let qemu = run(Path::new("qemu-storage-daemon"));
     assert_same(&ours, &qemu);
 }
 
@@ -1013,38 +853,67 @@ fn image(w: &Path, name: &str, backing: Option<&str>, size: &str, writes: &[(u8,
     }
 }
 
-/// The images `jobs.py` expects: the chain base <- mid <- top (what top
-/// reads also in ref.raw), the chain cbase <- ctop for the cancelled job,
-/// disks a and b for the transaction (what a reads also in a0.raw), solo
-/// and its overlay ov (for blockdev-snapshot).
-fn jobs_images(w: &Path) {
-    image(w, "base.qcow2", None, "32M", &[(0x11, "0", "16M")]);
-    image(
-        w,
-        "mid.qcow2",
-        Some("base.qcow2"),
-        "32M",
-        &[(0x22, "4M", "8M")],
-    );
-    image(
-        w,
-        "top.qcow2",
-        Some("mid.qcow2"),
-        "32M",
-        &[(0x33, "10M", "1M")],
-    );
-    image(w, "cbase.qcow2", None, "32M", &[(0x44, "0", "32M")]);
-    image(w, "ctop.qcow2", Some("cbase.qcow2"), "32M", &[]);
-    image(w, "a.qcow2", None, "16M", &[(0x55, "0", "8M")]);
-    image(w, "b.qcow2", None, "16M", &[(0x66, "8M", "8M")]);
-    image(w, "solo.qcow2", None, "16M", &[]);
-    image(w, "ov.qcow2", Some("solo.qcow2"), "16M", &[]);
-    for (from, to) in [("top.qcow2", "ref.raw"), ("a.qcow2", "a0.raw")] {
+/// A qcow2 image for [`build_images`]: name, backing file, size, and
+/// `qemu-io` writes `(pattern, offset, len)`.
+type Qcow2Image<'a> = (
+    &'a str,
+    Option<&'a str>,
+    &'a str,
+    &'a [(u8, &'a str, &'a str)],
+);
+
+/// The qcow2 `images` in `w`, in order (backing files first), then raw
+/// copies `(from, to)` of what some of them read.
+fn build_images(w: &Path, images: &[Qcow2Image], raw_copies: &[(&str, &str)]) {
+    for &(name, backing, size, writes) in images {
+        image(w, name, backing, size, writes);
+    }
+    for (from, to) in raw_copies {
         tool(
             "qemu-img",
             &["convert", "-O", "raw", &s(&w.join(from)), &s(&w.join(to))],
         );
     }
+}
+
+/// `qemu-img create -f raw name size` in `w`.
+fn raw(w: &Path, name: &str, size: &str) {
+    tool(
+        "qemu-img",
+        &["create", "-q", "-f", "raw", &s(&w.join(name)), size],
+    );
+}
+
+/// The images `jobs.py` expects: the chain base <- mid <- top (what top
+/// reads also in ref.raw), the chain cbase <- ctop for the cancelled job,
+/// disks a and b for the transaction (what a reads also in a0.raw), solo
+/// and its overlay ov (for blockdev-snapshot).
+fn jobs_images(w: &Path) {
+    build_images(
+        w,
+        &[
+            ("base.qcow2", None, "32M", &[(0x11, "0", "16M")]),
+            (
+                "mid.qcow2",
+                Some("base.qcow2"),
+                "32M",
+                &[(0x22, "4M", "8M")],
+            ),
+            (
+                "top.qcow2",
+                Some("mid.qcow2"),
+                "32M",
+                &[(0x33, "10M", "1M")],
+            ),
+            ("cbase.qcow2", None, "32M", &[(0x44, "0", "32M")]),
+            ("ctop.qcow2", Some("cbase.qcow2"), "32M", &[]),
+            ("a.qcow2", None, "16M", &[(0x55, "0", "8M")]),
+            ("b.qcow2", None, "16M", &[(0x66, "8M", "8M")]),
+            ("solo.qcow2", None, "16M", &[]),
+            ("ov.qcow2", Some("solo.qcow2"), "16M", &[]),
+        ],
+        &[("top.qcow2", "ref.raw"), ("a.qcow2", "a0.raw")],
+    );
 }
 
 /// `tests/qmp/jobs.py` against both daemons: a transaction snapshotting
@@ -1055,54 +924,42 @@ fn jobs_images(w: &Path) {
 /// order; after exit, the images' chains, checks and data.
 #[test]
 fn jobs_snapshots_and_transactions_observe_the_same_as_with_qemu_storage_daemon() {
-    let _w = watchdog(
+    parity(
         "jobs_snapshots_and_transactions_observe_the_same_as_with_qemu_storage_daemon",
-        Duration::from_secs(300),
+        |bin| script_run(bin, "jobs.py", jobs_images),
+        |ours| {
+            // What must hold with ours, whatever QEMU does.
+            assert_eq!(ours["transaction"], json!({"return": {}}), "{ours:#}");
+            assert_eq!(
+                ours["transaction-refused-changes-nothing"], true,
+                "{ours:#}"
+            );
+            assert_eq!(ours["guest-writes-during-stream"], 0, "{ours:#}");
+            assert_eq!(
+                ours["stream-events"]["sequence"],
+                json!([
+                    "created",
+                    "running",
+                    "waiting",
+                    "pending",
+                    {"BLOCK_JOB_COMPLETED": {"device": "j1", "len": 33554432, "offset": "len",
+                                             "speed": 0, "type": "stream"}},
+                    "concluded",
+                    "null"
+                ]),
+                "{ours:#}"
+            );
+            assert_eq!(ours["stream-events"]["paused-on-the-way"], true);
+            assert_eq!(ours["compare"]["top-vs-reference"], 0, "{ours:#}");
+            assert_eq!(ours["compare"]["a-vs-before"], 0, "{ours:#}");
+            assert_eq!(ours["compare"]["sa-has-write"], 0, "{ours:#}");
+            for (image, rc) in ours["check"].as_object().expect("checks") {
+                assert_eq!(rc, 0, "qemu-img check {image}: {ours:#}");
+            }
+            // We remove what a refused transaction created; QEMU leaves it.
+            assert_eq!(ours["leftover-files"], json!([]));
+        },
     );
-    if !have_qemu_qmp() {
-        skip(
-            "jobs_snapshots_and_transactions_...: the Python package `qemu.qmp` is missing \
-             (pip install qemu.qmp; .ci/run installs it)",
-        );
-        return;
-    }
-    let ours = script_run(daemon_binary(), "jobs.py", jobs_images);
-    // What must hold with ours, whatever QEMU does.
-    assert_eq!(ours["transaction"], json!({"return": {}}), "{ours:#}");
-    assert_eq!(
-        ours["transaction-refused-changes-nothing"], true,
-        "{ours:#}"
-    );
-    assert_eq!(ours["guest-writes-during-stream"], 0, "{ours:#}");
-    assert_eq!(
-        ours["stream-events"]["sequence"],
-        json!([
-            "created",
-            "running",
-            "waiting",
-            "pending",
-            {"BLOCK_JOB_COMPLETED": {"device": "j1", "len": 33554432, "offset": "len",
-                                     "speed": 0, "type": "stream"}},
-            "concluded",
-            "null"
-        ]),
-        "{ours:#}"
-    );
-    assert_eq!(ours["stream-events"]["paused-on-the-way"], true);
-    assert_eq!(ours["compare"]["top-vs-reference"], 0, "{ours:#}");
-    assert_eq!(ours["compare"]["a-vs-before"], 0, "{ours:#}");
-    assert_eq!(ours["compare"]["sa-has-write"], 0, "{ours:#}");
-    for (image, rc) in ours["check"].as_object().expect("checks") {
-        assert_eq!(rc, 0, "qemu-img check {image}: {ours:#}");
-    }
-    // We remove what a refused transaction created; QEMU leaves it.
-    assert_eq!(ours["leftover-files"], json!([]));
-    if !have("qemu-storage-daemon") {
-        skip("the comparison with qemu-storage-daemon: it is not installed");
-        return;
-    }
-    let qemu = script_run(Path::new("qemu-storage-daemon"), "jobs.py", jobs_images);
-    assert_same(&ours, &qemu);
 }
 
 /// What only this daemon is asked (QEMU would do or answer otherwise, see
@@ -1123,13 +980,9 @@ fn job_and_snapshot_commands_refuse_bad_input_and_quit_cancels_running_jobs() {
     image(w, "base.qcow2", None, "16M", &[(0x11, "0", "16M")]);
     image(w, "top.qcow2", Some("base.qcow2"), "16M", &[]);
     image(w, "b.qcow2", None, "16M", &[]);
-    let disk = w.join("disk.qcow2");
-    tool(
-        "qemu-img",
-        &["create", "-q", "-f", "qcow2", &s(&disk), "16M"],
-    );
+    image(w, "disk.qcow2", None, "16M", &[]);
     let qmp = w.join("qmp.sock");
-    let mut d = Daemon::start(daemon_binary(), &args(w, &disk, false), w, &qmp);
+    let mut d = start_ours(w, &w.join("disk.qcow2"), false);
     let mut q = Qmp::ready(&qmp);
     for (name, file) in [("top", "top.qcow2"), ("b", "b.qcow2")] {
         let r = q.execute(
@@ -1343,41 +1196,38 @@ fn job_and_snapshot_commands_refuse_bad_input_and_quit_cancels_running_jobs() {
 /// = what top reads, base-after.raw = what mid reads), the chain cbase <-
 /// cmid <- ctop (cref.raw = what ctop reads), and solo.
 fn commit_images(w: &Path) {
-    image(w, "base.qcow2", None, "32M", &[(0x11, "0", "16M")]);
-    image(
+    build_images(
         w,
-        "mid.qcow2",
-        Some("base.qcow2"),
-        "32M",
-        &[(0x22, "4M", "8M"), (0x23, "24M", "1M")],
+        &[
+            ("base.qcow2", None, "32M", &[(0x11, "0", "16M")]),
+            (
+                "mid.qcow2",
+                Some("base.qcow2"),
+                "32M",
+                &[(0x22, "4M", "8M"), (0x23, "24M", "1M")],
+            ),
+            (
+                "top.qcow2",
+                Some("mid.qcow2"),
+                "32M",
+                &[(0x33, "10M", "1M")],
+            ),
+            ("cbase.qcow2", None, "32M", &[(0x44, "0", "32M")]),
+            (
+                "cmid.qcow2",
+                Some("cbase.qcow2"),
+                "32M",
+                &[(0x45, "0", "8M")],
+            ),
+            ("ctop.qcow2", Some("cmid.qcow2"), "32M", &[]),
+            ("solo.qcow2", None, "16M", &[]),
+        ],
+        &[
+            ("top.qcow2", "ref.raw"),
+            ("mid.qcow2", "base-after.raw"),
+            ("ctop.qcow2", "cref.raw"),
+        ],
     );
-    image(
-        w,
-        "top.qcow2",
-        Some("mid.qcow2"),
-        "32M",
-        &[(0x33, "10M", "1M")],
-    );
-    image(w, "cbase.qcow2", None, "32M", &[(0x44, "0", "32M")]);
-    image(
-        w,
-        "cmid.qcow2",
-        Some("cbase.qcow2"),
-        "32M",
-        &[(0x45, "0", "8M")],
-    );
-    image(w, "ctop.qcow2", Some("cmid.qcow2"), "32M", &[]);
-    image(w, "solo.qcow2", None, "16M", &[]);
-    for (from, to) in [
-        ("top.qcow2", "ref.raw"),
-        ("mid.qcow2", "base-after.raw"),
-        ("ctop.qcow2", "cref.raw"),
-    ] {
-        tool(
-            "qemu-img",
-            &["convert", "-O", "raw", &s(&w.join(from)), &s(&w.join(to))],
-        );
-    }
 }
 
 /// `tests/qmp/commit.py` against both daemons: block-commit's argument
@@ -1388,63 +1238,51 @@ fn commit_images(w: &Path) {
 /// data compared with references.
 #[test]
 fn block_commit_observes_the_same_as_with_qemu_storage_daemon() {
-    let _w = watchdog(
+    parity(
         "block_commit_observes_the_same_as_with_qemu_storage_daemon",
-        Duration::from_secs(300),
+        |bin| script_run(bin, "commit.py", commit_images),
+        |ours| {
+            // What must hold with ours, whatever QEMU does.
+            assert_eq!(ours["commit"], json!({"return": {}}), "{ours:#}");
+            assert_eq!(ours["errors-change-nothing"], true, "{ours:#}");
+            assert_eq!(ours["guest-writes-during-commit"], 0, "{ours:#}");
+            assert_eq!(
+                ours["commit-events"]["sequence"],
+                json!([
+                    "created",
+                    "running",
+                    "waiting",
+                    "pending",
+                    {"BLOCK_JOB_COMPLETED": {"device": "k1", "len": 33554432, "offset": "len",
+                                             "speed": 0, "type": "commit"}},
+                    "concluded",
+                    "null"
+                ]),
+                "{ours:#}"
+            );
+            assert_eq!(ours["commit-events"]["paused-on-the-way"], true);
+            assert_eq!(ours["chain-after"], json!([1, ["base.qcow2"]]), "{ours:#}");
+            assert_eq!(
+                ours["cancel-chain-kept"],
+                json!([2, ["cmid.qcow2", "cbase.qcow2"]]),
+                "{ours:#}"
+            );
+            let left: Vec<&Value> = ours["nodes-at-end"]
+                .as_array()
+                .expect("nodes")
+                .iter()
+                .map(|n| &n["file"])
+                .filter(|f| *f == "top.qcow2" || *f == "base.qcow2")
+                .collect();
+            assert!(left.is_empty(), "blockdev-del top left {left:?}");
+            for (what, rc) in ours["compare"].as_object().expect("compares") {
+                assert_eq!(rc, 0, "{what}: {ours:#}");
+            }
+            for (image, rc) in ours["check"].as_object().expect("checks") {
+                assert_eq!(rc, 0, "qemu-img check {image}: {ours:#}");
+            }
+        },
     );
-    if !have_qemu_qmp() {
-        skip(
-            "block_commit_observes_...: the Python package `qemu.qmp` is missing \
-             (pip install qemu.qmp; .ci/run installs it)",
-        );
-        return;
-    }
-    let ours = script_run(daemon_binary(), "commit.py", commit_images);
-    // What must hold with ours, whatever QEMU does.
-    assert_eq!(ours["commit"], json!({"return": {}}), "{ours:#}");
-    assert_eq!(ours["errors-change-nothing"], true, "{ours:#}");
-    assert_eq!(ours["guest-writes-during-commit"], 0, "{ours:#}");
-    assert_eq!(
-        ours["commit-events"]["sequence"],
-        json!([
-            "created",
-            "running",
-            "waiting",
-            "pending",
-            {"BLOCK_JOB_COMPLETED": {"device": "k1", "len": 33554432, "offset": "len",
-                                     "speed": 0, "type": "commit"}},
-            "concluded",
-            "null"
-        ]),
-        "{ours:#}"
-    );
-    assert_eq!(ours["commit-events"]["paused-on-the-way"], true);
-    assert_eq!(ours["chain-after"], json!([1, ["base.qcow2"]]), "{ours:#}");
-    assert_eq!(
-        ours["cancel-chain-kept"],
-        json!([2, ["cmid.qcow2", "cbase.qcow2"]]),
-        "{ours:#}"
-    );
-    let left: Vec<&Value> = ours["nodes-at-end"]
-        .as_array()
-        .expect("nodes")
-        .iter()
-        .map(|n| &n["file"])
-        .filter(|f| *f == "top.qcow2" || *f == "base.qcow2")
-        .collect();
-    assert!(left.is_empty(), "blockdev-del top left {left:?}");
-    for (what, rc) in ours["compare"].as_object().expect("compares") {
-        assert_eq!(rc, 0, "{what}: {ours:#}");
-    }
-    for (image, rc) in ours["check"].as_object().expect("checks") {
-        assert_eq!(rc, 0, "qemu-img check {image}: {ours:#}");
-    }
-    if !have("qemu-storage-daemon") {
-        skip("the comparison with qemu-storage-daemon: it is not installed");
-        return;
-    }
-    let qemu = script_run(Path::new("qemu-storage-daemon"), "commit.py", commit_images);
-    assert_same(&ours, &qemu);
 }
 
 /// The images `bitmaps.py` expects: bm.qcow2 and r.raw (16 MiB), s.raw
@@ -1457,12 +1295,8 @@ fn bitmap_images(w: &Path) {
     tool("qemu-img", &["bitmap", "--add", &inc, "bx"]);
     tool("qemu-io", &["-f", "qcow2", &inc, "-c", "write 0 64k"]);
     set_bitmap_in_use(&w.join("inc.qcow2"));
-    for (name, size) in [("r.raw", "16M"), ("s.raw", "4M")] {
-        tool(
-            "qemu-img",
-            &["create", "-q", "-f", "raw", &s(&w.join(name)), size],
-        );
-    }
+    raw(w, "r.raw", "16M");
+    raw(w, "s.raw", "4M");
 }
 
 /// Sets the `in_use` flag of the first bitmap of a qcow2 image's bitmap
@@ -1500,19 +1334,8 @@ fn set_bitmap_in_use(path: &Path) {
 /// `bitmaps.py`'s two phases against `bin` on the same fresh files: the
 /// first session, then (after the daemon exited) the second.
 fn bitmap_run(bin: &Path) -> Value {
-    let dir = tempfile::tempdir().expect("tempdir");
+    let (dir, _) = with_disk("64M");
     let w = dir.path();
-    tool(
-        "qemu-img",
-        &[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            &s(&w.join("disk.qcow2")),
-            "64M",
-        ],
-    );
     bitmap_images(w);
     let first = script_run_in(bin, "bitmaps.py", w, &["first"]);
     let second = script_run_in(bin, "bitmaps.py", w, &["second"]);
@@ -1527,69 +1350,57 @@ fn bitmap_run(bin: &Path) -> Value {
 /// and modes, as qemu-img info sees them after each exit.
 #[test]
 fn dirty_bitmap_commands_observe_the_same_as_with_qemu_storage_daemon() {
-    let _w = watchdog(
+    parity(
         "dirty_bitmap_commands_observe_the_same_as_with_qemu_storage_daemon",
-        Duration::from_secs(300),
+        bitmap_run,
+        |ours| {
+            // What must hold with ours, whatever QEMU does.
+            let (first, second) = (&ours["first"], &ours["second"]);
+            assert_eq!(first["guest-1"], 0, "{ours:#}");
+            assert_eq!(first["refused-merges-change-nothing"], true, "{ours:#}");
+            let b1 = |doc: &Value| -> Value {
+                doc["bm"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .find(|b| b["name"] == "b1")
+                    .cloned()
+                    .unwrap_or(Value::Null)
+            };
+            // 100k+8k and 1M+1M in 128 KiB granules: 1 + 8 of them.
+            assert_eq!(
+                b1(&first["after-writes"]),
+                json!({"name": "b1", "granularity": 131072, "count": 9 * 131072,
+                   "recording": true, "persistent": true, "busy": false}),
+                "{ours:#}"
+            );
+            // The restart kept b1's bits (4M+64k was written too: 10 granules)
+            // and mode, and it records on.
+            assert_eq!(b1(&first["at-end"])["count"], 10 * 131072, "{ours:#}");
+            assert_eq!(b1(&second["at-open"]), b1(&first["at-end"]), "{ours:#}");
+            assert_eq!(
+                b1(&second["after-writes"])["count"],
+                11 * 131072,
+                "{ours:#}"
+            );
+            let names = |v: &Value| -> Vec<String> {
+                v.as_array()
+                    .into_iter()
+                    .flatten()
+                    .filter_map(|b| b["name"].as_str().map(str::to_owned))
+                    .collect()
+            };
+            assert_eq!(names(&first["image-bitmaps"]), ["b1", "b2"], "{ours:#}");
+            assert_eq!(
+                second["image-bitmaps-after-delete"],
+                json!([{"flags": [], "granularity": 131072, "name": "b1"},
+                   {"flags": [], "granularity": 65536, "name": "b2"}]),
+                "{ours:#}"
+            );
+            assert_eq!(first["check"], 0, "{ours:#}");
+            assert_eq!(second["check"], 0, "{ours:#}");
+        },
     );
-    if !have_qemu_qmp() {
-        skip(
-            "dirty_bitmap_commands_...: the Python package `qemu.qmp` is missing \
-             (pip install qemu.qmp; .ci/run installs it)",
-        );
-        return;
-    }
-    let ours = bitmap_run(daemon_binary());
-    // What must hold with ours, whatever QEMU does.
-    let (first, second) = (&ours["first"], &ours["second"]);
-    assert_eq!(first["guest-1"], 0, "{ours:#}");
-    assert_eq!(first["refused-merges-change-nothing"], true, "{ours:#}");
-    let b1 = |doc: &Value| -> Value {
-        doc["bm"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .find(|b| b["name"] == "b1")
-            .cloned()
-            .unwrap_or(Value::Null)
-    };
-    // 100k+8k and 1M+1M in 128 KiB granules: 1 + 8 of them.
-    assert_eq!(
-        b1(&first["after-writes"]),
-        json!({"name": "b1", "granularity": 131072, "count": 9 * 131072,
-               "recording": true, "persistent": true, "busy": false}),
-        "{ours:#}"
-    );
-    // The restart kept b1's bits (4M+64k was written too: 10 granules)
-    // and mode, and it records on.
-    assert_eq!(b1(&first["at-end"])["count"], 10 * 131072, "{ours:#}");
-    assert_eq!(b1(&second["at-open"]), b1(&first["at-end"]), "{ours:#}");
-    assert_eq!(
-        b1(&second["after-writes"])["count"],
-        11 * 131072,
-        "{ours:#}"
-    );
-    let names = |v: &Value| -> Vec<String> {
-        v.as_array()
-            .into_iter()
-            .flatten()
-            .filter_map(|b| b["name"].as_str().map(str::to_owned))
-            .collect()
-    };
-    assert_eq!(names(&first["image-bitmaps"]), ["b1", "b2"], "{ours:#}");
-    assert_eq!(
-        second["image-bitmaps-after-delete"],
-        json!([{"flags": [], "granularity": 131072, "name": "b1"},
-               {"flags": [], "granularity": 65536, "name": "b2"}]),
-        "{ours:#}"
-    );
-    assert_eq!(first["check"], 0, "{ours:#}");
-    assert_eq!(second["check"], 0, "{ours:#}");
-    if !have("qemu-storage-daemon") {
-        skip("the comparison with qemu-storage-daemon: it is not installed");
-        return;
-    }
-    let qemu = bitmap_run(Path::new("qemu-storage-daemon"));
-    assert_same(&ours, &qemu);
 }
 
 /// `tests/qmp/mirror.py` against both daemons: blockdev-mirror and
@@ -1600,47 +1411,35 @@ fn dirty_bitmap_commands_observe_the_same_as_with_qemu_storage_daemon() {
 /// image checked and compared with point-in-time references.
 #[test]
 fn mirror_and_backup_observe_the_same_as_with_qemu_storage_daemon() {
-    let _w = watchdog(
-        "mirror_and_backup_observe_the_same_as_with_qemu_storage_daemon",
-        Duration::from_secs(300),
-    );
-    if !have_qemu_qmp() {
-        skip(
-            "mirror_and_backup_observe_...: the Python package `qemu.qmp` is missing \
-             (pip install qemu.qmp; .ci/run installs it)",
-        );
-        return;
-    }
     // The script makes its own images.
-    let ours = script_run(daemon_binary(), "mirror.py", |_| {});
-    // What must hold with ours, whatever QEMU does.
-    assert_eq!(ours["mirror"], json!({"return": {}}), "{ours:#}");
-    assert_eq!(ours["complete"], json!({"return": {}}), "{ours:#}");
-    assert_eq!(ours["export-after-pivot"], "tgt", "{ours:#}");
-    assert_eq!(ours["mc1-export"], "c", "{ours:#}");
-    assert_eq!(ours["mc2-export"], "c", "{ours:#}");
-    assert_eq!(ours["mc1-synced"], json!([true]), "{ours:#}");
-    assert_eq!(ours["no-jobs-after-errors"], json!({"return": []}));
-    for w in [
-        "guest-writes-1",
-        "guest-writes-2",
-        "guest-writes-3",
-        "guest-writes-c",
-        "guest-writes-b1",
-        "guest-writes-b2",
-    ] {
-        assert_eq!(ours[w], 0, "{w}: {ours:#}");
-    }
-    for (what, rc) in ours["compare"].as_object().expect("compares") {
-        assert_eq!(rc, 0, "{what}: {ours:#}");
-    }
-    for (image, rc) in ours["check"].as_object().expect("checks") {
-        assert_eq!(rc, 0, "qemu-img check {image}: {ours:#}");
-    }
-    if !have("qemu-storage-daemon") {
-        skip("the comparison with qemu-storage-daemon: it is not installed");
-        return;
-    }
-    let qemu = script_run(Path::new("qemu-storage-daemon"), "mirror.py", |_| {});
-    assert_same(&ours, &qemu);
+    parity(
+        "mirror_and_backup_observe_the_same_as_with_qemu_storage_daemon",
+        |bin| script_run(bin, "mirror.py", |_| {}),
+        |ours| {
+            // What must hold with ours, whatever QEMU does.
+            assert_eq!(ours["mirror"], json!({"return": {}}), "{ours:#}");
+            assert_eq!(ours["complete"], json!({"return": {}}), "{ours:#}");
+            assert_eq!(ours["export-after-pivot"], "tgt", "{ours:#}");
+            assert_eq!(ours["mc1-export"], "c", "{ours:#}");
+            assert_eq!(ours["mc2-export"], "c", "{ours:#}");
+            assert_eq!(ours["mc1-synced"], json!([true]), "{ours:#}");
+            assert_eq!(ours["no-jobs-after-errors"], json!({"return": []}));
+            for w in [
+                "guest-writes-1",
+                "guest-writes-2",
+                "guest-writes-3",
+                "guest-writes-c",
+                "guest-writes-b1",
+                "guest-writes-b2",
+            ] {
+                assert_eq!(ours[w], 0, "{w}: {ours:#}");
+            }
+            for (what, rc) in ours["compare"].as_object().expect("compares") {
+                assert_eq!(rc, 0, "{what}: {ours:#}");
+            }
+            for (image, rc) in ours["check"].as_object().expect("checks") {
+                assert_eq!(rc, 0, "qemu-img check {image}: {ours:#}");
+            }
+        },
+    );
 }

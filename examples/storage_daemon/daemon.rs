@@ -39,7 +39,7 @@ mod jobs;
 mod snapshots;
 
 pub use bitmaps::{BitmapAdd, BitmapRef, BitmapVerb};
-pub use jobs::{BackupSpec, CommitSpec, JobVerbCmd, MirrorSpec, StreamSpec};
+pub use jobs::{BackupSpec, CommitSpec, JobArgs, JobVerbCmd, MirrorSpec, StreamSpec};
 pub use snapshots::{SnapshotAction, SyncSpec};
 
 /// One node the daemon added, under the name QMP shows.

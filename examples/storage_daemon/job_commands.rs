@@ -13,7 +13,7 @@
 use blockgraph::job::OnError;
 use serde_json::{json, Value};
 
-use crate::daemon::{BackupSpec, CommitSpec, Daemon, JobVerbCmd, MirrorSpec, StreamSpec};
+use crate::daemon::{BackupSpec, CommitSpec, Daemon, JobArgs, JobVerbCmd, MirrorSpec, StreamSpec};
 use crate::opts::{Opts, QResult};
 
 /// QEMU's `BlockdevOnError`.
@@ -28,46 +28,99 @@ fn on_error(o: &mut Opts, key: &str) -> QResult<OnError> {
     })
 }
 
+/// The library has one error policy per job; QEMU has one per side. The
+/// target's wins where the user set it (a copy job's writes are where a
+/// full disk shows), else the source's.
+fn one_policy(source: OnError, target: OnError) -> OnError {
+    if target != OnError::Report {
+        target
+    } else {
+        source
+    }
+}
+
+/// A copy job's `on-source-error` and `on-target-error`, as one policy.
+fn copy_policy(o: &mut Opts) -> QResult<OnError> {
+    let source = on_error(o, "on-source-error")?;
+    Ok(one_policy(source, on_error(o, "on-target-error")?))
+}
+
+/// `speed` (default 0: unlimited).
+fn speed(o: &mut Opts) -> QResult<i64> {
+    Ok(o.i64("speed")?.unwrap_or(0))
+}
+
+/// `auto-finalize` and `auto-dismiss` (both default to true).
+fn auto(o: &mut Opts) -> QResult<(bool, bool)> {
+    let finalize = o.bool("auto-finalize")?.unwrap_or(true);
+    Ok((finalize, o.bool("auto-dismiss")?.unwrap_or(true)))
+}
+
+/// The members `block-stream` and `block-commit` end with, in QAPI's
+/// order: `backing-file`, `backing-mask-protocol`, `speed`, `on-error`,
+/// `filter-node-name`, `auto-finalize`, `auto-dismiss`.
+fn chain_job_tail(
+    o: &mut Opts,
+    job_id: Option<String>,
+) -> QResult<(Option<String>, bool, JobArgs)> {
+    let backing_file = o.str("backing-file")?;
+    let mask_protocol = o.bool("backing-mask-protocol")?.unwrap_or(false);
+    let speed = speed(o)?;
+    let on_error = on_error(o, "on-error")?;
+    let filter_node_name = o.str("filter-node-name")?;
+    let (auto_finalize, auto_dismiss) = auto(o)?;
+    let job = JobArgs {
+        job_id,
+        speed,
+        on_error,
+        filter_node_name,
+        auto_finalize,
+        auto_dismiss,
+    };
+    Ok((backing_file, mask_protocol, job))
+}
+
 /// `block-stream`.
 pub fn block_stream(d: &mut Daemon, mut o: Opts) -> QResult<Value> {
-    let spec = StreamSpec {
-        job_id: o.str("job-id")?,
-        device: o.req_str("device")?,
-        base: o.str("base")?,
-        base_node: o.str("base-node")?,
-        bottom: o.str("bottom")?,
-        backing_file: o.str("backing-file")?,
-        backing_mask_protocol: o.bool("backing-mask-protocol")?.unwrap_or(false),
-        speed: o.i64("speed")?.unwrap_or(0),
-        on_error: on_error(&mut o, "on-error")?,
-        filter_node_name: o.str("filter-node-name")?,
-        auto_finalize: o.bool("auto-finalize")?.unwrap_or(true),
-        auto_dismiss: o.bool("auto-dismiss")?.unwrap_or(true),
-    };
+    let job_id = o.str("job-id")?;
+    let device = o.req_str("device")?;
+    let base = o.str("base")?;
+    let base_node = o.str("base-node")?;
+    let bottom = o.str("bottom")?;
+    let (backing_file, backing_mask_protocol, job) = chain_job_tail(&mut o, job_id)?;
     o.finish()?;
-    d.block_stream(spec)?;
+    d.block_stream(StreamSpec {
+        job,
+        device,
+        base,
+        base_node,
+        bottom,
+        backing_file,
+        backing_mask_protocol,
+    })?;
     Ok(json!({}))
 }
 
 /// `block-commit`.
 pub fn block_commit(d: &mut Daemon, mut o: Opts) -> QResult<Value> {
-    let spec = CommitSpec {
-        job_id: o.str("job-id")?,
-        device: o.req_str("device")?,
-        base_node: o.str("base-node")?,
-        base: o.str("base")?,
-        top_node: o.str("top-node")?,
-        top: o.str("top")?,
-        backing_file: o.str("backing-file")?,
-        backing_mask_protocol: o.bool("backing-mask-protocol")?.unwrap_or(false),
-        speed: o.i64("speed")?.unwrap_or(0),
-        on_error: on_error(&mut o, "on-error")?,
-        filter_node_name: o.str("filter-node-name")?,
-        auto_finalize: o.bool("auto-finalize")?.unwrap_or(true),
-        auto_dismiss: o.bool("auto-dismiss")?.unwrap_or(true),
-    };
+    let job_id = o.str("job-id")?;
+    let device = o.req_str("device")?;
+    let base_node = o.str("base-node")?;
+    let base = o.str("base")?;
+    let top_node = o.str("top-node")?;
+    let top = o.str("top")?;
+    let (backing_file, backing_mask_protocol, job) = chain_job_tail(&mut o, job_id)?;
     o.finish()?;
-    d.block_commit(spec)?;
+    d.block_commit(CommitSpec {
+        job,
+        device,
+        base_node,
+        base,
+        top_node,
+        top,
+        backing_file,
+        backing_mask_protocol,
+    })?;
     Ok(json!({}))
 }
 
@@ -75,66 +128,94 @@ pub fn block_commit(d: &mut Daemon, mut o: Opts) -> QResult<Value> {
 /// they do not support with QEMU's words).
 const SYNC_MODES: &[&str] = &["top", "full", "none", "incremental", "bitmap"];
 
-/// `blockdev-mirror`.
-pub fn blockdev_mirror(d: &mut Daemon, mut o: Opts) -> QResult<Value> {
+/// What `blockdev-mirror` and `blockdev-backup` start with, in QAPI's
+/// order: `job-id`, `device`, `target`, (mirror's `replaces`,) `sync`.
+fn copy_job_head(o: &mut Opts, replaces: bool) -> QResult<CopyHead> {
     let job_id = o.str("job-id")?;
     let device = o.req_str("device")?;
     let target = o.req_str("target")?;
-    let replaces = o.str("replaces")?;
+    let replaces = if replaces { o.str("replaces")? } else { None };
     let Some(sync) = o.enumeration("sync", SYNC_MODES)? else {
         return Err(o.missing("sync"));
     };
-    // QAPI's order of members: `buf-size` comes between `granularity` and
-    // `on-source-error`; it is checked and ignored (the library sizes its
-    // copies itself).
-    let spec = MirrorSpec {
+    Ok(CopyHead {
         job_id,
         device,
         target,
         replaces,
         sync,
-        speed: o.i64("speed")?.unwrap_or(0),
-        granularity: o.u64("granularity")?.unwrap_or(0),
-        on_source_error: {
-            o.i64("buf-size")?;
-            on_error(&mut o, "on-source-error")?
-        },
-        on_target_error: on_error(&mut o, "on-target-error")?,
-        filter_node_name: o.str("filter-node-name")?,
-        copy_mode: o.enumeration("copy-mode", &["background", "write-blocking"])?,
-        auto_finalize: o.bool("auto-finalize")?.unwrap_or(true),
-        auto_dismiss: o.bool("auto-dismiss")?.unwrap_or(true),
-    };
+    })
+}
+
+/// [`copy_job_head`]'s members.
+struct CopyHead {
+    job_id: Option<String>,
+    device: String,
+    target: String,
+    replaces: Option<String>,
+    sync: String,
+}
+
+/// `blockdev-mirror`.
+pub fn blockdev_mirror(d: &mut Daemon, mut o: Opts) -> QResult<Value> {
+    let head = copy_job_head(&mut o, true)?;
+    let speed = speed(&mut o)?;
+    let granularity = o.u64("granularity")?.unwrap_or(0);
+    // QAPI's order of members: `buf-size` comes between `granularity` and
+    // `on-source-error`; it is checked and ignored (the library sizes its
+    // copies itself).
+    o.i64("buf-size")?;
+    let on_error = copy_policy(&mut o)?;
+    let filter_node_name = o.str("filter-node-name")?;
+    let copy_mode = o.enumeration("copy-mode", &["background", "write-blocking"])?;
+    let (auto_finalize, auto_dismiss) = auto(&mut o)?;
     o.finish()?;
-    d.blockdev_mirror(spec)?;
+    d.blockdev_mirror(MirrorSpec {
+        job: JobArgs {
+            job_id: head.job_id,
+            speed,
+            on_error,
+            filter_node_name,
+            auto_finalize,
+            auto_dismiss,
+        },
+        device: head.device,
+        target: head.target,
+        replaces: head.replaces,
+        sync: head.sync,
+        granularity,
+        copy_mode,
+    })?;
     Ok(json!({}))
 }
 
 /// `blockdev-backup`.
 pub fn blockdev_backup(d: &mut Daemon, mut o: Opts) -> QResult<Value> {
-    let job_id = o.str("job-id")?;
-    let device = o.req_str("device")?;
-    let target = o.req_str("target")?;
-    let Some(sync) = o.enumeration("sync", SYNC_MODES)? else {
-        return Err(o.missing("sync"));
-    };
-    let spec = BackupSpec {
-        job_id,
-        device,
-        target,
-        sync,
-        speed: o.i64("speed")?.unwrap_or(0),
-        bitmap: o.str("bitmap")?,
-        bitmap_mode: o.enumeration("bitmap-mode", &["on-success", "never", "always"])?,
-        compress: o.bool("compress")?.unwrap_or(false),
-        on_source_error: on_error(&mut o, "on-source-error")?,
-        on_target_error: on_error(&mut o, "on-target-error")?,
-        auto_finalize: o.bool("auto-finalize")?.unwrap_or(true),
-        auto_dismiss: o.bool("auto-dismiss")?.unwrap_or(true),
-        filter_node_name: o.str("filter-node-name")?,
-    };
+    let head = copy_job_head(&mut o, false)?;
+    let speed = speed(&mut o)?;
+    let bitmap = o.str("bitmap")?;
+    let bitmap_mode = o.enumeration("bitmap-mode", &["on-success", "never", "always"])?;
+    let compress = o.bool("compress")?.unwrap_or(false);
+    let on_error = copy_policy(&mut o)?;
+    let (auto_finalize, auto_dismiss) = auto(&mut o)?;
+    let filter_node_name = o.str("filter-node-name")?;
     o.finish()?;
-    d.blockdev_backup(spec)?;
+    d.blockdev_backup(BackupSpec {
+        job: JobArgs {
+            job_id: head.job_id,
+            speed,
+            on_error,
+            filter_node_name,
+            auto_finalize,
+            auto_dismiss,
+        },
+        device: head.device,
+        target: head.target,
+        sync: head.sync,
+        bitmap,
+        bitmap_mode,
+        compress,
+    })?;
     Ok(json!({}))
 }
 

@@ -25,15 +25,15 @@ Usage: jobs.py QMP_SOCKET WORKDIR NBD_SOCKET
 import asyncio
 import json
 import os
-import subprocess
 import sys
 import time
 
 from qemu.qmp import ExecuteError, QMPClient
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from session import MiB, TIMEOUT, job_events, job_shape, run  # noqa: E402
+
 QMP, W, NBD = sys.argv[1], sys.argv[2], sys.argv[3]
-TIMEOUT = 30
-MiB = 1 << 20
 
 
 def rel(path):
@@ -50,11 +50,6 @@ def filename(name):
     if isinstance(name, str) and name.startswith("json:"):
         return rel(json.loads(name[5:]).get("file", {}).get("filename"))
     return rel(name)
-
-
-def run(*cmd):
-    p = subprocess.run(cmd, capture_output=True, text=True, timeout=TIMEOUT)
-    return p.returncode, p.stdout + p.stderr
 
 
 def url(name):
@@ -110,36 +105,6 @@ async def main():
     def status_event(job, status):
         return lambda e: (e[0] == "JOB_STATUS_CHANGE" and e[1]["id"] == job
                           and e[1]["status"] == status)
-
-    def job_events(job, paused_by_user=False):
-        """The job's events in order: statuses (with paused/running pairs
-        after the first `running` taken out: drains cause them whenever
-        they like, QEMU's more often than ours) and the BLOCK_JOB_*
-        events; whether it was paused, for a job the user paused."""
-        out, paused = [], False
-        for name, data in events:
-            if data.get("id") != job and data.get("device") != job:
-                continue
-            if name == "JOB_STATUS_CHANGE":
-                s = data["status"]
-                if s in ("paused", "running") and "running" in out:
-                    paused |= s == "paused"
-                    continue
-                out.append(s)
-            else:
-                d = dict(data)
-                if "offset" in d:
-                    d["offset"] = ("len" if d["offset"] == d["len"]
-                                   else "below len" if d["offset"] < d["len"]
-                                   else d["offset"])
-                out.append({name: d})
-        if paused_by_user:
-            return {"sequence": out, "paused-on-the-way": paused}
-        return {"sequence": out}
-
-    def job_shape(jobs):
-        return [{k: (v if k != "current-progress" else type(v).__name__)
-                 for k, v in j.items()} for j in jobs]
 
     async def nodes():
         lst = (await ex("query-named-block-nodes", {"flat": True}))["return"]
@@ -259,7 +224,7 @@ async def main():
     # ---- block-stream of a node without a backing file: a job of nothing
     rec["stream-no-backing"] = await ex("block-stream", {"job-id": "jsolo", "device": "d0"})
     await wait_for("jsolo null", status_event("jsolo", "null"))
-    rec["stream-no-backing-events"] = job_events("jsolo")
+    rec["stream-no-backing-events"] = job_events(events, "jsolo")
 
     # ---- block-stream of top down to base, with guest writes ------------
     rec["stream"] = await ex("block-stream", {"job-id": "j1", "device": "top",
@@ -297,7 +262,7 @@ async def main():
         await ex("block-job-set-speed", {"device": "j1", "speed": 0}),
     ]
     await wait_for("j1 null", status_event("j1", "null"))
-    rec["stream-events"] = job_events("j1", paused_by_user=True)
+    rec["stream-events"] = job_events(events, "j1", paused_by_user=True)
     rec["stream-chain"] = await backing_depth("top")
     # The header names base now (read beside the running daemon: -U).
     rec["stream-chain-file"] = chain("top.qcow2", "-U")
@@ -317,7 +282,7 @@ async def main():
         await ex("job-dismiss", {"id": "jc"}),
     ]
     await wait_for("jc null", status_event("jc", "null"))
-    rec["cancel-events"] = job_events("jc")
+    rec["cancel-events"] = job_events(events, "jc")
     rec["cancel-chain-kept"] = await backing_depth("ctop")
 
     # ---- manual finalize: top (now over base) streamed whole -------------
@@ -331,7 +296,7 @@ async def main():
     await wait_for("jf concluded", status_event("jf", "concluded"))
     rec["dismiss"] = await ex("job-dismiss", {"id": "jf"})
     await wait_for("jf null", status_event("jf", "null"))
-    rec["finalize-events"] = job_events("jf")
+    rec["finalize-events"] = job_events(events, "jf")
     rec["finalize-chain"] = await backing_depth("top")
     rec["nodes-at-end"] = await nodes()
     rec["jobs-at-end"] = await ex("query-jobs")

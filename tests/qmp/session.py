@@ -1,5 +1,5 @@
-"""What the job scripts in tests/qmp share (commit.py uses it; jobs.py
-predates it and keeps its own copy): a qemu.qmp session that records
+"""What the job scripts in tests/qmp share (commit.py uses all of it;
+jobs.py, which predates it, its helpers and job_events): a qemu.qmp session that records
 events, runs commands with a deadline and returns results or errors as
 plain data, waits for events with a deadline, and takes a job's event
 sequence apart the way both daemons can agree on; plus qemu-img/qemu-io
@@ -116,31 +116,36 @@ class Session:
         raise TimeoutError(f"{what} not seen within {TIMEOUT}s")
 
     def job_events(self, job, paused_by_user=False):
-        """The job's events in order: statuses (with paused/running pairs
-        after the first `running` taken out: drains cause them whenever
-        they like, QEMU's more often than ours) and the BLOCK_JOB_*
-        events, `offset` as "len" or "below len" (timing); whether it was
-        paused, for a job the user paused."""
-        out, paused = [], False
-        for name, data in self.events:
-            if data.get("id") != job and data.get("device") != job:
+        """job_events of this session's events."""
+        return job_events(self.events, job, paused_by_user)
+
+
+def job_events(events, job, paused_by_user=False):
+    """The job's events in order, of `events` ((name, data) pairs):
+    statuses (with paused/running pairs after the first `running` taken
+    out: drains cause them whenever they like, QEMU's more often than
+    ours) and the BLOCK_JOB_* events, `offset` as "len" or "below len"
+    (timing); whether it was paused, for a job the user paused."""
+    out, paused = [], False
+    for name, data in events:
+        if data.get("id") != job and data.get("device") != job:
+            continue
+        if name == "JOB_STATUS_CHANGE":
+            s = data["status"]
+            if s in ("paused", "running") and "running" in out:
+                paused |= s == "paused"
                 continue
-            if name == "JOB_STATUS_CHANGE":
-                s = data["status"]
-                if s in ("paused", "running") and "running" in out:
-                    paused |= s == "paused"
-                    continue
-                out.append(s)
-            else:
-                d = dict(data)
-                if "offset" in d:
-                    d["offset"] = ("len" if d["offset"] == d["len"]
-                                   else "below len" if d["offset"] < d["len"]
-                                   else d["offset"])
-                out.append({name: d})
-        if paused_by_user:
-            return {"sequence": out, "paused-on-the-way": paused}
-        return {"sequence": out}
+            out.append(s)
+        else:
+            d = dict(data)
+            if "offset" in d:
+                d["offset"] = ("len" if d["offset"] == d["len"]
+                               else "below len" if d["offset"] < d["len"]
+                               else d["offset"])
+            out.append({name: d})
+    if paused_by_user:
+        return {"sequence": out, "paused-on-the-way": paused}
+    return {"sequence": out}
 
 
 def job_shape(jobs):

@@ -16,7 +16,7 @@ use blockgraph::job::{
     IoOperation, Job, JobEvent, JobInfo, JobOptions, JobStatus, MirrorOptions, MirrorSync,
     MirrorTarget, OnError, StreamOptions,
 };
-use blockgraph::NodeHandle;
+use blockgraph::{Bql, IoThreadHandle, NodeHandle};
 use serde_json::{json, Value};
 
 use super::Daemon;
@@ -34,12 +34,32 @@ pub(super) struct JobUse {
     write_blocking: bool,
 }
 
-/// `block-stream`'s arguments.
+/// What every job command takes besides its own members: QEMU's
+/// `job-id`, `speed`, error policy, `filter-node-name`, `auto-finalize`
+/// and `auto-dismiss`.
 #[derive(Debug, Default)]
-pub struct StreamSpec {
+pub struct JobArgs {
     /// `job-id` (QEMU's default is the device's name, which nodes without
     /// a BlockBackend do not have: the empty string, refused).
     pub job_id: Option<String>,
+    /// `speed` (bytes per second).
+    pub speed: i64,
+    /// `on-error`; for a copy job, the one policy the library has for
+    /// `on-source-error` and `on-target-error`.
+    pub on_error: OnError,
+    /// `filter-node-name`.
+    pub filter_node_name: Option<String>,
+    /// `auto-finalize`.
+    pub auto_finalize: bool,
+    /// `auto-dismiss`.
+    pub auto_dismiss: bool,
+}
+
+/// `block-stream`'s arguments.
+#[derive(Debug, Default)]
+pub struct StreamSpec {
+    /// The job's common arguments.
+    pub job: JobArgs,
     /// `device`: the top node.
     pub device: String,
     /// `base`: a file name in the chain.
@@ -52,24 +72,13 @@ pub struct StreamSpec {
     pub backing_file: Option<String>,
     /// `backing-mask-protocol`.
     pub backing_mask_protocol: bool,
-    /// `speed` (bytes per second).
-    pub speed: i64,
-    /// `on-error`.
-    pub on_error: OnError,
-    /// `filter-node-name`.
-    pub filter_node_name: Option<String>,
-    /// `auto-finalize`.
-    pub auto_finalize: bool,
-    /// `auto-dismiss`.
-    pub auto_dismiss: bool,
 }
 
 /// `block-commit`'s arguments (`qapi/block-core.json`).
 #[derive(Debug, Default)]
 pub struct CommitSpec {
-    /// `job-id` (QEMU's default is the device's name: the empty string
-    /// here, refused).
-    pub job_id: Option<String>,
+    /// The job's common arguments.
+    pub job: JobArgs,
     /// `device`: the root node of the chain.
     pub device: String,
     /// `base-node`.
@@ -84,23 +93,13 @@ pub struct CommitSpec {
     pub backing_file: Option<String>,
     /// `backing-mask-protocol`.
     pub backing_mask_protocol: bool,
-    /// `speed` (bytes per second).
-    pub speed: i64,
-    /// `on-error`.
-    pub on_error: OnError,
-    /// `filter-node-name`.
-    pub filter_node_name: Option<String>,
-    /// `auto-finalize`.
-    pub auto_finalize: bool,
-    /// `auto-dismiss`.
-    pub auto_dismiss: bool,
 }
 
 /// `blockdev-mirror`'s arguments (`qapi/block-core.json`).
 #[derive(Debug, Default)]
 pub struct MirrorSpec {
-    /// `job-id` (QEMU's default, the device's name, is empty here: refused).
-    pub job_id: Option<String>,
+    /// The job's common arguments.
+    pub job: JobArgs,
     /// `device`: the root node to mirror.
     pub device: String,
     /// `target`: an existing node.
@@ -109,64 +108,29 @@ pub struct MirrorSpec {
     pub replaces: Option<String>,
     /// `sync`: a `MirrorSyncMode` member.
     pub sync: String,
-    /// `speed` (bytes per second).
-    pub speed: i64,
     /// `granularity` (0: the default).
     pub granularity: u64,
-    /// `on-source-error`.
-    pub on_source_error: OnError,
-    /// `on-target-error`.
-    pub on_target_error: OnError,
-    /// `filter-node-name`.
-    pub filter_node_name: Option<String>,
     /// `copy-mode`.
     pub copy_mode: Option<String>,
-    /// `auto-finalize`.
-    pub auto_finalize: bool,
-    /// `auto-dismiss`.
-    pub auto_dismiss: bool,
 }
 
 /// `blockdev-backup`'s arguments (`qapi/block-core.json`).
 #[derive(Debug, Default)]
 pub struct BackupSpec {
-    /// `job-id`.
-    pub job_id: Option<String>,
+    /// The job's common arguments.
+    pub job: JobArgs,
     /// `device`: the node to back up.
     pub device: String,
     /// `target`: an existing node of the same size.
     pub target: String,
     /// `sync`: a `MirrorSyncMode` member.
     pub sync: String,
-    /// `speed` (bytes per second).
-    pub speed: i64,
     /// `bitmap`.
     pub bitmap: Option<String>,
     /// `bitmap-mode`.
     pub bitmap_mode: Option<String>,
     /// `compress` (refused when true).
     pub compress: bool,
-    /// `on-source-error`.
-    pub on_source_error: OnError,
-    /// `on-target-error`.
-    pub on_target_error: OnError,
-    /// `auto-finalize`.
-    pub auto_finalize: bool,
-    /// `auto-dismiss`.
-    pub auto_dismiss: bool,
-    /// `filter-node-name`.
-    pub filter_node_name: Option<String>,
-}
-
-/// The library has one error policy per job; QEMU has one per side. The
-/// target's wins where the user set it (a copy job's writes are where a
-/// full disk shows), else the source's.
-fn one_policy(source: OnError, target: OnError) -> OnError {
-    if target != OnError::Report {
-        target
-    } else {
-        source
-    }
 }
 
 /// A verb given to one job, by `job-*` (`id`) or `block-job-*` (`device`).
@@ -526,21 +490,7 @@ impl Daemon {
                 "backing file specified, but streaming the entire chain",
             ));
         }
-        let id = spec.job_id.clone().unwrap_or_default();
-        if !super::valid_id(&id) {
-            return Err(QmpError::generic(format!("Invalid job ID '{id}'")));
-        }
-        if self.find_job(&id).is_some() {
-            return Err(QmpError::generic(format!("Job ID '{id}' already in use")));
-        }
-        let speed = check_speed(spec.speed)?;
-        if let Some(f) = &spec.filter_node_name {
-            if self.nodes.contains_key(f) {
-                return Err(QmpError::generic(format!(
-                    "Duplicate nodes with node-name='{f}'"
-                )));
-            }
-        }
+        let jo = self.check_job_basics(&spec.job)?;
 
         let mut options = StreamOptions::new(&top);
         if let Some(b) = &base {
@@ -553,25 +503,10 @@ impl Daemon {
                 options = options.backing_file(name, format);
             }
         }
-        // The filter is QEMU's implicit node unless named: a graph name no
-        // user name can take.
-        let filter = match &spec.filter_node_name {
-            Some(f) => f.clone(),
-            None => self.auto_name().1,
-        };
-        options = options.filter_node_name(filter);
-        let mut jo = JobOptions::new(id.clone());
-        jo.speed = speed;
-        jo.on_error = spec.on_error;
-        jo.auto_finalize = spec.auto_finalize;
-        jo.auto_dismiss = spec.auto_dismiss;
-        let io = self.jobs_io()?.handle();
-        let job = self
-            .main
-            .run(move |bql| job::stream(bql, &io, jo, options))
-            .map_err(lib_err)?;
-        self.track_job(&job, "stream", busy, spec.auto_finalize, false);
-        Ok(())
+        options = options.filter_node_name(self.filter_name(&spec.job));
+        self.start_job(jo, "stream", busy, false, move |bql, io, jo| {
+            job::stream(bql, io, jo, options)
+        })
     }
 
     /// The backing chain from `node` down (`node` first), as (graph name,
@@ -703,31 +638,13 @@ impl Daemon {
         }
         let overlay = chain[top_at - 1].0.clone();
         self.check_not_busy(std::slice::from_ref(&overlay))?;
-        let id = spec.job_id.clone().unwrap_or_default();
-        if !super::valid_id(&id) {
-            return Err(QmpError::generic(format!("Invalid job ID '{id}'")));
-        }
-        if self.find_job(&id).is_some() {
-            return Err(QmpError::generic(format!("Job ID '{id}' already in use")));
-        }
-        let speed = check_speed(spec.speed)?;
-        if let Some(f) = &spec.filter_node_name {
-            if self.nodes.contains_key(f) {
-                return Err(QmpError::generic(format!(
-                    "Duplicate nodes with node-name='{f}'"
-                )));
-            }
-        }
+        let jo = self.check_job_basics(&spec.job)?;
 
         // QEMU's `bdrv_drop_intermediate` writes `backing-file` or the
         // base's file name as opened, and the base's format.
-        let filter = match &spec.filter_node_name {
-            Some(f) => f.clone(),
-            None => self.auto_name().1,
-        };
         let mut options = CommitOptions::new(&top)
             .base(&base)
-            .filter_node_name(filter);
+            .filter_node_name(self.filter_name(&spec.job));
         let named =
             self.backing_name_for(&base, spec.backing_file.clone(), spec.backing_mask_protocol);
         if let Some((name, format)) = named {
@@ -739,44 +656,68 @@ impl Daemon {
         busy.extend(dropped);
         busy.push(chain[base_at].0.clone());
         busy.dedup();
-        let mut jo = JobOptions::new(id);
-        jo.speed = speed;
-        jo.on_error = spec.on_error;
-        jo.auto_finalize = spec.auto_finalize;
-        jo.auto_dismiss = spec.auto_dismiss;
-        let io = self.jobs_io()?.handle();
-        let job = self
-            .main
-            .run(move |bql| job::commit(bql, &io, jo, options))
-            .map_err(lib_err)?;
-        self.track_job(&job, "commit", busy, spec.auto_finalize, false);
-        Ok(())
+        self.start_job(jo, "commit", busy, false, move |bql, io, jo| {
+            job::commit(bql, io, jo, options)
+        })
     }
 
     /// The job id, speed and filter name checks every job kind makes
-    /// (QEMU's `job_create`, `block_job_create`, the filter's node name).
-    fn check_job_basics(
-        &self,
-        job_id: &Option<String>,
-        speed: i64,
-        filter: &Option<String>,
-    ) -> QResult<(String, u64)> {
-        let id = job_id.clone().unwrap_or_default();
+    /// last (QEMU's `job_create`, `block_job_create`, the filter's node
+    /// name); the library's options for the job.
+    fn check_job_basics(&self, args: &JobArgs) -> QResult<JobOptions> {
+        let id = args.job_id.clone().unwrap_or_default();
         if !super::valid_id(&id) {
             return Err(QmpError::generic(format!("Invalid job ID '{id}'")));
         }
         if self.find_job(&id).is_some() {
             return Err(QmpError::generic(format!("Job ID '{id}' already in use")));
         }
-        let speed = check_speed(speed)?;
-        if let Some(f) = filter {
+        let speed = check_speed(args.speed)?;
+        if let Some(f) = &args.filter_node_name {
             if self.nodes.contains_key(f) {
                 return Err(QmpError::generic(format!(
                     "Duplicate nodes with node-name='{f}'"
                 )));
             }
         }
-        Ok((id, speed))
+        let mut jo = JobOptions::new(id);
+        jo.speed = speed;
+        jo.on_error = args.on_error;
+        jo.auto_finalize = args.auto_finalize;
+        jo.auto_dismiss = args.auto_dismiss;
+        Ok(jo)
+    }
+
+    /// The job's filter node name: the user's, or QEMU's implicit node's
+    /// (a graph name no user name can take).
+    fn filter_name(&mut self, args: &JobArgs) -> String {
+        match &args.filter_node_name {
+            Some(f) => f.clone(),
+            None => self.auto_name().1,
+        }
+    }
+
+    /// Starts a job checked by [`Self::check_job_basics`]: `start` (the
+    /// library's job function) on the main loop with the jobs I/O thread,
+    /// then [`Self::track_job`] with `kind` and the `busy` nodes.
+    fn start_job(
+        &mut self,
+        jo: JobOptions,
+        kind: &'static str,
+        busy: Vec<String>,
+        write_blocking: bool,
+        start: impl FnOnce(&mut Bql, &IoThreadHandle, JobOptions) -> blockgraph::Result<Job>
+            + Send
+            + 'static,
+    ) -> QResult<()> {
+        let auto_finalize = jo.auto_finalize;
+        let io = self.jobs_io()?.handle();
+        let job = self
+            .main
+            .run(move |bql| start(bql, &io, jo))
+            .map_err(lib_err)?;
+        self.track_job(&job, kind, busy, auto_finalize, write_blocking);
+        Ok(())
     }
 
     /// `blockdev-mirror`: QEMU's checks (`qmp_blockdev_mirror`,
@@ -822,8 +763,7 @@ impl Daemon {
         if dev.ptr_eq(&target) {
             return Err(QmpError::generic("Can't mirror node into itself"));
         }
-        let (id, speed) =
-            self.check_job_basics(&spec.job_id, spec.speed, &spec.filter_node_name)?;
+        let jo = self.check_job_basics(&spec.job)?;
         // QEMU starts the job and fails it at once ("Source and target
         // image have different sizes", in BLOCK_JOB_COMPLETED); this
         // daemon refuses the command with the same words.
@@ -837,10 +777,7 @@ impl Daemon {
         if sync == MirrorSync::Top && self.main.run(move |bql| d.gs(bql).backing().is_none()) {
             sync = MirrorSync::Full;
         }
-        let filter = match &spec.filter_node_name {
-            Some(f) => f.clone(),
-            None => self.auto_name().1,
-        };
+        let filter = self.filter_name(&spec.job);
         let mut options = MirrorOptions::new(&dev, MirrorTarget::Node(target.clone()))
             .sync(sync)
             .copy_mode(match spec.copy_mode.as_deref() {
@@ -851,20 +788,11 @@ impl Daemon {
         if spec.granularity != 0 {
             options = options.granularity(spec.granularity);
         }
-        let mut jo = JobOptions::new(id);
-        jo.speed = speed;
-        jo.on_error = one_policy(spec.on_source_error, spec.on_target_error);
-        jo.auto_finalize = spec.auto_finalize;
-        jo.auto_dismiss = spec.auto_dismiss;
-        let io = self.jobs_io()?.handle();
-        let job = self
-            .main
-            .run(move |bql| job::mirror(bql, &io, jo, options))
-            .map_err(lib_err)?;
         let busy = vec![dev.name().to_owned(), target.name().to_owned()];
         let write_blocking = spec.copy_mode.as_deref() == Some("write-blocking");
-        self.track_job(&job, "mirror", busy, spec.auto_finalize, write_blocking);
-        Ok(())
+        self.start_job(jo, "mirror", busy, write_blocking, move |bql, io, jo| {
+            job::mirror(bql, io, jo, options)
+        })
     }
 
     /// `blockdev-backup`: QEMU's checks (`do_backup_common`, then
@@ -969,26 +897,13 @@ impl Daemon {
                 )))
             }
         };
-        let (id, speed) =
-            self.check_job_basics(&spec.job_id, spec.speed, &spec.filter_node_name)?;
-        let filter = match &spec.filter_node_name {
-            Some(f) => f.clone(),
-            None => self.auto_name().1,
-        };
+        let jo = self.check_job_basics(&spec.job)?;
+        let filter = self.filter_name(&spec.job);
         let options = BackupOptions::new(&src, &target, sync).filter_node_name(filter);
-        let mut jo = JobOptions::new(id);
-        jo.speed = speed;
-        jo.on_error = one_policy(spec.on_source_error, spec.on_target_error);
-        jo.auto_finalize = spec.auto_finalize;
-        jo.auto_dismiss = spec.auto_dismiss;
-        let io = self.jobs_io()?.handle();
-        let job = self
-            .main
-            .run(move |bql| job::backup(bql, &io, jo, options))
-            .map_err(lib_err)?;
         let busy = vec![src.name().to_owned(), target.name().to_owned()];
-        self.track_job(&job, "backup", busy, spec.auto_finalize, false);
-        Ok(())
+        self.start_job(jo, "backup", busy, false, move |bql, io, jo| {
+            job::backup(bql, io, jo, options)
+        })
     }
 
     /// QEMU's `bdrv_find_backing_image`: the node of `chain` whose file
