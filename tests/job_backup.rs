@@ -29,7 +29,8 @@ use blockgraph::{
     BackendOptions, BlockBackend, ChildRole, DirtyBitmapOptions, Error, NodeHandle, Result,
 };
 
-use common::{join, recv, watchdog};
+use common::jobs::{cancelled, completed, while_drained};
+use common::{join, watchdog};
 use job_util::{
     apply, assert_same, chain_contents, guest, mem_chain, read_disk, until_null, CLUSTER, CLUSTERS,
     SIZE,
@@ -43,15 +44,6 @@ fn start_backup(env: &Env, options: JobOptions, backup: BackupOptions) -> Result
         let events = job.events();
         Ok((job, events))
     })
-}
-
-fn completed(all: &[JobEvent]) -> bool {
-    all.iter()
-        .any(|e| matches!(e, JobEvent::Completed { error: None, .. }))
-}
-
-fn cancelled(all: &[JobEvent]) -> bool {
-    all.iter().any(|e| matches!(e, JobEvent::Cancelled { .. }))
 }
 
 fn mem_target(env: &Env) -> NodeHandle {
@@ -726,33 +718,23 @@ fn refusals_change_nothing() {
 /// Holds a drain of `node` from a main-loop task for `hold`; while it is
 /// held the job is not running, and (paused) makes no progress.
 fn drain_during(env: &Env, job: &Job, node: &NodeHandle, hold: Duration) {
-    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-    let (drained_tx, drained_rx) = std::sync::mpsc::channel();
-    let n = node.clone();
-    let holder = env.main.spawn(move |task| async move {
-        let d = task.drain(&n).await;
-        drained_tx.send(()).unwrap();
-        let _ = rx.await;
-        drop(d);
+    while_drained(&env.main, node, || {
+        // Every node a backup touches is below its filter, and its copies
+        // enter at the filter: the drain waited for them all.
+        let (status, progress) = (job.status(), job.progress().0);
+        thread::sleep(hold);
+        if !matches!(status, JobStatus::Concluded | JobStatus::Null) {
+            assert_ne!(status, JobStatus::Running, "drained '{}'", node.name());
+        }
+        if status == JobStatus::Paused {
+            assert_eq!(
+                job.progress().0,
+                progress,
+                "the job went on while '{}' was drained",
+                node.name()
+            );
+        }
     });
-    recv(&drained_rx, "the drain");
-    // Every node a backup touches is below its filter, and its copies
-    // enter at the filter: the drain waited for them all.
-    let (status, progress) = (job.status(), job.progress().0);
-    thread::sleep(hold);
-    if !matches!(status, JobStatus::Concluded | JobStatus::Null) {
-        assert_ne!(status, JobStatus::Running, "drained '{}'", node.name());
-    }
-    if status == JobStatus::Paused {
-        assert_eq!(
-            job.progress().0,
-            progress,
-            "the job went on while '{}' was drained",
-            node.name()
-        );
-    }
-    tx.send(()).unwrap();
-    join(holder, "the drain holder");
 }
 
 #[test]

@@ -27,7 +27,8 @@ use blockgraph::drivers::qcow2::Qcow2Driver;
 use blockgraph::job::{self, query_jobs, CommitOptions, Job, JobEvent, JobOptions, JobStatus};
 use blockgraph::{BackendOptions, BlockBackend, Error, NodeHandle, Result};
 
-use common::{join, recv, watchdog};
+use common::jobs::{backend_node, completed, while_drained};
+use common::{join, watchdog};
 use job_util::{
     apply, assert_same, chain_below, chain_contents, guest, mem_chain, read_disk, until_null,
     CLUSTER, CLUSTERS, SIZE,
@@ -142,11 +143,6 @@ fn start_commit(
         let events = job.events();
         Ok((job, events))
     })
-}
-
-fn completed(all: &[JobEvent]) -> bool {
-    all.iter()
-        .any(|e| matches!(e, JobEvent::Completed { error: None, .. }))
 }
 
 fn read_only(env: &Env, node: &NodeHandle) -> bool {
@@ -477,37 +473,27 @@ fn bad_ranges_and_a_backing_name_for_an_active_commit_are_refused_and_change_not
 /// Holds a drain of `node` from a main-loop task for `hold`; while it is
 /// held the job is not running and makes no progress.
 fn drain_during(env: &Env, job: &Job, node: &NodeHandle, hold: Duration) {
-    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-    let (drained_tx, drained_rx) = std::sync::mpsc::channel();
-    let n = node.clone();
-    let holder = env.main.spawn(move |task| async move {
-        let d = task.drain(&n).await;
-        drained_tx.send(()).unwrap();
-        let _ = rx.await;
-        drop(d);
+    while_drained(&env.main, node, || {
+        // A worker counts its last chunk just after its request completes; one
+        // whose requests the drain does not cover (the job's reader is on the
+        // top it commits, its writer on base: a drain of the overlay or the
+        // filter covers neither) goes on to its next pause point, at most the
+        // rest of its chunk.
+        thread::sleep(Duration::from_millis(50));
+        let (status, progress) = (job.status(), job.progress().0);
+        thread::sleep(hold);
+        assert_ne!(status, JobStatus::Running, "drained '{}'", node.name());
+        if status == JobStatus::Paused {
+            let now = job.progress().0;
+            assert_eq!(
+                now,
+                progress,
+                "the job went on while '{}' was drained ({} bytes)",
+                node.name(),
+                now - progress
+            );
+        }
     });
-    recv(&drained_rx, "the drain");
-    // A worker counts its last chunk just after its request completes; one
-    // whose requests the drain does not cover (the job's reader is on the
-    // top it commits, its writer on base: a drain of the overlay or the
-    // filter covers neither) goes on to its next pause point, at most the
-    // rest of its chunk.
-    thread::sleep(Duration::from_millis(50));
-    let (status, progress) = (job.status(), job.progress().0);
-    thread::sleep(hold);
-    assert_ne!(status, JobStatus::Running, "drained '{}'", node.name());
-    if status == JobStatus::Paused {
-        let now = job.progress().0;
-        assert_eq!(
-            now,
-            progress,
-            "the job went on while '{}' was drained ({} bytes)",
-            node.name(),
-            now - progress
-        );
-    }
-    tx.send(()).unwrap();
-    join(holder, "the drain holder");
 }
 
 #[test]
@@ -658,18 +644,6 @@ fn pause_resume_cancel_and_drains_at_random_points_lose_no_guest_write() {
     }
 }
 
-/// The node `vda` is attached to now.
-fn backend_node(env: &Env, vda: &BlockBackend) -> String {
-    let name = vda.name().to_owned();
-    env.main.run(move |bql| {
-        bql.query_backends()
-            .into_iter()
-            .find(|b| b.name == name)
-            .and_then(|b| b.root)
-            .expect("the backend is attached")
-    })
-}
-
 fn verb(
     env: &Env,
     job: &Job,
@@ -766,7 +740,7 @@ fn active_commit_040(end: ActiveEnd) {
     if pivoted {
         // Every user of the active layer is on base, the committed images
         // are gone, base stays read-write as the new active layer.
-        assert_eq!(backend_node(&env, &vda), base.name());
+        assert_eq!(backend_node(&env.main, &vda), base.name());
         let gone = vec![active.clone(), top.clone(), mid.clone()];
         env.main.run(move |bql| {
             for n in &gone {
@@ -779,7 +753,7 @@ fn active_commit_040(end: ActiveEnd) {
         });
         assert!(!read_only(&env, &base), "base is the active layer now");
     } else {
-        assert_eq!(backend_node(&env, &vda), active.name());
+        assert_eq!(backend_node(&env.main, &vda), active.name());
         assert_eq!(chain_below(&env, &active), below_before);
         assert!(read_only(&env, &base), "base is read-only again");
     }
@@ -882,7 +856,7 @@ fn a_drain_of_each_node_pauses_the_active_commit_which_then_pivots() {
     let mut expected = chain_contents();
     apply(&mut expected, &join(g0, "guest 0"));
     apply(&mut expected, &join(g1, "guest 1"));
-    assert_eq!(backend_node(&env, &chain.vda), chain.base.name());
+    assert_eq!(backend_node(&env.main, &chain.vda), chain.base.name());
     assert_same(&read_disk(&env.io, &chain.vda), &expected);
     let (top, mid) = (chain.top.clone(), chain.mid.clone());
     assert!(env

@@ -27,7 +27,8 @@ use blockgraph::job::{
 };
 use blockgraph::{BackendOptions, BlockBackend, Error, NodeHandle, Result};
 
-use common::{join, recv, watchdog};
+use common::jobs::{backend_node, cancelled, completed, while_drained};
+use common::{join, watchdog};
 use job_util::{
     apply, assert_same, chain_contents, guest, mem_chain, read_disk, until_null, until_status,
     CLUSTER, CLUSTERS, SIZE,
@@ -40,27 +41,6 @@ fn start(env: &Env, options: JobOptions, mirror: MirrorOptions) -> Result<(Job, 
         let job = job::mirror(bql, &io, options, mirror)?;
         let events = job.events();
         Ok((job, events))
-    })
-}
-
-fn completed(all: &[JobEvent]) -> bool {
-    all.iter()
-        .any(|e| matches!(e, JobEvent::Completed { error: None, .. }))
-}
-
-fn cancelled(all: &[JobEvent]) -> bool {
-    all.iter().any(|e| matches!(e, JobEvent::Cancelled { .. }))
-}
-
-/// The node `vda` is attached to now.
-fn backend_node(env: &Env, vda: &BlockBackend) -> String {
-    let name = vda.name().to_owned();
-    env.main.run(move |bql| {
-        bql.query_backends()
-            .into_iter()
-            .find(|b| b.name == name)
-            .and_then(|b| b.root)
-            .expect("the backend is attached")
     })
 }
 
@@ -181,7 +161,7 @@ fn mirror_041(sync: MirrorSync, mode: CopyMode, format: ImageFormat, end: End) {
         alignment: 1,
     });
     let (job, mut events) = start(&env, options, mirror).unwrap();
-    assert_eq!(backend_node(&env, &vda), "mirror0-mirror");
+    assert_eq!(backend_node(&env.main, &vda), "mirror0-mirror");
     // Rate-limited below what the guests dirty, a background mirror never
     // converges (QEMU's too): lift the limit once the copy is under way.
     common::wait_until("the mirror has copied something", || job.progress().0 > 0);
@@ -206,7 +186,7 @@ fn mirror_041(sync: MirrorSync, mode: CopyMode, format: ImageFormat, end: End) {
             stop.store(true, Ordering::SeqCst);
             apply(&mut disk, &join(g0, "guest 0"));
             apply(&mut disk, &join(g1, "guest 1"));
-            assert_eq!(backend_node(&env, &vda), "target", "vda pivoted");
+            assert_eq!(backend_node(&env.main, &vda), "target", "vda pivoted");
         }
         End::CancelAfterReady => {
             stop.store(true, Ordering::SeqCst);
@@ -216,7 +196,7 @@ fn mirror_041(sync: MirrorSync, mode: CopyMode, format: ImageFormat, end: End) {
             let all = until_null(&mut events);
             // QEMU: a ready mirror cancelled without force completes.
             assert!(completed(&all), "{all:?}");
-            assert_eq!(backend_node(&env, &vda), top.name(), "vda stays");
+            assert_eq!(backend_node(&env.main, &vda), top.name(), "vda stays");
         }
     }
     assert!(env.main.run(|bql| query_jobs(bql)).is_empty());
@@ -354,7 +334,7 @@ fn sync_none_onto_a_target_holding_the_data_copies_only_new_writes() {
     let mut expected = chain_contents();
     apply(&mut expected, &join(g0, "guest 0"));
     apply(&mut expected, &join(g1, "guest 1"));
-    assert_eq!(backend_node(&env, &chain.vda), target.name());
+    assert_eq!(backend_node(&env.main, &chain.vda), target.name());
     assert_same(&read_disk(&env.io, &chain.vda), &expected);
     // Nothing was copied but what the guests wrote.
     let (current, _) = job.progress();
@@ -435,7 +415,7 @@ fn another_writer_on_the_target_is_refused_while_mirroring() {
     verb(&env, &job, |j, bql| j.cancel(bql, true)).unwrap();
     let all = until_null(&mut events);
     assert!(cancelled(&all), "{all:?}");
-    assert_eq!(backend_node(&env, &chain.vda), chain.top.name());
+    assert_eq!(backend_node(&env.main, &chain.vda), chain.top.name());
     // Free again.
     let t = target.clone();
     env.main
@@ -445,19 +425,9 @@ fn another_writer_on_the_target_is_refused_while_mirroring() {
 
 /// Holds a drain of `node` from a main-loop task for `hold`.
 fn drain_during(env: &Env, node: &NodeHandle, hold: Duration) {
-    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-    let (drained_tx, drained_rx) = std::sync::mpsc::channel();
-    let n = node.clone();
-    let holder = env.main.spawn(move |task| async move {
-        let d = task.drain(&n).await;
-        drained_tx.send(()).unwrap();
-        let _ = rx.await;
-        drop(d);
+    while_drained(&env.main, node, || {
+        thread::sleep(hold);
     });
-    recv(&drained_rx, "the drain");
-    thread::sleep(hold);
-    tx.send(()).unwrap();
-    join(holder, "the drain holder");
 }
 
 fn filter_of(env: &Env, job: &str) -> NodeHandle {
@@ -516,7 +486,7 @@ fn a_drain_of_each_involved_node_pauses_the_mirror_which_then_completes() {
     let mut expected = chain_contents();
     apply(&mut expected, &join(g0, "guest 0"));
     apply(&mut expected, &join(g1, "guest 1"));
-    assert_eq!(backend_node(&env, &chain.vda), target.name());
+    assert_eq!(backend_node(&env.main, &chain.vda), target.name());
     assert_same(&read_disk(&env.io, &chain.vda), &expected);
 }
 
@@ -601,7 +571,7 @@ fn pause_resume_cancel_complete_and_drains_at_random_points_lose_no_guest_write(
         apply(&mut expected, &join(g0, "guest 0"));
         apply(&mut expected, &join(g1, "guest 1"));
         assert!(completed(&all) || cancelled(&all), "round {round}: {all:?}");
-        let on = backend_node(&env, &chain.vda);
+        let on = backend_node(&env.main, &chain.vda);
         if pivot {
             assert!(completed(&all), "round {round}: {all:?}");
             assert_eq!(on, target.name(), "round {round}");
@@ -679,7 +649,7 @@ fn a_pivot_under_heavy_guest_write_load_keeps_every_write() {
         let mut expected = chain_contents();
         apply(&mut expected, &join(g0, "guest 0"));
         apply(&mut expected, &join(g1, "guest 1"));
-        assert_eq!(backend_node(&env, &chain.vda), target.name());
+        assert_eq!(backend_node(&env.main, &chain.vda), target.name());
         assert_same(&read_disk(&env.io, &chain.vda), &expected);
         // The target alone holds it all.
         assert_same(&env.read_all(&target).unwrap(), &expected);

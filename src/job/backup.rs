@@ -20,6 +20,7 @@ use super::copy::{copy_range, ChunkError, CopyChunks, CopyOptions};
 use super::driver::{JobCx, JobDriver, JobRunner};
 use super::filter::JobFilter;
 use super::handle::{Job, JobOptions};
+use super::setup::{launch, length_of, CommonOptions};
 use super::status::JobType;
 
 /// The role of the filter's edge to the backup target (the filter's other
@@ -86,8 +87,7 @@ pub struct BackupOptions {
     target: NodeHandle,
     sync: BackupSync,
     cluster_size: u64,
-    filter_node_name: Option<String>,
-    copy: CopyOptions,
+    common: CommonOptions,
 }
 
 impl BackupOptions {
@@ -99,11 +99,10 @@ impl BackupOptions {
             target: target.clone(),
             sync,
             cluster_size: DEFAULT_BACKUP_CLUSTER,
-            filter_node_name: None,
-            copy: CopyOptions {
+            common: CommonOptions::new(CopyOptions {
                 chunk_size: 1 << 20,
                 ..CopyOptions::default()
-            },
+            }),
         }
     }
 
@@ -117,18 +116,12 @@ impl BackupOptions {
         self
     }
 
-    /// The name of the job's filter node (default `<job id>-backup`).
-    pub fn filter_node_name(mut self, name: impl Into<String>) -> Self {
-        self.filter_node_name = Some(name.into());
-        self
-    }
-
-    /// Chunk size and requests in flight of the job's background copy
-    /// (the chunk is rounded to whole clusters).
-    pub fn copy_options(mut self, copy: CopyOptions) -> Self {
-        self.copy = copy;
-        self
-    }
+    common_option_setters!(
+        common,
+        "backup",
+        /// Chunk size and requests in flight of the job's background copy
+        /// (the chunk is rounded to whole clusters).
+    );
 }
 
 /// The copy state the filter and the job share (QEMU's `BlockCopyState`):
@@ -529,25 +522,9 @@ pub fn backup(
     options: JobOptions,
     backup: BackupOptions,
 ) -> Result<Job> {
-    let job = Job::create(bql, JobType::Backup, &options)?;
-    match set_up(bql, io, &job, &backup) {
-        Ok(driver) => {
-            job.start(bql, io, driver)?;
-            Ok(job)
-        }
-        Err(e) => {
-            job.early_fail(bql);
-            Err(e)
-        }
-    }
-}
-
-fn length_of(bql: &mut Bql, io: &IoThreadHandle, node: &NodeHandle) -> Result<u64> {
-    let n = node.clone();
-    bql.block_on(io.spawn(move |mut cx| async move {
-        let g = cx.read().await;
-        n.try_io(&g)?.length().await
-    }))
+    launch(bql, io, JobType::Backup, &options, |bql, job| {
+        set_up(bql, io, job, &backup)
+    })
 }
 
 fn check(bql: &Bql, o: &BackupOptions) -> Result<()> {
@@ -610,10 +587,7 @@ fn set_up(bql: &mut Bql, io: &IoThreadHandle, job: &Job, o: &BackupOptions) -> R
         o.cluster_size,
         o.sync == BackupSync::Top,
     ));
-    let filter_name = o
-        .filter_node_name
-        .clone()
-        .unwrap_or_else(|| format!("{}-backup", job.id()));
+    let filter_name = o.common.filter_name(job, "backup");
     let source_drained = bql.drain(&o.source);
     let target_drained = bql.drain(&o.target);
     let added = bql.write(|w| {
@@ -681,7 +655,7 @@ fn set_up(bql: &mut Bql, io: &IoThreadHandle, job: &Job, o: &BackupOptions) -> R
         filter,
         state,
         bitmap,
-        copy: o.copy,
+        copy: o.common.copy,
     })
 }
 

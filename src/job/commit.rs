@@ -10,26 +10,22 @@
 use crate::backend::BlockBackend;
 use crate::driver::Filter;
 use crate::drivers::qcow2::Qcow2Driver;
-use crate::graph::backend::BackendOptions;
 use crate::graph::proof::{Bql, NodeHandle, ParentRef};
 use crate::graph::runtime::{IoTask, IoThreadHandle};
 use crate::types::{BlockStatus, ChildRole, Error, Perm, Permissions, Result};
 
-use super::copy::{copy_range, ChunkError, CopyChunks, CopyOptions};
+use super::copy::{copy_range, read_then_write, ChunkError, CopyChunks, CopyOptions};
 use super::driver::{JobCx, JobDriver};
 use super::filter::JobFilter;
 use super::handle::{Job, JobOptions};
+use super::setup::{job_backend, launch, ChainOptions};
 use super::status::JobType;
 
 /// What to commit (QEMU's `block-commit` arguments, for a `top` that is
 /// not the active layer).
 #[derive(Debug, Clone)]
 pub struct CommitOptions {
-    top: NodeHandle,
-    base: Option<NodeHandle>,
-    backing_file: Option<(String, String)>,
-    filter_node_name: Option<String>,
-    copy: CopyOptions,
+    chain: ChainOptions,
 }
 
 impl CommitOptions {
@@ -39,41 +35,28 @@ impl CommitOptions {
     /// backing file.
     pub fn new(top: &NodeHandle) -> Self {
         CommitOptions {
-            top: top.clone(),
-            base: None,
-            backing_file: None,
-            filter_node_name: None,
-            copy: CopyOptions::default(),
+            chain: ChainOptions::new(top),
         }
     }
 
-    /// Commit into `base` (a node below `top` in its backing chain); the
-    /// images from `top` down to just above `base` are dropped.
-    pub fn base(mut self, base: &NodeHandle) -> Self {
-        self.base = Some(base.clone());
-        self
-    }
+    chain_option_setters!(
+        chain,
+        base:
+        /// Commit into `base` (a node below `top` in its backing chain); the
+        /// images from `top` down to just above `base` are dropped.
+        ,
+        backing_file:
+        /// The backing file name and format to write into the overlay's header
+        /// (QEMU's `backing-file`). Default: the name the lowest committed
+        /// image stores for `base` (right when that image and the overlay are
+        /// in one directory, the usual layout).
+    );
 
-    /// The backing file name and format to write into the overlay's header
-    /// (QEMU's `backing-file`). Default: the name the lowest committed
-    /// image stores for `base` (right when that image and the overlay are
-    /// in one directory, the usual layout).
-    pub fn backing_file(mut self, file: impl Into<String>, format: impl Into<String>) -> Self {
-        self.backing_file = Some((file.into(), format.into()));
-        self
-    }
-
-    /// The name of the job's filter node (default `<job id>-commit`).
-    pub fn filter_node_name(mut self, name: impl Into<String>) -> Self {
-        self.filter_node_name = Some(name.into());
-        self
-    }
-
-    /// Chunk size and requests in flight of the copy.
-    pub fn copy_options(mut self, copy: CopyOptions) -> Self {
-        self.copy = copy;
-        self
-    }
+    common_option_setters!(
+        chain.common,
+        "commit",
+        /// Chunk size and requests in flight of the copy.
+    );
 }
 
 /// What goes into the overlay's header at the end.
@@ -225,29 +208,15 @@ pub fn commit(
     options: JobOptions,
     commit: CommitOptions,
 ) -> Result<Job> {
-    let job = Job::create(bql, JobType::Commit, &options)?;
-    if is_active_layer(bql, &commit.top) {
-        return match set_up_active(bql, io, &job, &commit) {
-            Ok(driver) => {
-                job.start(bql, io, driver)?;
-                Ok(job)
-            }
-            Err(e) => {
-                job.early_fail(bql);
-                Err(e)
-            }
-        };
+    let o = &commit.chain;
+    if is_active_layer(bql, &o.top) {
+        return launch(bql, io, JobType::Commit, &options, |bql, job| {
+            set_up_active(bql, io, job, o)
+        });
     }
-    match set_up(bql, &job, &commit) {
-        Ok(driver) => {
-            job.start(bql, io, driver)?;
-            Ok(job)
-        }
-        Err(e) => {
-            job.early_fail(bql);
-            Err(e)
-        }
-    }
+    launch(bql, io, JobType::Commit, &options, |bql, job| {
+        set_up(bql, job, o)
+    })
 }
 
 /// `top` is in the graph and no image uses it as its backing file.
@@ -268,7 +237,7 @@ fn is_active_layer(bql: &Bql, top: &NodeHandle) -> bool {
 /// The images from `top` down to just above `base` (top first), and
 /// `base`: the explicit one, which must be below `top`, or the bottom of
 /// `top`'s chain.
-fn committed_range(bql: &Bql, o: &CommitOptions) -> Result<(Vec<NodeHandle>, NodeHandle)> {
+fn committed_range(bql: &Bql, o: &ChainOptions) -> Result<(Vec<NodeHandle>, NodeHandle)> {
     let top = o.top.gs(bql);
     let chain = top.backing_chain();
     let base_at = match &o.base {
@@ -304,7 +273,7 @@ fn set_up_active(
     bql: &mut Bql,
     io: &IoThreadHandle,
     job: &Job,
-    o: &CommitOptions,
+    o: &ChainOptions,
 ) -> Result<super::mirror::MirrorJob> {
     if o.backing_file.is_some() {
         return Err(Error::InvalidArgument(format!(
@@ -314,11 +283,8 @@ fn set_up_active(
         )));
     }
     let range = committed_range(bql, o)?;
-    let filter_name = o
-        .filter_node_name
-        .clone()
-        .unwrap_or_else(|| format!("{}-commit", job.id()));
-    super::mirror::active_commit(bql, io, job, &o.top, range, filter_name, o.copy)
+    let filter_name = o.common.filter_name(job, "commit");
+    super::mirror::active_commit(bql, io, job, &o.top, range, filter_name, o.common.copy)
 }
 
 /// What setup found in the graph.
@@ -331,7 +297,7 @@ struct Plan {
     overlay_read_only: bool,
 }
 
-fn plan(bql: &Bql, o: &CommitOptions) -> Result<Plan> {
+fn plan(bql: &Bql, o: &ChainOptions) -> Result<Plan> {
     let top = o.top.gs(bql);
     if !top.is_in_graph() {
         return Err(Error::NodeRemoved(top.name().to_owned()));
@@ -415,30 +381,18 @@ fn plan(bql: &Bql, o: &CommitOptions) -> Result<Plan> {
     })
 }
 
-fn set_up(bql: &mut Bql, job: &Job, o: &CommitOptions) -> Result<CommitJob> {
+fn set_up(bql: &mut Bql, job: &Job, o: &ChainOptions) -> Result<CommitJob> {
     let plan = plan(bql, o)?;
-    let filter_name = o
-        .filter_node_name
-        .clone()
-        .unwrap_or_else(|| format!("{}-commit", job.id()));
-    let reader_options = BackendOptions {
-        // Reads the view of top; lets everyone do anything (top is
-        // read-only anyway, or written only by whoever was allowed to).
-        perms: Permissions {
-            take: Perm::CONSISTENT_READ,
-            share: Perm::ALL,
-        },
-        stay_at_node: true,
-    };
-    let writer_options = BackendOptions {
-        // QEMU's commit base: the only writer; readers and unchanged-data
-        // writers may stay.
-        perms: Permissions {
-            take: Perm::CONSISTENT_READ | Perm::WRITE,
-            share: Perm::CONSISTENT_READ | Perm::WRITE_UNCHANGED,
-        },
-        stay_at_node: true,
-    };
+    let filter_name = o.common.filter_name(job, "commit");
+    // Reads the view of top; lets everyone do anything (top is read-only
+    // anyway, or written only by whoever was allowed to).
+    let reader_options = job_backend(Perm::CONSISTENT_READ, Perm::ALL);
+    // QEMU's commit base: the only writer; readers and unchanged-data
+    // writers may stay.
+    let writer_options = job_backend(
+        Perm::CONSISTENT_READ | Perm::WRITE,
+        Perm::CONSISTENT_READ | Perm::WRITE_UNCHANGED,
+    );
     let overlay_drained = bql.drain(&plan.overlay);
     let base_drained = bql.drain(&plan.base);
     let added = bql.write(|w| {
@@ -477,7 +431,7 @@ fn set_up(bql: &mut Bql, job: &Job, o: &CommitOptions) -> Result<CommitJob> {
         overlay_read_only: plan.overlay_read_only,
         overlay_made_rw: false,
         header_written: false,
-        copy: o.copy,
+        copy: o.common.copy,
     })
 }
 
@@ -525,14 +479,7 @@ impl CopyChunks for CommitChunks {
         offset: u64,
         buf: &mut [u8],
     ) -> std::result::Result<(), ChunkError> {
-        self.reader
-            .read(io, offset, buf)
-            .await
-            .map_err(ChunkError::read)?;
-        self.writer
-            .write(io, offset, buf)
-            .await
-            .map_err(ChunkError::write)
+        read_then_write(io, &self.reader, &self.writer, offset, buf).await
     }
 }
 
@@ -568,10 +515,7 @@ impl JobDriver for CommitJob {
         }
         let alignment = u64::from(self.reader.request_alignment(cx.io()).await?)
             .max(u64::from(self.writer.request_alignment(cx.io()).await?));
-        let options = CopyOptions {
-            alignment: alignment.max(self.copy.alignment),
-            ..self.copy
-        };
+        let options = self.copy.aligned_to(alignment);
         let chunks = CommitChunks {
             reader: self.reader.clone(),
             writer: self.writer.clone(),

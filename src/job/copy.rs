@@ -41,6 +41,17 @@ pub struct CopyOptions {
     pub alignment: u64,
 }
 
+impl CopyOptions {
+    /// These options with the alignment raised to at least `alignment`
+    /// (the backends' request alignment).
+    pub(super) fn aligned_to(self, alignment: u64) -> Self {
+        CopyOptions {
+            alignment: alignment.max(self.alignment),
+            ..self
+        }
+    }
+}
+
 impl Default for CopyOptions {
     fn default() -> Self {
         CopyOptions {
@@ -130,15 +141,28 @@ impl CopyChunks for BackendCopy {
         offset: u64,
         buf: &mut [u8],
     ) -> std::result::Result<(), ChunkError> {
-        self.source
-            .read(io, offset, buf)
-            .await
-            .map_err(ChunkError::read)?;
-        self.target
-            .write(io, offset, buf)
-            .await
-            .map_err(ChunkError::write)
+        read_then_write(io, &self.source, &self.target, offset, buf).await
     }
+}
+
+/// Reads `buf.len()` bytes at `offset` from `source` into `buf` and writes
+/// them to `target` at the same offset: the copy of every job that reads
+/// one backend and writes another.
+pub(super) async fn read_then_write(
+    io: &mut IoTask,
+    source: &BlockBackend,
+    target: &BlockBackend,
+    offset: u64,
+    buf: &mut [u8],
+) -> std::result::Result<(), ChunkError> {
+    source
+        .read(io, offset, buf)
+        .await
+        .map_err(ChunkError::read)?;
+    target
+        .write(io, offset, buf)
+        .await
+        .map_err(ChunkError::write)
 }
 
 /// What a copy did.

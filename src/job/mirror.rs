@@ -13,16 +13,16 @@ use crate::driver::range_lock::RangeLock;
 use crate::driver::{forward, Filter, IoFuture};
 use crate::drivers::qcow2::{CreateOptions, Qcow2Driver, Qcow2Options};
 use crate::drivers::{FileDriver, FileOptions};
-use crate::graph::backend::BackendOptions;
 use crate::graph::proof::{Bql, NodeHandle, RequestRef};
 use crate::graph::runtime::{IoTask, IoThreadHandle};
 use crate::types::{BlockStatus, ChildRole, Error, Perm, Permissions, Result};
 
-use super::copy::{copy_range, ChunkError, CopyChunks, CopyOptions};
+use super::copy::{copy_range, read_then_write, ChunkError, CopyChunks, CopyOptions};
 use super::dirty::DirtyMap;
 use super::driver::{JobCx, JobDriver, JobRunner};
 use super::filter::JobFilter;
 use super::handle::{Job, JobOptions};
+use super::setup::{job_backend, launch, length_of, CommonOptions};
 use super::shared::JobShared;
 use super::status::JobType;
 
@@ -93,8 +93,7 @@ pub struct MirrorOptions {
     sync: MirrorSync,
     mode: CopyMode,
     granularity: u64,
-    filter_node_name: Option<String>,
-    copy: CopyOptions,
+    common: CommonOptions,
 }
 
 impl MirrorOptions {
@@ -107,11 +106,10 @@ impl MirrorOptions {
             sync: MirrorSync::Full,
             mode: CopyMode::Background,
             granularity: 64 << 10,
-            filter_node_name: None,
-            copy: CopyOptions {
+            common: CommonOptions::new(CopyOptions {
                 chunk_size: 1 << 20,
                 ..CopyOptions::default()
-            },
+            }),
         }
     }
 
@@ -134,19 +132,13 @@ impl MirrorOptions {
         self
     }
 
-    /// The name of the job's filter node (default `<job id>-mirror`).
-    pub fn filter_node_name(mut self, name: impl Into<String>) -> Self {
-        self.filter_node_name = Some(name.into());
-        self
-    }
-
-    /// Chunk size and requests in flight of the initial copy (default
-    /// 1 MiB chunks, 4 in flight); a chunk is also the most the dirty loop
-    /// copies at once.
-    pub fn copy_options(mut self, copy: CopyOptions) -> Self {
-        self.copy = copy;
-        self
-    }
+    common_option_setters!(
+        common,
+        "mirror",
+        /// Chunk size and requests in flight of the initial copy (default
+        /// 1 MiB chunks, 4 in flight); a chunk is also the most the dirty loop
+        /// copies at once.
+    );
 }
 
 /// What the filter and the job share.
@@ -378,26 +370,9 @@ pub fn mirror(
     options: JobOptions,
     mirror: MirrorOptions,
 ) -> Result<Job> {
-    let job = Job::create(bql, JobType::Mirror, &options)?;
-    match set_up(bql, io, &job, &mirror) {
-        Ok(driver) => {
-            job.start(bql, io, driver)?;
-            Ok(job)
-        }
-        Err(e) => {
-            job.early_fail(bql);
-            Err(e)
-        }
-    }
-}
-
-/// The source's length, read in a task of `io`.
-fn length_of(bql: &mut Bql, io: &IoThreadHandle, node: &NodeHandle) -> Result<u64> {
-    let n = node.clone();
-    bql.block_on(io.spawn(move |mut cx| async move {
-        let g = cx.read().await;
-        n.try_io(&g)?.length().await
-    }))
+    launch(bql, io, JobType::Mirror, &options, |bql, job| {
+        set_up(bql, io, job, &mirror)
+    })
 }
 
 /// The host file and format of `node` (a file node, or a format node on
@@ -564,11 +539,8 @@ fn set_up_with(
             base,
             mode: o.mode,
             granularity: o.granularity,
-            filter_name: o
-                .filter_node_name
-                .clone()
-                .unwrap_or_else(|| format!("{}-mirror", job.id())),
-            copy: o.copy,
+            filter_name: o.common.filter_name(job, "mirror"),
+            copy: o.common.copy,
             commit: None,
         },
     )
@@ -697,24 +669,15 @@ fn attach(bql: &mut Bql, io: &IoThreadHandle, job: &Job, a: Attach) -> Result<Mi
     let is_commit = commit.is_some();
     let label = if is_commit { "commit" } else { "mirror" };
     let make_rw = commit.as_ref().is_some_and(|c| c.base_made_rw);
-    let reader_options = BackendOptions {
-        // Reads the source; lets the guest do anything but resize it.
-        perms: Permissions {
-            take: Perm::CONSISTENT_READ,
-            share: Perm::CONSISTENT_READ | Perm::WRITE | Perm::WRITE_UNCHANGED,
-        },
-        stay_at_node: true,
-    };
-    let writer_options = BackendOptions {
-        // Shares writing with the filter's edge only (whoever else writes
-        // must share WRITE, and a plain writer does not); nobody reads,
-        // but for an active commit's chain.
-        perms: Permissions {
-            take: Perm::WRITE,
-            share: target_share(is_commit),
-        },
-        stay_at_node: true,
-    };
+    // Reads the source; lets the guest do anything but resize it.
+    let reader_options = job_backend(
+        Perm::CONSISTENT_READ,
+        Perm::CONSISTENT_READ | Perm::WRITE | Perm::WRITE_UNCHANGED,
+    );
+    // Shares writing with the filter's edge only (whoever else writes must
+    // share WRITE, and a plain writer does not); nobody reads, but for an
+    // active commit's chain.
+    let writer_options = job_backend(Perm::WRITE, target_share(is_commit));
     let source_drained = bql.drain(&source);
     let target_drained = bql.drain(&target);
     let added = bql.write(|w| {
@@ -802,13 +765,7 @@ async fn copy_one(
     let len = buf.len() as u64;
     let _range = state.lock.lock(offset, offset + len, true).await;
     state.dirty.take(offset..offset + len);
-    let result = match reader.read(io, offset, buf).await {
-        Err(e) => Err(ChunkError::read(e)),
-        Ok(()) => writer
-            .write(io, offset, buf)
-            .await
-            .map_err(ChunkError::write),
-    };
+    let result = read_then_write(io, reader, writer, offset, buf).await;
     if result.is_err() {
         state.dirty.mark(offset, len);
     }

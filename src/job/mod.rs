@@ -42,6 +42,8 @@
 //!
 //! See DESIGN.md §13 for the QEMU bugs this rules out.
 
+#[macro_use]
+mod setup;
 mod backup;
 mod commit;
 mod copy;

@@ -7,25 +7,21 @@
 use crate::backend::BlockBackend;
 use crate::drivers::qcow2::Qcow2Driver;
 use crate::drivers::CopyOnRead;
-use crate::graph::backend::BackendOptions;
 use crate::graph::proof::{Bql, NodeHandle};
 use crate::graph::runtime::{IoTask, IoThreadHandle};
-use crate::types::{BlockStatus, Error, Perm, Permissions, Result};
+use crate::types::{BlockStatus, Error, Perm, Result};
 
 use super::copy::{copy_range, ChunkError, CopyChunks, CopyOptions};
 use super::driver::{JobCx, JobDriver};
 use super::filter::JobFilter;
 use super::handle::{Job, JobOptions};
+use super::setup::{job_backend, launch, ChainOptions};
 use super::status::JobType;
 
 /// What to stream (QEMU's `block-stream` arguments).
 #[derive(Debug, Clone)]
 pub struct StreamOptions {
-    top: NodeHandle,
-    base: Option<NodeHandle>,
-    backing_file: Option<(String, String)>,
-    filter_node_name: Option<String>,
-    copy: CopyOptions,
+    chain: ChainOptions,
 }
 
 impl StreamOptions {
@@ -33,41 +29,28 @@ impl StreamOptions {
     /// chain below `top` goes away entirely).
     pub fn new(top: &NodeHandle) -> Self {
         StreamOptions {
-            top: top.clone(),
-            base: None,
-            backing_file: None,
-            filter_node_name: None,
-            copy: CopyOptions::default(),
+            chain: ChainOptions::new(top),
         }
     }
 
-    /// Stream only what the nodes above `base` store; `base` becomes
-    /// `top`'s backing.
-    pub fn base(mut self, base: &NodeHandle) -> Self {
-        self.base = Some(base.clone());
-        self
-    }
+    chain_option_setters!(
+        chain,
+        base:
+        /// Stream only what the nodes above `base` store; `base` becomes
+        /// `top`'s backing.
+        ,
+        backing_file:
+        /// The backing file name and format to write into `top`'s header
+        /// (QEMU's `backing-file`). Default: with a base, the name the lowest
+        /// intermediate image stores for it (right when the intermediate and
+        /// `top` are in one directory, the usual layout); without one, none.
+    );
 
-    /// The backing file name and format to write into `top`'s header
-    /// (QEMU's `backing-file`). Default: with a base, the name the lowest
-    /// intermediate image stores for it (right when the intermediate and
-    /// `top` are in one directory, the usual layout); without one, none.
-    pub fn backing_file(mut self, file: impl Into<String>, format: impl Into<String>) -> Self {
-        self.backing_file = Some((file.into(), format.into()));
-        self
-    }
-
-    /// The name of the job's filter node (default `<job id>-stream`).
-    pub fn filter_node_name(mut self, name: impl Into<String>) -> Self {
-        self.filter_node_name = Some(name.into());
-        self
-    }
-
-    /// Chunk size and requests in flight of the copy.
-    pub fn copy_options(mut self, copy: CopyOptions) -> Self {
-        self.copy = copy;
-        self
-    }
+    common_option_setters!(
+        chain.common,
+        "stream",
+        /// Chunk size and requests in flight of the copy.
+    );
 }
 
 /// What goes into `top`'s header at the end.
@@ -123,20 +106,12 @@ pub fn stream(
     options: JobOptions,
     stream: StreamOptions,
 ) -> Result<Job> {
-    let job = Job::create(bql, JobType::Stream, &options)?;
-    match set_up(bql, &job, &stream) {
-        Ok(driver) => {
-            job.start(bql, io, driver)?;
-            Ok(job)
-        }
-        Err(e) => {
-            job.early_fail(bql);
-            Err(e)
-        }
-    }
+    launch(bql, io, JobType::Stream, &options, |bql, job| {
+        set_up(bql, job, &stream.chain)
+    })
 }
 
-fn set_up(bql: &mut Bql, job: &Job, o: &StreamOptions) -> Result<StreamJob> {
+fn set_up(bql: &mut Bql, job: &Job, o: &ChainOptions) -> Result<StreamJob> {
     let (intermediates, header) = {
         let top = o.top.gs(bql);
         if !top.is_in_graph() {
@@ -192,24 +167,14 @@ fn set_up(bql: &mut Bql, job: &Job, o: &StreamOptions) -> Result<StreamJob> {
         (intermediates, header)
     };
 
-    let filter_name = o
-        .filter_node_name
-        .clone()
-        .unwrap_or_else(|| format!("{}-stream", job.id()));
+    let filter_name = o.common.filter_name(job, "stream");
     let cor = match &o.base {
         Some(base) => CopyOnRead::above_base(base.name()),
         None => CopyOnRead::new(),
     };
-    let job_backend = BackendOptions {
-        // The job only reads (the filter writes what it copies up, with
-        // the permission to write unchanged data) and lets the guest do
-        // anything.
-        perms: Permissions {
-            take: Perm::CONSISTENT_READ,
-            share: Perm::ALL,
-        },
-        stay_at_node: true,
-    };
+    // The job only reads (the filter writes what it copies up, with the
+    // permission to write unchanged data) and lets the guest do anything.
+    let job_backend = job_backend(Perm::CONSISTENT_READ, Perm::ALL);
     let drained = bql.drain(&o.top);
     let mut filter = None;
     let added = bql.write(|w| {
@@ -226,7 +191,7 @@ fn set_up(bql: &mut Bql, job: &Job, o: &StreamOptions) -> Result<StreamJob> {
             filter,
             blk,
             header,
-            copy: o.copy,
+            copy: o.common.copy,
         }),
         (Err(e), Some(filter)) => {
             let d = bql.drain(&filter);
@@ -306,10 +271,7 @@ impl JobDriver for StreamJob {
         };
         let len = self.blk.length(cx.io()).await?;
         let alignment = u64::from(self.blk.request_alignment(cx.io()).await?);
-        let options = CopyOptions {
-            alignment: alignment.max(self.copy.alignment),
-            ..self.copy
-        };
+        let options = self.copy.aligned_to(alignment);
         let chunks = StreamChunks {
             blk: self.blk.clone(),
             first,

@@ -22,6 +22,7 @@ use blockgraph::{
     RequestRef, Result, TaskHandle,
 };
 
+pub mod jobs;
 pub mod process;
 mod stack;
 #[allow(unused_imports)] // not every test binary uses the fixture
