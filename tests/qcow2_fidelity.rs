@@ -13,7 +13,7 @@
 //!   `qemu-img check` too.
 //!
 //! Every image is made by `qemu-img`/`qemu-io` and judged by them
-//! afterwards. Decisions and reasons: `notes/qcow2-fidelity-meta.md`.
+//! afterwards. Decisions and reasons: DESIGN.md §6.
 
 mod common;
 mod qcow2_util;

@@ -963,7 +963,7 @@ fn jobs_snapshots_and_transactions_observe_the_same_as_with_qemu_storage_daemon(
 }
 
 /// What only this daemon is asked (QEMU would do or answer otherwise, see
-/// notes/d2.md): malformed job and snapshot arguments get QAPI errors and
+/// DESIGN.md §14): malformed job and snapshot arguments get QAPI errors and
 /// nothing panics; transaction actions that are not here yet are refused
 /// as an unknown type; a transaction whose second overlay cannot be
 /// created leaves nothing behind (QEMU keeps the first file); `quit`

@@ -72,7 +72,7 @@ def events(s, job):
                 # A mirror's len grows with what the guest dirties (timing);
                 # an incremental backup's is the bitmap's count in QEMU and
                 # the device's length in blockgraph's backup job (a gap,
-                # notes/d4.md).
+                # DESIGN.md §14).
                 d["len"] = "n" if d["type"] == "mirror" or job == "bi" else d["len"]
             out.append({name: d})
     return out
