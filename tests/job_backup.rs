@@ -721,7 +721,11 @@ fn drain_during(env: &Env, job: &Job, node: &NodeHandle, hold: Duration) {
     while_drained(&env.main, node, || {
         // Every node a backup touches is below its filter, and its copies
         // enter at the filter: the drain waited for them all.
-        let (status, progress) = (job.status(), job.progress().0);
+        let status = job.status();
+        // A copy that finished just before the drain's wait ended may still
+        // be counted after it: let that settle, then the count must stand.
+        thread::sleep(hold);
+        let progress = job.progress().0;
         thread::sleep(hold);
         if !matches!(status, JobStatus::Concluded | JobStatus::Null) {
             assert_ne!(status, JobStatus::Running, "drained '{}'", node.name());
