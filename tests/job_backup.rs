@@ -29,7 +29,9 @@ use blockgraph::{
     BackendOptions, BlockBackend, ChildRole, DirtyBitmapOptions, Error, NodeHandle, Result,
 };
 
-use common::jobs::{cancelled, completed, while_drained};
+use common::jobs::{
+    cancel_or_resume, cancelled, completed, random_verbs, while_drained, DRAIN_VERBS,
+};
 use common::{join, watchdog};
 use job_util::{
     apply, assert_same, chain_contents, guest, mem_chain, read_disk, until_null, CLUSTER, CLUSTERS,
@@ -835,38 +837,21 @@ fn pause_resume_cancel_and_drains_at_random_points_lose_no_guest_write() {
             target.clone(),
             filter.clone(),
         ];
-        let mut was_cancelled = false;
-        for _ in 0..1 + rng.below(6) {
-            thread::sleep(Duration::from_millis(rng.below(40)));
-            let j = job.clone();
-            let r = match rng.below(6) {
-                0 => env.main.run(move |bql| j.pause(bql)),
-                1 => env.main.run(move |bql| j.resume(bql)),
-                2 => {
-                    let speed = rng.below(8 << 20);
-                    env.main.run(move |bql| j.set_speed(bql, speed))
+        random_verbs(
+            &env.main,
+            &job,
+            1 + rng.below(6),
+            40,
+            &DRAIN_VERBS,
+            |n| rng.below(n),
+            |below| {
+                let node = &involved[below(involved.len() as u64) as usize];
+                if job.status() == JobStatus::Running {
+                    drain_during(&env, &job, node, Duration::from_millis(40));
                 }
-                _ => {
-                    let node = &involved[rng.below(involved.len() as u64) as usize];
-                    if job.status() == JobStatus::Running {
-                        drain_during(&env, &job, node, Duration::from_millis(40));
-                    }
-                    Ok(())
-                }
-            };
-            if let Err(e) = r {
-                assert!(
-                    matches!(e, Error::JobState { .. } | Error::InvalidArgument(_)),
-                    "{e}"
-                );
-            }
-        }
-        let j = job.clone();
-        if rng.below(3) == 0 {
-            was_cancelled = env.main.run(move |bql| j.cancel(bql, false)).is_ok();
-        } else {
-            let _ = env.main.run(move |bql| j.resume(bql));
-        }
+            },
+        );
+        let was_cancelled = cancel_or_resume(&env.main, &job, |n| rng.below(n));
         let all = until_null(&mut events);
         stop.store(true, Ordering::SeqCst);
         let mut disk = start.clone();

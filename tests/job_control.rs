@@ -19,6 +19,7 @@ use blockgraph::job::{
 };
 use blockgraph::{Error, Result};
 
+use common::jobs::{cancel_or_resume, random_verbs, Verb};
 use common::{join, recv, wait_until, watchdog};
 use job_util::*;
 use qcow2_util::{Env, Rng};
@@ -488,32 +489,24 @@ fn pause_resume_cancel_at_random_points_lose_no_guest_write() {
             so = so.base(&chain.base);
         }
         let (job, mut events) = start_stream(&env, options, so);
-        let mut cancelled = false;
-        for _ in 0..rng.below(6) {
-            thread::sleep(Duration::from_millis(rng.below(60)));
-            let r = match rng.below(5) {
-                0 | 1 => verb(&env, &job, |j, bql| j.pause(bql)),
-                2 | 3 => verb(&env, &job, |j, bql| j.resume(bql)),
-                _ => {
-                    let speed = rng.below(8 << 20);
-                    verb(&env, &job, move |j, bql| j.set_speed(bql, speed))
-                }
-            };
-            // Refusals are fine (resume while not paused, a verb after the
-            // job finished); anything else is not.
-            if let Err(e) = r {
-                assert!(
-                    matches!(e, Error::JobState { .. } | Error::InvalidArgument(_)),
-                    "{e}"
-                );
-            }
-        }
-        if rng.below(3) == 0 {
-            cancelled = verb(&env, &job, |j, bql| j.cancel(bql, false)).is_ok();
-        } else {
-            // Make sure it is not left paused.
-            let _ = verb(&env, &job, |j, bql| j.resume(bql));
-        }
+        // Refusals are fine (resume while not paused, a verb after the job
+        // finished); anything else is not.
+        random_verbs(
+            &env.main,
+            &job,
+            rng.below(6),
+            60,
+            &[
+                Verb::Pause,
+                Verb::Pause,
+                Verb::Resume,
+                Verb::Resume,
+                Verb::SetSpeed(8 << 20),
+            ],
+            |n| rng.below(n),
+            |_| unreachable!("no drains here"),
+        );
+        let cancelled = cancel_or_resume(&env.main, &job, |n| rng.below(n));
         let all = until_null(&mut events);
         stop.store(true, Ordering::SeqCst);
         let mut expected = chain_contents();

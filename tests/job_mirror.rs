@@ -27,7 +27,7 @@ use blockgraph::job::{
 };
 use blockgraph::{BackendOptions, BlockBackend, Error, NodeHandle, Result};
 
-use common::jobs::{backend_node, cancelled, completed, while_drained};
+use common::jobs::{backend_node, cancelled, completed, random_verbs, while_drained, Verb};
 use common::{join, watchdog};
 use job_util::{
     apply, assert_same, chain_contents, guest, mem_chain, read_disk, until_null, until_status,
@@ -519,28 +519,26 @@ fn pause_resume_cancel_complete_and_drains_at_random_points_lose_no_guest_write(
         let (job, mut events) = start(&env, options, mirror).unwrap();
         let filter = filter_of(&env, &id);
         let involved = [chain.top.clone(), chain.mid.clone(), target.clone(), filter];
-        for _ in 0..2 + rng.below(6) {
-            thread::sleep(Duration::from_millis(rng.below(60)));
-            let r = match rng.below(7) {
-                0 => verb(&env, &job, |j, bql| j.pause(bql)),
-                1 => verb(&env, &job, |j, bql| j.resume(bql)),
-                2 => {
-                    let speed = rng.below(16 << 20);
-                    verb(&env, &job, move |j, bql| j.set_speed(bql, speed))
-                }
-                _ => {
-                    let node = &involved[rng.below(involved.len() as u64) as usize];
-                    drain_during(&env, node, Duration::from_millis(rng.below(40)));
-                    Ok(())
-                }
-            };
-            if let Err(e) = r {
-                assert!(
-                    matches!(e, Error::JobState { .. } | Error::InvalidArgument(_)),
-                    "{e}"
-                );
-            }
-        }
+        random_verbs(
+            &env.main,
+            &job,
+            2 + rng.below(6),
+            60,
+            &[
+                Verb::Pause,
+                Verb::Resume,
+                Verb::SetSpeed(16 << 20),
+                Verb::Drain,
+                Verb::Drain,
+                Verb::Drain,
+                Verb::Drain,
+            ],
+            |n| rng.below(n),
+            |below| {
+                let node = &involved[below(involved.len() as u64) as usize];
+                drain_during(&env, node, Duration::from_millis(below(40)));
+            },
+        );
         let _ = verb(&env, &job, |j, bql| j.resume(bql));
         let ending = rng.below(4);
         let mut pivot = false;

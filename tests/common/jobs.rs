@@ -1,10 +1,13 @@
 //! Helpers the block job tests share: reading a job's events, finding
-//! where a backend is attached, holding a drain while checking the job.
+//! where a backend is attached, holding a drain while checking the job,
+//! job verbs at random points.
 
 use std::sync::mpsc;
+use std::thread;
+use std::time::Duration;
 
-use blockgraph::job::JobEvent;
-use blockgraph::{BlockBackend, MainLoop, NodeHandle};
+use blockgraph::job::{Job, JobEvent};
+use blockgraph::{BlockBackend, Error, MainLoop, NodeHandle};
 
 use super::{join, recv};
 
@@ -48,4 +51,75 @@ pub fn while_drained<T>(main: &MainLoop, node: &NodeHandle, during: impl FnOnce(
     tx.send(()).unwrap();
     join(holder, "the drain holder");
     out
+}
+
+/// One verb [`random_verbs`] may pick.
+#[derive(Debug, Clone, Copy)]
+pub enum Verb {
+    Pause,
+    Resume,
+    /// A new speed below this bound.
+    SetSpeed(u64),
+    /// Whatever the caller's `drain` does.
+    Drain,
+}
+
+/// Pause, resume, a speed below 8 MiB/s, or (half the time) a drain.
+pub const DRAIN_VERBS: [Verb; 6] = [
+    Verb::Pause,
+    Verb::Resume,
+    Verb::SetSpeed(8 << 20),
+    Verb::Drain,
+    Verb::Drain,
+    Verb::Drain,
+];
+
+/// `count` verbs on `job`, each after a sleep of below `sleep_ms` ms and
+/// picked from `verbs` at random; `below(n)` is the random source (a
+/// number below `n`), handed on to `drain`. Refusals (a resume while not
+/// paused, a verb after the job finished) are fine; any other error fails.
+pub fn random_verbs(
+    main: &MainLoop,
+    job: &Job,
+    count: u64,
+    sleep_ms: u64,
+    verbs: &[Verb],
+    mut below: impl FnMut(u64) -> u64,
+    mut drain: impl FnMut(&mut dyn FnMut(u64) -> u64),
+) {
+    for _ in 0..count {
+        thread::sleep(Duration::from_millis(below(sleep_ms)));
+        let j = job.clone();
+        let r = match verbs[below(verbs.len() as u64) as usize] {
+            Verb::Pause => main.run(move |bql| j.pause(bql)),
+            Verb::Resume => main.run(move |bql| j.resume(bql)),
+            Verb::SetSpeed(bound) => {
+                let speed = below(bound);
+                main.run(move |bql| j.set_speed(bql, speed))
+            }
+            Verb::Drain => {
+                drain(&mut below);
+                Ok(())
+            }
+        };
+        if let Err(e) = r {
+            assert!(
+                matches!(e, Error::JobState { .. } | Error::InvalidArgument(_)),
+                "{e}"
+            );
+        }
+    }
+}
+
+/// One time in three (by `below`) cancels `job` (without force) and says
+/// whether that was accepted; otherwise resumes it, so that it is not left
+/// paused, and returns false.
+pub fn cancel_or_resume(main: &MainLoop, job: &Job, mut below: impl FnMut(u64) -> u64) -> bool {
+    let j = job.clone();
+    if below(3) == 0 {
+        main.run(move |bql| j.cancel(bql, false)).is_ok()
+    } else {
+        let _ = main.run(move |bql| j.resume(bql));
+        false
+    }
 }
