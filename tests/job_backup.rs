@@ -14,7 +14,6 @@ mod qcow2_util;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
-use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread;
@@ -34,10 +33,10 @@ use common::jobs::{
 };
 use common::{join, watchdog};
 use job_util::{
-    apply, assert_same, chain_contents, guest, mem_chain, read_disk, until_null, CLUSTER, CLUSTERS,
-    SIZE,
+    apply, assert_same, chain_contents, check_clean, compare, create, flush, guest, img, mem_chain,
+    qemu_io_in, read_disk, remove_backend, until_null, CLUSTER, CLUSTERS, SIZE,
 };
-use qcow2_util::{open_chain, require_qemu, run, Env, Rng};
+use qcow2_util::{open_chain, require_qemu, Env, Rng};
 
 fn start_backup(env: &Env, options: JobOptions, backup: BackupOptions) -> Result<(Job, JobEvents)> {
     let io = env.io.handle();
@@ -133,54 +132,20 @@ fn full_backup_of_a_memory_chain_holds_the_start_while_guests_write() {
 
 // ---- image files made and checked by QEMU's tools ---------------------
 
-fn img(dir: &Path, args: &[&str]) -> String {
-    run(Command::new("qemu-img").current_dir(dir).args(args))
-}
-
-/// Creates `name` (qcow2, 64 KiB clusters, the test's size), optionally
-/// over `backing`.
-fn create(dir: &Path, name: &str, backing: Option<&str>) {
-    let size = SIZE.to_string();
-    let cluster = format!("cluster_size={CLUSTER}");
-    let mut args = vec!["create", "-q", "-f", "qcow2", "-o", &cluster];
-    if let Some(b) = backing {
-        args.extend(["-b", b, "-F", "qcow2"]);
-    }
-    args.extend([name, &size]);
-    img(dir, &args);
-}
-
 /// Runs `qemu-io` commands on `image`, applying each to `model`:
 /// `(cluster, Some(pattern))` writes the pattern over the cluster, `None`
 /// writes zeroes.
 fn fill(dir: &Path, image: &str, writes: &[(u64, Option<u8>)], model: &mut [u8]) {
-    let mut cmd = Command::new("qemu-io");
-    cmd.current_dir(dir).args(["-f", "qcow2"]);
+    let mut commands = Vec::new();
     for (i, p) in writes {
         let at = i * CLUSTER;
-        cmd.args([
-            "-c",
-            &match p {
-                Some(p) => format!("write -P {p} {at} {CLUSTER}"),
-                None => format!("write -z {at} {CLUSTER}"),
-            },
-        ]);
+        commands.push(match p {
+            Some(p) => format!("write -P {p} {at} {CLUSTER}"),
+            None => format!("write -z {at} {CLUSTER}"),
+        });
         model[at as usize..(at + CLUSTER) as usize].fill(p.unwrap_or(0));
     }
-    run(cmd.arg(image));
-}
-
-fn check_clean(dir: &Path, image: &str) {
-    let out = img(dir, &["check", image]);
-    assert!(out.contains("No errors were found"), "{image}: {out}");
-}
-
-/// `qemu-img compare` of `image` (its whole chain) with raw `expected`.
-fn compare(dir: &Path, image: &str, expected: &[u8]) {
-    let raw = format!("{image}.expected.raw");
-    std::fs::write(dir.join(&raw), expected).unwrap();
-    let out = img(dir, &["compare", "-f", "qcow2", "-F", "raw", image, &raw]);
-    assert!(out.contains("Images are identical"), "{image}: {out}");
+    qemu_io_in(dir, image, commands);
 }
 
 /// The clusters `image` itself stores (`qemu-img map`, depth 0).
@@ -214,23 +179,6 @@ fn add_vda(env: &Env, node: &NodeHandle) -> BlockBackend {
     env.main
         .run(move |bql| bql.write(|w| w.add_backend("vda", &n, BackendOptions::default())))
         .unwrap()
-}
-
-fn flush_backend(env: &Env, vda: &BlockBackend) {
-    let blk = vda.clone();
-    join(
-        env.io
-            .spawn(move |mut cx| async move { blk.flush(&mut cx).await }),
-        "flush",
-    )
-    .unwrap();
-}
-
-fn remove_backend(env: &Env, vda: &BlockBackend) {
-    let vda = vda.clone();
-    env.main
-        .run(move |bql| bql.write(|w| w.remove_backend(&vda)))
-        .unwrap();
 }
 
 /// Guests on both I/O threads, started now; `stop` ends them.
@@ -315,15 +263,15 @@ fn full_backup_holds_the_source_as_of_the_start_055() {
     assert!(env
         .main
         .run(move |bql| { !filter.gs(bql).is_in_graph() && s.gs(bql).parents().len() == 1 }));
-    flush_backend(&env, &vda);
+    flush(&env, &vda);
     remove_backend(&env, &vda);
     qcow2_util::close_chain(&env, source);
     qcow2_util::close_chain(&env, target);
     drop(env);
     check_clean(d, "source.img");
     check_clean(d, "target.img");
-    compare(d, "target.img", &start);
-    compare(d, "source.img", &now);
+    compare(d, "target.img", "qcow2", &start);
+    compare(d, "source.img", "qcow2", &now);
 }
 
 /// iotest 056's core: `sync=top` of an overlay copies only what the
@@ -375,7 +323,7 @@ fn sync_top_copies_only_what_the_top_image_stores_056() {
     apply(&mut now, &g.join());
     assert_same(&read_disk(&env.io, &vda), &now);
     assert_same(&node_contents(&env, &tgt), &start);
-    flush_backend(&env, &vda);
+    flush(&env, &vda);
     remove_backend(&env, &vda);
     qcow2_util::close_chain(&env, source);
     qcow2_util::close_chain(&env, target);
@@ -383,8 +331,8 @@ fn sync_top_copies_only_what_the_top_image_stores_056() {
     for i in ["base.img", "source.img", "target.img"] {
         check_clean(d, i);
     }
-    compare(d, "target.img", &start);
-    compare(d, "source.img", &now);
+    compare(d, "target.img", "qcow2", &start);
+    compare(d, "source.img", "qcow2", &now);
     // Only the top's clusters were copied, guest writes or not.
     assert_eq!(own_clusters(d, "target.img"), top_clusters);
 }
@@ -541,7 +489,7 @@ fn incremental_backups_chain_up_to_the_source_124() {
     apply(&mut now, &during_cancelled);
     assert_same(&read_disk(&env.io, &vda), &now);
 
-    flush_backend(&env, &vda);
+    flush(&env, &vda);
     remove_backend(&env, &vda);
     qcow2_util::close_chain(&env, inc2);
     qcow2_util::close_chain(&env, source);
@@ -549,9 +497,9 @@ fn incremental_backups_chain_up_to_the_source_124() {
     for i in ["source.img", "full.img", "inc1.img", "inc2.img"] {
         check_clean(d, i);
     }
-    compare(d, "full.img", &start);
-    compare(d, "inc1.img", &at_incremental);
-    compare(d, "source.img", &now);
+    compare(d, "full.img", "qcow2", &start);
+    compare(d, "inc1.img", "qcow2", &at_incremental);
+    compare(d, "source.img", "qcow2", &now);
     // The incremental image stores only clusters the bitmap named.
     assert!(own_clusters(d, "inc1.img").is_subset(&changed));
 }

@@ -17,7 +17,6 @@ mod qcow2_util;
 
 use std::collections::BTreeMap;
 use std::path::Path;
-use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread;
@@ -25,17 +24,18 @@ use std::time::Duration;
 
 use blockgraph::drivers::qcow2::Qcow2Driver;
 use blockgraph::job::{self, query_jobs, CommitOptions, Job, JobEvent, JobOptions, JobStatus};
-use blockgraph::{BackendOptions, BlockBackend, Error, NodeHandle, Result};
+use blockgraph::{BackendOptions, Error, NodeHandle, Result};
 
 use common::jobs::{
     backend_node, cancel_or_resume, completed, random_verbs, while_drained, DRAIN_VERBS,
 };
 use common::{join, watchdog};
 use job_util::{
-    apply, assert_same, chain_below, chain_contents, guest, mem_chain, read_disk, until_null,
-    CLUSTER, CLUSTERS, SIZE,
+    apply, assert_same, chain_below, chain_contents, chain_nodes, check_clean, close, compare,
+    create, flush, guest, img, mem_chain, qemu_io_in, read_disk, until_null, CLUSTER, CLUSTERS,
+    SIZE,
 };
-use qcow2_util::{open_chain, require_qemu, run, Env, Rng};
+use qcow2_util::{open_chain, require_qemu, Env, Rng};
 
 /// The images of the chain, bottom up.
 const IMAGES: [&str; 4] = ["base.img", "mid.img", "top.img", "active.img"];
@@ -46,17 +46,9 @@ const IMAGES: [&str; 4] = ["base.img", "mid.img", "top.img", "active.img"];
 /// top that hide base's data. Returns what each image's chain shows,
 /// bottom up (`views[3]` is the guest disk).
 fn make_chain(dir: &Path) -> [Vec<u8>; 4] {
-    let size = SIZE.to_string();
-    let img = |args: &[&str]| run(Command::new("qemu-img").current_dir(dir).args(args));
-    let cluster = format!("cluster_size={CLUSTER}");
-    img(&[
-        "create", "-q", "-f", "qcow2", "-o", &cluster, IMAGES[0], &size,
-    ]);
+    create(dir, IMAGES[0], None);
     for pair in IMAGES.windows(2) {
-        img(&[
-            "create", "-q", "-f", "qcow2", "-o", &cluster, "-b", pair[0], "-F", "qcow2", pair[1],
-            &size,
-        ]);
+        create(dir, pair[1], Some(pair[0]));
     }
     let mut views: [Vec<u8>; 4] = std::array::from_fn(|_| vec![0u8; SIZE as usize]);
     let mut commands: [Vec<String>; 4] = Default::default();
@@ -92,46 +84,20 @@ fn make_chain(dir: &Path) -> [Vec<u8>; 4] {
         }
     }
     for (image, commands) in IMAGES.iter().zip(commands) {
-        let mut cmd = Command::new("qemu-io");
-        cmd.current_dir(dir).args(["-f", "qcow2"]);
-        for c in commands {
-            cmd.args(["-c", &c]);
-        }
-        run(cmd.arg(image));
+        qemu_io_in(dir, image, commands);
     }
     views
 }
 
 fn info_chain(dir: &Path, image: &str) -> Vec<serde_json::Value> {
-    let out = run(Command::new("qemu-img").current_dir(dir).args([
-        "info",
-        "--backing-chain",
-        "--output=json",
-        "-U",
-        image,
-    ]));
+    let out = img(
+        dir,
+        &["info", "--backing-chain", "--output=json", "-U", image],
+    );
     match serde_json::from_str(&out).expect("qemu-img info JSON") {
         serde_json::Value::Array(images) => images,
         other => panic!("not a chain: {other}"),
     }
-}
-
-fn check_clean(dir: &Path, image: &str) {
-    let out = run(Command::new("qemu-img")
-        .current_dir(dir)
-        .args(["check", image]));
-    assert!(out.contains("No errors were found"), "{image}: {out}");
-}
-
-/// `qemu-img compare` of `image` (its whole chain) with the raw bytes
-/// `expected`.
-fn compare(dir: &Path, image: &str, expected: &[u8]) {
-    let raw = format!("{image}.expected.raw");
-    std::fs::write(dir.join(&raw), expected).unwrap();
-    let out = run(Command::new("qemu-img")
-        .current_dir(dir)
-        .args(["compare", "-f", "qcow2", "-F", "raw", image, &raw]));
-    assert!(out.contains("Images are identical"), "{image}: {out}");
 }
 
 fn start_commit(
@@ -156,32 +122,6 @@ fn read_only(env: &Env, node: &NodeHandle) -> bool {
             .map(|n| n.read_only)
             .expect("node listed")
     })
-}
-
-/// Flushes the guest's disk (the qcow2 metadata cache goes to the files).
-fn flush(env: &Env, vda: &BlockBackend) {
-    let blk = vda.clone();
-    join(
-        env.io
-            .spawn(move |mut cx| async move { blk.flush(&mut cx).await }),
-        "flush",
-    )
-    .unwrap();
-}
-
-/// Removes the backend and every node that is still there (the commit
-/// removed some), so QEMU's tools may open the files.
-fn close(env: &Env, vda: &BlockBackend, nodes: Vec<NodeHandle>) {
-    let vda = vda.clone();
-    env.main.run(move |bql| {
-        bql.write(|w| w.remove_backend(&vda)).unwrap();
-        for n in &nodes {
-            if n.gs(bql).is_in_graph() {
-                let d = bql.drain(n);
-                bql.write(|w| w.remove_node(&d)).unwrap();
-            }
-        }
-    });
 }
 
 /// iotest 040's core. `explicit_base`: commit mid.img into base.img (the
@@ -285,11 +225,7 @@ fn commit_040(explicit_base: bool) {
     assert_same(&disk_now, &disk);
     flush(&env, &vda);
 
-    let mut all_nodes = Vec::new();
-    for i in &chain.images {
-        all_nodes.extend([i.node.clone(), i.file.clone()]);
-    }
-    close(&env, &vda, all_nodes);
+    close(&env, &vda, chain_nodes(&chain));
     drop(env);
 
     // qemu-img's view: the rewritten chain…
@@ -318,11 +254,11 @@ fn commit_040(explicit_base: bool) {
     }
     // …the guest's disk, base holding what the committed chain showed, the
     // overlay's own chain (now over base) showing what it showed before…
-    compare(d, "active.img", &disk);
+    compare(d, "active.img", "qcow2", &disk);
     let committed_view = if explicit_base { &views[1] } else { &views[2] };
-    compare(d, "base.img", committed_view);
+    compare(d, "base.img", "qcow2", committed_view);
     if explicit_base {
-        compare(d, "top.img", &views[2]);
+        compare(d, "top.img", "qcow2", &views[2]);
     }
     // …and the committed images not written at all.
     for (image, bytes) in &originals {
@@ -403,11 +339,7 @@ fn a_cancelled_commit_leaves_the_chain_its_headers_and_base_read_only() {
     assert!(read_only(&env, &base), "base is read-only again");
     assert_same(&read_disk(&env.io, &vda), &disk);
     flush(&env, &vda);
-    let mut all_nodes = Vec::new();
-    for i in &chain.images {
-        all_nodes.extend([i.node.clone(), i.file.clone()]);
-    }
-    close(&env, &vda, all_nodes);
+    close(&env, &vda, chain_nodes(&chain));
     drop(env);
     let names: Vec<String> = info_chain(d, "active.img")
         .iter()
@@ -417,10 +349,10 @@ fn a_cancelled_commit_leaves_the_chain_its_headers_and_base_read_only() {
     for image in IMAGES {
         check_clean(d, image);
     }
-    compare(d, "active.img", &disk);
+    compare(d, "active.img", "qcow2", &disk);
     // What reached base is what top showed there: top's chain still reads
     // the same.
-    compare(d, "top.img", &views[2]);
+    compare(d, "top.img", "qcow2", &views[2]);
 }
 
 #[test]
@@ -744,11 +676,7 @@ fn active_commit_040(end: ActiveEnd) {
     }
     assert_same(&read_disk(&env.io, &vda), &disk);
     flush(&env, &vda);
-    let mut all_nodes = Vec::new();
-    for i in &chain.images {
-        all_nodes.extend([i.node.clone(), i.file.clone()]);
-    }
-    close(&env, &vda, all_nodes);
+    close(&env, &vda, chain_nodes(&chain));
     drop(env);
 
     for image in IMAGES {
@@ -758,7 +686,7 @@ fn active_commit_040(end: ActiveEnd) {
         // qemu-img: base.img is the whole chain now, and holds the disk.
         let chain = info_chain(d, "base.img");
         assert_eq!(chain.len(), 1, "{chain:?}");
-        compare(d, "base.img", &disk);
+        compare(d, "base.img", "qcow2", &disk);
         // The committed images below the active one were not written.
         for (image, bytes) in &originals {
             if *image == "mid.img" || *image == "top.img" {
@@ -775,7 +703,7 @@ fn active_commit_040(end: ActiveEnd) {
         // or an image between): the guest's view did not change. (The
         // intermediates' own views may: base now holds the active layer's
         // data, as in QEMU.)
-        compare(d, "active.img", &disk);
+        compare(d, "active.img", "qcow2", &disk);
     }
 }
 

@@ -15,7 +15,6 @@ mod qcow2_util;
 
 use std::collections::BTreeMap;
 use std::path::Path;
-use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread;
@@ -30,10 +29,10 @@ use blockgraph::{BackendOptions, BlockBackend, Error, NodeHandle, Result};
 use common::jobs::{backend_node, cancelled, completed, random_verbs, while_drained, Verb};
 use common::{join, watchdog};
 use job_util::{
-    apply, assert_same, chain_contents, guest, mem_chain, read_disk, until_null, until_status,
-    CLUSTER, CLUSTERS, SIZE,
+    apply, assert_same, chain_contents, chain_nodes, check_clean, close, compare, create, flush,
+    guest, mem_chain, qemu_io_in, read_disk, until_null, until_status, CLUSTER, CLUSTERS, SIZE,
 };
-use qcow2_util::{open_chain, require_qemu, run, Env, Rng};
+use qcow2_util::{open_chain, require_qemu, Env, Rng};
 
 fn start(env: &Env, options: JobOptions, mirror: MirrorOptions) -> Result<(Job, job::JobEvents)> {
     let io = env.io.handle();
@@ -53,36 +52,12 @@ fn verb(
     env.main.run(move |bql| f(&j, bql))
 }
 
-fn check_clean(dir: &Path, image: &str) {
-    let out = run(Command::new("qemu-img")
-        .current_dir(dir)
-        .args(["check", image]));
-    assert!(out.contains("No errors were found"), "{image}: {out}");
-}
-
-fn compare(dir: &Path, image: &str, format: &str, expected: &[u8]) {
-    let raw = format!("{image}.expected.raw");
-    std::fs::write(dir.join(&raw), expected).unwrap();
-    let out = run(Command::new("qemu-img")
-        .current_dir(dir)
-        .args(["compare", "-f", format, "-F", "raw", image, &raw]));
-    assert!(out.contains("Images are identical"), "{image}: {out}");
-}
-
 /// base.img <- top.img in `dir` by `qemu-img`, with data in both layers
 /// (whole and half clusters) and zeroes in top over base's data. Returns
 /// what base shows and what top (the guest) shows.
 fn make_chain(dir: &Path) -> (Vec<u8>, Vec<u8>) {
-    let size = SIZE.to_string();
-    let img = |args: &[&str]| run(Command::new("qemu-img").current_dir(dir).args(args));
-    let cluster = format!("cluster_size={CLUSTER}");
-    img(&[
-        "create", "-q", "-f", "qcow2", "-o", &cluster, "base.img", &size,
-    ]);
-    img(&[
-        "create", "-q", "-f", "qcow2", "-o", &cluster, "-b", "base.img", "-F", "qcow2", "top.img",
-        &size,
-    ]);
+    create(dir, "base.img", None);
+    create(dir, "top.img", Some("base.img"));
     let mut base = vec![0u8; SIZE as usize];
     let mut top = vec![0u8; SIZE as usize];
     let (mut cb, mut ct) = (Vec::new(), Vec::new());
@@ -105,14 +80,8 @@ fn make_chain(dir: &Path) -> (Vec<u8>, Vec<u8>) {
             top[at as usize..(at + CLUSTER) as usize].fill(0);
         }
     }
-    for (image, commands) in [("base.img", cb), ("top.img", ct)] {
-        let mut cmd = Command::new("qemu-io");
-        cmd.current_dir(dir).args(["-f", "qcow2"]);
-        for c in commands {
-            cmd.args(["-c", &c]);
-        }
-        run(cmd.arg(image));
-    }
+    qemu_io_in(dir, "base.img", cb);
+    qemu_io_in(dir, "top.img", ct);
     (base, top)
 }
 
@@ -131,7 +100,7 @@ fn mirror_041(sync: MirrorSync, mode: CopyMode, format: ImageFormat, end: End) {
     let (base_view, disk0) = make_chain(d);
     let env = Env::new();
     let chain = open_chain(&env, &d.join("top.img"), true);
-    let (top, base) = (chain.images[0].node.clone(), chain.images[1].node.clone());
+    let top = chain.images[0].node.clone();
     let t = top.clone();
     let vda = env
         .main
@@ -204,35 +173,15 @@ fn mirror_041(sync: MirrorSync, mode: CopyMode, format: ImageFormat, end: End) {
     // The data, block by block, through the guest's backend (from the
     // target after a pivot).
     assert_same(&read_disk(&env.io, &vda), &disk);
-    let blk = vda.clone();
-    join(
-        env.io
-            .spawn(move |mut cx| async move { blk.flush(&mut cx).await }),
-        "flush",
-    )
-    .unwrap();
+    flush(&env, &vda);
     // Close everything so QEMU's tools may open the files.
     let target_file = env
         .main
         .run(|bql| bql.node("target-file").map(|n| n.to_handle()));
     let mut nodes = vec![target.clone()];
     nodes.extend(target_file);
-    nodes.extend([
-        top.clone(),
-        chain.images[0].file.clone(),
-        base.clone(),
-        chain.images[1].file.clone(),
-    ]);
-    let v = vda.clone();
-    env.main.run(move |bql| {
-        bql.write(|w| w.remove_backend(&v)).unwrap();
-        for n in &nodes {
-            if n.gs(bql).is_in_graph() {
-                let dr = bql.drain(n);
-                bql.write(|w| w.remove_node(&dr)).unwrap();
-            }
-        }
-    });
+    nodes.extend(chain_nodes(&chain));
+    close(&env, &vda, nodes);
     drop(env);
     for image in ["base.img", "top.img"] {
         check_clean(d, image);

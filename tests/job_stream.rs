@@ -11,70 +11,26 @@ mod qcow2_util;
 
 use std::collections::BTreeMap;
 use std::path::Path;
-use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use blockgraph::job::{self, JobEvent, JobOptions, StreamOptions};
-use blockgraph::{BackendOptions, Error, NodeHandle};
+use blockgraph::{BackendOptions, Error};
 
 use common::{join, watchdog};
-use job_util::{apply, assert_same, guest, until_null, CLUSTER, CLUSTERS, SIZE};
-use qcow2_util::{open_chain, p, qemu_img, require_qemu, run, Env};
-
-/// qemu-io writing `pattern` to `len` bytes at `offset` of `image`.
-fn qemu_write(dir: &Path, image: &str, pattern: u8, offset: u64, len: u64) {
-    run(Command::new("qemu-io")
-        .current_dir(dir)
-        .args(["-f", "qcow2", "-c"])
-        .arg(format!("write -P {pattern} {offset} {len}"))
-        .arg(image));
-}
+use job_util::{
+    apply, assert_same, chain_nodes, check_clean, close, create, guest, img, qemu_io_in,
+    until_null, CLUSTER, CLUSTERS, SIZE,
+};
+use qcow2_util::{open_chain, p, qemu_img, require_qemu, Env};
 
 /// base.img (every cluster), mid.img (every 3rd), top.img (every 5th), named
 /// relative to `dir` as QEMU's iotests do; returns the guest disk.
 fn make_chain(dir: &Path) -> Vec<u8> {
-    let size = SIZE.to_string();
-    let img = |args: &[&str]| run(Command::new("qemu-img").current_dir(dir).args(args));
-    img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-o",
-        "cluster_size=65536",
-        "base.img",
-        &size,
-    ]);
-    img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-o",
-        "cluster_size=65536",
-        "-b",
-        "base.img",
-        "-F",
-        "qcow2",
-        "mid.img",
-        &size,
-    ]);
-    img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-o",
-        "cluster_size=65536",
-        "-b",
-        "mid.img",
-        "-F",
-        "qcow2",
-        "top.img",
-        &size,
-    ]);
+    create(dir, "base.img", None);
+    create(dir, "mid.img", Some("base.img"));
+    create(dir, "top.img", Some("mid.img"));
     let mut disk = vec![0u8; SIZE as usize];
     for i in 0..CLUSTERS {
         let (image, pattern) = if i % 5 == 0 {
@@ -88,31 +44,21 @@ fn make_chain(dir: &Path) -> Vec<u8> {
         };
         // Half clusters too, so ranges do not all fall on cluster bounds.
         let len = if i % 2 == 0 { CLUSTER } else { CLUSTER / 2 };
-        qemu_write(dir, image, pattern, i * CLUSTER, len);
+        let offset = i * CLUSTER;
+        qemu_io_in(dir, image, [format!("write -P {pattern} {offset} {len}")]);
         disk[(i * CLUSTER) as usize..(i * CLUSTER + len) as usize].fill(pattern);
     }
     disk
 }
 
 fn info(dir: &Path, image: &str) -> serde_json::Value {
-    let out =
-        run(Command::new("qemu-img")
-            .current_dir(dir)
-            .args(["info", "--output=json", "-U", image]));
+    let out = img(dir, &["info", "--output=json", "-U", image]);
     serde_json::from_str(&out).expect("qemu-img info JSON")
 }
 
-fn check_clean(dir: &Path, image: &str) {
-    let out = run(Command::new("qemu-img")
-        .current_dir(dir)
-        .args(["check", image]));
-    assert!(out.contains("No errors were found"), "{image}: {out}");
-}
-
-fn compare(dir: &Path, a: &str, b: &str, b_format: &str) {
-    let out = run(Command::new("qemu-img")
-        .current_dir(dir)
-        .args(["compare", "-f", "qcow2", "-F", b_format, a, b]));
+/// `qemu-img compare` of the qcow2 `a` with `b`.
+fn compare_files(dir: &Path, a: &str, b: &str, b_format: &str) {
+    let out = img(dir, &["compare", "-f", "qcow2", "-F", b_format, a, b]);
     assert!(out.contains("Images are identical"), "{a} vs {b}: {out}");
 }
 
@@ -210,15 +156,7 @@ fn stream_030(with_base: bool) {
     assert_same(&disk, &expected);
 
     // Close everything so QEMU's tools may open the files.
-    close(
-        &env,
-        &vda,
-        &chain
-            .images
-            .iter()
-            .map(|i| (i.node.clone(), i.file.clone()))
-            .collect::<Vec<_>>(),
-    );
+    close(&env, &vda, chain_nodes(&chain));
     drop(env);
 
     // top.img names base.img now (or nothing), and holds the guest disk.
@@ -233,10 +171,10 @@ fn stream_030(with_base: bool) {
         check_clean(d, image);
     }
     std::fs::write(d.join("expected.raw"), &expected).unwrap();
-    compare(d, "top.img", "expected.raw", "raw");
+    compare_files(d, "top.img", "expected.raw", "raw");
     // The images left behind are as they were.
-    compare(d, "base.img", "base.img.orig", "qcow2");
-    compare(d, "mid.img", "mid.img.orig", "qcow2");
+    compare_files(d, "base.img", "base.img.orig", "qcow2");
+    compare_files(d, "mid.img", "mid.img.orig", "qcow2");
     // Without a base, everything is in top itself.
     if with_base {
         return;
@@ -248,24 +186,6 @@ fn stream_030(with_base: bool) {
             assert_eq!(e["depth"], 0, "all data is in top: {e}");
         }
     }
-}
-
-/// Removes the backend and every node that is still there (the stream
-/// removed some).
-fn close(env: &Env, vda: &blockgraph::BlockBackend, images: &[(NodeHandle, NodeHandle)]) {
-    let vda = vda.clone();
-    let images = images.to_vec();
-    env.main.run(move |bql| {
-        bql.write(|w| w.remove_backend(&vda)).unwrap();
-        for (node, file) in &images {
-            for n in [node, file] {
-                if n.gs(bql).is_in_graph() {
-                    let d = bql.drain(n);
-                    bql.write(|w| w.remove_node(&d)).unwrap();
-                }
-            }
-        }
-    });
 }
 
 #[test]

@@ -1,19 +1,22 @@
 //! Helpers shared by the block job tests: a three-level qcow2 chain in
 //! memory with a known content per cluster, guest I/O that keeps its own
-//! model of what it wrote, and waiting for a job to end.
+//! model of what it wrote, waiting for a job to end, and image files made
+//! and checked by QEMU's tools.
 #![allow(dead_code)]
 
 use std::collections::BTreeMap;
+use std::path::Path;
+use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use blockgraph::drivers::qcow2::{CreateOptions, Qcow2Options};
+use blockgraph::drivers::qcow2::{CreateOptions, ImageChain, Qcow2Options};
 use blockgraph::drivers::{FaultController, FaultInjector};
 use blockgraph::job::{Job, JobEvent, JobEvents, JobStatus};
 use blockgraph::{BackendOptions, BlockBackend, ChildRole, IoThread, NodeHandle, TaskHandle};
 
-use crate::qcow2_util::{Env, Rng, MEM_CAPACITY};
+use crate::qcow2_util::{run, Env, Rng, MEM_CAPACITY};
 
 pub const CLUSTER: u64 = 64 << 10;
 pub const SIZE: u64 = 4 << 20;
@@ -227,3 +230,89 @@ pub fn assert_same(actual: &[u8], expected: &[u8]) {
 
 /// A shared list of what happened, for ordering checks.
 pub type Log = Arc<Mutex<Vec<String>>>;
+
+// ---- image files made and checked by QEMU's tools ---------------------
+
+/// Runs `qemu-img` in `dir`, names relative to it (as QEMU's iotests do).
+pub fn img(dir: &Path, args: &[&str]) -> String {
+    run(Command::new("qemu-img").current_dir(dir).args(args))
+}
+
+/// Creates `name` (qcow2, 64 KiB clusters, the tests' size), optionally
+/// over `backing`.
+pub fn create(dir: &Path, name: &str, backing: Option<&str>) {
+    let size = SIZE.to_string();
+    let cluster = format!("cluster_size={CLUSTER}");
+    let mut args = vec!["create", "-q", "-f", "qcow2", "-o", &cluster];
+    if let Some(b) = backing {
+        args.extend(["-b", b, "-F", "qcow2"]);
+    }
+    args.extend([name, &size]);
+    img(dir, &args);
+}
+
+/// Runs one `qemu-io` on the qcow2 `image` in `dir` with `commands`.
+pub fn qemu_io_in(dir: &Path, image: &str, commands: impl IntoIterator<Item = String>) {
+    let mut cmd = Command::new("qemu-io");
+    cmd.current_dir(dir).args(["-f", "qcow2"]);
+    for c in commands {
+        cmd.args(["-c", &c]);
+    }
+    run(cmd.arg(image));
+}
+
+pub fn check_clean(dir: &Path, image: &str) {
+    let out = img(dir, &["check", image]);
+    assert!(out.contains("No errors were found"), "{image}: {out}");
+}
+
+/// `qemu-img compare` of `image` (`format`, its whole chain) with the raw
+/// bytes `expected`.
+pub fn compare(dir: &Path, image: &str, format: &str, expected: &[u8]) {
+    let raw = format!("{image}.expected.raw");
+    std::fs::write(dir.join(&raw), expected).unwrap();
+    let out = img(dir, &["compare", "-f", format, "-F", "raw", image, &raw]);
+    assert!(out.contains("Images are identical"), "{image}: {out}");
+}
+
+/// Flushes the guest's disk (the qcow2 metadata cache goes to the files).
+pub fn flush(env: &Env, vda: &BlockBackend) {
+    let blk = vda.clone();
+    crate::common::join(
+        env.io
+            .spawn(move |mut cx| async move { blk.flush(&mut cx).await }),
+        "flush",
+    )
+    .unwrap();
+}
+
+pub fn remove_backend(env: &Env, vda: &BlockBackend) {
+    let vda = vda.clone();
+    env.main
+        .run(move |bql| bql.write(|w| w.remove_backend(&vda)))
+        .unwrap();
+}
+
+/// Each image's node and file, top down.
+pub fn chain_nodes(chain: &ImageChain) -> Vec<NodeHandle> {
+    let mut nodes = Vec::new();
+    for i in &chain.images {
+        nodes.extend([i.node.clone(), i.file.clone()]);
+    }
+    nodes
+}
+
+/// Removes the backend and every one of `nodes` that is still there (a
+/// job removed some), so QEMU's tools may open the files.
+pub fn close(env: &Env, vda: &BlockBackend, nodes: Vec<NodeHandle>) {
+    let vda = vda.clone();
+    env.main.run(move |bql| {
+        bql.write(|w| w.remove_backend(&vda)).unwrap();
+        for n in &nodes {
+            if n.gs(bql).is_in_graph() {
+                let d = bql.drain(n);
+                bql.write(|w| w.remove_node(&d)).unwrap();
+            }
+        }
+    });
+}
