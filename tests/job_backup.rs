@@ -24,17 +24,13 @@ use blockgraph::job::{
     self, query_jobs, BackupOptions, BackupSync, BitmapSyncMode, CopyBeforeWrite, Job, JobEvent,
     JobEvents, JobFilter, JobOptions, JobStatus,
 };
-use blockgraph::{
-    BackendOptions, BlockBackend, ChildRole, DirtyBitmapOptions, Error, NodeHandle, Result,
-};
+use blockgraph::{BlockBackend, ChildRole, DirtyBitmapOptions, Error, NodeHandle, Result};
 
-use common::jobs::{
-    cancel_or_resume, cancelled, completed, random_verbs, while_drained, DRAIN_VERBS,
-};
+use common::jobs::{cancelled, completed, verbs_and_drains, while_drained};
 use common::{join, watchdog};
 use job_util::{
-    apply, assert_same, chain_contents, check_clean, compare, create, flush, guest, img, mem_chain,
-    qemu_io_in, read_disk, remove_backend, until_null, CLUSTER, CLUSTERS, SIZE,
+    add_vda, apply, assert_same, chain_contents, check_clean, compare, create, flush, guest, img,
+    mem_chain, qemu_io_in, read_disk, remove_backend, until_null, CLUSTER, CLUSTERS, SIZE,
 };
 use qcow2_util::{open_chain, require_qemu, Env, Rng};
 
@@ -172,13 +168,6 @@ fn source_image(dir: &Path) -> Vec<u8> {
         .collect();
     fill(dir, "source.img", &writes, &mut model);
     model
-}
-
-fn add_vda(env: &Env, node: &NodeHandle) -> BlockBackend {
-    let n = node.clone();
-    env.main
-        .run(move |bql| bql.write(|w| w.add_backend("vda", &n, BackendOptions::default())))
-        .unwrap()
 }
 
 /// Guests on both I/O threads, started now; `stop` ends them.
@@ -785,21 +774,13 @@ fn pause_resume_cancel_and_drains_at_random_points_lose_no_guest_write() {
             target.clone(),
             filter.clone(),
         ];
-        random_verbs(
+        let was_cancelled = verbs_and_drains(
             &env.main,
             &job,
-            1 + rng.below(6),
-            40,
-            &DRAIN_VERBS,
+            &involved,
             |n| rng.below(n),
-            |below| {
-                let node = &involved[below(involved.len() as u64) as usize];
-                if job.status() == JobStatus::Running {
-                    drain_during(&env, &job, node, Duration::from_millis(40));
-                }
-            },
+            |node| drain_during(&env, &job, node, Duration::from_millis(40)),
         );
-        let was_cancelled = cancel_or_resume(&env.main, &job, |n| rng.below(n));
         let all = until_null(&mut events);
         stop.store(true, Ordering::SeqCst);
         let mut disk = start.clone();

@@ -24,16 +24,14 @@ use std::time::Duration;
 
 use blockgraph::drivers::qcow2::Qcow2Driver;
 use blockgraph::job::{self, query_jobs, CommitOptions, Job, JobEvent, JobOptions, JobStatus};
-use blockgraph::{BackendOptions, Error, NodeHandle, Result};
+use blockgraph::{Error, NodeHandle, Result};
 
-use common::jobs::{
-    backend_node, cancel_or_resume, completed, random_verbs, while_drained, DRAIN_VERBS,
-};
+use common::jobs::{backend_node, completed, verbs_and_drains, while_drained};
 use common::{join, watchdog};
 use job_util::{
-    apply, assert_same, chain_below, chain_contents, chain_nodes, check_clean, close, compare,
-    create, flush, guest, img, mem_chain, qemu_io_in, read_disk, until_null, CLUSTER, CLUSTERS,
-    SIZE,
+    add_vda, apply, assert_same, chain_below, chain_contents, chain_nodes, check_clean, close,
+    compare, create, flush, guest, img, mem_chain, qemu_io_in, read_disk, remove_backend,
+    until_null, CLUSTER, CLUSTERS, SIZE,
 };
 use qcow2_util::{open_chain, require_qemu, Env, Rng};
 
@@ -152,11 +150,7 @@ fn commit_040(explicit_base: bool) {
         node("base.img"),
     );
     assert!(read_only(&env, &base) && read_only(&env, &top));
-    let a = active.clone();
-    let vda = env
-        .main
-        .run(move |bql| bql.write(|w| w.add_backend("vda", &a, BackendOptions::default())))
-        .unwrap();
+    let vda = add_vda(&env, &active);
 
     let stop = Arc::new(AtomicBool::new(false));
     let g0 = guest(&env.io, &vda, 0, 40, stop.clone(), 32);
@@ -302,11 +296,7 @@ fn a_cancelled_commit_leaves_the_chain_its_headers_and_base_read_only() {
         chain.images[1].node.clone(),
         chain.images[3].node.clone(),
     );
-    let a = active.clone();
-    let vda = env
-        .main
-        .run(move |bql| bql.write(|w| w.add_backend("vda", &a, BackendOptions::default())))
-        .unwrap();
+    let vda = add_vda(&env, &active);
     let below_before = chain_below(&env, &active);
     let stop = Arc::new(AtomicBool::new(false));
     let g0 = guest(&env.io, &vda, 0, 42, stop.clone(), 16);
@@ -517,21 +507,13 @@ fn pause_resume_cancel_and_drains_at_random_points_lose_no_guest_write() {
             chain.base.clone(),
             filter,
         ];
-        random_verbs(
+        let cancelled = verbs_and_drains(
             &env.main,
             &job,
-            1 + rng.below(6),
-            40,
-            &DRAIN_VERBS,
+            &involved,
             |n| rng.below(n),
-            |below| {
-                let node = &involved[below(involved.len() as u64) as usize];
-                if job.status() == JobStatus::Running {
-                    drain_during(&env, &job, node, Duration::from_millis(60));
-                }
-            },
+            |node| drain_during(&env, &job, node, Duration::from_millis(60)),
         );
-        let cancelled = cancel_or_resume(&env.main, &job, |n| rng.below(n));
         let all = until_null(&mut events);
         stop.store(true, Ordering::SeqCst);
         let mut expected = chain_contents();
@@ -554,10 +536,7 @@ fn pause_resume_cancel_and_drains_at_random_points_lose_no_guest_write() {
             let report = env.check(node, false).unwrap();
             assert!(report.is_clean(), "round {round}: {report:?}");
         }
-        let vda = chain.vda.clone();
-        env.main
-            .run(move |bql| bql.write(|w| w.remove_backend(&vda)))
-            .unwrap();
+        remove_backend(&env, &chain.vda);
     }
 }
 
@@ -599,11 +578,7 @@ fn active_commit_040(end: ActiveEnd) {
         chain.images[3].node.clone(),
     );
     assert!(read_only(&env, &base));
-    let a = active.clone();
-    let vda = env
-        .main
-        .run(move |bql| bql.write(|w| w.add_backend("vda", &a, BackendOptions::default())))
-        .unwrap();
+    let vda = add_vda(&env, &active);
     let below_before = chain_below(&env, &active);
 
     let stop = Arc::new(AtomicBool::new(false));

@@ -536,10 +536,7 @@ fn pause_resume_cancel_at_random_points_lose_no_guest_write() {
         // What the graph ends with is checked by the qcow2 driver too.
         let report = env.check(&chain.top, false).unwrap();
         assert!(report.is_clean(), "round {round}: {report:?}");
-        let vda = chain.vda.clone();
-        env.main
-            .run(move |bql| bql.write(|w| w.remove_backend(&vda)))
-            .unwrap();
+        remove_backend(&env, &chain.vda);
     }
 }
 

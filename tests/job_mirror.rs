@@ -29,8 +29,9 @@ use blockgraph::{BackendOptions, BlockBackend, Error, NodeHandle, Result};
 use common::jobs::{backend_node, cancelled, completed, random_verbs, while_drained, Verb};
 use common::{join, watchdog};
 use job_util::{
-    apply, assert_same, chain_contents, chain_nodes, check_clean, close, compare, create, flush,
-    guest, mem_chain, qemu_io_in, read_disk, until_null, until_status, CLUSTER, CLUSTERS, SIZE,
+    add_vda, apply, assert_same, chain_contents, chain_nodes, check_clean, close, compare, create,
+    flush, guest, mem_chain, qemu_io_in, read_disk, remove_backend, until_null, until_status,
+    CLUSTER, CLUSTERS, SIZE,
 };
 use qcow2_util::{open_chain, require_qemu, Env, Rng};
 
@@ -101,11 +102,7 @@ fn mirror_041(sync: MirrorSync, mode: CopyMode, format: ImageFormat, end: End) {
     let env = Env::new();
     let chain = open_chain(&env, &d.join("top.img"), true);
     let top = chain.images[0].node.clone();
-    let t = top.clone();
-    let vda = env
-        .main
-        .run(move |bql| bql.write(|w| w.add_backend("vda", &t, BackendOptions::default())))
-        .unwrap();
+    let vda = add_vda(&env, &top);
     let stop = Arc::new(AtomicBool::new(false));
     let g0 = guest(&env.io, &vda, 0, 40, stop.clone(), 32);
     let g1 = guest(&env.io2, &vda, 1, 41, stop.clone(), 32);
@@ -532,10 +529,7 @@ fn pause_resume_cancel_complete_and_drains_at_random_points_lose_no_guest_write(
         assert!(env.main.run(|bql| query_jobs(bql)).is_empty());
         let report = env.check(&chain.top, false).unwrap();
         assert!(report.is_clean(), "round {round}: {report:?}");
-        let vda = chain.vda.clone();
-        env.main
-            .run(move |bql| bql.write(|w| w.remove_backend(&vda)))
-            .unwrap();
+        remove_backend(&env, &chain.vda);
     }
 }
 

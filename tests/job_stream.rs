@@ -16,11 +16,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use blockgraph::job::{self, JobEvent, JobOptions, StreamOptions};
-use blockgraph::{BackendOptions, Error};
+use blockgraph::Error;
 
 use common::{join, watchdog};
 use job_util::{
-    apply, assert_same, chain_nodes, check_clean, close, create, guest, img, qemu_io_in,
+    add_vda, apply, assert_same, chain_nodes, check_clean, close, create, guest, img, qemu_io_in,
     until_null, CLUSTER, CLUSTERS, SIZE,
 };
 use qcow2_util::{open_chain, p, qemu_img, require_qemu, Env};
@@ -82,11 +82,7 @@ fn stream_030(with_base: bool) {
         chain.images[1].node.clone(),
         chain.images[2].node.clone(),
     );
-    let t = top.clone();
-    let vda = env
-        .main
-        .run(move |bql| bql.write(|w| w.add_backend("vda", &t, BackendOptions::default())))
-        .unwrap();
+    let vda = add_vda(&env, &top);
 
     // Guests on both I/O threads, for the whole job and a little after.
     let stop = Arc::new(AtomicBool::new(false));

@@ -6,7 +6,7 @@ use std::sync::mpsc;
 use std::thread;
 use std::time::Duration;
 
-use blockgraph::job::{Job, JobEvent};
+use blockgraph::job::{Job, JobEvent, JobStatus};
 use blockgraph::{BlockBackend, Error, MainLoop, NodeHandle};
 
 use super::{join, recv};
@@ -122,4 +122,25 @@ pub fn cancel_or_resume(main: &MainLoop, job: &Job, mut below: impl FnMut(u64) -
         let _ = main.run(move |bql| j.resume(bql));
         false
     }
+}
+
+/// The backup and commit stress rounds: [`random_verbs`] with
+/// [`DRAIN_VERBS`] (1 to 6, below 40 ms apart), a drain picking one of
+/// `involved` and handing it to `drain` while `job` runs; then
+/// [`cancel_or_resume`], whose answer it returns.
+pub fn verbs_and_drains(
+    main: &MainLoop,
+    job: &Job,
+    involved: &[NodeHandle],
+    mut below: impl FnMut(u64) -> u64,
+    mut drain: impl FnMut(&NodeHandle),
+) -> bool {
+    let count = 1 + below(6);
+    random_verbs(main, job, count, 40, &DRAIN_VERBS, &mut below, |below| {
+        let node = &involved[below(involved.len() as u64) as usize];
+        if job.status() == JobStatus::Running {
+            drain(node);
+        }
+    });
+    cancel_or_resume(main, job, below)
 }

@@ -286,6 +286,14 @@ pub fn flush(env: &Env, vda: &BlockBackend) {
     .unwrap();
 }
 
+/// Attaches the guest's backend `vda` to `node`.
+pub fn add_vda(env: &Env, node: &NodeHandle) -> BlockBackend {
+    let n = node.clone();
+    env.main
+        .run(move |bql| bql.write(|w| w.add_backend("vda", &n, BackendOptions::default())))
+        .unwrap()
+}
+
 pub fn remove_backend(env: &Env, vda: &BlockBackend) {
     let vda = vda.clone();
     env.main
