@@ -9,7 +9,7 @@
 mod common;
 mod qcow2_util;
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -174,6 +174,22 @@ fn create(img: &Path, size: &str) {
     ]);
 }
 
+/// A new qcow2 image `file` of `size` in a temporary folder, which lives
+/// as long as the returned `TempDir`.
+fn new_image(file: &str, size: &str) -> (tempfile::TempDir, PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join(file);
+    create(&img, size);
+    (dir, img)
+}
+
+/// Opens the chain of `img` and names its top node.
+fn open_top(env: &Env, img: &Path, writable: bool) -> (ImageChain, NodeHandle) {
+    let chain = open_chain(env, img, writable);
+    let top = chain.top().clone();
+    (chain, top)
+}
+
 /// Writes through the qcow2 node (an `IoRef`: a job's or a test's direct
 /// I/O; backends mark the same way).
 fn write(env: &Env, node: &NodeHandle, writes: &[(u64, usize)]) {
@@ -186,12 +202,9 @@ fn write(env: &Env, node: &NodeHandle, writes: &[(u64, usize)]) {
 fn a_bitmap_we_create_is_listed_and_read_back_by_qemu() {
     require_qemu();
     let _w = common::watchdog("we_create", BUDGET);
-    let dir = tempfile::tempdir().unwrap();
-    let img = dir.path().join("a.qcow2");
-    create(&img, "64M");
+    let (_dir, img) = new_image("a.qcow2", "64M");
     let env = Env::new();
-    let chain = open_chain(&env, &img, true);
-    let node = chain.top().clone();
+    let (chain, node) = open_top(&env, &img, true);
     add(
         &env,
         &node,
@@ -257,8 +270,7 @@ fn a_bitmap_we_create_is_listed_and_read_back_by_qemu() {
     assert_check_clean(&img);
 
     // And we read back what QEMU wrote (a restart of a backup chain).
-    let chain = open_chain(&env, &img, true);
-    let node = chain.top().clone();
+    let (chain, node) = open_top(&env, &img, true);
     let infos = bitmaps(&env, &node);
     let names: Vec<_> = infos
         .iter()
@@ -286,15 +298,12 @@ fn a_bitmap_we_create_is_listed_and_read_back_by_qemu() {
 fn a_bitmap_qemu_made_records_our_writes() {
     require_qemu();
     let _w = common::watchdog("qemu_made", BUDGET);
-    let dir = tempfile::tempdir().unwrap();
-    let img = dir.path().join("q.qcow2");
-    create(&img, "32M");
+    let (_dir, img) = new_image("q.qcow2", "32M");
     qemu_io(&img, "write -P 1 0 128k");
     qemu_img(&["bitmap", "--add", p(&img), "b0"]);
     qemu_img(&["bitmap", "--add", "--disable", p(&img), "off"]);
     let env = Env::new();
-    let chain = open_chain(&env, &img, true);
-    let node = chain.top().clone();
+    let (chain, node) = open_top(&env, &img, true);
     let infos = bitmaps(&env, &node);
     assert_eq!(infos.len(), 2);
     assert!(infos[0].enabled && infos[0].persistent && infos[0].count == 0);
@@ -342,13 +351,10 @@ fn a_bitmap_qemu_made_records_our_writes() {
 fn an_unclean_close_leaves_the_bitmap_inconsistent_until_removed() {
     require_qemu();
     let _w = common::watchdog("unclean", BUDGET);
-    let dir = tempfile::tempdir().unwrap();
-    let img = dir.path().join("u.qcow2");
-    create(&img, "16M");
+    let (_dir, img) = new_image("u.qcow2", "16M");
     qemu_img(&["bitmap", "--add", p(&img), "b0"]);
     let env = Env::new();
-    let chain = open_chain(&env, &img, true);
-    let node = chain.top().clone();
+    let (chain, node) = open_top(&env, &img, true);
     write(&env, &node, &[(0, 4096)]);
     close_uncleanly(&env, chain);
     assert_eq!(
@@ -361,8 +367,7 @@ fn an_unclean_close_leaves_the_bitmap_inconsistent_until_removed() {
     );
 
     // The next open reports it inconsistent and refuses to use it.
-    let chain = open_chain(&env, &img, true);
-    let node = chain.top().clone();
+    let (chain, node) = open_top(&env, &img, true);
     let b = &bitmaps(&env, &node)[0];
     assert!(b.inconsistent && !b.enabled && b.persistent && b.count == 0);
     let nodes = env.main.run(|bql| bql.query_nodes());
@@ -393,8 +398,7 @@ fn an_unclean_close_leaves_the_bitmap_inconsistent_until_removed() {
     assert_check_clean(&img);
 
     // Removed through us: gone from the image, its clusters freed.
-    let chain = open_chain(&env, &img, true);
-    let n = chain.top().clone();
+    let (chain, n) = open_top(&env, &img, true);
     env.main
         .run(move |bql| n.gs(bql).remove_dirty_bitmap("b0"))
         .unwrap();
@@ -409,12 +413,9 @@ fn an_unclean_close_leaves_the_bitmap_inconsistent_until_removed() {
 fn bitmaps_survive_a_restart_and_an_unchanged_close_writes_nothing() {
     require_qemu();
     let _w = common::watchdog("restart", BUDGET);
-    let dir = tempfile::tempdir().unwrap();
-    let img = dir.path().join("r.qcow2");
-    create(&img, "16M");
+    let (_dir, img) = new_image("r.qcow2", "16M");
     let env = Env::new();
-    let chain = open_chain(&env, &img, true);
-    let node = chain.top().clone();
+    let (chain, node) = open_top(&env, &img, true);
     add(
         &env,
         &node,
@@ -427,8 +428,7 @@ fn bitmaps_survive_a_restart_and_an_unchanged_close_writes_nothing() {
     let before = std::fs::read(&img).unwrap();
 
     // Open writable, change nothing, close: the file is byte-identical.
-    let chain = open_chain(&env, &img, true);
-    let node = chain.top().clone();
+    let (chain, node) = open_top(&env, &img, true);
     assert_eq!(
         ranges(&env, &node, "inc0"),
         vec![(4096, 512), (15 * MIB, 4096)]
@@ -437,15 +437,13 @@ fn bitmaps_survive_a_restart_and_an_unchanged_close_writes_nothing() {
     assert_eq!(std::fs::read(&img).unwrap(), before);
 
     // Read-only: loaded, never stored.
-    let chain = open_chain(&env, &img, false);
-    let node = chain.top().clone();
+    let (chain, node) = open_top(&env, &img, false);
     assert_eq!(bitmaps(&env, &node)[0].name, "inc0");
     close_cleanly(&env, chain);
     assert_eq!(std::fs::read(&img).unwrap(), before);
 
     // Cleared through us, the clear survives too.
-    let chain = open_chain(&env, &img, true);
-    let n = chain.top().clone();
+    let (chain, n) = open_top(&env, &img, true);
     env.main
         .run(move |bql| n.gs(bql).clear_dirty_bitmap("inc0"))
         .unwrap();
@@ -458,13 +456,10 @@ fn bitmaps_survive_a_restart_and_an_unchanged_close_writes_nothing() {
 fn shutdown_stores_the_bitmaps() {
     require_qemu();
     let _w = common::watchdog("shutdown", BUDGET);
-    let dir = tempfile::tempdir().unwrap();
-    let img = dir.path().join("s.qcow2");
-    create(&img, "8M");
+    let (_dir, img) = new_image("s.qcow2", "8M");
     {
         let env = Env::new();
-        let chain = open_chain(&env, &img, true);
-        let node = chain.top().clone();
+        let (_chain, node) = open_top(&env, &img, true);
         add(&env, &node, "b", DirtyBitmapOptions::new().persistent(true)).unwrap();
         write(&env, &node, &[(K64, 1)]);
         // Env's drop shuts the main loop down with the image open.
@@ -497,9 +492,7 @@ fn first_table_entry(img: &[u8]) -> usize {
 fn hostile_bitmap_tables_are_refused_without_a_panic() {
     require_qemu();
     let _w = common::watchdog("hostile", BUDGET);
-    let dir = tempfile::tempdir().unwrap();
-    let img = dir.path().join("h.qcow2");
-    create(&img, "8M");
+    let (_dir, img) = new_image("h.qcow2", "8M");
     qemu_img(&["bitmap", "--add", p(&img), "b0"]);
     // qemu-io tracks the write in b0 and stores it: a data cluster.
     qemu_io(&img, "write 0 4k");
