@@ -31,7 +31,7 @@ use common::{join, watchdog};
 use job_util::{
     add_vda, apply, assert_same, chain_below, chain_contents, chain_nodes, check_clean, close,
     compare, create, flush, guest, img, mem_chain, qemu_io_in, read_disk, remove_backend,
-    until_null, CLUSTER, CLUSTERS, SIZE,
+    until_null, MemChain, CLUSTER, CLUSTERS, SIZE,
 };
 use qcow2_util::{open_chain, require_qemu, Env, Rng};
 
@@ -420,6 +420,28 @@ fn drain_during(env: &Env, job: &Job, node: &NodeHandle, hold: Duration) {
     });
 }
 
+/// Once `job` has copied something: drains top, mid, base and the job's
+/// filter `filter` in turn, the job running before each drain and again
+/// after it.
+fn drain_each_node(env: &Env, job: &Job, chain: &MemChain, filter: &str) {
+    common::wait_until("the commit has copied something", || job.progress().0 > 0);
+    let name = filter.to_owned();
+    let filter = env
+        .main
+        .run(move |bql| bql.node(&name).map(|n| n.to_handle()))
+        .expect("the job's filter");
+    for node in [&chain.top, &chain.mid, &chain.base, &filter] {
+        assert_eq!(
+            job.status(),
+            JobStatus::Running,
+            "before draining '{}'",
+            node.name()
+        );
+        drain_during(env, job, node, Duration::from_millis(100));
+        common::wait_until("the job runs again", || job.status() == JobStatus::Running);
+    }
+}
+
 #[test]
 fn a_drain_of_each_involved_node_pauses_the_commit_which_then_completes() {
     let _w = watchdog("commit_drain_each_node", Duration::from_secs(120));
@@ -441,22 +463,8 @@ fn a_drain_of_each_involved_node_pauses_the_commit_which_then_completes() {
             }),
     )
     .unwrap();
-    common::wait_until("the commit has copied something", || job.progress().0 > 0);
-    let filter = env
-        .main
-        .run(|bql| bql.node("drained-commit").map(|n| n.to_handle()))
-        .expect("the job's filter");
     // The overlay (top), the committed image, base, the job's filter.
-    for node in [&chain.top, &chain.mid, &chain.base, &filter] {
-        assert_eq!(
-            job.status(),
-            JobStatus::Running,
-            "before draining '{}'",
-            node.name()
-        );
-        drain_during(&env, &job, node, Duration::from_millis(100));
-        common::wait_until("the job runs again", || job.status() == JobStatus::Running);
-    }
+    drain_each_node(&env, &job, &chain, "drained-commit");
     let j = job.clone();
     env.main.run(move |bql| j.set_speed(bql, 0)).unwrap();
     let all = until_null(&mut events);
@@ -714,22 +722,8 @@ fn a_drain_of_each_node_pauses_the_active_commit_which_then_pivots() {
         }),
     )
     .unwrap();
-    common::wait_until("the commit has copied something", || job.progress().0 > 0);
-    let filter = env
-        .main
-        .run(|bql| bql.node("adrained-commit").map(|n| n.to_handle()))
-        .expect("the job's filter");
     // The active layer, the image below it, base, the job's filter.
-    for node in [&chain.top, &chain.mid, &chain.base, &filter] {
-        assert_eq!(
-            job.status(),
-            JobStatus::Running,
-            "before draining '{}'",
-            node.name()
-        );
-        drain_during(&env, &job, node, Duration::from_millis(100));
-        common::wait_until("the job runs again", || job.status() == JobStatus::Running);
-    }
+    drain_each_node(&env, &job, &chain, "adrained-commit");
     verb(&env, &job, |j, bql| j.set_speed(bql, 0));
     job_util::until_status(&job, JobStatus::Ready);
     verb(&env, &job, |j, bql| j.complete(bql));
