@@ -59,8 +59,10 @@ fn main() {
     let mut events = main
         .run(move |bql| {
             let job = Job::create(bql, JobType::Other("mine"), &JobOptions::new("job0"))?;
-            job.start(bql, &handle, Mine { top: t })?;
+            // A verb takes the Bql. Before `start`: a job this short may be
+            // pending by the time a verb after it runs.
             job.set_speed(bql, 0)?;
+            job.start(bql, &handle, Mine { top: t })?;
             Ok::<_, blockgraph::Error>(job.events())
         })
         .unwrap();
