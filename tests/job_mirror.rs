@@ -369,6 +369,88 @@ fn another_writer_on_the_target_is_refused_while_mirroring() {
         .unwrap();
 }
 
+/// The bitmaps of `node`: (name, granularity, enabled, busy).
+fn bitmaps_of(env: &Env, node: &NodeHandle) -> Vec<(String, u64, bool, bool)> {
+    let n = node.clone();
+    env.main.run(move |bql| {
+        n.gs(bql)
+            .dirty_bitmaps()
+            .into_iter()
+            .map(|b| (b.name, b.granularity, b.enabled, b.busy))
+            .collect()
+    })
+}
+
+#[test]
+fn the_job_tracks_writes_in_a_busy_bitmap_on_the_source_removed_at_the_end() {
+    let _w = watchdog("mirror_bitmap", Duration::from_secs(60));
+    let env = Env::new();
+    let chain = mem_chain(&env, false);
+    let user = blockgraph::DirtyBitmapOptions::new();
+    let top = chain.top.clone();
+    env.main
+        .run(move |bql| top.gs(bql).add_dirty_bitmap("user", user))
+        .unwrap();
+    let mine = |id: &str| format!("#mirror:{id}");
+    // A user bitmap with the job's name: refused, nothing changed.
+    let top = chain.top.clone();
+    let clash = mine("clash");
+    env.main
+        .run(move |bql| top.gs(bql).add_dirty_bitmap(&clash, user))
+        .unwrap();
+    let target = mem_target(&env, Vec::new());
+    let before = env.main.run(|bql| common::snapshot(bql.graph()));
+    let r = start(
+        &env,
+        JobOptions::new("clash"),
+        MirrorOptions::new(&chain.top, MirrorTarget::Node(target)),
+    );
+    assert!(
+        matches!(r, Err(Error::BitmapExists { .. })),
+        "{:?}",
+        r.map(|_| ())
+    );
+    assert_eq!(env.main.run(|bql| common::snapshot(bql.graph())), before);
+    let top = chain.top.clone();
+    let clash = mine("clash");
+    env.main
+        .run(move |bql| top.gs(bql).remove_dirty_bitmap(&clash))
+        .unwrap();
+    // Cancelled and completed: the job's bitmap is there, disabled (the
+    // filter marks it) and busy, while the job runs; gone afterwards.
+    for (id, cancel) in [("m1", true), ("m2", false)] {
+        let mut options = JobOptions::new(id);
+        options.speed = 4 << 20;
+        let target = mem_target(&env, Vec::new());
+        let mirror = MirrorOptions::new(&chain.top, MirrorTarget::Node(target)).granularity(4096);
+        let (job, mut events) = start(&env, options, mirror).unwrap();
+        assert_eq!(
+            bitmaps_of(&env, &chain.top),
+            [
+                ("user".to_owned(), 65536, true, false),
+                (mine(id), 4096, false, true)
+            ]
+        );
+        let (top, name) = (chain.top.clone(), mine(id));
+        let r = env
+            .main
+            .run(move |bql| top.gs(bql).remove_dirty_bitmap(&name));
+        assert!(matches!(r, Err(Error::BitmapBusy(_))), "{r:?}");
+        if cancel {
+            verb(&env, &job, |j, bql| j.cancel(bql, true)).unwrap();
+        } else {
+            until_status(&job, JobStatus::Ready);
+            verb(&env, &job, |j, bql| j.complete(bql)).unwrap();
+        }
+        let all = until_null(&mut events);
+        assert!(cancelled(&all) || completed(&all), "{all:?}");
+        assert_eq!(
+            bitmaps_of(&env, &chain.top),
+            [("user".to_owned(), 65536, true, false)]
+        );
+    }
+}
+
 /// Holds a drain of `node` from a main-loop task for `hold`.
 fn drain_during(env: &Env, node: &NodeHandle, hold: Duration) {
     while_drained(&env.main, node, || {

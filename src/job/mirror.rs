@@ -5,20 +5,22 @@
 //! What it does, step by step: see [`mirror`].
 
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{fence, AtomicBool, Ordering};
 use std::sync::Arc;
+
+use tokio::sync::Notify;
 
 use crate::backend::BlockBackend;
 use crate::driver::range_lock::RangeLock;
 use crate::driver::{forward, Filter, IoFuture};
 use crate::drivers::qcow2::{CreateOptions, Qcow2Driver, Qcow2Options};
 use crate::drivers::{FileDriver, FileOptions};
-use crate::graph::proof::{Bql, NodeHandle, RequestRef};
+use crate::graph::dirty_bitmap::{DirtyBitmapOptions, MAX_GRANULARITY, MIN_GRANULARITY};
+use crate::graph::proof::{Bql, NodeHandle, NodeRef, Proof, RequestRef};
 use crate::graph::runtime::{IoTask, IoThreadHandle};
 use crate::types::{BlockStatus, ChildRole, Error, Perm, Permissions, Result};
 
 use super::copy::{copy_range, read_then_write, ChunkError, CopyChunks, CopyOptions};
-use super::dirty::DirtyMap;
 use super::driver::{JobCx, JobDriver, JobRunner};
 use super::filter::JobFilter;
 use super::handle::{Job, JobOptions};
@@ -125,8 +127,9 @@ impl MirrorOptions {
         self
     }
 
-    /// The dirty map's granule in bytes (QEMU's `granularity`; a power of
-    /// two, at least 512; default 64 KiB).
+    /// The granularity of the job's dirty bitmap on the source, in bytes
+    /// (QEMU's `granularity`; rounded up to a power of two from 512 bytes
+    /// to 2 GiB; default 64 KiB).
     pub fn granularity(mut self, bytes: u64) -> Self {
         self.granularity = bytes;
         self
@@ -141,10 +144,31 @@ impl MirrorOptions {
     );
 }
 
+/// The name of a mirror job's dirty bitmap on its source, `#mirror:<job
+/// id>` (`#` as QEMU's generated node names): one per job, so two jobs on
+/// one source do not meet. The bitmap is busy while the job runs (no user
+/// verb can change or remove it), removed when the job ends; a user bitmap
+/// of that name on the source, made before the job, makes setup fail
+/// ([`Error::BitmapExists`]) with nothing changed.
+fn bitmap_name(job: &Job) -> String {
+    format!("#mirror:{}", job.id())
+}
+
 /// What the filter and the job share.
 #[derive(Debug)]
 struct MirrorState {
-    dirty: DirtyMap,
+    /// The job's dirty bitmap on the source (DESIGN §15): created disabled,
+    /// so the request path records nothing into it; the filter marks it,
+    /// and only where the target did not get the change (QEMU's mirror
+    /// disables its bitmap the same way and marks it from `mirror_top`).
+    bitmap: String,
+    /// Its granularity in bytes.
+    granule: u64,
+    /// Woken when the filter marks the bitmap while the job waits for
+    /// work ([`MirrorState::waiting`]).
+    became_dirty: Notify,
+    /// The job is about to wait, or waits, for the bitmap to get dirty.
+    waiting: AtomicBool,
     /// Copies take their range serialising; write-through guest writes a
     /// plain range: a copy never interleaves with a guest write that goes
     /// to the target too.
@@ -186,8 +210,8 @@ pub(super) struct ActiveCommit {
 
 /// The mirror filter (QEMU's `mirror_top`), above the source: passes every
 /// request to the source and records what guests change in the job's
-/// dirty map; in write-through mode also writes the change to the target
-/// (its `Data` child) before completing it.
+/// dirty bitmap on the source; in write-through mode also writes the change
+/// to the target (its `Data` child) before completing it.
 #[derive(Debug)]
 struct MirrorTop {
     state: Arc<MirrorState>,
@@ -206,15 +230,13 @@ impl MirrorTop {
         source: IoFuture<'a, ()>,
         target: impl FnOnce() -> Option<IoFuture<'a, ()>> + Send + 'a,
     ) -> IoFuture<'a, ()> {
-        let _ = node;
         Box::pin(async move {
             let state = &self.state;
             if !state.write_through.load(Ordering::SeqCst) {
                 source.await?;
                 // Marked once the source has it: a copy that took the
                 // range before this point reads it again later.
-                state.dirty.mark(offset, len);
-                return Ok(());
+                return self.mark(node, offset, len);
             }
             let _range = state
                 .lock
@@ -227,10 +249,27 @@ impl MirrorTop {
             };
             if !mirrored {
                 // The job copies it (and its error policy sees a failure).
-                state.dirty.mark(offset, len);
+                return self.mark(node, offset, len);
             }
             Ok(())
         })
+    }
+
+    /// Marks `[offset, offset + len)` in the job's bitmap on the source
+    /// (the filter's child) and wakes the job if it waits for work.
+    fn mark(&self, node: RequestRef<'_>, offset: u64, len: u64) -> Result<()> {
+        let state = &self.state;
+        let source = node.child(ChildRole::Filtered).ok_or_else(|| {
+            Error::driver("mirror_top", "the filter has no source to record writes on")
+        })?;
+        source.set_dirty(&state.bitmap, offset, len)?;
+        // Pairs with the fence in `wait_for_work`: either the job sees
+        // these bits when it checks the bitmap, or this sees it waiting.
+        fence(Ordering::SeqCst);
+        if state.waiting.load(Ordering::Relaxed) {
+            state.became_dirty.notify_waiters();
+        }
+        Ok(())
     }
 }
 
@@ -311,7 +350,10 @@ impl Filter for MirrorTop {
 ///   target, and one write section with one transaction that inserts the
 ///   mirror filter above the source (it takes over every user of the
 ///   source) with an edge to the target, and adds the job's reader on the
-///   source and writer on the target (both `stay_at_node`). The filter's
+///   source and writer on the target (both `stay_at_node`); in that drain
+///   section, the job's dirty bitmap on the source (`#mirror:<job id>`,
+///   the job's granularity, disabled — only the filter marks it — and
+///   busy until `clean` removes it; DESIGN §13). The filter's
 ///   target edge and the writer take `WRITE` and share only writing, so
 ///   any other user of the target is refused while the job runs.
 /// * **Run** (the job's I/O task): the initial pass of the copy engine
@@ -319,8 +361,8 @@ impl Filter for MirrorTop {
 ///   an existing target; `sync=top`: what the top image stores,
 ///   [`BlockBackend::block_status_above`] its backing; `sync=none`:
 ///   nothing), each chunk under a serialising range lock, its dirty bits
-///   taken before the read; then the dirty loop: copy the dirty granules
-///   until the map is clean, then [`JobEvent::Ready`](super::JobEvent::Ready)
+///   reset before the read; then the dirty loop: copy the dirty granules
+///   until the bitmap is clean, then [`JobEvent::Ready`](super::JobEvent::Ready)
 ///   and keep copying what the guest dirties, until `complete` (or a
 ///   cancel without force). Then every guest write is made write-through
 ///   and the last dirty granules copied. Every request takes the read
@@ -329,7 +371,7 @@ impl Filter for MirrorTop {
 ///   target; on the main loop, drains of the filter and the target (every
 ///   guest request in flight has completed, on both, since writes are
 ///   write-through), and *there*, with nothing in flight and nothing able
-///   to start, the dirty map is checked clean — if not, back to copying —
+///   to start, the dirty bitmap is checked clean — if not, back to copying —
 ///   and one write section with one transaction removes the job's
 ///   backends, detaches the filter from the target, moves every user of
 ///   the filter (the source's users: backends, overlays, other filters)
@@ -337,16 +379,17 @@ impl Filter for MirrorTop {
 ///   not for a cancel after ready) and removes the filter }. The target
 ///   is flushed once more.
 /// * **Cancel** before ready or with force, or failure: the filter and
-///   backends are removed (users back on the source); the target keeps
-///   what was copied. A cancel without force after ready completes the
-///   job without the pivot: the target is identical to the source at the
-///   moment of the final drain, and flushed.
+///   backends are removed (users back on the source), then the bitmap;
+///   the target keeps what was copied. A cancel without force after
+///   ready completes the job without the pivot: the target is identical
+///   to the source at the moment of the final drain, and flushed.
 ///
 /// # Errors
 ///
 /// An invalid or duplicate job id; the source or target removed or of
 /// another graph, the target the source or in use, or smaller than the
 /// source; a new target's file existing; the filter node's name taken; a
+/// bitmap of the job's name on the source ([`Error::BitmapExists`]); a
 /// permission conflict. Nothing is changed then (a created target file is
 /// removed).
 ///
@@ -661,8 +704,16 @@ fn attach(bql: &mut Bql, io: &IoThreadHandle, job: &Job, a: Attach) -> Result<Mi
             source.name()
         )));
     }
+    // Rounded up to a power of two, within a bitmap's limits (512 bytes
+    // to 2 GiB, QEMU's).
+    let granule = granularity
+        .clamp(MIN_GRANULARITY, MAX_GRANULARITY)
+        .next_power_of_two();
     let state = Arc::new(MirrorState {
-        dirty: DirtyMap::new(len, granularity),
+        bitmap: bitmap_name(job),
+        granule,
+        became_dirty: Notify::new(),
+        waiting: AtomicBool::new(false),
         lock: RangeLock::default(),
         write_through: AtomicBool::new(mode == CopyMode::WriteBlocking),
     });
@@ -680,6 +731,18 @@ fn attach(bql: &mut Bql, io: &IoThreadHandle, job: &Job, a: Attach) -> Result<Mi
     let writer_options = job_backend(Perm::WRITE, target_share(is_commit));
     let source_drained = bql.drain(&source);
     let target_drained = bql.drain(&target);
+    // Disabled: only the filter marks it (see `MirrorState::bitmap`); made
+    // inside the drain section that inserts the filter, busy at once.
+    source.gs(bql).add_dirty_bitmap(
+        &state.bitmap,
+        DirtyBitmapOptions::new()
+            .granularity(granule)
+            .disabled(true),
+    )?;
+    if let Err(e) = source.gs(bql).set_dirty_bitmap_busy(&state.bitmap, true) {
+        remove_bitmap(bql, &source, &state.bitmap);
+        return Err(e);
+    }
     let added = bql.write(|w| {
         w.transaction(|w| {
             if make_rw {
@@ -712,13 +775,20 @@ fn attach(bql: &mut Bql, io: &IoThreadHandle, job: &Job, a: Attach) -> Result<Mi
     });
     drop(target_drained);
     drop(source_drained);
-    let (filter, reader, writer) = added?;
+    let (filter, reader, writer) = match added {
+        Ok(added) => added,
+        Err(e) => {
+            remove_bitmap(bql, &source, &state.bitmap);
+            return Err(e);
+        }
+    };
     Ok(MirrorJob {
         kind: if is_commit {
             JobType::Commit
         } else {
             JobType::Mirror
         },
+        source,
         target,
         filter,
         reader,
@@ -733,9 +803,35 @@ fn attach(bql: &mut Bql, io: &IoThreadHandle, job: &Job, a: Attach) -> Result<Mi
     })
 }
 
+/// Frees and removes the job's bitmap from `source` (also from a source
+/// the graph dropped, an active commit's pivoted top: harmless there).
+fn remove_bitmap(bql: &Bql, source: &NodeHandle, name: &str) {
+    let s = source.gs(bql);
+    let _ = s.set_dirty_bitmap_busy(name, false);
+    if let Err(e) = s.remove_dirty_bitmap(name) {
+        if !matches!(e, Error::NoSuchBitmap { .. }) {
+            tracing::warn!(
+                "mirror: could not remove bitmap '{name}' of '{}': {e}",
+                s.name()
+            );
+        }
+    }
+}
+
+/// Bytes dirty in the job's bitmap (whole granules).
+fn dirty_bytes<P: Proof>(source: NodeRef<'_, P>, name: &str) -> u64 {
+    source
+        .dirty_bitmaps()
+        .into_iter()
+        .find(|b| b.name == name)
+        .map_or(0, |b| b.count)
+}
+
 pub(super) struct MirrorJob {
     /// `Mirror`, or `Commit` for an active commit.
     kind: JobType,
+    /// The node the job's bitmap is on (the filter's child).
+    source: NodeHandle,
     target: NodeHandle,
     filter: NodeHandle,
     reader: BlockBackend,
@@ -752,22 +848,37 @@ pub(super) struct MirrorJob {
     commit: Option<ActiveCommit>,
 }
 
-/// Copies `range` from the source to the target under a serialising lock,
-/// its dirty bits taken before the read; on failure they are set again.
+/// Copies `[offset, offset + buf.len())` (`offset` on a granule) from the
+/// source to the target under a serialising lock, its dirty bits reset
+/// before the read (every granule it touches: the last one may end past
+/// the device); on failure they are set again.
 async fn copy_one(
     io: &mut IoTask,
-    reader: &BlockBackend,
-    writer: &BlockBackend,
-    state: &MirrorState,
+    j: &MirrorJob,
     offset: u64,
     buf: &mut [u8],
 ) -> std::result::Result<(), ChunkError> {
+    let state = &j.state;
     let len = buf.len() as u64;
     let _range = state.lock.lock(offset, offset + len, true).await;
-    state.dirty.take(offset..offset + len);
-    let result = read_then_write(io, reader, writer, offset, buf).await;
+    let granules = (offset + len).div_ceil(state.granule) * state.granule - offset;
+    {
+        let guard = io.read().await;
+        j.source
+            .try_io(&guard)
+            .and_then(|s| s.reset_dirty(&state.bitmap, offset, granules))
+            .map_err(ChunkError::read)?;
+    }
+    let result = read_then_write(io, &j.reader, &j.writer, offset, buf).await;
     if result.is_err() {
-        state.dirty.mark(offset, len);
+        let guard = io.read().await;
+        let marked = j
+            .source
+            .try_io(&guard)
+            .and_then(|s| s.set_dirty(&state.bitmap, offset, len));
+        if let Err(e) = marked {
+            tracing::warn!("mirror: could not mark a failed copy dirty again: {e}");
+        }
     }
     result
 }
@@ -802,14 +913,13 @@ impl CopyChunks for InitialCopy<'_> {
         offset: u64,
         buf: &mut [u8],
     ) -> std::result::Result<(), ChunkError> {
-        let j = self.job;
-        copy_one(io, &j.reader, &j.writer, &j.state, offset, buf).await
+        copy_one(io, self.job, offset, buf).await
     }
 }
 
 impl MirrorJob {
     /// Copies one dirty run at or after `*pos` (wrapping around); false
-    /// when the map is clean. Failures go through the job's error policy:
+    /// when the bitmap is clean. Failures go through the job's error policy:
     /// the range stays dirty; `report` fails the job.
     async fn copy_next(
         &self,
@@ -819,31 +929,35 @@ impl MirrorJob {
         buf: &mut Vec<u8>,
         throttle: bool,
     ) -> Result<bool> {
-        let chunk = self.copy.chunk_size.max(self.state.dirty.granule());
-        let Some(range) = self
-            .state
-            .dirty
-            .next_dirty(*pos, chunk)
-            .or_else(|| self.state.dirty.next_dirty(0, chunk))
+        let g = self.state.granule;
+        // At most a chunk, in whole granules.
+        let chunk = self.copy.chunk_size.max(g).div_ceil(g) * g;
+        let (found, remaining) = {
+            let guard = io.read().await;
+            let source = self.source.try_io(&guard)?;
+            let name = &self.state.bitmap;
+            let from = (*pos / g * g).min(self.len);
+            let found = match source.next_dirty(name, from)? {
+                Some(area) => Some(area),
+                None => source.next_dirty(name, 0)?,
+            };
+            (found, dirty_bytes(source, name))
+        };
+        // Clipped to the device (the bitmap may know a size in whole
+        // granules).
+        let Some(range) = found
+            .map(|(start, len)| start..(start + len).min(start + chunk).min(self.len))
+            .filter(|r| r.start < r.end)
         else {
             return Ok(false);
         };
         let n = range.end - range.start;
-        runner.set_remaining(self.state.dirty.dirty_bytes());
+        runner.set_remaining(remaining);
         if throttle {
             runner.throttle(io, n).await?;
         }
         buf.resize(n as usize, 0);
-        match copy_one(
-            io,
-            &self.reader,
-            &self.writer,
-            &self.state,
-            range.start,
-            &mut buf[..n as usize],
-        )
-        .await
-        {
+        match copy_one(io, self, range.start, &mut buf[..n as usize]).await {
             Ok(()) => runner.add_progress(n),
             Err(ChunkError { operation, error }) => {
                 if runner.error_action(&error, operation) == super::ErrorAction::Report {
@@ -855,7 +969,7 @@ impl MirrorJob {
         Ok(true)
     }
 
-    /// Copies until the map is clean, with pause points (`pause`) or
+    /// Copies until the bitmap is clean, with pause points (`pause`) or
     /// without (finalization).
     async fn copy_until_clean(&self, cx: &mut JobCx<'_>, pause: bool) -> Result<()> {
         let runner = cx.runner().clone();
@@ -874,26 +988,40 @@ impl MirrorJob {
     }
 }
 
-/// Waits (not busy, no lock held) until the map is dirty or the job's
-/// state changed (pause, cancel, complete).
-async fn wait_for_work(shared: &JobShared, state: &MirrorState, runner: &JobRunner) {
-    let _idle = runner.idle();
-    let dirty = state.dirty.became_dirty.notified();
-    let woken = shared.wake.notified();
-    let mut dirty = std::pin::pin!(dirty);
-    let mut woken = std::pin::pin!(woken);
-    dirty.as_mut().enable();
-    woken.as_mut().enable();
-    {
-        let st = shared.lock();
-        if st.cancelled || st.complete_requested || st.user_paused || st.drain_pauses > 0 {
-            return;
+impl MirrorJob {
+    /// Waits (not busy, no lock held) until the bitmap is dirty or the
+    /// job's state changed (pause, cancel, complete).
+    async fn wait_for_work(&self, io: &mut IoTask, shared: &JobShared, runner: &JobRunner) {
+        let state = &*self.state;
+        let _idle = runner.idle();
+        let dirty = state.became_dirty.notified();
+        let woken = shared.wake.notified();
+        let mut dirty = std::pin::pin!(dirty);
+        let mut woken = std::pin::pin!(woken);
+        dirty.as_mut().enable();
+        woken.as_mut().enable();
+        {
+            let st = shared.lock();
+            if st.cancelled || st.complete_requested || st.user_paused || st.drain_pauses > 0 {
+                return;
+            }
         }
+        state.waiting.store(true, Ordering::Relaxed);
+        // Pairs with the fence in `MirrorTop::mark`.
+        fence(Ordering::SeqCst);
+        let clean = {
+            let guard = io.read().await;
+            // An error: not waiting; the copy loop reports it.
+            self.source
+                .try_io(&guard)
+                .and_then(|s| s.next_dirty(&state.bitmap, 0))
+                .is_ok_and(|area| area.is_none())
+        };
+        if clean {
+            futures::future::select(dirty, woken).await;
+        }
+        state.waiting.store(false, Ordering::Relaxed);
     }
-    if !state.dirty.is_clean() {
-        return;
-    }
-    futures::future::select(dirty, woken).await;
 }
 
 impl JobDriver for MirrorJob {
@@ -903,7 +1031,7 @@ impl JobDriver for MirrorJob {
 
     async fn run(&mut self, cx: &mut JobCx<'_>) -> Result<()> {
         let runner = cx.runner().clone();
-        let granule = self.state.dirty.granule();
+        let granule = self.state.granule;
         if self.sync != MirrorSync::None {
             let alignment = u64::from(self.reader.request_alignment(cx.io()).await?)
                 .max(u64::from(self.writer.request_alignment(cx.io()).await?))
@@ -936,7 +1064,7 @@ impl JobDriver for MirrorJob {
             // In sync.
             runner.set_remaining(0);
             runner.set_ready();
-            wait_for_work(&shared, &self.state, &runner).await;
+            self.wait_for_work(cx.io(), &shared, &runner).await;
         }
         // Converge: from now on no guest write leaves the target behind.
         self.state.write_through.store(true, Ordering::SeqCst);
@@ -949,8 +1077,9 @@ impl JobDriver for MirrorJob {
         loop {
             self.copy_until_clean(cx, false).await?;
             self.writer.flush(cx.io()).await?;
-            let (filter, target, reader, writer, state) = (
+            let (filter, source, target, reader, writer, state) = (
                 self.filter.clone(),
+                self.source.clone(),
                 self.target.clone(),
                 self.reader.clone(),
                 self.writer.clone(),
@@ -967,11 +1096,12 @@ impl JobDriver for MirrorJob {
                     let doomed = with_files(bql, &dropped);
                     // Every guest request has completed (on the source and,
                     // write-through, on the target) and none can start:
-                    // what the map says now is final.
+                    // what the bitmap says now is final.
                     let filter_drained = bql.drain(&filter);
                     let target_drained = bql.drain(&target);
                     let drained: Vec<_> = doomed.iter().map(|n| bql.drain(n)).collect();
-                    if !state.dirty.is_clean() {
+                    let dirty = source.gs(bql).dirty_bitmap_snapshot(&state.bitmap)?;
+                    if dirty.count() != 0 {
                         return Ok(false);
                     }
                     bql.write(|w| {
@@ -1029,11 +1159,13 @@ impl JobDriver for MirrorJob {
                 let _ = node.flush().await;
             }
         }
-        let (filter, reader, writer, target) = (
+        let (filter, reader, writer, source, target, bitmap) = (
             self.filter.clone(),
             self.reader.clone(),
             self.writer.clone(),
+            self.source.clone(),
             self.target.clone(),
+            self.state.bitmap.clone(),
         );
         let result = cx
             .on_main_loop(move |bql| -> Result<()> {
@@ -1048,6 +1180,8 @@ impl JobDriver for MirrorJob {
                         })
                     })?;
                 }
+                // Nothing marks it any more (the filter is gone).
+                remove_bitmap(bql, &source, &bitmap);
                 if restore && target.gs(bql).is_in_graph() {
                     let d = bql.drain(&target);
                     bql.write(|w| w.set_read_only(&d, true))?;

@@ -47,7 +47,6 @@ mod setup;
 mod backup;
 mod commit;
 mod copy;
-mod dirty;
 mod driver;
 mod events;
 mod filter;
