@@ -163,11 +163,11 @@ impl Filter for CommitTop {
 ///   edge to `base` and the writer share consistent reads for that chain.
 /// * **Run** (job task): the initial pass copies what `top`..`base`
 ///   stores ([`BlockBackend::block_status_above`] `base`) from the view of
-///   `top` into `base`; guest writes mark the filter's dirty map; the
+///   `top` into `base`; guest writes mark the job's dirty bitmap on `top`; the
 ///   dirty loop copies it clean, then READY, and keeps copying.
 /// * **Prepare** after `complete`: mirror's convergence (write-through,
 ///   copy until clean, flush `base`), then on the main loop, drains of the
-///   filter, `base` and every committed image and its file, the map
+///   filter, `base` and every committed image and its file, the bitmap
 ///   checked clean there, and one transaction: the job's backends
 ///   removed, the filter's edge to `base` detached, every user of the
 ///   filter moved onto `base`, the filter removed, then each committed
