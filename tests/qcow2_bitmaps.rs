@@ -131,14 +131,26 @@ impl Drop for Nbd {
 fn qemu_dirty_ranges(img: &Path, name: &str) -> Vec<(u64, u64)> {
     let sock = img.with_extension("sock");
     let child = Command::new("qemu-nbd")
-        .args(["-r", "-f", "qcow2", "-B", name, "-k", p(&sock), p(img)])
+        .args([
+            "-r",
+            "-t",
+            "-f",
+            "qcow2",
+            "-B",
+            name,
+            "-k",
+            p(&sock),
+            p(img),
+        ])
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
         .expect("qemu-nbd");
     let _nbd = Nbd(child);
     let deadline = Instant::now() + Duration::from_secs(20);
-    while !sock.exists() {
+    // The socket file exists from bind(); wait until qemu-nbd accepts
+    // (`-t` keeps it serving after this probe disconnects).
+    while std::os::unix::net::UnixStream::connect(&sock).is_err() {
         assert!(Instant::now() < deadline, "qemu-nbd did not start");
         std::thread::sleep(Duration::from_millis(20));
     }

@@ -43,7 +43,8 @@ struct Daemon {
 }
 
 impl Daemon {
-    /// Starts `bin` with `args`; waits until `ready` (a socket) exists.
+    /// Starts `bin` with `args`; waits until `ready` (a socket) accepts a
+    /// connection (its file exists from bind(), a moment before listen()).
     fn start(bin: &Path, args: &[String], dir: &Path, ready: &Path) -> Daemon {
         let log = dir.join(format!(
             "{}.log",
@@ -73,7 +74,7 @@ impl Daemon {
             log,
         };
         let start = Instant::now();
-        while !ready.exists() {
+        while !(ready.exists() && std::os::unix::net::UnixStream::connect(ready).is_ok()) {
             if let Some(status) = d.try_wait() {
                 panic!(
                     "{} exited with {status} at start:\n{}",
