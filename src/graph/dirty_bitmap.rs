@@ -226,7 +226,10 @@ impl Bitmap {
         }
         let bits = read(&self.bits);
         let n = bits.words.len() as u64 * 64;
-        let last = (end_g - 1).min(n.saturating_sub(1));
+        if n == 0 {
+            return; // nothing set yet (a bitmap made before its node's size was known)
+        }
+        let last = (end_g - 1).min(n - 1);
         if first > last {
             return;
         }
@@ -606,6 +609,17 @@ mod tests {
         b.reset(63 * 512 + 1, 1000); // no granule wholly inside: nothing
         assert_eq!(b.count(), 5 * 512);
         b.clear();
+        assert_eq!(b.count(), 0);
+    }
+
+    #[test]
+    fn resetting_a_bitmap_with_no_words_yet_does_nothing() {
+        // Made before its node's size was known: no words until a write.
+        let b = Bitmap::new("b", 16, 0, true, false, false);
+        b.reset(0, 1 << 20);
+        assert_eq!(b.count(), 0);
+        b.set(0, 1);
+        b.reset(0, 1 << 16);
         assert_eq!(b.count(), 0);
     }
 
