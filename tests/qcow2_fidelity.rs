@@ -286,12 +286,17 @@ fn set_header_bit(img: &Path, at: usize, bit: u32, on: bool) {
     std::fs::write(img, b).unwrap();
 }
 
-/// The number in "N leaked clusters were found" (0 when absent).
-fn qemu_leaks(out: &str) -> u64 {
+/// The number `N` of `qemu-img check`'s line "N <what>" (0 when absent).
+fn qemu_count(out: &str, what: &str) -> u64 {
     out.lines()
-        .find(|l| l.contains("leaked clusters were found"))
+        .find(|l| l.contains(what))
         .and_then(|l| l.split_whitespace().next())
         .map_or(0, |n| n.parse().unwrap())
+}
+
+/// The number in "N leaked clusters were found" (0 when absent).
+fn qemu_leaks(out: &str) -> u64 {
+    qemu_count(out, "leaked clusters were found")
 }
 
 #[test]
@@ -402,10 +407,7 @@ fn set_refcount(img: &Path, at: usize, v: u16) {
 
 /// The number in "N errors were found" (0 when absent).
 fn qemu_errors(out: &str) -> u64 {
-    out.lines()
-        .find(|l| l.contains("errors were found on the image"))
-        .and_then(|l| l.split_whitespace().next())
-        .map_or(0, |n| n.parse().unwrap())
+    qemu_count(out, "errors were found on the image")
 }
 
 #[test]
