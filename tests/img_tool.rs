@@ -107,6 +107,16 @@ fn bad_arguments_and_bad_images_give_one_line_errors() {
         (&["check", "short.qcow2"], "too short"),
         (&["convert", "good.raw"], "expected SRC DST"),
         (
+            &["convert", "-S", "1000", "good.raw", "o"],
+            "multiple of 512",
+        ),
+        (&["convert", "-m", "17", "good.raw", "o"], "-m must be"),
+        (
+            &["convert", "--target-is-zero", "good.raw", "o"],
+            "existing target (-n)",
+        ),
+        (&["convert", "-n", "good.raw", "missing.raw"], "missing.raw"),
+        (
             &["convert", "-O", "vmdk", "good.raw", "o"],
             "unknown output format",
         ),
@@ -959,6 +969,137 @@ fn convert_allocates_no_more_clusters_than_qemu_img() {
     // And a raw target stays as sparse as qemu-img's.
     ok(d, &["convert", "half.qcow2", "ours.raw"]);
     qemu(d, "qemu-img", &["compare", "half.qcow2", "ours.raw"]);
+}
+
+/// `qemu-img convert`'s `-n` (an existing target), `--target-is-zero`,
+/// `-S 0` (every byte written), `-S SIZE`, `-m` and `-W`: each gives an
+/// image identical to the source, and writes what the option says.
+#[test]
+fn convert_into_existing_targets_and_with_qemu_img_copy_options() {
+    if !have("qemu-img") || !have("qemu-io") {
+        eprintln!("qemu-img/qemu-io not installed; skipping");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    qemu(d, "qemu-img", &["create", "-f", "qcow2", "s.qcow2", "16M"]);
+    qemu(
+        d,
+        "qemu-io",
+        &[
+            "-f",
+            "qcow2",
+            "-c",
+            "write -P 0x11 0 1M",
+            "-c",
+            "write -P 0 4M 1M",
+            "-c",
+            "write -z 8M 1M",
+            "-c",
+            "write -P 0x22 13M 70k",
+            "s.qcow2",
+        ],
+    );
+    // What a raw target gets written: the data, in whole 4 KiB granules.
+    let data = (1 << 20) + (72 << 10);
+    let identical = |img: &str| {
+        let cmp = qemu(d, "qemu-img", &["compare", "s.qcow2", img]);
+        assert!(
+            String::from_utf8_lossy(&cmp.stdout).contains("identical"),
+            "{img} differs from the source"
+        );
+    };
+    // -n into a raw file and a qcow2 image full of other bytes: the
+    // source's zeroes are zeroed there.
+    let garbage = vec![0x5au8; 16 << 20];
+    std::fs::write(d.join("t.raw"), &garbage).unwrap();
+    qemu(d, "qemu-img", &["create", "-f", "qcow2", "t.qcow2", "16M"]);
+    qemu(
+        d,
+        "qemu-io",
+        &["-f", "qcow2", "-c", "write -P 0x5a 0 16M", "t.qcow2"],
+    );
+    ok(d, &["convert", "-n", "s.qcow2", "t.raw"]);
+    identical("t.raw");
+    ok(d, &["convert", "-n", "-O", "qcow2", "s.qcow2", "t.qcow2"]);
+    identical("t.qcow2");
+    qemu(d, "qemu-img", &["check", "t.qcow2"]);
+    // With --target-is-zero, only the data is written (and a target that
+    // does read zeroes ends up identical).
+    qemu(d, "qemu-img", &["create", "-f", "raw", "z.raw", "16M"]);
+    let o = ok(
+        d,
+        &[
+            "convert",
+            "-n",
+            "--target-is-zero",
+            "--stats",
+            "s.qcow2",
+            "z.raw",
+        ],
+    );
+    assert_eq!(stat(&o, "target_write_bytes"), data, "{o}");
+    identical("z.raw");
+    // Without it, the same command zeroes the rest (the backend counts
+    // zeroed bytes as written): a target left with other bytes is
+    // identical afterwards.
+    std::fs::write(d.join("z.raw"), &garbage).unwrap();
+    let o = ok(d, &["convert", "-n", "--stats", "s.qcow2", "z.raw"]);
+    assert_eq!(stat(&o, "target_write_bytes"), 16 << 20, "{o}");
+    identical("z.raw");
+    // -S 0: every byte is written, without asking block_status; a qcow2
+    // target is fully allocated.
+    let o = ok(
+        d,
+        &[
+            "convert",
+            "-S",
+            "0",
+            "--stats",
+            "-O",
+            "qcow2",
+            "s.qcow2",
+            "full.qcow2",
+        ],
+    );
+    assert_eq!(stat(&o, "target_write_bytes"), 16 << 20, "{o}");
+    assert_eq!(stat(&o, "block_status_calls"), 0, "{o}");
+    assert_eq!(allocated_clusters(d, "full.qcow2"), 256);
+    identical("full.qcow2");
+    // -S 64k on a raw target: zero 64 KiB granules stay holes, the 70 KiB
+    // write becomes two whole granules (128 KiB).
+    let o = ok(
+        d,
+        &["convert", "-S", "64k", "--stats", "s.qcow2", "s64.raw"],
+    );
+    assert_eq!(
+        stat(&o, "target_write_bytes"),
+        (1 << 20) + (128 << 10),
+        "{o}"
+    );
+    identical("s64.raw");
+    // -m 1 and -W (alone and together) change the schedule, not the result.
+    for (i, opts) in [&["-m", "1"][..], &["-W"], &["-m", "16", "-W"]]
+        .iter()
+        .enumerate()
+    {
+        let out = format!("m{i}.qcow2");
+        let mut args = vec!["convert", "-O", "qcow2"];
+        args.extend(*opts);
+        args.extend(["s.qcow2", &out]);
+        ok(d, &args);
+        identical(&out);
+        qemu(d, "qemu-img", &["check", &out]);
+    }
+    // A target smaller than the source is refused, and left as it was.
+    qemu(d, "qemu-img", &["create", "-f", "raw", "small.raw", "1M"]);
+    let r = img(d, &["convert", "-n", "s.qcow2", "small.raw"]);
+    assert_eq!(r.code, 1, "{}", r.stderr);
+    assert!(r.stderr.contains("smaller than the source"), "{}", r.stderr);
+    assert_eq!(
+        std::fs::metadata(d.join("small.raw")).unwrap().len(),
+        1 << 20
+    );
 }
 
 #[test]

@@ -6,7 +6,14 @@
 //! unallocated clusters over no backing file, zero clusters) is never read;
 //! the data ranges are read and only the granules (a cluster of a qcow2
 //! target, 4 KiB of a raw one: QEMU's `-S 4k`) holding a non-zero byte are
-//! written, since a new image reads zeroes. Eight copies are in flight.
+//! written, since a new image reads zeroes. Eight copies are in flight
+//! (`-m`), and their writes reach the target in the source's order unless
+//! `-W`.
+//!
+//! `-S 0` copies every byte (no scan, a fully allocated target); `-n`
+//! copies into an existing image, which need not read zeroes, so what reads
+//! as zeroes in the source is zeroed there (`write_zeroes`) unless
+//! `--target-is-zero` says it already is.
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -17,14 +24,15 @@ use blockgraph::drivers::qcow2::Qcow2Driver;
 use blockgraph::{BlockBackend, ChildRole, IoTask};
 use indicatif::ProgressBar;
 
-use crate::args::{format_parser, Common, Format, ImageOptions};
+use crate::args::{format_parser, parse_size, Common, Format, ImageOptions};
 use crate::open::{add_node, create_image, Env, OpenPolicy};
 use crate::output::{err, human, progress_bar, Res};
-use crate::stack::StackArg;
+use crate::stack::{image_layers, StackArg};
 
-/// Copy an image's or a stack's contents into a new raw or qcow2 image.
+/// Copy an image's or a stack's contents into a new raw or qcow2 image
+/// (or, with -n, an existing one).
 ///
-/// Zeroes stay sparse. With --stack, SRC is the stack's FILE, if it needs
+/// Zeroes stay sparse (unless -S 0). With --stack, SRC is the stack's FILE, if it needs
 /// one.
 #[derive(clap::Args, Debug)]
 #[command(
@@ -50,6 +58,25 @@ pub struct Args {
     /// requests and block-status calls
     #[arg(long)]
     stats: bool,
+    /// Copies in flight, 1 to 16 (default 8)
+    #[arg(short = 'm', value_name = "NUM", default_value_t = WORKERS,
+          value_parser = parse_in_flight)]
+    in_flight: u64,
+    /// Let writes reach the target out of the source's order
+    #[arg(short = 'W')]
+    out_of_order: bool,
+    /// Runs of zero bytes at least this long stay sparse (default: a
+    /// cluster of a qcow2 target, 4k for raw); 0 writes every byte
+    #[arg(short = 'S', value_name = "SIZE", value_parser = parse_sparse)]
+    sparse_size: Option<u64>,
+    /// Copy into DST, an existing image (in -O's format), instead of
+    /// creating it
+    #[arg(short = 'n')]
+    no_create: bool,
+    /// With -n: DST already reads zeroes everywhere, so zeroes need not be
+    /// written
+    #[arg(long)]
+    target_is_zero: bool,
     /// The source and the new image
     #[arg(value_names = ["SRC", "DST"], num_args = 1..=2, required = true)]
     paths: Vec<PathBuf>,
@@ -62,6 +89,34 @@ const CHUNK: u64 = 2 << 20;
 const WORKERS: u64 = 8;
 /// The zero detection granularity of a raw target (QEMU's `-S` default).
 const RAW_SPARSE: u64 = 4 << 10;
+
+/// `-m`: 1 to 16 copies in flight, as qemu-img allows.
+fn parse_in_flight(s: &str) -> Result<u64, String> {
+    match s.parse::<u64>() {
+        Ok(n @ 1..=16) => Ok(n),
+        _ => Err(format!("-m must be 1 to 16, not '{s}'")),
+    }
+}
+
+/// `-S`: 0, or a multiple of 512 up to the copy unit (as qemu-img checks).
+fn parse_sparse(s: &str) -> Result<u64, String> {
+    let n = parse_size("-S", s)?;
+    if n % 512 != 0 || n > CHUNK {
+        return Err(format!(
+            "-S must be 0 or a multiple of 512 up to {}, not {n}",
+            human(CHUNK)
+        ));
+    }
+    Ok(n)
+}
+
+/// Whether `bytes` are all zero: a byte-wise OR over blocks, which the
+/// compiler vectorises, stopping at the first block with a non-zero byte.
+fn is_zero(bytes: &[u8]) -> bool {
+    bytes
+        .chunks(512)
+        .all(|block| block.iter().fold(0u8, |acc, &b| acc | b) == 0)
+}
 
 /// What the workers share: where the walk of the source stands.
 struct Walk {
@@ -123,7 +178,7 @@ impl Order {
 /// rest reads as zeroes).
 struct Unit {
     /// Units are numbered in the order they were taken; they are written
-    /// in that order.
+    /// in that order (unless `-W`).
     seq: u64,
     start: u64,
     end: u64,
@@ -135,9 +190,17 @@ struct Unit {
 struct Plan {
     size: u64,
     /// Zero detection and alignment unit: a cluster of a qcow2 target,
-    /// 4 KiB for raw, at least both sides' request alignment.
+    /// 4 KiB for raw (or `-S`), at least both sides' request alignment.
     gran: u64,
     chunk: u64,
+    /// Whether zeroes stay sparse (`-S` is not 0): when not, every byte is
+    /// read and written, without asking `block_status`.
+    sparse: bool,
+    /// Whether the target may not read zeroes where the source does (`-n`
+    /// without `--target-is-zero`): such ranges are zeroed.
+    zero_target: bool,
+    /// Whether writes wait for their turn (no `-W`).
+    ordered: bool,
 }
 
 fn align_down(x: u64, a: u64) -> u64 {
@@ -185,8 +248,33 @@ impl Walk {
     ) -> Res<Option<Unit>> {
         while self.next < p.size {
             let start = self.next;
+            if !p.sparse {
+                // `-S 0`: every byte is copied; nothing to ask.
+                let end = (start + p.chunk).min(p.size);
+                self.next = end;
+                self.units += 1;
+                return Ok(Some(Unit {
+                    seq: self.units - 1,
+                    start,
+                    end,
+                    data: vec![(start, end)],
+                }));
+            }
             let (data, run_end) = self.status_at(src, cx, p.size, start).await?;
-            if !data {
+            if !data && p.zero_target {
+                // A long run of zeroes: one unit that zeroes it whole.
+                let end = run_end.min(p.size);
+                if end - start >= p.chunk {
+                    self.next = end;
+                    self.units += 1;
+                    return Ok(Some(Unit {
+                        seq: self.units - 1,
+                        start,
+                        end,
+                        data: Vec::new(),
+                    }));
+                }
+            } else if !data {
                 let skip_to = if run_end >= p.size {
                     p.size
                 } else {
@@ -228,8 +316,20 @@ impl Walk {
     }
 }
 
+/// Zeroes the target's `[from, to)` if it may not read zeroes there.
+async fn zero(dst: &BlockBackend, cx: &mut IoTask, p: Plan, from: u64, to: u64) -> Res<()> {
+    if p.zero_target && to > from {
+        dst.write_zeroes(cx, from, to - from)
+            .await
+            .map_err(|e| format!("zeroing the destination at {from}: {e}"))?;
+    }
+    Ok(())
+}
+
 /// Copies one unit: reads its data ranges, then, in its turn, writes the
-/// granules of them that are not all zeroes. Returns the bytes written.
+/// granules of them that are not all zeroes (all of them with `-S 0`), and
+/// zeroes the rest of the unit when the target may not read zeroes there.
+/// Returns the bytes written.
 async fn copy_unit(
     src: &BlockBackend,
     dst: &BlockBackend,
@@ -245,33 +345,39 @@ async fn copy_unit(
             .await
             .map_err(|e| format!("reading the source at {a}: {e}"))?;
     }
-    order.wait(u.seq).await?;
+    if p.ordered {
+        order.wait(u.seq).await?;
+    }
     let mut written = 0;
+    let mut done = u.start;
     for &(a, b) in &u.data {
+        zero(dst, cx, p, done, a).await?;
+        done = b;
         let chunk = &buf[(a - u.start) as usize..(b - u.start) as usize];
-        let nonzero = |o: u64| {
-            let (s, e) = ((o - a) as usize, ((o + p.gran).min(b) - a) as usize);
-            chunk[s..e].iter().any(|&x| x != 0)
-        };
-        // Runs of granules with a non-zero byte.
+        let granule = |o: u64| &chunk[(o - a) as usize..((o + p.gran).min(b) - a) as usize];
+        // Runs of granules with a non-zero byte, and runs of zero ones.
         let mut off = a;
         while off < b {
-            if !nonzero(off) {
-                off = (off + p.gran).min(b);
-                continue;
-            }
             let run = off;
-            while off < b && nonzero(off) {
+            let data = !p.sparse || !is_zero(granule(off));
+            while off < b && (!p.sparse || is_zero(granule(off)) != data) {
                 off = (off + p.gran).min(b);
             }
-            let bytes = &chunk[(run - a) as usize..(off - a) as usize];
-            dst.write(cx, run, bytes)
-                .await
-                .map_err(|e| format!("writing the destination at {run}: {e}"))?;
-            written += off - run;
+            if data {
+                let bytes = &chunk[(run - a) as usize..(off - a) as usize];
+                dst.write(cx, run, bytes)
+                    .await
+                    .map_err(|e| format!("writing the destination at {run}: {e}"))?;
+                written += off - run;
+            } else {
+                zero(dst, cx, p, run, off).await?;
+            }
         }
     }
-    order.done(u.seq);
+    zero(dst, cx, p, done, u.end).await?;
+    if p.ordered {
+        order.done(u.seq);
+    }
     Ok(written)
 }
 
@@ -281,6 +387,9 @@ pub fn run(a: Args) -> Res<i32> {
         ([src, dst], _) => (Some(src.clone()), dst.clone()),
         _ => return Err("convert: expected SRC DST (or --stack STACK [SRC] DST)".into()),
     };
+    if a.target_is_zero && !a.no_create {
+        return Err("convert: --target-is-zero is for an existing target (-n)".into());
+    }
     let out_fmt = a.output_format.unwrap_or(Format::Raw);
     let options = a.options.unwrap_or_default();
     if out_fmt == Format::Raw && !options.is_empty() {
@@ -298,32 +407,62 @@ pub fn run(a: Args) -> Res<i32> {
         return Err("convert: the source is empty".into());
     }
     // The destination.
-    let qcow2 = (out_fmt == Format::Qcow2).then(|| options.qcow2(size));
-    let sparse = qcow2.as_ref().map_or(RAW_SPARSE, |o| o.cluster_size);
-    let path = dst.clone();
-    let dst_top = env.io(move |mut cx| async move {
-        let file = create_image(&mut cx, "dst-file", &path, size, qcow2.as_ref()).await?;
-        if qcow2.is_none() {
-            return Ok(file);
+    let dst_top = if a.no_create {
+        if !options.is_empty() {
+            return Err(
+                "convert: -n copies into an existing image, which takes no -o options".into(),
+            );
         }
-        let drv = {
-            let g = cx.read().await;
-            Qcow2Driver::open(file.io(&g), Default::default())
-                .await
-                .map_err(err)?
-        };
-        add_node(
-            &mut cx,
-            "dst".into(),
-            Box::new(drv),
-            Some((ChildRole::File, file)),
-        )
-        .await
-    });
-    // Nothing half-made is left behind.
-    let dst_top = dst_top.inspect_err(|_| {
-        let _ = std::fs::remove_file(&dst);
-    })?;
+        let layers = image_layers(None, Some(out_fmt), Some(&dst))?;
+        let target = env.open(
+            layers,
+            Some(dst.clone()),
+            OpenPolicy::new(&a.common, true),
+            "dst-",
+        )?;
+        let target_size = env.length(&target.top)?;
+        if target_size < size {
+            return Err(format!(
+                "convert: '{}' ({}) is smaller than the source ({})",
+                dst.display(),
+                human(target_size),
+                human(size)
+            ));
+        }
+        target.top
+    } else {
+        let qcow2 = (out_fmt == Format::Qcow2).then(|| options.qcow2(size));
+        let path = dst.clone();
+        let created = env.io(move |mut cx| async move {
+            let file = create_image(&mut cx, "dst-file", &path, size, qcow2.as_ref()).await?;
+            if qcow2.is_none() {
+                return Ok(file);
+            }
+            let drv = {
+                let g = cx.read().await;
+                Qcow2Driver::open(file.io(&g), Default::default())
+                    .await
+                    .map_err(err)?
+            };
+            add_node(
+                &mut cx,
+                "dst".into(),
+                Box::new(drv),
+                Some((ChildRole::File, file)),
+            )
+            .await
+        });
+        // Nothing half-made is left behind.
+        created.inspect_err(|_| {
+            let _ = std::fs::remove_file(&dst);
+        })?
+    };
+    // Zero detection: a cluster of a new qcow2 target, else 4 KiB, or -S.
+    let sparse = match a.sparse_size {
+        Some(n) => n,
+        None if out_fmt == Format::Qcow2 && !a.no_create => options.qcow2(size).cluster_size,
+        None => RAW_SPARSE,
+    };
     let dst_blk = env.backend("dst-blk", &dst_top, true)?;
     let (s, d) = (src_blk.clone(), dst_blk.clone());
     let align = env
@@ -334,16 +473,18 @@ pub fn run(a: Args) -> Res<i32> {
             ))
         })
         .map_err(err)?;
-    // Powers of two (a cluster size, 4 KiB, request alignments), so the
-    // largest is a multiple of the others.
-    let gran = sparse
-        .max(u64::from(align.0))
-        .max(u64::from(align.1))
-        .max(1);
+    // Request alignments are powers of two, so the largest is a multiple
+    // of the others; the granule is the zero detection size rounded up to
+    // it (-S takes any multiple of 512).
+    let align = u64::from(align.0).max(u64::from(align.1)).max(1);
+    let gran = align_up(sparse.max(1), align, u64::MAX);
     let plan = Plan {
         size,
         gran,
         chunk: align_up(CHUNK, gran, u64::MAX),
+        sparse: sparse != 0,
+        zero_target: a.no_create && !a.target_is_zero,
+        ordered: !a.out_of_order,
     };
     let walk = Arc::new(tokio::sync::Mutex::new(Walk {
         next: 0,
@@ -358,7 +499,7 @@ pub fn run(a: Args) -> Res<i32> {
         size,
         "{wide_bar} {percent:>3}% {bytes}/{total_bytes} ({bytes_per_sec}, {eta} left)",
     );
-    let workers: Vec<_> = (0..WORKERS)
+    let workers: Vec<_> = (0..a.in_flight)
         .map(|_| {
             let (src, dst, copied) = (src_blk.clone(), dst_blk.clone(), copied.clone());
             let (walk, bar, order) = (walk.clone(), bar.clone(), order.clone());

@@ -9,7 +9,7 @@
 //! | `create`   | [`create`]   | a new raw or qcow2 image, optionally over a backing file |
 //! | `info`     | [`info`]     | what `qemu-img info` shows, as text or the same JSON |
 //! | `check`    | [`check`]    | checks (and repairs) a qcow2 image's metadata |
-//! | `convert`  | [`convert`]  | copies any image or stack into a new raw or qcow2 image |
+//! | `convert`  | [`convert`]  | copies any image or stack into a new (or, with `-n`, an existing) raw or qcow2 image |
 //! | `compare`  | [`compare`]  | compares two images' contents |
 //! | `resize`   | [`resize`]   | changes an image's virtual size |
 //! | `snapshot` | [`snapshot`] | lists, creates, applies and deletes internal snapshots |
