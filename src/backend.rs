@@ -14,6 +14,7 @@ use crate::graph::runtime::IoTask;
 use crate::types::BlockStatus;
 use crate::types::{ChildRole, Perm};
 use crate::types::{Error, Result};
+use crate::types::{IoVec, IoVecMut};
 
 /// The device-facing root of a node tree: byte-addressed async I/O.
 ///
@@ -303,6 +304,58 @@ impl BlockBackend {
         let len = buf.len() as u64;
         let result = request!(self, cx, Access::Write, offset, len, |root| root
             .write(offset, buf));
+        self.account(Kind::Write, len, &result);
+        result
+    }
+
+    /// Reads `iov.len()` bytes at `offset` into the regions of `iov`, in
+    /// order: a scatter read (QEMU's `blk_co_preadv` with a
+    /// `QEMUIOVector`), with the checks, drain gate and statistics of
+    /// [`read`](Self::read) (one request of `iov.len()` bytes).
+    ///
+    /// The regions go down the graph as they are: filters pass them on,
+    /// qcow2 cuts them at cluster boundaries, so a VMM can read straight
+    /// into guest memory. Drivers that cannot take a vector read through a
+    /// bounce buffer ([`BlockDriver::readv`](crate::driver::BlockDriver::readv)).
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use std::io::IoSliceMut;
+    /// use blockgraph::{drivers::MemoryDriver, BackendOptions, IoVecMut, MainLoop};
+    ///
+    /// let main = MainLoop::new()?;
+    /// let blk = main.run(|bql| bql.write(|w| {
+    ///     let disk = w.add_node("disk", MemoryDriver::new(1 << 16), &[])?;
+    ///     w.add_backend("vda", &disk, BackendOptions::default())
+    /// }))?;
+    /// let io = main.new_io_thread("io0")?;
+    /// let (head, tail) = io.spawn(move |mut cx| async move {
+    ///     blk.write(&mut cx, 512, b"header|payload").await?;
+    ///     let (mut head, mut tail) = ([0u8; 7], [0u8; 7]);
+    ///     let mut segs = [IoSliceMut::new(&mut head), IoSliceMut::new(&mut tail)];
+    ///     blk.readv(&mut cx, 512, IoVecMut::new(&mut segs)).await?;
+    ///     Ok::<_, blockgraph::Error>((head, tail))
+    /// }).join()?;
+    /// assert_eq!((&head, &tail), (b"header|", b"payload"));
+    /// # drop(io); main.shutdown();
+    /// # Ok::<(), blockgraph::Error>(())
+    /// ```
+    pub async fn readv(&self, cx: &mut IoTask, offset: u64, mut iov: IoVecMut<'_>) -> Result<()> {
+        let len = iov.len() as u64;
+        let result = request!(self, cx, Access::Read, offset, len, |root| root
+            .readv(offset, iov.reborrow()));
+        self.account(Kind::Read, len, &result);
+        result
+    }
+
+    /// Writes the regions of `iov`, in order, at `offset`: a gather write
+    /// (QEMU's `blk_co_pwritev`), with the checks, drain gate, statistics
+    /// and dirty-bitmap marking of [`write`](Self::write).
+    pub async fn writev(&self, cx: &mut IoTask, offset: u64, iov: IoVec<'_>) -> Result<()> {
+        let len = iov.len() as u64;
+        let result = request!(self, cx, Access::Write, offset, len, |root| root
+            .writev(offset, iov));
         self.account(Kind::Write, len, &result);
         result
     }

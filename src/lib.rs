@@ -81,6 +81,7 @@ pub use graph::runtime::{
 };
 pub use types::{BackendInfo, ChildInfo, DirtyBitmapInfo, IoStats, NodeInfo};
 pub use types::{ChildRole, Error, Perm, Permissions, Result};
+pub use types::{IoVec, IoVecMut};
 
 /// Zero cost: proofs are at most one pointer wide.
 mod size_checks {

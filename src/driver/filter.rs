@@ -4,10 +4,11 @@
 use std::any::Any;
 
 use crate::driver::{forward, require_child};
-use crate::graph::driver::{BlockDriver, IoFuture, ResizePermit};
+use crate::graph::driver::{readv_via_read, writev_via_write, BlockDriver, IoFuture, ResizePermit};
 use crate::graph::proof::{CallbackRef, RequestRef};
 use crate::types::BlockStatus;
 use crate::types::{ChildRole, Error, Permissions, Result};
+use crate::types::{IoVec, IoVecMut};
 
 /// A driver with one child that it filters: every callback it does not
 /// override goes to that child unchanged.
@@ -29,6 +30,7 @@ use crate::types::{ChildRole, Error, Permissions, Result};
 /// | `child_permissions` | on the child, what the node's users take and share; on any other child, nothing taken and everything shared |
 /// | `request_alignment`, `length` | the child's |
 /// | `read`, `write`, `write_zeroes`, `discard`, `flush`, `block_status` | the child's, at the same offsets |
+/// | `readv`, `writev` | the filter's own `read`/`write` (one segment: as it is; several: through a bounce buffer) |
 /// | `truncate` | resizes the child through the checked edge ([`forward::truncate`]) |
 ///
 /// A default costs what writing it out by hand costs: the blanket
@@ -36,6 +38,15 @@ use crate::types::{ChildRole, Error, Permissions, Result};
 /// request hands back the child's own future (no allocation of its own). An
 /// override that does something before passing the request on ends with
 /// the matching [`forward`] helper, which is what the default calls.
+///
+/// The vectored callbacks are the exception: their defaults go through the
+/// filter's own [`read`](Filter::read) and [`write`](Filter::write), so a
+/// filter that overrides `write` to count, throttle or refuse also sees
+/// every vectored write (forwarding the vector to the child by default
+/// would let it slip past). A filter that treats vectors as it treats
+/// buffers says so with [`forward::readv`] and [`forward::writev`] (after
+/// doing what its `read`/`write` do first), and then passes the regions
+/// down without a copy.
 ///
 /// # Examples
 ///
@@ -185,6 +196,27 @@ pub trait Filter: Any + Send + Sync {
         forward::write(node, Self::CHILD, offset, buf)
     }
 
+    /// See [`BlockDriver::readv`]. Default: this filter's
+    /// [`read`](Filter::read), directly for one segment, through a bounce
+    /// buffer for several ([`readv_via_read`]); override it with
+    /// [`forward::readv`] to pass the vector down.
+    fn readv<'a>(&'a self, node: RequestRef<'a>, offset: u64, iov: IoVecMut<'a>) -> IoFuture<'a, ()>
+    where
+        Self: Sized,
+    {
+        readv_via_read(self, node, offset, iov)
+    }
+
+    /// See [`BlockDriver::writev`]. Default: this filter's
+    /// [`write`](Filter::write), as [`readv`](Filter::readv) does
+    /// ([`writev_via_write`]).
+    fn writev<'a>(&'a self, node: RequestRef<'a>, offset: u64, iov: IoVec<'a>) -> IoFuture<'a, ()>
+    where
+        Self: Sized,
+    {
+        writev_via_write(self, node, offset, iov)
+    }
+
     /// See [`BlockDriver::write_zeroes`]. Default: zeroes the child's range.
     fn write_zeroes<'a>(&'a self, node: RequestRef<'a>, offset: u64, len: u64) -> IoFuture<'a, ()> {
         forward::write_zeroes(node, Self::CHILD, offset, len)
@@ -300,6 +332,21 @@ impl<F: Filter> BlockDriver for F {
     #[inline]
     fn write<'a>(&'a self, node: RequestRef<'a>, offset: u64, buf: &'a [u8]) -> IoFuture<'a, ()> {
         Filter::write(self, node, offset, buf)
+    }
+
+    #[inline]
+    fn readv<'a>(
+        &'a self,
+        node: RequestRef<'a>,
+        offset: u64,
+        iov: IoVecMut<'a>,
+    ) -> IoFuture<'a, ()> {
+        Filter::readv(self, node, offset, iov)
+    }
+
+    #[inline]
+    fn writev<'a>(&'a self, node: RequestRef<'a>, offset: u64, iov: IoVec<'a>) -> IoFuture<'a, ()> {
+        Filter::writev(self, node, offset, iov)
     }
 
     fn flush_to_close<'a>(&'a self, node: RequestRef<'a>) -> IoFuture<'a, ()> {

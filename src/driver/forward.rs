@@ -35,6 +35,7 @@ use crate::graph::driver::IoFuture;
 use crate::graph::proof::RequestRef;
 use crate::types::BlockStatus;
 use crate::types::ChildRole;
+use crate::types::{IoVec, IoVecMut};
 
 /// Runs `call` on the `role` child of `node` and returns its future, or a
 /// ready [`Error::NoSuchChild`](crate::Error::NoSuchChild).
@@ -67,6 +68,27 @@ pub fn write<'a>(
     buf: &'a [u8],
 ) -> IoFuture<'a, ()> {
     to_child(node, role, |child| child.write(offset, buf))
+}
+
+/// Reads from the `role` child at the same offset into the same regions
+/// (no copy: the vector goes down as it is).
+pub fn readv<'a>(
+    node: RequestRef<'a>,
+    role: ChildRole,
+    offset: u64,
+    iov: IoVecMut<'a>,
+) -> IoFuture<'a, ()> {
+    to_child(node, role, |child| child.readv(offset, iov))
+}
+
+/// Writes the same regions to the `role` child at the same offset.
+pub fn writev<'a>(
+    node: RequestRef<'a>,
+    role: ChildRole,
+    offset: u64,
+    iov: IoVec<'a>,
+) -> IoFuture<'a, ()> {
+    to_child(node, role, |child| child.writev(offset, iov))
 }
 
 /// Zeroes the same range of the `role` child.

@@ -24,9 +24,13 @@ mod filter;
 pub mod forward;
 pub(crate) mod range_lock;
 
-pub use crate::graph::driver::{BlockDriver, IoFuture, ResizePermit};
+pub use crate::graph::driver::{
+    readv_via_read, writev_via_write, BlockDriver, IoFuture, ResizePermit, BOUNCE_CHUNK,
+};
+pub use crate::types::io_vec::{Segments, SegmentsMut};
 pub use crate::types::BlockStatus;
 pub use crate::types::DriverInfo;
+pub use crate::types::{IoVec, IoVecMut};
 pub use filter::Filter;
 
 use crate::graph::proof::{NodeRef, Proof};

@@ -10,6 +10,7 @@ use crate::graph::proof::{NodeRequest, RequestRef};
 use crate::types::BlockStatus;
 use crate::types::Result;
 use crate::types::{ChildRole, Perm, Permissions};
+use crate::types::{IoVec, IoVecMut};
 
 /// Sits above an image with a backing chain (its [`ChildRole::Filtered`]
 /// child, typically a qcow2 overlay). A read of a range that the image does
@@ -155,9 +156,23 @@ impl Filter for CopyOnRead {
         offset: u64,
         buf: &'a mut [u8],
     ) -> IoFuture<'a, ()> {
+        Filter::readv(self, node, offset, IoVecMut::from(buf))
+    }
+
+    /// Reads what the image stores straight into `iov`; a part to copy up
+    /// goes through the image in one buffer of its own when `iov` has
+    /// several segments (QEMU bounces copy-on-read too): what is written
+    /// to the image must be what was read, not what the owner of the
+    /// regions may have changed since.
+    fn readv<'a>(
+        &'a self,
+        node: RequestRef<'a>,
+        offset: u64,
+        mut iov: IoVecMut<'a>,
+    ) -> IoFuture<'a, ()> {
         Box::pin(async move {
             let image = require_child(node, Self::CHILD)?;
-            let len = buf.len() as u64;
+            let len = iov.len() as u64;
             let mut done = 0u64;
             while done < len {
                 let pos = offset + done;
@@ -169,13 +184,22 @@ impl Filter for CopyOnRead {
                     copy = stored;
                     n = m.clamp(1, n);
                 }
-                let part = &mut buf[done as usize..(done + n) as usize];
+                let mut part = iov.slice_mut(done as usize, n as usize);
                 if copy {
                     // May handle less than asked if the range filled
                     // meanwhile; the loop picks up the rest.
-                    n = self.copy_up(image, pos, part).await?;
+                    n = match part.as_contiguous_mut() {
+                        Some(part) => self.copy_up(image, pos, part).await?,
+                        None => {
+                            let mut bounce = vec![0u8; part.len()];
+                            let m = self.copy_up(image, pos, &mut bounce).await?;
+                            part.slice_mut(0, m as usize)
+                                .copy_from_slice(&bounce[..m as usize]);
+                            m
+                        }
+                    };
                 } else {
-                    image.read(pos, part).await?;
+                    image.readv(pos, part).await?;
                 }
                 done += n;
             }
@@ -186,6 +210,12 @@ impl Filter for CopyOnRead {
     fn write<'a>(&'a self, node: RequestRef<'a>, offset: u64, buf: &'a [u8]) -> IoFuture<'a, ()> {
         self.locked(node, offset, buf.len() as u64, move |image| {
             image.write(offset, buf)
+        })
+    }
+
+    fn writev<'a>(&'a self, node: RequestRef<'a>, offset: u64, iov: IoVec<'a>) -> IoFuture<'a, ()> {
+        self.locked(node, offset, iov.len() as u64, move |image| {
+            image.writev(offset, iov)
         })
     }
 

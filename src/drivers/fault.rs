@@ -11,6 +11,7 @@ use crate::driver::{require_child, Filter};
 use crate::graph::driver::IoFuture;
 use crate::graph::proof::RequestRef;
 use crate::types::{Error, Result};
+use crate::types::{IoVec, IoVecMut};
 
 /// Which requests a [`FaultRule`] looks at.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -421,6 +422,33 @@ impl Filter for FaultInjector {
                 .apply(FaultOp::Write, offset, buf.len() as u64)
                 .await?;
             child.write(offset, buf).await
+        })
+    }
+
+    /// The read rules apply to it as to a read of `iov.len()` bytes.
+    fn readv<'a>(
+        &'a self,
+        node: RequestRef<'a>,
+        offset: u64,
+        iov: IoVecMut<'a>,
+    ) -> IoFuture<'a, ()> {
+        Box::pin(async move {
+            let child = require_child(node, Self::CHILD)?;
+            self.control
+                .apply(FaultOp::Read, offset, iov.len() as u64)
+                .await?;
+            child.readv(offset, iov).await
+        })
+    }
+
+    /// The write rules apply to it as to a write of `iov.len()` bytes.
+    fn writev<'a>(&'a self, node: RequestRef<'a>, offset: u64, iov: IoVec<'a>) -> IoFuture<'a, ()> {
+        Box::pin(async move {
+            let child = require_child(node, Self::CHILD)?;
+            self.control
+                .apply(FaultOp::Write, offset, iov.len() as u64)
+                .await?;
+            child.writev(offset, iov).await
         })
     }
 

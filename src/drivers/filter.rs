@@ -7,6 +7,7 @@ use crate::graph::driver::IoFuture;
 use crate::graph::proof::{CallbackRef, RequestRef};
 use crate::types::Result;
 use crate::types::{ChildRole, Perm, Permissions};
+use crate::types::{IoVec, IoVecMut};
 
 /// Passes every request to its `Filtered` child unchanged and counts them.
 ///
@@ -94,6 +95,21 @@ impl Filter for PassthroughFilter {
     fn write<'a>(&'a self, node: RequestRef<'a>, offset: u64, buf: &'a [u8]) -> IoFuture<'a, ()> {
         self.count();
         forward::write(node, Self::CHILD, offset, buf)
+    }
+
+    fn readv<'a>(
+        &'a self,
+        node: RequestRef<'a>,
+        offset: u64,
+        iov: IoVecMut<'a>,
+    ) -> IoFuture<'a, ()> {
+        self.count();
+        forward::readv(node, Self::CHILD, offset, iov)
+    }
+
+    fn writev<'a>(&'a self, node: RequestRef<'a>, offset: u64, iov: IoVec<'a>) -> IoFuture<'a, ()> {
+        self.count();
+        forward::writev(node, Self::CHILD, offset, iov)
     }
 
     fn write_zeroes<'a>(&'a self, node: RequestRef<'a>, offset: u64, len: u64) -> IoFuture<'a, ()> {

@@ -6,6 +6,7 @@ use std::sync::RwLock;
 use crate::graph::driver::{BlockDriver, IoFuture, ResizePermit};
 use crate::graph::proof::RequestRef;
 use crate::types::{Error, Result};
+use crate::types::{IoVec, IoVecMut};
 
 /// A device stored in memory. Reads see exactly what was written.
 ///
@@ -112,6 +113,38 @@ impl BlockDriver for MemoryDriver {
             let mut data = self.data.write().unwrap_or_else(|e| e.into_inner());
             let r = self.range(data.len(), offset, buf.len())?;
             data[r].copy_from_slice(buf);
+            Ok(())
+        })
+    }
+
+    /// Copies straight from the store into each region.
+    fn readv<'a>(
+        &'a self,
+        _node: RequestRef<'a>,
+        offset: u64,
+        mut iov: IoVecMut<'a>,
+    ) -> IoFuture<'a, ()> {
+        Box::pin(async move {
+            self.requests.fetch_add(1, Ordering::Relaxed);
+            let data = self.data.read().unwrap_or_else(|e| e.into_inner());
+            let r = self.range(data.len(), offset, iov.len())?;
+            iov.copy_from_slice(&data[r]);
+            Ok(())
+        })
+    }
+
+    /// Copies each region straight into the store.
+    fn writev<'a>(
+        &'a self,
+        _node: RequestRef<'a>,
+        offset: u64,
+        iov: IoVec<'a>,
+    ) -> IoFuture<'a, ()> {
+        Box::pin(async move {
+            self.requests.fetch_add(1, Ordering::Relaxed);
+            let mut data = self.data.write().unwrap_or_else(|e| e.into_inner());
+            let r = self.range(data.len(), offset, iov.len())?;
+            iov.copy_to_slice(&mut data[r]);
             Ok(())
         })
     }

@@ -6,6 +6,7 @@ use std::time::Duration;
 use crate::graph::driver::{BlockDriver, IoFuture};
 use crate::graph::proof::RequestRef;
 use crate::types::BlockStatus;
+use crate::types::{IoVec, IoVecMut};
 
 /// A device of a given size that reads zeroes (or leaves the buffer alone)
 /// and forgets what is written (QEMU's `null-co`). For benchmarks and tests.
@@ -94,6 +95,33 @@ impl BlockDriver for NullDriver {
         _node: RequestRef<'a>,
         _offset: u64,
         _buf: &'a [u8],
+    ) -> IoFuture<'a, ()> {
+        Box::pin(async move {
+            self.delay().await;
+            Ok(())
+        })
+    }
+
+    fn readv<'a>(
+        &'a self,
+        _node: RequestRef<'a>,
+        _offset: u64,
+        mut iov: IoVecMut<'a>,
+    ) -> IoFuture<'a, ()> {
+        Box::pin(async move {
+            self.delay().await;
+            if self.read_zeroes {
+                iov.fill(0);
+            }
+            Ok(())
+        })
+    }
+
+    fn writev<'a>(
+        &'a self,
+        _node: RequestRef<'a>,
+        _offset: u64,
+        _iov: IoVec<'a>,
     ) -> IoFuture<'a, ()> {
         Box::pin(async move {
             self.delay().await;

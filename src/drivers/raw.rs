@@ -9,6 +9,7 @@ use crate::graph::proof::{CallbackRef, RequestRef};
 use crate::types::BlockStatus;
 use crate::types::{ChildRole, Perm, Permissions};
 use crate::types::{Error, Result};
+use crate::types::{IoVec, IoVecMut};
 
 /// Passes requests to its [`ChildRole::File`] child, shifted by `offset`
 /// and, with a `size`, confined to `[offset, offset + size)` of the child
@@ -280,6 +281,34 @@ impl Filter for RawDriver {
         Box::pin(async move {
             let (child, at) = self.map(node, offset, buf.len() as u64).await?;
             child.write(at, buf).await
+        })
+    }
+
+    /// Checked against the window and shifted like [`read`](Filter::read);
+    /// the vector goes to the file as it is.
+    fn readv<'a>(
+        &'a self,
+        node: RequestRef<'a>,
+        offset: u64,
+        iov: IoVecMut<'a>,
+    ) -> IoFuture<'a, ()> {
+        if self.whole_child() {
+            return forward::readv(node, Self::CHILD, offset, iov);
+        }
+        Box::pin(async move {
+            let (child, at) = self.map(node, offset, iov.len() as u64).await?;
+            child.readv(at, iov).await
+        })
+    }
+
+    /// Checked and shifted like [`write`](Filter::write).
+    fn writev<'a>(&'a self, node: RequestRef<'a>, offset: u64, iov: IoVec<'a>) -> IoFuture<'a, ()> {
+        if self.whole_child() {
+            return forward::writev(node, Self::CHILD, offset, iov);
+        }
+        Box::pin(async move {
+            let (child, at) = self.map(node, offset, iov.len() as u64).await?;
+            child.writev(at, iov).await
         })
     }
 

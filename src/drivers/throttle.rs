@@ -14,6 +14,7 @@ use crate::driver::{require_child, Filter};
 use crate::graph::driver::IoFuture;
 use crate::graph::proof::{CallbackRef, RequestRef};
 use crate::types::{Error, Result};
+use crate::types::{IoVec, IoVecMut};
 
 /// The largest rate accepted (QEMU's bound too): 10^15 units per second.
 const MAX_RATE: u64 = 1_000_000_000_000_000;
@@ -558,6 +559,43 @@ impl Filter for ThrottleDriver {
             Some(wait) => Box::pin(async move {
                 self.wait_booked(wait).await?;
                 child.write(offset, buf).await
+            }),
+        }
+    }
+
+    /// Throttled as a read of `iov.len()` bytes, then the vector goes to
+    /// the child as it is.
+    fn readv<'a>(
+        &'a self,
+        node: RequestRef<'a>,
+        offset: u64,
+        iov: IoVecMut<'a>,
+    ) -> IoFuture<'a, ()> {
+        let child = match require_child(node, Self::CHILD) {
+            Ok(child) => child,
+            Err(e) => return Box::pin(std::future::ready(Err(e))),
+        };
+        match self.book_now(false, iov.len() as u64) {
+            None => child.readv(offset, iov).into(),
+            Some(wait) => Box::pin(async move {
+                self.wait_booked(wait).await?;
+                child.readv(offset, iov).await
+            }),
+        }
+    }
+
+    /// Throttled as a write of `iov.len()` bytes, then the vector goes to
+    /// the child as it is.
+    fn writev<'a>(&'a self, node: RequestRef<'a>, offset: u64, iov: IoVec<'a>) -> IoFuture<'a, ()> {
+        let child = match require_child(node, Self::CHILD) {
+            Ok(child) => child,
+            Err(e) => return Box::pin(std::future::ready(Err(e))),
+        };
+        match self.book_now(true, iov.len() as u64) {
+            None => child.writev(offset, iov).into(),
+            Some(wait) => Box::pin(async move {
+                self.wait_booked(wait).await?;
+                child.writev(offset, iov).await
             }),
         }
     }

@@ -13,6 +13,7 @@ use crate::types::DriverInfo;
 use crate::types::Perm;
 use crate::types::{ChildRole, Permissions};
 use crate::types::{Error, Result};
+use crate::types::{IoVec, IoVecMut};
 
 /// The future an I/O callback returns. `Send`, so requests can run on
 /// multi-thread runtimes too.
@@ -220,6 +221,36 @@ pub trait BlockDriver: Any + Send + Sync {
     /// Writes `buf` at `offset`.
     fn write<'a>(&'a self, node: RequestRef<'a>, offset: u64, buf: &'a [u8]) -> IoFuture<'a, ()>;
 
+    /// Reads `iov.len()` bytes at `offset` into the regions of `iov`, in
+    /// order (QEMU's `bdrv_co_preadv` with a `QEMUIOVector`).
+    ///
+    /// The default keeps simple drivers simple: a vector of one segment
+    /// (every request that came in through [`read`](Self::read)) goes to
+    /// [`read`](Self::read) as it is; a vector of several is read through
+    /// one bounce buffer of at most [`BOUNCE_CHUNK`] bytes at a time. A
+    /// driver that can pass the regions on overrides it: a filter hands
+    /// `iov` to its child, a format driver cuts it at its mapping's
+    /// boundaries ([`IoVecMut::slice_mut`]) and a protocol driver gives the
+    /// segments to `preadv(2)`.
+    fn readv<'a>(
+        &'a self,
+        node: RequestRef<'a>,
+        offset: u64,
+        iov: IoVecMut<'a>,
+    ) -> IoFuture<'a, ()> {
+        readv_via_read(self, node, offset, iov)
+    }
+
+    /// Writes the regions of `iov`, in order, at `offset` (QEMU's
+    /// `bdrv_co_pwritev` with a `QEMUIOVector`).
+    ///
+    /// The default is [`readv`](Self::readv)'s: one segment goes to
+    /// [`write`](Self::write) as it is, several are gathered into a bounce
+    /// buffer of at most [`BOUNCE_CHUNK`] bytes at a time.
+    fn writev<'a>(&'a self, node: RequestRef<'a>, offset: u64, iov: IoVec<'a>) -> IoFuture<'a, ()> {
+        writev_via_write(self, node, offset, iov)
+    }
+
     /// Makes `len` bytes at `offset` read as zeroes (default: writes zero
     /// buffers).
     fn write_zeroes<'a>(&'a self, node: RequestRef<'a>, offset: u64, len: u64) -> IoFuture<'a, ()> {
@@ -299,5 +330,67 @@ pub trait BlockDriver: Any + Send + Sync {
     ) -> IoFuture<'a, (BlockStatus, u64)> {
         let _ = (node, offset);
         Box::pin(async move { Ok((BlockStatus::Data, len)) })
+    }
+}
+
+/// The largest bounce buffer the default [`BlockDriver::readv`] and
+/// [`BlockDriver::writev`] allocate: a vector longer than this is read or
+/// written in pieces of this size (a multiple of every request alignment a
+/// driver reports in practice), so a vector whose segments repeat one
+/// buffer many times cannot make the default allocate its whole length.
+pub const BOUNCE_CHUNK: usize = 1 << 20;
+
+/// [`BlockDriver::readv`]'s default, for `driver`: [`BlockDriver::read`]
+/// on a single segment, through a bounce buffer otherwise. Public in the
+/// driver kit for drivers that override `readv` and fall back to it on
+/// some paths.
+pub fn readv_via_read<'a, D: BlockDriver + ?Sized>(
+    driver: &'a D,
+    node: RequestRef<'a>,
+    offset: u64,
+    iov: IoVecMut<'a>,
+) -> IoFuture<'a, ()> {
+    match iov.into_contiguous() {
+        Ok(buf) => driver.read(node, offset, buf),
+        Err(mut iov) => Box::pin(async move {
+            let mut bounce = vec![0u8; iov.len().min(BOUNCE_CHUNK)];
+            let mut done = 0;
+            while done < iov.len() {
+                let n = (iov.len() - done).min(BOUNCE_CHUNK);
+                driver
+                    .read(node, offset + done as u64, &mut bounce[..n])
+                    .await?;
+                iov.slice_mut(done, n).copy_from_slice(&bounce[..n]);
+                done += n;
+            }
+            Ok(())
+        }),
+    }
+}
+
+/// [`BlockDriver::writev`]'s default, for `driver`:
+/// [`BlockDriver::write`] on a single segment, through a bounce buffer
+/// otherwise.
+pub fn writev_via_write<'a, D: BlockDriver + ?Sized>(
+    driver: &'a D,
+    node: RequestRef<'a>,
+    offset: u64,
+    iov: IoVec<'a>,
+) -> IoFuture<'a, ()> {
+    match iov.as_contiguous() {
+        Some(buf) => driver.write(node, offset, buf),
+        None => Box::pin(async move {
+            let mut bounce = vec![0u8; iov.len().min(BOUNCE_CHUNK)];
+            let mut done = 0;
+            while done < iov.len() {
+                let n = (iov.len() - done).min(BOUNCE_CHUNK);
+                iov.slice(done, n).copy_to_slice(&mut bounce[..n]);
+                driver
+                    .write(node, offset + done as u64, &bounce[..n])
+                    .await?;
+                done += n;
+            }
+            Ok(())
+        }),
     }
 }

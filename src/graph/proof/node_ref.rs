@@ -18,6 +18,7 @@ use crate::graph::proof::NodeHandle;
 use crate::types::BlockStatus;
 use crate::types::{ChildRole, Permissions};
 use crate::types::{Error, Result};
+use crate::types::{IoVec, IoVecMut};
 
 pub(crate) mod sealed {
     use super::*;
@@ -398,6 +399,34 @@ impl<'a, P: Proof> NodeRef<'a, P> {
         P::dispatch(
             self.target_changing(offset, buf.len() as u64),
             move |d, n| d.write(n, offset, buf),
+        )
+    }
+
+    /// Reads `iov.len()` bytes at `offset` into the regions of `iov`, in
+    /// order, without an intermediate buffer where the drivers below can
+    /// pass the regions on ([`BlockDriver::readv`]).
+    ///
+    /// Needs the same proof as [`read`](Self::read): the vector is lent
+    /// for `'b`, no longer than the read lock (`'a: 'b`).
+    pub fn readv<'b>(&self, offset: u64, iov: IoVecMut<'b>) -> NodeRequest<'b, ()>
+    where
+        P: IoProof,
+        'a: 'b,
+    {
+        P::dispatch(self.target(), move |d, n| d.readv(n, offset, iov))
+    }
+
+    /// Writes the regions of `iov`, in order, at `offset`
+    /// ([`BlockDriver::writev`]); marks dirty bitmaps as
+    /// [`write`](Self::write) does.
+    pub fn writev<'b>(&self, offset: u64, iov: IoVec<'b>) -> NodeRequest<'b, ()>
+    where
+        P: IoProof,
+        'a: 'b,
+    {
+        P::dispatch(
+            self.target_changing(offset, iov.len() as u64),
+            move |d, n| d.writev(n, offset, iov),
         )
     }
 
