@@ -3,7 +3,7 @@
 //! qcow2 code uses it).
 
 use crate::graph::proof::RequestRef;
-use crate::types::Result;
+use crate::types::{IoVecMut, Result};
 
 /// Reads `len` bytes at `off` from the file, rounding the request out to
 /// the file's alignment and reading zeroes past its end.
@@ -35,10 +35,22 @@ pub(super) async fn read_data(
     host: u64,
     buf: &mut [u8],
 ) -> Result<()> {
-    let avail = file_len.saturating_sub(host).min(buf.len() as u64) as usize;
+    read_data_v(file, file_len, host, IoVecMut::from(buf)).await
+}
+
+/// [`read_data`] into the regions of `iov`: the file reads straight into
+/// them (its vectored read), past its end they are zeroed.
+pub(super) async fn read_data_v(
+    file: RequestRef<'_>,
+    file_len: u64,
+    host: u64,
+    mut iov: IoVecMut<'_>,
+) -> Result<()> {
+    let len = iov.len();
+    let avail = file_len.saturating_sub(host).min(len as u64) as usize;
     if avail > 0 {
-        file.read(host, &mut buf[..avail]).await?;
+        file.readv(host, iov.slice_mut(0, avail)).await?;
     }
-    buf[avail..].fill(0);
+    iov.slice_mut(avail, len - avail).fill(0);
     Ok(())
 }

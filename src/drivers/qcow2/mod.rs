@@ -135,6 +135,7 @@ use crate::graph::driver::{BlockDriver, IoFuture, ResizePermit};
 use crate::graph::proof::{CallbackRef, RequestRef};
 use crate::types::{BlockStatus, DriverInfo};
 use crate::types::{ChildRole, Error, Perm, Permissions, Result};
+use crate::types::{IoVec, IoVecMut};
 
 pub use bitmap::BitmapInfo;
 pub use chain::{
@@ -273,11 +274,31 @@ impl BlockDriver for Qcow2Driver {
         offset: u64,
         buf: &'a mut [u8],
     ) -> IoFuture<'a, ()> {
-        Box::pin(self.do_read(node, offset, buf))
+        Box::pin(self.do_read(node, offset, IoVecMut::from(buf)))
     }
 
     fn write<'a>(&'a self, node: RequestRef<'a>, offset: u64, buf: &'a [u8]) -> IoFuture<'a, ()> {
-        Box::pin(self.do_write(node, offset, buf))
+        Box::pin(self.do_write(node, offset, IoVec::from(buf)))
+    }
+
+    /// Cuts `iov` at the image's mapping (cluster runs stored alike) and
+    /// hands each run to the file or the backing node as a view of the
+    /// same regions: no copy, except for compressed clusters.
+    fn readv<'a>(
+        &'a self,
+        node: RequestRef<'a>,
+        offset: u64,
+        iov: IoVecMut<'a>,
+    ) -> IoFuture<'a, ()> {
+        Box::pin(self.do_read(node, offset, iov))
+    }
+
+    /// Cuts `iov` at the image's mapping: runs of clusters rewritten in
+    /// place or allocated whole go to the file as views of the same
+    /// regions; only a partially written new cluster is assembled (old
+    /// content plus the new bytes) in a buffer of its own.
+    fn writev<'a>(&'a self, node: RequestRef<'a>, offset: u64, iov: IoVec<'a>) -> IoFuture<'a, ()> {
+        Box::pin(self.do_write(node, offset, iov))
     }
 
     fn write_zeroes<'a>(&'a self, node: RequestRef<'a>, offset: u64, len: u64) -> IoFuture<'a, ()> {

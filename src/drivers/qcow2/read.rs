@@ -6,11 +6,11 @@ use std::sync::Arc;
 
 use crate::driver::require_child;
 use crate::graph::proof::RequestRef;
-use crate::types::{BlockStatus, ChildRole, Result};
+use crate::types::{BlockStatus, ChildRole, IoVecMut, Result};
 
 use super::compressed::inflate_cluster;
 use super::entry::{decode_l2, Entry};
-use super::file_io::{read_data, read_file};
+use super::file_io::{read_data, read_data_v, read_file};
 use super::header::invalid;
 use super::meta::Meta;
 use super::state::Qcow2Driver;
@@ -81,17 +81,22 @@ impl Qcow2Driver {
 
     /// Reads guest range `pos..pos+buf.len()` from the backing node
     /// (zeroes where there is none, or past its end).
-    async fn read_backing(backing: Option<RequestRef<'_>>, pos: u64, buf: &mut [u8]) -> Result<()> {
+    async fn read_backing(
+        backing: Option<RequestRef<'_>>,
+        pos: u64,
+        mut buf: IoVecMut<'_>,
+    ) -> Result<()> {
         let Some(b) = backing else {
             buf.fill(0);
             return Ok(());
         };
+        let len = buf.len();
         let blen = b.length().await?;
-        let avail = blen.saturating_sub(pos).min(buf.len() as u64) as usize;
+        let avail = blen.saturating_sub(pos).min(len as u64) as usize;
         if avail > 0 {
-            b.read(pos, &mut buf[..avail]).await?;
+            b.readv(pos, buf.slice_mut(0, avail)).await?;
         }
-        buf[avail..].fill(0);
+        buf.slice_mut(avail, len - avail).fill(0);
         Ok(())
     }
 
@@ -133,7 +138,9 @@ impl Qcow2Driver {
         buf: &mut [u8],
     ) -> Result<()> {
         match old {
-            Entry::Unallocated => Self::read_backing(backing, gc * self.geo.cs, buf).await,
+            Entry::Unallocated => {
+                Self::read_backing(backing, gc * self.geo.cs, IoVecMut::from(buf)).await
+            }
             Entry::Zero { .. } => {
                 buf.fill(0);
                 Ok(())
@@ -147,11 +154,16 @@ impl Qcow2Driver {
         }
     }
 
+    /// [`BlockDriver::readv`](crate::graph::driver::BlockDriver::readv)
+    /// (and `read`, with one segment): each run of clusters that the
+    /// mapping stores alike gets its share of `buf` as a view, without a
+    /// copy, and hands it to the file or the backing node; only
+    /// compressed clusters are inflated into a buffer of their own first.
     pub(super) async fn do_read(
         &self,
         node: RequestRef<'_>,
         offset: u64,
-        buf: &mut [u8],
+        mut buf: IoVecMut<'_>,
     ) -> Result<()> {
         let file = require_child(node, ChildRole::File)?;
         let backing = node.child(ChildRole::Backing);
@@ -168,11 +180,11 @@ impl Qcow2Driver {
                     .await?;
                 (map, n as usize, m.file_len)
             };
-            let chunk = &mut buf[done..done + n];
+            let mut chunk = buf.slice_mut(done, n);
             match map {
                 Mapping::Unallocated => Self::read_backing(backing, pos, chunk).await?,
                 Mapping::Zero => chunk.fill(0),
-                Mapping::Data(host) => read_data(file, file_len, host, chunk).await?,
+                Mapping::Data(host) => read_data_v(file, file_len, host, chunk).await?,
                 Mapping::Compressed { offset, bytes } => {
                     let data = self.inflate(file, file_len, offset, bytes).await?;
                     let at = (pos & (self.geo.cs - 1)) as usize;

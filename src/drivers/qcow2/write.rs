@@ -10,7 +10,7 @@ use tokio::sync::MutexGuard;
 
 use crate::driver::require_child;
 use crate::graph::proof::{IoRef, RequestRef};
-use crate::types::{ChildRole, Error, Result};
+use crate::types::{ChildRole, Error, IoVec, Result};
 
 use super::bitmap::BitmapDir;
 use super::compressed::deflate_cluster;
@@ -22,14 +22,16 @@ use super::state::Qcow2Driver;
 /// What a write stores.
 #[derive(Clone, Copy)]
 pub(super) enum Src<'a> {
-    Buf(&'a [u8]),
+    /// The request's data, in as many regions as it came in: each run of
+    /// clusters written in place gets its share as a view, not a copy.
+    Buf(IoVec<'a>),
     Zeroes,
 }
 
 impl Src<'_> {
     fn copy_to(&self, from: usize, dst: &mut [u8]) {
         match self {
-            Src::Buf(b) => dst.copy_from_slice(&b[from..from + dst.len()]),
+            Src::Buf(b) => b.slice(from, dst.len()).copy_to_slice(dst),
             Src::Zeroes => dst.fill(0),
         }
     }
@@ -55,12 +57,13 @@ impl Drop for InflightGuard<'_> {
 }
 
 impl Qcow2Driver {
-    /// [`BlockDriver::write`](crate::graph::driver::BlockDriver::write).
+    /// [`BlockDriver::writev`](crate::graph::driver::BlockDriver::writev)
+    /// (and `write`, with one segment).
     pub(super) async fn do_write(
         &self,
         node: RequestRef<'_>,
         offset: u64,
-        buf: &[u8],
+        buf: IoVec<'_>,
     ) -> Result<()> {
         self.check_writable(node)?;
         let file = require_child(node, ChildRole::File)?;
@@ -293,7 +296,7 @@ impl Qcow2Driver {
         src: Src<'_>,
     ) -> Result<()> {
         match src {
-            Src::Buf(b) => file.write(host, &b[from..from + n]).await,
+            Src::Buf(b) => file.writev(host, b.slice(from, n)).await,
             Src::Zeroes => {
                 let chunk = n.min(1 << 20);
                 let zeroes = vec![0u8; chunk];
@@ -480,7 +483,7 @@ impl Qcow2Driver {
         let mut data = buf.to_vec();
         data.resize(g.cs as usize, 0);
         let Some(z) = deflate_cluster(&data) else {
-            return self.do_write(node, offset, buf).await;
+            return self.do_write(node, offset, IoVec::from(buf)).await;
         };
         let file = require_child(node, ChildRole::File)?;
         let _io = self.io_lock.read().await;
