@@ -21,7 +21,7 @@ const LAYERS: &[(&str, u32, &str)] = &[
     (
         "types",
         0,
-        "the vocabulary: errors, roles, permissions, block status, query results",
+        "the vocabulary: errors, roles, permissions, block status, query results, I/O vectors",
     ),
     ("sync", 1, "the graph lock"),
     (
