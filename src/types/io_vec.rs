@@ -406,7 +406,7 @@ impl fmt::Debug for IoVec<'_> {
 /// iov.slice_mut(2, 2).fill(b'-'); // across the two segments
 /// let (mut head, _tail) = iov.split_at(1);
 /// head.fill(b'A');
-/// assert_eq!((&a, &b), (b"A--", b"-efgh"));
+/// assert_eq!((&a, &b), (b"Ab-", b"-efgh"));
 /// ```
 pub struct IoVecMut<'a> {
     raw: Raw,
