@@ -756,3 +756,55 @@ fn a_filter_that_overrides_read_and_write_sees_vectored_requests() {
         "the filter missed vectored requests"
     );
 }
+
+/// The fault injector's rules apply to vectored requests as to
+/// contiguous ones: a rule on a range fails the `readv`/`writev` that
+/// touches it and lets the others through.
+#[test]
+fn fault_rules_apply_to_vectored_requests() {
+    use blockgraph::drivers::{FaultAction, FaultInjector, FaultOp, FaultRule};
+    let _dog = common::watchdog("fault_vectored", Duration::from_secs(60));
+    let env = Env::new();
+    let mem = env.mem_node(Vec::new(), SIZE as usize);
+    let injector = FaultInjector::new();
+    let ctl = injector.controller();
+    ctl.add_rule(FaultRule::new(FaultOp::Write, FaultAction::EIO).in_range(65536, 4096))
+        .unwrap();
+    ctl.add_rule(FaultRule::new(FaultOp::Read, FaultAction::EIO).in_range(131072, 4096))
+        .unwrap();
+    let top = add_above(&env, "fault", &mem, ChildRole::Filtered, injector);
+    let t = top.clone();
+    let results = env.on_io(move |mut cx| async move {
+        let g = cx.read().await;
+        let n = t.io(&g);
+        let (x, y) = ([1u8; 1000], [2u8; 3096]);
+        let segs = [IoSlice::new(&x), IoSlice::new(&y)];
+        let w_hit = n.writev(65536 - 100, IoVec::new(&segs)).await;
+        let w_miss = n.writev(0, IoVec::new(&segs)).await;
+        let (mut a, mut b) = ([0u8; 2048], [0u8; 2048]);
+        let r_hit = {
+            let mut segs = [IoSliceMut::new(&mut a), IoSliceMut::new(&mut b)];
+            n.readv(131072 + 4000, IoVecMut::new(&mut segs)).await
+        };
+        let r_miss = {
+            let mut segs = [IoSliceMut::new(&mut a), IoSliceMut::new(&mut b)];
+            n.readv(0, IoVecMut::new(&mut segs)).await
+        };
+        (w_hit, w_miss, r_hit, r_miss, [a, b].concat())
+    });
+    let (w_hit, w_miss, r_hit, r_miss, read) = results;
+    assert!(
+        w_hit.is_err(),
+        "a vectored write into the faulty range succeeded"
+    );
+    assert!(
+        r_hit.is_err(),
+        "a vectored read of the faulty range succeeded"
+    );
+    w_miss.unwrap();
+    r_miss.unwrap();
+    let mut expect = vec![1u8; 1000];
+    expect.extend([2u8; 3096]);
+    assert_eq!(read, expect);
+    assert_eq!(ctl.failed(), 2);
+}
