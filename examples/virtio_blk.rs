@@ -325,7 +325,7 @@ pub fn main() -> Result<(), BoxError> {
         VIRTIO_BLK_S_IOERR
     );
     println!(
-        "virtio-blk: wrote and read back {total} bytes between scattered guest buffers and a qcow2 image, no bounce buffer"
+        "virtio-blk: wrote and read back {total} bytes between scattered guest buffers and a qcow2 image (guest regions handed down as I/O vectors)"
     );
     drop(io);
     main.shutdown();
