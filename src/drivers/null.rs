@@ -119,6 +119,13 @@ impl BlockDriver for NullDriver {
         _offset: u64,
         len: u64,
     ) -> IoFuture<'a, (BlockStatus, u64)> {
-        Box::pin(async move { Ok((BlockStatus::Zero, len)) })
+        // Reads that leave the buffer alone do not read as zeroes: data,
+        // as QEMU's null-co answers with `read-zeroes=off`.
+        let status = if self.read_zeroes {
+            BlockStatus::Zero
+        } else {
+            BlockStatus::Data
+        };
+        Box::pin(async move { Ok((status, len)) })
     }
 }
