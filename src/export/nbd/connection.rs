@@ -70,7 +70,7 @@ async fn run(
     tokens: Tokens,
 ) {
     let (rd, wr) = tokio::io::split(stream);
-    let mut rd = BufReader::new(rd);
+    let mut rd = BufReader::with_capacity(transmission::READ_BUFFER, rd);
     let mut wr = BufWriter::new(wr);
     let negotiated = tokio::select! {
         n = tokio::time::timeout(

@@ -2,13 +2,16 @@
 //! task per request (each taking the graph read lock through the export's
 //! backend), and one writer that sends the replies.
 
+use std::future::Future;
+use std::io::IoSlice;
 use std::panic::AssertUnwindSafe;
+use std::pin::Pin;
 use std::sync::Arc;
 
 use futures::FutureExt;
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader, BufWriter};
-use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore, TryAcquireError};
 
 use super::proto::*;
 use super::{Export, Shared, Stop, Tokens, IN_FLIGHT_BYTES, MAX_IN_FLIGHT, MAX_PAYLOAD};
@@ -38,31 +41,76 @@ struct Reply {
     _permits: (OwnedSemaphorePermit, OwnedSemaphorePermit),
 }
 
+/// Replies the writer sends with one vectored write at most (`IOV_MAX` is
+/// 1024; more than [`MAX_IN_FLIGHT`] are never queued anyway).
+const MAX_BATCH: usize = MAX_IN_FLIGHT;
+
+/// Capacity of a connection's read buffer: at queue depth 32, 4 KiB writes
+/// (a 28-byte header and 4 KiB of payload each) arrive 15 to a system call.
+/// A larger payload is read straight into its own buffer once the buffered
+/// bytes are used up.
+pub(crate) const READ_BUFFER: usize = 64 << 10;
+
+/// Takes `n` permits of `sem` without waiting when it has them (no future,
+/// no waker: the common case), else waits; `None` if the semaphore is
+/// closed (never: the connection owns it) or the connection stops first.
+async fn permits<F: Future<Output = ()>>(
+    sem: &Arc<Semaphore>,
+    n: u32,
+    stopped: Pin<&mut F>,
+) -> Option<OwnedSemaphorePermit> {
+    match sem.clone().try_acquire_many_owned(n) {
+        Ok(p) => return Some(p),
+        Err(TryAcquireError::Closed) => return None,
+        Err(TryAcquireError::NoPermits) => {}
+    }
+    tokio::select! {
+        biased;
+        _ = stopped => None,
+        p = sem.clone().acquire_many_owned(n) => p.ok(),
+    }
+}
+
 /// Serves requests until the client disconnects, breaks the protocol or
 /// the server stops; then waits for the requests in flight and their
 /// replies.
 pub(crate) async fn serve<R, W>(
     mut rd: BufReader<R>,
-    wr: BufWriter<W>,
+    mut wr: BufWriter<W>,
     session: Session,
     shared: Arc<Shared>,
-    mut stop: Stop,
+    stop: Stop,
     tokens: Tokens,
 ) where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin + Send + 'static,
 {
+    // The handshake flushed its last reply; replies are written straight to
+    // the socket from here on (vectored, several per system call), so the
+    // writer's buffer has nothing to hold.
+    if wr.flush().await.is_err() {
+        return;
+    }
+    let wr = wr.into_inner();
     let session = Arc::new(session);
     let requests = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
     let bytes = Arc::new(Semaphore::new((IN_FLIGHT_BYTES / UNIT) as usize));
     let (tx, rx) = mpsc::unbounded_channel::<Reply>();
-    let writer = tokio::spawn(write_replies(wr, rx, stop.clone()));
+    let writer = tokio::spawn(write_replies(wr, rx, requests.clone(), stop.clone()));
+    let mut stop = stop;
+    // Pinned once and polled by every `select!` below, rather than a new
+    // pair of watch waiters per request.
+    let stopped = async move { stop.wait().await };
+    tokio::pin!(stopped);
 
     loop {
         let mut header = [0u8; REQUEST_LEN];
+        // The stop first: a client that keeps the socket full must not
+        // keep the connection from stopping.
         let read = tokio::select! {
+            biased;
+            _ = stopped.as_mut() => break,
             r = rd.read_exact(&mut header) => r,
-            _ = stop.wait() => break,
         };
         if read.is_err() {
             break;
@@ -84,24 +132,22 @@ pub(crate) async fn serve<R, W>(
             1
         };
         // The bound on memory: wait for replies to go out before reading on.
-        let permits = tokio::select! {
-            p = async {
-                let r = requests.clone().acquire_owned().await;
-                let b = bytes.clone().acquire_many_owned(cost as u32).await;
-                (r, b)
-            } => p,
-            _ = stop.wait() => break,
+        let Some(r) = permits(&requests, 1, stopped.as_mut()).await else {
+            break;
         };
-        let (Ok(r), Ok(b)) = permits else { break };
+        let Some(b) = permits(&bytes, cost as u32, stopped.as_mut()).await else {
+            break;
+        };
         let mut payload = Vec::new();
         if req.kind == CMD_WRITE {
-            payload = vec![0u8; req.len as usize];
             let read = tokio::select! {
-                r = rd.read_exact(&mut payload) => r,
-                _ = stop.wait() => break,
+                biased;
+                _ = stopped.as_mut() => break,
+                r = read_payload(&mut rd, req.len as usize) => r,
             };
-            if read.is_err() {
-                break;
+            match read {
+                Ok(p) => payload = p,
+                Err(_) => break,
             }
         }
         let (session, tx, tokens) = (session.clone(), tx.clone(), tokens.clone());
@@ -132,34 +178,81 @@ pub(crate) async fn serve<R, W>(
     let _ = writer.await;
 }
 
-/// Writes replies in the order they complete; flushes when none is
-/// waiting. Gives up on a client that reads nothing for [`STOP_GRACE`]
-/// after a stop.
+/// A write's payload: `len` bytes read into a buffer that is not zeroed
+/// first (the bytes are received straight into its spare capacity).
+async fn read_payload<R: AsyncRead + Unpin>(rd: &mut R, len: usize) -> std::io::Result<Vec<u8>> {
+    let mut payload = Vec::with_capacity(len);
+    let mut rest = rd.take(len as u64);
+    while payload.len() < len {
+        if rest.read_buf(&mut payload).await? == 0 {
+            return Err(std::io::ErrorKind::UnexpectedEof.into());
+        }
+    }
+    Ok(payload)
+}
+
+/// Writes replies in the order they complete: whatever has queued up by
+/// the time the socket takes more goes out in one vectored write, and each
+/// reply's budget is returned once it is written. Gives up on a client
+/// that reads nothing for [`STOP_GRACE`] after a stop.
 ///
 /// [`STOP_GRACE`]: super::STOP_GRACE
 async fn write_replies<W: AsyncWrite + Unpin>(
-    mut wr: BufWriter<W>,
+    mut wr: W,
     mut rx: mpsc::UnboundedReceiver<Reply>,
+    requests: Arc<Semaphore>,
     mut stop: Stop,
 ) {
-    while let Some(reply) = rx.recv().await {
-        let done = tokio::select! {
-            r = async {
-                wr.write_all(&reply.bytes).await?;
-                if rx.is_empty() {
-                    wr.flush().await?;
+    let grace = async move { stop.wait_then_grace().await };
+    tokio::pin!(grace);
+    let mut batch: Vec<Reply> = Vec::with_capacity(MAX_BATCH);
+    while rx.recv_many(&mut batch, MAX_BATCH).await > 0 {
+        // Other requests still in flight (each holds a request permit
+        // until its reply is written) may be about to answer: let the
+        // tasks that are ready run first and send their replies with
+        // these. At queue depth 1 nothing else is in flight and the reply
+        // goes out at once.
+        let in_flight = MAX_IN_FLIGHT - requests.available_permits();
+        if in_flight > batch.len() && batch.len() < MAX_BATCH {
+            tokio::task::yield_now().await;
+            while batch.len() < MAX_BATCH {
+                match rx.try_recv() {
+                    Ok(reply) => batch.push(reply),
+                    Err(_) => break,
                 }
-                Ok::<_, std::io::Error>(())
-            } => r.is_ok(),
-            _ = stop.wait_then_grace() => false,
+            }
+        }
+        let done = tokio::select! {
+            biased;
+            r = write_batch(&mut wr, &batch) => r.is_ok(),
+            _ = grace.as_mut() => false,
         };
-        drop(reply);
+        // Written (or given up on): the budget goes back to the reader.
+        batch.clear();
         if !done {
             return;
         }
     }
     let _ = wr.flush().await;
     let _ = wr.shutdown().await;
+}
+
+/// Writes every reply of `batch`, in order, with as few system calls as
+/// the socket allows.
+async fn write_batch<W: AsyncWrite + Unpin>(wr: &mut W, batch: &[Reply]) -> std::io::Result<()> {
+    if let [one] = batch {
+        return wr.write_all(&one.bytes).await;
+    }
+    let mut slices: Vec<IoSlice<'_>> = batch.iter().map(|r| IoSlice::new(&r.bytes)).collect();
+    let mut slices = &mut slices[..];
+    while !slices.is_empty() {
+        let n = wr.write_vectored(slices).await?;
+        if n == 0 {
+            return Err(std::io::ErrorKind::WriteZero.into());
+        }
+        IoSlice::advance_slices(&mut slices, n);
+    }
+    Ok(())
 }
 
 /// The protocol's error number for a backend error.
