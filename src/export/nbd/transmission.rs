@@ -78,6 +78,7 @@ pub(crate) async fn serve<R, W>(
     mut rd: BufReader<R>,
     mut wr: BufWriter<W>,
     session: Session,
+    runtime: tokio::runtime::Handle,
     shared: Arc<Shared>,
     stop: Stop,
     tokens: Tokens,
@@ -153,7 +154,7 @@ pub(crate) async fn serve<R, W>(
         let (session, tx, tokens) = (session.clone(), tx.clone(), tokens.clone());
         shared
             .ctx
-            .spawn_on(&shared.handle, move |mut cx| async move {
+            .spawn_on(&runtime, move |mut cx| async move {
                 // A panicking driver must not leave the client waiting for a
                 // reply that never comes: it gets EIO, the server goes on.
                 let handled = AssertUnwindSafe(handle(&mut cx, &session, req, payload))
