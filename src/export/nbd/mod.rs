@@ -35,6 +35,7 @@
 //! contexts; `FAST_ZERO` is always refused with `ENOTSUP` (the backend
 //! cannot tell whether zeroing will be fast), which the protocol allows.
 
+mod buffers;
 mod connection;
 mod handshake;
 mod proto;

@@ -13,6 +13,7 @@ use futures::FutureExt;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader, BufWriter};
 use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore, TryAcquireError};
 
+use super::buffers::{Buf, BufPool};
 use super::proto::*;
 use super::{Export, Shared, Stop, Tokens, IN_FLIGHT_BYTES, MAX_IN_FLIGHT, MAX_PAYLOAD};
 use crate::graph::runtime::IoTask;
@@ -37,7 +38,7 @@ pub(crate) struct Session {
 
 /// One reply, with the budget its request held until it is written.
 struct Reply {
-    bytes: Vec<u8>,
+    bytes: Buf,
     _permits: (OwnedSemaphorePermit, OwnedSemaphorePermit),
 }
 
@@ -96,8 +97,9 @@ pub(crate) async fn serve<R, W>(
     let session = Arc::new(session);
     let requests = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
     let bytes = Arc::new(Semaphore::new((IN_FLIGHT_BYTES / UNIT) as usize));
+    let pool = BufPool::new();
     let (tx, rx) = mpsc::unbounded_channel::<Reply>();
-    let writer = tokio::spawn(write_replies(wr, rx, requests.clone(), stop.clone()));
+    let writer = tokio::spawn(write_replies(wr, rx, requests.clone(), pool, stop.clone()));
     let mut stop = stop;
     // Pinned once and polled by every `select!` below, rather than a new
     // pair of watch waiters per request.
@@ -139,57 +141,44 @@ pub(crate) async fn serve<R, W>(
         let Some(b) = permits(&bytes, cost as u32, stopped.as_mut()).await else {
             break;
         };
-        let mut payload = Vec::new();
+        let mut payload = Buf::from(Vec::new());
         if req.kind == CMD_WRITE {
+            payload = pool.take(req.len as usize);
             let read = tokio::select! {
                 biased;
                 _ = stopped.as_mut() => break,
-                r = read_payload(&mut rd, req.len as usize) => r,
+                r = rd.read_exact(payload.as_mut_slice()) => r,
             };
-            match read {
-                Ok(p) => payload = p,
-                Err(_) => break,
+            if read.is_err() {
+                break;
             }
         }
         let (session, tx, tokens) = (session.clone(), tx.clone(), tokens.clone());
-        shared
-            .ctx
-            .spawn_on(&runtime, move |mut cx| async move {
-                // A panicking driver must not leave the client waiting for a
-                // reply that never comes: it gets EIO, the server goes on.
-                let handled = AssertUnwindSafe(handle(&mut cx, &session, req, payload))
+        shared.ctx.spawn_on(&runtime, move |mut cx| async move {
+            // A panicking driver must not leave the client waiting for a
+            // reply that never comes: it gets EIO, the server goes on.
+            let handled =
+                AssertUnwindSafe(handle(&mut cx, &session, &pool, req, payload.as_slice()))
                     .catch_unwind()
                     .await;
-                let bytes = handled.unwrap_or_else(|_| {
-                    if session.structured && req.kind == CMD_READ {
-                        error_chunk(EIO, req.cookie)
-                    } else {
-                        simple_reply(EIO, req.cookie)
-                    }
-                });
-                let _ = tx.send(Reply {
-                    bytes,
-                    _permits: (r, b),
-                });
-                drop(tokens);
+            pool.give(payload);
+            let bytes = handled.unwrap_or_else(|_| {
+                if session.structured && req.kind == CMD_READ {
+                    error_chunk(EIO, req.cookie).into()
+                } else {
+                    simple_reply(EIO, req.cookie).into()
+                }
             });
+            let _ = tx.send(Reply {
+                bytes,
+                _permits: (r, b),
+            });
+            drop(tokens);
+        });
     }
     // The writer ends once every request task has sent its reply.
     drop(tx);
     let _ = writer.await;
-}
-
-/// A write's payload: `len` bytes read into a buffer that is not zeroed
-/// first (the bytes are received straight into its spare capacity).
-async fn read_payload<R: AsyncRead + Unpin>(rd: &mut R, len: usize) -> std::io::Result<Vec<u8>> {
-    let mut payload = Vec::with_capacity(len);
-    let mut rest = rd.take(len as u64);
-    while payload.len() < len {
-        if rest.read_buf(&mut payload).await? == 0 {
-            return Err(std::io::ErrorKind::UnexpectedEof.into());
-        }
-    }
-    Ok(payload)
 }
 
 /// Writes replies in the order they complete: whatever has queued up by
@@ -202,6 +191,7 @@ async fn write_replies<W: AsyncWrite + Unpin>(
     mut wr: W,
     mut rx: mpsc::UnboundedReceiver<Reply>,
     requests: Arc<Semaphore>,
+    pool: BufPool,
     mut stop: Stop,
 ) {
     let grace = async move { stop.wait_then_grace().await };
@@ -228,8 +218,11 @@ async fn write_replies<W: AsyncWrite + Unpin>(
             r = write_batch(&mut wr, &batch) => r.is_ok(),
             _ = grace.as_mut() => false,
         };
-        // Written (or given up on): the budget goes back to the reader.
-        batch.clear();
+        // Written (or given up on): the budget goes back to the reader,
+        // the buffers to the pool.
+        for reply in batch.drain(..) {
+            pool.give(reply.bytes);
+        }
         if !done {
             return;
         }
@@ -242,9 +235,12 @@ async fn write_replies<W: AsyncWrite + Unpin>(
 /// the socket allows.
 async fn write_batch<W: AsyncWrite + Unpin>(wr: &mut W, batch: &[Reply]) -> std::io::Result<()> {
     if let [one] = batch {
-        return wr.write_all(&one.bytes).await;
+        return wr.write_all(one.bytes.as_slice()).await;
     }
-    let mut slices: Vec<IoSlice<'_>> = batch.iter().map(|r| IoSlice::new(&r.bytes)).collect();
+    let mut slices: Vec<IoSlice<'_>> = batch
+        .iter()
+        .map(|r| IoSlice::new(r.bytes.as_slice()))
+        .collect();
     let mut slices = &mut slices[..];
     while !slices.is_empty() {
         let n = wr.write_vectored(slices).await?;
@@ -274,12 +270,12 @@ fn errno(e: &Error, write: bool) -> u32 {
 }
 
 /// Runs one request and encodes its reply.
-async fn handle(cx: &mut IoTask, s: &Session, req: Request, payload: Vec<u8>) -> Vec<u8> {
-    let fail = |error: u32| {
+async fn handle(cx: &mut IoTask, s: &Session, pool: &BufPool, req: Request, payload: &[u8]) -> Buf {
+    let fail = |error: u32| -> Buf {
         if s.structured && req.kind == CMD_READ {
-            error_chunk(error, req.cookie)
+            error_chunk(error, req.cookie).into()
         } else {
-            simple_reply(error, req.cookie)
+            simple_reply(error, req.cookie).into()
         }
     };
     let known =
@@ -296,10 +292,10 @@ async fn handle(cx: &mut IoTask, s: &Session, req: Request, payload: Vec<u8>) ->
     }
     let fua = req.flags & CMD_FLAG_FUA != 0;
     let result: Result<(), u32> = match req.kind {
-        CMD_READ => return read(cx, s, req).await,
+        CMD_READ => return read(cx, s, pool, req).await,
         CMD_WRITE if !in_range => Err(ENOSPC),
         CMD_WRITE => blk
-            .write(cx, offset, &payload)
+            .write(cx, offset, payload)
             .await
             .map_err(|e| errno(&e, true)),
         CMD_FLUSH => blk.flush(cx).await.map_err(|e| errno(&e, false)),
@@ -321,14 +317,14 @@ async fn handle(cx: &mut IoTask, s: &Session, req: Request, payload: Vec<u8>) ->
             .write_zeroes(cx, offset, len)
             .await
             .map_err(|e| errno(&e, true)),
-        CMD_BLOCK_STATUS => return block_status(cx, s, req, in_range).await,
+        CMD_BLOCK_STATUS => return block_status(cx, s, req, in_range).await.into(),
         _ => Err(EINVAL),
     };
     let result = match result {
         Ok(()) if fua && writes && len > 0 => blk.flush(cx).await.map_err(|e| errno(&e, true)),
         other => other,
     };
-    simple_reply(result.err().unwrap_or(0), req.cookie)
+    simple_reply(result.err().unwrap_or(0), req.cookie).into()
 }
 
 /// `WRITE_ZEROES` with `NO_HOLE`: zeroes written as data, so the range
@@ -352,13 +348,13 @@ async fn write_zero_buffers(
     Ok(())
 }
 
-async fn read(cx: &mut IoTask, s: &Session, req: Request) -> Vec<u8> {
+async fn read(cx: &mut IoTask, s: &Session, pool: &BufPool, req: Request) -> Buf {
     let (offset, len) = (req.offset, u64::from(req.len));
-    let fail = |error: u32| {
+    let fail = |error: u32| -> Buf {
         if s.structured {
-            error_chunk(error, req.cookie)
+            error_chunk(error, req.cookie).into()
         } else {
-            simple_reply(error, req.cookie)
+            simple_reply(error, req.cookie).into()
         }
     };
     if req.len > MAX_PAYLOAD {
@@ -369,24 +365,27 @@ async fn read(cx: &mut IoTask, s: &Session, req: Request) -> Vec<u8> {
     }
     if len == 0 {
         return if s.structured {
-            chunk(REPLY_TYPE_NONE, req.cookie, &[])
+            chunk(REPLY_TYPE_NONE, req.cookie, &[]).into()
         } else {
-            simple_reply(0, req.cookie)
+            simple_reply(0, req.cookie).into()
         };
     }
-    // Header and data in one buffer: the reply is written as it is.
+    // Header and data in one buffer (the connection's, reused): the reply
+    // is written as it is.
     let head = if s.structured {
         CHUNK_LEN + 8
     } else {
         SIMPLE_REPLY_LEN
     };
-    let mut out = vec![0u8; head + req.len as usize];
+    let mut buf = pool.take(head + req.len as usize);
+    let out = buf.as_mut_slice();
     if let Err(e) = s.export.backend.read(cx, offset, &mut out[head..]).await {
+        pool.give(buf);
         return fail(errno(&e, false));
     }
     if s.structured {
         chunk_header(
-            &mut out,
+            out,
             REPLY_FLAG_DONE,
             REPLY_TYPE_OFFSET_DATA,
             req.cookie,
@@ -394,9 +393,9 @@ async fn read(cx: &mut IoTask, s: &Session, req: Request) -> Vec<u8> {
         );
         out[CHUNK_LEN..head].copy_from_slice(&offset.to_be_bytes());
     } else {
-        simple_reply_header(&mut out, 0, req.cookie);
+        simple_reply_header(out, 0, req.cookie);
     }
-    out
+    buf
 }
 
 /// `base:allocation` extents: [`BlockStatus::Data`] is allocated data,
