@@ -1,7 +1,8 @@
 //! An NBD server that exports [`BlockBackend`]s (QEMU's `nbd-server-start`
 //! and `block-export-add type=nbd`, as a library).
 //!
-//! [`NbdServer`] owns a small tokio runtime (its own threads, with one
+//! [`NbdServer`] owns its threads (each a current-thread tokio runtime
+//! with a reactor, an I/O thread in the crate's sense, with one
 //! [`IoContext`] of the graph lock for all of them);
 //! [`NbdServer::add_export`] publishes a backend under a name;
 //! [`NbdServer::listen_unix`] and [`NbdServer::listen_tcp`] accept clients
@@ -19,7 +20,10 @@
 //! Each request is its own task, which takes the graph read lock once
 //! through the export's [`BlockBackend`] (so a drain of the exported node
 //! queues new requests and waits for those in flight, like any device);
-//! replies go out through one writer per connection. Memory per connection
+//! replies go out through one writer per connection, batched into one
+//! vectored write when several are ready; a connection, its requests and
+//! its replies stay on one server thread, where the backend's driver does
+//! its I/O too. Memory per connection
 //! is bounded: at most [`MAX_IN_FLIGHT`] requests and
 //! [`IN_FLIGHT_BYTES`] of payload are in flight, and the server stops
 //! reading from a connection that has used them up until replies are
@@ -207,9 +211,11 @@ impl<T: AsyncRead + AsyncWrite + Send + Unpin + 'static> Conn for T {}
 /// `qemu-io`, `nbdcopy`, the Linux kernel's `nbd-client`) over Unix and TCP
 /// sockets.
 ///
-/// The server runs its own tokio runtime (`threads` worker threads, named
-/// `blockgraph-nbd`) with one graph-lock context; every request is a task
-/// there that takes the read lock through the export's backend. Dropping
+/// The server runs its own threads (`threads` of them, named
+/// `blockgraph-nbd`, each a current-thread tokio runtime) with one
+/// graph-lock context; connections are spread over the threads, and every
+/// request is a task on its connection's thread that takes the read lock
+/// through the export's backend. Dropping
 /// the server stops every listener and connection: connections stop
 /// reading requests, those in flight finish (a request is never cancelled
 /// half way) and their replies are sent, then the sockets close; the
