@@ -39,7 +39,28 @@ impl NullDriver {
     }
 
     /// Whether reads zero the buffer (`true`) or leave it as it is (QEMU's
-    /// `read-zeroes=off`, the fastest possible read).
+    /// `read-zeroes=off`, the fastest possible read). Block status says
+    /// what reads return: zeroes with `true`, data (whatever the buffer
+    /// held) with `false`, as QEMU's `null-co` does.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use blockgraph::{driver::BlockStatus, drivers::NullDriver, BackendOptions, MainLoop};
+    ///
+    /// let main = MainLoop::new()?;
+    /// let blk = main.run(|bql| bql.write(|w| {
+    ///     let disk = w.add_node("null0", NullDriver::new(1 << 20).with_read_zeroes(false), &[])?;
+    ///     w.add_backend("vda", &disk, BackendOptions::default())
+    /// }))?;
+    /// let io = main.new_io_thread("io0")?;
+    /// let status = io.spawn(move |mut cx| async move {
+    ///     blk.block_status(&mut cx, 0, 4096).await
+    /// }).join()?;
+    /// assert_eq!(status, (BlockStatus::Data, 4096));
+    /// # drop(io); main.shutdown();
+    /// # Ok::<(), blockgraph::Error>(())
+    /// ```
     pub fn with_read_zeroes(mut self, zeroes: bool) -> Self {
         self.read_zeroes = zeroes;
         self
