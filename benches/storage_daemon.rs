@@ -13,10 +13,19 @@
 //! power-of-two block count, wrapping around the image), so consecutive
 //! requests land far apart and every block is visited once per cycle.
 //!
+//! The exported node is a raw image in a temporary directory (page-cached
+//! after it is written) by default; `STORAGE_DAEMON_BENCH_NODE=null`
+//! exports a `null-co` node (`read-zeroes=off`) instead, which leaves the
+//! export's own cost (socket, protocol, request tasks) and nothing of the
+//! file path; `STORAGE_DAEMON_BENCH_DIR=/dev/shm` puts the image on tmpfs
+//! (memory-backed: no writeback).
+//!
 //! ```text
 //! cargo bench --bench storage_daemon                            # 1 GiB image, 5 rounds
 //! STORAGE_DAEMON_BENCH_QUICK=1 cargo bench --bench storage_daemon   # 128 MiB, 3 rounds, fewer requests
 //! STORAGE_DAEMON_BENCH_SIZE=4G STORAGE_DAEMON_BENCH_ROUNDS=7 cargo bench --bench storage_daemon
+//! STORAGE_DAEMON_BENCH_NODE=null cargo bench --bench storage_daemon   # null-co: the export alone
+//! STORAGE_DAEMON_BENCH_DIR=/dev/shm cargo bench --bench storage_daemon
 //! ```
 //!
 //! Not a test: it prints a Markdown table and fails only if a tool or a
@@ -60,15 +69,39 @@ fn daemon_binary() -> PathBuf {
 /// A running daemon; killed if still running when dropped.
 struct Daemon(Child, PathBuf);
 
+/// What the export serves.
+#[derive(Clone, Copy, PartialEq)]
+enum Node {
+    /// `file` + `raw` on the image.
+    File,
+    /// `null-co` of the image's size, `read-zeroes=off`.
+    Null,
+}
+
+impl Node {
+    /// The `--blockdev` arguments that make the node `d0`.
+    fn blockdevs(self, image: &Path, size: u64) -> Vec<String> {
+        match self {
+            Node::File => vec![
+                "--blockdev".into(),
+                format!("driver=file,node-name=f0,filename={}", image.display()),
+                "--blockdev".into(),
+                "driver=raw,node-name=d0,file=f0".into(),
+            ],
+            Node::Null => vec![
+                "--blockdev".into(),
+                format!("driver=null-co,node-name=d0,size={size},read-zeroes=off"),
+            ],
+        }
+    }
+}
+
 impl Daemon {
-    fn start(bin: &Path, image: &Path, sock: &Path) -> Daemon {
+    fn start(bin: &Path, blockdevs: &[String], sock: &Path) -> Daemon {
         let _ = std::fs::remove_file(sock);
         let child = Command::new(bin)
+            .args(blockdevs)
             .args([
-                "--blockdev",
-                &format!("driver=file,node-name=f0,filename={}", image.display()),
-                "--blockdev",
-                "driver=raw,node-name=d0,file=f0",
                 "--nbd-server",
                 &format!("addr.type=unix,addr.path={}", sock.display()),
                 "--export",
@@ -170,8 +203,18 @@ fn main() {
         (50_000, 200_000)
     };
 
+    let node = match std::env::var("STORAGE_DAEMON_BENCH_NODE").as_deref() {
+        Ok("null") => Node::Null,
+        Ok("file") | Err(_) => Node::File,
+        Ok(other) => panic!("STORAGE_DAEMON_BENCH_NODE={other}: use file or null"),
+    };
+
     let ours = daemon_binary();
-    let dir = tempfile::tempdir().expect("tempdir");
+    let dir = match std::env::var_os("STORAGE_DAEMON_BENCH_DIR") {
+        Some(parent) => tempfile::tempdir_in(parent),
+        None => tempfile::tempdir(),
+    }
+    .expect("tempdir");
     let image = dir.path().join("bench.raw");
     let src = dir.path().join("src.raw");
     for (file, pattern) in [(&image, "0x5a"), (&src, "0xa5")] {
@@ -233,7 +276,7 @@ fn main() {
             } else {
                 Path::new("qemu-storage-daemon")
             };
-            let d = Daemon::start(bin, &image, &sock);
+            let d = Daemon::start(bin, &node.blockdevs(&image, size), &sock);
             for (case, r) in cases.iter().zip(results.iter_mut()) {
                 let v = (case.run)(&url);
                 if is_ours {
@@ -247,12 +290,14 @@ fn main() {
         eprintln!("storage_daemon bench: round {}/{rounds} done", round + 1);
     }
 
+    let what = match node {
+        Node::File => format!("raw image of {} MiB on {}", size >> 20, fs_of(dir.path())),
+        Node::Null => format!("null-co node of {} MiB", size >> 20),
+    };
     println!(
-        "\nstorage_daemon vs qemu-storage-daemon {}: raw image of {} MiB on {}, \
+        "\nstorage_daemon vs qemu-storage-daemon {}: {what}, \
          NBD over a Unix socket, {rounds} rounds{}",
         qemu_version(),
-        size >> 20,
-        fs_of(dir.path()),
         if quick { " (quick mode)" } else { "" }
     );
     println!("machine: {}\n", machine());

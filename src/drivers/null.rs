@@ -40,7 +40,28 @@ impl NullDriver {
     }
 
     /// Whether reads zero the buffer (`true`) or leave it as it is (QEMU's
-    /// `read-zeroes=off`, the fastest possible read).
+    /// `read-zeroes=off`, the fastest possible read). Block status says
+    /// what reads return: zeroes with `true`, data (whatever the buffer
+    /// held) with `false`, as QEMU's `null-co` does.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use blockgraph::{driver::BlockStatus, drivers::NullDriver, BackendOptions, MainLoop};
+    ///
+    /// let main = MainLoop::new()?;
+    /// let blk = main.run(|bql| bql.write(|w| {
+    ///     let disk = w.add_node("null0", NullDriver::new(1 << 20).with_read_zeroes(false), &[])?;
+    ///     w.add_backend("vda", &disk, BackendOptions::default())
+    /// }))?;
+    /// let io = main.new_io_thread("io0")?;
+    /// let status = io.spawn(move |mut cx| async move {
+    ///     blk.block_status(&mut cx, 0, 4096).await
+    /// }).join()?;
+    /// assert_eq!(status, (BlockStatus::Data, 4096));
+    /// # drop(io); main.shutdown();
+    /// # Ok::<(), blockgraph::Error>(())
+    /// ```
     pub fn with_read_zeroes(mut self, zeroes: bool) -> Self {
         self.read_zeroes = zeroes;
         self
@@ -147,6 +168,13 @@ impl BlockDriver for NullDriver {
         _offset: u64,
         len: u64,
     ) -> IoFuture<'a, (BlockStatus, u64)> {
-        Box::pin(async move { Ok((BlockStatus::Zero, len)) })
+        // Reads that leave the buffer alone do not read as zeroes: data,
+        // as QEMU's null-co answers with `read-zeroes=off`.
+        let status = if self.read_zeroes {
+            BlockStatus::Zero
+        } else {
+            BlockStatus::Data
+        };
+        Box::pin(async move { Ok((status, len)) })
     }
 }

@@ -14,22 +14,41 @@ pub(crate) enum Listener {
     Tcp(tokio::net::TcpListener),
 }
 
+/// An accepted client, out of the listener's reactor, to be registered
+/// with the reactor of the server thread that serves it.
+enum Accepted {
+    Unix(std::os::unix::net::UnixStream),
+    Tcp(std::net::TcpStream),
+}
+
 impl Listener {
-    async fn accept(&self) -> std::io::Result<Box<dyn Conn>> {
+    async fn accept(&self) -> std::io::Result<Accepted> {
+        // `into_std` leaves the socket non-blocking, as `from_std` needs.
         Ok(match self {
-            Listener::Unix(l) => Box::new(l.accept().await?.0),
+            Listener::Unix(l) => Accepted::Unix(l.accept().await?.0.into_std()?),
             Listener::Tcp(l) => {
                 let (stream, _) = l.accept().await?;
                 // Replies are written whole; do not hold small ones back.
                 stream.set_nodelay(true)?;
-                Box::new(stream)
+                Accepted::Tcp(stream.into_std()?)
             }
         })
     }
 }
 
+impl Accepted {
+    /// The stream, registered with the current thread's reactor.
+    fn into_conn(self) -> std::io::Result<Box<dyn Conn>> {
+        Ok(match self {
+            Accepted::Unix(s) => Box::new(tokio::net::UnixStream::from_std(s)?),
+            Accepted::Tcp(s) => Box::new(tokio::net::TcpStream::from_std(s)?),
+        })
+    }
+}
+
 /// Accepts clients until the stop; each connection is a task of the
-/// server's graph-lock context.
+/// server's graph-lock context on one of the server's threads (round
+/// robin), where its requests run too.
 pub(crate) async fn accept_loop(
     listener: Listener,
     shared: Arc<Shared>,
@@ -55,8 +74,12 @@ pub(crate) async fn accept_loop(
         let tokens: Tokens = Arc::new((server_tracker.token(), listener_tracker.token()));
         let (shared, stop) = (shared.clone(), stop.clone());
         let ctx = shared.ctx.clone();
-        ctx.spawn_on(&shared.handle.clone(), move |mut cx| async move {
-            run(&mut cx, stream, shared, stop, tokens).await
+        let handle = shared.pick();
+        ctx.spawn_on(&handle.clone(), move |mut cx| async move {
+            let Ok(stream) = stream.into_conn() else {
+                return;
+            };
+            run(&mut cx, stream, handle, shared, stop, tokens).await
         });
     }
 }
@@ -65,12 +88,13 @@ pub(crate) async fn accept_loop(
 async fn run(
     cx: &mut IoTask,
     stream: Box<dyn Conn>,
+    handle: tokio::runtime::Handle,
     shared: Arc<Shared>,
     mut stop: Stop,
     tokens: Tokens,
 ) {
     let (rd, wr) = tokio::io::split(stream);
-    let mut rd = BufReader::new(rd);
+    let mut rd = BufReader::with_capacity(transmission::READ_BUFFER, rd);
     let mut wr = BufWriter::new(wr);
     let negotiated = tokio::select! {
         n = tokio::time::timeout(
@@ -83,5 +107,5 @@ async fn run(
     let Ok(Ok(Some(session))) = negotiated else {
         return;
     };
-    transmission::serve(rd, wr, session, shared, stop, tokens).await;
+    transmission::serve(rd, wr, session, handle, shared, stop, tokens).await;
 }

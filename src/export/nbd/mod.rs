@@ -1,7 +1,8 @@
 //! An NBD server that exports [`BlockBackend`]s (QEMU's `nbd-server-start`
 //! and `block-export-add type=nbd`, as a library).
 //!
-//! [`NbdServer`] owns a small tokio runtime (its own threads, with one
+//! [`NbdServer`] owns its threads (each a current-thread tokio runtime
+//! with a reactor, an I/O thread in the crate's sense, with one
 //! [`IoContext`] of the graph lock for all of them);
 //! [`NbdServer::add_export`] publishes a backend under a name;
 //! [`NbdServer::listen_unix`] and [`NbdServer::listen_tcp`] accept clients
@@ -19,7 +20,10 @@
 //! Each request is its own task, which takes the graph read lock once
 //! through the export's [`BlockBackend`] (so a drain of the exported node
 //! queues new requests and waits for those in flight, like any device);
-//! replies go out through one writer per connection. Memory per connection
+//! replies go out through one writer per connection, batched into one
+//! vectored write when several are ready; a connection, its requests and
+//! its replies stay on one server thread, where the backend's driver does
+//! its I/O too. Memory per connection
 //! is bounded: at most [`MAX_IN_FLIGHT`] requests and
 //! [`IN_FLIGHT_BYTES`] of payload are in flight, and the server stops
 //! reading from a connection that has used them up until replies are
@@ -35,6 +39,7 @@
 //! contexts; `FAST_ZERO` is always refused with `ENOTSUP` (the backend
 //! cannot tell whether zeroing will be fast), which the protocol allows.
 
+mod buffers;
 mod connection;
 mod handshake;
 mod proto;
@@ -52,6 +57,7 @@ use tokio::sync::{watch, Notify};
 
 use crate::backend::BlockBackend;
 use crate::graph::runtime::{IoContext, MainLoop};
+use crate::thread::{set_thread_role, ThreadRole};
 use crate::types::{Error, Result};
 
 /// Largest read or write payload a client may ask for (32 MiB): advertised
@@ -96,10 +102,19 @@ pub(crate) struct Export {
 pub(crate) struct Shared {
     pub(crate) exports: Mutex<BTreeMap<String, Arc<Export>>>,
     pub(crate) ctx: IoContext,
-    pub(crate) handle: tokio::runtime::Handle,
+    /// One runtime per server thread.
+    handles: Vec<tokio::runtime::Handle>,
+    /// Round robin over `handles` for new connections and listeners.
+    next: AtomicUsize,
 }
 
 impl Shared {
+    /// The server thread the next connection (or listener) runs on.
+    pub(crate) fn pick(&self) -> tokio::runtime::Handle {
+        let i = self.next.fetch_add(1, Ordering::Relaxed) % self.handles.len();
+        self.handles[i].clone()
+    }
+
     pub(crate) fn export(&self, name: &str) -> Option<Arc<Export>> {
         self.exports
             .lock()
@@ -130,6 +145,11 @@ pub(crate) struct Tracker {
 pub(crate) struct Token(Arc<Tracker>);
 
 impl Tracker {
+    /// Live tasks.
+    fn live(&self) -> usize {
+        self.live.load(Ordering::SeqCst)
+    }
+
     pub(crate) fn token(self: &Arc<Self>) -> Token {
         self.live.fetch_add(1, Ordering::SeqCst);
         Token(self.clone())
@@ -191,9 +211,11 @@ impl<T: AsyncRead + AsyncWrite + Send + Unpin + 'static> Conn for T {}
 /// `qemu-io`, `nbdcopy`, the Linux kernel's `nbd-client`) over Unix and TCP
 /// sockets.
 ///
-/// The server runs its own tokio runtime (`threads` worker threads, named
-/// `blockgraph-nbd`) with one graph-lock context; every request is a task
-/// there that takes the read lock through the export's backend. Dropping
+/// The server runs its own threads (`threads` of them, named
+/// `blockgraph-nbd`, each a current-thread tokio runtime) with one
+/// graph-lock context; connections are spread over the threads, and every
+/// request is a task on its connection's thread that takes the read lock
+/// through the export's backend. Dropping
 /// the server stops every listener and connection: connections stop
 /// reading requests, those in flight finish (a request is never cancelled
 /// half way) and their replies are sent, then the sockets close; the
@@ -244,7 +266,7 @@ pub struct NbdServer {
     shared: Arc<Shared>,
     tracker: Arc<Tracker>,
     stop: Arc<watch::Sender<bool>>,
-    runtime: Option<tokio::runtime::Runtime>,
+    threads: Vec<std::thread::JoinHandle<()>>,
 }
 
 impl NbdServer {
@@ -253,24 +275,42 @@ impl NbdServer {
         NbdServer::with_threads(main, 1)
     }
 
-    /// A server with `threads` worker threads (at least one) serving every
-    /// connection.
+    /// A server with `threads` threads (at least one); connections are
+    /// spread over them, each connection and its requests staying on one.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Io`] when a thread or its runtime cannot be made.
     pub fn with_threads(main: &MainLoop, threads: usize) -> Result<NbdServer> {
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(threads.max(1))
-            .thread_name("blockgraph-nbd")
-            .enable_all()
-            .build()?;
+        let tracker: Arc<Tracker> = Arc::default();
+        let stop = Arc::new(watch::channel(false).0);
+        let mut handles = Vec::new();
+        let mut joins = Vec::new();
+        for _ in 0..threads.max(1) {
+            match server_thread(tracker.clone(), stop.subscribe()) {
+                Ok((handle, join)) => {
+                    handles.push(handle);
+                    joins.push(join);
+                }
+                Err(e) => {
+                    // The threads made so far see the stop, find nothing
+                    // to wait for and exit.
+                    stop.send_replace(true);
+                    return Err(e);
+                }
+            }
+        }
         let shared = Arc::new(Shared {
             exports: Mutex::new(BTreeMap::new()),
             ctx: main.new_io_context("nbd"),
-            handle: runtime.handle().clone(),
+            handles,
+            next: AtomicUsize::new(0),
         });
         Ok(NbdServer {
             shared,
-            tracker: Arc::default(),
-            stop: Arc::new(watch::channel(false).0),
-            runtime: Some(runtime),
+            tracker,
+            stop,
+            threads: joins,
         })
     }
 
@@ -336,11 +376,16 @@ impl NbdServer {
         let path = path.as_ref().to_path_buf();
         let std_listener = std::os::unix::net::UnixListener::bind(&path)?;
         std_listener.set_nonblocking(true)?;
+        let handle = self.shared.pick();
         let listener = {
-            let _enter = self.shared.handle.enter();
+            let _enter = handle.enter();
             tokio::net::UnixListener::from_std(std_listener)?
         };
-        Ok(self.start(connection::Listener::Unix(listener), ListenAddr::Unix(path)))
+        Ok(self.start(
+            &handle,
+            connection::Listener::Unix(listener),
+            ListenAddr::Unix(path),
+        ))
     }
 
     /// Accepts clients on a new TCP socket bound to `addr` (port 0 picks a
@@ -349,14 +394,24 @@ impl NbdServer {
         let std_listener = std::net::TcpListener::bind(addr)?;
         std_listener.set_nonblocking(true)?;
         let local = std_listener.local_addr()?;
+        let handle = self.shared.pick();
         let listener = {
-            let _enter = self.shared.handle.enter();
+            let _enter = handle.enter();
             tokio::net::TcpListener::from_std(std_listener)?
         };
-        Ok(self.start(connection::Listener::Tcp(listener), ListenAddr::Tcp(local)))
+        Ok(self.start(
+            &handle,
+            connection::Listener::Tcp(listener),
+            ListenAddr::Tcp(local),
+        ))
     }
 
-    fn start(&self, listener: connection::Listener, addr: ListenAddr) -> NbdListener {
+    fn start(
+        &self,
+        handle: &tokio::runtime::Handle,
+        listener: connection::Listener,
+        addr: ListenAddr,
+    ) -> NbdListener {
         let (stop_tx, stop_rx) = watch::channel(false);
         let own = Arc::new(Tracker::default());
         let stop = Stop {
@@ -366,7 +421,7 @@ impl NbdServer {
         let tokens: Tokens = Arc::new((self.tracker.token(), own.token()));
         let shared = self.shared.clone();
         let (server_tracker, listener_tracker) = (self.tracker.clone(), own.clone());
-        self.shared.handle.spawn(connection::accept_loop(
+        handle.spawn(connection::accept_loop(
             listener,
             shared,
             stop,
@@ -389,30 +444,62 @@ impl NbdServer {
     /// section of an exported node (its queued requests wait for the
     /// section to end); drop the server there instead.
     pub fn shutdown(mut self) {
-        if let Some(thread) = self.stop_and_detach() {
-            let _ = thread.join();
-        }
-    }
-
-    /// Signals the stop and hands the runtime to a thread that drops it
-    /// once every task is done.
-    fn stop_and_detach(&mut self) -> Option<std::thread::JoinHandle<()>> {
         self.stop.send_replace(true);
-        let runtime = self.runtime.take()?;
-        let tracker = self.tracker.clone();
-        std::thread::Builder::new()
-            .name("blockgraph-nbd-stop".into())
-            .spawn(move || {
-                runtime.block_on(tracker.wait_idle());
-                drop(runtime);
-            })
-            .ok()
+        let me = std::thread::current().id();
+        for thread in std::mem::take(&mut self.threads) {
+            // On one of its own threads (a task that owned the server)
+            // waiting would wait for itself: that thread exits on its own.
+            if thread.thread().id() != me {
+                let _ = thread.join();
+            }
+        }
     }
 }
 
+/// Starts one server thread: a current-thread tokio runtime with a reactor
+/// and a timer, driven by its own thread until the server stops and every
+/// task of the server is done (connections stop reading at the stop, finish
+/// their requests and send the replies first; see [`NbdServer::shutdown`]).
+///
+/// The thread is an I/O thread in the crate's sense (`ThreadRole::Io`):
+/// its tasks hold read guards, so the calls that would block it on the
+/// main loop or a writer refuse to run there, exactly as on an
+/// [`IoThread`](crate::graph::runtime::IoThread); the threads of its
+/// blocking pool are marked like an I/O thread's. Drivers that keep
+/// per-I/O-thread state (the file driver's ring) use it here too, so a
+/// request is served on the thread that read it from the socket.
+fn server_thread(
+    tracker: Arc<Tracker>,
+    mut stop: watch::Receiver<bool>,
+) -> Result<(tokio::runtime::Handle, std::thread::JoinHandle<()>)> {
+    let mut builder = tokio::runtime::Builder::new_current_thread();
+    // (The name is the blocking pool's: the runtime's own thread is ours.)
+    builder.enable_all().thread_name("blockgraph-nbd-pool");
+    // (tokio built for loom models has no such hook; the models never run
+    // a server.)
+    #[cfg(not(loom))]
+    builder.on_thread_start(|| set_thread_role(ThreadRole::IoBlocking));
+    let runtime = builder.build()?;
+    let handle = runtime.handle().clone();
+    let join = std::thread::Builder::new()
+        .name("blockgraph-nbd".into())
+        .spawn(move || {
+            set_thread_role(ThreadRole::Io);
+            runtime.block_on(async {
+                let _ = stop.wait_for(|s| *s).await;
+                tracker.wait_idle().await;
+            });
+            // Every connection and request has ended; what is left (a
+            // driver's helper task) is dropped with the runtime.
+        })?;
+    Ok((handle, join))
+}
+
 impl Drop for NbdServer {
+    /// Signals the stop without waiting: the threads exit on their own once
+    /// the requests in flight are answered.
     fn drop(&mut self) {
-        self.stop_and_detach();
+        self.stop.send_replace(true);
     }
 }
 
@@ -462,7 +549,7 @@ impl NbdListener {
     /// Connections (and requests of theirs) still running, plus one while
     /// the listener accepts.
     pub fn live_tasks(&self) -> usize {
-        self.tracker.live.load(Ordering::SeqCst)
+        self.tracker.live()
     }
 
     /// Stops accepting, ends this listener's connections and waits for them

@@ -2,14 +2,18 @@
 //! task per request (each taking the graph read lock through the export's
 //! backend), and one writer that sends the replies.
 
+use std::future::Future;
+use std::io::IoSlice;
 use std::panic::AssertUnwindSafe;
+use std::pin::Pin;
 use std::sync::Arc;
 
 use futures::FutureExt;
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader, BufWriter};
-use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore, TryAcquireError};
 
+use super::buffers::{Buf, BufPool};
 use super::proto::*;
 use super::{Export, Shared, Stop, Tokens, IN_FLIGHT_BYTES, MAX_IN_FLIGHT, MAX_PAYLOAD};
 use crate::graph::runtime::IoTask;
@@ -34,8 +38,38 @@ pub(crate) struct Session {
 
 /// One reply, with the budget its request held until it is written.
 struct Reply {
-    bytes: Vec<u8>,
+    bytes: Buf,
     _permits: (OwnedSemaphorePermit, OwnedSemaphorePermit),
+}
+
+/// Replies the writer sends with one vectored write at most (`IOV_MAX` is
+/// 1024; more than [`MAX_IN_FLIGHT`] are never queued anyway).
+const MAX_BATCH: usize = MAX_IN_FLIGHT;
+
+/// Capacity of a connection's read buffer: at queue depth 32, 4 KiB writes
+/// (a 28-byte header and 4 KiB of payload each) arrive 15 to a system call.
+/// A larger payload is read straight into its own buffer once the buffered
+/// bytes are used up.
+pub(crate) const READ_BUFFER: usize = 64 << 10;
+
+/// Takes `n` permits of `sem` without waiting when it has them (no future,
+/// no waker: the common case), else waits; `None` if the semaphore is
+/// closed (never: the connection owns it) or the connection stops first.
+async fn permits<F: Future<Output = ()>>(
+    sem: &Arc<Semaphore>,
+    n: u32,
+    stopped: Pin<&mut F>,
+) -> Option<OwnedSemaphorePermit> {
+    match sem.clone().try_acquire_many_owned(n) {
+        Ok(p) => return Some(p),
+        Err(TryAcquireError::Closed) => return None,
+        Err(TryAcquireError::NoPermits) => {}
+    }
+    tokio::select! {
+        biased;
+        _ = stopped => None,
+        p = sem.clone().acquire_many_owned(n) => p.ok(),
+    }
 }
 
 /// Serves requests until the client disconnects, breaks the protocol or
@@ -43,26 +77,43 @@ struct Reply {
 /// replies.
 pub(crate) async fn serve<R, W>(
     mut rd: BufReader<R>,
-    wr: BufWriter<W>,
+    mut wr: BufWriter<W>,
     session: Session,
+    runtime: tokio::runtime::Handle,
     shared: Arc<Shared>,
-    mut stop: Stop,
+    stop: Stop,
     tokens: Tokens,
 ) where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin + Send + 'static,
 {
+    // The handshake flushed its last reply; replies are written straight to
+    // the socket from here on (vectored, several per system call), so the
+    // writer's buffer has nothing to hold.
+    if wr.flush().await.is_err() {
+        return;
+    }
+    let wr = wr.into_inner();
     let session = Arc::new(session);
     let requests = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
     let bytes = Arc::new(Semaphore::new((IN_FLIGHT_BYTES / UNIT) as usize));
+    let pool = BufPool::new();
     let (tx, rx) = mpsc::unbounded_channel::<Reply>();
-    let writer = tokio::spawn(write_replies(wr, rx, stop.clone()));
+    let writer = tokio::spawn(write_replies(wr, rx, requests.clone(), pool, stop.clone()));
+    let mut stop = stop;
+    // Pinned once and polled by every `select!` below, rather than a new
+    // pair of watch waiters per request.
+    let stopped = async move { stop.wait().await };
+    tokio::pin!(stopped);
 
     loop {
         let mut header = [0u8; REQUEST_LEN];
+        // The stop first: a client that keeps the socket full must not
+        // keep the connection from stopping.
         let read = tokio::select! {
+            biased;
+            _ = stopped.as_mut() => break,
             r = rd.read_exact(&mut header) => r,
-            _ = stop.wait() => break,
         };
         if read.is_err() {
             break;
@@ -84,82 +135,121 @@ pub(crate) async fn serve<R, W>(
             1
         };
         // The bound on memory: wait for replies to go out before reading on.
-        let permits = tokio::select! {
-            p = async {
-                let r = requests.clone().acquire_owned().await;
-                let b = bytes.clone().acquire_many_owned(cost as u32).await;
-                (r, b)
-            } => p,
-            _ = stop.wait() => break,
+        let Some(r) = permits(&requests, 1, stopped.as_mut()).await else {
+            break;
         };
-        let (Ok(r), Ok(b)) = permits else { break };
-        let mut payload = Vec::new();
+        let Some(b) = permits(&bytes, cost as u32, stopped.as_mut()).await else {
+            break;
+        };
+        let mut payload = Buf::from(Vec::new());
         if req.kind == CMD_WRITE {
-            payload = vec![0u8; req.len as usize];
+            payload = pool.take(req.len as usize);
             let read = tokio::select! {
-                r = rd.read_exact(&mut payload) => r,
-                _ = stop.wait() => break,
+                biased;
+                _ = stopped.as_mut() => break,
+                r = rd.read_exact(payload.as_mut_slice()) => r,
             };
             if read.is_err() {
                 break;
             }
         }
         let (session, tx, tokens) = (session.clone(), tx.clone(), tokens.clone());
-        shared
-            .ctx
-            .spawn_on(&shared.handle, move |mut cx| async move {
-                // A panicking driver must not leave the client waiting for a
-                // reply that never comes: it gets EIO, the server goes on.
-                let handled = AssertUnwindSafe(handle(&mut cx, &session, req, payload))
+        shared.ctx.spawn_on(&runtime, move |mut cx| async move {
+            // A panicking driver must not leave the client waiting for a
+            // reply that never comes: it gets EIO, the server goes on.
+            let handled =
+                AssertUnwindSafe(handle(&mut cx, &session, &pool, req, payload.as_slice()))
                     .catch_unwind()
                     .await;
-                let bytes = handled.unwrap_or_else(|_| {
-                    if session.structured && req.kind == CMD_READ {
-                        error_chunk(EIO, req.cookie)
-                    } else {
-                        simple_reply(EIO, req.cookie)
-                    }
-                });
-                let _ = tx.send(Reply {
-                    bytes,
-                    _permits: (r, b),
-                });
-                drop(tokens);
+            pool.give(payload);
+            let bytes = handled.unwrap_or_else(|_| {
+                if session.structured && req.kind == CMD_READ {
+                    error_chunk(EIO, req.cookie).into()
+                } else {
+                    simple_reply(EIO, req.cookie).into()
+                }
             });
+            let _ = tx.send(Reply {
+                bytes,
+                _permits: (r, b),
+            });
+            drop(tokens);
+        });
     }
     // The writer ends once every request task has sent its reply.
     drop(tx);
     let _ = writer.await;
 }
 
-/// Writes replies in the order they complete; flushes when none is
-/// waiting. Gives up on a client that reads nothing for [`STOP_GRACE`]
-/// after a stop.
+/// Writes replies in the order they complete: whatever has queued up by
+/// the time the socket takes more goes out in one vectored write, and each
+/// reply's budget is returned once it is written. Gives up on a client
+/// that reads nothing for [`STOP_GRACE`] after a stop.
 ///
 /// [`STOP_GRACE`]: super::STOP_GRACE
 async fn write_replies<W: AsyncWrite + Unpin>(
-    mut wr: BufWriter<W>,
+    mut wr: W,
     mut rx: mpsc::UnboundedReceiver<Reply>,
+    requests: Arc<Semaphore>,
+    pool: BufPool,
     mut stop: Stop,
 ) {
-    while let Some(reply) = rx.recv().await {
-        let done = tokio::select! {
-            r = async {
-                wr.write_all(&reply.bytes).await?;
-                if rx.is_empty() {
-                    wr.flush().await?;
+    let grace = async move { stop.wait_then_grace().await };
+    tokio::pin!(grace);
+    let mut batch: Vec<Reply> = Vec::with_capacity(MAX_BATCH);
+    while rx.recv_many(&mut batch, MAX_BATCH).await > 0 {
+        // Other requests still in flight (each holds a request permit
+        // until its reply is written) may be about to answer: let the
+        // tasks that are ready run first and send their replies with
+        // these. At queue depth 1 nothing else is in flight and the reply
+        // goes out at once.
+        let in_flight = MAX_IN_FLIGHT - requests.available_permits();
+        if in_flight > batch.len() && batch.len() < MAX_BATCH {
+            tokio::task::yield_now().await;
+            while batch.len() < MAX_BATCH {
+                match rx.try_recv() {
+                    Ok(reply) => batch.push(reply),
+                    Err(_) => break,
                 }
-                Ok::<_, std::io::Error>(())
-            } => r.is_ok(),
-            _ = stop.wait_then_grace() => false,
+            }
+        }
+        let done = tokio::select! {
+            biased;
+            r = write_batch(&mut wr, &batch) => r.is_ok(),
+            _ = grace.as_mut() => false,
         };
-        drop(reply);
+        // Written (or given up on): the budget goes back to the reader,
+        // the buffers to the pool.
+        for reply in batch.drain(..) {
+            pool.give(reply.bytes);
+        }
         if !done {
             return;
         }
     }
     let _ = wr.flush().await;
     let _ = wr.shutdown().await;
+}
+
+/// Writes every reply of `batch`, in order, with as few system calls as
+/// the socket allows.
+async fn write_batch<W: AsyncWrite + Unpin>(wr: &mut W, batch: &[Reply]) -> std::io::Result<()> {
+    if let [one] = batch {
+        return wr.write_all(one.bytes.as_slice()).await;
+    }
+    let mut slices: Vec<IoSlice<'_>> = batch
+        .iter()
+        .map(|r| IoSlice::new(r.bytes.as_slice()))
+        .collect();
+    let mut slices = &mut slices[..];
+    while !slices.is_empty() {
+        let n = wr.write_vectored(slices).await?;
+        if n == 0 {
+            return Err(std::io::ErrorKind::WriteZero.into());
+        }
+        IoSlice::advance_slices(&mut slices, n);
+    }
+    Ok(())
 }
 
 /// The protocol's error number for a backend error.
@@ -180,12 +270,12 @@ fn errno(e: &Error, write: bool) -> u32 {
 }
 
 /// Runs one request and encodes its reply.
-async fn handle(cx: &mut IoTask, s: &Session, req: Request, payload: Vec<u8>) -> Vec<u8> {
-    let fail = |error: u32| {
+async fn handle(cx: &mut IoTask, s: &Session, pool: &BufPool, req: Request, payload: &[u8]) -> Buf {
+    let fail = |error: u32| -> Buf {
         if s.structured && req.kind == CMD_READ {
-            error_chunk(error, req.cookie)
+            error_chunk(error, req.cookie).into()
         } else {
-            simple_reply(error, req.cookie)
+            simple_reply(error, req.cookie).into()
         }
     };
     let known =
@@ -202,10 +292,10 @@ async fn handle(cx: &mut IoTask, s: &Session, req: Request, payload: Vec<u8>) ->
     }
     let fua = req.flags & CMD_FLAG_FUA != 0;
     let result: Result<(), u32> = match req.kind {
-        CMD_READ => return read(cx, s, req).await,
+        CMD_READ => return read(cx, s, pool, req).await,
         CMD_WRITE if !in_range => Err(ENOSPC),
         CMD_WRITE => blk
-            .write(cx, offset, &payload)
+            .write(cx, offset, payload)
             .await
             .map_err(|e| errno(&e, true)),
         CMD_FLUSH => blk.flush(cx).await.map_err(|e| errno(&e, false)),
@@ -227,14 +317,14 @@ async fn handle(cx: &mut IoTask, s: &Session, req: Request, payload: Vec<u8>) ->
             .write_zeroes(cx, offset, len)
             .await
             .map_err(|e| errno(&e, true)),
-        CMD_BLOCK_STATUS => return block_status(cx, s, req, in_range).await,
+        CMD_BLOCK_STATUS => return block_status(cx, s, req, in_range).await.into(),
         _ => Err(EINVAL),
     };
     let result = match result {
         Ok(()) if fua && writes && len > 0 => blk.flush(cx).await.map_err(|e| errno(&e, true)),
         other => other,
     };
-    simple_reply(result.err().unwrap_or(0), req.cookie)
+    simple_reply(result.err().unwrap_or(0), req.cookie).into()
 }
 
 /// `WRITE_ZEROES` with `NO_HOLE`: zeroes written as data, so the range
@@ -258,13 +348,13 @@ async fn write_zero_buffers(
     Ok(())
 }
 
-async fn read(cx: &mut IoTask, s: &Session, req: Request) -> Vec<u8> {
+async fn read(cx: &mut IoTask, s: &Session, pool: &BufPool, req: Request) -> Buf {
     let (offset, len) = (req.offset, u64::from(req.len));
-    let fail = |error: u32| {
+    let fail = |error: u32| -> Buf {
         if s.structured {
-            error_chunk(error, req.cookie)
+            error_chunk(error, req.cookie).into()
         } else {
-            simple_reply(error, req.cookie)
+            simple_reply(error, req.cookie).into()
         }
     };
     if req.len > MAX_PAYLOAD {
@@ -275,24 +365,27 @@ async fn read(cx: &mut IoTask, s: &Session, req: Request) -> Vec<u8> {
     }
     if len == 0 {
         return if s.structured {
-            chunk(REPLY_TYPE_NONE, req.cookie, &[])
+            chunk(REPLY_TYPE_NONE, req.cookie, &[]).into()
         } else {
-            simple_reply(0, req.cookie)
+            simple_reply(0, req.cookie).into()
         };
     }
-    // Header and data in one buffer: the reply is written as it is.
+    // Header and data in one buffer (the connection's, reused): the reply
+    // is written as it is.
     let head = if s.structured {
         CHUNK_LEN + 8
     } else {
         SIMPLE_REPLY_LEN
     };
-    let mut out = vec![0u8; head + req.len as usize];
+    let mut buf = pool.take(head + req.len as usize);
+    let out = buf.as_mut_slice();
     if let Err(e) = s.export.backend.read(cx, offset, &mut out[head..]).await {
+        pool.give(buf);
         return fail(errno(&e, false));
     }
     if s.structured {
         chunk_header(
-            &mut out,
+            out,
             REPLY_FLAG_DONE,
             REPLY_TYPE_OFFSET_DATA,
             req.cookie,
@@ -300,9 +393,9 @@ async fn read(cx: &mut IoTask, s: &Session, req: Request) -> Vec<u8> {
         );
         out[CHUNK_LEN..head].copy_from_slice(&offset.to_be_bytes());
     } else {
-        simple_reply_header(&mut out, 0, req.cookie);
+        simple_reply_header(out, 0, req.cookie);
     }
-    out
+    buf
 }
 
 /// `base:allocation` extents: [`BlockStatus::Data`] is allocated data,
