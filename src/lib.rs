@@ -57,6 +57,8 @@ mod backend;
 pub mod driver;
 pub mod drivers;
 mod graph;
+#[cfg(all(any(feature = "nbd-export", feature = "nbd-client"), not(loom)))]
+mod nbd;
 pub mod job;
 mod sync;
 mod thread;

@@ -37,7 +37,7 @@
 
 mod connection;
 mod handshake;
-mod proto;
+use crate::nbd::proto;
 mod transmission;
 
 use std::collections::BTreeMap;
