@@ -1,0 +1,831 @@
+//! The `nbd` driver (`drivers::NbdDriver`) against NBD servers nobody here
+//! wrote: `qemu-nbd` and `qemu-storage-daemon` (Debian `qemu-utils`,
+//! `qemu-system-*`) and `nbdkit` (Debian `nbdkit`), all installed by
+//! `.ci/run`, serving raw and qcow2 images; and against small fake servers
+//! (std sockets, in this file) that break the protocol in one way each.
+//!
+//! (Not to be confused with `tests/nbd_client/`, a raw test-side client
+//! the export's tests use.)
+//!
+//! Every test has a watchdog; servers are killed when their guard drops
+//! and die with the test process (`PR_SET_PDEATHSIG`).
+
+mod common;
+
+use std::io::{Read, Write};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use blockgraph::driver::BlockStatus;
+use blockgraph::drivers::qcow2::{Qcow2Driver, Qcow2Options};
+use blockgraph::drivers::{NbdAddress, NbdDriver, NbdOptions};
+use blockgraph::{BackendOptions, ChildRole, Error, MainLoop, Permissions};
+use common::process::tool;
+use common::{watchdog, Rig, Stack};
+
+const MIB: u64 = 1 << 20;
+const BUDGET: Duration = Duration::from_secs(180);
+/// Longest a server may take to start accepting.
+const START: Duration = Duration::from_secs(30);
+
+fn p(path: &Path) -> &str {
+    path.to_str().expect("UTF-8 temp path")
+}
+
+/// A server process, killed when dropped.
+struct Server {
+    child: Child,
+    name: String,
+}
+
+impl Server {
+    /// Starts `cmd`; waits until `sock` accepts a connection (the file
+    /// exists from bind(), a moment before listen()).
+    fn start(mut cmd: Command, sock: &Path) -> Server {
+        // If the test process dies without running destructors (the
+        // watchdog exits it), the server dies with it.
+        // SAFETY: prctl(2) between fork and exec touches no memory of ours.
+        unsafe {
+            use std::os::unix::process::CommandExt;
+            cmd.pre_exec(|| {
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+                Ok(())
+            });
+        }
+        let name = format!("{cmd:?}");
+        let child = cmd
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {name}: {e} (.ci/run installs it)"));
+        let mut s = Server { child, name };
+        let start = Instant::now();
+        while UnixStream::connect(sock).is_err() {
+            if let Ok(Some(status)) = s.child.try_wait() {
+                panic!("{} exited with {status} at start", s.name);
+            }
+            assert!(
+                start.elapsed() < START,
+                "{} did not accept on {} within {START:?}",
+                s.name,
+                sock.display()
+            );
+            thread::sleep(Duration::from_millis(20));
+        }
+        s
+    }
+
+    /// `qemu-nbd` serving `image` as `format` on `sock`, export `disk`,
+    /// staying up across clients.
+    fn qemu_nbd(image: &Path, format: &str, sock: &Path) -> Server {
+        let mut cmd = Command::new("qemu-nbd");
+        cmd.args(["-t", "-e", "8", "-x", "disk", "-f", format, "-k", p(sock), p(image)]);
+        Server::start(cmd, sock)
+    }
+
+    /// `nbdkit`'s file plugin serving `image` on `sock`.
+    fn nbdkit(image: &Path, sock: &Path) -> Server {
+        let mut cmd = Command::new("nbdkit");
+        cmd.args(["-f", "-U", p(sock), "file", &format!("file={}", p(image))]);
+        Server::start(cmd, sock)
+    }
+
+    /// `qemu-storage-daemon` serving `image` (qcow2) as export `disk`.
+    fn storage_daemon(image: &Path, sock: &Path) -> Server {
+        let mut cmd = Command::new("qemu-storage-daemon");
+        cmd.args([
+            "--blockdev",
+            &format!("driver=file,node-name=f0,filename={}", p(image)),
+            "--blockdev",
+            "driver=qcow2,node-name=d0,file=f0",
+            "--nbd-server",
+            &format!("addr.type=unix,addr.path={}", p(sock)),
+            "--export",
+            "type=nbd,id=e0,node-name=d0,name=disk,writable=on",
+        ]);
+        Server::start(cmd, sock)
+    }
+
+    /// Kills the server at once (SIGKILL) and waits for it.
+    fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+fn unix_opts(sock: &Path, export: &str) -> NbdOptions {
+    NbdOptions::new(NbdAddress::Unix(sock.to_owned()), export)
+}
+
+/// A rig with the nbd node `nbd` and a backend on it.
+fn rig(opts: NbdOptions) -> Rig {
+    let drv = NbdDriver::connect(opts).expect("connect");
+    Stack::new().node("nbd", drv).build()
+}
+
+/// The whole device, read through the backend in 1 MiB requests.
+fn read_all(rig: &Rig) -> Vec<u8> {
+    let len = rig.length().unwrap();
+    let mut out = Vec::with_capacity(len as usize);
+    let mut at = 0;
+    while at < len {
+        let n = (len - at).min(MIB) as usize;
+        out.extend(rig.read(at, n).unwrap());
+        at += n as u64;
+    }
+    out
+}
+
+/// `qemu-img convert -O raw` of `image`: what a faithful reader returns.
+fn converted(image: &Path, format: &str, dir: &Path) -> Vec<u8> {
+    let out = dir.join("ref.raw");
+    tool(
+        "qemu-img",
+        &["convert", "-f", format, "-O", "raw", p(image), p(&out)],
+    );
+    std::fs::read(&out).unwrap()
+}
+
+/// A `size` image of `format` with patterns at a few places and holes in
+/// between.
+fn patterned(dir: &Path, name: &str, format: &str, size: u64) -> PathBuf {
+    let img = dir.join(name);
+    tool(
+        "qemu-img",
+        &["create", "-q", "-f", format, p(&img), &size.to_string()],
+    );
+    for (pat, off, len) in [(0x11, 0, 4096), (0x22, MIB + 512, 70_000), (0x33, 5 * MIB, MIB)] {
+        tool(
+            "qemu-io",
+            &[
+                "-f",
+                format,
+                "-c",
+                &format!("write -P {pat} {off} {len}"),
+                p(&img),
+            ],
+        );
+    }
+    img
+}
+
+#[test]
+fn reads_match_qemu_img_convert_on_every_server() {
+    let _w = watchdog("reads_match_qemu_img_convert_on_every_server", BUDGET);
+    let dir = tempfile::tempdir().unwrap();
+    let raw = patterned(dir.path(), "a.raw", "raw", 8 * MIB);
+    let qcow2 = patterned(dir.path(), "b.qcow2", "qcow2", 8 * MIB);
+    let want_raw = converted(&raw, "raw", dir.path());
+    let want_qcow2 = converted(&qcow2, "qcow2", dir.path());
+    let cases: Vec<(&str, Box<dyn Fn(&Path) -> Server>, &str, &Vec<u8>)> = vec![
+        ("qemu-nbd raw", Box::new(|s| Server::qemu_nbd(&raw, "raw", s)), "disk", &want_raw),
+        ("qemu-nbd qcow2", Box::new(|s| Server::qemu_nbd(&qcow2, "qcow2", s)), "disk", &want_qcow2),
+        ("nbdkit file", Box::new(|s| Server::nbdkit(&raw, s)), "", &want_raw),
+        (
+            "qemu-storage-daemon qcow2",
+            Box::new(|s| Server::storage_daemon(&qcow2, s)),
+            "disk",
+            &want_qcow2,
+        ),
+    ];
+    for (i, (what, start, export, want)) in cases.into_iter().enumerate() {
+        let sock = dir.path().join(format!("s{i}.sock"));
+        let _server = start(&sock);
+        let rig = rig(unix_opts(&sock, export));
+        assert_eq!(rig.length().unwrap(), want.len() as u64, "{what}: length");
+        let got = read_all(&rig);
+        assert!(got == *want, "{what}: the data differs from qemu-img convert's");
+        // An unaligned read across a pattern boundary.
+        let odd = rig.read(MIB + 500, 100).unwrap();
+        assert_eq!(odd[..], want[(MIB + 500) as usize..(MIB + 600) as usize], "{what}");
+        rig.finish();
+    }
+}
+
+#[test]
+fn writes_are_what_qemu_img_compare_sees() {
+    let _w = watchdog("writes_are_what_qemu_img_compare_sees", BUDGET);
+    let dir = tempfile::tempdir().unwrap();
+    for (i, format) in ["raw", "qcow2"].into_iter().enumerate() {
+        let img = patterned(dir.path(), &format!("w{i}.{format}"), format, 8 * MIB);
+        let mut expect = converted(&img, format, dir.path());
+        let sock = dir.path().join(format!("w{i}.sock"));
+        let mut server = if format == "raw" {
+            Server::qemu_nbd(&img, format, &sock)
+        } else {
+            Server::storage_daemon(&img, &sock)
+        };
+        let rig = rig(unix_opts(&sock, "disk"));
+        let mut put = |rig: &Rig, off: u64, data: Vec<u8>| {
+            rig.write(off, &data).unwrap();
+            expect[off as usize..off as usize + data.len()].copy_from_slice(&data);
+        };
+        put(&rig, 3, vec![0xa5; 10_000]);
+        // Larger than a server's payload limit would be; split if needed.
+        put(&rig, 2 * MIB, (0..3 * MIB).map(|i| (i % 251) as u8).collect());
+        let (blk, io) = (rig.blk.clone(), &rig.io);
+        io.spawn(move |mut cx| async move {
+            blk.write_zeroes(&mut cx, 5 * MIB + 4096, 8192).await?;
+            blk.discard(&mut cx, 0, 4096).await?;
+            blk.flush(&mut cx).await
+        })
+        .join()
+        .unwrap();
+        expect[(5 * MIB + 4096) as usize..(5 * MIB + 4096 + 8192) as usize].fill(0);
+        // The discard may or may not zero; read back what the server keeps.
+        let head = rig.read(0, 4096).unwrap();
+        expect[..4096].copy_from_slice(&head);
+        assert_eq!(read_all(&rig), expect, "{format}: read back through nbd");
+        rig.finish();
+        server.kill();
+        let want = dir.path().join(format!("want{i}.raw"));
+        std::fs::write(&want, &expect).unwrap();
+        tool(
+            "qemu-img",
+            &["compare", "-f", format, "-F", "raw", p(&img), p(&want)],
+        );
+    }
+}
+
+#[test]
+fn block_status_reports_the_holes_of_a_sparse_remote_image() {
+    let _w = watchdog("block_status_reports_the_holes_of_a_sparse_remote_image", BUDGET);
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("sparse.raw");
+    tool("qemu-img", &["create", "-q", "-f", "raw", p(&img), "64M"]);
+    tool(
+        "qemu-io",
+        &["-f", "raw", "-c", "write -P 7 8M 1M", p(&img)],
+    );
+    // What QEMU itself sees locally (qemu-img create allocates the first
+    // block of a raw file), merged by zero / data.
+    let local = tool("qemu-img", &["map", "--output=json", "-f", "raw", p(&img)]);
+    let mut want: Vec<(BlockStatus, u64, u64)> = Vec::new();
+    for e in serde_json::from_str::<serde_json::Value>(&local).unwrap().as_array().unwrap() {
+        let s = if e["zero"].as_bool().unwrap() { BlockStatus::Zero } else { BlockStatus::Data };
+        let (at, n) = (e["start"].as_u64().unwrap(), e["length"].as_u64().unwrap());
+        match want.last_mut() {
+            Some((last, _, len)) if *last == s => *len += n,
+            _ => want.push((s, at, n)),
+        }
+    }
+    for (i, nbdkit) in [false, true].into_iter().enumerate() {
+        let sock = dir.path().join(format!("b{i}.sock"));
+        let _server = if nbdkit {
+            Server::nbdkit(&img, &sock)
+        } else {
+            Server::qemu_nbd(&img, "raw", &sock)
+        };
+        let rig = rig(unix_opts(&sock, if nbdkit { "" } else { "disk" }));
+        assert!(rig.driver::<NbdDriver, _>("nbd", |d| d.has_block_status()));
+        let status = |off: u64, len: u64| {
+            rig.on_node("nbd", move |n| Box::pin(async move { n.block_status(off, len).await }))
+                .unwrap()
+        };
+        // Walk the whole image: a hole, the data, a hole.
+        let mut map = Vec::new();
+        let mut at = 0;
+        while at < 64 * MIB {
+            let (s, n) = status(at, 64 * MIB - at);
+            assert!(n > 0);
+            match map.last_mut() {
+                Some((last, _, len)) if *last == s => *len += n,
+                _ => map.push((s, at, n)),
+            }
+            at += n;
+        }
+        assert_eq!(map, want, "nbdkit: {nbdkit}");
+        assert!(map.iter().any(|(s, at, n)| *s == BlockStatus::Zero && *at <= MIB && *n >= 6 * MIB));
+        rig.finish();
+    }
+}
+
+#[test]
+fn our_qcow2_driver_over_a_remote_file() {
+    let _w = watchdog("our_qcow2_driver_over_a_remote_file", BUDGET);
+    let dir = tempfile::tempdir().unwrap();
+    let img = patterned(dir.path(), "q.qcow2", "qcow2", 8 * MIB);
+    let mut expect = converted(&img, "qcow2", dir.path());
+    let sock = dir.path().join("q.sock");
+    // An NBD export cannot grow (neither can QEMU's nbd node): room at
+    // the end of the file for the clusters our writes allocate.
+    std::fs::OpenOptions::new().write(true).open(&img).unwrap().set_len(32 * MIB).unwrap();
+    // The qcow2 file's bytes, served raw: our qcow2 driver reads the
+    // format over NBD.
+    let mut server = Server::qemu_nbd(&img, "raw", &sock);
+    let main = MainLoop::new().unwrap();
+    let io = main.new_io_thread("io0").unwrap();
+    let nbd = NbdDriver::connect(unix_opts(&sock, "disk")).unwrap();
+    let file = main
+        .run(move |bql| bql.write(|w| w.add_node("remote", nbd, &[])))
+        .unwrap();
+    let fh = file.clone();
+    let q = io
+        .spawn(move |mut cx| async move {
+            let g = cx.read().await;
+            Qcow2Driver::open(fh.io(&g), Qcow2Options::default()).await
+        })
+        .join()
+        .unwrap();
+    let blk = main
+        .run(move |bql| {
+            bql.write(|w| {
+                let top = w.add_node("top", q, &[(ChildRole::File, &file)])?;
+                w.add_backend("vda", &top, BackendOptions::default())
+            })
+        })
+        .unwrap();
+    let rig = Rig {
+        main,
+        io,
+        nodes: Vec::new(),
+        blk,
+    };
+    assert_eq!(read_all(&rig), expect, "qcow2 over nbd differs from qemu-img convert");
+    let data: Vec<u8> = (0..200_000u32).map(|i| (i * 7) as u8).collect();
+    rig.write(3 * MIB + 100, &data).unwrap();
+    rig.flush().unwrap();
+    expect[(3 * MIB + 100) as usize..(3 * MIB + 100) as usize + data.len()].copy_from_slice(&data);
+    rig.finish();
+    server.kill();
+    tool("qemu-img", &["check", "-f", "qcow2", p(&img)]);
+    let want = dir.path().join("want.raw");
+    std::fs::write(&want, &expect).unwrap();
+    tool("qemu-img", &["compare", "-f", "qcow2", "-F", "raw", p(&img), p(&want)]);
+}
+
+#[test]
+fn a_restarted_server_gets_every_acknowledged_write() {
+    let _w = watchdog("a_restarted_server_gets_every_acknowledged_write", BUDGET);
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("r.raw");
+    tool("qemu-img", &["create", "-q", "-f", "raw", p(&img), "16M"]);
+    let sock = dir.path().join("r.sock");
+    let mut server = Server::qemu_nbd(&img, "raw", &sock);
+    let opts = unix_opts(&sock, "disk")
+        .reconnect_delay(Duration::from_secs(20))
+        .reconnect_interval(Duration::from_millis(50));
+    let rig = rig(opts);
+    // A writer on the I/O thread: 4 KiB blocks, each with its index, one
+    // after the other (so one is nearly always in flight when the server
+    // dies); it reports acknowledged blocks in batches of 8.
+    let (tx, rx) = mpsc::channel::<u64>();
+    let blk = rig.blk.clone();
+    let writer = rig.io.spawn(move |mut cx| async move {
+        for batch in 0..512u64 / 8 {
+            let mut done = Vec::new();
+            for i in batch * 8..batch * 8 + 8 {
+                blk.write(&mut cx, i * 4096 * 8, &block(i)).await?;
+                done.push(i);
+            }
+            for i in done {
+                let _ = tx.send(i);
+            }
+        }
+        Ok::<_, Error>(())
+    });
+    // Kill the server once some writes were acknowledged, restart it.
+    for _ in 0..40 {
+        rx.recv_timeout(common::TIMEOUT).expect("writes progress");
+    }
+    server.kill();
+    thread::sleep(Duration::from_millis(300));
+    let _server = Server::qemu_nbd(&img, "raw", &sock);
+    let acked: Vec<u64> = {
+        common::join(writer, "the writer").expect("writes succeed across the restart");
+        rx.try_iter().collect()
+    };
+    assert!(acked.len() > 400);
+    assert!(rig.driver::<NbdDriver, _>("nbd", |d| d.reconnects()) >= 1);
+    rig.flush().unwrap();
+    rig.finish();
+    let file = std::fs::read(&img).unwrap();
+    for i in 0..512u64 {
+        let at = (i * 4096 * 8) as usize;
+        assert!(file[at..at + 4096] == block(i)[..], "block {i} lost");
+    }
+}
+
+fn block(i: u64) -> Vec<u8> {
+    let mut b = vec![(i % 200) as u8 + 1; 4096];
+    b[..8].copy_from_slice(&i.to_be_bytes());
+    b
+}
+
+#[test]
+fn requests_fail_clearly_when_the_server_stays_away() {
+    let _w = watchdog("requests_fail_clearly_when_the_server_stays_away", BUDGET);
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("g.raw");
+    tool("qemu-img", &["create", "-q", "-f", "raw", p(&img), "1M"]);
+    let sock = dir.path().join("g.sock");
+    let mut server = Server::qemu_nbd(&img, "raw", &sock);
+    let opts = unix_opts(&sock, "disk")
+        .reconnect_delay(Duration::from_millis(500))
+        .reconnect_interval(Duration::from_millis(50));
+    let rig = rig(opts);
+    rig.write(0, &[1; 512]).unwrap();
+    server.kill();
+    let t = Instant::now();
+    let err = rig.read(0, 512).unwrap_err().to_string();
+    assert!(err.contains("connection lost"), "{err}");
+    assert!(err.contains("reconnect delay"), "{err}");
+    assert!(t.elapsed() >= Duration::from_millis(400), "failed before the delay");
+    // And back once the server is.
+    let _server = Server::qemu_nbd(&img, "raw", &sock);
+    common::wait_until("the client reconnects", || {
+        rig.driver::<NbdDriver, _>("nbd", |d| d.is_connected())
+    });
+    assert_eq!(rig.read(0, 512).unwrap(), vec![1; 512]);
+    rig.finish();
+}
+
+#[test]
+fn a_read_only_export_refuses_writes() {
+    let _w = watchdog("a_read_only_export_refuses_writes", BUDGET);
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("ro.raw");
+    tool("qemu-img", &["create", "-q", "-f", "raw", p(&img), "1M"]);
+    let sock = dir.path().join("ro.sock");
+    let mut cmd = Command::new("qemu-nbd");
+    cmd.args(["-r", "-t", "-x", "disk", "-f", "raw", "-k", p(&sock), p(&img)]);
+    let _server = Server::start(cmd, &sock);
+    let drv = NbdDriver::connect(unix_opts(&sock, "disk")).unwrap();
+    let main = MainLoop::new().unwrap();
+    let io = main.new_io_thread("io0").unwrap();
+    let node = main
+        .run(move |bql| bql.write(|w| w.add_node("nbd", drv, &[])))
+        .unwrap();
+    let n = node.clone();
+    let err = main
+        .run(move |bql| {
+            bql.write(|w| w.add_backend("vda", &n, BackendOptions::default()))
+        })
+        .unwrap_err();
+    assert!(matches!(err, Error::PermissionConflict { .. }), "{err}");
+    let blk = main
+        .run(move |bql| {
+            bql.write(|w| w.add_backend("vda", &node, BackendOptions::with_perms(Permissions::SHARED_READER)))
+        })
+        .unwrap();
+    let b = blk.clone();
+    let got = io
+        .spawn(move |mut cx| async move {
+            let mut buf = vec![1u8; 512];
+            b.read(&mut cx, 0, &mut buf).await.map(|_| buf)
+        })
+        .join()
+        .unwrap();
+    assert_eq!(got, vec![0; 512]);
+    let rig = Rig {
+        main,
+        io,
+        nodes: Vec::new(),
+        blk,
+    };
+    rig.finish();
+}
+
+#[test]
+fn unreachable_or_unknown_exports_fail_to_open() {
+    let _w = watchdog("unreachable_or_unknown_exports_fail_to_open", BUDGET);
+    let dir = tempfile::tempdir().unwrap();
+    let err = NbdDriver::connect(unix_opts(&dir.path().join("none.sock"), "x")).unwrap_err();
+    assert!(err.to_string().contains("none.sock"), "{err}");
+    let img = dir.path().join("u.raw");
+    tool("qemu-img", &["create", "-q", "-f", "raw", p(&img), "1M"]);
+    let sock = dir.path().join("u.sock");
+    let _server = Server::qemu_nbd(&img, "raw", &sock);
+    let err = NbdDriver::connect(unix_opts(&sock, "nope")).unwrap_err().to_string();
+    assert!(err.contains("'nope'"), "{err}");
+}
+
+// ---- hostile servers --------------------------------------------------
+
+/// What a fake server does after the handshake.
+type Behaviour = fn(&mut UnixStream);
+
+/// A fake NBD server on `sock`: a correct fixed-newstyle handshake (with
+/// `GO`, or without it when `go` is false), structured replies and
+/// `base:allocation` (id 1), a 1 MiB writable export with a 512-byte
+/// maximum payload when `small` is set; then `behaviour` per connection.
+fn fake_server(sock: &Path, go: bool, behaviour: Behaviour) -> thread::JoinHandle<()> {
+    let listener = UnixListener::bind(sock).unwrap();
+    thread::spawn(move || {
+        for conn in listener.incoming() {
+            let Ok(mut s) = conn else { return };
+            s.set_read_timeout(Some(common::TIMEOUT)).unwrap();
+            if handshake(&mut s, go).is_ok() {
+                behaviour(&mut s);
+            }
+        }
+    })
+}
+
+fn u32_at(b: &[u8], at: usize) -> u32 {
+    u32::from_be_bytes(b[at..at + 4].try_into().unwrap())
+}
+
+fn opt_reply(s: &mut UnixStream, option: u32, kind: u32, data: &[u8]) -> std::io::Result<()> {
+    let mut out = 0x0003_e889_0455_65a9u64.to_be_bytes().to_vec();
+    out.extend(option.to_be_bytes());
+    out.extend(kind.to_be_bytes());
+    out.extend((data.len() as u32).to_be_bytes());
+    out.extend(data);
+    s.write_all(&out)
+}
+
+fn handshake(s: &mut UnixStream, go: bool) -> std::io::Result<()> {
+    let mut g = 0x4e42_444d_4147_4943u64.to_be_bytes().to_vec();
+    g.extend(0x4948_4156_454f_5054u64.to_be_bytes());
+    g.extend(3u16.to_be_bytes()); // FIXED_NEWSTYLE | NO_ZEROES
+    s.write_all(&g)?;
+    let mut flags = [0u8; 4];
+    s.read_exact(&mut flags)?;
+    loop {
+        let mut h = [0u8; 16];
+        s.read_exact(&mut h)?;
+        let option = u32_at(&h, 8);
+        let mut data = vec![0u8; u32_at(&h, 12) as usize];
+        s.read_exact(&mut data)?;
+        let flags: u16 = 1 | 4 | 8 | 32 | 64; // HAS_FLAGS FLUSH FUA TRIM WRITE_ZEROES
+        match option {
+            8 => opt_reply(s, option, 1, &[])?, // STRUCTURED_REPLY: ACK
+            10 => {
+                let mut d = 1u32.to_be_bytes().to_vec();
+                d.extend(b"base:allocation");
+                opt_reply(s, option, 4, &d)?;
+                opt_reply(s, option, 1, &[])?;
+            }
+            7 if go => {
+                let mut d = 0u16.to_be_bytes().to_vec();
+                d.extend(MIB.to_be_bytes());
+                d.extend(flags.to_be_bytes());
+                opt_reply(s, option, 3, &d)?;
+                let mut d = 3u16.to_be_bytes().to_vec();
+                for v in [1u32, 512, 512] {
+                    d.extend(v.to_be_bytes());
+                }
+                opt_reply(s, option, 3, &d)?;
+                opt_reply(s, option, 1, &[])?;
+                return Ok(());
+            }
+            7 => opt_reply(s, option, (1 << 31) | 1, &[])?, // ERR_UNSUP
+            1 => {
+                let mut d = MIB.to_be_bytes().to_vec();
+                d.extend(flags.to_be_bytes());
+                s.write_all(&d)?;
+                return Ok(());
+            }
+            _ => opt_reply(s, option, (1 << 31) | 1, &[])?,
+        }
+    }
+}
+
+/// Reads one request header: (type, handle, offset, length); skips a
+/// write's payload.
+fn request(s: &mut UnixStream) -> Option<(u16, u64, u64, u32)> {
+    let mut h = [0u8; 28];
+    s.read_exact(&mut h).ok()?;
+    let kind = u16::from_be_bytes([h[6], h[7]]);
+    let cookie = u64::from_be_bytes(h[8..16].try_into().unwrap());
+    let offset = u64::from_be_bytes(h[16..24].try_into().unwrap());
+    let len = u32_at(&h, 24);
+    if kind == 1 {
+        let mut skip = vec![0u8; len as usize];
+        s.read_exact(&mut skip).ok()?;
+    }
+    Some((kind, cookie, offset, len))
+}
+
+fn chunk(flags: u16, kind: u16, cookie: u64, payload: &[u8]) -> Vec<u8> {
+    let mut out = 0x668e_33efu32.to_be_bytes().to_vec();
+    out.extend(flags.to_be_bytes());
+    out.extend(kind.to_be_bytes());
+    out.extend(cookie.to_be_bytes());
+    out.extend((payload.len() as u32).to_be_bytes());
+    out.extend(payload);
+    out
+}
+
+fn data_chunk(cookie: u64, offset: u64, data: &[u8]) -> Vec<u8> {
+    let mut p = offset.to_be_bytes().to_vec();
+    p.extend(data);
+    chunk(1, 1, cookie, &p)
+}
+
+/// Serves reads correctly (data 0x5a); everything else gets a simple OK.
+fn honest(s: &mut UnixStream) {
+    while let Some((kind, cookie, offset, len)) = request(s) {
+        let out = if kind == 0 {
+            data_chunk(cookie, offset, &vec![0x5a; len as usize])
+        } else if kind == 2 {
+            return;
+        } else {
+            let mut r = 0x6744_6698u32.to_be_bytes().to_vec();
+            r.extend(0u32.to_be_bytes());
+            r.extend(cookie.to_be_bytes());
+            r
+        };
+        if s.write_all(&out).is_err() {
+            return;
+        }
+    }
+}
+
+/// Connects to a fake server with `behaviour` and reads 4 KiB (split in
+/// 512-byte requests, several in flight); returns the error.
+fn hostile_read(name: &str, behaviour: Behaviour, timeout: Duration) -> String {
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join(format!("{name}.sock"));
+    let _server = fake_server(&sock, true, behaviour);
+    let opts = unix_opts(&sock, "").request_timeout(timeout);
+    let rig = rig(opts);
+    let t = Instant::now();
+    let err = rig.read(0, 4096).expect_err("the read must fail").to_string();
+    assert!(t.elapsed() < Duration::from_secs(20), "{name}: took {:?}", t.elapsed());
+    rig.finish();
+    err
+}
+
+#[test]
+fn hostile_bad_reply_magic() {
+    let _w = watchdog("hostile_bad_reply_magic", BUDGET);
+    let err = hostile_read(
+        "magic",
+        |s| {
+            if request(s).is_some() {
+                let _ = s.write_all(&[0xde, 0xad, 0xbe, 0xef, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]);
+                thread::sleep(Duration::from_secs(1));
+            }
+        },
+        Duration::from_secs(60),
+    );
+    assert!(err.contains("bad reply magic 0xdeadbeef"), "{err}");
+}
+
+#[test]
+fn hostile_reply_for_an_unknown_handle() {
+    let _w = watchdog("hostile_reply_for_an_unknown_handle", BUDGET);
+    let err = hostile_read(
+        "handle",
+        |s| {
+            if let Some((_, cookie, offset, len)) = request(s) {
+                let _ = s.write_all(&data_chunk(cookie ^ 0x5555, offset, &vec![0; len as usize]));
+                thread::sleep(Duration::from_secs(1));
+            }
+        },
+        Duration::from_secs(60),
+    );
+    assert!(err.contains("no request in flight"), "{err}");
+}
+
+#[test]
+fn hostile_reply_longer_than_asked() {
+    let _w = watchdog("hostile_reply_longer_than_asked", BUDGET);
+    let err = hostile_read(
+        "long",
+        |s| {
+            if let Some((_, cookie, offset, len)) = request(s) {
+                let _ = s.write_all(&data_chunk(cookie, offset, &vec![0; len as usize + 1]));
+                thread::sleep(Duration::from_secs(1));
+            }
+        },
+        Duration::from_secs(60),
+    );
+    assert!(err.contains("longer than asked"), "{err}");
+}
+
+#[test]
+fn hostile_chunk_out_of_range() {
+    let _w = watchdog("hostile_chunk_out_of_range", BUDGET);
+    let err = hostile_read(
+        "range",
+        |s| {
+            if let Some((_, cookie, offset, _)) = request(s) {
+                let _ = s.write_all(&data_chunk(cookie, offset + 511, &[1, 2]));
+                thread::sleep(Duration::from_secs(1));
+            }
+        },
+        Duration::from_secs(60),
+    );
+    assert!(err.contains("outside the read"), "{err}");
+}
+
+#[test]
+fn hostile_huge_lengths_allocate_nothing() {
+    let _w = watchdog("hostile_huge_lengths_allocate_nothing", BUDGET);
+    // A chunk header that announces 4 GiB - 1: refused before reading.
+    let err = hostile_read(
+        "huge",
+        |s| {
+            if let Some((_, cookie, _, _)) = request(s) {
+                let mut h = chunk(1, 1, cookie, &[]);
+                h[16..20].copy_from_slice(&u32::MAX.to_be_bytes());
+                let _ = s.write_all(&h);
+                thread::sleep(Duration::from_secs(1));
+            }
+        },
+        Duration::from_secs(60),
+    );
+    assert!(err.contains("4294967295 bytes"), "{err}");
+    // An error chunk as long.
+    let err = hostile_read(
+        "huge-error",
+        |s| {
+            if let Some((_, cookie, _, _)) = request(s) {
+                let mut h = chunk(1, 0x8001, cookie, &[]);
+                h[16..20].copy_from_slice(&u32::MAX.to_be_bytes());
+                let _ = s.write_all(&h);
+                thread::sleep(Duration::from_secs(1));
+            }
+        },
+        Duration::from_secs(60),
+    );
+    assert!(err.contains("an error chunk of 4294967295 bytes"), "{err}");
+}
+
+#[test]
+fn hostile_huge_option_reply_in_the_handshake() {
+    let _w = watchdog("hostile_huge_option_reply_in_the_handshake", BUDGET);
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("opt.sock");
+    let listener = UnixListener::bind(&sock).unwrap();
+    thread::spawn(move || {
+        if let Ok((mut s, _)) = listener.accept() {
+            let mut g = 0x4e42_444d_4147_4943u64.to_be_bytes().to_vec();
+            g.extend(0x4948_4156_454f_5054u64.to_be_bytes());
+            g.extend(3u16.to_be_bytes());
+            let _ = s.write_all(&g);
+            let mut b = [0u8; 20];
+            let _ = s.read_exact(&mut b); // flags + STRUCTURED_REPLY header
+            let mut out = 0x0003_e889_0455_65a9u64.to_be_bytes().to_vec();
+            out.extend(8u32.to_be_bytes());
+            out.extend(1u32.to_be_bytes());
+            out.extend(u32::MAX.to_be_bytes());
+            let _ = s.write_all(&out);
+            thread::sleep(Duration::from_secs(2));
+        }
+    });
+    let err = NbdDriver::connect(unix_opts(&sock, "")).unwrap_err().to_string();
+    assert!(err.contains("option reply of 4294967295 bytes"), "{err}");
+}
+
+#[test]
+fn hostile_server_that_stops_answering_times_out() {
+    let _w = watchdog("hostile_server_that_stops_answering_times_out", BUDGET);
+    let err = hostile_read(
+        "silent",
+        |s| {
+            while request(s).is_some() {}
+        },
+        Duration::from_millis(300),
+    );
+    assert!(err.contains("did not answer a request within 300ms"), "{err}");
+}
+
+#[test]
+fn hostile_server_that_stops_in_the_middle_of_a_reply_times_out() {
+    let _w = watchdog("hostile_server_that_stops_in_the_middle_of_a_reply", BUDGET);
+    let err = hostile_read(
+        "stall",
+        |s| {
+            if let Some((_, cookie, offset, len)) = request(s) {
+                let c = data_chunk(cookie, offset, &vec![0; len as usize]);
+                let _ = s.write_all(&c[..c.len() - 10]);
+                while request(s).is_some() {}
+            }
+        },
+        Duration::from_millis(300),
+    );
+    assert!(err.contains("stopped in the middle of a reply"), "{err}");
+}
+
+#[test]
+fn export_name_fallback_and_split_requests_against_a_fake_server() {
+    let _w = watchdog("export_name_fallback_and_split_requests", BUDGET);
+    let dir = tempfile::tempdir().unwrap();
+    for go in [true, false] {
+        let sock = dir.path().join(format!("h{go}.sock"));
+        let _server = fake_server(&sock, go, honest);
+        let rig = rig(unix_opts(&sock, ""));
+        // 4 KiB over a 512-byte payload limit (GO) or the default (no GO).
+        assert_eq!(rig.read(0, 4096).unwrap(), vec![0x5a; 4096]);
+        rig.write(512, &[1; 3000]).unwrap();
+        rig.flush().unwrap();
+        let limits = rig.driver::<NbdDriver, _>("nbd", |d| d.block_limits());
+        assert_eq!(limits.0, if go { 512 } else { 32 << 20 });
+        rig.finish();
+    }
+}
