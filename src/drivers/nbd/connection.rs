@@ -20,7 +20,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt, BufWriter};
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 
-use super::handshake::{self, violation, ExportInfo, ReadHalf, Stream};
+use super::handshake::{connect, violation, ExportInfo, ReadHalf, Stream};
 use super::options::NbdOptions;
 use crate::nbd::proto::*;
 
@@ -154,7 +154,7 @@ pub(super) async fn run(
     status: Arc<Status>,
     ready: oneshot::Sender<io::Result<ExportInfo>>,
 ) {
-    match handshake::connect(&opts).await {
+    match connect(&opts).await {
         Ok((stream, info)) => {
             if ready.send(Ok(info)).is_ok() {
                 supervise(opts, stream, info, rx, status).await;
@@ -256,7 +256,7 @@ async fn supervise(
 async fn reconnect(opts: &NbdOptions, old: &ExportInfo) -> io::Result<(Stream, ExportInfo)> {
     let mut attempts = 0u32;
     loop {
-        let err = match handshake::connect(opts).await {
+        let err = match connect(opts).await {
             Ok((s, new)) => {
                 let writable = |i: &ExportInfo| !i.has(FLAG_READ_ONLY);
                 if new.size != old.size

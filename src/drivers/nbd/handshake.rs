@@ -302,7 +302,7 @@ async fn read_reply<S: AsyncRead + Unpin>(
 
 #[cfg(test)]
 mod tests {
-    use super::*;
+    use crate::drivers::nbd::handshake::block_sizes;
 
     #[test]
     fn block_sizes_are_checked() {

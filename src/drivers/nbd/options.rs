@@ -313,7 +313,7 @@ fn percent_decode(s: &str) -> Option<String> {
 
 #[cfg(test)]
 mod tests {
-    use super::*;
+    use crate::drivers::nbd::options::{NbdAddress, NbdOptions};
 
     fn parse(s: &str) -> (NbdAddress, String) {
         let o = NbdOptions::parse_uri(s).unwrap_or_else(|e| panic!("{s}: {e}"));
