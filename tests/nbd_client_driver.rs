@@ -829,3 +829,29 @@ fn export_name_fallback_and_split_requests_against_a_fake_server() {
         rig.finish();
     }
 }
+
+#[test]
+fn the_img_tool_reads_an_nbd_unix_uri() {
+    let _w = watchdog("the_img_tool_reads_an_nbd_unix_uri", Duration::from_secs(600));
+    let img_tool = common::process::example_binary("img");
+    let dir = tempfile::tempdir().unwrap();
+    let img = patterned(dir.path(), "i.qcow2", "qcow2", 8 * MIB);
+    let want = converted(&img, "qcow2", dir.path());
+    let sock = dir.path().join("i.sock");
+    let _server = Server::qemu_nbd(&img, "qcow2", &sock);
+    let uri = format!("nbd+unix:///disk?socket={}", p(&sock));
+    let info = common::process::run(Command::new(&img_tool).args(["info", &uri]));
+    assert!(info.contains("virtual size: 8 MiB"), "{info}");
+    let out = dir.path().join("out.raw");
+    let limit = Duration::from_secs(120);
+    let o = common::process::output_within(
+        Command::new(&img_tool).args(["convert", "-O", "raw", &uri, p(&out)]),
+        limit,
+    );
+    assert!(o.status.success(), "{}", common::process::text(&o));
+    assert!(std::fs::read(&out).unwrap() == want, "img convert of the URI differs");
+    // The legacy syntax names the same export.
+    let legacy = format!("nbd:unix:{}:exportname=disk", p(&sock));
+    let info = common::process::run(Command::new(&img_tool).args(["info", &legacy]));
+    assert!(info.contains("virtual size: 8 MiB"), "{info}");
+}
