@@ -855,3 +855,39 @@ fn the_img_tool_reads_an_nbd_unix_uri() {
     let info = common::process::run(Command::new(&img_tool).args(["info", &legacy]));
     assert!(info.contains("virtual size: 8 MiB"), "{info}");
 }
+
+#[test]
+fn the_storage_daemon_adds_an_nbd_node_and_exports_it_again() {
+    let _w = watchdog("the_storage_daemon_adds_an_nbd_node", Duration::from_secs(600));
+    let daemon = common::process::example_binary("storage_daemon");
+    let dir = tempfile::tempdir().unwrap();
+    let img = patterned(dir.path(), "d.raw", "raw", 8 * MIB);
+    let want = converted(&img, "raw", dir.path());
+    let upstream = dir.path().join("up.sock");
+    let _server = Server::qemu_nbd(&img, "raw", &upstream);
+    // qemu-nbd -> our nbd node (blockdev-add's options, on the command
+    // line) -> our export -> qemu-img.
+    let ours = dir.path().join("ours.sock");
+    let mut cmd = Command::new(&daemon);
+    cmd.args([
+        "--blockdev",
+        &format!(
+            "driver=nbd,node-name=n0,server.type=unix,server.path={},export=disk,reconnect-delay=5",
+            p(&upstream)
+        ),
+        "--nbd-server",
+        &format!("addr.type=unix,addr.path={}", p(&ours)),
+        "--export",
+        "type=nbd,id=e0,node-name=n0,name=re,writable=on",
+    ]);
+    let _daemon = Server::start(cmd, &ours);
+    let uri = format!("nbd+unix:///re?socket={}", p(&ours));
+    tool("qemu-io", &["-f", "raw", "-c", "write -P 0x77 4M 64k", &uri]);
+    let out = dir.path().join("out.raw");
+    tool("qemu-img", &["convert", "-f", "raw", "-O", "raw", &uri, p(&out)]);
+    let mut want = want;
+    want[4 * MIB as usize..4 * MIB as usize + 65536].fill(0x77);
+    assert!(std::fs::read(&out).unwrap() == want, "the re-exported image differs");
+    // The write reached the upstream image.
+    tool("qemu-img", &["compare", "-f", "raw", "-F", "raw", p(&img), p(&out)]);
+}
