@@ -1,7 +1,7 @@
 //! `blockdev-add`'s options (QEMU's `BlockdevOptions`) parsed into a
 //! [`NodeSpec`], with QEMU's option names and JSON shapes, for the drivers
-//! this daemon has: `file`, `raw`, `qcow2`, `throttle`, `copy-on-read` and
-//! `null-co`.
+//! this daemon has: `file`, `raw`, `qcow2`, `throttle`, `copy-on-read`,
+//! `null-co` and `nbd`.
 //!
 //! A child is a `BlockdevRef`: the name of an existing node
 //! (`"file": "f0"`) or a nested definition (`"file": {"driver": "file",

@@ -200,7 +200,10 @@ async fn supervise(
             )
         };
         let delay = opts.reconnect_delay;
-        let deadline = Instant::now() + delay;
+        // A delay too long for the clock is as good as forever.
+        let deadline = Instant::now()
+            .checked_add(delay)
+            .unwrap_or_else(|| Instant::now() + Duration::from_secs(100 * 365 * 86400));
         let mut attempt = pin!(reconnect(&opts, &first_info));
         loop {
             if Instant::now() >= deadline {
@@ -382,6 +385,9 @@ async fn session(
     };
 
     let watchdog = async {
+        if timeout.is_zero() {
+            return std::future::pending().await; // No timeout.
+        }
         let period = (timeout / 4).clamp(Duration::from_millis(10), Duration::from_secs(1));
         loop {
             tokio::time::sleep(period).await;
@@ -431,6 +437,9 @@ async fn timed<T>(
     timeout: Duration,
     f: impl std::future::Future<Output = io::Result<T>>,
 ) -> io::Result<T> {
+    if timeout.is_zero() {
+        return f.await; // No timeout.
+    }
     tokio::time::timeout(timeout, f).await.unwrap_or_else(|_| {
         Err(io::Error::new(
             io::ErrorKind::TimedOut,

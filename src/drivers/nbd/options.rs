@@ -93,7 +93,7 @@ pub struct NbdOptions {
     /// 10 s).
     pub connect_timeout: Duration,
     /// A request with no reply after this long marks the connection as
-    /// lost (then reconnecting applies; default 60 s).
+    /// lost (then reconnecting applies; default 60 s; zero: no timeout).
     pub request_timeout: Duration,
     /// Every write asks the server for `FUA` (durable before it is
     /// acknowledged), or is followed by a flush if the server cannot
