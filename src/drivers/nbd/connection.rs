@@ -286,26 +286,29 @@ async fn reconnect(opts: &NbdOptions, old: &ExportInfo) -> io::Result<(Stream, E
     }
 }
 
-/// A failed read of a reply: the error and, if it happened while a
-/// request's reply was being read, that request (to fail, when the server
-/// broke the protocol over it, or to resend, when the socket failed).
+/// A failed read of a reply: the error and, if the server broke the
+/// protocol over one request, that request's handle (it fails with the
+/// error instead of being resent).
 struct Failure {
     error: io::Error,
-    pending: Option<(Pending, bool)>,
+    blame: Option<u64>,
 }
 
 impl From<io::Error> for Failure {
     fn from(error: io::Error) -> Failure {
-        Failure {
-            error,
-            pending: None,
-        }
+        Failure { error, blame: None }
     }
 }
 
 /// One connection's life: sends queued and new requests, reads replies,
 /// watches for a server that stopped answering. On the way out, requests
 /// still unanswered go back to the front of `queue`, in order.
+///
+/// A request stays in the map of requests in flight until its reply is
+/// complete (the reader only borrows its read buffer while a chunk's data
+/// comes in), so whichever of the three loops ends the session, every
+/// unanswered request is found in the map and resent or failed, never
+/// dropped.
 async fn session(
     stream: Stream,
     info: &ExportInfo,
@@ -374,11 +377,11 @@ async fn session(
         }
     };
 
-    let mut culprit = None;
+    let mut blame = None;
     let reader = async {
         loop {
             if let Err(f) = read_reply(&mut rd, info, &inflight, timeout).await {
-                culprit = f.pending;
+                blame = f.blame;
                 return End::Lost(f.error);
             }
         }
@@ -408,16 +411,14 @@ async fn session(
     };
 
     let mut left: Vec<(u64, Pending)> = lock(&inflight).drain().collect();
-    if let Some((p, blame)) = culprit {
-        if blame {
+    if let Some(cookie) = blame {
+        if let Some(i) = left.iter().position(|(c, _)| *c == cookie) {
+            let (_, p) = left.swap_remove(i);
             let msg = match &end {
                 End::Lost(e) => e.to_string(),
                 End::Closed => "connection closed".to_owned(),
             };
             p.complete(Err(violation(msg)));
-        } else {
-            // The socket failed while its reply was being read: resent.
-            left.push((0, p));
         }
     }
     left.sort_by_key(|(cookie, p)| (p.sent, *cookie));
@@ -448,6 +449,23 @@ async fn timed<T>(
     })
 }
 
+/// What the reader needs of a request while its reply comes in.
+struct Target {
+    kind: u16,
+    offset: u64,
+    len: u32,
+    /// A read's buffer, borrowed from the request until the chunk is in.
+    buf: Vec<u8>,
+}
+
+/// What one chunk adds to its request.
+#[derive(Default)]
+struct Update {
+    covered: u64,
+    error: Option<io::Error>,
+    status: Option<(u32, u32)>,
+}
+
 /// Reads one reply (a simple reply or one structured chunk) and hands it
 /// to its request.
 async fn read_reply(
@@ -457,12 +475,51 @@ async fn read_reply(
     timeout: Duration,
 ) -> Result<(), Failure> {
     let magic = rd.read_u32().await?;
-    let take = |cookie: u64| {
-        lock(inflight).remove(&cookie).ok_or_else(|| {
+    // Looks the request up and borrows its read buffer.
+    let target = |cookie: u64, want_buf: bool| -> Result<Target, Failure> {
+        let mut map = lock(inflight);
+        let p = map.get_mut(&cookie).ok_or_else(|| {
             violation(format!(
                 "the server replied to handle {cookie:#x}, which has no request in flight"
             ))
+        })?;
+        Ok(Target {
+            kind: p.cmd.kind,
+            offset: p.cmd.offset,
+            len: p.cmd.len,
+            buf: if want_buf {
+                std::mem::take(&mut p.buf)
+            } else {
+                Vec::new()
+            },
         })
+    };
+    // Gives the buffer back, applies the update, finishes when `done`.
+    let update = |cookie: u64, t: Target, u: Update, done: bool| {
+        let mut map = lock(inflight);
+        let Some(p) = map.get_mut(&cookie) else {
+            return;
+        };
+        if p.kind_is_read() && p.buf.is_empty() {
+            p.buf = t.buf;
+        }
+        p.covered += u.covered;
+        if p.error.is_none() {
+            p.error = u.error;
+        }
+        if p.status.is_none() {
+            p.status = u.status;
+        }
+        if done {
+            if let Some(p) = map.remove(&cookie) {
+                drop(map);
+                p.finish();
+            }
+        }
+    };
+    let blame = |cookie: u64, error: io::Error| Failure {
+        error,
+        blame: Some(cookie),
     };
     match magic {
         SIMPLE_REPLY_MAGIC => {
@@ -470,33 +527,37 @@ async fn read_reply(
             timed(timeout, rd.read_exact(&mut b)).await?;
             let error = u32::from_be_bytes(b[0..4].try_into().expect("4 bytes"));
             let cookie = u64::from_be_bytes(b[4..12].try_into().expect("8 bytes"));
-            let mut p = take(cookie)?;
+            let mut t = target(cookie, error == 0 && !info.structured)?;
             if error != 0 {
-                p.complete(Err(server_error(error, "")));
+                let u = Update {
+                    error: Some(server_error(error, "")),
+                    ..Update::default()
+                };
+                update(cookie, t, u, true);
                 return Ok(());
             }
-            match p.cmd.kind {
-                CMD_READ if info.structured => Err(Failure {
-                    error: violation("a simple reply with data to a read, after structured replies were agreed"),
-                    pending: Some((p, true)),
-                }),
-                CMD_READ => match timed(timeout, rd.read_exact(&mut p.buf)).await {
-                    Ok(_) => {
-                        p.covered = u64::from(p.cmd.len);
-                        p.finish();
-                        Ok(())
-                    }
-                    Err(e) => Err(Failure {
-                        error: e,
-                        pending: Some((p, false)),
-                    }),
-                },
-                CMD_BLOCK_STATUS => Err(Failure {
-                    error: violation("a simple reply to a block status request"),
-                    pending: Some((p, true)),
-                }),
+            match t.kind {
+                CMD_READ if info.structured => Err(blame(
+                    cookie,
+                    violation(
+                        "a simple reply with data to a read, after structured replies were agreed",
+                    ),
+                )),
+                CMD_READ => {
+                    timed(timeout, rd.read_exact(&mut t.buf)).await?;
+                    let u = Update {
+                        covered: u64::from(t.len),
+                        ..Update::default()
+                    };
+                    update(cookie, t, u, true);
+                    Ok(())
+                }
+                CMD_BLOCK_STATUS => Err(blame(
+                    cookie,
+                    violation("a simple reply to a block status request"),
+                )),
                 _ => {
-                    p.finish();
+                    update(cookie, t, Update::default(), true);
                     Ok(())
                 }
             }
@@ -505,20 +566,18 @@ async fn read_reply(
             let mut b = [0u8; 16];
             timed(timeout, rd.read_exact(&mut b)).await?;
             let h = ChunkHeader::parse(&b);
-            let mut p = take(h.cookie)?;
-            match chunk(rd, info, &mut p, &h, timeout).await {
-                Ok(()) if h.flags & REPLY_FLAG_DONE != 0 => {
-                    p.finish();
+            let is_data = matches!(h.kind, REPLY_TYPE_OFFSET_DATA | REPLY_TYPE_OFFSET_HOLE);
+            let mut t = target(h.cookie, is_data)?;
+            match chunk(rd, info, &mut t, &h, timeout).await {
+                Ok(u) => {
+                    update(h.cookie, t, u, h.flags & REPLY_FLAG_DONE != 0);
                     Ok(())
                 }
-                Ok(()) => {
-                    lock(inflight).insert(h.cookie, p);
-                    Ok(())
+                Err((error, true)) => {
+                    update(h.cookie, t, Update::default(), false);
+                    Err(blame(h.cookie, error))
                 }
-                Err((error, blame)) => Err(Failure {
-                    error,
-                    pending: Some((p, blame)),
-                }),
+                Err((error, false)) => Err(error.into()),
             }
         }
         STRUCTURED_REPLY_MAGIC => Err(violation("a structured reply, which was not agreed").into()),
@@ -526,20 +585,27 @@ async fn read_reply(
     }
 }
 
-/// Reads one structured chunk's payload into its request. `Err((e,
+impl Pending {
+    fn kind_is_read(&self) -> bool {
+        self.cmd.kind == CMD_READ
+    }
+}
+
+/// Reads one structured chunk's payload for its request. `Err((e,
 /// true))`: the server broke the protocol (the request fails); `Err((e,
 /// false))`: the socket failed (the request is resent).
 async fn chunk(
     rd: &mut ReadHalf,
     info: &ExportInfo,
-    p: &mut Pending,
+    t: &mut Target,
     h: &ChunkHeader,
     timeout: Duration,
-) -> Result<(), (io::Error, bool)> {
+) -> Result<Update, (io::Error, bool)> {
     let bad = |what: String| Err((violation(what), true));
     let io = |e: io::Error| (e, false);
-    let (start, len) = (p.cmd.offset, u64::from(p.cmd.len));
-    let is_read = p.cmd.kind == CMD_READ;
+    let (start, len) = (t.offset, u64::from(t.len));
+    let is_read = t.kind == CMD_READ;
+    let mut u = Update::default();
     match h.kind {
         REPLY_TYPE_NONE => {
             if h.len != 0 || h.flags & REPLY_FLAG_DONE == 0 {
@@ -564,10 +630,13 @@ async fn chunk(
                 ));
             };
             let (at, n) = (at as usize, n as usize);
-            timed(timeout, rd.read_exact(&mut p.buf[at..at + n]))
+            if t.buf.len() != len as usize {
+                return bad("a second reply to a read still being answered".into());
+            }
+            timed(timeout, rd.read_exact(&mut t.buf[at..at + n]))
                 .await
                 .map_err(io)?;
-            p.covered += n as u64;
+            u.covered = n as u64;
         }
         REPLY_TYPE_OFFSET_HOLE if is_read => {
             if h.len != 12 {
@@ -585,10 +654,13 @@ async fn chunk(
                     "a hole chunk at {offset}+{n} outside the read at {start}+{len}"
                 ));
             };
-            p.buf[at as usize..(at + n) as usize].fill(0);
-            p.covered += n;
+            if t.buf.len() != len as usize {
+                return bad("a second reply to a read still being answered".into());
+            }
+            t.buf[at as usize..(at + n) as usize].fill(0);
+            u.covered = n;
         }
-        REPLY_TYPE_BLOCK_STATUS if p.cmd.kind == CMD_BLOCK_STATUS => {
+        REPLY_TYPE_BLOCK_STATUS if t.kind == CMD_BLOCK_STATUS => {
             if h.len < 12 || (h.len - 4) % 8 != 0 || h.len > MAX_STATUS_CHUNK {
                 return bad(format!("a block status chunk of {} bytes", h.len));
             }
@@ -603,7 +675,7 @@ async fn chunk(
             if ext_len == 0 {
                 return bad("a block status extent of length 0".into());
             }
-            p.status.get_or_insert((ext_len, flags));
+            u.status = Some((ext_len, flags));
         }
         kind if kind & REPLY_TYPE_ERROR_BIT != 0 => {
             if h.len < 6 || h.len > MAX_ERROR_CHUNK {
@@ -620,16 +692,14 @@ async fn chunk(
             if errno == 0 {
                 return bad("an error chunk with error 0".into());
             }
-            if p.error.is_none() {
-                p.error = Some(server_error(errno, &msg));
-            }
+            u.error = Some(server_error(errno, &msg));
         }
         kind => {
             return bad(format!(
                 "a reply chunk of type {kind} for a request of type {}",
-                p.cmd.kind
+                t.kind
             ))
         }
     }
-    Ok(())
+    Ok(u)
 }
