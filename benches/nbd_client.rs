@@ -193,8 +193,13 @@ fn main() {
         if quick { " (quick mode)" } else { "" }
     );
     println!("machine: {}\n", machine());
-    let mut t = Table::new(&["case", "ours IOPS (median)", "QEMU IOPS (median)", "ours/QEMU"])
-        .left_aligned(1);
+    let mut t = Table::new(&[
+        "case",
+        "ours IOPS (median)",
+        "QEMU IOPS (median)",
+        "ours/QEMU",
+    ])
+    .left_aligned(1);
     for (c, (a, b)) in cases.iter().zip(&results) {
         t.row([
             c.name.clone(),

@@ -57,9 +57,9 @@ mod backend;
 pub mod driver;
 pub mod drivers;
 mod graph;
+pub mod job;
 #[cfg(all(any(feature = "nbd-export", feature = "nbd-client"), not(loom)))]
 mod nbd;
-pub mod job;
 mod sync;
 mod thread;
 mod types;

@@ -84,7 +84,18 @@ impl Server {
     /// staying up across clients.
     fn qemu_nbd(image: &Path, format: &str, sock: &Path) -> Server {
         let mut cmd = Command::new("qemu-nbd");
-        cmd.args(["-t", "-e", "8", "-x", "disk", "-f", format, "-k", p(sock), p(image)]);
+        cmd.args([
+            "-t",
+            "-e",
+            "8",
+            "-x",
+            "disk",
+            "-f",
+            format,
+            "-k",
+            p(sock),
+            p(image),
+        ]);
         Server::start(cmd, sock)
     }
 
@@ -165,7 +176,11 @@ fn patterned(dir: &Path, name: &str, format: &str, size: u64) -> PathBuf {
         "qemu-img",
         &["create", "-q", "-f", format, p(&img), &size.to_string()],
     );
-    for (pat, off, len) in [(0x11, 0, 4096), (0x22, MIB + 512, 70_000), (0x33, 5 * MIB, MIB)] {
+    for (pat, off, len) in [
+        (0x11, 0, 4096),
+        (0x22, MIB + 512, 70_000),
+        (0x33, 5 * MIB, MIB),
+    ] {
         tool(
             "qemu-io",
             &[
@@ -180,6 +195,9 @@ fn patterned(dir: &Path, name: &str, format: &str, size: u64) -> PathBuf {
     img
 }
 
+/// Starts a server on the given socket.
+type StartServer<'a> = Box<dyn Fn(&Path) -> Server + 'a>;
+
 #[test]
 fn reads_match_qemu_img_convert_on_every_server() {
     let _w = watchdog("reads_match_qemu_img_convert_on_every_server", BUDGET);
@@ -188,10 +206,25 @@ fn reads_match_qemu_img_convert_on_every_server() {
     let qcow2 = patterned(dir.path(), "b.qcow2", "qcow2", 8 * MIB);
     let want_raw = converted(&raw, "raw", dir.path());
     let want_qcow2 = converted(&qcow2, "qcow2", dir.path());
-    let cases: Vec<(&str, Box<dyn Fn(&Path) -> Server>, &str, &Vec<u8>)> = vec![
-        ("qemu-nbd raw", Box::new(|s| Server::qemu_nbd(&raw, "raw", s)), "disk", &want_raw),
-        ("qemu-nbd qcow2", Box::new(|s| Server::qemu_nbd(&qcow2, "qcow2", s)), "disk", &want_qcow2),
-        ("nbdkit file", Box::new(|s| Server::nbdkit(&raw, s)), "", &want_raw),
+    let cases: Vec<(&str, StartServer, &str, &Vec<u8>)> = vec![
+        (
+            "qemu-nbd raw",
+            Box::new(|s| Server::qemu_nbd(&raw, "raw", s)),
+            "disk",
+            &want_raw,
+        ),
+        (
+            "qemu-nbd qcow2",
+            Box::new(|s| Server::qemu_nbd(&qcow2, "qcow2", s)),
+            "disk",
+            &want_qcow2,
+        ),
+        (
+            "nbdkit file",
+            Box::new(|s| Server::nbdkit(&raw, s)),
+            "",
+            &want_raw,
+        ),
         (
             "qemu-storage-daemon qcow2",
             Box::new(|s| Server::storage_daemon(&qcow2, s)),
@@ -205,10 +238,17 @@ fn reads_match_qemu_img_convert_on_every_server() {
         let rig = rig(unix_opts(&sock, export));
         assert_eq!(rig.length().unwrap(), want.len() as u64, "{what}: length");
         let got = read_all(&rig);
-        assert!(got == *want, "{what}: the data differs from qemu-img convert's");
+        assert!(
+            got == *want,
+            "{what}: the data differs from qemu-img convert's"
+        );
         // An unaligned read across a pattern boundary.
         let odd = rig.read(MIB + 500, 100).unwrap();
-        assert_eq!(odd[..], want[(MIB + 500) as usize..(MIB + 600) as usize], "{what}");
+        assert_eq!(
+            odd[..],
+            want[(MIB + 500) as usize..(MIB + 600) as usize],
+            "{what}"
+        );
         rig.finish();
     }
 }
@@ -233,7 +273,11 @@ fn writes_are_what_qemu_img_compare_sees() {
         };
         put(&rig, 3, vec![0xa5; 10_000]);
         // Larger than a server's payload limit would be; split if needed.
-        put(&rig, 2 * MIB, (0..3 * MIB).map(|i| (i % 251) as u8).collect());
+        put(
+            &rig,
+            2 * MIB,
+            (0..3 * MIB).map(|i| (i % 251) as u8).collect(),
+        );
         let (blk, io) = (rig.blk.clone(), &rig.io);
         io.spawn(move |mut cx| async move {
             blk.write_zeroes(&mut cx, 5 * MIB + 4096, 8192).await?;
@@ -260,20 +304,28 @@ fn writes_are_what_qemu_img_compare_sees() {
 
 #[test]
 fn block_status_reports_the_holes_of_a_sparse_remote_image() {
-    let _w = watchdog("block_status_reports_the_holes_of_a_sparse_remote_image", BUDGET);
+    let _w = watchdog(
+        "block_status_reports_the_holes_of_a_sparse_remote_image",
+        BUDGET,
+    );
     let dir = tempfile::tempdir().unwrap();
     let img = dir.path().join("sparse.raw");
     tool("qemu-img", &["create", "-q", "-f", "raw", p(&img), "64M"]);
-    tool(
-        "qemu-io",
-        &["-f", "raw", "-c", "write -P 7 8M 1M", p(&img)],
-    );
+    tool("qemu-io", &["-f", "raw", "-c", "write -P 7 8M 1M", p(&img)]);
     // What QEMU itself sees locally (qemu-img create allocates the first
     // block of a raw file), merged by zero / data.
     let local = tool("qemu-img", &["map", "--output=json", "-f", "raw", p(&img)]);
     let mut want: Vec<(BlockStatus, u64, u64)> = Vec::new();
-    for e in serde_json::from_str::<serde_json::Value>(&local).unwrap().as_array().unwrap() {
-        let s = if e["zero"].as_bool().unwrap() { BlockStatus::Zero } else { BlockStatus::Data };
+    for e in serde_json::from_str::<serde_json::Value>(&local)
+        .unwrap()
+        .as_array()
+        .unwrap()
+    {
+        let s = if e["zero"].as_bool().unwrap() {
+            BlockStatus::Zero
+        } else {
+            BlockStatus::Data
+        };
         let (at, n) = (e["start"].as_u64().unwrap(), e["length"].as_u64().unwrap());
         match want.last_mut() {
             Some((last, _, len)) if *last == s => *len += n,
@@ -290,8 +342,10 @@ fn block_status_reports_the_holes_of_a_sparse_remote_image() {
         let rig = rig(unix_opts(&sock, if nbdkit { "" } else { "disk" }));
         assert!(rig.driver::<NbdDriver, _>("nbd", |d| d.has_block_status()));
         let status = |off: u64, len: u64| {
-            rig.on_node("nbd", move |n| Box::pin(async move { n.block_status(off, len).await }))
-                .unwrap()
+            rig.on_node("nbd", move |n| {
+                Box::pin(async move { n.block_status(off, len).await })
+            })
+            .unwrap()
         };
         // Walk the whole image: a hole, the data, a hole.
         let mut map = Vec::new();
@@ -306,7 +360,9 @@ fn block_status_reports_the_holes_of_a_sparse_remote_image() {
             at += n;
         }
         assert_eq!(map, want, "nbdkit: {nbdkit}");
-        assert!(map.iter().any(|(s, at, n)| *s == BlockStatus::Zero && *at <= MIB && *n >= 6 * MIB));
+        assert!(map
+            .iter()
+            .any(|(s, at, n)| *s == BlockStatus::Zero && *at <= MIB && *n >= 6 * MIB));
         rig.finish();
     }
 }
@@ -320,7 +376,12 @@ fn our_qcow2_driver_over_a_remote_file() {
     let sock = dir.path().join("q.sock");
     // An NBD export cannot grow (neither can QEMU's nbd node): room at
     // the end of the file for the clusters our writes allocate.
-    std::fs::OpenOptions::new().write(true).open(&img).unwrap().set_len(32 * MIB).unwrap();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&img)
+        .unwrap()
+        .set_len(32 * MIB)
+        .unwrap();
     // The qcow2 file's bytes, served raw: our qcow2 driver reads the
     // format over NBD.
     let mut server = Server::qemu_nbd(&img, "raw", &sock);
@@ -352,7 +413,11 @@ fn our_qcow2_driver_over_a_remote_file() {
         nodes: Vec::new(),
         blk,
     };
-    assert_eq!(read_all(&rig), expect, "qcow2 over nbd differs from qemu-img convert");
+    assert_eq!(
+        read_all(&rig),
+        expect,
+        "qcow2 over nbd differs from qemu-img convert"
+    );
     let data: Vec<u8> = (0..200_000u32).map(|i| (i * 7) as u8).collect();
     rig.write(3 * MIB + 100, &data).unwrap();
     rig.flush().unwrap();
@@ -362,7 +427,10 @@ fn our_qcow2_driver_over_a_remote_file() {
     tool("qemu-img", &["check", "-f", "qcow2", p(&img)]);
     let want = dir.path().join("want.raw");
     std::fs::write(&want, &expect).unwrap();
-    tool("qemu-img", &["compare", "-f", "qcow2", "-F", "raw", p(&img), p(&want)]);
+    tool(
+        "qemu-img",
+        &["compare", "-f", "qcow2", "-F", "raw", p(&img), p(&want)],
+    );
 }
 
 #[test]
@@ -441,7 +509,10 @@ fn requests_fail_clearly_when_the_server_stays_away() {
     let err = rig.read(0, 512).unwrap_err().to_string();
     assert!(err.contains("connection lost"), "{err}");
     assert!(err.contains("reconnect delay"), "{err}");
-    assert!(t.elapsed() >= Duration::from_millis(400), "failed before the delay");
+    assert!(
+        t.elapsed() >= Duration::from_millis(400),
+        "failed before the delay"
+    );
     // And back once the server is.
     let _server = Server::qemu_nbd(&img, "raw", &sock);
     common::wait_until("the client reconnects", || {
@@ -459,7 +530,17 @@ fn a_read_only_export_refuses_writes() {
     tool("qemu-img", &["create", "-q", "-f", "raw", p(&img), "1M"]);
     let sock = dir.path().join("ro.sock");
     let mut cmd = Command::new("qemu-nbd");
-    cmd.args(["-r", "-t", "-x", "disk", "-f", "raw", "-k", p(&sock), p(&img)]);
+    cmd.args([
+        "-r",
+        "-t",
+        "-x",
+        "disk",
+        "-f",
+        "raw",
+        "-k",
+        p(&sock),
+        p(&img),
+    ]);
     let _server = Server::start(cmd, &sock);
     let drv = NbdDriver::connect(unix_opts(&sock, "disk")).unwrap();
     let main = MainLoop::new().unwrap();
@@ -469,14 +550,18 @@ fn a_read_only_export_refuses_writes() {
         .unwrap();
     let n = node.clone();
     let err = main
-        .run(move |bql| {
-            bql.write(|w| w.add_backend("vda", &n, BackendOptions::default()))
-        })
+        .run(move |bql| bql.write(|w| w.add_backend("vda", &n, BackendOptions::default())))
         .unwrap_err();
     assert!(matches!(err, Error::PermissionConflict { .. }), "{err}");
     let blk = main
         .run(move |bql| {
-            bql.write(|w| w.add_backend("vda", &node, BackendOptions::with_perms(Permissions::SHARED_READER)))
+            bql.write(|w| {
+                w.add_backend(
+                    "vda",
+                    &node,
+                    BackendOptions::with_perms(Permissions::SHARED_READER),
+                )
+            })
         })
         .unwrap();
     let b = blk.clone();
@@ -507,7 +592,9 @@ fn unreachable_or_unknown_exports_fail_to_open() {
     tool("qemu-img", &["create", "-q", "-f", "raw", p(&img), "1M"]);
     let sock = dir.path().join("u.sock");
     let _server = Server::qemu_nbd(&img, "raw", &sock);
-    let err = NbdDriver::connect(unix_opts(&sock, "nope")).unwrap_err().to_string();
+    let err = NbdDriver::connect(unix_opts(&sock, "nope"))
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("'nope'"), "{err}");
 }
 
@@ -653,8 +740,15 @@ fn hostile_read(name: &str, behaviour: Behaviour, timeout: Duration) -> String {
     let opts = unix_opts(&sock, "").request_timeout(timeout);
     let rig = rig(opts);
     let t = Instant::now();
-    let err = rig.read(0, 4096).expect_err("the read must fail").to_string();
-    assert!(t.elapsed() < Duration::from_secs(20), "{name}: took {:?}", t.elapsed());
+    let err = rig
+        .read(0, 4096)
+        .expect_err("the read must fail")
+        .to_string();
+    assert!(
+        t.elapsed() < Duration::from_secs(20),
+        "{name}: took {:?}",
+        t.elapsed()
+    );
     rig.finish();
     err
 }
@@ -778,7 +872,9 @@ fn hostile_huge_option_reply_in_the_handshake() {
             thread::sleep(Duration::from_secs(2));
         }
     });
-    let err = NbdDriver::connect(unix_opts(&sock, "")).unwrap_err().to_string();
+    let err = NbdDriver::connect(unix_opts(&sock, ""))
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("option reply of 4294967295 bytes"), "{err}");
 }
 
@@ -792,7 +888,10 @@ fn hostile_server_that_stops_answering_times_out() {
         },
         Duration::from_millis(300),
     );
-    assert!(err.contains("did not answer a request within 300ms"), "{err}");
+    assert!(
+        err.contains("did not answer a request within 300ms"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -832,7 +931,10 @@ fn export_name_fallback_and_split_requests_against_a_fake_server() {
 
 #[test]
 fn the_img_tool_reads_an_nbd_unix_uri() {
-    let _w = watchdog("the_img_tool_reads_an_nbd_unix_uri", Duration::from_secs(600));
+    let _w = watchdog(
+        "the_img_tool_reads_an_nbd_unix_uri",
+        Duration::from_secs(600),
+    );
     let img_tool = common::process::example_binary("img");
     let dir = tempfile::tempdir().unwrap();
     let img = patterned(dir.path(), "i.qcow2", "qcow2", 8 * MIB);
@@ -849,7 +951,10 @@ fn the_img_tool_reads_an_nbd_unix_uri() {
         limit,
     );
     assert!(o.status.success(), "{}", common::process::text(&o));
-    assert!(std::fs::read(&out).unwrap() == want, "img convert of the URI differs");
+    assert!(
+        std::fs::read(&out).unwrap() == want,
+        "img convert of the URI differs"
+    );
     // The legacy syntax names the same export.
     let legacy = format!("nbd:unix:{}:exportname=disk", p(&sock));
     let info = common::process::run(Command::new(&img_tool).args(["info", &legacy]));
@@ -858,7 +963,10 @@ fn the_img_tool_reads_an_nbd_unix_uri() {
 
 #[test]
 fn the_storage_daemon_adds_an_nbd_node_and_exports_it_again() {
-    let _w = watchdog("the_storage_daemon_adds_an_nbd_node", Duration::from_secs(600));
+    let _w = watchdog(
+        "the_storage_daemon_adds_an_nbd_node",
+        Duration::from_secs(600),
+    );
     let daemon = common::process::example_binary("storage_daemon");
     let dir = tempfile::tempdir().unwrap();
     let img = patterned(dir.path(), "d.raw", "raw", 8 * MIB);
@@ -882,12 +990,77 @@ fn the_storage_daemon_adds_an_nbd_node_and_exports_it_again() {
     ]);
     let _daemon = Server::start(cmd, &ours);
     let uri = format!("nbd+unix:///re?socket={}", p(&ours));
-    tool("qemu-io", &["-f", "raw", "-c", "write -P 0x77 4M 64k", &uri]);
+    tool(
+        "qemu-io",
+        &["-f", "raw", "-c", "write -P 0x77 4M 64k", &uri],
+    );
     let out = dir.path().join("out.raw");
-    tool("qemu-img", &["convert", "-f", "raw", "-O", "raw", &uri, p(&out)]);
+    tool(
+        "qemu-img",
+        &["convert", "-f", "raw", "-O", "raw", &uri, p(&out)],
+    );
     let mut want = want;
     want[4 * MIB as usize..4 * MIB as usize + 65536].fill(0x77);
-    assert!(std::fs::read(&out).unwrap() == want, "the re-exported image differs");
+    assert!(
+        std::fs::read(&out).unwrap() == want,
+        "the re-exported image differs"
+    );
     // The write reached the upstream image.
-    tool("qemu-img", &["compare", "-f", "raw", "-F", "raw", p(&img), p(&out)]);
+    tool(
+        "qemu-img",
+        &["compare", "-f", "raw", "-F", "raw", p(&img), p(&out)],
+    );
+}
+
+#[test]
+fn a_server_error_fails_only_its_request() {
+    let _w = watchdog("a_server_error_fails_only_its_request", BUDGET);
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("err.sock");
+    // The first read gets an EIO error chunk with a message; the rest are
+    // served.
+    let _server = fake_server(&sock, true, |s| {
+        if let Some((_, cookie, _, _)) = request(s) {
+            let mut p = 5u32.to_be_bytes().to_vec();
+            p.extend(12u16.to_be_bytes());
+            p.extend(b"disk on fire");
+            let _ = s.write_all(&chunk(1, 0x8001, cookie, &p));
+        }
+        honest(s);
+    });
+    let rig = rig(unix_opts(&sock, ""));
+    let err = rig.read(0, 512).unwrap_err().to_string();
+    assert!(err.contains("EIO") && err.contains("disk on fire"), "{err}");
+    assert_eq!(rig.read(0, 512).unwrap(), vec![0x5a; 512]);
+    assert_eq!(rig.driver::<NbdDriver, _>("nbd", |d| d.reconnects()), 0);
+    rig.finish();
+}
+
+#[test]
+fn the_client_gives_up_after_its_attempts() {
+    let _w = watchdog("the_client_gives_up_after_its_attempts", BUDGET);
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("a.raw");
+    tool("qemu-img", &["create", "-q", "-f", "raw", p(&img), "1M"]);
+    let sock = dir.path().join("a.sock");
+    let mut server = Server::qemu_nbd(&img, "raw", &sock);
+    // A delay far longer than the test, and longer than the clock can
+    // add: the attempts end the wait, not the delay.
+    let opts = unix_opts(&sock, "disk")
+        .reconnect_delay(Duration::MAX)
+        .reconnect_interval(Duration::from_millis(20))
+        .reconnect_attempts(Some(3));
+    let rig = rig(opts);
+    rig.write(0, &[3; 512]).unwrap();
+    server.kill();
+    let err = rig.read(0, 512).unwrap_err().to_string();
+    assert!(
+        err.contains("gave up reconnecting after 3 attempts"),
+        "{err}"
+    );
+    // For good: a server coming back is not looked for any more.
+    let _server = Server::qemu_nbd(&img, "raw", &sock);
+    let err = rig.read(0, 512).unwrap_err().to_string();
+    assert!(err.contains("gave up"), "{err}");
+    rig.finish();
 }

@@ -106,7 +106,8 @@ async fn open_stack(
     let (mut below, mut start) = match (&layers[n - 1], n.checked_sub(2).map(|i| &layers[i])) {
         #[cfg(feature = "nbd-client")]
         (Layer::File(_), above) if nbd::is_nbd(path) => {
-            let (top, used) = nbd::open(cx, need_path()?, above, policy, prefix, &mut images).await?;
+            let (top, used) =
+                nbd::open(cx, need_path()?, above, policy, prefix, &mut images).await?;
             (top, n - used)
         }
         (Layer::File(f), Some(Layer::Qcow2)) => {

@@ -132,7 +132,8 @@ fn nbd(o: &mut Opts, read_only: bool) -> QResult<NbdSpec> {
             )));
         }
     }
-    let mut opts = NbdOptions::new(address, o.str("export")?.unwrap_or_default()).read_only(read_only);
+    let mut opts =
+        NbdOptions::new(address, o.str("export")?.unwrap_or_default()).read_only(read_only);
     if let Some(s) = o.u64("reconnect-delay")? {
         opts = opts.reconnect_delay(Duration::from_secs(s));
     }
@@ -376,15 +377,19 @@ mod tests {
         let s = spec(json!({"driver": "nbd", "node-name": "n0",
                             "server": {"type": "unix", "path": "/s"}}))
         .unwrap();
-        assert!(matches!(s.kind, Kind::Nbd(NbdSpec(ref o)) if o.address == NbdAddress::Unix("/s".into())));
+        assert!(
+            matches!(s.kind, Kind::Nbd(NbdSpec(ref o)) if o.address == NbdAddress::Unix("/s".into()))
+        );
         let e = spec(json!({"driver": "nbd", "node-name": "n0"})).unwrap_err();
         assert_eq!(e.desc, "Parameter 'server' is missing");
         let e = spec(json!({"driver": "nbd", "node-name": "n0",
                             "server": {"type": "unix"}}))
         .unwrap_err();
         assert_eq!(e.desc, "Parameter 'server.path' is missing");
-        assert!(spec(json!({"driver": "nbd", "node-name": "n0", "tls-creds": "t",
+        assert!(
+            spec(json!({"driver": "nbd", "node-name": "n0", "tls-creds": "t",
                             "server": {"type": "unix", "path": "/s"}}))
-        .is_err());
+            .is_err()
+        );
     }
 }

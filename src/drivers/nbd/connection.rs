@@ -194,10 +194,7 @@ async fn supervise(
             End::Lost(e) => e,
         };
         let lost = |extra: &str| {
-            io::Error::new(
-                reason.kind(),
-                format!("connection lost ({reason}){extra}"),
-            )
+            io::Error::new(reason.kind(), format!("connection lost ({reason}){extra}"))
         };
         let delay = opts.reconnect_delay;
         // A delay too long for the clock is as good as forever.
@@ -668,7 +665,9 @@ async fn chunk(
             timed(timeout, rd.read_exact(&mut b)).await.map_err(io)?;
             let id = u32::from_be_bytes(b[0..4].try_into().expect("4 bytes"));
             if Some(id) != info.base_allocation {
-                return bad(format!("block status for context {id}, which was not agreed"));
+                return bad(format!(
+                    "block status for context {id}, which was not agreed"
+                ));
             }
             let ext_len = u32::from_be_bytes(b[4..8].try_into().expect("4 bytes"));
             let flags = u32::from_be_bytes(b[8..12].try_into().expect("4 bytes"));

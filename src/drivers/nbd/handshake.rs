@@ -146,9 +146,8 @@ where
             match reply.kind {
                 REP_META_CONTEXT => {
                     if data.len() >= 4 && &data[4..] == BASE_ALLOCATION.as_bytes() {
-                        base_allocation = Some(u32::from_be_bytes(
-                            data[0..4].try_into().expect("4 bytes"),
-                        ));
+                        base_allocation =
+                            Some(u32::from_be_bytes(data[0..4].try_into().expect("4 bytes")));
                     }
                 }
                 REP_ACK => break,
@@ -271,7 +270,9 @@ where
     match reply.kind {
         REP_ACK => Ok(true),
         _ if reply.is_error() => Ok(false),
-        k => Err(violation(format!("unexpected reply {k} to option {option}"))),
+        k => Err(violation(format!(
+            "unexpected reply {k} to option {option}"
+        ))),
     }
 }
 

@@ -85,10 +85,12 @@ const MAX_ZERO_REQUEST: u64 = 1 << 30;
 /// use blockgraph::drivers::{NbdDriver, NbdOptions};
 /// use blockgraph::{BackendOptions, MainLoop};
 ///
-/// let main = MainLoop::new();
+/// let main = MainLoop::new()?;
 /// let opts = NbdOptions::parse_uri("nbd+unix:///disk?socket=/tmp/nbd.sock")?;
-/// let node = main.with_bql(|bql| {
-///     bql.write(|w| w.add_node("remote", Box::new(NbdDriver::connect(opts)?)))
+/// let driver = NbdDriver::connect(opts)?;
+/// let node = main.run(move |bql| bql.write(|w| w.add_node("remote", driver, &[])))?;
+/// let blk = main.run(move |bql| {
+///     bql.write(|w| w.add_backend("vda", &node, BackendOptions::default()))
 /// })?;
 /// # Ok::<(), blockgraph::Error>(())
 /// ```
@@ -183,10 +185,7 @@ impl NbdDriver {
     fn context(opts: &NbdOptions, e: io::Error) -> Error {
         Error::Io(io::Error::new(
             e.kind(),
-            format!(
-                "NBD server {} export '{}': {e}",
-                opts.address, opts.export
-            ),
+            format!("NBD server {} export '{}': {e}", opts.address, opts.export),
         ))
     }
 
@@ -209,7 +208,9 @@ impl NbdDriver {
             reply,
         };
         let gone = || io::Error::other("the connection task has stopped");
-        self.tx.send(cmd).map_err(|_| Self::context(&self.opts, gone()))?;
+        self.tx
+            .send(cmd)
+            .map_err(|_| Self::context(&self.opts, gone()))?;
         match rx.await {
             Ok(Ok(r)) => Ok(r),
             Ok(Err(e)) => Err(Self::context(&self.opts, e)),
@@ -235,7 +236,8 @@ impl NbdDriver {
 
     /// Zeroes or trims a range, in pieces.
     async fn no_payload(&self, kind: u16, flags: u16, offset: u64, len: u64) -> Result<()> {
-        let max = MAX_ZERO_REQUEST / u64::from(self.info.min_block) * u64::from(self.info.min_block);
+        let max =
+            MAX_ZERO_REQUEST / u64::from(self.info.min_block) * u64::from(self.info.min_block);
         try_join_all(
             Self::pieces(offset, len, max).map(|(at, n)| self.call(kind, flags, at, n, None)),
         )
@@ -330,7 +332,8 @@ impl BlockDriver for NbdDriver {
             self.check_writable()?;
             if !self.info.has(FLAG_SEND_WRITE_ZEROES) {
                 // Zero-filled writes, in pieces of at most the payload limit.
-                let zeroes = vec![0u8; len.min(u64::from(self.info.max_payload).min(1 << 20)) as usize];
+                let zeroes =
+                    vec![0u8; len.min(u64::from(self.info.max_payload).min(1 << 20)) as usize];
                 for (at, n) in Self::pieces(offset, len, zeroes.len() as u64) {
                     self.write(node, at, &zeroes[..n as usize]).await?;
                 }

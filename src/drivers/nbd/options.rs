@@ -230,7 +230,11 @@ impl NbdOptions {
             if !authority.is_empty() {
                 return Err(bad("a Unix URI has no host (nbd+unix:///export?socket=…)"));
             }
-            NbdAddress::Unix(socket.ok_or_else(|| bad("missing ?socket=")).map(PathBuf::from)?)
+            NbdAddress::Unix(
+                socket
+                    .ok_or_else(|| bad("missing ?socket="))
+                    .map(PathBuf::from)?,
+            )
         } else {
             if socket.is_some() {
                 return Err(bad("socket= is for nbd+unix://"));
@@ -332,7 +336,10 @@ mod tests {
         assert_eq!(parse("nbd://h/e"), (tcp("h", 10809), "e".into()));
         assert_eq!(parse("nbd://h:1234"), (tcp("h", 1234), "".into()));
         assert_eq!(parse("nbd+tcp://h:1/"), (tcp("h", 1), "".into()));
-        assert_eq!(parse("nbd://[::1]:99/a%20b"), (tcp("::1", 99), "a b".into()));
+        assert_eq!(
+            parse("nbd://[::1]:99/a%20b"),
+            (tcp("::1", 99), "a b".into())
+        );
         assert_eq!(parse("nbd://[::1]/x"), (tcp("::1", 10809), "x".into()));
         assert_eq!(
             parse("nbd+unix:///d0?socket=/tmp/a.sock"),
@@ -347,7 +354,10 @@ mod tests {
     #[test]
     fn legacy() {
         assert_eq!(parse("nbd:h:10"), (tcp("h", 10), "".into()));
-        assert_eq!(parse("nbd:h:10:exportname=e:x"), (tcp("h", 10), "e:x".into()));
+        assert_eq!(
+            parse("nbd:h:10:exportname=e:x"),
+            (tcp("h", 10), "e:x".into())
+        );
         assert_eq!(
             parse("nbd:unix:/a/b.sock"),
             (NbdAddress::Unix("/a/b.sock".into()), "".into())
