@@ -45,7 +45,15 @@ struct Server {
 impl Server {
     /// Starts `cmd`; waits until `sock` accepts a connection (the file
     /// exists from bind(), a moment before listen()).
-    fn start(mut cmd: Command, sock: &Path) -> Server {
+    fn start(cmd: Command, sock: &Path) -> Server {
+        let sock = sock.to_owned();
+        Server::start_with(cmd, &sock.display().to_string(), move || {
+            UnixStream::connect(&sock).is_ok()
+        })
+    }
+
+    /// Starts `cmd`; waits until `ready` (it accepts on `what`).
+    fn start_with(mut cmd: Command, what: &str, ready: impl Fn() -> bool) -> Server {
         // If the test process dies without running destructors (the
         // watchdog exits it), the server dies with it.
         // SAFETY: prctl(2) between fork and exec touches no memory of ours.
@@ -65,15 +73,14 @@ impl Server {
             .unwrap_or_else(|e| panic!("cannot start {name}: {e} (.ci/run installs it)"));
         let mut s = Server { child, name };
         let start = Instant::now();
-        while UnixStream::connect(sock).is_err() {
+        while !ready() {
             if let Ok(Some(status)) = s.child.try_wait() {
                 panic!("{} exited with {status} at start", s.name);
             }
             assert!(
                 start.elapsed() < START,
-                "{} did not accept on {} within {START:?}",
+                "{} did not accept on {what} within {START:?}",
                 s.name,
-                sock.display()
             );
             thread::sleep(Duration::from_millis(20));
         }
@@ -445,24 +452,23 @@ fn a_restarted_server_gets_every_acknowledged_write() {
         .reconnect_delay(Duration::from_secs(20))
         .reconnect_interval(Duration::from_millis(50));
     let rig = rig(opts);
-    // A writer on the I/O thread: 4 KiB blocks, each with its index, one
-    // after the other (so one is nearly always in flight when the server
-    // dies); it reports acknowledged blocks in batches of 8.
+    // Eight writers on the I/O thread (so several requests are in flight
+    // when the server dies): 4 KiB blocks, each with its index, writer w
+    // taking blocks w, w + 8, …; each acknowledged block is reported.
     let (tx, rx) = mpsc::channel::<u64>();
-    let blk = rig.blk.clone();
-    let writer = rig.io.spawn(move |mut cx| async move {
-        for batch in 0..512u64 / 8 {
-            let mut done = Vec::new();
-            for i in batch * 8..batch * 8 + 8 {
-                blk.write(&mut cx, i * 4096 * 8, &block(i)).await?;
-                done.push(i);
-            }
-            for i in done {
-                let _ = tx.send(i);
-            }
-        }
-        Ok::<_, Error>(())
-    });
+    let writers: Vec<_> = (0..8u64)
+        .map(|w| {
+            let (blk, tx) = (rig.blk.clone(), tx.clone());
+            rig.io.spawn(move |mut cx| async move {
+                for i in (w..512).step_by(8) {
+                    blk.write(&mut cx, i * 4096 * 8, &block(i)).await?;
+                    let _ = tx.send(i);
+                }
+                Ok::<_, Error>(())
+            })
+        })
+        .collect();
+    drop(tx);
     // Kill the server once some writes were acknowledged, restart it.
     for _ in 0..40 {
         rx.recv_timeout(common::TIMEOUT).expect("writes progress");
@@ -470,11 +476,11 @@ fn a_restarted_server_gets_every_acknowledged_write() {
     server.kill();
     thread::sleep(Duration::from_millis(300));
     let _server = Server::qemu_nbd(&img, "raw", &sock);
-    let acked: Vec<u64> = {
-        common::join(writer, "the writer").expect("writes succeed across the restart");
-        rx.try_iter().collect()
-    };
-    assert!(acked.len() > 400);
+    for w in writers {
+        common::join(w, "a writer").expect("writes succeed across the restart");
+    }
+    let acked: Vec<u64> = rx.try_iter().collect();
+    assert_eq!(acked.len() + 40, 512, "every write is acknowledged once");
     assert!(rig.driver::<NbdDriver, _>("nbd", |d| d.reconnects()) >= 1);
     rig.flush().unwrap();
     rig.finish();
@@ -520,6 +526,121 @@ fn requests_fail_clearly_when_the_server_stays_away() {
     });
     assert_eq!(rig.read(0, 512).unwrap(), vec![1; 512]);
     rig.finish();
+}
+
+#[test]
+fn tcp_and_the_nbd_uri() {
+    let _w = watchdog("tcp_and_the_nbd_uri", BUDGET);
+    let dir = tempfile::tempdir().unwrap();
+    let img = patterned(dir.path(), "t.raw", "raw", 8 * MIB);
+    let want = converted(&img, "raw", dir.path());
+    // A port nobody uses now (the kernel's choice), for qemu-nbd.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut cmd = Command::new("qemu-nbd");
+    cmd.args(["-t", "-x", "disk", "-f", "raw", "-b", "127.0.0.1"])
+        .args(["-p", &port.to_string(), p(&img)]);
+    let _server = Server::start_with(cmd, &format!("port {port}"), || {
+        std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+    });
+    let opts = NbdOptions::parse_uri(&format!("nbd://127.0.0.1:{port}/disk")).unwrap();
+    let rig = rig(opts);
+    assert!(
+        read_all(&rig) == want,
+        "TCP read differs from qemu-img convert"
+    );
+    rig.write(MIB, &[9; 4096]).unwrap();
+    assert_eq!(rig.read(MIB, 4096).unwrap(), vec![9; 4096]);
+    rig.finish();
+}
+
+#[test]
+fn our_qcow2_overlay_over_a_remote_backing_image() {
+    let _w = watchdog("our_qcow2_overlay_over_a_remote_backing_image", BUDGET);
+    let dir = tempfile::tempdir().unwrap();
+    let base = patterned(dir.path(), "base.raw", "raw", 8 * MIB);
+    let sock = dir.path().join("base.sock");
+    let _server = Server::qemu_nbd(&base, "raw", &sock);
+    let uri = format!("nbd+unix:///disk?socket={}", p(&sock));
+    // QEMU makes the overlay and, for the reference, reads it with its
+    // own nbd client under it.
+    let overlay = dir.path().join("top.qcow2");
+    tool(
+        "qemu-img",
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-b",
+            &uri,
+            "-F",
+            "raw",
+            p(&overlay),
+        ],
+    );
+    tool(
+        "qemu-io",
+        &["-f", "qcow2", "-c", "write -P 0x44 2M 64k", p(&overlay)],
+    );
+    let mut expect = converted(&overlay, "qcow2", dir.path());
+
+    // Ours: file node for the overlay, nbd node as its backing.
+    let main = MainLoop::new().unwrap();
+    let io = main.new_io_thread("io0").unwrap();
+    let nbd = NbdDriver::connect(unix_opts(&sock, "disk").read_only(true)).unwrap();
+    let file = blockgraph::drivers::FileDriver::open(&overlay, Default::default()).unwrap();
+    let (file, base_node) = main
+        .run(move |bql| {
+            bql.write(|w| {
+                let f = w.add_node("file", file, &[])?;
+                let b = w.add_node("base", nbd, &[])?;
+                Ok::<_, Error>((f, b))
+            })
+        })
+        .unwrap();
+    let fh = file.clone();
+    let q = io
+        .spawn(move |mut cx| async move {
+            let g = cx.read().await;
+            Qcow2Driver::open(fh.io(&g), Qcow2Options::default()).await
+        })
+        .join()
+        .unwrap();
+    let blk = main
+        .run(move |bql| {
+            bql.write(|w| {
+                let kids = [(ChildRole::File, &file), (ChildRole::Backing, &base_node)];
+                let top = w.add_node("top", q, &kids)?;
+                w.add_backend("vda", &top, BackendOptions::default())
+            })
+        })
+        .unwrap();
+    let rig = Rig {
+        main,
+        io,
+        nodes: Vec::new(),
+        blk,
+    };
+    assert!(
+        read_all(&rig) == expect,
+        "overlay over nbd differs from qemu-img convert"
+    );
+    // A write into the overlay (partly over base data: copy-on-write of
+    // the cluster from the remote base).
+    rig.write(5 * MIB + 1000, &[0x66; 3000]).unwrap();
+    rig.flush().unwrap();
+    expect[(5 * MIB + 1000) as usize..(5 * MIB + 4000) as usize].fill(0x66);
+    rig.finish();
+    let want = dir.path().join("want.raw");
+    std::fs::write(&want, &expect).unwrap();
+    tool(
+        "qemu-img",
+        &["compare", "-f", "qcow2", "-F", "raw", p(&overlay), p(&want)],
+    );
 }
 
 #[test]
@@ -734,6 +855,11 @@ fn honest(s: &mut UnixStream) {
 /// Connects to a fake server with `behaviour` and reads 4 KiB (split in
 /// 512-byte requests, several in flight); returns the error.
 fn hostile_read(name: &str, behaviour: Behaviour, timeout: Duration) -> String {
+    hostile_read_len(name, behaviour, timeout, 4096)
+}
+
+/// [`hostile_read`] of `len` bytes.
+fn hostile_read_len(name: &str, behaviour: Behaviour, timeout: Duration, len: usize) -> String {
     let dir = tempfile::tempdir().unwrap();
     let sock = dir.path().join(format!("{name}.sock"));
     let _server = fake_server(&sock, true, behaviour);
@@ -897,7 +1023,8 @@ fn hostile_server_that_stops_answering_times_out() {
 #[test]
 fn hostile_server_that_stops_in_the_middle_of_a_reply_times_out() {
     let _w = watchdog("hostile_server_that_stops_in_the_middle_of_a_reply", BUDGET);
-    let err = hostile_read(
+    // One request, whose reply stops half way.
+    let err = hostile_read_len(
         "stall",
         |s| {
             if let Some((_, cookie, offset, len)) = request(s) {
@@ -907,6 +1034,7 @@ fn hostile_server_that_stops_in_the_middle_of_a_reply_times_out() {
             }
         },
         Duration::from_millis(300),
+        512,
     );
     assert!(err.contains("stopped in the middle of a reply"), "{err}");
 }

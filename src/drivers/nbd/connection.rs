@@ -70,6 +70,9 @@ struct Pending {
     covered: u64,
     error: Option<io::Error>,
     status: Option<(u32, u32)>,
+    /// The reader is reading a chunk for it (the reader's own timeout
+    /// covers it then, not the watchdog's).
+    reading: bool,
 }
 
 impl Pending {
@@ -86,6 +89,7 @@ impl Pending {
             covered: 0,
             error: None,
             status: None,
+            reading: false,
         }
     }
 
@@ -391,7 +395,11 @@ async fn session(
         let period = (timeout / 4).clamp(Duration::from_millis(10), Duration::from_secs(1));
         loop {
             tokio::time::sleep(period).await;
-            let oldest = lock(&inflight).values().map(|p| p.sent).min();
+            let oldest = lock(&inflight)
+                .values()
+                .filter(|p| !p.reading)
+                .map(|p| p.sent)
+                .min();
             if oldest.is_some_and(|t| t.elapsed() > timeout) {
                 return End::Lost(io::Error::new(
                     io::ErrorKind::TimedOut,
@@ -480,6 +488,7 @@ async fn read_reply(
                 "the server replied to handle {cookie:#x}, which has no request in flight"
             ))
         })?;
+        p.reading = true;
         Ok(Target {
             kind: p.cmd.kind,
             offset: p.cmd.offset,
@@ -500,6 +509,7 @@ async fn read_reply(
         if p.kind_is_read() && p.buf.is_empty() {
             p.buf = t.buf;
         }
+        p.reading = false;
         p.covered += u.covered;
         if p.error.is_none() {
             p.error = u.error;
