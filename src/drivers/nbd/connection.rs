@@ -16,11 +16,11 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt, BufWriter};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt, BufReader, BufWriter};
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 
-use super::handshake::{connect, violation, ExportInfo, ReadHalf, Stream};
+use super::handshake::{connect, violation, ExportInfo, Stream};
 use super::options::NbdOptions;
 use crate::nbd::proto::*;
 
@@ -318,7 +318,10 @@ async fn session(
     queue: &mut VecDeque<Command>,
     next_cookie: &mut u64,
 ) -> End {
-    let (mut rd, wr) = stream.split();
+    let (rd, wr) = stream.split();
+    // Buffered: a reply's header, offset and data are three reads, which
+    // should not be three system calls each.
+    let mut rd = BufReader::with_capacity(256 << 10, rd);
     let inflight: Mutex<HashMap<u64, Pending>> = Mutex::new(HashMap::new());
     let timeout = opts.request_timeout;
 
@@ -439,10 +442,17 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 /// Runs `f` within `timeout` (a stalled server in the middle of a reply).
+/// A read the buffer already holds completes on its first poll, without
+/// arming a timer.
 async fn timed<T>(
     timeout: Duration,
     f: impl std::future::Future<Output = io::Result<T>>,
 ) -> io::Result<T> {
+    let mut f = pin!(f);
+    let first = std::future::poll_fn(|cx| std::task::Poll::Ready(f.as_mut().poll(cx))).await;
+    if let std::task::Poll::Ready(r) = first {
+        return r;
+    }
     if timeout.is_zero() {
         return f.await; // No timeout.
     }
@@ -473,8 +483,8 @@ struct Update {
 
 /// Reads one reply (a simple reply or one structured chunk) and hands it
 /// to its request.
-async fn read_reply(
-    rd: &mut ReadHalf,
+async fn read_reply<R: AsyncRead + Unpin>(
+    rd: &mut R,
     info: &ExportInfo,
     inflight: &Mutex<HashMap<u64, Pending>>,
     timeout: Duration,
@@ -601,8 +611,8 @@ impl Pending {
 /// Reads one structured chunk's payload for its request. `Err((e,
 /// true))`: the server broke the protocol (the request fails); `Err((e,
 /// false))`: the socket failed (the request is resent).
-async fn chunk(
-    rd: &mut ReadHalf,
+async fn chunk<R: AsyncRead + Unpin>(
+    rd: &mut R,
     info: &ExportInfo,
     t: &mut Target,
     h: &ChunkHeader,
