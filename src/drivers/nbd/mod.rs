@@ -25,6 +25,7 @@ use std::sync::Arc;
 use futures::future::try_join_all;
 use tokio::sync::{mpsc, oneshot};
 
+use crate::driver::range_lock::RangeLock;
 use crate::graph::driver::{BlockDriver, IoFuture};
 use crate::graph::proof::RequestRef;
 use crate::nbd::proto::*;
@@ -55,9 +56,12 @@ const MAX_ZERO_REQUEST: u64 = 1 << 30;
 ///   write-zeroes gets zero-filled writes), and block status from
 ///   `base:allocation` (a range the server reports as reading zeroes is
 ///   [`BlockStatus::Zero`], so convert and jobs skip it). Requests larger
-///   than the server's maximum payload are split, the parts sent at once;
-///   [`request_alignment`](BlockDriver::request_alignment) is the server's
-///   minimum block size.
+///   than the server's maximum payload are split, the parts sent at once.
+///   Any alignment is accepted ([`request_alignment`](BlockDriver::request_alignment)
+///   is 1, as for the `file` driver): below the server's minimum block
+///   size, reads go through a bounce buffer and writes are a
+///   read-modify-write of the blocks they touch, serialised against other
+///   writes of those blocks.
 /// - **Many requests in flight**: each request gets a handle; replies,
 ///   in any order, go to the request with their handle.
 /// - **Read-only** when the server says so (or [`NbdOptions::read_only`]).
@@ -107,6 +111,10 @@ pub struct NbdDriver {
     read_only: bool,
     tx: mpsc::UnboundedSender<Command>,
     status: Arc<Status>,
+    /// Serialises a read-modify-write of an unaligned write against other
+    /// writes of the same blocks (only used when the server's minimum
+    /// block size is above 1).
+    ranges: RangeLock,
 }
 
 impl NbdDriver {
@@ -147,6 +155,7 @@ impl NbdDriver {
             read_only,
             tx,
             status,
+            ranges: RangeLock::default(),
         })
     }
 
@@ -246,6 +255,83 @@ impl NbdDriver {
     }
 }
 
+impl NbdDriver {
+    /// The server's minimum block size.
+    fn min_block(&self) -> u64 {
+        u64::from(self.info.min_block)
+    }
+
+    /// Whether `[offset, offset + len)` is aligned to the minimum block.
+    fn is_aligned(&self, offset: u64, len: u64) -> bool {
+        let min = self.min_block();
+        min == 1 || (offset % min == 0 && len % min == 0)
+    }
+
+    /// `[offset, offset + len)` widened to whole blocks (the end clipped to
+    /// the export's size).
+    fn widen(&self, offset: u64, len: u64) -> (u64, u64) {
+        let min = self.min_block();
+        let start = offset / min * min;
+        let end = (offset + len).div_ceil(min).saturating_mul(min);
+        (start, end.min(self.info.size.max(offset + len)))
+    }
+
+    /// Reads `buf` at `offset` as it is (split at the payload limit).
+    async fn read_raw(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
+        let max = self.info.max_payload as usize;
+        try_join_all(buf.chunks_mut(max).enumerate().map(|(i, part)| async move {
+            let at = offset + (i * max) as u64;
+            match self.call(CMD_READ, 0, at, part.len() as u32, None).await? {
+                Reply::Data(data) if data.len() == part.len() => {
+                    part.copy_from_slice(&data);
+                    Ok(())
+                }
+                other => Err(Error::Io(io::Error::other(format!(
+                    "NBD read answered with {other:?}"
+                )))),
+            }
+        }))
+        .await?;
+        Ok(())
+    }
+
+    /// Writes `buf` at `offset` as it is (split at the payload limit).
+    async fn write_raw(&self, offset: u64, buf: &[u8], flags: u16) -> Result<()> {
+        let max = self.info.max_payload as usize;
+        try_join_all(buf.chunks(max).enumerate().map(|(i, part)| {
+            let at = offset + (i * max) as u64;
+            self.call(CMD_WRITE, flags, at, part.len() as u32, Some(part.into()))
+        }))
+        .await?;
+        Ok(())
+    }
+
+    /// A write below the minimum block size: the blocks it touches are
+    /// read, patched and written whole, with every other write to them
+    /// kept out meanwhile (a serialising range; aligned writes take a
+    /// plain one).
+    async fn write_unaligned(&self, offset: u64, buf: &[u8], flags: u16) -> Result<()> {
+        let min = self.min_block();
+        let end = offset + buf.len() as u64;
+        let (start, wide_end) = self.widen(offset, buf.len() as u64);
+        let _range = self.ranges.lock(start, wide_end, true).await;
+        let mut whole = vec![0u8; (wide_end - start) as usize];
+        let head_end = (start + min).min(wide_end);
+        if offset != start {
+            self.read_raw(start, &mut whole[..(head_end - start) as usize])
+                .await?;
+        }
+        let tail = end / min * min;
+        if end != wide_end && !(offset != start && tail < head_end) {
+            let at = (tail.max(start) - start) as usize;
+            self.read_raw(tail.max(start), &mut whole[at..]).await?;
+        }
+        let at = (offset - start) as usize;
+        whole[at..at + buf.len()].copy_from_slice(buf);
+        self.write_raw(start, &whole, flags).await
+    }
+}
+
 impl BlockDriver for NbdDriver {
     fn format_name(&self) -> &'static str {
         "nbd"
@@ -276,10 +362,6 @@ impl BlockDriver for NbdDriver {
         DriverInfo::new().filename(uri).size(self.info.size)
     }
 
-    fn request_alignment(&self, _node: RequestRef<'_>) -> u32 {
-        self.info.min_block
-    }
-
     fn length<'a>(&'a self, _node: RequestRef<'a>) -> IoFuture<'a, u64> {
         Box::pin(async move { Ok(self.info.size) })
     }
@@ -291,20 +373,17 @@ impl BlockDriver for NbdDriver {
         buf: &'a mut [u8],
     ) -> IoFuture<'a, ()> {
         Box::pin(async move {
-            let max = self.info.max_payload as usize;
-            try_join_all(buf.chunks_mut(max).enumerate().map(|(i, part)| async move {
-                let at = offset + (i * max) as u64;
-                match self.call(CMD_READ, 0, at, part.len() as u32, None).await? {
-                    Reply::Data(data) if data.len() == part.len() => {
-                        part.copy_from_slice(&data);
-                        Ok(())
-                    }
-                    other => Err(Error::Io(io::Error::other(format!(
-                        "NBD read answered with {other:?}"
-                    )))),
-                }
-            }))
-            .await?;
+            let len = buf.len() as u64;
+            if self.is_aligned(offset, len) {
+                return self.read_raw(offset, buf).await;
+            }
+            // Below the minimum block size: whole blocks, through a bounce
+            // buffer.
+            let (start, end) = self.widen(offset, len);
+            let mut whole = vec![0u8; (end - start) as usize];
+            self.read_raw(start, &mut whole).await?;
+            let at = (offset - start) as usize;
+            buf.copy_from_slice(&whole[at..at + buf.len()]);
             Ok(())
         })
     }
@@ -314,12 +393,15 @@ impl BlockDriver for NbdDriver {
             self.check_writable()?;
             let fua = self.opts.write_through && self.info.has(FLAG_SEND_FUA);
             let flags = if fua { CMD_FLAG_FUA } else { 0 };
-            let max = self.info.max_payload as usize;
-            try_join_all(buf.chunks(max).enumerate().map(|(i, part)| {
-                let at = offset + (i * max) as u64;
-                self.call(CMD_WRITE, flags, at, part.len() as u32, Some(part.into()))
-            }))
-            .await?;
+            let len = buf.len() as u64;
+            if self.min_block() == 1 {
+                self.write_raw(offset, buf, flags).await?;
+            } else if self.is_aligned(offset, len) {
+                let _range = self.ranges.lock(offset, offset + len, false).await;
+                self.write_raw(offset, buf, flags).await?;
+            } else {
+                self.write_unaligned(offset, buf, flags).await?;
+            }
             if self.opts.write_through && !fua && self.info.has(FLAG_SEND_FLUSH) {
                 self.call(CMD_FLUSH, 0, 0, 0, None).await?;
             }
@@ -343,7 +425,26 @@ impl BlockDriver for NbdDriver {
             if self.opts.write_through && self.info.has(FLAG_SEND_FUA) {
                 flags |= CMD_FLAG_FUA;
             }
-            self.no_payload(CMD_WRITE_ZEROES, flags, offset, len).await
+            let min = self.min_block();
+            if min == 1 {
+                return self.no_payload(CMD_WRITE_ZEROES, flags, offset, len).await;
+            }
+            // Partial blocks at either end are written (read-modify-write);
+            // whole blocks are zeroed.
+            let end = offset + len;
+            let mid_start = offset.div_ceil(min).saturating_mul(min).min(end);
+            let mid_end = (end / min * min).max(mid_start);
+            for (at, n) in [(offset, mid_start - offset), (mid_end, end - mid_end)] {
+                if n > 0 {
+                    self.write(node, at, &vec![0u8; n as usize]).await?;
+                }
+            }
+            if mid_end > mid_start {
+                let _range = self.ranges.lock(mid_start, mid_end, false).await;
+                self.no_payload(CMD_WRITE_ZEROES, flags, mid_start, mid_end - mid_start)
+                    .await?;
+            }
+            Ok(())
         })
     }
 
@@ -353,7 +454,14 @@ impl BlockDriver for NbdDriver {
             if !self.info.has(FLAG_SEND_TRIM) {
                 return Ok(()); // Discarding nothing is always allowed.
             }
-            self.no_payload(CMD_TRIM, 0, offset, len).await
+            // Only whole blocks (discarding less is always allowed).
+            let min = self.min_block();
+            let start = offset.div_ceil(min).saturating_mul(min);
+            let end = (offset + len) / min * min;
+            if end <= start {
+                return Ok(());
+            }
+            self.no_payload(CMD_TRIM, 0, start, end - start).await
         })
     }
 
