@@ -58,6 +58,8 @@ pub mod driver;
 pub mod drivers;
 mod graph;
 pub mod job;
+#[cfg(all(any(feature = "nbd-export", feature = "nbd-client"), not(loom)))]
+mod nbd;
 mod sync;
 mod thread;
 mod types;

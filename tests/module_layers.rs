@@ -25,6 +25,11 @@ const LAYERS: &[(&str, u32, &str)] = &[
     ),
     ("sync", 1, "the graph lock"),
     (
+        "nbd",
+        1,
+        "the NBD wire protocol, shared by the export and the nbd driver",
+    ),
+    (
         "thread",
         1,
         "what runs on this thread: role, lent Bql, polled task",

@@ -104,6 +104,12 @@ async fn open_stack(
     let mut images = Vec::new();
     // Bottom (and the qcow2 chain above a file).
     let (mut below, mut start) = match (&layers[n - 1], n.checked_sub(2).map(|i| &layers[i])) {
+        #[cfg(feature = "nbd-client")]
+        (Layer::File(_), above) if nbd::is_nbd(path) => {
+            let (top, used) =
+                nbd::open(cx, need_path()?, above, policy, prefix, &mut images).await?;
+            (top, n - used)
+        }
         (Layer::File(f), Some(Layer::Qcow2)) => {
             let path = need_path()?;
             let mut opts = ChainOptions::new(format!("{prefix}qcow2"));
@@ -190,6 +196,68 @@ async fn open_stack(
         below = add_node(cx, name, driver, Some((role, below))).await?;
     }
     Ok(Opened { top: below, images })
+}
+
+/// NBD file names (`nbd://`, `nbd+unix://`, `nbd:`) at the bottom of a
+/// stack: an `nbd` node, with a `qcow2` node over it when the stack has
+/// one (the export then serves the qcow2 file's bytes).
+#[cfg(feature = "nbd-client")]
+mod nbd {
+    use std::path::Path;
+
+    use blockgraph::drivers::qcow2::{Qcow2Driver, Qcow2Options};
+    use blockgraph::drivers::{NbdDriver, NbdOptions};
+    use blockgraph::{ChildRole, IoTask, NodeHandle};
+
+    use super::{add_node, OpenPolicy, OpenedImage};
+    use crate::output::{err, Res};
+    use crate::stack::Layer;
+
+    /// Whether `path` is an NBD file name.
+    pub fn is_nbd(path: Option<&Path>) -> bool {
+        path.and_then(Path::to_str)
+            .is_some_and(NbdOptions::is_nbd_filename)
+    }
+
+    /// Opens the nbd node (and a qcow2 node over it when `above` is
+    /// qcow2); the top node and the index of the next layer up.
+    pub async fn open(
+        cx: &mut IoTask,
+        path: &Path,
+        above: Option<&Layer>,
+        policy: &OpenPolicy,
+        prefix: &str,
+        images: &mut Vec<OpenedImage>,
+    ) -> Res<(NodeHandle, usize)> {
+        let uri = path.to_str().unwrap_or_default();
+        let opts = NbdOptions::parse_uri(uri)
+            .map_err(err)?
+            .read_only(!policy.writable);
+        let drv = NbdDriver::connect_async(opts).await.map_err(err)?;
+        let node = add_node(cx, format!("{prefix}nbd"), Box::new(drv), None).await?;
+        let mut used = 1;
+        let mut top = node.clone();
+        let mut format = "raw";
+        if matches!(above, Some(Layer::Qcow2)) {
+            let mut o = Qcow2Options::default();
+            o.read_only = !policy.writable;
+            let q = {
+                let g = cx.read().await;
+                Qcow2Driver::open(node.io(&g), o).await.map_err(err)?
+            };
+            let child = Some((ChildRole::File, node.clone()));
+            top = add_node(cx, format!("{prefix}qcow2"), Box::new(q), child).await?;
+            used = 2;
+            format = "qcow2";
+        }
+        images.push(OpenedImage {
+            path: path.to_owned(),
+            format,
+            node: top.clone(),
+            file: node,
+        });
+        Ok((top, used))
+    }
 }
 
 /// Creates `path` as a new image of `size` bytes, raw or (with `qcow2`)

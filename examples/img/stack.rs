@@ -194,6 +194,14 @@ impl StackArg {
 
 /// The format of `path` from its first bytes.
 pub fn probe(path: &Path) -> Res<Format> {
+    // An NBD export is raw unless `-f` says otherwise.
+    #[cfg(feature = "nbd-client")]
+    if path
+        .to_str()
+        .is_some_and(blockgraph::drivers::NbdOptions::is_nbd_filename)
+    {
+        return Ok(Format::Raw);
+    }
     let mut f =
         std::fs::File::open(path).map_err(|e| format!("cannot open '{}': {e}", path.display()))?;
     let mut magic = [0u8; 4];

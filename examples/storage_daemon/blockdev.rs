@@ -1,7 +1,7 @@
 //! `blockdev-add`'s options (QEMU's `BlockdevOptions`) parsed into a
 //! [`NodeSpec`], with QEMU's option names and JSON shapes, for the drivers
-//! this daemon has: `file`, `raw`, `qcow2`, `throttle`, `copy-on-read` and
-//! `null-co`.
+//! this daemon has: `file`, `raw`, `qcow2`, `throttle`, `copy-on-read`,
+//! `null-co` and `nbd`.
 //!
 //! A child is a `BlockdevRef`: the name of an existing node
 //! (`"file": "f0"`) or a nested definition (`"file": {"driver": "file",
@@ -22,6 +22,7 @@ pub const DRIVERS: &[&str] = &[
     "throttle",
     "copy-on-read",
     "null-co",
+    "nbd",
 ];
 
 /// A child given by reference or defined inline.
@@ -95,6 +96,51 @@ pub enum Kind {
         /// `read-zeroes` (default off).
         read_zeroes: Option<bool>,
     },
+    /// `nbd`.
+    Nbd(NbdSpec),
+}
+
+/// `nbd`: an export of an NBD server (`server`, `export`,
+/// `reconnect-delay`, `open-timeout`), as the driver's options.
+#[derive(Debug)]
+pub struct NbdSpec(pub blockgraph::drivers::NbdOptions);
+
+/// Parses `nbd`'s options: `server` (`type=unix` with `path`, or
+/// `type=inet` with `host` and `port`), `export`, `reconnect-delay` and
+/// `open-timeout` (seconds); TLS is refused.
+fn nbd(o: &mut Opts, read_only: bool) -> QResult<NbdSpec> {
+    use blockgraph::drivers::{NbdAddress, NbdOptions};
+    use std::time::Duration;
+    let mut server = o.object("server")?.ok_or_else(|| o.missing("server"))?;
+    let address = match server.enumeration("type", &["unix", "inet"])?.as_deref() {
+        Some("unix") => NbdAddress::Unix(PathBuf::from(server.req_str("path")?)),
+        Some(_) => {
+            let host = server.req_str("host")?;
+            let port = server.req_str("port")?;
+            let port = port.parse().map_err(|_| {
+                QmpError::generic(format!("{}: bad port '{port}'", server.path("port")))
+            })?;
+            NbdAddress::Tcp { host, port }
+        }
+        None => return Err(server.missing("type")),
+    };
+    server.finish()?;
+    for key in ["tls-creds", "tls-hostname", "x-dirty-bitmap"] {
+        if o.has(key) {
+            return Err(QmpError::generic(format!(
+                "nbd: '{key}' is not supported by this daemon"
+            )));
+        }
+    }
+    let mut opts =
+        NbdOptions::new(address, o.str("export")?.unwrap_or_default()).read_only(read_only);
+    if let Some(s) = o.u64("reconnect-delay")? {
+        opts = opts.reconnect_delay(Duration::from_secs(s));
+    }
+    if let Some(s) = o.u64("open-timeout")? {
+        opts = opts.connect_timeout(Duration::from_secs(s.max(1)));
+    }
+    Ok(NbdSpec(opts))
 }
 
 /// One node to add.
@@ -244,6 +290,7 @@ pub fn parse(mut o: Opts) -> QResult<NodeSpec> {
                 file: child(&mut o, "file")?,
             }
         }
+        "nbd" => Kind::Nbd(nbd(&mut o, read_only)?),
         _ => Kind::Null {
             size: o.size("size")?,
             latency_ns: o.u64("latency-ns")?,
@@ -309,5 +356,40 @@ mod tests {
         assert_eq!(e.desc, "Parameter 'file.filename' is missing");
         assert!(spec(json!({"driver": "vmdk"})).is_err());
         assert!(spec(json!({"driver": "null-co", "node-name": "1x"})).is_err());
+    }
+
+    #[test]
+    fn nbd_options_parse() {
+        use blockgraph::drivers::NbdAddress;
+        let s = spec(json!({"driver": "nbd", "node-name": "n0", "export": "disk",
+                            "server": {"type": "inet", "host": "h", "port": "10810"},
+                            "reconnect-delay": 7}))
+        .unwrap();
+        let Kind::Nbd(NbdSpec(o)) = s.kind else {
+            panic!("{:?}", s.kind)
+        };
+        let tcp = NbdAddress::Tcp {
+            host: "h".into(),
+            port: 10810,
+        };
+        assert_eq!((o.address, o.export.as_str()), (tcp, "disk"));
+        assert_eq!(o.reconnect_delay, std::time::Duration::from_secs(7));
+        let s = spec(json!({"driver": "nbd", "node-name": "n0",
+                            "server": {"type": "unix", "path": "/s"}}))
+        .unwrap();
+        assert!(
+            matches!(s.kind, Kind::Nbd(NbdSpec(ref o)) if o.address == NbdAddress::Unix("/s".into()))
+        );
+        let e = spec(json!({"driver": "nbd", "node-name": "n0"})).unwrap_err();
+        assert_eq!(e.desc, "Parameter 'server' is missing");
+        let e = spec(json!({"driver": "nbd", "node-name": "n0",
+                            "server": {"type": "unix"}}))
+        .unwrap_err();
+        assert_eq!(e.desc, "Parameter 'server.path' is missing");
+        assert!(
+            spec(json!({"driver": "nbd", "node-name": "n0", "tls-creds": "t",
+                            "server": {"type": "unix", "path": "/s"}}))
+            .is_err()
+        );
     }
 }

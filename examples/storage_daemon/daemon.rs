@@ -345,6 +345,27 @@ impl Daemon {
                 let desc = json!({"driver": "copy-on-read", "file": self.nodes[&child].desc});
                 self.filter_over(Box::new(CopyOnRead::new()), &child, desc)
             }
+            Kind::Nbd(crate::blockdev::NbdSpec(options)) => {
+                let drv = blockgraph::drivers::NbdDriver::connect(options.clone())
+                    .map_err(|e| QmpError::generic(format!("Could not open NBD export: {e}")))?;
+                let filename = drv.info().filename.unwrap_or_default();
+                let server = match &options.address {
+                    blockgraph::drivers::NbdAddress::Unix(p) => {
+                        json!({"type": "unix", "path": p.display().to_string()})
+                    }
+                    blockgraph::drivers::NbdAddress::Tcp { host, port } => {
+                        json!({"type": "inet", "host": host, "port": port.to_string()})
+                    }
+                };
+                Built {
+                    desc: json!({"driver": "nbd", "server": server, "export": options.export}),
+                    driver: Box::new(drv),
+                    children: Vec::new(),
+                    filename,
+                    path: None,
+                    group: None,
+                }
+            }
             Kind::Null {
                 size,
                 latency_ns,

@@ -7,6 +7,8 @@ mod fault;
 mod file;
 mod filter;
 mod memory;
+#[cfg(all(feature = "nbd-client", not(loom)))]
+mod nbd;
 mod null;
 pub mod qcow2;
 mod raw;
@@ -17,6 +19,8 @@ pub use fault::{FaultAction, FaultController, FaultInjector, FaultOp, FaultRule,
 pub use file::{FileDriver, FileOptions};
 pub use filter::PassthroughFilter;
 pub use memory::MemoryDriver;
+#[cfg(all(feature = "nbd-client", not(loom)))]
+pub use nbd::{NbdAddress, NbdDriver, NbdOptions};
 pub use null::NullDriver;
 pub use raw::RawDriver;
 pub use throttle::{ThrottleConfig, ThrottleDriver, ThrottleGroup, ThrottleLimit};

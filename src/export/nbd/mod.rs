@@ -42,7 +42,7 @@
 mod buffers;
 mod connection;
 mod handshake;
-mod proto;
+use crate::nbd::proto;
 mod transmission;
 
 use std::collections::BTreeMap;
