@@ -111,6 +111,9 @@ async fn open_stack(
             opts.policy = policy.backing_policy();
             let (p, f) = (policy.clone(), *f);
             let opener: FileOpener = Arc::new(move |path: &Path, writable: bool| {
+                if let Some(rbd) = rbd_driver(path, writable) {
+                    return rbd;
+                }
                 Ok(
                     Box::new(FileDriver::open(path, p.file_options(f, writable))?)
                         as Box<dyn BlockDriver>,
@@ -130,9 +133,14 @@ async fn open_stack(
         }
         (Layer::File(f), _) => {
             let path = need_path()?;
-            let drv =
-                FileDriver::open(path, policy.file_options(*f, policy.writable)).map_err(err)?;
-            let node = add_node(cx, format!("{prefix}file"), Box::new(drv), None).await?;
+            let drv: Box<dyn BlockDriver> = match rbd_driver(path, policy.writable) {
+                Some(rbd) => rbd.map_err(err)?,
+                None => Box::new(
+                    FileDriver::open(path, policy.file_options(*f, policy.writable))
+                        .map_err(err)?,
+                ),
+            };
+            let node = add_node(cx, format!("{prefix}file"), drv, None).await?;
             images.push(OpenedImage {
                 path: path.to_owned(),
                 format: "raw",
@@ -190,6 +198,45 @@ async fn open_stack(
         below = add_node(cx, name, driver, Some((role, below))).await?;
     }
     Ok(Opened { top: below, images })
+}
+
+/// An `rbd:pool/image[@snap][:opt=val...]` path (QEMU's file name syntax)
+/// opened as an RBD image, or `None` for any other path.
+#[cfg(feature = "rbd")]
+pub fn rbd_driver(path: &Path, writable: bool) -> Option<blockgraph::Result<Box<dyn BlockDriver>>> {
+    use blockgraph::drivers::{RbdDriver, RbdOptions};
+    let name = path.to_str().filter(|s| s.starts_with("rbd:"))?;
+    Some(RbdOptions::parse_filename(name).and_then(|mut o| {
+        o.read_only = !writable;
+        Ok(Box::new(RbdDriver::open(o)?) as Box<dyn BlockDriver>)
+    }))
+}
+
+/// `name` as it may be printed: an `rbd:` name without its credentials
+/// (the key, secrets; QEMU's syntax lets a file name carry them), any
+/// other name as it is.
+pub fn shown_name(name: &str) -> String {
+    #[cfg(feature = "rbd")]
+    if name.starts_with("rbd:") {
+        return blockgraph::drivers::RbdOptions::parse_filename(name)
+            .map(|o| o.display_name())
+            .unwrap_or_else(|_| "rbd:<unparsable>".into());
+    }
+    name.to_owned()
+}
+
+/// Without the `rbd` feature an `rbd:` path is refused, not taken for a
+/// local file name.
+#[cfg(not(feature = "rbd"))]
+pub fn rbd_driver(
+    path: &Path,
+    _writable: bool,
+) -> Option<blockgraph::Result<Box<dyn BlockDriver>>> {
+    let name = path.to_str().filter(|s| s.starts_with("rbd:"))?;
+    let _ = name;
+    Some(Err(blockgraph::Error::InvalidArgument(
+        "rbd: images need the img tool built with the `rbd` cargo feature".into(),
+    )))
 }
 
 /// Creates `path` as a new image of `size` bytes, raw or (with `qcow2`)

@@ -1,0 +1,390 @@
+//! The connection and the open image (QEMU's `BDRVRBDState`): the
+//! librados cluster handle, the pool's I/O context and the librbd image
+//! handle, owned together and closed in reverse order, and the synchronous
+//! calls on them.
+
+use std::ffi::{c_char, c_int, CStr, CString};
+use std::io;
+use std::sync::{Condvar, Mutex};
+
+use crate::types::{Error, Result};
+
+use super::ffi::{self, Handle, Lib};
+use super::options::{is_secret_option, RbdOptions};
+
+/// A Ceph error code (a negative errno) as our error, for `what`.
+pub(super) fn ceph_error(what: &str, r: i64) -> Error {
+    let errno = i32::try_from(-r).unwrap_or(libc::EIO);
+    Error::driver(
+        "rbd",
+        io::Error::new(
+            io::Error::from_raw_os_error(errno).kind(),
+            format!("{what}: {}", io::Error::from_raw_os_error(errno)),
+        ),
+    )
+}
+
+fn cstring(what: &str, s: &str) -> Result<CString> {
+    CString::new(s).map_err(|_| Error::InvalidArgument(format!("rbd: {what} contains a NUL byte")))
+}
+
+/// Requests whose completion callback has not run yet, so that the image is
+/// closed only after the last one (see `aio.rs`).
+#[derive(Debug, Default)]
+pub(super) struct InFlight {
+    count: Mutex<usize>,
+    idle: Condvar,
+}
+
+impl InFlight {
+    pub(super) fn begin(&self) {
+        *self.count.lock().unwrap_or_else(|e| e.into_inner()) += 1;
+    }
+
+    pub(super) fn end(&self) {
+        let mut n = self.count.lock().unwrap_or_else(|e| e.into_inner());
+        *n = n.saturating_sub(1);
+        if *n == 0 {
+            self.idle.notify_all();
+        }
+    }
+
+    fn wait_idle(&self) {
+        let mut n = self.count.lock().unwrap_or_else(|e| e.into_inner());
+        while *n > 0 {
+            n = self.idle.wait(n).unwrap_or_else(|e| e.into_inner());
+        }
+    }
+}
+
+/// One open image with the cluster connection and I/O context it uses.
+pub(super) struct Image {
+    pub lib: &'static Lib,
+    cluster: Handle,
+    ioctx: Handle,
+    pub image: Handle,
+    pub in_flight: std::sync::Arc<InFlight>,
+}
+
+// SAFETY: the handles are librados/librbd objects that those libraries
+// document as usable from any thread, concurrently (librados' cluster and
+// I/O context handles are thread-safe; librbd serialises each image's state
+// under its own locks, and QEMU issues requests on one image from several
+// I/O threads). We never hand out the raw handles beyond this module's
+// calls, and `Drop` (which needs `&mut self`, so no other call is running)
+// is the only place they are destroyed.
+unsafe impl Send for Image {}
+// SAFETY: see `Send`: every call made through `&Image` is thread-safe in
+// librados/librbd.
+unsafe impl Sync for Image {}
+
+/// The result of connecting: cluster and I/O context, destroyed on drop
+/// unless turned into an [`Image`].
+struct Connection {
+    lib: &'static Lib,
+    cluster: Handle,
+    ioctx: Handle,
+}
+
+impl Drop for Connection {
+    fn drop(&mut self) {
+        // SAFETY: both handles were created by the calls in `connect` and
+        // are destroyed exactly once, I/O context first; null means never
+        // created.
+        unsafe {
+            if !self.ioctx.is_null() {
+                (self.lib.rados_ioctx_destroy)(self.ioctx);
+            }
+            if !self.cluster.is_null() {
+                (self.lib.rados_shutdown)(self.cluster);
+            }
+        }
+    }
+}
+
+fn connect(o: &RbdOptions) -> Result<Connection> {
+    let lib = ffi::lib().map_err(|e| Error::driver("rbd", e))?;
+    let mut c = Connection {
+        lib,
+        cluster: std::ptr::null_mut(),
+        ioctx: std::ptr::null_mut(),
+    };
+    let user = o
+        .user
+        .as_deref()
+        .map(|u| cstring("the user", u))
+        .transpose()?;
+    // SAFETY: `c.cluster` is a valid out-pointer; `user` is null (librados'
+    // default, `admin`) or a NUL-terminated string that outlives the call.
+    let r = unsafe {
+        (lib.rados_create)(
+            &mut c.cluster,
+            user.as_ref().map_or(std::ptr::null(), |u| u.as_ptr()),
+        )
+    };
+    if r < 0 {
+        c.cluster = std::ptr::null_mut();
+        return Err(ceph_error("cannot create the cluster handle", r.into()));
+    }
+    // The configuration file: the named one must be read; without one,
+    // Ceph's default search, which may find nothing (then the options must
+    // say where the monitors are).
+    let conf = o
+        .conf
+        .as_ref()
+        .map(|p| cstring("the configuration path", &p.display().to_string()))
+        .transpose()?;
+    // SAFETY: a live cluster handle, not yet connected; the path is null
+    // (default search) or NUL-terminated and outlives the call.
+    let r = unsafe {
+        (lib.rados_conf_read_file)(
+            c.cluster,
+            conf.as_ref().map_or(std::ptr::null(), |p| p.as_ptr()),
+        )
+    };
+    if r < 0 && conf.is_some() {
+        return Err(ceph_error(
+            &format!(
+                "cannot read the Ceph configuration '{}'",
+                o.conf.as_deref().unwrap_or_else(|| "".as_ref()).display()
+            ),
+            r.into(),
+        ));
+    }
+    // SAFETY: a live, unconnected cluster handle; null means `CEPH_ARGS`.
+    let r = unsafe { (lib.rados_conf_parse_env)(c.cluster, std::ptr::null()) };
+    if r < 0 {
+        return Err(ceph_error("cannot parse CEPH_ARGS", r.into()));
+    }
+    let set = |key: &str, value: &str| -> Result<()> {
+        let k = cstring("an option name", key)?;
+        let v = cstring("an option value", value)?;
+        // SAFETY: a live, unconnected cluster handle; both strings are
+        // NUL-terminated and outlive the call (librados copies them).
+        let r = unsafe { (lib.rados_conf_set)(c.cluster, k.as_ptr(), v.as_ptr()) };
+        if r < 0 {
+            // The value is never part of the message: it may be a key.
+            let shown = if is_secret_option(key) {
+                "<redacted>"
+            } else {
+                value
+            };
+            return Err(ceph_error(
+                &format!("cannot set Ceph option '{key}' to '{shown}'"),
+                r.into(),
+            ));
+        }
+        Ok(())
+    };
+    if let Some(k) = &o.keyring {
+        set("keyring", &k.display().to_string())?;
+    }
+    for (k, v) in &o.extra {
+        set(k, v)?;
+    }
+    if let Some(key) = &o.key {
+        set("key", key.expose())?;
+    }
+    // SAFETY: a live, configured cluster handle.
+    let r = unsafe { (lib.rados_connect)(c.cluster) };
+    if r < 0 {
+        return Err(ceph_error("cannot connect to the Ceph cluster", r.into()));
+    }
+    let pool = cstring("the pool name", &o.pool)?;
+    // SAFETY: a connected cluster handle, a NUL-terminated pool name and a
+    // valid out-pointer.
+    let r = unsafe { (lib.rados_ioctx_create)(c.cluster, pool.as_ptr(), &mut c.ioctx) };
+    if r < 0 {
+        c.ioctx = std::ptr::null_mut();
+        return Err(ceph_error(
+            &format!("cannot open pool '{}'", o.pool),
+            r.into(),
+        ));
+    }
+    if let Some(ns) = &o.namespace {
+        let ns = cstring("the namespace", ns)?;
+        // SAFETY: a live I/O context and a NUL-terminated name, copied.
+        unsafe { (lib.rados_ioctx_set_namespace)(c.ioctx, ns.as_ptr()) };
+    }
+    Ok(c)
+}
+
+impl Image {
+    /// Connects and opens the image (read-only when `read_only`, or at a
+    /// snapshot).
+    pub(super) fn open(o: &RbdOptions, read_only: bool) -> Result<Image> {
+        let mut c = connect(o)?;
+        let lib = c.lib;
+        let name = cstring("the image name", &o.image)?;
+        let snap = o
+            .snapshot
+            .as_deref()
+            .map(|s| cstring("the snapshot name", s))
+            .transpose()?;
+        let snap_ptr = snap.as_ref().map_or(std::ptr::null(), |s| s.as_ptr());
+        let mut image: Handle = std::ptr::null_mut();
+        let open = if read_only {
+            lib.rbd_open_read_only
+        } else {
+            lib.rbd_open
+        };
+        // SAFETY: a live I/O context, NUL-terminated names that outlive the
+        // call (librbd copies them), a valid out-pointer.
+        let r = unsafe { open(c.ioctx, name.as_ptr(), &mut image, snap_ptr) };
+        if r < 0 {
+            let at = o
+                .snapshot
+                .as_deref()
+                .map(|s| format!("@{s}"))
+                .unwrap_or_default();
+            return Err(ceph_error(
+                &format!("cannot open image '{}/{}{at}'", o.pool, o.image),
+                r.into(),
+            ));
+        }
+        let cluster = std::mem::replace(&mut c.cluster, std::ptr::null_mut());
+        let ioctx = std::mem::replace(&mut c.ioctx, std::ptr::null_mut());
+        Ok(Image {
+            lib,
+            cluster,
+            ioctx,
+            image,
+            in_flight: Default::default(),
+        })
+    }
+
+    /// Creates image `o.image` of `size` bytes (librbd's defaults: format
+    /// 2, 4 MiB objects).
+    pub(super) fn create(o: &RbdOptions, size: u64) -> Result<()> {
+        let c = connect(o)?;
+        let name = cstring("the image name", &o.image)?;
+        let mut order: c_int = 0;
+        // SAFETY: a live I/O context, a NUL-terminated name, a valid
+        // out-pointer (0: librbd's default object size).
+        let r = unsafe { (c.lib.rbd_create)(c.ioctx, name.as_ptr(), size, &mut order) };
+        if r < 0 {
+            return Err(ceph_error(
+                &format!("cannot create image '{}/{}'", o.pool, o.image),
+                r.into(),
+            ));
+        }
+        Ok(())
+    }
+
+    /// The image's size now (librbd keeps it current: another client's
+    /// resize is seen).
+    pub(super) fn size(&self) -> Result<u64> {
+        let mut size = 0u64;
+        // SAFETY: a live image handle and a valid out-pointer.
+        let r = unsafe { (self.lib.rbd_get_size)(self.image, &mut size) };
+        if r < 0 {
+            return Err(ceph_error("cannot get the image size", r.into()));
+        }
+        Ok(size)
+    }
+
+    /// The object size (QEMU reports it as the cluster size).
+    pub(super) fn object_size(&self) -> Result<u64> {
+        // SAFETY: all-zero bytes are a valid `ImageInfo` (integers and
+        // character arrays).
+        let mut info: ffi::ImageInfo = unsafe { std::mem::zeroed() };
+        // SAFETY: a live image handle; `info` is a writable struct of the
+        // size passed, librbd's `rbd_image_info_t`.
+        let r = unsafe {
+            (self.lib.rbd_stat)(self.image, &mut info, std::mem::size_of::<ffi::ImageInfo>())
+        };
+        if r < 0 {
+            return Err(ceph_error("cannot stat the image", r.into()));
+        }
+        Ok(info.obj_size)
+    }
+
+    /// Resizes the image. Blocks (it talks to the cluster): call it off the
+    /// executor thread.
+    pub(super) fn resize(&self, size: u64) -> Result<()> {
+        // SAFETY: a live image handle.
+        let r = unsafe { (self.lib.rbd_resize)(self.image, size) };
+        if r < 0 {
+            return Err(ceph_error("cannot resize the image", r.into()));
+        }
+        Ok(())
+    }
+
+    /// The image's snapshots, oldest first.
+    pub(super) fn snapshots(&self) -> Result<Vec<super::RbdSnapshot>> {
+        let mut max: c_int = 16;
+        loop {
+            let cap = usize::try_from(max).unwrap_or(0).max(1);
+            let mut snaps: Vec<ffi::SnapInfo> = Vec::with_capacity(cap);
+            let mut n = max;
+            // SAFETY: a live image handle; `snaps` has room for `max`
+            // entries, which librbd writes at most (it answers -ERANGE and
+            // the count it needs otherwise).
+            let r = unsafe { (self.lib.rbd_snap_list)(self.image, snaps.as_mut_ptr(), &mut n) };
+            if r == -libc::ERANGE {
+                max = n.max(max.saturating_mul(2));
+                continue;
+            }
+            if r < 0 {
+                return Err(ceph_error("cannot list the snapshots", r.into()));
+            }
+            let count = usize::try_from(r).unwrap_or(0).min(cap);
+            // SAFETY: librbd filled the first `count` entries.
+            unsafe { snaps.set_len(count) };
+            let out = snaps
+                .iter()
+                .map(|s| super::RbdSnapshot {
+                    id: s.id,
+                    size: s.size,
+                    // SAFETY: librbd set `name` to a NUL-terminated string
+                    // that lives until `rbd_snap_list_end`, below.
+                    name: unsafe { name_of(s.name) },
+                })
+                .collect();
+            // librbd asks for room for one more entry than it fills and
+            // writes a terminator with a null name there, which
+            // `rbd_snap_list_end` stops at; it frees the names once.
+            if count < cap {
+                // SAFETY: the entries `rbd_snap_list` filled plus its
+                // terminator, all inside `snaps`' allocation; released
+                // once, after the names were copied out above.
+                unsafe { (self.lib.rbd_snap_list_end)(snaps.as_mut_ptr()) };
+            }
+            return Ok(out);
+        }
+    }
+}
+
+/// # Safety
+///
+/// `p` is null or a NUL-terminated string alive for the call.
+unsafe fn name_of(p: *const c_char) -> String {
+    if p.is_null() {
+        String::new()
+    } else {
+        // SAFETY: the caller's promise.
+        unsafe { CStr::from_ptr(p) }.to_string_lossy().into_owned()
+    }
+}
+
+impl Drop for Image {
+    fn drop(&mut self) {
+        // Every request's callback must have run before librbd frees the
+        // image: the callbacks call `rbd_aio_release` on completions that
+        // belong to it.
+        self.in_flight.wait_idle();
+        // SAFETY: the handles were made in `open`, are destroyed exactly
+        // once, image first, and no request is in flight (above).
+        unsafe {
+            (self.lib.rbd_close)(self.image);
+            (self.lib.rados_ioctx_destroy)(self.ioctx);
+            (self.lib.rados_shutdown)(self.cluster);
+        }
+    }
+}
+
+impl std::fmt::Debug for Image {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Image").finish_non_exhaustive()
+    }
+}
