@@ -94,15 +94,22 @@ fn qemu_has_rbd() -> bool {
 /// The img example built with the `rbd` feature (a plain `cargo test`
 /// builds it without).
 fn img_binary() -> PathBuf {
-    static BUILT: OnceLock<()> = OnceLock::new();
-    BUILT.get_or_init(|| {
+    example_with_rbd("img")
+}
+
+/// Example `name` built with the `rbd` feature.
+fn example_with_rbd(name: &'static str) -> PathBuf {
+    static BUILT: std::sync::Mutex<Vec<&str>> = std::sync::Mutex::new(Vec::new());
+    let mut built = BUILT.lock().unwrap_or_else(|e| e.into_inner());
+    if !built.contains(&name) {
+        built.push(name);
         let profile_dir = common::process::profile_dir();
         let mut build = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
         build
             .args([
                 "build",
                 "--example",
-                "img",
+                name,
                 "--features",
                 "rbd",
                 "--target-dir",
@@ -114,10 +121,10 @@ fn img_binary() -> PathBuf {
         }
         assert!(
             build.status().expect("cargo runs").success(),
-            "building img failed"
+            "building {name} failed"
         );
-    });
-    common::process::profile_dir().join("examples/img")
+    }
+    common::process::profile_dir().join("examples").join(name)
 }
 
 /// A fresh image name for this test run.
@@ -670,4 +677,71 @@ fn credentials_are_never_printed() {
             if k == key { "right" } else { "wrong" }
         );
     }
+}
+
+#[test]
+fn the_storage_daemon_exports_an_rbd_image_with_qemus_options() {
+    let Some(conf) = ceph("rbd_daemon") else {
+        return;
+    };
+    let _w = watchdog("rbd_daemon", Duration::from_secs(240));
+    let img = image_name("daemon");
+    let _c = Cleanup(conf.clone(), img.clone());
+    rbd_cli(&conf, &["create", "--size", "4M", &format!("rbd/{img}")]);
+    let bin = example_with_rbd("storage_daemon");
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("nbd.sock");
+    let log = dir.path().join("daemon.log");
+    let mut child = Command::new(&bin)
+        .args([
+            "--blockdev",
+            &format!(
+                "driver=rbd,node-name=r0,pool=rbd,image={img},conf={},user=admin",
+                conf.display()
+            ),
+            "--nbd-server",
+            &format!("addr.type=unix,addr.path={}", sock.display()),
+            "--export",
+            "type=nbd,id=e0,node-name=r0,name=r,writable=on",
+        ])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let log_text = || std::fs::read_to_string(&log).unwrap_or_default();
+    let start = std::time::Instant::now();
+    while std::os::unix::net::UnixStream::connect(&sock).is_err() {
+        if let Ok(Some(status)) = child.try_wait() {
+            panic!("the daemon exited with {status}:\n{}", log_text());
+        }
+        if start.elapsed() > common::TIMEOUT {
+            let _ = child.kill();
+            panic!(
+                "the daemon did not listen within {:?}:\n{}",
+                common::TIMEOUT,
+                log_text()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let url = format!("nbd+unix:///r?socket={}", sock.display());
+    run(Command::new("qemu-io").args(["-f", "raw", "-c", "write -P 0x42 64k 192k", &url]));
+    // SAFETY: kill(2) on our own child's pid; no memory is involved.
+    assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGTERM) }, 0);
+    let start = std::time::Instant::now();
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if start.elapsed() > common::TIMEOUT {
+            let _ = child.kill();
+            panic!("the daemon did not exit on SIGTERM:\n{}", log_text());
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(status.success(), "{}", log_text());
+    let mut expected = vec![0u8; 4 << 20];
+    expected[64 << 10..256 << 10].fill(0x42);
+    qemu_compare(&conf, &img, "raw", &expected);
 }

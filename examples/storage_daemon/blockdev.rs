@@ -22,6 +22,8 @@ pub const DRIVERS: &[&str] = &[
     "throttle",
     "copy-on-read",
     "null-co",
+    #[cfg(feature = "rbd")]
+    "rbd",
 ];
 
 /// A child given by reference or defined inline.
@@ -85,6 +87,9 @@ pub enum Kind {
         /// `file`.
         file: ChildSpec,
     },
+    /// `rbd`: an image in a Ceph pool.
+    #[cfg(feature = "rbd")]
+    Rbd(RbdSpec),
     /// `null-co`; what was not given is `None` (QEMU names the node
     /// `null-co://` only when nothing was).
     Null {
@@ -95,6 +100,14 @@ pub enum Kind {
         /// `read-zeroes` (default off).
         read_zeroes: Option<bool>,
     },
+}
+
+/// `rbd`'s options (QEMU's `BlockdevOptionsRbd`), with the `rbd` feature.
+#[cfg(feature = "rbd")]
+#[derive(Debug)]
+pub struct RbdSpec {
+    /// `pool`, `namespace`, `image`, `snapshot`, `conf`, `user`.
+    pub options: blockgraph::drivers::RbdOptions,
 }
 
 /// One node to add.
@@ -244,6 +257,8 @@ pub fn parse(mut o: Opts) -> QResult<NodeSpec> {
                 file: child(&mut o, "file")?,
             }
         }
+        #[cfg(feature = "rbd")]
+        "rbd" => Kind::Rbd(rbd(&mut o)?),
         _ => Kind::Null {
             size: o.size("size")?,
             latency_ns: o.u64("latency-ns")?,
@@ -258,6 +273,27 @@ pub fn parse(mut o: Opts) -> QResult<NodeSpec> {
         force_share,
         kind,
     })
+}
+
+/// `rbd`'s options. The key itself comes from the Ceph configuration and
+/// keyring (`conf`, `user`): QEMU's `key-secret` names a secret object,
+/// which this daemon does not have, and is refused; so are `server`,
+/// `auth-client-required` and `encrypt` (set them in `conf`).
+#[cfg(feature = "rbd")]
+fn rbd(o: &mut Opts) -> QResult<RbdSpec> {
+    let mut options = blockgraph::drivers::RbdOptions::new(o.req_str("pool")?, o.req_str("image")?);
+    options.namespace = o.str("namespace")?.filter(|n| !n.is_empty());
+    options.snapshot = o.str("snapshot")?;
+    options.conf = o.str("conf")?.map(PathBuf::from);
+    options.user = o.str("user")?;
+    for key in ["key-secret", "server", "auth-client-required", "encrypt"] {
+        if o.has(key) {
+            return Err(QmpError::generic(format!(
+                "rbd: '{key}' is not supported by this daemon (put it in the Ceph configuration file)"
+            )));
+        }
+    }
+    Ok(RbdSpec { options })
 }
 
 /// Takes the `BlockdevRef` member `key`, which must be there.
