@@ -213,7 +213,8 @@ impl Future for Aio {
 
 #[cfg(test)]
 mod tests {
-    use super::*;
+    use crate::drivers::rbd::aio::{Aio, Op};
+    use crate::drivers::rbd::image::Image;
     use crate::drivers::rbd::options::RbdOptions;
 
     /// A leaked request (its future forgotten while librbd works) keeps its

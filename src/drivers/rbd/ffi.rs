@@ -130,6 +130,19 @@ fn sym(handle: *mut c_void, lib: &str, name: &str) -> Result<*mut c_void, String
     }
 }
 
+/// A symbol's address as the function pointer type `F`.
+///
+/// # Safety
+///
+/// `p` is the address of a C function whose prototype is `F`'s (a function
+/// pointer type: a data pointer and a function pointer have the same size
+/// and representation on every platform `dlsym` exists on, checked below).
+unsafe fn as_fn<F: Copy>(p: *mut c_void) -> F {
+    assert_eq!(std::mem::size_of::<F>(), std::mem::size_of::<*mut c_void>());
+    // SAFETY: the caller's promise; the sizes are equal (above).
+    unsafe { std::mem::transmute_copy::<*mut c_void, F>(&p) }
+}
+
 fn load() -> Result<Lib, String> {
     let rbd = open(LIBRBD)?;
     let rados = open(LIBRADOS)?;
@@ -137,15 +150,13 @@ fn load() -> Result<Lib, String> {
         ($h:expr, $lib:expr, $name:ident) => {{
             let p = sym($h, $lib, stringify!($name))?;
             // SAFETY: the symbol is the C function of that name, whose
-            // prototype in librados.h / librbd.h is the field's type; a data
-            // pointer and a function pointer have the same size and
-            // representation on every platform `dlsym` exists on.
-            unsafe { std::mem::transmute::<*mut c_void, _>(p) }
+            // prototype in librados.h / librbd.h is the field's type.
+            unsafe { as_fn(p) }
         }};
     }
     let write_zeroes = match sym(rbd, LIBRBD, "rbd_aio_write_zeroes") {
         // SAFETY: as in `f!`: the symbol's prototype is the field's type.
-        Ok(p) => Some(unsafe { std::mem::transmute::<*mut c_void, _>(p) }),
+        Ok(p) => Some(unsafe { as_fn(p) }),
         Err(_) => None,
     };
     Ok(Lib {

@@ -28,6 +28,18 @@ fn cstring(what: &str, s: &str) -> Result<CString> {
     CString::new(s).map_err(|_| Error::InvalidArgument(format!("rbd: {what} contains a NUL byte")))
 }
 
+/// One snapshot of an RBD image, as [`RbdDriver::snapshots`](super::RbdDriver::snapshots) lists it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct RbdSnapshot {
+    /// librbd's snapshot id.
+    pub id: u64,
+    /// Its name.
+    pub name: String,
+    /// The image's size when it was taken.
+    pub size: u64,
+}
+
 /// Requests whose completion callback has not run yet, so that the image is
 /// closed only after the last one (see `aio.rs`).
 #[derive(Debug, Default)]
@@ -311,7 +323,7 @@ impl Image {
     }
 
     /// The image's snapshots, oldest first.
-    pub(super) fn snapshots(&self) -> Result<Vec<super::RbdSnapshot>> {
+    pub(super) fn snapshots(&self) -> Result<Vec<RbdSnapshot>> {
         let mut max: c_int = 16;
         loop {
             let cap = usize::try_from(max).unwrap_or(0).max(1);
@@ -333,7 +345,7 @@ impl Image {
             unsafe { snaps.set_len(count) };
             let out = snaps
                 .iter()
-                .map(|s| super::RbdSnapshot {
+                .map(|s| RbdSnapshot {
                     id: s.id,
                     size: s.size,
                     // SAFETY: librbd set `name` to a NUL-terminated string

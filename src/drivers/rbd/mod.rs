@@ -26,22 +26,11 @@ use crate::types::{DriverInfo, Error, Result};
 use aio::{Aio, Op};
 use image::Image;
 
+pub use image::RbdSnapshot;
 pub use options::{RbdOptions, RbdSecret};
 
 /// Largest zero buffer written at once when librbd has no write-zeroes.
 const ZERO_CHUNK: u64 = 1 << 20;
-
-/// One snapshot of an RBD image, as [`RbdDriver::snapshots`] lists it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-#[non_exhaustive]
-pub struct RbdSnapshot {
-    /// librbd's snapshot id.
-    pub id: u64,
-    /// Its name.
-    pub name: String,
-    /// The image's size when it was taken.
-    pub size: u64,
-}
 
 /// A node backed by an RBD image in a Ceph cluster (QEMU's `rbd` driver).
 ///

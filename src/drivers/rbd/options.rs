@@ -305,7 +305,7 @@ fn escape(s: &str) -> String {
 
 #[cfg(test)]
 mod tests {
-    use super::*;
+    use crate::drivers::rbd::options::{RbdOptions, RbdSecret};
 
     #[test]
     fn parses_qemu_file_names() {
