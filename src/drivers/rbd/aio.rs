@@ -100,6 +100,10 @@ extern "C" fn complete(completion: Handle, arg: *mut c_void) {
         // own callback (QEMU's rbd driver does the same).
         unsafe { (lib.rbd_aio_release)(completion) };
         shared.ret.store(r as i64, Ordering::Relaxed);
+    } else {
+        // Unreachable (the completion was made through the libraries);
+        // fail the request rather than report success.
+        shared.ret.store(-i64::from(libc::EIO), Ordering::Relaxed);
     }
     shared.done.store(true, Ordering::Release);
     shared.waker.wake();
