@@ -745,3 +745,61 @@ fn the_storage_daemon_exports_an_rbd_image_with_qemus_options() {
     expected[64 << 10..256 << 10].fill(0x42);
     qemu_compare(&conf, &img, "raw", &expected);
 }
+
+#[test]
+fn block_status_follows_the_object_map() {
+    let Some(conf) = ceph("rbd_block_status") else {
+        return;
+    };
+    let _w = watchdog("rbd_block_status", Duration::from_secs(180));
+    let img = image_name("status");
+    let _c = Cleanup(conf.clone(), img.clone());
+    // librbd's default features include object-map and fast-diff.
+    rbd_cli(&conf, &["create", "--size", "20M", &format!("rbd/{img}")]);
+    let env = Env::new();
+    let node = add(
+        &env,
+        "rbd0",
+        RbdDriver::open(opts(&conf, &img)).unwrap(),
+        vec![],
+    );
+    const MB: u64 = 1 << 20;
+    env.write(&node, 4 * MB + 100, vec![1; 4096]).unwrap();
+    env.write(&node, 12 * MB, vec![2; 4096]).unwrap();
+    env.write(&node, 16 * MB, vec![3; 4096]).unwrap();
+    let status = |off: u64, len: u64| {
+        let n = node.clone();
+        env.on_io(move |mut cx| async move {
+            let g = cx.read().await;
+            n.io(&g).block_status(off, len).await.unwrap()
+        })
+    };
+    use blockgraph::driver::BlockStatus::{Data, Zero};
+    // Whole 4 MiB objects: 0-4M zero, 4-8M data, 8-12M zero, 12-20M data.
+    assert_eq!(status(0, 20 * MB), (Zero, 4 * MB));
+    assert_eq!(status(MB, 20 * MB - MB), (Zero, 3 * MB));
+    assert_eq!(status(4 * MB, 16 * MB), (Data, 4 * MB));
+    assert_eq!(status(5 * MB, 15 * MB), (Data, 3 * MB));
+    assert_eq!(status(8 * MB, 12 * MB), (Zero, 4 * MB));
+    assert_eq!(status(12 * MB, 8 * MB), (Data, 8 * MB));
+    assert_eq!(status(13 * MB, MB), (Data, MB));
+    // A whole object discarded is gone from the map.
+    env.discard(&node, 4 * MB, 4 * MB).unwrap();
+    assert_eq!(status(0, 20 * MB), (Zero, 12 * MB));
+    remove(&env, &node);
+    // QEMU's map agrees on what is data.
+    let map = run(Command::new("qemu-img").args([
+        "map",
+        "--output=json",
+        "-f",
+        "raw",
+        &qemu_name(&conf, &img),
+    ]));
+    let extents: Vec<serde_json::Value> = serde_json::from_str(&map).unwrap();
+    let data: Vec<(u64, u64)> = extents
+        .iter()
+        .filter(|e| e["data"] == true)
+        .map(|e| (e["start"].as_u64().unwrap(), e["length"].as_u64().unwrap()))
+        .collect();
+    assert_eq!(data, vec![(12 * MB, 8 * MB)], "{map}");
+}

@@ -23,6 +23,14 @@ pub(super) type Handle = *mut c_void;
 /// `rbd_callback_t`.
 pub(super) type Callback = extern "C" fn(completion: Handle, arg: *mut c_void);
 
+/// The `rbd_diff_iterate2` callback: `(offset, length, exists, arg)`.
+pub(super) type DiffCallback = extern "C" fn(u64, usize, c_int, *mut c_void) -> c_int;
+
+/// `RBD_FEATURE_FAST_DIFF`.
+pub(super) const FEATURE_FAST_DIFF: u64 = 1 << 4;
+/// `RBD_FLAG_FAST_DIFF_INVALID`.
+pub(super) const FLAG_FAST_DIFF_INVALID: u64 = 1 << 1;
+
 /// `rbd_image_info_t` (`rbd_stat`).
 #[repr(C)]
 pub(super) struct ImageInfo {
@@ -62,6 +70,18 @@ pub(super) struct Lib {
     pub rbd_get_size: unsafe extern "C" fn(Handle, *mut u64) -> c_int,
     pub rbd_stat: unsafe extern "C" fn(Handle, *mut ImageInfo, usize) -> c_int,
     pub rbd_resize: unsafe extern "C" fn(Handle, u64) -> c_int,
+    pub rbd_get_features: unsafe extern "C" fn(Handle, *mut u64) -> c_int,
+    pub rbd_get_flags: unsafe extern "C" fn(Handle, *mut u64) -> c_int,
+    pub rbd_diff_iterate2: unsafe extern "C" fn(
+        Handle,
+        *const c_char,
+        u64,
+        u64,
+        u8,
+        u8,
+        DiffCallback,
+        *mut c_void,
+    ) -> c_int,
     pub rbd_snap_list: unsafe extern "C" fn(Handle, *mut SnapInfo, *mut c_int) -> c_int,
     pub rbd_snap_list_end: unsafe extern "C" fn(*mut SnapInfo),
     pub rbd_aio_create_completion:
@@ -176,6 +196,9 @@ fn load() -> Result<Lib, String> {
         rbd_get_size: f!(rbd, LIBRBD, rbd_get_size),
         rbd_stat: f!(rbd, LIBRBD, rbd_stat),
         rbd_resize: f!(rbd, LIBRBD, rbd_resize),
+        rbd_get_features: f!(rbd, LIBRBD, rbd_get_features),
+        rbd_get_flags: f!(rbd, LIBRBD, rbd_get_flags),
+        rbd_diff_iterate2: f!(rbd, LIBRBD, rbd_diff_iterate2),
         rbd_snap_list: f!(rbd, LIBRBD, rbd_snap_list),
         rbd_snap_list_end: f!(rbd, LIBRBD, rbd_snap_list_end),
         rbd_aio_create_completion: f!(rbd, LIBRBD, rbd_aio_create_completion),

@@ -322,6 +322,59 @@ impl Image {
         Ok(())
     }
 
+    /// Whether `[offset, offset + len)` starts with allocated objects, and
+    /// for how many bytes that holds (QEMU's `qemu_rbd_co_block_status`),
+    /// from the object map; `None` when the image has no valid fast-diff
+    /// map (then everything counts as data, as in QEMU). Blocks: call it
+    /// off the executor thread.
+    pub(super) fn allocation(&self, offset: u64, len: u64) -> Result<Option<(bool, u64)>> {
+        let (mut features, mut flags) = (0u64, 0u64);
+        // SAFETY: a live image handle and valid out-pointers.
+        let ok = unsafe {
+            (self.lib.rbd_get_features)(self.image, &mut features) >= 0
+                && (self.lib.rbd_get_flags)(self.image, &mut flags) >= 0
+        };
+        if !ok
+            || features & ffi::FEATURE_FAST_DIFF == 0
+            || flags & ffi::FLAG_FAST_DIFF_INVALID != 0
+            || len == 0
+        {
+            return Ok(None);
+        }
+        let mut req = DiffReq {
+            offset,
+            bytes: 0,
+            exists: false,
+        };
+        // SAFETY: a live image handle; null means "from the beginning"; the
+        // callback has the prototype librbd expects and is called on this
+        // thread, before `rbd_diff_iterate2` returns, with `arg` = `&mut
+        // req`, which outlives the call and nothing else touches meanwhile.
+        let r = unsafe {
+            (self.lib.rbd_diff_iterate2)(
+                self.image,
+                std::ptr::null(),
+                offset,
+                len,
+                1,
+                1,
+                diff_cb,
+                (&mut req as *mut DiffReq).cast(),
+            )
+        };
+        if r < 0 && r != DIFF_STOP {
+            return Ok(None);
+        }
+        if !req.exists {
+            if r == 0 {
+                // No callback at all: nothing allocated in the range.
+                req.bytes = len;
+            }
+            return Ok(Some((false, req.bytes.clamp(1, len))));
+        }
+        Ok(Some((true, req.bytes.clamp(1, len))))
+    }
+
     /// The image's snapshots, oldest first.
     pub(super) fn snapshots(&self) -> Result<Vec<RbdSnapshot>> {
         let mut max: c_int = 16;
@@ -365,6 +418,46 @@ impl Image {
             return Ok(out);
         }
     }
+}
+
+/// What `diff_cb` found so far.
+struct DiffReq {
+    offset: u64,
+    bytes: u64,
+    exists: bool,
+}
+
+/// The callback's "stop iterating" answer (QEMU's
+/// `QEMU_RBD_EXIT_DIFF_ITERATE2`; librbd passes it through).
+const DIFF_STOP: c_int = -9000;
+
+/// Records the first run of allocated or unallocated bytes from
+/// `req.offset` (QEMU's `qemu_rbd_diff_iterate_cb`). librbd reports only
+/// allocated extents (and holes an overlay has over its parent's data),
+/// in order.
+extern "C" fn diff_cb(off: u64, len: usize, exists: c_int, arg: *mut std::ffi::c_void) -> c_int {
+    // SAFETY: `arg` is the `&mut DiffReq` `allocation` passed, alive and
+    // unaliased for the whole `rbd_diff_iterate2` call this runs inside.
+    let req = unsafe { &mut *arg.cast::<DiffReq>() };
+    let len = len as u64;
+    if exists == 0 {
+        // A hole: like an unallocated area.
+        return 0;
+    }
+    if !req.exists && off > req.offset {
+        // Started unallocated; this is the first allocated extent.
+        req.bytes = off - req.offset;
+        return DIFF_STOP;
+    }
+    if req.exists && off > req.offset.saturating_add(req.bytes) {
+        // Started allocated and jumped over a gap: stop at the gap.
+        return DIFF_STOP;
+    }
+    // An extent (whole objects) may start before the range.
+    let end = off.saturating_add(len);
+    req.bytes = end.saturating_sub(req.offset);
+    req.exists = true;
+    0
 }
 
 /// # Safety
