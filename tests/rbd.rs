@@ -803,3 +803,65 @@ fn block_status_follows_the_object_map() {
         .collect();
     assert_eq!(data, vec![(12 * MB, 8 * MB)], "{map}");
 }
+
+#[test]
+fn the_img_tool_creates_converts_and_reads_rbd_images() {
+    let Some(conf) = ceph("rbd_img_tool") else {
+        return;
+    };
+    let _w = watchdog("rbd_img_tool", Duration::from_secs(300));
+    let bin = img_binary();
+    let img_tool = |args: &[&str]| run(Command::new(&bin).args(args));
+    // `img create -f qcow2` on RBD: QEMU's check is clean.
+    let q = image_name("imgq");
+    let _cq = Cleanup(conf.clone(), q.clone());
+    let out = img_tool(&["create", "-f", "qcow2", &qemu_name(&conf, &q), "16M"]);
+    assert!(out.contains("fmt=qcow2"), "{out}");
+    let check = run(Command::new("qemu-img").args(["check", "-f", "qcow2", &qemu_name(&conf, &q)]));
+    assert!(check.contains("No errors were found"), "{check}");
+    // `img convert` from a local qcow2 to RBD (raw) and back out of it.
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("src.qcow2");
+    let src_s = src.to_str().unwrap();
+    run(Command::new("qemu-img").args(["create", "-q", "-f", "qcow2", src_s, "8M"]));
+    run(Command::new("qemu-io").args(["-f", "qcow2", "-c", "write -P 0x17 1M 1536k", src_s]));
+    let r = image_name("imgr");
+    let _cr = Cleanup(conf.clone(), r.clone());
+    img_tool(&[
+        "convert",
+        "-f",
+        "qcow2",
+        "-O",
+        "raw",
+        src_s,
+        &qemu_name(&conf, &r),
+    ]);
+    let cmp = run(Command::new("qemu-img").args([
+        "compare",
+        "-f",
+        "qcow2",
+        "-F",
+        "raw",
+        src_s,
+        &qemu_name(&conf, &r),
+    ]));
+    assert!(cmp.contains("Images are identical"), "{cmp}");
+    let back = dir.path().join("back.qcow2");
+    img_tool(&[
+        "convert",
+        "-f",
+        "raw",
+        "-O",
+        "qcow2",
+        &qemu_name(&conf, &r),
+        back.to_str().unwrap(),
+    ]);
+    let cmp = run(Command::new("qemu-img").args(["compare", src_s, back.to_str().unwrap()]));
+    assert!(cmp.contains("Images are identical"), "{cmp}");
+    // `img info` through the rbd protocol.
+    let info = img_tool(&["info", &qemu_name(&conf, &r)]);
+    assert!(
+        info.contains("protocol type: rbd") && info.contains("8 MiB"),
+        "{info}"
+    );
+}

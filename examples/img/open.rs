@@ -212,6 +212,24 @@ pub fn rbd_driver(path: &Path, writable: bool) -> Option<blockgraph::Result<Box<
     }))
 }
 
+/// An `rbd:` path created as a new RBD image of `size` bytes and opened,
+/// or `None` for any other path.
+#[cfg(feature = "rbd")]
+pub fn rbd_create(path: &Path, size: u64) -> Option<blockgraph::Result<Box<dyn BlockDriver>>> {
+    use blockgraph::drivers::{RbdDriver, RbdOptions};
+    let name = path.to_str().filter(|s| s.starts_with("rbd:"))?;
+    Some(
+        RbdOptions::parse_filename(name)
+            .and_then(|o| Ok(Box::new(RbdDriver::create(o, size)?) as Box<dyn BlockDriver>)),
+    )
+}
+
+/// Without the `rbd` feature an `rbd:` path is refused.
+#[cfg(not(feature = "rbd"))]
+pub fn rbd_create(path: &Path, _size: u64) -> Option<blockgraph::Result<Box<dyn BlockDriver>>> {
+    rbd_driver(path, true)
+}
+
 /// `name` as it may be printed: an `rbd:` name without its credentials
 /// (the key, secrets; QEMU's syntax lets a file name carry them), any
 /// other name as it is.
@@ -250,9 +268,17 @@ pub async fn create_image(
     qcow2: Option<&CreateOptions>,
 ) -> Res<NodeHandle> {
     let length = if qcow2.is_some() { 0 } else { size };
-    let file = FileDriver::create(path, length, FileOptions::default()).map_err(err)?;
+    // An `rbd:` image is created in its pool (qcow2 grows it as it
+    // allocates) and left there if formatting fails, as qemu-img does.
+    let (file, local): (Box<dyn BlockDriver>, bool) = match rbd_create(path, length) {
+        Some(rbd) => (rbd.map_err(err)?, false),
+        None => (
+            Box::new(FileDriver::create(path, length, FileOptions::default()).map_err(err)?),
+            true,
+        ),
+    };
     let formatted = async {
-        let node = add_node(cx, name.to_owned(), Box::new(file), None).await?;
+        let node = add_node(cx, name.to_owned(), file, None).await?;
         let g = cx.read().await;
         if let Some(opts) = qcow2 {
             Qcow2Driver::create(node.io(&g), opts).await.map_err(err)?;
@@ -262,7 +288,7 @@ pub async fn create_image(
         Ok(node)
     }
     .await;
-    if formatted.is_err() {
+    if formatted.is_err() && local {
         let _ = std::fs::remove_file(path);
     }
     formatted

@@ -206,7 +206,8 @@ impl RbdOptions {
         }
         if let Some(conf) = &self.conf {
             s.push_str(":conf=");
-            s.push_str(&escape(&conf.display().to_string()));
+            // In an option's value only `:` (and `\`) separate.
+            s.push_str(&escape_value(&conf.display().to_string()));
         }
         s
     }
@@ -292,6 +293,17 @@ fn unescape(s: &str) -> String {
     out
 }
 
+fn escape_value(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        if matches!(c, '\\' | ':') {
+            out.push('\\');
+        }
+        out.push(c);
+    }
+    out
+}
+
 fn escape(s: &str) -> String {
     let mut out = String::with_capacity(s.len());
     for c in s.chars() {
@@ -333,6 +345,13 @@ mod tests {
         let o = RbdOptions::parse_filename("rbd:p/we\\@ird\\:name").unwrap();
         assert_eq!(o.image, "we@ird:name");
         assert_eq!(o.display_name(), "rbd:p/we\\@ird\\:name");
+        let mut o = RbdOptions::new("p", "i");
+        o.conf = Some("/etc/ceph/a:b.conf".into());
+        assert_eq!(o.display_name(), "rbd:p/i:conf=/etc/ceph/a\\:b.conf");
+        assert_eq!(
+            RbdOptions::parse_filename(&o.display_name()).unwrap().conf,
+            o.conf
+        );
         assert_eq!(
             RbdOptions::parse_filename(&o.display_name()).unwrap().image,
             o.image
