@@ -21,6 +21,12 @@
 //!   acquire load pairs with, so the future reads the buffer only after
 //!   librbd's last write to it, and librbd never touches it again.
 //!
+//! Buffers of 64 KiB and more come from, and go back to, a per-image pool
+//! (`image.rs`'s `BufPool`) when the request completes normally; they are
+//! always initialized memory, and a read zeroes what librbd did not place
+//! (its return value is the count), so a reused buffer never shows an
+//! earlier request's bytes. A dropped request's buffer is simply freed.
+//!
 //! The buffer sits in an `UnsafeCell` because librbd writes it through a
 //! raw pointer while the state is shared; the only accesses are librbd's
 //! (between submission and the callback) and the future's (after it saw the
@@ -68,6 +74,8 @@ struct Shared {
     waker: AtomicWaker,
     /// The bytes librbd reads or writes.
     buf: UnsafeCell<Vec<u8>>,
+    /// A read: librbd's return value is how many bytes it placed.
+    read: bool,
     in_flight: Arc<InFlight>,
 }
 
@@ -121,15 +129,23 @@ impl Aio {
     pub(super) fn submit(image: &Image, offset: u64, op: Op<'_>) -> Result<Aio> {
         let lib = image.lib;
         let buf = match op {
-            Op::Read(len) => vec![0u8; len],
-            Op::Write(data) => data.to_vec(),
+            // Initialized memory (zeroed, or an earlier request's bytes);
+            // what librbd does not fill is zeroed on completion.
+            Op::Read(len) => image.buffers.get(len),
+            Op::Write(data) => {
+                let mut b = image.buffers.get(data.len());
+                b.copy_from_slice(data);
+                b
+            }
             _ => Vec::new(),
         };
+        let read = matches!(op, Op::Read(_));
         let shared = Arc::new(Shared {
             ret: AtomicI64::new(0),
             done: AtomicBool::new(false),
             waker: AtomicWaker::new(),
             buf: UnsafeCell::new(buf),
+            read,
             in_flight: image.in_flight.clone(),
         });
         let arg = Arc::into_raw(shared.clone()) as *mut c_void;
@@ -210,7 +226,13 @@ impl Future for Aio {
         // callback's release store that follows librbd's last access to the
         // buffer; librbd does not touch it again and the callback has
         // dropped its reference's use of it. Only this future reads it now.
-        let buf = std::mem::take(unsafe { &mut *s.buf.get() });
+        let mut buf = std::mem::take(unsafe { &mut *s.buf.get() });
+        if s.read {
+            // librbd placed `r` bytes (fewer only at the end of the image);
+            // the rest of a reused buffer holds an earlier request's bytes.
+            let placed = usize::try_from(r).unwrap_or(usize::MAX).min(buf.len());
+            buf[placed..].fill(0);
+        }
         Poll::Ready(Ok((r, buf)))
     }
 }

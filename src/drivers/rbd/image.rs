@@ -69,6 +69,44 @@ impl InFlight {
     }
 }
 
+/// Request buffers of 64 KiB and more, kept for reuse: a large request
+/// then costs neither an allocation (with glibc, often an `mmap` and a
+/// page fault per page) nor zeroing. The buffers are always initialized
+/// memory; a read zeroes whatever librbd does not fill (see `aio.rs`).
+#[derive(Debug, Default)]
+pub(super) struct BufPool(Mutex<Vec<Vec<u8>>>);
+
+impl BufPool {
+    /// Smallest buffer worth keeping.
+    const MIN: usize = 64 << 10;
+    /// Largest buffer kept.
+    const MAX: usize = 4 << 20;
+    /// Buffers kept at most.
+    const COUNT: usize = 64;
+
+    /// A buffer of exactly `len` initialized bytes: a kept one of that
+    /// length (its old contents), or a new zeroed one.
+    pub(super) fn get(&self, len: usize) -> Vec<u8> {
+        if len >= Self::MIN {
+            let mut free = self.0.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some(i) = free.iter().rposition(|b| b.len() == len) {
+                return free.swap_remove(i);
+            }
+        }
+        vec![0u8; len]
+    }
+
+    /// Gives a buffer back for reuse.
+    pub(super) fn put(&self, buf: Vec<u8>) {
+        if (Self::MIN..=Self::MAX).contains(&buf.len()) {
+            let mut free = self.0.lock().unwrap_or_else(|e| e.into_inner());
+            if free.len() < Self::COUNT {
+                free.push(buf);
+            }
+        }
+    }
+}
+
 /// One open image with the cluster connection and I/O context it uses.
 pub(super) struct Image {
     pub lib: &'static Lib,
@@ -76,6 +114,7 @@ pub(super) struct Image {
     ioctx: Handle,
     pub image: Handle,
     pub in_flight: std::sync::Arc<InFlight>,
+    pub buffers: BufPool,
 }
 
 // SAFETY: the handles are librados/librbd objects that those libraries
@@ -262,6 +301,7 @@ impl Image {
             ioctx,
             image,
             in_flight: Default::default(),
+            buffers: BufPool::default(),
         })
     }
 

@@ -285,11 +285,10 @@ impl BlockDriver for RbdDriver {
             if buf.is_empty() {
                 return Ok(());
             }
-            let (n, data) = self.submit(offset, Op::Read(buf.len())).await?;
-            // librbd answers how many bytes it read; the rest of the state's
-            // buffer is still zero (reads past the end of the image).
-            let _ = n;
+            // The state's buffer: what librbd did not place is zeroed.
+            let (_, data) = self.submit(offset, Op::Read(buf.len())).await?;
             buf.copy_from_slice(&data[..buf.len()]);
+            self.image.buffers.put(data);
             Ok(())
         })
     }
@@ -301,7 +300,9 @@ impl BlockDriver for RbdDriver {
                 return Ok(());
             }
             self.cover(Self::end(offset, buf.len() as u64)?).await?;
-            self.submit(offset, Op::Write(buf)).await.map(drop)
+            let (_, data) = self.submit(offset, Op::Write(buf)).await?;
+            self.image.buffers.put(data);
+            Ok(())
         })
     }
 
