@@ -876,3 +876,98 @@ fn the_img_tool_creates_converts_and_reads_rbd_images() {
         "{info}"
     );
 }
+
+#[test]
+fn stream_a_local_backing_file_into_a_qcow2_on_rbd() {
+    let Some(conf) = ceph("rbd_stream") else {
+        return;
+    };
+    let _w = watchdog("rbd_stream", Duration::from_secs(240));
+    const MB: usize = 1 << 20;
+    let dir = tempfile::tempdir().unwrap();
+    let base = dir.path().join("base.qcow2");
+    let base_s = base.to_str().unwrap().to_owned();
+    run(Command::new("qemu-img").args(["create", "-q", "-f", "qcow2", &base_s, "8M"]));
+    run(Command::new("qemu-io").args([
+        "-f",
+        "qcow2",
+        "-c",
+        "write -P 0x21 0 3M",
+        "-c",
+        "write -P 0x22 6M 1M",
+        &base_s,
+    ]));
+    let img = image_name("stream");
+    let _c = Cleanup(conf.clone(), img.clone());
+    let env = Env::new();
+    let chain = open_chain(&env, &base, false);
+    let base_node = chain.images[0].node.clone();
+    // The overlay: qcow2 on RBD, its backing the local file.
+    let rbd = add(
+        &env,
+        "rbd0",
+        RbdDriver::create(opts(&conf, &img), 0).unwrap(),
+        vec![],
+    );
+    env.create(
+        &rbd,
+        CreateOptions::new(8 << 20)
+            .cluster_size(65536)
+            .backing(base_s.clone(), "qcow2".to_owned()),
+    )
+    .unwrap();
+    let top = env
+        .open(&rbd, Some(&base_node), Qcow2Options::default())
+        .unwrap();
+    env.write(&top, MB as u64, vec![0x31; MB]).unwrap();
+    let mut expected = vec![0u8; 8 * MB];
+    expected[..3 * MB].fill(0x21);
+    expected[6 * MB..7 * MB].fill(0x22);
+    expected[MB..2 * MB].fill(0x31);
+    assert!(
+        env.read(&top, 0, 8 * MB).unwrap() == expected,
+        "before the stream"
+    );
+
+    let io = env.io.handle();
+    let so = blockgraph::job::StreamOptions::new(&top);
+    let mut events = env
+        .main
+        .run(move |bql| {
+            let job = job::stream(bql, &io, JobOptions::new("s0"), so)?;
+            Ok::<_, Error>(job.events())
+        })
+        .unwrap();
+    let all = until_null(&mut events);
+    assert!(completed(&all), "{all:?}");
+    // The overlay stands alone now.
+    let t = top.clone();
+    let below = env.main.run(move |bql| t.gs(bql).backing_chain().len());
+    assert_eq!(below, 1, "the top still has a backing node");
+    assert!(
+        env.read(&top, 0, 8 * MB).unwrap() == expected,
+        "after the stream"
+    );
+    env.flush(&top).unwrap();
+    for n in [&top, &rbd] {
+        remove(&env, n);
+    }
+    let mut nodes = job_util::chain_nodes(&chain);
+    nodes.retain(|n| {
+        env.main.run({
+            let n = n.clone();
+            move |bql| n.gs(bql).is_in_graph()
+        })
+    });
+    for n in &nodes {
+        remove(&env, n);
+    }
+    drop(env);
+    // QEMU: no backing file any more, clean, and the guest's data.
+    let info = run(Command::new("qemu-img").args(["info", "-f", "qcow2", &qemu_name(&conf, &img)]));
+    assert!(!info.contains("backing file"), "{info}");
+    let check =
+        run(Command::new("qemu-img").args(["check", "-f", "qcow2", &qemu_name(&conf, &img)]));
+    assert!(check.contains("No errors were found"), "{check}");
+    qemu_compare(&conf, &img, "qcow2", &expected);
+}
