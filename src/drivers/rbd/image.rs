@@ -231,9 +231,20 @@ fn connect(o: &RbdOptions) -> Result<Connection> {
         set("keyring", &k.display().to_string())?;
     }
     for (k, v) in &o.extra {
+        if k == "key" && !super::options::RbdSecret::new(v.as_str()).is_well_formed() {
+            return Err(Error::InvalidArgument(
+                "rbd: the key is not a valid cephx key (base64, as in a keyring)".into(),
+            ));
+        }
         set(k, v)?;
     }
     if let Some(key) = &o.key {
+        // librados logs a key it cannot decode, in full: refuse it here.
+        if !key.is_well_formed() {
+            return Err(Error::InvalidArgument(
+                "rbd: the key is not a valid cephx key (base64, as in a keyring)".into(),
+            ));
+        }
         set("key", key.expose())?;
     }
     // SAFETY: a live, configured cluster handle.

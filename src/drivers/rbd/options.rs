@@ -30,6 +30,21 @@ impl RbdSecret {
         RbdSecret(key.into().into_bytes())
     }
 
+    /// Whether it has the shape of a cephx key: base64 of Ceph's
+    /// `CryptoKey` encoding (type 1 = AES, creation time, a 16-byte
+    /// secret). librados writes a key it cannot decode into its log, so
+    /// the driver refuses a malformed key before handing it over.
+    pub fn is_well_formed(&self) -> bool {
+        match base64_decode(&self.0) {
+            Some(b) => {
+                b.len() == 28
+                    && u16::from_le_bytes([b[0], b[1]]) == 1
+                    && u16::from_le_bytes([b[10], b[11]]) == 16
+            }
+            None => false,
+        }
+    }
+
     /// The key itself. Do not print it.
     pub fn expose(&self) -> &str {
         // Built from a `String` only.
@@ -49,6 +64,40 @@ impl Drop for RbdSecret {
         // Keep the zeroing from being optimised away as a dead store.
         std::hint::black_box(&self.0);
     }
+}
+
+/// Standard base64 with padding; `None` for anything else.
+fn base64_decode(s: &[u8]) -> Option<Vec<u8>> {
+    let s = s.trim_ascii();
+    if s.is_empty() || s.len() % 4 != 0 {
+        return None;
+    }
+    let value = |c: u8| -> Option<u32> {
+        Some(match c {
+            b'A'..=b'Z' => c - b'A',
+            b'a'..=b'z' => c - b'a' + 26,
+            b'0'..=b'9' => c - b'0' + 52,
+            b'+' => 62,
+            b'/' => 63,
+            _ => return None,
+        } as u32)
+    };
+    let mut out = Vec::with_capacity(s.len() / 4 * 3);
+    let chunks = s.len() / 4;
+    for (i, q) in s.chunks(4).enumerate() {
+        let pad = q.iter().rev().take_while(|c| **c == b'=').count();
+        if pad > 2 || (pad > 0 && i + 1 != chunks) {
+            return None;
+        }
+        let mut n = 0u32;
+        for c in &q[..4 - pad] {
+            n = n << 6 | value(*c)?;
+        }
+        n <<= 6 * pad as u32;
+        let bytes = [(n >> 16) as u8, (n >> 8) as u8, n as u8];
+        out.extend_from_slice(&bytes[..3 - pad]);
+    }
+    Some(out)
 }
 
 /// Ceph configuration keys whose values are credentials: never printed,
@@ -365,6 +414,21 @@ mod tests {
         }
         let e = RbdOptions::parse_filename("rbd:p/i:keyring").unwrap_err();
         assert!(e.to_string().contains("'keyring' has no value"), "{e}");
+    }
+
+    #[test]
+    fn malformed_keys_are_recognised() {
+        // `ceph-authtool --gen-print-key` output has this shape.
+        assert!(RbdSecret::new("AQBDJw9rL04ODhAA09607n8ZIIcwAv34mMxL+A==").is_well_formed());
+        for bad in [
+            "",
+            "not base64!",
+            "AQBx1e5mAAAAABAAn0tR3allyAk3yN0tr3alQ==",
+            "c2VjcmV0",
+            "AQBDJw9rL04ODhAA09607n8ZIIcwAv34mMxL+A=",
+        ] {
+            assert!(!RbdSecret::new(bad).is_well_formed(), "{bad}");
+        }
     }
 
     #[test]
