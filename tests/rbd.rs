@@ -994,3 +994,56 @@ fn stream_a_local_backing_file_into_a_qcow2_on_rbd() {
     assert!(check.contains("No errors were found"), "{check}");
     qemu_compare(&conf, &img, "qcow2", &expected);
 }
+
+#[test]
+fn read_only_and_back_as_live_snapshots_and_jobs_switch_it() {
+    let Some(conf) = ceph("rbd_read_only_switch") else {
+        return;
+    };
+    let _w = watchdog("rbd_read_only_switch", Duration::from_secs(180));
+    let img = image_name("live");
+    let _c = Cleanup(conf.clone(), img.clone());
+    rbd_cli(&conf, &["create", "--size", "4M", &format!("rbd/{img}")]);
+    let env = Env::new();
+    let node = add(
+        &env,
+        "rbd0",
+        RbdDriver::open(opts(&conf, &img)).unwrap(),
+        vec![],
+    );
+    env.write(&node, 0, vec![0x41; 4096]).unwrap();
+    // Read-only, as a live snapshot makes the old top: writes refused.
+    let set = |ro: bool| {
+        let n = node.clone();
+        env.main.run(move |bql| {
+            let d = bql.drain(&n);
+            bql.write(|w| w.set_read_only(&d, ro))
+        })
+    };
+    set(true).unwrap();
+    let info = env.main.run(|bql| bql.query_nodes());
+    assert!(
+        info.iter().any(|n| n.name == "rbd0" && n.read_only),
+        "{info:?}"
+    );
+    assert!(env.write(&node, 0, vec![0x42; 4096]).is_err());
+    assert_eq!(env.read(&node, 0, 4096).unwrap(), vec![0x41; 4096]);
+    // And back (what commit and mirror do to their targets).
+    set(false).unwrap();
+    env.write(&node, 0, vec![0x43; 4096]).unwrap();
+    remove(&env, &node);
+    // An image opened read-only stays so.
+    let mut o = opts(&conf, &img);
+    o.read_only = true;
+    let ro = add(&env, "ro", RbdDriver::open(o).unwrap(), vec![]);
+    let n = ro.clone();
+    let e = env.main.run(move |bql| {
+        let d = bql.drain(&n);
+        bql.write(|w| w.set_read_only(&d, false))
+    });
+    assert!(e.is_err(), "{e:?}");
+    remove(&env, &ro);
+    let mut expected = vec![0x43u8; 4096];
+    expected.resize(4 << 20, 0);
+    qemu_compare(&conf, &img, "raw", &expected);
+}

@@ -16,11 +16,11 @@ mod ffi;
 mod image;
 mod options;
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
 use crate::graph::driver::{BlockDriver, IoFuture, ResizePermit};
-use crate::graph::proof::RequestRef;
+use crate::graph::proof::{CallbackRef, RequestRef};
 use crate::types::{BlockStatus, DriverInfo, Error, Result};
 
 use aio::{Aio, Op};
@@ -97,7 +97,11 @@ const ZERO_CHUNK: u64 = 1 << 20;
 pub struct RbdDriver {
     options: RbdOptions,
     image: Arc<Image>,
-    read_only: bool,
+    /// The current mode (a reopen may switch it).
+    read_only: AtomicBool,
+    /// Whether the image handle was opened for writing (`rbd_open`, not
+    /// `rbd_open_read_only`): only then can the node become read-write.
+    writable_handle: bool,
     object_size: u64,
     /// The size as last seen (for growing on writes past the end).
     size: AtomicU64,
@@ -124,7 +128,8 @@ impl RbdDriver {
         Ok(RbdDriver {
             options,
             image: Arc::new(image),
-            read_only,
+            read_only: AtomicBool::new(read_only),
+            writable_handle: !read_only,
             object_size,
             size: AtomicU64::new(size),
             grow: tokio::sync::Mutex::new(()),
@@ -163,7 +168,7 @@ impl RbdDriver {
     }
 
     fn check_writable(&self) -> Result<()> {
-        if self.read_only {
+        if self.read_only.load(Ordering::Acquire) {
             Err(Error::ReadOnly(self.options.display_name()))
         } else {
             Ok(())
@@ -227,14 +232,33 @@ impl BlockDriver for RbdDriver {
 
     fn describe(&self) -> String {
         let mut s = format!("rbd {}", self.options.display_name());
-        if self.read_only {
+        if BlockDriver::is_read_only(self) {
             s.push_str(", read-only");
         }
         s
     }
 
     fn is_read_only(&self) -> bool {
-        self.read_only
+        self.read_only.load(Ordering::Acquire)
+    }
+
+    /// Read-only is a flag on a handle opened for writing (a live snapshot
+    /// makes the old top read-only; commit and mirror make their target
+    /// writable again). An image opened read-only, or a snapshot, stays
+    /// read-only: [`Error::ReadOnly`] for a snapshot,
+    /// [`Error::Unsupported`] otherwise.
+    fn set_read_only(&self, _node: CallbackRef<'_>, read_only: bool) -> Result<()> {
+        if !read_only && !self.writable_handle {
+            if self.options.snapshot.is_some() {
+                return Err(Error::ReadOnly(self.options.display_name()));
+            }
+            return Err(Error::Unsupported {
+                driver: "rbd",
+                operation: "switching an image opened read-only to read-write",
+            });
+        }
+        self.read_only.store(read_only, Ordering::Release);
+        Ok(())
     }
 
     /// The image name (`rbd:pool/image[@snapshot][:conf=…]`, no
@@ -327,7 +351,7 @@ impl BlockDriver for RbdDriver {
 
     fn flush<'a>(&'a self, _node: RequestRef<'a>) -> IoFuture<'a, ()> {
         Box::pin(async move {
-            if self.read_only {
+            if self.read_only.load(Ordering::Acquire) {
                 return Ok(());
             }
             self.submit(0, Op::Flush).await.map(drop)
