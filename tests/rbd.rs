@@ -27,7 +27,9 @@ use std::time::Duration;
 
 use blockgraph::driver::BlockDriver;
 use blockgraph::drivers::qcow2::{CreateOptions, Qcow2Options};
-use blockgraph::drivers::{RbdDriver, RbdOptions, RbdSecret, ThrottleConfig, ThrottleDriver};
+use blockgraph::drivers::{
+    FileDriver, FileOptions, RbdDriver, RbdOptions, RbdSecret, ThrottleConfig, ThrottleDriver,
+};
 use blockgraph::job::{self, JobOptions, JobStatus, MirrorOptions, MirrorSync, MirrorTarget};
 use blockgraph::{BackendOptions, ChildRole, Error, NodeHandle, Perm, Permissions};
 
@@ -1046,4 +1048,95 @@ fn read_only_and_back_as_live_snapshots_and_jobs_switch_it() {
     let mut expected = vec![0x43u8; 4096];
     expected.resize(4 << 20, 0);
     qemu_compare(&conf, &img, "raw", &expected);
+}
+
+#[test]
+fn a_live_snapshot_of_an_rbd_disk_onto_a_local_overlay_that_qemu_opens() {
+    let Some(conf) = ceph("rbd_live_snapshot") else {
+        return;
+    };
+    let _w = watchdog("rbd_live_snapshot", Duration::from_secs(180));
+    let img = image_name("live");
+    let _c = Cleanup(conf.clone(), img.clone());
+    rbd_cli(&conf, &["create", "--size", "4M", &format!("rbd/{img}")]);
+    let env = Env::new();
+    let node = add(
+        &env,
+        "rbd0",
+        RbdDriver::open(opts(&conf, &img)).unwrap(),
+        vec![],
+    );
+    env.write(&node, 0, vec![0x51; 65536]).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let overlay_path = dir.path().join("overlay.qcow2");
+    // The overlay (QEMU's blockdev-snapshot: made beforehand), its header
+    // naming the RBD image as QEMU names it.
+    let backing_name = qemu_name(&conf, &img);
+    let file = add(
+        &env,
+        "snap-file",
+        FileDriver::create(&overlay_path, 0, FileOptions::default()).unwrap(),
+        vec![],
+    );
+    env.create(
+        &file,
+        CreateOptions::new(4 << 20)
+            .cluster_size(65536)
+            .backing(backing_name.clone(), "raw".to_owned()),
+    )
+    .unwrap();
+    let mut qo = Qcow2Options::default();
+    qo.require_backing = false;
+    let overlay = env.open(&file, None, qo).unwrap();
+    let io = env.main.new_io_thread("snap-io").unwrap();
+    let pair = (node.clone(), overlay.clone());
+    let (made, io) = common::join(
+        env.main.spawn(move |mut task| async move {
+            let made = blockgraph::snapshot::snapshot(&mut task, &io, &[pair]).await;
+            (made, io)
+        }),
+        "snapshot",
+    );
+    made.unwrap();
+    drop(io);
+    // The RBD disk is the overlay's read-only backing node now.
+    let info = env.main.run(|bql| bql.query_nodes());
+    assert!(
+        info.iter().any(|n| n.name == "rbd0" && n.read_only),
+        "{info:?}"
+    );
+    assert!(env.write(&node, 0, vec![0; 512]).is_err());
+    env.write(&overlay, 65536, vec![0x52; 65536]).unwrap();
+    env.flush(&overlay).unwrap();
+    let ov = overlay.clone();
+    env.main.run(move |bql| {
+        for n in [&ov] {
+            let d = bql.drain(n);
+            bql.write(|w| w.remove_node(&d)).unwrap();
+        }
+    });
+    let ov_file = env
+        .main
+        .run(|bql| bql.node("snap-file").map(|n| n.to_handle()));
+    if let Some(f) = ov_file {
+        remove(&env, &f);
+    }
+    remove(&env, &node);
+    drop(env);
+    // QEMU opens the overlay and finds its backing file through the rbd:
+    // name we wrote into its header.
+    let ov_s = overlay_path.to_str().unwrap();
+    let info = run(Command::new("qemu-img").args(["info", ov_s]));
+    assert!(
+        info.contains(&format!("backing file: rbd:rbd/{img}")),
+        "{info}"
+    );
+    let mut expected = vec![0x51u8; 65536];
+    expected.resize(131072, 0x52);
+    expected.resize(4 << 20, 0);
+    let raw = dir.path().join("expected.raw");
+    std::fs::write(&raw, &expected).unwrap();
+    let cmp =
+        run(Command::new("qemu-img").args(["compare", "-F", "raw", ov_s, raw.to_str().unwrap()]));
+    assert!(cmp.contains("Images are identical"), "{cmp}");
 }
