@@ -1108,13 +1108,7 @@ fn a_live_snapshot_of_an_rbd_disk_onto_a_local_overlay_that_qemu_opens() {
     assert!(env.write(&node, 0, vec![0; 512]).is_err());
     env.write(&overlay, 65536, vec![0x52; 65536]).unwrap();
     env.flush(&overlay).unwrap();
-    let ov = overlay.clone();
-    env.main.run(move |bql| {
-        for n in [&ov] {
-            let d = bql.drain(n);
-            bql.write(|w| w.remove_node(&d)).unwrap();
-        }
-    });
+    remove(&env, &overlay);
     let ov_file = env
         .main
         .run(|bql| bql.node("snap-file").map(|n| n.to_handle()));
