@@ -63,7 +63,18 @@ const ZERO_CHUNK: u64 = 1 << 20;
 /// [`RbdOptions::keyring`]), or the key itself ([`RbdOptions::key`]). The
 /// key is handed to librados once and appears nowhere else: not in
 /// `Debug`, [`describe`](BlockDriver::describe), [`info`](BlockDriver::info)
-/// or any error.
+/// or any error. A key that is not a well-formed cephx key is refused
+/// before librados sees it, because librados writes a key it cannot
+/// decode into its log ([`RbdSecret::is_well_formed`]).
+///
+/// # Size, block status, read-only
+///
+/// Writes past the end grow the image first (as QEMU's driver does, so
+/// qcow2 can allocate on it); [`truncate`](BlockDriver::truncate) resizes
+/// it. Block status comes from the object map (allocated objects are data,
+/// the rest zero; everything is data without a valid fast-diff map).
+/// Read-only ↔ read-write is a flag when the image was opened for writing;
+/// an image opened read-only, or a snapshot, stays read-only.
 ///
 /// # Snapshots
 ///
