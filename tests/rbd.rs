@@ -1143,3 +1143,78 @@ fn a_live_snapshot_of_an_rbd_disk_onto_a_local_overlay_that_qemu_opens() {
         run(Command::new("qemu-img").args(["compare", "-F", "raw", ov_s, raw.to_str().unwrap()]));
     assert!(cmp.contains("Images are identical"), "{cmp}");
 }
+
+#[test]
+fn hundreds_of_requests_in_flight_on_two_io_threads_lose_nothing() {
+    let Some(conf) = ceph("rbd_in_flight") else {
+        return;
+    };
+    let _w = watchdog("rbd_in_flight", Duration::from_secs(180));
+    const BLOCK: usize = 16 << 10;
+    const BLOCKS: usize = 1024; // 16 MiB
+    let img = image_name("inflight");
+    let _c = Cleanup(conf.clone(), img.clone());
+    rbd_cli(&conf, &["create", "--size", "16M", &format!("rbd/{img}")]);
+    let env = Env::new();
+    let node = add(
+        &env,
+        "rbd0",
+        RbdDriver::open(opts(&conf, &img)).unwrap(),
+        vec![],
+    );
+    // Each thread writes every other block, all its requests at once, in
+    // two rounds (the second overwrites half of the first), then reads
+    // everything back at once.
+    let lane = |io: &blockgraph::IoThread, lane: usize| {
+        let n = node.clone();
+        io.spawn(move |mut cx| async move {
+            let g = cx.read().await;
+            let io = n.io(&g);
+            for round in 0..2u8 {
+                let blocks: Vec<usize> = (0..BLOCKS)
+                    .filter(|b| b % 2 == lane && (round == 0 || b % 4 < 2))
+                    .collect();
+                let data: Vec<Vec<u8>> = blocks
+                    .iter()
+                    .map(|b| pattern(BLOCK, (*b as u8) ^ round.wrapping_mul(0x5b)))
+                    .collect();
+                let writes = blocks
+                    .iter()
+                    .zip(&data)
+                    .map(|(b, d)| io.write((*b * BLOCK) as u64, d));
+                for r in futures::future::join_all(writes).await {
+                    r.unwrap();
+                }
+            }
+            let mut bufs: Vec<Vec<u8>> = (0..BLOCKS / 2).map(|_| vec![0u8; BLOCK]).collect();
+            let reads = bufs
+                .iter_mut()
+                .enumerate()
+                .map(|(i, buf)| io.read(((i * 2 + lane) * BLOCK) as u64, buf));
+            for r in futures::future::join_all(reads).await {
+                r.unwrap();
+            }
+            bufs
+        })
+    };
+    let (t0, t1) = (lane(&env.io, 0), lane(&env.io2, 1));
+    let got = [common::join(t0, "lane 0"), common::join(t1, "lane 1")];
+    let mut expected = vec![0u8; BLOCK * BLOCKS];
+    for b in 0..BLOCKS {
+        let round = if b % 4 < 2 { 1u8 } else { 0 };
+        expected[b * BLOCK..(b + 1) * BLOCK]
+            .copy_from_slice(&pattern(BLOCK, (b as u8) ^ round.wrapping_mul(0x5b)));
+    }
+    for (lane, bufs) in got.iter().enumerate() {
+        for (i, buf) in bufs.iter().enumerate() {
+            let b = i * 2 + lane;
+            assert!(
+                buf[..] == expected[b * BLOCK..(b + 1) * BLOCK],
+                "block {b} read back wrong"
+            );
+        }
+    }
+    env.flush(&node).unwrap();
+    remove(&env, &node);
+    qemu_compare(&conf, &img, "raw", &expected);
+}
