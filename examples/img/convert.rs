@@ -549,7 +549,7 @@ pub fn run(a: Args) -> Res<i32> {
         "converted {} ({} of data) to '{}'",
         human(size),
         human(copied.load(Ordering::Relaxed)),
-        dst.display()
+        crate::open::shown_name(&dst.to_string_lossy())
     );
     if a.stats {
         let (r, w) = (src_blk.stats(), dst_blk.stats());

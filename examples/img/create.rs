@@ -97,7 +97,7 @@ pub fn run(a: Args) -> Res<i32> {
     })?;
     let mut line = format!(
         "Formatting '{}', fmt={} size={size}",
-        a.file.display(),
+        crate::open::shown_name(&a.file.to_string_lossy()),
         format.name()
     );
     if let Some((name, fmt, _)) = &backing {

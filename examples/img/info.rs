@@ -377,7 +377,12 @@ fn print_info(img: &ImageInfo) {
     }
     println!("Child node '/file':");
     println!("    filename: {}", img.filename);
-    println!("    protocol type: file");
+    let protocol = if img.filename.starts_with("rbd:") {
+        "rbd"
+    } else {
+        "file"
+    };
+    println!("    protocol type: {protocol}");
     println!(
         "    file length: {} ({} bytes)",
         qemu_size(img.file_length),
@@ -392,7 +397,8 @@ pub fn run(a: Args) -> Res<i32> {
     let layers = image_layers(None, a.common.format, Some(&path))?;
     let env = Env::new(1)?;
     let opened = env.open(layers, Some(path), OpenPolicy::new(&a.common, false), "")?;
-    let chain = gather_info(&env, &opened, &a.file)?;
+    // An `rbd:` name may carry a key: show the image's name without it.
+    let chain = gather_info(&env, &opened, &crate::open::shown_name(&a.file))?;
     if json {
         if a.backing_chain {
             // As qemu-img: an array, one object per image, top first.

@@ -117,6 +117,9 @@ async fn open_stack(
             opts.policy = policy.backing_policy();
             let (p, f) = (policy.clone(), *f);
             let opener: FileOpener = Arc::new(move |path: &Path, writable: bool| {
+                if let Some(rbd) = rbd_driver(path, writable) {
+                    return rbd;
+                }
                 Ok(
                     Box::new(FileDriver::open(path, p.file_options(f, writable))?)
                         as Box<dyn BlockDriver>,
@@ -136,9 +139,14 @@ async fn open_stack(
         }
         (Layer::File(f), _) => {
             let path = need_path()?;
-            let drv =
-                FileDriver::open(path, policy.file_options(*f, policy.writable)).map_err(err)?;
-            let node = add_node(cx, format!("{prefix}file"), Box::new(drv), None).await?;
+            let drv: Box<dyn BlockDriver> = match rbd_driver(path, policy.writable) {
+                Some(rbd) => rbd.map_err(err)?,
+                None => Box::new(
+                    FileDriver::open(path, policy.file_options(*f, policy.writable))
+                        .map_err(err)?,
+                ),
+            };
+            let node = add_node(cx, format!("{prefix}file"), drv, None).await?;
             images.push(OpenedImage {
                 path: path.to_owned(),
                 format: "raw",
@@ -260,6 +268,63 @@ mod nbd {
     }
 }
 
+/// An `rbd:pool/image[@snap][:opt=val...]` path (QEMU's file name syntax)
+/// opened as an RBD image, or `None` for any other path.
+#[cfg(feature = "rbd")]
+pub fn rbd_driver(path: &Path, writable: bool) -> Option<blockgraph::Result<Box<dyn BlockDriver>>> {
+    use blockgraph::drivers::{RbdDriver, RbdOptions};
+    let name = path.to_str().filter(|s| s.starts_with("rbd:"))?;
+    Some(RbdOptions::parse_filename(name).and_then(|mut o| {
+        o.read_only = !writable;
+        Ok(Box::new(RbdDriver::open(o)?) as Box<dyn BlockDriver>)
+    }))
+}
+
+/// An `rbd:` path created as a new RBD image of `size` bytes and opened,
+/// or `None` for any other path.
+#[cfg(feature = "rbd")]
+pub fn rbd_create(path: &Path, size: u64) -> Option<blockgraph::Result<Box<dyn BlockDriver>>> {
+    use blockgraph::drivers::{RbdDriver, RbdOptions};
+    let name = path.to_str().filter(|s| s.starts_with("rbd:"))?;
+    Some(
+        RbdOptions::parse_filename(name)
+            .and_then(|o| Ok(Box::new(RbdDriver::create(o, size)?) as Box<dyn BlockDriver>)),
+    )
+}
+
+/// Without the `rbd` feature an `rbd:` path is refused.
+#[cfg(not(feature = "rbd"))]
+pub fn rbd_create(path: &Path, _size: u64) -> Option<blockgraph::Result<Box<dyn BlockDriver>>> {
+    rbd_driver(path, true)
+}
+
+/// `name` as it may be printed: an `rbd:` name without its credentials
+/// (the key, secrets; QEMU's syntax lets a file name carry them), any
+/// other name as it is.
+pub fn shown_name(name: &str) -> String {
+    #[cfg(feature = "rbd")]
+    if name.starts_with("rbd:") {
+        return blockgraph::drivers::RbdOptions::parse_filename(name)
+            .map(|o| o.display_name())
+            .unwrap_or_else(|_| "rbd:<unparsable>".into());
+    }
+    name.to_owned()
+}
+
+/// Without the `rbd` feature an `rbd:` path is refused, not taken for a
+/// local file name.
+#[cfg(not(feature = "rbd"))]
+pub fn rbd_driver(
+    path: &Path,
+    _writable: bool,
+) -> Option<blockgraph::Result<Box<dyn BlockDriver>>> {
+    let name = path.to_str().filter(|s| s.starts_with("rbd:"))?;
+    let _ = name;
+    Some(Err(blockgraph::Error::InvalidArgument(
+        "rbd: images need the img tool built with the `rbd` cargo feature".into(),
+    )))
+}
+
 /// Creates `path` as a new image of `size` bytes, raw or (with `qcow2`)
 /// formatted as qcow2 and flushed, and adds its file node `name` on the
 /// calling I/O thread. A file that cannot be formatted is removed again.
@@ -271,9 +336,17 @@ pub async fn create_image(
     qcow2: Option<&CreateOptions>,
 ) -> Res<NodeHandle> {
     let length = if qcow2.is_some() { 0 } else { size };
-    let file = FileDriver::create(path, length, FileOptions::default()).map_err(err)?;
+    // An `rbd:` image is created in its pool (qcow2 grows it as it
+    // allocates) and left there if formatting fails, as qemu-img does.
+    let (file, local): (Box<dyn BlockDriver>, bool) = match rbd_create(path, length) {
+        Some(rbd) => (rbd.map_err(err)?, false),
+        None => (
+            Box::new(FileDriver::create(path, length, FileOptions::default()).map_err(err)?),
+            true,
+        ),
+    };
     let formatted = async {
-        let node = add_node(cx, name.to_owned(), Box::new(file), None).await?;
+        let node = add_node(cx, name.to_owned(), file, None).await?;
         let g = cx.read().await;
         if let Some(opts) = qcow2 {
             Qcow2Driver::create(node.io(&g), opts).await.map_err(err)?;
@@ -283,7 +356,7 @@ pub async fn create_image(
         Ok(node)
     }
     .await;
-    if formatted.is_err() {
+    if formatted.is_err() && local {
         let _ = std::fs::remove_file(path);
     }
     formatted

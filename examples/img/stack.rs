@@ -202,6 +202,11 @@ pub fn probe(path: &Path) -> Res<Format> {
     {
         return Ok(Format::Raw);
     }
+    // An RBD image (`rbd:pool/image`) is taken as raw unless `-f` says
+    // otherwise; it has no local file to read the magic from.
+    if path.to_str().is_some_and(|s| s.starts_with("rbd:")) {
+        return Ok(Format::Raw);
+    }
     let mut f =
         std::fs::File::open(path).map_err(|e| format!("cannot open '{}': {e}", path.display()))?;
     let mut magic = [0u8; 4];

@@ -23,6 +23,8 @@ pub const DRIVERS: &[&str] = &[
     "copy-on-read",
     "null-co",
     "nbd",
+    #[cfg(feature = "rbd")]
+    "rbd",
 ];
 
 /// A child given by reference or defined inline.
@@ -86,6 +88,9 @@ pub enum Kind {
         /// `file`.
         file: ChildSpec,
     },
+    /// `rbd`: an image in a Ceph pool.
+    #[cfg(feature = "rbd")]
+    Rbd(RbdSpec),
     /// `null-co`; what was not given is `None` (QEMU names the node
     /// `null-co://` only when nothing was).
     Null {
@@ -141,6 +146,14 @@ fn nbd(o: &mut Opts, read_only: bool) -> QResult<NbdSpec> {
         opts = opts.connect_timeout(Duration::from_secs(s.max(1)));
     }
     Ok(NbdSpec(opts))
+}
+
+/// `rbd`'s options (QEMU's `BlockdevOptionsRbd`), with the `rbd` feature.
+#[cfg(feature = "rbd")]
+#[derive(Debug)]
+pub struct RbdSpec {
+    /// `pool`, `namespace`, `image`, `snapshot`, `conf`, `user`.
+    pub options: blockgraph::drivers::RbdOptions,
 }
 
 /// One node to add.
@@ -291,6 +304,8 @@ pub fn parse(mut o: Opts) -> QResult<NodeSpec> {
             }
         }
         "nbd" => Kind::Nbd(nbd(&mut o, read_only)?),
+        #[cfg(feature = "rbd")]
+        "rbd" => Kind::Rbd(rbd(&mut o)?),
         _ => Kind::Null {
             size: o.size("size")?,
             latency_ns: o.u64("latency-ns")?,
@@ -305,6 +320,27 @@ pub fn parse(mut o: Opts) -> QResult<NodeSpec> {
         force_share,
         kind,
     })
+}
+
+/// `rbd`'s options. The key itself comes from the Ceph configuration and
+/// keyring (`conf`, `user`): QEMU's `key-secret` names a secret object,
+/// which this daemon does not have, and is refused; so are `server`,
+/// `auth-client-required` and `encrypt` (set them in `conf`).
+#[cfg(feature = "rbd")]
+fn rbd(o: &mut Opts) -> QResult<RbdSpec> {
+    let mut options = blockgraph::drivers::RbdOptions::new(o.req_str("pool")?, o.req_str("image")?);
+    options.namespace = o.str("namespace")?.filter(|n| !n.is_empty());
+    options.snapshot = o.str("snapshot")?;
+    options.conf = o.str("conf")?.map(PathBuf::from);
+    options.user = o.str("user")?;
+    for key in ["key-secret", "server", "auth-client-required", "encrypt"] {
+        if o.has(key) {
+            return Err(QmpError::generic(format!(
+                "rbd: '{key}' is not supported by this daemon (put it in the Ceph configuration file)"
+            )));
+        }
+    }
+    Ok(RbdSpec { options })
 }
 
 /// Takes the `BlockdevRef` member `key`, which must be there.

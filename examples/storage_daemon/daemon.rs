@@ -366,6 +366,36 @@ impl Daemon {
                     group: None,
                 }
             }
+            #[cfg(feature = "rbd")]
+            Kind::Rbd(crate::blockdev::RbdSpec { mut options }) => {
+                options.read_only = read_only;
+                let filename = options.display_name();
+                let drv = blockgraph::drivers::RbdDriver::open(options.clone())
+                    .map_err(|e| QmpError::generic(format!("Could not open '{filename}': {e}")))?;
+                let mut desc =
+                    json!({"driver": "rbd", "pool": options.pool, "image": options.image});
+                for (key, value) in [
+                    ("namespace", options.namespace.clone()),
+                    ("snapshot", options.snapshot.clone()),
+                    (
+                        "conf",
+                        options.conf.as_ref().map(|c| c.display().to_string()),
+                    ),
+                    ("user", options.user.clone()),
+                ] {
+                    if let Some(v) = value {
+                        desc[key] = json!(v);
+                    }
+                }
+                Built {
+                    desc,
+                    driver: Box::new(drv),
+                    children: Vec::new(),
+                    filename,
+                    path: None,
+                    group: None,
+                }
+            }
             Kind::Null {
                 size,
                 latency_ns,

@@ -1,5 +1,5 @@
 //! The built-in drivers: protocol drivers that store data (`file`,
-//! `memory`, `null`), formats (`raw`, `qcow2`) and filters (`throttle`,
+//! `memory`, `null`, and `rbd` with the `rbd` cargo feature), formats (`raw`, `qcow2`) and filters (`throttle`,
 //! `copy-on-read`, the fault injector and a pass-through filter).
 
 mod copy_on_read;
@@ -12,6 +12,8 @@ mod nbd;
 mod null;
 pub mod qcow2;
 mod raw;
+#[cfg(feature = "rbd")]
+mod rbd;
 mod throttle;
 
 pub use copy_on_read::CopyOnRead;
@@ -23,4 +25,6 @@ pub use memory::MemoryDriver;
 pub use nbd::{NbdAddress, NbdDriver, NbdOptions};
 pub use null::NullDriver;
 pub use raw::RawDriver;
+#[cfg(feature = "rbd")]
+pub use rbd::{RbdDriver, RbdOptions, RbdSecret, RbdSnapshot};
 pub use throttle::{ThrottleConfig, ThrottleDriver, ThrottleGroup, ThrottleLimit};
