@@ -1,16 +1,34 @@
 //! The I/O path (QEMU's `raw_co_prw` and friends): reads and writes
 //! bounced through buffers the host call owns, read-modify-write of partial
-//! `O_DIRECT` blocks under a range lock, zeroing, discard and flush, each
-//! host call on the blocking pool.
+//! `O_DIRECT` blocks under a range lock, zeroing, discard and flush.
+//!
+//! Reads, aligned writes and flushes go through the thread's io_uring when
+//! the node uses `Aio::IoUring` and the request runs on an I/O thread
+//! (`uring.rs`); everything else, and those when no ring can take them,
+//! runs each host call on the blocking pool.
 
+#[cfg(feature = "io-uring")]
+use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::sync::atomic::Ordering;
+#[cfg(feature = "io-uring")]
+use std::sync::Arc;
 
 use crate::driver::range_lock::RangeGuard;
 use crate::types::Result;
 
 use super::host::{blocking, fallocate, fill_partial_blocks, read_or_zero, AlignedBuf};
+#[cfg(feature = "io-uring")]
+use super::options::Aio;
 use super::state::FileDriver;
+#[cfg(feature = "io-uring")]
+use super::uring::{self, Kind, Ring};
+
+/// The length of `[start, end)` as a buffer size.
+#[cfg(feature = "io-uring")]
+fn span(start: u64, end: u64) -> Result<usize> {
+    usize::try_from(end - start).map_err(|_| crate::types::Error::InvalidArgument("request too large".into()))
+}
 
 /// Largest zero buffer written at once when the host cannot zero a range.
 const ZERO_CHUNK: u64 = 1 << 20;
@@ -23,6 +41,17 @@ impl FileDriver {
         }
         self.check_strict(offset, len)?;
         let (start, end) = self.aligned(offset, len)?;
+        let head = (offset - start) as usize;
+        #[cfg(feature = "io-uring")]
+        if let Some(ring) = self.ring() {
+            let keep = Box::new(self.host.clone());
+            let fd = self.host.file.as_raw_fd();
+            if let Ok(mut op) = ring.start(Kind::Read, fd, start, span(start, end)?, |_| {}, keep) {
+                (&mut op).await.map_err(crate::types::Error::Io)?;
+                buf.copy_from_slice(&op.data()[head..head + buf.len()]);
+                return Ok(());
+            }
+        }
         let host = self.host.clone();
         let bounce = blocking(move || {
             let mut bounce = AlignedBuf::new(end - start, host.align)?;
@@ -30,7 +59,6 @@ impl FileDriver {
             Ok(bounce)
         })
         .await?;
-        let head = (offset - start) as usize;
         buf.copy_from_slice(&bounce.as_slice()[head..head + buf.len()]);
         Ok(())
     }
@@ -45,6 +73,25 @@ impl FileDriver {
         let (start, end) = self.aligned(offset, len)?;
         let head = (offset - start) as usize;
         let rmw = start != offset || end != offset + len;
+        #[cfg(feature = "io-uring")]
+        if !rmw {
+            if let Some(ring) = self.ring() {
+                // Held until the write's final completion, even if this
+                // future is gone by then (the ring keeps it).
+                let guard = self.lock_blocks(start, end, false).await;
+                // Asked again: the range lock may have moved this future.
+                if let Some(ring) = self.ring().filter(|r| Arc::ptr_eq(r, &ring)) {
+                    let keep = Box::new((self.host.clone(), guard));
+                    let fd = self.host.file.as_raw_fd();
+                    let fill = |b: &mut [u8]| b.copy_from_slice(buf);
+                    if let Ok(op) = ring.start(Kind::Write, fd, start, buf.len(), fill, keep) {
+                        op.await.map_err(crate::types::Error::Io)?;
+                        self.host.size.fetch_max(end, Ordering::SeqCst);
+                        return Ok(());
+                    }
+                }
+            }
+        }
         // Copy first: the caller's buffer never leaves this thread.
         let mut bounce = AlignedBuf::new(end - start, self.host.align)?;
         bounce.as_mut_slice()[head..head + buf.len()].copy_from_slice(buf);
@@ -129,6 +176,14 @@ impl FileDriver {
         if self.is_read_only() {
             return Ok(());
         }
+        #[cfg(feature = "io-uring")]
+        if let Some(ring) = self.ring() {
+            let keep = Box::new(self.host.clone());
+            let fd = self.host.file.as_raw_fd();
+            if let Ok(op) = ring.start(Kind::Fsync, fd, 0, 0, |_| {}, keep) {
+                return op.await.map_err(crate::types::Error::Io);
+            }
+        }
         let host = self.host.clone();
         blocking(move || host.file.sync_data()).await
     }
@@ -139,6 +194,17 @@ impl FileDriver {
     pub(super) async fn lock_blocks(&self, start: u64, end: u64, rmw: bool) -> Option<RangeGuard> {
         if self.host.align > 1 {
             Some(self.ranges.lock(start, end, rmw).await)
+        } else {
+            None
+        }
+    }
+
+    /// This thread's ring, when the node uses io_uring and the request is
+    /// on an I/O thread that has one.
+    #[cfg(feature = "io-uring")]
+    fn ring(&self) -> Option<Arc<Ring>> {
+        if self.aio == Aio::IoUring {
+            uring::current()
         } else {
             None
         }
