@@ -56,6 +56,8 @@ pub enum Kind {
         direct: bool,
         /// `locking` (`on`, `off`, `auto`).
         locking: bool,
+        /// `aio` (`threads`, `io_uring`; unset: io_uring where available).
+        aio: Option<blockgraph::drivers::Aio>,
     },
     /// `raw`, with its optional window.
     Raw {
@@ -185,17 +187,19 @@ pub fn parse(mut o: Opts) -> QResult<NodeSpec> {
                     )))
                 }
             };
-            if let Some(aio) = o.str("aio")? {
-                if aio != "threads" {
-                    return Err(QmpError::generic(format!(
-                        "aio={aio} is not supported by this daemon (only 'threads')"
-                    )));
-                }
-            }
+            let aio = match o.str("aio")? {
+                None => None,
+                Some(aio) => Some(blockgraph::drivers::Aio::parse(&aio).ok_or_else(|| {
+                    QmpError::generic(format!(
+                        "aio={aio} is not supported by this daemon ('threads' or 'io_uring')"
+                    ))
+                })?),
+            };
             Kind::File {
                 filename,
                 direct,
                 locking,
+                aio,
             }
         }
         "raw" => Kind::Raw {

@@ -25,6 +25,8 @@ mod reopen;
 mod resize;
 mod state;
 mod status;
+#[cfg(all(test, feature = "io-uring"))]
+mod tests;
 #[cfg(feature = "io-uring")]
 mod uring;
 

@@ -322,6 +322,13 @@ impl Ring {
         self.inner.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
+    /// Free pool slots and SQEs in the kernel, for the unit tests.
+    #[cfg(test)]
+    pub(super) fn stats(&self) -> (usize, usize) {
+        let inner = self.lock();
+        (inner.free_pool.len(), inner.in_kernel)
+    }
+
     /// Queues an operation on `fd` at `offset` over `len` bytes of a slot's
     /// buffer; `fill` writes the bytes of a write into it first. `keep` is
     /// held until the final completion, and must keep `fd` open until then.
