@@ -72,7 +72,11 @@ impl Cell {
         format!(
             "{} {} {} {} KiB {}, qd{}",
             self.format,
-            if self.direct { "O_DIRECT" } else { "page cache" },
+            if self.direct {
+                "O_DIRECT"
+            } else {
+                "page cache"
+            },
             if self.random { "rand" } else { "seq" },
             self.bs >> 10,
             if self.write { "write" } else { "read" },
@@ -205,7 +209,10 @@ fn main() {
         "images {} MiB (raw, qcow2 fully allocated), {secs} s per run, {rounds} round(s); {}",
         size >> 20,
         std::fs::read_to_string("/proc/loadavg")
-            .map(|l| format!("loadavg {}", l.split_whitespace().take(3).collect::<Vec<_>>().join(" ")))
+            .map(|l| format!(
+                "loadavg {}",
+                l.split_whitespace().take(3).collect::<Vec<_>>().join(" ")
+            ))
             .unwrap_or_default()
     );
     println!();
@@ -271,8 +278,5 @@ fn main() {
     println!();
     table.print();
     println!();
-    println!(
-        "({:.0} s in all)",
-        started.elapsed().as_secs_f64()
-    );
+    println!("({:.0} s in all)", started.elapsed().as_secs_f64());
 }

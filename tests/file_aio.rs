@@ -226,7 +226,12 @@ fn child_without_io_uring() {
 fn io_uring_refused_falls_back_to_threads() {
     let exe = std::env::current_exe().unwrap();
     let mut child = Command::new(exe)
-        .args(["child_without_io_uring", "--exact", "--ignored", "--nocapture"])
+        .args([
+            "child_without_io_uring",
+            "--exact",
+            "--ignored",
+            "--nocapture",
+        ])
         .env("BLOCKGRAPH_NO_IO_URING", "1")
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
@@ -245,8 +250,8 @@ fn io_uring_refused_falls_back_to_threads() {
         std::thread::sleep(Duration::from_millis(20));
     };
     let out = child.wait_with_output().unwrap();
-    let text = String::from_utf8_lossy(&out.stdout).into_owned()
-        + &String::from_utf8_lossy(&out.stderr);
+    let text =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
     assert!(status.success(), "child failed:\n{text}");
     assert!(text.contains("1 passed"), "the child test ran:\n{text}");
 }

@@ -159,7 +159,10 @@ fn gather_info(env: &Env, opened: &Opened, top_name: &str) -> Res<Vec<ImageInfo>
             let virtual_size = n.length().await.map_err(err)?;
             // Block devices count whole sectors, as QEMU's file driver does.
             let file_length = file.io(&g).length().await.map_err(err)?.div_ceil(512) * 512;
-            let aio = file.io(&g).driver_as::<FileDriver>().map(|f| f.aio().name());
+            let aio = file
+                .io(&g)
+                .driver_as::<FileDriver>()
+                .map(|f| f.aio().name());
             let data = data_bytes(n, virtual_size).await?;
             let q = n.driver_as::<Qcow2Driver>();
             let (qcow2, dirty, snapshots) = match q {

@@ -170,6 +170,8 @@ pub(super) type Keep = Box<dyn Any + Send>;
 /// An operation in a slot.
 struct OpState {
     kind: Kind,
+    /// Queued with `IOSQE_ASYNC` (see [`Ring::start`]).
+    punt: bool,
     fd: RawFd,
     offset: u64,
     len: usize,
@@ -332,6 +334,8 @@ impl Ring {
     /// Queues an operation on `fd` at `offset` over `len` bytes of a slot's
     /// buffer; `fill` writes the bytes of a write into it first. `keep` is
     /// held until the final completion, and must keep `fd` open until then.
+    /// With `punt` the SQE goes straight to the kernel's workers
+    /// (`IOSQE_ASYNC`) instead of being tried inline at submission.
     ///
     /// Call only on the thread whose ring this is ([`current`]), in a tokio
     /// runtime: the reaper is spawned there.
@@ -348,6 +352,7 @@ impl Ring {
         len: usize,
         fill: impl FnOnce(&mut [u8]),
         keep: Keep,
+        punt: bool,
     ) -> io::Result<Op> {
         let runtime = tokio::runtime::Handle::try_current().map_err(io::Error::other)?;
         let mut inner = self.lock();
@@ -360,6 +365,7 @@ impl Ring {
         fill(unsafe { std::slice::from_raw_parts_mut(ptr.as_ptr(), len) });
         slot.op = Some(OpState {
             kind,
+            punt,
             fd,
             offset,
             len,
@@ -535,7 +541,10 @@ impl Inner {
                 .flags(types::FsyncFlags::DATASYNC)
                 .build(),
         };
-        let entry = entry.user_data(idx as u64);
+        let mut entry = entry.user_data(idx as u64);
+        if op.punt {
+            entry = entry.flags(squeue::Flags::ASYNC);
+        }
         for attempt in 0..2 {
             // SAFETY: the SQE's buffer, `[ptr, ptr + chunk)`, is ring-owned
             // memory of this slot, which is not freed or handed to anyone
