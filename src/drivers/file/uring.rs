@@ -335,7 +335,8 @@ impl Ring {
     /// buffer; `fill` writes the bytes of a write into it first. `keep` is
     /// held until the final completion, and must keep `fd` open until then.
     /// With `punt` the SQE goes straight to the kernel's workers
-    /// (`IOSQE_ASYNC`) instead of being tried inline at submission.
+    /// (`IOSQE_ASYNC`) instead of being tried inline at submission, when
+    /// other operations are in flight.
     ///
     /// Call only on the thread whose ring this is ([`current`]), in a tokio
     /// runtime: the reaper is spawned there.
@@ -542,7 +543,9 @@ impl Inner {
                 .build(),
         };
         let mut entry = entry.user_data(idx as u64);
-        if op.punt {
+        // Alone in the ring, the transfer is quickest inline (no worker to
+        // wake); with others in flight, a worker copies beside this thread.
+        if op.punt && self.in_kernel > 0 {
             entry = entry.flags(squeue::Flags::ASYNC);
         }
         for attempt in 0..2 {
