@@ -22,7 +22,7 @@ use super::host::{blocking, fallocate, fill_partial_blocks, read_or_zero, Aligne
 use super::options::Aio;
 use super::state::FileDriver;
 #[cfg(feature = "io-uring")]
-use super::uring::{self, Kind, Ring};
+use super::uring::{self, Kind, Ring, Transfer};
 
 /// The length of `[start, end)` as a buffer size.
 #[cfg(feature = "io-uring")]
@@ -52,8 +52,14 @@ impl FileDriver {
             let keep = Box::new(self.host.clone());
             let fd = self.host.file.as_raw_fd();
             let len = span(start, end)?;
-            let punt = self.punt(len);
-            if let Ok(mut op) = ring.start(Kind::Read, fd, start, len, |_| {}, keep, punt) {
+            let t = Transfer {
+                kind: Kind::Read,
+                fd,
+                offset: start,
+                len,
+                punt: self.punt(len),
+            };
+            if let Ok(mut op) = ring.start(t, |_| {}, keep) {
                 (&mut op).await.map_err(crate::types::Error::Io)?;
                 buf.copy_from_slice(&op.data()[head..head + buf.len()]);
                 return Ok(());
@@ -91,9 +97,14 @@ impl FileDriver {
                     let keep = Box::new((self.host.clone(), guard));
                     let fd = self.host.file.as_raw_fd();
                     let fill = |b: &mut [u8]| b.copy_from_slice(buf);
-                    let punt = self.punt(buf.len());
-                    if let Ok(op) = ring.start(Kind::Write, fd, start, buf.len(), fill, keep, punt)
-                    {
+                    let t = Transfer {
+                        kind: Kind::Write,
+                        fd,
+                        offset: start,
+                        len: buf.len(),
+                        punt: self.punt(buf.len()),
+                    };
+                    if let Ok(op) = ring.start(t, fill, keep) {
                         op.await.map_err(crate::types::Error::Io)?;
                         self.host.size.fetch_max(end, Ordering::SeqCst);
                         return Ok(());
@@ -189,7 +200,14 @@ impl FileDriver {
         if let Some(ring) = self.ring() {
             let keep = Box::new(self.host.clone());
             let fd = self.host.file.as_raw_fd();
-            if let Ok(op) = ring.start(Kind::Fsync, fd, 0, 0, |_| {}, keep, false) {
+            let t = Transfer {
+                kind: Kind::Fsync,
+                fd,
+                offset: 0,
+                len: 0,
+                punt: false,
+            };
+            if let Ok(op) = ring.start(t, |_| {}, keep) {
                 return op.await.map_err(crate::types::Error::Io);
             }
         }

@@ -135,6 +135,20 @@ pub(super) enum Kind {
     Fsync,
 }
 
+/// What an operation is to do, for [`Ring::start`].
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Transfer {
+    pub(super) kind: Kind,
+    /// The descriptor (kept open by the operation's [`Keep`]).
+    pub(super) fd: RawFd,
+    pub(super) offset: u64,
+    /// Bytes, from the start of the slot's buffer.
+    pub(super) len: usize,
+    /// Queue with `IOSQE_ASYNC` when other operations are in flight: the
+    /// kernel's workers do the transfer instead of the submitting thread.
+    pub(super) punt: bool,
+}
+
 /// Memory the ring owns: `len` bytes aligned to [`MEM_ALIGN`], zeroed once
 /// when allocated (so every byte is initialised), freed on drop.
 struct Memory {
@@ -331,12 +345,9 @@ impl Ring {
         (inner.free_pool.len(), inner.in_kernel)
     }
 
-    /// Queues an operation on `fd` at `offset` over `len` bytes of a slot's
-    /// buffer; `fill` writes the bytes of a write into it first. `keep` is
-    /// held until the final completion, and must keep `fd` open until then.
-    /// With `punt` the SQE goes straight to the kernel's workers
-    /// (`IOSQE_ASYNC`) instead of being tried inline at submission, when
-    /// other operations are in flight.
+    /// Queues the transfer `t` over `t.len` bytes of a slot's buffer;
+    /// `fill` writes the bytes of a write into it first. `keep` is held
+    /// until the final completion, and must keep `t.fd` open until then.
     ///
     /// Call only on the thread whose ring this is ([`current`]), in a tokio
     /// runtime: the reaper is spawned there.
@@ -347,14 +358,17 @@ impl Ring {
     /// uses the thread pool instead (`keep` is dropped).
     pub(super) fn start(
         self: &Arc<Self>,
-        kind: Kind,
-        fd: RawFd,
-        offset: u64,
-        len: usize,
+        t: Transfer,
         fill: impl FnOnce(&mut [u8]),
         keep: Keep,
-        punt: bool,
     ) -> io::Result<Op> {
+        let Transfer {
+            kind,
+            fd,
+            offset,
+            len,
+            punt,
+        } = t;
         let runtime = tokio::runtime::Handle::try_current().map_err(io::Error::other)?;
         let mut inner = self.lock();
         let idx = inner.take_slot(len)?;
