@@ -113,8 +113,7 @@ impl FileDriver {
             }
         }
         // Copy first: the caller's buffer never leaves this thread.
-        let mut bounce = AlignedBuf::new(end - start, self.host.align)?;
-        bounce.as_mut_slice()[head..head + buf.len()].copy_from_slice(buf);
+        let mut bounce = AlignedBuf::with_data(end - start, self.host.align, head, buf)?;
         let guard = self.lock_blocks(start, end, rmw).await;
         let host = self.host.clone();
         let tail = (offset + len - start) as usize;
