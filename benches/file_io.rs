@@ -85,18 +85,19 @@ impl Cell {
     }
 }
 
-/// Puts `image` in the page cache (page-cache cells), or writes back and
-/// drops its cached pages (`O_DIRECT` cells: with pages of the range cached,
-/// the kernel cannot do an `O_DIRECT` write without blocking, so io_uring
-/// hands it to a worker, serialised per file — a leftover of the page-cache
-/// cells that would make io_uring look slow for no reason a real VM has).
-/// Done before every run, for both sides alike.
+/// Writes back what the last run left dirty, then puts `image` in the page
+/// cache (page-cache cells) or drops its cached pages (`O_DIRECT` cells:
+/// with pages of the range cached, the kernel cannot do an `O_DIRECT` write
+/// without blocking, so io_uring hands it to a worker, serialised per file —
+/// a leftover of the page-cache cells that would make io_uring look slow for
+/// no reason a real VM has). Done before every run, for both sides alike.
 fn prepare(image: &Path, direct: bool) {
     use std::io::Read as _;
     use std::os::fd::AsRawFd as _;
     let mut file = std::fs::File::open(image).expect("image opens");
+    // No dirty pages of the last run left to write back during this one.
+    file.sync_all().expect("fsync");
     if direct {
-        file.sync_all().expect("fsync");
         // SAFETY: an advice call on our own open descriptor.
         unsafe { libc::posix_fadvise(file.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
     } else {
