@@ -314,4 +314,24 @@ mod tests {
         assert!(spec(json!({"driver": "vmdk"})).is_err());
         assert!(spec(json!({"driver": "null-co", "node-name": "1x"})).is_err());
     }
+
+    #[test]
+    fn file_aio_parses() {
+        use blockgraph::drivers::Aio;
+        let aio = |v: Option<&str>| {
+            let mut j = json!({"driver": "file", "node-name": "f0", "filename": "x.img"});
+            if let Some(v) = v {
+                j["aio"] = json!(v);
+            }
+            spec(j).map(|s| match s.kind {
+                Kind::File { aio, .. } => aio,
+                other => panic!("{other:?}"),
+            })
+        };
+        assert_eq!(aio(None).unwrap(), None);
+        assert_eq!(aio(Some("threads")).unwrap(), Some(Aio::Threads));
+        assert_eq!(aio(Some("io_uring")).unwrap(), Some(Aio::IoUring));
+        let e = aio(Some("native")).unwrap_err();
+        assert!(e.desc.contains("aio=native"), "{}", e.desc);
+    }
 }
