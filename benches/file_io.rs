@@ -302,5 +302,11 @@ fn main() {
     println!();
     table.print();
     println!();
-    println!("({:.0} s in all)", started.elapsed().as_secs_f64());
+    let load = std::fs::read_to_string("/proc/loadavg")
+        .map(|l| l.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_default();
+    println!(
+        "({:.0} s in all; loadavg at the end {load})",
+        started.elapsed().as_secs_f64()
+    );
 }
