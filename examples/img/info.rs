@@ -7,6 +7,7 @@ use std::path::PathBuf;
 
 use blockgraph::driver::BlockStatus;
 use blockgraph::drivers::qcow2::{Qcow2Driver, SnapshotInfo};
+use blockgraph::drivers::FileDriver;
 use blockgraph::IoRef;
 use serde::Serialize;
 
@@ -90,6 +91,9 @@ struct ImageInfo {
     backing_file: Option<String>,
     full_backing_file: Option<String>,
     backing_format: Option<String>,
+    /// How the file node does its host I/O (`threads` or `io_uring`), when
+    /// it is a file.
+    aio: Option<&'static str>,
 }
 
 /// QEMU's `path_combine`: `name` relative to the directory of `base`.
@@ -155,6 +159,10 @@ fn gather_info(env: &Env, opened: &Opened, top_name: &str) -> Res<Vec<ImageInfo>
             let virtual_size = n.length().await.map_err(err)?;
             // Block devices count whole sectors, as QEMU's file driver does.
             let file_length = file.io(&g).length().await.map_err(err)?.div_ceil(512) * 512;
+            let aio = file
+                .io(&g)
+                .driver_as::<FileDriver>()
+                .map(|f| f.aio().name());
             let data = data_bytes(n, virtual_size).await?;
             let q = n.driver_as::<Qcow2Driver>();
             let (qcow2, dirty, snapshots) = match q {
@@ -191,6 +199,7 @@ fn gather_info(env: &Env, opened: &Opened, top_name: &str) -> Res<Vec<ImageInfo>
                 snapshots,
                 backing_file,
                 backing_format: q.and_then(Qcow2Driver::backing_format),
+                aio,
             })
         })?;
         out.push(info);
@@ -383,6 +392,9 @@ fn print_info(img: &ImageInfo) {
         "file"
     };
     println!("    protocol type: {protocol}");
+    if let Some(aio) = img.aio {
+        println!("    aio: {aio}");
+    }
     println!(
         "    file length: {} ({} bytes)",
         qemu_size(img.file_length),

@@ -44,6 +44,7 @@ impl OpenPolicy {
             direct: layer.direct,
             locking: !layer.no_locking,
             share_writes: self.force_share,
+            aio: layer.aio,
             ..FileOptions::default()
         }
     }

@@ -5,7 +5,7 @@ use std::io::Read as _;
 use std::path::Path;
 use std::time::Duration;
 
-use blockgraph::drivers::{FaultRule, RawDriver, ThrottleConfig};
+use blockgraph::drivers::{Aio, FaultRule, RawDriver, ThrottleConfig};
 
 use crate::args::{parse_bool, parse_count, parse_kv, parse_size, Format};
 use crate::output::{err, Res};
@@ -18,7 +18,7 @@ Stacks (--stack): layers top to bottom, separated by '/', each NAME[:KEY=VALUE,.
   fault:op=write,error=eio|enospc|delay-ms=N,offset=..,len=..,nth=N
   raw[:offset=SIZE,size=SIZE]               format over the file
   qcow2                                     format (and backing chain) over the file
-  file[:direct=on,locking=off]              the FILE argument
+  file[:direct=on,locking=off,aio=threads|io_uring]   the FILE argument
   null[:size=SIZE,delay-us=N] | memory[:size=SIZE]
 A stack ending in raw or qcow2 gets a file below it; e.g.
   --stack throttle:iops-total=200/qcow2   or   --stack raw:offset=1M/null:size=1G";
@@ -41,6 +41,8 @@ pub enum Layer {
 pub struct FileLayer {
     pub direct: bool,
     pub no_locking: bool,
+    /// `aio=`; `None`: io_uring where available.
+    pub aio: Option<Aio>,
 }
 
 impl Layer {
@@ -105,7 +107,12 @@ fn parse_layer(spec: &str) -> Res<Layer> {
                 match *k {
                     "direct" => f.direct = parse_bool("file: direct", v)?,
                     "locking" => f.no_locking = !parse_bool("file: locking", v)?,
-                    _ => return Err(format!("file: unknown option '{k}' (direct, locking)")),
+                    "aio" => {
+                        f.aio = Some(Aio::parse(v).ok_or_else(|| {
+                            format!("file: aio must be 'threads' or 'io_uring', not '{v}'")
+                        })?)
+                    }
+                    _ => return Err(format!("file: unknown option '{k}' (direct, locking, aio)")),
                 }
             }
             Ok(Layer::File(f))

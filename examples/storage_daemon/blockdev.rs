@@ -59,6 +59,8 @@ pub enum Kind {
         direct: bool,
         /// `locking` (`on`, `off`, `auto`).
         locking: bool,
+        /// `aio` (`threads`, `io_uring`; unset: io_uring where available).
+        aio: Option<blockgraph::drivers::Aio>,
     },
     /// `raw`, with its optional window.
     Raw {
@@ -244,17 +246,19 @@ pub fn parse(mut o: Opts) -> QResult<NodeSpec> {
                     )))
                 }
             };
-            if let Some(aio) = o.str("aio")? {
-                if aio != "threads" {
-                    return Err(QmpError::generic(format!(
-                        "aio={aio} is not supported by this daemon (only 'threads')"
-                    )));
-                }
-            }
+            let aio = match o.str("aio")? {
+                None => None,
+                Some(aio) => Some(blockgraph::drivers::Aio::parse(&aio).ok_or_else(|| {
+                    QmpError::generic(format!(
+                        "aio={aio} is not supported by this daemon ('threads' or 'io_uring')"
+                    ))
+                })?),
+            };
             Kind::File {
                 filename,
                 direct,
                 locking,
+                aio,
             }
         }
         "raw" => Kind::Raw {
@@ -427,5 +431,25 @@ mod tests {
                             "server": {"type": "unix", "path": "/s"}}))
             .is_err()
         );
+    }
+
+    #[test]
+    fn file_aio_parses() {
+        use blockgraph::drivers::Aio;
+        let aio = |v: Option<&str>| {
+            let mut j = json!({"driver": "file", "node-name": "f0", "filename": "x.img"});
+            if let Some(v) = v {
+                j["aio"] = json!(v);
+            }
+            spec(j).map(|s| match s.kind {
+                Kind::File { aio, .. } => aio,
+                other => panic!("{other:?}"),
+            })
+        };
+        assert_eq!(aio(None).unwrap(), None);
+        assert_eq!(aio(Some("threads")).unwrap(), Some(Aio::Threads));
+        assert_eq!(aio(Some("io_uring")).unwrap(), Some(Aio::IoUring));
+        let e = aio(Some("native")).unwrap_err();
+        assert!(e.desc.contains("aio=native"), "{}", e.desc);
     }
 }

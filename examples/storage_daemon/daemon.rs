@@ -243,12 +243,14 @@ impl Daemon {
                 filename,
                 direct,
                 locking,
+                aio,
             } => {
                 let opts = FileOptions {
                     read_only,
                     direct,
                     locking,
                     share_writes: spec.force_share,
+                    aio,
                     ..FileOptions::default()
                 };
                 let drv = FileDriver::open(&filename, opts).map_err(|e| {

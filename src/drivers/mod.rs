@@ -18,7 +18,7 @@ mod throttle;
 
 pub use copy_on_read::CopyOnRead;
 pub use fault::{FaultAction, FaultController, FaultInjector, FaultOp, FaultRule, RuleId};
-pub use file::{FileDriver, FileOptions};
+pub use file::{Aio, FileDriver, FileOptions};
 pub use filter::PassthroughFilter;
 pub use memory::MemoryDriver;
 #[cfg(all(feature = "nbd-client", not(loom)))]

@@ -261,6 +261,7 @@ impl Daemon {
                     filename: path.clone(),
                     direct: false,
                     locking: true,
+                    aio: None,
                 },
             },
             None,

@@ -89,6 +89,38 @@ impl AlignedBuf {
         })
     }
 
+    /// A buffer like [`AlignedBuf::new`] holding `data` at `head`, zeroes
+    /// around it: the payload is copied, not zeroed first (only the slack
+    /// and the partial blocks around it are).
+    pub(super) fn with_data(
+        len: u64,
+        align: u64,
+        head: usize,
+        data: &[u8],
+    ) -> io::Result<AlignedBuf> {
+        let len = usize::try_from(len)
+            .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "request too large"))?;
+        debug_assert!(head + data.len() <= len);
+        let slack = if align > 1 { MEM_ALIGN } else { 0 };
+        let mut storage = Vec::with_capacity(len + slack);
+        let addr = storage.as_ptr() as usize;
+        let start = if slack == 0 {
+            0
+        } else {
+            addr.next_multiple_of(MEM_ALIGN) - addr
+        };
+        // Within the capacity, so the storage never moves and `start`
+        // stays aligned.
+        storage.resize(start + head, 0);
+        storage.extend_from_slice(data);
+        storage.resize(len + slack, 0);
+        Ok(AlignedBuf {
+            storage,
+            start,
+            len,
+        })
+    }
+
     pub(super) fn as_slice(&self) -> &[u8] {
         &self.storage[self.start..self.start + self.len]
     }

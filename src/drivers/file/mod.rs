@@ -11,7 +11,9 @@
 //! [`FileDriver`] struct); then its operations, each an `impl FileDriver`
 //! block: `open.rs`, `io.rs` (read, write, zeroes, discard, flush),
 //! `status.rs` (`SEEK_DATA`/`SEEK_HOLE`), `resize.rs`, `reopen.rs`
-//! (read-only ↔ read-write). This file: the
+//! (read-only ↔ read-write); `uring.rs` is the io_uring path's ring (one per
+//! I/O thread, with the `io-uring` feature), which `io.rs` uses when the
+//! node's [`Aio`] says so. This file: the
 //! [`BlockDriver`] implementation, which dispatches to those.
 
 mod host;
@@ -23,6 +25,10 @@ mod reopen;
 mod resize;
 mod state;
 mod status;
+#[cfg(all(test, feature = "io-uring"))]
+mod tests;
+#[cfg(feature = "io-uring")]
+mod uring;
 
 use std::sync::atomic::Ordering;
 
@@ -32,7 +38,7 @@ use crate::types::{BlockStatus, DriverInfo, Result};
 
 use lock::unlock_image;
 
-pub use options::FileOptions;
+pub use options::{Aio, FileOptions};
 pub use state::FileDriver;
 
 impl BlockDriver for FileDriver {
@@ -64,6 +70,7 @@ impl BlockDriver for FileDriver {
         DriverInfo::new()
             .filename(self.path.display().to_string())
             .size(self.host.size.load(Ordering::SeqCst))
+            .specific("aio", self.aio)
     }
 
     fn format_name(&self) -> &'static str {
@@ -85,6 +92,7 @@ impl BlockDriver for FileDriver {
         if self.is_locked() {
             s.push_str(", locked");
         }
+        s.push_str(&format!(", aio={}", self.aio));
         s
     }
 

@@ -13,7 +13,7 @@ use crate::types::{Error, Result};
 
 use super::host::{path_error, AlignedBuf, Host};
 use super::lock::lock_image;
-use super::options::FileOptions;
+use super::options::{Aio, FileOptions};
 use super::state::FileDriver;
 
 impl FileDriver {
@@ -28,7 +28,9 @@ impl FileDriver {
     /// [`Error::Io`] (naming the path) when the file cannot be opened,
     /// [`Error::InvalidArgument`] when it is neither a regular file nor a
     /// block device or the filesystem refuses `O_DIRECT`, and
-    /// [`Error::Locked`] when another user holds it in a conflicting way.
+    /// [`Error::Locked`] when another user holds it in a conflicting way;
+    /// [`Error::InvalidArgument`] too when [`FileOptions::aio`] insists on
+    /// io_uring and it is not available.
     pub fn open(path: impl AsRef<Path>, options: FileOptions) -> Result<FileDriver> {
         Self::open_inner(path.as_ref(), options, false)
     }
@@ -63,6 +65,18 @@ impl FileDriver {
     }
 
     fn open_inner(path: &Path, options: FileOptions, create: bool) -> Result<FileDriver> {
+        let aio = match options.aio {
+            None if Aio::io_uring_available() => Aio::IoUring,
+            None | Some(Aio::Threads) => Aio::Threads,
+            Some(Aio::IoUring) if Aio::io_uring_available() => Aio::IoUring,
+            Some(Aio::IoUring) => {
+                return Err(Error::InvalidArgument(format!(
+                    "cannot open '{}' with aio=io_uring: io_uring is not available \
+                     (not built in, refused by the kernel, or BLOCKGRAPH_NO_IO_URING is set)",
+                    path.display()
+                )))
+            }
+        };
         let mut open = OpenOptions::new();
         open.read(true).write(!options.read_only).create(create);
         if options.direct {
@@ -118,6 +132,7 @@ impl FileDriver {
             locked: AtomicBool::new(locked),
             read_only: AtomicBool::new(options.read_only),
             ranges: RangeLock::default(),
+            aio,
         })
     }
 }

@@ -9,13 +9,23 @@ use crate::driver::range_lock::RangeLock;
 use crate::types::{Error, Result};
 
 use super::host::Host;
-use super::options::FileOptions;
+use super::options::{Aio, FileOptions};
 
 /// A node backed by a host file or block device.
 ///
 /// # Threads and buffers
 ///
-/// Host I/O blocks, so every system call runs on tokio's blocking pool
+/// With [`Aio::IoUring`] (the default where the kernel allows it; see
+/// [`FileOptions::aio`]) reads, writes and flushes made on an I/O thread go
+/// through that thread's io_uring: the request is copied into (or out of)
+/// a buffer the ring owns, and the completion wakes the request on the
+/// same thread, without other threads or locks. The caller's buffer never
+/// reaches the kernel, so dropping or leaking a request future half way is
+/// harmless. Everything else (zeroing, discard, resize, reads and writes
+/// polled off I/O threads, read-modify-writes of partial `O_DIRECT` blocks)
+/// takes the thread-pool path below.
+///
+/// With [`Aio::Threads`], host I/O blocks, so every system call runs on tokio's blocking pool
 /// (`spawn_blocking`), never on the I/O thread's executor. The closure that
 /// runs there owns everything it touches: the file (an `Arc`), and a buffer
 /// of its own that reads are copied out of and writes are copied into. A
@@ -124,6 +134,8 @@ pub struct FileDriver {
     pub(super) read_only: AtomicBool,
     /// Serialises read-modify-writes against other writes (direct only).
     pub(super) ranges: RangeLock,
+    /// The I/O path chosen at open.
+    pub(super) aio: Aio,
 }
 
 impl FileDriver {
@@ -159,6 +171,12 @@ impl FileDriver {
     /// filesystem supports OFD locks).
     pub fn is_locked(&self) -> bool {
         self.locked.load(Ordering::Acquire)
+    }
+
+    /// How host I/O is done: chosen at open from [`FileOptions::aio`] and
+    /// what the kernel allows (see [`Aio::io_uring_available`]).
+    pub fn aio(&self) -> Aio {
+        self.aio
     }
 
     /// Whether the file is a block device.

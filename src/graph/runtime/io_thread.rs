@@ -47,6 +47,10 @@ impl IoThread {
         let (tx, mut rx) = mpsc::unbounded_channel::<Job>();
         let mut builder = tokio::runtime::Builder::new_current_thread();
         builder.enable_time();
+        // The file driver's io_uring path registers each thread's ring with
+        // this reactor (`drivers::file`, DESIGN §file I/O).
+        #[cfg(feature = "io-uring")]
+        builder.enable_io();
         // `spawn_blocking` from one of our tasks runs on the runtime's
         // blocking pool while the task (which may hold the read lock) waits
         // for it: mark those threads so that blocking main-loop calls refuse

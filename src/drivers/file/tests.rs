@@ -1,0 +1,249 @@
+//! The io_uring path's ownership rules, tested where the request futures
+//! can be polled by hand: a request future dropped or leaked
+//! (`mem::forget`) after its first poll, with its operation in the kernel,
+//! never lets the kernel read or write the caller's buffer, and leaves the
+//! ring usable; a ring dropped with operations in flight waits for them.
+
+use std::future::Future;
+use std::io::Write as _;
+use std::pin::Pin;
+use std::task::{Context, Poll, Waker};
+use std::time::{Duration, Instant};
+
+use super::uring::{self, POOL_SLOTS};
+use super::{Aio, FileDriver, FileOptions};
+use crate::thread::{set_thread_role, ThreadRole};
+
+type LocalFuture<T> = Pin<Box<dyn Future<Output = T>>>;
+
+/// Runs `f`'s future on a fresh thread marked as an I/O thread, in a
+/// current-thread runtime with the I/O driver (as `IoThread` builds them);
+/// fails the test if it takes more than a minute.
+fn on_io_thread<T: Send + 'static>(f: impl FnOnce() -> LocalFuture<T> + Send + 'static) -> T {
+    let (tx, rx) = std::sync::mpsc::channel();
+    let thread = std::thread::spawn(move || {
+        set_thread_role(ThreadRole::Io);
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let out = runtime.block_on(f());
+        let _ = tx.send(out);
+    });
+    let out = rx
+        .recv_timeout(Duration::from_secs(60))
+        .expect("watchdog: the I/O thread did not finish within a minute");
+    thread.join().unwrap();
+    out
+}
+
+/// A file of `len` bytes of `byte`.
+fn image(dir: &std::path::Path, len: usize, byte: u8) -> std::path::PathBuf {
+    let path = dir.join("img");
+    std::fs::File::create(&path)
+        .unwrap()
+        .write_all(&vec![byte; len])
+        .unwrap();
+    path
+}
+
+/// Polls `fut` once with a waker that does nothing.
+fn poll_once<F: Future + ?Sized>(fut: Pin<&mut F>) -> Poll<F::Output> {
+    fut.poll(&mut Context::from_waker(Waker::noop()))
+}
+
+/// Yields until this thread's ring has nothing in the kernel.
+async fn ring_idle() {
+    let ring = uring::current().expect("an I/O thread has a ring");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while ring.stats().1 > 0 {
+        assert!(
+            Instant::now() < deadline,
+            "watchdog: operations stayed in the kernel"
+        );
+        tokio::task::yield_now().await;
+    }
+}
+
+fn open(path: &std::path::Path, direct: bool) -> Option<FileDriver> {
+    if !Aio::io_uring_available() {
+        eprintln!("io_uring is not available here; skipping");
+        return None;
+    }
+    let driver = FileDriver::open(
+        path,
+        FileOptions {
+            direct,
+            ..FileOptions::default()
+        },
+    )
+    .ok()?;
+    assert_eq!(driver.aio(), Aio::IoUring);
+    Some(driver)
+}
+
+fn forgotten_reads_never_touch_the_callers_buffer(direct: bool) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = image(dir.path(), 8 << 20, 0xAB);
+    let Some(driver) = open(&path, direct) else {
+        return;
+    };
+    on_io_thread(move || {
+        Box::pin(async move {
+            let mut lent = Vec::new();
+            // More than the pool: leaked slots must not hold anyone up.
+            for i in 0..(POOL_SLOTS as u64 + 40) {
+                let len = if i % 3 == 0 { 256 << 10 } else { 4096 };
+                let mut buf = vec![0u8; len];
+                let mut fut = Box::pin(driver.do_read(i * 4096 * 7 % (7 << 20), &mut buf));
+                assert!(
+                    poll_once(fut.as_mut()).is_pending(),
+                    "queued, not yet submitted"
+                );
+                // Safe code may do this: the borrow of `buf` ends here
+                // while the read is queued.
+                std::mem::forget(fut);
+                buf.fill(0xEE);
+                lent.push(buf);
+            }
+            let ring = uring::current().unwrap();
+            assert!(ring.stats().1 > 0, "the reads went to the ring");
+            ring_idle().await;
+            for buf in &lent {
+                assert!(
+                    buf.iter().all(|&b| b == 0xEE),
+                    "the kernel wrote a buffer whose loan had ended"
+                );
+            }
+            // The ring still works (leaked slots are simply gone).
+            let mut buf = vec![0u8; 4096];
+            driver.do_read(4096, &mut buf).await.unwrap();
+            assert!(buf.iter().all(|&b| b == 0xAB));
+        })
+    });
+}
+
+#[test]
+fn forgotten_reads_never_touch_the_callers_buffer_buffered() {
+    forgotten_reads_never_touch_the_callers_buffer(false);
+}
+
+#[test]
+fn forgotten_reads_never_touch_the_callers_buffer_direct() {
+    forgotten_reads_never_touch_the_callers_buffer(true);
+}
+
+fn dropped_requests_return_their_slots(direct: bool) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = image(dir.path(), 4 << 20, 0x22);
+    let Some(driver) = open(&path, direct) else {
+        return;
+    };
+    let path2 = path.clone();
+    on_io_thread(move || {
+        Box::pin(async move {
+            for round in 0..3u64 {
+                for i in 0..(POOL_SLOTS as u64 * 2) {
+                    let offset = (i * 4096 + round * (1 << 20)) % (4 << 20);
+                    let mut data = vec![0x33u8; 4096];
+                    let mut fut = Box::pin(driver.do_write(offset, &data));
+                    assert!(poll_once(fut.as_mut()).is_pending());
+                    drop(fut);
+                    assert!(uring::current().unwrap().stats().1 > 0);
+                    // The write was copied when it was queued: changing
+                    // the caller's buffer now must not reach the file.
+                    data.fill(0x11);
+                    let mut buf = vec![0u8; 8192];
+                    let mut fut = Box::pin(driver.do_read(offset, &mut buf));
+                    assert!(poll_once(fut.as_mut()).is_pending());
+                    drop(fut);
+                    buf.fill(0x44);
+                    assert!(buf.iter().all(|&b| b == 0x44));
+                }
+                ring_idle().await;
+                let ring = uring::current().unwrap();
+                assert_eq!(
+                    ring.stats(),
+                    (POOL_SLOTS, 0),
+                    "every orphaned slot came back"
+                );
+            }
+            driver.do_flush().await.unwrap();
+        })
+    });
+    let on_disk = std::fs::read(&path2).unwrap();
+    assert!(
+        on_disk.iter().all(|&b| b == 0x22 || b == 0x33),
+        "only the old bytes or the bytes lent at the time reach the file"
+    );
+}
+
+#[test]
+fn dropped_requests_return_their_slots_buffered() {
+    dropped_requests_return_their_slots(false);
+}
+
+#[test]
+fn dropped_requests_return_their_slots_direct() {
+    dropped_requests_return_their_slots(true);
+}
+
+#[test]
+fn a_ring_dropped_with_operations_in_flight_waits_for_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = image(dir.path(), 16 << 20, 0x5A);
+    let Some(driver) = open(&path, true).or_else(|| open(&path, false)) else {
+        return;
+    };
+    let driver = std::sync::Arc::new(driver);
+    let d = driver.clone();
+    // The runtime (and the reaper with it) goes away while the reads are
+    // queued and in flight; the ring itself goes at thread exit, and its
+    // `Drop` waits for the kernel before freeing the buffers.
+    on_io_thread(move || {
+        Box::pin(async move {
+            let mut buf = vec![0u8; 1 << 20];
+            for i in 0..16u64 {
+                let mut fut = Box::pin(d.do_read(i << 20, &mut buf));
+                assert!(poll_once(fut.as_mut()).is_pending());
+                drop(fut);
+            }
+            // Let the reaper submit them, then leave with them in flight.
+            tokio::task::yield_now().await;
+            let ring = uring::current().unwrap();
+            assert!(ring.stats().1 > 0 || ring.stats().0 == POOL_SLOTS);
+        })
+    });
+    // The driver still works from another I/O thread.
+    let d = driver.clone();
+    on_io_thread(move || {
+        Box::pin(async move {
+            let mut buf = vec![0u8; 4096];
+            d.do_read(0, &mut buf).await.unwrap();
+            assert!(buf.iter().all(|&b| b == 0x5A));
+        })
+    });
+}
+
+#[test]
+fn requests_off_io_threads_use_the_thread_pool() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = image(dir.path(), 1 << 20, 0x77);
+    let Some(driver) = open(&path, false) else {
+        return;
+    };
+    // A plain runtime on a plain thread: no ring is made there.
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        assert!(uring::current().is_none());
+        let mut buf = vec![0u8; 4096];
+        driver.do_read(0, &mut buf).await.unwrap();
+        assert!(buf.iter().all(|&b| b == 0x77));
+        driver.do_write(0, &[1; 4096]).await.unwrap();
+        driver.do_flush().await.unwrap();
+    });
+    assert_eq!(&std::fs::read(&path).unwrap()[..4096], &[1; 4096]);
+}

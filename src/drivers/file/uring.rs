@@ -1,0 +1,794 @@
+//! The io_uring path (`aio=io_uring`, QEMU's `block/io_uring.c`): one ring
+//! per I/O thread, a pool of buffers the ring owns, and a reaper task on
+//! the thread's tokio reactor that submits and completes.
+//!
+//! # Who owns what
+//!
+//! The driver API lends request buffers (`&'a mut [u8]`, `&'a [u8]`) to a
+//! boxed future, and safe code may drop that future, or `mem::forget` it,
+//! after polling it once: the borrow ends while an operation could still
+//! be in the kernel. So the kernel never sees a caller's memory. Every
+//! operation runs in a *slot* of the [`Ring`]: the slot's buffer (one of
+//! [`POOL_SLOTS`] page-aligned buffers carved from one allocation, registered
+//! with the kernel when it lets us, or an aligned allocation of the
+//! request's size for larger requests or when the pool is in use) and the
+//! operation's state (what to do, how far it got, its result, the waker)
+//! belong to the ring, not to the future. A write is copied into the slot
+//! before it is queued; a read is copied out after its completion, on the
+//! request's own thread. The future ([`Op`]) holds only the slot's number.
+//!
+//! A slot is handed back by exactly one of:
+//!
+//! * the [`Op`], when it is dropped after its completion;
+//! * the reaper, when it reaps the final completion of an operation whose
+//!   [`Op`] was dropped before (the slot was marked *orphaned*);
+//! * nobody, when an [`Op`] is leaked after its completion: the slot stays
+//!   taken (its memory stays allocated, nothing else uses it). Later
+//!   requests are not held up: when the pool is empty they get a slot with
+//!   a buffer of their own.
+//!
+//! The buffers live until the ring is dropped, and [`Ring`]'s `Drop` waits
+//! until the kernel has completed every operation it was given before any
+//! buffer is freed; if it cannot wait (the kernel refuses `io_uring_enter`,
+//! which it does not do for a ring it made) the buffers are leaked rather
+//! than freed. Each operation also keeps the driver's [`Host`] (its file)
+//! alive until its completion, so the descriptor number in the SQE always
+//! names the file it was queued for.
+//!
+//! # Threads and wakeups
+//!
+//! Rings are made only on I/O threads ([`ThreadRole::Io`]), whose tokio
+//! runtimes have the I/O driver enabled. The ring's descriptor is
+//! registered with that reactor ([`AsyncFd`]); a reaper task, spawned when
+//! the first operation is queued and ending when none is left in the
+//! kernel, submits what the requests queued (one `io_uring_enter` for all
+//! the requests that ran since it last did), waits for the descriptor to
+//! become readable, reaps completions, resubmits short transfers and wakes
+//! the requests. Everything on that thread: no futex, no other thread. A
+//! request polled anywhere else (the main loop, a test's own runtime, an
+//! embedder's executor, the blocking pool) uses the thread pool instead,
+//! per request; an [`Op`] that moves to another thread after it was queued
+//! is still completed by its ring's reaper, which wakes it wherever it is
+//! (the state is behind a mutex that is uncontended on the ring's thread).
+//!
+//! When the I/O thread stops, its last tasks run to completion, and the
+//! reaper with them (it ends when nothing is left in the kernel); the
+//! thread-local reference to the ring goes at thread exit, and if it was the
+//! last one the ring's `Drop` waits for whatever orphaned operation is still
+//! in the kernel.
+
+use std::alloc::{self, Layout};
+use std::any::Any;
+use std::cell::OnceCell;
+use std::future::Future;
+use std::io;
+use std::os::fd::{AsRawFd, RawFd};
+use std::pin::Pin;
+use std::ptr::NonNull;
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError};
+use std::task::{Context, Poll, Waker};
+
+use io_uring::{opcode, squeue, types, IoUring};
+use tokio::io::unix::AsyncFd;
+use tokio::io::Interest;
+
+use crate::thread::{thread_role, ThreadRole};
+
+/// Buffers in a ring's pool (requests in flight before they get buffers of
+/// their own).
+pub(super) const POOL_SLOTS: usize = 64;
+/// Size of each pool buffer: larger requests get a buffer of their own.
+pub(super) const SLOT_SIZE: usize = 64 << 10;
+/// Memory alignment of every buffer (enough for any `O_DIRECT` device).
+const MEM_ALIGN: usize = 4096;
+/// Submission queue entries; the completion queue has four times as many.
+const SQ_ENTRIES: u32 = 256;
+/// Largest transfer in one SQE (a longer request is resubmitted in parts).
+const MAX_CHUNK: usize = 1 << 30;
+/// The environment variable that makes io_uring unavailable (tests, and
+/// administrators who want the thread pool without changing options).
+pub const DISABLE_ENV: &str = "BLOCKGRAPH_NO_IO_URING";
+
+/// Whether this process may use io_uring: the kernel has it, lets us make a
+/// ring (`io_uring_disabled`, seccomp, old kernels say no), and
+/// [`DISABLE_ENV`] is not set. Probed once.
+pub(super) fn available() -> bool {
+    static AVAILABLE: OnceLock<bool> = OnceLock::new();
+    *AVAILABLE.get_or_init(|| {
+        let disabled = std::env::var_os(DISABLE_ENV).is_some_and(|v| !v.is_empty() && v != "0");
+        !disabled && IoUring::new(2).is_ok()
+    })
+}
+
+/// This thread's ring, made on first use: `None` off I/O threads, outside
+/// a tokio runtime, or when the kernel refuses one (then requests use the
+/// thread pool).
+pub(super) fn current() -> Option<Arc<Ring>> {
+    thread_local! {
+        static RING: OnceCell<Option<Arc<Ring>>> = const { OnceCell::new() };
+    }
+    if thread_role() != ThreadRole::Io || !available() {
+        return None;
+    }
+    RING.try_with(|cell| {
+        cell.get_or_init(|| {
+            // I/O threads always run inside their runtime, which has the
+            // I/O driver with this feature; check anyway rather than let
+            // `AsyncFd` panic.
+            tokio::runtime::Handle::try_current().ok()?;
+            Ring::new().ok().map(Arc::new)
+        })
+        .clone()
+    })
+    .ok()
+    .flatten()
+}
+
+/// What an operation does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Kind {
+    /// Fill the slot's buffer from the file (past the end: zeroes).
+    Read,
+    /// Write the slot's buffer to the file.
+    Write,
+    /// `fdatasync`.
+    Fsync,
+}
+
+/// What an operation is to do, for [`Ring::start`].
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Transfer {
+    pub(super) kind: Kind,
+    /// The descriptor (kept open by the operation's [`Keep`]).
+    pub(super) fd: RawFd,
+    pub(super) offset: u64,
+    /// Bytes, from the start of the slot's buffer.
+    pub(super) len: usize,
+    /// Queue with `IOSQE_ASYNC` when other operations are in flight: the
+    /// kernel's workers do the transfer instead of the submitting thread.
+    pub(super) punt: bool,
+}
+
+/// Memory the ring owns: `len` bytes aligned to [`MEM_ALIGN`], zeroed once
+/// when allocated (so every byte is initialised), freed on drop.
+struct Memory {
+    ptr: NonNull<u8>,
+    layout: Layout,
+}
+
+impl Memory {
+    fn zeroed(len: usize) -> io::Result<Memory> {
+        let layout = Layout::from_size_align(len.max(1), MEM_ALIGN)
+            .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "request too large"))?;
+        // SAFETY: the layout has a non-zero size.
+        let ptr = unsafe { alloc::alloc_zeroed(layout) };
+        let ptr = NonNull::new(ptr).ok_or(io::ErrorKind::OutOfMemory)?;
+        Ok(Memory { ptr, layout })
+    }
+}
+
+impl Drop for Memory {
+    fn drop(&mut self) {
+        // SAFETY: allocated by `alloc_zeroed` with this layout, freed once.
+        // Only a `Ring` owns `Memory`, and it drops it only when no
+        // operation on it is in the kernel (see `Ring`'s `Drop`).
+        unsafe { alloc::dealloc(self.ptr.as_ptr(), self.layout) }
+    }
+}
+
+/// What is kept alive until an operation's final completion: the driver's
+/// file (so its descriptor stays open) and, for writes to a direct file,
+/// the range-lock guard.
+pub(super) type Keep = Box<dyn Any + Send>;
+
+/// An operation in a slot.
+struct OpState {
+    kind: Kind,
+    /// Queued with `IOSQE_ASYNC` (see [`Ring::start`]).
+    punt: bool,
+    fd: RawFd,
+    offset: u64,
+    len: usize,
+    /// Bytes transferred so far.
+    done: usize,
+    /// Set with the final completion.
+    result: Option<io::Result<()>>,
+    /// The requester, woken at the final completion.
+    waker: Option<Waker>,
+    /// The [`Op`] is gone: the reaper frees the slot at the final completion.
+    orphaned: bool,
+    keep: Option<Keep>,
+}
+
+/// A buffer and, while taken, its operation.
+struct Slot {
+    /// The buffer's first byte (in the pool, or in `own`).
+    ptr: NonNull<u8>,
+    cap: usize,
+    /// The registered buffer's index, for `READ_FIXED`/`WRITE_FIXED`.
+    fixed: Option<u16>,
+    /// The buffer of a slot outside the pool.
+    own: Option<Memory>,
+    /// `None` when the slot is free.
+    op: Option<OpState>,
+    /// The operation has an SQE queued or in the kernel.
+    in_kernel: bool,
+}
+
+/// Everything behind the ring's mutex. Field order is drop order: the
+/// ring's descriptor closes before any buffer is freed.
+struct Inner {
+    uring: IoUring,
+    /// Pool slots first (`0..POOL_SLOTS`), then slots with buffers of their
+    /// own.
+    slots: Vec<Slot>,
+    free_pool: Vec<usize>,
+    free_own: Vec<usize>,
+    /// SQEs queued or submitted whose completion has not been reaped.
+    in_kernel: usize,
+    /// SQEs queued and not yet submitted.
+    queued: usize,
+    reaper_running: bool,
+    reaper_waker: Option<Waker>,
+    /// Completions copied out of the CQ (reused, so reaping allocates
+    /// nothing).
+    cqes: Vec<(u64, i32)>,
+    /// The kernel would not let us wait for operations in flight: the
+    /// buffers are leaked rather than freed.
+    leak: bool,
+    pool: Option<Memory>,
+}
+
+// SAFETY: the raw pointers in `Slot` point into memory owned by the same
+// `Inner` (`pool`, `own`); nothing in it is tied to a thread. The ring may
+// be used from any thread (`IoUring` is `Send + Sync`).
+unsafe impl Send for Inner {}
+
+/// The ring's descriptor, for the reactor.
+struct RingFd(RawFd);
+
+impl AsRawFd for RingFd {
+    fn as_raw_fd(&self) -> RawFd {
+        self.0
+    }
+}
+
+/// One I/O thread's io_uring: see the module docs.
+pub(super) struct Ring {
+    /// Declared first: deregistered from the reactor while the descriptor
+    /// (owned by `inner`) is still open.
+    fd: AsyncFd<RingFd>,
+    inner: Mutex<Inner>,
+    /// Registered buffers are in use.
+    registered: bool,
+}
+
+impl std::fmt::Debug for Ring {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Ring")
+            .field("fd", &self.fd.get_ref().0)
+            .field("registered", &self.registered)
+            .finish()
+    }
+}
+
+impl Ring {
+    fn new() -> io::Result<Ring> {
+        let uring = IoUring::builder()
+            .setup_cqsize(SQ_ENTRIES * 4)
+            .setup_clamp()
+            .build(SQ_ENTRIES)?;
+        let pool = Memory::zeroed(POOL_SLOTS * SLOT_SIZE)?;
+        let base = pool.ptr;
+        let slot_ptr = |i: usize| {
+            // SAFETY: `i < POOL_SLOTS`, so the offset is inside the pool.
+            unsafe { NonNull::new_unchecked(base.as_ptr().add(i * SLOT_SIZE)) }
+        };
+        let iovecs: Vec<libc::iovec> = (0..POOL_SLOTS)
+            .map(|i| libc::iovec {
+                iov_base: slot_ptr(i).as_ptr().cast(),
+                iov_len: SLOT_SIZE,
+            })
+            .collect();
+        // SAFETY: the iovecs cover the pool, which stays allocated until
+        // after the ring's descriptor is closed (`Inner`'s field order), and
+        // is never freed while the kernel may use it (`Drop` below). The
+        // kernel pins the pages; a refusal (RLIMIT_MEMLOCK) only means plain
+        // READ/WRITE instead of the fixed variants.
+        let registered = unsafe { uring.submitter().register_buffers(&iovecs) }.is_ok();
+        let slots = (0..POOL_SLOTS)
+            .map(|i| Slot {
+                ptr: slot_ptr(i),
+                cap: SLOT_SIZE,
+                fixed: registered.then_some(i as u16),
+                own: None,
+                op: None,
+                in_kernel: false,
+            })
+            .collect();
+        // SAFETY: the ring's descriptor stays open, naming the same ring,
+        // for as long as the `AsyncFd` lives: `Ring` declares `fd` before
+        // `inner` (which owns the `IoUring`), so it is dropped (and
+        // deregistered) before the ring is closed.
+        let fd = unsafe {
+            AsyncFd::register_with_interest(RingFd(uring.as_raw_fd()), Interest::READABLE)
+        }?;
+        Ok(Ring {
+            fd,
+            inner: Mutex::new(Inner {
+                uring,
+                slots,
+                free_pool: (0..POOL_SLOTS).rev().collect(),
+                free_own: Vec::new(),
+                in_kernel: 0,
+                queued: 0,
+                reaper_running: false,
+                reaper_waker: None,
+                cqes: Vec::with_capacity(SQ_ENTRIES as usize * 4),
+                leak: false,
+                pool: Some(pool),
+            }),
+            registered,
+        })
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        // Nothing panics while holding the lock; if something did, the
+        // state is still consistent enough to wait for the kernel.
+        self.inner.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Free pool slots and SQEs in the kernel, for the unit tests.
+    #[cfg(test)]
+    pub(super) fn stats(&self) -> (usize, usize) {
+        let inner = self.lock();
+        (inner.free_pool.len(), inner.in_kernel)
+    }
+
+    /// Queues the transfer `t` over `t.len` bytes of a slot's buffer;
+    /// `fill` writes the bytes of a write into it first. `keep` is held
+    /// until the final completion, and must keep `t.fd` open until then.
+    ///
+    /// Call only on the thread whose ring this is ([`current`]), in a tokio
+    /// runtime: the reaper is spawned there.
+    ///
+    /// # Errors
+    ///
+    /// When no buffer can be allocated or the SQ stays full: the caller
+    /// uses the thread pool instead (`keep` is dropped).
+    pub(super) fn start(
+        self: &Arc<Self>,
+        t: Transfer,
+        fill: impl FnOnce(&mut [u8]),
+        keep: Keep,
+    ) -> io::Result<Op> {
+        let Transfer {
+            kind,
+            fd,
+            offset,
+            len,
+            punt,
+        } = t;
+        let runtime = tokio::runtime::Handle::try_current().map_err(io::Error::other)?;
+        let mut inner = self.lock();
+        let idx = inner.take_slot(len)?;
+        let slot = &mut inner.slots[idx];
+        let ptr = slot.ptr;
+        // SAFETY: the slot was free, so no operation on its buffer is in
+        // the kernel and nobody else refers to it; its buffer has `cap >=
+        // len` initialised bytes.
+        fill(unsafe { std::slice::from_raw_parts_mut(ptr.as_ptr(), len) });
+        slot.op = Some(OpState {
+            kind,
+            punt,
+            fd,
+            offset,
+            len,
+            done: 0,
+            result: None,
+            waker: None,
+            orphaned: false,
+            keep: Some(keep),
+        });
+        if let Err(e) = inner.push(idx) {
+            let keep = inner.release(idx);
+            drop(inner);
+            drop(keep);
+            return Err(e);
+        }
+        let spawn = !inner.reaper_running;
+        inner.reaper_running = true;
+        let waker = inner.reaper_waker.take();
+        drop(inner);
+        if spawn {
+            runtime.spawn(reaper(self.clone()));
+        } else if let Some(w) = waker {
+            w.wake();
+        }
+        Ok(Op {
+            ring: self.clone(),
+            idx,
+            ptr: ptr.as_ptr() as usize,
+            len,
+            finished: false,
+        })
+    }
+
+    /// The reaper's body (see the module docs): submits, waits for the
+    /// descriptor, reaps; ends when nothing is in the kernel.
+    fn poll_reaper(&self, cx: &mut Context<'_>) -> Poll<()> {
+        let mut wake = Vec::new();
+        let mut drops = Vec::new();
+        loop {
+            let mut inner = self.lock();
+            inner.submit();
+            inner.reap(&mut wake, &mut drops);
+            if inner.queued > 0 {
+                // Continuations of short transfers, queued by the reaping.
+                inner.submit();
+            }
+            let idle = inner.in_kernel == 0;
+            if idle {
+                inner.reaper_running = false;
+                inner.reaper_waker = None;
+            } else {
+                match &mut inner.reaper_waker {
+                    Some(w) => w.clone_from(cx.waker()),
+                    none => *none = Some(cx.waker().clone()),
+                }
+            }
+            drop(inner);
+            wake.drain(..).for_each(Waker::wake);
+            drops.clear();
+            if idle {
+                return Poll::Ready(());
+            }
+            match self.fd.poll_read_ready(cx) {
+                Poll::Pending => return Poll::Pending,
+                // Cleared before the next reaping: a completion posted after
+                // this is either reaped below or makes the reactor report
+                // the descriptor again.
+                Poll::Ready(Ok(mut guard)) => guard.clear_ready(),
+                Poll::Ready(Err(_)) => {
+                    // The reactor is gone (the runtime is shutting down):
+                    // wait in the kernel instead.
+                    let mut inner = self.lock();
+                    inner.wait_all(&mut wake, &mut drops);
+                    inner.reaper_running = false;
+                    inner.reaper_waker = None;
+                    drop(inner);
+                    wake.drain(..).for_each(Waker::wake);
+                    return Poll::Ready(());
+                }
+            }
+        }
+    }
+}
+
+async fn reaper(ring: Arc<Ring>) {
+    std::future::poll_fn(|cx| ring.poll_reaper(cx)).await
+}
+
+impl Drop for Ring {
+    fn drop(&mut self) {
+        let inner = self.inner.get_mut().unwrap_or_else(PoisonError::into_inner);
+        let (mut wake, mut drops) = (Vec::new(), Vec::new());
+        inner.wait_all(&mut wake, &mut drops);
+        if inner.leak {
+            // Operations may still be in the kernel: their buffers must
+            // never be freed.
+            std::mem::forget(inner.pool.take());
+            for slot in &mut inner.slots {
+                std::mem::forget(slot.own.take());
+            }
+        }
+        // The fields drop now: `fd` (deregistered), then the ring (closed),
+        // then the buffers.
+    }
+}
+
+impl Inner {
+    /// A free slot whose buffer holds `len` bytes.
+    fn take_slot(&mut self, len: usize) -> io::Result<usize> {
+        if len <= SLOT_SIZE {
+            if let Some(idx) = self.free_pool.pop() {
+                return Ok(idx);
+            }
+        }
+        let own = Memory::zeroed(len)?;
+        let slot = Slot {
+            ptr: own.ptr,
+            cap: len,
+            fixed: None,
+            own: Some(own),
+            op: None,
+            in_kernel: false,
+        };
+        Ok(match self.free_own.pop() {
+            Some(idx) => {
+                self.slots[idx] = slot;
+                idx
+            }
+            None => {
+                self.slots.push(slot);
+                self.slots.len() - 1
+            }
+        })
+    }
+
+    /// Frees a slot with no operation in the kernel; returns what the
+    /// operation kept alive, to be dropped after the lock is released.
+    fn release(&mut self, idx: usize) -> Option<Keep> {
+        let slot = &mut self.slots[idx];
+        debug_assert!(!slot.in_kernel);
+        let keep = slot.op.take().and_then(|op| op.keep);
+        if idx < POOL_SLOTS {
+            self.free_pool.push(idx);
+        } else {
+            slot.own = None;
+            slot.cap = 0;
+            self.free_own.push(idx);
+        }
+        keep
+    }
+
+    /// Queues the next SQE of the operation in slot `idx` (the rest of its
+    /// transfer, up to [`MAX_CHUNK`]).
+    fn push(&mut self, idx: usize) -> io::Result<()> {
+        let slot = &self.slots[idx];
+        let op = slot.op.as_ref().expect("pushing a free slot");
+        let fd = types::Fd(op.fd);
+        let chunk = (op.len - op.done).min(MAX_CHUNK) as u32;
+        // SAFETY: `done <= len <= cap`: the pointer stays inside the slot's
+        // buffer.
+        let ptr = unsafe { slot.ptr.as_ptr().add(op.done) };
+        let offset = op.offset + op.done as u64;
+        let entry: squeue::Entry = match (op.kind, slot.fixed) {
+            (Kind::Read, Some(i)) => opcode::ReadFixed::new(fd, ptr, chunk, i)
+                .offset(offset)
+                .build(),
+            (Kind::Read, None) => opcode::Read::new(fd, ptr, chunk).offset(offset).build(),
+            (Kind::Write, Some(i)) => opcode::WriteFixed::new(fd, ptr, chunk, i)
+                .offset(offset)
+                .build(),
+            (Kind::Write, None) => opcode::Write::new(fd, ptr, chunk).offset(offset).build(),
+            (Kind::Fsync, _) => opcode::Fsync::new(fd)
+                .flags(types::FsyncFlags::DATASYNC)
+                .build(),
+        };
+        let mut entry = entry.user_data(idx as u64);
+        // Alone in the ring, the transfer is quickest inline (no worker to
+        // wake); with others in flight, a worker copies beside this thread.
+        if op.punt && self.in_kernel > 0 {
+            entry = entry.flags(squeue::Flags::ASYNC);
+        }
+        for attempt in 0..2 {
+            // SAFETY: the SQE's buffer, `[ptr, ptr + chunk)`, is ring-owned
+            // memory of this slot, which is not freed or handed to anyone
+            // else until the CQE for this SQE is reaped: a slot with
+            // `in_kernel` set is never released, and the ring's `Drop` waits
+            // for every SQE before freeing buffers. Nothing else reads or
+            // writes it meanwhile (the `Op` copies only after the final
+            // completion). The descriptor is kept open by the operation's
+            // `keep` until then.
+            if unsafe { self.uring.submission().push(&entry) }.is_ok() {
+                self.slots[idx].in_kernel = true;
+                self.in_kernel += 1;
+                self.queued += 1;
+                return Ok(());
+            }
+            if attempt == 0 {
+                self.submit();
+            }
+        }
+        Err(io::Error::new(
+            io::ErrorKind::WouldBlock,
+            "io_uring submission queue full",
+        ))
+    }
+
+    /// Hands the queued SQEs to the kernel. A transient refusal (EAGAIN,
+    /// EBUSY, EINTR) leaves them queued for the next try.
+    fn submit(&mut self) {
+        if self.queued == 0 {
+            return;
+        }
+        // Errors are transient here (EAGAIN, EBUSY, EINTR): what the kernel
+        // has not taken is still in the SQ, counted from the ring itself.
+        let _ = self.uring.submit();
+        self.queued = self.uring.submission().len();
+    }
+
+    /// Takes the completions off the CQ: finishes operations, queues the
+    /// rest of short transfers, collects the wakers to wake and what
+    /// orphaned operations kept alive.
+    fn reap(&mut self, wake: &mut Vec<Waker>, drops: &mut Vec<Keep>) {
+        let mut cqes = std::mem::take(&mut self.cqes);
+        cqes.extend(self.uring.completion().map(|c| (c.user_data(), c.result())));
+        for &(user_data, res) in &cqes {
+            self.in_kernel -= 1;
+            self.complete(user_data as usize, res, wake, drops, true);
+        }
+        cqes.clear();
+        self.cqes = cqes;
+    }
+
+    /// One completion for slot `idx`. With `go_on`, a short transfer is
+    /// queued again; without (the ring is being dropped), it ends there.
+    fn complete(
+        &mut self,
+        idx: usize,
+        res: i32,
+        wake: &mut Vec<Waker>,
+        drops: &mut Vec<Keep>,
+        go_on: bool,
+    ) {
+        let Some(slot) = self.slots.get_mut(idx) else {
+            return;
+        };
+        slot.in_kernel = false;
+        let ptr = slot.ptr;
+        let Some(op) = slot.op.as_mut() else {
+            return;
+        };
+        let outcome: Option<io::Result<()>> = if res < 0 {
+            let e = -res;
+            if (e == libc::EINTR || e == libc::EAGAIN) && op.kind != Kind::Fsync {
+                None
+            } else {
+                Some(Err(io::Error::from_raw_os_error(e)))
+            }
+        } else {
+            match op.kind {
+                Kind::Fsync => Some(Ok(())),
+                Kind::Read if res == 0 => {
+                    // End of file: the rest reads as zeroes.
+                    // SAFETY: this slot's buffer, `done..len` inside it; the
+                    // only SQE of this slot was the one just completed.
+                    unsafe {
+                        std::ptr::write_bytes(ptr.as_ptr().add(op.done), 0, op.len - op.done)
+                    };
+                    op.done = op.len;
+                    Some(Ok(()))
+                }
+                Kind::Write if res == 0 => Some(Err(io::ErrorKind::WriteZero.into())),
+                Kind::Read | Kind::Write => {
+                    op.done = (op.done + res as usize).min(op.len);
+                    (op.done == op.len).then_some(Ok(()))
+                }
+            }
+        };
+        let outcome = match outcome {
+            Some(r) => r,
+            None if !go_on => Err(io::Error::other("the io_uring ring was closed")),
+            None => match self.push(idx) {
+                Ok(()) => return,
+                Err(e) => Err(e),
+            },
+        };
+        let op = self.slots[idx].op.as_mut().expect("slot checked above");
+        op.result = Some(outcome);
+        if op.orphaned {
+            drops.extend(self.release(idx));
+        } else if let Some(w) = op.waker.take() {
+            wake.push(w);
+        }
+    }
+
+    /// Submits what is queued and waits in the kernel until nothing is in
+    /// flight, without queueing continuations. On a refusal to wait, marks
+    /// the buffers to be leaked.
+    fn wait_all(&mut self, wake: &mut Vec<Waker>, drops: &mut Vec<Keep>) {
+        while self.in_kernel > 0 {
+            match self.uring.submit_and_wait(1) {
+                Ok(_) => {}
+                Err(e)
+                    if matches!(
+                        e.raw_os_error(),
+                        Some(libc::EINTR | libc::EAGAIN | libc::EBUSY)
+                    ) => {}
+                Err(_) => {
+                    self.leak = true;
+                    return;
+                }
+            }
+            self.queued = self.uring.submission().len();
+            let mut cqes = std::mem::take(&mut self.cqes);
+            cqes.extend(self.uring.completion().map(|c| (c.user_data(), c.result())));
+            for &(user_data, res) in &cqes {
+                self.in_kernel -= 1;
+                self.complete(user_data as usize, res, wake, drops, false);
+            }
+            cqes.clear();
+            self.cqes = cqes;
+        }
+    }
+}
+
+/// A queued operation: a future of its completion, then (for reads) the
+/// bytes read ([`Op::data`]). Holds only the slot's number; dropping it
+/// before the completion hands the slot to the reaper (see the module
+/// docs).
+pub(super) struct Op {
+    ring: Arc<Ring>,
+    idx: usize,
+    /// The slot buffer's address (as an integer, so `Op` is `Send`).
+    ptr: usize,
+    len: usize,
+    finished: bool,
+}
+
+impl std::fmt::Debug for Op {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Op")
+            .field("slot", &self.idx)
+            .field("len", &self.len)
+            .field("finished", &self.finished)
+            .finish()
+    }
+}
+
+impl Op {
+    /// The slot's buffer after a successful completion.
+    ///
+    /// # Panics
+    ///
+    /// Before the completion (a bug in the caller).
+    pub(super) fn data(&self) -> &[u8] {
+        assert!(self.finished, "Op::data before completion");
+        // SAFETY: the final completion was reaped (`finished`), so the
+        // kernel has no SQE on this slot, and the slot stays this `Op`'s
+        // until it is dropped, which the borrow of `self` prevents; the
+        // buffer holds `len` initialised bytes (zeroed at allocation).
+        unsafe { std::slice::from_raw_parts(self.ptr as *const u8, self.len) }
+    }
+}
+
+impl Future for Op {
+    type Output = io::Result<()>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        if self.finished {
+            return Poll::Ready(Ok(()));
+        }
+        let mut inner = self.ring.lock();
+        let op = inner.slots[self.idx]
+            .op
+            .as_mut()
+            .expect("an Op's slot is taken");
+        match op.result.take() {
+            Some(result) => {
+                drop(inner);
+                self.finished = true;
+                Poll::Ready(result)
+            }
+            None => {
+                match &mut op.waker {
+                    Some(w) => w.clone_from(cx.waker()),
+                    none => *none = Some(cx.waker().clone()),
+                }
+                Poll::Pending
+            }
+        }
+    }
+}
+
+impl Drop for Op {
+    fn drop(&mut self) {
+        let mut inner = self.ring.lock();
+        let slot = &mut inner.slots[self.idx];
+        let keep = if slot.in_kernel {
+            // Still in the kernel: the reaper frees the slot when the final
+            // completion comes.
+            if let Some(op) = slot.op.as_mut() {
+                op.orphaned = true;
+                op.waker = None;
+            }
+            None
+        } else {
+            inner.release(self.idx)
+        };
+        drop(inner);
+        drop(keep);
+    }
+}
