@@ -10,7 +10,7 @@ use std::pin::Pin;
 use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
-use super::uring::{self, POOL_SLOTS};
+use super::uring::{self, POOL_SLOTS, RETAIN_BYTES};
 use super::{Aio, FileDriver, FileOptions};
 use crate::thread::{set_thread_role, ThreadRole};
 
@@ -246,4 +246,48 @@ fn requests_off_io_threads_use_the_thread_pool() {
         driver.do_flush().await.unwrap();
     });
     assert_eq!(&std::fs::read(&path).unwrap()[..4096], &[1; 4096]);
+}
+
+/// Requests larger than a pool slot reuse the buffers earlier ones left
+/// (no allocation and page faults per request), and what free slots keep
+/// stays bounded however many large requests were in flight at once.
+#[test]
+fn large_requests_reuse_kept_buffers_within_a_bound() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = image(dir.path(), 64 << 20, 0x5a);
+    let Some(driver) = open(&path, false) else {
+        return;
+    };
+    on_io_thread(move || {
+        Box::pin(async move {
+            let ring = uring::current().unwrap();
+            let mut buf = vec![0u8; 256 << 10];
+            for i in 0..32u64 {
+                driver.do_read(i * (256 << 10), &mut buf).await.unwrap();
+                assert!(buf.iter().all(|&b| b == 0x5a));
+                assert_eq!(
+                    ring.own_slots(),
+                    (1, 256 << 10),
+                    "one buffer, kept and reused"
+                );
+            }
+            // 64 large reads at once: 64 buffers in flight, at most
+            // RETAIN_BYTES of them kept afterwards.
+            let mut bufs = vec![vec![0u8; 1 << 20]; 64];
+            let reads = bufs
+                .iter_mut()
+                .enumerate()
+                .map(|(i, b)| driver.do_read(i as u64 * (1 << 20), b));
+            for r in futures::future::join_all(reads).await {
+                r.unwrap();
+            }
+            assert!(bufs.iter().all(|b| b.iter().all(|&x| x == 0x5a)));
+            let (slots, kept) = ring.own_slots();
+            assert!(slots >= 2, "the reads were in flight together");
+            assert!(kept <= RETAIN_BYTES, "{kept} bytes kept");
+            // And a later large read still fits in a kept buffer.
+            driver.do_read(0, &mut bufs[0]).await.unwrap();
+            assert_eq!(ring.own_slots().0, slots, "no new slot");
+        })
+    });
 }

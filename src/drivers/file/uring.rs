@@ -85,6 +85,11 @@ const MEM_ALIGN: usize = 4096;
 const SQ_ENTRIES: u32 = 256;
 /// Largest transfer in one SQE (a longer request is resubmitted in parts).
 const MAX_CHUNK: usize = 1 << 30;
+/// The most memory that free slots outside the pool keep for the next large
+/// request, per ring: a stream of requests larger than [`SLOT_SIZE`] (an
+/// NBD client's 256 KiB copies, 2 MiB conversions) reuses its buffers
+/// instead of allocating and faulting in fresh pages each time.
+pub(super) const RETAIN_BYTES: usize = 32 << 20;
 /// The environment variable that makes io_uring unavailable (tests, and
 /// administrators who want the thread pool without changing options).
 pub const DISABLE_ENV: &str = "BLOCKGRAPH_NO_IO_URING";
@@ -223,7 +228,11 @@ struct Inner {
     /// own.
     slots: Vec<Slot>,
     free_pool: Vec<usize>,
+    /// Free slots outside the pool: with a buffer kept for reuse (up to
+    /// [`RETAIN_BYTES`] in all), or with none.
     free_own: Vec<usize>,
+    /// Bytes of the buffers kept in free slots outside the pool.
+    retained: usize,
     /// SQEs queued or submitted whose completion has not been reaped.
     in_kernel: usize,
     /// SQEs queued and not yet submitted.
@@ -320,6 +329,7 @@ impl Ring {
                 slots,
                 free_pool: (0..POOL_SLOTS).rev().collect(),
                 free_own: Vec::new(),
+                retained: 0,
                 in_kernel: 0,
                 queued: 0,
                 reaper_running: false,
@@ -343,6 +353,14 @@ impl Ring {
     pub(super) fn stats(&self) -> (usize, usize) {
         let inner = self.lock();
         (inner.free_pool.len(), inner.in_kernel)
+    }
+
+    /// Slots outside the pool, and the bytes their free buffers keep, for
+    /// the unit tests.
+    #[cfg(test)]
+    pub(super) fn own_slots(&self) -> (usize, usize) {
+        let inner = self.lock();
+        (inner.slots.len() - POOL_SLOTS, inner.retained)
     }
 
     /// Queues the transfer `t` over `t.len` bytes of a slot's buffer;
@@ -488,12 +506,25 @@ impl Drop for Ring {
 }
 
 impl Inner {
-    /// A free slot whose buffer holds `len` bytes.
+    /// A free slot whose buffer holds `len` bytes: a pool slot, else the
+    /// smallest kept buffer that is large enough, else a new buffer.
     fn take_slot(&mut self, len: usize) -> io::Result<usize> {
         if len <= SLOT_SIZE {
             if let Some(idx) = self.free_pool.pop() {
                 return Ok(idx);
             }
+        }
+        let fits = self
+            .free_own
+            .iter()
+            .enumerate()
+            .filter(|&(_, &idx)| self.slots[idx].own.is_some() && self.slots[idx].cap >= len)
+            .min_by_key(|&(_, &idx)| self.slots[idx].cap)
+            .map(|(at, _)| at);
+        if let Some(at) = fits {
+            let idx = self.free_own.swap_remove(at);
+            self.retained -= self.slots[idx].cap;
+            return Ok(idx);
         }
         let own = Memory::zeroed(len)?;
         let slot = Slot {
@@ -504,8 +535,27 @@ impl Inner {
             op: None,
             in_kernel: false,
         };
-        Ok(match self.free_own.pop() {
-            Some(idx) => {
+        // A slot without a buffer, else the smallest kept one (too small
+        // for this request): its buffer is freed.
+        let reuse = self
+            .free_own
+            .iter()
+            .enumerate()
+            .min_by_key(|&(_, &idx)| {
+                self.slots[idx]
+                    .own
+                    .as_ref()
+                    .map_or(0, |_| self.slots[idx].cap)
+            })
+            .map(|(at, _)| at);
+        Ok(match reuse {
+            Some(at) => {
+                let idx = self.free_own.swap_remove(at);
+                if self.slots[idx].own.is_some() {
+                    self.retained -= self.slots[idx].cap;
+                }
+                // The old buffer (if any) is dropped here: its slot is free,
+                // so no operation is in the kernel on it.
                 self.slots[idx] = slot;
                 idx
             }
@@ -525,8 +575,13 @@ impl Inner {
         if idx < POOL_SLOTS {
             self.free_pool.push(idx);
         } else {
-            slot.own = None;
-            slot.cap = 0;
+            if self.retained + slot.cap <= RETAIN_BYTES {
+                // Kept for the next large request.
+                self.retained += slot.cap;
+            } else {
+                slot.own = None;
+                slot.cap = 0;
+            }
             self.free_own.push(idx);
         }
         keep
