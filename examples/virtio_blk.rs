@@ -11,10 +11,10 @@
 //! [`BlockBackend::writev`] as an I/O vector: the qcow2 driver cuts the
 //! vector at its cluster boundaries and hands each run of clusters to the
 //! file below as a view of the same guest regions. No layer above the file
-//! copies the data. (The file driver has no vectored path of its own yet:
-//! it takes a one-segment view straight into `pread`/`pwrite` and copies
-//! a view of several segments through one buffer; with `preadv`/`pwritev`
-//! there the whole path is copy-free.)
+//! copies the data; the file driver gathers the regions into (or scatters
+//! them out of) its host call's own buffer, the one copy that keeps a
+//! dropped request from letting the kernel write into memory the guest got
+//! back (DESIGN.md §16, §19).
 //!
 //! The example plays both sides: the "guest" writes a pattern into its
 //! buffers and submits a write, then a read into other buffers; `main`

@@ -89,18 +89,20 @@ impl AlignedBuf {
         })
     }
 
-    /// A buffer like [`AlignedBuf::new`] holding `data` at `head`, zeroes
-    /// around it: the payload is copied, not zeroed first (only the slack
-    /// and the partial blocks around it are).
-    pub(super) fn with_data(
+    /// A buffer like [`AlignedBuf::new`] whose `data_len` bytes at `head`
+    /// `fill` writes (a contiguous payload or a gathered vector), zeroes
+    /// around them.
+    pub(super) fn with_fill(
         len: u64,
         align: u64,
         head: usize,
-        data: &[u8],
+        data_len: u64,
+        fill: impl FnOnce(&mut [u8]),
     ) -> io::Result<AlignedBuf> {
-        let len = usize::try_from(len)
-            .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "request too large"))?;
-        debug_assert!(head + data.len() <= len);
+        let too_large = || io::Error::new(io::ErrorKind::InvalidInput, "request too large");
+        let len = usize::try_from(len).map_err(|_| too_large())?;
+        let data_len = usize::try_from(data_len).map_err(|_| too_large())?;
+        debug_assert!(head + data_len <= len);
         let slack = if align > 1 { MEM_ALIGN } else { 0 };
         let mut storage = Vec::with_capacity(len + slack);
         let addr = storage.as_ptr() as usize;
@@ -110,10 +112,9 @@ impl AlignedBuf {
             addr.next_multiple_of(MEM_ALIGN) - addr
         };
         // Within the capacity, so the storage never moves and `start`
-        // stays aligned.
-        storage.resize(start + head, 0);
-        storage.extend_from_slice(data);
+        // stays aligned. Every byte is initialised before `fill` sees it.
         storage.resize(len + slack, 0);
+        fill(&mut storage[start + head..start + head + data_len]);
         Ok(AlignedBuf {
             storage,
             start,

@@ -15,7 +15,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use crate::driver::range_lock::RangeGuard;
-use crate::types::Result;
+use crate::types::{IoVec, IoVecMut, Result};
 
 use super::host::{blocking, fallocate, fill_partial_blocks, read_or_zero, AlignedBuf};
 #[cfg(feature = "io-uring")]
@@ -41,6 +41,35 @@ const ZERO_CHUNK: u64 = 1 << 20;
 impl FileDriver {
     pub(super) async fn do_read(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
         let len = buf.len() as u64;
+        self.read_into(offset, len, |data| buf.copy_from_slice(data))
+            .await
+    }
+
+    /// A vectored read: the host call's buffer is scattered into `iov`'s
+    /// regions, with no other copy than a contiguous read's.
+    pub(super) async fn do_readv(&self, offset: u64, mut iov: IoVecMut<'_>) -> Result<()> {
+        let len = iov.len() as u64;
+        self.read_into(offset, len, |data| iov.copy_from_slice(data))
+            .await
+    }
+
+    pub(super) async fn do_write(&self, offset: u64, buf: &[u8]) -> Result<()> {
+        let len = buf.len() as u64;
+        self.write_from(offset, len, |dst| dst.copy_from_slice(buf))
+            .await
+    }
+
+    /// A vectored write: `iov`'s regions are gathered straight into the
+    /// host call's buffer, with no other copy than a contiguous write's.
+    pub(super) async fn do_writev(&self, offset: u64, iov: IoVec<'_>) -> Result<()> {
+        let len = iov.len() as u64;
+        self.write_from(offset, len, |dst| iov.copy_to_slice(dst))
+            .await
+    }
+
+    /// Reads `len` bytes at `offset` into a buffer the host call owns,
+    /// then hands them to `sink` (exactly `len` bytes).
+    async fn read_into(&self, offset: u64, len: u64, sink: impl FnOnce(&[u8])) -> Result<()> {
         if len == 0 {
             return Ok(());
         }
@@ -51,17 +80,17 @@ impl FileDriver {
         if let Some(ring) = self.ring() {
             let keep = Box::new(self.host.clone());
             let fd = self.host.file.as_raw_fd();
-            let len = span(start, end)?;
+            let whole = span(start, end)?;
             let t = Transfer {
                 kind: Kind::Read,
                 fd,
                 offset: start,
-                len,
-                punt: self.punt(len),
+                len: whole,
+                punt: self.punt(whole),
             };
             if let Ok(mut op) = ring.start(t, |_| {}, keep) {
                 (&mut op).await.map_err(crate::types::Error::Io)?;
-                buf.copy_from_slice(&op.data()[head..head + buf.len()]);
+                sink(&op.data()[head..head + len as usize]);
                 return Ok(());
             }
         }
@@ -72,13 +101,14 @@ impl FileDriver {
             Ok(bounce)
         })
         .await?;
-        buf.copy_from_slice(&bounce.as_slice()[head..head + buf.len()]);
+        sink(&bounce.as_slice()[head..head + len as usize]);
         Ok(())
     }
 
-    pub(super) async fn do_write(&self, offset: u64, buf: &[u8]) -> Result<()> {
+    /// Writes `len` bytes at `offset` from a buffer the host call owns,
+    /// which `fill` fills first (exactly `len` bytes).
+    async fn write_from(&self, offset: u64, len: u64, fill: impl Fn(&mut [u8])) -> Result<()> {
         self.check_writable()?;
-        let len = buf.len() as u64;
         if len == 0 {
             return Ok(());
         }
@@ -96,15 +126,14 @@ impl FileDriver {
                 if let Some(ring) = self.ring().filter(|r| Arc::ptr_eq(r, &ring)) {
                     let keep = Box::new((self.host.clone(), guard));
                     let fd = self.host.file.as_raw_fd();
-                    let fill = |b: &mut [u8]| b.copy_from_slice(buf);
                     let t = Transfer {
                         kind: Kind::Write,
                         fd,
                         offset: start,
-                        len: buf.len(),
-                        punt: self.punt(buf.len()),
+                        len: len as usize,
+                        punt: self.punt(len as usize),
                     };
-                    if let Ok(op) = ring.start(t, fill, keep) {
+                    if let Ok(op) = ring.start(t, &fill, keep) {
                         op.await.map_err(crate::types::Error::Io)?;
                         self.host.size.fetch_max(end, Ordering::SeqCst);
                         return Ok(());
@@ -113,7 +142,7 @@ impl FileDriver {
             }
         }
         // Copy first: the caller's buffer never leaves this thread.
-        let mut bounce = AlignedBuf::with_data(end - start, self.host.align, head, buf)?;
+        let mut bounce = AlignedBuf::with_fill(end - start, self.host.align, head, len, &fill)?;
         let guard = self.lock_blocks(start, end, rmw).await;
         let host = self.host.clone();
         let tail = (offset + len - start) as usize;

@@ -34,7 +34,7 @@ use std::sync::atomic::Ordering;
 
 use crate::graph::driver::{BlockDriver, IoFuture, ResizePermit};
 use crate::graph::proof::{CallbackRef, RequestRef};
-use crate::types::{BlockStatus, DriverInfo, Result};
+use crate::types::{BlockStatus, DriverInfo, IoVec, IoVecMut, Result};
 
 use lock::unlock_image;
 
@@ -119,6 +119,24 @@ impl BlockDriver for FileDriver {
 
     fn write<'a>(&'a self, _node: RequestRef<'a>, offset: u64, buf: &'a [u8]) -> IoFuture<'a, ()> {
         Box::pin(self.do_write(offset, buf))
+    }
+
+    fn readv<'a>(
+        &'a self,
+        _node: RequestRef<'a>,
+        offset: u64,
+        iov: IoVecMut<'a>,
+    ) -> IoFuture<'a, ()> {
+        Box::pin(self.do_readv(offset, iov))
+    }
+
+    fn writev<'a>(
+        &'a self,
+        _node: RequestRef<'a>,
+        offset: u64,
+        iov: IoVec<'a>,
+    ) -> IoFuture<'a, ()> {
+        Box::pin(self.do_writev(offset, iov))
     }
 
     fn write_zeroes<'a>(
