@@ -588,3 +588,33 @@ fn works_outside_a_tokio_runtime() {
     assert_eq!(&data, b"no runtime");
     s.finish();
 }
+
+/// `no_flush` (QEMU's `cache.no-flush=on`): flushes succeed and the node
+/// says so in its description; what was written still reaches the file
+/// (through the page cache).
+#[test]
+fn a_no_flush_file_acknowledges_flushes_and_keeps_the_writes() {
+    use blockgraph::driver::BlockDriver as _;
+    let dir = tempfile::tempdir().unwrap();
+    let path = image(dir.path(), "nf.img", 1 << 20);
+    let opts = FileOptions {
+        no_flush: true,
+        ..FileOptions::default()
+    };
+    let driver = FileDriver::open(&path, opts).unwrap();
+    assert!(
+        driver.describe().contains("no-flush"),
+        "{}",
+        driver.describe()
+    );
+    assert!(driver.options().no_flush);
+    let s = setup(driver);
+    let data = pattern(4096, 7);
+    s.write(8192, &data).unwrap();
+    let blk = s.blk.clone();
+    s.io.spawn(move |mut cx| async move { blk.flush(&mut cx).await })
+        .join()
+        .unwrap();
+    assert_eq!(&std::fs::read(&path).unwrap()[8192..12288], &data[..]);
+    s.finish();
+}

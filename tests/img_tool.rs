@@ -111,6 +111,7 @@ fn bad_arguments_and_bad_images_give_one_line_errors() {
             "multiple of 512",
         ),
         (&["convert", "-m", "17", "good.raw", "o"], "-m must be"),
+        (&["convert", "-t", "none", "good.raw", "o"], "-t must be"),
         (
             &["convert", "--target-is-zero", "good.raw", "o"],
             "existing target (-n)",
@@ -1078,10 +1079,16 @@ fn convert_into_existing_targets_and_with_qemu_img_copy_options() {
         "{o}"
     );
     identical("s64.raw");
-    // -m 1 and -W (alone and together) change the schedule, not the result.
-    for (i, opts) in [&["-m", "1"][..], &["-W"], &["-m", "16", "-W"]]
-        .iter()
-        .enumerate()
+    // -m 1 and -W (alone and together) change the schedule, not the
+    // result; neither does -t writeback (which flushes the target first).
+    for (i, opts) in [
+        &["-m", "1"][..],
+        &["-W"],
+        &["-m", "16", "-W"],
+        &["-t", "writeback"],
+    ]
+    .iter()
+    .enumerate()
     {
         let out = format!("m{i}.qcow2");
         let mut args = vec!["convert", "-O", "qcow2"];

@@ -21,6 +21,7 @@ use std::sync::Arc;
 
 use blockgraph::driver::BlockStatus;
 use blockgraph::drivers::qcow2::Qcow2Driver;
+use blockgraph::drivers::FileOptions;
 use blockgraph::{BlockBackend, ChildRole, IoTask};
 use indicatif::ProgressBar;
 
@@ -77,6 +78,12 @@ pub struct Args {
     /// written
     #[arg(long)]
     target_is_zero: bool,
+    /// The target's cache mode: unsafe (the default, as qemu-img's: the
+    /// data may still be in the host's page cache when convert returns) or
+    /// writeback (flushed to stable storage before convert returns)
+    #[arg(short = 't', value_name = "CACHE", default_value = "unsafe",
+          value_parser = parse_cache)]
+    cache: Cache,
     /// The source and the new image
     #[arg(value_names = ["SRC", "DST"], num_args = 1..=2, required = true)]
     paths: Vec<PathBuf>,
@@ -89,6 +96,25 @@ const CHUNK: u64 = 2 << 20;
 const WORKERS: u64 = 8;
 /// The zero detection granularity of a raw target (QEMU's `-S` default).
 const RAW_SPARSE: u64 = 4 << 10;
+
+/// `-t`: what the end of a conversion waits for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Cache {
+    /// The written data may still be in the host's page cache when convert
+    /// returns (qemu-img convert's default): the target file's flushes
+    /// stop there (`FileOptions::no_flush`).
+    Unsafe,
+    /// The target is flushed (`fdatasync`) before convert returns.
+    Writeback,
+}
+
+fn parse_cache(s: &str) -> Result<Cache, String> {
+    match s {
+        "unsafe" => Ok(Cache::Unsafe),
+        "writeback" => Ok(Cache::Writeback),
+        _ => Err(format!("-t must be unsafe or writeback, not '{s}'")),
+    }
+}
 
 /// `-m`: 1 to 16 copies in flight, as qemu-img allows.
 fn parse_in_flight(s: &str) -> Result<u64, String> {
@@ -406,7 +432,9 @@ pub fn run(a: Args) -> Res<i32> {
     if size == 0 {
         return Err("convert: the source is empty".into());
     }
-    // The destination.
+    // The destination; with `-t unsafe` its file's flushes (ours at the
+    // end and the one at shutdown) stop at the page cache, as qemu-img's do.
+    let no_flush = a.cache == Cache::Unsafe;
     let dst_top = if a.no_create {
         if !options.is_empty() {
             return Err(
@@ -434,7 +462,19 @@ pub fn run(a: Args) -> Res<i32> {
         let qcow2 = (out_fmt == Format::Qcow2).then(|| options.qcow2(size));
         let path = dst.clone();
         let created = env.io(move |mut cx| async move {
-            let file = create_image(&mut cx, "dst-file", &path, size, qcow2.as_ref()).await?;
+            let file_options = FileOptions {
+                no_flush,
+                ..FileOptions::default()
+            };
+            let file = create_image(
+                &mut cx,
+                "dst-file",
+                &path,
+                size,
+                qcow2.as_ref(),
+                file_options,
+            )
+            .await?;
             if qcow2.is_none() {
                 return Ok(file);
             }
@@ -536,6 +576,8 @@ pub fn run(a: Args) -> Res<i32> {
             _ => {}
         }
     }
+    // Everything reaches the file (a qcow2 target's cached metadata too);
+    // with `-t writeback` the file then reaches stable storage.
     let d = dst_blk.clone();
     let flushed = env
         .io(move |mut cx| async move { d.flush(&mut cx).await })

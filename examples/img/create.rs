@@ -3,6 +3,8 @@
 
 use std::path::PathBuf;
 
+use blockgraph::drivers::FileOptions;
+
 use crate::args::{format_parser, size_parser, Common, Format, ImageOptions};
 use crate::open::{create_image, Env, OpenPolicy};
 use crate::output::{err, Res};
@@ -93,7 +95,15 @@ pub fn run(a: Args) -> Res<i32> {
     });
     let path = a.file.clone();
     env.io(move |mut cx| async move {
-        create_image(&mut cx, "new-file", &path, size, qcow2.as_ref()).await
+        create_image(
+            &mut cx,
+            "new-file",
+            &path,
+            size,
+            qcow2.as_ref(),
+            FileOptions::default(),
+        )
+        .await
     })?;
     let mut line = format!(
         "Formatting '{}', fmt={} size={size}",

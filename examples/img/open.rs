@@ -27,6 +27,8 @@ pub struct OpenPolicy {
     pub writable: bool,
     pub force_share: bool,
     pub allow_absolute: bool,
+    /// Flushes of the files end at the page cache (`convert -t unsafe`).
+    pub no_flush: bool,
 }
 
 impl OpenPolicy {
@@ -35,6 +37,7 @@ impl OpenPolicy {
             writable,
             force_share: common.force_share,
             allow_absolute: common.allow_absolute,
+            no_flush: false,
         }
     }
 
@@ -45,6 +48,7 @@ impl OpenPolicy {
             locking: !layer.no_locking,
             share_writes: self.force_share,
             aio: layer.aio,
+            no_flush: self.no_flush,
             ..FileOptions::default()
         }
     }
@@ -335,6 +339,7 @@ pub async fn create_image(
     path: &Path,
     size: u64,
     qcow2: Option<&CreateOptions>,
+    file_options: FileOptions,
 ) -> Res<NodeHandle> {
     let length = if qcow2.is_some() { 0 } else { size };
     // An `rbd:` image is created in its pool (qcow2 grows it as it
@@ -342,7 +347,7 @@ pub async fn create_image(
     let (file, local): (Box<dyn BlockDriver>, bool) = match rbd_create(path, length) {
         Some(rbd) => (rbd.map_err(err)?, false),
         None => (
-            Box::new(FileDriver::create(path, length, FileOptions::default()).map_err(err)?),
+            Box::new(FileDriver::create(path, length, file_options).map_err(err)?),
             true,
         ),
     };

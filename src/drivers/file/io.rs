@@ -221,7 +221,7 @@ impl FileDriver {
     }
 
     pub(super) async fn do_flush(&self) -> Result<()> {
-        if self.is_read_only() {
+        if self.is_read_only() || self.options.no_flush {
             return Ok(());
         }
         #[cfg(feature = "io-uring")]

@@ -92,6 +92,9 @@ impl BlockDriver for FileDriver {
         if self.is_locked() {
             s.push_str(", locked");
         }
+        if self.options.no_flush {
+            s.push_str(", no-flush");
+        }
         s.push_str(&format!(", aio={}", self.aio));
         s
     }

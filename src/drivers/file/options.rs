@@ -35,6 +35,13 @@ pub struct FileOptions {
     ///
     /// [`FileDriver::aio`]: super::FileDriver::aio
     pub aio: Option<Aio>,
+    /// Flushes succeed without reaching the host (QEMU's
+    /// `cache.no-flush=on`, the file half of `cache=unsafe`): what was
+    /// written stays in the host's page cache until the kernel writes it
+    /// back, so a host crash can lose it. For scratch images and for
+    /// `qemu-img convert`-style copies that are checked afterwards. Default
+    /// `false`.
+    pub no_flush: bool,
 }
 
 /// How a file node does its host I/O ([`FileOptions::aio`]).
@@ -108,6 +115,7 @@ impl Default for FileOptions {
             share_writes: false,
             strict_alignment: false,
             aio: None,
+            no_flush: false,
         }
     }
 }
