@@ -10,7 +10,7 @@
 #[cfg(feature = "io-uring")]
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::Ordering;
 #[cfg(feature = "io-uring")]
 use std::sync::Arc;
 
@@ -34,23 +34,6 @@ fn span(start: u64, end: u64) -> Result<usize> {
 /// Buffered transfers from this size on are queued with `IOSQE_ASYNC`.
 #[cfg(feature = "io-uring")]
 const PUNT_AT: usize = 32 << 10;
-
-/// Counts a write in flight for as long as it lives (also when the request
-/// is dropped half-way).
-struct WriteCount<'a>(&'a AtomicUsize);
-
-impl<'a> WriteCount<'a> {
-    fn new(count: &'a AtomicUsize) -> Self {
-        count.fetch_add(1, Ordering::Relaxed);
-        WriteCount(count)
-    }
-}
-
-impl Drop for WriteCount<'_> {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::Relaxed);
-    }
-}
 
 /// Largest zero buffer written at once when the host cannot zero a range.
 const ZERO_CHUNK: u64 = 1 << 20;
@@ -126,7 +109,6 @@ impl FileDriver {
     /// which `fill` fills first (exactly `len` bytes).
     async fn write_from(&self, offset: u64, len: u64, fill: impl Fn(&mut [u8])) -> Result<()> {
         self.check_writable()?;
-        let _counted = WriteCount::new(&self.writes);
         if len == 0 {
             return Ok(());
         }
@@ -136,7 +118,7 @@ impl FileDriver {
         let rmw = start != offset || end != offset + len;
         #[cfg(feature = "io-uring")]
         if !rmw {
-            if let Some(ring) = self.ring().filter(|_| !self.lone_buffered_write()) {
+            if let Some(ring) = self.ring() {
                 // Held until the write's final completion, even if this
                 // future is gone by then (the ring keeps it).
                 let guard = self.lock_blocks(start, end, false).await;
@@ -281,17 +263,6 @@ impl FileDriver {
         } else {
             None
         }
-    }
-
-    /// Whether a write is buffered and the file's only write in flight:
-    /// ext4 cannot do a buffered write without blocking, so io_uring hands
-    /// it to a kernel worker, a hop that costs more than the thread pool's
-    /// when nothing else is in flight (`benches/file_io.rs`: page-cache 4 KiB
-    /// writes at depth 1, 0.7x QEMU on the ring, 1.3-1.6x on the pool);
-    /// with others in flight the ring batches and wins.
-    #[cfg(feature = "io-uring")]
-    fn lone_buffered_write(&self) -> bool {
-        self.host.align == 1 && self.writes.load(Ordering::Relaxed) <= 1
     }
 
     /// Whether to queue a transfer of `len` bytes with `IOSQE_ASYNC`: large

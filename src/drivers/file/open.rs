@@ -133,7 +133,6 @@ impl FileDriver {
             read_only: AtomicBool::new(options.read_only),
             ranges: RangeLock::default(),
             aio,
-            writes: Default::default(),
         })
     }
 }

@@ -136,8 +136,6 @@ pub struct FileDriver {
     pub(super) ranges: RangeLock,
     /// The I/O path chosen at open.
     pub(super) aio: Aio,
-    /// Writes in flight on this file (see `FileDriver::lone_buffered_write`).
-    pub(super) writes: std::sync::atomic::AtomicUsize,
 }
 
 impl FileDriver {

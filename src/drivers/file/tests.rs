@@ -142,12 +142,6 @@ fn dropped_requests_return_their_slots(direct: bool) {
     let path2 = path.clone();
     on_io_thread(move || {
         Box::pin(async move {
-            // As if another write were in flight: a buffered write alone
-            // takes the thread pool (`lone_buffered_write`), and these
-            // must go to the ring.
-            driver
-                .writes
-                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             for round in 0..3u64 {
                 for i in 0..(POOL_SLOTS as u64 * 2) {
                     let offset = (i * 4096 + round * (1 << 20)) % (4 << 20);
