@@ -32,7 +32,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{machine, median, median_ratio, Table};
+use common::{machine, median, median_ratio, qemu_tool_version, Table};
 use process::{have, run};
 
 /// The release `img` binary, built if missing (cargo rebuilds only what
@@ -188,7 +188,7 @@ fn main() {
     println!(
         "\nnbd driver (img bench) vs QEMU's nbd client (qemu-img bench) {}: \
          raw image of {} MiB served by qemu-nbd over a Unix socket, {rounds} rounds{}",
-        qemu_version(),
+        qemu_tool_version("qemu-img"),
         size >> 20,
         if quick { " (quick mode)" } else { "" }
     );
@@ -209,13 +209,4 @@ fn main() {
         ]);
     }
     t.print();
-}
-
-fn qemu_version() -> String {
-    let out = run(Command::new("qemu-img").arg("--version"));
-    out.lines()
-        .next()
-        .and_then(|l| l.split("version ").nth(1))
-        .map(|v| v.split_whitespace().next().unwrap_or(v).to_owned())
-        .unwrap_or_else(|| "?".into())
 }

@@ -41,7 +41,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{machine, median, median_ratio, Table};
+use common::{machine, median, median_ratio, qemu_tool_version, Table};
 use process::{have, run};
 
 fn env_size(name: &str) -> Option<u64> {
@@ -297,7 +297,7 @@ fn main() {
     println!(
         "\nstorage_daemon vs qemu-storage-daemon {}: {what}, \
          NBD over a Unix socket, {rounds} rounds{}",
-        qemu_version(),
+        qemu_tool_version("qemu-storage-daemon"),
         if quick { " (quick mode)" } else { "" }
     );
     println!("machine: {}\n", machine());
@@ -319,15 +319,6 @@ fn main() {
         ]);
     }
     t.print();
-}
-
-fn qemu_version() -> String {
-    let out = run(Command::new("qemu-storage-daemon").arg("--version"));
-    out.lines()
-        .next()
-        .and_then(|l| l.split("version ").nth(1))
-        .map(|v| v.split_whitespace().next().unwrap_or(v).to_owned())
-        .unwrap_or_else(|| "?".into())
 }
 
 fn fs_of(path: &Path) -> String {

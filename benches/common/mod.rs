@@ -217,3 +217,19 @@ pub fn machine() -> String {
     let cpus = std::thread::available_parallelism().map_or(0, |n| n.get());
     format!("{}, {cpus} cpus, kernel {}", cpu_model(), kernel())
 }
+
+/// The version a QEMU tool prints (`qemu-img --version`'s "10.0.2"), or
+/// "?" when it cannot be run or read.
+pub fn qemu_tool_version(tool: &str) -> String {
+    std::process::Command::new(tool)
+        .arg("--version")
+        .output()
+        .ok()
+        .and_then(|out| {
+            let text = String::from_utf8_lossy(&out.stdout).into_owned();
+            let first = text.lines().next()?.to_owned();
+            let v = first.split("version ").nth(1)?;
+            Some(v.split_whitespace().next().unwrap_or(v).to_owned())
+        })
+        .unwrap_or_else(|| "?".into())
+}
