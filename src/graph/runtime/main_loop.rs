@@ -68,6 +68,12 @@ pub struct MainLoop {
 impl MainLoop {
     /// Starts the main-loop thread.
     pub fn new() -> Result<MainLoop> {
+        // The graph lock's membarrier registration, before this starts a
+        // thread: while the process has one thread the kernel registers it
+        // at once, after that it waits for an RCU grace period (about
+        // 12 ms here, most of a short tool's start-up). Once per process;
+        // the lock created below asks again and finds the answer cached.
+        let _ = crate::sync::membarrier::asymmetric_available();
         let (jobs_tx, jobs_rx) = mpsc::unbounded_channel();
         let (init_tx, init_rx) = std_mpsc::channel::<MainLoop>();
         let runtime = tokio::runtime::Builder::new_current_thread()
