@@ -381,13 +381,15 @@ fn qemu_io_holding_the_image_keeps_a_writer_out() {
     let dir = tempfile::tempdir().unwrap();
     let path = image(dir.path(), "shared.img", 1 << 20);
     let mut child = std::process::Command::new("qemu-io")
-        .args(["-f", "raw", "-c", "sleep 3000"])
+        .args(["-f", "raw", "-c", "sleep 60000"])
         .arg(&path)
         .stdout(std::process::Stdio::null())
         .spawn()
         .unwrap();
+    // Until qemu-io has taken its lock: a deadline, not a count of tries.
     let mut refused = None;
-    for _ in 0..250 {
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while std::time::Instant::now() < deadline {
         match FileDriver::open(&path, FileOptions::default()) {
             Err(e @ Error::Locked { .. }) => {
                 refused = Some(e);

@@ -301,14 +301,20 @@ fn an_image_in_use_is_locked() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     ok(d, &["create", "-f", "qcow2", "busy.qcow2", "1M"]);
+    // qemu-io holds the image (and its lock) for a minute, or until it is
+    // killed below.
     let mut holder = Command::new("qemu-io")
-        .args(["-f", "qcow2", "-c", "sleep 3000", "busy.qcow2"])
+        .args(["-f", "qcow2", "-c", "sleep 60000", "busy.qcow2"])
         .current_dir(d)
         .stdout(std::process::Stdio::null())
         .spawn()
         .unwrap();
+    // Until qemu-io has taken the lock: a deadline, not a count of tries
+    // (an img run takes a few milliseconds, qemu-io's start-up on a loaded
+    // machine much longer).
     let mut locked = None;
-    for _ in 0..200 {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while std::time::Instant::now() < deadline {
         let r = img(d, &["bench", "--rw", "write", "--count", "1", "busy.qcow2"]);
         if r.code != 0 {
             locked = Some(r.stderr);
@@ -318,7 +324,7 @@ fn an_image_in_use_is_locked() {
     }
     let _ = holder.kill();
     let _ = holder.wait();
-    let msg = locked.expect("never refused");
+    let msg = locked.expect("img was never refused within 30 s of qemu-io taking the image");
     assert!(msg.contains("failed to lock"), "{msg}");
     // -U looks anyway.
     assert_eq!(img(d, &["info", "-U", "busy.qcow2"]).code, 0);
