@@ -386,20 +386,14 @@ fn qemu_io_holding_the_image_keeps_a_writer_out() {
         .stdout(std::process::Stdio::null())
         .spawn()
         .unwrap();
-    // Until qemu-io has taken its lock: a deadline, not a count of tries.
-    let mut refused = None;
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    while std::time::Instant::now() < deadline {
-        match FileDriver::open(&path, FileOptions::default()) {
-            Err(e @ Error::Locked { .. }) => {
-                refused = Some(e);
-                break;
-            }
-            Ok(f) => drop(f),
-            Err(e) => panic!("unexpected error: {e}"),
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    // Until qemu-io holds its lock (seen in /proc/locks, which takes none:
+    // opening meanwhile could make qemu-io's own open fail).
+    common::process::wait_until_locked(&path, &mut child, Duration::from_secs(30));
+    let refused = match FileDriver::open(&path, FileOptions::default()) {
+        Err(e @ Error::Locked { .. }) => Some(e),
+        Ok(_) => None,
+        Err(e) => panic!("unexpected error: {e}"),
+    };
     let _ = child.kill();
     let _ = child.wait();
     assert!(refused.is_some(), "qemu-io's write lock was never seen");

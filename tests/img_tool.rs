@@ -309,22 +309,19 @@ fn an_image_in_use_is_locked() {
         .stdout(std::process::Stdio::null())
         .spawn()
         .unwrap();
-    // Until qemu-io has taken the lock: a deadline, not a count of tries
-    // (an img run takes a few milliseconds, qemu-io's start-up on a loaded
-    // machine much longer).
-    let mut locked = None;
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-    while std::time::Instant::now() < deadline {
-        let r = img(d, &["bench", "--rw", "write", "--count", "1", "busy.qcow2"]);
-        if r.code != 0 {
-            locked = Some(r.stderr);
-            break;
-        }
-        std::thread::sleep(std::time::Duration::from_millis(10));
-    }
+    // Until qemu-io holds its lock (seen in /proc/locks, which takes no
+    // lock: trying img meanwhile could make qemu-io's own open fail, and
+    // then nothing would hold the image).
+    process::wait_until_locked(
+        &d.join("busy.qcow2"),
+        &mut holder,
+        std::time::Duration::from_secs(30),
+    );
+    let r = img(d, &["bench", "--rw", "write", "--count", "1", "busy.qcow2"]);
+    let locked = (r.code != 0).then_some(r.stderr);
     let _ = holder.kill();
     let _ = holder.wait();
-    let msg = locked.expect("img was never refused within 30 s of qemu-io taking the image");
+    let msg = locked.expect("img was not refused while qemu-io held the image");
     assert!(msg.contains("failed to lock"), "{msg}");
     // -U looks anyway.
     assert_eq!(img(d, &["info", "-U", "busy.qcow2"]).code, 0);

@@ -167,3 +167,44 @@ pub fn output_within(cmd: &mut Command, limit: Duration) -> Output {
         stderr: e.join().unwrap_or_default(),
     }
 }
+
+/// Waits until `holder` (a QEMU tool opening `path`) holds its locks on the
+/// file, looking at `/proc/locks` only, so the wait itself takes no lock
+/// that could make the holder's open fail. Panics if the holder exits or
+/// no lock shows within `limit`.
+pub fn wait_until_locked(path: &Path, holder: &mut std::process::Child, limit: Duration) {
+    use std::os::unix::fs::MetadataExt as _;
+    let ino = std::fs::metadata(path)
+        .expect("the locked file exists")
+        .ino();
+    let needle = format!(":{ino} ");
+    let deadline = Instant::now() + limit;
+    let count = || {
+        let locks = std::fs::read_to_string("/proc/locks").unwrap_or_default();
+        locks.lines().filter(|l| l.contains(&needle)).count()
+    };
+    loop {
+        // QEMU takes its lock bytes in more than one step: wait until
+        // their number has held still for 100 ms.
+        let seen = count();
+        if seen > 0 {
+            std::thread::sleep(Duration::from_millis(100));
+            if count() == seen {
+                return;
+            }
+            continue;
+        }
+        if let Ok(Some(status)) = holder.try_wait() {
+            panic!(
+                "the process that was to hold {} exited: {status}",
+                path.display()
+            );
+        }
+        assert!(
+            Instant::now() < deadline,
+            "watchdog: no lock on {} within {limit:?}",
+            path.display()
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
