@@ -196,6 +196,25 @@ fn add(
         .unwrap()
 }
 
+/// A new image of `size` (`rbd create --size`) named after `what`, and
+/// what removes it when the test ends.
+fn new_image(conf: &Path, what: &str, size: &str) -> (String, Cleanup) {
+    let img = image_name(what);
+    let cleanup = Cleanup(conf.to_owned(), img.clone());
+    rbd_cli(conf, &["create", "--size", size, &format!("rbd/{img}")]);
+    (img, cleanup)
+}
+
+/// `image` opened read-write as the graph node `name`.
+fn open_node(env: &Env, name: &str, conf: &Path, image: &str) -> NodeHandle {
+    add(
+        env,
+        name,
+        RbdDriver::open(opts(conf, image)).unwrap(),
+        vec![],
+    )
+}
+
 fn remove(env: &Env, node: &NodeHandle) {
     let n = node.clone();
     env.main.run(move |bql| {
@@ -320,12 +339,7 @@ fn resize_and_snapshots_listed_in_node_info_and_opened_read_only() {
     let _c = Cleanup(conf.clone(), img.clone());
     run(Command::new("qemu-img").args(["create", "-f", "raw", &qemu_name(&conf, &img), "4M"]));
     let env = Env::new();
-    let node = add(
-        &env,
-        "rbd0",
-        RbdDriver::open(opts(&conf, &img)).unwrap(),
-        vec![],
-    );
+    let node = open_node(&env, "rbd0", &conf, &img);
     env.write(&node, 0, vec![0x11; 65536]).unwrap();
     env.flush(&node).unwrap();
     rbd_cli(&conf, &["snap", "create", &format!("rbd/{img}@first")]);
@@ -474,9 +488,7 @@ fn mirror_from_a_local_qcow2_onto_rbd() {
         "write -P 0x44 5M 300k",
         local.to_str().unwrap(),
     ]));
-    let img = image_name("mirror");
-    let _c = Cleanup(conf.clone(), img.clone());
-    rbd_cli(&conf, &["create", "--size", "8M", &format!("rbd/{img}")]);
+    let (img, _c) = new_image(&conf, "mirror", "8M");
     // Stale data on the target that the full copy must overwrite.
     run(Command::new("qemu-io").args([
         "-f",
@@ -565,16 +577,9 @@ fn dropped_requests_never_touch_freed_memory() {
         return;
     };
     let _w = watchdog("rbd_cancel", Duration::from_secs(180));
-    let img = image_name("cancel");
-    let _c = Cleanup(conf.clone(), img.clone());
-    rbd_cli(&conf, &["create", "--size", "8M", &format!("rbd/{img}")]);
+    let (img, _c) = new_image(&conf, "cancel", "8M");
     let env = Env::new();
-    let node = add(
-        &env,
-        "rbd0",
-        RbdDriver::open(opts(&conf, &img)).unwrap(),
-        vec![],
-    );
+    let node = open_node(&env, "rbd0", &conf, &img);
     env.write(&node, 0, pattern(8 << 20, 3)).unwrap();
     let n = node.clone();
     let pending = env.on_io(move |mut cx| async move {
@@ -642,9 +647,7 @@ fn credentials_are_never_printed() {
         .expect("a key in the keyring")
         .trim()
         .to_owned();
-    let img = image_name("cred");
-    let _c = Cleanup(conf.clone(), img.clone());
-    rbd_cli(&conf, &["create", "--size", "1M", &format!("rbd/{img}")]);
+    let (img, _c) = new_image(&conf, "cred", "1M");
 
     // The right key, given as an option (the keyring is not read: it is
     // pointed away).
@@ -730,9 +733,7 @@ fn the_storage_daemon_exports_an_rbd_image_with_qemus_options() {
         return;
     };
     let _w = watchdog("rbd_daemon", Duration::from_secs(240));
-    let img = image_name("daemon");
-    let _c = Cleanup(conf.clone(), img.clone());
-    rbd_cli(&conf, &["create", "--size", "4M", &format!("rbd/{img}")]);
+    let (img, _c) = new_image(&conf, "daemon", "4M");
     let bin = example_with_rbd("storage_daemon");
     let dir = tempfile::tempdir().unwrap();
     let sock = dir.path().join("nbd.sock");
@@ -802,12 +803,7 @@ fn block_status_follows_the_object_map() {
     // librbd's default features include object-map and fast-diff.
     rbd_cli(&conf, &["create", "--size", "20M", &format!("rbd/{img}")]);
     let env = Env::new();
-    let node = add(
-        &env,
-        "rbd0",
-        RbdDriver::open(opts(&conf, &img)).unwrap(),
-        vec![],
-    );
+    let node = open_node(&env, "rbd0", &conf, &img);
     const MB: u64 = 1 << 20;
     env.write(&node, 4 * MB + 100, vec![1; 4096]).unwrap();
     env.write(&node, 12 * MB, vec![2; 4096]).unwrap();
@@ -1012,16 +1008,9 @@ fn read_only_and_back_as_live_snapshots_and_jobs_switch_it() {
         return;
     };
     let _w = watchdog("rbd_read_only_switch", Duration::from_secs(180));
-    let img = image_name("live");
-    let _c = Cleanup(conf.clone(), img.clone());
-    rbd_cli(&conf, &["create", "--size", "4M", &format!("rbd/{img}")]);
+    let (img, _c) = new_image(&conf, "live", "4M");
     let env = Env::new();
-    let node = add(
-        &env,
-        "rbd0",
-        RbdDriver::open(opts(&conf, &img)).unwrap(),
-        vec![],
-    );
+    let node = open_node(&env, "rbd0", &conf, &img);
     env.write(&node, 0, vec![0x41; 4096]).unwrap();
     // Read-only, as a live snapshot makes the old top: writes refused.
     let set = |ro: bool| {
@@ -1065,16 +1054,9 @@ fn a_live_snapshot_of_an_rbd_disk_onto_a_local_overlay_that_qemu_opens() {
         return;
     };
     let _w = watchdog("rbd_live_snapshot", Duration::from_secs(180));
-    let img = image_name("live");
-    let _c = Cleanup(conf.clone(), img.clone());
-    rbd_cli(&conf, &["create", "--size", "4M", &format!("rbd/{img}")]);
+    let (img, _c) = new_image(&conf, "live", "4M");
     let env = Env::new();
-    let node = add(
-        &env,
-        "rbd0",
-        RbdDriver::open(opts(&conf, &img)).unwrap(),
-        vec![],
-    );
+    let node = open_node(&env, "rbd0", &conf, &img);
     env.write(&node, 0, vec![0x51; 65536]).unwrap();
     let dir = tempfile::tempdir().unwrap();
     let overlay_path = dir.path().join("overlay.qcow2");
@@ -1152,16 +1134,9 @@ fn hundreds_of_requests_in_flight_on_two_io_threads_lose_nothing() {
     let _w = watchdog("rbd_in_flight", Duration::from_secs(180));
     const BLOCK: usize = 16 << 10;
     const BLOCKS: usize = 1024; // 16 MiB
-    let img = image_name("inflight");
-    let _c = Cleanup(conf.clone(), img.clone());
-    rbd_cli(&conf, &["create", "--size", "16M", &format!("rbd/{img}")]);
+    let (img, _c) = new_image(&conf, "inflight", "16M");
     let env = Env::new();
-    let node = add(
-        &env,
-        "rbd0",
-        RbdDriver::open(opts(&conf, &img)).unwrap(),
-        vec![],
-    );
+    let node = open_node(&env, "rbd0", &conf, &img);
     // Each thread writes every other block, all its requests at once, in
     // two rounds (the second overwrites half of the first), then reads
     // everything back at once.
