@@ -7,7 +7,7 @@ use std::io;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
-use std::sync::atomic::AtomicU64;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use crate::types::{Error, Result};
 
@@ -24,6 +24,10 @@ pub(super) struct Host {
     /// Offset/length alignment of host calls: 1 when buffered.
     pub(super) align: u64,
     pub(super) block_device: bool,
+    /// Whether buffered reads may try the page cache first, in the
+    /// caller's memory (`preadv2` with `RWF_NOWAIT`): cleared the first
+    /// time the host refuses the flag.
+    pub(super) nowait_reads: AtomicBool,
 }
 
 /// Adds the path to an I/O error from opening or probing it.
@@ -201,4 +205,63 @@ pub(super) fn fallocate(file: &File, mode: libc::c_int, offset: u64, len: u64) -
             _ => return Err(e),
         }
     }
+}
+
+/// What [`read_cached`] got done.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Cached {
+    /// Every byte: read from the page cache, or zeroes past the end.
+    All,
+    /// This many bytes from the start (fewer than asked); the rest is not
+    /// in the page cache, or the host refused the flag.
+    Part(usize),
+}
+
+/// Reads `[offset, offset + len(bufs))` of a buffered file straight into
+/// `bufs` as far as the page cache holds it, without ever waiting for the
+/// device: `preadv2` with `RWF_NOWAIT`, which copies what is cached and
+/// stops (`EAGAIN`, or a short count) where a page would need I/O. Past
+/// the end of the file the rest reads as zeroes, as in [`read_or_zero`].
+///
+/// The call finishes before this function returns, so the caller's memory
+/// is lent to the kernel for the call's duration only: nothing can reach
+/// it once the request's future is dropped or forgotten. This is the
+/// page-cache hit that io_uring would serve inline during submission too,
+/// minus the ring's buffer and its copy.
+pub(super) fn read_cached(host: &Host, bufs: &mut [io::IoSliceMut<'_>], offset: u64) -> Cached {
+    let total: usize = bufs.iter().map(|b| b.len()).sum();
+    let mut bufs = bufs;
+    let mut done = 0;
+    while done < total {
+        match rustix::io::preadv2(
+            &host.file,
+            bufs,
+            offset + done as u64,
+            rustix::io::ReadWriteFlags::NOWAIT,
+        ) {
+            Ok(0) => {
+                for b in bufs.iter_mut() {
+                    b.fill(0);
+                }
+                return Cached::All;
+            }
+            Ok(n) => {
+                done += n;
+                io::IoSliceMut::advance_slices(&mut bufs, n);
+            }
+            Err(rustix::io::Errno::INTR) => {}
+            Err(rustix::io::Errno::AGAIN) => return Cached::Part(done),
+            Err(
+                rustix::io::Errno::OPNOTSUPP | rustix::io::Errno::INVAL | rustix::io::Errno::NOSYS,
+            ) => {
+                // Not supported here (a kernel before 4.14, a filesystem
+                // without non-blocking reads): the regular path from now on.
+                host.nowait_reads.store(false, Ordering::Relaxed);
+                return Cached::Part(done);
+            }
+            // A real error: the regular path retries and reports it.
+            Err(_) => return Cached::Part(done),
+        }
+    }
+    Cached::All
 }

@@ -127,12 +127,14 @@ impl FileDriver {
                 size: AtomicU64::new(size),
                 align,
                 block_device,
+                nowait_reads: AtomicBool::new(align == 1),
             }),
             options,
             locked: AtomicBool::new(locked),
             read_only: AtomicBool::new(options.read_only),
             ranges: RangeLock::default(),
             aio,
+            writes: Default::default(),
         })
     }
 }

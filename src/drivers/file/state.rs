@@ -25,6 +25,16 @@ use super::options::{Aio, FileOptions};
 /// polled off I/O threads, read-modify-writes of partial `O_DIRECT` blocks)
 /// takes the thread-pool path below.
 ///
+/// Before either, a buffered read first asks the page cache, without ever
+/// waiting for the device (`preadv2` with `RWF_NOWAIT`): what is cached is
+/// copied straight into the caller's buffer during the call, which is over
+/// before the request's first poll returns, and only the rest (pages that
+/// need I/O) takes the ring or the pool. Nothing outlives the call, so
+/// this lends the caller's memory to the kernel no longer than a borrow
+/// lasts. A buffered write that is the file's only write in flight takes
+/// the pool rather than the ring (ext4 hands buffered writes on a ring to
+/// a kernel worker anyway, a dearer hop when nothing else is queued).
+///
 /// With [`Aio::Threads`], host I/O blocks, so every system call runs on tokio's blocking pool
 /// (`spawn_blocking`), never on the I/O thread's executor. The closure that
 /// runs there owns everything it touches: the file (an `Arc`), and a buffer
@@ -136,6 +146,8 @@ pub struct FileDriver {
     pub(super) ranges: RangeLock,
     /// The I/O path chosen at open.
     pub(super) aio: Aio,
+    /// Writes in flight on this file (see `FileDriver::lone_buffered_write`).
+    pub(super) writes: std::sync::atomic::AtomicUsize,
 }
 
 impl FileDriver {

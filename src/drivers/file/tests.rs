@@ -79,7 +79,18 @@ fn open(path: &std::path::Path, direct: bool) -> Option<FileDriver> {
     )
     .ok()?;
     assert_eq!(driver.aio(), Aio::IoUring);
+    // These tests are about the ring: buffered reads must not be served
+    // from the page cache before it (`read_cached`, tested below).
+    without_cached_reads(&driver);
     Some(driver)
+}
+
+/// Turns the page-cache fast path of buffered reads off for `driver`.
+fn without_cached_reads(driver: &FileDriver) {
+    driver
+        .host
+        .nowait_reads
+        .store(false, std::sync::atomic::Ordering::Relaxed);
 }
 
 fn forgotten_reads_never_touch_the_callers_buffer(direct: bool) {
@@ -142,6 +153,12 @@ fn dropped_requests_return_their_slots(direct: bool) {
     let path2 = path.clone();
     on_io_thread(move || {
         Box::pin(async move {
+            // As if another write were in flight: a buffered write alone
+            // takes the thread pool (`lone_buffered_write`), and these
+            // must go to the ring.
+            driver
+                .writes
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             for round in 0..3u64 {
                 for i in 0..(POOL_SLOTS as u64 * 2) {
                     let offset = (i * 4096 + round * (1 << 20)) % (4 << 20);
@@ -290,4 +307,152 @@ fn large_requests_reuse_kept_buffers_within_a_bound() {
             assert_eq!(ring.own_slots().0, slots, "no new slot");
         })
     });
+}
+
+/// A file whose 4 KiB block `i` is filled with byte `i % 251 + 1`.
+fn striped(dir: &std::path::Path, blocks: usize) -> (std::path::PathBuf, Vec<u8>) {
+    let data: Vec<u8> = (0..blocks)
+        .flat_map(|i| std::iter::repeat_n((i % 251 + 1) as u8, 4096))
+        .collect();
+    let path = dir.join("striped");
+    std::fs::write(&path, &data).unwrap();
+    (path, data)
+}
+
+/// Drops `[offset, offset + len)` of `path` from the page cache (written
+/// back first, so the kernel may drop it). False where the kernel kept
+/// pages anyway (the test then has nothing to check).
+fn evict(path: &std::path::Path, offset: u64, len: u64) -> bool {
+    use std::os::fd::AsRawFd;
+    let file = std::fs::File::open(path).unwrap();
+    file.sync_all().unwrap();
+    // SAFETY: the descriptor belongs to `file`, open for the call; the call
+    // takes only integers.
+    let r = unsafe {
+        libc::posix_fadvise(
+            file.as_raw_fd(),
+            offset as libc::off_t,
+            len as libc::off_t,
+            libc::POSIX_FADV_DONTNEED,
+        )
+    };
+    assert_eq!(r, 0, "posix_fadvise");
+    // Whether the first byte is gone: mincore needs a mapping, so ask the
+    // kernel the way the driver does.
+    let mut probe = [0u8; 1];
+    let mut slices = [std::io::IoSliceMut::new(&mut probe)];
+    matches!(
+        rustix::io::preadv2(
+            &file,
+            &mut slices,
+            offset,
+            rustix::io::ReadWriteFlags::NOWAIT
+        ),
+        Err(rustix::io::Errno::AGAIN)
+    )
+}
+
+fn open_buffered(path: &std::path::Path, aio: Aio) -> FileDriver {
+    FileDriver::open(
+        path,
+        FileOptions {
+            aio: Some(aio),
+            ..FileOptions::default()
+        },
+    )
+    .unwrap()
+}
+
+/// A buffered read of cached data completes in its first poll, straight
+/// into the caller's buffer (nothing reaches the ring), on both `aio`
+/// modes and off I/O threads too; past the end of the file it reads
+/// zeroes.
+#[test]
+fn cached_buffered_reads_complete_at_once_in_the_callers_buffer() {
+    let dir = tempfile::tempdir().unwrap();
+    let (path, data) = striped(dir.path(), 128);
+    for aio in [Aio::Threads, Aio::IoUring] {
+        if aio == Aio::IoUring && !Aio::io_uring_available() {
+            continue;
+        }
+        let driver = open_buffered(&path, aio);
+        let expect = data.clone();
+        on_io_thread(move || {
+            Box::pin(async move {
+                for (offset, len) in [(0u64, 4096usize), (4000, 9000), (65536, 200 << 10)] {
+                    let mut buf = vec![0u8; len];
+                    let mut fut = Box::pin(driver.do_read(offset, &mut buf));
+                    assert!(
+                        poll_once(fut.as_mut()).is_ready(),
+                        "a cached read is done in its first poll ({aio:?})"
+                    );
+                    drop(fut);
+                    assert!(buf[..] == expect[offset as usize..offset as usize + len]);
+                }
+                if let Some(ring) = uring::current() {
+                    assert_eq!(ring.own_slots().0, 0, "nothing went to the ring");
+                }
+                // Across the end: the rest reads as zeroes.
+                let end = expect.len() as u64;
+                let mut buf = vec![0xffu8; 8192];
+                driver.do_read(end - 4096, &mut buf).await.unwrap();
+                assert!(buf[..4096] == expect[expect.len() - 4096..]);
+                assert!(buf[4096..].iter().all(|&b| b == 0), "zeroes past the end");
+                // Vectored, in uneven segments.
+                let mut parts = [vec![0u8; 100], vec![0u8; 5000], vec![0u8; 3092]];
+                let mut slices: Vec<_> = parts
+                    .iter_mut()
+                    .map(|p| std::io::IoSliceMut::new(p))
+                    .collect();
+                driver
+                    .do_readv(8192, crate::types::IoVecMut::new(&mut slices))
+                    .await
+                    .unwrap();
+                assert!(parts.concat()[..] == expect[8192..8192 + 8192]);
+            })
+        });
+    }
+}
+
+/// A buffered read whose data is partly out of the page cache takes what
+/// is cached straight away and the rest through the regular path, each
+/// byte landing where it belongs (contiguous and vectored).
+#[test]
+fn partly_cached_buffered_reads_finish_on_the_regular_path() {
+    let dir = tempfile::tempdir().unwrap();
+    let (path, data) = striped(dir.path(), 256);
+    for aio in [Aio::Threads, Aio::IoUring] {
+        if aio == Aio::IoUring && !Aio::io_uring_available() {
+            continue;
+        }
+        // Blocks 64.. leave the cache; reads start in cached blocks.
+        if !evict(&path, 64 * 4096, 192 * 4096) {
+            eprintln!("the kernel kept the pages; nothing to check");
+            return;
+        }
+        let driver = open_buffered(&path, aio);
+        let expect = data.clone();
+        let p = path.clone();
+        on_io_thread(move || {
+            Box::pin(async move {
+                let mut buf = vec![0u8; 64 << 10];
+                let offset = 48 * 4096 + 123;
+                driver.do_read(offset, &mut buf).await.unwrap();
+                assert!(buf[..] == expect[offset as usize..offset as usize + buf.len()]);
+                assert!(evict(&p, 64 * 4096, 192 * 4096));
+                let mut parts: Vec<Vec<u8>> = (0..40).map(|i| vec![0u8; 1000 + i * 37]).collect();
+                let total: usize = parts.iter().map(Vec::len).sum();
+                let mut slices: Vec<_> = parts
+                    .iter_mut()
+                    .map(|p| std::io::IoSliceMut::new(p))
+                    .collect();
+                let offset = 60 * 4096 + 7;
+                driver
+                    .do_readv(offset, crate::types::IoVecMut::new(&mut slices))
+                    .await
+                    .unwrap();
+                assert!(parts.concat()[..] == expect[offset as usize..offset as usize + total]);
+            })
+        });
+    }
 }
