@@ -15,14 +15,17 @@
 //! as zeroes in the source is zeroed there (`write_zeroes`) unless
 //! `--target-is-zero` says it already is.
 
+use std::future::Future;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
+use std::task::Poll;
 
 use blockgraph::driver::BlockStatus;
 use blockgraph::drivers::qcow2::Qcow2Driver;
 use blockgraph::drivers::FileOptions;
 use blockgraph::{BlockBackend, ChildRole, IoTask};
+use futures::future::Either;
 use indicatif::ProgressBar;
 
 use crate::args::{format_parser, parse_size, Common, Format, ImageOptions};
@@ -92,6 +95,12 @@ pub struct Args {
 /// Largest copy unit (QEMU's `IO_BUF_SIZE`): large enough to be efficient,
 /// small enough that a unit's buffer stays cheap.
 const CHUNK: u64 = 2 << 20;
+
+/// I/O threads the copy runs on, the workers spread over them: reads that
+/// hit the page cache are copied on the thread that makes them, and
+/// decompressing a compressed qcow2 cluster runs there too, so one thread
+/// left the second CPU idle (qemu-img's thread pool uses both).
+const CONVERT_THREADS: usize = 2;
 /// Copies in flight (QEMU's `qemu-img convert -m` default).
 const WORKERS: u64 = 8;
 /// The zero detection granularity of a raw target (QEMU's `-S` default).
@@ -342,20 +351,57 @@ impl Walk {
     }
 }
 
-/// Zeroes the target's `[from, to)` if it may not read zeroes there.
-async fn zero(dst: &BlockBackend, cx: &mut IoTask, p: Plan, from: u64, to: u64) -> Res<()> {
-    if p.zero_target && to > from {
-        dst.write_zeroes(cx, from, to - from)
-            .await
-            .map_err(|e| format!("zeroing the destination at {from}: {e}"))?;
-    }
-    Ok(())
+/// One request on the target.
+enum Out {
+    /// Write the unit's bytes at `[start, end)`.
+    Data(u64, u64),
+    /// Zero `[start, end)` (the target may not read zeroes there).
+    Zero(u64, u64),
 }
 
-/// Copies one unit: reads its data ranges, then, in its turn, writes the
-/// granules of them that are not all zeroes (all of them with `-S 0`), and
-/// zeroes the rest of the unit when the target may not read zeroes there.
-/// Returns the bytes written.
+/// What a unit sends to the target: runs of granules with a non-zero byte
+/// (all of them with `-S 0`) as writes, and, when the target may not read
+/// zeroes, the rest as write-zeroes.
+fn plan_unit(p: Plan, u: &Unit, buf: &[u8]) -> Vec<Out> {
+    let mut out = Vec::new();
+    let zero = |out: &mut Vec<Out>, from: u64, to: u64| {
+        if p.zero_target && to > from {
+            out.push(Out::Zero(from, to));
+        }
+    };
+    let mut done = u.start;
+    for &(a, b) in &u.data {
+        zero(&mut out, done, a);
+        done = b;
+        let chunk = &buf[(a - u.start) as usize..(b - u.start) as usize];
+        let granule = |o: u64| &chunk[(o - a) as usize..((o + p.gran).min(b) - a) as usize];
+        let mut off = a;
+        while off < b {
+            let run = off;
+            let data = !p.sparse || !is_zero(granule(off));
+            while off < b && (!p.sparse || is_zero(granule(off)) != data) {
+                off = (off + p.gran).min(b);
+            }
+            if data {
+                out.push(Out::Data(run, off));
+            } else {
+                zero(&mut out, run, off);
+            }
+        }
+    }
+    zero(&mut out, done, u.end);
+    out
+}
+
+/// Copies one unit: reads its data ranges, then, in its turn, sends the
+/// target what [`plan_unit`] says. Returns the bytes written.
+///
+/// In order (no `-W`), the next unit's turn comes once this unit's last
+/// request is *issued* (polled until it waits), not done: the target sees
+/// the requests in the source's order (a new qcow2 image allocates its
+/// clusters in that order, as qemu-img's does), while the next unit's
+/// write is queued behind this one's rather than after its completion and
+/// a wake-up (1.2-1.6 s against 0.86 s for a 1 GiB raw copy).
 async fn copy_unit(
     src: &BlockBackend,
     dst: &BlockBackend,
@@ -371,37 +417,37 @@ async fn copy_unit(
             .await
             .map_err(|e| format!("reading the source at {a}: {e}"))?;
     }
+    let outs = plan_unit(p, u, buf);
     if p.ordered {
         order.wait(u.seq).await?;
     }
     let mut written = 0;
-    let mut done = u.start;
-    for &(a, b) in &u.data {
-        zero(dst, cx, p, done, a).await?;
-        done = b;
-        let chunk = &buf[(a - u.start) as usize..(b - u.start) as usize];
-        let granule = |o: u64| &chunk[(o - a) as usize..((o + p.gran).min(b) - a) as usize];
-        // Runs of granules with a non-zero byte, and runs of zero ones.
-        let mut off = a;
-        while off < b {
-            let run = off;
-            let data = !p.sparse || !is_zero(granule(off));
-            while off < b && (!p.sparse || is_zero(granule(off)) != data) {
-                off = (off + p.gran).min(b);
+    let last = outs.len().saturating_sub(1);
+    for (i, out) in outs.iter().enumerate() {
+        let (request, what, at) = match *out {
+            Out::Data(a, b) => {
+                written += b - a;
+                let bytes = &buf[(a - u.start) as usize..(b - u.start) as usize];
+                (Either::Left(dst.write(cx, a, bytes)), "writing", a)
             }
-            if data {
-                let bytes = &chunk[(run - a) as usize..(off - a) as usize];
-                dst.write(cx, run, bytes)
-                    .await
-                    .map_err(|e| format!("writing the destination at {run}: {e}"))?;
-                written += off - run;
-            } else {
-                zero(dst, cx, p, run, off).await?;
+            Out::Zero(a, b) => (Either::Right(dst.write_zeroes(cx, a, b - a)), "zeroing", a),
+        };
+        let mut request = std::pin::pin!(request);
+        if p.ordered && i == last {
+            // One poll, with this task's waker: the request is issued.
+            let first = std::future::poll_fn(|c| Poll::Ready(request.as_mut().poll(c))).await;
+            if let Poll::Ready(r) = first {
+                order.done(u.seq);
+                r.map_err(|e| format!("{what} the destination at {at}: {e}"))?;
+                continue;
             }
+            order.done(u.seq);
         }
+        request
+            .await
+            .map_err(|e| format!("{what} the destination at {at}: {e}"))?;
     }
-    zero(dst, cx, p, done, u.end).await?;
-    if p.ordered {
+    if p.ordered && outs.is_empty() {
         order.done(u.seq);
     }
     Ok(written)
@@ -422,7 +468,7 @@ pub fn run(a: Args) -> Res<i32> {
         return Err("convert: raw images take no -o options".into());
     }
     let layers = a.stack.layers(a.common.format, src.as_deref())?;
-    let env = Env::new(1)?;
+    let env = Env::new(CONVERT_THREADS)?;
     let source = env.open(layers, src, OpenPolicy::new(&a.common, false), "src-")?;
     let src_blk = env.backend("src-blk", &source.top, false)?;
     let b = src_blk.clone();
@@ -540,10 +586,10 @@ pub fn run(a: Args) -> Res<i32> {
         "{wide_bar} {percent:>3}% {bytes}/{total_bytes} ({bytes_per_sec}, {eta} left)",
     );
     let workers: Vec<_> = (0..a.in_flight)
-        .map(|_| {
+        .map(|i| {
             let (src, dst, copied) = (src_blk.clone(), dst_blk.clone(), copied.clone());
             let (walk, bar, order) = (walk.clone(), bar.clone(), order.clone());
-            env.threads[0].spawn(move |mut cx| async move {
+            env.threads[i as usize % env.threads.len()].spawn(move |mut cx| async move {
                 let mut buf = Vec::new();
                 let copy = async {
                     loop {
