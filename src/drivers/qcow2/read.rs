@@ -120,7 +120,8 @@ impl Qcow2Driver {
         // The last sector may reach past the end of the file.
         let len = bytes.min(file_len - offset) as usize;
         let raw = read_file(file, self.geo.align, file_len, offset, len).await?;
-        let data = std::sync::Arc::new(inflate_cluster(&raw, self.geo.cs as usize, offset)?);
+        let data =
+            std::sync::Arc::new(inflate_off_thread(raw, self.geo.cs as usize, offset).await?);
         *self.last_inflated.lock().unwrap_or_else(|e| e.into_inner()) =
             Some((offset, data.clone()));
         Ok(data)
@@ -216,5 +217,25 @@ impl Qcow2Driver {
             },
             n,
         ))
+    }
+}
+
+/// Inflates a compressed cluster on the runtime's blocking pool, as QEMU
+/// decompresses on its thread pool: the I/O thread goes on serving other
+/// requests meanwhile, and a copy that reads many compressed clusters
+/// (`img convert` of a compressed image) inflates them on every CPU. Inline
+/// where no runtime runs the request. The task owns its input and output,
+/// so a request dropped meanwhile leaves nothing pointing into it.
+async fn inflate_off_thread(raw: Vec<u8>, cluster_size: usize, at: u64) -> Result<Vec<u8>> {
+    match tokio::runtime::Handle::try_current() {
+        Ok(runtime) => runtime
+            .spawn_blocking(move || inflate_cluster(&raw, cluster_size, at))
+            .await
+            .map_err(|_| {
+                crate::types::Error::Io(std::io::Error::other(
+                    "the decompression worker panicked or was cancelled",
+                ))
+            })?,
+        Err(_) => inflate_cluster(&raw, cluster_size, at),
     }
 }
