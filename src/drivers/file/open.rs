@@ -73,6 +73,9 @@ impl FileDriver {
     /// disk), [`Full`](Preallocation::Full) writes zeroes over the file and
     /// syncs it.
     ///
+    /// Synchronous like [`FileDriver::create`]: `Full` takes as long as
+    /// writing the whole file.
+    ///
     /// # Errors
     ///
     /// Those of [`FileDriver::create`]; [`Error::InvalidArgument`] for
