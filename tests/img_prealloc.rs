@@ -401,3 +401,50 @@ fn the_driver_writes_into_preallocated_clusters_in_place() {
     main.run(move |bql| bql.write(|w| w.remove_backend(&blk)))
         .unwrap();
 }
+
+/// Our driver writes into qemu-img's preallocated image in place (`img
+/// convert -n --target-is-zero`: only the data is written), and without
+/// `--target-is-zero` zeroes the rest as `qemu-img convert -n` does
+/// (freeing those clusters: both tools leave 4 of 48 allocated).
+#[test]
+fn writes_into_qemu_img_preallocated_images_in_place() {
+    let _w = common::watchdog("prealloc_interop", Duration::from_secs(120));
+    if !have_qemu_img() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let mut bytes = vec![0u8; 3 << 20];
+    bytes[70_000..70_005].copy_from_slice(b"hello");
+    for (i, b) in bytes[(20 << 16)..(23 << 16)].iter_mut().enumerate() {
+        *b = (i % 251) as u8 + 1;
+    }
+    std::fs::write(d.join("src.raw"), &bytes).unwrap();
+    let o = "preallocation=metadata";
+    for (target, zero) in [("kept.qcow2", true), ("zeroed.qcow2", false)] {
+        qemu_img(d, &["create", "-q", "-f", "qcow2", "-o", o, target, "3M"]);
+        let made = len(&d.join(target));
+        let mut args = vec!["convert", "-n", "-O", "qcow2"];
+        if zero {
+            args.push("--target-is-zero");
+        }
+        args.extend(["src.raw", target]);
+        img_ok(d, &args);
+        assert_eq!(len(&d.join(target)), made, "{target}: the file grew");
+        assert!(qemu_img(d, &["compare", "src.raw", target]).contains("identical"));
+        let check = qemu_img(d, &["check", target]);
+        let want = if zero { "48/48" } else { "4/48" };
+        assert!(check.contains("No errors were found"), "{check}");
+        assert!(check.contains(want), "{target}: {check}");
+    }
+    // qemu-img's own `convert -n` frees the same clusters.
+    qemu_img(
+        d,
+        &["create", "-q", "-f", "qcow2", "-o", o, "theirs.qcow2", "3M"],
+    );
+    qemu_img(
+        d,
+        &["convert", "-n", "-O", "qcow2", "src.raw", "theirs.qcow2"],
+    );
+    assert!(qemu_img(d, &["check", "theirs.qcow2"]).contains("4/48"));
+}
