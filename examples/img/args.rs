@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use blockgraph::drivers::qcow2::CreateOptions;
+use blockgraph::drivers::qcow2::{CreateOptions, Preallocation};
 
 use crate::output::human;
 
@@ -48,12 +48,15 @@ pub fn format_parser(what: &'static str) -> impl Fn(&str) -> Result<Format, Stri
     }
 }
 
-/// `-o cluster_size=SIZE,compat=0.10|1.1`: how a new qcow2 image is laid out.
+/// `-o cluster_size=SIZE,compat=0.10|1.1,preallocation=MODE`: how a new
+/// image is laid out (only `preallocation` applies to raw images).
 #[derive(Debug, Clone, Copy, Default)]
 pub struct ImageOptions {
     pub cluster_size: Option<u64>,
     /// The qcow2 version: 2 (compat=0.10) or 3 (compat=1.1, the default).
     pub version: Option<u32>,
+    /// QEMU's `preallocation=off|metadata|falloc|full` (default off).
+    pub preallocation: Option<Preallocation>,
 }
 
 impl ImageOptions {
@@ -69,7 +72,16 @@ impl ImageOptions {
                         _ => return Err(format!("-o compat must be 0.10 or 1.1, not '{v}'")),
                     })
                 }
-                _ => return Err(format!("unknown -o option '{k}' (cluster_size, compat)")),
+                "preallocation" => {
+                    o.preallocation = Some(v.parse().map_err(|_| {
+                        format!("-o preallocation must be off, metadata, falloc or full, not '{v}'")
+                    })?)
+                }
+                _ => {
+                    return Err(format!(
+                        "unknown -o option '{k}' (cluster_size, compat, preallocation)"
+                    ))
+                }
             }
         }
         Ok(o)
@@ -77,12 +89,25 @@ impl ImageOptions {
 
     /// Whether any option was given.
     pub fn is_empty(&self) -> bool {
+        self.qcow2_only_empty() && self.preallocation.is_none()
+    }
+
+    /// Whether no qcow2-only option was given (a raw image takes only
+    /// `preallocation`).
+    pub fn qcow2_only_empty(&self) -> bool {
         self.cluster_size.is_none() && self.version.is_none()
+    }
+
+    /// The preallocation mode asked for (off when none was).
+    pub fn prealloc(&self) -> Preallocation {
+        self.preallocation.unwrap_or_default()
     }
 
     /// The library's options for a new qcow2 image of `size` bytes.
     pub fn qcow2(&self, size: u64) -> CreateOptions {
-        let mut opts = CreateOptions::new(size).version(self.version.unwrap_or(3));
+        let mut opts = CreateOptions::new(size)
+            .version(self.version.unwrap_or(3))
+            .preallocation(self.prealloc());
         if let Some(cs) = self.cluster_size {
             opts = opts.cluster_size(cs);
         }

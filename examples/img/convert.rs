@@ -14,6 +14,10 @@
 //! copies into an existing image, which need not read zeroes, so what reads
 //! as zeroes in the source is zeroed there (`write_zeroes`) unless
 //! `--target-is-zero` says it already is.
+//!
+//! `-o preallocation=metadata|falloc|full` creates the target preallocated
+//! (as `img create` does); it still reads zeroes, so the copy is the same
+//! and its writes land in the preallocated clusters, allocating nothing.
 
 use std::future::Future;
 use std::path::PathBuf;
@@ -51,7 +55,8 @@ pub struct Args {
     #[arg(short = 'O', value_name = "FMT", allow_hyphen_values = true,
           value_parser = format_parser("output format"))]
     output_format: Option<Format>,
-    /// qcow2 options: cluster_size=SIZE,compat=0.10|1.1
+    /// Options: cluster_size=SIZE,compat=0.10|1.1 (qcow2),
+    /// preallocation=off|metadata|falloc|full (metadata: qcow2 only)
     #[arg(short = 'o', value_name = "OPTIONS", allow_hyphen_values = true,
           value_parser = ImageOptions::parse)]
     options: Option<ImageOptions>,
@@ -466,8 +471,8 @@ pub fn run(a: Args) -> Res<i32> {
     }
     let out_fmt = a.output_format.unwrap_or(Format::Raw);
     let options = a.options.unwrap_or_default();
-    if out_fmt == Format::Raw && !options.is_empty() {
-        return Err("convert: raw images take no -o options".into());
+    if out_fmt == Format::Raw && !options.qcow2_only_empty() {
+        return Err("convert: raw images take no -o options but preallocation".into());
     }
     let layers = a.stack.layers(a.common.format, src.as_deref())?;
     let env = Env::new(CONVERT_THREADS)?;
@@ -521,6 +526,7 @@ pub fn run(a: Args) -> Res<i32> {
                 size,
                 qcow2.as_ref(),
                 file_options,
+                options.prealloc(),
             )
             .await?;
             if qcow2.is_none() {

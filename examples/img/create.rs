@@ -17,7 +17,8 @@ use crate::stack::{format_of, image_layers};
 pub struct Args {
     #[command(flatten)]
     common: Common,
-    /// qcow2 options: cluster_size=SIZE,compat=0.10|1.1
+    /// Options: cluster_size=SIZE,compat=0.10|1.1 (qcow2),
+    /// preallocation=off|metadata|falloc|full (metadata: qcow2 only)
     #[arg(short = 'o', value_name = "OPTIONS", allow_hyphen_values = true,
           value_parser = ImageOptions::parse)]
     options: Option<ImageOptions>,
@@ -44,8 +45,8 @@ pub struct Args {
 pub fn run(a: Args) -> Res<i32> {
     let format = a.common.format.unwrap_or(Format::Raw);
     let options = a.options.unwrap_or_default();
-    if format == Format::Raw && (a.backing.is_some() || !options.is_empty()) {
-        return Err("create: raw images take no -b or -o options".into());
+    if format == Format::Raw && (a.backing.is_some() || !options.qcow2_only_empty()) {
+        return Err("create: raw images take no -b and no -o options but preallocation".into());
     }
     if a.backing_format.is_some() && a.backing.is_none() {
         return Err("create: -F needs -b".into());
@@ -102,6 +103,7 @@ pub fn run(a: Args) -> Res<i32> {
             size,
             qcow2.as_ref(),
             FileOptions::default(),
+            options.prealloc(),
         )
         .await
     })?;
@@ -112,6 +114,9 @@ pub fn run(a: Args) -> Res<i32> {
     );
     if let Some((name, fmt, _)) = &backing {
         line += &format!(" backing_file={name} backing_fmt={}", fmt.name());
+    }
+    if let Some(p) = options.preallocation {
+        line += &format!(" preallocation={p}");
     }
     println!("{line}");
     Ok(0)

@@ -8,6 +8,7 @@ use blockgraph::driver::BlockDriver;
 use blockgraph::drivers::qcow2::{
     open_image_chain, BackingPolicy, ChainOptions, CreateOptions, FileOpener, Qcow2Driver,
 };
+use blockgraph::drivers::Preallocation;
 use blockgraph::drivers::{
     CopyOnRead, FaultInjector, FileDriver, FileOptions, MemoryDriver, NullDriver, RawDriver,
     ThrottleDriver,
@@ -333,6 +334,8 @@ pub fn rbd_driver(
 /// Creates `path` as a new image of `size` bytes, raw or (with `qcow2`)
 /// formatted as qcow2 and flushed, and adds its file node `name` on the
 /// calling I/O thread. A file that cannot be formatted is removed again.
+/// `raw_prealloc` is a raw image's preallocation (a qcow2 image's is in
+/// `qcow2`).
 pub async fn create_image(
     cx: &mut IoTask,
     name: &str,
@@ -340,14 +343,29 @@ pub async fn create_image(
     size: u64,
     qcow2: Option<&CreateOptions>,
     file_options: FileOptions,
+    raw_prealloc: Preallocation,
 ) -> Res<NodeHandle> {
     let length = if qcow2.is_some() { 0 } else { size };
+    // A raw image's preallocation is its file's; a qcow2 image's is made
+    // by the qcow2 driver over a file created empty.
+    let prealloc = match qcow2 {
+        Some(_) => Preallocation::Off,
+        None => raw_prealloc,
+    };
     // An `rbd:` image is created in its pool (qcow2 grows it as it
     // allocates) and left there if formatting fails, as qemu-img does.
     let (file, local): (Box<dyn BlockDriver>, bool) = match rbd_create(path, length) {
+        Some(_) if prealloc != Preallocation::Off => {
+            return Err(format!(
+                "preallocation={prealloc} is not supported for a raw rbd image"
+            ))
+        }
         Some(rbd) => (rbd.map_err(err)?, false),
         None => (
-            Box::new(FileDriver::create(path, length, file_options).map_err(err)?),
+            Box::new(
+                FileDriver::create_preallocated(path, length, file_options, prealloc)
+                    .map_err(err)?,
+            ),
             true,
         ),
     };

@@ -10,6 +10,7 @@ mod memory;
 #[cfg(all(feature = "nbd-client", not(loom)))]
 mod nbd;
 mod null;
+mod prealloc;
 pub mod qcow2;
 mod raw;
 #[cfg(feature = "rbd")]
@@ -24,6 +25,7 @@ pub use memory::MemoryDriver;
 #[cfg(all(feature = "nbd-client", not(loom)))]
 pub use nbd::{NbdAddress, NbdDriver, NbdOptions};
 pub use null::NullDriver;
+pub use prealloc::Preallocation;
 pub use raw::RawDriver;
 #[cfg(feature = "rbd")]
 pub use rbd::{RbdDriver, RbdOptions, RbdSecret, RbdSnapshot};

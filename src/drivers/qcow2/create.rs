@@ -4,12 +4,24 @@
 //! the backing file name), then the refcount table, the refcount blocks
 //! covering all of that, and the L1 table. Every cluster of that area has
 //! refcount 1; the rest of the file is free.
+//!
+//! With [`Preallocation`] other than `Off` (QEMU's `preallocation`), every
+//! L2 table follows the L1 table, then every data cluster, in guest order:
+//! each L1 and L2 entry points at its cluster with the copied flag, every
+//! cluster has refcount 1 and the refcount blocks cover them all. The file
+//! is then grown over the data clusters (`Metadata`: sparse, they read as
+//! zeroes), which are also zeroed with `write_zeroes` (`Falloc`: the file
+//! driver's `fallocate(FALLOC_FL_ZERO_RANGE)` allocates them) or written
+//! with zeroes (`Full`). For an image whose tables fit one L2 table this is
+//! the layout QEMU makes; for larger ones QEMU's `metadata` places each L2
+//! table before its data clusters, which is only a different order.
 
+use crate::drivers::Preallocation;
 use crate::graph::proof::{IoRef, RequestRef};
 use crate::types::{Error, Result};
 
 use super::cache::Table;
-use super::entry::rc_set;
+use super::entry::{rc_set, COPIED};
 use super::header::{l1_entries_for, NewHeader, MAX_CLUSTER_BITS, MIN_CLUSTER_BITS};
 use super::options::Qcow2Limits;
 use super::state::Qcow2Driver;
@@ -31,6 +43,18 @@ pub struct CreateOptions {
     /// Format version: 2 (QEMU's `compat=0.10`) or 3 (`compat=1.1`,
     /// default).
     pub version: u32,
+    /// What is allocated up front (QEMU's `preallocation`; default
+    /// [`Preallocation::Off`]). Not with a backing file: preallocated
+    /// clusters would hide it (QEMU allows the combination only with
+    /// extended L2 entries, which this driver does not make).
+    ///
+    /// `Falloc` zeroes the data clusters with the file node's
+    /// `write_zeroes`, which the [`FileDriver`](crate::drivers::FileDriver)
+    /// does with `fallocate(FALLOC_FL_ZERO_RANGE)`: the blocks are
+    /// allocated, as QEMU's `posix_fallocate` allocates them. Where the host
+    /// cannot do that (it then punches holes) they stay sparse, still
+    /// reading zeroes; `Full` writes the zeroes instead.
+    pub preallocation: Preallocation,
 }
 
 impl CreateOptions {
@@ -42,6 +66,7 @@ impl CreateOptions {
             backing_file: None,
             backing_format: None,
             version: 3,
+            preallocation: Preallocation::Off,
         }
     }
 
@@ -54,6 +79,12 @@ impl CreateOptions {
     /// Sets the format version (2 or 3).
     pub fn version(mut self, version: u32) -> Self {
         self.version = version;
+        self
+    }
+
+    /// Sets the preallocation mode (see [`Preallocation`]).
+    pub fn preallocation(mut self, mode: Preallocation) -> Self {
+        self.preallocation = mode;
         self
     }
 
@@ -88,6 +119,14 @@ pub(crate) async fn create(file: RequestRef<'_>, o: &CreateOptions) -> Result<()
             ));
         }
     }
+    let prealloc = o.preallocation != Preallocation::Off;
+    if prealloc && o.backing_file.is_some() {
+        return bad(format!(
+            "preallocation={} with a backing file (preallocated clusters would hide it; \
+             QEMU allows it only with extended L2 entries)",
+            o.preallocation
+        ));
+    }
     let limits = Qcow2Limits::default();
     if o.size > limits.max_virtual_size {
         return bad(format!("size {} is too large", o.size));
@@ -104,9 +143,17 @@ pub(crate) async fn create(file: RequestRef<'_>, o: &CreateOptions) -> Result<()
     let l1_clusters = (l1_size * 8).div_ceil(cs);
     let order = 4u32;
     let rbe = (cs * 8) >> order;
+    // Preallocated: one L2 table per L1 entry in use, one cluster per
+    // guest cluster.
+    let (data_clusters, l2_tables) = if prealloc {
+        let data = o.size.div_ceil(cs);
+        (data, data.div_ceil(cs / 8))
+    } else {
+        (0, 0)
+    };
     let (mut rtc, mut nb) = (1u64, 1u64);
     loop {
-        let total = 1 + rtc + nb + l1_clusters;
+        let total = 1 + rtc + nb + l1_clusters + l2_tables + data_clusters;
         let nb2 = total.div_ceil(rbe);
         let rtc2 = (nb2 * 8).div_ceil(cs);
         if nb2 <= nb && rtc2 <= rtc {
@@ -118,7 +165,10 @@ pub(crate) async fn create(file: RequestRef<'_>, o: &CreateOptions) -> Result<()
     let rt_off = cs;
     let rb_off = (1 + rtc) * cs;
     let l1_off = (1 + rtc + nb) * cs;
-    let total = 1 + rtc + nb + l1_clusters;
+    let l2_off = l1_off + l1_clusters * cs;
+    let data_off = l2_off + l2_tables * cs;
+    let end = data_off + data_clusters * cs;
+    let total = end / cs;
 
     let header = NewHeader {
         version: o.version,
@@ -147,14 +197,69 @@ pub(crate) async fn create(file: RequestRef<'_>, o: &CreateOptions) -> Result<()
     }
     file.write(rt_off, &rt.bytes(0, (rtc * cs) as usize))
         .await?;
-    let zeroes = vec![0u8; cs as usize];
+    let mut l1 = vec![0u64; (l1_clusters * cs / 8) as usize];
+    for (t, e) in l1.iter_mut().enumerate().take(l2_tables as usize) {
+        *e = (l2_off + t as u64 * cs) | COPIED;
+    }
     for c in 0..l1_clusters {
-        file.write(l1_off + c * cs, &zeroes).await?;
+        let at = (c * cs) as usize;
+        file.write(l1_off + c * cs, &l1.bytes(at, at + cs as usize))
+            .await?;
+    }
+    let l2e = cs / 8;
+    for t in 0..l2_tables {
+        let l2: Vec<u64> = (t * l2e..(t + 1) * l2e)
+            .map(|k| {
+                if k < data_clusters {
+                    (data_off + k * cs) | COPIED
+                } else {
+                    0
+                }
+            })
+            .collect();
+        file.write(l2_off + t * cs, &l2.bytes(0, cs as usize))
+            .await?;
+    }
+    if prealloc {
+        preallocate_data(file, o.preallocation, data_off, end).await?;
     }
     file.flush().await?;
     // The header last: a half-created image is not mistaken for a valid one.
     file.write(0, &header).await?;
     file.flush().await?;
+    Ok(())
+}
+
+/// Makes the file cover the data clusters `[start, end)` and, for `Falloc`
+/// and `Full`, allocates them or writes zeroes over them.
+async fn preallocate_data(
+    file: RequestRef<'_>,
+    mode: Preallocation,
+    start: u64,
+    end: u64,
+) -> Result<()> {
+    // Grown as QEMU grows it (a truncate of the file, sparse); formatting a
+    // node already overwrites it, so no edge's resize permission applies.
+    if file.length().await? < end {
+        file.resize_checked(end).await?;
+    }
+    match mode {
+        Preallocation::Off | Preallocation::Metadata => {}
+        // The file driver zeroes with `FALLOC_FL_ZERO_RANGE`, which
+        // allocates the blocks (unwritten, reading zeroes) as
+        // `posix_fallocate` does.
+        Preallocation::Falloc => file.write_zeroes(start, end - start).await?,
+        Preallocation::Full => {
+            const CHUNK: u64 = 1 << 20;
+            let zeroes = vec![0u8; CHUNK.min(end - start) as usize];
+            let mut off = start;
+            while off < end {
+                let n = CHUNK.min(end - off);
+                file.write(off, &zeroes[..n as usize]).await?;
+                off += n;
+            }
+        }
+    }
     Ok(())
 }
 

@@ -137,6 +137,7 @@ use crate::types::{BlockStatus, DriverInfo};
 use crate::types::{ChildRole, Error, Perm, Permissions, Result};
 use crate::types::{IoVec, IoVecMut};
 
+pub use crate::drivers::Preallocation;
 pub use bitmap::BitmapInfo;
 pub use chain::{
     open_image_chain, BackingPolicy, ChainImage, ChainOptions, FileOpener, ImageChain,
