@@ -1444,3 +1444,36 @@ fn mirror_and_backup_observe_the_same_as_with_qemu_storage_daemon() {
         },
     );
 }
+
+/// `tests/qmp/exports.py` against both daemons: `block-export-del`'s
+/// modes with raw NBD clients connected: `safe` refused in QEMU's words,
+/// `hard` disconnecting only that export's clients (a write answered
+/// before it kept), `BLOCK_EXPORT_DELETED` once the connections are gone,
+/// and an export whose client does not read its replies `shutting-down`
+/// until it does.
+#[test]
+fn block_export_del_modes_observe_the_same_as_with_qemu_storage_daemon() {
+    parity(
+        "block_export_del_modes_observe_the_same_as_with_qemu_storage_daemon",
+        |bin| script_run(bin, "exports.py", |_| {}),
+        |ours| {
+            // What must hold with ours, whatever QEMU does.
+            let refused = json!({"error": "GenericError", "desc": "export 'e0' still in use"});
+            assert_eq!(ours["safe-refused"][0], refused, "{ours:#}");
+            assert_eq!(ours["safe-refused"][1], refused, "{ours:#}");
+            assert_eq!(ours["write"], json!([0, 1]), "{ours:#}");
+            assert_eq!(ours["hard"], json!({"return": {}}), "{ours:#}");
+            assert_eq!(ours["c0-after"], "eof", "{ours:#}");
+            assert_eq!(ours["c1-after"], json!([0, 2, true]), "{ours:#}");
+            assert_eq!(ours["write-kept"], 0, "{ours:#}");
+            assert_eq!(
+                ours["shutting-down"][0],
+                json!([["e0", "d0", false], ["e1", "n1", true]]),
+                "{ours:#}"
+            );
+            assert_eq!(ours["no-event-yet"], json!([]), "{ours:#}");
+            assert_eq!(ours["c1-eof"], "eof", "{ours:#}");
+            assert_eq!(ours["events"], json!(["e0", "e0", "e1", "e2"]), "{ours:#}");
+        },
+    );
+}
