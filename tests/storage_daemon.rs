@@ -1028,17 +1028,11 @@ fn job_and_snapshot_commands_refuse_bad_input_and_quit_cancels_running_jobs() {
             json!({"job-id": "j", "device": "top", "backing-mask-protocol": "yes"}),
             "expected: boolean",
         ),
-        // Active commit: QEMU starts a mirror-like job; the library has
-        // none yet, so it is refused and the reason given.
+        // Active commit takes no backing file name (no header to rewrite).
         (
             "block-commit",
-            json!({"job-id": "j", "device": "top"}),
-            "Committing the active layer ('top') is not supported by this daemon",
-        ),
-        (
-            "block-commit",
-            json!({"job-id": "j", "device": "top", "top-node": "top"}),
-            "QEMU runs it as a mirror job that ends with job-complete",
+            json!({"job-id": "j", "device": "top", "backing-file": "x"}),
+            "'backing-file' specified, but 'top' is the active layer",
         ),
         (
             "block-dirty-bitmap-merge",
@@ -1474,6 +1468,57 @@ fn block_export_del_modes_observe_the_same_as_with_qemu_storage_daemon() {
             assert_eq!(ours["no-event-yet"], json!([]), "{ours:#}");
             assert_eq!(ours["c1-eof"], "eof", "{ours:#}");
             assert_eq!(ours["events"], json!(["e0", "e0", "e1", "e2"]), "{ours:#}");
+        },
+    );
+}
+
+/// `tests/qmp/active_commit.py` against both daemons: block-commit of the
+/// active layer while qemu-io writes through its NBD export: READY,
+/// query-block-jobs, job-complete, the export then on the base; a second
+/// one cancelled after READY (nothing pivots); after exit, the base and
+/// the cancelled top compared with references that got every write.
+#[test]
+fn active_commit_observes_the_same_as_with_qemu_storage_daemon() {
+    parity(
+        "active_commit_observes_the_same_as_with_qemu_storage_daemon",
+        |bin| script_run(bin, "active_commit.py", |_| {}),
+        |ours| {
+            // What must hold with ours, whatever QEMU does.
+            assert_eq!(ours["commit"], json!({"return": {}}), "{ours:#}");
+            assert_eq!(ours["complete"], json!({"return": {}}), "{ours:#}");
+            assert_eq!(
+                ours["commit-events"],
+                json!([
+                    "created",
+                    "running",
+                    "ready",
+                    {"BLOCK_JOB_READY": {"device": "ac", "len": "n", "offset": "n",
+                                         "speed": 0, "type": "commit"}},
+                    "waiting",
+                    "pending",
+                    {"BLOCK_JOB_COMPLETED": {"device": "ac", "len": "n", "offset": "n",
+                                             "speed": 0, "type": "commit"}},
+                    "concluded",
+                    "null"
+                ]),
+                "{ours:#}"
+            );
+            assert_eq!(ours["export-after-pivot"], json!(["a-base.qcow2", false]));
+            assert_eq!(ours["export-after-cancel"], json!(["c-top.qcow2", false]));
+            for w in [
+                "guest-writes-1",
+                "guest-writes-2",
+                "guest-writes-3",
+                "guest-writes-c",
+            ] {
+                assert_eq!(ours[w], 0, "{w}: {ours:#}");
+            }
+            for (what, rc) in ours["compare"].as_object().expect("compares") {
+                assert_eq!(rc, 0, "{what}: {ours:#}");
+            }
+            for (image, rc) in ours["check"].as_object().expect("checks") {
+                assert_eq!(rc, 0, "qemu-img check {image}: {ours:#}");
+            }
         },
     );
 }

@@ -718,11 +718,16 @@ impl Daemon {
             )));
         };
         // QEMU's order (`qmp_blockdev_del`): a BlockBackend on it (an
-        // export, also while a job's filter sits between them), a job,
+        // export, also while an intermediate commit's filter sits between
+        // them; not while an active commit's filter has taken its users
+        // over, as QEMU's BlockBackends are then on the filter), a job,
         // the monitor's ownership, other parents.
         let (implicit, handle) = (node.implicit, node.handle.clone());
         let (node_parents, backend_parents) = self.parents(&handle);
-        if backend_parents > 0 || self.exports.values().any(|e| e.node == name) {
+        // (The backends on a node under an active commit's filter are the
+        // job's, which QEMU puts on the filter too.)
+        let in_use = backend_parents > 0 || self.exports.values().any(|e| e.node == name);
+        if in_use && !self.under_job_filter(handle.name()) {
             return Err(QmpError::generic(format!("Node {name} is in use")));
         }
         self.check_not_busy(&[handle.name().to_owned()])?;
