@@ -1082,7 +1082,7 @@ fn job_and_snapshot_commands_refuse_bad_input_and_quit_cancels_running_jobs() {
         (
             "transaction",
             json!({"actions": [{"type": "block-dirty-bitmap-add", "data": {}}]}),
-            "Parameter 'type' does not accept value 'block-dirty-bitmap-add'",
+            "Parameter 'actions[0].data.node' is missing",
         ),
         (
             "transaction",
@@ -1510,6 +1510,54 @@ fn active_commit_observes_the_same_as_with_qemu_storage_daemon() {
                 "guest-writes-2",
                 "guest-writes-3",
                 "guest-writes-c",
+            ] {
+                assert_eq!(ours[w], 0, "{w}: {ours:#}");
+            }
+            for (what, rc) in ours["compare"].as_object().expect("compares") {
+                assert_eq!(rc, 0, "{what}: {ours:#}");
+            }
+            for (image, rc) in ours["check"].as_object().expect("checks") {
+                assert_eq!(rc, 0, "qemu-img check {image}: {ours:#}");
+            }
+        },
+    );
+}
+
+/// `tests/qmp/transaction.py` against both daemons: `transaction` with
+/// `blockdev-backup` and the dirty bitmap actions. Refused transactions
+/// (an abort last, a duplicate or missing bitmap, a bitmap removed earlier
+/// in the same transaction) leave the bitmaps as they were; one
+/// transaction starts a full backup and adds a bitmap while qemu-io
+/// writes through the export, and the bitmap then counts exactly the
+/// later writes (QEMU's count) while the backup holds the image at the
+/// transaction (compared after exit); clear, disable, enable, merge and
+/// remove in transactions.
+#[test]
+fn transaction_backup_and_bitmap_actions_observe_the_same_as_with_qemu_storage_daemon() {
+    parity(
+        "transaction_backup_and_bitmap_actions_observe_the_same_as_with_qemu_storage_daemon",
+        |bin| script_run(bin, "transaction.py", |_| {}),
+        |ours| {
+            // What must hold with ours, whatever QEMU does.
+            assert_eq!(ours["unchanged-after-refusals"], true, "{ours:#}");
+            assert_eq!(ours["no-jobs-after-refusals"], json!({"return": []}));
+            assert_eq!(ours["bootstrap"], json!({"return": {}}), "{ours:#}");
+            assert_eq!(
+                ours["bitmaps-at-bootstrap"],
+                json!([["bm", 0, true, 65536], ["bx", 0, true, 65536]]),
+                "{ours:#}"
+            );
+            // 64 KiB + one 64 KiB granule for 4 KiB + 192 KiB.
+            assert_eq!(
+                ours["bitmaps-after-writes"],
+                json!([["bm", 327680, true, 65536], ["bx", 327680, true, 65536]]),
+                "{ours:#}"
+            );
+            for w in [
+                "guest-writes-0",
+                "guest-writes-1",
+                "guest-writes-2",
+                "guest-writes-3",
             ] {
                 assert_eq!(ours[w], 0, "{w}: {ours:#}");
             }

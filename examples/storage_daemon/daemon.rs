@@ -40,7 +40,7 @@ mod bitmaps;
 mod jobs;
 mod snapshots;
 
-pub use bitmaps::{BitmapAdd, BitmapRef, BitmapVerb};
+pub use bitmaps::{BitmapAction, BitmapAdd, BitmapRef, BitmapVerb};
 pub use jobs::{BackupSpec, CommitSpec, JobArgs, JobVerbCmd, MirrorSpec, StreamSpec};
 pub use snapshots::{SnapshotAction, SyncSpec};
 

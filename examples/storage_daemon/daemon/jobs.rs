@@ -137,6 +137,20 @@ pub struct BackupSpec {
     pub compress: bool,
 }
 
+/// A backup checked and ready to start (`Daemon::check_backup`).
+pub(super) struct PreparedBackup {
+    /// The job's options.
+    pub(super) jo: JobOptions,
+    /// The library's backup options.
+    pub(super) options: BackupOptions,
+    /// The nodes it makes busy (graph names).
+    pub(super) busy: Vec<String>,
+    /// The node backed up.
+    pub(super) source: NodeHandle,
+    /// Where to.
+    pub(super) target: NodeHandle,
+}
+
 /// A verb given to one job, by `job-*` (`id`) or `block-job-*` (`device`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum JobVerbCmd {
@@ -295,7 +309,7 @@ fn forward(events: &Events, job: &Job, auto_finalize: bool, event: JobEvent) {
 }
 
 impl Daemon {
-    fn jobs_io(&self) -> QResult<&blockgraph::IoThread> {
+    pub(super) fn jobs_io(&self) -> QResult<&blockgraph::IoThread> {
         self.jobs_io
             .as_ref()
             .ok_or_else(|| QmpError::generic("the daemon is shutting down"))
@@ -371,7 +385,7 @@ impl Daemon {
     /// Starts reporting a started job: its events so far go out now (so
     /// `created` and `running` come before the command's answer, as in
     /// QEMU), the rest from a thread of its own until the job is gone.
-    fn track_job(
+    pub(super) fn track_job(
         &mut self,
         job: &Job,
         kind: &'static str,
@@ -828,6 +842,14 @@ impl Daemon {
     /// description that says so: `sync=none` (image fleecing), a bitmap
     /// with `sync=full`/`top` (the bitmap as output only), `compress`.
     pub fn blockdev_backup(&mut self, spec: BackupSpec) -> QResult<()> {
+        let p = self.check_backup(spec)?;
+        self.start_job(p.jo, "backup", p.busy, false, move |bql, io, jo| {
+            job::backup(bql, io, jo, p.options)
+        })
+    }
+
+    /// `blockdev-backup`'s checks; what starting it takes.
+    pub(super) fn check_backup(&mut self, spec: BackupSpec) -> QResult<PreparedBackup> {
         let src = self.lookup(&spec.device, &spec.device)?;
         let target = self.lookup(&spec.target, &spec.target)?;
         let mut sync = spec.sync.clone();
@@ -928,8 +950,12 @@ impl Daemon {
         let filter = self.filter_name(&spec.job);
         let options = BackupOptions::new(&src, &target, sync).filter_node_name(filter);
         let busy = vec![src.name().to_owned(), target.name().to_owned()];
-        self.start_job(jo, "backup", busy, false, move |bql, io, jo| {
-            job::backup(bql, io, jo, options)
+        Ok(PreparedBackup {
+            jo,
+            options,
+            busy,
+            source: src,
+            target,
         })
     }
 
