@@ -10,6 +10,7 @@
 mod common;
 mod nbd_client;
 
+use std::io::Write;
 use std::path::Path;
 use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -652,4 +653,144 @@ fn stopping_ends_connections_without_losing_queued_requests() {
         "then closed"
     );
     drop(tcp);
+}
+
+/// One request header (and payload), as bytes.
+fn request_bytes(kind: u16, cookie: u64, offset: u64, len: u32, payload: &[u8]) -> Vec<u8> {
+    let mut m = Vec::with_capacity(28 + payload.len());
+    m.extend_from_slice(&REQUEST_MAGIC.to_be_bytes());
+    m.extend_from_slice(&0u16.to_be_bytes());
+    m.extend_from_slice(&kind.to_be_bytes());
+    m.extend_from_slice(&cookie.to_be_bytes());
+    m.extend_from_slice(&offset.to_be_bytes());
+    m.extend_from_slice(&len.to_be_bytes());
+    m.extend_from_slice(payload);
+    m
+}
+
+/// Connections are counted per export (only those that picked it), a safe
+/// removal is refused while one is there and succeeds once it is gone, and
+/// a removed export cannot be picked any more.
+#[test]
+fn exports_count_their_connections_and_safe_removal_waits_for_none() {
+    use blockgraph::export::nbd::{RemoveExportError, RemoveMode};
+    let _w = watchdog(
+        "exports_count_their_connections_and_safe_removal_waits_for_none",
+        Duration::from_secs(60),
+    );
+    let f = Fixture::new(1 << 20);
+    let server = f.server.as_ref().unwrap();
+    assert_eq!(server.export_connections("disk"), Some(0));
+    assert_eq!(server.export_connections("nope"), None);
+    // Still negotiating (INFO only asks): nobody's.
+    let mut asking = f.connect();
+    asking.greet().unwrap();
+    asking
+        .send_option(OPT_INFO, &Client::info_data("disk", &[]))
+        .unwrap();
+    assert_eq!(asking.option_replies().unwrap().last().unwrap().0, REP_ACK);
+    assert_eq!(server.export_connections("disk"), Some(0));
+    let mut a = f.connect();
+    a.handshake("disk", false).unwrap();
+    let mut b = f.connect();
+    b.handshake("disk", true).unwrap();
+    let mut r = f.connect();
+    r.handshake("ro", false).unwrap();
+    assert_eq!(server.export_connections("disk"), Some(2));
+    assert_eq!(server.export_connections("ro"), Some(1));
+
+    assert_eq!(
+        server
+            .remove_export_with("disk", RemoveMode::Safe)
+            .unwrap_err(),
+        RemoveExportError::InUse {
+            name: "disk".into(),
+            connections: 2
+        }
+    );
+    // Refused: the export and its clients are untouched.
+    assert_eq!(a.request(CMD_WRITE, 0, 0, 512, &[7; 512]).unwrap().error, 0);
+    a.disconnect();
+    b.disconnect();
+    common::wait_until("both clients of disk are uncounted", || {
+        server.export_connections("disk") == Some(0)
+    });
+    let removal = server.remove_export_with("disk", RemoveMode::Safe).unwrap();
+    assert_eq!(removal.connections(), 0);
+    assert!(removal.wait_timeout(Duration::ZERO));
+    assert_eq!(server.export_connections("disk"), None);
+    assert_eq!(
+        server
+            .remove_export_with("disk", RemoveMode::Hard)
+            .unwrap_err(),
+        RemoveExportError::NotFound("disk".into())
+    );
+    // Nobody can pick it now; the client that only asked finds it gone.
+    asking
+        .send_option(OPT_GO, &Client::info_data("disk", &[]))
+        .unwrap();
+    assert_eq!(asking.option_replies().unwrap()[0].0, REP_ERR_UNKNOWN);
+    // The other export still serves its client.
+    let read = r.request(CMD_READ, 0, 0, 512, &[]).unwrap();
+    assert_eq!((read.error, read.data), (0, vec![7; 512]));
+    assert_eq!(server.export_connections("ro"), Some(1));
+}
+
+/// QEMU's `block-export-del mode=hard`: the removed export's connections
+/// stop reading, the write in flight (queued at a drained node) completes
+/// and is answered, then the socket closes; the other export's connection
+/// keeps working and reads what the answered write wrote.
+#[test]
+fn hard_removal_answers_in_flight_requests_then_closes_only_that_export() {
+    use blockgraph::export::nbd::RemoveMode;
+    let _w = watchdog(
+        "hard_removal_answers_in_flight_requests_then_closes_only_that_export",
+        Duration::from_secs(60),
+    );
+    let mut f = Fixture::new(1 << 20);
+    let server = Arc::new(f.server.take().unwrap());
+    let mut rw = f.connect();
+    rw.handshake("disk", false).unwrap();
+    let mut ro = f.connect();
+    ro.handshake("ro", true).unwrap();
+
+    let (node, blk, s) = (f.node.clone(), f.blk.clone(), server.clone());
+    let mut writer = rw.s.try_clone().unwrap();
+    let before = blk.queued_requests();
+    let removal = f.main.run(move |bql| {
+        let drained = bql.drain(&node);
+        writer
+            .write_all(&request_bytes(CMD_WRITE, 99, 4096, 512, &[0xee; 512]))
+            .unwrap();
+        common::wait_until("the write queues at the drained backend", || {
+            blk.queued_requests() > before
+        });
+        let removal = s.remove_export_with("disk", RemoveMode::Hard).unwrap();
+        // The write is in flight: the connection cannot end before it.
+        assert!(!removal.wait_timeout(Duration::from_millis(100)));
+        assert_eq!(removal.connections(), 1);
+        drop(drained);
+        removal
+    });
+    assert!(
+        removal.wait_timeout(Duration::from_secs(20)),
+        "the connection ended"
+    );
+    assert_eq!(removal.connections(), 0);
+    let reply = rw.reply(0).unwrap();
+    assert_eq!(
+        (reply.cookie, reply.error),
+        (99, 0),
+        "the write was answered"
+    );
+    // A request sent after the removal is not read: the socket closes.
+    let _ = rw.send(CMD_READ, 0, 100, 0, 512, &[]);
+    assert!(rw.closed_by_server(), "then the connection closed");
+    assert_eq!(server.export_connections("disk"), None);
+    // The other export: untouched, and the answered write is there.
+    assert_eq!(server.export_connections("ro"), Some(1));
+    let read = ro.request(CMD_READ, 0, 4096, 512, &[]).unwrap();
+    assert_eq!((read.error, read.data), (0, vec![0xee; 512]));
+    ro.disconnect();
+    Arc::try_unwrap(server).unwrap().shutdown();
 }

@@ -418,3 +418,74 @@ fn a_client_that_never_reads_replies_is_bounded() {
     c.disconnect();
     still_serves(&f);
 }
+
+/// A hard removal of the export a client uses while that client reads
+/// none of its replies: the connection gives up after `STOP_GRACE` and
+/// closes; the removal does not wait longer than that, and other clients
+/// are served throughout.
+#[test]
+fn hard_removal_gives_up_on_a_client_that_never_reads() {
+    use blockgraph::export::nbd::{RemoveMode, STOP_GRACE};
+    let _w = watchdog(
+        "hard_removal_gives_up_on_a_client_that_never_reads",
+        Duration::from_secs(120),
+    );
+    let f = fixture();
+    let mut c = f.connect();
+    c.handshake("ro", false).unwrap();
+    let mut requests = Vec::new();
+    for cookie in 0..200u64 {
+        requests.extend_from_slice(&REQUEST_MAGIC.to_be_bytes());
+        requests.extend_from_slice(&0u16.to_be_bytes());
+        requests.extend_from_slice(&CMD_READ.to_be_bytes());
+        requests.extend_from_slice(&cookie.to_be_bytes());
+        requests.extend_from_slice(&0u64.to_be_bytes());
+        requests.extend_from_slice(&(1u32 << 20).to_be_bytes());
+    }
+    c.s.write_all(&requests).unwrap();
+    // Served until the budget stops it (the replies fill the socket).
+    let mut last = f.blk.completed_requests();
+    loop {
+        std::thread::sleep(Duration::from_millis(300));
+        let now = f.blk.completed_requests();
+        if now == last {
+            break;
+        }
+        last = now;
+    }
+    let server = f.server.as_ref().unwrap();
+    let start = Instant::now();
+    let removal = server.remove_export_with("ro", RemoveMode::Hard).unwrap();
+    assert_eq!(removal.connections(), 1);
+    // Another export is served while that one waits out its grace.
+    let mut other = f.connect();
+    other.handshake("disk", false).unwrap();
+    assert_eq!(other.request(CMD_READ, 0, 0, 512, &[]).unwrap().error, 0);
+    other.disconnect();
+    assert!(
+        removal.wait_timeout(STOP_GRACE + Duration::from_secs(20)),
+        "the connection ended after the grace"
+    );
+    let took = start.elapsed();
+    assert!(
+        took >= STOP_GRACE,
+        "gave up after {took:?}, before the grace"
+    );
+    // What the client reads now ends in EOF, short of the 200 replies.
+    c.s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    let mut got = 0usize;
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        match std::io::Read::read(&mut c.s, &mut buf) {
+            Ok(0) => break,
+            Ok(n) => got += n,
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => break,
+            Err(e) => panic!("reading after the removal: {e}"),
+        }
+    }
+    assert!(
+        got < 200 * ((1 << 20) + 16),
+        "{got} bytes: every reply came"
+    );
+    still_serves(&f);
+}

@@ -1028,17 +1028,11 @@ fn job_and_snapshot_commands_refuse_bad_input_and_quit_cancels_running_jobs() {
             json!({"job-id": "j", "device": "top", "backing-mask-protocol": "yes"}),
             "expected: boolean",
         ),
-        // Active commit: QEMU starts a mirror-like job; the library has
-        // none yet, so it is refused and the reason given.
+        // Active commit takes no backing file name (no header to rewrite).
         (
             "block-commit",
-            json!({"job-id": "j", "device": "top"}),
-            "Committing the active layer ('top') is not supported by this daemon",
-        ),
-        (
-            "block-commit",
-            json!({"job-id": "j", "device": "top", "top-node": "top"}),
-            "QEMU runs it as a mirror job that ends with job-complete",
+            json!({"job-id": "j", "device": "top", "backing-file": "x"}),
+            "'backing-file' specified, but 'top' is the active layer",
         ),
         (
             "block-dirty-bitmap-merge",
@@ -1088,7 +1082,7 @@ fn job_and_snapshot_commands_refuse_bad_input_and_quit_cancels_running_jobs() {
         (
             "transaction",
             json!({"actions": [{"type": "block-dirty-bitmap-add", "data": {}}]}),
-            "Parameter 'type' does not accept value 'block-dirty-bitmap-add'",
+            "Parameter 'actions[0].data.node' is missing",
         ),
         (
             "transaction",
@@ -1432,6 +1426,138 @@ fn mirror_and_backup_observe_the_same_as_with_qemu_storage_daemon() {
                 "guest-writes-c",
                 "guest-writes-b1",
                 "guest-writes-b2",
+            ] {
+                assert_eq!(ours[w], 0, "{w}: {ours:#}");
+            }
+            for (what, rc) in ours["compare"].as_object().expect("compares") {
+                assert_eq!(rc, 0, "{what}: {ours:#}");
+            }
+            for (image, rc) in ours["check"].as_object().expect("checks") {
+                assert_eq!(rc, 0, "qemu-img check {image}: {ours:#}");
+            }
+        },
+    );
+}
+
+/// `tests/qmp/exports.py` against both daemons: `block-export-del`'s
+/// modes with raw NBD clients connected: `safe` refused in QEMU's words,
+/// `hard` disconnecting only that export's clients (a write answered
+/// before it kept), `BLOCK_EXPORT_DELETED` once the connections are gone,
+/// and an export whose client does not read its replies `shutting-down`
+/// until it does.
+#[test]
+fn block_export_del_modes_observe_the_same_as_with_qemu_storage_daemon() {
+    parity(
+        "block_export_del_modes_observe_the_same_as_with_qemu_storage_daemon",
+        |bin| script_run(bin, "exports.py", |_| {}),
+        |ours| {
+            // What must hold with ours, whatever QEMU does.
+            let refused = json!({"error": "GenericError", "desc": "export 'e0' still in use"});
+            assert_eq!(ours["safe-refused"][0], refused, "{ours:#}");
+            assert_eq!(ours["safe-refused"][1], refused, "{ours:#}");
+            assert_eq!(ours["write"], json!([0, 1]), "{ours:#}");
+            assert_eq!(ours["hard"], json!({"return": {}}), "{ours:#}");
+            assert_eq!(ours["c0-after"], "eof", "{ours:#}");
+            assert_eq!(ours["c1-after"], json!([0, 2, true]), "{ours:#}");
+            assert_eq!(ours["write-kept"], 0, "{ours:#}");
+            assert_eq!(
+                ours["shutting-down"][0],
+                json!([["e0", "d0", false], ["e1", "n1", true]]),
+                "{ours:#}"
+            );
+            assert_eq!(ours["no-event-yet"], json!([]), "{ours:#}");
+            assert_eq!(ours["c1-eof"], "eof", "{ours:#}");
+            assert_eq!(ours["events"], json!(["e0", "e0", "e1", "e2"]), "{ours:#}");
+        },
+    );
+}
+
+/// `tests/qmp/active_commit.py` against both daemons: block-commit of the
+/// active layer while qemu-io writes through its NBD export: READY,
+/// query-block-jobs, job-complete, the export then on the base; a second
+/// one cancelled after READY (nothing pivots); after exit, the base and
+/// the cancelled top compared with references that got every write.
+#[test]
+fn active_commit_observes_the_same_as_with_qemu_storage_daemon() {
+    parity(
+        "active_commit_observes_the_same_as_with_qemu_storage_daemon",
+        |bin| script_run(bin, "active_commit.py", |_| {}),
+        |ours| {
+            // What must hold with ours, whatever QEMU does.
+            assert_eq!(ours["commit"], json!({"return": {}}), "{ours:#}");
+            assert_eq!(ours["complete"], json!({"return": {}}), "{ours:#}");
+            assert_eq!(
+                ours["commit-events"],
+                json!([
+                    "created",
+                    "running",
+                    "ready",
+                    {"BLOCK_JOB_READY": {"device": "ac", "len": "n", "offset": "n",
+                                         "speed": 0, "type": "commit"}},
+                    "waiting",
+                    "pending",
+                    {"BLOCK_JOB_COMPLETED": {"device": "ac", "len": "n", "offset": "n",
+                                             "speed": 0, "type": "commit"}},
+                    "concluded",
+                    "null"
+                ]),
+                "{ours:#}"
+            );
+            assert_eq!(ours["export-after-pivot"], json!(["a-base.qcow2", false]));
+            assert_eq!(ours["export-after-cancel"], json!(["c-top.qcow2", false]));
+            for w in [
+                "guest-writes-1",
+                "guest-writes-2",
+                "guest-writes-3",
+                "guest-writes-c",
+            ] {
+                assert_eq!(ours[w], 0, "{w}: {ours:#}");
+            }
+            for (what, rc) in ours["compare"].as_object().expect("compares") {
+                assert_eq!(rc, 0, "{what}: {ours:#}");
+            }
+            for (image, rc) in ours["check"].as_object().expect("checks") {
+                assert_eq!(rc, 0, "qemu-img check {image}: {ours:#}");
+            }
+        },
+    );
+}
+
+/// `tests/qmp/transaction.py` against both daemons: `transaction` with
+/// `blockdev-backup` and the dirty bitmap actions. Refused transactions
+/// (an abort last, a duplicate or missing bitmap, a bitmap removed earlier
+/// in the same transaction) leave the bitmaps as they were; one
+/// transaction starts a full backup and adds a bitmap while qemu-io
+/// writes through the export, and the bitmap then counts exactly the
+/// later writes (QEMU's count) while the backup holds the image at the
+/// transaction (compared after exit); clear, disable, enable, merge and
+/// remove in transactions.
+#[test]
+fn transaction_backup_and_bitmap_actions_observe_the_same_as_with_qemu_storage_daemon() {
+    parity(
+        "transaction_backup_and_bitmap_actions_observe_the_same_as_with_qemu_storage_daemon",
+        |bin| script_run(bin, "transaction.py", |_| {}),
+        |ours| {
+            // What must hold with ours, whatever QEMU does.
+            assert_eq!(ours["unchanged-after-refusals"], true, "{ours:#}");
+            assert_eq!(ours["no-jobs-after-refusals"], json!({"return": []}));
+            assert_eq!(ours["bootstrap"], json!({"return": {}}), "{ours:#}");
+            assert_eq!(
+                ours["bitmaps-at-bootstrap"],
+                json!([["bm", 0, true, 65536], ["bx", 0, true, 65536]]),
+                "{ours:#}"
+            );
+            // 64 KiB + one 64 KiB granule for 4 KiB + 192 KiB.
+            assert_eq!(
+                ours["bitmaps-after-writes"],
+                json!([["bm", 327680, true, 65536], ["bx", 327680, true, 65536]]),
+                "{ours:#}"
+            );
+            for w in [
+                "guest-writes-0",
+                "guest-writes-1",
+                "guest-writes-2",
+                "guest-writes-3",
             ] {
                 assert_eq!(ours[w], 0, "{w}: {ours:#}");
             }

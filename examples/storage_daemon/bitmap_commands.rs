@@ -35,7 +35,13 @@ fn uint32(o: &mut Opts, key: &str) -> QResult<Option<u64>> {
 }
 
 /// `block-dirty-bitmap-add`.
-pub fn add(d: &mut Daemon, mut o: Opts) -> QResult<Value> {
+pub fn add(d: &mut Daemon, o: Opts) -> QResult<Value> {
+    d.bitmap_add(add_spec(o)?)?;
+    Ok(json!({}))
+}
+
+/// `block-dirty-bitmap-add`'s arguments (also a `transaction` action's).
+pub fn add_spec(mut o: Opts) -> QResult<BitmapAdd> {
     let spec = BitmapAdd {
         node: o.req_str("node")?,
         name: o.req_str("name")?,
@@ -44,15 +50,20 @@ pub fn add(d: &mut Daemon, mut o: Opts) -> QResult<Value> {
         disabled: o.bool("disabled")?.unwrap_or(false),
     };
     o.finish()?;
-    d.bitmap_add(spec)?;
-    Ok(json!({}))
+    Ok(spec)
 }
 
-/// One of the verbs that take `node` and `name` only.
-fn verb(d: &mut Daemon, mut o: Opts, verb: BitmapVerb) -> QResult<Value> {
+/// `node` and `name` (QAPI's `BlockDirtyBitmap`).
+pub fn node_and_name(mut o: Opts) -> QResult<(String, String)> {
     let node = o.req_str("node")?;
     let name = o.req_str("name")?;
     o.finish()?;
+    Ok((node, name))
+}
+
+/// One of the verbs that take `node` and `name` only.
+fn verb(d: &mut Daemon, o: Opts, verb: BitmapVerb) -> QResult<Value> {
+    let (node, name) = node_and_name(o)?;
     d.bitmap_verb(&node, &name, verb)?;
     Ok(json!({}))
 }
@@ -79,7 +90,14 @@ pub fn disable(d: &mut Daemon, o: Opts) -> QResult<Value> {
 
 /// `block-dirty-bitmap-merge`: `bitmaps` is a list of names (bitmaps of
 /// `node`) or `{node, name}` objects (QAPI's `BlockDirtyBitmapOrStr`).
-pub fn merge(d: &mut Daemon, mut o: Opts) -> QResult<Value> {
+pub fn merge(d: &mut Daemon, o: Opts) -> QResult<Value> {
+    let (node, target, sources) = merge_spec(o)?;
+    d.bitmap_merge(&node, &target, &sources)?;
+    Ok(json!({}))
+}
+
+/// `block-dirty-bitmap-merge`'s arguments: node, target, sources.
+pub fn merge_spec(mut o: Opts) -> QResult<(String, String, Vec<BitmapRef>)> {
     let node = o.req_str("node")?;
     let target = o.req_str("target")?;
     let Some(list) = o.array("bitmaps")? else {
@@ -110,6 +128,5 @@ pub fn merge(d: &mut Daemon, mut o: Opts) -> QResult<Value> {
         }
     }
     o.finish()?;
-    d.bitmap_merge(&node, &target, &sources)?;
-    Ok(json!({}))
+    Ok((node, target, sources))
 }

@@ -399,15 +399,17 @@ fn block_export_add(d: &mut Daemon, mut o: Opts) -> QResult<Value> {
 
 fn block_export_del(d: &mut Daemon, mut o: Opts) -> QResult<Value> {
     let id = o.req_str("id")?;
-    if let Some(mode) = o.str("mode")? {
-        if mode != "safe" && mode != "hard" {
+    let hard = match o.str("mode")?.as_deref() {
+        None | Some("safe") => false,
+        Some("hard") => true,
+        Some(mode) => {
             return Err(QmpError::generic(format!(
                 "Parameter 'mode' does not accept value '{mode}'"
-            )));
+            )))
         }
-    }
+    };
     o.finish()?;
-    d.block_export_del(&id)?;
+    d.block_export_del(&id, hard)?;
     Ok(json!({}))
 }
 

@@ -23,7 +23,9 @@ use blockgraph::drivers::{
     CopyOnRead, FileDriver, FileOptions, NullDriver, RawDriver, ThrottleConfig, ThrottleDriver,
     ThrottleGroup,
 };
-use blockgraph::export::nbd::{ExportOptions, NbdListener, NbdServer};
+use blockgraph::export::nbd::{
+    ExportOptions, NbdListener, NbdServer, RemoveExportError, RemoveMode,
+};
 use blockgraph::{
     BackendOptions, BlockBackend, ChildRole, IoThread, MainLoop, NodeHandle, ParentRef, Perm,
     Permissions,
@@ -38,7 +40,7 @@ mod bitmaps;
 mod jobs;
 mod snapshots;
 
-pub use bitmaps::{BitmapAdd, BitmapRef, BitmapVerb};
+pub use bitmaps::{BitmapAction, BitmapAdd, BitmapRef, BitmapVerb};
 pub use jobs::{BackupSpec, CommitSpec, JobArgs, JobVerbCmd, MirrorSpec, StreamSpec};
 pub use snapshots::{SnapshotAction, SyncSpec};
 
@@ -85,6 +87,10 @@ struct Export {
     name: String,
     node: String,
     backend: BlockBackend,
+    /// Removed with `mode=hard` while clients were connected: no longer
+    /// published (its NBD name may be used again), its connections are
+    /// ending; QEMU's `shutting-down`. Deleted once the last one is gone.
+    closing: bool,
 }
 
 /// The running NBD server.
@@ -135,6 +141,10 @@ pub struct Daemon {
     /// The nodes each running block job uses (graph names), for QEMU's
     /// "Node 'x' is busy" checks; dropped once the job has concluded.
     job_uses: BTreeMap<String, jobs::JobUse>,
+    /// The executor's queue, for work that finishes later on its own
+    /// (an export whose last connection closed); weak, so that it does not
+    /// keep the executor alive.
+    later: Option<tokio::sync::mpsc::WeakUnboundedSender<crate::qmp::Msg>>,
 }
 
 /// A graph name for an implicit node. User node names are at most 31
@@ -185,7 +195,13 @@ impl Daemon {
             nbd_threads,
             jobs_io: Some(jobs_io),
             job_uses: BTreeMap::new(),
+            later: None,
         })
+    }
+
+    /// Where to queue work for later (see `later`).
+    pub fn set_executor(&mut self, queue: tokio::sync::mpsc::WeakUnboundedSender<crate::qmp::Msg>) {
+        self.later = Some(queue);
     }
 
     fn io(&self) -> QResult<&IoThread> {
@@ -702,11 +718,16 @@ impl Daemon {
             )));
         };
         // QEMU's order (`qmp_blockdev_del`): a BlockBackend on it (an
-        // export, also while a job's filter sits between them), a job,
+        // export, also while an intermediate commit's filter sits between
+        // them; not while an active commit's filter has taken its users
+        // over, as QEMU's BlockBackends are then on the filter), a job,
         // the monitor's ownership, other parents.
         let (implicit, handle) = (node.implicit, node.handle.clone());
         let (node_parents, backend_parents) = self.parents(&handle);
-        if backend_parents > 0 || self.exports.values().any(|e| e.node == name) {
+        // (The backends on a node under an active commit's filter are the
+        // job's, which QEMU puts on the filter too.)
+        let in_use = backend_parents > 0 || self.exports.values().any(|e| e.node == name);
+        if in_use && !self.under_job_filter(handle.name()) {
             return Err(QmpError::generic(format!("Node {name} is in use")));
         }
         self.check_not_busy(&[handle.name().to_owned()])?;
@@ -1243,26 +1264,91 @@ impl Daemon {
                 name,
                 node: spec.node,
                 backend,
+                closing: false,
             },
         );
         Ok(())
     }
 
-    /// `block-export-del`.
-    pub fn block_export_del(&mut self, id: &str) -> QResult<()> {
-        if !self.exports.contains_key(id) {
+    /// `block-export-del`, QEMU's `qmp_block_export_del`: `safe` refuses
+    /// while clients are connected; `hard` ends their connections (after
+    /// the replies of their requests in flight) and deletes the export once
+    /// the last one is gone, which may be after the command returns: until
+    /// then the export shows `shutting-down` and its id stays taken.
+    pub fn block_export_del(&mut self, id: &str, hard: bool) -> QResult<()> {
+        let Some(export) = self.exports.get(id) else {
             return Err(QmpError::generic(format!("Export '{id}' is not found")));
+        };
+        if export.closing {
+            return Err(QmpError::generic(format!(
+                "Export '{id}' is already shutting down"
+            )));
         }
-        self.delete_export(id)
+        let Some(nbd) = &self.nbd else {
+            return self.delete_export(id);
+        };
+        let mode = if hard {
+            RemoveMode::Hard
+        } else {
+            RemoveMode::Safe
+        };
+        let removal = match nbd.server.remove_export_with(&export.name, mode) {
+            Ok(removal) => removal,
+            // (QEMU adds the hint "Use mode='hard' to force client
+            // disconnect", which QMP does not carry.)
+            Err(RemoveExportError::InUse { .. }) => {
+                return Err(QmpError::generic(format!("export '{id}' still in use")))
+            }
+            Err(RemoveExportError::NotFound(_)) => return self.delete_export(id),
+        };
+        if removal.connections() == 0 {
+            return self.delete_export(id);
+        }
+        if let Some(e) = self.exports.get_mut(id) {
+            e.closing = true;
+        }
+        // The connections end on the server's threads; once the last one
+        // has, the executor deletes the export (drain, backend, event).
+        let removal = Arc::new(removal);
+        let (queue, waited) = (self.later.clone(), removal.clone());
+        let owned_id = id.to_owned();
+        let waiter = std::thread::Builder::new()
+            .name("export-del".into())
+            .spawn(move || {
+                let id = owned_id;
+                waited.wait();
+                if let Some(queue) = queue.and_then(|q| q.upgrade()) {
+                    let _ = queue.send(crate::qmp::Msg::Later(Box::new(move |d: &mut Daemon| {
+                        d.export_closed(&id)
+                    })));
+                }
+            });
+        if waiter.is_err() {
+            // No thread: wait here (the requests in flight, and at most
+            // the server's grace for a client that does not read them).
+            removal.wait();
+            return self.delete_export(id);
+        }
+        Ok(())
     }
 
-    /// Unpublishes export `id`, waits for its requests in flight (a drain
-    /// of its node), removes its backend and emits `BLOCK_EXPORT_DELETED`.
+    /// The last connection of export `id`, removed with `mode=hard`, is
+    /// gone: delete it (unless `nbd-server-stop` or shutdown already did).
+    fn export_closed(&mut self, id: &str) {
+        if self.exports.get(id).is_some_and(|e| e.closing) {
+            let _ = self.delete_export(id);
+        }
+    }
+
+    /// Unpublishes export `id` (unless a hard removal already did), waits
+    /// for its requests in flight (a drain of its node), removes its
+    /// backend and emits `BLOCK_EXPORT_DELETED`.
     fn delete_export(&mut self, id: &str) -> QResult<()> {
         let Some(export) = self.exports.remove(id) else {
             return Ok(());
         };
-        if let Some(nbd) = &self.nbd {
+        if let (Some(nbd), false) = (&self.nbd, export.closing) {
+            // (A closing export's name may be another export's by now.)
             nbd.server.remove_export(&export.name);
         }
         let backend = export.backend.clone();
@@ -1289,7 +1375,8 @@ impl Daemon {
             self.exports
                 .iter()
                 .map(|(id, e)| {
-                    json!({"id": id, "type": "nbd", "node-name": e.node, "shutting-down": false})
+                    json!({"id": id, "type": "nbd", "node-name": e.node,
+                        "shutting-down": e.closing})
                 })
                 .collect(),
         )

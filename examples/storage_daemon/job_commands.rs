@@ -190,7 +190,13 @@ pub fn blockdev_mirror(d: &mut Daemon, mut o: Opts) -> QResult<Value> {
 }
 
 /// `blockdev-backup`.
-pub fn blockdev_backup(d: &mut Daemon, mut o: Opts) -> QResult<Value> {
+pub fn blockdev_backup(d: &mut Daemon, o: Opts) -> QResult<Value> {
+    d.blockdev_backup(backup_spec(o)?)?;
+    Ok(json!({}))
+}
+
+/// `blockdev-backup`'s arguments (also a `transaction` action's `data`).
+pub fn backup_spec(mut o: Opts) -> QResult<BackupSpec> {
     let head = copy_job_head(&mut o, false)?;
     let speed = speed(&mut o)?;
     let bitmap = o.str("bitmap")?;
@@ -200,7 +206,7 @@ pub fn blockdev_backup(d: &mut Daemon, mut o: Opts) -> QResult<Value> {
     let (auto_finalize, auto_dismiss) = auto(&mut o)?;
     let filter_node_name = o.str("filter-node-name")?;
     o.finish()?;
-    d.blockdev_backup(BackupSpec {
+    Ok(BackupSpec {
         job: JobArgs {
             job_id: head.job_id,
             speed,
@@ -215,8 +221,7 @@ pub fn blockdev_backup(d: &mut Daemon, mut o: Opts) -> QResult<Value> {
         bitmap,
         bitmap_mode,
         compress,
-    })?;
-    Ok(json!({}))
+    })
 }
 
 /// `query-jobs`.

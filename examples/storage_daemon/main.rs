@@ -88,6 +88,12 @@ fn executor(mut daemon: daemon::Daemon, mut msgs: mpsc::UnboundedReceiver<Msg>) 
     while let Some(msg) = msgs.blocking_recv() {
         let call = match msg {
             Msg::Call(call) => call,
+            Msg::Later(work) => {
+                if problems.is_none() {
+                    work(&mut daemon);
+                }
+                continue;
+            }
             Msg::Shutdown(done) => {
                 if problems.is_none() {
                     problems = Some(daemon.shutdown());
@@ -143,8 +149,9 @@ struct MonitorSocket {
 
 fn run(options: Vec<CliOption>) -> Result<(), String> {
     let events = Events::new();
-    let daemon = daemon::Daemon::new(events.clone())?;
+    let mut daemon = daemon::Daemon::new(events.clone())?;
     let (calls, rx) = mpsc::unbounded_channel();
+    daemon.set_executor(calls.downgrade());
     let exec = std::thread::Builder::new()
         .name("qmp-executor".into())
         .spawn(move || executor(daemon, rx))

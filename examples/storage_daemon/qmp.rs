@@ -77,6 +77,9 @@ pub enum Msg {
     /// Shut the daemon down (exports, flush, graph); answered when done.
     /// Later calls are refused.
     Shutdown(oneshot::Sender<()>),
+    /// Work the daemon queued for itself (an export whose connections
+    /// have ended is deleted); dropped once the daemon shuts down.
+    Later(Box<dyn FnOnce(&mut crate::daemon::Daemon) + Send>),
 }
 
 /// What a connection needs from the daemon.

@@ -4,14 +4,15 @@
 //! action, as in QEMU.
 //!
 //! [`ACTIONS`] lists the `transaction` action types by QEMU's names:
-//! `Ready` ones parse their `data` into a [`SnapshotAction`]; `Pending`
-//! ones (backups, dirty bitmaps, internal snapshots) are answered as a
-//! QEMU without them answers an unknown type ("Parameter 'type' does not
-//! accept value 'x'"), like the pending commands.
+//! `Ready` ones (snapshots, `blockdev-backup`, the dirty bitmap verbs)
+//! parse their `data` into a [`SnapshotAction`]; `Pending` ones
+//! (`drive-backup`, internal snapshots) are answered as a QEMU without
+//! them answers an unknown type ("Parameter 'type' does not accept value
+//! 'x'"), like the pending commands.
 
 use serde_json::{json, Value};
 
-use crate::daemon::{Daemon, SnapshotAction, SyncSpec};
+use crate::daemon::{BitmapAction, BitmapVerb, Daemon, SnapshotAction, SyncSpec};
 use crate::opts::{Opts, QResult, QmpError};
 
 /// What a `transaction` action type does here.
@@ -22,8 +23,8 @@ pub enum Action {
     Pending(&'static str),
 }
 
-const BACKUP: &str = "backup jobs (src/job/)";
-const BITMAPS: &str = "dirty bitmaps (src/, qcow2)";
+const DRIVE_BACKUP: &str = "drive-backup (the daemon creates no backup target image; \
+                            blockdev-add one and use blockdev-backup)";
 const INTERNAL: &str = "internal snapshots over QMP (the qcow2 driver has them)";
 
 /// Every action type of QEMU's `TransactionAction`.
@@ -32,15 +33,63 @@ pub const ACTIONS: &[(&str, Action)] = &[
     ("blockdev-snapshot", Action::Ready(existing)),
     ("blockdev-snapshot-sync", Action::Ready(sync)),
     ("blockdev-snapshot-internal-sync", Action::Pending(INTERNAL)),
-    ("drive-backup", Action::Pending(BACKUP)),
-    ("blockdev-backup", Action::Pending(BACKUP)),
-    ("block-dirty-bitmap-add", Action::Pending(BITMAPS)),
-    ("block-dirty-bitmap-remove", Action::Pending(BITMAPS)),
-    ("block-dirty-bitmap-clear", Action::Pending(BITMAPS)),
-    ("block-dirty-bitmap-enable", Action::Pending(BITMAPS)),
-    ("block-dirty-bitmap-disable", Action::Pending(BITMAPS)),
-    ("block-dirty-bitmap-merge", Action::Pending(BITMAPS)),
+    ("drive-backup", Action::Pending(DRIVE_BACKUP)),
+    ("blockdev-backup", Action::Ready(backup)),
+    ("block-dirty-bitmap-add", Action::Ready(bitmap_add)),
+    ("block-dirty-bitmap-remove", Action::Ready(bitmap_remove)),
+    ("block-dirty-bitmap-clear", Action::Ready(bitmap_clear)),
+    ("block-dirty-bitmap-enable", Action::Ready(bitmap_enable)),
+    ("block-dirty-bitmap-disable", Action::Ready(bitmap_disable)),
+    ("block-dirty-bitmap-merge", Action::Ready(bitmap_merge)),
 ];
+
+/// `BlockdevBackup`.
+fn backup(o: Opts) -> QResult<SnapshotAction> {
+    Ok(SnapshotAction::Backup(crate::job_commands::backup_spec(o)?))
+}
+
+/// `BlockDirtyBitmapAdd`.
+fn bitmap_add(o: Opts) -> QResult<SnapshotAction> {
+    Ok(SnapshotAction::Bitmap(BitmapAction::Add(
+        crate::bitmap_commands::add_spec(o)?,
+    )))
+}
+
+/// `BlockDirtyBitmap` for one verb.
+fn bitmap_verb(o: Opts, verb: BitmapVerb) -> QResult<SnapshotAction> {
+    let (node, name) = crate::bitmap_commands::node_and_name(o)?;
+    Ok(SnapshotAction::Bitmap(BitmapAction::Verb {
+        node,
+        name,
+        verb,
+    }))
+}
+
+fn bitmap_remove(o: Opts) -> QResult<SnapshotAction> {
+    bitmap_verb(o, BitmapVerb::Remove)
+}
+
+fn bitmap_clear(o: Opts) -> QResult<SnapshotAction> {
+    bitmap_verb(o, BitmapVerb::Clear)
+}
+
+fn bitmap_enable(o: Opts) -> QResult<SnapshotAction> {
+    bitmap_verb(o, BitmapVerb::Enable)
+}
+
+fn bitmap_disable(o: Opts) -> QResult<SnapshotAction> {
+    bitmap_verb(o, BitmapVerb::Disable)
+}
+
+/// `BlockDirtyBitmapMerge`.
+fn bitmap_merge(o: Opts) -> QResult<SnapshotAction> {
+    let (node, target, sources) = crate::bitmap_commands::merge_spec(o)?;
+    Ok(SnapshotAction::Bitmap(BitmapAction::Merge {
+        node,
+        target,
+        sources,
+    }))
+}
 
 fn abort(o: Opts) -> QResult<SnapshotAction> {
     o.finish()?;
@@ -88,8 +137,9 @@ pub fn blockdev_snapshot(d: &mut Daemon, o: Opts) -> QResult<Value> {
 
 /// `transaction`: `actions` (each `{type, data}`) and `properties`
 /// (`completion-mode`: `individual`, or `grouped`, which only backup
-/// actions support in QEMU). All actions are parsed first, then done as
-/// one snapshot transaction.
+/// actions support in QEMU and this daemon refuses for every action). All
+/// actions are parsed first, then checked in order, then done at one
+/// instant (`Daemon::snapshot_transaction`).
 pub fn transaction(d: &mut Daemon, mut o: Opts) -> QResult<Value> {
     let Some(list) = o.array("actions")? else {
         return Err(o.missing("actions"));
@@ -111,12 +161,11 @@ pub fn transaction(d: &mut Daemon, mut o: Opts) -> QResult<Value> {
                 "Parameter 'type' does not accept value '{ty}'"
             )));
         };
-        let data = a.take("data").unwrap_or(Value::Null);
-        if data.is_null() {
+        // (Nested, so that its errors name `actions[i].data.x` as QEMU's.)
+        let Some(data) = a.object("data")? else {
             return Err(a.missing("data"));
-        }
+        };
         a.finish()?;
-        let data = Opts::new(data, o.is_keyval())?;
         match action {
             Action::Ready(parse) => parsed.push((*name, parse(data)?)),
             Action::Pending(by) => {

@@ -88,6 +88,22 @@ pub struct BackupOptions {
     sync: BackupSync,
     cluster_size: u64,
     common: CommonOptions,
+    at_start: AtStart,
+}
+
+/// What [`BackupOptions::at_start`] runs (taken once).
+type AtStartFn = Box<dyn FnOnce(&mut Bql) -> Result<()> + Send>;
+
+/// [`BackupOptions::at_start`]'s closure, shared by clones of the
+/// options and run by the first job that starts with them.
+#[derive(Clone, Default)]
+struct AtStart(Arc<Mutex<Option<AtStartFn>>>);
+
+impl std::fmt::Debug for AtStart {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let set = self.0.lock().map(|g| g.is_some()).unwrap_or(true);
+        f.write_str(if set { "Some(..)" } else { "None" })
+    }
 }
 
 impl BackupOptions {
@@ -103,7 +119,67 @@ impl BackupOptions {
                 chunk_size: 1 << 20,
                 ..CopyOptions::default()
             }),
+            at_start: AtStart::default(),
         }
+    }
+
+    /// Runs `f` at the job's point in time: on the main loop, while the
+    /// source and the target are drained and the copy-before-write filter
+    /// is already in, so no guest write lands between the two (QEMU's
+    /// `transaction` of a `blockdev-backup` with other actions, such as
+    /// adding or clearing a dirty bitmap that is to record exactly the
+    /// writes after the backup's point in time). If `f` fails, the filter
+    /// is removed and the job does not start, with `f`'s error; `f` must
+    /// undo what it did itself.
+    ///
+    /// # Examples
+    ///
+    /// A full backup and a new dirty bitmap at one instant (the bitmap
+    /// then records exactly the writes the backup does not hold: the start
+    /// of an incremental backup chain); a failing step leaves no job.
+    ///
+    /// ```
+    /// use blockgraph::drivers::MemoryDriver;
+    /// use blockgraph::job::{self, BackupOptions, BackupSync, JobOptions, JobStatus};
+    /// use blockgraph::{DirtyBitmapOptions, Error, MainLoop};
+    ///
+    /// let main = MainLoop::new()?;
+    /// let io = main.new_io_thread("jobs")?;
+    /// let (disk, copy) = main.run(|bql| bql.write(|w| {
+    ///     Ok::<_, Error>((
+    ///         w.add_node("disk", MemoryDriver::new(1 << 20), &[])?,
+    ///         w.add_node("copy", MemoryDriver::new(1 << 20), &[])?,
+    ///     ))
+    /// }))?;
+    /// let h = io.handle();
+    /// let (d, c) = (disk.clone(), copy.clone());
+    /// let refused = main.run(move |bql| {
+    ///     let options = BackupOptions::new(&d, &c, BackupSync::Full)
+    ///         .at_start(|_bql| Err(Error::InvalidArgument("not now".into())));
+    ///     job::backup(bql, &h, JobOptions::new("b0"), options).map(|_| ())
+    /// });
+    /// assert!(matches!(refused, Err(Error::InvalidArgument(_))));
+    ///
+    /// let h = io.handle();
+    /// let (d, c, d2) = (disk.clone(), copy.clone(), disk.clone());
+    /// let job = main.run(move |bql| {
+    ///     let options = BackupOptions::new(&d, &c, BackupSync::Full).at_start(move |bql| {
+    ///         d2.gs(bql).add_dirty_bitmap("since-full", DirtyBitmapOptions::new())
+    ///     });
+    ///     job::backup(bql, &h, JobOptions::new("b1"), options)
+    /// })?;
+    /// let d = disk.clone();
+    /// assert!(main.run(move |bql| d.gs(bql).dirty_bitmaps().iter().any(|b| b.name == "since-full")));
+    /// while job.status() != JobStatus::Null {
+    ///     std::thread::sleep(std::time::Duration::from_millis(5));
+    /// }
+    /// # drop(io);
+    /// # main.shutdown();
+    /// # Ok::<(), blockgraph::Error>(())
+    /// ```
+    pub fn at_start(mut self, f: impl FnOnce(&mut Bql) -> Result<()> + Send + 'static) -> Self {
+        self.at_start = AtStart(Arc::new(Mutex::new(Some(Box::new(f)))));
+        self
     }
 
     /// The copy granularity (default [`DEFAULT_BACKUP_CLUSTER`]): the unit
@@ -611,6 +687,22 @@ fn set_up(bql: &mut Bql, io: &IoThreadHandle, job: &Job, o: &BackupOptions) -> R
             return Err(e);
         }
     };
+    // The caller's step at the point in time (still drained).
+    let at_start = o
+        .at_start
+        .0
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .take();
+    if let Some(f) = at_start {
+        if let Err(e) = f(bql) {
+            drop(target_drained);
+            drop(source_drained);
+            let d = bql.drain(&filter);
+            let _ = bql.write(|w| w.remove_filter(&d));
+            return Err(e);
+        }
+    }
     // Still drained: nothing has written the source since the filter went
     // in, so the bitmap's bits are exactly what changed before this point.
     let bitmap = match &o.sync {

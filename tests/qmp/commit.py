@@ -23,9 +23,7 @@ differently, looked up by file name), the job's filter node (QEMU lists
 it, ours does not), progress of a running job (timing), the host size of
 file nodes (image layout), paused/running pairs a drain causes.
 
-Active commit (top = the active layer) is not asked here: QEMU runs it as
-a mirror job, ours refuses it (tests/storage_daemon.rs checks the
-refusal).
+Active commit (top = the active layer) is asked by active_commit.py.
 
 Usage: commit.py QMP_SOCKET WORKDIR NBD_SOCKET
 """

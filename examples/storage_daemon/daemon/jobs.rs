@@ -32,6 +32,10 @@ pub(super) struct JobUse {
     /// A mirror in `write-blocking` copy mode (QEMU's `actively-synced`
     /// once ready).
     write_blocking: bool,
+    /// The node (graph name) whose users the job's filter took over, for
+    /// an active commit: QEMU's BlockBackends move onto its filter, so
+    /// that node is busy rather than "in use" for `blockdev-del`.
+    under_filter: Option<String>,
 }
 
 /// What every job command takes besides its own members: QEMU's
@@ -131,6 +135,20 @@ pub struct BackupSpec {
     pub bitmap_mode: Option<String>,
     /// `compress` (refused when true).
     pub compress: bool,
+}
+
+/// A backup checked and ready to start (`Daemon::check_backup`).
+pub(super) struct PreparedBackup {
+    /// The job's options.
+    pub(super) jo: JobOptions,
+    /// The library's backup options.
+    pub(super) options: BackupOptions,
+    /// The nodes it makes busy (graph names).
+    pub(super) busy: Vec<String>,
+    /// The node backed up.
+    pub(super) source: NodeHandle,
+    /// Where to.
+    pub(super) target: NodeHandle,
 }
 
 /// A verb given to one job, by `job-*` (`id`) or `block-job-*` (`device`).
@@ -291,7 +309,7 @@ fn forward(events: &Events, job: &Job, auto_finalize: bool, event: JobEvent) {
 }
 
 impl Daemon {
-    fn jobs_io(&self) -> QResult<&blockgraph::IoThread> {
+    pub(super) fn jobs_io(&self) -> QResult<&blockgraph::IoThread> {
         self.jobs_io
             .as_ref()
             .ok_or_else(|| QmpError::generic("the daemon is shutting down"))
@@ -321,6 +339,14 @@ impl Daemon {
             }
         }
         Ok(())
+    }
+
+    /// Whether a running job's filter took over the users of the node
+    /// with graph name `graph` (see `JobUse::under_filter`).
+    pub(super) fn under_job_filter(&self, graph: &str) -> bool {
+        self.job_uses
+            .values()
+            .any(|u| u.under_filter.as_deref() == Some(graph))
     }
 
     /// The QMP name of the node with graph name `graph` (the graph name
@@ -359,7 +385,7 @@ impl Daemon {
     /// Starts reporting a started job: its events so far go out now (so
     /// `created` and `running` come before the command's answer, as in
     /// QEMU), the rest from a thread of its own until the job is gone.
-    fn track_job(
+    pub(super) fn track_job(
         &mut self,
         job: &Job,
         kind: &'static str,
@@ -373,6 +399,7 @@ impl Daemon {
                 kind,
                 nodes,
                 write_blocking,
+                under_filter: None,
             },
         );
         // QEMU's job coroutine runs until its first yield before the
@@ -542,11 +569,11 @@ impl Daemon {
         Some((name, format))
     }
 
-    /// `block-commit` of an intermediate image: QEMU's checks in QEMU's
-    /// order (`qmp_block_commit`, then `commit_start`), then
-    /// `blockgraph::job::commit` on the jobs I/O thread. Committing the
-    /// active layer is refused: the library has no active commit yet
-    /// (QEMU runs it as a mirror job that ends with `job-complete`).
+    /// `block-commit`: QEMU's checks in QEMU's order (`qmp_block_commit`,
+    /// then `commit_start` or `commit_active_start`), then
+    /// `blockgraph::job::commit` on the jobs I/O thread. Of the active
+    /// layer it is the library's active commit (READY, then
+    /// `job-complete`), as QEMU's.
     pub fn block_commit(&mut self, spec: CommitSpec) -> QResult<()> {
         // libvirt probes for commit with an unknown device and relies on
         // `DeviceNotFound`, so QEMU looks the device up before anything.
@@ -624,17 +651,31 @@ impl Daemon {
             return Err(QmpError::generic("cannot commit an image into itself"));
         }
         if top_at == 0 {
+            // Active commit (QEMU's `commit_active_start`): the library's
+            // commit of the active layer is a mirror of it into the base,
+            // READY once converged, `job-complete` pivots the device's
+            // users (the export) onto the base. No header to rewrite.
             if spec.backing_file.is_some() {
                 return Err(QmpError::generic(
                     "'backing-file' specified, but 'top' is the active layer",
                 ));
             }
-            return Err(QmpError::generic(format!(
-                "Committing the active layer ('{}') is not supported by this daemon: QEMU \
-                 runs it as a mirror job that ends with job-complete, which the library does \
-                 not have yet; commit an intermediate image (top-node) instead",
-                spec.device
-            )));
+            let jo = self.check_job_basics(&spec.job)?;
+            let options = CommitOptions::new(&top)
+                .base(&base)
+                .filter_node_name(self.filter_name(&spec.job));
+            // Busy as in QEMU: the device, what is dropped and the base.
+            let mut busy = dropped;
+            busy.push(chain[base_at].0.clone());
+            busy.dedup();
+            let id = jo.id.clone();
+            self.start_job(jo, "commit", busy, false, move |bql, io, jo| {
+                job::commit(bql, io, jo, options)
+            })?;
+            if let Some(u) = self.job_uses.get_mut(&id) {
+                u.under_filter = Some(top.name().to_owned());
+            }
+            return Ok(());
         }
         let overlay = chain[top_at - 1].0.clone();
         self.check_not_busy(std::slice::from_ref(&overlay))?;
@@ -801,6 +842,14 @@ impl Daemon {
     /// description that says so: `sync=none` (image fleecing), a bitmap
     /// with `sync=full`/`top` (the bitmap as output only), `compress`.
     pub fn blockdev_backup(&mut self, spec: BackupSpec) -> QResult<()> {
+        let p = self.check_backup(spec)?;
+        self.start_job(p.jo, "backup", p.busy, false, move |bql, io, jo| {
+            job::backup(bql, io, jo, p.options)
+        })
+    }
+
+    /// `blockdev-backup`'s checks; what starting it takes.
+    pub(super) fn check_backup(&mut self, spec: BackupSpec) -> QResult<PreparedBackup> {
         let src = self.lookup(&spec.device, &spec.device)?;
         let target = self.lookup(&spec.target, &spec.target)?;
         let mut sync = spec.sync.clone();
@@ -901,8 +950,12 @@ impl Daemon {
         let filter = self.filter_name(&spec.job);
         let options = BackupOptions::new(&src, &target, sync).filter_node_name(filter);
         let busy = vec![src.name().to_owned(), target.name().to_owned()];
-        self.start_job(jo, "backup", busy, false, move |bql, io, jo| {
-            job::backup(bql, io, jo, options)
+        Ok(PreparedBackup {
+            jo,
+            options,
+            busy,
+            source: src,
+            target,
         })
     }
 

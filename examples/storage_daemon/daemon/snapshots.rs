@@ -15,7 +15,13 @@ use std::path::PathBuf;
 use blockgraph::drivers::qcow2::{CreateOptions, Qcow2Driver};
 use blockgraph::{ChildRole, NodeHandle, ParentRef};
 
-use super::Daemon;
+use std::sync::{Arc, Mutex};
+
+use super::bitmaps::{
+    apply_bitmap, bitmap_err, commit_bitmaps, undo_bitmaps, BitmapPlan, BitmapUndo, CheckedBitmap,
+};
+use super::jobs::PreparedBackup;
+use super::{BitmapAction, Daemon};
 use crate::blockdev::{Backing, ChildSpec, Kind, NodeSpec};
 use crate::opts::{lib_err, QResult, QmpError};
 
@@ -38,8 +44,12 @@ pub struct SyncSpec {
 }
 
 /// One action of a `transaction` this daemon can do.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub enum SnapshotAction {
+    /// A `block-dirty-bitmap-*` action.
+    Bitmap(super::BitmapAction),
+    /// `blockdev-backup`.
+    Backup(super::BackupSpec),
     /// `blockdev-snapshot-sync`.
     Sync(SyncSpec),
     /// `blockdev-snapshot`: `node`, `overlay`.
@@ -55,6 +65,8 @@ pub enum SnapshotAction {
 
 /// An action once checked.
 enum Checked {
+    Bitmap(CheckedBitmap),
+    Backup(PreparedBackup),
     Sync {
         top: NodeHandle,
         spec: SyncSpec,
@@ -75,7 +87,7 @@ impl Daemon {
         }
         let mut created: Vec<String> = Vec::new();
         let mut files: Vec<PathBuf> = Vec::new();
-        let result = self.apply_snapshots(checked, &mut created, &mut files);
+        let result = self.apply_transaction(checked, &mut created, &mut files);
         if result.is_err() {
             for name in created.into_iter().rev() {
                 let _ = self.remove_one(&name);
@@ -90,12 +102,67 @@ impl Daemon {
 
     /// QEMU's checks of each action, in order, against the graph as the
     /// actions before it leave it.
-    fn check_snapshots(&self, actions: Vec<SnapshotAction>) -> QResult<Vec<Checked>> {
+    fn check_snapshots(&mut self, actions: Vec<SnapshotAction>) -> QResult<Vec<Checked>> {
         // (top, overlay name) of the actions checked so far.
         let mut planned: Vec<(NodeHandle, String)> = Vec::new();
+        // The bitmaps as the actions checked so far leave them.
+        let mut bitmaps = BitmapPlan::default();
+        // The job ids the actions checked so far take.
+        let mut job_ids: Vec<String> = Vec::new();
         let mut out = Vec::new();
+        let with_backup = actions
+            .iter()
+            .any(|a| matches!(a, SnapshotAction::Backup(_)));
+        let with_snapshot = actions
+            .iter()
+            .any(|a| matches!(a, SnapshotAction::Sync(_) | SnapshotAction::Existing { .. }));
+        if with_backup && with_snapshot {
+            return Err(QmpError::generic(
+                "blockdev-backup and snapshot actions in one transaction are not supported by \
+                 this daemon: the backup's point in time is its own drained section",
+            ));
+        }
         for action in actions {
             let checked = match action {
+                SnapshotAction::Bitmap(b) => Checked::Bitmap(match b {
+                    BitmapAction::Add(spec) => self.check_bitmap_add(&spec, &mut bitmaps)?,
+                    BitmapAction::Verb { node, name, verb } => {
+                        self.check_bitmap_verb(&node, &name, verb, &mut bitmaps)?
+                    }
+                    BitmapAction::Merge {
+                        node,
+                        target,
+                        sources,
+                    } => self.check_bitmap_merge(&node, &target, &sources, &mut bitmaps)?,
+                }),
+                SnapshotAction::Backup(spec) => {
+                    let id = spec.job.job_id.clone().unwrap_or_default();
+                    if job_ids.contains(&id) {
+                        return Err(QmpError::generic(format!("Job ID '{id}' already in use")));
+                    }
+                    if out.iter().any(|c| matches!(c, Checked::Backup(_))) {
+                        return Err(QmpError::generic(
+                            "More than one blockdev-backup in a transaction is not supported \
+                             by this daemon: start the others with their own transactions",
+                        ));
+                    }
+                    let prepared = self.check_backup(spec)?;
+                    // A node another backup of this transaction uses is
+                    // busy, as after that backup started.
+                    for n in &prepared.busy {
+                        let taken = out
+                            .iter()
+                            .any(|c| matches!(c, Checked::Backup(p) if p.busy.contains(n)));
+                        if taken {
+                            return Err(QmpError::generic(format!(
+                                "Node '{}' is busy: block device is in use by block job: backup",
+                                self.display_name(n)
+                            )));
+                        }
+                    }
+                    job_ids.push(id);
+                    Checked::Backup(prepared)
+                }
                 SnapshotAction::Abort => {
                     return Err(QmpError::generic("Transaction aborted using Abort action"))
                 }
@@ -200,13 +267,21 @@ impl Daemon {
         Ok(())
     }
 
-    fn apply_snapshots(
+    /// Does the checked actions at one instant: every node they involve
+    /// is drained (guest writes wait at their backends), then the backups
+    /// start (their point in time), the bitmap actions are applied and the
+    /// overlays appended, then the drains end. A failure takes back what
+    /// was done (QEMU's `abort`: an added bitmap is removed, a removed,
+    /// cleared or merged-into one restored, a started backup cancelled).
+    fn apply_transaction(
         &mut self,
         checked: Vec<Checked>,
         created: &mut Vec<String>,
         files: &mut Vec<PathBuf>,
     ) -> QResult<()> {
         let mut pairs = Vec::new();
+        let mut bitmaps = Vec::new();
+        let mut backups = Vec::new();
         for c in checked {
             match c {
                 Checked::Existing { top, overlay } => pairs.push((top, overlay)),
@@ -214,19 +289,113 @@ impl Daemon {
                     let overlay = self.create_overlay(&top, &spec, created, files)?;
                     pairs.push((top, overlay));
                 }
+                Checked::Bitmap(b) => bitmaps.push(b),
+                Checked::Backup(p) => backups.push(p),
             }
         }
+        if let Some(backup) = backups.pop() {
+            return self.start_backup_with_bitmaps(backup, bitmaps);
+        }
+        // Every node involved, once: drained together for one instant.
+        let involved = distinct(
+            pairs
+                .iter()
+                .map(|(t, _)| t.clone())
+                .chain(bitmaps.iter().flat_map(CheckedBitmap::nodes)),
+        );
         // The library's snapshot drives I/O (flushes) from a main-loop
         // task on an I/O thread of its own.
         let io = self.main.new_io_thread("snapshot").map_err(lib_err)?;
         self.main
             .spawn(move |mut task| async move {
-                let r = blockgraph::snapshot::snapshot(&mut task, &io, &pairs).await;
+                let mut drained = Vec::new();
+                for n in &involved {
+                    drained.push(task.drain(n).await);
+                }
+                let mut undo = Vec::new();
+                let mut failed = None;
+                let mut serial = 0;
+                for b in &bitmaps {
+                    let applied = task.bql(|bql| apply_bitmap(bql, b, &mut undo, &mut serial));
+                    if let Err(e) = applied {
+                        failed = Some(bitmap_err(e));
+                        break;
+                    }
+                }
+                if failed.is_none() && !pairs.is_empty() {
+                    if let Err(e) = blockgraph::snapshot::snapshot(&mut task, &io, &pairs).await {
+                        failed = Some(lib_err(e));
+                    }
+                }
+                let result = match failed {
+                    None => {
+                        task.bql(|bql| commit_bitmaps(bql, undo));
+                        Ok(())
+                    }
+                    Some(e) => {
+                        task.bql(|bql| undo_bitmaps(bql, undo));
+                        Err(e)
+                    }
+                };
+                drop(drained);
                 drop(io);
-                r
+                result
             })
             .join()
-            .map_err(lib_err)
+    }
+
+    /// A `blockdev-backup` action with the bitmap actions of its
+    /// transaction: the bitmap actions run at the backup's point in time,
+    /// inside the job's own drained section of its source and target
+    /// (`BackupOptions::at_start`), while the other nodes they involve are
+    /// drained around the whole start. If they fail, they are taken back
+    /// and the job does not start; if the job cannot start, they are taken
+    /// back too.
+    fn start_backup_with_bitmaps(
+        &mut self,
+        backup: PreparedBackup,
+        bitmaps: Vec<CheckedBitmap>,
+    ) -> QResult<()> {
+        let (source, target) = (backup.source.clone(), backup.target.clone());
+        // (The job drains its source and target itself, and asks their
+        // lengths first: a drain of ours would hold those requests.)
+        let others: Vec<NodeHandle> = distinct(bitmaps.iter().flat_map(CheckedBitmap::nodes))
+            .into_iter()
+            .filter(|n| !n.ptr_eq(&source) && !n.ptr_eq(&target))
+            .collect();
+        let io = self.jobs_io()?.handle();
+        let auto_finalize = backup.jo.auto_finalize;
+        let done: Arc<Mutex<Vec<BitmapUndo>>> = Arc::default();
+        let record = done.clone();
+        let options = backup.options.at_start(move |bql| {
+            let mut undo = Vec::new();
+            let mut serial = 0;
+            for b in &bitmaps {
+                if let Err(e) = apply_bitmap(bql, b, &mut undo, &mut serial) {
+                    undo_bitmaps(bql, undo);
+                    return Err(e);
+                }
+            }
+            *record.lock().unwrap_or_else(|e| e.into_inner()) = undo;
+            Ok(())
+        });
+        let jo = backup.jo;
+        let job = self
+            .main
+            .run(move |bql| {
+                let drained: Vec<_> = others.iter().map(|n| bql.drain(n)).collect();
+                let started = blockgraph::job::backup(bql, &io, jo, options);
+                let undo = std::mem::take(&mut *done.lock().unwrap_or_else(|e| e.into_inner()));
+                match &started {
+                    Ok(_) => commit_bitmaps(bql, undo),
+                    Err(_) => undo_bitmaps(bql, undo),
+                }
+                drop(drained);
+                started
+            })
+            .map_err(bitmap_err)?;
+        self.track_job(&job, "backup", backup.busy, auto_finalize, false);
+        Ok(())
     }
 
     /// Creates (or, with `mode=existing`, opens) a `-sync` overlay: a
@@ -307,4 +476,15 @@ impl Daemon {
         node.owned.push(file);
         Ok(node.handle.clone())
     }
+}
+
+/// `nodes` without repeats, in order.
+fn distinct(nodes: impl Iterator<Item = NodeHandle>) -> Vec<NodeHandle> {
+    let mut out: Vec<NodeHandle> = Vec::new();
+    for n in nodes {
+        if !out.iter().any(|o| o.ptr_eq(&n)) {
+            out.push(n);
+        }
+    }
+    out
 }

@@ -7,7 +7,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use super::proto::*;
 use super::transmission::Session;
-use super::{Export, Shared, MAX_PAYLOAD};
+use super::{Attached, Export, Shared, MAX_PAYLOAD};
 use crate::graph::runtime::IoTask;
 
 /// Option data we read whole; larger options are skipped and refused with
@@ -88,8 +88,8 @@ where
                 let name =
                     String::from_utf8(data).map_err(|_| violation("export name not UTF-8"))?;
                 // No way to refuse here but hanging up.
-                let export = shared
-                    .export(&name)
+                let (export, attached) = shared
+                    .attach(&name)
                     .ok_or_else(|| violation("unknown export"))?;
                 let size = export
                     .backend
@@ -105,7 +105,9 @@ where
                 }
                 wr.write_all(&out).await?;
                 wr.flush().await?;
-                return Ok(Some(session(export, size, structured, &meta, &name)));
+                return Ok(Some(session(
+                    export, attached, size, structured, &meta, &name,
+                )));
             }
             OPT_ABORT => {
                 // Best effort: the client may already be gone.
@@ -147,7 +149,14 @@ where
                     reply(wr, option, REP_ERR_INVALID, b"malformed request").await?;
                     continue;
                 };
-                let Some(export) = shared.export(&name) else {
+                // `GO` picks the export: from here on the connection
+                // counts as one of its users (`INFO` only asks).
+                let picked = if option == OPT_GO {
+                    shared.attach(&name).map(|(e, a)| (e, Some(a)))
+                } else {
+                    shared.export(&name).map(|e| (e, None))
+                };
+                let Some((export, attached)) = picked else {
                     reply(wr, option, REP_ERR_UNKNOWN, b"no such export").await?;
                     continue;
                 };
@@ -184,8 +193,10 @@ where
                 d.extend_from_slice(&MAX_PAYLOAD.to_be_bytes());
                 reply(wr, option, REP_INFO, &d).await?;
                 reply(wr, option, REP_ACK, &[]).await?;
-                if option == OPT_GO {
-                    return Ok(Some(session(export, size, structured, &meta, &name)));
+                if let Some(attached) = attached {
+                    return Ok(Some(session(
+                        export, attached, size, structured, &meta, &name,
+                    )));
                 }
             }
             OPT_LIST_META_CONTEXT | OPT_SET_META_CONTEXT => {
@@ -240,9 +251,17 @@ async fn reply<W: AsyncWrite + Unpin>(
     wr.flush().await
 }
 
-fn session(export: Arc<Export>, size: u64, structured: bool, meta: &Meta, name: &str) -> Session {
+fn session(
+    export: Arc<Export>,
+    attached: Attached,
+    size: u64,
+    structured: bool,
+    meta: &Meta,
+    name: &str,
+) -> Session {
     Session {
         export,
+        _attached: attached,
         size,
         structured,
         // Contexts selected for another export do not apply.

@@ -49,7 +49,7 @@ use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -96,6 +96,57 @@ pub(crate) struct Export {
     pub(crate) description: String,
     pub(crate) backend: BlockBackend,
     pub(crate) read_only: bool,
+    /// Connections that picked this export (`GO` or `EXPORT_NAME`) and
+    /// have not closed yet. Raised only under the server's export lock
+    /// (see [`Shared::attach`]), so a removal that finds none under that
+    /// lock knows no connection can pick the export any more.
+    connections: AtomicUsize,
+    /// Guards the drop of `connections` to zero, for waiters.
+    idle: Mutex<()>,
+    /// Notified when `connections` drops to zero.
+    unused: Condvar,
+    /// Set by a hard removal: the export's connections stop.
+    pub(crate) closing: watch::Sender<bool>,
+}
+
+/// A connection counted as one of an export's users; dropping it
+/// uncounts it.
+pub(crate) struct Attached(Arc<Export>);
+
+impl Drop for Attached {
+    fn drop(&mut self) {
+        // (Under the lock, so that a waiter between its check and its wait
+        // cannot miss the notification; held only for that instant.)
+        let _idle = self.0.idle.lock().unwrap_or_else(|e| e.into_inner());
+        if self.0.connections.fetch_sub(1, Ordering::SeqCst) == 1 {
+            self.0.unused.notify_all();
+        }
+    }
+}
+
+impl Export {
+    /// Waits until no connection uses the export, at most until
+    /// `deadline`; returns whether none does.
+    fn wait_unused(&self, deadline: Option<std::time::Instant>) -> bool {
+        let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
+        while self.connections.load(Ordering::SeqCst) > 0 {
+            match deadline {
+                None => idle = self.unused.wait(idle).unwrap_or_else(|e| e.into_inner()),
+                Some(deadline) => {
+                    let left = deadline.saturating_duration_since(std::time::Instant::now());
+                    if left.is_zero() {
+                        return false;
+                    }
+                    idle = self
+                        .unused
+                        .wait_timeout(idle, left)
+                        .unwrap_or_else(|e| e.into_inner())
+                        .0;
+                }
+            }
+        }
+        true
+    }
 }
 
 /// State every task of a server shares.
@@ -121,6 +172,16 @@ impl Shared {
             .unwrap_or_else(|e| e.into_inner())
             .get(name)
             .cloned()
+    }
+
+    /// The export `name`, with the calling connection counted as one of
+    /// its users; counted under the export lock, so that a removal either
+    /// sees this connection or keeps it from picking the export.
+    pub(crate) fn attach(&self, name: &str) -> Option<(Arc<Export>, Attached)> {
+        let exports = self.exports.lock().unwrap_or_else(|e| e.into_inner());
+        let export = exports.get(name)?.clone();
+        export.connections.fetch_add(1, Ordering::SeqCst);
+        Some((export.clone(), Attached(export)))
     }
 
     pub(crate) fn exports(&self) -> Vec<Arc<Export>> {
@@ -185,14 +246,34 @@ pub(crate) type Tokens = Arc<(Token, Token)>;
 pub(crate) struct Stop {
     server: watch::Receiver<bool>,
     listener: watch::Receiver<bool>,
+    /// The export's hard removal, once the connection has picked one.
+    export: Option<watch::Receiver<bool>>,
 }
 
 impl Stop {
-    /// Resolves once either the server or the listener stops (or is gone).
+    /// Also stops when the export `closing` belongs to is removed hard.
+    pub(crate) fn with_export(mut self, closing: watch::Receiver<bool>) -> Stop {
+        self.export = Some(closing);
+        self
+    }
+
+    /// Resolves once the server or the listener stops (or is gone), or the
+    /// export is removed hard.
     pub(crate) async fn wait(&mut self) {
+        let export = async {
+            match &mut self.export {
+                // (The export's sender lives as long as the connection
+                // holds the export, so only a removal resolves this.)
+                Some(closing) => {
+                    let _ = closing.wait_for(|s| *s).await;
+                }
+                None => std::future::pending().await,
+            }
+        };
         tokio::select! {
             _ = self.server.wait_for(|s| *s) => {}
             _ = self.listener.wait_for(|s| *s) => {}
+            _ = export => {}
         }
     }
 
@@ -345,6 +426,10 @@ impl NbdServer {
             description: options.description,
             backend: options.backend,
             read_only: options.read_only,
+            connections: AtomicUsize::new(0),
+            idle: Mutex::new(()),
+            unused: Condvar::new(),
+            closing: watch::channel(false).0,
         };
         exports.insert(options.name, Arc::new(export));
         Ok(())
@@ -352,6 +437,9 @@ impl NbdServer {
 
     /// Unpublishes the export `name`: new clients cannot pick it any more,
     /// connections already using it keep it. Returns whether it existed.
+    ///
+    /// [`NbdServer::remove_export_with`] refuses while clients use the
+    /// export or ends their connections instead.
     pub fn remove_export(&self, name: &str) -> bool {
         self.shared
             .exports
@@ -359,6 +447,147 @@ impl NbdServer {
             .unwrap_or_else(|e| e.into_inner())
             .remove(name)
             .is_some()
+    }
+
+    /// How many connections use the export `name` (picked it with
+    /// `NBD_OPT_GO` or `NBD_OPT_EXPORT_NAME` and have not closed yet);
+    /// `None` when there is no such export. Clients still in the handshake
+    /// that have not picked an export are not counted.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use blockgraph::{drivers::MemoryDriver, BackendOptions, MainLoop};
+    /// use blockgraph::export::nbd::{ExportOptions, NbdServer};
+    ///
+    /// let main = MainLoop::new()?;
+    /// let blk = main.run(|bql| bql.write(|w| {
+    ///     let disk = w.add_node("disk", MemoryDriver::new(1 << 20), &[])?;
+    ///     w.add_backend("vda", &disk, BackendOptions::default())
+    /// }))?;
+    /// let server = NbdServer::new(&main)?;
+    /// server.add_export(ExportOptions {
+    ///     name: "disk".into(),
+    ///     description: String::new(),
+    ///     backend: blk,
+    ///     read_only: false,
+    /// })?;
+    /// assert_eq!(server.export_connections("disk"), Some(0));
+    /// assert_eq!(server.export_connections("other"), None);
+    /// server.shutdown();
+    /// # main.shutdown();
+    /// # Ok::<(), blockgraph::Error>(())
+    /// ```
+    pub fn export_connections(&self, name: &str) -> Option<usize> {
+        self.shared
+            .export(name)
+            .map(|e| e.connections.load(Ordering::SeqCst))
+    }
+
+    /// Removes the export `name`, with QEMU's `block-export-del` modes:
+    ///
+    /// - [`RemoveMode::Safe`] refuses ([`RemoveExportError::InUse`]) while
+    ///   a connection uses the export, and otherwise unpublishes it; no
+    ///   client can pick it after that.
+    /// - [`RemoveMode::Hard`] unpublishes it and ends the connections that
+    ///   use it: they stop reading requests, the requests in flight finish
+    ///   and their replies are sent (a client that does not read them gets
+    ///   [`STOP_GRACE`]), then the sockets close. Other exports'
+    ///   connections are untouched.
+    ///
+    /// Either way the returned [`ExportRemoval`] tells when the last
+    /// connection is gone ([`ExportRemoval::wait`]); only then is the
+    /// export's backend unused by the server. This call does not wait, so
+    /// it may be made anywhere, also inside a drain section of the
+    /// exported node.
+    ///
+    /// # Errors
+    ///
+    /// [`RemoveExportError::NotFound`] when there is no such export,
+    /// [`RemoveExportError::InUse`] for a safe removal of an export in
+    /// use (the export stays).
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use std::io::{Read, Write};
+    /// use blockgraph::{drivers::MemoryDriver, BackendOptions, MainLoop};
+    /// use blockgraph::export::nbd::{ExportOptions, NbdServer, RemoveExportError, RemoveMode};
+    ///
+    /// let main = MainLoop::new()?;
+    /// let blk = main.run(|bql| bql.write(|w| {
+    ///     let disk = w.add_node("disk", MemoryDriver::new(1 << 20), &[])?;
+    ///     w.add_backend("vda", &disk, BackendOptions::default())
+    /// }))?;
+    /// let server = NbdServer::new(&main)?;
+    /// server.add_export(ExportOptions {
+    ///     name: "disk".into(),
+    ///     description: String::new(),
+    ///     backend: blk,
+    ///     read_only: false,
+    /// })?;
+    /// let dir = std::env::temp_dir().join(format!("nbd-rm-doc-{}", std::process::id()));
+    /// std::fs::create_dir_all(&dir)?;
+    /// let listener = server.listen_unix(dir.join("nbd.sock"))?;
+    ///
+    /// // A raw client picks "disk" with NBD_OPT_EXPORT_NAME.
+    /// let mut client = std::os::unix::net::UnixStream::connect(dir.join("nbd.sock"))?;
+    /// let mut greeting = [0u8; 18];
+    /// client.read_exact(&mut greeting)?;
+    /// client.write_all(&3u32.to_be_bytes())?; // FIXED_NEWSTYLE | NO_ZEROES
+    /// client.write_all(b"IHAVEOPT")?;
+    /// client.write_all(&1u32.to_be_bytes())?; // NBD_OPT_EXPORT_NAME
+    /// client.write_all(&4u32.to_be_bytes())?;
+    /// client.write_all(b"disk")?;
+    /// let mut info = [0u8; 10]; // size and transmission flags
+    /// client.read_exact(&mut info)?;
+    /// assert_eq!(server.export_connections("disk"), Some(1));
+    ///
+    /// // A safe removal is refused while the client is there...
+    /// assert!(matches!(
+    ///     server.remove_export_with("disk", RemoveMode::Safe),
+    ///     Err(RemoveExportError::InUse { connections: 1, .. })
+    /// ));
+    /// // ...a hard one ends its connection.
+    /// let removal = server.remove_export_with("disk", RemoveMode::Hard).unwrap();
+    /// removal.wait();
+    /// assert_eq!(removal.connections(), 0);
+    /// assert_eq!(client.read(&mut [0u8; 1])?, 0); // EOF
+    /// assert_eq!(server.export_connections("disk"), None);
+    /// drop(listener);
+    /// server.shutdown();
+    /// # std::fs::remove_dir_all(&dir)?;
+    /// # main.shutdown();
+    /// # Ok::<(), blockgraph::Error>(())
+    /// ```
+    pub fn remove_export_with(
+        &self,
+        name: &str,
+        mode: RemoveMode,
+    ) -> std::result::Result<ExportRemoval, RemoveExportError> {
+        let mut exports = self
+            .shared
+            .exports
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        let Some(export) = exports.get(name) else {
+            return Err(RemoveExportError::NotFound(name.to_owned()));
+        };
+        // Connections are counted under this lock: none can pick the
+        // export between this check and the removal.
+        let connections = export.connections.load(Ordering::SeqCst);
+        if mode == RemoveMode::Safe && connections > 0 {
+            return Err(RemoveExportError::InUse {
+                name: name.to_owned(),
+                connections,
+            });
+        }
+        let export = exports.remove(name).expect("looked up under the lock");
+        drop(exports);
+        if mode == RemoveMode::Hard {
+            export.closing.send_replace(true);
+        }
+        Ok(ExportRemoval { export })
     }
 
     /// The names of the exports, sorted.
@@ -417,6 +646,7 @@ impl NbdServer {
         let stop = Stop {
             server: self.stop.subscribe(),
             listener: stop_rx,
+            export: None,
         };
         let tokens: Tokens = Arc::new((self.tracker.token(), own.token()));
         let shared = self.shared.clone();
@@ -507,6 +737,76 @@ impl std::fmt::Debug for NbdServer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("NbdServer")
             .field("exports", &self.export_names())
+            .finish()
+    }
+}
+
+/// How [`NbdServer::remove_export_with`] treats connections that use the
+/// export (QEMU's `block-export-del` `mode`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum RemoveMode {
+    /// Refuse while a connection uses the export (QEMU's default).
+    #[default]
+    Safe,
+    /// End the connections that use the export: the requests in flight
+    /// finish and are answered, then the sockets close.
+    Hard,
+}
+
+/// Why [`NbdServer::remove_export_with`] did not remove an export.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RemoveExportError {
+    /// There is no export of that name.
+    #[error("export '{0}' not found")]
+    NotFound(String),
+    /// A safe removal found connections using the export.
+    #[error("export '{name}' still in use by {connections} connection(s)")]
+    InUse {
+        /// The export.
+        name: String,
+        /// The connections that use it.
+        connections: usize,
+    },
+}
+
+/// An export that [`NbdServer::remove_export_with`] removed: no new client
+/// can pick it; the connections that used it (ending, after a hard
+/// removal) may still be running. Dropping this does not wait for them.
+pub struct ExportRemoval {
+    export: Arc<Export>,
+}
+
+impl ExportRemoval {
+    /// Connections that still use the removed export.
+    pub fn connections(&self) -> usize {
+        self.export.connections.load(Ordering::SeqCst)
+    }
+
+    /// Waits until no connection uses the export: each has sent the
+    /// replies of its requests in flight (or given up on a client that did
+    /// not read them for [`STOP_GRACE`]) and closed its socket. After a
+    /// safe removal this returns at once.
+    ///
+    /// Blocks the calling thread: call it where the requests in flight can
+    /// finish (not inside a drain section of the exported node, nor on a
+    /// server thread).
+    pub fn wait(&self) {
+        self.export.wait_unused(None);
+    }
+
+    /// As [`ExportRemoval::wait`], for at most `timeout`; returns whether
+    /// no connection is left.
+    pub fn wait_timeout(&self, timeout: Duration) -> bool {
+        self.export
+            .wait_unused(Some(std::time::Instant::now() + timeout))
+    }
+}
+
+impl std::fmt::Debug for ExportRemoval {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ExportRemoval")
+            .field("name", &self.export.name)
+            .field("connections", &self.connections())
             .finish()
     }
 }

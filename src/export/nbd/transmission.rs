@@ -15,7 +15,7 @@ use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore, TryAcquireError};
 
 use super::buffers::{Buf, BufPool};
 use super::proto::*;
-use super::{Export, Shared, Stop, Tokens, IN_FLIGHT_BYTES, MAX_IN_FLIGHT, MAX_PAYLOAD};
+use super::{Attached, Export, Shared, Stop, Tokens, IN_FLIGHT_BYTES, MAX_IN_FLIGHT, MAX_PAYLOAD};
 use crate::graph::runtime::IoTask;
 use crate::types::{BlockStatus, Error};
 
@@ -30,6 +30,9 @@ static ZEROES: [u8; ZERO_CHUNK] = [0; ZERO_CHUNK];
 /// What the handshake settled for one connection.
 pub(crate) struct Session {
     pub(crate) export: Arc<Export>,
+    /// Counts this connection as one of the export's until the session
+    /// (held by the connection and its requests) is gone.
+    pub(crate) _attached: Attached,
     /// The size announced to the client.
     pub(crate) size: u64,
     pub(crate) structured: bool,
@@ -94,6 +97,9 @@ pub(crate) async fn serve<R, W>(
         return;
     }
     let wr = wr.into_inner();
+    // A hard removal of the export ends this connection as a stop of its
+    // listener would.
+    let stop = stop.with_export(session.export.closing.subscribe());
     let session = Arc::new(session);
     let requests = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
     let bytes = Arc::new(Semaphore::new((IN_FLIGHT_BYTES / UNIT) as usize));
@@ -179,6 +185,10 @@ pub(crate) async fn serve<R, W>(
     // The writer ends once every request task has sent its reply.
     drop(tx);
     let _ = writer.await;
+    // The socket closes (the writer dropped its half) before the
+    // connection stops counting as the export's.
+    drop(rd);
+    drop(session);
 }
 
 /// Writes replies in the order they complete: whatever has queued up by
