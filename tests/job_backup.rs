@@ -620,6 +620,25 @@ fn refusals_change_nothing() {
         BackupOptions::new(&chain.top, &target, BackupSync::incremental("nope")),
         &|e| matches!(e, Error::NoSuchBitmap { .. }),
     );
+    // A step at the start that fails, or panics, leaves no filter behind.
+    refuse(
+        BackupOptions::new(&chain.top, &target, BackupSync::Full)
+            .at_start(|_| Err(Error::InvalidArgument("the step says no".into()))),
+        &invalid("the step says no"),
+    );
+    let backup = BackupOptions::new(&chain.top, &target, BackupSync::Full)
+        .at_start(|_| panic!("a panicking step at the start"));
+    let panicked = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        start_backup(&env, JobOptions::new("panicky"), backup)
+    }));
+    let message = panicked.expect_err("the step's panic reaches the caller");
+    assert_eq!(
+        message.downcast_ref::<&str>().copied(),
+        Some("a panicking step at the start")
+    );
+    assert!(env.main.run(|bql| query_jobs(bql)).is_empty());
+    assert!(env.main.run(|bql| bql.node("panicky-backup").is_none()));
+    assert_eq!(env.main.run(|bql| common::structure(bql.graph())), before);
     // A bitmap in use by one backup cannot serve a second one.
     let mut options = JobOptions::new("holder");
     options.speed = 64 << 10;

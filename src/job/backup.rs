@@ -695,12 +695,19 @@ fn set_up(bql: &mut Bql, io: &IoThreadHandle, job: &Job, o: &BackupOptions) -> R
         .unwrap_or_else(|e| e.into_inner())
         .take();
     if let Some(f) = at_start {
-        if let Err(e) = f(bql) {
+        // A failing or panicking step leaves no filter behind (a panic goes
+        // on to the caller once the graph is as it was, rule 20).
+        let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(bql)));
+        if !matches!(outcome, Ok(Ok(()))) {
             drop(target_drained);
             drop(source_drained);
             let d = bql.drain(&filter);
             let _ = bql.write(|w| w.remove_filter(&d));
-            return Err(e);
+            match outcome {
+                Err(panic) => std::panic::resume_unwind(panic),
+                Ok(Err(e)) => return Err(e),
+                Ok(Ok(())) => unreachable!("checked above"),
+            }
         }
     }
     // Still drained: nothing has written the source since the filter went

@@ -97,7 +97,8 @@ macro_rules! chain_option_setters {
 
 /// Creates a job of `kind`, sets it up with `set_up` and starts its
 /// driver on `io`; if setup fails, the job goes away again (setup has
-/// undone what it did) and its error is returned.
+/// undone what it did) and its error is returned; if it panics, the job
+/// goes away and the panic goes on.
 pub(super) fn launch<D: JobDriver>(
     bql: &mut Bql,
     io: &IoThreadHandle,
@@ -106,14 +107,21 @@ pub(super) fn launch<D: JobDriver>(
     set_up: impl FnOnce(&mut Bql, &Job) -> Result<D>,
 ) -> Result<Job> {
     let job = Job::create(bql, kind, options)?;
-    match set_up(bql, &job) {
-        Ok(driver) => {
+    // A panic in setup (a caller's step such as `BackupOptions::at_start`)
+    // takes the job away too before it goes on to the caller (rule 20).
+    let set_up = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| set_up(bql, &job)));
+    match set_up {
+        Ok(Ok(driver)) => {
             job.start(bql, io, driver)?;
             Ok(job)
         }
-        Err(e) => {
+        Ok(Err(e)) => {
             job.early_fail(bql);
             Err(e)
+        }
+        Err(panic) => {
+            job.early_fail(bql);
+            std::panic::resume_unwind(panic)
         }
     }
 }
