@@ -31,7 +31,7 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from session import MiB, TIMEOUT, Session, Work, run  # noqa: E402
+from session import MiB, TIMEOUT, Session, Work, ready_job_events, run  # noqa: E402
 
 QMP, W, NBD = sys.argv[1], sys.argv[2], sys.argv[3]
 work = Work(W, NBD)
@@ -54,28 +54,15 @@ def guest(export, refs, writes):
 
 def events(s, job):
     """The job's events in order, as both daemons can agree on them."""
-    out = []
-    for name, data in s.events:
-        if data.get("id") != job and data.get("device") != job:
-            continue
-        if name == "JOB_STATUS_CHANGE":
-            st = data["status"]
-            if st == "standby" or (st == "ready" and "ready" in out):
-                continue
-            if st in ("paused", "running") and "running" in out:
-                continue
-            out.append(st)
-        else:
-            d = dict(data)
-            if "offset" in d:
-                d["offset"] = "len" if d["offset"] == d["len"] else "below len"
-                # A mirror's len grows with what the guest dirties (timing);
-                # an incremental backup's is the bitmap's count in QEMU and
-                # the device's length in blockgraph's backup job (a gap,
-                # DESIGN.md §14).
-                d["len"] = "n" if d["type"] == "mirror" or job == "bi" else d["len"]
-            out.append({name: d})
-    return out
+
+    def numbers(d):
+        d["offset"] = "len" if d["offset"] == d["len"] else "below len"
+        # A mirror's len grows with what the guest dirties (timing); an
+        # incremental backup's is the bitmap's count in QEMU and the
+        # device's length in blockgraph's backup job (a gap, DESIGN.md §14).
+        d["len"] = "n" if d["type"] == "mirror" or job == "bi" else d["len"]
+
+    return ready_job_events(s.events, job, numbers)
 
 
 async def main():

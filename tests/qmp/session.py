@@ -152,3 +152,29 @@ def job_shape(jobs):
     """query-jobs with the progress of a running job as its type (timing)."""
     return [{k: (v if k != "current-progress" else type(v).__name__)
              for k, v in j.items()} for j in jobs]
+
+
+def ready_job_events(events, job, numbers):
+    """The events of a job that goes READY (mirror, active commit), in
+    order, as both daemons can agree on them: statuses without `standby`
+    and repeated `ready` (QEMU's ready job flips to standby whenever it
+    drains; ours does not) and without paused/running pairs after the
+    first `running`; BLOCK_JOB_* events with their `offset`/`len` put in
+    shape by `numbers(d)` (they depend on the guest's timing)."""
+    out = []
+    for name, data in events:
+        if data.get("id") != job and data.get("device") != job:
+            continue
+        if name == "JOB_STATUS_CHANGE":
+            st = data["status"]
+            if st == "standby" or (st == "ready" and "ready" in out):
+                continue
+            if st in ("paused", "running") and "running" in out:
+                continue
+            out.append(st)
+        else:
+            d = dict(data)
+            if "offset" in d:
+                numbers(d)
+            out.append({name: d})
+    return out
