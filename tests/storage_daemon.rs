@@ -819,6 +819,21 @@ fn parity(name: &'static str, run: impl Fn(&Path) -> Value, check: impl FnOnce(&
 }
 
 /// Fails with the differing lines when two scripts' documents differ.
+/// What a jobs parity script reports for ours: every named guest write
+/// (qemu-io's rc) succeeded, and every `compare` and `qemu-img check` it
+/// ran exited 0.
+fn assert_writes_compares_checks(ours: &Value, writes: &[&str]) {
+    for w in writes {
+        assert_eq!(ours[*w], 0, "{w}: {ours:#}");
+    }
+    for (what, rc) in ours["compare"].as_object().expect("compares") {
+        assert_eq!(rc, 0, "{what}: {ours:#}");
+    }
+    for (image, rc) in ours["check"].as_object().expect("checks") {
+        assert_eq!(rc, 0, "qemu-img check {image}: {ours:#}");
+    }
+}
+
 fn assert_same(ours: &Value, qemu: &Value) {
     if ours != qemu {
         let a = serde_json::to_string_pretty(ours).unwrap_or_default();
@@ -1270,12 +1285,7 @@ fn block_commit_observes_the_same_as_with_qemu_storage_daemon() {
                 .filter(|f| *f == "top.qcow2" || *f == "base.qcow2")
                 .collect();
             assert!(left.is_empty(), "blockdev-del top left {left:?}");
-            for (what, rc) in ours["compare"].as_object().expect("compares") {
-                assert_eq!(rc, 0, "{what}: {ours:#}");
-            }
-            for (image, rc) in ours["check"].as_object().expect("checks") {
-                assert_eq!(rc, 0, "qemu-img check {image}: {ours:#}");
-            }
+            assert_writes_compares_checks(ours, &[]);
         },
     );
 }
@@ -1419,22 +1429,17 @@ fn mirror_and_backup_observe_the_same_as_with_qemu_storage_daemon() {
             assert_eq!(ours["mc2-export"], "c", "{ours:#}");
             assert_eq!(ours["mc1-synced"], json!([true]), "{ours:#}");
             assert_eq!(ours["no-jobs-after-errors"], json!({"return": []}));
-            for w in [
-                "guest-writes-1",
-                "guest-writes-2",
-                "guest-writes-3",
-                "guest-writes-c",
-                "guest-writes-b1",
-                "guest-writes-b2",
-            ] {
-                assert_eq!(ours[w], 0, "{w}: {ours:#}");
-            }
-            for (what, rc) in ours["compare"].as_object().expect("compares") {
-                assert_eq!(rc, 0, "{what}: {ours:#}");
-            }
-            for (image, rc) in ours["check"].as_object().expect("checks") {
-                assert_eq!(rc, 0, "qemu-img check {image}: {ours:#}");
-            }
+            assert_writes_compares_checks(
+                ours,
+                &[
+                    "guest-writes-1",
+                    "guest-writes-2",
+                    "guest-writes-3",
+                    "guest-writes-c",
+                    "guest-writes-b1",
+                    "guest-writes-b2",
+                ],
+            );
         },
     );
 }
@@ -1505,20 +1510,15 @@ fn active_commit_observes_the_same_as_with_qemu_storage_daemon() {
             );
             assert_eq!(ours["export-after-pivot"], json!(["a-base.qcow2", false]));
             assert_eq!(ours["export-after-cancel"], json!(["c-top.qcow2", false]));
-            for w in [
-                "guest-writes-1",
-                "guest-writes-2",
-                "guest-writes-3",
-                "guest-writes-c",
-            ] {
-                assert_eq!(ours[w], 0, "{w}: {ours:#}");
-            }
-            for (what, rc) in ours["compare"].as_object().expect("compares") {
-                assert_eq!(rc, 0, "{what}: {ours:#}");
-            }
-            for (image, rc) in ours["check"].as_object().expect("checks") {
-                assert_eq!(rc, 0, "qemu-img check {image}: {ours:#}");
-            }
+            assert_writes_compares_checks(
+                ours,
+                &[
+                    "guest-writes-1",
+                    "guest-writes-2",
+                    "guest-writes-3",
+                    "guest-writes-c",
+                ],
+            );
         },
     );
 }
@@ -1553,20 +1553,15 @@ fn transaction_backup_and_bitmap_actions_observe_the_same_as_with_qemu_storage_d
                 json!([["bm", 327680, true, 65536], ["bx", 327680, true, 65536]]),
                 "{ours:#}"
             );
-            for w in [
-                "guest-writes-0",
-                "guest-writes-1",
-                "guest-writes-2",
-                "guest-writes-3",
-            ] {
-                assert_eq!(ours[w], 0, "{w}: {ours:#}");
-            }
-            for (what, rc) in ours["compare"].as_object().expect("compares") {
-                assert_eq!(rc, 0, "{what}: {ours:#}");
-            }
-            for (image, rc) in ours["check"].as_object().expect("checks") {
-                assert_eq!(rc, 0, "qemu-img check {image}: {ours:#}");
-            }
+            assert_writes_compares_checks(
+                ours,
+                &[
+                    "guest-writes-0",
+                    "guest-writes-1",
+                    "guest-writes-2",
+                    "guest-writes-3",
+                ],
+            );
         },
     );
 }
