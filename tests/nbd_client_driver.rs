@@ -32,6 +32,17 @@ const BUDGET: Duration = Duration::from_secs(180);
 /// Longest a server may take to start accepting.
 const START: Duration = Duration::from_secs(30);
 
+/// `qemu-img compare` of the `format` image at `image` against `expect`
+/// (written to a raw file in `dir` first): fails the test if they differ.
+fn compare_with_bytes(dir: &Path, format: &str, image: &Path, expect: &[u8]) {
+    let want = dir.join("want.raw");
+    std::fs::write(&want, expect).unwrap();
+    tool(
+        "qemu-img",
+        &["compare", "-f", format, "-F", "raw", p(image), p(&want)],
+    );
+}
+
 fn p(path: &Path) -> &str {
     path.to_str().expect("UTF-8 temp path")
 }
@@ -432,12 +443,7 @@ fn our_qcow2_driver_over_a_remote_file() {
     rig.finish();
     server.kill();
     tool("qemu-img", &["check", "-f", "qcow2", p(&img)]);
-    let want = dir.path().join("want.raw");
-    std::fs::write(&want, &expect).unwrap();
-    tool(
-        "qemu-img",
-        &["compare", "-f", "qcow2", "-F", "raw", p(&img), p(&want)],
-    );
+    compare_with_bytes(dir.path(), "qcow2", &img, &expect);
 }
 
 #[test]
@@ -635,12 +641,7 @@ fn our_qcow2_overlay_over_a_remote_backing_image() {
     rig.flush().unwrap();
     expect[(5 * MIB + 1000) as usize..(5 * MIB + 4000) as usize].fill(0x66);
     rig.finish();
-    let want = dir.path().join("want.raw");
-    std::fs::write(&want, &expect).unwrap();
-    tool(
-        "qemu-img",
-        &["compare", "-f", "qcow2", "-F", "raw", p(&overlay), p(&want)],
-    );
+    compare_with_bytes(dir.path(), "qcow2", &overlay, &expect);
 }
 
 #[test]
@@ -1265,10 +1266,5 @@ fn a_strict_minimum_block_size_is_honoured() {
     );
     rig.finish();
     server.kill();
-    let want = dir.path().join("want.raw");
-    std::fs::write(&want, &expect).unwrap();
-    tool(
-        "qemu-img",
-        &["compare", "-f", "raw", "-F", "raw", p(&img), p(&want)],
-    );
+    compare_with_bytes(dir.path(), "raw", &img, &expect);
 }
