@@ -620,14 +620,7 @@ fn stopping_ends_connections_without_losing_queued_requests() {
     let server = f.server.take().unwrap();
     let node = f.node.clone();
     let blk = f.blk.clone();
-    let mut request = Vec::new();
-    request.extend_from_slice(&REQUEST_MAGIC.to_be_bytes());
-    request.extend_from_slice(&0u16.to_be_bytes());
-    request.extend_from_slice(&CMD_WRITE.to_be_bytes());
-    request.extend_from_slice(&99u64.to_be_bytes());
-    request.extend_from_slice(&0u64.to_be_bytes());
-    request.extend_from_slice(&512u32.to_be_bytes());
-    request.extend_from_slice(&[0xee; 512]);
+    let request = request_bytes(CMD_WRITE, 0, 99, 0, 512, &[0xee; 512]);
     let mut writer = s.try_clone().unwrap();
     f.main.run(move |bql| {
         let drained = bql.drain(&node);
@@ -653,19 +646,6 @@ fn stopping_ends_connections_without_losing_queued_requests() {
         "then closed"
     );
     drop(tcp);
-}
-
-/// One request header (and payload), as bytes.
-fn request_bytes(kind: u16, cookie: u64, offset: u64, len: u32, payload: &[u8]) -> Vec<u8> {
-    let mut m = Vec::with_capacity(28 + payload.len());
-    m.extend_from_slice(&REQUEST_MAGIC.to_be_bytes());
-    m.extend_from_slice(&0u16.to_be_bytes());
-    m.extend_from_slice(&kind.to_be_bytes());
-    m.extend_from_slice(&cookie.to_be_bytes());
-    m.extend_from_slice(&offset.to_be_bytes());
-    m.extend_from_slice(&len.to_be_bytes());
-    m.extend_from_slice(payload);
-    m
 }
 
 /// Connections are counted per export (only those that picked it), a safe
@@ -760,7 +740,7 @@ fn hard_removal_answers_in_flight_requests_then_closes_only_that_export() {
     let removal = f.main.run(move |bql| {
         let drained = bql.drain(&node);
         writer
-            .write_all(&request_bytes(CMD_WRITE, 99, 4096, 512, &[0xee; 512]))
+            .write_all(&request_bytes(CMD_WRITE, 0, 99, 4096, 512, &[0xee; 512]))
             .unwrap();
         common::wait_until("the write queues at the drained backend", || {
             blk.queued_requests() > before

@@ -379,14 +379,7 @@ fn a_client_that_never_reads_replies_is_bounded() {
     const N: u64 = 400;
     let mut requests = Vec::new();
     for cookie in 0..N {
-        let mut m = Vec::new();
-        m.extend_from_slice(&REQUEST_MAGIC.to_be_bytes());
-        m.extend_from_slice(&0u16.to_be_bytes());
-        m.extend_from_slice(&CMD_READ.to_be_bytes());
-        m.extend_from_slice(&cookie.to_be_bytes());
-        m.extend_from_slice(&0u64.to_be_bytes());
-        m.extend_from_slice(&(1u32 << 20).to_be_bytes());
-        requests.extend_from_slice(&m);
+        requests.extend(request_bytes(CMD_READ, 0, cookie, 0, 1 << 20, &[]));
     }
     c.s.write_all(&requests).unwrap();
     // Let the server work until it stalls on the unread replies.
@@ -435,12 +428,7 @@ fn hard_removal_gives_up_on_a_client_that_never_reads() {
     c.handshake("ro", false).unwrap();
     let mut requests = Vec::new();
     for cookie in 0..200u64 {
-        requests.extend_from_slice(&REQUEST_MAGIC.to_be_bytes());
-        requests.extend_from_slice(&0u16.to_be_bytes());
-        requests.extend_from_slice(&CMD_READ.to_be_bytes());
-        requests.extend_from_slice(&cookie.to_be_bytes());
-        requests.extend_from_slice(&0u64.to_be_bytes());
-        requests.extend_from_slice(&(1u32 << 20).to_be_bytes());
+        requests.extend(request_bytes(CMD_READ, 0, cookie, 0, 1 << 20, &[]));
     }
     c.s.write_all(&requests).unwrap();
     // Served until the budget stops it (the replies fill the socket).

@@ -321,15 +321,8 @@ impl Client {
         len: u32,
         payload: &[u8],
     ) -> io::Result<()> {
-        let mut m = Vec::with_capacity(28 + payload.len());
-        m.extend_from_slice(&REQUEST_MAGIC.to_be_bytes());
-        m.extend_from_slice(&flags.to_be_bytes());
-        m.extend_from_slice(&kind.to_be_bytes());
-        m.extend_from_slice(&cookie.to_be_bytes());
-        m.extend_from_slice(&offset.to_be_bytes());
-        m.extend_from_slice(&len.to_be_bytes());
-        m.extend_from_slice(payload);
-        self.s.write_all(&m)
+        self.s
+            .write_all(&request_bytes(kind, flags, cookie, offset, len, payload))
     }
 
     /// Reads one reply. `read_len` is the data a successful simple reply
@@ -410,4 +403,25 @@ impl Client {
     pub fn disconnect(mut self) {
         let _ = self.send(CMD_DISC, 0, 0, 0, 0, &[]);
     }
+}
+
+/// One transmission request (header, then `payload`) as bytes, for tests
+/// that send many at once or write them from another thread.
+pub fn request_bytes(
+    kind: u16,
+    flags: u16,
+    cookie: u64,
+    offset: u64,
+    len: u32,
+    payload: &[u8],
+) -> Vec<u8> {
+    let mut m = Vec::with_capacity(28 + payload.len());
+    m.extend_from_slice(&REQUEST_MAGIC.to_be_bytes());
+    m.extend_from_slice(&flags.to_be_bytes());
+    m.extend_from_slice(&kind.to_be_bytes());
+    m.extend_from_slice(&cookie.to_be_bytes());
+    m.extend_from_slice(&offset.to_be_bytes());
+    m.extend_from_slice(&len.to_be_bytes());
+    m.extend_from_slice(payload);
+    m
 }
