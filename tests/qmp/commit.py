@@ -32,10 +32,9 @@ import asyncio
 import json
 import os
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from session import MiB, TIMEOUT, Session, Work, job_shape, run  # noqa: E402
+from session import MiB, Session, Work, job_shape  # noqa: E402
 
 QMP, W, NBD = sys.argv[1], sys.argv[2], sys.argv[3]
 work = Work(W, NBD)
@@ -228,15 +227,7 @@ async def main():
     rec["quit"] = await ex("quit")
     await s.close()
     images = ["top", "base", "mid", "ctop", "cmid", "cbase"]
-    # The daemon answers quit before it has closed every image: wait
-    # until none is locked any more.
-    deadline = time.monotonic() + TIMEOUT
-    for i in images:
-        while run("qemu-img", "info", f"{W}/{i}.qcow2")[0] != 0:
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"the daemon still holds {i}.qcow2")
-            time.sleep(0.05)
-    rec["check"] = {i: run("qemu-img", "check", f"{W}/{i}.qcow2")[0] for i in images}
+    rec["check"] = work.check_released(images)
     rec["chains"] = {i: work.chain(f"{i}.qcow2") for i in ("top", "ctop")}
     rec["compare"] = {
         # Every byte the guest saw, its writes during the commit included.

@@ -50,6 +50,18 @@ class Work:
             args += ["-c", c]
         return run("qemu-io", "-f", fmt, target, *args)[0]
 
+    def check_released(self, names):
+        """`qemu-img check` rc of each `name`.qcow2, once the daemon has let
+        go of them all (it answers `quit` before it has closed every image:
+        wait until `qemu-img info` can open each, within TIMEOUT)."""
+        deadline = time.monotonic() + TIMEOUT
+        for i in names:
+            while run("qemu-img", "info", f"{self.w}/{i}.qcow2")[0] != 0:
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"the daemon still holds {i}.qcow2")
+                time.sleep(0.05)
+        return {i: run("qemu-img", "check", f"{self.w}/{i}.qcow2")[0] for i in names}
+
     def compare(self, image, raw):
         return run("qemu-img", "compare", "-f", "qcow2", "-F", "raw",
                    f"{self.w}/{image}", f"{self.w}/{raw}")[0]

@@ -22,10 +22,9 @@ import asyncio
 import json
 import os
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from session import MiB, TIMEOUT, Session, Work, run  # noqa: E402
+from session import MiB, Session, Work, run  # noqa: E402
 
 QMP, W, NBD = sys.argv[1], sys.argv[2], sys.argv[3]
 work = Work(W, NBD)
@@ -143,13 +142,7 @@ async def main():
 
     rec["quit"] = await ex("quit")
     await s.close()
-    deadline = time.monotonic() + TIMEOUT
-    for i in ("src", "full"):
-        while run("qemu-img", "info", f"{W}/{i}.qcow2")[0] != 0:
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"the daemon still holds {i}.qcow2")
-            time.sleep(0.05)
-    rec["check"] = {i: run("qemu-img", "check", f"{W}/{i}.qcow2")[0] for i in ("src", "full")}
+    rec["check"] = work.check_released(("src", "full"))
     rec["compare"] = {
         # The backup is src at the transaction: none of the later writes.
         "full-vs-point-in-time": work.compare("full.qcow2", "full-ref.raw"),
