@@ -774,3 +774,68 @@ fn hard_removal_answers_in_flight_requests_then_closes_only_that_export() {
     ro.disconnect();
     Arc::try_unwrap(server).unwrap().shutdown();
 }
+
+/// A safe removal does not count a connection whose client has hung up,
+/// even before the server has read the end of its stream (here it cannot:
+/// the connection waits on a write queued at a drained node). That write
+/// still completes and is answered; then the connection ends by itself.
+#[test]
+fn safe_removal_skips_clients_that_hung_up_and_keeps_their_writes() {
+    use blockgraph::export::nbd::{RemoveExportError, RemoveMode};
+    let _w = watchdog(
+        "safe_removal_skips_clients_that_hung_up_and_keeps_their_writes",
+        Duration::from_secs(60),
+    );
+    let mut f = Fixture::new(1 << 20);
+    let server = Arc::new(f.server.take().unwrap());
+    let mut rw = f.connect();
+    rw.handshake("disk", false).unwrap();
+    let mut ro = f.connect();
+    ro.handshake("ro", true).unwrap();
+
+    let (node, blk, s) = (f.node.clone(), f.blk.clone(), server.clone());
+    let mut writer = rw.s.try_clone().unwrap();
+    let before = blk.queued_requests();
+    let removal = f.main.run(move |bql| {
+        let drained = bql.drain(&node);
+        writer
+            .write_all(&request_bytes(CMD_WRITE, 0, 99, 8192, 512, &[0x5a; 512]))
+            .unwrap();
+        common::wait_until("the write queues at the drained backend", || {
+            blk.queued_requests() > before
+        });
+        // The client is still there: refused.
+        assert_eq!(
+            s.remove_export_with("disk", RemoveMode::Safe).unwrap_err(),
+            RemoveExportError::InUse {
+                name: "disk".into(),
+                connections: 1
+            }
+        );
+        // It hangs up (sends nothing more, still reads its reply); its
+        // connection cannot end before the queued write, yet no longer
+        // counts as a user.
+        writer.shutdown(std::net::Shutdown::Write).unwrap();
+        let removal = s.remove_export_with("disk", RemoveMode::Safe).unwrap();
+        assert_eq!(removal.connections(), 1);
+        assert!(!removal.wait_timeout(Duration::from_millis(50)));
+        drop(drained);
+        removal
+    });
+    assert!(
+        removal.wait_timeout(Duration::from_secs(20)),
+        "the connection ended"
+    );
+    let reply = rw.reply(0).unwrap();
+    assert_eq!(
+        (reply.cookie, reply.error),
+        (99, 0),
+        "the write was answered"
+    );
+    assert!(rw.closed_by_server(), "then the connection closed");
+    assert_eq!(server.export_connections("disk"), None);
+    let read = ro.request(CMD_READ, 0, 8192, 512, &[]).unwrap();
+    assert_eq!((read.error, read.data), (0, vec![0x5a; 512]));
+    ro.disconnect();
+    Arc::try_unwrap(server).unwrap().shutdown();
+}

@@ -1,6 +1,7 @@
 //! Accepting clients and running one connection: handshake, then
 //! transmission.
 
+use std::os::fd::{AsFd, OwnedFd};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -37,6 +38,15 @@ impl Listener {
 }
 
 impl Accepted {
+    /// A duplicate of the socket, for the export to ask whether the
+    /// client has hung up (`None` when out of descriptors).
+    fn duplicate(&self) -> Option<OwnedFd> {
+        match self {
+            Accepted::Unix(s) => s.as_fd().try_clone_to_owned().ok(),
+            Accepted::Tcp(s) => s.as_fd().try_clone_to_owned().ok(),
+        }
+    }
+
     /// The stream, registered with the current thread's reactor.
     fn into_conn(self) -> std::io::Result<Box<dyn Conn>> {
         Ok(match self {
@@ -76,10 +86,11 @@ pub(crate) async fn accept_loop(
         let ctx = shared.ctx.clone();
         let handle = shared.pick();
         ctx.spawn_on(&handle.clone(), move |mut cx| async move {
+            let socket = stream.duplicate();
             let Ok(stream) = stream.into_conn() else {
                 return;
             };
-            run(&mut cx, stream, handle, shared, stop, tokens).await
+            run(&mut cx, stream, socket, handle, shared, stop, tokens).await
         });
     }
 }
@@ -88,6 +99,7 @@ pub(crate) async fn accept_loop(
 async fn run(
     cx: &mut IoTask,
     stream: Box<dyn Conn>,
+    socket: Option<OwnedFd>,
     handle: tokio::runtime::Handle,
     shared: Arc<Shared>,
     mut stop: Stop,
@@ -99,7 +111,7 @@ async fn run(
     let negotiated = tokio::select! {
         n = tokio::time::timeout(
             HANDSHAKE_TIMEOUT,
-            handshake::negotiate(cx, &mut rd, &mut wr, &shared),
+            handshake::negotiate(cx, &mut rd, &mut wr, &shared, socket),
         ) => n,
         _ = stop.wait() => return,
     };

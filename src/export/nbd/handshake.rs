@@ -1,6 +1,7 @@
 //! The fixed newstyle handshake: greeting, client flags, option haggling.
 
 use std::io;
+use std::os::fd::OwnedFd;
 use std::sync::Arc;
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -39,6 +40,7 @@ pub(crate) async fn negotiate<R, W>(
     rd: &mut R,
     wr: &mut W,
     shared: &Shared,
+    mut socket: Option<OwnedFd>,
 ) -> io::Result<Option<Session>>
 where
     R: AsyncRead + Unpin,
@@ -89,7 +91,7 @@ where
                     String::from_utf8(data).map_err(|_| violation("export name not UTF-8"))?;
                 // No way to refuse here but hanging up.
                 let (export, attached) = shared
-                    .attach(&name)
+                    .attach(&name, &mut socket)
                     .ok_or_else(|| violation("unknown export"))?;
                 let size = export
                     .backend
@@ -152,7 +154,7 @@ where
                 // `GO` picks the export: from here on the connection
                 // counts as one of its users (`INFO` only asks).
                 let picked = if option == OPT_GO {
-                    shared.attach(&name).map(|(e, a)| (e, Some(a)))
+                    shared.attach(&name, &mut socket).map(|(e, a)| (e, Some(a)))
                 } else {
                     shared.export(&name).map(|e| (e, None))
                 };

@@ -47,8 +47,9 @@ mod transmission;
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
@@ -107,24 +108,74 @@ pub(crate) struct Export {
     unused: Condvar,
     /// Set by a hard removal: the export's connections stop.
     pub(crate) closing: watch::Sender<bool>,
+    /// A duplicate of each counted connection's socket, by connection, to
+    /// ask the kernel whether its client has hung up (see
+    /// [`Export::connections_in_use`]). `None` where duplicating failed.
+    peers: Mutex<BTreeMap<u64, Option<OwnedFd>>>,
+    /// Key of the next entry in `peers`.
+    next_peer: AtomicU64,
 }
 
 /// A connection counted as one of an export's users; dropping it
 /// uncounts it.
-pub(crate) struct Attached(Arc<Export>);
+pub(crate) struct Attached {
+    export: Arc<Export>,
+    peer: u64,
+}
 
 impl Drop for Attached {
     fn drop(&mut self) {
+        self.export
+            .peers
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&self.peer);
         // (Under the lock, so that a waiter between its check and its wait
         // cannot miss the notification; held only for that instant.)
-        let _idle = self.0.idle.lock().unwrap_or_else(|e| e.into_inner());
-        if self.0.connections.fetch_sub(1, Ordering::SeqCst) == 1 {
-            self.0.unused.notify_all();
+        let _idle = self.export.idle.lock().unwrap_or_else(|e| e.into_inner());
+        if self.export.connections.fetch_sub(1, Ordering::SeqCst) == 1 {
+            self.export.unused.notify_all();
         }
     }
 }
 
+/// Whether the client at the other end of `socket` has hung up (closed
+/// its socket or shut down its sending side): the kernel reports it at
+/// once, before the connection's task on its server thread has read the
+/// end of the stream.
+fn peer_hung_up(socket: BorrowedFd<'_>) -> bool {
+    #[cfg(any(target_os = "linux", target_os = "android"))]
+    let events = libc::POLLRDHUP;
+    #[cfg(not(any(target_os = "linux", target_os = "android")))]
+    let events = 0;
+    let mut fd = libc::pollfd {
+        fd: socket.as_raw_fd(),
+        events,
+        revents: 0,
+    };
+    // SAFETY: `fd` is one valid `pollfd` for the duration of the call (the
+    // count passed is 1), and `socket` is an open descriptor borrowed for
+    // that time; a zero timeout makes the call non-blocking.
+    let ready = unsafe { libc::poll(&mut fd, 1, 0) };
+    ready == 1 && fd.revents & (events | libc::POLLHUP | libc::POLLERR) != 0
+}
+
 impl Export {
+    /// Connections whose client is still there: counted connections less
+    /// those whose client has hung up (they only finish their requests in
+    /// flight and end). What a safe removal refuses on; without this, a
+    /// client that has just disconnected (`qemu-img info` returning) would
+    /// still count until its server thread got round to reading the end of
+    /// its stream.
+    fn connections_in_use(&self) -> usize {
+        let peers = self.peers.lock().unwrap_or_else(|e| e.into_inner());
+        let gone = peers
+            .values()
+            .filter(|p| p.as_ref().is_some_and(|fd| peer_hung_up(fd.as_fd())))
+            .count();
+        self.connections.load(Ordering::SeqCst).saturating_sub(gone)
+    }
+
     /// Waits until no connection uses the export, at most until
     /// `deadline`; returns whether none does.
     fn wait_unused(&self, deadline: Option<std::time::Instant>) -> bool {
@@ -177,11 +228,24 @@ impl Shared {
     /// The export `name`, with the calling connection counted as one of
     /// its users; counted under the export lock, so that a removal either
     /// sees this connection or keeps it from picking the export.
-    pub(crate) fn attach(&self, name: &str) -> Option<(Arc<Export>, Attached)> {
+    ///
+    /// `socket` is a duplicate of the connection's socket, taken (when the
+    /// export is there) to tell whether its client has hung up.
+    pub(crate) fn attach(
+        &self,
+        name: &str,
+        socket: &mut Option<OwnedFd>,
+    ) -> Option<(Arc<Export>, Attached)> {
         let exports = self.exports.lock().unwrap_or_else(|e| e.into_inner());
         let export = exports.get(name)?.clone();
+        let peer = export.next_peer.fetch_add(1, Ordering::Relaxed);
+        export
+            .peers
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(peer, socket.take());
         export.connections.fetch_add(1, Ordering::SeqCst);
-        Some((export.clone(), Attached(export)))
+        Some((export.clone(), Attached { export, peer }))
     }
 
     pub(crate) fn exports(&self) -> Vec<Arc<Export>> {
@@ -430,6 +494,8 @@ impl NbdServer {
             idle: Mutex::new(()),
             unused: Condvar::new(),
             closing: watch::channel(false).0,
+            peers: Mutex::new(BTreeMap::new()),
+            next_peer: AtomicU64::new(0),
         };
         exports.insert(options.name, Arc::new(export));
         Ok(())
@@ -487,8 +553,11 @@ impl NbdServer {
     /// Removes the export `name`, with QEMU's `block-export-del` modes:
     ///
     /// - [`RemoveMode::Safe`] refuses ([`RemoveExportError::InUse`]) while
-    ///   a connection uses the export, and otherwise unpublishes it; no
-    ///   client can pick it after that.
+    ///   a connection whose client is still there uses the export, and
+    ///   otherwise unpublishes it; no client can pick it after that. A
+    ///   connection whose client has hung up (asked the kernel, so even
+    ///   before its server thread has read the end of the stream) does
+    ///   not count: it only answers what it had read and ends.
     /// - [`RemoveMode::Hard`] unpublishes it and ends the connections that
     ///   use it: they stop reading requests, the requests in flight finish
     ///   and their replies are sent (a client that does not read them gets
@@ -574,8 +643,9 @@ impl NbdServer {
             return Err(RemoveExportError::NotFound(name.to_owned()));
         };
         // Connections are counted under this lock: none can pick the
-        // export between this check and the removal.
-        let connections = export.connections.load(Ordering::SeqCst);
+        // export between this check and the removal. Those whose client
+        // has hung up do not count: they end by themselves.
+        let connections = export.connections_in_use();
         if mode == RemoveMode::Safe && connections > 0 {
             return Err(RemoveExportError::InUse {
                 name: name.to_owned(),
@@ -759,7 +829,8 @@ pub enum RemoveExportError {
     /// There is no export of that name.
     #[error("export '{0}' not found")]
     NotFound(String),
-    /// A safe removal found connections using the export.
+    /// A safe removal found connections using the export whose clients
+    /// are still there.
     #[error("export '{name}' still in use by {connections} connection(s)")]
     InUse {
         /// The export.
@@ -785,7 +856,8 @@ impl ExportRemoval {
     /// Waits until no connection uses the export: each has sent the
     /// replies of its requests in flight (or given up on a client that did
     /// not read them for [`STOP_GRACE`]) and closed its socket. After a
-    /// safe removal this returns at once.
+    /// safe removal only connections whose client had already hung up
+    /// are left, and they end without waiting for anyone.
     ///
     /// Blocks the calling thread: call it where the requests in flight can
     /// finish (not inside a drain section of the exported node, nor on a
