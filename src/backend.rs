@@ -14,7 +14,7 @@ use crate::graph::runtime::IoTask;
 use crate::types::BlockStatus;
 use crate::types::{ChildRole, Perm};
 use crate::types::{Error, Result};
-use crate::types::{IoVec, IoVecMut};
+use crate::types::{IoBuf, IoVec, IoVecMut};
 
 /// The device-facing root of a node tree: byte-addressed async I/O.
 ///
@@ -356,6 +356,56 @@ impl BlockBackend {
         let len = iov.len() as u64;
         let result = request!(self, cx, Access::Write, offset, len, |root| root
             .writev(offset, iov));
+        self.account(Kind::Write, len, &result);
+        result
+    }
+
+    /// Reads `buf.len()` bytes at `offset` into a buffer this request owns
+    /// and hands it back, with the checks, drain gate and statistics of
+    /// [`read`](Self::read).
+    ///
+    /// Unlike a borrowed buffer, an [`IoBuf`] can go to the kernel as it
+    /// is: filters pass it down and the file driver's io_uring path reads
+    /// into it with no copy (where the request fits the file's
+    /// alignment); other drivers get it as a slice. If this future is
+    /// dropped while the read is in the kernel, the buffer goes with the
+    /// operation and is freed at its completion. On an error the buffer
+    /// is dropped.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use blockgraph::{drivers::MemoryDriver, BackendOptions, IoBuf, MainLoop};
+    ///
+    /// let main = MainLoop::new()?;
+    /// let blk = main.run(|bql| bql.write(|w| {
+    ///     let disk = w.add_node("disk", MemoryDriver::new(1 << 16), &[])?;
+    ///     w.add_backend("vda", &disk, BackendOptions::default())
+    /// }))?;
+    /// let io = main.new_io_thread("io0")?;
+    /// let back = io.spawn(move |mut cx| async move {
+    ///     blk.write_buf(&mut cx, 512, IoBuf::copy_from(b"owned")).await?;
+    ///     blk.read_buf(&mut cx, 512, IoBuf::zeroed(5)).await
+    /// }).join()?;
+    /// assert_eq!(&*back, b"owned");
+    /// # drop(io); main.shutdown();
+    /// # Ok::<(), blockgraph::Error>(())
+    /// ```
+    pub async fn read_buf(&self, cx: &mut IoTask, offset: u64, buf: IoBuf) -> Result<IoBuf> {
+        let len = buf.len() as u64;
+        let result = request!(self, cx, Access::Read, offset, len, |root| root
+            .read_buf(offset, buf));
+        self.account(Kind::Read, len, &result);
+        result
+    }
+
+    /// Writes a buffer this request owns at `offset` and hands it back,
+    /// with the checks, drain gate, statistics and dirty-bitmap marking of
+    /// [`write`](Self::write); see [`read_buf`](Self::read_buf).
+    pub async fn write_buf(&self, cx: &mut IoTask, offset: u64, buf: IoBuf) -> Result<IoBuf> {
+        let len = buf.len() as u64;
+        let result = request!(self, cx, Access::Write, offset, len, |root| root
+            .write_buf(offset, buf));
         self.account(Kind::Write, len, &result);
         result
     }

@@ -83,7 +83,7 @@ pub use graph::runtime::{
 };
 pub use types::{BackendInfo, ChildInfo, DirtyBitmapInfo, IoStats, NodeInfo};
 pub use types::{ChildRole, Error, Perm, Permissions, Result};
-pub use types::{IoVec, IoVecMut};
+pub use types::{IoBuf, IoVec, IoVecMut, IO_BUF_ALIGN};
 
 /// Zero cost: proofs are at most one pointer wide.
 mod size_checks {

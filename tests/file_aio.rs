@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use blockgraph::driver::BlockDriver;
 use blockgraph::drivers::{Aio, FileDriver, FileOptions};
-use blockgraph::Error;
+use blockgraph::{Error, IoBuf};
 
 mod common;
 use common::{Rig, Stack};
@@ -75,8 +75,10 @@ fn the_default_is_io_uring_where_available_and_it_is_reported() {
 
 /// 32 tasks on one I/O thread, each writing and reading back its own
 /// blocks (4 KiB, unaligned, and larger than a ring buffer), several rounds;
-/// then the file is checked against what was written.
-fn many_requests_in_flight(aio: Aio, direct: bool) {
+/// then the file is checked against what was written. With `owned`, the
+/// requests move their buffers in (`write_buf`/`read_buf`), which the file
+/// driver hands to the kernel as they are where the range allows.
+fn many_requests_in_flight(aio: Aio, direct: bool, owned: bool) {
     if aio == Aio::IoUring && !Aio::io_uring_available() {
         eprintln!("io_uring is not available here; skipping");
         return;
@@ -111,6 +113,16 @@ fn many_requests_in_flight(aio: Aio, direct: bool) {
                 for round in 0..4u8 {
                     for &(off, len) in &pieces {
                         let data = pattern(base + off, len, round + t as u8);
+                        if owned {
+                            let buf = IoBuf::copy_from(&data);
+                            let buf = blk.write_buf(&mut cx, base + off, buf).await?;
+                            assert_eq!(&*buf, &data[..], "handed back unchanged");
+                            let mut back = IoBuf::zeroed(len);
+                            back.fill(0xEE);
+                            let back = blk.read_buf(&mut cx, base + off, back).await?;
+                            assert_eq!(&*back, &data[..], "task {t} round {round} at {off}");
+                            continue;
+                        }
                         blk.write(&mut cx, base + off, &data).await?;
                         let mut back = vec![0u8; len];
                         blk.read(&mut cx, base + off, &mut back).await?;
@@ -144,22 +156,42 @@ fn many_requests_in_flight(aio: Aio, direct: bool) {
 
 #[test]
 fn many_requests_in_flight_io_uring_buffered() {
-    many_requests_in_flight(Aio::IoUring, false);
+    many_requests_in_flight(Aio::IoUring, false, false);
+}
+
+#[test]
+fn many_owned_requests_in_flight_io_uring_buffered() {
+    many_requests_in_flight(Aio::IoUring, false, true);
 }
 
 #[test]
 fn many_requests_in_flight_io_uring_direct() {
-    many_requests_in_flight(Aio::IoUring, true);
+    many_requests_in_flight(Aio::IoUring, true, false);
+}
+
+#[test]
+fn many_owned_requests_in_flight_io_uring_direct() {
+    many_requests_in_flight(Aio::IoUring, true, true);
 }
 
 #[test]
 fn many_requests_in_flight_threads_buffered() {
-    many_requests_in_flight(Aio::Threads, false);
+    many_requests_in_flight(Aio::Threads, false, false);
+}
+
+#[test]
+fn many_owned_requests_in_flight_threads_buffered() {
+    many_requests_in_flight(Aio::Threads, false, true);
 }
 
 #[test]
 fn many_requests_in_flight_threads_direct() {
-    many_requests_in_flight(Aio::Threads, true);
+    many_requests_in_flight(Aio::Threads, true, false);
+}
+
+#[test]
+fn many_owned_requests_in_flight_threads_direct() {
+    many_requests_in_flight(Aio::Threads, true, true);
 }
 
 #[test]

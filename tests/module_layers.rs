@@ -21,7 +21,7 @@ const LAYERS: &[(&str, u32, &str)] = &[
     (
         "types",
         0,
-        "the vocabulary: errors, roles, permissions, block status, query results, I/O vectors",
+        "the vocabulary: errors, roles, permissions, block status, query results, I/O vectors and owned buffers",
     ),
     ("sync", 1, "the graph lock"),
     (

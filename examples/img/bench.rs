@@ -10,6 +10,7 @@ use crate::args::{count_parser, parse_size, seconds_parser, size_parser, Common}
 use crate::open::{Env, OpenPolicy};
 use crate::output::{err, progress_bar, Res};
 use crate::stack::StackArg;
+use blockgraph::IoBuf;
 use indicatif::ProgressBar;
 
 /// Run I/O through an image or a stack; print IOPS, throughput and latency.
@@ -150,7 +151,13 @@ pub fn run(a: Args) -> Res<i32> {
         let (blk, issued, cursor) = (blk.clone(), issued.clone(), cursor.clone());
         let histogram = histogram()?;
         tasks.push(thread.spawn(move |mut cx| async move {
-            let mut buf = vec![0xA5u8; bs as usize];
+            // Owned by the request while it runs (`read_buf`/`write_buf`):
+            // the file driver hands it to the kernel as it is, as QEMU
+            // hands down its bench buffers.
+            let mut buf = Some(IoBuf::zeroed(bs as usize));
+            if let Some(b) = buf.as_mut() {
+                b.fill(0xA5);
+            }
             let mut hist = histogram;
             let mut errors = 0;
             let mut first_error = None;
@@ -175,11 +182,18 @@ pub fn run(a: Args) -> Res<i32> {
                     cursor.fetch_add(1, Ordering::Relaxed) % blocks
                 };
                 let t = Instant::now();
+                let owned = buf.take().unwrap_or_else(|| {
+                    // The last request failed and took the buffer with it.
+                    let mut b = IoBuf::zeroed(bs as usize);
+                    b.fill(0xA5);
+                    b
+                });
                 let r = if write {
-                    blk.write(&mut cx, block * bs, &buf).await
+                    blk.write_buf(&mut cx, block * bs, owned).await
                 } else {
-                    blk.read(&mut cx, block * bs, &mut buf).await
+                    blk.read_buf(&mut cx, block * bs, owned).await
                 };
+                let r = r.map(|back| buf = Some(back));
                 if t < measure_from {
                     continue;
                 }

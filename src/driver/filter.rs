@@ -4,11 +4,14 @@
 use std::any::Any;
 
 use crate::driver::{forward, require_child};
-use crate::graph::driver::{readv_via_read, writev_via_write, BlockDriver, IoFuture, ResizePermit};
+use crate::graph::driver::{
+    read_buf_via_read, readv_via_read, write_buf_via_write, writev_via_write, BlockDriver,
+    IoFuture, ResizePermit,
+};
 use crate::graph::proof::{CallbackRef, RequestRef};
 use crate::types::BlockStatus;
 use crate::types::{ChildRole, Error, Permissions, Result};
-use crate::types::{IoVec, IoVecMut};
+use crate::types::{IoBuf, IoVec, IoVecMut};
 
 /// A driver with one child that it filters: every callback it does not
 /// override goes to that child unchanged.
@@ -31,6 +34,7 @@ use crate::types::{IoVec, IoVecMut};
 /// | `request_alignment`, `length` | the child's |
 /// | `read`, `write`, `write_zeroes`, `discard`, `flush`, `block_status` | the child's, at the same offsets |
 /// | `readv`, `writev` | the filter's own `read`/`write` (one segment: as it is; several: through a bounce buffer) |
+/// | `read_buf`, `write_buf` | the filter's own `read`/`write`, with the buffer lent |
 /// | `truncate` | resizes the child through the checked edge ([`forward::truncate`]) |
 ///
 /// A default costs what writing it out by hand costs: the blanket
@@ -39,14 +43,15 @@ use crate::types::{IoVec, IoVecMut};
 /// override that does something before passing the request on ends with
 /// the matching [`forward`] helper, which is what the default calls.
 ///
-/// The vectored callbacks are the exception: their defaults go through the
-/// filter's own [`read`](Filter::read) and [`write`](Filter::write), so a
-/// filter that overrides `write` to count, throttle or refuse also sees
-/// every vectored write (forwarding the vector to the child by default
-/// would let it slip past). A filter that treats vectors as it treats
-/// buffers says so with [`forward::readv`] and [`forward::writev`] (after
-/// doing what its `read`/`write` do first), and then passes the regions
-/// down without a copy.
+/// The vectored and owned-buffer callbacks are the exception: their
+/// defaults go through the filter's own [`read`](Filter::read) and
+/// [`write`](Filter::write), so a filter that overrides `write` to count,
+/// throttle or refuse also sees every vectored or owned-buffer write
+/// (forwarding them to the child by default would let them slip past). A
+/// filter that treats them as it treats buffers says so with
+/// [`forward::readv`], [`forward::writev`], [`forward::read_buf`] and
+/// [`forward::write_buf`] (after doing what its `read`/`write` do first),
+/// and then passes the regions or the buffer down without a copy.
 ///
 /// # Examples
 ///
@@ -217,6 +222,26 @@ pub trait Filter: Any + Send + Sync {
         writev_via_write(self, node, offset, iov)
     }
 
+    /// See [`BlockDriver::read_buf`]. Default: this filter's
+    /// [`read`](Filter::read), with the buffer lent ([`read_buf_via_read`]);
+    /// override it with [`forward::read_buf`] to pass the buffer down.
+    fn read_buf<'a>(&'a self, node: RequestRef<'a>, offset: u64, buf: IoBuf) -> IoFuture<'a, IoBuf>
+    where
+        Self: Sized,
+    {
+        read_buf_via_read(self, node, offset, buf)
+    }
+
+    /// See [`BlockDriver::write_buf`]. Default: this filter's
+    /// [`write`](Filter::write), with the buffer lent
+    /// ([`write_buf_via_write`]).
+    fn write_buf<'a>(&'a self, node: RequestRef<'a>, offset: u64, buf: IoBuf) -> IoFuture<'a, IoBuf>
+    where
+        Self: Sized,
+    {
+        write_buf_via_write(self, node, offset, buf)
+    }
+
     /// See [`BlockDriver::write_zeroes`]. Default: zeroes the child's range.
     fn write_zeroes<'a>(&'a self, node: RequestRef<'a>, offset: u64, len: u64) -> IoFuture<'a, ()> {
         forward::write_zeroes(node, Self::CHILD, offset, len)
@@ -347,6 +372,26 @@ impl<F: Filter> BlockDriver for F {
     #[inline]
     fn writev<'a>(&'a self, node: RequestRef<'a>, offset: u64, iov: IoVec<'a>) -> IoFuture<'a, ()> {
         Filter::writev(self, node, offset, iov)
+    }
+
+    #[inline]
+    fn read_buf<'a>(
+        &'a self,
+        node: RequestRef<'a>,
+        offset: u64,
+        buf: IoBuf,
+    ) -> IoFuture<'a, IoBuf> {
+        Filter::read_buf(self, node, offset, buf)
+    }
+
+    #[inline]
+    fn write_buf<'a>(
+        &'a self,
+        node: RequestRef<'a>,
+        offset: u64,
+        buf: IoBuf,
+    ) -> IoFuture<'a, IoBuf> {
+        Filter::write_buf(self, node, offset, buf)
     }
 
     fn flush_to_close<'a>(&'a self, node: RequestRef<'a>) -> IoFuture<'a, ()> {

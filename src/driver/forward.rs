@@ -35,7 +35,7 @@ use crate::graph::driver::IoFuture;
 use crate::graph::proof::RequestRef;
 use crate::types::BlockStatus;
 use crate::types::ChildRole;
-use crate::types::{IoVec, IoVecMut};
+use crate::types::{IoBuf, IoVec, IoVecMut};
 
 /// Runs `call` on the `role` child of `node` and returns its future, or a
 /// ready [`Error::NoSuchChild`](crate::Error::NoSuchChild).
@@ -68,6 +68,28 @@ pub fn write<'a>(
     buf: &'a [u8],
 ) -> IoFuture<'a, ()> {
     to_child(node, role, |child| child.write(offset, buf))
+}
+
+/// Reads from the `role` child at the same offset into the same owned
+/// buffer ([`BlockDriver::read_buf`](crate::driver::BlockDriver::read_buf)).
+pub fn read_buf<'a>(
+    node: RequestRef<'a>,
+    role: ChildRole,
+    offset: u64,
+    buf: IoBuf,
+) -> IoFuture<'a, IoBuf> {
+    to_child(node, role, |child| child.read_buf(offset, buf))
+}
+
+/// Writes the same owned buffer to the `role` child at the same offset
+/// ([`BlockDriver::write_buf`](crate::driver::BlockDriver::write_buf)).
+pub fn write_buf<'a>(
+    node: RequestRef<'a>,
+    role: ChildRole,
+    offset: u64,
+    buf: IoBuf,
+) -> IoFuture<'a, IoBuf> {
+    to_child(node, role, |child| child.write_buf(offset, buf))
 }
 
 /// Reads from the `role` child at the same offset into the same regions

@@ -25,7 +25,8 @@ pub mod forward;
 pub(crate) mod range_lock;
 
 pub use crate::graph::driver::{
-    readv_via_read, writev_via_write, BlockDriver, IoFuture, ResizePermit, BOUNCE_CHUNK,
+    read_buf_via_read, readv_via_read, write_buf_via_write, writev_via_write, BlockDriver,
+    IoFuture, ResizePermit, BOUNCE_CHUNK,
 };
 pub use crate::types::io_vec::{Segments, SegmentsMut};
 pub use crate::types::BlockStatus;

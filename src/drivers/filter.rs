@@ -7,7 +7,7 @@ use crate::graph::driver::IoFuture;
 use crate::graph::proof::{CallbackRef, RequestRef};
 use crate::types::Result;
 use crate::types::{ChildRole, Perm, Permissions};
-use crate::types::{IoVec, IoVecMut};
+use crate::types::{IoBuf, IoVec, IoVecMut};
 
 /// Passes every request to its `Filtered` child unchanged and counts them.
 ///
@@ -110,6 +110,26 @@ impl Filter for PassthroughFilter {
     fn writev<'a>(&'a self, node: RequestRef<'a>, offset: u64, iov: IoVec<'a>) -> IoFuture<'a, ()> {
         self.count();
         forward::writev(node, Self::CHILD, offset, iov)
+    }
+
+    fn read_buf<'a>(
+        &'a self,
+        node: RequestRef<'a>,
+        offset: u64,
+        buf: IoBuf,
+    ) -> IoFuture<'a, IoBuf> {
+        self.count();
+        forward::read_buf(node, Self::CHILD, offset, buf)
+    }
+
+    fn write_buf<'a>(
+        &'a self,
+        node: RequestRef<'a>,
+        offset: u64,
+        buf: IoBuf,
+    ) -> IoFuture<'a, IoBuf> {
+        self.count();
+        forward::write_buf(node, Self::CHILD, offset, buf)
     }
 
     fn write_zeroes<'a>(&'a self, node: RequestRef<'a>, offset: u64, len: u64) -> IoFuture<'a, ()> {

@@ -9,7 +9,7 @@ use crate::graph::proof::{CallbackRef, RequestRef};
 use crate::types::BlockStatus;
 use crate::types::{ChildRole, Perm, Permissions};
 use crate::types::{Error, Result};
-use crate::types::{IoVec, IoVecMut};
+use crate::types::{IoBuf, IoVec, IoVecMut};
 
 /// Passes requests to its [`ChildRole::File`] child, shifted by `offset`
 /// and, with a `size`, confined to `[offset, offset + size)` of the child
@@ -309,6 +309,39 @@ impl Filter for RawDriver {
         Box::pin(async move {
             let (child, at) = self.map(node, offset, iov.len() as u64).await?;
             child.writev(at, iov).await
+        })
+    }
+
+    /// Checked and shifted like [`read`](Filter::read); the buffer goes to
+    /// the file as it is.
+    fn read_buf<'a>(
+        &'a self,
+        node: RequestRef<'a>,
+        offset: u64,
+        buf: IoBuf,
+    ) -> IoFuture<'a, IoBuf> {
+        if self.whole_child() {
+            return forward::read_buf(node, Self::CHILD, offset, buf);
+        }
+        Box::pin(async move {
+            let (child, at) = self.map(node, offset, buf.len() as u64).await?;
+            child.read_buf(at, buf).await
+        })
+    }
+
+    /// Checked and shifted like [`write`](Filter::write).
+    fn write_buf<'a>(
+        &'a self,
+        node: RequestRef<'a>,
+        offset: u64,
+        buf: IoBuf,
+    ) -> IoFuture<'a, IoBuf> {
+        if self.whole_child() {
+            return forward::write_buf(node, Self::CHILD, offset, buf);
+        }
+        Box::pin(async move {
+            let (child, at) = self.map(node, offset, buf.len() as u64).await?;
+            child.write_buf(at, buf).await
         })
     }
 

@@ -14,7 +14,7 @@ use crate::driver::{require_child, Filter};
 use crate::graph::driver::IoFuture;
 use crate::graph::proof::{CallbackRef, RequestRef};
 use crate::types::{Error, Result};
-use crate::types::{IoVec, IoVecMut};
+use crate::types::{IoBuf, IoVec, IoVecMut};
 
 /// The largest rate accepted (QEMU's bound too): 10^15 units per second.
 const MAX_RATE: u64 = 1_000_000_000_000_000;
@@ -559,6 +559,48 @@ impl Filter for ThrottleDriver {
             Some(wait) => Box::pin(async move {
                 self.wait_booked(wait).await?;
                 child.write(offset, buf).await
+            }),
+        }
+    }
+
+    /// Throttled as a read of `buf.len()` bytes, then the buffer goes to
+    /// the child as it is.
+    fn read_buf<'a>(
+        &'a self,
+        node: RequestRef<'a>,
+        offset: u64,
+        buf: IoBuf,
+    ) -> IoFuture<'a, IoBuf> {
+        let child = match require_child(node, Self::CHILD) {
+            Ok(child) => child,
+            Err(e) => return Box::pin(std::future::ready(Err(e))),
+        };
+        match self.book_now(false, buf.len() as u64) {
+            None => child.read_buf(offset, buf).into(),
+            Some(wait) => Box::pin(async move {
+                self.wait_booked(wait).await?;
+                child.read_buf(offset, buf).await
+            }),
+        }
+    }
+
+    /// Throttled as a write of `buf.len()` bytes, then the buffer goes to
+    /// the child as it is.
+    fn write_buf<'a>(
+        &'a self,
+        node: RequestRef<'a>,
+        offset: u64,
+        buf: IoBuf,
+    ) -> IoFuture<'a, IoBuf> {
+        let child = match require_child(node, Self::CHILD) {
+            Ok(child) => child,
+            Err(e) => return Box::pin(std::future::ready(Err(e))),
+        };
+        match self.book_now(true, buf.len() as u64) {
+            None => child.write_buf(offset, buf).into(),
+            Some(wait) => Box::pin(async move {
+                self.wait_booked(wait).await?;
+                child.write_buf(offset, buf).await
             }),
         }
     }

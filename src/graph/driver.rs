@@ -13,7 +13,7 @@ use crate::types::DriverInfo;
 use crate::types::Perm;
 use crate::types::{ChildRole, Permissions};
 use crate::types::{Error, Result};
-use crate::types::{IoVec, IoVecMut};
+use crate::types::{IoBuf, IoVec, IoVecMut};
 
 /// The future an I/O callback returns. `Send`, so requests can run on
 /// multi-thread runtimes too.
@@ -251,6 +251,37 @@ pub trait BlockDriver: Any + Send + Sync {
         writev_via_write(self, node, offset, iov)
     }
 
+    /// Reads `buf.len()` bytes at `offset` into a buffer the request owns,
+    /// and hands it back ([`IoBuf`]; QEMU passes guest memory down the
+    /// same way).
+    ///
+    /// The default lends the buffer to [`read`](Self::read)
+    /// ([`read_buf_via_read`]), which is all a driver that copies anyway
+    /// needs. A filter passes the buffer to its child; a protocol driver
+    /// that gives memory to the kernel past one poll (io_uring) reads into
+    /// it directly: the buffer cannot be freed or reused while it is in
+    /// the kernel, because the operation owns it until its completion.
+    fn read_buf<'a>(
+        &'a self,
+        node: RequestRef<'a>,
+        offset: u64,
+        buf: IoBuf,
+    ) -> IoFuture<'a, IoBuf> {
+        read_buf_via_read(self, node, offset, buf)
+    }
+
+    /// Writes a buffer the request owns at `offset`, and hands it back
+    /// unchanged. The default lends it to [`write`](Self::write)
+    /// ([`write_buf_via_write`]); see [`read_buf`](Self::read_buf).
+    fn write_buf<'a>(
+        &'a self,
+        node: RequestRef<'a>,
+        offset: u64,
+        buf: IoBuf,
+    ) -> IoFuture<'a, IoBuf> {
+        write_buf_via_write(self, node, offset, buf)
+    }
+
     /// Makes `len` bytes at `offset` read as zeroes (default: writes zero
     /// buffers).
     fn write_zeroes<'a>(&'a self, node: RequestRef<'a>, offset: u64, len: u64) -> IoFuture<'a, ()> {
@@ -393,4 +424,32 @@ pub fn writev_via_write<'a, D: BlockDriver + ?Sized>(
             Ok(())
         }),
     }
+}
+
+/// [`BlockDriver::read_buf`]'s default, for `driver`: lends the buffer to
+/// [`BlockDriver::read`], then hands it back.
+pub fn read_buf_via_read<'a, D: BlockDriver + ?Sized>(
+    driver: &'a D,
+    node: RequestRef<'a>,
+    offset: u64,
+    mut buf: IoBuf,
+) -> IoFuture<'a, IoBuf> {
+    Box::pin(async move {
+        driver.read(node, offset, &mut buf).await?;
+        Ok(buf)
+    })
+}
+
+/// [`BlockDriver::write_buf`]'s default, for `driver`: lends the buffer to
+/// [`BlockDriver::write`], then hands it back.
+pub fn write_buf_via_write<'a, D: BlockDriver + ?Sized>(
+    driver: &'a D,
+    node: RequestRef<'a>,
+    offset: u64,
+    buf: IoBuf,
+) -> IoFuture<'a, IoBuf> {
+    Box::pin(async move {
+        driver.write(node, offset, &buf).await?;
+        Ok(buf)
+    })
 }

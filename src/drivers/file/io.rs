@@ -8,7 +8,9 @@
 //! `Aio::IoUring` and the request runs on an I/O thread (`uring.rs`), but a
 //! buffered write alone in flight takes the pool; everything else, and
 //! those when no ring can take them, runs each host call on the blocking
-//! pool.
+//! pool. Requests on owned buffers (`IoBuf`: `do_read_buf`,
+//! `do_write_buf`) give the kernel the request's own buffer on both paths
+//! where the range needs no alignment fix-up.
 
 use std::io::IoSliceMut;
 #[cfg(feature = "io-uring")]
@@ -19,7 +21,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use crate::driver::range_lock::RangeGuard;
-use crate::types::{IoVec, IoVecMut, Result};
+use crate::types::{IoBuf, IoVec, IoVecMut, Result, IO_BUF_ALIGN};
 
 use super::host::{
     blocking, fallocate, fill_partial_blocks, read_cached, read_or_zero, AlignedBuf, Cached,
@@ -132,6 +134,119 @@ impl FileDriver {
         let len = iov.len() as u64;
         self.write_from(offset, len, |dst| iov.copy_to_slice(dst))
             .await
+    }
+
+    /// Whether a request over `[offset, offset + len)` in an [`IoBuf`] can
+    /// go to the host as it is: no alignment fix-up of the range (the
+    /// buffer's address is aligned for any device up to a page).
+    fn owned_fits(&self, offset: u64, len: u64) -> Result<bool> {
+        let (start, end) = self.aligned(offset, len)?;
+        Ok(start == offset && end == offset + len && self.host.align as usize <= IO_BUF_ALIGN)
+    }
+
+    /// A read into a buffer the request owns: from the page cache straight
+    /// into it first (buffered files, [`read_cached`]), then by the ring
+    /// or the pool straight into it; only a read that needs an alignment
+    /// fix-up (or whose start was cached) copies, as [`do_read`] does.
+    ///
+    /// [`do_read`]: FileDriver::do_read
+    pub(super) async fn do_read_buf(&self, offset: u64, mut buf: IoBuf) -> Result<IoBuf> {
+        let len = buf.len() as u64;
+        if len == 0 {
+            return Ok(buf);
+        }
+        match self.read_cached_first(offset, &mut [IoSliceMut::new(&mut buf)]) {
+            Cached::All => return Ok(buf),
+            Cached::Part(0) => {}
+            Cached::Part(n) => {
+                let rest = &mut buf[n..];
+                self.read_into(offset + n as u64, rest.len() as u64, |data| {
+                    rest.copy_from_slice(data)
+                })
+                .await?;
+                return Ok(buf);
+            }
+        }
+        self.check_strict(offset, len)?;
+        if !self.owned_fits(offset, len)? {
+            self.read_into(offset, len, |data| buf.copy_from_slice(data))
+                .await?;
+            return Ok(buf);
+        }
+        #[cfg(feature = "io-uring")]
+        if let Some(ring) = self.ring() {
+            let t = Transfer {
+                kind: Kind::Read,
+                fd: self.host.file.as_raw_fd(),
+                offset,
+                len: buf.len(),
+                punt: self.punt(buf.len()),
+            };
+            match ring.start_owned(t, buf, Box::new(self.host.clone())) {
+                Ok(mut op) => {
+                    (&mut op).await.map_err(crate::types::Error::Io)?;
+                    return Ok(op.into_buf());
+                }
+                Err((_, back)) => buf = back,
+            }
+        }
+        let host = self.host.clone();
+        blocking(move || {
+            read_or_zero(&host.file, &mut buf, offset)?;
+            Ok(buf)
+        })
+        .await
+    }
+
+    /// A write from a buffer the request owns: the ring or the pool writes
+    /// it as it is; only a write that needs a read-modify-write of partial
+    /// blocks copies, as [`do_write`](FileDriver::do_write) does.
+    pub(super) async fn do_write_buf(&self, offset: u64, buf: IoBuf) -> Result<IoBuf> {
+        let len = buf.len() as u64;
+        if len == 0 || !self.owned_fits(offset, len).unwrap_or(false) {
+            // (Also the checks and their errors.)
+            self.do_write(offset, &buf).await?;
+            return Ok(buf);
+        }
+        self.check_writable()?;
+        self.check_strict(offset, len)?;
+        let _counted = WriteCount::new(&self.writes);
+        let end = offset + len;
+        #[cfg(feature = "io-uring")]
+        let mut buf = buf;
+        #[cfg(feature = "io-uring")]
+        if let Some(ring) = self.ring().filter(|_| !self.lone_buffered_write(len)) {
+            // Held until the write's final completion (see `write_from`).
+            let guard = self.lock_blocks(offset, end, false).await;
+            if let Some(ring) = self.ring().filter(|r| Arc::ptr_eq(r, &ring)) {
+                let t = Transfer {
+                    kind: Kind::Write,
+                    fd: self.host.file.as_raw_fd(),
+                    offset,
+                    len: buf.len(),
+                    punt: false,
+                };
+                match ring.start_owned(t, buf, Box::new((self.host.clone(), guard))) {
+                    Ok(mut op) => {
+                        (&mut op).await.map_err(crate::types::Error::Io)?;
+                        self.host.size.fetch_max(end, Ordering::SeqCst);
+                        return Ok(op.into_buf());
+                    }
+                    Err((_, back)) => buf = back,
+                }
+            }
+        }
+        let guard = self.lock_blocks(offset, end, false).await;
+        let host = self.host.clone();
+        blocking(move || {
+            // Held until the host call is over, even if the request's
+            // future is gone by then.
+            let _guard = guard;
+            host.file.write_all_at(&buf, offset)?;
+            host.size.fetch_max(end, Ordering::SeqCst);
+            Ok(buf)
+        })
+        .await
     }
 
     /// Reads `len` bytes at `offset` into a buffer the host call owns,

@@ -34,7 +34,7 @@ use std::sync::atomic::Ordering;
 
 use crate::graph::driver::{BlockDriver, IoFuture, ResizePermit};
 use crate::graph::proof::{CallbackRef, RequestRef};
-use crate::types::{BlockStatus, DriverInfo, IoVec, IoVecMut, Result};
+use crate::types::{BlockStatus, DriverInfo, IoBuf, IoVec, IoVecMut, Result};
 
 use lock::unlock_image;
 
@@ -140,6 +140,27 @@ impl BlockDriver for FileDriver {
         iov: IoVec<'a>,
     ) -> IoFuture<'a, ()> {
         Box::pin(self.do_writev(offset, iov))
+    }
+
+    /// Straight into `buf` where the range needs no alignment fix-up
+    /// (no copy; see [`IoBuf`]).
+    fn read_buf<'a>(
+        &'a self,
+        _node: RequestRef<'a>,
+        offset: u64,
+        buf: IoBuf,
+    ) -> IoFuture<'a, IoBuf> {
+        Box::pin(self.do_read_buf(offset, buf))
+    }
+
+    /// Straight from `buf` where the range needs no alignment fix-up.
+    fn write_buf<'a>(
+        &'a self,
+        _node: RequestRef<'a>,
+        offset: u64,
+        buf: IoBuf,
+    ) -> IoFuture<'a, IoBuf> {
+        Box::pin(self.do_write_buf(offset, buf))
     }
 
     fn write_zeroes<'a>(

@@ -456,3 +456,131 @@ fn partly_cached_buffered_reads_finish_on_the_regular_path() {
         });
     }
 }
+
+/// Requests on buffers they own ([`IoBuf`](crate::IoBuf)) go to the kernel
+/// as they are: the ring's pool slots stay free while they are in flight,
+/// and a request dropped after its first poll leaves the buffer to the
+/// operation (the kernel writes the whole buffer or nothing of it; the
+/// reaper frees it). The ring is left with every slot back.
+fn owned_buffers_go_to_the_kernel_as_they_are(direct: bool) {
+    use crate::IoBuf;
+    let dir = tempfile::tempdir().unwrap();
+    let path = image(dir.path(), 4 << 20, 0x22);
+    let Some(driver) = open(&path, direct) else {
+        return;
+    };
+    let path2 = path.clone();
+    on_io_thread(move || {
+        Box::pin(async move {
+            let ring = uring::current().unwrap();
+            // As if another write were in flight (see above).
+            driver
+                .writes
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            // Completed: written and read back through the ring, in the
+            // buffer that was moved in.
+            let mut buf = IoBuf::zeroed(64 << 10);
+            buf.fill(0x33);
+            let addr = buf.as_non_null();
+            let mut fut = Box::pin(driver.do_write_buf(1 << 20, buf));
+            assert!(poll_once(fut.as_mut()).is_pending());
+            assert_eq!(
+                ring.stats().0,
+                POOL_SLOTS,
+                "no pool slot (no copy) for an owned write"
+            );
+            assert!(ring.stats().1 > 0, "the write went to the ring");
+            let back = fut.await.unwrap();
+            assert_eq!(back.as_non_null(), addr, "the same buffer came back");
+            let mut fut = Box::pin(driver.do_read_buf(1 << 20, IoBuf::zeroed(128 << 10)));
+            assert!(poll_once(fut.as_mut()).is_pending());
+            assert_eq!(ring.stats().0, POOL_SLOTS, "no pool slot for an owned read");
+            let read = fut.await.unwrap();
+            assert!(read[..64 << 10].iter().all(|&b| b == 0x33));
+            assert!(read[64 << 10..].iter().all(|&b| b == 0x22));
+
+            // Dropped after the first poll, with the operation queued or
+            // in the kernel: more requests than the pool has slots.
+            for round in 0..3u64 {
+                for i in 0..(POOL_SLOTS as u64 * 2) {
+                    let offset = (i * 8192 + round * (1 << 20)) % (4 << 20);
+                    let mut data = IoBuf::zeroed(8192);
+                    data.fill(0x44);
+                    let mut fut = Box::pin(driver.do_write_buf(offset, data));
+                    assert!(poll_once(fut.as_mut()).is_pending());
+                    drop(fut);
+                    let mut fut = Box::pin(driver.do_read_buf(offset, IoBuf::zeroed(4096)));
+                    assert!(poll_once(fut.as_mut()).is_pending());
+                    if i % 2 == 0 {
+                        drop(fut);
+                    } else {
+                        // Leaked: its buffer stays with the operation.
+                        std::mem::forget(fut);
+                    }
+                }
+                ring_idle().await;
+                assert_eq!(ring.stats(), (POOL_SLOTS, 0), "the pool was not used");
+            }
+            // The ring still works.
+            let back = driver.do_read_buf(0, IoBuf::zeroed(4096)).await.unwrap();
+            assert!(back.iter().all(|&b| b == 0x22 || b == 0x44));
+            driver.do_flush().await.unwrap();
+        })
+    });
+    let on_disk = std::fs::read(&path2).unwrap();
+    for block in on_disk.chunks(8192) {
+        assert!(
+            block.iter().all(|&b| b == block[0]) && [0x22, 0x33, 0x44].contains(&block[0]),
+            "a dropped owned write lands whole or not at all"
+        );
+    }
+}
+
+#[test]
+fn owned_buffers_go_to_the_kernel_as_they_are_buffered() {
+    owned_buffers_go_to_the_kernel_as_they_are(false);
+}
+
+#[test]
+fn owned_buffers_go_to_the_kernel_as_they_are_direct() {
+    owned_buffers_go_to_the_kernel_as_they_are(true);
+}
+
+/// An owned request that needs an alignment fix-up (an `O_DIRECT` file,
+/// an unaligned range) takes the copying path and still reads and writes
+/// the right bytes; a buffered read past the end reads zeroes.
+#[test]
+fn owned_buffers_fall_back_where_the_range_needs_fixing_up() {
+    use crate::IoBuf;
+    let dir = tempfile::tempdir().unwrap();
+    let path = image(dir.path(), 64 << 10, 0x10);
+    let Some(direct) = open(&path, true) else {
+        return;
+    };
+    on_io_thread(move || {
+        Box::pin(async move {
+            let mut data = IoBuf::zeroed(1000);
+            data.fill(0x77);
+            direct.do_write_buf(4096 + 100, data).await.unwrap();
+            let got = direct.do_read_buf(4096, IoBuf::zeroed(4096)).await.unwrap();
+            assert!(got[..100].iter().all(|&b| b == 0x10));
+            assert!(got[100..1100].iter().all(|&b| b == 0x77));
+            assert!(got[1100..].iter().all(|&b| b == 0x10));
+            let odd = direct
+                .do_read_buf(4096 + 99, IoBuf::zeroed(3))
+                .await
+                .unwrap();
+            assert_eq!(&*odd, &[0x10, 0x77, 0x77]);
+        })
+    });
+    let buffered = open(&path, false).unwrap();
+    on_io_thread(move || {
+        Box::pin(async move {
+            let mut tail = IoBuf::zeroed(8192);
+            tail.fill(0xAA);
+            let tail = buffered.do_read_buf((64 << 10) - 4096, tail).await.unwrap();
+            assert!(tail[..4096].iter().all(|&b| b == 0x10));
+            assert!(tail[4096..].iter().all(|&b| b == 0), "past the end: zeroes");
+        })
+    });
+}

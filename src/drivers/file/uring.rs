@@ -17,6 +17,13 @@
 //! before it is queued; a read is copied out after its completion, on the
 //! request's own thread. The future ([`Op`]) holds only the slot's number.
 //!
+//! A request whose buffer it *owns* ([`IoBuf`], [`Ring::start_owned`]) is
+//! the exception: the buffer moves into the operation's state, the kernel
+//! works on it directly, and [`Op::into_buf`] hands it back after the
+//! final completion. Until then nobody else can reach it, so it is as safe
+//! to give the kernel as a slot's buffer, and it is freed (or leaked) by
+//! the same rules below.
+//!
 //! A slot is handed back by exactly one of:
 //!
 //! * the [`Op`], when it is dropped after its completion;
@@ -73,6 +80,7 @@ use tokio::io::unix::AsyncFd;
 use tokio::io::Interest;
 
 use crate::thread::{thread_role, ThreadRole};
+use crate::types::IoBuf;
 
 /// Buffers in a ring's pool (requests in flight before they get buffers of
 /// their own).
@@ -203,6 +211,22 @@ struct OpState {
     /// The [`Op`] is gone: the reaper frees the slot at the final completion.
     orphaned: bool,
     keep: Option<Keep>,
+    /// The caller's buffer, moved in for the operation
+    /// ([`Ring::start_owned`]): the transfer uses it instead of the slot's
+    /// buffer, and it stays here until [`Op::into_buf`] takes it back after
+    /// the final completion (or the slot is released, which frees it).
+    external: Option<IoBuf>,
+}
+
+impl OpState {
+    /// The memory the transfer uses: the moved-in buffer, else the slot's
+    /// (with its registered index, if any).
+    fn memory(&self, slot_ptr: NonNull<u8>, slot_fixed: Option<u16>) -> (NonNull<u8>, Option<u16>) {
+        match &self.external {
+            Some(buf) => (buf.as_non_null(), None),
+            None => (slot_ptr, slot_fixed),
+        }
+    }
 }
 
 /// A buffer and, while taken, its operation.
@@ -407,12 +431,78 @@ impl Ring {
             waker: None,
             orphaned: false,
             keep: Some(keep),
+            external: None,
         });
+        self.queue(inner, idx, ptr, len, runtime)
+            .map_err(|(e, _)| e)
+    }
+
+    /// Queues the transfer `t` straight over `buf`'s memory, which the
+    /// operation owns until [`Op::into_buf`] hands it back after the final
+    /// completion (a dropped [`Op`] leaves it to the operation, freed when
+    /// the kernel is done). `t.len` must be `buf.len()`. No copy: what a
+    /// borrowed buffer cannot have (module docs).
+    ///
+    /// Same calling rules as [`start`](Self::start).
+    ///
+    /// # Errors
+    ///
+    /// As [`start`](Self::start), with the buffer handed back.
+    pub(super) fn start_owned(
+        self: &Arc<Self>,
+        t: Transfer,
+        buf: IoBuf,
+        keep: Keep,
+    ) -> Result<Op, (io::Error, IoBuf)> {
+        assert_eq!(t.len, buf.len(), "an owned transfer covers its buffer");
+        let runtime = match tokio::runtime::Handle::try_current() {
+            Ok(r) => r,
+            Err(e) => return Err((io::Error::other(e), buf)),
+        };
+        let mut inner = self.lock();
+        let idx = inner.take_bare_slot();
+        inner.slots[idx].op = Some(OpState {
+            kind: t.kind,
+            punt: t.punt,
+            fd: t.fd,
+            offset: t.offset,
+            len: t.len,
+            done: 0,
+            result: None,
+            waker: None,
+            orphaned: false,
+            keep: Some(keep),
+            external: Some(buf),
+        });
+        let ptr = inner.slots[idx].ptr;
+        self.queue(inner, idx, ptr, t.len, runtime)
+            .map_err(|(e, buf)| (e, buf.expect("the buffer was moved in")))
+    }
+
+    /// Pushes the operation just set up in slot `idx` and makes its [`Op`];
+    /// on failure frees the slot and hands back a moved-in buffer (nothing
+    /// reached the kernel).
+    fn queue(
+        self: &Arc<Self>,
+        mut inner: MutexGuard<'_, Inner>,
+        idx: usize,
+        ptr: NonNull<u8>,
+        len: usize,
+        runtime: tokio::runtime::Handle,
+    ) -> Result<Op, (io::Error, Option<IoBuf>)> {
+        let owned = inner.slots[idx]
+            .op
+            .as_ref()
+            .is_some_and(|op| op.external.is_some());
         if let Err(e) = inner.push(idx) {
+            let buf = inner.slots[idx]
+                .op
+                .as_mut()
+                .and_then(|op| op.external.take());
             let keep = inner.release(idx);
             drop(inner);
             drop(keep);
-            return Err(e);
+            return Err((e, buf));
         }
         let spawn = !inner.reaper_running;
         inner.reaper_running = true;
@@ -429,6 +519,7 @@ impl Ring {
             ptr: ptr.as_ptr() as usize,
             len,
             finished: false,
+            owned,
         })
     }
 
@@ -498,6 +589,9 @@ impl Drop for Ring {
             std::mem::forget(inner.pool.take());
             for slot in &mut inner.slots {
                 std::mem::forget(slot.own.take());
+                if let Some(op) = slot.op.as_mut() {
+                    std::mem::forget(op.external.take());
+                }
             }
         }
         // The fields drop now: `fd` (deregistered), then the ring (closed),
@@ -506,6 +600,28 @@ impl Drop for Ring {
 }
 
 impl Inner {
+    /// A free slot outside the pool for an operation on a moved-in buffer:
+    /// one without a buffer of its own if there is one (so the kept
+    /// buffers stay for the requests that need them), else a new one.
+    fn take_bare_slot(&mut self) -> usize {
+        if let Some(at) = self
+            .free_own
+            .iter()
+            .position(|&idx| self.slots[idx].own.is_none())
+        {
+            return self.free_own.swap_remove(at);
+        }
+        self.slots.push(Slot {
+            ptr: NonNull::dangling(),
+            cap: 0,
+            fixed: None,
+            own: None,
+            op: None,
+            in_kernel: false,
+        });
+        self.slots.len() - 1
+    }
+
     /// A free slot whose buffer holds `len` bytes: a pool slot, else the
     /// smallest kept buffer that is large enough, else a new buffer.
     fn take_slot(&mut self, len: usize) -> io::Result<usize> {
@@ -594,11 +710,13 @@ impl Inner {
         let op = slot.op.as_ref().expect("pushing a free slot");
         let fd = types::Fd(op.fd);
         let chunk = (op.len - op.done).min(MAX_CHUNK) as u32;
-        // SAFETY: `done <= len <= cap`: the pointer stays inside the slot's
-        // buffer.
-        let ptr = unsafe { slot.ptr.as_ptr().add(op.done) };
+        let (base, fixed) = op.memory(slot.ptr, slot.fixed);
+        // SAFETY: `done <= len`, and `len` is at most the slot's `cap` or
+        // the moved-in buffer's length: the pointer stays inside the
+        // operation's memory.
+        let ptr = unsafe { base.as_ptr().add(op.done) };
         let offset = op.offset + op.done as u64;
-        let entry: squeue::Entry = match (op.kind, slot.fixed) {
+        let entry: squeue::Entry = match (op.kind, fixed) {
             (Kind::Read, Some(i)) => opcode::ReadFixed::new(fd, ptr, chunk, i)
                 .offset(offset)
                 .build(),
@@ -619,13 +737,16 @@ impl Inner {
         }
         for attempt in 0..2 {
             // SAFETY: the SQE's buffer, `[ptr, ptr + chunk)`, is ring-owned
-            // memory of this slot, which is not freed or handed to anyone
-            // else until the CQE for this SQE is reaped: a slot with
-            // `in_kernel` set is never released, and the ring's `Drop` waits
-            // for every SQE before freeing buffers. Nothing else reads or
-            // writes it meanwhile (the `Op` copies only after the final
-            // completion). The descriptor is kept open by the operation's
-            // `keep` until then.
+            // memory of this slot, or the buffer moved into its operation
+            // state, which is not freed or handed to anyone else until the
+            // CQE for this SQE is reaped: a slot with `in_kernel` set is
+            // never released, `Op::into_buf` takes a moved-in buffer back
+            // only after the final completion, and the ring's `Drop` waits
+            // for every SQE before freeing (or else leaks) any of them.
+            // Nothing else reads or writes it meanwhile (the `Op` copies
+            // only after the final completion, and nobody else can reach a
+            // moved-in buffer). The descriptor is kept open by the
+            // operation's `keep` until then.
             if unsafe { self.uring.submission().push(&entry) }.is_ok() {
                 self.slots[idx].in_kernel = true;
                 self.in_kernel += 1;
@@ -682,10 +803,11 @@ impl Inner {
             return;
         };
         slot.in_kernel = false;
-        let ptr = slot.ptr;
+        let (slot_ptr, slot_fixed) = (slot.ptr, slot.fixed);
         let Some(op) = slot.op.as_mut() else {
             return;
         };
+        let (ptr, _) = op.memory(slot_ptr, slot_fixed);
         let outcome: Option<io::Result<()>> = if res < 0 {
             let e = -res;
             if (e == libc::EINTR || e == libc::EAGAIN) && op.kind != Kind::Fsync {
@@ -698,8 +820,9 @@ impl Inner {
                 Kind::Fsync => Some(Ok(())),
                 Kind::Read if res == 0 => {
                     // End of file: the rest reads as zeroes.
-                    // SAFETY: this slot's buffer, `done..len` inside it; the
-                    // only SQE of this slot was the one just completed.
+                    // SAFETY: this operation's memory (the slot's buffer or
+                    // the moved-in one), `done..len` inside it; the only SQE
+                    // of this slot was the one just completed.
                     unsafe {
                         std::ptr::write_bytes(ptr.as_ptr().add(op.done), 0, op.len - op.done)
                     };
@@ -771,6 +894,9 @@ pub(super) struct Op {
     ptr: usize,
     len: usize,
     finished: bool,
+    /// On a moved-in buffer ([`Ring::start_owned`]): `ptr` is not the
+    /// data, [`Op::into_buf`] is.
+    owned: bool,
 }
 
 impl std::fmt::Debug for Op {
@@ -791,11 +917,36 @@ impl Op {
     /// Before the completion (a bug in the caller).
     pub(super) fn data(&self) -> &[u8] {
         assert!(self.finished, "Op::data before completion");
+        assert!(!self.owned, "Op::data on a moved-in buffer");
         // SAFETY: the final completion was reaped (`finished`), so the
         // kernel has no SQE on this slot, and the slot stays this `Op`'s
         // until it is dropped, which the borrow of `self` prevents; the
         // buffer holds `len` initialised bytes (zeroed at allocation).
         unsafe { std::slice::from_raw_parts(self.ptr as *const u8, self.len) }
+    }
+}
+
+impl Op {
+    /// The buffer moved in with [`Ring::start_owned`], after a successful
+    /// completion (for a read, holding the bytes read).
+    ///
+    /// # Panics
+    ///
+    /// Before the completion, or for an operation on a slot's buffer (bugs
+    /// in the caller).
+    pub(super) fn into_buf(self) -> IoBuf {
+        assert!(self.finished, "Op::into_buf before completion");
+        let mut inner = self.ring.lock();
+        // The final completion was reaped: the kernel has no SQE on this
+        // slot, so the buffer may leave the operation. The slot itself is
+        // released when `self` drops, below.
+        let buf = inner.slots[self.idx]
+            .op
+            .as_mut()
+            .and_then(|op| op.external.take())
+            .expect("an owned operation");
+        drop(inner);
+        buf
     }
 }
 

@@ -18,7 +18,7 @@ use crate::graph::proof::NodeHandle;
 use crate::types::BlockStatus;
 use crate::types::{ChildRole, Permissions};
 use crate::types::{Error, Result};
-use crate::types::{IoVec, IoVecMut};
+use crate::types::{IoBuf, IoVec, IoVecMut};
 
 pub(crate) mod sealed {
     use super::*;
@@ -428,6 +428,32 @@ impl<'a, P: Proof> NodeRef<'a, P> {
             self.target_changing(offset, iov.len() as u64),
             move |d, n| d.writev(n, offset, iov),
         )
+    }
+
+    /// Reads `buf.len()` bytes at `offset` into a buffer the request owns
+    /// and hands it back ([`BlockDriver::read_buf`]): where the drivers
+    /// below can, the buffer goes to the kernel as it is.
+    ///
+    /// Needs the same proof as [`read`](Self::read); the buffer is not
+    /// borrowed, so the request lives as long as the proof (`'a`).
+    pub fn read_buf(&self, offset: u64, buf: IoBuf) -> NodeRequest<'a, IoBuf>
+    where
+        P: IoProof,
+    {
+        P::dispatch(self.target(), move |d, n| d.read_buf(n, offset, buf))
+    }
+
+    /// Writes a buffer the request owns at `offset` and hands it back
+    /// ([`BlockDriver::write_buf`]); marks dirty bitmaps as
+    /// [`write`](Self::write) does.
+    pub fn write_buf(&self, offset: u64, buf: IoBuf) -> NodeRequest<'a, IoBuf>
+    where
+        P: IoProof,
+    {
+        let len = buf.len() as u64;
+        P::dispatch(self.target_changing(offset, len), move |d, n| {
+            d.write_buf(n, offset, buf)
+        })
     }
 
     /// Makes `len` bytes at `offset` read as zeroes.
