@@ -1049,3 +1049,67 @@ fn owned_buffers_pass_down_as_they_are_and_are_accounted_like_writes() {
     // 10_000..18_000 touches granules 2..=4.
     assert_eq!(dirty, vec![(8192, 3 * 4096)]);
 }
+
+/// qcow2 hands its file the caller's owned buffer where one run of data
+/// clusters covers the request (reads, and rewrites in place); an
+/// allocating write, or a read over an unallocated cluster, takes the
+/// lent path and the file sees no owned buffer.
+#[test]
+fn qcow2_passes_owned_buffers_to_its_file_where_one_run_covers_them() {
+    let _dog = common::watchdog("qcow2_owned", Duration::from_secs(60));
+    let env = Env::new();
+    let mem = env.mem_node(Vec::new(), MEM_CAPACITY);
+    let probe = add_above(
+        &env,
+        "probe",
+        &mem,
+        ChildRole::Filtered,
+        BufferProbe::default(),
+    );
+    env.create(&probe, CreateOptions::new(SIZE).cluster_size(4096))
+        .expect("create");
+    let img = env
+        .open(&probe, None, Qcow2Options::default())
+        .expect("open");
+    let take_seen = |env: &Env| {
+        let p = probe.clone();
+        env.main.run(move |bql| {
+            let node = p.gs(bql);
+            let drv = node.driver_as::<BufferProbe>().unwrap();
+            std::mem::take(&mut *drv.seen.lock().unwrap())
+        })
+    };
+    let _ = take_seen(&env); // creating and opening the image
+    let i = img.clone();
+    let (addrs, got, hole) = env
+        .on_io(move |mut cx| async move {
+            let g = cx.read().await;
+            let n = i.io(&g);
+            // Clusters 2..6 are new: allocated by the lent path.
+            let first = IoBuf::copy_from(&Rng::new(1).bytes(4 * 4096));
+            let a0 = first.as_ptr() as usize;
+            n.write_buf(8192, first).await?;
+            // Now stored one after the other: rewritten in place, as it is.
+            let second = IoBuf::copy_from(&Rng::new(2).bytes(3 * 4096 - 100));
+            let a1 = second.as_ptr() as usize;
+            n.write_buf(8192 + 100, second).await?;
+            let read = n.read_buf(8192, IoBuf::zeroed(4 * 4096)).await?;
+            let a2 = read.as_ptr() as usize;
+            // Cluster 6 is unallocated: the read takes the lent path.
+            let hole = n.read_buf(8192, IoBuf::zeroed(5 * 4096)).await?;
+            Ok::<_, Error>(([a0, a1, a2], read, hole))
+        })
+        .unwrap();
+    let seen = take_seen(&env);
+    assert_eq!(
+        seen,
+        vec![addrs[1], addrs[2]],
+        "in place and read: as they are"
+    );
+    let mut expect = Rng::new(1).bytes(4 * 4096);
+    expect[100..100 + 3 * 4096 - 100].copy_from_slice(&Rng::new(2).bytes(3 * 4096 - 100));
+    assert_eq!(&*got, &expect[..]);
+    assert_eq!(&hole[..4 * 4096], &expect[..]);
+    assert!(hole[4 * 4096..].iter().all(|&b| b == 0));
+    qcow2_is_clean(&env, &img);
+}

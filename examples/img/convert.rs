@@ -28,8 +28,7 @@ use std::task::Poll;
 use blockgraph::driver::BlockStatus;
 use blockgraph::drivers::qcow2::Qcow2Driver;
 use blockgraph::drivers::FileOptions;
-use blockgraph::{BlockBackend, ChildRole, IoTask};
-use futures::future::Either;
+use blockgraph::{BlockBackend, ChildRole, IoBuf, IoTask};
 use indicatif::ProgressBar;
 
 use crate::args::{format_parser, parse_size, Common, Format, ImageOptions};
@@ -415,50 +414,103 @@ async fn copy_unit(
     cx: &mut IoTask,
     p: Plan,
     u: &Unit,
-    buf: &mut [u8],
+    buf: &mut IoBuf,
     order: &Order,
 ) -> Res<u64> {
-    for &(a, b) in &u.data {
-        let at = (a - u.start) as usize..(b - u.start) as usize;
-        src.read(cx, a, &mut buf[at])
-            .await
-            .map_err(|e| format!("reading the source at {a}: {e}"))?;
+    let len = (u.end - u.start) as usize;
+    buf.set_len(len);
+    // A unit that is data from end to end (the common case) moves the
+    // buffer into the read and, when the target gets all of it, into the
+    // write: the file driver hands it to the kernel as it is, with no copy
+    // through a ring buffer on either side.
+    let whole = u.data.as_slice() == [(u.start, u.end)];
+    if whole {
+        let owned = std::mem::replace(buf, IoBuf::zeroed(0));
+        match src.read_buf(cx, u.start, owned).await {
+            Ok(back) => *buf = back,
+            Err(e) => {
+                *buf = IoBuf::zeroed(len);
+                return Err(format!("reading the source at {}: {e}", u.start));
+            }
+        }
+    } else {
+        for &(a, b) in &u.data {
+            let at = (a - u.start) as usize..(b - u.start) as usize;
+            src.read(cx, a, &mut buf[at])
+                .await
+                .map_err(|e| format!("reading the source at {a}: {e}"))?;
+        }
     }
     let outs = plan_unit(p, u, buf);
     if p.ordered {
         order.wait(u.seq).await?;
     }
+    let all_of_it =
+        whole && matches!(outs.as_slice(), [Out::Data(a, b)] if (*a, *b) == (u.start, u.end));
     let mut written = 0;
     let last = outs.len().saturating_sub(1);
     for (i, out) in outs.iter().enumerate() {
-        let (request, what, at) = match *out {
+        // Each request hands back the buffer if it took it.
+        let cx = &mut *cx;
+        let (request, what, at): (Request<'_>, _, _) = match *out {
+            Out::Data(a, b) if all_of_it => {
+                written += b - a;
+                let owned = std::mem::replace(buf, IoBuf::zeroed(0));
+                (
+                    Box::pin(async move { dst.write_buf(cx, a, owned).await.map(Some) }),
+                    "writing",
+                    a,
+                )
+            }
             Out::Data(a, b) => {
                 written += b - a;
                 let bytes = &buf[(a - u.start) as usize..(b - u.start) as usize];
-                (Either::Left(dst.write(cx, a, bytes)), "writing", a)
+                (
+                    Box::pin(async move { dst.write(cx, a, bytes).await.map(|()| None) }),
+                    "writing",
+                    a,
+                )
             }
-            Out::Zero(a, b) => (Either::Right(dst.write_zeroes(cx, a, b - a)), "zeroing", a),
+            Out::Zero(a, b) => (
+                Box::pin(async move { dst.write_zeroes(cx, a, b - a).await.map(|()| None) }),
+                "zeroing",
+                a,
+            ),
         };
-        let mut request = std::pin::pin!(request);
-        if p.ordered && i == last {
+        let mut request = request;
+        let result = if p.ordered && i == last {
             // One poll, with this task's waker: the request is issued.
             let first = std::future::poll_fn(|c| Poll::Ready(request.as_mut().poll(c))).await;
-            if let Poll::Ready(r) = first {
-                order.done(u.seq);
-                r.map_err(|e| format!("{what} the destination at {at}: {e}"))?;
-                continue;
-            }
             order.done(u.seq);
+            match first {
+                Poll::Ready(r) => r,
+                Poll::Pending => (&mut request).await,
+            }
+        } else {
+            (&mut request).await
+        };
+        drop(request);
+        match result {
+            Ok(Some(back)) => *buf = back,
+            Ok(None) => {}
+            Err(e) => {
+                if buf.capacity() < len {
+                    *buf = IoBuf::zeroed(len);
+                }
+                return Err(format!("{what} the destination at {at}: {e}"));
+            }
         }
-        request
-            .await
-            .map_err(|e| format!("{what} the destination at {at}: {e}"))?;
     }
     if p.ordered && outs.is_empty() {
         order.done(u.seq);
     }
     Ok(written)
 }
+
+/// A request of [`copy_unit`]'s to the target: the buffer back if it took
+/// it.
+type Request<'a> =
+    std::pin::Pin<Box<dyn Future<Output = blockgraph::Result<Option<IoBuf>>> + Send + 'a>>;
 
 pub fn run(a: Args) -> Res<i32> {
     let (src, dst) = match (a.paths.as_slice(), &a.stack.stack) {
@@ -598,7 +650,9 @@ pub fn run(a: Args) -> Res<i32> {
             let (src, dst, copied) = (src_blk.clone(), dst_blk.clone(), copied.clone());
             let (walk, bar, order) = (walk.clone(), bar.clone(), order.clone());
             env.threads[i as usize % env.threads.len()].spawn(move |mut cx| async move {
-                let mut buf = Vec::new();
+                // One buffer per worker, grown to the largest unit, moved
+                // into the requests that can take it (`copy_unit`).
+                let mut buf = IoBuf::zeroed(0);
                 let copy = async {
                     loop {
                         let unit = walk.lock().await.take(&src, &mut cx, plan, &bar).await?;
@@ -606,8 +660,8 @@ pub fn run(a: Args) -> Res<i32> {
                             return Ok::<_, String>(());
                         };
                         let len = (unit.end - unit.start) as usize;
-                        if buf.len() < len {
-                            buf.resize(len, 0);
+                        if buf.capacity() < len {
+                            buf = IoBuf::zeroed(len);
                         }
                         let n =
                             copy_unit(&src, &dst, &mut cx, plan, &unit, &mut buf, &order).await?;

@@ -52,7 +52,10 @@ pub const IO_BUF_ALIGN: usize = 4096;
 /// ```
 pub struct IoBuf {
     ptr: NonNull<u8>,
+    /// Bytes in use: what requests read and write.
     len: usize,
+    /// Bytes allocated (all initialised); `len <= cap`.
+    cap: usize,
 }
 
 // SAFETY: `IoBuf` owns its allocation exclusively (like `Box<[u8]>`); the
@@ -74,6 +77,7 @@ impl IoBuf {
             return IoBuf {
                 ptr: Self::dangling(),
                 len: 0,
+                cap: 0,
             };
         }
         let layout = Self::layout(len);
@@ -82,7 +86,7 @@ impl IoBuf {
         let Some(ptr) = NonNull::new(ptr) else {
             alloc::handle_alloc_error(layout)
         };
-        IoBuf { ptr, len }
+        IoBuf { ptr, len, cap: len }
     }
 
     /// A buffer holding a copy of `data`.
@@ -100,6 +104,30 @@ impl IoBuf {
     /// Whether the buffer holds no bytes.
     pub fn is_empty(&self) -> bool {
         self.len == 0
+    }
+
+    /// The bytes allocated: the most [`set_len`](Self::set_len) can give.
+    pub fn capacity(&self) -> usize {
+        self.cap
+    }
+
+    /// Makes the buffer `len` bytes long within its allocation, so one
+    /// buffer serves requests of several sizes (a request covers the whole
+    /// buffer). Bytes that come back into use hold what they held before
+    /// (zeroes if never written).
+    ///
+    /// # Panics
+    ///
+    /// If `len` is more than [`capacity`](Self::capacity).
+    pub fn set_len(&mut self, len: usize) {
+        assert!(
+            len <= self.cap,
+            "IoBuf::set_len({len}) past its capacity ({})",
+            self.cap
+        );
+        // INVARIANT: every byte below `cap` is initialised (zeroed at
+        // allocation), so any `len <= cap` keeps `deref` sound.
+        self.len = len;
     }
 
     /// The first byte's address, for handing the memory to the kernel; it
@@ -121,11 +149,11 @@ impl IoBuf {
 
 impl Drop for IoBuf {
     fn drop(&mut self) {
-        if self.len != 0 {
-            // SAFETY: allocated by `alloc_zeroed` with this layout in
-            // `zeroed` (the only constructor of a non-empty buffer), freed
-            // once, here.
-            unsafe { alloc::dealloc(self.ptr.as_ptr(), Self::layout(self.len)) }
+        if self.cap != 0 {
+            // SAFETY: allocated by `alloc_zeroed` with this layout (the
+            // capacity never changes) in `zeroed`, the only constructor of
+            // a buffer with a non-zero capacity; freed once, here.
+            unsafe { alloc::dealloc(self.ptr.as_ptr(), Self::layout(self.cap)) }
         }
     }
 }
@@ -134,8 +162,9 @@ impl Deref for IoBuf {
     type Target = [u8];
 
     fn deref(&self) -> &[u8] {
-        // SAFETY: `len` initialised bytes (zeroed at allocation) owned by
-        // this buffer, or an aligned dangling pointer with length 0.
+        // SAFETY: `len <= cap` initialised bytes (zeroed at allocation)
+        // owned by this buffer, or an aligned dangling pointer with length
+        // 0.
         unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.len) }
     }
 }
@@ -184,6 +213,21 @@ mod tests {
             }
         }
         assert_eq!(&*IoBuf::from(&b"abc"[..]), b"abc");
+    }
+
+    #[test]
+    fn set_len_stays_within_the_allocation() {
+        let mut b = IoBuf::zeroed(8192);
+        b[100] = 9;
+        b.set_len(64);
+        assert_eq!((b.len(), b.capacity()), (64, 8192));
+        b.set_len(8192);
+        assert_eq!(b[100], 9, "bytes come back as they were");
+        let r = std::panic::catch_unwind(move || b.set_len(8193));
+        assert!(r.is_err(), "past the capacity panics");
+        let mut e = IoBuf::zeroed(0);
+        e.set_len(0);
+        assert!(e.is_empty());
     }
 
     static_assertions::assert_impl_all!(IoBuf: Send, Sync);

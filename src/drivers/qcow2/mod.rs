@@ -135,7 +135,7 @@ use crate::graph::driver::{BlockDriver, IoFuture, ResizePermit};
 use crate::graph::proof::{CallbackRef, RequestRef};
 use crate::types::{BlockStatus, DriverInfo};
 use crate::types::{ChildRole, Error, Perm, Permissions, Result};
-use crate::types::{IoVec, IoVecMut};
+use crate::types::{IoBuf, IoVec, IoVecMut};
 
 pub use crate::drivers::Preallocation;
 pub use bitmap::BitmapInfo;
@@ -300,6 +300,28 @@ impl BlockDriver for Qcow2Driver {
     /// content plus the new bytes) in a buffer of its own.
     fn writev<'a>(&'a self, node: RequestRef<'a>, offset: u64, iov: IoVec<'a>) -> IoFuture<'a, ()> {
         Box::pin(self.do_write(node, offset, iov))
+    }
+
+    /// One run of data clusters: the buffer goes to the file as it is;
+    /// otherwise read as `readv` does, into the buffer.
+    fn read_buf<'a>(
+        &'a self,
+        node: RequestRef<'a>,
+        offset: u64,
+        buf: IoBuf,
+    ) -> IoFuture<'a, IoBuf> {
+        Box::pin(self.do_read_buf(node, offset, buf))
+    }
+
+    /// One run of clusters rewritten in place: the buffer goes to the file
+    /// as it is; otherwise written as `writev` does, from the buffer.
+    fn write_buf<'a>(
+        &'a self,
+        node: RequestRef<'a>,
+        offset: u64,
+        buf: IoBuf,
+    ) -> IoFuture<'a, IoBuf> {
+        Box::pin(self.do_write_buf(node, offset, buf))
     }
 
     fn write_zeroes<'a>(&'a self, node: RequestRef<'a>, offset: u64, len: u64) -> IoFuture<'a, ()> {

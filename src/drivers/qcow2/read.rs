@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use crate::driver::require_child;
 use crate::graph::proof::RequestRef;
-use crate::types::{BlockStatus, ChildRole, IoVecMut, Result};
+use crate::types::{BlockStatus, ChildRole, IoBuf, IoVecMut, Result};
 
 use super::compressed::inflate_cluster;
 use super::entry::{decode_l2, Entry};
@@ -195,6 +195,39 @@ impl Qcow2Driver {
             done += n;
         }
         Ok(())
+    }
+
+    /// [`BlockDriver::read_buf`](crate::graph::driver::BlockDriver::read_buf):
+    /// a request that lies in one run of data clusters stored one after the
+    /// other inside the file goes to the file as the caller's buffer (no
+    /// copy where the file can take it); anything else (unallocated, zero,
+    /// compressed, several runs, past the file's end) is read by
+    /// [`do_read`](Self::do_read) into the buffer, lent.
+    pub(super) async fn do_read_buf(
+        &self,
+        node: RequestRef<'_>,
+        offset: u64,
+        mut buf: IoBuf,
+    ) -> Result<IoBuf> {
+        let file = require_child(node, ChildRole::File)?;
+        if !buf.is_empty() {
+            let _io = self.io_lock.read().await;
+            self.check_request(offset, buf.len() as u64)?;
+            let len = buf.len() as u64;
+            let (map, n, file_len) = {
+                let mut m = self.meta.lock().await;
+                let (map, n) = self.lookup(&mut m, file, offset, len).await?;
+                (map, n, m.file_len)
+            };
+            if let Mapping::Data(host) = map {
+                if n == len && host.checked_add(len).is_some_and(|end| end <= file_len) {
+                    return file.read_buf(host, buf).await;
+                }
+            }
+        }
+        self.do_read(node, offset, IoVecMut::from(&mut buf[..]))
+            .await?;
+        Ok(buf)
     }
 
     /// [`BlockDriver::block_status`](crate::graph::driver::BlockDriver::block_status).

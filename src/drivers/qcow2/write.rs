@@ -10,7 +10,7 @@ use tokio::sync::MutexGuard;
 
 use crate::driver::require_child;
 use crate::graph::proof::{IoRef, RequestRef};
-use crate::types::{ChildRole, Error, IoVec, Result};
+use crate::types::{ChildRole, Error, IoBuf, IoVec, Result};
 
 use super::bitmap::BitmapDir;
 use super::compressed::deflate_cluster;
@@ -79,6 +79,77 @@ impl Qcow2Driver {
             node.mark_dirty_now(offset, len);
         }
         result
+    }
+
+    /// [`BlockDriver::write_buf`](crate::graph::driver::BlockDriver::write_buf):
+    /// a request that lies in one run of clusters rewritten in place (the
+    /// run [`write_range`](Self::write_range) would write in one go) goes
+    /// to the file as the caller's buffer; anything else (allocation,
+    /// copy-on-write, several runs) is written by
+    /// [`do_write`](Self::do_write) from the buffer, lent.
+    pub(super) async fn do_write_buf(
+        &self,
+        node: RequestRef<'_>,
+        offset: u64,
+        buf: IoBuf,
+    ) -> Result<IoBuf> {
+        self.check_writable(node)?;
+        let file = require_child(node, ChildRole::File)?;
+        let len = buf.len() as u64;
+        if len > 0 {
+            // As in `do_write`: under `io_lock`, marked after.
+            let _io = self.io_lock.read().await;
+            self.before_change(file).await?;
+            self.check_request(offset, len)?;
+            if let Some(host) = self.in_place_run(file, offset, len).await? {
+                let buf = file.write_buf(host, buf).await?;
+                node.mark_dirty_now(offset, len);
+                return Ok(buf);
+            }
+        }
+        self.do_write(node, offset, IoVec::from(&buf[..])).await?;
+        Ok(buf)
+    }
+
+    /// Where `[offset, offset + len)` is stored in the file if all of it
+    /// is one run that [`write_range`](Self::write_range) would rewrite in
+    /// place (allocated clusters, ours alone, stored one after the other,
+    /// within one L2 table, none being allocated); `None` otherwise.
+    async fn in_place_run(
+        &self,
+        file: RequestRef<'_>,
+        offset: u64,
+        len: u64,
+    ) -> Result<Option<u64>> {
+        let g = self.geo;
+        let gc = offset >> g.cluster_bits;
+        let in_cl = offset & (g.cs - 1);
+        let m = self.meta.lock().await;
+        let Some(mut m) = self.wait_inflight(m, gc, 1).await else {
+            return Ok(None);
+        };
+        if m.broken.is_some() {
+            // `do_write` reports it.
+            return Ok(None);
+        }
+        let Entry::Data { host, copied: true } = decode_l2(&g, m.l2_entry(file, gc).await?)? else {
+            return Ok(None);
+        };
+        let mut n = (g.cs - in_cl).min(len);
+        let mut c = gc + 1;
+        while n < len && c % g.l2_entries != 0 {
+            match decode_l2(&g, m.l2_entry(file, c).await?)? {
+                Entry::Data {
+                    host: h,
+                    copied: true,
+                } if h == host + (c - gc) * g.cs => {
+                    n += g.cs.min(len - n);
+                    c += 1;
+                }
+                _ => break,
+            }
+        }
+        Ok((n == len).then_some(host + in_cl))
     }
 
     /// Called before anything changes guest data or the virtual size:
