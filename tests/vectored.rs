@@ -1051,9 +1051,10 @@ fn owned_buffers_pass_down_as_they_are_and_are_accounted_like_writes() {
 }
 
 /// qcow2 hands its file the caller's owned buffer where one run of data
-/// clusters covers the request (reads, and rewrites in place); an
-/// allocating write, or a read over an unallocated cluster, takes the
-/// lent path and the file sees no owned buffer.
+/// clusters covers the request (reads, rewrites in place, and allocating
+/// writes of whole clusters); an allocating write of part of a cluster
+/// (old content to merge), or a read over an unallocated cluster, takes
+/// the lent path and the file sees no owned buffer.
 #[test]
 fn qcow2_passes_owned_buffers_to_its_file_where_one_run_covers_them() {
     let _dog = common::watchdog("qcow2_owned", Duration::from_secs(60));
@@ -1085,7 +1086,8 @@ fn qcow2_passes_owned_buffers_to_its_file_where_one_run_covers_them() {
         .on_io(move |mut cx| async move {
             let g = cx.read().await;
             let n = i.io(&g);
-            // Clusters 2..6 are new: allocated by the lent path.
+            // Clusters 2..6 are new, written whole: allocated, and the
+            // buffer written there as it is.
             let first = IoBuf::copy_from(&Rng::new(1).bytes(4 * 4096));
             let a0 = first.as_ptr() as usize;
             n.write_buf(8192, first).await?;
@@ -1097,19 +1099,27 @@ fn qcow2_passes_owned_buffers_to_its_file_where_one_run_covers_them() {
             let a2 = read.as_ptr() as usize;
             // Cluster 6 is unallocated: the read takes the lent path.
             let hole = n.read_buf(8192, IoBuf::zeroed(5 * 4096)).await?;
+            // Part of cluster 8, allocated: merged with its old content
+            // (zeroes) in a buffer of the driver's own.
+            n.write_buf(8 * 4096 + 100, IoBuf::copy_from(&[7; 1000]))
+                .await?;
             Ok::<_, Error>(([a0, a1, a2], read, hole))
         })
         .unwrap();
     let seen = take_seen(&env);
     assert_eq!(
         seen,
-        vec![addrs[1], addrs[2]],
-        "in place and read: as they are"
+        addrs.to_vec(),
+        "allocated whole, in place, read: as they are"
     );
     let mut expect = Rng::new(1).bytes(4 * 4096);
     expect[100..100 + 3 * 4096 - 100].copy_from_slice(&Rng::new(2).bytes(3 * 4096 - 100));
     assert_eq!(&*got, &expect[..]);
     assert_eq!(&hole[..4 * 4096], &expect[..]);
     assert!(hole[4 * 4096..].iter().all(|&b| b == 0));
+    let partial = env.read(&img, 8 * 4096, 4096).unwrap();
+    assert!(partial[..100].iter().all(|&b| b == 0));
+    assert!(partial[100..1100].iter().all(|&b| b == 7));
+    assert!(partial[1100..].iter().all(|&b| b == 0));
     qcow2_is_clean(&env, &img);
 }

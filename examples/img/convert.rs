@@ -327,12 +327,23 @@ impl Walk {
                     continue;
                 }
             }
-            let end = (start + p.chunk).min(p.size);
+            let mut end = (start + p.chunk).min(p.size);
             let mut ranges: Vec<(u64, u64)> = Vec::new();
             let mut off = start;
             while off < end {
                 let (data, run_end) = self.status_at(src, cx, p.size, off).await?;
                 let to = run_end.min(end);
+                if !data {
+                    if let Some(&(_, data_end)) = ranges.last() {
+                        // A hole after data ends the unit (as qemu-img
+                        // splits at status changes): a unit that is data
+                        // from end to end moves its buffer through
+                        // (`copy_unit`), and the hole is the next unit's
+                        // to skip or zero.
+                        end = data_end.max(off);
+                        break;
+                    }
+                }
                 if data {
                     // Read whole granules: extend to the granularity
                     // (which the source's alignment divides), and merge.

@@ -56,6 +56,23 @@ impl Drop for InflightGuard<'_> {
     }
 }
 
+/// Host clusters taken for an allocating write, in flight until
+/// [`Qcow2Driver::commit_run`] (or dropped: the guard ends that too).
+struct Reserved<'a> {
+    host: u64,
+    /// The first cluster's own zero cluster, not a new allocation.
+    reused: bool,
+    /// The entries the new clusters replace.
+    olds: Vec<Entry>,
+    _guard: InflightGuard<'a>,
+}
+
+impl Reserved<'_> {
+    fn count(&self) -> u64 {
+        self.olds.len() as u64
+    }
+}
+
 impl Qcow2Driver {
     /// [`BlockDriver::writev`](crate::graph::driver::BlockDriver::writev)
     /// (and `write`, with one segment).
@@ -83,15 +100,17 @@ impl Qcow2Driver {
 
     /// [`BlockDriver::write_buf`](crate::graph::driver::BlockDriver::write_buf):
     /// a request that lies in one run of clusters rewritten in place (the
-    /// run [`write_range`](Self::write_range) would write in one go) goes
-    /// to the file as the caller's buffer; anything else (allocation,
-    /// copy-on-write, several runs) is written by
-    /// [`do_write`](Self::do_write) from the buffer, lent.
+    /// run [`write_range`](Self::write_range) would write in one go), or
+    /// that covers whole clusters which one allocating write takes
+    /// together (no old content to merge), goes to the file as the
+    /// caller's buffer; anything else (copy-on-write of partial clusters,
+    /// several runs) is written by [`do_write`](Self::do_write) from the
+    /// buffer, lent.
     pub(super) async fn do_write_buf(
         &self,
         node: RequestRef<'_>,
         offset: u64,
-        buf: IoBuf,
+        mut buf: IoBuf,
     ) -> Result<IoBuf> {
         self.check_writable(node)?;
         let file = require_child(node, ChildRole::File)?;
@@ -106,9 +125,65 @@ impl Qcow2Driver {
                 node.mark_dirty_now(offset, len);
                 return Ok(buf);
             }
+            match self.allocate_whole_run(file, offset, buf).await? {
+                Ok(buf) => {
+                    node.mark_dirty_now(offset, len);
+                    return Ok(buf);
+                }
+                Err(back) => buf = back,
+            }
         }
         self.do_write(node, offset, IoVec::from(&buf[..])).await?;
         Ok(buf)
+    }
+
+    /// An allocating write of `buf` at `offset` when it covers whole
+    /// clusters that one allocating write takes together: new host
+    /// clusters, the buffer written there as it is, then the L2 entries
+    /// (as [`write_allocating`](Self::write_allocating) does with a lent
+    /// buffer). `Err(buf)` hands the buffer back, untouched, when the
+    /// request is not such a run (nothing was allocated).
+    async fn allocate_whole_run(
+        &self,
+        file: RequestRef<'_>,
+        offset: u64,
+        buf: IoBuf,
+    ) -> Result<std::result::Result<IoBuf, IoBuf>> {
+        let g = self.geo;
+        let len = buf.len() as u64;
+        if offset % g.cs != 0 || len % g.cs != 0 {
+            return Ok(Err(buf));
+        }
+        let gc = offset >> g.cluster_bits;
+        let m = self.meta.lock().await;
+        let Some(mut m) = self.wait_inflight(m, gc, 1).await else {
+            return Ok(Err(buf));
+        };
+        if m.broken.is_some() {
+            return Ok(Err(buf));
+        }
+        let first = decode_l2(&g, m.l2_entry(file, gc).await?)?;
+        if matches!(first, Entry::Data { copied: true, .. }) {
+            return Ok(Err(buf));
+        }
+        let olds = self
+            .allocating_run(&mut m, file, gc, first, offset + len)
+            .await?;
+        if olds.len() as u64 != len / g.cs {
+            return Ok(Err(buf));
+        }
+        let run = self.reserve_run(&mut m, file, gc, olds).await?;
+        drop(m);
+        let (host, mut back) = (run.host, None);
+        let res = match file.write_buf(host, buf).await {
+            Ok(b) => {
+                back = Some(b);
+                Ok(())
+            }
+            Err(e) => Err(e),
+        };
+        self.commit_run(file, gc, run, res).await?;
+        Ok(Ok(back.expect("the write succeeded")))
     }
 
     /// Where `[offset, offset + len)` is stored in the file if all of it
@@ -270,8 +345,46 @@ impl Qcow2Driver {
     ) -> Result<u64> {
         let g = self.geo;
         let pos = offset + done;
-        m.ensure_l2(file, gc).await?;
         let end = offset + len;
+        let olds = self.allocating_run(&mut m, file, gc, first, end).await?;
+        let run = self.reserve_run(&mut m, file, gc, olds).await?;
+        let file_len = m.file_len;
+        drop(m);
+
+        let run_end = ((gc + run.count()) * g.cs).min(end);
+        let n = run_end - pos;
+        let res = self
+            .write_new_clusters(
+                file,
+                backing,
+                file_len,
+                gc,
+                run.host,
+                &run.olds,
+                pos,
+                n,
+                done as usize,
+                src,
+            )
+            .await;
+        self.commit_run(file, gc, run, res).await?;
+        Ok(n)
+    }
+
+    /// The entries of the clusters from `gc` (entry `first`, its L2 table
+    /// loaded) that one allocating write up to guest byte `end` takes: up
+    /// to the end of the request or of the L2 table, stopping at a
+    /// cluster that is in flight or already ours (at most 1024).
+    async fn allocating_run(
+        &self,
+        m: &mut Meta,
+        file: RequestRef<'_>,
+        gc: u64,
+        first: Entry,
+        end: u64,
+    ) -> Result<Vec<Entry>> {
+        let g = self.geo;
+        m.ensure_l2(file, gc).await?;
         let last_gc = (end - 1) >> g.cluster_bits;
         let table_last = (gc / g.l2_entries + 1) * g.l2_entries - 1;
         let mut olds = vec![first];
@@ -292,8 +405,22 @@ impl Qcow2Driver {
             olds.push(e);
             c += 1;
         }
+        Ok(olds)
+    }
+
+    /// Takes host clusters for the run `olds` from guest cluster `gc` (the
+    /// first one's own zero cluster when the run is that one cluster, else
+    /// newly allocated ones) and marks the run in flight until
+    /// [`commit_run`](Self::commit_run).
+    async fn reserve_run<'s>(
+        &'s self,
+        m: &mut Meta,
+        file: RequestRef<'_>,
+        gc: u64,
+        olds: Vec<Entry>,
+    ) -> Result<Reserved<'s>> {
         let k = olds.len() as u64;
-        let reuse = match first {
+        let reuse = match olds[0] {
             Entry::Zero {
                 host: Some(h),
                 copied: true,
@@ -315,47 +442,47 @@ impl Qcow2Driver {
                 count: k,
             }
         };
-        let file_len = m.file_len;
-        drop(m);
+        Ok(Reserved {
+            host,
+            reused: reuse.is_some(),
+            olds,
+            _guard: guard,
+        })
+    }
 
-        let run_end = ((gc + k) * g.cs).min(end);
-        let n = run_end - pos;
-        let res = self
-            .write_new_clusters(
-                file,
-                backing,
-                file_len,
-                gc,
-                host,
-                &olds,
-                pos,
-                n,
-                done as usize,
-                src,
-            )
-            .await;
+    /// Ends an allocating write of `run` from guest cluster `gc` whose data
+    /// write gave `res`: on success points the L2 entries at the new
+    /// clusters (and frees what they replaced, later); on failure frees
+    /// the new clusters. Either way the run leaves the in-flight set.
+    async fn commit_run(
+        &self,
+        file: RequestRef<'_>,
+        gc: u64,
+        run: Reserved<'_>,
+        res: Result<()>,
+    ) -> Result<()> {
+        let g = self.geo;
+        let k = run.count();
         let mut m = self.meta.lock().await;
         if let Err(e) = res {
-            if reuse.is_none() {
+            if !run.reused {
                 // Nothing references the new clusters: free them now.
-                let _ = m.decref(file, host / g.cs, k).await;
+                let _ = m.decref(file, run.host / g.cs, k).await;
             }
-            drop(guard);
             return Err(e);
         }
-        for (j, old) in olds.iter().enumerate() {
+        for (j, old) in run.olds.iter().enumerate() {
             let j = j as u64;
-            m.set_l2_entry(file, gc + j, (host + j * g.cs) | COPIED)
+            m.set_l2_entry(file, gc + j, (run.host + j * g.cs) | COPIED)
                 .await?;
-            if reuse.is_none() {
+            if !run.reused {
                 if let Some((c, cnt)) = old.host_clusters(&g) {
                     m.free_later(c, cnt);
                 }
             }
         }
         drop(m);
-        drop(guard);
-        Ok(n)
+        Ok(())
     }
 
     async fn write_in_place(
