@@ -248,6 +248,16 @@ fn create_sizes_a_sparse_file() {
         std::fs::read(&path).unwrap().iter().all(|&b| b == 0),
         "emptied"
     );
+    // Size 0 over an old file empties it too; a fresh file of size 0 or
+    // more comes out as asked.
+    std::fs::write(&path, b"old contents").unwrap();
+    drop(FileDriver::create(&path, 0, FileOptions::default()).unwrap());
+    assert_eq!(std::fs::metadata(&path).unwrap().len(), 0);
+    for size in [0u64, 4096] {
+        let fresh = dir.path().join(format!("fresh{size}.img"));
+        drop(FileDriver::create(&fresh, size, FileOptions::default()).unwrap());
+        assert_eq!(std::fs::metadata(&fresh).unwrap().len(), size);
+    }
 }
 
 #[test]

@@ -57,9 +57,25 @@ impl FileDriver {
                 path.display()
             )));
         }
-        host.file
-            .set_len(0)
-            .and_then(|()| host.file.set_len(size))
+        // Only what is needed: on ext4 any truncation to size 0 (also of
+        // an empty file) marks the inode to have its dirty data flushed at
+        // the last close (`auto_da_alloc`, for programs that rewrite files
+        // in place), and this descriptor stays open for the whole life of
+        // the node, so an `img convert` of 1 GiB spent 0.45 s in its final
+        // `close`. qemu-img escapes it by closing the creating descriptor
+        // at once; a fresh file is not truncated here at all.
+        let emptied = match host.file.metadata() {
+            Ok(m) if m.len() == 0 => Ok(()),
+            _ => host.file.set_len(0),
+        };
+        emptied
+            .and_then(|()| {
+                if size == 0 {
+                    Ok(())
+                } else {
+                    host.file.set_len(size)
+                }
+            })
             .map_err(|e| path_error(path, "cannot size", e))?;
         host.size.store(size, Ordering::SeqCst);
         Ok(driver)
