@@ -226,6 +226,28 @@ impl BlockBackend {
     }
 }
 
+/// The buffer an owned-buffer request on `root` hands back, checked to be
+/// as long as the request (`len` bytes): a driver must return the buffer
+/// it was given ([`BlockDriver::read_buf`](crate::driver::BlockDriver::read_buf)),
+/// and a caller indexes it by the length it asked for, so a driver that
+/// breaks the rule fails the request with a message naming it instead.
+async fn handed_back(
+    root: RequestRef<'_>,
+    request: impl std::future::Future<Output = Result<IoBuf>>,
+    len: u64,
+) -> Result<IoBuf> {
+    let buf = request.await?;
+    if buf.len() as u64 != len {
+        return Err(Error::Io(std::io::Error::other(format!(
+            "node '{}' handed back a buffer of {} bytes for a request of {len} \
+             (BlockDriver::read_buf and write_buf must return the buffer they were given)",
+            root.name(),
+            buf.len()
+        ))));
+    }
+    Ok(buf)
+}
+
 /// What a finished request counts as in the backend's statistics.
 #[derive(Clone, Copy)]
 enum Kind {
@@ -393,8 +415,11 @@ impl BlockBackend {
     /// ```
     pub async fn read_buf(&self, cx: &mut IoTask, offset: u64, buf: IoBuf) -> Result<IoBuf> {
         let len = buf.len() as u64;
-        let result = request!(self, cx, Access::Read, offset, len, |root| root
-            .read_buf(offset, buf));
+        let result = request!(self, cx, Access::Read, offset, len, |root| handed_back(
+            root,
+            root.read_buf(offset, buf),
+            len
+        ));
         self.account(Kind::Read, len, &result);
         result
     }
@@ -404,8 +429,11 @@ impl BlockBackend {
     /// [`write`](Self::write); see [`read_buf`](Self::read_buf).
     pub async fn write_buf(&self, cx: &mut IoTask, offset: u64, buf: IoBuf) -> Result<IoBuf> {
         let len = buf.len() as u64;
-        let result = request!(self, cx, Access::Write, offset, len, |root| root
-            .write_buf(offset, buf));
+        let result = request!(self, cx, Access::Write, offset, len, |root| handed_back(
+            root,
+            root.write_buf(offset, buf),
+            len
+        ));
         self.account(Kind::Write, len, &result);
         result
     }

@@ -1123,3 +1123,66 @@ fn qcow2_passes_owned_buffers_to_its_file_where_one_run_covers_them() {
     assert!(partial[1100..].iter().all(|&b| b == 0));
     qcow2_is_clean(&env, &img);
 }
+
+/// A driver that breaks the owned-buffer rule: it hands back a buffer of
+/// another length, or panics with the buffer in hand.
+struct BadBuffers;
+
+impl Filter for BadBuffers {
+    fn format_name(&self) -> &'static str {
+        "bad-buffers"
+    }
+
+    fn read_buf<'a>(
+        &'a self,
+        _node: RequestRef<'a>,
+        _offset: u64,
+        buf: IoBuf,
+    ) -> IoFuture<'a, IoBuf> {
+        Box::pin(async move { Ok(IoBuf::zeroed(buf.len() / 2)) })
+    }
+
+    fn write_buf<'a>(
+        &'a self,
+        _node: RequestRef<'a>,
+        offset: u64,
+        _buf: IoBuf,
+    ) -> IoFuture<'a, IoBuf> {
+        Box::pin(async move { panic!("bad-buffers panics in write_buf at {offset}") })
+    }
+}
+
+/// The backend fails a request whose driver hands back a buffer of another
+/// length (the caller would index it by the length it asked for), naming
+/// the rule; a driver that panics with the buffer fails the request (the
+/// buffer is dropped with the panicking future) and the backend goes on.
+#[test]
+fn a_driver_that_breaks_the_owned_buffer_rule_fails_the_request() {
+    let _dog = common::watchdog("bad_buffers", Duration::from_secs(60));
+    let env = Env::new();
+    let mem = env.mem_node(Vec::new(), 65536);
+    let bad = add_above(&env, "bad", &mem, ChildRole::Filtered, BadBuffers);
+    let b = bad.clone();
+    let blk = env
+        .main
+        .run(move |bql| bql.write(|w| w.add_backend("vda", &b, BackendOptions::default())))
+        .expect("backend");
+    let (short, after) = env.on_io(move |mut cx| async move {
+        let short = blk.read_buf(&mut cx, 0, IoBuf::zeroed(4096)).await;
+        let caught = std::panic::AssertUnwindSafe(blk.write_buf(&mut cx, 512, IoBuf::zeroed(512)));
+        let panicked = futures::FutureExt::catch_unwind(caught).await;
+        assert!(panicked.is_err(), "the driver's panic reached the caller");
+        // Still usable: a borrowed read goes through the filter's default.
+        let mut flat = [1u8; 16];
+        let after = blk.read(&mut cx, 0, &mut flat).await.map(|()| flat);
+        (short, after)
+    });
+    let err = short.expect_err("a short buffer must fail the read");
+    let msg = err.to_string();
+    assert!(
+        msg.contains("handed back a buffer of 2048 bytes for a request of 4096")
+            && msg.contains("must return the buffer they were given"),
+        "{msg}"
+    );
+    assert_eq!(after.expect("the backend goes on"), [0u8; 16]);
+}

@@ -261,6 +261,10 @@ pub trait BlockDriver: Any + Send + Sync {
     /// that gives memory to the kernel past one poll (io_uring) reads into
     /// it directly: the buffer cannot be freed or reused while it is in
     /// the kernel, because the operation owns it until its completion.
+    ///
+    /// An override must hand back the buffer it was given (or one of the
+    /// same length): [`BlockBackend::read_buf`](crate::BlockBackend::read_buf)
+    /// fails a request whose buffer comes back with another length.
     fn read_buf<'a>(
         &'a self,
         node: RequestRef<'a>,
