@@ -5,7 +5,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use crate::driver::{forward, require_child, Filter};
 use crate::graph::driver::{IoFuture, ResizePermit};
-use crate::graph::proof::{CallbackRef, RequestRef};
+use crate::graph::proof::{CallbackRef, NodeRequest, RequestRef};
 use crate::types::BlockStatus;
 use crate::types::{ChildRole, Perm, Permissions};
 use crate::types::{Error, Result};
@@ -150,6 +150,27 @@ impl RawDriver {
         self.size.is_none() && self.offset == 0
     }
 
+    /// Hands a request of `len` bytes at `offset` to the child with
+    /// `call(child, child_offset)`: the child's own future when there is no
+    /// window (nothing to check or shift, no allocation of ours), else
+    /// after [`map`](Self::map) checks and shifts it. What `read`, `write`
+    /// and their vectored and owned-buffer forms share.
+    fn pass_on<'a, T: Send + 'a>(
+        &'a self,
+        node: RequestRef<'a>,
+        offset: u64,
+        len: u64,
+        call: impl FnOnce(RequestRef<'a>, u64) -> NodeRequest<'a, T> + Send + 'a,
+    ) -> IoFuture<'a, T> {
+        if self.whole_child() {
+            return forward::to_child(node, Self::CHILD, |child| call(child, offset));
+        }
+        Box::pin(async move {
+            let (child, at) = self.map(node, offset, len).await?;
+            call(child, at).await
+        })
+    }
+
     async fn map<'a>(
         &self,
         node: RequestRef<'a>,
@@ -264,24 +285,13 @@ impl Filter for RawDriver {
         offset: u64,
         buf: &'a mut [u8],
     ) -> IoFuture<'a, ()> {
-        if self.whole_child() {
-            // Nothing to check or shift: hand back the child's future.
-            return forward::read(node, Self::CHILD, offset, buf);
-        }
-        Box::pin(async move {
-            let (child, at) = self.map(node, offset, buf.len() as u64).await?;
-            child.read(at, buf).await
-        })
+        let len = buf.len() as u64;
+        self.pass_on(node, offset, len, move |child, at| child.read(at, buf))
     }
 
     fn write<'a>(&'a self, node: RequestRef<'a>, offset: u64, buf: &'a [u8]) -> IoFuture<'a, ()> {
-        if self.whole_child() {
-            return forward::write(node, Self::CHILD, offset, buf);
-        }
-        Box::pin(async move {
-            let (child, at) = self.map(node, offset, buf.len() as u64).await?;
-            child.write(at, buf).await
-        })
+        let len = buf.len() as u64;
+        self.pass_on(node, offset, len, move |child, at| child.write(at, buf))
     }
 
     /// Checked against the window and shifted like [`read`](Filter::read);
@@ -292,24 +302,14 @@ impl Filter for RawDriver {
         offset: u64,
         iov: IoVecMut<'a>,
     ) -> IoFuture<'a, ()> {
-        if self.whole_child() {
-            return forward::readv(node, Self::CHILD, offset, iov);
-        }
-        Box::pin(async move {
-            let (child, at) = self.map(node, offset, iov.len() as u64).await?;
-            child.readv(at, iov).await
-        })
+        let len = iov.len() as u64;
+        self.pass_on(node, offset, len, move |child, at| child.readv(at, iov))
     }
 
     /// Checked and shifted like [`write`](Filter::write).
     fn writev<'a>(&'a self, node: RequestRef<'a>, offset: u64, iov: IoVec<'a>) -> IoFuture<'a, ()> {
-        if self.whole_child() {
-            return forward::writev(node, Self::CHILD, offset, iov);
-        }
-        Box::pin(async move {
-            let (child, at) = self.map(node, offset, iov.len() as u64).await?;
-            child.writev(at, iov).await
-        })
+        let len = iov.len() as u64;
+        self.pass_on(node, offset, len, move |child, at| child.writev(at, iov))
     }
 
     /// Checked and shifted like [`read`](Filter::read); the buffer goes to
@@ -320,13 +320,8 @@ impl Filter for RawDriver {
         offset: u64,
         buf: IoBuf,
     ) -> IoFuture<'a, IoBuf> {
-        if self.whole_child() {
-            return forward::read_buf(node, Self::CHILD, offset, buf);
-        }
-        Box::pin(async move {
-            let (child, at) = self.map(node, offset, buf.len() as u64).await?;
-            child.read_buf(at, buf).await
-        })
+        let len = buf.len() as u64;
+        self.pass_on(node, offset, len, move |child, at| child.read_buf(at, buf))
     }
 
     /// Checked and shifted like [`write`](Filter::write).
@@ -336,13 +331,8 @@ impl Filter for RawDriver {
         offset: u64,
         buf: IoBuf,
     ) -> IoFuture<'a, IoBuf> {
-        if self.whole_child() {
-            return forward::write_buf(node, Self::CHILD, offset, buf);
-        }
-        Box::pin(async move {
-            let (child, at) = self.map(node, offset, buf.len() as u64).await?;
-            child.write_buf(at, buf).await
-        })
+        let len = buf.len() as u64;
+        self.pass_on(node, offset, len, move |child, at| child.write_buf(at, buf))
     }
 
     fn write_zeroes<'a>(&'a self, node: RequestRef<'a>, offset: u64, len: u64) -> IoFuture<'a, ()> {

@@ -12,7 +12,7 @@ use tokio::sync::Notify;
 
 use crate::driver::{require_child, Filter};
 use crate::graph::driver::IoFuture;
-use crate::graph::proof::{CallbackRef, RequestRef};
+use crate::graph::proof::{CallbackRef, NodeRequest, RequestRef};
 use crate::types::{Error, Result};
 use crate::types::{IoBuf, IoVec, IoVecMut};
 
@@ -476,6 +476,30 @@ impl ThrottleDriver {
     }
 
     /// Sleeps for a booked `wait`, cut short when a drain begins.
+    /// Books `bytes` of reads (or writes), then hands the request to the
+    /// child with `call`: the child's own future when it is admitted at
+    /// once (no allocation of ours), else after the wait. What `read`,
+    /// `write` and their vectored and owned-buffer forms share.
+    fn pass_on<'a, T: Send + 'a>(
+        &'a self,
+        node: RequestRef<'a>,
+        write: bool,
+        bytes: u64,
+        call: impl FnOnce(RequestRef<'a>) -> NodeRequest<'a, T> + Send + 'a,
+    ) -> IoFuture<'a, T> {
+        let child = match require_child(node, Self::CHILD) {
+            Ok(child) => child,
+            Err(e) => return Box::pin(std::future::ready(Err(e))),
+        };
+        match self.book_now(write, bytes) {
+            None => call(child).into(),
+            Some(wait) => Box::pin(async move {
+                self.wait_booked(wait).await?;
+                call(child).await
+            }),
+        }
+    }
+
     async fn wait_booked(&self, wait: Duration) -> Result<()> {
         self.throttled.fetch_add(1, Ordering::Relaxed);
         let mut woken = pin!(self.wake.notified());
@@ -535,32 +559,13 @@ impl Filter for ThrottleDriver {
         offset: u64,
         buf: &'a mut [u8],
     ) -> IoFuture<'a, ()> {
-        let child = match require_child(node, Self::CHILD) {
-            Ok(child) => child,
-            Err(e) => return Box::pin(std::future::ready(Err(e))),
-        };
-        match self.book_now(false, buf.len() as u64) {
-            // Admitted now: the child's future is ours, no extra allocation.
-            None => child.read(offset, buf).into(),
-            Some(wait) => Box::pin(async move {
-                self.wait_booked(wait).await?;
-                child.read(offset, buf).await
-            }),
-        }
+        let len = buf.len() as u64;
+        self.pass_on(node, false, len, move |child| child.read(offset, buf))
     }
 
     fn write<'a>(&'a self, node: RequestRef<'a>, offset: u64, buf: &'a [u8]) -> IoFuture<'a, ()> {
-        let child = match require_child(node, Self::CHILD) {
-            Ok(child) => child,
-            Err(e) => return Box::pin(std::future::ready(Err(e))),
-        };
-        match self.book_now(true, buf.len() as u64) {
-            None => child.write(offset, buf).into(),
-            Some(wait) => Box::pin(async move {
-                self.wait_booked(wait).await?;
-                child.write(offset, buf).await
-            }),
-        }
+        let len = buf.len() as u64;
+        self.pass_on(node, true, len, move |child| child.write(offset, buf))
     }
 
     /// Throttled as a read of `buf.len()` bytes, then the buffer goes to
@@ -571,17 +576,8 @@ impl Filter for ThrottleDriver {
         offset: u64,
         buf: IoBuf,
     ) -> IoFuture<'a, IoBuf> {
-        let child = match require_child(node, Self::CHILD) {
-            Ok(child) => child,
-            Err(e) => return Box::pin(std::future::ready(Err(e))),
-        };
-        match self.book_now(false, buf.len() as u64) {
-            None => child.read_buf(offset, buf).into(),
-            Some(wait) => Box::pin(async move {
-                self.wait_booked(wait).await?;
-                child.read_buf(offset, buf).await
-            }),
-        }
+        let len = buf.len() as u64;
+        self.pass_on(node, false, len, move |child| child.read_buf(offset, buf))
     }
 
     /// Throttled as a write of `buf.len()` bytes, then the buffer goes to
@@ -592,17 +588,8 @@ impl Filter for ThrottleDriver {
         offset: u64,
         buf: IoBuf,
     ) -> IoFuture<'a, IoBuf> {
-        let child = match require_child(node, Self::CHILD) {
-            Ok(child) => child,
-            Err(e) => return Box::pin(std::future::ready(Err(e))),
-        };
-        match self.book_now(true, buf.len() as u64) {
-            None => child.write_buf(offset, buf).into(),
-            Some(wait) => Box::pin(async move {
-                self.wait_booked(wait).await?;
-                child.write_buf(offset, buf).await
-            }),
-        }
+        let len = buf.len() as u64;
+        self.pass_on(node, true, len, move |child| child.write_buf(offset, buf))
     }
 
     /// Throttled as a read of `iov.len()` bytes, then the vector goes to
@@ -613,33 +600,15 @@ impl Filter for ThrottleDriver {
         offset: u64,
         iov: IoVecMut<'a>,
     ) -> IoFuture<'a, ()> {
-        let child = match require_child(node, Self::CHILD) {
-            Ok(child) => child,
-            Err(e) => return Box::pin(std::future::ready(Err(e))),
-        };
-        match self.book_now(false, iov.len() as u64) {
-            None => child.readv(offset, iov).into(),
-            Some(wait) => Box::pin(async move {
-                self.wait_booked(wait).await?;
-                child.readv(offset, iov).await
-            }),
-        }
+        let len = iov.len() as u64;
+        self.pass_on(node, false, len, move |child| child.readv(offset, iov))
     }
 
     /// Throttled as a write of `iov.len()` bytes, then the vector goes to
     /// the child as it is.
     fn writev<'a>(&'a self, node: RequestRef<'a>, offset: u64, iov: IoVec<'a>) -> IoFuture<'a, ()> {
-        let child = match require_child(node, Self::CHILD) {
-            Ok(child) => child,
-            Err(e) => return Box::pin(std::future::ready(Err(e))),
-        };
-        match self.book_now(true, iov.len() as u64) {
-            None => child.writev(offset, iov).into(),
-            Some(wait) => Box::pin(async move {
-                self.wait_booked(wait).await?;
-                child.writev(offset, iov).await
-            }),
-        }
+        let len = iov.len() as u64;
+        self.pass_on(node, true, len, move |child| child.writev(offset, iov))
     }
 
     fn write_zeroes<'a>(&'a self, node: RequestRef<'a>, offset: u64, len: u64) -> IoFuture<'a, ()> {
