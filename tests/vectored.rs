@@ -617,6 +617,19 @@ impl Filter for SegmentProbe {
     }
 }
 
+/// A qcow2 image of `SIZE` bytes with 4 KiB clusters whose file is a
+/// `probe` filter over memory: the probe node and the image.
+fn qcow2_over_probe(env: &Env, probe: impl Filter) -> (NodeHandle, NodeHandle) {
+    let mem = env.mem_node(Vec::new(), MEM_CAPACITY);
+    let probe = add_above(env, "probe", &mem, ChildRole::Filtered, probe);
+    env.create(&probe, CreateOptions::new(SIZE).cluster_size(4096))
+        .expect("create");
+    let img = env
+        .open(&probe, None, Qcow2Options::default())
+        .expect("open");
+    (probe, img)
+}
+
 /// qcow2 hands the file the caller's own regions, cut at cluster
 /// boundaries: no intermediate buffer for data clusters, whether read,
 /// rewritten in place or newly allocated whole.
@@ -624,19 +637,7 @@ impl Filter for SegmentProbe {
 fn qcow2_passes_the_callers_regions_to_its_file() {
     let _dog = common::watchdog("qcow2_regions", Duration::from_secs(60));
     let env = Env::new();
-    let mem = env.mem_node(Vec::new(), MEM_CAPACITY);
-    let probe = add_above(
-        &env,
-        "probe",
-        &mem,
-        ChildRole::Filtered,
-        SegmentProbe::default(),
-    );
-    env.create(&probe, CreateOptions::new(SIZE).cluster_size(4096))
-        .expect("create");
-    let img = env
-        .open(&probe, None, Qcow2Options::default())
-        .expect("open");
+    let (probe, img) = qcow2_over_probe(&env, SegmentProbe::default());
     let take_seen = |env: &Env| {
         let p = probe.clone();
         env.main.run(move |bql| {
@@ -1059,19 +1060,7 @@ fn owned_buffers_pass_down_as_they_are_and_are_accounted_like_writes() {
 fn qcow2_passes_owned_buffers_to_its_file_where_one_run_covers_them() {
     let _dog = common::watchdog("qcow2_owned", Duration::from_secs(60));
     let env = Env::new();
-    let mem = env.mem_node(Vec::new(), MEM_CAPACITY);
-    let probe = add_above(
-        &env,
-        "probe",
-        &mem,
-        ChildRole::Filtered,
-        BufferProbe::default(),
-    );
-    env.create(&probe, CreateOptions::new(SIZE).cluster_size(4096))
-        .expect("create");
-    let img = env
-        .open(&probe, None, Qcow2Options::default())
-        .expect("open");
+    let (probe, img) = qcow2_over_probe(&env, BufferProbe::default());
     let take_seen = |env: &Env| {
         let p = probe.clone();
         env.main.run(move |bql| {
