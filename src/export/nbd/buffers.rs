@@ -1,5 +1,7 @@
 //! Payload buffers the server reuses: read replies (header and data in one
-//! buffer) and write payloads.
+//! buffer) and write payloads. They are [`IoBuf`]s, so a write payload can
+//! be moved into the backend's `write_buf` and reach the kernel without
+//! another copy.
 //!
 //! A fresh buffer for every request costs a zeroing `calloc` and, for the
 //! large requests of a copy (`nbdcopy` reads and writes 256 KiB at a time),
@@ -24,6 +26,8 @@
 use std::cell::RefCell;
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use crate::types::IoBuf;
+
 /// Largest buffer the server keeps (2 MiB of payload plus a header:
 /// `qemu-img convert` copies in 2 MiB requests).
 pub(crate) const MAX_POOLED: usize = (2 << 20) + 4096;
@@ -36,30 +40,38 @@ const MIN_POOLED: usize = 4096;
 /// same size share them.
 const ROUND: usize = 512;
 
-/// A buffer whose first `len` bytes are the ones in use; the rest is
-/// initialised (zeroes or an earlier request's bytes) and never sent.
+/// A reply or a write payload: a small one made for the occasion, or a
+/// pooled [`IoBuf`] whose length is the bytes in use (the rest of its
+/// allocation is initialised: zeroes or an earlier request's bytes, never
+/// sent). A pooled payload can be moved into the backend's `write_buf`,
+/// which hands it to the kernel without a copy.
 #[derive(Debug)]
-pub(crate) struct Buf {
-    bytes: Vec<u8>,
-    len: usize,
+pub(crate) enum Buf {
+    Small(Vec<u8>),
+    Pooled(IoBuf),
 }
 
 impl Buf {
     /// The bytes in use.
     pub(crate) fn as_slice(&self) -> &[u8] {
-        &self.bytes[..self.len]
+        match self {
+            Buf::Small(v) => v,
+            Buf::Pooled(b) => b,
+        }
     }
 
     /// The bytes in use, to fill.
     pub(crate) fn as_mut_slice(&mut self) -> &mut [u8] {
-        &mut self.bytes[..self.len]
+        match self {
+            Buf::Small(v) => v,
+            Buf::Pooled(b) => b,
+        }
     }
 }
 
 impl From<Vec<u8>> for Buf {
     fn from(bytes: Vec<u8>) -> Buf {
-        let len = bytes.len();
-        Buf { bytes, len }
+        Buf::Small(bytes)
     }
 }
 
@@ -72,7 +84,7 @@ pub(crate) struct BufPool {
 /// One thread's idle buffers, each with the connection that last used it.
 #[derive(Debug, Default)]
 struct Idle {
-    bufs: Vec<(u64, Vec<u8>)>,
+    bufs: Vec<(u64, IoBuf)>,
     bytes: usize,
 }
 
@@ -97,34 +109,39 @@ impl BufPool {
             let found = IDLE
                 .try_with(|idle| {
                     let mut idle = idle.borrow_mut();
-                    let fits = |b: &Vec<u8>| b.len() >= len && b.len() / 2 <= len;
+                    let fits = |b: &IoBuf| b.capacity() >= len && b.capacity() / 2 <= len;
                     let i = idle
                         .bufs
                         .iter()
                         .position(|(c, b)| *c == self.conn && fits(b))
                         .or_else(|| idle.bufs.iter().position(|(_, b)| fits(b)))?;
-                    let (owner, bytes) = idle.bufs.swap_remove(i);
-                    idle.bytes -= bytes.len();
-                    Some((owner, bytes))
+                    let (owner, buf) = idle.bufs.swap_remove(i);
+                    idle.bytes -= buf.capacity();
+                    Some((owner, buf))
                 })
                 .ok()
                 .flatten();
-            if let Some((owner, mut bytes)) = found {
+            if let Some((owner, mut buf)) = found {
+                buf.set_len(buf.capacity());
                 if owner != self.conn {
-                    bytes.fill(0);
+                    buf.fill(0);
                 }
-                return Buf { bytes, len };
+                buf.set_len(len);
+                return Buf::Pooled(buf);
             }
+            let mut buf = IoBuf::zeroed(len.next_multiple_of(ROUND));
+            buf.set_len(len);
+            return Buf::Pooled(buf);
         }
-        Buf {
-            bytes: vec![0; len.next_multiple_of(ROUND)],
-            len,
-        }
+        Buf::Small(vec![0; len])
     }
 
     /// Keeps `buf` for a later request if it is worth keeping and fits.
     pub(crate) fn give(&self, buf: Buf) {
-        let n = buf.bytes.len();
+        let Buf::Pooled(buf) = buf else {
+            return;
+        };
+        let n = buf.capacity();
         if !(MIN_POOLED..=MAX_POOLED).contains(&n) {
             return;
         }
@@ -133,7 +150,7 @@ impl BufPool {
             let mut idle = idle.borrow_mut();
             if idle.bytes + n <= POOL_BYTES {
                 idle.bytes += n;
-                idle.bufs.push((self.conn, buf.bytes));
+                idle.bufs.push((self.conn, buf));
             }
         });
     }
@@ -146,7 +163,7 @@ mod tests {
     fn idle() -> (usize, Vec<usize>) {
         IDLE.with(|i| {
             let i = i.borrow();
-            (i.bytes, i.bufs.iter().map(|(_, b)| b.len()).collect())
+            (i.bytes, i.bufs.iter().map(|(_, b)| b.capacity()).collect())
         })
     }
 
@@ -168,10 +185,11 @@ mod tests {
         assert!(c.as_slice().iter().all(|&x| x == 0));
         // Bounded: huge and tiny buffers are not kept, nor more than
         // POOL_BYTES.
-        pool.give(Buf::from(vec![1; MAX_POOLED + 1]));
-        pool.give(Buf::from(vec![1; 16]));
+        pool.give(Buf::Pooled(IoBuf::zeroed(MAX_POOLED + 1)));
+        pool.give(Buf::Pooled(IoBuf::zeroed(16)));
+        pool.give(Buf::from(vec![1; 1 << 20])); // not a pooled kind
         for _ in 0..POOL_BYTES / (1 << 20) + 4 {
-            pool.give(Buf::from(vec![1; 1 << 20]));
+            pool.give(Buf::Pooled(IoBuf::zeroed(1 << 20)));
         }
         let (bytes, bufs) = idle();
         assert!(bytes <= POOL_BYTES);

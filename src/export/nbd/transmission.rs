@@ -163,11 +163,11 @@ pub(crate) async fn serve<R, W>(
         shared.ctx.spawn_on(&runtime, move |mut cx| async move {
             // A panicking driver must not leave the client waiting for a
             // reply that never comes: it gets EIO, the server goes on.
-            let handled =
-                AssertUnwindSafe(handle(&mut cx, &session, &pool, req, payload.as_slice()))
-                    .catch_unwind()
-                    .await;
-            pool.give(payload);
+            // (The payload goes back to the pool from `handle`, after the
+            // write that may have taken it.)
+            let handled = AssertUnwindSafe(handle(&mut cx, &session, &pool, req, payload))
+                .catch_unwind()
+                .await;
             let bytes = handled.unwrap_or_else(|_| {
                 if session.structured && req.kind == CMD_READ {
                     error_chunk(EIO, req.cookie).into()
@@ -280,7 +280,23 @@ fn errno(e: &Error, write: bool) -> u32 {
 }
 
 /// Runs one request and encodes its reply.
-async fn handle(cx: &mut IoTask, s: &Session, pool: &BufPool, req: Request, payload: &[u8]) -> Buf {
+async fn handle(cx: &mut IoTask, s: &Session, pool: &BufPool, req: Request, payload: Buf) -> Buf {
+    let (payload, reply) = handle_request(cx, s, pool, req, payload).await;
+    if let Some(payload) = payload {
+        pool.give(payload);
+    }
+    reply
+}
+
+/// [`handle`]'s body: the reply, and the payload buffer back when the
+/// request did not keep it (a write that failed drops it).
+async fn handle_request(
+    cx: &mut IoTask,
+    s: &Session,
+    pool: &BufPool,
+    req: Request,
+    payload: Buf,
+) -> (Option<Buf>, Buf) {
     let fail = |error: u32| -> Buf {
         if s.structured && req.kind == CMD_READ {
             error_chunk(error, req.cookie).into()
@@ -291,23 +307,37 @@ async fn handle(cx: &mut IoTask, s: &Session, pool: &BufPool, req: Request, payl
     let known =
         CMD_FLAG_FUA | CMD_FLAG_NO_HOLE | CMD_FLAG_DF | CMD_FLAG_REQ_ONE | CMD_FLAG_FAST_ZERO;
     if req.flags & !known != 0 {
-        return fail(EINVAL);
+        return (Some(payload), fail(EINVAL));
     }
     let blk = &s.export.backend;
     let (offset, len) = (req.offset, u64::from(req.len));
     let in_range = offset.checked_add(len).is_some_and(|end| end <= s.size);
     let writes = matches!(req.kind, CMD_WRITE | CMD_TRIM | CMD_WRITE_ZEROES);
     if writes && s.export.read_only {
-        return fail(EPERM);
+        return (Some(payload), fail(EPERM));
     }
     let fua = req.flags & CMD_FLAG_FUA != 0;
+    let mut payload = Some(payload);
     let result: Result<(), u32> = match req.kind {
-        CMD_READ => return read(cx, s, pool, req).await,
+        CMD_READ => return (payload, read(cx, s, pool, req).await),
         CMD_WRITE if !in_range => Err(ENOSPC),
-        CMD_WRITE => blk
-            .write(cx, offset, payload)
-            .await
-            .map_err(|e| errno(&e, true)),
+        // A pooled payload is moved into the write (the file driver hands
+        // it to the kernel as it is) and comes back with the result.
+        CMD_WRITE => match payload.take() {
+            Some(Buf::Pooled(buf)) => match blk.write_buf(cx, offset, buf).await {
+                Ok(back) => {
+                    payload = Some(Buf::Pooled(back));
+                    Ok(())
+                }
+                Err(e) => Err(errno(&e, true)),
+            },
+            Some(small) => {
+                let written = blk.write(cx, offset, small.as_slice()).await;
+                payload = Some(small);
+                written.map_err(|e| errno(&e, true))
+            }
+            None => Err(EINVAL),
+        },
         CMD_FLUSH => blk.flush(cx).await.map_err(|e| errno(&e, false)),
         CMD_TRIM if !in_range => Err(EINVAL),
         // Trimming is advisory: a device that cannot discard just keeps
@@ -327,14 +357,17 @@ async fn handle(cx: &mut IoTask, s: &Session, pool: &BufPool, req: Request, payl
             .write_zeroes(cx, offset, len)
             .await
             .map_err(|e| errno(&e, true)),
-        CMD_BLOCK_STATUS => return block_status(cx, s, req, in_range).await.into(),
+        CMD_BLOCK_STATUS => return (payload, block_status(cx, s, req, in_range).await.into()),
         _ => Err(EINVAL),
     };
     let result = match result {
         Ok(()) if fua && writes && len > 0 => blk.flush(cx).await.map_err(|e| errno(&e, true)),
         other => other,
     };
-    simple_reply(result.err().unwrap_or(0), req.cookie).into()
+    (
+        payload,
+        simple_reply(result.err().unwrap_or(0), req.cookie).into(),
+    )
 }
 
 /// `WRITE_ZEROES` with `NO_HOLE`: zeroes written as data, so the range
