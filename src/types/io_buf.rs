@@ -70,8 +70,9 @@ impl IoBuf {
     ///
     /// # Panics
     ///
-    /// When the allocation fails or `len` is too large for one, like
-    /// `vec![0; len]`.
+    /// When `len` is too large for any allocation (more than `isize::MAX`
+    /// less a page); when the allocator has no memory the process aborts,
+    /// as for `vec![0; len]`.
     pub fn zeroed(len: usize) -> IoBuf {
         if len == 0 {
             return IoBuf {
