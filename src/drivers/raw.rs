@@ -143,8 +143,6 @@ impl RawDriver {
         }
     }
 
-    /// The child and the child offset for a request of `len` bytes at
-    /// `offset`.
     /// No window: the node is its child, byte for byte.
     fn whole_child(&self) -> bool {
         self.size.is_none() && self.offset == 0
@@ -171,6 +169,8 @@ impl RawDriver {
         })
     }
 
+    /// The child and the child offset for a request of `len` bytes at
+    /// `offset`, checked against the window.
     async fn map<'a>(
         &self,
         node: RequestRef<'a>,

@@ -475,7 +475,6 @@ impl ThrottleDriver {
         (!wait.is_zero()).then_some(wait)
     }
 
-    /// Sleeps for a booked `wait`, cut short when a drain begins.
     /// Books `bytes` of reads (or writes), then hands the request to the
     /// child with `call`: the child's own future when it is admitted at
     /// once (no allocation of ours), else after the wait. What `read`,
@@ -500,6 +499,7 @@ impl ThrottleDriver {
         }
     }
 
+    /// Sleeps for a booked `wait`, cut short when a drain begins.
     async fn wait_booked(&self, wait: Duration) -> Result<()> {
         self.throttled.fetch_add(1, Ordering::Relaxed);
         let mut woken = pin!(self.wake.notified());

@@ -914,7 +914,8 @@ impl Op {
     ///
     /// # Panics
     ///
-    /// Before the completion (a bug in the caller).
+    /// Before the completion, or for an operation on a moved-in buffer
+    /// (bugs in the caller).
     pub(super) fn data(&self) -> &[u8] {
         assert!(self.finished, "Op::data before completion");
         assert!(!self.owned, "Op::data on a moved-in buffer");
@@ -924,9 +925,7 @@ impl Op {
         // buffer holds `len` initialised bytes (zeroed at allocation).
         unsafe { std::slice::from_raw_parts(self.ptr as *const u8, self.len) }
     }
-}
 
-impl Op {
     /// The buffer moved in with [`Ring::start_owned`], after a successful
     /// completion (for a read, holding the bytes read).
     ///
