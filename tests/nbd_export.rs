@@ -716,6 +716,34 @@ fn exports_count_their_connections_and_safe_removal_waits_for_none() {
     assert_eq!(server.export_connections("ro"), Some(1));
 }
 
+/// Sends a 512-byte write of `byte` at `offset` (cookie 99) on `client`'s
+/// connection while the export's node is drained, waits until it queues at
+/// the backend, runs `then` with the writing socket inside the drained
+/// section, then ends the section.
+fn write_queued_at_drained_node<R: Send + 'static>(
+    f: &Fixture,
+    client: &Client,
+    offset: u64,
+    byte: u8,
+    then: impl FnOnce(&mut std::os::unix::net::UnixStream) -> R + Send + 'static,
+) -> R {
+    let (node, blk) = (f.node.clone(), f.blk.clone());
+    let mut writer = client.s.try_clone().unwrap();
+    let before = blk.queued_requests();
+    f.main.run(move |bql| {
+        let drained = bql.drain(&node);
+        writer
+            .write_all(&request_bytes(CMD_WRITE, 0, 99, offset, 512, &[byte; 512]))
+            .unwrap();
+        common::wait_until("the write queues at the drained backend", || {
+            blk.queued_requests() > before
+        });
+        let out = then(&mut writer);
+        drop(drained);
+        out
+    })
+}
+
 /// QEMU's `block-export-del mode=hard`: the removed export's connections
 /// stop reading, the write in flight (queued at a drained node) completes
 /// and is answered, then the socket closes; the other export's connection
@@ -734,22 +762,12 @@ fn hard_removal_answers_in_flight_requests_then_closes_only_that_export() {
     let mut ro = f.connect();
     ro.handshake("ro", true).unwrap();
 
-    let (node, blk, s) = (f.node.clone(), f.blk.clone(), server.clone());
-    let mut writer = rw.s.try_clone().unwrap();
-    let before = blk.queued_requests();
-    let removal = f.main.run(move |bql| {
-        let drained = bql.drain(&node);
-        writer
-            .write_all(&request_bytes(CMD_WRITE, 0, 99, 4096, 512, &[0xee; 512]))
-            .unwrap();
-        common::wait_until("the write queues at the drained backend", || {
-            blk.queued_requests() > before
-        });
+    let s = server.clone();
+    let removal = write_queued_at_drained_node(&f, &rw, 4096, 0xee, move |_| {
         let removal = s.remove_export_with("disk", RemoveMode::Hard).unwrap();
         // The write is in flight: the connection cannot end before it.
         assert!(!removal.wait_timeout(Duration::from_millis(100)));
         assert_eq!(removal.connections(), 1);
-        drop(drained);
         removal
     });
     assert!(
@@ -793,17 +811,8 @@ fn safe_removal_skips_clients_that_hung_up_and_keeps_their_writes() {
     let mut ro = f.connect();
     ro.handshake("ro", true).unwrap();
 
-    let (node, blk, s) = (f.node.clone(), f.blk.clone(), server.clone());
-    let mut writer = rw.s.try_clone().unwrap();
-    let before = blk.queued_requests();
-    let removal = f.main.run(move |bql| {
-        let drained = bql.drain(&node);
-        writer
-            .write_all(&request_bytes(CMD_WRITE, 0, 99, 8192, 512, &[0x5a; 512]))
-            .unwrap();
-        common::wait_until("the write queues at the drained backend", || {
-            blk.queued_requests() > before
-        });
+    let s = server.clone();
+    let removal = write_queued_at_drained_node(&f, &rw, 8192, 0x5a, move |writer| {
         // The client is still there: refused.
         assert_eq!(
             s.remove_export_with("disk", RemoveMode::Safe).unwrap_err(),
@@ -819,7 +828,6 @@ fn safe_removal_skips_clients_that_hung_up_and_keeps_their_writes() {
         let removal = s.remove_export_with("disk", RemoveMode::Safe).unwrap();
         assert_eq!(removal.connections(), 1);
         assert!(!removal.wait_timeout(Duration::from_millis(50)));
-        drop(drained);
         removal
     });
     assert!(

@@ -23,8 +23,8 @@ use blockgraph::driver::{forward, Filter, IoFuture};
 use blockgraph::drivers::qcow2::{CreateOptions, Qcow2Options};
 use blockgraph::drivers::{CopyOnRead, RawDriver, ThrottleConfig, ThrottleDriver, ThrottleLimit};
 use blockgraph::{
-    BackendOptions, ChildRole, DirtyBitmapOptions, Error, IoBuf, IoVec, IoVecMut, NodeHandle,
-    Permissions, RequestRef,
+    BackendOptions, BlockBackend, ChildRole, DirtyBitmapOptions, Error, IoBuf, IoVec, IoVecMut,
+    NodeHandle, Permissions, RequestRef,
 };
 use proptest::collection::vec;
 use proptest::prelude::*;
@@ -451,6 +451,38 @@ fn copy_on_read_copies_up_what_a_scattered_read_returns() {
     assert_eq!(stored, data[4096..4096 + 8192]);
 }
 
+/// A dirty bitmap `b` (4 KiB granules) on each of `marked`; writable
+/// backends `vda` and `vdb` on `writable`'s nodes and a shared reader `vdc`
+/// on `reader`.
+fn marked_backends(
+    env: &Env,
+    writable: [&NodeHandle; 2],
+    marked: &[&NodeHandle],
+    reader: &NodeHandle,
+) -> (BlockBackend, BlockBackend, BlockBackend) {
+    let [a, b] = writable.map(NodeHandle::clone);
+    let marked: Vec<NodeHandle> = marked.iter().map(|n| (*n).clone()).collect();
+    let reader = reader.clone();
+    env.main
+        .run(move |bql| -> blockgraph::Result<_> {
+            for node in &marked {
+                node.gs(bql)
+                    .add_dirty_bitmap("b", DirtyBitmapOptions::new().granularity(4096))?;
+            }
+            bql.write(|w| {
+                let vda = w.add_backend("vda", &a, BackendOptions::default())?;
+                let vdb = w.add_backend("vdb", &b, BackendOptions::default())?;
+                let vdc = w.add_backend(
+                    "vdc",
+                    &reader,
+                    BackendOptions::with_perms(Permissions::SHARED_READER),
+                )?;
+                Ok((vda, vdb, vdc))
+            })
+        })
+        .expect("backends")
+}
+
 /// Backends count a vectored request as one request of its length, mark
 /// dirty bitmaps for `writev`, and refuse `writev` without write
 /// permission, as they do `write`.
@@ -460,26 +492,7 @@ fn backend_counts_vectored_requests_and_marks_bitmaps() {
     let env = Env::new();
     let disk = env.mem_node(Vec::new(), SIZE as usize);
     let img = qcow2(&env, 4096, None);
-    let (d, i) = (disk.clone(), img.clone());
-    let (blk, blk_img, ro) = env
-        .main
-        .run(move |bql| -> blockgraph::Result<_> {
-            d.gs(bql)
-                .add_dirty_bitmap("b", DirtyBitmapOptions::new().granularity(4096))?;
-            i.gs(bql)
-                .add_dirty_bitmap("b", DirtyBitmapOptions::new().granularity(4096))?;
-            bql.write(|w| {
-                let blk = w.add_backend("vda", &d, BackendOptions::default())?;
-                let blk_img = w.add_backend("vdb", &i, BackendOptions::default())?;
-                let ro = w.add_backend(
-                    "vdc",
-                    &i,
-                    BackendOptions::with_perms(Permissions::SHARED_READER),
-                )?;
-                Ok((blk, blk_img, ro))
-            })
-        })
-        .expect("backends");
+    let (blk, blk_img, ro) = marked_backends(&env, [&disk, &img], &[&disk, &img], &img);
     let before = blk.stats();
     let denied = env.on_io(move |mut cx| async move {
         let (x, y) = ([1u8; 3000], [2u8; 5000]);
@@ -975,24 +988,7 @@ fn owned_buffers_pass_down_as_they_are_and_are_accounted_like_writes() {
         ChildRole::Filtered,
         CountWrites::default(),
     );
-    let (t, c) = (top.clone(), counted.clone());
-    let (blk, via_count, ro) = env
-        .main
-        .run(move |bql| -> blockgraph::Result<_> {
-            t.gs(bql)
-                .add_dirty_bitmap("b", DirtyBitmapOptions::new().granularity(4096))?;
-            bql.write(|w| {
-                let blk = w.add_backend("vda", &t, BackendOptions::default())?;
-                let via_count = w.add_backend("vdb", &c, BackendOptions::default())?;
-                let ro = w.add_backend(
-                    "vdc",
-                    &t,
-                    BackendOptions::with_perms(Permissions::SHARED_READER),
-                )?;
-                Ok((blk, via_count, ro))
-            })
-        })
-        .expect("backends");
+    let (blk, via_count, ro) = marked_backends(&env, [&top, &counted], &[&top], &top);
     let before = blk.stats();
     let (addrs, stats, denied) = env
         .on_io(move |mut cx| async move {
