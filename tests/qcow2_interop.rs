@@ -11,6 +11,7 @@
 //!
 //! Images stay a few MiB so the file runs in seconds.
 
+mod common;
 mod qcow2_util;
 
 use std::path::{Path, PathBuf};
@@ -478,6 +479,7 @@ fn our_compressed_images_pass_qemu_check_and_compare() {
 
 #[test]
 fn concurrent_writers_on_a_host_file_pass_qemu_check() {
+    let _w = common::watchdog("concurrent_writers", std::time::Duration::from_secs(120));
     // Two I/O threads, several requests in flight each, allocating the same
     // clusters from different sides, on a real host file.
     require_qemu();
@@ -525,6 +527,10 @@ fn concurrent_writers_on_a_host_file_pass_qemu_check() {
 
 #[test]
 fn concurrent_owned_writers_on_a_host_file_pass_qemu_check() {
+    let _w = common::watchdog(
+        "concurrent_owned_writers",
+        std::time::Duration::from_secs(120),
+    );
     // The same with owned buffers (`write_buf`), which qcow2 hands to the
     // file as they are: first whole clusters, allocated by runs of
     // different lengths from both threads at once, then 1 KiB pieces
