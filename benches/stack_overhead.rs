@@ -15,7 +15,7 @@
 use std::time::{Duration, Instant};
 
 use blockgraph::drivers::{NullDriver, RawDriver, ThrottleConfig, ThrottleDriver};
-use blockgraph::{BackendOptions, BlockBackend, ChildRole, IoThread, MainLoop, NodeHandle};
+use blockgraph::{BackendOptions, BlockBackend, ChildRole, IoBuf, IoThread, MainLoop, NodeHandle};
 use criterion::{criterion_group, criterion_main, Criterion};
 
 mod common;
@@ -72,7 +72,7 @@ fn offsets() -> impl FnMut() -> u64 {
 fn via_backend(io: &IoThread, blk: &BlockBackend, iters: u64) -> Duration {
     let blk = blk.clone();
     io.spawn(move |mut cx| async move {
-        let mut buf = vec![0u8; REQ];
+        let mut buf = IoBuf::zeroed(REQ);
         let mut next = offsets();
         let start = Instant::now();
         for _ in 0..iters {
@@ -89,7 +89,7 @@ fn node_direct(io: &IoThread, node: &NodeHandle, iters: u64) -> Duration {
     io.spawn(move |mut cx| async move {
         let guard = cx.read().await;
         let n = node.io(&guard);
-        let mut buf = vec![0u8; REQ];
+        let mut buf = IoBuf::zeroed(REQ);
         let mut next = offsets();
         let start = Instant::now();
         for _ in 0..iters {
@@ -106,7 +106,7 @@ fn node_direct(io: &IoThread, node: &NodeHandle, iters: u64) -> Duration {
 fn write_via_backend(io: &IoThread, blk: &BlockBackend, iters: u64) -> Duration {
     let blk = blk.clone();
     io.spawn(move |mut cx| async move {
-        let buf = vec![0u8; REQ];
+        let buf = IoBuf::zeroed(REQ);
         let mut next = offsets();
         let start = Instant::now();
         for _ in 0..iters {
@@ -123,7 +123,7 @@ fn write_node_direct(io: &IoThread, node: &NodeHandle, iters: u64) -> Duration {
     io.spawn(move |mut cx| async move {
         let guard = cx.read().await;
         let n = node.io(&guard);
-        let buf = vec![0u8; REQ];
+        let buf = IoBuf::zeroed(REQ);
         let mut next = offsets();
         let start = Instant::now();
         for _ in 0..iters {
@@ -166,7 +166,7 @@ fn stack_overhead(c: &mut Criterion) {
     // The ratio: batches run alternately (direct, layered, direct, ...), so
     // that load on the machine hits both alike.
     const BATCH: u64 = 50_000;
-    const ROUNDS: usize = 15;
+    const ROUNDS: usize = 51;
     let r = common::alternate(
         ROUNDS,
         || per_request(via_backend(&s.io, &s.direct, BATCH), BATCH),

@@ -6,7 +6,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::task::Poll;
 
-use crate::graph::backend::{BackendInner, BackendOptions, LENGTH_MASK, NO_LENGTH};
+use crate::graph::backend::{BackendInner, BackendOptions, LENGTH_MASK, NO_ALIGNMENT, NO_LENGTH};
 use crate::graph::mutation::check_name;
 use crate::graph::proof::{GraphWriter, NodeHandle};
 use crate::graph::proof::{NodeRef, ReadGuard, RequestRef};
@@ -181,7 +181,7 @@ impl BlockBackend {
             return Err(Error::ReadOnly(self.inner.name.clone()));
         }
         if access != Access::Other {
-            let alignment = root.request_alignment().max(1);
+            let alignment = self.root_alignment(root);
             if offset % u64::from(alignment) != 0 || len % u64::from(alignment) != 0 {
                 return Err(Error::Misaligned {
                     offset,
@@ -223,6 +223,29 @@ impl BlockBackend {
                 .store(tag << 48 | length, Ordering::Release);
         }
         Ok(length)
+    }
+}
+
+impl BlockBackend {
+    /// The root's request alignment, cached per size epoch as the length
+    /// is (QEMU keeps it in `bs->bl.request_alignment`, refreshed when the
+    /// graph changes): asking on every request walks every layer of the
+    /// stack with a virtual call and a child lookup each.
+    ///
+    /// Called under the read lock, like `root_length`: only a wrap of the
+    /// 32-bit tag while this request runs could pass a stale value for a
+    /// current one.
+    fn root_alignment(&self, root: RequestRef<'_>) -> u32 {
+        let tag = self.inner.size_epoch.load(Ordering::Acquire) & 0xffff_ffff;
+        let cached = self.inner.alignment_cache.load(Ordering::Acquire);
+        if cached != NO_ALIGNMENT && cached >> 32 == tag {
+            return cached as u32;
+        }
+        let alignment = root.request_alignment().max(1);
+        self.inner
+            .alignment_cache
+            .store(tag << 32 | u64::from(alignment), Ordering::Release);
+        alignment
     }
 }
 

@@ -1,10 +1,14 @@
-//! The backend caches its root's length (QEMU's `total_sectors`); these
-//! tests check the cache never serves a stale length: after a graph change
-//! puts a node of another size under the backend, and after a driver
-//! resizes its node.
+//! The backend caches its root's length (QEMU's `total_sectors`) and
+//! request alignment (QEMU's `bl.request_alignment`); these tests check the
+//! caches never serve a stale value: after a graph change puts a node of
+//! another size or alignment under the backend, and after a driver resizes
+//! its node.
+
+mod common;
 
 use blockgraph::drivers::{FileDriver, FileOptions, MemoryDriver, RawDriver};
 use blockgraph::{BackendOptions, ChildRole, Error, MainLoop, Perm, Permissions};
+use common::{join, Events, Probe};
 
 #[test]
 fn length_follows_a_node_replacement() {
@@ -53,6 +57,65 @@ fn length_follows_a_node_replacement() {
         .join()
         .unwrap();
     assert_eq!(after, 65536, "the backend kept the old node's length");
+    drop(io);
+    main.shutdown();
+}
+
+#[test]
+fn alignment_follows_node_replacements() {
+    let main = MainLoop::new().unwrap();
+    let io = main.new_io_thread("io0").unwrap();
+    let events = Events::new();
+    let (loose, strict, blk) = main
+        .run(move |bql| {
+            bql.write(|w| {
+                let loose = w.add_node("loose", MemoryDriver::new(65536), &[])?;
+                let strict = w.add_node(
+                    "strict",
+                    Probe::new(MemoryDriver::new(65536), &events).with_alignment(512),
+                    &[],
+                )?;
+                let blk = w.add_backend("vda", &loose, BackendOptions::default())?;
+                Ok::<_, Error>((loose, strict, blk))
+            })
+        })
+        .unwrap();
+    // A request of 100 bytes at byte 100: fine on a node of alignment 1,
+    // refused on one of alignment 512.
+    let misaligned_read = |what: &'static str| {
+        let b = blk.clone();
+        join(
+            io.spawn(move |mut cx| async move { b.read(&mut cx, 100, &mut [0u8; 100]).await }),
+            what,
+        )
+    };
+    let replace = |old: &blockgraph::NodeHandle, new: &blockgraph::NodeHandle| {
+        let (old, new) = (old.clone(), new.clone());
+        main.run(move |bql| {
+            let old = bql.drain(&old);
+            let new = bql.drain(&new);
+            bql.write(|w| w.replace_node(&old, &new)).unwrap();
+        });
+    };
+
+    // Twice each way: the second request on a root is served from the
+    // cache the first one filled.
+    for _ in 0..2 {
+        misaligned_read("a read on the loose node").unwrap();
+    }
+    replace(&loose, &strict);
+    for _ in 0..2 {
+        let refused = misaligned_read("a read on the strict node");
+        assert!(
+            matches!(refused, Err(Error::Misaligned { alignment: 512, .. })),
+            "the backend kept the old node's alignment: {refused:?}"
+        );
+    }
+    replace(&strict, &loose);
+    for _ in 0..2 {
+        misaligned_read("a read on the loose node again")
+            .expect("the backend kept the strict node's alignment");
+    }
     drop(io);
     main.shutdown();
 }

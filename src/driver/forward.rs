@@ -39,6 +39,7 @@ use crate::types::{IoBuf, IoVec, IoVecMut};
 
 /// Runs `call` on the `role` child of `node` and returns its future, or a
 /// ready [`Error::NoSuchChild`](crate::Error::NoSuchChild).
+#[inline]
 pub fn to_child<'a, T: Send + 'a, F: Into<IoFuture<'a, T>>>(
     node: RequestRef<'a>,
     role: ChildRole,
@@ -46,8 +47,16 @@ pub fn to_child<'a, T: Send + 'a, F: Into<IoFuture<'a, T>>>(
 ) -> IoFuture<'a, T> {
     match require_child(node, role) {
         Ok(child) => call(child).into(),
-        Err(e) => Box::pin(std::future::ready(Err(e))),
+        Err(e) => failed(e),
     }
+}
+
+/// A request that fails at once with `error`, out of line (the cold end of
+/// a forwarding call: see [`to_child`]).
+#[cold]
+#[inline(never)]
+pub(crate) fn failed<'a, T: Send + 'a>(error: crate::Error) -> IoFuture<'a, T> {
+    Box::pin(std::future::ready(Err(error)))
 }
 
 /// Reads from the `role` child at the same offset.

@@ -43,9 +43,22 @@ use crate::types::{ChildRole, Error, Result};
 /// checking that its child is there), an [`IoRef`](crate::IoRef) or a
 /// [`RequestRef`](crate::RequestRef) in I/O code. The child comes back under
 /// the same proof, so it can do what `node` can and nothing more.
+#[inline]
 pub fn require_child<P: Proof>(node: NodeRef<'_, P>, role: ChildRole) -> Result<NodeRef<'_, P>> {
-    node.child(role).ok_or_else(|| Error::NoSuchChild {
-        node: node.name().to_owned(),
+    match node.child(role) {
+        Some(child) => Ok(child),
+        None => Err(no_such_child(node.name(), role)),
+    }
+}
+
+/// The error of [`require_child`], out of line: every forwarded request
+/// passes through `require_child`, and keeping the error's construction
+/// off that path keeps the forwarding call small.
+#[cold]
+#[inline(never)]
+fn no_such_child(node: &str, role: ChildRole) -> Error {
+    Error::NoSuchChild {
+        node: node.to_owned(),
         role,
-    })
+    }
 }

@@ -153,6 +153,7 @@ impl RawDriver {
     /// window (nothing to check or shift, no allocation of ours), else
     /// after [`map`](Self::map) checks and shifts it. What `read`, `write`
     /// and their vectored and owned-buffer forms share.
+    #[inline]
     fn pass_on<'a, T: Send + 'a>(
         &'a self,
         node: RequestRef<'a>,
@@ -163,6 +164,19 @@ impl RawDriver {
         if self.whole_child() {
             return forward::to_child(node, Self::CHILD, |child| call(child, offset));
         }
+        self.pass_on_windowed(node, offset, len, call)
+    }
+
+    /// [`pass_on`](Self::pass_on) with a window: checked and shifted.
+    /// Out of line, so that the call that only forwards stays short.
+    #[inline(never)]
+    fn pass_on_windowed<'a, T: Send + 'a>(
+        &'a self,
+        node: RequestRef<'a>,
+        offset: u64,
+        len: u64,
+        call: impl FnOnce(RequestRef<'a>, u64) -> NodeRequest<'a, T> + Send + 'a,
+    ) -> IoFuture<'a, T> {
         Box::pin(async move {
             let (child, at) = self.map(node, offset, len).await?;
             call(child, at).await

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::Notify;
 
-use crate::driver::{require_child, Filter};
+use crate::driver::{forward, require_child, Filter};
 use crate::graph::driver::IoFuture;
 use crate::graph::proof::{CallbackRef, NodeRequest, RequestRef};
 use crate::types::{Error, Result};
@@ -335,10 +335,18 @@ impl ThrottleGroup {
     }
 
     /// Books a request of `bytes` and returns how long it must wait.
+    #[inline]
     fn book(&self, write: bool, bytes: u64) -> Duration {
         if self.unlimited.load(Ordering::Acquire) {
             return Duration::ZERO;
         }
+        self.book_limited(write, bytes)
+    }
+
+    /// [`book`](Self::book) for a group with limits (out of line: the
+    /// unlimited case is on every request's path).
+    #[inline(never)]
+    fn book_limited(&self, write: bool, bytes: u64) -> Duration {
         let now = Instant::now();
         let mut st = self.lock();
         let config = st.config;
@@ -467,6 +475,7 @@ impl ThrottleDriver {
     /// Books a request; `None` if it may go at once (the common case with
     /// generous limits, and always without limits or while drained), so the
     /// caller can hand its child's future straight back without wrapping it.
+    #[inline]
     fn book_now(&self, write: bool, bytes: u64) -> Option<Duration> {
         if self.bypass.load(Ordering::Acquire) {
             return None;
@@ -479,6 +488,7 @@ impl ThrottleDriver {
     /// child with `call`: the child's own future when it is admitted at
     /// once (no allocation of ours), else after the wait. What `read`,
     /// `write` and their vectored and owned-buffer forms share.
+    #[inline]
     fn pass_on<'a, T: Send + 'a>(
         &'a self,
         node: RequestRef<'a>,
@@ -488,15 +498,29 @@ impl ThrottleDriver {
     ) -> IoFuture<'a, T> {
         let child = match require_child(node, Self::CHILD) {
             Ok(child) => child,
-            Err(e) => return Box::pin(std::future::ready(Err(e))),
+            Err(e) => return forward::failed(e),
         };
         match self.book_now(write, bytes) {
             None => call(child).into(),
-            Some(wait) => Box::pin(async move {
-                self.wait_booked(wait).await?;
-                call(child).await
-            }),
+            Some(wait) => self.pass_on_after(wait, child, call),
         }
+    }
+
+    /// The rest of [`pass_on`](Self::pass_on) for a request that must
+    /// wait: out of line, so that the admitted-at-once path, the one every
+    /// request of an unlimited group takes, stays a short call.
+    #[cold]
+    #[inline(never)]
+    fn pass_on_after<'a, T: Send + 'a>(
+        &'a self,
+        wait: Duration,
+        child: RequestRef<'a>,
+        call: impl FnOnce(RequestRef<'a>) -> NodeRequest<'a, T> + Send + 'a,
+    ) -> IoFuture<'a, T> {
+        Box::pin(async move {
+            self.wait_booked(wait).await?;
+            call(child).await
+        })
     }
 
     /// Sleeps for a booked `wait`, cut short when a drain begins.

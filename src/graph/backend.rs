@@ -18,6 +18,8 @@ pub(crate) const NO_LENGTH: u64 = u64::MAX;
 /// Lengths below this are cached (256 TiB); larger ones are asked for each
 /// time.
 pub(crate) const LENGTH_MASK: u64 = (1 << 48) - 1;
+/// `alignment_cache` holds no alignment (an alignment is never 0).
+pub(crate) const NO_ALIGNMENT: u64 = 0;
 
 /// How a backend uses its root node.
 #[derive(Debug, Clone, Copy)]
@@ -72,6 +74,9 @@ pub(crate) struct BackendInner {
     /// The root's length, tagged with the low 16 bits of the epoch it was
     /// read in: `tag << 48 | length`, or `NO_LENGTH`.
     pub(crate) length_cache: AtomicU64,
+    /// The root's request alignment, tagged with the low 32 bits of the
+    /// epoch it was asked in: `tag << 32 | alignment`, or `NO_ALIGNMENT`.
+    pub(crate) alignment_cache: AtomicU64,
     pub(crate) completed: AtomicU64,
     pub(crate) queued: AtomicU64,
     /// I/O counters for queries (QEMU's `BlockAcctStats`), on a line of
@@ -128,6 +133,7 @@ impl BackendInner {
             in_graph: AtomicBool::new(false),
             size_epoch: graph.size_epoch.clone(),
             length_cache: AtomicU64::new(NO_LENGTH),
+            alignment_cache: AtomicU64::new(NO_ALIGNMENT),
             completed: AtomicU64::new(0),
             queued: AtomicU64::new(0),
             stats: CachePadded::new(BackendStats::default()),

@@ -206,6 +206,12 @@ pub trait BlockDriver: Any + Send + Sync {
     /// Alignment in bytes that every request's offset and length must have.
     /// Filters and formats whose requests go to a child should report
     /// at least the child's alignment.
+    ///
+    /// A backend asks once and keeps the answer until the graph next
+    /// changes (a mutation, a reopen, or
+    /// [`NodeRef::notify_length_changed`](crate::NodeRef::notify_length_changed)),
+    /// as QEMU refreshes `bl.request_alignment` only when the graph
+    /// changes: the answer must not change in between.
     fn request_alignment(&self, node: RequestRef<'_>) -> u32 {
         let _ = node;
         1

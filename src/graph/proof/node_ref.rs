@@ -295,6 +295,7 @@ impl<'a, P: Proof> NodeRef<'a, P> {
     }
 
     /// The child with `role`, if any.
+    #[inline]
     pub fn child(&self, role: ChildRole) -> Option<NodeRef<'a, P>> {
         let edges = self.node.children.get(self.access);
         edges
@@ -512,7 +513,7 @@ impl<'a, P: Proof> NodeRef<'a, P> {
 
     /// Tells the graph that this node's length changed (a driver that
     /// resizes calls it after the resize): backends stop using the length
-    /// they cached.
+    /// (and request alignment) they cached.
     pub fn notify_length_changed(&self)
     where
         P: IoProof,
@@ -620,9 +621,7 @@ impl<'a> Admission<'a> {
         let admission = Admission { node };
         if before & NodeInner::QUIESCED != 0 {
             drop(admission);
-            return Err(Error::Drained {
-                node: node.name.clone(),
-            });
+            return Err(drained(node));
         }
         Ok(admission)
     }
@@ -633,6 +632,16 @@ impl<'a> Admission<'a> {
     fn enter_unchecked(node: &'a NodeInner) -> Self {
         node.in_flight.fetch_add(1, Ordering::SeqCst);
         Admission { node }
+    }
+}
+
+/// The error of a request refused because `node` is drained, out of line:
+/// the check is on every request's path, the refusal is not.
+#[cold]
+#[inline(never)]
+fn drained(node: &NodeInner) -> Error {
+    Error::Drained {
+        node: node.name.clone(),
     }
 }
 
@@ -804,9 +813,7 @@ impl sealed::Dispatch for InRequest {
         // drained; so a drained node here means a request that went around
         // the entry accounting, and it fails instead of reaching the node.
         if node.drained.load(Ordering::Relaxed) != 0 {
-            return NodeRequest::refused(Error::Drained {
-                node: node.name.clone(),
-            });
+            return NodeRequest::refused(drained(node));
         }
         // SAFETY: same node, same proof; dispatched to its own driver.
         let future = call(&*node.driver, unsafe { NodeRef::new(node, access) });
