@@ -294,6 +294,10 @@ pub(super) struct Ring {
     inner: Mutex<Inner>,
     /// Registered buffers are in use.
     registered: bool,
+    /// Set up with `IORING_SETUP_COOP_TASKRUN`: the kernel posts
+    /// completions when this thread next enters it, without interrupting
+    /// it.
+    coop_taskrun: bool,
 }
 
 impl std::fmt::Debug for Ring {
@@ -301,16 +305,30 @@ impl std::fmt::Debug for Ring {
         f.debug_struct("Ring")
             .field("fd", &self.fd.get_ref().0)
             .field("registered", &self.registered)
+            .field("coop_taskrun", &self.coop_taskrun)
             .finish()
     }
 }
 
 impl Ring {
     fn new() -> io::Result<Ring> {
-        let uring = IoUring::builder()
+        // Cooperative task running where the kernel has it (5.19 and
+        // later): see "Completions without interrupts" in DESIGN §19.
+        let (uring, coop_taskrun) = match IoUring::builder()
             .setup_cqsize(SQ_ENTRIES * 4)
             .setup_clamp()
-            .build(SQ_ENTRIES)?;
+            .setup_coop_taskrun()
+            .build(SQ_ENTRIES)
+        {
+            Ok(uring) => (uring, true),
+            Err(_) => (
+                IoUring::builder()
+                    .setup_cqsize(SQ_ENTRIES * 4)
+                    .setup_clamp()
+                    .build(SQ_ENTRIES)?,
+                false,
+            ),
+        };
         let pool = Memory::zeroed(POOL_SLOTS * SLOT_SIZE)?;
         let base = pool.ptr;
         let slot_ptr = |i: usize| {
@@ -363,6 +381,7 @@ impl Ring {
                 pool: Some(pool),
             }),
             registered,
+            coop_taskrun,
         })
     }
 
@@ -370,6 +389,13 @@ impl Ring {
         // Nothing panics while holding the lock; if something did, the
         // state is still consistent enough to wait for the kernel.
         self.inner.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Whether the ring was set up with `IORING_SETUP_COOP_TASKRUN`, for
+    /// the unit tests.
+    #[cfg(test)]
+    pub(super) fn coop_taskrun(&self) -> bool {
+        self.coop_taskrun
     }
 
     /// Free pool slots and SQEs in the kernel, for the unit tests.
