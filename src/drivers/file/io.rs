@@ -181,6 +181,7 @@ impl FileDriver {
                 offset,
                 len: buf.len(),
                 punt: self.punt(buf.len()),
+                gather: false,
             };
             match ring.start_owned(t, buf, Box::new(self.host.clone())) {
                 Ok(mut op) => {
@@ -225,6 +226,7 @@ impl FileDriver {
                     offset,
                     len: buf.len(),
                     punt: false,
+                    gather: self.gather_writes(),
                 };
                 match ring.start_owned(t, buf, Box::new((self.host.clone(), guard))) {
                     Ok(mut op) => {
@@ -269,6 +271,7 @@ impl FileDriver {
                 offset: start,
                 len: whole,
                 punt: self.punt(whole),
+                gather: false,
             };
             if let Ok(mut op) = ring.start(t, |_| {}, keep) {
                 (&mut op).await.map_err(crate::types::Error::Io)?;
@@ -320,6 +323,7 @@ impl FileDriver {
                         // and forcing it cost 4-7% of 64 KiB writes at
                         // depth 32 (37-38k against 39-41k IOPS).
                         punt: false,
+                        gather: self.gather_writes(),
                     };
                     if let Ok(op) = ring.start(t, &fill, keep) {
                         op.await.map_err(crate::types::Error::Io)?;
@@ -422,6 +426,7 @@ impl FileDriver {
                 offset: 0,
                 len: 0,
                 punt: false,
+                gather: false,
             };
             if let Ok(op) = ring.start(t, |_| {}, keep) {
                 return op.await.map_err(crate::types::Error::Io);
@@ -467,6 +472,16 @@ impl FileDriver {
     #[cfg(feature = "io-uring")]
     fn lone_buffered_write(&self, len: u64) -> bool {
         self.host.align == 1 && len <= LONE_WRITE_MAX && self.writes.load(Ordering::Relaxed) <= 1
+    }
+
+    /// Whether writes to this file may wait in the ring and be joined with
+    /// their neighbours ([`Transfer::gather`](super::uring::Transfer)):
+    /// buffered ones, which the kernel's workers run one at a time per file
+    /// anyway (DESIGN §19, "Gathered writes"). `O_DIRECT` writes go to the
+    /// device in parallel and are merged by the block layer.
+    #[cfg(feature = "io-uring")]
+    fn gather_writes(&self) -> bool {
+        self.host.align == 1
     }
 
     /// Whether to queue a read of `len` bytes with `IOSQE_ASYNC`: large

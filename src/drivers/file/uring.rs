@@ -67,6 +67,7 @@
 use std::alloc::{self, Layout};
 use std::any::Any;
 use std::cell::OnceCell;
+use std::collections::VecDeque;
 use std::future::Future;
 use std::io;
 use std::os::fd::{AsRawFd, RawFd};
@@ -93,6 +94,14 @@ const MEM_ALIGN: usize = 4096;
 const SQ_ENTRIES: u32 = 256;
 /// Largest transfer in one SQE (a longer request is resubmitted in parts).
 const MAX_CHUNK: usize = 1 << 30;
+/// Gathered writes ([`Transfer::gather`]): the most SQEs of them in the
+/// kernel per file. The rest wait in the ring, where the ones that follow
+/// each other in the file are joined into one `writev`.
+const GATHER_IN_KERNEL: usize = 4;
+/// The most writes joined into one SQE.
+const GATHER_MAX_OPS: usize = 32;
+/// The most bytes joined into one SQE.
+const GATHER_MAX_BYTES: usize = 1 << 20;
 /// The most memory that free slots outside the pool keep for the next large
 /// request, per ring: a stream of requests larger than [`SLOT_SIZE`] (an
 /// NBD client's 256 KiB copies, 2 MiB conversions) reuses its buffers
@@ -160,6 +169,12 @@ pub(super) struct Transfer {
     /// Queue with `IOSQE_ASYNC` when other operations are in flight: the
     /// kernel's workers do the transfer instead of the submitting thread.
     pub(super) punt: bool,
+    /// A buffered write that may wait in the ring while
+    /// [`GATHER_IN_KERNEL`] writes to the same file are in the kernel, and
+    /// be joined with the writes next to it into one `writev` (see
+    /// "Gathered writes" in DESIGN §19). Only for files whose writes the
+    /// kernel runs one at a time anyway.
+    pub(super) gather: bool,
 }
 
 /// Memory the ring owns: `len` bytes aligned to [`MEM_ALIGN`], zeroed once
@@ -216,6 +231,16 @@ struct OpState {
     /// buffer, and it stays here until [`Op::into_buf`] takes it back after
     /// the final completion (or the slot is released, which frees it).
     external: Option<IoBuf>,
+    /// See [`Transfer::gather`].
+    gather: bool,
+    /// Its SQE counts in its [`GatherFile`] until its completion.
+    gathered_sqe: bool,
+    /// For the first write of a joined SQE: the other writes in it, in
+    /// file order (each with its slot marked `in_kernel`).
+    followers: Vec<usize>,
+    /// For the first write of a joined SQE: the SQE's vector, one entry
+    /// per write, kept until the completion.
+    iov: Vec<libc::iovec>,
 }
 
 impl OpState {
@@ -229,6 +254,18 @@ impl OpState {
     }
 }
 
+/// Gathered writes to one file ([`Transfer::gather`]).
+struct GatherFile {
+    fd: RawFd,
+    /// SQEs of gathered writes in the kernel.
+    in_kernel: usize,
+    /// Gathered writes in [`Inner::pending`].
+    pending: usize,
+    /// Where the last gathered write queued ends: a write that starts
+    /// there continues a sequential stream.
+    last_end: u64,
+}
+
 /// A buffer and, while taken, its operation.
 struct Slot {
     /// The buffer's first byte (in the pool, or in `own`).
@@ -240,7 +277,9 @@ struct Slot {
     own: Option<Memory>,
     /// `None` when the slot is free.
     op: Option<OpState>,
-    /// The operation has an SQE queued or in the kernel.
+    /// The operation has an SQE queued or in the kernel, rides on another
+    /// write's joined SQE, or waits in [`Inner::pending`] for one: the
+    /// kernel may use its memory, or will.
     in_kernel: bool,
 }
 
@@ -259,6 +298,15 @@ struct Inner {
     retained: usize,
     /// SQEs queued or submitted whose completion has not been reaped.
     in_kernel: usize,
+    /// Gathered writes waiting for an SQE, in the order they came.
+    pending: VecDeque<usize>,
+    /// Per file with gathered writes in the kernel or pending: how many,
+    /// and where the last one ends.
+    gathered: Vec<GatherFile>,
+    /// Joined SQEs (of two writes or more) submitted, and the writes they
+    /// carried.
+    joined_sqes: u64,
+    joined_writes: u64,
     /// SQEs queued and not yet submitted.
     queued: usize,
     reaper_running: bool,
@@ -373,6 +421,10 @@ impl Ring {
                 free_own: Vec::new(),
                 retained: 0,
                 in_kernel: 0,
+                pending: VecDeque::new(),
+                gathered: Vec::new(),
+                joined_sqes: 0,
+                joined_writes: 0,
                 queued: 0,
                 reaper_running: false,
                 reaper_waker: None,
@@ -402,7 +454,15 @@ impl Ring {
     #[cfg(test)]
     pub(super) fn stats(&self) -> (usize, usize) {
         let inner = self.lock();
-        (inner.free_pool.len(), inner.in_kernel)
+        (inner.free_pool.len(), inner.in_kernel + inner.pending.len())
+    }
+
+    /// Joined SQEs submitted so far and the writes they carried, for the
+    /// unit tests.
+    #[cfg(test)]
+    pub(super) fn joined(&self) -> (u64, u64) {
+        let inner = self.lock();
+        (inner.joined_sqes, inner.joined_writes)
     }
 
     /// Slots outside the pool, and the bytes their free buffers keep, for
@@ -436,6 +496,7 @@ impl Ring {
             offset,
             len,
             punt,
+            gather,
         } = t;
         let runtime = tokio::runtime::Handle::try_current().map_err(io::Error::other)?;
         let mut inner = self.lock();
@@ -458,6 +519,10 @@ impl Ring {
             orphaned: false,
             keep: Some(keep),
             external: None,
+            gather: gather && kind == Kind::Write,
+            gathered_sqe: false,
+            followers: Vec::new(),
+            iov: Vec::new(),
         });
         self.queue(inner, idx, ptr, len, runtime)
             .map_err(|(e, _)| e)
@@ -499,6 +564,10 @@ impl Ring {
             orphaned: false,
             keep: Some(keep),
             external: Some(buf),
+            gather: t.gather && t.kind == Kind::Write,
+            gathered_sqe: false,
+            followers: Vec::new(),
+            iov: Vec::new(),
         });
         let ptr = inner.slots[idx].ptr;
         self.queue(inner, idx, ptr, t.len, runtime)
@@ -558,10 +627,12 @@ impl Ring {
             let mut inner = self.lock();
             inner.submit();
             inner.reap(&mut wake, &mut drops);
-            if inner.queued > 0 {
-                // Continuations of short transfers, queued by the reaping.
-                inner.submit();
-            }
+            // Continuations of short transfers, queued by the reaping, and
+            // gathered writes that waited for the ones just reaped.
+            inner.submit();
+            // Pending writes got SQEs if none of their file's were left in
+            // the kernel, so an idle ring has none.
+            debug_assert!(inner.in_kernel > 0 || inner.pending.is_empty());
             let idle = inner.in_kernel == 0;
             if idle {
                 inner.reaper_running = false;
@@ -617,6 +688,7 @@ impl Drop for Ring {
                 std::mem::forget(slot.own.take());
                 if let Some(op) = slot.op.as_mut() {
                     std::mem::forget(op.external.take());
+                    std::mem::forget(std::mem::take(&mut op.iov));
                 }
             }
         }
@@ -730,8 +802,220 @@ impl Inner {
     }
 
     /// Queues the next SQE of the operation in slot `idx` (the rest of its
-    /// transfer, up to [`MAX_CHUNK`]).
+    /// transfer, up to [`MAX_CHUNK`]). A gathered write that has not
+    /// started and continues its file's sequential stream waits in
+    /// [`Inner::pending`] instead, for [`flush_pending`](Self::flush_pending);
+    /// any other gathered write gets its SQE at once (random writes have
+    /// nothing to join, and holding them back only leaves the kernel's
+    /// worker idle between them).
     fn push(&mut self, idx: usize) -> io::Result<()> {
+        let op = self.slots[idx].op.as_ref().expect("pushing a free slot");
+        if !(op.gather && op.done == 0) {
+            return self.push_sqe(idx);
+        }
+        let (fd, offset, end) = (op.fd, op.offset, op.offset + op.len as u64);
+        let at = self.gather_file(fd);
+        let file = &mut self.gathered[at];
+        let sequential = file.last_end == offset && (file.in_kernel > 0 || file.pending > 0);
+        file.last_end = end;
+        if sequential {
+            file.pending += 1;
+            // INVARIANT: a pending write's slot is marked `in_kernel`, so
+            // it is not released and its memory not handed back before
+            // its completion.
+            self.slots[idx].in_kernel = true;
+            self.pending.push_back(idx);
+            return Ok(());
+        }
+        let pushed = self.push_sqe(idx);
+        if pushed.is_ok() {
+            self.gathered[at].in_kernel += 1;
+            self.slots[idx].op.as_mut().expect("taken").gathered_sqe = true;
+        } else {
+            self.forget_gather_file(at);
+        }
+        pushed
+    }
+
+    /// The index in [`Inner::gathered`] of `fd`'s entry, made if needed.
+    fn gather_file(&mut self, fd: RawFd) -> usize {
+        match self.gathered.iter().position(|f| f.fd == fd) {
+            Some(at) => at,
+            None => {
+                self.gathered.push(GatherFile {
+                    fd,
+                    in_kernel: 0,
+                    pending: 0,
+                    last_end: u64::MAX,
+                });
+                self.gathered.len() - 1
+            }
+        }
+    }
+
+    /// Drops the entry at `at` if nothing of its file is in the kernel or
+    /// pending any more.
+    fn forget_gather_file(&mut self, at: usize) {
+        let file = &self.gathered[at];
+        if file.in_kernel == 0 && file.pending == 0 {
+            self.gathered.swap_remove(at);
+        }
+    }
+
+    /// One SQE of a gathered write to `fd` has completed.
+    fn gathered_sqe_done(&mut self, fd: RawFd) {
+        let Some(at) = self.gathered.iter().position(|f| f.fd == fd) else {
+            debug_assert!(false, "a gathered SQE completed that was not counted");
+            return;
+        };
+        self.gathered[at].in_kernel -= 1;
+        self.forget_gather_file(at);
+    }
+
+    /// Gives SQEs to the pending gathered writes whose file has fewer than
+    /// [`GATHER_IN_KERNEL`] in the kernel: runs of writes that follow each
+    /// other in the file (in the order they came) are joined into one
+    /// `writev`, up to [`GATHER_MAX_OPS`] writes and [`GATHER_MAX_BYTES`].
+    /// The others keep waiting, in order. Stops when the SQ is full.
+    fn flush_pending(&mut self) {
+        if self.pending.is_empty() {
+            return;
+        }
+        let mut held = VecDeque::new();
+        let mut run: Vec<usize> = Vec::new();
+        let (mut run_fd, mut run_end, mut run_bytes) = (0, 0u64, 0usize);
+        while let Some(idx) = self.pending.pop_front() {
+            let op = self.slots[idx]
+                .op
+                .as_ref()
+                .expect("a pending slot is taken");
+            let (fd, offset, len) = (op.fd, op.offset, op.len);
+            if !run.is_empty()
+                && fd == run_fd
+                && offset == run_end
+                && run.len() < GATHER_MAX_OPS
+                && run_bytes + len <= GATHER_MAX_BYTES
+            {
+                run.push(idx);
+                run_end += len as u64;
+                run_bytes += len;
+                continue;
+            }
+            let run_len = run.len();
+            if run_len > 0 && !self.push_run(&mut run) {
+                // The run went back to the front; `idx` came after it.
+                self.pending.insert(run_len, idx);
+                break;
+            }
+            let at = self.gather_file(fd);
+            if self.gathered[at].in_kernel >= GATHER_IN_KERNEL {
+                held.push_back(idx);
+                continue;
+            }
+            run.push(idx);
+            (run_fd, run_end, run_bytes) = (fd, offset + len as u64, len);
+        }
+        if !run.is_empty() {
+            self.push_run(&mut run);
+        }
+        // What was held comes first: it came before what is left.
+        held.append(&mut self.pending);
+        self.pending = held;
+    }
+
+    /// Counts an SQE of `writes` pending writes to `fd` as queued.
+    fn run_queued(&mut self, fd: RawFd, writes: usize) {
+        let at = self.gather_file(fd);
+        let file = &mut self.gathered[at];
+        file.in_kernel += 1;
+        file.pending -= writes;
+    }
+
+    /// Queues one SQE for `run`, gathered writes that follow each other in
+    /// one file, and empties it; with the SQ full, puts the run back at the
+    /// front of `pending` and returns `false`.
+    fn push_run(&mut self, run: &mut Vec<usize>) -> bool {
+        let leader = run[0];
+        let fd = self.slots[leader].op.as_ref().expect("taken").fd;
+        if run.len() == 1 {
+            return match self.push_sqe(leader) {
+                Ok(()) => {
+                    self.run_queued(fd, 1);
+                    self.slots[leader].op.as_mut().expect("taken").gathered_sqe = true;
+                    run.clear();
+                    true
+                }
+                Err(_) => {
+                    self.pending.push_front(leader);
+                    run.clear();
+                    false
+                }
+            };
+        }
+        if self.uring.submission().is_full() {
+            self.submit_queued();
+            if self.uring.submission().is_full() {
+                for &idx in run.iter().rev() {
+                    self.pending.push_front(idx);
+                }
+                run.clear();
+                return false;
+            }
+        }
+        let iov: Vec<libc::iovec> = run
+            .iter()
+            .map(|&idx| {
+                let slot = &self.slots[idx];
+                let op = slot.op.as_ref().expect("taken");
+                let (base, _) = op.memory(slot.ptr, slot.fixed);
+                libc::iovec {
+                    iov_base: base.as_ptr().cast(),
+                    iov_len: op.len,
+                }
+            })
+            .collect();
+        let op = self.slots[leader].op.as_mut().expect("taken");
+        op.iov = iov;
+        op.followers = run[1..].to_vec();
+        op.gathered_sqe = true;
+        let entry = opcode::Writev::new(types::Fd(fd), op.iov.as_ptr(), op.iov.len() as u32)
+            .offset(op.offset)
+            .build()
+            .user_data(leader as u64);
+        // SAFETY: each iovec covers one write's memory (its slot's buffer or
+        // its moved-in buffer, `len` bytes), and every write of the run has
+        // its slot marked `in_kernel` (they were pending): none is released,
+        // and no moved-in buffer handed back, before the completion of this
+        // SQE is reaped and handed to each of them (`complete_run`). The
+        // vector itself is the leader's `iov`, whose heap memory stays put
+        // until then (the leader's slot is not released either). The kernel
+        // only reads these buffers, and nothing writes them meanwhile. The
+        // descriptor is kept open by each operation's `keep`.
+        let pushed = unsafe { self.uring.submission().push(&entry) }.is_ok();
+        debug_assert!(pushed, "the SQ had room");
+        if !pushed {
+            let op = self.slots[leader].op.as_mut().expect("taken");
+            op.iov = Vec::new();
+            op.followers = Vec::new();
+            op.gathered_sqe = false;
+            for &idx in run.iter().rev() {
+                self.pending.push_front(idx);
+            }
+            run.clear();
+            return false;
+        }
+        self.in_kernel += 1;
+        self.queued += 1;
+        self.run_queued(fd, run.len());
+        self.joined_sqes += 1;
+        self.joined_writes += run.len() as u64;
+        run.clear();
+        true
+    }
+
+    /// Queues the next SQE of the operation in slot `idx` as it is (see
+    /// [`push`](Self::push)).
+    fn push_sqe(&mut self, idx: usize) -> io::Result<()> {
         let slot = &self.slots[idx];
         let op = slot.op.as_ref().expect("pushing a free slot");
         let fd = types::Fd(op.fd);
@@ -780,7 +1064,7 @@ impl Inner {
                 return Ok(());
             }
             if attempt == 0 {
-                self.submit();
+                self.submit_queued();
             }
         }
         Err(io::Error::new(
@@ -789,9 +1073,19 @@ impl Inner {
         ))
     }
 
-    /// Hands the queued SQEs to the kernel. A transient refusal (EAGAIN,
-    /// EBUSY, EINTR) leaves them queued for the next try.
+    /// Gives pending gathered writes their SQEs where they may have them
+    /// ([`flush_pending`](Self::flush_pending)), then hands the queued SQEs
+    /// to the kernel. A transient refusal (EAGAIN, EBUSY, EINTR) leaves
+    /// them queued for the next try.
     fn submit(&mut self) {
+        self.flush_pending();
+        self.submit_queued();
+    }
+
+    /// [`submit`](Self::submit) without giving pending writes their SQEs
+    /// (what [`push_sqe`](Self::push_sqe) does with a full SQ, also from
+    /// inside [`flush_pending`](Self::flush_pending)).
+    fn submit_queued(&mut self) {
         if self.queued == 0 {
             return;
         }
@@ -833,6 +1127,15 @@ impl Inner {
         let Some(op) = slot.op.as_mut() else {
             return;
         };
+        if std::mem::take(&mut op.gathered_sqe) {
+            let fd = op.fd;
+            self.gathered_sqe_done(fd);
+        }
+        let op = self.slots[idx].op.as_mut().expect("checked above");
+        if !op.followers.is_empty() {
+            self.complete_run(idx, res, wake, drops, go_on);
+            return;
+        }
         let (ptr, _) = op.memory(slot_ptr, slot_fixed);
         let outcome: Option<io::Result<()>> = if res < 0 {
             let e = -res;
@@ -862,15 +1165,37 @@ impl Inner {
                 }
             }
         };
-        let outcome = match outcome {
-            Some(r) => r,
-            None if !go_on => Err(io::Error::other("the io_uring ring was closed")),
-            None => match self.push(idx) {
+        match outcome {
+            Some(r) => self.finish(idx, r, wake, drops),
+            None => self.go_on(idx, go_on, wake, drops),
+        }
+    }
+
+    /// Queues the rest of slot `idx`'s transfer after a short or retryable
+    /// completion, or, without `go_on` (the ring is being dropped) or when
+    /// it cannot be queued, finishes it with an error.
+    fn go_on(&mut self, idx: usize, go_on: bool, wake: &mut Vec<Waker>, drops: &mut Vec<Keep>) {
+        let outcome = if !go_on {
+            Err(io::Error::other("the io_uring ring was closed"))
+        } else {
+            match self.push(idx) {
                 Ok(()) => return,
                 Err(e) => Err(e),
-            },
+            }
         };
-        let op = self.slots[idx].op.as_mut().expect("slot checked above");
+        self.finish(idx, outcome, wake, drops);
+    }
+
+    /// Ends the operation in slot `idx` (no SQE of it left) with
+    /// `outcome`: wakes its requester, or frees an orphaned slot.
+    fn finish(
+        &mut self,
+        idx: usize,
+        outcome: io::Result<()>,
+        wake: &mut Vec<Waker>,
+        drops: &mut Vec<Keep>,
+    ) {
+        let op = self.slots[idx].op.as_mut().expect("finishing a taken slot");
         op.result = Some(outcome);
         if op.orphaned {
             drops.extend(self.release(idx));
@@ -879,10 +1204,75 @@ impl Inner {
         }
     }
 
+    /// The completion of a joined SQE (`leader` and its followers, in file
+    /// order): the bytes written are counted to the writes in order; each
+    /// write they cover finishes, the rest are queued again (a short
+    /// transfer's continuation, or a pending write that has not started).
+    /// An error ends them all; a retryable one queues them all again.
+    fn complete_run(
+        &mut self,
+        leader: usize,
+        res: i32,
+        wake: &mut Vec<Waker>,
+        drops: &mut Vec<Keep>,
+        go_on: bool,
+    ) {
+        let op = self.slots[leader].op.as_mut().expect("taken");
+        let followers = std::mem::take(&mut op.followers);
+        // The kernel is done with the vector.
+        op.iov = Vec::new();
+        let mut left = if res < 0 { 0 } else { res as usize };
+        for idx in std::iter::once(leader).chain(followers) {
+            self.slots[idx].in_kernel = false;
+            if res < 0 {
+                let e = -res;
+                if e == libc::EINTR || e == libc::EAGAIN {
+                    self.go_on(idx, go_on, wake, drops);
+                } else {
+                    self.finish(idx, Err(io::Error::from_raw_os_error(e)), wake, drops);
+                }
+                continue;
+            }
+            let op = self.slots[idx]
+                .op
+                .as_mut()
+                .expect("a joined write's slot is taken");
+            let n = left.min(op.len - op.done);
+            op.done += n;
+            left -= n;
+            if op.done == op.len {
+                self.finish(idx, Ok(()), wake, drops);
+            } else if res == 0 {
+                self.finish(idx, Err(io::ErrorKind::WriteZero.into()), wake, drops);
+            } else {
+                self.go_on(idx, go_on, wake, drops);
+            }
+        }
+    }
+
     /// Submits what is queued and waits in the kernel until nothing is in
     /// flight, without queueing continuations. On a refusal to wait, marks
     /// the buffers to be leaked.
     fn wait_all(&mut self, wake: &mut Vec<Waker>, drops: &mut Vec<Keep>) {
+        // Pending writes have no SQE: nothing of theirs is in the kernel.
+        while let Some(idx) = self.pending.pop_front() {
+            self.slots[idx].in_kernel = false;
+            let fd = self.slots[idx]
+                .op
+                .as_ref()
+                .expect("a pending slot is taken")
+                .fd;
+            if let Some(at) = self.gathered.iter().position(|f| f.fd == fd) {
+                self.gathered[at].pending -= 1;
+                self.forget_gather_file(at);
+            }
+            self.finish(
+                idx,
+                Err(io::Error::other("the io_uring ring was closed")),
+                wake,
+                drops,
+            );
+        }
         while self.in_kernel > 0 {
             match self.uring.submit_and_wait(1) {
                 Ok(_) => {}
