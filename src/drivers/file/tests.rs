@@ -585,6 +585,19 @@ fn owned_buffers_fall_back_where_the_range_needs_fixing_up() {
     });
 }
 
+/// A buffered file of `blocks` blocks of `block` bytes of 0x11 and the
+/// driver on it (`None` where io_uring is unavailable), with the directory
+/// that holds it.
+fn buffered_image(
+    blocks: usize,
+    block: usize,
+) -> Option<(tempfile::TempDir, std::path::PathBuf, FileDriver)> {
+    let dir = tempfile::tempdir().unwrap();
+    let path = image(dir.path(), blocks * block, 0x11);
+    let driver = open(&path, false)?;
+    Some((dir, path, driver))
+}
+
 /// The ring is set up with `IORING_SETUP_COOP_TASKRUN` where the kernel has
 /// it: the kernel then posts completions when the I/O thread next enters
 /// it instead of interrupting it. Requests must still complete while
@@ -596,9 +609,7 @@ fn completions_arrive_while_the_io_thread_never_sleeps() {
     use crate::IoBuf;
     use std::cell::Cell;
     const BLOCK: usize = 64 << 10;
-    let dir = tempfile::tempdir().unwrap();
-    let path = image(dir.path(), 32 * BLOCK, 0x11);
-    let Some(driver) = open(&path, false) else {
+    let Some((_dir, path, driver)) = buffered_image(32, BLOCK) else {
         return;
     };
     let path2 = path.clone();
@@ -653,9 +664,7 @@ fn completions_arrive_while_the_io_thread_never_sleeps() {
 fn gathered_writes_wait_their_turn_and_join_their_neighbours() {
     use crate::IoBuf;
     const BLOCK: usize = 16 << 10;
-    let dir = tempfile::tempdir().unwrap();
-    let path = image(dir.path(), 256 * BLOCK, 0x11);
-    let Some(driver) = open(&path, false) else {
+    let Some((_dir, path, driver)) = buffered_image(256, BLOCK) else {
         return;
     };
     let path2 = path.clone();
@@ -733,9 +742,7 @@ fn gathered_writes_wait_their_turn_and_join_their_neighbours() {
 fn gathered_writes_dropped_while_waiting_give_their_slots_back() {
     use crate::IoBuf;
     const BLOCK: usize = 8192;
-    let dir = tempfile::tempdir().unwrap();
-    let path = image(dir.path(), 512 * BLOCK, 0x11);
-    let Some(driver) = open(&path, false) else {
+    let Some((_dir, path, driver)) = buffered_image(512, BLOCK) else {
         return;
     };
     let path2 = path.clone();
