@@ -150,6 +150,14 @@ fn qemu_run(image: &Path, cell: Cell, aio: &str, count: u64) -> Option<f64> {
     cmd.arg(image);
     let out = cmd.output().expect("qemu-img runs");
     if !out.status.success() {
+        // Refused (a mode this build or this cell cannot use) or failed:
+        // the round does not count for this mode. Said, so that a failure
+        // is not mistaken for a slow mode.
+        eprintln!(
+            "qemu-img bench -i {aio} on {}: {}",
+            cell.name(),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
         return None;
     }
     let text = String::from_utf8_lossy(&out.stdout);
@@ -259,8 +267,8 @@ fn main() {
             &["threads", "io_uring"]
         };
         let (mut uring, mut threads) = (Vec::new(), Vec::new());
-        // Per mode, its IOPS in each round (`None`: it refused the cell).
-        let mut per_mode: Vec<Vec<f64>> = vec![Vec::new(); modes.len()];
+        // Per mode, its IOPS in each round (`None`: it failed or refused).
+        let mut per_mode: Vec<Vec<Option<f64>>> = vec![Vec::new(); modes.len()];
         for round in 0..rounds {
             // Ours with io_uring, ours with threads, then QEMU's modes,
             // starting at a different side each round.
@@ -269,11 +277,7 @@ fn main() {
                 match (i + round) % n {
                     0 => uring.push(ours(&bin, image, cell, "io_uring", secs)),
                     1 => threads.push(ours(&bin, image, cell, "threads", secs)),
-                    k => {
-                        if let Some(iops) = qemu(image, cell, modes[k - 2], secs) {
-                            per_mode[k - 2].push(iops);
-                        }
-                    }
+                    k => per_mode[k - 2].push(qemu(image, cell, modes[k - 2], secs)),
                 }
             }
         }
@@ -283,19 +287,28 @@ fn main() {
         // the largest of two or three of QEMU's: where the modes are alike
         // and the device is noisy (`O_DIRECT` 64 KiB), that alone favours
         // QEMU by most of a standard deviation.
+        // (A round where a mode failed does not count for it, and its
+        // ratio is left out.)
+        let ran = |runs: &[Option<f64>]| runs.iter().flatten().copied().collect::<Vec<f64>>();
         let (mode, best) = modes
             .iter()
             .zip(&per_mode)
-            .filter(|(_, runs)| runs.len() == rounds)
-            .max_by(|a, b| median(a.1).total_cmp(&median(b.1)))
+            .filter(|(_, runs)| runs.iter().any(Option::is_some))
+            .max_by(|a, b| median(&ran(a.1)).total_cmp(&median(&ran(b.1))))
             .map(|(m, runs)| (*m, runs.clone()))
-            .unwrap_or(("none", vec![0.0; rounds]));
-        let per_round_max: Vec<f64> = (0..rounds)
+            .unwrap_or(("none", vec![None; rounds]));
+        let paired = |ours: &[f64], theirs: &[Option<f64>]| -> (Vec<f64>, Vec<f64>) {
+            ours.iter()
+                .zip(theirs)
+                .filter_map(|(o, t)| t.map(|t| (*o, t)))
+                .unzip()
+        };
+        let per_round_max: Vec<Option<f64>> = (0..rounds)
             .map(|r| {
                 per_mode
                     .iter()
-                    .filter_map(|runs| runs.get(r).copied())
-                    .fold(0.0, f64::max)
+                    .filter_map(|runs| runs[r])
+                    .max_by(f64::total_cmp)
             })
             .collect();
         eprintln!(
@@ -304,19 +317,24 @@ fn main() {
             modes
                 .iter()
                 .zip(&per_mode)
-                .map(|(m, runs)| format!("{m} {:.0}", median(runs)))
+                .map(|(m, runs)| format!("{m} {:.0}", median(&ran(runs))))
                 .collect::<Vec<_>>()
                 .join(", "),
-            median_ratio(&uring, &per_round_max),
+            {
+                let (o, t) = paired(&uring, &per_round_max);
+                median_ratio(&o, &t)
+            },
         );
+        let (uring_paired, best_for_uring) = paired(&uring, &best);
+        let (threads_paired, best_for_threads) = paired(&threads, &best);
         let row = [
             cell.name(),
             format!("{:.0}", median(&uring)),
             format!("{:.0}", median(&threads)),
-            format!("{:.0}", median(&best)),
+            format!("{:.0}", median(&ran(&best))),
             mode.to_string(),
-            format!("{:.2}", median_ratio(&uring, &best)),
-            format!("{:.2}", median_ratio(&threads, &best)),
+            format!("{:.2}", median_ratio(&uring_paired, &best_for_uring)),
+            format!("{:.2}", median_ratio(&threads_paired, &best_for_threads)),
         ];
         eprintln!("{}", row.join(" | "));
         table.row(row);
