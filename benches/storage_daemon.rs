@@ -14,7 +14,10 @@
 //! requests land far apart and every block is visited once per cycle.
 //!
 //! The exported node is a raw image in a temporary directory (page-cached
-//! after it is written) by default; `STORAGE_DAEMON_BENCH_NODE=null`
+//! after it is written) by default; `STORAGE_DAEMON_BENCH_NODE=direct`
+//! opens it with `cache.direct=on,aio=io_uring` in both daemons (`O_DIRECT`:
+//! every read goes to the disk, and how a reply's data reaches its buffer
+//! counts); `STORAGE_DAEMON_BENCH_NODE=null`
 //! exports a `null-co` node (`read-zeroes=off`) instead, which leaves the
 //! export's own cost (socket, protocol, request tasks) and nothing of the
 //! file path; `STORAGE_DAEMON_BENCH_DIR=/dev/shm` puts the image on tmpfs
@@ -24,6 +27,7 @@
 //! cargo bench --bench storage_daemon                            # 1 GiB image, 5 rounds
 //! STORAGE_DAEMON_BENCH_QUICK=1 cargo bench --bench storage_daemon   # 128 MiB, 3 rounds, fewer requests
 //! STORAGE_DAEMON_BENCH_SIZE=4G STORAGE_DAEMON_BENCH_ROUNDS=7 cargo bench --bench storage_daemon
+//! STORAGE_DAEMON_BENCH_NODE=direct cargo bench --bench storage_daemon   # O_DIRECT, io_uring
 //! STORAGE_DAEMON_BENCH_NODE=null cargo bench --bench storage_daemon   # null-co: the export alone
 //! STORAGE_DAEMON_BENCH_DIR=/dev/shm cargo bench --bench storage_daemon
 //! ```
@@ -74,6 +78,8 @@ struct Daemon(Child, PathBuf);
 enum Node {
     /// `file` + `raw` on the image.
     File,
+    /// The same with `cache.direct=on,aio=io_uring` on the file.
+    Direct,
     /// `null-co` of the image's size, `read-zeroes=off`.
     Null,
 }
@@ -82,9 +88,17 @@ impl Node {
     /// The `--blockdev` arguments that make the node `d0`.
     fn blockdevs(self, image: &Path, size: u64) -> Vec<String> {
         match self {
-            Node::File => vec![
+            Node::File | Node::Direct => vec![
                 "--blockdev".into(),
-                format!("driver=file,node-name=f0,filename={}", image.display()),
+                format!(
+                    "driver=file,node-name=f0,filename={}{}",
+                    image.display(),
+                    if self == Node::Direct {
+                        ",cache.direct=on,aio=io_uring"
+                    } else {
+                        ""
+                    }
+                ),
                 "--blockdev".into(),
                 "driver=raw,node-name=d0,file=f0".into(),
             ],
@@ -205,8 +219,9 @@ fn main() {
 
     let node = match std::env::var("STORAGE_DAEMON_BENCH_NODE").as_deref() {
         Ok("null") => Node::Null,
+        Ok("direct") => Node::Direct,
         Ok("file") | Err(_) => Node::File,
-        Ok(other) => panic!("STORAGE_DAEMON_BENCH_NODE={other}: use file or null"),
+        Ok(other) => panic!("STORAGE_DAEMON_BENCH_NODE={other}: use file, direct or null"),
     };
 
     let ours = daemon_binary();
@@ -292,6 +307,11 @@ fn main() {
 
     let what = match node {
         Node::File => format!("raw image of {} MiB on {}", size >> 20, fs_of(dir.path())),
+        Node::Direct => format!(
+            "raw image of {} MiB on {}, O_DIRECT and io_uring",
+            size >> 20,
+            fs_of(dir.path())
+        ),
         Node::Null => format!("null-co node of {} MiB", size >> 20),
     };
     println!(

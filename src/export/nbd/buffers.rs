@@ -1,7 +1,8 @@
-//! Payload buffers the server reuses: read replies (header and data in one
-//! buffer) and write payloads. They are [`IoBuf`]s, so a write payload can
-//! be moved into the backend's `write_buf` and reach the kernel without
-//! another copy.
+//! Payload buffers the server reuses: read replies' data (and for short
+//! reads the whole reply, header and data in one buffer) and write
+//! payloads. They are [`IoBuf`]s, so a write payload can be moved into the
+//! backend's `write_buf`, and a read's data buffer into its `read_buf`, and
+//! reach the kernel without another copy.
 //!
 //! A fresh buffer for every request costs a zeroing `calloc` and, for the
 //! large requests of a copy (`nbdcopy` reads and writes 256 KiB at a time),
@@ -75,6 +76,12 @@ impl From<Vec<u8>> for Buf {
     }
 }
 
+/// Whether [`BufPool::take`] hands out a pooled [`IoBuf`] for `len` bytes
+/// (else a small `Vec`).
+pub(crate) fn pooled(len: usize) -> bool {
+    len >= MIN_POOLED / 2
+}
+
 /// A connection's access to its thread's idle buffers.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct BufPool {
@@ -105,7 +112,7 @@ impl BufPool {
     /// at most twice `len`) bytes, this connection's if there is one, else
     /// another's zeroed, else a new zeroed one.
     pub(crate) fn take(&self, len: usize) -> Buf {
-        if len >= MIN_POOLED / 2 {
+        if pooled(len) {
             let found = IDLE
                 .try_with(|idle| {
                     let mut idle = idle.borrow_mut();

@@ -13,11 +13,11 @@ use futures::FutureExt;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader, BufWriter};
 use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore, TryAcquireError};
 
-use super::buffers::{Buf, BufPool};
+use super::buffers::{pooled, Buf, BufPool};
 use super::proto::*;
 use super::{Attached, Export, Shared, Stop, Tokens, IN_FLIGHT_BYTES, MAX_IN_FLIGHT, MAX_PAYLOAD};
 use crate::graph::runtime::IoTask;
-use crate::types::{BlockStatus, Error};
+use crate::types::{BlockStatus, Error, IoBuf};
 
 /// Payload budget unit: a request holds one permit per started 4 KiB.
 const UNIT: u64 = 4096;
@@ -41,8 +41,52 @@ pub(crate) struct Session {
 
 /// One reply, with the budget its request held until it is written.
 struct Reply {
-    bytes: Buf,
+    bytes: ReplyBytes,
     _permits: (OwnedSemaphorePermit, OwnedSemaphorePermit),
+}
+
+/// What a reply sends: one buffer, or a read's header and its data in a
+/// pooled buffer of their own.
+///
+/// A read's data gets a buffer of its own (page-aligned, as every
+/// [`IoBuf`] is) when it is large enough to be pooled: the backend's
+/// `read_buf` moves it down the stack, and on an `O_DIRECT` file the kernel
+/// reads into it, where data read behind a header would be copied from
+/// the file driver's own memory. The two parts go out in one vectored
+/// write.
+enum ReplyBytes {
+    One(Buf),
+    Split { head: Vec<u8>, data: IoBuf },
+}
+
+impl ReplyBytes {
+    /// The bytes to send, in order (an empty slice is skipped).
+    fn parts(&self) -> [&[u8]; 2] {
+        match self {
+            ReplyBytes::One(buf) => [buf.as_slice(), &[]],
+            ReplyBytes::Split { head, data } => [head, data],
+        }
+    }
+
+    /// Hands the pooled buffer back to `pool`.
+    fn give_back(self, pool: &BufPool) {
+        match self {
+            ReplyBytes::One(buf) => pool.give(buf),
+            ReplyBytes::Split { data, .. } => pool.give(Buf::Pooled(data)),
+        }
+    }
+}
+
+impl From<Buf> for ReplyBytes {
+    fn from(buf: Buf) -> ReplyBytes {
+        ReplyBytes::One(buf)
+    }
+}
+
+impl From<Vec<u8>> for ReplyBytes {
+    fn from(bytes: Vec<u8>) -> ReplyBytes {
+        ReplyBytes::One(Buf::Small(bytes))
+    }
 }
 
 /// Replies the writer sends with one vectored write at most (`IOV_MAX` is
@@ -231,7 +275,7 @@ async fn write_replies<W: AsyncWrite + Unpin>(
         // Written (or given up on): the budget goes back to the reader,
         // the buffers to the pool.
         for reply in batch.drain(..) {
-            pool.give(reply.bytes);
+            reply.bytes.give_back(&pool);
         }
         if !done {
             return;
@@ -245,11 +289,17 @@ async fn write_replies<W: AsyncWrite + Unpin>(
 /// the socket allows.
 async fn write_batch<W: AsyncWrite + Unpin>(wr: &mut W, batch: &[Reply]) -> std::io::Result<()> {
     if let [one] = batch {
-        return wr.write_all(one.bytes.as_slice()).await;
+        if let [bytes, []] = one.bytes.parts() {
+            return wr.write_all(bytes).await;
+        }
     }
+    // At most two parts per reply: within `IOV_MAX` (1024) for a batch of
+    // `MAX_BATCH`.
     let mut slices: Vec<IoSlice<'_>> = batch
         .iter()
-        .map(|r| IoSlice::new(r.bytes.as_slice()))
+        .flat_map(|r| r.bytes.parts())
+        .filter(|part| !part.is_empty())
+        .map(IoSlice::new)
         .collect();
     let mut slices = &mut slices[..];
     while !slices.is_empty() {
@@ -280,7 +330,13 @@ fn errno(e: &Error, write: bool) -> u32 {
 }
 
 /// Runs one request and encodes its reply.
-async fn handle(cx: &mut IoTask, s: &Session, pool: &BufPool, req: Request, payload: Buf) -> Buf {
+async fn handle(
+    cx: &mut IoTask,
+    s: &Session,
+    pool: &BufPool,
+    req: Request,
+    payload: Buf,
+) -> ReplyBytes {
     let (payload, reply) = handle_request(cx, s, pool, req, payload).await;
     if let Some(payload) = payload {
         pool.give(payload);
@@ -296,8 +352,8 @@ async fn handle_request(
     pool: &BufPool,
     req: Request,
     payload: Buf,
-) -> (Option<Buf>, Buf) {
-    let fail = |error: u32| -> Buf {
+) -> (Option<Buf>, ReplyBytes) {
+    let fail = |error: u32| -> ReplyBytes {
         if s.structured && req.kind == CMD_READ {
             error_chunk(error, req.cookie).into()
         } else {
@@ -391,9 +447,9 @@ async fn write_zero_buffers(
     Ok(())
 }
 
-async fn read(cx: &mut IoTask, s: &Session, pool: &BufPool, req: Request) -> Buf {
+async fn read(cx: &mut IoTask, s: &Session, pool: &BufPool, req: Request) -> ReplyBytes {
     let (offset, len) = (req.offset, u64::from(req.len));
-    let fail = |error: u32| -> Buf {
+    let fail = |error: u32| -> ReplyBytes {
         if s.structured {
             error_chunk(error, req.cookie).into()
         } else {
@@ -413,32 +469,50 @@ async fn read(cx: &mut IoTask, s: &Session, pool: &BufPool, req: Request) -> Buf
             simple_reply(0, req.cookie).into()
         };
     }
-    // Header and data in one buffer (the connection's, reused): the reply
-    // is written as it is.
     let head = if s.structured {
         CHUNK_LEN + 8
     } else {
         SIMPLE_REPLY_LEN
     };
+    // The header in front of the data it announces.
+    let write_header = |out: &mut [u8]| {
+        if s.structured {
+            chunk_header(
+                out,
+                REPLY_FLAG_DONE,
+                REPLY_TYPE_OFFSET_DATA,
+                req.cookie,
+                req.len + 8,
+            );
+            out[CHUNK_LEN..head].copy_from_slice(&offset.to_be_bytes());
+        } else {
+            simple_reply_header(out, 0, req.cookie);
+        }
+    };
+    // The data in a pooled buffer of its own, moved down the stack (see
+    // `ReplyBytes`); the header apart.
+    if pooled(req.len as usize) {
+        if let Buf::Pooled(data) = pool.take(req.len as usize) {
+            return match s.export.backend.read_buf(cx, offset, data).await {
+                Ok(data) => {
+                    let mut header = vec![0; head];
+                    write_header(&mut header);
+                    ReplyBytes::Split { head: header, data }
+                }
+                // The buffer went with the failed request.
+                Err(e) => fail(errno(&e, false)),
+            };
+        }
+    }
+    // Small: header and data in one buffer, written as it is.
     let mut buf = pool.take(head + req.len as usize);
     let out = buf.as_mut_slice();
     if let Err(e) = s.export.backend.read(cx, offset, &mut out[head..]).await {
         pool.give(buf);
         return fail(errno(&e, false));
     }
-    if s.structured {
-        chunk_header(
-            out,
-            REPLY_FLAG_DONE,
-            REPLY_TYPE_OFFSET_DATA,
-            req.cookie,
-            req.len + 8,
-        );
-        out[CHUNK_LEN..head].copy_from_slice(&offset.to_be_bytes());
-    } else {
-        simple_reply_header(out, 0, req.cookie);
-    }
-    buf
+    write_header(out);
+    buf.into()
 }
 
 /// `base:allocation` extents: [`BlockStatus::Data`] is allocated data,
