@@ -154,8 +154,9 @@ fn qemu_run(image: &Path, cell: Cell, aio: &str, count: u64) -> Option<f64> {
         // the round does not count for this mode. Said, so that a failure
         // is not mistaken for a slow mode.
         eprintln!(
-            "qemu-img bench -i {aio} on {}: {}",
+            "qemu-img bench -i {aio} on {}: {} {}",
             cell.name(),
+            out.status,
             String::from_utf8_lossy(&out.stderr).trim()
         );
         return None;
