@@ -554,3 +554,98 @@ async fn block_status(cx: &mut IoTask, s: &Session, req: Request, in_range: bool
     }
     chunk(REPLY_TYPE_BLOCK_STATUS, req.cookie, &payload)
 }
+
+#[cfg(test)]
+mod tests {
+    use std::io;
+    use std::task::{Context, Poll};
+
+    use super::*;
+
+    /// A socket that takes at most 7 bytes per write, vectored or not, so
+    /// that every write of a batch ends inside a reply's part.
+    struct Trickle(Vec<u8>);
+
+    impl AsyncWrite for Trickle {
+        fn poll_write(
+            mut self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+            buf: &[u8],
+        ) -> Poll<io::Result<usize>> {
+            let n = buf.len().min(7);
+            self.0.extend_from_slice(&buf[..n]);
+            Poll::Ready(Ok(n))
+        }
+
+        fn poll_write_vectored(
+            mut self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+            bufs: &[IoSlice<'_>],
+        ) -> Poll<io::Result<usize>> {
+            let mut n = 0;
+            for buf in bufs {
+                let take = buf.len().min(7 - n);
+                self.0.extend_from_slice(&buf[..take]);
+                n += take;
+                if n == 7 {
+                    break;
+                }
+            }
+            Poll::Ready(Ok(n))
+        }
+
+        fn is_write_vectored(&self) -> bool {
+            true
+        }
+
+        fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+
+        fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    /// Replies with a header and a data buffer of their own go out whole
+    /// and in order, beside one-buffer replies, however little the socket
+    /// takes per call; so does a split reply alone.
+    #[test]
+    fn split_and_whole_replies_go_out_in_order_whatever_the_socket_takes() {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        let budget = Arc::new(Semaphore::new(16));
+        let reply = |bytes: ReplyBytes| Reply {
+            bytes,
+            _permits: (
+                budget.clone().try_acquire_owned().unwrap(),
+                budget.clone().try_acquire_owned().unwrap(),
+            ),
+        };
+        let split = |head: &[u8], data: &[u8]| ReplyBytes::Split {
+            head: head.to_vec(),
+            data: IoBuf::copy_from(data),
+        };
+        let big: Vec<u8> = (0..5000u32).map(|i| i as u8).collect();
+        let batch = [
+            reply(split(b"head one", b"the first data")),
+            reply(vec![1, 2, 3].into()),
+            reply(split(b"h2", &big)),
+            reply(split(b"third header", b"x")),
+        ];
+        let mut want = b"head onethe first data".to_vec();
+        want.extend_from_slice(&[1, 2, 3]);
+        want.extend_from_slice(b"h2");
+        want.extend_from_slice(&big);
+        want.extend_from_slice(b"third headerx");
+        let mut socket = Trickle(Vec::new());
+        runtime.block_on(write_batch(&mut socket, &batch)).unwrap();
+        assert!(socket.0 == want, "the batch arrives whole and in order");
+
+        let alone = [reply(split(b"alone", &big))];
+        let mut socket = Trickle(Vec::new());
+        runtime.block_on(write_batch(&mut socket, &alone)).unwrap();
+        assert!(socket.0[..5] == *b"alone" && socket.0[5..] == big[..]);
+    }
+}
