@@ -570,6 +570,12 @@ fn a_panicking_driver_gets_an_error_reply() {
         assert_ne!(r.error, 0);
         let r = c.request(CMD_READ, 0, 512, 512, &[]).unwrap();
         assert_eq!((r.error, r.data), (0, vec![1; 512]));
+        // The same for reads large enough to get a data buffer of their
+        // own (the buffer goes down with the panicking request).
+        let r = c.request(CMD_READ, 0, 0, 64 << 10, &[]).unwrap();
+        assert_ne!(r.error, 0);
+        let r = c.request(CMD_READ, 0, 64 << 10, 64 << 10, &[]).unwrap();
+        assert_eq!((r.error, r.data), (0, vec![1; 64 << 10]));
         c.disconnect();
     }
     listener.shutdown();
