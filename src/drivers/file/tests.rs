@@ -37,6 +37,15 @@ fn on_io_thread<T: Send + 'static>(f: impl FnOnce() -> LocalFuture<T> + Send + '
     out
 }
 
+/// Counts one more write in flight on `driver`, for good: a buffered
+/// write alone takes the thread pool (`lone_buffered_write`), and the
+/// tests that call this need their writes on the ring.
+fn as_if_another_write_were_in_flight(driver: &FileDriver) {
+    driver
+        .writes
+        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+}
+
 /// A file of `len` bytes of `byte`.
 fn image(dir: &std::path::Path, len: usize, byte: u8) -> std::path::PathBuf {
     let path = dir.join("img");
@@ -153,12 +162,7 @@ fn dropped_requests_return_their_slots(direct: bool) {
     let path2 = path.clone();
     on_io_thread(move || {
         Box::pin(async move {
-            // As if another write were in flight: a buffered write alone
-            // takes the thread pool (`lone_buffered_write`), and these
-            // must go to the ring.
-            driver
-                .writes
-                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            as_if_another_write_were_in_flight(&driver);
             for round in 0..3u64 {
                 for i in 0..(POOL_SLOTS as u64 * 2) {
                     let offset = (i * 4096 + round * (1 << 20)) % (4 << 20);
@@ -473,10 +477,7 @@ fn owned_buffers_go_to_the_kernel_as_they_are(direct: bool) {
     on_io_thread(move || {
         Box::pin(async move {
             let ring = uring::current().unwrap();
-            // As if another write were in flight (see above).
-            driver
-                .writes
-                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            as_if_another_write_were_in_flight(&driver);
             // Completed: written and read back through the ring, in the
             // buffer that was moved in.
             let mut buf = IoBuf::zeroed(64 << 10);
@@ -755,10 +756,7 @@ fn gathered_writes_dropped_while_waiting_give_their_slots_back() {
     on_io_thread(move || {
         Box::pin(async move {
             let ring = uring::current().unwrap();
-            // As if another write were in flight (see above).
-            driver
-                .writes
-                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            as_if_another_write_were_in_flight(&driver);
             let driver = &driver;
             for round in 0..3u64 {
                 for i in 0..(POOL_SLOTS as u64 * 2) {
