@@ -45,6 +45,54 @@ pub(crate) fn set_thread_role(role: ThreadRole) {
     ROLE.with(|r| r.set(role));
 }
 
+thread_local! {
+    static IN_LOCAL_SET: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Whether the code running now is a task of this thread's `LocalSet` (an
+/// [`IoThread`](crate::graph::runtime::IoThread)'s tasks), so that
+/// `tokio::task::spawn_local` works here. False in plain tokio tasks on the
+/// same runtime, which run outside the `LocalSet`.
+pub(crate) fn in_local_set() -> bool {
+    IN_LOCAL_SET.with(Cell::get)
+}
+
+pin_project_lite::pin_project! {
+    /// A future polled as a task of the thread's `LocalSet`: marks the
+    /// thread as such for the length of each poll ([`in_local_set`]).
+    pub(crate) struct LocalSetTask<F> {
+        #[pin]
+        future: F,
+    }
+}
+
+impl<F> LocalSetTask<F> {
+    /// Wraps `future`, which is to be spawned with `spawn_local` and nowhere
+    /// else.
+    pub(crate) fn new(future: F) -> Self {
+        LocalSetTask { future }
+    }
+}
+
+impl<F: std::future::Future> std::future::Future for LocalSetTask<F> {
+    type Output = F::Output;
+
+    fn poll(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<F::Output> {
+        /// Puts the previous mark back, also when the poll unwinds.
+        struct Restore(bool);
+        impl Drop for Restore {
+            fn drop(&mut self) {
+                IN_LOCAL_SET.with(|m| m.set(self.0));
+            }
+        }
+        let _restore = Restore(IN_LOCAL_SET.with(|m| m.replace(true)));
+        self.project().future.poll(cx)
+    }
+}
+
 /// Panics if the I/O task being polled on this thread holds a read guard:
 /// `what` would block the thread until something happens that may need the
 /// writer, and the writer waits for that guard.
@@ -98,5 +146,55 @@ impl Drop for BqlScope {
         if self.owned {
             BQL_LENT.with(|lent| lent.set(false));
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::future::Future;
+    use std::pin::pin;
+    use std::task::{Context, Poll, Waker};
+
+    use super::{in_local_set, LocalSetTask};
+
+    #[test]
+    fn a_local_set_task_is_marked_only_while_it_is_polled() {
+        let mut seen = None;
+        let mut task = pin!(LocalSetTask::new(async {
+            seen = Some(in_local_set());
+        }));
+        assert!(!in_local_set());
+        let poll = task.as_mut().poll(&mut Context::from_waker(Waker::noop()));
+        assert!(poll.is_ready());
+        assert_eq!(seen, Some(true));
+        assert!(!in_local_set(), "the mark outlived the poll");
+    }
+
+    #[test]
+    fn a_panicking_local_set_task_leaves_no_mark() {
+        let caught = std::panic::catch_unwind(|| {
+            let mut task = pin!(LocalSetTask::new(async {
+                panic!("a task panics");
+            }));
+            let _: Poll<()> = task.as_mut().poll(&mut Context::from_waker(Waker::noop()));
+        });
+        assert!(caught.is_err());
+        assert!(!in_local_set(), "the mark outlived the unwinding poll");
+    }
+
+    #[test]
+    fn io_thread_tasks_are_marked_and_plain_tokio_tasks_are_not() {
+        let main = crate::MainLoop::new().unwrap();
+        let io = main.new_io_thread("marks").unwrap();
+        let (ours, plain) = io
+            .spawn(|_cx| async {
+                let plain = tokio::spawn(async { in_local_set() }).await.unwrap();
+                (in_local_set(), plain)
+            })
+            .join();
+        assert!(ours, "an IoThread task is a task of the thread's LocalSet");
+        assert!(!plain, "a plain tokio task runs outside the LocalSet");
+        io.shutdown();
+        main.shutdown();
     }
 }

@@ -797,3 +797,57 @@ fn gathered_writes_dropped_while_waiting_give_their_slots_back() {
         );
     }
 }
+
+/// A request first polled as a task of a `LocalSet` that the request's own
+/// code made, which is then dropped: the reaper spawned there goes with it,
+/// and its successor on the runtime finishes the request (`Reaper`'s `Drop`).
+/// `submitted`: whether the dropped reaper ran once (and submitted) first.
+fn a_reaper_dropped_with_its_local_set_hands_its_work_on(submitted: bool) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = image(dir.path(), 1 << 20, 0xC3);
+    let Some(driver) = open(&path, true) else {
+        return;
+    };
+    on_io_thread(move || {
+        Box::pin(async move {
+            let mut buf = vec![0u8; 64 << 10];
+            let mut read = Box::pin(driver.do_read(4096, &mut buf));
+            {
+                let local = tokio::task::LocalSet::new();
+                // As an `IoThread`'s task is polled, so that the reaper is
+                // spawned on `local`.
+                local
+                    .run_until(crate::thread::LocalSetTask::new(async {
+                        assert!(poll_once(read.as_mut()).is_pending());
+                        if submitted {
+                            tokio::task::yield_now().await;
+                        }
+                    }))
+                    .await;
+            }
+            tokio::time::timeout(Duration::from_secs(30), read)
+                .await
+                .expect("watchdog: the read waited for a reaper that was dropped")
+                .unwrap();
+            assert!(buf.iter().all(|&b| b == 0xC3));
+            // The ring has a reaper again when the next request comes.
+            let mut again = vec![0u8; 4096];
+            tokio::time::timeout(Duration::from_secs(30), driver.do_read(0, &mut again))
+                .await
+                .expect("watchdog: the next read found no reaper")
+                .unwrap();
+            assert!(again.iter().all(|&b| b == 0xC3));
+            ring_idle().await;
+        })
+    });
+}
+
+#[test]
+fn a_reaper_dropped_before_it_submitted_hands_its_work_on() {
+    a_reaper_dropped_with_its_local_set_hands_its_work_on(false);
+}
+
+#[test]
+fn a_reaper_dropped_after_it_submitted_hands_its_work_on() {
+    a_reaper_dropped_with_its_local_set_hands_its_work_on(true);
+}

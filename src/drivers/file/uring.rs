@@ -51,7 +51,10 @@
 //! kernel, submits what the requests queued (one `io_uring_enter` for all
 //! the requests that ran since it last did), waits for the descriptor to
 //! become readable, reaps completions, resubmits short transfers and wakes
-//! the requests. Everything on that thread: no futex, no other thread. A
+//! the requests. On an `IoThread` the reaper is a task of the thread's
+//! `LocalSet`, like the requests, so that they wake one another without a
+//! trip through the reactor; elsewhere it is a plain task (see [`Reaper`]
+//! for one dropped early). Everything on that thread: no futex, no other thread. A
 //! request polled anywhere else (the main loop, a test's own runtime, an
 //! embedder's executor, the blocking pool) uses the thread pool instead,
 //! per request; an [`Op`] that moves to another thread after it was queued
@@ -80,7 +83,7 @@ use io_uring::{opcode, squeue, types, IoUring};
 use tokio::io::unix::AsyncFd;
 use tokio::io::Interest;
 
-use crate::thread::{thread_role, ThreadRole};
+use crate::thread::{in_local_set, thread_role, ThreadRole};
 use crate::types::IoBuf;
 
 /// Buffers in a ring's pool (requests in flight before they get buffers of
@@ -604,7 +607,25 @@ impl Ring {
         let waker = inner.reaper_waker.take();
         drop(inner);
         if spawn {
-            runtime.spawn(reaper(self.clone()));
+            if in_local_set() {
+                // Beside the requests (an `IoThread`'s tasks are its
+                // `LocalSet`'s): the reaper, the requests it wakes and the
+                // reaper they wake in turn then run in one turn of the
+                // `LocalSet`, with no trip through the reactor between them
+                // (a plain task would wait for one: its wakes of `LocalSet`
+                // tasks go through the set's remote queue).
+                tokio::task::spawn_local(Reaper {
+                    ring: self.clone(),
+                    successor_on: Some(runtime),
+                    done: false,
+                });
+            } else {
+                runtime.spawn(Reaper {
+                    ring: self.clone(),
+                    successor_on: None,
+                    done: false,
+                });
+            }
         } else if let Some(w) = waker {
             w.wake();
         }
@@ -671,8 +692,59 @@ impl Ring {
     }
 }
 
-async fn reaper(ring: Arc<Ring>) {
-    std::future::poll_fn(|cx| ring.poll_reaper(cx)).await
+/// The reaper task (module docs): [`Ring::poll_reaper`] until it ends.
+///
+/// A reaper spawned on a `LocalSet` can be dropped before it ends: the set
+/// it landed in may be one that a request's own code made and dropped
+/// (`LocalSet::run_until` inside an I/O task) while operations were still
+/// in the kernel or not yet submitted. Nothing would submit or reap them
+/// again, and their requests would wait forever; so a dropped reaper with
+/// work left hands it to a successor, spawned as a plain task on the
+/// thread's runtime, which lives as long as the thread. A plain task is
+/// dropped unfinished only when that runtime shuts down; it then leaves
+/// the ring without a reaper, and [`Ring`]'s `Drop` waits for the kernel.
+struct Reaper {
+    ring: Arc<Ring>,
+    /// Where a successor runs, for a reaper spawned on a `LocalSet`.
+    successor_on: Option<tokio::runtime::Handle>,
+    /// [`Ring::poll_reaper`] returned `Ready` (and marked the ring as
+    /// having no reaper).
+    done: bool,
+}
+
+impl Future for Reaper {
+    type Output = ();
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        let poll = self.ring.poll_reaper(cx);
+        self.done = poll.is_ready();
+        poll
+    }
+}
+
+impl Drop for Reaper {
+    fn drop(&mut self) {
+        if self.done {
+            return;
+        }
+        let mut inner = self.ring.lock();
+        // The waker is this task's, which is gone.
+        inner.reaper_waker = None;
+        match self.successor_on.take() {
+            Some(runtime) if inner.in_kernel > 0 => {
+                // `reaper_running` stays set: the successor is the reaper
+                // now. If the runtime is shutting down, `spawn` drops it at
+                // once, and as a plain task it clears the flag.
+                drop(inner);
+                runtime.spawn(Reaper {
+                    ring: self.ring.clone(),
+                    successor_on: None,
+                    done: false,
+                });
+            }
+            _ => inner.reaper_running = false,
+        }
+    }
 }
 
 impl Drop for Ring {

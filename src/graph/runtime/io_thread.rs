@@ -8,7 +8,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::task::{run_and_send, TaskHandle};
 use crate::graph::runtime::{IoContext, IoTask};
-use crate::thread::{current_task, set_thread_role, thread_role, ThreadRole};
+use crate::thread::{current_task, set_thread_role, thread_role, LocalSetTask, ThreadRole};
 use crate::types::Result;
 
 type LocalFuture = Pin<Box<dyn Future<Output = ()>>>;
@@ -67,7 +67,7 @@ impl IoThread {
                 let local = tokio::task::LocalSet::new();
                 local.block_on(&runtime, async {
                     while let Some(job) = rx.recv().await {
-                        tokio::task::spawn_local(ctx.new_task(job));
+                        tokio::task::spawn_local(LocalSetTask::new(ctx.new_task(job)));
                     }
                 });
                 // Let the tasks already running finish: removing a thread
