@@ -181,20 +181,4 @@ mod tests {
         assert!(caught.is_err());
         assert!(!in_local_set(), "the mark outlived the unwinding poll");
     }
-
-    #[test]
-    fn io_thread_tasks_are_marked_and_plain_tokio_tasks_are_not() {
-        let main = crate::MainLoop::new().unwrap();
-        let io = main.new_io_thread("marks").unwrap();
-        let (ours, plain) = io
-            .spawn(|_cx| async {
-                let plain = tokio::spawn(async { in_local_set() }).await.unwrap();
-                (in_local_set(), plain)
-            })
-            .join();
-        assert!(ours, "an IoThread task is a task of the thread's LocalSet");
-        assert!(!plain, "a plain tokio task runs outside the LocalSet");
-        io.shutdown();
-        main.shutdown();
-    }
 }

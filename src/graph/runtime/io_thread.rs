@@ -208,3 +208,27 @@ impl std::fmt::Debug for IoThread {
             .finish()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use crate::thread::in_local_set;
+    use crate::MainLoop;
+
+    /// The file driver's ring puts its reaper beside the tasks that are
+    /// marked so (`drivers::file::uring`).
+    #[test]
+    fn io_thread_tasks_are_marked_as_local_set_tasks_and_plain_tokio_tasks_are_not() {
+        let main = MainLoop::new().unwrap();
+        let io = main.new_io_thread("marks").unwrap();
+        let (ours, plain) = io
+            .spawn(|_cx| async {
+                let plain = tokio::spawn(async { in_local_set() }).await.unwrap();
+                (in_local_set(), plain)
+            })
+            .join();
+        assert!(ours, "an IoThread task is a task of the thread's LocalSet");
+        assert!(!plain, "a plain tokio task runs outside the LocalSet");
+        io.shutdown();
+        main.shutdown();
+    }
+}
