@@ -53,6 +53,7 @@ thread_local! {
 /// [`IoThread`](crate::graph::runtime::IoThread)'s tasks), so that
 /// `tokio::task::spawn_local` works here. False in plain tokio tasks on the
 /// same runtime, which run outside the `LocalSet`.
+#[cfg_attr(not(feature = "io-uring"), allow(dead_code))] // read by the file driver's ring
 pub(crate) fn in_local_set() -> bool {
     IN_LOCAL_SET.with(Cell::get)
 }
