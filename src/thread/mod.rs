@@ -46,51 +46,80 @@ pub(crate) fn set_thread_role(role: ThreadRole) {
 }
 
 thread_local! {
-    static IN_LOCAL_SET: Cell<bool> = const { Cell::new(false) };
+    static LOCAL_SET: std::cell::RefCell<std::rc::Weak<tokio::task::LocalSet>> =
+        const { std::cell::RefCell::new(std::rc::Weak::new()) };
 }
 
-/// Whether the code running now is a task of this thread's `LocalSet` (an
-/// [`IoThread`](crate::graph::runtime::IoThread)'s tasks), so that
-/// `tokio::task::spawn_local` works here. False in plain tokio tasks on the
-/// same runtime, which run outside the `LocalSet`.
-#[cfg_attr(not(feature = "io-uring"), allow(dead_code))] // read by the file driver's ring
-pub(crate) fn in_local_set() -> bool {
-    IN_LOCAL_SET.with(Cell::get)
+/// Makes `set` this thread's task set, the one [`spawn_on_local_set`]
+/// spawns on: an [`IoThread`](crate::graph::runtime::IoThread) registers
+/// the `LocalSet` that runs its tasks, for as long as it lives.
+pub(crate) fn set_local_set(set: std::rc::Weak<tokio::task::LocalSet>) {
+    LOCAL_SET.with(|s| *s.borrow_mut() = set);
+    LOCAL_SET_STOP.with(|s| *s.borrow_mut() = (false, Vec::new()));
 }
 
-pin_project_lite::pin_project! {
-    /// A future polled as a task of the thread's `LocalSet`: marks the
-    /// thread as such for the length of each poll ([`in_local_set`]).
-    pub(crate) struct LocalSetTask<F> {
-        #[pin]
-        future: F,
-    }
+thread_local! {
+    /// Whether the thread's set is stopping, and who to wake when it does.
+    static LOCAL_SET_STOP: std::cell::RefCell<(bool, Vec<std::task::Waker>)> =
+        const { std::cell::RefCell::new((false, Vec::new())) };
 }
 
-impl<F> LocalSetTask<F> {
-    /// Wraps `future`, which is to be spawned with `spawn_local` and nowhere
-    /// else.
-    pub(crate) fn new(future: F) -> Self {
-        LocalSetTask { future }
-    }
+/// Whether this thread's set has been told to stop taking work
+/// ([`stop_local_set`]): a task that would otherwise wait for more (the
+/// file driver's idle reaper) ends instead, so that the set can finish.
+#[cfg_attr(not(feature = "io-uring"), allow(dead_code))] // used by the file driver's ring
+pub(crate) fn local_set_stopping() -> bool {
+    LOCAL_SET_STOP.try_with(|s| s.borrow().0).unwrap_or(true)
 }
 
-impl<F: std::future::Future> std::future::Future for LocalSetTask<F> {
-    type Output = F::Output;
-
-    fn poll(
-        self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<F::Output> {
-        /// Puts the previous mark back, also when the poll unwinds.
-        struct Restore(bool);
-        impl Drop for Restore {
-            fn drop(&mut self) {
-                IN_LOCAL_SET.with(|m| m.set(self.0));
+/// Wakes `waker` when this thread's set is told to stop (at once if it
+/// has been). One entry per task however often it asks.
+#[cfg_attr(not(feature = "io-uring"), allow(dead_code))] // used by the file driver's ring
+pub(crate) fn wake_when_local_set_stops(waker: &std::task::Waker) {
+    let stopping = LOCAL_SET_STOP
+        .try_with(|s| {
+            let mut s = s.borrow_mut();
+            if !s.0 && !s.1.iter().any(|w| w.will_wake(waker)) {
+                s.1.push(waker.clone());
             }
+            s.0
+        })
+        .unwrap_or(true);
+    if stopping {
+        waker.wake_by_ref();
+    }
+}
+
+/// Tells this thread's set to stop: wakes whoever waits for that
+/// ([`wake_when_local_set_stops`]). The `IoThread` calls it once it takes
+/// no more tasks, before it runs the ones left to their end.
+pub(crate) fn stop_local_set() {
+    let wakers = LOCAL_SET_STOP
+        .try_with(|s| {
+            let mut s = s.borrow_mut();
+            s.0 = true;
+            std::mem::take(&mut s.1)
+        })
+        .unwrap_or_default();
+    wakers.into_iter().for_each(std::task::Waker::wake);
+}
+
+/// Spawns `future` on this thread's task set ([`set_local_set`]), whatever
+/// task or set is running now; hands it back when the thread has none (or
+/// it is gone). Spawned from one of the set's own tasks, the new task and
+/// the tasks it wakes go through the set's local queue.
+#[cfg_attr(not(feature = "io-uring"), allow(dead_code))] // used by the file driver's ring
+pub(crate) fn spawn_on_local_set<F>(future: F) -> Result<(), F>
+where
+    F: std::future::Future<Output = ()> + 'static,
+{
+    let set = LOCAL_SET.try_with(|s| s.borrow().upgrade()).ok().flatten();
+    match set {
+        Some(set) => {
+            drop(set.spawn_local(future));
+            Ok(())
         }
-        let _restore = Restore(IN_LOCAL_SET.with(|m| m.replace(true)));
-        self.project().future.poll(cx)
+        None => Err(future),
     }
 }
 
@@ -152,34 +181,45 @@ impl Drop for BqlScope {
 
 #[cfg(test)]
 mod tests {
-    use std::future::Future;
-    use std::pin::pin;
-    use std::task::{Context, Poll, Waker};
+    use std::rc::Rc;
 
-    use super::{in_local_set, LocalSetTask};
+    use super::{set_local_set, spawn_on_local_set};
 
     #[test]
-    fn a_local_set_task_is_marked_only_while_it_is_polled() {
-        let mut seen = None;
-        let mut task = pin!(LocalSetTask::new(async {
-            seen = Some(in_local_set());
-        }));
-        assert!(!in_local_set());
-        let poll = task.as_mut().poll(&mut Context::from_waker(Waker::noop()));
-        assert!(poll.is_ready());
-        assert_eq!(seen, Some(true));
-        assert!(!in_local_set(), "the mark outlived the poll");
+    fn without_a_local_set_the_future_is_handed_back() {
+        let back = spawn_on_local_set(async {});
+        assert!(back.is_err());
     }
 
     #[test]
-    fn a_panicking_local_set_task_leaves_no_mark() {
-        let caught = std::panic::catch_unwind(|| {
-            let mut task = pin!(LocalSetTask::new(async {
-                panic!("a task panics");
-            }));
-            let _: Poll<()> = task.as_mut().poll(&mut Context::from_waker(Waker::noop()));
+    fn spawns_on_the_registered_set_even_from_inside_another() {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+            .unwrap();
+        let ours = Rc::new(tokio::task::LocalSet::new());
+        set_local_set(Rc::downgrade(&ours));
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        // From inside another set, which is dropped before it runs
+        // anything: the task lands on ours and runs there.
+        let other = tokio::task::LocalSet::new();
+        other.block_on(&runtime, async {
+            assert!(spawn_on_local_set(async move {
+                let _ = tx.send(());
+            })
+            .is_ok());
         });
-        assert!(caught.is_err());
-        assert!(!in_local_set(), "the mark outlived the unwinding poll");
+        drop(other);
+        ours.block_on(&runtime, async {
+            tokio::time::timeout(std::time::Duration::from_secs(30), rx)
+                .await
+                .expect("watchdog: the task never ran on the registered set")
+                .unwrap();
+        });
+        drop(ours);
+        assert!(
+            spawn_on_local_set(async {}).is_err(),
+            "a set that is gone takes no tasks"
+        );
     }
 }

@@ -7,12 +7,13 @@
 use std::future::Future;
 use std::io::Write as _;
 use std::pin::Pin;
+use std::rc::Rc;
 use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
 use super::uring::{self, POOL_SLOTS, RETAIN_BYTES};
 use super::{Aio, FileDriver, FileOptions};
-use crate::thread::{set_thread_role, ThreadRole};
+use crate::thread::{set_local_set, set_thread_role, ThreadRole};
 
 type LocalFuture<T> = Pin<Box<dyn Future<Output = T>>>;
 
@@ -798,11 +799,10 @@ fn gathered_writes_dropped_while_waiting_give_their_slots_back() {
     }
 }
 
-/// A request first polled as a task of a `LocalSet` that the request's own
-/// code made, which is then dropped: the reaper spawned there goes with it,
-/// and its successor on the runtime finishes the request (`Reaper`'s `Drop`).
-/// `submitted`: whether the dropped reaper ran once (and submitted) first.
-fn a_reaper_dropped_with_its_local_set_hands_its_work_on(submitted: bool) {
+/// A request polled first inside a `LocalSet` of the request's own, which
+/// is then dropped (`keep == false`) or kept and never driven again: its
+/// reaper runs on the thread's registered set all the same.
+fn a_request_polled_in_a_set_of_its_own_is_reaped_on_the_threads_set(keep: bool) {
     let dir = tempfile::tempdir().unwrap();
     let path = image(dir.path(), 1 << 20, 0xC3);
     let Some(driver) = open(&path, true) else {
@@ -810,27 +810,72 @@ fn a_reaper_dropped_with_its_local_set_hands_its_work_on(submitted: bool) {
     };
     on_io_thread(move || {
         Box::pin(async move {
+            // As an `IoThread` registers the set that runs its tasks.
+            let ours = Rc::new(tokio::task::LocalSet::new());
+            set_local_set(Rc::downgrade(&ours));
+            ours.run_until(async move {
+                let mut buf = vec![0u8; 64 << 10];
+                let mut read = Box::pin(driver.do_read(4096, &mut buf));
+                let mut theirs = Some(tokio::task::LocalSet::new());
+                if let Some(set) = &theirs {
+                    set.run_until(async { assert!(poll_once(read.as_mut()).is_pending()) })
+                        .await;
+                }
+                if !keep {
+                    theirs = None;
+                }
+                tokio::time::timeout(Duration::from_secs(30), read)
+                    .await
+                    .expect("watchdog: the read's reaper never ran")
+                    .unwrap();
+                assert!(buf.iter().all(|&b| b == 0xC3));
+                drop(theirs);
+                ring_idle().await;
+            })
+            .await;
+        })
+    });
+}
+
+#[test]
+fn a_request_polled_in_a_dropped_set_of_its_own_completes() {
+    a_request_polled_in_a_set_of_its_own_is_reaped_on_the_threads_set(false);
+}
+
+#[test]
+fn a_request_polled_in_an_undriven_set_of_its_own_completes() {
+    a_request_polled_in_a_set_of_its_own_is_reaped_on_the_threads_set(true);
+}
+
+/// The thread's registered set dropped with the reaper in it, before the
+/// reaper ran (`submitted == false`) or after it submitted: the reaper's
+/// successor on the runtime finishes the request (`Reaper`'s `Drop`), and
+/// the next request gets a reaper again.
+fn a_reaper_dropped_with_the_threads_set_hands_its_work_on(submitted: bool) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = image(dir.path(), 1 << 20, 0xC3);
+    let Some(driver) = open(&path, true) else {
+        return;
+    };
+    on_io_thread(move || {
+        Box::pin(async move {
+            let ours = Rc::new(tokio::task::LocalSet::new());
+            set_local_set(Rc::downgrade(&ours));
             let mut buf = vec![0u8; 64 << 10];
             let mut read = Box::pin(driver.do_read(4096, &mut buf));
-            {
-                let local = tokio::task::LocalSet::new();
-                // As an `IoThread`'s task is polled, so that the reaper is
-                // spawned on `local`.
-                local
-                    .run_until(crate::thread::LocalSetTask::new(async {
-                        assert!(poll_once(read.as_mut()).is_pending());
-                        if submitted {
-                            tokio::task::yield_now().await;
-                        }
-                    }))
-                    .await;
-            }
+            ours.run_until(async {
+                assert!(poll_once(read.as_mut()).is_pending());
+                if submitted {
+                    tokio::task::yield_now().await;
+                }
+            })
+            .await;
+            drop(ours);
             tokio::time::timeout(Duration::from_secs(30), read)
                 .await
                 .expect("watchdog: the read waited for a reaper that was dropped")
                 .unwrap();
             assert!(buf.iter().all(|&b| b == 0xC3));
-            // The ring has a reaper again when the next request comes.
             let mut again = vec![0u8; 4096];
             tokio::time::timeout(Duration::from_secs(30), driver.do_read(0, &mut again))
                 .await
@@ -844,10 +889,49 @@ fn a_reaper_dropped_with_its_local_set_hands_its_work_on(submitted: bool) {
 
 #[test]
 fn a_reaper_dropped_before_it_submitted_hands_its_work_on() {
-    a_reaper_dropped_with_its_local_set_hands_its_work_on(false);
+    a_reaper_dropped_with_the_threads_set_hands_its_work_on(false);
 }
 
 #[test]
 fn a_reaper_dropped_after_it_submitted_hands_its_work_on() {
-    a_reaper_dropped_with_its_local_set_hands_its_work_on(true);
+    a_reaper_dropped_with_the_threads_set_hands_its_work_on(true);
+}
+
+/// On the thread's registered set the reaper stays after its last request
+/// (it is not spawned again for every request at depth 1), and ends when
+/// the set is told to stop, so that the set can finish.
+#[test]
+fn an_idle_reaper_on_the_threads_set_lingers_until_the_set_stops() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = image(dir.path(), 1 << 20, 0xC3);
+    let Some(driver) = open(&path, true) else {
+        return;
+    };
+    on_io_thread(move || {
+        Box::pin(async move {
+            let ours = Rc::new(tokio::task::LocalSet::new());
+            set_local_set(Rc::downgrade(&ours));
+            ours.run_until(async {
+                for i in 0..3u64 {
+                    let mut buf = vec![0u8; 4096];
+                    driver.do_read(i * 4096, &mut buf).await.unwrap();
+                    assert!(buf.iter().all(|&b| b == 0xC3));
+                }
+            })
+            .await;
+            let ours = Rc::into_inner(ours).expect("the test holds the only reference");
+            let mut ours = std::pin::pin!(ours);
+            // The idle reaper is still a task of the set: it does not finish.
+            assert!(
+                tokio::time::timeout(Duration::from_millis(100), ours.as_mut())
+                    .await
+                    .is_err(),
+                "the reaper ended when idle instead of waiting for the next request"
+            );
+            crate::thread::stop_local_set();
+            tokio::time::timeout(Duration::from_secs(30), ours)
+                .await
+                .expect("watchdog: the idle reaper did not end when the set stopped");
+        })
+    });
 }

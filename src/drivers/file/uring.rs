@@ -54,7 +54,8 @@
 //! the requests. On an `IoThread` the reaper is a task of the thread's
 //! `LocalSet`, like the requests, so that they wake one another without a
 //! trip through the reactor; elsewhere it is a plain task (see [`Reaper`]
-//! for one dropped early). Everything on that thread: no futex, no other thread. A
+//! for one dropped early). Everything on that thread: no futex, no other
+//! thread. A
 //! request polled anywhere else (the main loop, a test's own runtime, an
 //! embedder's executor, the blocking pool) uses the thread pool instead,
 //! per request; an [`Op`] that moves to another thread after it was queued
@@ -83,7 +84,9 @@ use io_uring::{opcode, squeue, types, IoUring};
 use tokio::io::unix::AsyncFd;
 use tokio::io::Interest;
 
-use crate::thread::{in_local_set, thread_role, ThreadRole};
+use crate::thread::{
+    local_set_stopping, spawn_on_local_set, thread_role, wake_when_local_set_stops, ThreadRole,
+};
 use crate::types::IoBuf;
 
 /// Buffers in a ring's pool (requests in flight before they get buffers of
@@ -607,24 +610,20 @@ impl Ring {
         let waker = inner.reaper_waker.take();
         drop(inner);
         if spawn {
-            if in_local_set() {
-                // Beside the requests (an `IoThread`'s tasks are its
-                // `LocalSet`'s): the reaper, the requests it wakes and the
-                // reaper they wake in turn then run in one turn of the
-                // `LocalSet`, with no trip through the reactor between them
-                // (a plain task would wait for one: its wakes of `LocalSet`
-                // tasks go through the set's remote queue).
-                tokio::task::spawn_local(Reaper {
-                    ring: self.clone(),
-                    successor_on: Some(runtime),
-                    done: false,
-                });
-            } else {
-                runtime.spawn(Reaper {
-                    ring: self.clone(),
-                    successor_on: None,
-                    done: false,
-                });
+            // On an `IoThread`, beside the requests (its tasks are its
+            // `LocalSet`'s): the reaper, the requests it wakes and the
+            // reaper they wake in turn then run in one turn of the set,
+            // with no trip through the reactor between them (a plain task
+            // would wait for one: its wakes of the set's tasks go through
+            // the set's remote queue). Elsewhere, a plain task.
+            let reaper = Reaper {
+                ring: self.clone(),
+                successor_on: Some(runtime.clone()),
+                done: false,
+            };
+            if let Err(mut reaper) = spawn_on_local_set(reaper) {
+                reaper.successor_on = None;
+                runtime.spawn(reaper);
             }
         } else if let Some(w) = waker {
             w.wake();
@@ -640,8 +639,10 @@ impl Ring {
     }
 
     /// The reaper's body (see the module docs): submits, waits for the
-    /// descriptor, reaps; ends when nothing is in the kernel.
-    fn poll_reaper(&self, cx: &mut Context<'_>) -> Poll<()> {
+    /// descriptor, reaps; ends when nothing is in the kernel, unless it
+    /// `linger`s: then it waits, idle, for the next request, and ends only
+    /// when nothing is in the kernel and the thread's set is stopping.
+    fn poll_reaper(&self, cx: &mut Context<'_>, linger: bool) -> Poll<()> {
         let mut wake = Vec::new();
         let mut drops = Vec::new();
         loop {
@@ -655,7 +656,8 @@ impl Ring {
             // the kernel, so an idle ring has none.
             debug_assert!(inner.in_kernel > 0 || inner.pending.is_empty());
             let idle = inner.in_kernel == 0;
-            if idle {
+            let end = idle && (!linger || local_set_stopping());
+            if end {
                 inner.reaper_running = false;
                 inner.reaper_waker = None;
             } else {
@@ -667,8 +669,14 @@ impl Ring {
             drop(inner);
             wake.drain(..).for_each(Waker::wake);
             drops.clear();
-            if idle {
+            if end {
                 return Poll::Ready(());
+            }
+            if idle {
+                // Lingering: the next request wakes us (`reaper_waker`), or
+                // the set's stop does.
+                wake_when_local_set_stops(cx.waker());
+                return Poll::Pending;
             }
             match self.fd.poll_read_ready(cx) {
                 Poll::Pending => return Poll::Pending,
@@ -694,15 +702,19 @@ impl Ring {
 
 /// The reaper task (module docs): [`Ring::poll_reaper`] until it ends.
 ///
-/// A reaper spawned on a `LocalSet` can be dropped before it ends: the set
-/// it landed in may be one that a request's own code made and dropped
-/// (`LocalSet::run_until` inside an I/O task) while operations were still
-/// in the kernel or not yet submitted. Nothing would submit or reap them
-/// again, and their requests would wait forever; so a dropped reaper with
-/// work left hands it to a successor, spawned as a plain task on the
-/// thread's runtime, which lives as long as the thread. A plain task is
-/// dropped unfinished only when that runtime shuts down; it then leaves
-/// the ring without a reaper, and [`Ring`]'s `Drop` waits for the kernel.
+/// A reaper on the thread's `LocalSet` is dropped before it ends if the
+/// set is dropped first (the I/O thread unwinding from a panic, say) while
+/// operations are still in the kernel or not yet submitted. Nothing would
+/// submit or reap them again, and their requests would wait forever; so a
+/// dropped reaper with work left hands it to a successor, spawned as a
+/// plain task on the thread's runtime. A plain task is dropped unfinished
+/// only when that runtime shuts down; it then leaves the ring without a
+/// reaper, and [`Ring`]'s `Drop` waits for the kernel.
+///
+/// The reaper goes on the thread's own set ([`spawn_on_local_set`]), not on
+/// whichever set is running: a request's code may run it inside a set of
+/// its own (`LocalSet::run_until` in an I/O task), which it may then keep
+/// without driving it.
 struct Reaper {
     ring: Arc<Ring>,
     /// Where a successor runs, for a reaper spawned on a `LocalSet`.
@@ -716,7 +728,12 @@ impl Future for Reaper {
     type Output = ();
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
-        let poll = self.ring.poll_reaper(cx);
+        // On the thread's set, the reaper stays for the next request
+        // rather than be spawned again for it (a spawn on the set from
+        // outside it wakes the set's own future: one more turn of the
+        // runtime, with an `epoll_wait`, per request at depth 1).
+        let linger = self.successor_on.is_some();
+        let poll = self.ring.poll_reaper(cx, linger);
         self.done = poll.is_ready();
         poll
     }

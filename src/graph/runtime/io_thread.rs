@@ -8,7 +8,9 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::task::{run_and_send, TaskHandle};
 use crate::graph::runtime::{IoContext, IoTask};
-use crate::thread::{current_task, set_thread_role, thread_role, LocalSetTask, ThreadRole};
+use crate::thread::{
+    current_task, set_local_set, set_thread_role, stop_local_set, thread_role, ThreadRole,
+};
 use crate::types::Result;
 
 type LocalFuture = Pin<Box<dyn Future<Output = ()>>>;
@@ -64,14 +66,22 @@ impl IoThread {
             .name(format!("blockgraph-io-{name}"))
             .spawn(move || {
                 set_thread_role(ThreadRole::Io);
-                let local = tokio::task::LocalSet::new();
+                let local = std::rc::Rc::new(tokio::task::LocalSet::new());
+                // Where the file driver's ring spawns its reaper, beside
+                // the requests (`drivers::file::uring`).
+                set_local_set(std::rc::Rc::downgrade(&local));
                 local.block_on(&runtime, async {
                     while let Some(job) = rx.recv().await {
-                        tokio::task::spawn_local(LocalSetTask::new(ctx.new_task(job)));
+                        tokio::task::spawn_local(ctx.new_task(job));
                     }
                 });
                 // Let the tasks already running finish: removing a thread
                 // never cancels a request half way.
+                // Tasks that wait for more work (the file ring's idle
+                // reaper) end now. (The registration ends here too: the set
+                // is ours alone again.)
+                stop_local_set();
+                let local = std::rc::Rc::into_inner(local).expect("only the thread holds its set");
                 runtime.block_on(local);
             })?;
         Ok(IoThread {
@@ -211,23 +221,37 @@ impl std::fmt::Debug for IoThread {
 
 #[cfg(test)]
 mod tests {
-    use crate::thread::in_local_set;
+    use crate::thread::spawn_on_local_set;
     use crate::MainLoop;
 
-    /// The file driver's ring puts its reaper beside the tasks that are
-    /// marked so (`drivers::file::uring`).
+    /// The file driver's ring spawns its reaper on the thread's own set
+    /// (`drivers::file::uring`), also from a plain tokio task.
     #[test]
-    fn io_thread_tasks_are_marked_as_local_set_tasks_and_plain_tokio_tasks_are_not() {
+    fn io_threads_register_the_local_set_that_runs_their_tasks() {
         let main = MainLoop::new().unwrap();
-        let io = main.new_io_thread("marks").unwrap();
-        let (ours, plain) = io
+        let io = main.new_io_thread("set").unwrap();
+        let (from_task, from_plain) = io
             .spawn(|_cx| async {
-                let plain = tokio::spawn(async { in_local_set() }).await.unwrap();
-                (in_local_set(), plain)
+                let spawned = |tag: u8| {
+                    let (tx, rx) = tokio::sync::oneshot::channel();
+                    let ok = spawn_on_local_set(async move {
+                        let _ = tx.send(tag);
+                    })
+                    .is_ok();
+                    (ok, rx)
+                };
+                let (ok, rx) = spawned(1);
+                assert!(ok);
+                let from_task = rx.await.unwrap();
+                let plain = tokio::spawn(async move {
+                    let (ok, rx) = spawned(2);
+                    assert!(ok);
+                    rx.await.unwrap()
+                });
+                (from_task, plain.await.unwrap())
             })
             .join();
-        assert!(ours, "an IoThread task is a task of the thread's LocalSet");
-        assert!(!plain, "a plain tokio task runs outside the LocalSet");
+        assert_eq!((from_task, from_plain), (1, 2));
         io.shutdown();
         main.shutdown();
     }
