@@ -106,8 +106,10 @@ pub(crate) fn stop_local_set() {
 
 /// Spawns `future` on this thread's task set ([`set_local_set`]), whatever
 /// task or set is running now; hands it back when the thread has none (or
-/// it is gone). Spawned from one of the set's own tasks, the new task and
-/// the tasks it wakes go through the set's local queue.
+/// it is gone). The spawn also wakes the set's own future (one more turn
+/// of the runtime, which is why the file ring's reaper is spawned once and
+/// stays); what the new task wakes later, from inside the set, goes
+/// through the set's local queue.
 #[cfg_attr(not(feature = "io-uring"), allow(dead_code))] // used by the file driver's ring
 pub(crate) fn spawn_on_local_set<F>(future: F) -> Result<(), F>
 where
