@@ -799,20 +799,39 @@ fn gathered_writes_dropped_while_waiting_give_their_slots_back() {
     }
 }
 
-/// A request polled first inside a `LocalSet` of the request's own, which
-/// is then dropped (`keep == false`) or kept and never driven again: its
-/// reaper runs on the thread's registered set all the same.
-fn a_request_polled_in_a_set_of_its_own_is_reaped_on_the_threads_set(keep: bool) {
+/// Runs `f`'s future on an I/O thread (`on_io_thread`) with an `O_DIRECT`
+/// driver on a 1 MiB file of `0xC3` bytes and a `LocalSet` registered as
+/// the thread's, as an `IoThread` registers the set that runs its tasks.
+/// Skips where io_uring is not available.
+fn with_a_registered_set(
+    f: impl FnOnce(FileDriver, Rc<tokio::task::LocalSet>) -> LocalFuture<()> + Send + 'static,
+) {
     let dir = tempfile::tempdir().unwrap();
     let path = image(dir.path(), 1 << 20, 0xC3);
     let Some(driver) = open(&path, true) else {
         return;
     };
     on_io_thread(move || {
+        let ours = Rc::new(tokio::task::LocalSet::new());
+        set_local_set(Rc::downgrade(&ours));
+        f(driver, ours)
+    });
+}
+
+/// Awaits `read` under a watchdog that says what waited (`what`).
+async fn finishes(read: impl Future<Output = crate::types::Result<()>>, what: &str) {
+    tokio::time::timeout(Duration::from_secs(30), read)
+        .await
+        .unwrap_or_else(|_| panic!("watchdog: {what}"))
+        .unwrap();
+}
+
+/// A request polled first inside a `LocalSet` of the request's own, which
+/// is then dropped (`keep == false`) or kept and never driven again: its
+/// reaper runs on the thread's registered set all the same.
+fn a_request_polled_in_a_set_of_its_own_is_reaped_on_the_threads_set(keep: bool) {
+    with_a_registered_set(move |driver, ours| {
         Box::pin(async move {
-            // As an `IoThread` registers the set that runs its tasks.
-            let ours = Rc::new(tokio::task::LocalSet::new());
-            set_local_set(Rc::downgrade(&ours));
             ours.run_until(async move {
                 let mut buf = vec![0u8; 64 << 10];
                 let mut read = Box::pin(driver.do_read(4096, &mut buf));
@@ -824,10 +843,7 @@ fn a_request_polled_in_a_set_of_its_own_is_reaped_on_the_threads_set(keep: bool)
                 if !keep {
                     theirs = None;
                 }
-                tokio::time::timeout(Duration::from_secs(30), read)
-                    .await
-                    .expect("watchdog: the read's reaper never ran")
-                    .unwrap();
+                finishes(read, "the read's reaper never ran").await;
                 assert!(buf.iter().all(|&b| b == 0xC3));
                 drop(theirs);
                 ring_idle().await;
@@ -852,15 +868,8 @@ fn a_request_polled_in_an_undriven_set_of_its_own_completes() {
 /// successor on the runtime finishes the request (`Reaper`'s `Drop`), and
 /// the next request gets a reaper again.
 fn a_reaper_dropped_with_the_threads_set_hands_its_work_on(submitted: bool) {
-    let dir = tempfile::tempdir().unwrap();
-    let path = image(dir.path(), 1 << 20, 0xC3);
-    let Some(driver) = open(&path, true) else {
-        return;
-    };
-    on_io_thread(move || {
+    with_a_registered_set(move |driver, ours| {
         Box::pin(async move {
-            let ours = Rc::new(tokio::task::LocalSet::new());
-            set_local_set(Rc::downgrade(&ours));
             let mut buf = vec![0u8; 64 << 10];
             let mut read = Box::pin(driver.do_read(4096, &mut buf));
             ours.run_until(async {
@@ -871,16 +880,14 @@ fn a_reaper_dropped_with_the_threads_set_hands_its_work_on(submitted: bool) {
             })
             .await;
             drop(ours);
-            tokio::time::timeout(Duration::from_secs(30), read)
-                .await
-                .expect("watchdog: the read waited for a reaper that was dropped")
-                .unwrap();
+            finishes(read, "the read waited for a reaper that was dropped").await;
             assert!(buf.iter().all(|&b| b == 0xC3));
             let mut again = vec![0u8; 4096];
-            tokio::time::timeout(Duration::from_secs(30), driver.do_read(0, &mut again))
-                .await
-                .expect("watchdog: the next read found no reaper")
-                .unwrap();
+            finishes(
+                driver.do_read(0, &mut again),
+                "the next read found no reaper",
+            )
+            .await;
             assert!(again.iter().all(|&b| b == 0xC3));
             ring_idle().await;
         })
@@ -902,15 +909,8 @@ fn a_reaper_dropped_after_it_submitted_hands_its_work_on() {
 /// the set is told to stop, so that the set can finish.
 #[test]
 fn an_idle_reaper_on_the_threads_set_lingers_until_the_set_stops() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = image(dir.path(), 1 << 20, 0xC3);
-    let Some(driver) = open(&path, true) else {
-        return;
-    };
-    on_io_thread(move || {
+    with_a_registered_set(|driver, ours| {
         Box::pin(async move {
-            let ours = Rc::new(tokio::task::LocalSet::new());
-            set_local_set(Rc::downgrade(&ours));
             ours.run_until(async {
                 for i in 0..3u64 {
                     let mut buf = vec![0u8; 4096];
