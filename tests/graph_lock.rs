@@ -402,3 +402,69 @@ fn join_tokio<T>(rt: &tokio::runtime::Runtime, task: tokio::task::JoinHandle<T>,
         Err(_) => panic!("timed out waiting for {what}"),
     }
 }
+
+/// A waker that panics when woken: an executor's or a hostile caller's.
+struct PanickingWaker;
+
+impl std::task::Wake for PanickingWaker {
+    fn wake(self: Arc<Self>) {
+        panic!("a reader's waker panics when woken (expected by this test)");
+    }
+}
+
+/// An I/O task queues for the read lock behind a writer under a waker that
+/// panics, and a reader queues after it: when the writer leaves, the other
+/// reader gets in, and the panic unwinds neither into the main loop's
+/// writer nor anywhere else that is not at fault.
+#[test]
+fn a_readers_panicking_waker_costs_the_writer_and_other_readers_nothing() {
+    let _wd = watchdog("panicking_reader_waker", Duration::from_secs(120));
+    let main = MainLoop::new().unwrap();
+    let io0 = main.new_io_thread("io0").unwrap();
+    let io1 = main.new_io_thread("io1").unwrap();
+
+    // A reader keeps the writer waiting until it is released.
+    let (release, released) = oneshot::channel::<()>();
+    let (held_tx, held_rx) = mpsc::channel();
+    let holder = io0.spawn(move |mut cx| async move {
+        let guard = cx.read().await;
+        held_tx.send(()).unwrap();
+        released.await.unwrap();
+        drop(guard);
+    });
+    recv(&held_rx, "the first reader to take the read lock");
+    let writer = main.spawn(|mut cx| async move { cx.write(|_| "left").await });
+    wait_until("the writer waits", || main.writer_active());
+
+    // Queued behind the writer: first the panicking waker, then a reader.
+    let (queued_tx, queued_rx) = mpsc::channel();
+    let reader = io1.spawn(move |mut cx| async move {
+        let waker = std::task::Waker::from(Arc::new(PanickingWaker));
+        let polled = {
+            let read = std::pin::pin!(cx.read());
+            std::future::Future::poll(read, &mut std::task::Context::from_waker(&waker)).map(drop)
+        };
+        assert!(polled.is_pending(), "the writer let a reader in");
+        queued_tx.send(()).unwrap();
+        let guard = cx.read().await;
+        drop(guard);
+        "read"
+    });
+    recv(&queued_rx, "the panicking waker to queue");
+    // Time for the reader to queue behind it (nothing signals that; if it
+    // queued later, it would find the writer gone and the test would prove
+    // less, not fail).
+    thread::sleep(Duration::from_millis(100));
+
+    release.send(()).unwrap();
+    join(holder, "the first reader");
+    assert_eq!(join(writer, "the writer"), "left");
+    assert_eq!(
+        join(reader, "the reader queued after the panicking waker"),
+        "read"
+    );
+    assert_eq!(main.readers_inside(), 0);
+    let again = main.spawn(|mut cx| async move { cx.write(|_| ()).await });
+    join(again, "a writer after the panic");
+    main.shutdown();
+}

@@ -14,6 +14,7 @@ use futures::stream::Stream;
 use futures::task::AtomicWaker;
 
 use super::status::JobStatus;
+use crate::sync::wake::wake_catching;
 
 /// Read or write: which half of a copy failed (QEMU's `IoOperationType`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -96,13 +97,13 @@ impl Subscriber {
         q.events.push_back(event);
         drop(q);
         self.ready.notify_all();
-        self.waker.wake();
+        wake_catching(|| self.waker.wake(), "a job event");
     }
 
     pub(crate) fn close(&self) {
         self.queue.lock().unwrap_or_else(|e| e.into_inner()).closed = true;
         self.ready.notify_all();
-        self.waker.wake();
+        wake_catching(|| self.waker.wake(), "a job event stream closing");
     }
 }
 

@@ -28,6 +28,7 @@ use super::primitives::{
     register_waker, seq_cst_point, thread_id, thread_id_if_assigned, Arc, AtomicBool, AtomicU64,
     AtomicUsize, AtomicWaker, Mutex, Ordering,
 };
+use super::wake::{wake_catching, wake_each};
 
 /// `owner` of a shard no thread has claimed yet (asymmetric mode).
 const UNCLAIMED: u64 = u64::MAX;
@@ -446,7 +447,10 @@ impl GraphLock {
         // The writer re-sums on every wake-up; a reader cannot tell cheaply
         // whether it was the last one (the counts are split), and waking is
         // only paid while a writer waits.
-        self.writer_waker.wake();
+        wake_catching(
+            || self.writer_waker.wake(),
+            "a reader leaving the graph lock",
+        );
     }
 
     /// Enters a read section, parking the task while a writer is active.
@@ -667,9 +671,7 @@ impl GraphLock {
             }
             self.set_writer_flags(false);
             let queued = std::mem::take(&mut *lock(&self.queued_readers));
-            for waker in queued {
-                waker.wake();
-            }
+            wake_each(queued, "the graph writer leaving");
         }
     }
 
@@ -760,7 +762,9 @@ mod report_timer {
             });
             if !due.is_empty() {
                 drop(queue);
-                due.into_iter().for_each(Waker::wake);
+                // A panicking waker must not end this thread, which every
+                // later report in the process needs.
+                crate::sync::wake::wake_each(due, "the lock report timer");
                 queue = super::lock_std(&QUEUE);
                 continue;
             }

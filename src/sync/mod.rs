@@ -9,6 +9,7 @@ pub(crate) mod graph_lock;
 pub(crate) mod membarrier;
 pub(crate) mod primitives;
 pub(crate) mod wait_list;
+pub(crate) mod wake;
 
 #[cfg(test)]
 mod tests;

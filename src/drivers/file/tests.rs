@@ -819,11 +819,22 @@ fn with_a_registered_set(
 }
 
 /// Awaits `read` under a watchdog that says what waited (`what`).
+///
+/// The watchdog is polled first: a read whose wake-up was lost, although
+/// its operation completed, fails here when the watchdog's timer wakes the
+/// task, rather than finish late (as under `tokio::time::timeout`, which
+/// polls the read first).
 async fn finishes(read: impl Future<Output = crate::types::Result<()>>, what: &str) {
-    tokio::time::timeout(Duration::from_secs(30), read)
-        .await
-        .unwrap_or_else(|_| panic!("watchdog: {what}"))
-        .unwrap();
+    let mut read = std::pin::pin!(read);
+    let mut watchdog = std::pin::pin!(tokio::time::sleep(Duration::from_secs(30)));
+    std::future::poll_fn(|cx| {
+        if watchdog.as_mut().poll(cx).is_ready() {
+            panic!("watchdog: {what}");
+        }
+        read.as_mut().poll(cx)
+    })
+    .await
+    .unwrap();
 }
 
 /// A request polled first inside a `LocalSet` of the request's own, which
@@ -932,6 +943,53 @@ fn an_idle_reaper_on_the_threads_set_lingers_until_the_set_stops() {
             tokio::time::timeout(Duration::from_secs(30), ours)
                 .await
                 .expect("watchdog: the idle reaper did not end when the set stopped");
+        })
+    });
+}
+
+/// Reads reaped in one pass, the first ones polled by a task whose waker
+/// panics: the reaper wakes the read after them all the same, and it goes
+/// on reaping for the next request (`sync::wake`).
+#[test]
+fn a_panicking_waker_costs_no_other_request_its_wake_up() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = image(dir.path(), 1 << 20, 0x5A);
+    // Buffered reads of cached pages complete while they are submitted,
+    // so the reaper reaps them together, in the order they were queued.
+    let Some(driver) = open(&path, false) else {
+        return;
+    };
+    on_io_thread(move || {
+        Box::pin(async move {
+            let panicking = crate::sync::wake::panicking_waker();
+            let mut bufs = vec![vec![0u8; 4096]; 4];
+            let mut reads: Vec<_> = bufs
+                .iter_mut()
+                .enumerate()
+                .map(|(i, buf)| Box::pin(driver.do_read(i as u64 * 4096, buf)))
+                .collect();
+            for read in &mut reads {
+                let polled = read.as_mut().poll(&mut Context::from_waker(&panicking));
+                assert!(polled.is_pending());
+            }
+            let mut last = vec![0u8; 4096];
+            finishes(
+                driver.do_read(8 * 4096, &mut last),
+                "the read reaped after the panicking wakers was never woken",
+            )
+            .await;
+            assert!(last.iter().all(|&b| b == 0x5A));
+            for read in reads {
+                finishes(read, "a read whose waker panicked").await;
+            }
+            let mut next = vec![0u8; 4096];
+            finishes(
+                driver.do_read(0, &mut next),
+                "the next read found no reaper",
+            )
+            .await;
+            ring_idle().await;
+            drop(bufs);
         })
     });
 }

@@ -84,6 +84,7 @@ use io_uring::{opcode, squeue, types, IoUring};
 use tokio::io::unix::AsyncFd;
 use tokio::io::Interest;
 
+use crate::sync::wake::wake_each;
 use crate::thread::{
     local_set_stopping, spawn_on_local_set, thread_role, wake_when_local_set_stops, ThreadRole,
 };
@@ -96,6 +97,8 @@ pub(super) const POOL_SLOTS: usize = 64;
 pub(super) const SLOT_SIZE: usize = 64 << 10;
 /// Memory alignment of every buffer (enough for any `O_DIRECT` device).
 const MEM_ALIGN: usize = 4096;
+/// The reaper, as `sync::wake` names it when a requester's waker panics.
+const REAPER: &str = "the file ring's reaper";
 /// Submission queue entries; the completion queue has four times as many.
 const SQ_ENTRIES: u32 = 256;
 /// Largest transfer in one SQE (a longer request is resubmitted in parts).
@@ -667,7 +670,9 @@ impl Ring {
                 }
             }
             drop(inner);
-            wake.drain(..).for_each(Waker::wake);
+            // A requester's waker may panic: the others are woken all
+            // the same, and the reaper goes on (`sync::wake`).
+            wake_each(wake.drain(..), REAPER);
             drops.clear();
             if end {
                 return Poll::Ready(());
@@ -692,7 +697,7 @@ impl Ring {
                     inner.reaper_running = false;
                     inner.reaper_waker = None;
                     drop(inner);
-                    wake.drain(..).for_each(Waker::wake);
+                    wake_each(wake.drain(..), REAPER);
                     return Poll::Ready(());
                 }
             }

@@ -39,8 +39,9 @@
 //! reach zero.
 //!
 //! A panic must not unwind out of the `extern "C"` callback: it calls only
-//! librbd, atomics and `Waker::wake`; should a waker panic, Rust aborts the
-//! process at the `extern "C"` boundary rather than unwinding into C.
+//! librbd, atomics and the requester's waker, whose panic is caught
+//! (`sync::wake`) so that the completion is still counted out of the image's
+//! [`InFlight`] and nothing unwinds into C.
 
 use std::cell::UnsafeCell;
 use std::ffi::c_void;
@@ -52,6 +53,7 @@ use std::task::{Context, Poll};
 
 use futures::task::AtomicWaker;
 
+use crate::sync::wake::wake_catching;
 use crate::types::{Error, Result};
 
 use super::ffi::Handle;
@@ -114,7 +116,8 @@ extern "C" fn complete(completion: Handle, arg: *mut c_void) {
         shared.ret.store(-i64::from(libc::EIO), Ordering::Relaxed);
     }
     shared.done.store(true, Ordering::Release);
-    shared.waker.wake();
+    // A panic must not unwind into librbd (module docs).
+    wake_catching(|| shared.waker.wake(), "a Ceph completion");
     let in_flight = shared.in_flight.clone();
     drop(shared);
     in_flight.end();

@@ -179,6 +179,56 @@ fn queued_readers_all_resume_when_the_writer_leaves() {
     }
 }
 
+/// A queued reader whose waker panics: the writer leaves all the same,
+/// and the readers queued after it are woken (`sync::wake`).
+#[test]
+fn a_panicking_reader_waker_costs_no_other_reader_its_wake_up() {
+    for lock in locks() {
+        let shards: Vec<_> = (0..3).map(|_| lock.new_shard()).collect();
+        lock.write_announce();
+        let panicking = crate::sync::wake::panicking_waker();
+        assert!(lock
+            .poll_read(&shards[0], &mut Context::from_waker(&panicking))
+            .is_pending());
+        let wakers: Vec<_> = shards[1..].iter().map(|_| counting_waker()).collect();
+        for (s, (_, w)) in shards[1..].iter().zip(&wakers) {
+            assert!(lock.poll_read(s, &mut Context::from_waker(w)).is_pending());
+        }
+        lock.write_leave();
+        assert!(!lock.writer_active());
+        for (woken, _) in &wakers {
+            assert_eq!(woken.0.load(Ordering::SeqCst), 1, "a wake-up was lost");
+        }
+        for s in &shards {
+            assert!(lock
+                .poll_read(s, &mut Context::from_waker(Waker::noop()))
+                .is_ready());
+            lock.read_unlock(s);
+        }
+    }
+}
+
+/// The writer's waker panics when the last reader leaves: the reader's
+/// guard is released all the same, and the writer gets in.
+#[test]
+fn a_panicking_writer_waker_does_not_unwind_into_the_last_reader() {
+    for lock in locks() {
+        let shard = lock.new_shard();
+        assert!(lock.try_read(&shard));
+        lock.write_announce();
+        let panicking = crate::sync::wake::panicking_waker();
+        assert!(lock
+            .poll_readers_gone(&mut Context::from_waker(&panicking))
+            .is_pending());
+        lock.read_unlock(&shard);
+        assert_eq!(lock.total_readers(), 0);
+        assert!(lock
+            .poll_readers_gone(&mut Context::from_waker(Waker::noop()))
+            .is_ready());
+        lock.write_leave();
+    }
+}
+
 #[test]
 fn nested_writers_keep_the_flag_until_the_outermost_leaves() {
     for lock in locks() {
