@@ -114,12 +114,21 @@ impl Qcow2Driver {
     /// The persistent dirty bitmaps stored in the image (name, granularity,
     /// flags), in directory order; empty when it has none.
     ///
+    /// This is the image's bitmap directory as it stands on disk (read at
+    /// open, updated when a write marks it in use and when the bitmaps are
+    /// stored), not the live bitmaps: those are the node's ([`NodeRef::dirty_bitmaps`]),
+    /// which track writes from the open on and are stored back at the
+    /// flush to close ([`BlockDriver::flush_to_close`], DESIGN §15). The
+    /// first change to guest data after a load or a store marks every
+    /// bitmap here `in_use` on disk, so a crash before the next store
+    /// leaves them inconsistent, as QEMU would.
+    ///
     /// Only a consistent bitmaps extension (auto-clear bit 0 set) is
     /// listed: without the bit, a program that does not know bitmaps wrote
-    /// the image and QEMU ignores them too. We keep the bitmaps (their
-    /// clusters are never freed) but do not track writes: the first change
-    /// we make to the image's data marks every bitmap in use (QEMU then
-    /// treats it as inconsistent; `qemu-img bitmap --remove` deletes it).
+    /// the image and QEMU ignores them too.
+    ///
+    /// [`NodeRef::dirty_bitmaps`]: crate::NodeRef::dirty_bitmaps
+    /// [`BlockDriver::flush_to_close`]: crate::driver::BlockDriver::flush_to_close
     pub fn bitmaps(&self) -> Vec<BitmapInfo> {
         self.bitmap_infos
             .lock()
