@@ -16,7 +16,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use blockgraph::job::{self, JobEvent, JobOptions, StreamOptions};
-use blockgraph::Error;
+use blockgraph::{Error, NodeHandle};
 
 use common::{join, watchdog};
 use job_util::{
@@ -82,6 +82,7 @@ fn stream_030(with_base: bool) {
         chain.images[1].node.clone(),
         chain.images[2].node.clone(),
     );
+    let files: Vec<NodeHandle> = chain.images.iter().map(|i| i.file.clone()).collect();
     let vda = add_vda(&env, &top);
 
     // Guests on both I/O threads, for the whole job and a little after.
@@ -118,9 +119,16 @@ fn stream_030(with_base: bool) {
     wrote.extend(join(g1, "guest 1"));
     apply(&mut expected, &wrote);
 
-    // The graph: top's backing is base, or nothing; mid is gone.
+    // The graph: top's backing is base, or nothing; mid is gone, and so is
+    // its file node (and base's without a base), as after a commit.
     let (t, m, b) = (top.clone(), mid.clone(), base.clone());
     env.main.run(move |bql| {
+        let in_graph: Vec<bool> = files.iter().map(|f| f.gs(bql).is_in_graph()).collect();
+        assert_eq!(
+            in_graph,
+            [true, false, with_base],
+            "file nodes of top, mid, base"
+        );
         let below: Vec<String> = t
             .gs(bql)
             .backing_chain()

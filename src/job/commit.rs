@@ -18,7 +18,7 @@ use super::copy::{copy_range, read_then_write, ChunkError, CopyChunks, CopyOptio
 use super::driver::{JobCx, JobDriver};
 use super::filter::JobFilter;
 use super::handle::{Job, JobOptions};
-use super::setup::{job_backend, launch, ChainOptions};
+use super::setup::{dropped_with_their_files, job_backend, launch, remove_unused, ChainOptions};
 use super::status::JobType;
 
 /// What to commit (QEMU's `block-commit` arguments, for a `top` that is
@@ -556,19 +556,7 @@ impl JobDriver for CommitJob {
         let intermediates = self.intermediates.clone();
         cx.on_main_loop(move |bql| {
             // The committed images and their files, each drained.
-            let mut doomed = Vec::new();
-            for n in &intermediates {
-                let g = n.gs(bql);
-                if !g.is_in_graph() {
-                    continue;
-                }
-                doomed.push(n.clone());
-                doomed.extend(
-                    g.children()
-                        .filter(|c| matches!(c.role, ChildRole::File | ChildRole::Data))
-                        .map(|c| c.node.to_handle()),
-                );
-            }
+            let doomed = dropped_with_their_files(bql, &intermediates);
             let filter_drained = bql.drain(&filter);
             let overlay_drained = bql.drain(&overlay);
             let drained: Vec<_> = doomed.iter().map(|n| bql.drain(n)).collect();
@@ -578,14 +566,7 @@ impl JobDriver for CommitJob {
                     w.remove_backend(&writer)?;
                     w.remove_filter(&filter_drained)?;
                     w.set_backing(&overlay_drained, Some(&base))?;
-                    // Top down: each removal leaves the next one unused.
-                    for d in &drained {
-                        let unused = w.node(d.name()).is_some_and(|n| n.parents().len() == 0);
-                        if unused {
-                            w.remove_node(d)?;
-                        }
-                    }
-                    Ok(())
+                    remove_unused(w, &drained)
                 })
             })
         })

@@ -5,9 +5,9 @@
 //! sequence, and small graph helpers.
 
 use crate::graph::backend::BackendOptions;
-use crate::graph::proof::{Bql, NodeHandle};
+use crate::graph::proof::{Bql, Drained, GraphWriter, NodeHandle};
 use crate::graph::runtime::IoThreadHandle;
-use crate::types::{Perm, Permissions, Result};
+use crate::types::{ChildRole, Perm, Permissions, Result};
 
 use super::copy::CopyOptions;
 use super::driver::JobDriver;
@@ -133,6 +133,40 @@ pub(super) fn length_of(bql: &mut Bql, io: &IoThreadHandle, node: &NodeHandle) -
         let g = cx.read().await;
         n.try_io(&g)?.length().await
     }))
+}
+
+/// The images a backing-chain job drops from the chain (those of `images`
+/// still in the graph, top down), each followed by its file and data
+/// nodes: what stream and commit remove at the end where nothing else uses
+/// it ([`remove_unused`]).
+pub(super) fn dropped_with_their_files(bql: &mut Bql, images: &[NodeHandle]) -> Vec<NodeHandle> {
+    let mut dropped = Vec::new();
+    for n in images {
+        let g = n.gs(bql);
+        if !g.is_in_graph() {
+            continue;
+        }
+        dropped.push(n.clone());
+        dropped.extend(
+            g.children()
+                .filter(|c| matches!(c.role, ChildRole::File | ChildRole::Data))
+                .map(|c| c.node.to_handle()),
+        );
+    }
+    dropped
+}
+
+/// Removes each of `drained`, in order, that no parent uses: in the order
+/// of [`dropped_with_their_files`] each removal leaves the next one
+/// unused, and a node that something else still uses (another overlay
+/// shares the image, a user holds a backend on it) stays.
+pub(super) fn remove_unused(w: &mut GraphWriter<'_>, drained: &[Drained<'_>]) -> Result<()> {
+    for d in drained {
+        if w.node(d.name()).is_some_and(|n| n.parents().len() == 0) {
+            w.remove_node(d)?;
+        }
+    }
+    Ok(())
 }
 
 /// A job's own backend: takes `take`, shares `share`, and stays on its

@@ -15,7 +15,7 @@ use super::copy::{copy_range, ChunkError, CopyChunks, CopyOptions};
 use super::driver::{JobCx, JobDriver};
 use super::filter::JobFilter;
 use super::handle::{Job, JobOptions};
-use super::setup::{job_backend, launch, ChainOptions};
+use super::setup::{dropped_with_their_files, job_backend, launch, remove_unused, ChainOptions};
 use super::status::JobType;
 
 /// What to stream (QEMU's `block-stream` arguments).
@@ -83,7 +83,8 @@ enum Header {
 /// * **Prepare** (finalization): on the main loop, drains of the filter,
 ///   `top` and every intermediate, and one write section that removes the
 ///   job's backend and the filter, makes `base` `top`'s backing and
-///   removes the intermediates nobody else uses; then, in the I/O task,
+///   removes the intermediates and their file nodes that nobody else
+///   uses (as commit does), all in one transaction; then, in the I/O task,
 ///   under the read lock, the new backing file name is written into
 ///   `top`'s qcow2 header ([`Qcow2Driver::change_backing_file`], after a
 ///   flush). The graph changes before the header, as in QEMU; both orders
@@ -295,20 +296,20 @@ impl JobDriver for StreamJob {
         );
         let intermediates = self.intermediates.clone();
         cx.on_main_loop(move |bql| {
+            // The dropped images and their files, each drained.
+            let doomed = dropped_with_their_files(bql, &intermediates);
             let filter_drained = bql.drain(&filter);
             let top_drained = bql.drain(&top);
-            let drained: Vec<_> = intermediates.iter().map(|n| bql.drain(n)).collect();
+            let drained: Vec<_> = doomed.iter().map(|n| bql.drain(n)).collect();
+            // One transaction: a failure leaves the chain, the filter and
+            // the job's backend as they were, for `clean`.
             bql.write(|w| {
-                w.remove_backend(&blk)?;
-                w.remove_filter(&filter_drained)?;
-                w.set_backing(&top_drained, base.as_ref())?;
-                for d in &drained {
-                    let unused = w.node(d.name()).is_some_and(|n| n.parents().len() == 0);
-                    if unused {
-                        w.remove_node(d)?;
-                    }
-                }
-                Ok::<_, Error>(())
+                w.transaction(|w| {
+                    w.remove_backend(&blk)?;
+                    w.remove_filter(&filter_drained)?;
+                    w.set_backing(&top_drained, base.as_ref())?;
+                    remove_unused(w, &drained)
+                })
             })
         })
         .await??;
