@@ -291,6 +291,91 @@ fn reopen_replaces_the_groups_limits_and_keeps_them_on_error() {
     main.shutdown();
 }
 
+/// A reopen is part of its transaction: when a later step of the
+/// transaction fails (another reopen, or a graph change), the limits it
+/// set go back to what they were, for every node of the transaction and in
+/// the right order when one group is reopened twice; a committed reopen
+/// stays and is what the next rollback returns to.
+#[test]
+fn a_reopen_rolls_back_with_its_transaction() {
+    let main = MainLoop::new().unwrap();
+    let shared = ThrottleGroup::new("shared", iops(100)).unwrap();
+    let (a, _va) = add_stack(&main, 0, shared.clone());
+    let (b, _vb) = add_stack(&main, 1, shared.clone());
+    let (c, _vc) = add_stack(&main, 2, ThrottleGroup::new("own", iops(7)).unwrap());
+    let limits = |h: &NodeHandle| {
+        let h = h.clone();
+        main.run(move |bql| {
+            h.gs(bql)
+                .driver_as::<ThrottleDriver>()
+                .unwrap()
+                .group()
+                .config()
+        })
+    };
+
+    // Both nodes of the shared group and a node of its own reopened, then
+    // a reopen that fails: everything is as before.
+    let (ha, hb, hc) = (a.clone(), b.clone(), c.clone());
+    let err = main
+        .run(move |bql| {
+            let (da, db, dc) = (bql.drain(&ha), bql.drain(&hb), bql.drain(&hc));
+            bql.write(|w| {
+                w.transaction(|w| {
+                    w.reopen(&da, &[("iops-total", "200")])?;
+                    w.reopen(&db, &[("iops-total", "300")])?;
+                    w.reopen(&dc, &[("iops-total", "8")])?;
+                    w.reopen(&dc, &[("iops-total", "0")])
+                })
+            })
+        })
+        .unwrap_err();
+    assert!(
+        err.to_string().contains("iops-total must be positive"),
+        "{err}"
+    );
+    assert_eq!(limits(&a), iops(100), "the shared group after the rollback");
+    assert_eq!(limits(&c), iops(7), "the other group after the rollback");
+
+    // A reopen, then a graph change that fails (a name already taken).
+    let hc = c.clone();
+    let err = main
+        .run(move |bql| {
+            let dc = bql.drain(&hc);
+            bql.write(|w| {
+                w.transaction(|w| {
+                    w.reopen(&dc, &[("iops-total", "9")])?;
+                    w.add_node("thr0", NullDriver::new(1 << 20), &[])
+                })
+            })
+        })
+        .unwrap_err();
+    assert!(err.to_string().contains("thr0"), "{err}");
+    assert_eq!(limits(&c), iops(7), "after a failed graph change");
+
+    // Committed, then rolled back again: back to the committed limits.
+    let hc = c.clone();
+    main.run(move |bql| {
+        let dc = bql.drain(&hc);
+        bql.write(|w| w.reopen(&dc, &[("iops-total", "11")]))
+    })
+    .unwrap();
+    assert_eq!(limits(&c), iops(11));
+    let hc = c.clone();
+    main.run(move |bql| {
+        let dc = bql.drain(&hc);
+        bql.write(|w| {
+            w.transaction(|w| {
+                w.reopen(&dc, &[("iops-total", "12")])?;
+                w.reopen(&dc, &[("bps-read", "0")])
+            })
+        })
+    })
+    .unwrap_err();
+    assert_eq!(limits(&c), iops(11), "the committed reopen stays");
+    main.shutdown();
+}
+
 #[test]
 fn invalid_configurations_are_refused_with_clear_messages() {
     let cases: &[(&[(&str, &str)], &str)] = &[

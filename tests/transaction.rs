@@ -3,10 +3,12 @@
 
 mod common;
 
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use blockgraph::driver::{BlockDriver, IoFuture};
 use blockgraph::drivers::{MemoryDriver, PassthroughFilter};
-use blockgraph::{BackendOptions, Error, MainLoop, Permissions};
+use blockgraph::{BackendOptions, CallbackRef, Error, MainLoop, Permissions, RequestRef};
 
 #[test]
 fn a_failing_second_change_undoes_the_first() {
@@ -256,5 +258,183 @@ fn query_results_serialise_with_the_serde_feature() {
     assert_eq!(json[0]["parents"][0], "backend 'vda'");
     let json = serde_json::to_value(&backends).unwrap();
     assert_eq!(json[0]["stats"]["reads"], 0);
+    main.shutdown();
+}
+
+/// A driver that logs its reopen callbacks: `reopen` takes `v=<value>`,
+/// refuses `fail`, and arms `panic` for its next `reopen_abort`.
+struct Reopens {
+    log: Arc<Mutex<Vec<String>>>,
+    panic_on_abort: Mutex<bool>,
+}
+
+impl Reopens {
+    fn note(&self, node: &CallbackRef<'_>, what: String) {
+        self.log
+            .lock()
+            .unwrap()
+            .push(format!("{} {what}", node.name()));
+    }
+}
+
+impl BlockDriver for Reopens {
+    fn format_name(&self) -> &'static str {
+        "reopens"
+    }
+
+    fn reopen(&self, node: CallbackRef<'_>, options: &[(&str, &str)]) -> blockgraph::Result<()> {
+        match options {
+            [("v", v)] => {
+                self.note(&node, format!("reopen {v}"));
+                Ok(())
+            }
+            [("panic", _)] => {
+                *self.panic_on_abort.lock().unwrap() = true;
+                self.note(&node, "reopen panic".into());
+                Ok(())
+            }
+            _ => Err(Error::InvalidArgument("refused".into())),
+        }
+    }
+
+    fn reopen_commit(&self, node: CallbackRef<'_>) {
+        self.note(&node, "commit".into());
+    }
+
+    fn reopen_abort(&self, node: CallbackRef<'_>) {
+        self.note(&node, "abort".into());
+        if std::mem::take(&mut *self.panic_on_abort.lock().unwrap()) {
+            panic!("reopen_abort panics (expected by this test)");
+        }
+    }
+
+    fn length<'a>(&'a self, _node: RequestRef<'a>) -> IoFuture<'a, u64> {
+        Box::pin(async { Ok(0) })
+    }
+
+    fn read<'a>(
+        &'a self,
+        _node: RequestRef<'a>,
+        _offset: u64,
+        _buf: &'a mut [u8],
+    ) -> IoFuture<'a, ()> {
+        Box::pin(async { Ok(()) })
+    }
+
+    fn write<'a>(
+        &'a self,
+        _node: RequestRef<'a>,
+        _offset: u64,
+        _buf: &'a [u8],
+    ) -> IoFuture<'a, ()> {
+        Box::pin(async { Ok(()) })
+    }
+}
+
+/// Every `reopen` that succeeded gets exactly one `reopen_commit` when its
+/// transaction commits, or one `reopen_abort` (newest first) when it rolls
+/// back, whatever step failed; a panicking `reopen_abort` does not keep
+/// the others from running, and the panic reaches the caller after the
+/// rollback.
+#[test]
+fn each_successful_reopen_is_committed_or_aborted_once() {
+    let _w = common::watchdog("tx_reopen_protocol", Duration::from_secs(30));
+    let log = Arc::new(Mutex::new(Vec::new()));
+    let take = || std::mem::take(&mut *log.lock().unwrap());
+    let main = MainLoop::new().unwrap();
+    let node = |name: &'static str| {
+        let log = log.clone();
+        main.run(move |bql| {
+            bql.write(|w| {
+                let driver = Reopens {
+                    log,
+                    panic_on_abort: Mutex::new(false),
+                };
+                w.add_node(name, driver, &[])
+            })
+        })
+        .unwrap()
+    };
+    let (a, b) = (node("a"), node("b"));
+
+    // A later reopen is refused: the two before it are aborted, newest first.
+    let (ha, hb) = (a.clone(), b.clone());
+    main.run(move |bql| {
+        let (da, db) = (bql.drain(&ha), bql.drain(&hb));
+        bql.write(|w| {
+            w.transaction(|w| {
+                w.reopen(&da, &[("v", "1")])?;
+                w.reopen(&db, &[("v", "2")])?;
+                w.reopen(&da, &[("fail", "")])
+            })
+        })
+    })
+    .unwrap_err();
+    assert_eq!(take(), ["a reopen 1", "b reopen 2", "b abort", "a abort"]);
+
+    // A later graph change fails: aborted too.
+    let ha = a.clone();
+    main.run(move |bql| {
+        let da = bql.drain(&ha);
+        bql.write(|w| {
+            w.transaction(|w| {
+                w.reopen(&da, &[("v", "3")])?;
+                w.add_node("b", MemoryDriver::new(512), &[]).map(drop)
+            })
+        })
+    })
+    .unwrap_err();
+    assert_eq!(take(), ["a reopen 3", "a abort"]);
+
+    // Committed: one commit each, in order.
+    let (ha, hb) = (a.clone(), b.clone());
+    main.run(move |bql| {
+        let (da, db) = (bql.drain(&ha), bql.drain(&hb));
+        bql.write(|w| {
+            w.transaction(|w| {
+                w.reopen(&da, &[("v", "4")])?;
+                w.reopen(&db, &[("v", "5")])
+            })
+        })
+    })
+    .unwrap();
+    assert_eq!(take(), ["a reopen 4", "b reopen 5", "a commit", "b commit"]);
+    // A single reopen outside a transaction is committed at once.
+    let ha = a.clone();
+    main.run(move |bql| {
+        let da = bql.drain(&ha);
+        bql.write(|w| w.reopen(&da, &[("v", "6")]))
+    })
+    .unwrap();
+    assert_eq!(take(), ["a reopen 6", "a commit"]);
+
+    // A panicking abort: the other abort still runs, then the panic goes on.
+    let (ha, hb) = (a.clone(), b.clone());
+    let panicked = main.run(move |bql| {
+        let (da, db) = (bql.drain(&ha), bql.drain(&hb));
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            let _ = bql.write(|w| {
+                w.transaction(|w| {
+                    w.reopen(&da, &[("v", "7")])?;
+                    w.reopen(&db, &[("panic", "")])?;
+                    w.reopen(&da, &[("fail", "")])
+                })
+            });
+        }))
+        .is_err()
+    });
+    assert!(panicked, "the abort's panic did not reach the caller");
+    assert_eq!(
+        take(),
+        ["a reopen 7", "b reopen panic", "b abort", "a abort"]
+    );
+    // The graph is usable afterwards.
+    let ha = a.clone();
+    main.run(move |bql| {
+        let da = bql.drain(&ha);
+        bql.write(|w| w.reopen(&da, &[("v", "8")]))
+    })
+    .unwrap();
+    assert_eq!(take(), ["a reopen 8", "a commit"]);
     main.shutdown();
 }

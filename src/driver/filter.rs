@@ -139,6 +139,16 @@ pub trait Filter: Any + Send + Sync {
         })
     }
 
+    /// See [`BlockDriver::reopen_commit`]. Default: nothing.
+    fn reopen_commit(&self, node: CallbackRef<'_>) {
+        let _ = node;
+    }
+
+    /// See [`BlockDriver::reopen_abort`]. Default: nothing.
+    fn reopen_abort(&self, node: CallbackRef<'_>) {
+        let _ = node;
+    }
+
     /// See [`BlockDriver::set_read_only`]. Default: accepts either mode (a
     /// filter stores nothing of its own; the graph switches its child too,
     /// and the child's mode limits what users may take through it).
@@ -312,6 +322,14 @@ impl<F: Filter> BlockDriver for F {
 
     fn reopen(&self, node: CallbackRef<'_>, options: &[(&str, &str)]) -> Result<()> {
         Filter::reopen(self, node, options)
+    }
+
+    fn reopen_commit(&self, node: CallbackRef<'_>) {
+        Filter::reopen_commit(self, node)
+    }
+
+    fn reopen_abort(&self, node: CallbackRef<'_>) {
+        Filter::reopen_abort(self, node)
     }
 
     fn set_read_only(&self, node: CallbackRef<'_>, read_only: bool) -> Result<()> {

@@ -436,6 +436,9 @@ pub struct ThrottleDriver {
     /// Wakes this node's sleeping requests when a drain begins.
     wake: Notify,
     throttled: AtomicU64,
+    /// The group's limits before each reopen not yet committed or aborted,
+    /// newest last (`reopen_abort` puts them back).
+    before_reopen: std::sync::Mutex<Vec<ThrottleConfig>>,
 }
 
 impl ThrottleDriver {
@@ -446,7 +449,12 @@ impl ThrottleDriver {
             bypass: AtomicBool::new(false),
             wake: Notify::new(),
             throttled: AtomicU64::new(0),
+            before_reopen: std::sync::Mutex::new(Vec::new()),
         }
+    }
+
+    fn before_reopen(&self) -> std::sync::MutexGuard<'_, Vec<ThrottleConfig>> {
+        self.before_reopen.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// A node with a group of its own named `name`.
@@ -562,10 +570,25 @@ impl Filter for ThrottleDriver {
     }
 
     /// Options as [`ThrottleConfig::from_options`]; they replace the whole
-    /// group's limits.
+    /// group's limits. A rollback of the mutation puts the old limits back
+    /// (`reopen_abort`).
     fn reopen(&self, _node: CallbackRef<'_>, options: &[(&str, &str)]) -> Result<()> {
+        let old = self.group.config();
         self.group
-            .set_config(ThrottleConfig::from_options(options)?)
+            .set_config(ThrottleConfig::from_options(options)?)?;
+        self.before_reopen().push(old);
+        Ok(())
+    }
+
+    fn reopen_commit(&self, _node: CallbackRef<'_>) {
+        self.before_reopen().pop();
+    }
+
+    fn reopen_abort(&self, _node: CallbackRef<'_>) {
+        if let Some(old) = self.before_reopen().pop() {
+            // Limits the group had before: valid.
+            let _ = self.group.set_config(old);
+        }
     }
 
     fn drained_begin(&self, _node: CallbackRef<'_>) {

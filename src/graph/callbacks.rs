@@ -74,6 +74,26 @@ pub(crate) unsafe fn reopen(
     node.driver.reopen(unsafe { gs(node, access) }, options)
 }
 
+/// `BlockDriver::reopen_commit`.
+///
+/// # Safety
+///
+/// As for [`gs`].
+pub(crate) unsafe fn reopen_commit(node: &Arc<NodeInner>, access: ReadAccess<'_>) {
+    // SAFETY: by the caller's contract.
+    node.driver.reopen_commit(unsafe { gs(node, access) })
+}
+
+/// `BlockDriver::reopen_abort`.
+///
+/// # Safety
+///
+/// As for [`gs`].
+pub(crate) unsafe fn reopen_abort(node: &Arc<NodeInner>, access: ReadAccess<'_>) {
+    // SAFETY: by the caller's contract.
+    node.driver.reopen_abort(unsafe { gs(node, access) })
+}
+
 /// `BlockDriver::is_read_only`.
 pub(crate) fn is_read_only(node: &NodeInner, _access: ReadAccess<'_>) -> bool {
     node.driver.is_read_only()

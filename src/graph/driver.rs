@@ -106,13 +106,40 @@ pub trait BlockDriver: Any + Send + Sync {
         let _ = node;
     }
 
-    /// Applies new options to a drained node (QEMU's `bdrv_reopen`).
+    /// Applies new options to a drained node (QEMU's `bdrv_reopen`,
+    /// through [`GraphWriter::reopen`](crate::GraphWriter::reopen)).
+    ///
+    /// Runs after every check of its mutation passed. On an error the
+    /// driver must be as it was before the call. After an `Ok`, the driver
+    /// must keep what it needs to undo the call: the graph then calls
+    /// exactly one of [`reopen_commit`](Self::reopen_commit) (the mutation
+    /// or the transaction it belongs to committed) or
+    /// [`reopen_abort`](Self::reopen_abort) (it rolled back: a later check,
+    /// a later reopen or a later step of the transaction failed). A node
+    /// may be reopened more than once before that; the aborts then come
+    /// newest first, each undoing one call.
     fn reopen(&self, node: CallbackRef<'_>, options: &[(&str, &str)]) -> Result<()> {
         let _ = (node, options);
         Err(Error::Unsupported {
             driver: self.format_name(),
             operation: "reopen",
         })
+    }
+
+    /// The mutation of a successful [`reopen`](Self::reopen) committed:
+    /// what the driver kept to undo it can go (QEMU's
+    /// `bdrv_reopen_commit`). Default: nothing.
+    fn reopen_commit(&self, node: CallbackRef<'_>) {
+        let _ = node;
+    }
+
+    /// The mutation of a successful [`reopen`](Self::reopen) rolled back:
+    /// put the options back as they were before that call (QEMU's
+    /// `bdrv_reopen_abort`). Cannot fail. Default: nothing, which leaves
+    /// the new options in place after the rollback: a driver with options
+    /// to reopen should implement it.
+    fn reopen_abort(&self, node: CallbackRef<'_>) {
+        let _ = node;
     }
 
     /// Whether the node refuses writes (QEMU's `bdrv_is_read_only`).

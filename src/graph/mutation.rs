@@ -97,6 +97,10 @@ pub(crate) struct TxLog {
     read_only: Vec<(Arc<NodeInner>, bool)>,
     /// Driver options to apply once every check passed.
     reopens: Vec<(Arc<NodeInner>, Options)>,
+    /// Nodes whose driver accepted a `reopen`, oldest first: each gets
+    /// `reopen_commit` when the transaction commits, or `reopen_abort`,
+    /// newest first, when it rolls back.
+    reopened: Vec<Arc<NodeInner>>,
 }
 
 impl TxLog {
@@ -375,10 +379,16 @@ impl<'t, 'w> Transaction<'t, 'w> {
                 .into_iter()
                 .rev()
                 .collect();
+            let reopened = std::mem::take(&mut self.log.reopened);
             self.log.opened = 0;
-            callbacks::run_all([0, 1], |step| {
+            callbacks::run_all([0, 1, 2], |step| {
                 if step == 0 {
                     // SAFETY: main-loop thread (the writer), this graph's token.
+                    callbacks::run_all(reopened.iter().rev(), |n| unsafe {
+                        callbacks::reopen_abort(n, r)
+                    });
+                } else if step == 1 {
+                    // SAFETY: as above.
                     callbacks::run_all(opened.iter().rev(), |n| unsafe { callbacks::close(n, r) });
                 } else {
                     callbacks::run_all(&switched, |(n, old)| {
@@ -506,6 +516,7 @@ impl<'t, 'w> Transaction<'t, 'w> {
                 .collect();
             // SAFETY: as above.
             unsafe { callbacks::reopen(&node, self.w.read(), &options) }?;
+            self.log.reopened.push(node);
         }
         Ok(())
     }
@@ -538,11 +549,15 @@ impl<'t, 'w> Transaction<'t, 'w> {
         let removed = std::mem::take(&mut self.log.removed);
         let new_edges = std::mem::take(&mut self.log.new_edges);
         let added = self.log.added.clone();
-        callbacks::run_all([0, 1, 2], |step| {
+        let reopened = std::mem::take(&mut self.log.reopened);
+        callbacks::run_all([0, 1, 2, 3], |step| {
             if step == 0 {
                 // SAFETY: main-loop thread (the writer), this graph's token.
-                callbacks::run_all(&removed, |n| unsafe { callbacks::close(n, r) });
+                callbacks::run_all(&reopened, |n| unsafe { callbacks::reopen_commit(n, r) });
             } else if step == 1 {
+                // SAFETY: as above.
+                callbacks::run_all(&removed, |n| unsafe { callbacks::close(n, r) });
+            } else if step == 2 {
                 drain::cover_new_nodes(self.graph, &added, r);
             } else {
                 drain::cover_new_edges(self.graph, &new_edges, r);
@@ -989,9 +1004,12 @@ impl<'w> GraphWriter<'w> {
     /// `read-only` (`on`/`off`, also `true`/`false`) is the graph's:
     /// see [`GraphWriter::set_read_only`]. The other options go to the
     /// driver's [`reopen`](crate::driver::BlockDriver::reopen) callback,
-    /// after every check passed. All-or-nothing as far as the graph goes:
-    /// on error the graph, its permissions and every read-only mode are as
-    /// before.
+    /// after every check passed. All-or-nothing: on error the graph, its
+    /// permissions and every read-only mode are as before, and so are the
+    /// driver's options where the driver implements
+    /// [`reopen_abort`](crate::driver::BlockDriver::reopen_abort) (every
+    /// built-in driver with options does); the same holds when a later
+    /// step of a [`transaction`](GraphWriter::transaction) fails.
     pub fn reopen(&mut self, node: &Drained<'_>, options: &[(&str, &str)]) -> Result<()> {
         let node = self.own(node)?.clone();
         let mut read_only = None;

@@ -65,6 +65,14 @@ impl<F: Filter> Filter for JobFilter<F> {
         self.inner.reopen(node, options)
     }
 
+    fn reopen_commit(&self, node: CallbackRef<'_>) {
+        self.inner.reopen_commit(node)
+    }
+
+    fn reopen_abort(&self, node: CallbackRef<'_>) {
+        self.inner.reopen_abort(node)
+    }
+
     fn child_permissions(&self, role: ChildRole, users: Permissions) -> Permissions {
         self.inner.child_permissions(role, users)
     }
