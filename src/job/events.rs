@@ -175,3 +175,28 @@ impl std::fmt::Debug for JobEvents {
         f.debug_struct("JobEvents").finish_non_exhaustive()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An event stream polled under a waker that panics: the job's code
+    /// that pushes the event (a status change on the main loop) goes on,
+    /// and the event is queued for the stream all the same.
+    #[test]
+    fn a_panicking_stream_waker_does_not_unwind_into_the_job() {
+        let mut events = JobEvents {
+            sub: Arc::new(Subscriber::default()),
+        };
+        let waker = crate::sync::wake::panicking_waker();
+        let polled = Pin::new(&mut events).poll_next(&mut Context::from_waker(&waker));
+        assert!(polled.is_pending());
+        events.sub.push(JobEvent::StatusChange(JobStatus::Running));
+        events.sub.close();
+        assert!(matches!(
+            events.next_timeout(Duration::ZERO),
+            Some(JobEvent::StatusChange(JobStatus::Running))
+        ));
+        assert!(events.next_timeout(Duration::ZERO).is_none());
+    }
+}
