@@ -72,6 +72,7 @@ pub mod snapshot;
 pub use backend::BlockBackend;
 pub use graph::backend::BackendOptions;
 pub use graph::dirty_bitmap::{DirtyBitmapOptions, DirtyBitmapSnapshot};
+pub use graph::permission::MAX_GRAPH_DEPTH;
 pub use graph::proof::{
     BackendRef, Bql, CallbackRef, ChildRef, Drained, DrainedAll, GlobalState, GraphView,
     GraphWriter, GsRef, InCallback, InRequest, IoProof, IoRef, MainLoopProof, NodeHandle, NodeRef,

@@ -180,3 +180,146 @@ fn drains_of_a_tall_chain_and_of_the_whole_graph_cover_each_node_once() {
     drop(corner);
     main.shutdown();
 }
+
+/// A chain `depth` nodes deep: a memory disk under `depth - 1` pass-through
+/// filters named `{prefix}{i}`; returns the bottom and the top.
+fn chain(main: &MainLoop, prefix: &'static str, depth: usize) -> (NodeHandle, NodeHandle) {
+    main.run(move |bql| {
+        bql.write(|w| {
+            let bottom = w.add_node(&format!("{prefix}0"), MemoryDriver::new(1 << 16), &[])?;
+            let mut top = bottom.clone();
+            for i in 1..depth {
+                top = w.add_node(
+                    &format!("{prefix}{i}"),
+                    PassthroughFilter::new(),
+                    &[(ChildRole::Filtered, &top)],
+                )?;
+            }
+            Ok::<_, Error>((bottom, top))
+        })
+    })
+    .unwrap()
+}
+
+/// The depth rule: a graph exactly `MAX_GRAPH_DEPTH` nodes deep works end
+/// to end (requests through every layer on an I/O thread, a drain of the
+/// bottom covering the top, the shutdown flush), and every change that
+/// would make a path longer (a node on top, a filter in the middle, a
+/// child that joins two chains) is refused with `Error::GraphTooDeep` and
+/// changes nothing; the same changes are taken where they fit.
+#[test]
+fn a_graph_at_the_depth_limit_works_and_no_change_makes_it_deeper() {
+    use blockgraph::MAX_GRAPH_DEPTH;
+    let _wd = watchdog("depth_limit", Duration::from_secs(300));
+    let main = MainLoop::new().unwrap();
+    let io = main.new_io_thread("io").unwrap();
+    let (bottom, top) = chain(&main, "deep", MAX_GRAPH_DEPTH);
+    let blk = main
+        .run({
+            let top = top.clone();
+            move |bql| bql.write(|w| w.add_backend("vd", &top, BackendOptions::default()))
+        })
+        .unwrap();
+
+    // Requests through every layer, on an I/O thread.
+    let b = blk.clone();
+    let read = common::join(
+        io.spawn(move |mut cx| async move {
+            b.write(&mut cx, 4096, &[0x5a; 4096]).await?;
+            b.flush(&mut cx).await?;
+            let mut buf = vec![0u8; 8192];
+            b.read(&mut cx, 0, &mut buf).await?;
+            Ok::<_, Error>(buf)
+        }),
+        "requests through the deepest chain",
+    )
+    .unwrap();
+    assert!(read[..4096].iter().all(|&b| b == 0) && read[4096..].iter().all(|&b| b == 0x5a));
+
+    let before = main.run(|bql| snapshot(bql.graph()));
+    let refused = |what: &str, r: Result<NodeHandle, Error>| match r {
+        Err(Error::GraphTooDeep { depth, max, .. }) => {
+            assert_eq!(
+                (depth, max),
+                (MAX_GRAPH_DEPTH + 1, MAX_GRAPH_DEPTH),
+                "{what}"
+            );
+        }
+        other => panic!("{what}: expected GraphTooDeep, got {other:?}"),
+    };
+    // One more node on top.
+    let t = top.clone();
+    refused(
+        "a node on top",
+        main.run(move |bql| {
+            bql.write(|w| {
+                w.add_node(
+                    "over",
+                    PassthroughFilter::new(),
+                    &[(ChildRole::Filtered, &t)],
+                )
+            })
+        }),
+    );
+    // A filter in the middle (the backend would move onto it).
+    let mid = main.run(|bql| bql.node("deep500").unwrap().to_handle());
+    refused(
+        "a filter in the middle",
+        main.run(move |bql| {
+            let d = bql.drain(&mid);
+            bql.write(|w| w.insert_filter(&d, "between", PassthroughFilter::new()))
+        }),
+    );
+    let t = top.clone();
+    let err = main
+        .run(move |bql| {
+            bql.write(|w| {
+                w.add_node(
+                    "over",
+                    PassthroughFilter::new(),
+                    &[(ChildRole::Filtered, &t)],
+                )
+            })
+        })
+        .unwrap_err();
+    assert!(err.to_string().contains("at most 1024 deep"), "{err}");
+    assert_eq!(
+        main.run(|bql| snapshot(bql.graph())),
+        before,
+        "a refusal changed the graph"
+    );
+
+    // A node over a short chain takes a second child only if the path
+    // through it still fits: the chain as deep as the limit does not.
+    let (_, short) = chain(&main, "short", 10);
+    let (s, l) = (short.clone(), top.clone());
+    main.run(move |bql| {
+        bql.write(|w| {
+            w.add_node(
+                "join-ok",
+                PassthroughFilter::new(),
+                &[(ChildRole::Filtered, &s)],
+            )
+        })
+    })
+    .unwrap();
+    let joined = main.run(|bql| bql.node("join-ok").unwrap().to_handle());
+    refused(
+        "a second child that makes the path too long",
+        main.run(move |bql| {
+            let d = bql.drain(&joined);
+            bql.write(|w| w.attach_child(&d, ChildRole::Data, &l))
+                .map(|()| l.clone())
+        }),
+    );
+
+    // A drain of the bottom still covers the top.
+    let (b, t) = (bottom.clone(), top.clone());
+    main.run(move |bql| {
+        let drained = bql.drain(&b);
+        assert_eq!(t.gs(bql).drain_count(), 1);
+        drop(drained);
+    });
+    drop(io);
+    main.shutdown();
+}

@@ -466,6 +466,7 @@ impl<'t, 'w> Transaction<'t, 'w> {
             .collect();
         seeds.extend(self.log.added.iter().cloned());
         let order = permission::affected_in_order(&seeds, self.w.read())?;
+        permission::check_depth(&seeds, &order, self.w.read())?;
 
         // Only nodes whose users changed need their edges recomputed: the
         // seeds, then the children of every edge whose permissions changed.

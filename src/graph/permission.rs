@@ -127,6 +127,95 @@ pub(crate) fn affected_in_order(
     Ok(order)
 }
 
+/// Refuses a change that makes any path down the graph longer than
+/// [`MAX_GRAPH_DEPTH`] nodes (the graph's depth rule; DESIGN §5).
+///
+/// A path that the change made longer runs through a seed (every new edge
+/// has seeds at both ends), so only those are measured: a seed's height
+/// (the longest path down from it) comes from `order`, which holds the
+/// seeds and everything below them, children after parents; the longest
+/// path down to it from above is walked upwards over its ancestors, which
+/// the change did not touch except through seeds. Iterative, so that the
+/// check itself needs no stack in proportion to the depth.
+pub(crate) fn check_depth(
+    seeds: &[Arc<NodeInner>],
+    order: &[Arc<NodeInner>],
+    access: ReadAccess<'_>,
+) -> Result<()> {
+    if seeds.is_empty() {
+        return Ok(());
+    }
+    // Heights, children first.
+    let mut height: HashMap<*const NodeInner, usize> = HashMap::with_capacity(order.len());
+    for node in order.iter().rev() {
+        let below = node
+            .children
+            .get(access)
+            .iter()
+            .map(|e| height.get(&Arc::as_ptr(&e.child)).copied().unwrap_or(1))
+            .max()
+            .unwrap_or(0);
+        height.insert(Arc::as_ptr(node), below + 1);
+    }
+    // Nodes above each seed (the longest path down to it, the seed left
+    // out), memoised across seeds: a post-order walk over parent links.
+    let mut above: HashMap<*const NodeInner, usize> = HashMap::new();
+    for seed in seeds {
+        let mut stack: Vec<(Arc<NodeInner>, bool)> = vec![(seed.clone(), false)];
+        while let Some((node, parents_done)) = stack.pop() {
+            let key = Arc::as_ptr(&node);
+            if above.contains_key(&key) {
+                continue;
+            }
+            let parents = node.parents.get(access).iter().filter_map(|l| match l {
+                ParentLink::Node { parent, .. } => Some(parent),
+                ParentLink::Backend(_) => None,
+            });
+            if parents_done {
+                let depth = parents
+                    .map(|p| above.get(&Arc::as_ptr(p)).map_or(1, |a| a + 1))
+                    .max()
+                    .unwrap_or(0);
+                above.insert(key, depth);
+            } else {
+                let pending: Vec<Arc<NodeInner>> = parents
+                    .filter(|p| !above.contains_key(&Arc::as_ptr(p)))
+                    .cloned()
+                    .collect();
+                stack.push((node, true));
+                stack.extend(pending.into_iter().map(|p| (p, false)));
+            }
+        }
+        let depth =
+            above[&Arc::as_ptr(seed)] + height.get(&Arc::as_ptr(seed)).copied().unwrap_or(1);
+        if depth > MAX_GRAPH_DEPTH {
+            return Err(Error::GraphTooDeep {
+                node: seed.name.clone(),
+                depth,
+                max: MAX_GRAPH_DEPTH,
+            });
+        }
+    }
+    Ok(())
+}
+
+/// The most nodes a path down the graph may hold (a backend's root, every
+/// filter and format layer, down to the protocol node at the bottom).
+///
+/// Each layer a request goes through nests the request's future and its
+/// poll inside the layer above, on the stack of the thread that runs it,
+/// and drains, flushes and queries walk the same way; past a depth the
+/// thread's stack cannot hold, the process would abort with a stack
+/// overflow. A mutation that would make the graph deeper is refused with
+/// [`Error::GraphTooDeep`] and changes nothing. 1,024 layers fit the
+/// 2 MiB stack of a default tokio worker thread with the built-in pass-
+/// through layers in debug builds, with room to spare in release builds;
+/// the crate's own threads (`IoThread`, the main loop) get 8 MiB for
+/// heavier layers. Real chains are far shallower
+/// ([`open_image_chain`](crate::drivers::qcow2::open_image_chain) follows
+/// 16 backing files by default).
+pub const MAX_GRAPH_DEPTH: usize = 1024;
+
 /// The permissions `node`'s driver wants on each of its edges, given what
 /// its users take and share now. Calls the driver: needs a read token, so
 /// no `&mut` into the graph can be alive meanwhile.

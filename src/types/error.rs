@@ -56,6 +56,22 @@ pub enum Error {
         child: String,
     },
 
+    /// The change would make a path down the graph longer than
+    /// [`MAX_GRAPH_DEPTH`](crate::MAX_GRAPH_DEPTH) nodes.
+    #[error(
+        "graph change rejected: it would make a path through '{node}' {depth} nodes deep; a \
+         graph may be at most {max} deep (each layer nests a request on the stack of the \
+         thread that runs it)"
+    )]
+    GraphTooDeep {
+        /// A node on the path that would be too long.
+        node: String,
+        /// The length the path would have, in nodes.
+        depth: usize,
+        /// [`MAX_GRAPH_DEPTH`](crate::MAX_GRAPH_DEPTH).
+        max: usize,
+    },
+
     /// A node or backend with this name already exists.
     #[error("a node or backend named '{0}' already exists")]
     DuplicateName(String),

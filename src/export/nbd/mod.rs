@@ -783,6 +783,7 @@ fn server_thread(
     let handle = runtime.handle().clone();
     let join = std::thread::Builder::new()
         .name("blockgraph-nbd".into())
+        .stack_size(crate::graph::runtime::THREAD_STACK_SIZE)
         .spawn(move || {
             set_thread_role(ThreadRole::Io);
             runtime.block_on(async {

@@ -64,6 +64,7 @@ impl IoThread {
         let ctx = context.clone();
         let thread = thread::Builder::new()
             .name(format!("blockgraph-io-{name}"))
+            .stack_size(super::THREAD_STACK_SIZE)
             .spawn(move || {
                 set_thread_role(ThreadRole::Io);
                 let local = std::rc::Rc::new(tokio::task::LocalSet::new());

@@ -81,6 +81,7 @@ impl MainLoop {
             .build()?;
         let thread = thread::Builder::new()
             .name("blockgraph-main".into())
+            .stack_size(super::THREAD_STACK_SIZE)
             .spawn(move || {
                 let Ok(main) = init_rx.recv() else { return };
                 set_thread_role(ThreadRole::Main);
@@ -335,6 +336,7 @@ fn flush_all(bql: &mut Bql) {
     let ctx = IoContext::new("shutdown-flush".into(), bql.graph.clone(), bql.main.clone());
     let flusher = thread::Builder::new()
         .name("blockgraph-flush".into())
+        .stack_size(super::THREAD_STACK_SIZE)
         .spawn(move || {
             let runtime = tokio::runtime::Builder::new_current_thread()
                 .enable_time()
