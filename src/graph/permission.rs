@@ -142,7 +142,45 @@ pub(crate) fn check_depth(
     order: &[Arc<NodeInner>],
     access: ReadAccess<'_>,
 ) -> Result<()> {
-    if seeds.is_empty() {
+    // Nodes above each seed (the longest path down to it, the seed left
+    // out), memoised across seeds: a post-order walk over parent links.
+    let mut above = Memo::default();
+    let mut stack: Vec<(Arc<NodeInner>, bool)> = Vec::new();
+    for seed in seeds {
+        stack.push((seed.clone(), false));
+        while let Some((node, parents_done)) = stack.pop() {
+            let key = Arc::as_ptr(&node);
+            if above.get(key).is_some() {
+                continue;
+            }
+            let parents = node.parents.get(access).iter().filter_map(|l| match l {
+                ParentLink::Node { parent, .. } => Some(parent),
+                ParentLink::Backend(_) => None,
+            });
+            if parents_done {
+                let depth = parents
+                    .map(|p| above.get(Arc::as_ptr(p)).map_or(1, |a| a + 1))
+                    .max()
+                    .unwrap_or(0);
+                above.insert(key, depth);
+            } else {
+                stack.push((node.clone(), true));
+                for p in parents {
+                    if above.get(Arc::as_ptr(p)).is_none() {
+                        stack.push((p.clone(), false));
+                    }
+                }
+            }
+        }
+    }
+    // No path below a seed is longer than the set below the seeds: most
+    // changes end here, without measuring heights.
+    let most_above = seeds
+        .iter()
+        .map(|s| above.get(Arc::as_ptr(s)).unwrap_or(0))
+        .max()
+        .unwrap_or(0);
+    if most_above + order.len() <= MAX_GRAPH_DEPTH {
         return Ok(());
     }
     // Heights, children first.
@@ -157,37 +195,9 @@ pub(crate) fn check_depth(
             .unwrap_or(0);
         height.insert(Arc::as_ptr(node), below + 1);
     }
-    // Nodes above each seed (the longest path down to it, the seed left
-    // out), memoised across seeds: a post-order walk over parent links.
-    let mut above: HashMap<*const NodeInner, usize> = HashMap::new();
     for seed in seeds {
-        let mut stack: Vec<(Arc<NodeInner>, bool)> = vec![(seed.clone(), false)];
-        while let Some((node, parents_done)) = stack.pop() {
-            let key = Arc::as_ptr(&node);
-            if above.contains_key(&key) {
-                continue;
-            }
-            let parents = node.parents.get(access).iter().filter_map(|l| match l {
-                ParentLink::Node { parent, .. } => Some(parent),
-                ParentLink::Backend(_) => None,
-            });
-            if parents_done {
-                let depth = parents
-                    .map(|p| above.get(&Arc::as_ptr(p)).map_or(1, |a| a + 1))
-                    .max()
-                    .unwrap_or(0);
-                above.insert(key, depth);
-            } else {
-                let pending: Vec<Arc<NodeInner>> = parents
-                    .filter(|p| !above.contains_key(&Arc::as_ptr(p)))
-                    .cloned()
-                    .collect();
-                stack.push((node, true));
-                stack.extend(pending.into_iter().map(|p| (p, false)));
-            }
-        }
-        let depth =
-            above[&Arc::as_ptr(seed)] + height.get(&Arc::as_ptr(seed)).copied().unwrap_or(1);
+        let key = Arc::as_ptr(seed);
+        let depth = above.get(key).unwrap_or(0) + height.get(&key).copied().unwrap_or(1);
         if depth > MAX_GRAPH_DEPTH {
             return Err(Error::GraphTooDeep {
                 node: seed.name.clone(),
@@ -197,6 +207,37 @@ pub(crate) fn check_depth(
         }
     }
     Ok(())
+}
+
+/// A memo of per-node values for [`check_depth`]: a vector while it is
+/// small (a change usually has a handful of ancestors), a map beyond.
+#[derive(Default)]
+struct Memo {
+    few: Vec<(*const NodeInner, usize)>,
+    many: HashMap<*const NodeInner, usize>,
+}
+
+impl Memo {
+    const FEW: usize = 32;
+
+    fn get(&self, key: *const NodeInner) -> Option<usize> {
+        if self.many.is_empty() {
+            self.few.iter().find(|(k, _)| *k == key).map(|&(_, v)| v)
+        } else {
+            self.many.get(&key).copied()
+        }
+    }
+
+    fn insert(&mut self, key: *const NodeInner, value: usize) {
+        if self.many.is_empty() && self.few.len() < Self::FEW {
+            self.few.push((key, value));
+        } else {
+            if self.many.is_empty() {
+                self.many.extend(self.few.drain(..));
+            }
+            self.many.insert(key, value);
+        }
+    }
 }
 
 /// The most nodes a path down the graph may hold (a backend's root, every
