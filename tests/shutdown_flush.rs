@@ -84,3 +84,86 @@ fn shutdown_writes_back_qcow2_metadata() {
         );
     }
 }
+
+/// A driver that logs its node's name at `flush_to_close` and does not
+/// pass the flush on, so the log is the shutdown's own order.
+struct LogFlush(std::sync::Arc<std::sync::Mutex<Vec<String>>>);
+
+impl blockgraph::driver::BlockDriver for LogFlush {
+    fn format_name(&self) -> &'static str {
+        "log-flush"
+    }
+
+    fn length<'a>(
+        &'a self,
+        _node: blockgraph::RequestRef<'a>,
+    ) -> blockgraph::driver::IoFuture<'a, u64> {
+        Box::pin(async { Ok(0) })
+    }
+
+    fn read<'a>(
+        &'a self,
+        _node: blockgraph::RequestRef<'a>,
+        _offset: u64,
+        _buf: &'a mut [u8],
+    ) -> blockgraph::driver::IoFuture<'a, ()> {
+        Box::pin(async { Ok(()) })
+    }
+
+    fn write<'a>(
+        &'a self,
+        _node: blockgraph::RequestRef<'a>,
+        _offset: u64,
+        _buf: &'a [u8],
+    ) -> blockgraph::driver::IoFuture<'a, ()> {
+        Box::pin(async { Ok(()) })
+    }
+
+    fn flush_to_close<'a>(
+        &'a self,
+        node: blockgraph::RequestRef<'a>,
+    ) -> blockgraph::driver::IoFuture<'a, ()> {
+        self.0.lock().unwrap().push(node.name().to_owned());
+        Box::pin(async { Ok(()) })
+    }
+}
+
+/// The shutdown flushes every node once, each before the nodes it uses
+/// (a diamond and a lone node included), whatever order they were added in.
+#[test]
+fn shutdown_flushes_each_node_once_users_first() {
+    use blockgraph::ChildRole::{Backing, File, Filtered};
+    let log = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let main = MainLoop::new().unwrap();
+    let l = log.clone();
+    main.run(move |bql| {
+        bql.write(|w| {
+            let n = |name: &str| (name.to_owned(), LogFlush(l.clone()));
+            let (name, d) = n("d");
+            let d = w.add_node(&name, d, &[])?;
+            let (name, lone) = n("lone");
+            w.add_node(&name, lone, &[])?;
+            let (name, c) = n("c");
+            let c = w.add_node(&name, c, &[(File, &d)])?;
+            let (name, b) = n("b");
+            let b = w.add_node(&name, b, &[(Filtered, &d)])?;
+            let (name, a) = n("a");
+            w.add_node(&name, a, &[(Filtered, &b), (Backing, &c)])?;
+            Ok::<_, Error>(())
+        })
+    })
+    .unwrap();
+    main.shutdown();
+    let log = log.lock().unwrap().clone();
+    let mut sorted = log.clone();
+    sorted.sort();
+    assert_eq!(
+        sorted,
+        ["a", "b", "c", "d", "lone"],
+        "each node once: {log:?}"
+    );
+    let at = |n: &str| log.iter().position(|x| x == n).unwrap();
+    for (user, used) in [("a", "b"), ("a", "c"), ("b", "d"), ("c", "d")] {
+        assert!(at(user) < at(used), "'{user}' after '{used}': {log:?}");
+    }
+}

@@ -13,6 +13,7 @@ use tokio::sync::{mpsc, oneshot};
 use super::task::{run_and_send, TaskHandle};
 use super::IoThread;
 use crate::graph::cell::WriteAccess;
+use crate::graph::node::NodeInner;
 use crate::graph::proof::NodeHandle;
 use crate::graph::proof::{Bql, GsRef};
 use crate::graph::runtime::{IoContext, MainTask};
@@ -365,30 +366,32 @@ fn flush_all(bql: &mut Bql) {
     }
 }
 
-/// Every node, each one before the nodes it uses.
+/// Every node, each one before the nodes it uses: a depth-first
+/// post-order over children, reversed (a topological order; mutations
+/// reject cycles). Iterative with a visited set, so that it costs what the
+/// graph holds and no stack in proportion to its depth.
 fn users_first(bql: &Bql) -> Vec<NodeHandle> {
     let graph = bql.graph();
     let mut order: Vec<NodeHandle> = Vec::new();
-    let mut visiting: Vec<NodeHandle> = Vec::new();
-    // Depth-first post-order over children, reversed: a topological order
-    // (the graph is acyclic; mutations reject cycles).
-    fn visit(node: GsRef<'_>, order: &mut Vec<NodeHandle>, visiting: &mut Vec<NodeHandle>) {
-        let handle = node.to_handle();
-        if order
-            .iter()
-            .chain(visiting.iter())
-            .any(|h| h.ptr_eq(&handle))
-        {
-            return;
+    let mut seen: std::collections::HashSet<*const NodeInner> = std::collections::HashSet::new();
+    let mut stack: Vec<(GsRef<'_>, bool)> = Vec::new();
+    for root in graph.nodes() {
+        stack.push((root, false));
+        while let Some((node, children_done)) = stack.pop() {
+            if children_done {
+                order.push(node.to_handle());
+                continue;
+            }
+            if !seen.insert(Arc::as_ptr(&node.to_handle().0)) {
+                continue;
+            }
+            stack.push((node, true));
+            // Reversed, so that children are visited in their order.
+            let children: Vec<GsRef<'_>> = node.children().map(|c| c.node).collect();
+            for child in children.into_iter().rev() {
+                stack.push((child, false));
+            }
         }
-        visiting.push(handle);
-        for child in node.children() {
-            visit(child.node, order, visiting);
-        }
-        order.push(visiting.pop().expect("pushed above"));
-    }
-    for node in graph.nodes() {
-        visit(node, &mut order, &mut visiting);
     }
     order.reverse();
     order
