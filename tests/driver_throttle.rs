@@ -253,6 +253,18 @@ fn draining_a_throttled_node_completes_promptly() {
     main.shutdown();
 }
 
+/// The limits of the throttle node `node`'s group.
+fn limits(main: &MainLoop, node: &NodeHandle) -> ThrottleConfig {
+    let node = node.clone();
+    main.run(move |bql| {
+        node.gs(bql)
+            .driver_as::<ThrottleDriver>()
+            .unwrap()
+            .group()
+            .config()
+    })
+}
+
 #[test]
 fn reopen_replaces_the_groups_limits_and_keeps_them_on_error() {
     let main = MainLoop::new().unwrap();
@@ -268,16 +280,7 @@ fn reopen_replaces_the_groups_limits_and_keeps_them_on_error() {
         err.to_string().contains("iops-total must be positive"),
         "{err}"
     );
-    let cfg = |h: NodeHandle| {
-        main.run(move |bql| {
-            h.gs(bql)
-                .driver_as::<ThrottleDriver>()
-                .unwrap()
-                .group()
-                .config()
-        })
-    };
-    assert_eq!(cfg(t2.clone()), iops(100), "unchanged after the error");
+    assert_eq!(limits(&main, &t2), iops(100), "unchanged after the error");
     main.run(move |bql| {
         let d = bql.drain(&t2);
         bql.write(|w| w.reopen(&d, &[("bps-write", "2M"), ("bps-write-max", "4M")]))
@@ -287,7 +290,7 @@ fn reopen_replaces_the_groups_limits_and_keeps_them_on_error() {
         bps_write: Some(ThrottleLimit::new(2 << 20).with_burst(4 << 20, 1)),
         ..Default::default()
     };
-    assert_eq!(cfg(t3), expect);
+    assert_eq!(limits(&main, &t3), expect);
     main.shutdown();
 }
 
@@ -303,16 +306,7 @@ fn a_reopen_rolls_back_with_its_transaction() {
     let (a, _va) = add_stack(&main, 0, shared.clone());
     let (b, _vb) = add_stack(&main, 1, shared.clone());
     let (c, _vc) = add_stack(&main, 2, ThrottleGroup::new("own", iops(7)).unwrap());
-    let limits = |h: &NodeHandle| {
-        let h = h.clone();
-        main.run(move |bql| {
-            h.gs(bql)
-                .driver_as::<ThrottleDriver>()
-                .unwrap()
-                .group()
-                .config()
-        })
-    };
+    let limits = |h: &NodeHandle| limits(&main, h);
 
     // Both nodes of the shared group and a node of its own reopened, then
     // a reopen that fails: everything is as before.

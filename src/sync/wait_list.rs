@@ -33,34 +33,24 @@ impl WaitList {
 
 #[cfg(test)]
 mod tests {
-    use std::sync::atomic::{AtomicUsize, Ordering};
-    use std::sync::Arc;
-    use std::task::Wake;
+    use std::sync::atomic::Ordering;
 
     use super::*;
-
-    #[derive(Default)]
-    struct Counting(AtomicUsize);
-
-    impl Wake for Counting {
-        fn wake(self: Arc<Self>) {
-            self.0.fetch_add(1, Ordering::SeqCst);
-        }
-    }
+    use crate::sync::wake::{counting_waker, panicking_waker};
 
     /// A parked task whose waker panics: the others are woken all the same
     /// (drain ends and in-flight counts reaching zero wake through here).
     #[test]
     fn a_panicking_waker_costs_no_other_task_its_wake_up() {
         let list = WaitList::default();
-        list.register(&crate::sync::wake::panicking_waker());
-        let count = Arc::new(Counting::default());
-        list.register(&Waker::from(count.clone()));
+        list.register(&panicking_waker());
+        let (count, waker) = counting_waker();
+        list.register(&waker);
         list.wake_all();
-        assert_eq!(count.0.load(Ordering::SeqCst), 1, "a wake-up was lost");
+        assert_eq!(count.load(Ordering::SeqCst), 1, "a wake-up was lost");
         // The list is empty again and still works.
-        list.register(&Waker::from(count.clone()));
+        list.register(&waker);
         list.wake_all();
-        assert_eq!(count.0.load(Ordering::SeqCst), 2);
+        assert_eq!(count.load(Ordering::SeqCst), 2);
     }
 }

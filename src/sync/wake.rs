@@ -70,23 +70,29 @@ pub(crate) fn panicking_waker() -> Waker {
     Waker::from(std::sync::Arc::new(PanickingWaker))
 }
 
+/// A waker that counts its wake-ups, and the count, for the same tests.
 #[cfg(test)]
-mod tests {
+pub(crate) fn counting_waker() -> (std::sync::Arc<std::sync::atomic::AtomicUsize>, Waker) {
     use std::sync::atomic::{AtomicUsize, Ordering};
     use std::sync::Arc;
-    use std::task::Wake;
 
-    use super::*;
+    struct Counting(Arc<AtomicUsize>);
 
-    /// A waker that counts its wake-ups.
-    #[derive(Default)]
-    struct Counting(AtomicUsize);
-
-    impl Wake for Counting {
+    impl std::task::Wake for Counting {
         fn wake(self: Arc<Self>) {
             self.0.fetch_add(1, Ordering::SeqCst);
         }
     }
+
+    let count = Arc::new(AtomicUsize::new(0));
+    (count.clone(), Waker::from(Arc::new(Counting(count))))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::Ordering;
+
+    use super::*;
 
     /// A payload whose `Drop` panics.
     struct PanicsWhenDropped;
@@ -99,18 +105,18 @@ mod tests {
 
     #[test]
     fn every_waker_is_woken_around_the_ones_that_panic() {
-        let counts: Vec<_> = (0..3).map(|_| Arc::new(Counting::default())).collect();
+        let counting: Vec<_> = (0..3).map(|_| counting_waker()).collect();
         let wakers = vec![
             panicking_waker(),
-            Waker::from(counts[0].clone()),
+            counting[0].1.clone(),
             panicking_waker(),
-            Waker::from(counts[1].clone()),
-            Waker::from(counts[2].clone()),
+            counting[1].1.clone(),
+            counting[2].1.clone(),
             panicking_waker(),
         ];
         wake_each(wakers, "the test");
-        for count in &counts {
-            assert_eq!(count.0.load(Ordering::SeqCst), 1, "a wake-up was lost");
+        for (count, _) in &counting {
+            assert_eq!(count.load(Ordering::SeqCst), 1, "a wake-up was lost");
         }
     }
 
