@@ -24,7 +24,9 @@ use super::copy::{copy_range, read_then_write, ChunkError, CopyChunks, CopyOptio
 use super::driver::{JobCx, JobDriver, JobRunner};
 use super::filter::JobFilter;
 use super::handle::{Job, JobOptions};
-use super::setup::{job_backend, launch, length_of, CommonOptions};
+use super::setup::{
+    dropped_with_their_files, job_backend, launch, length_of, remove_unused, CommonOptions,
+};
 use super::shared::JobShared;
 use super::status::JobType;
 
@@ -1093,7 +1095,7 @@ impl JobDriver for MirrorJob {
             let done = cx
                 .on_main_loop(move |bql| -> Result<bool> {
                     // The committed images and their files (top first).
-                    let doomed = with_files(bql, &dropped);
+                    let doomed = dropped_with_their_files(bql, &dropped);
                     // Every guest request has completed (on the source and,
                     // write-through, on the target) and none can start:
                     // what the bitmap says now is final.
@@ -1113,15 +1115,8 @@ impl JobDriver for MirrorJob {
                                 w.replace_node(&filter_drained, &target_drained)?;
                             }
                             w.remove_filter(&filter_drained)?;
-                            // Top down: each removal leaves the next one
-                            // unused (an image someone else uses stays).
-                            for d in &drained {
-                                let unused =
-                                    w.node(d.name()).is_some_and(|n| n.parents().len() == 0);
-                                if unused {
-                                    w.remove_node(d)?;
-                                }
-                            }
+                            // Top down: an image someone else uses stays.
+                            remove_unused(w, &drained)?;
                             Ok(true)
                         })
                     })
@@ -1196,25 +1191,6 @@ impl JobDriver for MirrorJob {
             }
         }
     }
-}
-
-/// `nodes` that are still in the graph, each followed by its `file` and
-/// `data` children.
-fn with_files(bql: &Bql, nodes: &[NodeHandle]) -> Vec<NodeHandle> {
-    let mut all = Vec::new();
-    for n in nodes {
-        let g = n.gs(bql);
-        if !g.is_in_graph() {
-            continue;
-        }
-        all.push(n.clone());
-        all.extend(
-            g.children()
-                .filter(|c| matches!(c.role, ChildRole::File | ChildRole::Data))
-                .map(|c| c.node.to_handle()),
-        );
-    }
-    all
 }
 
 impl std::fmt::Debug for MirrorJob {

@@ -137,8 +137,8 @@ pub(super) fn length_of(bql: &mut Bql, io: &IoThreadHandle, node: &NodeHandle) -
 
 /// The images a backing-chain job drops from the chain (those of `images`
 /// still in the graph, top down), each followed by its file and data
-/// nodes: what stream and commit remove at the end where nothing else uses
-/// it ([`remove_unused`]).
+/// nodes: what stream, commit and active commit (mirror) remove at the
+/// end where nothing else uses it ([`remove_unused`]).
 pub(super) fn dropped_with_their_files(bql: &mut Bql, images: &[NodeHandle]) -> Vec<NodeHandle> {
     let mut dropped = Vec::new();
     for n in images {
