@@ -3,6 +3,7 @@
 //! on two I/O threads, allocation growth past the first refcount block,
 //! crash consistency at every step, and `check`.
 
+mod common;
 mod qcow2_util;
 
 use blockgraph::drivers::qcow2::CreateOptions;
@@ -648,4 +649,42 @@ fn metadata_waits_for_flush_and_says_so() {
     // Rewriting an allocated cluster needs no metadata.
     env.write(&node, 0, vec![8; 4096]).unwrap();
     assert!(!pending(&node));
+}
+
+/// The deepest chain the graph's depth rule allows (`MAX_GRAPH_DEPTH`:
+/// qcow2 images over a memory base), which is also the heaviest per layer
+/// of the built-in drivers: a read of a cluster only the base stores goes
+/// through every image, on an I/O thread, and so does a write (its
+/// copy-on-write reads the base), in debug builds too. One image more is
+/// refused.
+#[test]
+fn a_backing_chain_as_deep_as_the_graph_allows_reads_through() {
+    let _wd = common::watchdog("deepest_backing_chain", std::time::Duration::from_secs(300));
+    let env = Env::new();
+    let mut below = env.mem_node(vec![7u8; 1 << 20], 1 << 20);
+    let create = |env: &Env| {
+        let file = env.mem_node(Vec::new(), 1 << 20);
+        env.create(&file, CreateOptions::new(1 << 20)).unwrap();
+        file
+    };
+    let opts = || {
+        let mut o = Qcow2Options::default();
+        o.require_backing = false;
+        o
+    };
+    for _ in 1..blockgraph::MAX_GRAPH_DEPTH {
+        let file = create(&env);
+        below = env.open(&file, Some(&below), opts()).unwrap();
+    }
+    assert!(env.read(&below, 0, 4096).unwrap().iter().all(|&b| b == 7));
+    env.write(&below, 512, vec![1; 512]).unwrap();
+    let r = env.read(&below, 0, 4096).unwrap();
+    assert!(r[..512].iter().all(|&b| b == 7) && r[512..1024].iter().all(|&b| b == 1));
+    let file = create(&env);
+    match env.open(&file, Some(&below), opts()) {
+        Err(Error::GraphTooDeep { depth, .. }) => {
+            assert_eq!(depth, blockgraph::MAX_GRAPH_DEPTH + 1)
+        }
+        other => panic!("expected GraphTooDeep, got {other:?}"),
+    }
 }

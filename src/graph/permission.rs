@@ -248,11 +248,17 @@ impl Memo {
 /// and drains, flushes and queries walk the same way; past a depth the
 /// thread's stack cannot hold, the process would abort with a stack
 /// overflow. A mutation that would make the graph deeper is refused with
-/// [`Error::GraphTooDeep`] and changes nothing. 1,024 layers fit the
-/// 2 MiB stack of a default tokio worker thread with the built-in pass-
-/// through layers in debug builds, with room to spare in release builds;
-/// the crate's own threads (`IoThread`, the main loop) get 8 MiB for
-/// heavier layers. Real chains are far shallower
+/// [`Error::GraphTooDeep`] and changes nothing.
+///
+/// The crate's own threads that run requests (`IoThread`s, the main loop,
+/// NBD server threads) have 16 MiB stacks, which hold a chain of 1,024
+/// qcow2 images (the heaviest built-in layer, about 9 KiB of stack each in
+/// a debug build) in debug builds too. A request running on an embedder's
+/// own runtime ([`IoContext::spawn_on`](crate::IoContext::spawn_on)) uses
+/// that runtime's worker stacks: tokio's default 2 MiB holds 1,024
+/// pass-through layers in a debug build, but not as many qcow2 images;
+/// give the workers more (`thread_stack_size`) for deep chains. Real
+/// chains are far shallower
 /// ([`open_image_chain`](crate::drivers::qcow2::open_image_chain) follows
 /// 16 backing files by default).
 pub const MAX_GRAPH_DEPTH: usize = 1024;

@@ -13,7 +13,7 @@ mod task;
 /// threads): a request nests one future per layer, and a graph may be
 /// [`MAX_GRAPH_DEPTH`](crate::MAX_GRAPH_DEPTH) layers deep. Only the
 /// pages a thread touches are committed.
-pub(crate) const THREAD_STACK_SIZE: usize = 8 << 20;
+pub(crate) const THREAD_STACK_SIZE: usize = 16 << 20;
 
 pub use io_task::{IoContext, IoTask};
 pub use io_thread::{IoThread, IoThreadHandle};
