@@ -12,12 +12,19 @@
 //! Guards are `'static` and `Send`: the file driver moves its guard into the
 //! blocking closure that does the I/O, so the range stays locked until the
 //! host I/O has really finished, even if the request's future was dropped.
+//!
+//! Waiters park in a [`WaitList`], which wakes every one of them even if a
+//! waiter's waker panics (`sync::wake`): the guard is dropped by whichever
+//! request or reaper finishes the I/O, which must not unwind because of
+//! another request's waker, nor may the other waiters lose their wake-up
+//! (tokio's `Notify`, used here before, lets both happen).
 
-use std::pin::pin;
+use std::future::poll_fn;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::task::Poll;
 
-use tokio::sync::Notify;
+use crate::sync::WaitList;
 
 #[derive(Debug)]
 struct Entry {
@@ -37,7 +44,7 @@ impl Entry {
 struct Inner {
     entries: Mutex<Vec<Entry>>,
     next_id: AtomicU64,
-    released: Notify,
+    released: WaitList,
 }
 
 /// The set of ranges currently locked on one node.
@@ -57,29 +64,37 @@ impl RangeLock {
     /// Locks `[start, end)`, waiting (asynchronously) while a conflicting
     /// range is locked. Cancel safe: a dropped waiter holds nothing.
     pub(crate) async fn lock(&self, start: u64, end: u64, serialising: bool) -> RangeGuard {
-        loop {
-            let mut released = pin!(self.inner.released.notified());
-            // Register before looking, so a release between the look and the
-            // wait is not missed.
-            released.as_mut().enable();
-            {
-                let mut entries = self.inner.entries.lock().unwrap_or_else(|e| e.into_inner());
-                if !entries.iter().any(|e| e.conflicts(start, end, serialising)) {
-                    let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
-                    entries.push(Entry {
-                        id,
-                        start,
-                        end,
-                        serialising,
-                    });
-                    return RangeGuard {
-                        inner: self.inner.clone(),
-                        id,
-                    };
-                }
+        poll_fn(|cx| {
+            if let Some(guard) = self.try_lock(start, end, serialising) {
+                return Poll::Ready(guard);
             }
-            released.await;
+            // Parked before looking again, so that a release between the
+            // two looks is not missed (`WaitList`'s rule).
+            self.inner.released.register(cx.waker());
+            match self.try_lock(start, end, serialising) {
+                Some(guard) => Poll::Ready(guard),
+                None => Poll::Pending,
+            }
+        })
+        .await
+    }
+
+    fn try_lock(&self, start: u64, end: u64, serialising: bool) -> Option<RangeGuard> {
+        let mut entries = self.inner.entries.lock().unwrap_or_else(|e| e.into_inner());
+        if entries.iter().any(|e| e.conflicts(start, end, serialising)) {
+            return None;
         }
+        let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
+        entries.push(Entry {
+            id,
+            start,
+            end,
+            serialising,
+        });
+        Some(RangeGuard {
+            inner: self.inner.clone(),
+            id,
+        })
     }
 
     /// Ranges locked right now.
@@ -100,7 +115,7 @@ impl Drop for RangeGuard {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .retain(|e| e.id != self.id);
-        self.inner.released.notify_waiters();
+        self.inner.released.wake_all();
     }
 }
 
@@ -131,5 +146,43 @@ mod tests {
         drop(plain);
         assert!(waiting.now_or_never().is_some(), "released after the drop");
         assert_eq!(lock.locked(), 0, "the finished guard was dropped too");
+    }
+
+    /// A waiter whose waker panics: the guard's drop does not unwind, and
+    /// the waiter parked after it is woken and gets the range.
+    #[test]
+    fn a_panicking_waiter_costs_the_releaser_and_other_waiters_nothing() {
+        use std::future::Future;
+        use std::sync::atomic::Ordering;
+        use std::task::Context;
+
+        use crate::sync::wake::{counting_waker, panicking_waker};
+
+        let lock = RangeLock::default();
+        let held = lock.lock(0, 100, true).now_or_never().unwrap();
+        let mut hostile = Box::pin(lock.lock(0, 10, true));
+        let panicking = panicking_waker();
+        let polled = hostile.as_mut().poll(&mut Context::from_waker(&panicking));
+        assert!(polled.is_pending());
+        let mut waiter = Box::pin(lock.lock(50, 60, true));
+        let (woken, waker) = counting_waker();
+        assert!(waiter
+            .as_mut()
+            .poll(&mut Context::from_waker(&waker))
+            .is_pending());
+        drop(held);
+        assert_eq!(
+            woken.load(Ordering::SeqCst),
+            1,
+            "the second waiter's wake-up was lost"
+        );
+        assert!(waiter
+            .as_mut()
+            .poll(&mut Context::from_waker(&waker))
+            .is_ready());
+        assert!(
+            hostile.now_or_never().is_some(),
+            "the hostile waiter gets its range too"
+        );
     }
 }
