@@ -370,6 +370,76 @@ fn a_reopen_rolls_back_with_its_transaction() {
     main.shutdown();
 }
 
+/// A waker that panics when woken: a hostile or broken caller's.
+struct PanickingWaker;
+
+impl std::task::Wake for PanickingWaker {
+    fn wake(self: Arc<Self>) {
+        panic!("a throttled request's waker panics (expected by this test)");
+    }
+}
+
+/// Two requests wait for their turn, one of them polled under a waker that
+/// panics: a drain beginning wakes them (the throttle is lifted while
+/// drained) without the panic unwinding into the drain, the other request
+/// is woken and completes, and the drain ends.
+#[test]
+fn a_panicking_waker_of_a_throttled_request_costs_the_drain_nothing() {
+    let _wd = common::watchdog("throttle_panicking_waker", Duration::from_secs(60));
+    let main = MainLoop::new().unwrap();
+    let io = main.new_io_thread("io").unwrap();
+    let io2 = main.new_io_thread("io2").unwrap();
+    let (thr, blk) = add_stack(&main, 0, ThrottleGroup::new("g", iops(1)).unwrap());
+    // Use up the budget: the next requests wait about a second each.
+    let b = blk.clone();
+    common::join(
+        io.spawn(move |mut cx| async move { b.read(&mut cx, 0, &mut [0u8; 512]).await }),
+        "the first request",
+    )
+    .unwrap();
+
+    // The hostile request: polled under the panicking waker each time, and
+    // polled again on its own, so that it finishes without a wake-up.
+    let (queued_tx, queued_rx) = std::sync::mpsc::channel();
+    let b = blk.clone();
+    let hostile = io.spawn(move |mut cx| async move {
+        let waker = std::task::Waker::from(Arc::new(PanickingWaker));
+        let mut buf = [0u8; 512];
+        let mut read = std::pin::pin!(b.read(&mut cx, 512, &mut buf));
+        let mut queued = Some(queued_tx);
+        loop {
+            let polled = std::future::Future::poll(
+                read.as_mut(),
+                &mut std::task::Context::from_waker(&waker),
+            );
+            if let std::task::Poll::Ready(r) = polled {
+                return r;
+            }
+            if let Some(tx) = queued.take() {
+                tx.send(()).unwrap();
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    });
+    common::recv(&queued_rx, "the hostile request to wait");
+    let b = blk.clone();
+    let waiting = io2.spawn(move |mut cx| async move {
+        let started = Instant::now();
+        b.read(&mut cx, 1024, &mut [0u8; 512]).await?;
+        Ok::<_, Error>(started.elapsed())
+    });
+    std::thread::sleep(Duration::from_millis(50));
+
+    // The drain lifts the throttle and wakes both: no panic reaches it.
+    let t = thr.clone();
+    main.run(move |bql| drop(bql.drain(&t)));
+    common::join(hostile, "the hostile request").unwrap();
+    let waited = common::join(waiting, "the request woken by the drain").unwrap();
+    assert!(waited < Duration::from_secs(30), "{waited:?}");
+    drop((io, io2));
+    main.shutdown();
+}
+
 #[test]
 fn invalid_configurations_are_refused_with_clear_messages() {
     let cases: &[(&[(&str, &str)], &str)] = &[

@@ -8,8 +8,6 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use tokio::sync::Notify;
-
 use crate::driver::{forward, require_child, Filter};
 use crate::graph::driver::IoFuture;
 use crate::graph::proof::{CallbackRef, NodeRequest, RequestRef};
@@ -433,8 +431,9 @@ pub struct ThrottleDriver {
     group: Arc<ThrottleGroup>,
     /// A drain section covers the node: let everything through.
     bypass: AtomicBool,
-    /// Wakes this node's sleeping requests when a drain begins.
-    wake: Notify,
+    /// Wakes this node's sleeping requests when a drain begins (a wait
+    /// list: a waiter's panicking waker must not unwind into the drain).
+    wake: crate::sync::WaitList,
     throttled: AtomicU64,
     /// The group's limits before each reopen not yet committed or aborted,
     /// newest last (`reopen_abort` puts them back).
@@ -447,7 +446,7 @@ impl ThrottleDriver {
         ThrottleDriver {
             group,
             bypass: AtomicBool::new(false),
-            wake: Notify::new(),
+            wake: crate::sync::WaitList::default(),
             throttled: AtomicU64::new(0),
             before_reopen: std::sync::Mutex::new(Vec::new()),
         }
@@ -534,10 +533,6 @@ impl ThrottleDriver {
     /// Sleeps for a booked `wait`, cut short when a drain begins.
     async fn wait_booked(&self, wait: Duration) -> Result<()> {
         self.throttled.fetch_add(1, Ordering::Relaxed);
-        let mut woken = pin!(self.wake.notified());
-        // Registered before the check: a drain beginning after the check
-        // wakes us.
-        woken.as_mut().enable();
         if self.bypass.load(Ordering::Acquire) {
             return Ok(());
         }
@@ -547,8 +542,23 @@ impl ThrottleDriver {
                 operation: "waiting outside a tokio runtime",
             });
         }
-        let sleep = pin!(tokio::time::sleep(wait));
-        futures::future::select(sleep, woken).await;
+        let mut sleep = pin!(tokio::time::sleep(wait));
+        std::future::poll_fn(|cx| {
+            if std::future::Future::poll(sleep.as_mut(), cx).is_ready()
+                || self.bypass.load(Ordering::Acquire)
+            {
+                return std::task::Poll::Ready(());
+            }
+            // Parked before the second look: a drain beginning after it
+            // wakes us (`WaitList`'s rule).
+            self.wake.register(cx.waker());
+            if self.bypass.load(Ordering::Acquire) {
+                std::task::Poll::Ready(())
+            } else {
+                std::task::Poll::Pending
+            }
+        })
+        .await;
         Ok(())
     }
 }
@@ -593,7 +603,7 @@ impl Filter for ThrottleDriver {
 
     fn drained_begin(&self, _node: CallbackRef<'_>) {
         self.bypass.store(true, Ordering::Release);
-        self.wake.notify_waiters();
+        self.wake.wake_all();
     }
 
     fn drained_end(&self, _node: CallbackRef<'_>) {

@@ -7,7 +7,7 @@ use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, AtomicU64};
 use std::sync::Mutex as StdMutex;
 
-use tokio::sync::{Mutex, Notify, RwLock};
+use tokio::sync::{Mutex, RwLock};
 
 use crate::graph::proof::{IoRef, RequestRef};
 use crate::types::Result;
@@ -226,7 +226,7 @@ impl Qcow2Driver {
             meta: Mutex::new(meta),
             io_lock: RwLock::new(()),
             inflight: StdMutex::new(HashSet::default()),
-            alloc_done: Notify::new(),
+            alloc_done: crate::sync::WaitList::default(),
             last_inflated: StdMutex::new(None),
             bitmap_infos: StdMutex::new(bitmap_infos),
             bitmaps_to_mark: AtomicBool::new(bitmaps_to_mark),

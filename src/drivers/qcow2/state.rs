@@ -5,7 +5,7 @@ use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Mutex as StdMutex;
 
-use tokio::sync::{Mutex, Notify, RwLock};
+use tokio::sync::{Mutex, RwLock};
 
 use crate::graph::proof::{IoRef, RequestRef};
 use crate::types::{Error, Result};
@@ -41,8 +41,10 @@ pub struct Qcow2Driver {
     pub(super) io_lock: RwLock<()>,
     /// Guest clusters being allocated right now.
     pub(super) inflight: StdMutex<HashSet<u64, OffsetHash>>,
-    /// Signalled whenever an allocation finishes.
-    pub(super) alloc_done: Notify,
+    /// Wakes the writes waiting for an overlapping allocation whenever one
+    /// finishes (a wait list: a waiter's panicking waker must not unwind
+    /// into the write that finished).
+    pub(super) alloc_done: crate::sync::WaitList,
     /// The last cluster decompressed: (its L2 entry offset, data).
     pub(super) last_inflated: StdMutex<Option<(u64, std::sync::Arc<Vec<u8>>)>>,
     /// The persistent dirty bitmaps, as last written to the directory.

@@ -52,7 +52,7 @@ impl Drop for InflightGuard<'_> {
             set.remove(&c);
         }
         drop(set);
-        self.drv.alloc_done.notify_waiters();
+        self.drv.alloc_done.wake_all();
     }
 }
 
@@ -244,8 +244,9 @@ impl Qcow2Driver {
         Ok(())
     }
 
-    /// Waits until guest cluster `gc` is not being allocated. Call with the
-    /// metadata lock held; returns `true` if it had to wait (the lock was
+    /// Waits until guest clusters `gc..gc + count` are not being
+    /// allocated. Call with the metadata lock held; returns it when there
+    /// was nothing to wait for, and `None` if it had to wait (the lock was
     /// dropped: look again).
     async fn wait_inflight<'s>(
         &'s self,
@@ -253,17 +254,28 @@ impl Qcow2Driver {
         gc: u64,
         count: u64,
     ) -> Option<MutexGuard<'s, Meta>> {
-        let notified = {
+        let allocating = || {
             let set = self.inflight.lock().unwrap_or_else(|e| e.into_inner());
-            if !(gc..gc + count).any(|c| set.contains(&c)) {
-                return Some(m);
-            }
-            // Registered before the set's lock is released: the finishing
-            // allocation's notify_waiters() cannot be missed.
-            self.alloc_done.notified()
+            (gc..gc + count).any(|c| set.contains(&c))
         };
+        if !allocating() {
+            return Some(m);
+        }
         drop(m);
-        notified.await;
+        std::future::poll_fn(|cx| {
+            if !allocating() {
+                return std::task::Poll::Ready(());
+            }
+            // Parked before the second look: an allocation finishing after
+            // it wakes us (`WaitList`'s rule).
+            self.alloc_done.register(cx.waker());
+            if allocating() {
+                std::task::Poll::Pending
+            } else {
+                std::task::Poll::Ready(())
+            }
+        })
+        .await;
         None
     }
 
