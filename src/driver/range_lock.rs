@@ -22,7 +22,6 @@
 use std::future::poll_fn;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::task::Poll;
 
 use crate::sync::WaitList;
 
@@ -65,16 +64,9 @@ impl RangeLock {
     /// range is locked. Cancel safe: a dropped waiter holds nothing.
     pub(crate) async fn lock(&self, start: u64, end: u64, serialising: bool) -> RangeGuard {
         poll_fn(|cx| {
-            if let Some(guard) = self.try_lock(start, end, serialising) {
-                return Poll::Ready(guard);
-            }
-            // Parked before looking again, so that a release between the
-            // two looks is not missed (`WaitList`'s rule).
-            self.inner.released.register(cx.waker());
-            match self.try_lock(start, end, serialising) {
-                Some(guard) => Poll::Ready(guard),
-                None => Poll::Pending,
-            }
+            self.inner
+                .released
+                .poll_until(cx, || self.try_lock(start, end, serialising))
         })
         .await
     }

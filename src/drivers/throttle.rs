@@ -544,19 +544,12 @@ impl ThrottleDriver {
         }
         let mut sleep = pin!(tokio::time::sleep(wait));
         std::future::poll_fn(|cx| {
-            if std::future::Future::poll(sleep.as_mut(), cx).is_ready()
-                || self.bypass.load(Ordering::Acquire)
-            {
+            if std::future::Future::poll(sleep.as_mut(), cx).is_ready() {
                 return std::task::Poll::Ready(());
             }
-            // Parked before the second look: a drain beginning after it
-            // wakes us (`WaitList`'s rule).
-            self.wake.register(cx.waker());
-            if self.bypass.load(Ordering::Acquire) {
-                std::task::Poll::Ready(())
-            } else {
-                std::task::Poll::Pending
-            }
+            // Until a drain begins.
+            self.wake
+                .poll_until(cx, || self.bypass.load(Ordering::Acquire).then_some(()))
         })
         .await;
         Ok(())

@@ -1,6 +1,6 @@
 //! A list of parked tasks woken all at once.
 
-use std::task::Waker;
+use std::task::{Context, Poll, Waker};
 
 use super::primitives::Mutex;
 
@@ -21,6 +21,26 @@ impl WaitList {
         let mut wakers = self.wakers.lock().unwrap_or_else(|e| e.into_inner());
         if !wakers.iter().any(|w| w.will_wake(waker)) {
             wakers.push(waker.clone());
+        }
+    }
+
+    /// Polls `attempt` under the list's rule: ready at once if it
+    /// succeeds; otherwise parks `cx`'s task and attempts once more, so
+    /// that a [`wake_all`](Self::wake_all) between the two attempts is not
+    /// missed. A task that found its condition true the first time is not
+    /// parked at all.
+    pub(crate) fn poll_until<T>(
+        &self,
+        cx: &mut Context<'_>,
+        mut attempt: impl FnMut() -> Option<T>,
+    ) -> Poll<T> {
+        if let Some(value) = attempt() {
+            return Poll::Ready(value);
+        }
+        self.register(cx.waker());
+        match attempt() {
+            Some(value) => Poll::Ready(value),
+            None => Poll::Pending,
         }
     }
 

@@ -263,17 +263,8 @@ impl Qcow2Driver {
         }
         drop(m);
         std::future::poll_fn(|cx| {
-            if !allocating() {
-                return std::task::Poll::Ready(());
-            }
-            // Parked before the second look: an allocation finishing after
-            // it wakes us (`WaitList`'s rule).
-            self.alloc_done.register(cx.waker());
-            if allocating() {
-                std::task::Poll::Pending
-            } else {
-                std::task::Poll::Ready(())
-            }
+            self.alloc_done
+                .poll_until(cx, || (!allocating()).then_some(()))
         })
         .await;
         None
